@@ -1,0 +1,1 @@
+"""Triton kernels of vllm-recontrol, installed as ``vllm_recontrol.kernels``."""

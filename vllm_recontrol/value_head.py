@@ -1,0 +1,270 @@
+"""The value-head artifact: a ReLU MLP V(s) on post-norm hidden states, and its control step.
+
+On disk a head is a folder with ``config.json`` and ``model.safetensors`` (tensors
+``layers.{i}.weight`` / ``layers.{i}.bias``). Nothing is ever unpickled, and every load is
+validated, so a head from an untrusted source fails with a message instead of running code.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from .ascent import MLPWeights, as_row_tensor, ascend_float32
+from .errors import ValueHeadError
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+FORMAT_NAME = "vllm-recontrol-value-head"
+FORMAT_VERSION = 1
+SUPPORTED_ACTIVATIONS = ("relu",)
+
+
+class ValueHead(nn.Module):
+    """V(s) = Linear(h_L, 1)(relu(... relu(Linear(d, h_1)(s)))) with biases, no input norm.
+
+    ``widths`` lists the hidden layer sizes (the paper uses one or two layers of width d).
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        widths: Sequence[int],
+        seed: int | None = None,
+        base_model: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        _check_shape_config(hidden_size, widths, source="ValueHead()")
+        self.hidden_size = int(hidden_size)
+        self.widths = [int(w) for w in widths]
+        self.base_model = base_model
+        self.metadata = dict(metadata or {})
+        sizes = [self.hidden_size, *self.widths, 1]
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        self.layers = nn.ModuleList()
+        for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
+            layer = nn.Linear(fan_in, fan_out)
+            if generator is not None:  # same seed, same head, whatever the global RNG did
+                bound = 1.0 / math.sqrt(fan_in)
+                with torch.no_grad():
+                    layer.weight.uniform_(-bound, bound, generator=generator)
+                    layer.bias.uniform_(-bound, bound, generator=generator)
+            self.layers.append(layer)
+        self._nonfinite_total = 0
+        self._nonfinite_pending: torch.Tensor | None = None
+        self._mlp_cache: tuple[tuple, MLPWeights] | None = None
+
+    # ------------------------------------------------------------------ value and gradient
+    def forward(self, states: torch.Tensor) -> torch.Tensor:
+        """V(states) as a ``[B]`` float32 tensor."""
+        x = states.to(self.layers[0].weight.dtype)
+        for layer in self.layers[:-1]:
+            x = torch.relu(layer(x))
+        return self.layers[-1](x).squeeze(-1).float()
+
+    def float32_weights(self) -> MLPWeights:
+        """Float32 copies of the weights (cached until a parameter changes in place or moves)."""
+        key = tuple((p.data_ptr(), p._version, p.device, p.dtype) for p in self.parameters())
+        if self._mlp_cache is None or self._mlp_cache[0] != key:
+            with torch.no_grad():
+                mlp = MLPWeights(
+                    weights=[l.weight.detach().float().contiguous() for l in self.layers],
+                    biases=[l.bias.detach().float().contiguous() for l in self.layers],
+                )
+            self._mlp_cache = (key, mlp)
+        return self._mlp_cache[1]
+
+    # ------------------------------------------------------------------ control step
+    def ascend(
+        self,
+        states: torch.Tensor,
+        alpha: float | torch.Tensor,
+        steps: int | torch.Tensor,
+        max_norm: float | None = None,
+        num_iterations: int | None = None,
+    ) -> torch.Tensor:
+        """RE-Control: u = 0; ``steps`` times u += alpha * grad V(s + u); return s + u.
+
+        ``states`` is ``[B, d]`` in any float dtype; ``alpha``/``steps`` are scalars or per-row.
+        Rows with ``steps == 0`` or ``alpha == 0``, and rows whose edit is not finite, come back
+        bit-identical. ``num_iterations`` (>= max steps) spares a device sync when known.
+        """
+        if states.dim() != 2 or states.shape[1] != self.hidden_size:
+            raise ValueError(
+                f"states must be [B, {self.hidden_size}], got {list(states.shape)}")
+        if not states.is_floating_point():
+            raise ValueError(f"states must be floating point, got {states.dtype}")
+        if max_norm is not None and not (max_norm > 0 and math.isfinite(max_norm)):
+            raise ValueError(f"max_norm must be a positive finite number, got {max_norm}")
+        mlp = self.float32_weights()
+        rows, device = states.shape[0], mlp.device
+        alpha_rows = as_row_tensor(alpha, rows, torch.float32, device, "alpha")
+        steps_rows = as_row_tensor(steps, rows, torch.int64, device, "steps")
+        if num_iterations is None:
+            num_iterations = int(steps_rows.max()) if rows else 0
+        if rows == 0 or num_iterations <= 0:
+            return states.clone()
+        states32 = states.to(device=device, dtype=torch.float32)
+        u = ascend_float32(mlp, states32, alpha_rows, steps_rows, num_iterations, max_norm)
+        edited = (states32 + u).to(states.dtype)
+        moved = (steps_rows > 0) & (alpha_rows != 0)
+        finite = torch.isfinite(edited).all(dim=1)
+        self._count_nonfinite(moved & ~finite)
+        keep_edit = (moved & finite).to(states.device).view(-1, 1)
+        return torch.where(keep_edit, edited.to(states.device), states)
+
+    def _count_nonfinite(self, bad_rows: torch.Tensor) -> None:
+        # Accumulated on the device: counting must not force a host sync every decode step.
+        count = bad_rows.sum()
+        if self._nonfinite_pending is None or self._nonfinite_pending.device != count.device:
+            self.nonfinite_rows()
+            self._nonfinite_pending = count
+        else:
+            self._nonfinite_pending += count
+
+    def nonfinite_rows(self) -> int:
+        """Rows so far whose edit was not finite and fell back unedited (logs new ones)."""
+        if self._nonfinite_pending is not None:
+            new = int(self._nonfinite_pending)
+            self._nonfinite_pending = None
+            if new:
+                self._nonfinite_total += new
+                logger.warning("RE-Control edit was not finite for %d row(s) (total %d); those "
+                               "rows were left unedited. Lower alpha or steps.",
+                               new, self._nonfinite_total)
+        return self._nonfinite_total
+
+    # ------------------------------------------------------------------ persistence
+    def config_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "hidden_size": self.hidden_size,
+            "widths": self.widths,
+            "activation": "relu",
+            "base_model": self.base_model,
+            "metadata": self.metadata,
+        }
+
+    def save(self, directory: str | Path) -> Path:
+        """Write ``config.json`` and ``model.safetensors`` into ``directory`` (created)."""
+        from safetensors.torch import save_file
+
+        path = Path(directory)
+        path.mkdir(parents=True, exist_ok=True)
+        tensors = {}
+        for i, layer in enumerate(self.layers):
+            tensors[f"layers.{i}.weight"] = layer.weight.detach().cpu().contiguous()
+            tensors[f"layers.{i}.bias"] = layer.bias.detach().cpu().contiguous()
+        save_file(tensors, str(path / WEIGHTS_FILE), metadata={"format": FORMAT_NAME})
+        (path / CONFIG_FILE).write_text(json.dumps(self.config_dict(), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(
+        cls,
+        directory: str | Path,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        expected_hidden_size: int | None = None,
+    ) -> "ValueHead":
+        """Load and validate a head; ``expected_hidden_size`` is the served model's width."""
+        path = Path(directory)
+        config = read_config(path)
+        hidden_size, widths = config["hidden_size"], config["widths"]
+        if expected_hidden_size is not None and hidden_size != expected_hidden_size:
+            raise ValueHeadError(
+                f"value head {path / CONFIG_FILE} has hidden_size {hidden_size} but the model's "
+                f"hidden size is {expected_hidden_size}; train a head on this model's states")
+        tensors = read_weights(path / WEIGHTS_FILE, hidden_size, widths)
+        head = cls(hidden_size, widths, base_model=config.get("base_model"),
+                   metadata=config.get("metadata") or {})
+        with torch.no_grad():
+            for i, layer in enumerate(head.layers):
+                layer.weight.copy_(tensors[f"layers.{i}.weight"])
+                layer.bias.copy_(tensors[f"layers.{i}.bias"])
+        return head.to(device=device, dtype=dtype)
+
+
+def _check_shape_config(hidden_size: Any, widths: Any, source: str) -> None:
+    if isinstance(hidden_size, bool) or not isinstance(hidden_size, int) or hidden_size <= 0:
+        raise ValueHeadError(f"{source}: hidden_size must be a positive integer, got {hidden_size!r}")
+    if not isinstance(widths, (list, tuple)) or not all(
+            isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in widths):
+        raise ValueHeadError(f"{source}: widths must be a list of positive integers, got {widths!r}")
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """Read and validate ``config.json`` of a head folder."""
+    if not path.exists():
+        raise ValueHeadError(f"value head folder {path} does not exist")
+    if not path.is_dir():
+        raise ValueHeadError(f"value head path {path} is not a folder (expected "
+                             f"{CONFIG_FILE} and {WEIGHTS_FILE} inside it)")
+    config_path = path / CONFIG_FILE
+    if not config_path.is_file():
+        raise ValueHeadError(f"value head config {config_path} is missing")
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueHeadError(f"value head config {config_path} is not valid JSON: {exc}") from exc
+    if not isinstance(config, dict):
+        raise ValueHeadError(f"value head config {config_path} must hold a JSON object")
+    for key in ("hidden_size", "widths"):
+        if key not in config:
+            raise ValueHeadError(f"value head config {config_path} lacks the key {key!r}")
+    _check_shape_config(config["hidden_size"], config["widths"], source=str(config_path))
+    activation = config.get("activation", "relu")
+    if activation not in SUPPORTED_ACTIVATIONS:
+        raise ValueHeadError(f"value head config {config_path}: activation {activation!r} is "
+                             f"not supported (supported: {', '.join(SUPPORTED_ACTIVATIONS)})")
+    version = config.get("format_version", FORMAT_VERSION)
+    if version != FORMAT_VERSION:
+        raise ValueHeadError(f"value head config {config_path}: format_version {version!r} is "
+                             f"not supported (this release reads {FORMAT_VERSION})")
+    return config
+
+
+def read_weights(weights_path: Path, hidden_size: int, widths: list[int]) -> dict[str, torch.Tensor]:
+    """Read ``model.safetensors`` and check names, shapes, dtypes and finiteness."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not weights_path.is_file():
+        raise ValueHeadError(f"value head weights {weights_path} are missing")
+    try:
+        tensors = load_file(str(weights_path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise ValueHeadError(f"value head weights {weights_path} cannot be read as "
+                             f"safetensors: {exc}") from exc
+    sizes = [hidden_size, *widths, 1]
+    expected = {}
+    for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        expected[f"layers.{i}.weight"] = (fan_out, fan_in)
+        expected[f"layers.{i}.bias"] = (fan_out,)
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
+    if missing or extra:
+        raise ValueHeadError(
+            f"value head weights {weights_path} do not match config widths {widths} "
+            f"(hidden_size {hidden_size}): missing {missing}, unexpected {extra}")
+    for name, shape in expected.items():
+        tensor = tensors[name]
+        if tuple(tensor.shape) != shape:
+            raise ValueHeadError(f"value head weights {weights_path}: {name} has shape "
+                                 f"{list(tensor.shape)}, expected {list(shape)}")
+        if not tensor.is_floating_point():
+            raise ValueHeadError(f"value head weights {weights_path}: {name} has dtype "
+                                 f"{tensor.dtype}, expected a float dtype")
+        if not torch.isfinite(tensor).all():
+            raise ValueHeadError(f"value head weights {weights_path}: {name} holds NaN or inf")
+    return tensors
