@@ -37,5 +37,6 @@ setup(
     },
     entry_points={
         "vllm.general_plugins": ["recontrol = vllm_recontrol.plugin:register"],
+        "console_scripts": ["vllm-recontrol = vllm_recontrol.cli:main"],
     },
 )

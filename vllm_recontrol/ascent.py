@@ -44,7 +44,7 @@ class AscentWorkspace:
     grad: Tensor
     u: Tensor
     rate: Tensor
-    active: Tensor
+    remaining: Tensor
     norm: Tensor
 
     @classmethod
@@ -55,14 +55,27 @@ class AscentWorkspace:
             x=torch.empty(rows, mlp.hidden_size, device=dev, dtype=f32),
             pre=[torch.empty(rows, h, device=dev, dtype=f32) for h in widths],
             act=[torch.empty(rows, h, device=dev, dtype=f32) for h in widths],
-            mask=[torch.empty(rows, h, device=dev, dtype=torch.bool) for h in widths],
+            mask=[torch.empty(rows, h, device=dev, dtype=f32) for h in widths],
             back=[torch.empty(rows, h, device=dev, dtype=f32) for h in widths],
             grad=torch.empty(rows, mlp.hidden_size, device=dev, dtype=f32),
             u=torch.zeros(rows, mlp.hidden_size, device=dev, dtype=f32),
             rate=torch.empty(rows, 1, device=dev, dtype=f32),
-            active=torch.empty(rows, 1, device=dev, dtype=torch.bool),
+            remaining=torch.empty(rows, 1, device=dev, dtype=f32),
             norm=torch.empty(rows, 1, device=dev, dtype=f32),
         )
+
+    @property
+    def capacity(self) -> int:
+        return self.x.shape[0]
+
+    def narrow(self, rows: int) -> "AscentWorkspace":
+        """Views of the first ``rows`` rows, so one workspace serves every smaller batch."""
+        cut = lambda t: t[:rows]  # noqa: E731 - leading-dim views stay contiguous
+        return AscentWorkspace(
+            x=cut(self.x), pre=[cut(t) for t in self.pre], act=[cut(t) for t in self.act],
+            mask=[cut(t) for t in self.mask], back=[cut(t) for t in self.back],
+            grad=cut(self.grad), u=cut(self.u), rate=cut(self.rate), remaining=cut(self.remaining),
+            norm=cut(self.norm))
 
 
 def value_gradient_into(mlp: MLPWeights, ws: AscentWorkspace) -> Tensor:
@@ -74,8 +87,8 @@ def value_gradient_into(mlp: MLPWeights, ws: AscentWorkspace) -> Tensor:
     layer_input = ws.x
     for i in range(hidden):
         torch.addmm(mlp.biases[i], layer_input, mlp.weights[i].t(), out=ws.pre[i])
-        torch.gt(ws.pre[i], 0, out=ws.mask[i])
         torch.clamp_min(ws.pre[i], 0, out=ws.act[i])
+        torch.sign(ws.act[i], out=ws.mask[i])  # the ReLU mask as 0/1 floats
         layer_input = ws.act[i]
     # Output layer folded in: dV/da_last = w_out, times the last ReLU mask.
     torch.mul(ws.mask[-1], mlp.weights[-1], out=ws.back[-1])
@@ -93,24 +106,32 @@ def ascend_float32(
     steps: Tensor,
     num_iterations: int,
     max_norm: float | None = None,
+    workspace: AscentWorkspace | None = None,
 ) -> Tensor:
     """Return u after ``num_iterations`` steps; row r moves only while ``k < steps[r]``.
 
     ``states32`` is ``[B, d]`` float32, ``alpha`` ``[B]`` float32, ``steps`` ``[B]`` integer,
     all on the weights' device. ``max_norm`` projects u back onto the ball ||u|| <= max_norm
-    after every step (projected gradient ascent).
+    after every step (projected gradient ascent). A ``workspace`` of exactly B rows is reused
+    (the returned u lives in it); otherwise one is allocated.
     """
-    ws = AscentWorkspace.allocate(mlp, states32.shape[0])
-    alpha_col, steps_col = alpha.view(-1, 1), steps.view(-1, 1)
-    for k in range(num_iterations):
+    ws = workspace if workspace is not None else AscentWorkspace.allocate(mlp, states32.shape[0])
+    ws.u.zero_()
+    ws.remaining.copy_(steps.view(-1, 1))
+    alpha_col = alpha.view(-1, 1)
+    # Tensor constants: a Python scalar in an in-place op allocates a wrapper on every call.
+    radius = torch.tensor(max_norm, dtype=torch.float32, device=ws.u.device) if max_norm else None
+    for _ in range(num_iterations):
         torch.add(states32, ws.u, out=ws.x)
         value_gradient_into(mlp, ws)
-        torch.gt(steps_col, k, out=ws.active)
-        torch.mul(alpha_col, ws.active, out=ws.rate)
+        # 1 while a row has steps left, else 0: rows with fewer steps stop moving.
+        torch.clamp(ws.remaining, 0.0, 1.0, out=ws.rate)
+        ws.remaining.sub_(ws.rate)
+        ws.rate.mul_(alpha_col)
         ws.u.addcmul_(ws.grad, ws.rate)
-        if max_norm is not None:
+        if radius is not None:  # u *= max_norm / max(||u||, max_norm)
             torch.linalg.vector_norm(ws.u, dim=1, keepdim=True, out=ws.norm)
-            ws.norm.clamp_min_(1e-30).reciprocal_().mul_(max_norm).clamp_max_(1.0)
+            ws.norm.clamp_min_(radius).reciprocal_().mul_(radius)
             ws.u.mul_(ws.norm)
     return ws.u
 

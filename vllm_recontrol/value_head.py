@@ -8,7 +8,6 @@ validated, so a head from an untrusted source fails with a message instead of ru
 from __future__ import annotations
 
 import json
-import logging
 import math
 from pathlib import Path
 from typing import Any, Sequence
@@ -16,10 +15,11 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .ascent import MLPWeights, as_row_tensor, ascend_float32
+from .ascent import AscentWorkspace, MLPWeights, as_row_tensor, ascend_float32
 from .errors import ValueHeadError
+from .logs import get_logger
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -52,7 +52,8 @@ class ValueHead(nn.Module):
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         self.layers = nn.ModuleList()
         for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
-            layer = nn.Linear(fan_in, fan_out)
+            # Explicit device/dtype: vLLM builds models under a default device and dtype.
+            layer = nn.Linear(fan_in, fan_out, device="cpu", dtype=torch.float32)
             if generator is not None:  # same seed, same head, whatever the global RNG did
                 bound = 1.0 / math.sqrt(fan_in)
                 with torch.no_grad():
@@ -62,6 +63,7 @@ class ValueHead(nn.Module):
         self._nonfinite_total = 0
         self._nonfinite_pending: torch.Tensor | None = None
         self._mlp_cache: tuple[tuple, MLPWeights] | None = None
+        self._workspace: AscentWorkspace | None = None
 
     # ------------------------------------------------------------------ value and gradient
     def forward(self, states: torch.Tensor) -> torch.Tensor:
@@ -114,13 +116,22 @@ class ValueHead(nn.Module):
         if rows == 0 or num_iterations <= 0:
             return states.clone()
         states32 = states.to(device=device, dtype=torch.float32)
-        u = ascend_float32(mlp, states32, alpha_rows, steps_rows, num_iterations, max_norm)
+        u = ascend_float32(mlp, states32, alpha_rows, steps_rows, num_iterations, max_norm,
+                           workspace=self._workspace_for(mlp, rows))
         edited = (states32 + u).to(states.dtype)
         moved = (steps_rows > 0) & (alpha_rows != 0)
         finite = torch.isfinite(edited).all(dim=1)
         self._count_nonfinite(moved & ~finite)
         keep_edit = (moved & finite).to(states.device).view(-1, 1)
         return torch.where(keep_edit, edited.to(states.device), states)
+
+    def _workspace_for(self, mlp: MLPWeights, rows: int) -> AscentWorkspace:
+        """A grow-only workspace: a serving engine allocates once, then only takes views."""
+        ws = self._workspace
+        if ws is None or ws.capacity < rows or ws.x.device != mlp.device or \
+                [t.shape[1] for t in ws.pre] != [w.shape[0] for w in mlp.weights[:-1]]:
+            ws = self._workspace = AscentWorkspace.allocate(mlp, rows)
+        return ws.narrow(rows)
 
     def _count_nonfinite(self, bad_rows: torch.Tensor) -> None:
         # Accumulated on the device: counting must not force a host sync every decode step.

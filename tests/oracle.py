@@ -1,0 +1,70 @@
+"""An independent RE-Control implementation: transformers forward + autograd, no plugin code.
+
+It shares nothing with ``vllm_recontrol`` but the on-disk head format: the value head is read
+straight from ``model.safetensors`` into an ``nn.Sequential`` and its gradient comes from
+``torch.autograd``, so the plugin's closed-form gradient, row bookkeeping and vLLM hooks are
+all checked against it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+
+def load_head_as_sequential(head_dir: str | Path) -> nn.Sequential:
+    config = json.loads((Path(head_dir) / "config.json").read_text())
+    tensors = load_file(str(Path(head_dir) / "model.safetensors"))
+    sizes = [config["hidden_size"], *config["widths"], 1]
+    modules: list[nn.Module] = []
+    for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        linear = nn.Linear(fan_in, fan_out, dtype=torch.float32)
+        with torch.no_grad():
+            linear.weight.copy_(tensors[f"layers.{i}.weight"])
+            linear.bias.copy_(tensors[f"layers.{i}.bias"])
+        modules += [linear, nn.ReLU()]
+    return nn.Sequential(*modules[:-1])
+
+
+def autograd_ascent(value: nn.Module, state: torch.Tensor, alpha: float, steps: int) -> torch.Tensor:
+    """u = 0; repeat: u += alpha * dV/ds(s + u), via autograd (the reference code's method)."""
+    u = torch.zeros_like(state)
+    for _ in range(steps):
+        x = (state + u).detach().requires_grad_(True)
+        (grad,) = torch.autograd.grad(value(x).sum(), x)
+        u = u + alpha * grad
+    return state + u
+
+
+class OracleGenerator:
+    """Greedy generation with the RE-Control edit applied before ``lm_head`` at every step."""
+
+    def __init__(self, model_dir: str | Path, head_dir: str | Path | None) -> None:
+        from transformers import AutoModelForCausalLM
+
+        self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+        self.model.eval()
+        self.value = load_head_as_sequential(head_dir) if head_dir is not None else None
+
+    @torch.no_grad()
+    def final_state(self, token_ids: list[int]) -> torch.Tensor:
+        out = self.model.model(input_ids=torch.tensor([token_ids]))
+        return out.last_hidden_state[0, -1]  # after the final norm, as lm_head sees it
+
+    def generate(self, prompt_ids: list[int], max_tokens: int, alpha: float = 0.0,
+                 steps: int = 0) -> list[int]:
+        ids, generated = list(prompt_ids), []
+        for _ in range(max_tokens):
+            state = self.final_state(ids)
+            if self.value is not None and steps > 0 and alpha != 0.0:
+                with torch.enable_grad():
+                    state = autograd_ascent(self.value, state[None], alpha, steps)[0].detach()
+            with torch.no_grad():
+                token = int(self.model.lm_head(state).argmax())
+            generated.append(token)
+            ids.append(token)
+        return generated

@@ -1,0 +1,69 @@
+"""The vLLM adapter: idempotent registration, zero-cost pass-through, version gate."""
+
+from __future__ import annotations
+
+import pytest
+import vllm
+from vllm.config import set_current_vllm_config
+from vllm.engine.arg_utils import EngineArgs
+from vllm.model_executor.custom_op import op_registry_oot
+from vllm.model_executor.layers.logits_processor import LogitsProcessor
+from vllm.sampling_params import SamplingParams
+
+from engine_helpers import ENGINE_KWARGS
+from vllm_recontrol import VersionError, _vllm_adapter
+from vllm_recontrol.plugin import register
+
+
+def config_for(model_dir, recontrol=None):
+    extra = {} if recontrol is None else dict(model_impl="recontrol",
+                                              additional_config={"recontrol": recontrol})
+    return EngineArgs(model=str(model_dir), **ENGINE_KWARGS, **extra).create_engine_config()
+
+
+def test_register_is_idempotent():
+    register()
+    _vllm_adapter.install()
+    _vllm_adapter.install()
+    assert op_registry_oot["LogitsProcessor"].__name__ == "RecontrolLogitsProcessor"
+    wrapped = EngineArgs.create_engine_config
+    assert wrapped._recontrol_wrapped
+    assert not getattr(wrapped.__wrapped__, "_recontrol_wrapped", False)  # wrapped once
+    assert _vllm_adapter._install_errors == []
+
+
+def test_layer_is_vllms_own_class_without_recontrol(llama_dir):
+    with set_current_vllm_config(config_for(llama_dir)):
+        layer = LogitsProcessor(100)
+    assert type(layer) is LogitsProcessor
+
+
+def test_layer_edits_in_a_recontrol_engine(llama_dir, head_dir):
+    with set_current_vllm_config(config_for(llama_dir, {"value_head": str(head_dir)})):
+        layer = LogitsProcessor(100)
+    assert type(layer).__name__ == "RecontrolLogitsProcessor"
+    assert layer._recontrol.head.widths == [48, 32]
+    assert not any("value" in name or "head" in name for name, _ in layer.named_parameters())
+
+
+def test_tracker_class_carries_max_steps_and_validates():
+    tracker = _vllm_adapter.RecontrolRowTracker_max12
+    assert tracker.max_steps == 12 and tracker.__name__ == "RecontrolRowTracker_max12"
+    tracker.validate_params(SamplingParams(extra_args={"recontrol_steps": 12}))
+    with pytest.raises(ValueError, match="exceeds this server's max_steps = 12"):
+        tracker.validate_params(SamplingParams(extra_args={"recontrol_steps": 13}))
+
+
+def test_untested_vllm_version_is_refused_clearly(llama_dir, head_dir, monkeypatch):
+    monkeypatch.setattr(vllm, "__version__", "0.40.1")
+    monkeypatch.delenv(_vllm_adapter.ALLOW_UNTESTED_ENV, raising=False)
+    with pytest.raises(VersionError, match=r"tested with vLLM 0\.32\.x, but vLLM 0\.40\.1"):
+        config_for(llama_dir, {"value_head": str(head_dir)})
+    config_for(llama_dir)  # engines without RE-Control are not affected
+    monkeypatch.setenv(_vllm_adapter.ALLOW_UNTESTED_ENV, "1")
+    config_for(llama_dir, {"value_head": str(head_dir)})
+
+
+def test_cpu_build_version_suffix_is_accepted(monkeypatch):
+    monkeypatch.setattr(vllm, "__version__", "0.32.0+cpu")
+    _vllm_adapter.check_vllm_version()

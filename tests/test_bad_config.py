@@ -1,0 +1,90 @@
+"""Bad engine configuration fails in the front-end, before any engine process starts."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from vllm.engine.arg_utils import EngineArgs
+
+from engine_helpers import ENGINE_KWARGS, start_llm
+from vllm_recontrol import ConfigError, ValueHead, ValueHeadError
+
+
+def engine_config(model_dir, additional_config):
+    args = EngineArgs(model=str(model_dir), model_impl="recontrol",
+                      additional_config=additional_config, **ENGINE_KWARGS)
+    return args.create_engine_config()
+
+
+@pytest.fixture
+def corrupt_head(tmp_path, head_dir):
+    path = tmp_path / "corrupt"
+    path.mkdir()
+    (path / "config.json").write_text((head_dir / "config.json").read_text())
+    (path / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
+    return path
+
+
+@pytest.fixture
+def narrow_head(tmp_path):
+    return ValueHead(32, [16], seed=0).save(tmp_path / "narrow")
+
+
+def test_missing_recontrol_section(llama_dir):
+    with pytest.raises(ConfigError, match="needs additional_config"):
+        engine_config(llama_dir, {})
+
+
+def test_no_value_head(llama_dir):
+    with pytest.raises(ConfigError, match=r'\["value_head"\] is required'):
+        engine_config(llama_dir, {"recontrol": {"alpha": 0.5}})
+
+
+def test_missing_path(llama_dir, tmp_path):
+    with pytest.raises(ValueHeadError, match="does not exist"):
+        engine_config(llama_dir, {"recontrol": {"value_head": str(tmp_path / "nope")}})
+
+
+def test_dimension_mismatch_names_both_sizes(llama_dir, narrow_head):
+    with pytest.raises(ValueHeadError, match="hidden_size 32 but the model's hidden size is 64"):
+        engine_config(llama_dir, {"recontrol": {"value_head": str(narrow_head)}})
+
+
+def test_corrupt_safetensors_names_the_file(llama_dir, corrupt_head):
+    with pytest.raises(ValueHeadError, match="model.safetensors cannot be read as safetensors"):
+        engine_config(llama_dir, {"recontrol": {"value_head": str(corrupt_head)}})
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("alpha", "strong", "alpha.* must be a number"),
+    ("alpha", -0.5, "alpha.* must be a finite number >= 0"),
+    ("steps", 1.5, "steps.* must be an integer"),
+    ("steps", 500, "exceeds max_steps"),
+    ("max_norm", 0, "max_norm.* must be > 0"),
+    ("default_on", "maybe", "default_on.* must be 0 or 1"),
+    ("backend", "cuda-magic", "backend.* must be one of"),
+    ("alhpa", 0.5, "unknown key"),
+])
+def test_bad_engine_values(llama_dir, head_dir, key, value, message):
+    with pytest.raises(ConfigError, match=message):
+        engine_config(llama_dir, {"recontrol": {"value_head": str(head_dir), key: value}})
+
+
+def test_llm_constructor_reports_the_same_error(llama_dir, narrow_head):
+    """What a Python user sees: the error comes out of LLM(...) itself, not from a child."""
+    with pytest.raises(ValueHeadError, match="hidden size is 64"):
+        start_llm(llama_dir, {"value_head": str(narrow_head)})
+
+
+def test_valid_config_installs_the_row_tracker(llama_dir, head_dir):
+    config = engine_config(llama_dir, {"recontrol": {"value_head": str(head_dir),
+                                                     "max_steps": 77}})
+    assert config.model_config.logits_processors == [
+        "vllm_recontrol._vllm_adapter:RecontrolRowTracker_max77"]
+    assert not config.use_v2_model_runner
+
+
+def test_plain_engine_is_untouched(llama_dir):
+    args = EngineArgs(model=str(llama_dir), **ENGINE_KWARGS)
+    assert not args.create_engine_config().model_config.logits_processors

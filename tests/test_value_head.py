@@ -1,0 +1,178 @@
+"""ValueHead: artifact round trip, validation, and the closed-form ascent against autograd."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from oracle import autograd_ascent, load_head_as_sequential
+from vllm_recontrol import ValueHead, ValueHeadError
+from vllm_recontrol.ascent import AscentWorkspace, ascend_float32
+
+
+def reference_ascent(head: ValueHead, states, alpha, steps, max_norm=None):
+    """float64 autograd, one row at a time, projection after every step."""
+    rows = []
+    double = ValueHead(head.hidden_size, head.widths).double()
+    double.load_state_dict({k: v.double() for k, v in head.state_dict().items()})
+    for r in range(states.shape[0]):
+        s = states[r:r + 1].double()
+        u = torch.zeros_like(s)
+        for _ in range(int(steps[r])):
+            x = (s + u).requires_grad_(True)
+            (g,) = torch.autograd.grad(double(x).sum(), x)
+            u = u + float(alpha[r]) * g
+            if max_norm is not None:
+                u = u * min(1.0, max_norm / float(u.norm()))
+        rows.append(s + u)
+    return torch.cat(rows)
+
+
+@pytest.mark.parametrize("widths", [[], [24], [31, 17], [16, 16, 9]])
+def test_ascent_matches_float64_autograd(widths):
+    seed = torch.seed()
+    torch.manual_seed(seed)
+    head = ValueHead(40, widths, seed=seed % 1000)
+    states = torch.randn(7, 40)
+    alpha = torch.rand(7) * 0.5
+    steps = torch.tensor([0, 1, 2, 5, 9, 3, 9])
+    got = head.ascend(states, alpha, steps)
+    want = reference_ascent(head, states, alpha, steps)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5, msg=f"seed {seed}")
+    assert torch.equal(got[0], states[0])  # steps == 0: bit-identical
+
+
+def test_scalar_alpha_and_steps_and_max_norm():
+    head = ValueHead(20, [30], seed=4)
+    states = torch.randn(5, 20)
+    got = head.ascend(states, 0.8, 6, max_norm=0.05)
+    want = reference_ascent(head, states, [0.8] * 5, [6] * 5, max_norm=0.05)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    assert float((got - states).norm(dim=1).max()) <= 0.05 + 1e-6
+
+
+def test_matches_the_oracle_autograd_head(tmp_path):
+    head = ValueHead(16, [12, 8], seed=9)
+    sequential = load_head_as_sequential(head.save(tmp_path / "h"))
+    state = torch.randn(1, 16)
+    torch.testing.assert_close(head.ascend(state, 0.3, 5),
+                               autograd_ascent(sequential, state, 0.3, 5), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_low_precision_states_keep_dtype_and_untouched_rows(dtype):
+    head = ValueHead(32, [32], seed=5)
+    states = torch.randn(4, 32).to(dtype)
+    alpha = torch.tensor([0.0, 0.5, 0.5, 1.0])
+    steps = torch.tensor([3, 0, 4, 4])
+    got = head.ascend(states, alpha, steps)
+    assert got.dtype == dtype
+    assert torch.equal(got[:2], states[:2])  # alpha == 0 and steps == 0 rows
+    want = reference_ascent(head, states.double(), alpha, steps).to(dtype)
+    torch.testing.assert_close(got[2:], want[2:], rtol=1e-2, atol=1e-2)
+
+
+def test_nonfinite_rows_fall_back_and_are_counted():
+    head = ValueHead(8, [8], seed=1)
+    states = torch.randn(3, 8)
+    states[1, 0] = float("inf")
+    got = head.ascend(states, 0.5, 2)
+    assert torch.equal(got[1], states[1])
+    assert torch.isfinite(got[[0, 2]]).all()
+    assert head.nonfinite_rows() == 1
+
+
+def test_workspace_is_reused_across_calls():
+    head = ValueHead(8, [8], seed=1)
+    head.ascend(torch.randn(6, 8), 0.1, 2)
+    first = head._workspace
+    head.ascend(torch.randn(3, 8), 0.1, 2)
+    assert head._workspace is first  # smaller batches take views of the same buffers
+
+
+def _allocations(fn) -> int:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return sum(1 for e in prof.events() if e.cpu_memory_usage > 0)
+
+
+@pytest.mark.parametrize("widths", [[8], [8, 8], [8, 6, 4]])
+def test_step_loop_allocates_nothing(widths):
+    """With a workspace, 40 steps allocate exactly what 1 step does (nothing inside the loop)."""
+    head = ValueHead(8, widths, seed=1)
+    mlp = head.float32_weights()
+    ws = AscentWorkspace.allocate(mlp, 4)
+    states, alpha, steps = torch.randn(4, 8), torch.full((4,), 0.1), torch.full((4,), 40)
+    run = lambda n: lambda: ascend_float32(mlp, states, alpha, steps, n, 1.0, workspace=ws)  # noqa: E731
+    assert _allocations(run(40)) == _allocations(run(1))
+    u = ascend_float32(mlp, states, alpha, steps, 3, workspace=ws)
+    assert u.data_ptr() == ws.u.data_ptr()
+
+
+def test_save_load_round_trip(tmp_path):
+    head = ValueHead(12, [10, 6], seed=3, base_model="tiny/llama", metadata={"epochs": 2})
+    loaded = ValueHead.load(head.save(tmp_path / "h"), expected_hidden_size=12)
+    assert loaded.widths == [10, 6] and loaded.base_model == "tiny/llama"
+    assert loaded.metadata == {"epochs": 2}
+    for a, b in zip(head.state_dict().values(), loaded.state_dict().values()):
+        assert torch.equal(a, b)
+    config = json.loads((tmp_path / "h" / "config.json").read_text())
+    assert config["activation"] == "relu" and config["hidden_size"] == 12
+
+
+def test_seed_gives_the_same_head():
+    a, b = ValueHead(8, [4], seed=7), ValueHead(8, [4], seed=7)
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+
+
+def _saved(tmp_path):
+    return ValueHead(12, [6], seed=0).save(tmp_path / "h")
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda p: (p / "config.json").unlink(), "config.json is missing"),
+    (lambda p: (p / "model.safetensors").unlink(), "model.safetensors are missing"),
+    (lambda p: (p / "config.json").write_text("{oops"), "not valid JSON"),
+    (lambda p: (p / "config.json").write_text('{"widths": [6]}'), "lacks the key 'hidden_size'"),
+    (lambda p: (p / "config.json").write_text('{"hidden_size": 12, "widths": [7]}'),
+     r"layers.0.weight has shape \[6, 12\], expected \[7, 12\]"),
+    (lambda p: (p / "config.json").write_text(
+        '{"hidden_size": 12, "widths": [6], "activation": "gelu"}'), "activation 'gelu'"),
+    (lambda p: (p / "config.json").write_text('{"hidden_size": 12, "widths": [6, 6]}'),
+     "missing"),
+    (lambda p: (p / "model.safetensors").write_bytes(b"garbage"), "cannot be read as safetensors"),
+])
+def test_load_rejects_bad_artifacts(tmp_path, mutate, message):
+    path = _saved(tmp_path)
+    mutate(path)
+    with pytest.raises(ValueHeadError, match=message):
+        ValueHead.load(path)
+
+
+def test_load_rejects_nan_weights(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    path = _saved(tmp_path)
+    tensors = load_file(str(path / "model.safetensors"))
+    tensors["layers.1.bias"][0] = float("nan")
+    save_file(tensors, str(path / "model.safetensors"))
+    with pytest.raises(ValueHeadError, match="NaN"):
+        ValueHead.load(path)
+
+
+def test_load_rejects_a_file_where_a_folder_is_expected(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueHeadError, match="is not a folder"):
+        ValueHead.load(tmp_path / "file")
+
+
+def test_ascend_rejects_wrong_shapes():
+    head = ValueHead(8, [4])
+    with pytest.raises(ValueError, match=r"states must be \[B, 8\]"):
+        head.ascend(torch.randn(2, 9), 0.1, 1)
+    with pytest.raises(ValueError, match="alpha has 3 entries"):
+        head.ascend(torch.randn(2, 8), torch.ones(3), 1)

