@@ -88,3 +88,13 @@ def test_valid_config_installs_the_row_tracker(llama_dir, head_dir):
 def test_plain_engine_is_untouched(llama_dir):
     args = EngineArgs(model=str(llama_dir), **ENGINE_KWARGS)
     assert not args.create_engine_config().model_config.logits_processors
+
+
+def test_speculative_decoding_is_refused(llama_dir, head_dir):
+    args = EngineArgs(model=str(llama_dir), model_impl="recontrol",
+                      additional_config={"recontrol": {"value_head": str(head_dir)}},
+                      speculative_config={"method": "ngram", "num_speculative_tokens": 2,
+                                          "prompt_lookup_max": 2, "prompt_lookup_min": 1},
+                      **ENGINE_KWARGS)
+    with pytest.raises(ConfigError, match="does not support speculative decoding"):
+        args.create_engine_config()

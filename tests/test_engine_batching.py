@@ -86,3 +86,28 @@ def test_stock_engine_ignores_request_keys(stock_engine):
     keyed = token_ids(stock_engine.generate(
         [PROMPTS[3]], greedy(MAX_TOKENS, recontrol_alpha=2.0, recontrol_steps=8), use_tqdm=False))
     assert plain == keyed
+
+
+def _prompt_logprobs(output) -> list:
+    return [None if p is None else {t: lp.logprob for t, lp in p.items()}
+            for p in output.prompt_logprobs]
+
+
+def test_prompt_logprobs_pass_through_unedited(llama_engine, stock_engine):
+    """Prompt logprobs are computed from unedited states; the sampled tokens are still edited."""
+    from vllm import SamplingParams
+
+    strong = {"recontrol_alpha": 2.0, "recontrol_steps": 8}
+
+    def params(prompt_logprobs, **extra):
+        return SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True,
+                              prompt_logprobs=prompt_logprobs, extra_args=extra or None)
+
+    prompt = PROMPTS[2]
+    with_logprobs, plain, off = llama_engine.generate(
+        [prompt] * 3, [params(3, **strong), params(None, **strong), params(3, recontrol=0)],
+        use_tqdm=False)
+    stock = stock_engine.generate([prompt], params(3), use_tqdm=False)[0]
+    assert list(with_logprobs.outputs[0].token_ids) == list(plain.outputs[0].token_ids)
+    assert list(with_logprobs.outputs[0].token_ids) != list(off.outputs[0].token_ids)
+    assert _prompt_logprobs(with_logprobs) == _prompt_logprobs(off) == _prompt_logprobs(stock)

@@ -8,6 +8,7 @@ head), so it runs on a laptop CPU with nothing downloaded. Random weights show t
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from .toy import build_tiny_model
 from .value_head import ValueHead
 
 PROMPTS = ["the good kan", "a bad ba bon", "user: the is good", "zo ze zi zu"]
+REPEATS = 3
 
 
 @dataclass
@@ -58,9 +60,11 @@ def run(workdir: Path, settings: list[tuple[float, int]], batch: int, max_tokens
                                 extra_args={"recontrol_alpha": alpha, "recontrol_steps": steps}
                                 if steps else {"recontrol": 0})
         llm.generate(prompts[:2], params, use_tqdm=False)  # warm-up
-        start = time.perf_counter()
-        outputs = llm.generate(prompts, params, use_tqdm=False)
-        elapsed = time.perf_counter() - start
+        elapsed = float("inf")
+        for _ in range(REPEATS):  # best of a few: a 2-core machine is noisy
+            start = time.perf_counter()
+            outputs = llm.generate(prompts, params, use_tqdm=False)
+            elapsed = min(elapsed, time.perf_counter() - start)
         generated = sum(len(o.outputs[0].token_ids) for o in outputs)
         runs.append(DemoRun("uncontrolled" if steps == 0 else "RE-Control", alpha, steps,
                             [o.outputs[0].text for o in outputs[:len(PROMPTS)]],
@@ -86,8 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vllm-recontrol demo", description=__doc__)
     parser.add_argument("--workdir", type=Path, default=Path("recontrol-demo"))
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--max-tokens", type=int, default=32)
     args = parser.parse_args(argv)
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # keep the report readable
     runs = run(args.workdir, [(0.0, 0), (0.5, 5), (1.0, 20)], args.batch, args.max_tokens)
     print_report(runs)
     return 0
