@@ -43,7 +43,14 @@ def start_llm(model_dir: Path, recontrol: dict | None = None, plugin_loaded: boo
 
 @contextlib.contextmanager
 def _plugins_env(plugin_loaded: bool) -> Iterator[None]:
-    """Without the plugin, the engine process loads no ``vllm.general_plugins`` at all."""
+    """Without the plugin, the engine process loads no ``vllm.general_plugins`` at all.
+
+    This process loads its plugins first: vLLM loads them once per process, and a front-end
+    that first loaded them under the exclusion would never install RE-Control's hook.
+    """
+    from vllm.plugins import load_general_plugins
+
+    load_general_plugins()
     old = os.environ.get("VLLM_PLUGINS")
     if not plugin_loaded:
         os.environ["VLLM_PLUGINS"] = "none-at-all"

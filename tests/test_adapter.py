@@ -11,7 +11,7 @@ from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.sampling_params import SamplingParams
 
 from engine_helpers import ENGINE_KWARGS
-from vllm_recontrol import VersionError, _vllm_adapter
+from vllm_recontrol import ConfigError, VersionError, _vllm_adapter
 from vllm_recontrol.plugin import register
 
 
@@ -44,6 +44,14 @@ def test_layer_edits_in_a_recontrol_engine(llama_dir, head_dir):
     assert type(layer).__name__ == "RecontrolLogitsProcessor"
     assert layer._recontrol.head.widths == [48, 32]
     assert not any("value" in name or "head" in name for name, _ in layer.named_parameters())
+
+
+def test_layer_refuses_to_run_silently_without_the_row_tracker(llama_dir, head_dir):
+    """If the front-end hook did not run, no request could be tracked: fail, never ignore."""
+    config = config_for(llama_dir, {"value_head": str(head_dir)})
+    config.model_config.logits_processors = []
+    with set_current_vllm_config(config), pytest.raises(ConfigError, match="hook did not run"):
+        LogitsProcessor(100)
 
 
 def test_tracker_class_carries_max_steps_and_validates():

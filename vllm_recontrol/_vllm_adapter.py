@@ -134,6 +134,18 @@ def _is_recontrol_engine(vllm_config: Any) -> bool:
             and getattr(vllm_config, "speculative_config", None) is None)
 
 
+def _require_row_tracker(vllm_config: Any) -> None:
+    """Without the front-end hook no request would ever be controlled: refuse, never go silent."""
+    processors = vllm_config.model_config.logits_processors or []
+    if not any(isinstance(p, str) and p.startswith(f"{__name__}:{TRACKER_PREFIX}")
+               for p in processors):
+        raise ConfigError(
+            f"--model-impl {MODEL_IMPL} was set, but vllm-recontrol's front-end hook did not run "
+            "in the process that built this engine's configuration, so requests could not be "
+            "tracked. Make sure the plugin loads there (VLLM_PLUGINS must include 'recontrol' "
+            "if it is set) and that the configuration comes from EngineArgs.create_engine_config.")
+
+
 def _engine_id(vllm_config: Any) -> str:
     return str(getattr(vllm_config, "instance_id", ""))
 
@@ -231,6 +243,7 @@ def _recontrol_layer_class(stock: type) -> type:
             if not _is_recontrol_engine(vllm_config) or self.logits_as_input:
                 self.__class__ = stock  # vLLM's own layer, at vLLM's own cost
                 return
+            _require_row_tracker(vllm_config)
             settings = EngineSettings.from_additional_config(vllm_config.additional_config)
             head = ValueHead.load(settings.value_head, device=torch.get_default_device(),
                                   expected_hidden_size=vllm_config.model_config.get_hidden_size())

@@ -1,0 +1,244 @@
+"""Offline generation throughput: stock vLLM vs. the plugin, control off and on.
+
+Engines (each measured on the same prompts, greedy, fixed output length):
+  stock        vLLM with this plugin not loaded (VLLM_PLUGINS excludes it)
+  installed    plugin loaded, engine started without --model-impl recontrol
+  off          --model-impl recontrol, every request opted out ({"recontrol": 0})
+  steps=N      --model-impl recontrol, every request controlled with N ascent steps
+
+Each row also gets the arithmetic floor ratio: model FLOPs per token over model + control
+FLOPs per token, the best a compute-bound controlled run could do relative to stock.
+Prints a Markdown table and writes JSON (and a PNG plot when matplotlib is installed).
+
+  python benchmarks/bench_throughput.py                  # tiny local model, CPU-sized
+  python benchmarks/bench_throughput.py --model M --value-head H --batch-sizes 1 16 64 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+WORDS = "the good kan a bad ba bon user: is zo ze zi zu and bal".split()
+
+
+@contextlib.contextmanager
+def plugins(loaded: bool) -> Iterator[None]:
+    """Exclude the plugin from the engine processes only; this process loads it first."""
+    from vllm.plugins import load_general_plugins
+
+    load_general_plugins()
+    old = os.environ.get("VLLM_PLUGINS")
+    if not loaded:
+        os.environ["VLLM_PLUGINS"] = "none-at-all"
+    try:
+        yield
+    finally:
+        os.environ.pop("VLLM_PLUGINS", None) if old is None else os.environ.update(
+            VLLM_PLUGINS=old)
+
+
+def make_prompts(count: int, words: int) -> list[str]:
+    return [" ".join(WORDS[(i * 7 + j * 3) % len(WORDS)] for j in range(words))
+            for i in range(count)]
+
+
+def model_flops_per_token(model_dir: str) -> float:
+    """2 x (parameters touched per token): every weight matrix except the input embedding."""
+    from transformers import AutoConfig
+
+    c = AutoConfig.from_pretrained(model_dir)
+    c = getattr(c, "text_config", c)
+    d, layers, ffn, vocab = c.hidden_size, c.num_hidden_layers, c.intermediate_size, c.vocab_size
+    heads, kv_heads = c.num_attention_heads, getattr(c, "num_key_value_heads", c.num_attention_heads)
+    head_dim = getattr(c, "head_dim", None) or d // heads
+    attention = d * heads * head_dim * 2 + d * kv_heads * head_dim * 2
+    mlp = 3 * d * ffn
+    return 2.0 * (layers * (attention + mlp) + d * vocab)
+
+
+def control_flops_per_token(head_dir: str, steps: int) -> float:
+    """Per step: the forward chain plus the backward chain of matrix-vector products."""
+    config = json.loads((Path(head_dir) / "config.json").read_text())
+    sizes = [config["hidden_size"], *config["widths"]]
+    forward = sum(a * b for a, b in zip(sizes[:-1], sizes[1:])) + sizes[-1]
+    backward = sum(a * b for a, b in zip(sizes[:-1], sizes[1:]))
+    return 2.0 * steps * (forward + backward)
+
+
+def timed_generate(llm, prompts: list[str], params, repeats: int) -> tuple[float, int]:
+    llm.generate(prompts[: max(1, len(prompts) // 4)], params, use_tqdm=False)  # warm-up
+    best, tokens = float("inf"), 0
+    for _ in range(repeats):
+        start = time.perf_counter()
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        best = min(best, time.perf_counter() - start)
+        tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+    return best, tokens
+
+
+def start_engine(args, recontrol: bool, plugin_loaded: bool):
+    from vllm import LLM
+
+    kwargs: dict[str, Any] = dict(model=args.model, dtype=args.dtype, seed=0,
+                                  max_model_len=args.max_model_len,
+                                  max_num_seqs=max(args.batch_sizes))
+    if args.enforce_eager:
+        kwargs["enforce_eager"] = True
+    if args.kv_cache_bytes:
+        kwargs["kv_cache_memory_bytes"] = args.kv_cache_bytes
+    if recontrol:
+        kwargs.update(model_impl="recontrol", additional_config={"recontrol": {
+            "value_head": args.value_head, "alpha": args.alpha, "default_on": False,
+            "steps": max(args.steps), "max_steps": max(args.steps), "backend": args.backend}})
+    with plugins(plugin_loaded):
+        return LLM(**kwargs)
+
+
+def stop_engine(llm) -> None:
+    with contextlib.suppress(Exception):
+        llm.llm_engine.engine_core.shutdown()
+    del llm
+    gc.collect()
+
+
+def measure(args) -> list[dict[str, Any]]:
+    from vllm import SamplingParams
+
+    def params(extra: dict | None):
+        return SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True,
+                              extra_args=extra)
+
+    model_flops = model_flops_per_token(args.model)
+    rows: list[dict[str, Any]] = []
+    variants = [("stock", False, False, [(None, 0)]),
+                ("installed", False, True, [(None, 0)]),
+                ("recontrol", True, True,
+                 [({"recontrol": 0}, 0)] + [({"recontrol_alpha": args.alpha,
+                                               "recontrol_steps": s}, s) for s in args.steps])]
+    for engine_name, recontrol, loaded, cases in variants:
+        llm = start_engine(args, recontrol, loaded)
+        try:
+            for batch in args.batch_sizes:
+                prompts = make_prompts(batch, args.input_words)
+                for extra, steps in cases:
+                    name = engine_name if extra is None else ("off" if steps == 0 else f"steps={steps}")
+                    seconds, tokens = timed_generate(llm, prompts, params(extra), args.repeats)
+                    control = control_flops_per_token(args.value_head, steps) if steps else 0.0
+                    rows.append(dict(variant=name, batch=batch, steps=steps, seconds=seconds,
+                                     tokens=tokens, tokens_per_s=tokens / seconds,
+                                     floor_ratio=model_flops / (model_flops + control)))
+                    print(f"  {name:>10}  batch {batch:>4}: {tokens / seconds:10.1f} tok/s",
+                          flush=True)
+        finally:
+            stop_engine(llm)
+    stock = {r["batch"]: r["tokens_per_s"] for r in rows if r["variant"] == "stock"}
+    for r in rows:
+        r["ratio_to_stock"] = r["tokens_per_s"] / stock[r["batch"]]
+        r["gap_to_floor"] = r["ratio_to_stock"] / r["floor_ratio"]
+    return rows
+
+
+def markdown(rows: list[dict[str, Any]], machine: str) -> str:
+    lines = [f"Machine: {machine}", "",
+             "| variant | batch | tokens/s | vs. stock | floor ratio | measured / floor |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['variant']} | {r['batch']} | {r['tokens_per_s']:.1f} | "
+                     f"{r['ratio_to_stock']:.3f} | {r['floor_ratio']:.3f} | "
+                     f"{r['gap_to_floor']:.3f} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> bool:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for variant in dict.fromkeys(r["variant"] for r in rows):
+        sel = [r for r in rows if r["variant"] == variant]
+        ax.plot([r["batch"] for r in sel], [r["tokens_per_s"] for r in sel], marker="o",
+                label=variant)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("concurrent requests")
+    ax.set_ylabel("generated tokens / s")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return True
+
+
+def tiny_defaults(args) -> None:
+    """Build the tiny local model and a paper-shaped head (widths = d) when none is given."""
+    from vllm_recontrol import ValueHead
+    from vllm_recontrol.toy import build_tiny_model
+
+    work = Path(tempfile.mkdtemp(prefix="bench-throughput-"))
+    if args.model is None:
+        args.model = str(build_tiny_model(work / "model", "llama", hidden_size=256,
+                                          num_layers=4, num_heads=4, intermediate_size=512))
+    if args.value_head is None:
+        from transformers import AutoConfig
+
+        d = AutoConfig.from_pretrained(args.model).hidden_size
+        ValueHead(d, [d, d], seed=0).save(work / "head")
+        args.value_head = str(work / "head")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="model folder or id (default: a tiny local Llama)")
+    parser.add_argument("--value-head", help="value head folder (default: random, widths = d, d)")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--alpha", type=float, default=0.5)
+    parser.add_argument("--steps", type=int, nargs="+", default=[1, 5, 30])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--input-words", type=int, default=16)
+    parser.add_argument("--output-len", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--max-model-len", type=int, default=512)
+    parser.add_argument("--kv-cache-bytes", type=int, default=None,
+                        help="KV cache size (default: 256 MiB on CPU, vLLM's default on GPU)")
+    parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args(argv)
+
+    import torch
+
+    on_gpu = torch.cuda.is_available()
+    if not on_gpu:
+        args.kv_cache_bytes = args.kv_cache_bytes or (256 << 20)
+        args.enforce_eager = True
+    tiny_defaults(args)
+    machine = (torch.cuda.get_device_name(0) if on_gpu else
+               f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores")
+    rows = measure(args)
+    table = markdown(rows, machine)
+    print("\n" + table)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = "throughput-" + ("gpu" if on_gpu else "cpu")
+    (args.out / f"{stem}.json").write_text(json.dumps(
+        {"machine": machine, "model": args.model, "value_head": args.value_head,
+         "argv": sys.argv[1:], "rows": rows}, indent=2))
+    (args.out / f"{stem}.md").write_text(table + "\n")
+    if plot(rows, args.out / f"{stem}.png"):
+        print(f"plot: {args.out / (stem + '.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
