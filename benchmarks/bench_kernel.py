@@ -1,0 +1,589 @@
+#!/usr/bin/env python3
+"""Benchmark and GPU check of the fused Triton ascent kernel against the torch paths.
+
+Timing (default): for each (hidden size d = widths, hidden layers, steps, batch B) every variant
+runs the whole ascent (``steps`` iterations, all rows active) and is timed with
+``triton.testing.do_bench`` (device events, median, L2 flushed between calls):
+
+  autograd-fp16     the published reference loop: an fp16 nn.Sequential head, torch.optim.SGD
+                    on the state, loss = -V(x).sum(), backward, step (weight grads included)
+  torch-eager       the closed form, ``vllm_recontrol.ascent.ascend_float32`` (fp32 weights; with
+                    --torch-dtype bf16 the same algorithm with bf16 products, fp32 u)
+  torch-compile     torch.compile of one closed-form step, looped in Python
+  torch-graph       torch-eager captured in one CUDA graph
+  triton            ``triton_ascend`` launched from Python (weights --dtype, default bf16)
+  triton-graph      ``triton_ascend`` captured in one CUDA graph
+  triton-fp32-graph ``triton_ascend`` with fp32 weights (fp32 "ieee" products), one CUDA graph
+
+The floor of a case is max(FLOPs / bf16 matmul rate, bytes / copy bandwidth), both ceilings
+measured at the start of the same run (an 8192^3 bf16 matmul; a 1 GiB device-to-device copy,
+counting bytes read plus written). FLOPs = 2 * B * (forward MACs + backward MACs) per step;
+bytes = every hidden weight matrix read once per forward and once per backward product, every
+step, in the --dtype of the weights (bf16 by default, as in issue 3's floor), plus the state
+read once and u written once; the same floor is used for every variant of a case (the table
+names each variant's weight dtype).
+
+``--check`` instead verifies ``triton_ascend`` against a float64 reference (autograd, on the
+device) for fp32/tf32/bf16 products, odd sizes, 1-3 hidden layers, small and large batches,
+forced split-K, max_norm, with poisoned outputs and a bit-for-bit determinism check. On a CPU
+with TRITON_INTERPRET=1 and ``--device cpu`` both modes run at toy sizes (a smoke test of this
+script; CPU timings mean nothing).
+
+The script runs from a checkout without installation and without vLLM: it puts the repository
+root on sys.path and maps the top-level ``kernels/`` folder to ``vllm_recontrol.kernels`` when the
+package is not installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+REPO = Path(__file__).resolve().parents[1]
+VARIANTS = ("autograd-fp16", "torch-eager", "torch-compile", "torch-graph", "triton", "triton-graph",
+            "triton-fp32-graph")
+VARIANT_DTYPE = {"autograd-fp16": "fp16", "triton-fp32-graph": "fp32"}  # others: the flags
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Variants: " + ", ".join(VARIANTS))
+    p.add_argument("--hidden-sizes", type=int, nargs="+", default=[2048, 4096, 8192],
+                   help="d (= every hidden width)")
+    p.add_argument("--layers", type=int, nargs="+", default=[1, 2], help="hidden layers")
+    p.add_argument("--steps", type=int, nargs="+", default=[1, 30, 200])
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32, 128, 256, 512])
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16",
+                   help="weight dtype of the triton variants and of the floor (default bf16)")
+    p.add_argument("--torch-dtype", choices=["bf16", "fp32"], default="fp32",
+                   help="weight dtype of the torch closed-form variants (default fp32: "
+                        "ascend_float32, the project's reference)")
+    p.add_argument("--quick", action="store_true",
+                   help="preset: d = 4096, 1 and 2 hidden layers, 30 steps, all batches")
+    p.add_argument("--sweep", action="store_true",
+                   help="also time the Triton kernel (graph) under a few plan overrides "
+                        "at B = 1 and 16 (tuning aid)")
+    p.add_argument("--check", action="store_true", help="correctness checks instead of timing")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--alpha", type=float, default=0.5)
+    p.add_argument("--warmup-ms", type=float, default=10.0)
+    p.add_argument("--rep-ms", type=float, default=50.0)
+    p.add_argument("--json", type=Path, help="write the results as JSON here")
+    p.add_argument("--markdown", type=Path, help="write the results table as markdown here")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.hidden_sizes, args.layers, args.steps = [4096], [1, 2], [30]
+    return args
+
+
+# ----------------------------------------------------------------------------- imports
+def import_project():
+    """(vllm_recontrol.ascent, vllm_recontrol.kernels.value_ascent), installed or from the tree."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    ascent = importlib.import_module("vllm_recontrol.ascent")
+    try:
+        kernels = importlib.import_module("vllm_recontrol.kernels")
+    except ModuleNotFoundError:  # a plain checkout: kernels/ is vllm_recontrol.kernels once installed
+        folder = REPO / "kernels"
+        spec = importlib.util.spec_from_file_location(
+            "vllm_recontrol.kernels", folder / "__init__.py", submodule_search_locations=[str(folder)])
+        kernels = importlib.util.module_from_spec(spec)
+        sys.modules["vllm_recontrol.kernels"] = kernels
+        spec.loader.exec_module(kernels)
+        sys.modules["vllm_recontrol"].kernels = kernels
+    value_ascent = importlib.import_module("vllm_recontrol.kernels.value_ascent")
+    return ascent, value_ascent
+
+
+import torch  # noqa: E402  (after the docstring-driven --help would not need it, but cheap)
+
+
+# ----------------------------------------------------------------------------- timing
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_ms(fn: Callable[[], object], device: torch.device, args) -> float:
+    """Median milliseconds of fn (device events via do_bench on CUDA, wall clock elsewhere)."""
+    if device.type == "cuda":
+        import triton.testing
+        return float(triton.testing.do_bench(fn, warmup=args.warmup_ms, rep=args.rep_ms,
+                                             return_mode="median"))
+    fn()
+    times = []
+    for _ in range(3):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+def cuda_graph(fn: Callable[[], object], device: torch.device) -> Callable[[], None]:
+    """Capture fn (already warmed up: compiled kernels, cuBLAS handles) in one CUDA graph."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def measure_ceilings(device: torch.device, args) -> dict:
+    """bf16 matmul rate (8192^3, random data) and device copy bandwidth (read + write)."""
+    if device.type != "cuda":
+        return {"matmul_tflops": float("nan"), "copy_gbps": float("nan")}
+    n = 8192
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    c = torch.empty(n, n, device=device, dtype=torch.bfloat16)
+    ms = bench_ms(lambda: torch.mm(a, b, out=c), device, args)
+    tflops = 2 * n ** 3 / (ms * 1e-3) / 1e12
+    del a, b, c
+    elems = (1 << 30) // 4
+    src = torch.randn(elems, device=device)
+    dst = torch.empty_like(src)
+    ms_copy = bench_ms(lambda: dst.copy_(src), device, args)
+    gbps = 2 * elems * 4 / (ms_copy * 1e-3) / 1e9
+    del src, dst
+    torch.cuda.empty_cache()
+    return {"matmul_tflops": tflops, "copy_gbps": gbps}
+
+
+# ----------------------------------------------------------------------------- problem
+@dataclass
+class Case:
+    d: int
+    hidden: int
+    steps: int
+    batch: int
+
+
+def work(case: Case, weight_bytes: int) -> tuple[float, float]:
+    """(FLOPs, minimum bytes) of one whole ascent."""
+    macs = case.hidden * case.d * case.d  # widths = d
+    flops = 2.0 * case.batch * 2 * macs * case.steps
+    weight_traffic = 2.0 * macs * weight_bytes * case.steps
+    state_traffic = case.batch * case.d * (4 + 4)
+    return flops, weight_traffic + state_traffic
+
+
+def make_head(ascent, d: int, widths: list[int], dtype: torch.dtype, device: torch.device,
+              gen: torch.Generator):
+    """Random MLPWeights like nn.Linear's init (uniform +-1/sqrt(fan_in)), never zeros."""
+    sizes = [d, *widths, 1]
+    weights, biases = [], []
+    for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
+        bound = 1.0 / math.sqrt(fan_in)
+        weights.append(((torch.rand(fan_out, fan_in, generator=gen) * 2 - 1) * bound).to(device, dtype))
+        biases.append(((torch.rand(fan_out, generator=gen) * 2 - 1) * bound).to(device, dtype))
+    return ascent.MLPWeights(weights, biases)
+
+
+def closed_form_step(weights, biases, states, u, alpha_col, steps_col, k):
+    """One closed-form step with the products in the weights' dtype (fp32 u and states)."""
+    dt = weights[0].dtype
+    h = (states + u).to(dt)
+    masks = []
+    for w, b in zip(weights[:-1], biases[:-1]):
+        z = torch.addmm(b, h, w.t())
+        masks.append(z > 0)
+        h = torch.relu(z)
+    g = masks[-1] * weights[-1]
+    for i in range(len(masks) - 1, 0, -1):
+        g = (g @ weights[i]) * masks[i - 1]
+    grad = (g @ weights[0]).float()
+    return u + alpha_col * (steps_col > k) * grad
+
+
+def closed_form_loop(step_fn, mlp, states, alpha, steps, ks):
+    u = torch.zeros_like(states)
+    alpha_col, steps_col = alpha.view(-1, 1), steps.view(-1, 1)
+    for k in ks:
+        u = step_fn(mlp.weights, mlp.biases, states, u, alpha_col, steps_col, k)
+    return u
+
+
+def autograd_head(mlp, device):
+    """The published loop's value model: an fp16 nn.Sequential (parameters require grad)."""
+    layers = []
+    for i, (w, b) in enumerate(zip(mlp.weights, mlp.biases)):
+        lin = torch.nn.Linear(w.shape[1], w.shape[0])
+        with torch.no_grad():
+            lin.weight.copy_(w.float())
+            lin.bias.copy_(b.float())
+        layers.append(lin)
+        if i < len(mlp.weights) - 1:
+            layers.append(torch.nn.ReLU())
+    return torch.nn.Sequential(*layers).to(device=device, dtype=torch.float16)
+
+
+def autograd_loop(head, states16, lr, epochs):
+    """As published: SGD on a copy of the state, loss = -V(x).sum(), backward, step."""
+    x = states16.detach().clone()
+    x.requires_grad = True
+    optimizer = torch.optim.SGD([x], lr=lr)
+    with torch.enable_grad():
+        for _ in range(epochs):
+            optimizer.zero_grad()
+            loss = -head(x).sum()
+            loss.backward()
+            optimizer.step()
+    return x.detach()
+
+
+# ----------------------------------------------------------------------------- benchmark
+_COMPILED: dict = {}
+
+
+def variant_dtype(name: str, args) -> str:
+    if name in VARIANT_DTYPE:
+        return VARIANT_DTYPE[name]
+    return args.torch_dtype if name.startswith("torch") else args.dtype
+
+
+def build_variant(name, ascent, va, heads, states, alpha, steps, n, device, args):
+    """A zero-argument callable running one whole ascent with variant ``name``.
+
+    ``heads`` maps "bf16"/"fp32" to the same head's MLPWeights in that dtype.
+    """
+    ks = list(torch.arange(n, device=device).unbind()) if n else []
+    mlp = heads["fp32" if name == "autograd-fp16" else variant_dtype(name, args)]
+    if name == "autograd-fp16":
+        head = autograd_head(mlp, device)
+        s16 = states.half()
+        return lambda: autograd_loop(head, s16, args.alpha, n)
+    if name in ("torch-eager", "torch-graph"):
+        if mlp.weights[0].dtype == torch.float32:
+            fn = lambda: ascent.ascend_float32(mlp, states, alpha, steps, n)  # noqa: E731
+        else:
+            fn = lambda: closed_form_loop(closed_form_step, mlp, states, alpha, steps, ks)  # noqa: E731
+        return cuda_graph(fn, device) if name == "torch-graph" else fn
+    if name == "torch-compile":
+        key = mlp.weights[0].dtype
+        if key not in _COMPILED:
+            for knob in ("cache_size_limit", "recompile_limit"):  # one entry per (d, L, B) shape
+                if hasattr(torch._dynamo.config, knob):
+                    setattr(torch._dynamo.config, knob, 256)
+            _COMPILED[key] = torch.compile(closed_form_step, dynamic=True)  # one compile per depth
+        step = _COMPILED[key]
+        return lambda: closed_form_loop(step, mlp, states, alpha, steps, ks)
+    if name in ("triton", "triton-graph", "triton-fp32-graph"):
+        fn = lambda: va.triton_ascend(mlp, states, alpha, steps, n)  # noqa: E731
+        return fn if name == "triton" else cuda_graph(fn, device)
+    raise ValueError(name)
+
+
+def run_benchmark(args, device, ascent, va, dump) -> dict:
+    ceilings = measure_ceilings(device, args)
+    print(f"ceilings: bf16 matmul {ceilings['matmul_tflops']:.0f} TFLOP/s, "
+          f"copy {ceilings['copy_gbps']:.0f} GB/s", flush=True)
+    gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    rows = []
+    for d in args.hidden_sizes:
+        for hidden in args.layers:
+            mlp32 = make_head(ascent, d, [d] * hidden, torch.float32, device, gen)
+            heads = {"fp32": mlp32, "bf16": ascent.MLPWeights(
+                [w.bfloat16() for w in mlp32.weights], [b.bfloat16() for b in mlp32.biases])}
+            for n in args.steps:
+                for batch in args.batch:
+                    case = Case(d, hidden, n, batch)
+                    states = torch.randn(batch, d, generator=gen).to(device)
+                    alpha = torch.full((batch,), args.alpha, device=device)
+                    steps = torch.full((batch,), n, device=device, dtype=torch.int64)
+                    flops, nbytes = work(case, 2 if args.dtype == "bf16" else 4)
+                    floor_ms = 1e3 * max(flops / (ceilings["matmul_tflops"] * 1e12),
+                                         nbytes / (ceilings["copy_gbps"] * 1e9))
+                    for name in args.variants:
+                        rows.append(time_variant(name, case, flops, nbytes, floor_ms, ascent, va,
+                                                 heads, states, alpha, steps, device, args))
+                        print(format_row(rows[-1]), flush=True)
+                        dump({"ceilings": ceilings, "rows": rows})  # survives a time limit
+                    if args.sweep and batch in (1, 16) and "triton-graph" in args.variants:
+                        rows.extend(sweep(case, flops, nbytes, floor_ms, va, heads[args.dtype],
+                                          states, alpha, steps, device, args))
+                        dump({"ceilings": ceilings, "rows": rows})
+            del heads, mlp32
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return {"ceilings": ceilings, "rows": rows}
+
+
+def time_variant(name, case, flops, nbytes, floor_ms, ascent, va, heads, states, alpha,
+                 steps, device, args, overrides=None, label=None) -> dict:
+    """Time one variant on one case; a failure becomes an 'error' row, not the end of the run."""
+    row = {**asdict(case), "variant": label or name, "weights": variant_dtype(name, args),
+           "floor_ms": floor_ms}
+    if device.type != "cuda" and (name.endswith("graph") or name == "torch-compile"):
+        return {**row, "error": "needs CUDA"}
+    try:
+        if overrides is not None:
+            mlp = heads
+            fn = lambda: va.triton_ascend(mlp, states, alpha, steps, case.steps,  # noqa: E731
+                                          plan_overrides=overrides)
+            fn()
+            fn = cuda_graph(fn, device)
+        else:
+            fn = build_variant(name, ascent, va, heads, states, alpha, steps, case.steps,
+                               device, args)
+        for _ in range(2):  # compile (Triton, inductor) and warm up outside the timed region
+            fn()
+        sync(device)
+        ms = bench_ms(fn, device, args)
+        del fn
+    except Exception as exc:  # one broken variant must not end the run
+        traceback.print_exc()
+        return {**row, "error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+    sec = ms * 1e-3
+    return {**row, "ms": ms, "tflops": flops / sec / 1e12, "gbps": nbytes / sec / 1e9,
+            "x_floor": ms / floor_ms if floor_ms > 0 else float("nan")}
+
+
+def sweep(case, flops, nbytes, floor_ms, va, mlp, states, alpha, steps, device, args) -> list:
+    """triton-graph under a few (block_n, split_k) overrides, applied to every product."""
+    out = []
+    for bn in (16, 32, 64):
+        for split in (1, 2, 4):
+            overrides = {"block_n": bn, "split_k": split}
+            label = f"triton-graph bn{bn} s{split}"
+            out.append(time_variant("triton-graph", case, flops, nbytes, floor_ms, None, va, mlp,
+                                    states, alpha, steps, device, args, overrides, label))
+            print(format_row(out[-1]), flush=True)
+    return out
+
+
+def format_row(r: dict) -> str:
+    head = (f"d={r['d']:5d} L={r['hidden']} steps={r['steps']:3d} B={r['batch']:3d} "
+            f"{r['variant']:24s} {r['weights']:4s}")
+    if "error" in r:
+        return f"{head} error: {r['error']}"
+    return (f"{head} {r['ms']:9.3f} ms {r['tflops']:7.1f} TFLOP/s {r['gbps']:7.0f} GB/s "
+            f"floor {r['floor_ms']:.3f} ms x{r['x_floor']:.2f}")
+
+
+def markdown_table(result: dict, device_name: str, args) -> str:
+    c = result["ceilings"]
+    lines = [f"# Ascent kernel benchmark ({device_name})", "",
+             f"Ceilings measured in this run: bf16 matmul {c['matmul_tflops']:.0f} TFLOP/s, "
+             f"device copy {c['copy_gbps']:.0f} GB/s. Median of do_bench (events, L2 flushed). "
+             f"Floor = max(FLOPs / matmul rate, bytes / copy bandwidth) with {args.dtype} weights "
+             "read once per forward and once per backward product every step; GB/s counts "
+             "those bytes.", "",
+             "| d | hidden layers | steps | B | variant | weights | ms | TFLOP/s | GB/s | floor ms | x floor |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['d']} | {r['hidden']} | {r['steps']} | {r['batch']} | {r['variant']} "
+                         f"| {r['weights']} | error: {r['error']} | | | {r['floor_ms']:.3f} | |")
+        else:
+            lines.append(f"| {r['d']} | {r['hidden']} | {r['steps']} | {r['batch']} | {r['variant']} "
+                         f"| {r['weights']} | {r['ms']:.3f} | {r['tflops']:.1f} | {r['gbps']:.0f} | "
+                         f"{r['floor_ms']:.3f} | {r['x_floor']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- check
+def _bf16(x):
+    return x.float().bfloat16().double()
+
+
+class _RoundOperand(torch.autograd.Function):
+    """bf16 rounding where the kernel's bf16 mode rounds (forward; gradient too if asked)."""
+
+    @staticmethod
+    def forward(ctx, x, round_grad):
+        ctx.round_grad = round_grad
+        return _bf16(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (_bf16(grad) if ctx.round_grad else grad), None
+
+
+def reference(mlp, states, alpha, steps, n, max_norm, emulate_bf16, margin):
+    """float64 autograd ascent; also the rows whose pre-activations stayed >= margin*RMS from 0."""
+    W = [w.double() for w in mlp.weights]
+    b = [x.double() for x in mlp.biases]
+    s, a = states.double(), alpha.double()
+    u = torch.zeros_like(s)
+    clean = torch.ones(s.shape[0], dtype=torch.bool, device=s.device)
+    for k in range(n):
+        moving = (steps > k) & (a != 0)
+        x = (s + u).detach().requires_grad_(True)
+        h = _RoundOperand.apply(x, False) if emulate_bf16 else x
+        for wi, bi in zip(W[:-1], b[:-1]):
+            z = h @ wi.T + bi
+            rms = z.detach().pow(2).mean(dim=1, keepdim=True).sqrt()
+            clean &= ~((z.detach().abs() < margin * rms).any(dim=1) & moving)
+            h = torch.relu(z)
+            if emulate_bf16:
+                h = _RoundOperand.apply(h, True)
+        (grad,) = torch.autograd.grad((h @ W[-1].T + b[-1]).sum(), x)
+        u = u + (a * (steps > k))[:, None] * grad
+        if max_norm is not None:
+            u = u * (max_norm / u.norm(dim=1, keepdim=True).clamp_min(1e-30)).clamp_max(1.0)
+    return u, clean
+
+
+def check_cases(device: torch.device) -> list[dict]:
+    """Odd sizes, 1-3 hidden layers, small and large batches, all precisions, split K, max_norm."""
+    if device.type != "cuda":  # interpreter smoke test: toy sizes only
+        return [dict(d=40, widths=[24, 17], rows=5, n=3, precision="ieee", wdtype="fp32"),
+                dict(d=40, widths=[24], rows=5, n=3, precision="bf16", wdtype="bf16",
+                     max_norm=0.3),
+                dict(d=40, widths=[24, 17, 20], rows=19, n=2, precision="ieee", wdtype="fp32",
+                     overrides={"split_k": 2, "block_k": 16})]
+    # Chosen to cover each code path once while keeping Triton's compile count (~100) low.
+    odd = dict(d=300, n=4)
+    w1, w2, w3 = [257], [257, 129], [257, 129, 200]
+    return [
+        dict(odd, widths=w1, rows=5, precision="ieee", wdtype="fp32"),
+        dict(odd, widths=w2, rows=5, precision="ieee", wdtype="fp32"),
+        dict(odd, widths=w3, rows=5, precision="ieee", wdtype="fp32"),
+        dict(odd, widths=w2, rows=1, precision="ieee", wdtype="fp32"),
+        dict(odd, widths=w2, rows=130, precision="ieee", wdtype="fp32"),
+        dict(odd, widths=w2, rows=5, precision="tf32", wdtype="fp32"),
+        dict(odd, widths=w2, rows=130, precision="tf32", wdtype="fp32"),
+        dict(odd, widths=w1, rows=5, precision="bf16", wdtype="bf16"),
+        dict(odd, widths=w2, rows=5, precision="bf16", wdtype="bf16"),
+        dict(odd, widths=w3, rows=5, precision="bf16", wdtype="bf16"),
+        dict(odd, widths=w3, rows=1, precision="bf16", wdtype="bf16"),
+        dict(odd, widths=w2, rows=37, precision="bf16", wdtype="bf16"),
+        dict(odd, widths=w2, rows=130, precision="bf16", wdtype="bf16"),
+        dict(odd, widths=w2, rows=5, precision="ieee", wdtype="bf16"),
+        dict(odd, widths=w2, rows=16, precision="ieee", wdtype="fp32", max_norm=0.05),
+        dict(odd, widths=w2, rows=16, precision="bf16", wdtype="bf16", max_norm=0.05),
+        dict(odd, widths=w2, rows=16, precision="ieee", wdtype="fp32", overrides={"split_k": 3}),
+        dict(odd, widths=w3, rows=16, precision="bf16", wdtype="bf16", max_norm=0.05,
+             overrides={"split_k": 2}),
+        dict(d=4096, widths=[4096, 4096], rows=16, n=5, precision="ieee", wdtype="fp32"),
+        dict(d=4096, widths=[4096, 4096], rows=16, n=5, precision="bf16", wdtype="bf16"),
+        dict(d=4096, widths=[4096], rows=256, n=3, precision="bf16", wdtype="bf16"),
+    ]
+
+
+# fp32 products vs float64: far under 1e-3 (METHOD). tf32: operands rounded to 10 bits, near
+# 3e-4 per product. bf16 vs the float64 reference with the same bf16 operand rounding: the same
+# function up to fp32 accumulation. Mask flips at kinks are excluded by the clean-row margin.
+TOLERANCE = {"ieee": 1e-4, "tf32": 3e-3, "bf16": 1e-3}
+MARGIN = {"ieee": 1e-5, "tf32": 3e-3, "bf16": 1e-3}
+LOOSE_TOLERANCE = 0.1  # when every row came near a kink: catches wrong math, not rounding
+
+
+def run_check(args, device, ascent, va, dump) -> dict:
+    results, failures = [], 0
+    seed0 = int.from_bytes(os.urandom(4), "little")
+    for i, c in enumerate(check_cases(device)):
+        seed = seed0 + i
+        gen = torch.Generator().manual_seed(seed)
+        wdtype = torch.bfloat16 if c["wdtype"] == "bf16" else torch.float32
+        mlp = make_head(ascent, c["d"], c["widths"], wdtype, device, gen)
+        # scale the weights up so that alpha ~ 1 moves states across some kinks
+        mlp = ascent.MLPWeights([(w.float() * 2).to(wdtype) for w in mlp.weights], mlp.biases)
+        rows, n = c["rows"], c["n"]
+        states = torch.randn(rows, c["d"], generator=gen).to(device)
+        if wdtype == torch.bfloat16:
+            states = states.bfloat16()
+        alpha = (0.5 + torch.rand(rows, generator=gen)).to(device)
+        steps = torch.randint(1, n + 1, (rows,), generator=gen).to(device)
+        if rows >= 3:
+            steps[0], alpha[1], steps[2] = 0, 0.0, n
+        max_norm = c.get("max_norm")
+        out = torch.full((rows, c["d"]), float("nan"), device=device)
+        kw = dict(precision=c["precision"], plan_overrides=c.get("overrides"))
+        u = va.triton_ascend(mlp, states, alpha, steps, n, max_norm, out=out, poison_scratch=True, **kw)
+        again = va.triton_ascend(mlp, states, alpha, steps, n, max_norm, poison_scratch=True, **kw)
+        sync(device)
+        emulate = c["precision"] == "bf16"
+        ref, clean = reference(mlp, states, alpha, steps, n, max_norm, emulate, MARGIN[c["precision"]])
+        pure, _ = reference(mlp, states, alpha, steps, n, max_norm, False, 0.0)
+        idle = (steps == 0) | (alpha == 0)
+        moving = ~idle
+        use = clean & moving
+        loose = int(use.sum()) == 0
+        if loose:  # every row touched a kink: compare all rows, loosely
+            use = moving
+        tol = LOOSE_TOLERANCE if loose else TOLERANCE[c["precision"]]
+        err = ((u[use].double() - ref[use]).norm() / ref[use].norm()).item()
+        err_pure = ((u[moving].double() - pure[moving]).norm() / pure[moving].norm()).item()
+        finite = bool(torch.isfinite(u).all())
+        idle_exact = bool(torch.equal(u[idle], torch.zeros_like(u[idle])))
+        deterministic = bool(torch.equal(u, again))
+        ok = finite and idle_exact and deterministic and err < tol
+        failures += not ok
+        row = {**{k: v for k, v in c.items() if k != "overrides"}, "overrides": str(c.get("overrides")),
+               "seed": seed, "rel_err": err, "tolerance": tol, "rows_compared": int(use.sum()),
+               "rel_err_vs_pure_fp64": err_pure, "finite": finite, "idle_rows_exact": idle_exact,
+               "deterministic": deterministic, "ok": ok}
+        results.append(row)
+        print(f"{'ok  ' if ok else 'FAIL'} d={c['d']} widths={c['widths']} B={rows} steps={n} "
+              f"{c['precision']}/{c['wdtype']} max_norm={max_norm} {c.get('overrides') or ''}: "
+              f"rel err {err:.2e} (tol {tol:.0e}, {int(use.sum())} rows) vs pure fp64 {err_pure:.2e}"
+              f"{'' if finite else ' NON-FINITE'}{'' if idle_exact else ' IDLE-ROW-MOVED'}"
+              f"{'' if deterministic else ' NONDETERMINISTIC'}", flush=True)
+        dump({"failures": failures, "cases": results, "complete": False})
+    print(f"check: {len(results) - failures} ok, {failures} failed (seed base {seed0})")
+    return {"failures": failures, "cases": results, "complete": True}
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    ascent, va = import_project()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("CUDA is not available (use --device cpu with TRITON_INTERPRET=1 for a smoke test)")
+        return 2
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        print("--device cpu needs TRITON_INTERPRET=1 in the environment")
+        return 2
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if device.type == "cpu" and not args.check:  # toy sizes for a smoke test of the script
+        args.hidden_sizes, args.steps, args.batch = [48], [2], [1, 3]
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    import triton
+    meta = {"device": device_name, "torch": torch.__version__, "triton": triton.__version__,
+            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
+    print(f"{device_name}; torch {torch.__version__}; triton {triton.__version__}", flush=True)
+
+    def dump(partial: dict) -> None:
+        """Write what there is so far, so that a run stopped by a time limit still reports."""
+        if args.json:
+            args.json.write_text(json.dumps({**meta, **partial}, indent=1, default=str))
+        if args.markdown and "rows" in partial:
+            args.markdown.write_text(markdown_table(partial, device_name, args))
+
+    if args.check:
+        result = run_check(args, device, ascent, va, dump)
+        status = 1 if result["failures"] else 0
+    else:
+        result = run_benchmark(args, device, ascent, va, dump)
+        print()
+        print(markdown_table(result, device_name, args))
+        status = 0
+    dump(result)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

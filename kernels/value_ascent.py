@@ -1,0 +1,612 @@
+"""Triton kernels for RE-Control's gradient ascent on a ReLU MLP value head.
+
+``triton_ascend`` computes exactly what ``vllm_recontrol.ascent.ascend_float32`` computes:
+u = 0, then ``num_iterations`` times u <- P(u + alpha_r [k < steps_r] grad_x V(s + u)), where P
+projects each row onto ||u|| <= max_norm when ``max_norm`` is given. For a ReLU MLP the
+gradient needs only the ReLU masks of one forward pass, so a step is a chain of 2L matrix
+products of the batch against the L hidden weight matrices (L forward, L backward).
+
+Design
+------
+* One generic GEMM kernel, ``C[M, N] = A[M, K] @ Wop[K, N]``, specialised at compile time by
+  where its left operand comes from (prologue) and what it does with its result (epilogue):
+
+  - forward layer 0: ``A = s + u`` built while loading (no x buffer), epilogue
+    ``act = relu(acc + b)``; the ReLU mask is ``act > 0`` and is never stored separately;
+  - forward layer i > 0: ``A = act[i-1]``, same epilogue;
+  - first backward product: ``A = w_out * (act[L-1] > 0)`` built while loading (the output
+    layer is folded in), epilogue ``g = acc * (act[i-1] > 0)``;
+  - last backward product (``Wop = W_0``): epilogue ``u += rate * acc`` with
+    ``rate = alpha_r * [k < steps_r]`` computed in-kernel from the step index passed as a
+    scalar, so the host never waits on the device inside the loop.
+
+  The same matrix is read with ``Wop[k, n] = W[n, k]`` going forward and ``W[k, n]`` going
+  backward; both are plain strided loads along W's contiguous rows, so neither direction
+  needs a transposed copy.
+* Small batches (B <= 64, the decode case): the work is reading the weights (a d = h = 4096
+  bf16 matrix is 32 MB per product, against 16 x 4096 x 4 bytes of states), so the kernel is a
+  weight-streaming GEMV. B is padded to one 16/32/64-row tile (16 is the smallest tensor-core
+  tile; masked rows cost no memory traffic), and the output dimension is cut into narrow
+  blocks so that there are at least as many programs as multiprocessors: 16-32 columns going
+  forward, where each W row is contiguous along K, and 32-64 columns going backward, where
+  64 bf16 columns are one 128-byte line per W row. Each program streams its slab of W once
+  with long contiguous loads (BLOCK_K 128-256 for B <= 16) through a 4-stage software pipeline
+  (36-72 KB in flight per program), enough to cover DRAM latency with one program per SM.
+  Where the output dimension is too narrow to give every multiprocessor a program (d = 2048
+  going backward, small widths), K is split: each split writes its partial sum to a scratch
+  buffer and a small reduce kernel adds the splits in split order and applies the epilogue.
+  These choices come from the shapes and from compile reports for sm_90 (every variant
+  software-pipelined, no register spills); they are not yet tuned by measurement:
+  ``plan_overrides`` and the benchmark's ``--sweep`` exist for that.
+* Large batches: the largest of 128x128, 128x64, 64x64 tiles (bf16/tf32; 64x64 down to 32x32
+  for fp32 "ieee") that still gives about a wave of programs, split K below half a wave;
+  there the products are bound by the tensor cores, not by the weight reads.
+* max_norm: the projection needs whole-row norms, which no single program sees. The last
+  backward epilogue writes each program's per-row partial sum of squares of the unprojected
+  u_raw to its own slot; the next step's first forward prologue and update epilogue (and a
+  final small kernel) sum those slots in a fixed order and apply
+  ``min(1, max_norm / ||u_raw||)`` on the fly. Two slot buffers alternate between steps so
+  that no launch reads what it writes.
+* Precision: products accumulate in fp32. ``precision="ieee"`` (default for fp32 weights,
+  matching ``ascend_float32``) multiplies fp32 operands exactly, on the CUDA cores: fine for
+  small batches, which are bound by the weight reads, but far below the tensor-core rate at
+  large batch, where "tf32" or bf16 weights are the fast choice. ``"tf32"`` uses tf32 tensor
+  cores; ``"bf16"`` (default for bf16 weights) rounds the left operand to bf16 (round to
+  nearest even) and uses bf16 tensor cores, the only way to approach the chip's matrix rate.
+  In bf16 mode the stored activations and backward products are bf16 too; u and its update
+  stay fp32. The gradient of a ReLU net depends on the activations only through the ReLU
+  masks, and a unit whose pre-activation lies within rounding distance of 0 may take the
+  other side, so reduced-precision results differ from the fp32 reference by more than the
+  operand rounding alone (up to several 1e-2 relative on tiny test heads; the GPU check
+  reports it at d = 4096).
+* Deterministic: no atomics; every element is produced by one program whose K loop runs in a
+  fixed order, split-K partials are added in split order, and the launch configuration is a
+  pure function of the shapes and the device (no autotuning), so the same input on the same
+  device gives the same bits.
+* ``TRITON_INTERPRET=1`` with CPU tensors runs the same kernels in Triton's interpreter (for
+  tests). The interpreter multiplies bf16 operands as raw integers and truncates fp32->bf16
+  casts, so there the kernel rounds with integer arithmetic and feeds the (bf16-valued) fp32
+  operands to the product; on the GPU the same rounding is the native round-to-nearest-even.
+  Triton reads TRITON_INTERPRET when a function is decorated (``@triton.jit``: this module's
+  kernels at import, Triton's own ``tl.zeros``/``tl.sum`` when triton is first imported), not
+  at launch.
+
+Limits: fewer than 2**31 elements per tensor (int32 indexing); 1 to 3 hidden layers.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Mapping
+
+import torch
+import triton
+import triton.language as tl
+
+try:  # triton >= 3.0
+    from triton.runtime.errors import OutOfResources
+except ImportError:  # pragma: no cover - older layouts
+    from triton.runtime.autotuner import OutOfResources  # type: ignore
+
+if TYPE_CHECKING:
+    from vllm_recontrol.ascent import MLPWeights
+
+Tensor = torch.Tensor
+
+MAX_HIDDEN_LAYERS = 3
+_SQ_CHUNK = 16  # partial squared norms summed per load in the deferred projection
+PRECISIONS = ("ieee", "tf32", "bf16")
+
+# Left-operand sources (prologues) and result uses (epilogues) of the GEMM kernel.
+PRO_STATE = tl.constexpr(0)    # A = s + scale * u_raw
+PRO_PLAIN = tl.constexpr(1)    # A = a stored activation or backward product
+PRO_OUTMASK = tl.constexpr(2)  # A = w_out * (act > 0)
+EPI_FWD = tl.constexpr(0)      # act = relu(acc + b)
+EPI_MID = tl.constexpr(1)      # g = acc * (act_prev > 0)
+EPI_UPDATE = tl.constexpr(2)   # u_raw = scale * u_raw + rate * acc (+ partial squared norms)
+EPI_PARTIAL = tl.constexpr(3)  # split-K: store the partial sum, a reduce kernel finishes
+
+
+# ----------------------------------------------------------------------------- device helpers
+@triton.jit
+def _round_bf16(x):
+    """fp32 -> nearest bf16 value (ties to even), returned as fp32.
+
+    Integer arithmetic because the interpreter's cast truncates; on the GPU this equals the
+    native cvt.rn. NaN stays NaN (the bit trick alone could turn it into inf).
+    """
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = bits + 0x7FFF + ((bits >> 16) & 1)
+    rounded = ((bits >> 16) << 16).to(tl.float32, bitcast=True)
+    return tl.where(x == x, rounded, x)
+
+
+@triton.jit
+def _not_first(offs_m, first):
+    """[BM] flag 'u_raw holds a previous step' (u is unwritten before the first step).
+
+    Built as a tensor: the interpreter mis-types a tensor mask combined with a scalar flag.
+    """
+    return (offs_m * 0 + first) == 0
+
+
+@triton.jit
+def _row_scale(sq_ptr, offs_m, M, n_sq, max_norm, first, SQ_CHUNK: tl.constexpr):
+    """min(1, max_norm / ||u_raw||) per row from the previous step's partial sums of squares.
+
+    The slots are summed in one fixed order (chunk by chunk), so the factor is reproducible,
+    and a chunk at a time keeps registers free for the main loop. Before the first step
+    (``first``) u is 0 and the factor is 1 (nothing is read: the slots are unwritten).
+    """
+    j = tl.arange(0, SQ_CHUNK)
+    live = (offs_m[:, None] < M) & _not_first(offs_m, first)[:, None]
+    total = tl.zeros_like(offs_m.to(tl.float32))
+    for j0 in range(0, n_sq, SQ_CHUNK):
+        ok = live & (j0 + j[None, :] < n_sq)
+        part = tl.load(sq_ptr + offs_m[:, None] * n_sq + j0 + j[None, :], mask=ok, other=0.0)
+        total += tl.sum(part, axis=1)
+    norm = tl.sqrt_rn(total)
+    return tl.minimum(tl.div_rn(max_norm + tl.zeros_like(norm), tl.maximum(norm, 1e-30)), 1.0)
+
+
+@triton.jit
+def _load_a(a_ptr, u_ptr, wout_ptr, offs_m, offs_k, M, K, scale, first,
+            PROLOGUE: tl.constexpr, DOT: tl.constexpr):
+    """One [BM, BK] fp32 tile of the left operand, built on the fly (see the prologues)."""
+    ok = (offs_m[:, None] < M) & (offs_k[None, :] < K)
+    idx = offs_m[:, None] * K + offs_k[None, :]
+    if PROLOGUE == PRO_STATE:
+        a = tl.load(a_ptr + idx, mask=ok, other=0.0).to(tl.float32)
+        u = tl.load(u_ptr + idx, mask=ok & _not_first(offs_m, first)[:, None], other=0.0)
+        a = a + scale[:, None] * u
+        if DOT == "bf16":
+            a = _round_bf16(a)
+    elif PROLOGUE == PRO_OUTMASK:
+        act = tl.load(a_ptr + idx, mask=ok, other=0.0).to(tl.float32)
+        w_out = tl.load(wout_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
+        a = tl.where(act > 0, w_out[None, :], 0.0)
+    else:
+        a = tl.load(a_ptr + idx, mask=ok, other=0.0).to(tl.float32)
+    return a
+
+
+@triton.jit
+def _load_w(w_ptr, offs_k, offs_n, K, N, stride_wk, stride_wn):
+    """One [BK, BN] tile of Wop; one of the two strides is 1 (W's rows are contiguous)."""
+    ok = (offs_k[:, None] < K) & (offs_n[None, :] < N)
+    return tl.load(w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
+                   mask=ok, other=0.0)
+
+
+@triton.jit
+def _mma(a, w, acc, DOT: tl.constexpr, INTERPRET: tl.constexpr):
+    """acc += a @ w in the chosen operand precision, fp32 accumulation."""
+    if DOT == "bf16":
+        if INTERPRET:  # operands already hold bf16 values; the interpreter can't multiply bf16
+            acc = tl.dot(a, w.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a.to(tl.bfloat16), w.to(tl.bfloat16), acc)
+    else:
+        acc = tl.dot(a, w.to(tl.float32), acc, input_precision=DOT)
+    return acc
+
+
+@triton.jit
+def _store_rounded(ptr, value, ok, ACT_BF16: tl.constexpr):
+    """Store an activation-like tile; in bf16 mode rounded to nearest even bf16."""
+    if ACT_BF16:
+        tl.store(ptr, _round_bf16(value).to(tl.bfloat16), mask=ok)
+    else:
+        tl.store(ptr, value, mask=ok)
+
+
+@triton.jit
+def _epilogue(acc, offs_m, offs_n, pid_n, M, N, out_ptr, bias_ptr, maskin_ptr,
+              alpha_ptr, steps_ptr, sq_in_ptr, sq_out_ptr, n_sq, max_norm, step, first,
+              EPILOGUE: tl.constexpr, PROJECT: tl.constexpr, ACT_BF16: tl.constexpr,
+              SQ_CHUNK: tl.constexpr):
+    """Finish a [BM, BN] tile of a complete product (see the epilogues in the module doc)."""
+    ok = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    idx = offs_m[:, None] * N + offs_n[None, :]
+    if EPILOGUE == EPI_FWD:
+        bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+        z = acc + bias[None, :]
+        act = tl.where((z > 0) | (z != z), z, 0.0)  # relu that keeps NaN, like clamp_min
+        _store_rounded(out_ptr + idx, act, ok, ACT_BF16)
+    elif EPILOGUE == EPI_MID:
+        prev = tl.load(maskin_ptr + idx, mask=ok, other=0.0).to(tl.float32)
+        _store_rounded(out_ptr + idx, acc * tl.where(prev > 0, 1.0, 0.0), ok, ACT_BF16)
+    else:
+        row_ok = offs_m < M
+        alpha = tl.load(alpha_ptr + offs_m, mask=row_ok, other=0.0)
+        n_steps = tl.load(steps_ptr + offs_m, mask=row_ok, other=0)
+        rate = tl.where(n_steps > step, alpha, 0.0)
+        u_old = tl.load(out_ptr + idx, mask=ok & _not_first(offs_m, first)[:, None], other=0.0)
+        if PROJECT:
+            u_old = u_old * _row_scale(sq_in_ptr, offs_m, M, n_sq, max_norm, first, SQ_CHUNK)[:, None]
+        # rows that are done (or have alpha 0) keep u bit for bit, even if acc is not finite
+        u_new = tl.where(rate[:, None] != 0, u_old + rate[:, None] * acc, u_old)
+        tl.store(out_ptr + idx, u_new, mask=ok)
+        if PROJECT:
+            sq = tl.sum(tl.where(ok, u_new * u_new, 0.0), axis=1)
+            tl.store(sq_out_ptr + offs_m * n_sq + pid_n, sq, mask=row_ok)
+
+
+# ----------------------------------------------------------------------------- kernels
+@triton.jit(do_not_specialize=["step", "first"])
+def _ascent_gemm_kernel(
+        a_ptr, u_ptr, wout_ptr, w_ptr, stride_wk, stride_wn,
+        out_ptr, bias_ptr, maskin_ptr, alpha_ptr, steps_ptr,
+        sq_in_ptr, sq_out_ptr, n_sq, max_norm, step, first,
+        M, N, K, k_split,
+        PROLOGUE: tl.constexpr, EPILOGUE: tl.constexpr, DOT: tl.constexpr,
+        INTERPRET: tl.constexpr, PROJECT: tl.constexpr, ACT_BF16: tl.constexpr,
+        SQ_CHUNK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """One product of the ascent step for a [BM, BN] tile and one K split (grid n, m, split)."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    scale = tl.full((BM,), 1.0, tl.float32)
+    if PROLOGUE == PRO_STATE:
+        if PROJECT:
+            scale = _row_scale(sq_in_ptr, offs_m, M, n_sq, max_norm, first, SQ_CHUNK)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    k_lo = pid_s * k_split
+    k_hi = tl.minimum(k_lo + k_split, K)
+    for k0 in range(k_lo, k_hi, BK):  # fixed order: the same bits every run
+        offs_k = k0 + tl.arange(0, BK)
+        a = _load_a(a_ptr, u_ptr, wout_ptr, offs_m, offs_k, M, K, scale, first, PROLOGUE, DOT)
+        w = _load_w(w_ptr, offs_k, offs_n, K, N, stride_wk, stride_wn)
+        acc = _mma(a, w, acc, DOT, INTERPRET)
+    if EPILOGUE == EPI_PARTIAL:
+        ok = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+        tl.store(out_ptr + pid_s * M * N + offs_m[:, None] * N + offs_n[None, :], acc, mask=ok)
+    else:
+        _epilogue(acc, offs_m, offs_n, pid_n, M, N, out_ptr, bias_ptr, maskin_ptr,
+                  alpha_ptr, steps_ptr, sq_in_ptr, sq_out_ptr, n_sq, max_norm, step, first,
+                  EPILOGUE, PROJECT, ACT_BF16, SQ_CHUNK)
+
+
+@triton.jit(do_not_specialize=["step", "first"])
+def _splitk_reduce_kernel(
+        part_ptr, n_split, out_ptr, bias_ptr, maskin_ptr, alpha_ptr, steps_ptr,
+        sq_in_ptr, sq_out_ptr, n_sq, max_norm, step, first, M, N,
+        EPILOGUE: tl.constexpr, PROJECT: tl.constexpr, ACT_BF16: tl.constexpr,
+        SQ_CHUNK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    """Add the K splits of a product in split order (deterministic) and apply its epilogue."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    ok = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    idx = offs_m[:, None] * N + offs_n[None, :]
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for s in range(0, n_split):
+        acc += tl.load(part_ptr + s * M * N + idx, mask=ok, other=0.0)
+    _epilogue(acc, offs_m, offs_n, pid_n, M, N, out_ptr, bias_ptr, maskin_ptr,
+              alpha_ptr, steps_ptr, sq_in_ptr, sq_out_ptr, n_sq, max_norm, step, first,
+              EPILOGUE, PROJECT, ACT_BF16, SQ_CHUNK)
+
+
+@triton.jit
+def _apply_scale_kernel(u_ptr, sq_ptr, n_sq, max_norm, M, N,
+                        SQ_CHUNK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    """u = min(1, max_norm / ||u_raw||) * u_raw after the last step (the deferred projection)."""
+    offs_m = tl.program_id(1) * BM + tl.arange(0, BM)
+    offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
+    ok = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    idx = offs_m[:, None] * N + offs_n[None, :]
+    scale = _row_scale(sq_ptr, offs_m, M, n_sq, max_norm, 0, SQ_CHUNK)
+    tl.store(u_ptr + idx, tl.load(u_ptr + idx, mask=ok, other=0.0) * scale[:, None], mask=ok)
+
+
+# ----------------------------------------------------------------------------- launch plans
+@dataclass(frozen=True)
+class GemmPlan:
+    """Tile shape, K split and launch options of one product (a pure function of the shapes)."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int
+    num_warps: int
+    num_stages: int
+
+    def k_split(self, K: int) -> int:
+        """K range per split, a multiple of block_k so that splits never share a tile."""
+        return triton.cdiv(triton.cdiv(K, self.split_k), self.block_k) * self.block_k
+
+    def splits(self, K: int) -> int:
+        """Number of non-empty K splits."""
+        return triton.cdiv(K, self.k_split(K))
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _device_programs(device: torch.device) -> int:
+    """Programs that fill the chip once (multiprocessor count); small under the interpreter."""
+    if device.type != "cuda":
+        return 4
+    return _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def plan_gemm(M: int, N: int, K: int, *, w_k_contiguous: bool, weight_bytes: int,
+              precision: str, n_programs: int, interpret: bool,
+              overrides: Mapping[str, int] | None = None) -> GemmPlan:
+    """Choose the tiles of one product C[M, N] = A[M, K] @ Wop[K, N].
+
+    Small M streams the weights (narrow N blocks, long K tiles, split K when the N blocks alone
+    do not give each multiprocessor a program); large M uses square tensor-core tiles.
+    ``overrides`` (block_m, block_n, block_k, split_k, num_warps, num_stages) replace the
+    heuristic's choice, for tests and tuning.
+    """
+    if interpret:  # tiny tiles: the interpreter's cost grows with the tile volume
+        bm, bn, bk, warps, stages, split = 16, 16, 32, 4, 1, 1
+    elif M <= 64:
+        bm = 16 if M <= 16 else (32 if M <= 32 else 64)
+        tiles_m = triton.cdiv(M, bm)
+        # Going forward W's rows run along K, so even 16-wide N blocks read long runs; going
+        # backward they run along N, and 64 bf16 columns are one 128-byte line per row.
+        choices = (32, 16) if w_k_contiguous else (64, 32)
+        bn = next((b for b in choices if tiles_m * triton.cdiv(N, b) >= n_programs), choices[-1])
+        bk = max(32, (512 // weight_bytes) * 16 // bm) if w_k_contiguous else max(32, 64 * 4 // weight_bytes)
+        bk = min(bk, max(32, triton.next_power_of_2(K)))
+        tiles = tiles_m * triton.cdiv(N, bn)
+        split = 1
+        if tiles * 4 < n_programs * 3:  # under 3/4 of a wave: split K, keep >= 2 tiles per split
+            split = max(1, min(triton.cdiv(n_programs, tiles), K // (2 * bk)))
+        warps, stages = 4, 4
+    else:
+        # Large batches: tensor-core tiles, the largest that still gives ~a wave of programs.
+        if precision == "ieee":  # CUDA-core products: smaller tiles keep registers in check
+            shapes, bk, warps, stages = ((64, 64), (32, 64), (32, 32)), 32, 4, 3
+        else:
+            shapes, bk, warps, stages = ((128, 128), (128, 64), (64, 64)), 64, 8, 3
+            bk = 64 if precision == "bf16" else 32
+        bm, bn = next(((m, n) for m, n in shapes
+                       if triton.cdiv(M, m) * triton.cdiv(N, n) * 4 >= n_programs * 3), shapes[-1])
+        tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
+        split = 1
+        if tiles * 2 < n_programs:
+            split = max(1, min(triton.cdiv(n_programs, tiles), K // (4 * bk)))
+    plan = dict(block_m=bm, block_n=bn, block_k=bk, split_k=split, num_warps=warps,
+                num_stages=stages)
+    if overrides:
+        unknown = set(overrides) - set(plan)
+        if unknown:
+            raise ValueError(f"unknown plan overrides {sorted(unknown)}; known: {sorted(plan)}")
+        plan.update({k: int(v) for k, v in overrides.items()})
+    return GemmPlan(**plan)
+
+
+# ----------------------------------------------------------------------------- host side
+@dataclass
+class _Product:
+    """One launch of the step: operands, plan and epilogue buffers."""
+
+    prologue: int
+    epilogue: int
+    a: Tensor
+    w: Tensor
+    stride_wk: int
+    stride_wn: int
+    out: Tensor
+    bias: Tensor
+    maskin: Tensor
+    M: int
+    N: int
+    K: int
+    plan: GemmPlan
+
+
+def _check_inputs(mlp: "MLPWeights", states: Tensor, alpha: Tensor, steps: Tensor,
+                  num_iterations: int, max_norm: float | None, precision: str | None) -> str:
+    """Validate shapes, dtypes and devices; return the operand precision to use."""
+    weights, biases = list(mlp.weights), list(mlp.biases)
+    hidden = len(weights) - 1
+    if not 1 <= hidden <= MAX_HIDDEN_LAYERS:
+        raise ValueError(f"triton_ascend supports value heads with 1 to {MAX_HIDDEN_LAYERS} "
+                         f"hidden layers, got {hidden} (len(weights) = {len(weights)})")
+    if len(biases) != len(weights):
+        raise ValueError(f"{len(weights)} weight matrices but {len(biases)} bias vectors")
+    fan_in = weights[0].shape[1]
+    for i, (w, b) in enumerate(zip(weights, biases)):
+        if w.dim() != 2 or w.shape[1] != fan_in or b.shape != (w.shape[0],):
+            raise ValueError(f"layer {i}: weight {list(w.shape)} / bias {list(b.shape)} do not "
+                             f"chain from width {fan_in}")
+        if not (w.is_floating_point() and b.is_floating_point()):
+            raise ValueError(f"layer {i}: weights must be floating point")
+        if w.device != states.device or b.device != states.device:
+            raise ValueError(f"layer {i} is on {w.device}, states on {states.device}")
+        fan_in = w.shape[0]
+    if fan_in != 1:
+        raise ValueError(f"the last layer must have one output, got {weights[-1].shape[0]}")
+    if states.dim() != 2 or states.shape[1] != weights[0].shape[1]:
+        raise ValueError(f"states must be [B, {weights[0].shape[1]}], got {list(states.shape)}")
+    if states.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"states must be float32, bfloat16 or float16, got {states.dtype}")
+    rows = states.shape[0]
+    if alpha.shape != (rows,) or steps.shape != (rows,):
+        raise ValueError(f"alpha {list(alpha.shape)} and steps {list(steps.shape)} must be [{rows}]")
+    if alpha.device != states.device or steps.device != states.device:
+        raise ValueError("alpha and steps must be on the states' device")
+    if steps.is_floating_point() or steps.is_complex():
+        raise ValueError(f"steps must be an integer tensor, got {steps.dtype}")
+    if num_iterations < 0:
+        raise ValueError(f"num_iterations must be >= 0, got {num_iterations}")
+    if max_norm is not None and not (max_norm > 0 and math.isfinite(max_norm)):
+        raise ValueError(f"max_norm must be a positive finite number, got {max_norm}")
+    if precision is None:
+        precision = "bf16" if weights[0].dtype == torch.bfloat16 else "ieee"
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "bf16" and any(w.dtype != torch.bfloat16 for w in weights):
+        raise ValueError("precision 'bf16' needs bfloat16 weight matrices")
+    _check_backend(states.device)
+    return precision
+
+
+def _check_backend(device: torch.device) -> None:
+    """Fail clearly where the kernels cannot run (CPU needs interpreted kernels)."""
+    if device.type == "cuda":
+        return
+    if device.type != "cpu":
+        raise ValueError(f"triton_ascend runs on CUDA devices (or CPU under TRITON_INTERPRET=1), "
+                         f"got {device}")
+    if type(_ascent_gemm_kernel).__name__ != "InterpretedFunction":
+        raise RuntimeError("CPU tensors need Triton's interpreter: set TRITON_INTERPRET=1 before "
+                           "vllm_recontrol.kernels.value_ascent is imported (Triton reads it at "
+                           "@triton.jit time)")
+
+
+def _plan_products(weights: list[Tensor], biases: list[Tensor], states: Tensor, u: Tensor,
+                   acts: list[Tensor], backs: list[Tensor], precision: str,
+                   overrides: Mapping[str, int] | None) -> list[_Product]:
+    """The 2L launches of one step, in order: forward layers 0..L-1, backward L-1..0."""
+    hidden = len(weights) - 1
+    rows = states.shape[0]
+    interpret = states.device.type == "cpu"
+    n_programs = _device_programs(states.device)
+
+    def plan(N: int, K: int, k_contig: bool, w: Tensor) -> GemmPlan:
+        return plan_gemm(rows, N, K, w_k_contiguous=k_contig, weight_bytes=w.element_size(),
+                         precision=precision, n_programs=n_programs, interpret=interpret,
+                         overrides=overrides)
+
+    products = []
+    for i in range(hidden):  # forward: Wop[k, n] = W_i[n, k]
+        w = weights[i]
+        n, k = w.shape
+        products.append(_Product(
+            PRO_STATE.value if i == 0 else PRO_PLAIN.value, EPI_FWD.value,
+            states if i == 0 else acts[i - 1], w, 1, w.stride(0), acts[i], biases[i], acts[i],
+            rows, n, k, plan(n, k, True, w)))
+    for i in range(hidden - 1, -1, -1):  # backward: Wop[k, n] = W_i[k, n]
+        w = weights[i]
+        k, n = w.shape
+        last = i == 0
+        products.append(_Product(
+            PRO_OUTMASK.value if i == hidden - 1 else PRO_PLAIN.value,
+            EPI_UPDATE.value if last else EPI_MID.value,
+            acts[hidden - 1] if i == hidden - 1 else backs[i], w, w.stride(0), 1,
+            u if last else backs[i - 1], biases[i], acts[i - 1] if not last else acts[0],
+            rows, n, k, plan(n, k, False, w)))
+    return products
+
+
+def _launch(p: _Product, ctx: dict, step: int) -> None:
+    """Launch one product (and its split-K reduce), retrying with fewer pipeline stages if the
+    chosen depth does not fit in shared memory."""
+    plan = p.plan
+    splits = plan.splits(p.K)
+    epilogue = EPI_PARTIAL.value if splits > 1 else p.epilogue
+    out = ctx["partial"] if splits > 1 else p.out
+    grid = (triton.cdiv(p.N, plan.block_n), triton.cdiv(p.M, plan.block_m), splits)
+    tail = dict(sq_in_ptr=ctx["sq_in"], sq_out_ptr=ctx["sq_out"], n_sq=ctx["n_sq"],
+                max_norm=ctx["max_norm"], step=step, first=int(step == 0))
+    flags = dict(PROJECT=ctx["project"], ACT_BF16=ctx["act_bf16"], SQ_CHUNK=_SQ_CHUNK)
+    fit_key = (plan, p.prologue, ctx["precision"], p.w.dtype, p.a.dtype)
+    stages = ctx["stages"].get(fit_key, plan.num_stages)
+    while True:
+        try:
+            _ascent_gemm_kernel[grid](
+                p.a, ctx["u"], ctx["w_out"], p.w, p.stride_wk, p.stride_wn,
+                out, p.bias, p.maskin, ctx["alpha"], ctx["steps"], **tail,
+                M=p.M, N=p.N, K=p.K, k_split=plan.k_split(p.K),
+                PROLOGUE=p.prologue, EPILOGUE=epilogue, DOT=ctx["precision"],
+                INTERPRET=ctx["interpret"], **flags,
+                BM=plan.block_m, BN=plan.block_n, BK=plan.block_k,
+                num_warps=plan.num_warps, num_stages=stages)
+            break
+        except OutOfResources:
+            if stages <= 1:
+                raise
+            stages -= 1
+            ctx["stages"][fit_key] = stages
+    if splits > 1:
+        _splitk_reduce_kernel[grid[:2]](
+            ctx["partial"], splits, p.out, p.bias, p.maskin, ctx["alpha"], ctx["steps"], **tail,
+            M=p.M, N=p.N, EPILOGUE=p.epilogue, **flags, BM=plan.block_m, BN=plan.block_n,
+            num_warps=4 if plan.block_m * plan.block_n <= 4096 else 8)
+
+
+# Pipeline depth that fits in shared memory, per launch shape, once a deeper one did not.
+_STAGES_THAT_FIT: dict[tuple, int] = {}
+
+
+def triton_ascend(
+    mlp: "MLPWeights",
+    states32: Tensor,
+    alpha: Tensor,
+    steps: Tensor,
+    num_iterations: int,
+    max_norm: float | None = None,
+    *,
+    precision: str | None = None,
+    out: Tensor | None = None,
+    plan_overrides: Mapping[str, int] | None = None,
+    poison_scratch: bool = False,
+) -> Tensor:
+    """Return u after ``num_iterations`` ascent steps; row r moves only while ``k < steps[r]``.
+
+    Same contract as ``ascend_float32``: ``states32`` is ``[B, d]`` (float32; bfloat16 and
+    float16 are converted inside), ``alpha`` ``[B]`` float, ``steps`` ``[B]`` integer, all on the
+    weights' device; ``max_norm`` projects u onto ||u|| <= max_norm after every step. Weights
+    may be float32 or bfloat16. Keyword-only extras: ``precision`` ("ieee", "tf32", "bf16";
+    default "bf16" for bf16 weights, else "ieee"), ``out`` (a float32 ``[B, d]`` buffer to
+    write u into), ``plan_overrides`` (see ``plan_gemm``) and ``poison_scratch`` (fill the
+    scratch buffers with NaN first, for tests). No host synchronisation; CUDA-graph safe once
+    the kernels are compiled.
+    """
+    precision = _check_inputs(mlp, states32, alpha, steps, num_iterations, max_norm, precision)
+    device, rows, dim = states32.device, states32.shape[0], states32.shape[1]
+    weights = [w.contiguous() for w in mlp.weights]
+    biases = [b.contiguous() for b in mlp.biases]
+    if out is None:
+        out = torch.empty(rows, dim, device=device, dtype=torch.float32)
+    elif out.shape != (rows, dim) or out.dtype != torch.float32 or not out.is_contiguous() \
+            or out.device != device:
+        raise ValueError(f"out must be a contiguous float32 [{rows}, {dim}] tensor on {device}")
+    if rows == 0:
+        return out
+    if num_iterations == 0:
+        return out.zero_()
+
+    act_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    widths = [w.shape[0] for w in weights[:-1]]
+    acts = [torch.empty(rows, h, device=device, dtype=act_dtype) for h in widths]
+    backs = [torch.empty(rows, h, device=device, dtype=act_dtype) for h in widths[:-1]]
+    products = _plan_products(weights, biases, states32.contiguous(), out, acts, backs,
+                              precision, plan_overrides)
+    update = products[-1]
+    n_sq = triton.cdiv(dim, update.plan.block_n)
+    partial_numel = max([p.plan.splits(p.K) * rows * p.N for p in products
+                         if p.plan.splits(p.K) > 1] + [1])
+    partial = torch.empty(partial_numel, device=device, dtype=torch.float32)
+    sq = torch.empty(2, rows, n_sq, device=device, dtype=torch.float32)
+    if poison_scratch:
+        for t in [*acts, *backs, partial, sq]:
+            t.fill_(float("nan"))
+
+    ctx = dict(u=out, w_out=weights[-1], alpha=alpha.to(torch.float32).contiguous(),
+               steps=steps.contiguous(), partial=partial, n_sq=n_sq,
+               max_norm=float(max_norm or 0.0),
+               project=max_norm is not None, act_bf16=precision == "bf16",
+               precision=precision, interpret=device.type == "cpu", stages=_STAGES_THAT_FIT)
+    for step in range(num_iterations):
+        ctx["sq_out"], ctx["sq_in"] = sq[step % 2], sq[(step + 1) % 2]
+        for p in products:
+            _launch(p, ctx, step)
+    if max_norm is not None:
+        bm, bn = 16, 64
+        grid = (triton.cdiv(dim, bn), triton.cdiv(rows, bm))
+        _apply_scale_kernel[grid](out, sq[(num_iterations - 1) % 2], n_sq, float(max_norm),
+                                  rows, dim, SQ_CHUNK=_SQ_CHUNK, BM=bm, BN=bn)
+    return out

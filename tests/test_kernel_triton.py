@@ -1,0 +1,306 @@
+"""The Triton ascent kernel against an independent float64 reference, in Triton's interpreter.
+
+How Triton (3.9) reads TRITON_INTERPRET: at decoration time. ``@triton.jit`` consults
+``triton.knobs.runtime.interpret`` (the environment) and returns an interpreted or a compiled
+function for good. That holds for Triton's own library too (``tl.zeros``, ``tl.sum``, ... are
+``@jit`` functions decorated when triton is first imported), so setting the variable after
+triton was imported does not help, even if the kernel module is re-imported. Hence: the
+variable is set at the very top, before anything here imports triton; if triton was already
+imported in compiled mode by an earlier test module, the in-process tests are skipped and one
+test runs this file again in a fresh interpreter with TRITON_INTERPRET=1 (its failures fail
+that test). The variable is restored when the module's tests end; note that once triton was
+imported under the interpreter, it stays so for the whole process.
+
+Inputs are fresh random draws every run; the seed is in every failure message, and
+RECONTROL_TEST_SEED=<n> replays one. Tolerances follow the device METHOD note: fp32 products
+land far under 1e-3 of the float64 reference (we ask 1e-4; seen: under 2e-7). The kernel's
+bf16 mode is compared with a float64 reference that rounds the same operands to bf16 (the
+mode's documented contract), within 1e-3 (seen: under 1e-7; truncating instead of rounding to
+nearest gives about 3e-3). The gradient of a ReLU net is
+piecewise constant, so a unit whose pre-activation is within rounding distance of 0 may take
+the other side in the kernel than in the reference and change that row's gradient by a
+large step; rows whose reference trajectory comes that close to a kink are left out of the
+norm comparison (they still must be finite), and draws are repeated until most rows count.
+"""
+
+from __future__ import annotations
+
+import os
+
+_PREVIOUS_INTERPRET = os.environ.get("TRITON_INTERPRET")
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere in this module
+
+import importlib  # noqa: E402
+import random  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+triton = pytest.importorskip("triton")
+
+# True when triton itself was first imported under the interpreter (see the module doc).
+IN_PROCESS = type(triton.language.standard.zeros).__name__ == "InterpretedFunction"
+in_process = pytest.mark.skipif(
+    not IN_PROCESS, reason="triton was imported before TRITON_INTERPRET=1; see test_in_subprocess")
+
+from vllm_recontrol.ascent import MLPWeights  # noqa: E402
+
+FP32_TOL = 1e-4          # fp32 products vs float64 (METHOD: far under 1e-3)
+BF16_EMULATED_TOL = 1e-3  # bf16 products vs float64 with the same bf16 operand rounding
+DIM, WIDTHS = 40, [24, 17, 20]  # not multiples of the 16/32-wide blocks
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _restore_interpret_variable():
+    yield
+    if _PREVIOUS_INTERPRET is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = _PREVIOUS_INTERPRET
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    """The kernel module with interpreted kernels (re-imported if an earlier import compiled
+    them while triton's own library is interpreted)."""
+    if not IN_PROCESS:
+        pytest.skip("triton was imported before TRITON_INTERPRET=1; see test_in_subprocess")
+    os.environ["TRITON_INTERPRET"] = "1"
+    import vllm_recontrol.kernels.value_ascent as va
+    if type(va._ascent_gemm_kernel).__name__ != "InterpretedFunction":
+        va = importlib.reload(va)
+    assert type(va._ascent_gemm_kernel).__name__ == "InterpretedFunction"
+    return va
+
+
+@pytest.fixture
+def seed():
+    return int(os.environ.get("RECONTROL_TEST_SEED", random.SystemRandom().randrange(2**31)))
+
+
+# ----------------------------------------------------------------------------- reference
+def _bf16(x: torch.Tensor) -> torch.Tensor:
+    """Round float64 values as the kernel does: to fp32, then to nearest-even bf16."""
+    return x.float().bfloat16().double()
+
+
+class _RoundOperand(torch.autograd.Function):
+    """Forward: round to bf16. Backward: pass the gradient, rounded too if ``round_grad``.
+
+    Models where the kernel's bf16 mode rounds: the first-layer operand s + u (its gradient,
+    the result, stays fp32), the stored activations and the stored backward products.
+    """
+
+    @staticmethod
+    def forward(ctx, x, round_grad):
+        ctx.round_grad = round_grad
+        return _bf16(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (_bf16(grad) if ctx.round_grad else grad), None
+
+
+def reference_ascent(weights, biases, states, alpha, steps, num_iterations, max_norm=None,
+                     emulate_bf16=False, margin=1e-4):
+    """u after the ascent in float64 by autograd, and the rows that never came near a kink.
+
+    A row is 'clean' when, at every step where it moves, every hidden pre-activation is at
+    least ``margin`` times that layer's RMS away from 0.
+    """
+    W = [w.double() for w in weights]
+    b = [x.double() for x in biases]
+    s, alpha, steps = states.double(), alpha.double(), steps.long()
+    u = torch.zeros_like(s)
+    clean = torch.ones(s.shape[0], dtype=torch.bool)
+    for k in range(num_iterations):
+        moving = (steps > k) & (alpha != 0)
+        x = (s + u).detach().requires_grad_(True)
+        h = _RoundOperand.apply(x, False) if emulate_bf16 else x
+        for Wi, bi in zip(W[:-1], b[:-1]):
+            z = h @ Wi.T + bi
+            rms = z.detach().pow(2).mean(dim=1, keepdim=True).sqrt()
+            near = (z.detach().abs() < margin * rms).any(dim=1)
+            clean &= ~(near & moving)
+            h = torch.relu(z)
+            if emulate_bf16:
+                h = _RoundOperand.apply(h, True)
+        value = (h @ W[-1].T + b[-1]).sum()
+        (grad,) = torch.autograd.grad(value, x)
+        u = u + (alpha * (steps > k))[:, None] * grad
+        if max_norm is not None:
+            norm = u.norm(dim=1, keepdim=True)
+            u = u * (max_norm / norm.clamp_min(1e-30)).clamp_max(1.0)
+    return u, clean
+
+
+# ----------------------------------------------------------------------------- inputs
+def _draw(seed, rows, widths, weight_dtype=torch.float32, state_dtype=torch.float32):
+    """A random head and batch: normal weights (variance 1/fan-in), some rows with steps 0 or
+    alpha 0, steps mixed below and at the iteration count."""
+    gen = torch.Generator().manual_seed(seed)
+    sizes = [DIM, *widths, 1]
+    weights = [(torch.randn(o, i, generator=gen) / i ** 0.5).to(weight_dtype)
+               for i, o in zip(sizes[:-1], sizes[1:])]
+    biases = [(0.3 * torch.randn(o, generator=gen)).to(weight_dtype) for o in sizes[1:]]
+    states = torch.randn(rows, DIM, generator=gen).to(state_dtype)
+    alpha = 0.5 + 1.5 * torch.rand(rows, generator=gen)
+    steps = torch.randint(1, 4, (rows,), generator=gen)
+    if rows >= 3:
+        steps[0] = 0      # never moves
+        alpha[1] = 0.0    # moves by nothing
+        steps[2] = 3      # runs to the end
+    return MLPWeights(weights, biases), states, alpha, steps
+
+
+def _draw_clean(seed, rows, widths, num_iterations, max_norm=None, emulate_bf16=False,
+                margin=1e-4, **dtypes):
+    """Draw until at least half of the moving rows (and at least one) are clean."""
+    for attempt in range(50):
+        mlp, states, alpha, steps = _draw(seed + attempt, rows, widths, **dtypes)
+        ref, clean = reference_ascent(mlp.weights, mlp.biases, states, alpha, steps,
+                                      num_iterations, max_norm, emulate_bf16, margin)
+        moving = (steps > 0) & (alpha != 0)
+        if (clean & moving).sum() >= max(1, int(moving.sum()) // 2):
+            return mlp, states, alpha, steps, ref, clean, seed + attempt
+    raise AssertionError(f"no well-conditioned draw from seed {seed}")
+
+
+def _run(kernels, mlp, states, alpha, steps, num_iterations, max_norm=None, **kwargs):
+    """The kernel with its output and scratch poisoned with NaN before the call."""
+    out = torch.full((states.shape[0], states.shape[1]), float("nan"))
+    u = kernels.triton_ascend(mlp, states, alpha, steps, num_iterations, max_norm, out=out,
+                              poison_scratch=True, **kwargs)
+    assert u is out
+    return u
+
+
+def _check(u, ref, clean, steps, alpha, tol, seed, what):
+    """Every element written and finite, idle rows exactly 0, clean rows within ``tol``."""
+    assert torch.isfinite(u).all(), f"{what}: non-finite or unwritten output (seed {seed})"
+    idle = (steps == 0) | (alpha == 0)
+    assert torch.equal(u[idle], torch.zeros_like(u[idle])), f"{what}: idle row moved (seed {seed})"
+    rows = clean & ~idle
+    err = ((u[rows].double() - ref[rows]).norm() / ref[rows].norm()).item()
+    assert err < tol, f"{what}: relative error {err:.3g} >= {tol} on {int(rows.sum())} rows (seed {seed})"
+
+
+# ----------------------------------------------------------------------------- tests
+@pytest.mark.parametrize("hidden", [1, 2, 3])
+def test_matches_float64_reference(kernels, seed, hidden):
+    mlp, states, alpha, steps, ref, clean, seed = _draw_clean(seed, 6, WIDTHS[:hidden], 3)
+    u = _run(kernels, mlp, states, alpha, steps, 3)
+    _check(u, ref, clean, steps, alpha, FP32_TOL, seed, f"fp32, {hidden} hidden")
+
+
+def test_batch_of_one_with_fp16_states(kernels, seed):
+    mlp, states, alpha, steps, ref, clean, seed = _draw_clean(seed, 1, WIDTHS[:2], 2,
+                                                              state_dtype=torch.float16)
+    u = _run(kernels, mlp, states, alpha, steps, 2)
+    _check(u, ref, clean, steps, alpha, FP32_TOL, seed, "B = 1, fp16 states")
+
+
+@pytest.mark.parametrize("hidden", [1, 2])
+def test_max_norm_projection(kernels, seed, hidden):
+    # a bound below most rows' unprojected norm, so that the projection acts on most steps
+    mlp, states, alpha, steps, free, _, seed = _draw_clean(seed, 6, WIDTHS[:hidden], 3)
+    max_norm = 0.5 * free.norm(dim=1).max().item()
+    ref, clean = reference_ascent(mlp.weights, mlp.biases, states, alpha, steps, 3, max_norm)
+    u = _run(kernels, mlp, states, alpha, steps, 3, max_norm)
+    _check(u, ref, clean, steps, alpha, FP32_TOL, seed, "max_norm")
+    assert (u.norm(dim=1) <= max_norm * (1 + 1e-5)).all(), f"norm above the bound (seed {seed})"
+
+
+def test_bf16_states_and_weights_with_fp32_products(kernels, seed):
+    mlp, states, alpha, steps, ref, clean, seed = _draw_clean(
+        seed, 5, WIDTHS[:2], 3, weight_dtype=torch.bfloat16, state_dtype=torch.bfloat16)
+    u = _run(kernels, mlp, states, alpha, steps, 3, precision="ieee")
+    _check(u, ref, clean, steps, alpha, FP32_TOL, seed, "bf16 inputs, fp32 products")
+
+
+@pytest.mark.parametrize("hidden", [1, 2, 3])
+def test_bf16_products_match_rounded_reference(kernels, seed, hidden):
+    # the default for bf16 weights; the reference rounds the same operands to bf16
+    mlp, states, alpha, steps, ref, clean, seed = _draw_clean(
+        seed, 5, WIDTHS[:hidden], 3, emulate_bf16=True, margin=2e-3,
+        weight_dtype=torch.bfloat16, state_dtype=torch.bfloat16)
+    u = _run(kernels, mlp, states, alpha, steps, 3)
+    _check(u, ref, clean, steps, alpha, BF16_EMULATED_TOL, seed, f"bf16 products, {hidden} hidden")
+
+
+@pytest.mark.parametrize("hidden,max_norm", [(2, None), (3, 0.5)])
+def test_split_k_and_multiple_row_tiles(kernels, seed, hidden, max_norm):
+    # K split in two (partials reduced by the second kernel) and 2 row tiles of 16
+    mlp, states, alpha, steps, ref, clean, seed = _draw_clean(seed, 19, WIDTHS[:hidden], 3,
+                                                              max_norm=max_norm)
+    u = _run(kernels, mlp, states, alpha, steps, 3, max_norm,
+             plan_overrides={"split_k": 2, "block_k": 16})
+    _check(u, ref, clean, steps, alpha, FP32_TOL, seed, f"split K, {hidden} hidden")
+
+
+def test_finished_rows_stop_and_results_are_deterministic(kernels, seed):
+    mlp, states, alpha, steps, *_ = _draw(seed, 6, WIDTHS[:2])
+    once = _run(kernels, mlp, states, alpha, steps, 1, plan_overrides={"split_k": 2, "block_k": 16})
+    thrice = _run(kernels, mlp, states, alpha, steps, 3, plan_overrides={"split_k": 2, "block_k": 16})
+    again = _run(kernels, mlp, states, alpha, steps, 3, plan_overrides={"split_k": 2, "block_k": 16})
+    assert torch.equal(thrice, again), f"two runs differ (seed {seed})"
+    done = steps <= 1
+    assert torch.equal(thrice[done], once[done]), f"a finished row kept moving (seed {seed})"
+
+
+def test_zero_iterations_and_empty_batch(kernels, seed):
+    mlp, states, alpha, steps, *_ = _draw(seed, 4, WIDTHS[:1])
+    assert torch.equal(_run(kernels, mlp, states, alpha, steps, 0), torch.zeros_like(states))
+    empty = kernels.triton_ascend(mlp, states[:0], alpha[:0], steps[:0], 3)
+    assert empty.shape == (0, DIM)
+
+
+@pytest.mark.parametrize("widths", [[], [24, 17, 20, 9]])
+def test_rejects_unsupported_depth(kernels, seed, widths):
+    mlp, states, alpha, steps, *_ = _draw(seed, 3, widths)
+    with pytest.raises(ValueError, match="1 to 3 hidden layers"):
+        kernels.triton_ascend(mlp, states, alpha, steps, 2)
+
+
+def test_rejects_bad_arguments(kernels, seed):
+    mlp, states, alpha, steps, *_ = _draw(seed, 3, WIDTHS[:1])
+    with pytest.raises(ValueError, match="bfloat16 weight"):
+        kernels.triton_ascend(mlp, states, alpha, steps, 2, precision="bf16")
+    with pytest.raises(ValueError, match="states must be"):
+        kernels.triton_ascend(mlp, states[:, :-1], alpha, steps, 2)
+    with pytest.raises(ValueError, match="max_norm"):
+        kernels.triton_ascend(mlp, states, alpha, steps, 2, max_norm=0.0)
+
+
+def test_small_batch_plans_fill_the_chip(kernels):
+    # pure host logic: the decode-size plans give every multiprocessor work, splits tile K
+    for M in (1, 8, 16, 32, 64):
+        for N, K in ((4096, 4096), (2048, 8192), (8192, 2048), (1024, 4096)):
+            for k_contig in (True, False):
+                plan = kernels.plan_gemm(M, N, K, w_k_contiguous=k_contig, weight_bytes=2,
+                                         precision="bf16", n_programs=132, interpret=False)
+                splits = plan.splits(K)
+                programs = -(-N // plan.block_n) * -(-M // plan.block_m) * splits
+                assert programs >= 0.75 * 132 or splits >= K // (2 * plan.block_k), plan
+                assert plan.k_split(K) % plan.block_k == 0 and splits * plan.k_split(K) >= K
+                assert (splits - 1) * plan.k_split(K) < K, plan
+
+
+@in_process
+def test_triton_available():
+    from vllm_recontrol.kernels import triton_available
+    assert triton_available("cpu")
+    assert not triton_available("meta")
+
+
+@pytest.mark.skipif(IN_PROCESS, reason="the tests above ran in this process")
+def test_in_subprocess():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                          "-o", "addopts=", "-k", "not test_in_subprocess", __file__], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, f"interpreted kernel tests failed:\n{run.stdout[-6000:]}{run.stderr[-2000:]}"
+    summary = run.stdout.strip().splitlines()[-1]
+    assert " passed" in summary and "skipped" not in summary, run.stdout[-2000:]
