@@ -11,11 +11,11 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from .backends import BACKENDS
 from .errors import ConfigError, RequestParamsError
 
 ADDITIONAL_CONFIG_KEY = "recontrol"
 MODEL_IMPL = "recontrol"
-BACKENDS = ("auto", "torch", "triton")
 
 # Paper defaults (HH-RLHF, Vicuna-7B): alpha 0.5, 30 steps. max_steps protects a server from
 # one request asking for an unbounded amount of work per token.

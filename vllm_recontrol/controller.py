@@ -11,7 +11,9 @@ import threading
 
 import torch
 
+from .backends import choose_backend
 from .config import UNCONTROLLED, EngineSettings, RowControl
+from .errors import ConfigError
 from .logs import get_logger
 from .value_head import ValueHead
 
@@ -120,6 +122,13 @@ class EditController:
         self.settings = settings
         self.rows = rows
         self._edits = 0
+        # Resolved once: a forced backend that cannot run fails at engine start, not mid-serve.
+        try:
+            self.backend = choose_backend(settings.backend, head.layers[0].weight.device,
+                                          len(head.widths))
+        except ValueError as exc:
+            raise ConfigError(f'additional_config["recontrol"]["backend"]: {exc}') from exc
+        logger.info("RE-Control ascent backend: %s", self.backend)
 
     def maybe_edit(self, hidden_states: torch.Tensor) -> torch.Tensor:
         plan = self.rows.take(hidden_states.shape[0])
@@ -127,7 +136,7 @@ class EditController:
             return hidden_states
         alpha, steps, max_steps = plan
         edited = self.head.ascend(hidden_states, alpha, steps, max_norm=self.settings.max_norm,
-                                  num_iterations=max_steps)
+                                  num_iterations=max_steps, backend=self.backend)
         self._edits += 1
         if self._edits % NONFINITE_REPORT_EVERY == 0:
             self.head.nonfinite_rows()

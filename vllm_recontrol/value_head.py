@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .ascent import AscentWorkspace, MLPWeights, as_row_tensor, ascend_float32
+from .backends import choose_backend
 from .errors import ValueHeadError
 from .logs import get_logger
 
@@ -93,12 +94,15 @@ class ValueHead(nn.Module):
         steps: int | torch.Tensor,
         max_norm: float | None = None,
         num_iterations: int | None = None,
+        backend: str = "auto",
     ) -> torch.Tensor:
         """RE-Control: u = 0; ``steps`` times u += alpha * grad V(s + u); return s + u.
 
         ``states`` is ``[B, d]`` in any float dtype; ``alpha``/``steps`` are scalars or per-row.
         Rows with ``steps == 0`` or ``alpha == 0``, and rows whose edit is not finite, come back
         bit-identical. ``num_iterations`` (>= max steps) spares a device sync when known.
+        ``backend``: "torch" (closed form), "triton" (fused kernel) or "auto" (Triton on CUDA;
+        the ``VLLM_RECONTROL_BACKEND`` environment variable can force either).
         """
         if states.dim() != 2 or states.shape[1] != self.hidden_size:
             raise ValueError(
@@ -116,8 +120,14 @@ class ValueHead(nn.Module):
         if rows == 0 or num_iterations <= 0:
             return states.clone()
         states32 = states.to(device=device, dtype=torch.float32)
-        u = ascend_float32(mlp, states32, alpha_rows, steps_rows, num_iterations, max_norm,
-                           workspace=self._workspace_for(mlp, rows))
+        if choose_backend(backend, device, len(self.widths)) == "triton":
+            from .kernels.value_ascent import triton_ascend
+
+            u = triton_ascend(mlp, states32, alpha_rows, steps_rows, num_iterations, max_norm,
+                              out=self._workspace_for(mlp, rows).u)
+        else:
+            u = ascend_float32(mlp, states32, alpha_rows, steps_rows, num_iterations, max_norm,
+                               workspace=self._workspace_for(mlp, rows))
         edited = (states32 + u).to(states.dtype)
         moved = (steps_rows > 0) & (alpha_rows != 0)
         finite = torch.isfinite(edited).all(dim=1)

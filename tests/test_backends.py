@@ -1,0 +1,83 @@
+"""Backend dispatch: torch is the reference and CPU path, Triton is chosen or forced clearly."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from vllm_recontrol import ValueHead
+from vllm_recontrol.backends import BACKEND_ENV, choose_backend
+
+
+def test_auto_is_torch_on_cpu(monkeypatch):
+    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    assert choose_backend("auto", "cpu", 2) == "torch"
+
+
+def test_explicit_choice_beats_the_environment(monkeypatch):
+    monkeypatch.setenv(BACKEND_ENV, "triton")
+    assert choose_backend("torch", "cpu", 2) == "torch"
+
+
+def test_forced_triton_that_cannot_run_fails_clearly(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="triton backend was requested but cannot run here"):
+        choose_backend("triton", "cpu", 2)
+    monkeypatch.setenv(BACKEND_ENV, "triton")
+    with pytest.raises(ValueError, match="cannot run here"):
+        choose_backend("auto", "cpu", 2)
+
+
+def test_triton_refuses_unsupported_depth(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(ValueError, match=r"4 hidden layer\(s\)"):
+        choose_backend("triton", "cpu", 4)
+
+
+def test_bad_environment_value(monkeypatch):
+    monkeypatch.setenv(BACKEND_ENV, "cuda-please")
+    with pytest.raises(ValueError, match=f"{BACKEND_ENV}='cuda-please' is not one of"):
+        choose_backend("auto", "cpu", 1)
+
+
+def test_engine_backend_error_is_a_config_error(tmp_path, monkeypatch):
+    from vllm_recontrol.config import EngineSettings
+    from vllm_recontrol.controller import EditController, RowControls
+    from vllm_recontrol.errors import ConfigError
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    settings = EngineSettings.from_additional_config(
+        {"recontrol": {"value_head": str(tmp_path), "backend": "triton"}})
+    with pytest.raises(ConfigError, match="backend"):
+        EditController(ValueHead(8, [8]), settings, RowControls())
+
+
+def test_value_head_ascend_runs_the_triton_kernel_when_forced():
+    """Both ways of forcing Triton (argument, environment) give the torch path's answer."""
+    script = textwrap.dedent("""
+        import os, torch
+        from vllm_recontrol import ValueHead
+        head = ValueHead(24, [20, 12], seed=3)
+        states = torch.randn(5, 24, dtype=torch.bfloat16)
+        alpha = torch.tensor([0.5, 0.0, 0.3, 0.2, 0.4])
+        steps = torch.tensor([3, 3, 0, 5, 1])
+        ref = head.ascend(states, alpha, steps, backend="torch")
+        forced = head.ascend(states, alpha, steps, backend="triton", max_norm=None)
+        os.environ["VLLM_RECONTROL_BACKEND"] = "triton"
+        by_env = head.ascend(states, alpha, steps)
+        for got in (forced, by_env):
+            assert got.dtype == torch.bfloat16
+            assert torch.equal(got[1:3], states[1:3])
+            torch.testing.assert_close(got.float(), ref.float(), rtol=1e-2, atol=1e-2)
+        print("ok")
+    """)
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    env.pop(BACKEND_ENV, None)
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
