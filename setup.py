@@ -22,7 +22,8 @@ setup(
     long_description=(ROOT / "README.md").read_text() if (ROOT / "README.md").exists() else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["vllm_recontrol", "vllm_recontrol.kernels"],
+    packages=["vllm_recontrol", "vllm_recontrol.training", "vllm_recontrol.evaluation",
+              "vllm_recontrol.kernels"],
     package_dir={"vllm_recontrol": "vllm_recontrol", "vllm_recontrol.kernels": "kernels"},
     install_requires=[
         "torch>=2.4",
@@ -33,7 +34,10 @@ setup(
     extras_require={
         "gpu": ["vllm==0.32.0", "triton"],
         "ray": ["ray>=2.9"],
-        "test": ["pytest>=8", "openai>=1.40", "tokenizers>=0.19", "ray>=2.9", "requests"],
+        "training": ["datasets>=2.19", "pyarrow>=14", "ray>=2.9"],
+        "eval": ["matplotlib>=3.7"],
+        "test": ["pytest>=8", "openai>=1.40", "tokenizers>=0.19", "ray>=2.9", "requests",
+                 "datasets>=2.19", "pyarrow>=14", "matplotlib>=3.7"],
     },
     entry_points={
         "vllm.general_plugins": ["recontrol = vllm_recontrol.plugin:register"],

@@ -6,6 +6,10 @@ import sys
 
 SUBCOMMANDS = {
     "demo": ("vllm_recontrol.demo", "controlled vs. uncontrolled generation on a tiny local model"),
+    "collect": ("vllm_recontrol.training.collector", "sample responses with vLLM and store their states"),
+    "label": ("vllm_recontrol.training.labeler", "score collected responses (reward model or function)"),
+    "train": ("vllm_recontrol.training.trainer", "train a value head on labelled states"),
+    "eval": ("vllm_recontrol.evaluation.evaluate", "RE-Control vs. base, Best-of-N and prompting"),
     "serve": (None, "vLLM's own `vllm serve` (also where the CPU wheel's `vllm` command fails)"),
 }
 

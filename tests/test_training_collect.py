@@ -1,0 +1,186 @@
+"""Prompt loading, the shard layout, and resumable collection (with fake engines, no vLLM)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from training_fakes import EOS, FakeEngines, fake_collect, fake_states, write_prompts
+from vllm_recontrol.training.collector import derive_seed
+from vllm_recontrol.training.common import DataError
+from vllm_recontrol.training.prompts import (extract_hh_prompt, hh_to_messages, load_prompts,
+                                             render_chat_prompt)
+from vllm_recontrol.training.shards import (load_states, read_manifest, read_rows,
+                                            read_shard_index)
+
+DIALOGUE = ("\n\nHuman: What is a cat?\n\nAssistant: A small animal.\n\nHuman: And a dog?"
+            "\n\nAssistant: A loyal animal.")
+
+
+# ----------------------------------------------------------------------------- prompts
+def test_hh_prompt_is_dialogue_up_to_last_assistant():
+    assert extract_hh_prompt(DIALOGUE) == ("\n\nHuman: What is a cat?\n\nAssistant: A small "
+                                           "animal.\n\nHuman: And a dog?\n\nAssistant:")
+    with pytest.raises(ValueError):
+        extract_hh_prompt("\n\nHuman: no answer turn")
+
+
+def test_hh_prompt_to_chat_messages():
+    prompt = extract_hh_prompt(DIALOGUE)
+    assert hh_to_messages(prompt) == [
+        {"role": "user", "content": "What is a cat?"},
+        {"role": "assistant", "content": "A small animal."},
+        {"role": "user", "content": "And a dog?"}]
+    assert hh_to_messages("just a question") is None
+
+
+def test_chat_template_rendering(tmp_path):
+    from vllm_recontrol.toy import build_tokenizer
+
+    tokenizer = build_tokenizer(tmp_path / "tok", ["the", "good", "user:", "assistant:"])
+    ids = render_chat_prompt(tokenizer, "the good")
+    assert tokenizer.decode(ids) == "user: the good assistant:"
+
+
+def _jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_local_jsonl_hh_rows_are_extracted(tmp_path):
+    path = _jsonl(tmp_path / "hh.jsonl", [{"chosen": DIALOGUE, "rejected": DIALOGUE + " no"}] * 3)
+    prompts = load_prompts(str(path))
+    assert prompts == [extract_hh_prompt(DIALOGUE)] * 3
+    assert load_prompts(str(path), prompt_column="chosen", prompt_format="plain") == [DIALOGUE] * 3
+    assert load_prompts(str(path), max_prompts=2) == [extract_hh_prompt(DIALOGUE)] * 2
+
+
+def test_datasets_folder_in_hh_format(tmp_path):
+    """The `datasets` path (as for Anthropic/hh-rlhf), from a local folder: no network."""
+    pytest.importorskip("datasets")
+    folder = tmp_path / "hh"
+    folder.mkdir()
+    _jsonl(folder / "train.jsonl", [{"chosen": DIALOGUE, "rejected": DIALOGUE}] * 2)
+    _jsonl(folder / "test.jsonl", [{"chosen": DIALOGUE.replace("dog", "cow"), "rejected": ""}])
+    assert load_prompts(str(folder), split="train") == [extract_hh_prompt(DIALOGUE)] * 2
+    assert load_prompts(str(folder), split="test")[0].endswith("And a cow?\n\nAssistant:")
+
+
+def test_parquet_prompts(tmp_path):
+    pytest.importorskip("pyarrow")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"prompt": ["a b", "c d"], "x": [1, 2]}), path)
+    assert load_prompts(str(path)) == ["a b", "c d"]
+    with pytest.raises(DataError, match=r"p\.parquet has no column 'text'.*'prompt', 'x'"):
+        load_prompts(str(path), prompt_column="text")
+
+
+def test_missing_column_and_empty_data_errors(tmp_path):
+    path = _jsonl(tmp_path / "q.jsonl", [{"question": "a"}, {"question": "b"}])
+    with pytest.raises(DataError) as info:
+        load_prompts(str(path))
+    assert str(path) in str(info.value) and "['question']" in str(info.value)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(DataError, match="empty"):
+        load_prompts(str(empty))
+    with pytest.raises(DataError, match="does not exist"):
+        load_prompts(str(tmp_path / "nope.jsonl"))
+
+
+# ----------------------------------------------------------------------------- collection
+def test_shards_hold_every_response_once_with_the_right_states(tmp_path):
+    data, engines, summary = fake_collect(tmp_path, count=20, shard_size=8)
+    manifest = read_manifest(data)
+    assert manifest["hidden_size"] == 8 and manifest["num_prompts"] == 20
+    assert [s["name"] for s in manifest["shards"]] == ["shard-00000", "shard-00001", "shard-00002"]
+    seen = []
+    for shard in manifest["shards"]:
+        rows = read_rows(data, shard["name"])
+        index = read_shard_index(data, shard["name"])
+        states = load_states(data, shard["name"])
+        assert states.dtype == torch.bfloat16 and states.shape[1] == 8
+        assert index.response_ids.tolist() == [r["response_id"] for r in rows]
+        for i, row in enumerate(rows):
+            assert row["seed"] == derive_seed(0, row["prompt_index"], 0)
+            ids, response = row["prompt_token_ids"], row["response_token_ids"]
+            # s_0 is the last prompt token's state, s_T the state that emitted the last token.
+            expected = fake_states(ids + response[:-1])[len(ids) - 1:]
+            got = states[index.offsets[i]:index.offsets[i + 1]]
+            assert got.shape[0] == len(response) == row["num_states"]
+            assert torch.equal(got, expected.to(torch.bfloat16))
+            assert (row["finish_reason"] == "stop") == (response[-1] == EOS)
+        seen += [r["prompt_index"] for r in rows]
+    assert seen == list(range(20))
+    assert engines.generate_calls == 3 and engines.states_calls == 3 and engines.closed
+    assert summary["responses"] == 20
+
+
+def _collection_bytes(data: Path) -> dict[str, bytes]:
+    """Every shard file's bytes (the manifests differ only in the tmp paths they record)."""
+    return {p.name: p.read_bytes() for p in sorted(data.iterdir())
+            if p.is_file() and p.name != "manifest.json"}
+
+
+@pytest.mark.parametrize("crash", ["generate", "states"])
+def test_killed_run_resumes_without_duplicates(tmp_path, crash):
+    reference = fake_collect(tmp_path / "ref", count=20, shard_size=8, samples_per_prompt=2)[0]
+    broken = tmp_path / "run"
+    broken.mkdir()
+    write_prompts(broken / "prompts.jsonl", 20)
+    failing = FakeEngines(**{f"fail_{crash}_call": 2})
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        fake_collect(broken, count=20, shard_size=8, samples_per_prompt=2, engines=failing)
+    data = broken / "data"
+    assert (data / "shard-00000.jsonl").is_file()  # the first shard survived the crash
+    assert not (data / "shard-00001.safetensors").exists()
+    (data / ".shard-00001.safetensors.abc.tmp").write_bytes(b"half a file")  # killed mid-write
+
+    resumed = FakeEngines()
+    fake_collect(broken, count=20, shard_size=8, samples_per_prompt=2, engines=resumed)
+    if crash == "generate":  # shard 0 was generated before the crash: only 1 and 2 are redone
+        assert resumed.generate_calls == 2 and len(resumed.generated) == 2 * 12
+        assert resumed.states_calls == 3
+    else:  # shard 0 was finished, shards 1 and 2 generated: only their states are computed
+        assert resumed.generate_calls == 0 and resumed.states_calls == 2
+    assert _collection_bytes(data) == _collection_bytes(reference)
+    ids = [r["response_id"] for s in ("shard-00000", "shard-00001", "shard-00002")
+           for r in read_rows(data, s)]
+    assert ids == list(range(40))
+
+    again = FakeEngines()  # a third run finds everything done
+    summary = fake_collect(broken, count=20, shard_size=8, samples_per_prompt=2, engines=again)[2]
+    assert again.generate_calls == again.states_calls == 0
+    assert summary["shards skipped (already done)"] == 3
+
+
+def test_rerun_with_other_settings_is_refused(tmp_path):
+    fake_collect(tmp_path, count=10, shard_size=4)
+    with pytest.raises(DataError, match="different collection.*sampling"):
+        fake_collect(tmp_path, count=10, shard_size=4, temperature=0.5)
+    # Engine arguments may change on a resume (e.g. another memory budget).
+    fake_collect(tmp_path, count=10, shard_size=4, engine_args={"gpu_memory_utilization": 0.5})
+    summary = fake_collect(tmp_path, count=10, shard_size=4, temperature=0.5, overwrite=True)[2]
+    assert summary["responses"] == 10 and read_manifest(tmp_path / "data")["sampling"][
+        "temperature"] == 0.5
+
+
+def test_seeds_do_not_depend_on_sharding(tmp_path):
+    a = fake_collect(tmp_path / "a", count=12, shard_size=5)[0]
+    b = fake_collect(tmp_path / "b", count=12, shard_size=12)[0]
+    rows_a = [r for s in ("shard-00000", "shard-00001", "shard-00002") for r in read_rows(a, s)]
+    rows_b = read_rows(b, "shard-00000")
+    assert rows_a == rows_b
+
+
+def test_collect_option_errors(tmp_path):
+    with pytest.raises(DataError, match="replicas > 1 needs ray"):
+        fake_collect(tmp_path, count=4, replicas=2)
+    with pytest.raises(Exception, match="unknown option"):
+        fake_collect(tmp_path, count=4, max_tokens=3)

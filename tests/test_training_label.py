@@ -1,0 +1,200 @@
+"""Labelling: reward functions (and their failures), cutting, and a tiny HF reward model."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import types
+
+import pytest
+import torch
+
+from training_fakes import fake_collect, good_reward
+from vllm_recontrol.training.common import DataError, RewardError
+from vllm_recontrol.training.labeler import label, labels_dir, read_shard_labels
+from vllm_recontrol.training.rewards import (RewardModelScorer, as_reward, cut_response,
+                                             load_reward_fn)
+from vllm_recontrol.training.shards import read_rows
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return fake_collect(tmp_path_factory.mktemp("label"), count=24, shard_size=8)[0]
+
+
+def _module(name: str, **functions) -> str:
+    module = types.ModuleType(name)
+    for key, value in functions.items():
+        setattr(module, key, value)
+    sys.modules[name] = module
+    return name
+
+
+def test_cut_at_hallucinated_turn():
+    assert cut_response("fine thanks\n\nHuman: and you?") == ("fine thanks", True)
+    assert cut_response("a User: b Human: c") == ("a", True)
+    assert cut_response("plain answer") == ("plain answer", False)
+
+
+def test_as_reward_accepts_numbers_only():
+    assert as_reward(1) == 1.0 and as_reward(0.5) == 0.5
+    assert as_reward(torch.tensor(2.0)) == 2.0
+    import numpy as np
+
+    assert as_reward(np.float32(0.25)) == 0.25
+    for bad in (True, "1.0", None, float("nan"), float("inf"), [1.0], torch.tensor([1.0, 2.0])):
+        assert as_reward(bad) is None, bad
+
+
+def test_reward_fn_labels_every_row(data):
+    summary = label(data=str(data), reward_fn="training_fakes:good_reward", progress=False)
+    assert summary["responses labelled"] == 24 and summary["shards labelled now"] == 3
+    for shard in ("shard-00000", "shard-00001", "shard-00002"):
+        rows = read_rows(data, shard)
+        labels = read_shard_labels(data, "reward", shard)
+        assert [l["response_id"] for l in labels] == [r["response_id"] for r in rows]
+        for row, lab in zip(rows, labels):
+            assert lab["reward"] == good_reward(row["prompt"], cut_response(row["response"])[0])
+    # A rerun skips finished shards; another source under the same name is refused.
+    again = label(data=str(data), reward_fn="training_fakes:good_reward", progress=False)
+    assert again["shards skipped (already labelled)"] == 3 and again["shards labelled now"] == 0
+    with pytest.raises(DataError, match="made differently"):
+        label(data=str(data), reward_fn=lambda p, r: 0.0, progress=False)
+    info = json.loads((labels_dir(data, "reward") / "info.json").read_text())
+    assert info["source"] == {"reward_fn": "training_fakes:good_reward"}
+
+
+def test_responses_are_cut_before_scoring(data):
+    seen = []
+
+    def spy(prompt, response):
+        seen.append(response)
+        return 0.0
+
+    first = read_rows(data, "shard-00000")[0]
+    rows_path = data / "shard-00000.jsonl"
+    original = rows_path.read_text()
+    try:  # a response that runs on into a made-up next turn
+        rows = [json.loads(line) for line in original.splitlines()]
+        rows[0]["response"] = first["response"] + " Human: more"
+        rows_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        label(data=str(data), reward_fn=spy, name="cutcheck", progress=False)
+    finally:
+        rows_path.write_text(original)
+    assert seen[0] == first["response"].rstrip()
+    labels = read_shard_labels(data, "cutcheck", "shard-00000")
+    assert labels[0]["cut"] is True and not any(l["cut"] for l in labels[1:])
+
+
+@pytest.mark.parametrize("returned, shown", [("high", "'high'"), (None, "None"),
+                                             (float("nan"), "nan"), (True, "True")])
+def test_reward_fn_returning_a_non_number_names_the_row(data, returned, shown):
+    rows = read_rows(data, "shard-00001")
+
+    def bad(prompt, response):
+        return returned if prompt == rows[3]["prompt"] and response == rows[3]["response"] else 1.0
+
+    with pytest.raises(RewardError) as info:
+        label(data=str(data), reward_fn=bad, name=f"bad{abs(hash(shown))}", progress=False)
+    message = str(info.value)
+    assert "shard-00001 row 3" in message and f"response_id {rows[3]['response_id']}" in message
+    assert shown in message and "not a finite number" in message
+    # Nothing of the failing shard was written; earlier shards keep their finished files.
+    folder = labels_dir(data, f"bad{abs(hash(shown))}")
+    assert (folder / "shard-00000.jsonl").is_file()
+    assert not (folder / "shard-00001.jsonl").exists()
+
+
+def test_reward_fn_that_raises_names_the_row_and_the_error(data):
+    def boom(prompt, response):
+        raise KeyError("no lexicon entry")
+
+    _module("recontrol_test_rewards", boom=boom)
+    with pytest.raises(RewardError, match=r"recontrol_test_rewards:boom raised KeyError: "
+                                          r"'no lexicon entry' on shard shard-00000 row 0"):
+        label(data=str(data), reward_fn="recontrol_test_rewards:boom", name="boom",
+              progress=False)
+
+
+def test_reward_fn_spec_errors():
+    with pytest.raises(RewardError, match="module:function"):
+        load_reward_fn("no_colon")
+    with pytest.raises(RewardError, match="cannot import"):
+        load_reward_fn("surely_not_a_module_xyz:f")
+    with pytest.raises(RewardError, match="no attribute"):
+        load_reward_fn("math:not_there")
+    with pytest.raises(RewardError, match="not callable"):
+        load_reward_fn("math:pi")
+    assert load_reward_fn("math:sqrt")(4.0) == 2.0
+
+
+def test_label_needs_exactly_one_source(data):
+    with pytest.raises(RewardError, match="exactly one"):
+        label(data=str(data), progress=False)
+
+
+# ----------------------------------------------------------------------------- reward model
+@pytest.fixture(scope="module")
+def tiny_rm(tmp_path_factory):
+    """A random LlamaForSequenceClassification with the toy word tokenizer (one output)."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from vllm_recontrol.toy import build_tokenizer
+    from training_fakes import WORDS
+
+    path = tmp_path_factory.mktemp("rm")
+    tokenizer = build_tokenizer(path, [w for w in WORDS if not w.startswith("<")] +
+                                ["user:", "assistant:"])
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                         num_labels=1, pad_token_id=tokenizer.pad_token_id,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    LlamaForSequenceClassification(config).save_pretrained(str(path))
+    return path
+
+
+def test_reward_model_batches_score_like_single_rows(tiny_rm):
+    pairs = [("good a b", "c"), ("bad a", "d e f a b c"), ("good", "a"), ("bad b c d", "e f"),
+             ("good a", "b c d e f a b")]
+    batched = RewardModelScorer(str(tiny_rm), batch_size=4).score(pairs)
+    single = RewardModelScorer(str(tiny_rm), batch_size=1).score(pairs)
+    assert len(set(round(s, 6) for s in single)) == len(pairs)  # really different inputs
+    for a, b in zip(batched, single):
+        assert math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-5)
+
+
+def test_reward_model_text_formats(tiny_rm):
+    scorer = RewardModelScorer(str(tiny_rm))
+    assert scorer.uses_chat_template  # the toy tokenizer has one
+    assert scorer.format("good a", "b")[0] == "user: good a assistant: b "
+    scorer.uses_chat_template = False
+    assert scorer.format("good a", "b") == ("\n\nHuman: good a\n\nAssistant: b", True)
+    hh = "\n\nHuman: hi\n\nAssistant:"
+    assert scorer.format(hh, "yo") == (hh + " yo", True)
+
+
+def test_label_with_reward_model(data, tiny_rm):
+    summary = label(data=str(data), reward_model=str(tiny_rm), name="rm", batch_size=3,
+                    progress=False)
+    assert summary["responses labelled"] == 24
+    rows = read_rows(data, "shard-00002")
+    labels = read_shard_labels(data, "rm", "shard-00002")
+    expected = RewardModelScorer(str(tiny_rm), batch_size=1).score(
+        [(r["prompt"], cut_response(r["response"])[0]) for r in rows])
+    for lab, value in zip(labels, expected):
+        assert math.isclose(lab["reward"], value, rel_tol=1e-5, abs_tol=1e-5)
+
+
+def test_label_cli_with_config_file(data, tmp_path, capsys):
+    from vllm_recontrol.cli import main
+
+    config = tmp_path / "label.json"
+    config.write_text(json.dumps({"data": str(data), "reward_fn": "training_fakes:good_reward",
+                                  "name": "from-config"}))
+    assert main(["label", "--config", str(config), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "| responses labelled" in out and "from-config" in out
+    assert main(["label", "--data", str(data)]) == 1  # no source: one clear error line
+    assert "error: label needs exactly one of" in capsys.readouterr().err

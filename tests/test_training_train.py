@@ -1,0 +1,177 @@
+"""Targets (Bellman, MC, TD(lambda)) by hand, and value-head training on fake collections."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from training_fakes import fake_collect
+from vllm_recontrol import ValueHead
+from vllm_recontrol.training.common import DataError
+from vllm_recontrol.training.labeler import label
+from vllm_recontrol.training.shards import manifest_sha256
+from vllm_recontrol.training.targets import (bootstrap_targets, lambda_returns, mc_targets,
+                                             terminal_flags, value_loss)
+from vllm_recontrol.training.trainer import pearson, train
+
+# Two responses back to back: 3 steps (rows 0-2) and 2 steps (rows 3-4), then a 1-step one.
+OFFSETS = torch.tensor([0, 3, 5, 6])
+REWARDS = torch.tensor([0.7, -0.2, 1.5])
+
+
+def _head_and_states():
+    head = ValueHead(4, [5], seed=3)
+    states = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
+    return head, states
+
+
+def test_terminal_index_is_the_last_valid_step():
+    assert terminal_flags(OFFSETS).tolist() == [False, False, True, False, True, True]
+    assert terminal_flags(torch.tensor([0, 1])).tolist() == [True]
+
+
+def test_bellman_targets_match_hand_computation_and_carry_no_gradient():
+    head, states = _head_and_states()
+    with torch.no_grad():
+        v = head(states)
+    rows = torch.arange(6)
+    state_rewards = torch.repeat_interleave(REWARDS, OFFSETS[1:] - OFFSETS[:-1])
+    targets = bootstrap_targets(head, states, rows, terminal_flags(OFFSETS), state_rewards)
+    expected = torch.stack([v[1], v[2], REWARDS[0], v[4], REWARDS[1], REWARDS[2]])
+    assert torch.allclose(targets, expected)
+    assert not targets.requires_grad
+
+    # The loss's gradient flows through V(s_t) only: equal to the loss with constant targets.
+    loss = value_loss(head, states, targets)
+    grads = torch.autograd.grad(loss, list(head.parameters()))
+    constants = expected.clone()
+    manual = ((head(states) - constants) ** 2).mean()
+    manual_grads = torch.autograd.grad(manual, list(head.parameters()))
+    for a, b in zip(grads, manual_grads):
+        assert torch.allclose(a, b)
+
+
+def test_shuffled_batch_uses_each_rows_own_successor():
+    head, states = _head_and_states()
+    with torch.no_grad():
+        v = head(states)
+    rows = torch.tensor([4, 0, 5, 3])  # terminal, first, last row of the window, non-terminal
+    state_rewards = torch.repeat_interleave(REWARDS, OFFSETS[1:] - OFFSETS[:-1])
+    targets = bootstrap_targets(head, states, rows, terminal_flags(OFFSETS), state_rewards)
+    assert torch.allclose(targets, torch.stack([REWARDS[1], v[1], REWARDS[2], v[4]]))
+
+
+def test_td_lambda_edge_cases():
+    head, states = _head_and_states()
+    with torch.no_grad():
+        v = head(states)
+    state_rewards = torch.repeat_interleave(REWARDS, OFFSETS[1:] - OFFSETS[:-1])
+    one_step = bootstrap_targets(head, states, torch.arange(6), terminal_flags(OFFSETS),
+                                 state_rewards)
+    assert torch.allclose(lambda_returns(v, OFFSETS, REWARDS, 0.0), one_step)
+    assert torch.allclose(lambda_returns(v, OFFSETS, REWARDS, 1.0), mc_targets(OFFSETS, REWARDS))
+    # lambda = 0.5 by hand: y_T = r, y_t = 0.5 V(s_{t+1}) + 0.5 y_{t+1}.
+    y2 = REWARDS[0]
+    y1 = 0.5 * v[2] + 0.5 * y2
+    y0 = 0.5 * v[1] + 0.5 * y1
+    expected = torch.stack([y0, y1, y2, 0.5 * v[4] + 0.5 * REWARDS[1], REWARDS[1], REWARDS[2]])
+    assert torch.allclose(lambda_returns(v, OFFSETS, REWARDS, 0.5), expected)
+    with pytest.raises(ValueError):
+        lambda_returns(v, OFFSETS, REWARDS, 1.5)
+
+
+def test_pearson():
+    assert pearson(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([2.0, 4.0, 6.5])) > 0.99
+    assert pearson(torch.ones(3), torch.tensor([1.0, 2.0, 3.0])) == 0.0
+
+
+# ----------------------------------------------------------------------------- training
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory):
+    data = fake_collect(tmp_path_factory.mktemp("train"), count=120, shard_size=16)[0]
+    label(data=str(data), reward_fn="training_fakes:good_reward", progress=False)
+    return data
+
+
+@pytest.mark.parametrize("target, sync", [("bellman", 1), ("bellman", 7), ("mc", 1),
+                                          ("td-lambda", 1)])
+def test_training_learns_a_predictable_reward(labelled, tmp_path, target, sync):
+    out = tmp_path / f"head-{target}"
+    summary = train(data=str(labelled), out=str(out), target=target, lr=3e-3, batch_size=32,
+                    epochs=40, widths=[16], shuffle_shards=2, device="cpu", progress=False,
+                    target_sync_steps=sync)
+    metrics = summary["metrics"]
+    assert metrics["pearson_s0"] > 0.9, metrics
+    assert metrics["mse_s0"] < 0.5 * metrics["trivial_mse_s0"], metrics
+    head = ValueHead.load(out, expected_hidden_size=8)
+    meta = head.metadata
+    assert head.widths == [16] and meta["target"] == target
+    assert meta["data"]["manifest_sha256"] == manifest_sha256(labelled)
+    assert meta["data"]["train_responses"] + meta["data"]["heldout_responses"] == 120
+    assert meta["metrics"]["split"] == "heldout" and meta["hidden_size"] == 8
+    assert meta["hyperparameters"]["lr"] == 3e-3 and meta["base_model"].endswith("fake-model")
+
+
+def test_early_stopping_and_training_is_deterministic(labelled, tmp_path):
+    common = dict(data=str(labelled), target="mc", lr=0.05, batch_size=16, epochs=60,
+                  patience=2, widths=[16], device="cpu", progress=False)
+    a = train(out=str(tmp_path / "a"), **common)["metrics"]
+    b = train(out=str(tmp_path / "b"), **common)["metrics"]
+    assert a == b
+    assert a["epochs_run"] < 60 and a["epochs_run"] - a["best_epoch"] == 2
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == \
+        (tmp_path / "b" / "model.safetensors").read_bytes()
+
+
+def test_init_head_with_another_hidden_size_is_refused(labelled, tmp_path):
+    ValueHead(16, [4], seed=0).save(tmp_path / "wide")
+    with pytest.raises(DataError, match="hidden size 16 but the states .* are 8 wide"):
+        train(data=str(labelled), out=str(tmp_path / "x"), init_head=str(tmp_path / "wide"),
+              epochs=1, progress=False)
+
+
+def test_unlabelled_incomplete_and_empty_data_are_refused(tmp_path):
+    data = fake_collect(tmp_path / "u", count=10, shard_size=4)[0]
+    with pytest.raises(DataError, match="not labelled"):
+        train(data=str(data), out=str(tmp_path / "h"), progress=False)
+    label(data=str(data), reward_fn="training_fakes:good_reward", progress=False)
+    (data / "shard-00001.safetensors").unlink()
+    with pytest.raises(DataError, match="1 of 3 shards are not collected"):
+        train(data=str(data), out=str(tmp_path / "h"), progress=False)
+    with pytest.raises(DataError, match="no manifest.json"):
+        train(data=str(tmp_path), out=str(tmp_path / "h"), progress=False)
+    with pytest.raises(DataError, match="does not exist"):
+        train(data=str(tmp_path / "nothing"), out=str(tmp_path / "h"), progress=False)
+    with pytest.raises(DataError, match="target must be one of"):
+        train(data=str(data), out=str(tmp_path / "h"), target="q", progress=False)
+
+
+def test_labels_that_do_not_match_the_shard_are_refused(labelled, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(labelled, copy)
+    path = copy / "labels" / "reward" / "shard-00002.jsonl"
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines[:-1]) + "\n")  # one reward lost
+    with pytest.raises(DataError, match="labels of shard shard-00002 .* do not match"):
+        train(data=str(copy), out=str(tmp_path / "h"), progress=False)
+
+
+def test_train_cli_config_file_and_flag_override(labelled, tmp_path, capsys):
+    from vllm_recontrol.cli import main
+
+    config = tmp_path / "train.json"
+    config.write_text(json.dumps({"data": str(labelled), "out": str(tmp_path / "cli-head"),
+                                  "target": "mc", "epochs": 5, "widths": [8],
+                                  "batch-size": 64}))
+    assert main(["train", "--config", str(config), "--epochs", "2", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "held-out Pearson V(s_0), r" in out
+    meta = ValueHead.load(tmp_path / "cli-head").metadata
+    assert meta["hyperparameters"]["epochs"] == 2 and meta["hyperparameters"]["batch_size"] == 64
+    config.write_text(json.dumps({"data": str(labelled), "out": "x", "epoch": 3}))
+    assert main(["train", "--config", str(config)]) == 1
+    assert "unknown option(s) ['epoch']" in capsys.readouterr().err

@@ -1,0 +1,385 @@
+"""``vllm-recontrol collect``: sample responses with vLLM and store the states s_0..s_T.
+
+Why this shape: collection is the expensive step (a 7B model over 160k prompts), so it must
+resume after a crash without redoing finished work, scale out over many engines, and give the
+same files however it was split. Hence fixed prompt ranges per shard, a per-request seed
+derived from (seed, prompt index, sample index) only, atomic shard files, and two phases
+(generate every pending shard, free the generator, then compute every pending shard's states).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from .common import (DataError, build_options, json_argument, parse_command_line,
+                     progress, run_main, sha256_bytes, summary_table)
+from .engines import Engines, GenerationRequest, VllmEngines
+from .prompts import PROMPT_FORMATS, load_prompts
+from .shards import (MANIFEST_FILE, STATE_DEFINITION, STATE_DTYPES, STATES_FORMAT,
+                     STATES_FORMAT_VERSION, ShardPlan, manifest_shards, plan_shards,
+                     read_manifest, read_rows, read_shard_index, shard_status,
+                     write_manifest, write_rows, write_states)
+
+
+@dataclass
+class CollectOptions:
+    """Options of ``collect`` (CLI flags are the same names with dashes).
+
+    Paper setting (arXiv 2406.05954): one sampled response per prompt, 128 new tokens.
+    Sample (temperature about 1): with greedy responses every training label of a prompt set
+    can be alike and the value head then learns nothing.
+    """
+
+    model: str
+    prompts: str
+    out: str
+    split: str = "train"
+    data_dir: str | None = None
+    prompt_column: str | None = None
+    prompt_format: str = "auto"
+    max_prompts: int | None = None
+    chat_template: bool = False
+    samples_per_prompt: int = 1
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    shard_size: int = 256
+    state_dtype: str = "bfloat16"
+    engine_args: dict[str, Any] = field(default_factory=dict)
+    pooling_engine_args: dict[str, Any] = field(default_factory=dict)
+    in_process: bool = False
+    ray: bool = False
+    replicas: int = 1
+    ray_address: str | None = None
+    ray_num_cpus: float = 1.0
+    ray_num_gpus: float = 0.0
+    overwrite: bool = False
+    progress: bool = True
+
+    def check(self) -> None:
+        if self.prompt_format not in PROMPT_FORMATS:
+            raise DataError(f"prompt_format must be one of {list(PROMPT_FORMATS)}")
+        if self.state_dtype not in STATE_DTYPES:
+            raise DataError(f"state_dtype must be one of {list(STATE_DTYPES)}, got "
+                            f"{self.state_dtype!r}")
+        for name in ("samples_per_prompt", "max_new_tokens", "shard_size", "replicas"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise DataError(f"{name} must be a positive integer, got {value!r}")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise DataError("temperature must be >= 0 and top_p in (0, 1]")
+        if not isinstance(self.engine_args, dict) or not isinstance(self.pooling_engine_args, dict):
+            raise DataError("engine_args and pooling_engine_args must be JSON objects")
+        if self.replicas > 1 and not self.ray:
+            raise DataError("replicas > 1 needs ray (--ray): one vLLM engine per Ray actor")
+
+    def sampling(self) -> dict[str, Any]:
+        return {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
+                "max_tokens": self.max_new_tokens}
+
+
+def derive_seed(seed: int, prompt_index: int, sample: int) -> int:
+    """Per-request seed from the base seed and the prompt's global index: shard-independent."""
+    digest = hashlib.sha256(f"recontrol/{seed}/{prompt_index}/{sample}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+# ----------------------------------------------------------------------------- the worker
+class CollectWorker:
+    """Generates and encodes whole shards; runs in this process or as a Ray actor."""
+
+    def __init__(self, out: str, manifest: dict[str, Any], engine_args: dict[str, Any],
+                 pooling_engine_args: dict[str, Any], in_process: bool,
+                 engines: Engines | None = None) -> None:
+        self.out = Path(out)
+        self.manifest = manifest
+        sampling = manifest["sampling"]
+        self.samples = int(sampling["samples_per_prompt"])
+        self.seed = int(sampling["seed"])
+        self.engines = engines or VllmEngines(
+            manifest["model"],
+            {"temperature": sampling["temperature"], "top_p": sampling["top_p"],
+             "top_k": sampling["top_k"], "max_tokens": sampling["max_new_tokens"]},
+            chat_template=manifest["chat_template"], engine_args=engine_args,
+            pooling_engine_args=pooling_engine_args, in_process=in_process, seed=self.seed)
+
+    def generate_shard(self, plan: ShardPlan, prompts: Sequence[str]) -> str:
+        """Sample the shard's responses and write its ``.jsonl`` rows (atomically)."""
+        requests, keys = [], []
+        for offset, prompt in enumerate(prompts):
+            index = plan.prompt_start + offset
+            for sample in range(self.samples):
+                requests.append(GenerationRequest(prompt, derive_seed(self.seed, index, sample)))
+                keys.append((index, sample, prompt))
+        generations = self.engines.generate(requests)
+        if len(generations) != len(requests):
+            raise RuntimeError(f"shard {plan.name}: {len(requests)} requests gave "
+                               f"{len(generations)} outputs")
+        rows = []
+        for (index, sample, prompt), request, gen in zip(keys, requests, generations):
+            if not gen.token_ids:
+                raise DataError(f"shard {plan.name}: prompt {index} sample {sample} produced no "
+                                f"token (max_new_tokens must be >= 1)")
+            rows.append({
+                "response_id": index * self.samples + sample, "prompt_index": index,
+                "sample": sample, "seed": request.seed, "prompt": prompt,
+                "response": gen.text, "prompt_token_ids": gen.prompt_token_ids,
+                "response_token_ids": gen.token_ids, "finish_reason": gen.finish_reason,
+                "num_states": len(gen.token_ids),
+            })
+        write_rows(self.out, plan.name, rows)
+        return plan.name
+
+    def release_generator(self) -> None:
+        self.engines.release_generator()
+
+    def states_shard(self, name: str) -> str:
+        """Compute s_0..s_T of every response of a generated shard; write its states file."""
+        rows = read_rows(self.out, name)
+        sequences = [r["prompt_token_ids"] + r["response_token_ids"][:-1] for r in rows]
+        full = self.engines.states(sequences)
+        states = []
+        for row, hidden in zip(rows, full):
+            start = len(row["prompt_token_ids"]) - 1  # s_0 sits on the last prompt token
+            piece = hidden[start:start + row["num_states"]]
+            if piece.shape[0] != row["num_states"]:
+                raise RuntimeError(f"shard {name}: response {row['response_id']} has "
+                                   f"{row['num_states']} tokens but the pooling engine "
+                                   f"returned {hidden.shape[0]} positions")
+            states.append(piece)
+        hidden_size = self.manifest.get("hidden_size")
+        if hidden_size is not None and states and states[0].shape[1] != hidden_size:
+            raise DataError(f"shard {name}: states are {states[0].shape[1]} wide, the manifest "
+                            f"says the model's hidden size is {hidden_size}")
+        write_states(self.out, name, states, [r["response_id"] for r in rows],
+                     [r["prompt_index"] for r in rows], self.manifest["state_dtype"])
+        return name
+
+    def close(self) -> None:
+        self.engines.close()
+
+
+# ----------------------------------------------------------------------------- the command
+def build_manifest(opts: CollectOptions, prompts: Sequence[str]) -> dict[str, Any]:
+    """Everything that determines the files, nothing that does not (no replicas, no times)."""
+    shards = plan_shards(len(prompts), opts.shard_size)
+    return {
+        "format": STATES_FORMAT,
+        "format_version": STATES_FORMAT_VERSION,
+        "model": opts.model,
+        "hidden_size": _hidden_size(opts.model),
+        "state_dtype": opts.state_dtype,
+        "state_definition": STATE_DEFINITION,
+        "prompts": {"source": opts.prompts, "split": opts.split, "data_dir": opts.data_dir,
+                    "prompt_column": opts.prompt_column, "prompt_format": opts.prompt_format,
+                    "max_prompts": opts.max_prompts, "count": len(prompts),
+                    "sha256": sha256_bytes("\x00".join(prompts).encode())},
+        "chat_template": opts.chat_template,
+        "sampling": {"samples_per_prompt": opts.samples_per_prompt,
+                     "max_new_tokens": opts.max_new_tokens, "temperature": opts.temperature,
+                     "top_p": opts.top_p, "top_k": opts.top_k, "seed": opts.seed},
+        "engine_args": opts.engine_args,
+        "pooling_engine_args": opts.pooling_engine_args,
+        "shard_size": opts.shard_size,
+        "num_prompts": len(prompts),
+        "num_responses": len(prompts) * opts.samples_per_prompt,
+        "shards": [asdict(s) for s in shards],
+    }
+
+
+def _hidden_size(model: str) -> int | None:
+    """The model's hidden size from its config (None when transformers cannot tell)."""
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(model)
+    except Exception:  # the pooling engine's output still fixes the width in each shard
+        return None
+    for candidate in (config, getattr(config, "text_config", None)):
+        size = getattr(candidate, "hidden_size", None)
+        if isinstance(size, int):
+            return size
+    return None
+
+
+# Engine arguments are recorded (those of the first run) but may change on a resume, e.g. a
+# different memory budget; everything else in the manifest must match.
+RESUME_IGNORED = ("engine_args", "pooling_engine_args")
+
+
+def _prepare_out(opts: CollectOptions, manifest: dict[str, Any]) -> Path:
+    out = Path(opts.out)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out} exists and is not a folder")
+    if (out / MANIFEST_FILE).exists():
+        if opts.overwrite:
+            _remove_collection(out)
+        else:
+            old = read_manifest(out)
+            differ = sorted(k for k in set(old) | set(manifest)
+                            if k not in RESUME_IGNORED and old.get(k) != manifest.get(k))
+            if differ:
+                raise DataError(f"{out} holds a different collection (differs in {differ}); "
+                                f"use a new --out, or --overwrite to delete it")
+            _remove_stale_temporaries(out)
+            return out
+    elif out.is_dir() and any(out.iterdir()):
+        raise DataError(f"--out {out} is a non-empty folder without {MANIFEST_FILE}; refusing "
+                        f"to write into it")
+    out.mkdir(parents=True, exist_ok=True)
+    write_manifest(out, manifest)
+    return out
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    """Half-written files of a killed run (never renamed into place, so never read)."""
+    for path in out.glob(".shard-*.tmp"):
+        path.unlink(missing_ok=True)
+
+
+def _remove_collection(out: Path) -> None:
+    _remove_stale_temporaries(out)
+    for pattern in ("shard-*.jsonl", "shard-*.safetensors", MANIFEST_FILE):
+        for path in out.glob(pattern):
+            path.unlink()
+    shutil.rmtree(out / "labels", ignore_errors=True)
+
+
+def collect(*, engines: Engines | None = None, **options: Any) -> dict[str, Any]:
+    """Collect responses and states; see :class:`CollectOptions` for the options.
+
+    Returns the summary (also printed as a table). ``engines`` replaces vLLM (tests only).
+    """
+    opts = build_options(CollectOptions, options, "collect")
+    opts.check()
+    started = time.perf_counter()
+    prompts = load_prompts(opts.prompts, opts.split, opts.prompt_column, opts.prompt_format,
+                           opts.data_dir, opts.max_prompts)
+    manifest = build_manifest(opts, prompts)
+    out = _prepare_out(opts, manifest)
+    plans = manifest_shards(manifest)
+    status = {p.name: shard_status(out, p.name) for p in plans}
+    to_generate = [p for p in plans if status[p.name] == "pending"]
+    to_encode = [p for p in plans if status[p.name] != "done"]
+    already = len(plans) - len(to_encode)
+    if to_encode:
+        if opts.ray:
+            from .ray_collect import run_with_ray
+
+            run_with_ray(opts, manifest, prompts, to_generate, to_encode)
+        else:
+            worker = CollectWorker(str(out), manifest, opts.engine_args,
+                                   opts.pooling_engine_args, opts.in_process, engines=engines)
+            try:
+                run_phases(worker_calls(worker), prompts, to_generate, to_encode, opts.progress)
+            finally:
+                worker.close()
+    summary = summarize(out, manifest, already, time.perf_counter() - started)
+    print(summary_table(f"vllm-recontrol collect -> {out}", list(summary.items())), flush=True)
+    return summary
+
+
+def worker_calls(worker: CollectWorker):
+    """Adapt an in-process worker to run_phases' (generate, release, encode) callables."""
+    return worker.generate_shard, worker.release_generator, worker.states_shard
+
+
+def run_phases(calls: tuple[Callable, Callable, Callable], prompts: Sequence[str],
+               to_generate: Sequence[ShardPlan], to_encode: Sequence[ShardPlan],
+               show_progress: bool = True) -> None:
+    """Phase 1: responses of every pending shard; then free the generator; phase 2: states."""
+    generate, release, encode = calls
+    for plan in progress(to_generate, desc="collect: generate", unit="shard",
+                         disable=not show_progress or not to_generate):
+        generate(plan, prompts[plan.prompt_start:plan.prompt_end])
+    release()
+    for plan in progress(to_encode, desc="collect: states", unit="shard",
+                         disable=not show_progress or not to_encode):
+        encode(plan.name)
+
+
+def summarize(out: Path, manifest: dict[str, Any], skipped: int, seconds: float) -> dict[str, Any]:
+    """Counts from the files themselves (one shard's rows in memory at a time)."""
+    plans = manifest_shards(manifest)
+    responses = states = eos = 0
+    done = 0
+    for plan in plans:
+        if shard_status(out, plan.name) != "done":
+            continue
+        done += 1
+        index = read_shard_index(out, plan.name)
+        responses += index.num_responses
+        states += index.num_states
+        eos += sum(r["finish_reason"] == "stop" for r in read_rows(out, plan.name))
+    size = sum(p.stat().st_size for p in out.glob("shard-*"))
+    return {
+        "model": manifest["model"],
+        "prompts": manifest["num_prompts"],
+        "samples per prompt": manifest["sampling"]["samples_per_prompt"],
+        "shards done / planned": f"{done} / {len(plans)}",
+        "shards skipped (already done)": skipped,
+        "responses": responses,
+        "states (s_0..s_T)": states,
+        "mean states per response": states / responses if responses else 0.0,
+        "responses ended by EOS": eos,
+        "hidden size": manifest["hidden_size"],
+        "state dtype": manifest["state_dtype"],
+        "disk (MB)": round(size / 1e6, 3),
+        "wall time (s)": round(seconds, 1),
+    }
+
+
+# ----------------------------------------------------------------------------- CLI
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="vllm-recontrol collect",
+        description="Sample responses with vLLM and store the post-norm states s_0..s_T of "
+                    "every response step, in resumable safetensors shards.")
+    parser.add_argument("--model", help="model name or folder (as for vllm.LLM)")
+    parser.add_argument("--prompts", help="JSONL/Parquet file with a prompt column, a data "
+                        "folder, or a datasets name such as Anthropic/hh-rlhf")
+    parser.add_argument("--out", help="output folder (created; a rerun resumes it)")
+    parser.add_argument("--split", help="data set split (default train)")
+    parser.add_argument("--data-dir", help="datasets data_dir (e.g. harmless-base)")
+    parser.add_argument("--prompt-column", help="column with prompts (default prompt, or chosen)")
+    parser.add_argument("--prompt-format", choices=PROMPT_FORMATS,
+                        help="hh-rlhf: keep the dialogue up to its last 'Assistant:' (auto: for "
+                             "chosen/rejected columns)")
+    parser.add_argument("--max-prompts", type=int, help="use only the first N prompts")
+    parser.add_argument("--chat-template", action="store_true",
+                        help="wrap prompts in the model's chat template")
+    parser.add_argument("--samples-per-prompt", type=int, help="responses per prompt (paper: 1)")
+    parser.add_argument("--max-new-tokens", type=int, help="new tokens per response (paper: 128)")
+    parser.add_argument("--temperature", type=float, help="sampling temperature (default 1.0)")
+    parser.add_argument("--top-p", type=float)
+    parser.add_argument("--top-k", type=int, help="0 = off")
+    parser.add_argument("--seed", type=int, help="base seed; per-request seeds derive from it")
+    parser.add_argument("--shard-size", type=int, help="prompts per shard (default 256)")
+    parser.add_argument("--state-dtype", choices=sorted(STATE_DTYPES))
+    parser.add_argument("--engine-args", type=json_argument,
+                        help='JSON keyword arguments for both vllm.LLM engines, e.g. '
+                             '\'{"dtype": "bfloat16", "max_model_len": 2048}\'')
+    parser.add_argument("--pooling-engine-args", type=json_argument,
+                        help="JSON overrides for the pooling (states) engine only")
+    parser.add_argument("--in-process", action="store_true",
+                        help="run the vLLM engine core inside this process: ~2 s instead of "
+                             "~30 s per engine start on a small CPU; on a GPU keep the default "
+                             "(a separate engine process frees all its memory on shutdown)")
+    parser.add_argument("--ray", action="store_true", help="spread shards over Ray actors")
+    parser.add_argument("--replicas", type=int, help="vLLM engines (Ray actors) with --ray")
+    parser.add_argument("--ray-address", help="Ray cluster address (default: local)")
+    parser.add_argument("--ray-num-cpus", type=float, help="CPUs per actor (default 1)")
+    parser.add_argument("--ray-num-gpus", type=float, help="GPUs per actor (0 on CPU, 1 on GPU)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="delete an existing, different collection in --out")
+    parser.add_argument("--no-progress", dest="progress", action="store_false")
+    options = parse_command_line(parser, argv, required=("model", "prompts", "out"))
+    return run_main(collect, options)

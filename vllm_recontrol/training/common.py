@@ -1,0 +1,201 @@
+"""Helpers shared by collect, label and train: errors, atomic files, config files, tables.
+
+Why atomic files: every command is resumable, and "a file exists" must mean "the file is
+complete". Each file is written to a temporary name in the same folder, flushed, then renamed
+(``os.replace`` is atomic on one file system), so a killed run leaves either the old state or
+the new file, never half a file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+from ..errors import RecontrolError
+
+
+class DataError(RecontrolError):
+    """Bad training input: a missing column, an empty data set, unlabelled or mismatched data."""
+
+
+class RewardError(RecontrolError):
+    """A reward function or reward model failed or returned something that is not a number."""
+
+
+# ----------------------------------------------------------------------------- files
+@contextlib.contextmanager
+def atomic_path(final: str | Path) -> Iterator[Path]:
+    """Yield a temporary path next to ``final``; rename it onto ``final`` if the block succeeds."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.chmod(tmp_path, 0o644)  # mkstemp makes 0600; these are ordinary data files
+        os.replace(tmp_path, final)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp_path.unlink()
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def write_jsonl_atomic(path: str | Path, rows: Sequence[Mapping[str, Any]]) -> Path:
+    with atomic_path(path) as tmp:
+        with open(tmp, "w") as handle:
+            for row in rows:
+                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return Path(path)
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    rows = []
+    with open(path) as handle:
+        for number, line in enumerate(handle, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{path}: line {number} is not valid JSON: {exc}") from exc
+    return rows
+
+
+def dump_json(data: Any) -> str:
+    """Deterministic JSON (sorted keys), so equal content gives equal bytes and hashes."""
+    return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------- options
+def build_options(cls: type, options: Mapping[str, Any], command: str) -> Any:
+    """A dataclass of options from a mapping (a config file or keyword arguments).
+
+    Keys may use ``-`` or ``_``; unknown keys are an error naming the known ones, so a typo
+    in a config file is never silently ignored.
+    """
+    fields = {f.name for f in dataclasses.fields(cls)}
+    normalised = {str(k).replace("-", "_"): v for k, v in options.items()}
+    unknown = sorted(set(normalised) - fields)
+    if unknown:
+        raise RecontrolError(f"{command}: unknown option(s) {unknown}; known options: "
+                             f"{sorted(fields)}")
+    return cls(**normalised)
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Options from a JSON file, or YAML (``.yaml``/``.yml``) when PyYAML is installed."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecontrolError(f"config file {path} does not exist")
+    text = path.read_text()
+    if path.suffix.lower() in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError as exc:
+            raise RecontrolError(f"config file {path} is YAML but PyYAML is not installed "
+                                 f"(pip install pyyaml), or use a .json file") from exc
+        data = yaml.safe_load(text)
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise RecontrolError(f"config file {path} is not valid JSON: {exc}") from exc
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecontrolError(f"config file {path} must hold a mapping of option names to "
+                             f"values, got {type(data).__name__}")
+    return data
+
+
+def parse_command_line(parser: argparse.ArgumentParser, argv: Sequence[str] | None,
+                       required: Sequence[str] = ()) -> dict[str, Any]:
+    """Parse flags, with ``--config FILE`` supplying any option that no flag sets.
+
+    Flags win over the file. Options nobody set are left out, so the Python function's own
+    defaults apply. ``required`` options must come from a flag or the file.
+    """
+    parser.add_argument("--config", type=Path, default=None,
+                        help="JSON (or YAML with PyYAML) file of options; flags override it")
+    for action in parser._actions:  # absent flags must not hide config-file values
+        if action.dest not in ("help", "config"):
+            action.default = argparse.SUPPRESS
+    args = vars(parser.parse_args(argv))
+    config_path = args.pop("config", None)
+    options = load_config_file(config_path) if config_path else {}
+    options = {str(k).replace("-", "_"): v for k, v in options.items()}
+    options.update(args)
+    missing = [name for name in required if options.get(name) in (None, "")]
+    if missing:
+        flags = ", ".join("--" + name.replace("_", "-") for name in missing)
+        parser.error(f"missing required option(s): {flags} (as flags or in --config)")
+    return options
+
+
+def json_argument(text: str) -> Any:
+    """argparse type for a JSON value (``--engine-args '{"dtype": "float32"}'``)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from exc
+
+
+def run_main(function: Callable[..., Any], options: Mapping[str, Any]) -> int:
+    """Run a command function for the CLI: a clear one-line error instead of a traceback."""
+    try:
+        function(**options)
+    except RecontrolError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+# ----------------------------------------------------------------------------- output
+def summary_table(title: str, rows: Sequence[tuple[str, Any]]) -> str:
+    """A two-column Markdown table, printed once at the end of each command."""
+    def fmt(value: Any) -> str:
+        if isinstance(value, float):
+            return f"{value:.4g}"
+        return str(value)
+
+    width = max([len(k) for k, _ in rows] + [len("quantity")])
+    lines = [f"\n{title}", f"| {'quantity':<{width}} | value |", f"|{'-' * (width + 2)}|-------|"]
+    lines += [f"| {key:<{width}} | {fmt(value)} |" for key, value in rows]
+    return "\n".join(lines)
+
+
+def progress(iterable: Any = None, **kwargs: Any):
+    """tqdm (installed with vLLM) when available, else the plain iterable."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm ships with vLLM and transformers
+        return iterable
+    kwargs.setdefault("dynamic_ncols", True)
+    return tqdm(iterable, **kwargs)

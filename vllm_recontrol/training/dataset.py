@@ -1,0 +1,168 @@
+"""Labelled states for training, streamed from disk a window of shards at a time.
+
+Why windows: the states of a real data set do not fit in RAM (the reference code needs about
+170 GB for HH-RLHF). Only small per-response facts (offsets, prompt index, reward) are kept
+for every shard; states are read a few shards at a time (the shuffle buffer), shuffled within
+that window, and dropped. The Bellman bootstrap needs s_{t+1} beside s_t, which a window of
+whole shards always has (a response never spans two shards).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+from .common import DataError, sha256_file
+from .labeler import INFO_FILE, label_sets, labels_dir, read_shard_labels
+from .shards import (ShardIndex, load_states, manifest_sha256, manifest_shards, read_manifest,
+                     read_shard_index, shard_status)
+from .targets import terminal_flags
+
+
+@dataclass
+class ShardEntry:
+    name: str
+    index: ShardIndex
+    rewards: torch.Tensor  # [R] float32, in row order
+
+
+@dataclass
+class Window:
+    """Several shards' states back to back, with per-state facts for targets and splitting."""
+
+    states: torch.Tensor         # [N, d], 16-bit as stored
+    offsets: torch.Tensor        # [R+1]
+    rewards: torch.Tensor        # [R]
+    heldout: torch.Tensor        # [R] bool
+    terminal: torch.Tensor       # [N] bool
+    state_rewards: torch.Tensor  # [N]
+    state_heldout: torch.Tensor  # [N] bool
+
+    @property
+    def first_rows(self) -> torch.Tensor:
+        """Row of s_0 of every response."""
+        return self.offsets[:-1]
+
+
+class LabelledData:
+    """A collection folder plus one of its label sets, checked for completeness and shape."""
+
+    def __init__(self, data: str | Path, labels: str | None = None,
+                 allow_partial: bool = False) -> None:
+        self.path = Path(data)
+        self.manifest = read_manifest(self.path)
+        self.labels = self._choose_labels(labels)
+        info_path = labels_dir(self.path, self.labels) / INFO_FILE
+        info = json.loads(info_path.read_text())
+        if info.get("manifest_sha256") != manifest_sha256(self.path):
+            raise DataError(f"label set {self.labels!r} of {self.path} was made for a different "
+                            f"collection (manifest hash differs); relabel with --overwrite")
+        self.label_info = info
+        self.label_info_sha256 = sha256_file(info_path)
+        plans = manifest_shards(self.manifest)
+        not_done = [p.name for p in plans if shard_status(self.path, p.name) != "done"]
+        if not_done and not allow_partial:
+            raise DataError(f"{self.path}: {len(not_done)} of {len(plans)} shards are not "
+                            f"collected yet (e.g. {not_done[:3]}); rerun `vllm-recontrol "
+                            f"collect` with the same options, or pass --allow-partial")
+        self.shards: list[ShardEntry] = []
+        for plan in plans:
+            if plan.name in not_done:
+                continue
+            index = read_shard_index(self.path, plan.name)
+            self.shards.append(ShardEntry(plan.name, index, self._rewards(plan.name, index)))
+        if not self.shards or sum(s.index.num_responses for s in self.shards) == 0:
+            raise DataError(f"{self.path} holds no collected responses (empty data set)")
+        widths = {s.index.hidden_size for s in self.shards}
+        if len(widths) != 1:
+            raise DataError(f"{self.path}: shards have different hidden sizes {sorted(widths)}")
+        self.hidden_size = widths.pop()
+        declared = self.manifest.get("hidden_size")
+        if declared is not None and declared != self.hidden_size:
+            raise DataError(f"{self.path}: states are {self.hidden_size} wide but the manifest "
+                            f"says the model's hidden size is {declared}")
+        self.num_prompts = int(self.manifest["num_prompts"])
+
+    def _choose_labels(self, wanted: str | None) -> str:
+        present = label_sets(self.path)
+        if wanted is not None:
+            if wanted not in present:
+                raise DataError(f"{self.path} has no label set {wanted!r} (present: {present}); "
+                                f"run `vllm-recontrol label --data {self.path} --name {wanted}`")
+            return wanted
+        if not present:
+            raise DataError(f"{self.path} is not labelled; run `vllm-recontrol label --data "
+                            f"{self.path} --reward-fn module:function` (or --reward-model) first")
+        if len(present) > 1:
+            raise DataError(f"{self.path} has several label sets {present}; pick one with --labels")
+        return present[0]
+
+    def _rewards(self, shard: str, index: ShardIndex) -> torch.Tensor:
+        rows = read_shard_labels(self.path, self.labels, shard)
+        ids = [row.get("response_id") for row in rows]
+        if ids != index.response_ids.tolist():
+            raise DataError(f"labels of shard {shard} ({len(rows)} rows) do not match its "
+                            f"{index.num_responses} responses; relabel with --overwrite")
+        return torch.tensor([float(row["reward"]) for row in rows], dtype=torch.float32)
+
+    # ------------------------------------------------------------------ splitting
+    def heldout_prompts(self, fraction: float, seed: int) -> torch.Tensor:
+        """[num_prompts] bool: a seeded prompt-level split (all samples of a prompt together)."""
+        mask = torch.zeros(self.num_prompts, dtype=torch.bool)
+        if fraction <= 0:
+            return mask
+        if fraction >= 1 or self.num_prompts < 2:
+            raise DataError(f"a held-out split needs 0 <= fraction < 1 and at least 2 prompts "
+                            f"(fraction {fraction}, {self.num_prompts} prompts)")
+        count = min(max(1, round(fraction * self.num_prompts)), self.num_prompts - 1)
+        order = torch.randperm(self.num_prompts, generator=torch.Generator().manual_seed(seed))
+        mask[order[:count]] = True
+        return mask
+
+    def count(self, heldout_prompts: torch.Tensor) -> dict[str, int]:
+        counts = {"train_responses": 0, "train_states": 0, "heldout_responses": 0,
+                  "heldout_states": 0}
+        for shard in self.shards:
+            held = heldout_prompts[shard.index.prompt_index]
+            lengths = shard.index.offsets[1:] - shard.index.offsets[:-1]
+            counts["heldout_responses"] += int(held.sum())
+            counts["heldout_states"] += int(lengths[held].sum())
+            counts["train_responses"] += int((~held).sum())
+            counts["train_states"] += int(lengths[~held].sum())
+        return counts
+
+    def train_reward_mean(self, heldout_prompts: torch.Tensor) -> float:
+        values = torch.cat([s.rewards[~heldout_prompts[s.index.prompt_index]] for s in self.shards])
+        return float(values.mean()) if values.numel() else 0.0
+
+    # ------------------------------------------------------------------ streaming
+    def windows(self, order: Sequence[int], size: int,
+                heldout_prompts: torch.Tensor) -> Iterator[Window]:
+        """Windows of ``size`` shards, in the given shard order, loaded one at a time."""
+        for start in range(0, len(order), max(1, size)):
+            entries = [self.shards[i] for i in order[start:start + max(1, size)]]
+            yield self._window(entries, heldout_prompts)
+
+    def _window(self, entries: Sequence[ShardEntry], heldout_prompts: torch.Tensor) -> Window:
+        states, offsets, rewards, prompts = [], [torch.zeros(1, dtype=torch.int64)], [], []
+        base = 0
+        for entry in entries:
+            states.append(load_states(self.path, entry.name))
+            offsets.append(entry.index.offsets[1:] + base)
+            base += entry.index.num_states
+            rewards.append(entry.rewards)
+            prompts.append(entry.index.prompt_index)
+        offsets_t = torch.cat(offsets)
+        rewards_t = torch.cat(rewards)
+        heldout = heldout_prompts[torch.cat(prompts)]
+        lengths = offsets_t[1:] - offsets_t[:-1]
+        return Window(
+            states=torch.cat(states) if len(states) > 1 else states[0],
+            offsets=offsets_t, rewards=rewards_t, heldout=heldout,
+            terminal=terminal_flags(offsets_t),
+            state_rewards=torch.repeat_interleave(rewards_t, lengths),
+            state_heldout=torch.repeat_interleave(heldout, lengths))

@@ -1,0 +1,175 @@
+"""``vllm-recontrol label``: one reward per collected response, stored beside the shards.
+
+Why separate files: collected states are expensive and immutable; labels are cheap and may be
+redone with another reward model. ``DIR/labels/<name>/info.json`` says where the rewards came
+from; ``DIR/labels/<name>/shard-00000.jsonl`` holds ``{"response_id", "reward", "cut"}`` per
+response, in the shard's row order, written atomically: a rerun labels only missing shards.
+A reward that is not a finite number stops the command with the shard, row and value: no row
+is ever dropped or filled in silently.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from .common import (DataError, RewardError, build_options, dump_json, parse_command_line,
+                     progress, read_jsonl, run_main, summary_table, write_jsonl_atomic,
+                     write_text_atomic)
+from .rewards import DEFAULT_CUT_AT, RewardSource, cut_response
+from .shards import manifest_sha256, manifest_shards, read_manifest, read_rows, shard_status
+
+LABELS_DIR = "labels"
+INFO_FILE = "info.json"
+LABELS_FORMAT = "vllm-recontrol-labels"
+_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+@dataclass
+class LabelOptions:
+    """Options of ``label``: exactly one of ``reward_fn`` and ``reward_model``."""
+
+    data: str
+    reward_fn: Any = None          # "module:function" (or, from Python, the function itself)
+    reward_model: str | None = None
+    name: str = "reward"
+    batch_size: int = 16
+    device: str = "cpu"
+    rm_dtype: str = "float32"
+    max_length: int | None = None
+    reward_index: int | None = None
+    trust_remote_code: bool = False
+    cut_at: list[str] = field(default_factory=lambda: list(DEFAULT_CUT_AT))
+    overwrite: bool = False
+    progress: bool = True
+
+
+def labels_dir(data: str | Path, name: str) -> Path:
+    return Path(data) / LABELS_DIR / name
+
+
+def label_sets(data: str | Path) -> list[str]:
+    """Names of the label sets present under ``DIR/labels``."""
+    root = Path(data) / LABELS_DIR
+    return sorted(p.name for p in root.iterdir() if (p / INFO_FILE).is_file()) if root.is_dir() else []
+
+
+def read_shard_labels(data: str | Path, name: str, shard: str) -> list[dict[str, Any]]:
+    path = labels_dir(data, name) / f"{shard}.jsonl"
+    if not path.is_file():
+        raise DataError(f"shard {shard} of {data} is not labelled (no {path}); run "
+                        f"`vllm-recontrol label --data {data} --name {name} ...`")
+    return read_jsonl(path)
+
+
+def _prepare_info(opts: LabelOptions, source: RewardSource, data: Path) -> Path:
+    if not _NAME.match(opts.name):
+        raise DataError(f"label set name must match {_NAME.pattern}, got {opts.name!r}")
+    folder = labels_dir(data, opts.name)
+    info = {"format": LABELS_FORMAT, "format_version": 1, "source": source.describe(),
+            "cut_at": list(opts.cut_at), "manifest_sha256": manifest_sha256(data)}
+    info_path = folder / INFO_FILE
+    if info_path.is_file():
+        old = json.loads(info_path.read_text())
+        if old != info:
+            if not opts.overwrite:
+                raise DataError(f"label set {folder} was made differently ({old.get('source')}, "
+                                f"cut_at {old.get('cut_at')}); use --name for a new set or "
+                                f"--overwrite to replace it")
+            shutil.rmtree(folder)
+    if not info_path.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(info_path, dump_json(info))
+    return folder
+
+
+def label(**options: Any) -> dict[str, Any]:
+    """Label every collected response; see :class:`LabelOptions`. Returns the summary."""
+    opts = build_options(LabelOptions, options, "label")
+    started = time.perf_counter()
+    data = Path(opts.data)
+    manifest = read_manifest(data)
+    source = RewardSource(opts.reward_fn, opts.reward_model, opts.device, opts.rm_dtype,
+                          opts.batch_size, opts.max_length, opts.reward_index,
+                          opts.trust_remote_code)
+    folder = _prepare_info(opts, source, data)
+    plans = manifest_shards(manifest)
+    missing = [p.name for p in plans if shard_status(data, p.name) == "pending"]
+    todo = [p.name for p in plans if p.name not in missing
+            and not (folder / f"{p.name}.jsonl").is_file()]
+    skipped = len(plans) - len(missing) - len(todo)
+    for shard in progress(todo, desc="label", unit="shard", disable=not opts.progress or not todo):
+        rows = read_rows(data, shard)
+        pairs, cuts = [], []
+        for row in rows:
+            response, was_cut = cut_response(row["response"], opts.cut_at)
+            pairs.append((row["prompt"], response))
+            cuts.append(was_cut)
+        rewards = source.score(pairs, where=lambda i, shard=shard, rows=rows: (
+            f"shard {shard} row {i} (response_id {rows[i]['response_id']}"))
+        write_jsonl_atomic(folder / f"{shard}.jsonl", [
+            {"response_id": row["response_id"], "reward": float(r), "cut": c}
+            for row, r, c in zip(rows, rewards, cuts)])
+    summary = _summarize(folder, plans, len(todo), skipped, missing, source.spec,
+                         time.perf_counter() - started)
+    print(summary_table(f"vllm-recontrol label -> {folder}", list(summary.items())), flush=True)
+    return summary
+
+
+def _summarize(folder: Path, plans: list, labelled: int, skipped: int, missing: list[str],
+               spec: str, seconds: float) -> dict[str, Any]:
+    rewards: list[float] = []
+    cut = 0
+    for plan in plans:
+        path = folder / f"{plan.name}.jsonl"
+        if path.is_file():
+            for row in read_jsonl(path):
+                rewards.append(row["reward"])
+                cut += bool(row.get("cut"))
+    return {
+        "label set": folder.name,
+        "source": spec,
+        "shards labelled now": labelled,
+        "shards skipped (already labelled)": skipped,
+        "shards not collected yet": len(missing),
+        "responses labelled": len(rewards),
+        "responses cut at a next turn": cut,
+        "mean reward": statistics.fmean(rewards) if rewards else float("nan"),
+        "std reward": statistics.pstdev(rewards) if rewards else float("nan"),
+        "min reward": min(rewards) if rewards else float("nan"),
+        "max reward": max(rewards) if rewards else float("nan"),
+        "wall time (s)": round(seconds, 1),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="vllm-recontrol label",
+        description="Score every collected response with a reward model or a reward function; "
+                    "rewards go to DIR/labels/NAME/, beside the (unchanged) shards.")
+    parser.add_argument("--data", help="folder written by `vllm-recontrol collect`")
+    parser.add_argument("--reward-fn", help="module:function with f(prompt, response) -> float")
+    parser.add_argument("--reward-model", help="Hugging Face sequence-classification reward "
+                        "model (name or folder)")
+    parser.add_argument("--name", help="label set name (default reward)")
+    parser.add_argument("--batch-size", type=int, help="reward model batch size (default 16)")
+    parser.add_argument("--device", help="reward model device (cpu, cuda, cuda:1, ...)")
+    parser.add_argument("--rm-dtype", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--max-length", type=int, help="reward model input tokens (cut left)")
+    parser.add_argument("--reward-index", type=int,
+                        help="which output of a multi-output reward model is the reward")
+    parser.add_argument("--trust-remote-code", action="store_true")
+    parser.add_argument("--cut-at", nargs="*",
+                        help="cut responses at the first of these markers (default Human: User:)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a label set of the same name made differently")
+    parser.add_argument("--no-progress", dest="progress", action="store_false")
+    options = parse_command_line(parser, argv, required=("data",))
+    return run_main(label, options)

@@ -1,0 +1,202 @@
+"""Reward sources for labelling: a user function, or a Hugging Face reward model.
+
+Why both: the paper scores responses with a sequence-classification reward model, but rule
+based rewards (a lexicon, a format check) need no GPU and make end-to-end tests possible.
+Either way a response is cut at a hallucinated next turn first, as the paper does before
+scoring: a model that writes "Human: ..." after its answer is scored on its answer only.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import numbers
+import os
+import sys
+from typing import Any, Callable, Sequence
+
+from .common import RewardError
+from .prompts import prompt_messages
+
+DEFAULT_CUT_AT = ("Human:", "User:")
+
+
+def cut_response(response: str, markers: Sequence[str] = DEFAULT_CUT_AT) -> tuple[str, bool]:
+    """The response up to the first hallucinated turn marker, and whether it was cut."""
+    positions = [i for i in (response.find(m) for m in markers if m) if i >= 0]
+    if not positions:
+        return response, False
+    return response[:min(positions)].rstrip(), True
+
+
+def load_reward_fn(spec: str) -> Callable[[str, str], Any]:
+    """Import ``module:function`` (``f(prompt, response) -> float``)."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise RewardError(f"--reward-fn must look like module:function, got {spec!r}")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.append(os.getcwd())  # like `python -m`: a module in the current folder
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise RewardError(f"--reward-fn {spec}: cannot import module {module_name!r}: {exc}") from exc
+    function = module
+    for part in attr.split("."):
+        if not hasattr(function, part):
+            raise RewardError(f"--reward-fn {spec}: module {module_name!r} has no attribute "
+                              f"{attr!r}")
+        function = getattr(function, part)
+    if not callable(function):
+        raise RewardError(f"--reward-fn {spec}: {attr!r} is not callable")
+    return function
+
+
+def as_reward(value: Any) -> float | None:
+    """``value`` as a finite float, or None when it is not a number (bools are not numbers)."""
+    if not isinstance(value, numbers.Real) and tuple(getattr(value, "shape", (1,))) == () \
+            and callable(getattr(value, "item", None)):
+        value = value.item()  # a 0-d torch tensor or numpy array
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or \
+            type(value).__name__ == "bool_":
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+class RewardModelScorer:
+    """Batched scores of a Hugging Face sequence-classification reward model.
+
+    Text format: the model's chat template when its tokenizer has one (HH-RLHF prompts become
+    turn-by-turn messages), else ``\\n\\nHuman: {prompt}\\n\\nAssistant: {response}``. Long
+    inputs are cut from the left, so the response (the part being judged) is kept.
+    """
+
+    def __init__(self, model: str, device: str = "cpu", dtype: str = "float32",
+                 batch_size: int = 16, max_length: int | None = None,
+                 reward_index: int | None = None, trust_remote_code: bool = False) -> None:
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        self.name = model
+        self.device = torch.device(device)
+        self.batch_size = int(batch_size)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
+            self.model = AutoModelForSequenceClassification.from_pretrained(
+                model, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
+        except Exception as exc:
+            raise RewardError(f"cannot load reward model {model!r}: {type(exc).__name__}: "
+                              f"{exc}") from exc
+        self.model.to(self.device).eval()
+        self.tokenizer.truncation_side = "left"
+        if self.tokenizer.pad_token_id is None:  # many RMs ship without one; any id works
+            self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
+        if getattr(self.model.config, "pad_token_id", None) is None:
+            self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        labels = int(getattr(self.model.config, "num_labels", 1))
+        if reward_index is None and labels != 1:
+            raise RewardError(f"reward model {model!r} has {labels} outputs; name the one that "
+                              f"is the reward with --reward-index")
+        self.reward_index = 0 if reward_index is None else int(reward_index)
+        limit = max_length or getattr(self.model.config, "max_position_embeddings", None) or 4096
+        tokenizer_limit = getattr(self.tokenizer, "model_max_length", None)
+        if isinstance(tokenizer_limit, int) and tokenizer_limit < 1_000_000:
+            limit = min(limit, tokenizer_limit)
+        self.max_length = int(limit)
+        self.uses_chat_template = bool(getattr(self.tokenizer, "chat_template", None))
+
+    def format(self, prompt: str, response: str) -> tuple[str, bool]:
+        """(text, add_special_tokens) for one prompt/response pair."""
+        if self.uses_chat_template:
+            messages = prompt_messages(prompt) + [{"role": "assistant", "content": response}]
+            return self.tokenizer.apply_chat_template(messages, tokenize=False), False
+        if prompt.rstrip().endswith("Assistant:") and "Human:" in prompt:
+            return f"{prompt} {response}", True  # already an HH-RLHF dialogue
+        return f"\n\nHuman: {prompt}\n\nAssistant: {response}", True
+
+    def score(self, pairs: Sequence[tuple[str, str]]) -> list[float]:
+        """Rewards of (prompt, response) pairs, batched by similar length."""
+        import torch
+
+        encoded = []
+        for prompt, response in pairs:
+            text, special = self.format(prompt, response)
+            ids = self.tokenizer(text, add_special_tokens=special, truncation=True,
+                                 max_length=self.max_length)["input_ids"]
+            encoded.append(ids)
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+        scores = [0.0] * len(encoded)
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start:start + self.batch_size]
+            batch = self.tokenizer.pad({"input_ids": [encoded[i] for i in chunk]},
+                                       return_tensors="pt")
+            with torch.no_grad():
+                logits = self.model(input_ids=batch["input_ids"].to(self.device),
+                                    attention_mask=batch["attention_mask"].to(self.device)).logits
+            values = logits[:, self.reward_index].float().cpu().tolist()
+            for i, value in zip(chunk, values):
+                scores[i] = value
+        return scores
+
+
+class RewardSource:
+    """Exactly one of a user function or a reward model, scoring (prompt, response) pairs.
+
+    Shared by ``label`` and ``eval`` so both judge responses the same way. A value that is
+    not a finite number stops with where it happened (``where(i)`` names row i).
+    """
+
+    def __init__(self, reward_fn: Any = None, reward_model: str | None = None,
+                 device: str = "cpu", dtype: str = "float32", batch_size: int = 16,
+                 max_length: int | None = None, reward_index: int | None = None,
+                 trust_remote_code: bool = False, command: str = "label") -> None:
+        if (reward_fn is None) == (reward_model is None):
+            raise RewardError(f"{command} needs exactly one of --reward-fn module:function and "
+                              "--reward-model NAME")
+        self.function: Callable[[str, str], Any] | None = None
+        self.scorer: RewardModelScorer | None = None
+        self._model_args = (reward_model, device, dtype, batch_size, max_length, reward_index,
+                            trust_remote_code)
+        if reward_fn is not None:
+            if callable(reward_fn):
+                self.function = reward_fn
+                self.spec = f"{reward_fn.__module__}:{reward_fn.__qualname__}"
+            else:
+                self.spec = str(reward_fn)
+                self.function = load_reward_fn(self.spec)
+        else:
+            self.spec = str(reward_model)
+
+    def describe(self) -> dict[str, Any]:
+        if self.function is not None:
+            return {"reward_fn": self.spec}
+        _, _, dtype, _, max_length, reward_index, _ = self._model_args
+        return {"reward_model": self.spec, "reward_index": reward_index,
+                "max_length": max_length, "dtype": dtype}
+
+    def score(self, pairs: Sequence[tuple[str, str]],
+              where: Callable[[int], str] | None = None) -> list[float]:
+        where = where or (lambda i: f"row {i}")
+        if self.function is not None:
+            return [self._call(where(i), prompt, response)
+                    for i, (prompt, response) in enumerate(pairs)]
+        if self.scorer is None:  # loaded on first use: a resumed run may need no model at all
+            self.scorer = RewardModelScorer(*self._model_args)
+        scores = self.scorer.score(pairs)
+        for i, value in enumerate(scores):
+            if as_reward(value) is None:
+                raise RewardError(f"reward model {self.spec} gave {value!r} for {where(i)})")
+        return scores
+
+    def _call(self, where: str, prompt: str, response: str) -> float:
+        place = f"{where}, prompt {prompt[:60]!r}, response {response[:60]!r})"
+        try:
+            value = self.function(prompt, response)
+        except Exception as exc:
+            raise RewardError(f"reward function {self.spec} raised {type(exc).__name__}: {exc} "
+                              f"on {place}") from exc
+        reward = as_reward(value)
+        if reward is None:
+            raise RewardError(f"reward function {self.spec} returned {value!r:.80} (type "
+                              f"{type(value).__name__}), not a finite number, on {place}")
+        return reward

@@ -1,0 +1,214 @@
+"""The on-disk layout of collected states: a manifest, then one pair of files per shard.
+
+Why shards: a 7B model's states for HH-RLHF are about 85 GB in 16-bit; no step may hold them
+all. Each shard covers a fixed range of prompts, is written atomically, and is read on its own.
+
+``DIR/manifest.json``           what was collected and how (written first, never changed)
+``DIR/shard-00000.jsonl``       one row per response: ids, texts, token ids, finish reason
+``DIR/shard-00000.safetensors`` ``states`` [S, d] (bfloat16/float16): s_0..s_T of every response,
+                                back to back; ``offsets`` [R+1] int64 (response r owns rows
+                                offsets[r]:offsets[r+1]); ``response_ids`` [R]; ``prompt_index`` [R]
+``DIR/labels/<name>/...``       rewards, written later by ``label`` (see labeler.py)
+
+A shard is done when its ``.safetensors`` file exists. Its ``.jsonl`` is written first (after
+generation), so a run killed between the two redoes only the states of that shard.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+
+from .common import DataError, atomic_path, dump_json, read_jsonl, sha256_file, write_jsonl_atomic
+
+MANIFEST_FILE = "manifest.json"
+STATES_FORMAT = "vllm-recontrol-states"
+STATES_FORMAT_VERSION = 1
+STATE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+STATE_DEFINITION = (
+    "s_t = final-layer hidden state after the final norm at the position that emits response "
+    "token t+1 (s_0 = last prompt token); a response of n tokens has states s_0..s_{n-1}; "
+    "the last one (T = n-1) emitted EOS or the last token")
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """Shard ``name`` covers prompts ``prompt_start`` (inclusive) to ``prompt_end`` (exclusive)."""
+
+    name: str
+    prompt_start: int
+    prompt_end: int
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}"
+
+
+def plan_shards(num_prompts: int, shard_size: int) -> list[ShardPlan]:
+    """Fixed prompt ranges: the plan depends only on the prompt count and the shard size."""
+    if shard_size <= 0:
+        raise DataError(f"shard_size must be a positive number of prompts, got {shard_size}")
+    return [ShardPlan(shard_name(i), start, min(start + shard_size, num_prompts))
+            for i, start in enumerate(range(0, num_prompts, shard_size))]
+
+
+def rows_path(directory: Path, name: str) -> Path:
+    return Path(directory) / f"{name}.jsonl"
+
+
+def states_path(directory: Path, name: str) -> Path:
+    return Path(directory) / f"{name}.safetensors"
+
+
+def shard_status(directory: Path, name: str) -> str:
+    """``done`` (states written), ``generated`` (responses only) or ``pending``."""
+    if states_path(directory, name).is_file():
+        return "done"
+    if rows_path(directory, name).is_file():
+        return "generated"
+    return "pending"
+
+
+# ----------------------------------------------------------------------------- manifest
+def write_manifest(directory: Path, manifest: dict[str, Any]) -> Path:
+    path = Path(directory) / MANIFEST_FILE
+    with atomic_path(path) as tmp:
+        tmp.write_text(dump_json(manifest))
+    return path
+
+
+def read_manifest(directory: str | Path) -> dict[str, Any]:
+    """Read and check ``manifest.json``; errors name the folder and what is wrong."""
+    directory = Path(directory)
+    path = directory / MANIFEST_FILE
+    if not directory.is_dir():
+        raise DataError(f"data folder {directory} does not exist")
+    if not path.is_file():
+        raise DataError(f"{directory} holds no {MANIFEST_FILE}: not a `vllm-recontrol collect` "
+                        f"output folder (or the collection never started)")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != STATES_FORMAT:
+        raise DataError(f"{path} is not a {STATES_FORMAT} manifest")
+    if manifest.get("format_version") != STATES_FORMAT_VERSION:
+        raise DataError(f"{path}: format_version {manifest.get('format_version')!r} is not "
+                        f"supported (this release reads {STATES_FORMAT_VERSION})")
+    return manifest
+
+
+def manifest_sha256(directory: str | Path) -> str:
+    return sha256_file(Path(directory) / MANIFEST_FILE)
+
+
+def manifest_shards(manifest: dict[str, Any]) -> list[ShardPlan]:
+    return [ShardPlan(s["name"], s["prompt_start"], s["prompt_end"]) for s in manifest["shards"]]
+
+
+# ----------------------------------------------------------------------------- shards
+def write_rows(directory: Path, name: str, rows: Sequence[dict[str, Any]]) -> Path:
+    return write_jsonl_atomic(rows_path(directory, name), rows)
+
+
+def read_rows(directory: Path, name: str) -> list[dict[str, Any]]:
+    path = rows_path(directory, name)
+    if not path.is_file():
+        raise DataError(f"shard rows {path} are missing; rerun `vllm-recontrol collect`")
+    return read_jsonl(path)
+
+
+def write_states(directory: Path, name: str, states: Sequence[torch.Tensor],
+                 response_ids: Sequence[int], prompt_index: Sequence[int],
+                 dtype: str = "bfloat16") -> Path:
+    """Concatenate per-response states [n_r, d] into one 16-bit tensor with offsets."""
+    from safetensors.torch import save_file
+
+    if dtype not in STATE_DTYPES:
+        raise DataError(f"state dtype must be one of {list(STATE_DTYPES)}, got {dtype!r}")
+    if not states:
+        raise DataError(f"shard {name} has no responses")
+    widths = {int(s.shape[1]) for s in states}
+    if len(widths) != 1:
+        raise DataError(f"shard {name}: states of different widths {sorted(widths)}")
+    lengths = torch.tensor([int(s.shape[0]) for s in states], dtype=torch.int64)
+    offsets = torch.zeros(len(states) + 1, dtype=torch.int64)
+    offsets[1:] = torch.cumsum(lengths, 0)
+    tensors = {
+        "states": torch.cat([s.detach().to("cpu", STATE_DTYPES[dtype]) for s in states]).contiguous(),
+        "offsets": offsets,
+        "response_ids": torch.tensor(list(response_ids), dtype=torch.int64),
+        "prompt_index": torch.tensor(list(prompt_index), dtype=torch.int64),
+    }
+    # One metadata key holding sorted JSON: safetensors writes a metadata map in hash order,
+    # which would make equal shards from two processes differ byte for byte.
+    metadata = {"recontrol": json.dumps({"format": STATES_FORMAT, "shard": name,
+                                         "hidden_size": widths.pop(), "dtype": dtype},
+                                        sort_keys=True)}
+    path = states_path(directory, name)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    return path
+
+
+@dataclass
+class ShardIndex:
+    """Everything about a shard except its states (small: a few numbers per response)."""
+
+    name: str
+    offsets: torch.Tensor       # [R+1] int64
+    response_ids: torch.Tensor  # [R] int64
+    prompt_index: torch.Tensor  # [R] int64
+    hidden_size: int
+    dtype: str
+
+    @property
+    def num_responses(self) -> int:
+        return int(self.response_ids.numel())
+
+    @property
+    def num_states(self) -> int:
+        return int(self.offsets[-1])
+
+
+def read_shard_index(directory: Path, name: str) -> ShardIndex:
+    """Offsets and ids of a finished shard, without reading its states."""
+    from safetensors import safe_open
+
+    path = states_path(directory, name)
+    if not path.is_file():
+        raise DataError(f"shard {path} is missing; rerun `vllm-recontrol collect` to finish it")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = json.loads((handle.metadata() or {}).get("recontrol", "{}"))
+            shape = handle.get_slice("states").get_shape()
+            index = ShardIndex(name, handle.get_tensor("offsets"),
+                               handle.get_tensor("response_ids"), handle.get_tensor("prompt_index"),
+                               int(shape[1]), metadata.get("dtype", "?"))
+    except DataError:
+        raise
+    except Exception as exc:
+        raise DataError(f"shard {path} cannot be read: {type(exc).__name__}: {exc}") from exc
+    if index.num_states != int(shape[0]) or index.offsets.numel() != index.num_responses + 1:
+        raise DataError(f"shard {path} is inconsistent: offsets end at {index.num_states} but "
+                        f"it holds {shape[0]} states")
+    return index
+
+
+def load_states(directory: Path, name: str) -> torch.Tensor:
+    """The shard's states as stored (16-bit), on the CPU."""
+    from safetensors import safe_open
+
+    with safe_open(str(states_path(directory, name)), framework="pt") as handle:
+        return handle.get_tensor("states")
+
+
+def iter_collected(directory: Path, names: Iterable[str]):
+    """(name, ShardIndex) for each finished shard among ``names``."""
+    for name in names:
+        if shard_status(directory, name) == "done":
+            yield name, read_shard_index(directory, name)
