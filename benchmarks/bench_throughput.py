@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import json
 import os
 import platform
@@ -105,10 +104,9 @@ def start_engine(args, recontrol: bool, plugin_loaded: bool):
 
 
 def stop_engine(llm) -> None:
-    with contextlib.suppress(Exception):
-        llm.llm_engine.engine_core.shutdown()
-    del llm
-    gc.collect()
+    from vllm_recontrol._vllm_adapter import shutdown_llm
+
+    shutdown_llm(llm)
 
 
 def measure(args) -> list[dict[str, Any]]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import gc
 import os
 from pathlib import Path
 from typing import Any, Iterator
@@ -64,10 +63,9 @@ def _plugins_env(plugin_loaded: bool) -> Iterator[None]:
 
 
 def stop_llm(llm) -> None:
-    with contextlib.suppress(Exception):
-        llm.llm_engine.engine_core.shutdown()
-    del llm
-    gc.collect()
+    from vllm_recontrol._vllm_adapter import shutdown_llm
+
+    shutdown_llm(llm)
 
 
 def greedy(max_tokens: int = 10, **extra: Any):

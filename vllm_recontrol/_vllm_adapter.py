@@ -286,3 +286,22 @@ def run_vllm_cli(argv: list[str]) -> int:
     sys.argv = ["vllm", *argv]
     vllm_main()
     return 0
+
+
+# ----------------------------------------------------------------------------- engines
+def shutdown_llm(llm: Any) -> None:
+    """Stop an offline ``vllm.LLM`` engine and free its memory before another one starts.
+
+    vLLM 0.32's ``LLM`` has no public shutdown; its engine-core client's ``shutdown`` is what
+    vLLM's own tests call.
+    """
+    import contextlib
+    import gc
+
+    if llm is None:
+        return
+    with contextlib.suppress(Exception):
+        llm.llm_engine.engine_core.shutdown()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
