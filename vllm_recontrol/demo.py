@@ -1,8 +1,17 @@
-"""Offline demo: controlled vs. uncontrolled generation on a tiny self-made model.
+"""The embedded demo: RE-Control end to end in a toy world, on a laptop CPU, nothing downloaded.
 
-Everything is built locally (a random-weight Llama, a word-level tokenizer, a random value
-head), so it runs on a laptop CPU with nothing downloaded. Random weights show the mechanics
-(per-request control inside one vLLM engine, and its cost), not an alignment gain.
+1. Toy world: a tiny Llama trained for seconds on two-sentence documents whose adjectives
+   share one mood per sentence; prompts are first sentences; the reward is the share of
+   positive adjectives in the response (``vllm_recontrol.toy_world``).
+2. ``collect``: sampled responses to 600 training prompts through vLLM, with their states.
+3. ``label``: the rule-based reward on every response.
+4. ``train``: a value head (Monte Carlo targets, which fit this world best).
+5. ``eval``: on 64 held-out prompts, base generation vs. RE-Control over an alpha x steps grid
+   and Best-of-4, all in one vLLM engine; prints the table and saves the plots.
+
+The prompting baselines of ``eval`` are left out here: the toy LM follows no instructions, and
+any text put before its prompt reads as a finished document (it then stops at once; measured
+reward 0.0). They belong to evaluations of instruction-tuned models.
 """
 
 from __future__ import annotations
@@ -10,89 +19,66 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import torch
-
-from .toy import build_tiny_model
-from .value_head import ValueHead
-
-PROMPTS = ["the good kan", "a bad ba bon", "user: the is good", "zo ze zi zu"]
-REPEATS = 3
+REWARD_FN = "vllm_recontrol.toy_world:positive_share"
+ENGINE_ARGS = {"dtype": "float32", "enforce_eager": True, "max_model_len": 128,
+               "kv_cache_memory_bytes": 64 << 20}
+TRAIN_OPTIONS = dict(target="mc", lr=1e-3, batch_size=64, epochs=60, widths=[64])
 
 
-@dataclass
-class DemoRun:
-    label: str
-    alpha: float
-    steps: int
-    texts: list[str]
-    tokens_per_s: float
+def run_demo(workdir: Path, train_prompts: int = 600, eval_prompts: int = 64,
+             grid: str = "0.5:10,1.0:30,2.0:30,3.0:20", best_of: int = 4,
+             max_tokens: int = 16) -> dict[str, Any]:
+    """Every step through the package's real entry points; returns the eval report."""
+    import torch
 
+    from . import toy_world
+    from .evaluation import evaluate
+    from .training import collect, label, train
 
-def prepare(workdir: Path, seed: int = 0) -> tuple[Path, Path]:
-    """Write the tiny model and a value head (scaled so that it visibly steers)."""
-    model_dir, head_dir = workdir / "tiny-llama", workdir / "value-head"
-    if not (model_dir / "config.json").exists():
-        build_tiny_model(model_dir, "llama", seed=seed)
-    if not (head_dir / "config.json").exists():
-        head = ValueHead(64, [64], seed=seed, base_model=str(model_dir),
-                         metadata={"note": "random demo head"})
-        with torch.no_grad():
-            for layer in head.layers:
-                layer.weight.mul_(3.0)
-        head.save(head_dir)
-    return model_dir, head_dir
+    on_gpu = torch.cuda.is_available()
+    engine_args = dict(ENGINE_ARGS) if not on_gpu else {"dtype": "float32"}
+    timings: dict[str, float] = {}
 
+    def step(name: str, fn, **kwargs):
+        print(f"\n=== {name}", flush=True)
+        start = time.perf_counter()
+        result = fn(**kwargs)
+        timings[name] = time.perf_counter() - start
+        return result
 
-def run(workdir: Path, settings: list[tuple[float, int]], batch: int, max_tokens: int) -> list[DemoRun]:
-    from vllm import LLM, SamplingParams
-
-    model_dir, head_dir = prepare(workdir)
-    llm = LLM(model=str(model_dir), model_impl="recontrol", dtype="float32", enforce_eager=True,
-              max_model_len=256, seed=0, kv_cache_memory_bytes=64 << 20,
-              additional_config={"recontrol": {"value_head": str(head_dir), "default_on": False}})
-    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
-    runs = []
-    for alpha, steps in settings:
-        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True,
-                                extra_args={"recontrol_alpha": alpha, "recontrol_steps": steps}
-                                if steps else {"recontrol": 0})
-        llm.generate(prompts[:2], params, use_tqdm=False)  # warm-up
-        elapsed = float("inf")
-        for _ in range(REPEATS):  # best of a few: a 2-core machine is noisy
-            start = time.perf_counter()
-            outputs = llm.generate(prompts, params, use_tqdm=False)
-            elapsed = min(elapsed, time.perf_counter() - start)
-        generated = sum(len(o.outputs[0].token_ids) for o in outputs)
-        runs.append(DemoRun("uncontrolled" if steps == 0 else "RE-Control", alpha, steps,
-                            [o.outputs[0].text for o in outputs[:len(PROMPTS)]],
-                            generated / elapsed))
-    return runs
-
-
-def print_report(runs: list[DemoRun]) -> None:
-    base = runs[0]
-    print("\n| setting | alpha | steps | tokens/s | vs. uncontrolled | outputs changed |")
-    print("|---|---|---|---|---|---|")
-    for r in runs:
-        changed = sum(a != b for a, b in zip(r.texts, base.texts))
-        print(f"| {r.label} | {r.alpha} | {r.steps} | {r.tokens_per_s:.0f} | "
-              f"{r.tokens_per_s / base.tokens_per_s:.2f}x | {changed}/{len(r.texts)} |")
-    for i, prompt in enumerate(PROMPTS):
-        print(f"\nprompt: {prompt!r}")
-        for r in runs:
-            print(f"  {r.label:>12} (alpha {r.alpha}, steps {r.steps}): {r.texts[i]!r}")
+    world = step("toy world", toy_world.build_world, directory=workdir,
+                 train_prompts=train_prompts, eval_prompts=eval_prompts)
+    data, head = workdir / "data", workdir / "value-head"
+    step("collect", collect, model=str(world["model"]), prompts=str(world["train_prompts"]),
+         out=str(data), max_new_tokens=max_tokens, temperature=1.0, shard_size=100, seed=0,
+         engine_args=engine_args, in_process=not on_gpu)
+    step("label", label, data=str(data), reward_fn=REWARD_FN)
+    step("train", train, data=str(data), out=str(head),
+         device="cuda" if on_gpu else "cpu", **TRAIN_OPTIONS)
+    eval_engine = engine_args if on_gpu else {**engine_args, "distributed_executor_backend": "uni"}
+    report = step("eval", evaluate, model=str(world["model"]), value_head=str(head),
+                  prompts=str(world["eval_prompts"]), reward_fn=REWARD_FN, grid=grid,
+                  best_of=[best_of], system_prompt=None, max_tokens=max_tokens,
+                  engine_args=eval_engine, out=str(workdir / "eval"), quiet=True)
+    print("\n" + report["table"])
+    print("\n" + " | ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
+    for plot in report["plots"]:
+        print(f"plot: {plot}")
+    return report
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="vllm-recontrol demo", description=__doc__)
+    parser = argparse.ArgumentParser(prog="vllm-recontrol demo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, default=Path("recontrol-demo"))
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--train-prompts", type=int, default=600)
+    parser.add_argument("--eval-prompts", type=int, default=64)
+    parser.add_argument("--grid", default="0.5:10,1.0:30,2.0:30,3.0:20")
+    parser.add_argument("--best-of", type=int, default=4)
     args = parser.parse_args(argv)
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # keep the report readable
-    runs = run(args.workdir, [(0.0, 0), (0.5, 5), (1.0, 20)], args.batch, args.max_tokens)
-    print_report(runs)
+    run_demo(args.workdir, args.train_prompts, args.eval_prompts, args.grid, args.best_of)
     return 0

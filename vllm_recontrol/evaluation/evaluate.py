@@ -1,0 +1,266 @@
+"""``vllm-recontrol eval``: RE-Control against base, Best-of-N and prompting, on the same prompts.
+
+Every method runs in one vLLM engine started with ``--model-impl recontrol`` and
+``default_on: false``: per-request keys switch control on, so all methods share the model,
+the prompts, the seeds and the machine, and their tokens/s are comparable. Rewards come from
+the same reward model or function that labels training data; responses are cut at a
+hallucinated next turn before scoring.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from ..training.common import (RecontrolError, build_options, json_argument, parse_command_line,
+                               run_main)
+from ..training.prompts import load_prompts, prompt_messages
+from ..training.rewards import RewardSource, cut_response
+from .metrics import Coherence, diversity, mean
+from .plots import save_plots
+
+DEFAULT_SYSTEM_PROMPT = ("You are a helpful, honest and harmless assistant. Answer the user "
+                         "helpfully and avoid anything harmful or offensive.")
+
+
+@dataclass
+class EvalOptions:
+    model: str
+    value_head: str
+    prompts: str
+    reward_fn: Any = None
+    reward_model: str | None = None
+    grid: Any = "0.5:10,1.0:20"          # "alpha:steps,..." or [[alpha, steps], ...]
+    best_of: Any = (4,)                   # N values for Best-of-N; empty to skip
+    system_prompt: str | None = DEFAULT_SYSTEM_PROMPT  # None or "" skips the prompting rows
+    chat_template: bool = False
+    split: str = "test"
+    prompt_column: str | None = None
+    prompt_format: str = "auto"
+    max_prompts: int | None = None
+    max_tokens: int = 128
+    temperature: float = 0.0              # the paper decodes greedily
+    bon_temperature: float = 1.0
+    seed: int = 0
+    embedding_model: str | None = None
+    engine_args: dict = field(default_factory=dict)
+    reward_batch_size: int = 16
+    device: str = "cpu"                   # reward and embedding models
+    out: str = "eval-out"
+    quiet: bool = False
+
+
+@dataclass
+class MethodResult:
+    method: str
+    alpha: float = 0.0
+    steps: int = 0
+    n: int = 1
+    prompting: bool = False
+    reward: float = math.nan
+    diversity: float = math.nan
+    coherence: float | None = None
+    generated_tokens: int = 0             # every sample, Best-of-N's discarded ones included
+    delivered_tokens: int = 0             # the returned responses only
+    seconds: float = 0.0
+    responses: list[str] = field(default_factory=list, repr=False)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.generated_tokens / self.seconds if self.seconds else math.nan
+
+    @property
+    def delivered_per_s(self) -> float:
+        """Tokens of returned responses per second: what a user gets for the compute."""
+        return self.delivered_tokens / self.seconds if self.seconds else math.nan
+
+
+def parse_grid(grid: Any) -> list[tuple[float, int]]:
+    """``"0.5:10,1:20"`` or ``[[0.5, 10], [1, 20]]`` to [(alpha, steps)]."""
+    items = grid.split(",") if isinstance(grid, str) else list(grid)
+    points = []
+    for item in items:
+        parts = item.split(":") if isinstance(item, str) else list(item)
+        try:
+            alpha, steps = float(parts[0]), int(parts[1])
+            if len(parts) != 2 or alpha < 0 or steps < 1:
+                raise ValueError
+        except (ValueError, IndexError):
+            raise RecontrolError(f"grid entry {item!r} must be alpha:steps with alpha >= 0 and "
+                                 "steps >= 1") from None
+        points.append((alpha, steps))
+    if not points:
+        raise RecontrolError("the RE-Control grid is empty")
+    return points
+
+
+class Evaluator:
+    """Runs each method on the same prompts through one engine and scores the responses."""
+
+    def __init__(self, opts: EvalOptions, prompts: list[str], score: Callable, coherence: Coherence):
+        from vllm import LLM
+
+        self.opts, self.prompts, self.score, self.coherence = opts, prompts, score, coherence
+        self.grid = parse_grid(opts.grid)
+        engine = {"dtype": "auto", "seed": opts.seed, **opts.engine_args}
+        self.llm = LLM(model=opts.model, model_impl="recontrol", additional_config={"recontrol": {
+            "value_head": opts.value_head, "default_on": False,
+            "steps": max(s for _, s in self.grid), "max_steps": max(s for _, s in self.grid)}},
+            **engine)
+        self.tokenizer = self.llm.get_tokenizer()
+
+    def inputs(self, system_prompt: str | None) -> list[Any]:
+        """Token ids (chat template) or text, with the system prompt when given."""
+        from vllm.inputs import TokensPrompt
+
+        if self.opts.chat_template:
+            out = []
+            for prompt in self.prompts:
+                messages = prompt_messages(prompt)
+                if system_prompt:
+                    messages = [{"role": "system", "content": system_prompt}] + messages
+                text = self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                          add_generation_prompt=True)
+                out.append(TokensPrompt(prompt_token_ids=self.tokenizer(
+                    text, add_special_tokens=False)["input_ids"]))
+            return out
+        return [f"{system_prompt}\n\n{p}" if system_prompt else p for p in self.prompts]
+
+    def run(self, result: MethodResult) -> MethodResult:
+        from vllm import SamplingParams
+
+        o = self.opts
+        extra = ({"recontrol_alpha": result.alpha, "recontrol_steps": result.steps}
+                 if result.steps else {"recontrol": 0})
+        temperature = o.bon_temperature if result.n > 1 else o.temperature
+        params = [SamplingParams(n=result.n, temperature=temperature, max_tokens=o.max_tokens,
+                                 seed=o.seed + i, extra_args=extra)
+                  for i in range(len(self.prompts))]
+        inputs = self.inputs(o.system_prompt if result.prompting else None)
+        self.llm.generate(inputs[:1], params[:1], use_tqdm=False)  # compile and warm up
+        start = time.perf_counter()
+        outputs = self.llm.generate(inputs, params, use_tqdm=not o.quiet)
+        result.seconds = time.perf_counter() - start
+        result.generated_tokens = sum(len(c.token_ids) for out in outputs for c in out.outputs)
+        chosen, rewards = [], []
+        for prompt, out in zip(self.prompts, outputs):
+            texts = [cut_response(c.text)[0] for c in out.outputs]
+            scores = self.score([(prompt, t) for t in texts])
+            best = max(range(len(texts)), key=lambda i: scores[i])  # Best-of-N; N = 1: itself
+            chosen.append(texts[best])
+            rewards.append(scores[best])
+            result.delivered_tokens += len(out.outputs[best].token_ids)
+        result.responses, result.reward = chosen, mean(rewards)
+        result.diversity = mean([diversity(t) for t in chosen])
+        if self.coherence.available:
+            result.coherence = mean(self.coherence.scores(self.prompts, chosen))
+        return result
+
+    def methods(self) -> list[MethodResult]:
+        """Base, the RE-Control grid, Best-of-N, prompting, RE-Control + prompting."""
+        results = [self.run(MethodResult("base"))]
+        grid = [self.run(MethodResult("re-control", alpha=a, steps=s)) for a, s in self.grid]
+        results += grid
+        results += [self.run(MethodResult(f"best-of-{n}", n=n)) for n in self.best_of()]
+        if self.opts.system_prompt:
+            results.append(self.run(MethodResult("prompting", prompting=True)))
+            top = max(grid, key=lambda r: r.reward)
+            results.append(self.run(MethodResult("re-control + prompting", alpha=top.alpha,
+                                                 steps=top.steps, prompting=True)))
+        return results
+
+    def best_of(self) -> list[int]:
+        values = [self.opts.best_of] if isinstance(self.opts.best_of, int) else self.opts.best_of
+        if any(not isinstance(n, int) or n < 2 for n in values):
+            raise RecontrolError(f"best_of values must be integers >= 2, got {values}")
+        return list(values)
+
+    def close(self) -> None:
+        from .._vllm_adapter import shutdown_llm
+
+        shutdown_llm(self.llm)
+
+
+def markdown_table(results: Sequence[MethodResult], coherence: Coherence) -> str:
+    base = results[0]
+    lines = ["| method | alpha | steps | N | reward | diversity | coherence | generated tok/s | "
+             "delivered tok/s | delivered vs. base |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        coh = f"{r.coherence:.3f}" if r.coherence is not None else "n/a"
+        lines.append(f"| {r.method} | {r.alpha:g} | {r.steps} | {r.n} | {r.reward:.4f} | "
+                     f"{r.diversity:.3f} | {coh} | {r.tokens_per_s:.1f} | "
+                     f"{r.delivered_per_s:.1f} | {r.delivered_per_s / base.delivered_per_s:.2f} |")
+    if not coherence.available:
+        lines.append(f"\ncoherence: unavailable ({coherence.unavailable_reason})")
+    return "\n".join(lines)
+
+
+def evaluate(**options: Any) -> dict[str, Any]:
+    """Run the comparison; writes ``eval.json``, ``eval.md`` and plots under ``out``."""
+    opts = build_options(EvalOptions, options, "eval")
+    prompts = load_prompts(opts.prompts, opts.split, opts.prompt_column, opts.prompt_format,
+                           max_prompts=opts.max_prompts)
+    source = RewardSource(reward_fn=opts.reward_fn, reward_model=opts.reward_model,
+                          device=opts.device, batch_size=opts.reward_batch_size, command="eval")
+    coherence = Coherence.load(opts.embedding_model, opts.device)
+    evaluator = Evaluator(opts, prompts, source.score, coherence)
+    try:
+        results = evaluator.methods()
+    finally:
+        evaluator.close()
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    table = markdown_table(results, coherence)
+    report = {
+        "options": {k: v for k, v in asdict(opts).items() if k != "reward_fn"} |
+                   {"reward_fn": source.describe()},
+        "num_prompts": len(prompts),
+        "coherence": {"model": coherence.model_name, "available": coherence.available,
+                      "reason": coherence.unavailable_reason},
+        "results": [{k: v for k, v in asdict(r).items() if k != "responses"} |
+                    {"tokens_per_s": r.tokens_per_s, "delivered_per_s": r.delivered_per_s,
+                     "examples": r.responses[:5]}
+                    for r in results],
+    }
+    (out / "eval.json").write_text(json.dumps(report, indent=2, default=str))
+    (out / "eval.md").write_text(table + "\n")
+    report["plots"] = [str(p) for p in save_plots(results, out)]
+    report["table"] = table
+    if not opts.quiet:
+        print("\n" + table)
+        for p in report["plots"]:
+            print(f"plot: {p}")
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vllm-recontrol eval", description=__doc__)
+    parser.add_argument("--model")
+    parser.add_argument("--value-head")
+    parser.add_argument("--prompts", help="datasets name, or a JSONL/Parquet file")
+    parser.add_argument("--reward-fn", help="module:function, f(prompt, response) -> float")
+    parser.add_argument("--reward-model", help="Hugging Face sequence-classification model")
+    parser.add_argument("--grid", help='RE-Control settings "alpha:steps,..." (default '
+                        '"0.5:10,1.0:20")')
+    parser.add_argument("--best-of", type=int, nargs="*", help="N values for Best-of-N")
+    parser.add_argument("--system-prompt", help='prompting baseline ("" to skip)')
+    parser.add_argument("--chat-template", action="store_true")
+    parser.add_argument("--split")
+    parser.add_argument("--prompt-column")
+    parser.add_argument("--prompt-format", choices=["auto", "hh-rlhf", "plain"])
+    parser.add_argument("--max-prompts", type=int)
+    parser.add_argument("--max-tokens", type=int)
+    parser.add_argument("--temperature", type=float)
+    parser.add_argument("--bon-temperature", type=float)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--embedding-model", help="sentence-transformers model for coherence")
+    parser.add_argument("--engine-args", type=json_argument, help="JSON of vLLM LLM(...) kwargs")
+    parser.add_argument("--device")
+    parser.add_argument("--out")
+    options = parse_command_line(parser, argv, required=("model", "value_head", "prompts"))
+    return run_main(evaluate, options)

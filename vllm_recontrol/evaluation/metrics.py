@@ -1,0 +1,65 @@
+"""Quality metrics beside the reward: the paper's diversity and coherence.
+
+Diversity guards against reward hacking (repetition collapse); coherence against answers that
+drift away from the prompt. Coherence needs a sentence-embedding model; when none can be
+loaded it is reported as unavailable with the reason, never replaced by a made-up number.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+DIVERSITY_ORDERS = (2, 3, 4)
+
+
+def diversity(text: str, orders: Sequence[int] = DIVERSITY_ORDERS) -> float:
+    """prod_n (1 - rep_n), rep_n = 1 - unique n-grams / (total n-grams + 1), on words."""
+    words = text.split()
+    score = 1.0
+    for n in orders:
+        grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+        score *= len(set(grams)) / (len(grams) + 1)
+    return score
+
+
+def mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else math.nan
+
+
+@dataclass
+class Coherence:
+    """Cosine similarity of prompt and response embeddings (SimCSE in the paper)."""
+
+    model_name: str | None
+    model: object | None
+    unavailable_reason: str | None
+
+    @classmethod
+    def load(cls, model_name: str | None, device: str = "cpu") -> "Coherence":
+        if not model_name:
+            return cls(None, None, "no --embedding-model given")
+        try:
+            from sentence_transformers import SentenceTransformer
+        except ImportError:
+            return cls(model_name, None, "sentence-transformers is not installed")
+        try:
+            model = SentenceTransformer(model_name, device=device)
+        except Exception as exc:  # offline, missing files, ...: report, do not fake
+            return cls(model_name, None, f"cannot load {model_name!r}: {type(exc).__name__}: "
+                                         f"{str(exc)[:200]}")
+        return cls(model_name, model, None)
+
+    @property
+    def available(self) -> bool:
+        return self.model is not None
+
+    def scores(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
+        import torch
+
+        if self.model is None:
+            raise RuntimeError(f"coherence unavailable: {self.unavailable_reason}")
+        a = self.model.encode(list(prompts), convert_to_tensor=True, normalize_embeddings=True)
+        b = self.model.encode(list(responses), convert_to_tensor=True, normalize_embeddings=True)
+        return torch.nn.functional.cosine_similarity(a, b, dim=-1).float().cpu().tolist()
