@@ -402,48 +402,6 @@ def markdown_table(result: dict, device_name: str, args) -> str:
 
 
 # ----------------------------------------------------------------------------- check
-def _bf16(x):
-    return x.float().bfloat16().double()
-
-
-class _RoundOperand(torch.autograd.Function):
-    """bf16 rounding where the kernel's bf16 mode rounds (forward; gradient too if asked)."""
-
-    @staticmethod
-    def forward(ctx, x, round_grad):
-        ctx.round_grad = round_grad
-        return _bf16(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return (_bf16(grad) if ctx.round_grad else grad), None
-
-
-def reference(mlp, states, alpha, steps, n, max_norm, emulate_bf16, margin):
-    """float64 autograd ascent; also the rows whose pre-activations stayed >= margin*RMS from 0."""
-    W = [w.double() for w in mlp.weights]
-    b = [x.double() for x in mlp.biases]
-    s, a = states.double(), alpha.double()
-    u = torch.zeros_like(s)
-    clean = torch.ones(s.shape[0], dtype=torch.bool, device=s.device)
-    for k in range(n):
-        moving = (steps > k) & (a != 0)
-        x = (s + u).detach().requires_grad_(True)
-        h = _RoundOperand.apply(x, False) if emulate_bf16 else x
-        for wi, bi in zip(W[:-1], b[:-1]):
-            z = h @ wi.T + bi
-            rms = z.detach().pow(2).mean(dim=1, keepdim=True).sqrt()
-            clean &= ~((z.detach().abs() < margin * rms).any(dim=1) & moving)
-            h = torch.relu(z)
-            if emulate_bf16:
-                h = _RoundOperand.apply(h, True)
-        (grad,) = torch.autograd.grad((h @ W[-1].T + b[-1]).sum(), x)
-        u = u + (a * (steps > k))[:, None] * grad
-        if max_norm is not None:
-            u = u * (max_norm / u.norm(dim=1, keepdim=True).clamp_min(1e-30)).clamp_max(1.0)
-    return u, clean
-
-
 def check_cases(device: torch.device) -> list[dict]:
     """Odd sizes, 1-3 hidden layers, small and large batches, all precisions, split K, max_norm."""
     if device.type != "cuda":  # interpreter smoke test: toy sizes only
@@ -514,8 +472,10 @@ def run_check(args, device, ascent, va, dump) -> dict:
         again = va.triton_ascend(mlp, states, alpha, steps, n, max_norm, poison_scratch=True, **kw)
         sync(device)
         emulate = c["precision"] == "bf16"
-        ref, clean = reference(mlp, states, alpha, steps, n, max_norm, emulate, MARGIN[c["precision"]])
-        pure, _ = reference(mlp, states, alpha, steps, n, max_norm, False, 0.0)
+        reference = importlib.import_module("vllm_recontrol.kernels.reference").reference_ascent
+        ref, clean = reference(mlp.weights, mlp.biases, states, alpha, steps, n, max_norm,
+                               emulate, MARGIN[c["precision"]])
+        pure, _ = reference(mlp.weights, mlp.biases, states, alpha, steps, n, max_norm, False, 0.0)
         idle = (steps == 0) | (alpha == 0)
         moving = ~idle
         use = clean & moving

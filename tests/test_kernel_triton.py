@@ -46,6 +46,7 @@ in_process = pytest.mark.skipif(
     not IN_PROCESS, reason="triton was imported before TRITON_INTERPRET=1; see test_in_subprocess")
 
 from vllm_recontrol.ascent import MLPWeights  # noqa: E402
+from vllm_recontrol.kernels.reference import reference_ascent  # noqa: E402
 
 FP32_TOL = 1e-4          # fp32 products vs float64 (METHOD: far under 1e-3)
 BF16_EMULATED_TOL = 1e-3  # bf16 products vs float64 with the same bf16 operand rounding
@@ -78,62 +79,6 @@ def kernels():
 @pytest.fixture
 def seed():
     return int(os.environ.get("RECONTROL_TEST_SEED", random.SystemRandom().randrange(2**31)))
-
-
-# ----------------------------------------------------------------------------- reference
-def _bf16(x: torch.Tensor) -> torch.Tensor:
-    """Round float64 values as the kernel does: to fp32, then to nearest-even bf16."""
-    return x.float().bfloat16().double()
-
-
-class _RoundOperand(torch.autograd.Function):
-    """Forward: round to bf16. Backward: pass the gradient, rounded too if ``round_grad``.
-
-    Models where the kernel's bf16 mode rounds: the first-layer operand s + u (its gradient,
-    the result, stays fp32), the stored activations and the stored backward products.
-    """
-
-    @staticmethod
-    def forward(ctx, x, round_grad):
-        ctx.round_grad = round_grad
-        return _bf16(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return (_bf16(grad) if ctx.round_grad else grad), None
-
-
-def reference_ascent(weights, biases, states, alpha, steps, num_iterations, max_norm=None,
-                     emulate_bf16=False, margin=1e-4):
-    """u after the ascent in float64 by autograd, and the rows that never came near a kink.
-
-    A row is 'clean' when, at every step where it moves, every hidden pre-activation is at
-    least ``margin`` times that layer's RMS away from 0.
-    """
-    W = [w.double() for w in weights]
-    b = [x.double() for x in biases]
-    s, alpha, steps = states.double(), alpha.double(), steps.long()
-    u = torch.zeros_like(s)
-    clean = torch.ones(s.shape[0], dtype=torch.bool)
-    for k in range(num_iterations):
-        moving = (steps > k) & (alpha != 0)
-        x = (s + u).detach().requires_grad_(True)
-        h = _RoundOperand.apply(x, False) if emulate_bf16 else x
-        for Wi, bi in zip(W[:-1], b[:-1]):
-            z = h @ Wi.T + bi
-            rms = z.detach().pow(2).mean(dim=1, keepdim=True).sqrt()
-            near = (z.detach().abs() < margin * rms).any(dim=1)
-            clean &= ~(near & moving)
-            h = torch.relu(z)
-            if emulate_bf16:
-                h = _RoundOperand.apply(h, True)
-        value = (h @ W[-1].T + b[-1]).sum()
-        (grad,) = torch.autograd.grad(value, x)
-        u = u + (alpha * (steps > k))[:, None] * grad
-        if max_norm is not None:
-            norm = u.norm(dim=1, keepdim=True)
-            u = u * (max_norm / norm.clamp_min(1e-30)).clamp_max(1.0)
-    return u, clean
 
 
 # ----------------------------------------------------------------------------- inputs
