@@ -25,25 +25,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 WORDS = "the good kan a bad ba bon user: is zo ze zi zu and bal".split()
-
-
-@contextlib.contextmanager
-def plugins(loaded: bool) -> Iterator[None]:
-    """Exclude the plugin from the engine processes only; this process loads it first."""
-    from vllm.plugins import load_general_plugins
-
-    load_general_plugins()
-    old = os.environ.get("VLLM_PLUGINS")
-    if not loaded:
-        os.environ["VLLM_PLUGINS"] = "none-at-all"
-    try:
-        yield
-    finally:
-        os.environ.pop("VLLM_PLUGINS", None) if old is None else os.environ.update(
-            VLLM_PLUGINS=old)
 
 
 def make_prompts(count: int, words: int) -> list[str]:
@@ -99,7 +83,9 @@ def start_engine(args, recontrol: bool, plugin_loaded: bool):
         kwargs.update(model_impl="recontrol", additional_config={"recontrol": {
             "value_head": args.value_head, "alpha": args.alpha, "default_on": False,
             "steps": max(args.steps), "max_steps": max(args.steps), "backend": args.backend}})
-    with plugins(plugin_loaded):
+    from vllm_recontrol._vllm_adapter import stock_vllm_engines
+
+    with contextlib.nullcontext() if plugin_loaded else stock_vllm_engines():
         return LLM(**kwargs)
 
 

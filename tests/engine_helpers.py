@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -36,30 +35,10 @@ def start_llm(model_dir: Path, recontrol: dict | None = None, plugin_loaded: boo
     kwargs = {**ENGINE_KWARGS, **overrides}
     if recontrol is not None:
         kwargs.update(model_impl="recontrol", additional_config={"recontrol": recontrol})
-    with _plugins_env(plugin_loaded):
+    from vllm_recontrol._vllm_adapter import stock_vllm_engines
+
+    with contextlib.nullcontext() if plugin_loaded else stock_vllm_engines():
         return LLM(model=str(model_dir), **kwargs)
-
-
-@contextlib.contextmanager
-def _plugins_env(plugin_loaded: bool) -> Iterator[None]:
-    """Without the plugin, the engine process loads no ``vllm.general_plugins`` at all.
-
-    This process loads its plugins first: vLLM loads them once per process, and a front-end
-    that first loaded them under the exclusion would never install RE-Control's hook.
-    """
-    from vllm.plugins import load_general_plugins
-
-    load_general_plugins()
-    old = os.environ.get("VLLM_PLUGINS")
-    if not plugin_loaded:
-        os.environ["VLLM_PLUGINS"] = "none-at-all"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("VLLM_PLUGINS", None)
-        else:
-            os.environ["VLLM_PLUGINS"] = old
 
 
 def stop_llm(llm) -> None:

@@ -15,10 +15,11 @@ Three hooks, all inert unless an engine is started with ``model_impl="recontrol"
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -295,7 +296,6 @@ def shutdown_llm(llm: Any) -> None:
     vLLM 0.32's ``LLM`` has no public shutdown; its engine-core client's ``shutdown`` is what
     vLLM's own tests call.
     """
-    import contextlib
     import gc
 
     if llm is None:
@@ -305,3 +305,25 @@ def shutdown_llm(llm: Any) -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+@contextlib.contextmanager
+def stock_vllm_engines() -> Iterator[None]:
+    """Engines created inside start with no ``vllm.general_plugins`` at all: stock vLLM.
+
+    For comparisons (tests, benchmarks). This process loads its plugins first: vLLM loads
+    them once per process, and a front-end that first loaded them under the exclusion would
+    never install RE-Control's hook for later engines.
+    """
+    from vllm.plugins import load_general_plugins
+
+    load_general_plugins()
+    old = os.environ.get("VLLM_PLUGINS")
+    os.environ["VLLM_PLUGINS"] = "none-at-all"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("VLLM_PLUGINS", None)
+        else:
+            os.environ["VLLM_PLUGINS"] = old
