@@ -6,6 +6,10 @@ Engines (each measured on the same prompts, greedy, fixed output length):
   off          --model-impl recontrol, every request opted out ({"recontrol": 0})
   steps=N      --model-impl recontrol, every request controlled with N ascent steps
 
+With --vllm-bench the same comparison also runs through vLLM's own `vllm bench throughput`
+(random prompts; the RE-Control runs use --model-impl recontrol with every request
+controlled at the engine's steps), each in its own process.
+
 Each row also gets the arithmetic floor ratio: model FLOPs per token over model + control
 FLOPs per token, the best a compute-bound controlled run could do relative to stock.
 Prints a Markdown table and writes JSON (and a PNG plot when matplotlib is installed).
@@ -117,19 +121,59 @@ def measure(args) -> list[dict[str, Any]]:
                 for extra, steps in cases:
                     name = engine_name if extra is None else ("off" if steps == 0 else f"steps={steps}")
                     seconds, tokens = timed_generate(llm, prompts, params(extra), args.repeats)
-                    control = control_flops_per_token(args.value_head, steps) if steps else 0.0
                     rows.append(dict(variant=name, batch=batch, steps=steps, seconds=seconds,
-                                     tokens=tokens, tokens_per_s=tokens / seconds,
-                                     floor_ratio=model_flops / (model_flops + control)))
+                                     tokens=tokens, tokens_per_s=tokens / seconds))
                     print(f"  {name:>10}  batch {batch:>4}: {tokens / seconds:10.1f} tok/s",
                           flush=True)
         finally:
             stop_engine(llm)
-    stock = {r["batch"]: r["tokens_per_s"] for r in rows if r["variant"] == "stock"}
+    add_ratios(rows, model_flops, args.value_head, "stock")
+    return rows
+
+
+def vllm_bench_rows(args) -> list[dict[str, Any]]:
+    """`vllm bench throughput` without and with the plugin; output tokens/s parsed from it."""
+    import re
+    import subprocess
+
+    base = [sys.executable, "-m", "vllm_recontrol.cli", "vllm", "bench", "throughput",
+            "--model", args.model, "--dataset-name", "random", "--random-input-len", "32",
+            "--random-output-len", str(args.output_len), "--num-prompts",
+            str(max(args.batch_sizes)), "--dtype", args.dtype, "--seed", "0",
+            "--max-num-seqs", str(max(args.batch_sizes)), "--max-model-len",
+            str(args.max_model_len)]
+    if args.enforce_eager:
+        base.append("--enforce-eager")
+    if args.kv_cache_bytes:
+        base += ["--kv-cache-memory-bytes", str(args.kv_cache_bytes)]
+    runs = [("vllm-bench stock", 0, [], {"VLLM_PLUGINS": "none-at-all"}),
+            ("vllm-bench installed", 0, [], {})]
+    for steps in args.steps:
+        config = {"recontrol": {"value_head": args.value_head, "alpha": args.alpha,
+                                "steps": steps, "max_steps": steps, "backend": args.backend}}
+        runs.append((f"vllm-bench steps={steps}", steps,
+                     ["--model-impl", "recontrol", "--additional-config", json.dumps(config)], {}))
+    rows = []
+    for name, steps, extra, env in runs:
+        proc = subprocess.run(base + extra, capture_output=True, text=True, timeout=900,
+                              env={**os.environ, **env})
+        match = re.search(r"Throughput: .*?([\d.]+) output tokens/s", proc.stdout + proc.stderr)
+        if proc.returncode or not match:
+            raise RuntimeError(f"{name} failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
+        rows.append(dict(variant=name, batch=max(args.batch_sizes), steps=steps,
+                         tokens_per_s=float(match.group(1))))
+        print(f"  {name:>22}: {rows[-1]['tokens_per_s']:10.1f} output tok/s", flush=True)
+    return rows
+
+
+def add_ratios(rows: list[dict[str, Any]], model_flops: float, value_head: str,
+               stock_variant: str) -> None:
+    stock = {r["batch"]: r["tokens_per_s"] for r in rows if r["variant"] == stock_variant}
     for r in rows:
+        control = control_flops_per_token(value_head, r["steps"]) if r["steps"] else 0.0
+        r["floor_ratio"] = model_flops / (model_flops + control)
         r["ratio_to_stock"] = r["tokens_per_s"] / stock[r["batch"]]
         r["gap_to_floor"] = r["ratio_to_stock"] / r["floor_ratio"]
-    return rows
 
 
 def markdown(rows: list[dict[str, Any]], machine: str) -> str:
@@ -198,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="KV cache size (default: 256 MiB on CPU, vLLM's default on GPU)")
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
+    parser.add_argument("--vllm-bench", action="store_true",
+                        help="also run vLLM's own `vllm bench throughput` with and without the plugin")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
 
@@ -211,6 +257,11 @@ def main(argv: list[str] | None = None) -> int:
     machine = (torch.cuda.get_device_name(0) if on_gpu else
                f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores")
     rows = measure(args)
+    if args.vllm_bench:
+        bench_rows = vllm_bench_rows(args)
+        add_ratios(bench_rows, model_flops_per_token(args.model), args.value_head,
+                   "vllm-bench stock")
+        rows += bench_rows
     table = markdown(rows, machine)
     print("\n" + table)
     args.out.mkdir(parents=True, exist_ok=True)

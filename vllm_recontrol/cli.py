@@ -11,6 +11,7 @@ SUBCOMMANDS = {
     "train": ("vllm_recontrol.training.trainer", "train a value head on labelled states"),
     "eval": ("vllm_recontrol.evaluation.evaluate", "RE-Control vs. base, Best-of-N and prompting"),
     "serve": (None, "vLLM's own `vllm serve` (also where the CPU wheel's `vllm` command fails)"),
+    "vllm": (None, "any vLLM command line, e.g. `vllm-recontrol vllm bench throughput ...`"),
 }
 
 
@@ -21,10 +22,10 @@ def main(argv: list[str] | None = None) -> int:
         for name, (_, summary) in SUBCOMMANDS.items():
             print(f"  {name:<10} {summary}")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
-    if argv[0] == "serve":
+    if argv[0] in ("serve", "vllm"):
         from ._vllm_adapter import run_vllm_cli
 
-        return run_vllm_cli(argv)
+        return run_vllm_cli(argv if argv[0] == "serve" else argv[1:])
     import importlib
 
     module = importlib.import_module(SUBCOMMANDS[argv[0]][0])
