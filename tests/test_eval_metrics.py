@@ -42,3 +42,62 @@ def test_table_reports_unavailable_coherence_with_its_reason():
     assert "| best-of-4 | 0 | 0 | 4 | 0.8000 | 0.600 | n/a | 200.0 | 50.0 | 0.50 |" in table
     assert "coherence: unavailable (no --embedding-model given)" in table
     assert math.isnan(MethodResult("x").tokens_per_s)
+
+
+@pytest.fixture(scope="module")
+def tiny_sentence_model(tmp_path_factory):
+    """A random 1-layer BERT + mean pooling saved as a sentence-transformers folder."""
+    pytest.importorskip("sentence_transformers")
+    import torch
+    from sentence_transformers import SentenceTransformer, models
+    from transformers import BertConfig, BertModel
+
+    from vllm_recontrol.toy import build_tokenizer
+
+    root = tmp_path_factory.mktemp("st")
+    tokenizer = build_tokenizer(root / "bert")
+    # Plain text, as a SimCSE model sees it: sentence-transformers would otherwise wrap each
+    # text in the toy tokenizer's chat template.
+    (root / "bert" / "chat_template.jinja").unlink(missing_ok=True)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1,
+                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=64,
+                        pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(root / "bert")
+    word = models.Transformer(str(root / "bert"), max_seq_length=64)
+    pooling = models.Pooling(word.get_word_embedding_dimension(), pooling_mode="mean")
+    SentenceTransformer(modules=[word, pooling]).save(str(root / "st"))
+    return root
+
+
+def test_coherence_is_the_cosine_of_mean_pooled_embeddings(tiny_sentence_model):
+    """Against a hand computation: BERT states, masked mean, cosine."""
+    import torch
+    from transformers import AutoTokenizer, BertModel
+
+    prompts, responses = ["the good kan", "a bad ba bon"], ["the good kan", "zo ze zi"]
+    coherence = Coherence.load(str(tiny_sentence_model / "st"))
+    assert coherence.available, coherence.unavailable_reason
+    got = coherence.scores(prompts, responses)
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_sentence_model / "bert")
+    model = BertModel.from_pretrained(tiny_sentence_model / "bert").eval()
+
+    def embed(text):
+        batch = tokenizer(text, return_tensors="pt")
+        with torch.no_grad():
+            states = model(**batch).last_hidden_state[0]
+        mask = batch["attention_mask"][0, :, None].float()
+        return (states * mask).sum(0) / mask.sum()
+
+    want = [float(torch.nn.functional.cosine_similarity(embed(p), embed(r), dim=0))
+            for p, r in zip(prompts, responses)]
+    assert got == pytest.approx(want, abs=1e-5)
+    assert got[0] == pytest.approx(1.0, abs=1e-5) and got[1] < 0.999
+
+
+def test_coherence_that_cannot_load_says_why(tmp_path):
+    coherence = Coherence.load(str(tmp_path / "missing-model"))
+    assert not coherence.available
+    assert "missing-model" in coherence.unavailable_reason or "not installed" in \
+        coherence.unavailable_reason
