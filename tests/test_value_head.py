@@ -31,10 +31,13 @@ def reference_ascent(head: ValueHead, states, alpha, steps, max_norm=None):
 
 
 @pytest.mark.parametrize("widths", [[], [24], [31, 17], [16, 16, 9]])
-def test_ascent_matches_float64_autograd(widths):
-    seed = torch.seed()
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_ascent_matches_float64_autograd(widths, seed):
+    # Fixed seeds: a pre-activation within rounding distance of a ReLU kink may take the other
+    # side in float32 than in float64, so fresh draws could fail by chance (the kernel tests,
+    # which do draw fresh inputs, exclude such rows explicitly).
     torch.manual_seed(seed)
-    head = ValueHead(40, widths, seed=seed % 1000)
+    head = ValueHead(40, widths, seed=seed)
     states = torch.randn(7, 40)
     alpha = torch.rand(7) * 0.5
     steps = torch.tensor([0, 1, 2, 5, 9, 3, 9])
@@ -45,6 +48,7 @@ def test_ascent_matches_float64_autograd(widths):
 
 
 def test_scalar_alpha_and_steps_and_max_norm():
+    torch.manual_seed(4)
     head = ValueHead(20, [30], seed=4)
     states = torch.randn(5, 20)
     got = head.ascend(states, 0.8, 6, max_norm=0.05)
@@ -54,6 +58,7 @@ def test_scalar_alpha_and_steps_and_max_norm():
 
 
 def test_matches_the_oracle_autograd_head(tmp_path):
+    torch.manual_seed(9)
     head = ValueHead(16, [12, 8], seed=9)
     sequential = load_head_as_sequential(head.save(tmp_path / "h"))
     state = torch.randn(1, 16)
@@ -63,6 +68,7 @@ def test_matches_the_oracle_autograd_head(tmp_path):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
 def test_low_precision_states_keep_dtype_and_untouched_rows(dtype):
+    torch.manual_seed(5)
     head = ValueHead(32, [32], seed=5)
     states = torch.randn(4, 32).to(dtype)
     alpha = torch.tensor([0.0, 0.5, 0.5, 1.0])
