@@ -1,6 +1,7 @@
 """Offline generation throughput: stock vLLM vs. the plugin, control off and on.
 
-Engines (each measured on the same prompts, greedy, fixed output length):
+Engines (all alive at once, each case timed in turn on the same prompts, greedy, fixed
+output length):
   stock        vLLM with this plugin not loaded (VLLM_PLUGINS excludes it)
   installed    plugin loaded, engine started without --model-impl recontrol
   off          --model-impl recontrol, every request opted out ({"recontrol": 0})
@@ -62,18 +63,8 @@ def control_flops_per_token(head_dir: str, steps: int) -> float:
     return 2.0 * steps * (forward + backward)
 
 
-def timed_generate(llm, prompts: list[str], params, repeats: int) -> tuple[float, int]:
-    llm.generate(prompts[: max(1, len(prompts) // 4)], params, use_tqdm=False)  # warm-up
-    best, tokens = float("inf"), 0
-    for _ in range(repeats):
-        start = time.perf_counter()
-        outputs = llm.generate(prompts, params, use_tqdm=False)
-        best = min(best, time.perf_counter() - start)
-        tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
-    return best, tokens
-
-
 def start_engine(args, recontrol: bool, plugin_loaded: bool):
+    """One offline engine: stock (plugin not loaded), plugin installed, or RE-Control on."""
     from vllm import LLM
 
     kwargs: dict[str, Any] = dict(model=args.model, dtype=args.dtype, seed=0,
@@ -100,34 +91,47 @@ def stop_engine(llm) -> None:
 
 
 def measure(args) -> list[dict[str, Any]]:
+    """All engines alive at once and every case timed in turn, repeat after repeat.
+
+    Interleaving spreads the drift of a shared machine over every variant alike, so ratios
+    between variants are not skewed by when each one happened to run. Best of the repeats.
+    """
     from vllm import SamplingParams
 
-    def params(extra: dict | None):
-        return SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True,
-                              extra_args=extra)
-
-    model_flops = model_flops_per_token(args.model)
+    engines = {"stock": start_engine(args, recontrol=False, plugin_loaded=False),
+               "installed": start_engine(args, recontrol=False, plugin_loaded=True),
+               "recontrol": start_engine(args, recontrol=True, plugin_loaded=True)}
+    cases = [("stock", "stock", None, 0), ("installed", "installed", None, 0),
+             ("off", "recontrol", {"recontrol": 0}, 0)]
+    cases += [(f"steps={s}", "recontrol", {"recontrol_alpha": args.alpha, "recontrol_steps": s}, s)
+              for s in args.steps]
     rows: list[dict[str, Any]] = []
-    variants = [("stock", False, False, [(None, 0)]),
-                ("installed", False, True, [(None, 0)]),
-                ("recontrol", True, True,
-                 [({"recontrol": 0}, 0)] + [({"recontrol_alpha": args.alpha,
-                                               "recontrol_steps": s}, s) for s in args.steps])]
-    for engine_name, recontrol, loaded, cases in variants:
-        llm = start_engine(args, recontrol, loaded)
-        try:
-            for batch in args.batch_sizes:
-                prompts = make_prompts(batch, args.input_words)
-                for extra, steps in cases:
-                    name = engine_name if extra is None else ("off" if steps == 0 else f"steps={steps}")
-                    seconds, tokens = timed_generate(llm, prompts, params(extra), args.repeats)
-                    rows.append(dict(variant=name, batch=batch, steps=steps, seconds=seconds,
-                                     tokens=tokens, tokens_per_s=tokens / seconds))
-                    print(f"  {name:>10}  batch {batch:>4}: {tokens / seconds:10.1f} tok/s",
-                          flush=True)
-        finally:
+    try:
+        for batch in args.batch_sizes:
+            prompts = make_prompts(batch, args.input_words)
+            params = {name: SamplingParams(max_tokens=args.output_len, temperature=0.0,
+                                           ignore_eos=True, extra_args=extra)
+                      for name, _, extra, _ in cases}
+            for name, engine, _, _ in cases:  # warm-up
+                engines[engine].generate(prompts[: max(1, batch // 4)], params[name],
+                                         use_tqdm=False)
+            best = {name: float("inf") for name, _, _, _ in cases}
+            tokens: dict[str, int] = {}
+            for _ in range(args.repeats):
+                for name, engine, _, _ in cases:
+                    start = time.perf_counter()
+                    outputs = engines[engine].generate(prompts, params[name], use_tqdm=False)
+                    best[name] = min(best[name], time.perf_counter() - start)
+                    tokens[name] = sum(len(o.outputs[0].token_ids) for o in outputs)
+            for name, _, _, steps in cases:
+                rows.append(dict(variant=name, batch=batch, steps=steps, seconds=best[name],
+                                 tokens=tokens[name], tokens_per_s=tokens[name] / best[name]))
+                print(f"  {name:>10}  batch {batch:>4}: {rows[-1]['tokens_per_s']:10.1f} tok/s",
+                      flush=True)
+    finally:
+        for llm in engines.values():
             stop_engine(llm)
-    add_ratios(rows, model_flops, args.value_head, "stock")
+    add_ratios(rows, model_flops_per_token(args.model), args.value_head, "stock")
     return rows
 
 
@@ -236,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--input-words", type=int, default=16)
     parser.add_argument("--output-len", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--max-model-len", type=int, default=512)
     parser.add_argument("--kv-cache-bytes", type=int, default=None,
                         help="KV cache size (default: 256 MiB on CPU, vLLM's default on GPU)")
