@@ -109,7 +109,8 @@ class VllmEngines:
                            o.outputs[0].text, o.outputs[0].finish_reason) for o in outputs]
 
     def release_generator(self) -> None:
-        self._generator = _shutdown(self._generator)
+        shutdown_llm(self._generator)
+        self._generator = None
 
     # ------------------------------------------------------------------ states
     def states(self, sequences: Sequence[list[int]]) -> list[torch.Tensor]:
@@ -124,9 +125,5 @@ class VllmEngines:
 
     def close(self) -> None:
         self.release_generator()
-        self._pooler = _shutdown(self._pooler)
-
-
-def _shutdown(llm: Any) -> None:
-    shutdown_llm(llm)
-    return None
+        shutdown_llm(self._pooler)
+        self._pooler = None
