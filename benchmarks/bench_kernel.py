@@ -7,13 +7,16 @@ runs the whole ascent (``steps`` iterations, all rows active) and is timed with
 
   autograd-fp16     the published reference loop: an fp16 nn.Sequential head, torch.optim.SGD
                     on the state, loss = -V(x).sum(), backward, step (weight grads included)
-  torch-eager       the closed form, ``vllm_recontrol.ascent.ascend_float32`` (fp32 weights; with
-                    --torch-dtype bf16 the same algorithm with bf16 products, fp32 u)
+  torch-eager       the closed form with --torch-dtype weights (default bf16: bf16 products,
+                    fp32 u, as in issue 3's table; fp32 runs ``ascent.ascend_float32``)
   torch-compile     torch.compile of one closed-form step, looped in Python
   torch-graph       torch-eager captured in one CUDA graph
+  torch-fp32-graph  ``ascent.ascend_float32`` (fp32 weights, the project's reference and CPU
+                    path) captured in one CUDA graph
   triton            ``triton_ascend`` launched from Python (weights --dtype, default bf16)
   triton-graph      ``triton_ascend`` captured in one CUDA graph
-  triton-fp32-graph ``triton_ascend`` with fp32 weights (fp32 "ieee" products), one CUDA graph
+  triton-fp32-graph ``triton_ascend`` with fp32 weights (exact fp32 "ieee" products), one graph
+  triton-tf32-graph ``triton_ascend`` with fp32 weights and tf32 tensor-core products, one graph
 
 The floor of a case is max(FLOPs / bf16 matmul rate, bytes / copy bandwidth), both ceilings
 measured at the start of the same run (an 8192^3 bf16 matmul; a 1 GiB device-to-device copy,
@@ -25,7 +28,13 @@ names each variant's weight dtype).
 
 ``--check`` instead verifies ``triton_ascend`` against a float64 reference (autograd, on the
 device) for fp32/tf32/bf16 products, odd sizes, 1-3 hidden layers, small and large batches,
-forced split-K, max_norm, with poisoned outputs and a bit-for-bit determinism check. On a CPU
+forced split-K, max_norm, with poisoned outputs and a bit-for-bit determinism check.
+
+``--sweep`` times ``triton-graph`` under plan overrides (per direction at small batch, tile
+shapes at large batch) against the default plan, timed first and last to show the noise.
+``--warm-only --shard I --shards N`` runs every Triton launch (and torch.compile) that the same
+arguments would time, once, one step, in shard I of N: several such processes run side by side
+fill Triton's on-disk cache before the timed run, so compiling does not eat a device lease. On a CPU
 with TRITON_INTERPRET=1 and ``--device cpu`` both modes run at toy sizes (a smoke test of this
 script; CPU timings mean nothing).
 
@@ -52,9 +61,12 @@ from pathlib import Path
 from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
-VARIANTS = ("autograd-fp16", "torch-eager", "torch-compile", "torch-graph", "triton", "triton-graph",
-            "triton-fp32-graph")
-VARIANT_DTYPE = {"autograd-fp16": "fp16", "triton-fp32-graph": "fp32"}  # others: the flags
+VARIANTS = ("autograd-fp16", "torch-eager", "torch-compile", "torch-graph", "torch-fp32-graph",
+            "triton", "triton-graph", "triton-fp32-graph", "triton-tf32-graph")
+# weight dtype of the variants that fix it (the others follow --dtype / --torch-dtype)
+VARIANT_DTYPE = {"autograd-fp16": "fp16", "torch-fp32-graph": "fp32", "triton-fp32-graph": "fp32",
+                 "triton-tf32-graph": "fp32"}
+VARIANT_PRECISION = {"triton-tf32-graph": "tf32"}  # triton variants: else the weights' default
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -69,14 +81,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16",
                    help="weight dtype of the triton variants and of the floor (default bf16)")
-    p.add_argument("--torch-dtype", choices=["bf16", "fp32"], default="fp32",
-                   help="weight dtype of the torch closed-form variants (default fp32: "
-                        "ascend_float32, the project's reference)")
+    p.add_argument("--torch-dtype", choices=["bf16", "fp32"], default="bf16",
+                   help="weight dtype of torch-eager/-compile/-graph (default bf16, like the "
+                        "floor; torch-fp32-graph covers fp32)")
     p.add_argument("--quick", action="store_true",
-                   help="preset: d = 4096, 1 and 2 hidden layers, 30 steps, all batches")
+                   help="preset: d = 4096, 1 and 2 hidden layers, 30 steps, B 1..512 (with 16)")
     p.add_argument("--sweep", action="store_true",
-                   help="also time the Triton kernel (graph) under a few plan overrides "
-                        "at B = 1 and 16 (tuning aid)")
+                   help="instead of the variants, time triton-graph under plan overrides "
+                        "(default: d 4096, 2 hidden layers, 30 steps, B 1, 16, 256)")
+    p.add_argument("--warm-only", action="store_true",
+                   help="compile only: run each Triton/torch.compile launch of this shard once")
+    p.add_argument("--shard", type=int, default=0)
+    p.add_argument("--shards", type=int, default=1)
     p.add_argument("--check", action="store_true", help="correctness checks instead of timing")
     p.add_argument("--device", default="cuda")
     p.add_argument("--alpha", type=float, default=0.5)
@@ -87,7 +103,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quick:
         args.hidden_sizes, args.layers, args.steps = [4096], [1, 2], [30]
+        args.batch = [1, 8, 16, 32, 128, 256, 512]
+    if args.sweep and argv_lacks(argv, "--hidden-sizes", "--layers", "--steps", "--batch"):
+        args.hidden_sizes, args.layers, args.steps, args.batch = [4096], [2], [30], [1, 16, 256]
+    if not 0 <= args.shard < args.shards:
+        p.error(f"--shard must be in [0, --shards), got {args.shard} of {args.shards}")
     return args
+
+
+def argv_lacks(argv, *flags: str) -> bool:
+    """True when none of the flags was given (so a preset may fill them)."""
+    given = sys.argv[1:] if argv is None else argv
+    return not any(a.split("=")[0] in flags for a in given)
 
 
 # ----------------------------------------------------------------------------- imports
@@ -261,23 +288,105 @@ def variant_dtype(name: str, args) -> str:
     return args.torch_dtype if name.startswith("torch") else args.dtype
 
 
-def build_variant(name, ascent, va, heads, states, alpha, steps, n, device, args):
-    """A zero-argument callable running one whole ascent with variant ``name``.
+@dataclass
+class Task:
+    """One timed row: a variant on a case, optionally under Triton plan overrides."""
 
-    ``heads`` maps "bf16"/"fp32" to the same head's MLPWeights in that dtype.
-    """
+    case: Case
+    variant: str
+    overrides: dict | None = None
+    label: str | None = None
+
+
+_SHORT = {"block_m": "bm", "block_n": "bn", "block_k": "bk", "split_k": "s", "num_warps": "w",
+          "num_stages": "st"}
+
+
+def sweep_configs(batch: int) -> list[tuple[str, dict]]:
+    """(label, plan_overrides) to try: one direction at a time for the weight-streaming small
+    batches (the other keeps the default plan), whole tile shapes for large batches."""
+    def label(prefix: str, ov: dict) -> str:
+        return prefix + " ".join(f"{_SHORT[k]}{v}" for k, v in ov.items())
+
+    if batch <= 64:
+        forward = [dict(block_n=16, block_k=256), dict(block_n=32, block_k=256),
+                   dict(block_n=16, block_k=512), dict(block_n=32, block_k=128),
+                   dict(block_n=64, block_k=128), dict(block_n=16, block_k=256, num_warps=8),
+                   dict(block_n=16, block_k=256, num_stages=3),
+                   dict(block_n=32, block_k=256, split_k=2)]
+        backward = [dict(block_n=32, block_k=128), dict(block_n=64, block_k=64),
+                    dict(block_n=64, block_k=128), dict(block_n=32, block_k=256),
+                    dict(block_n=16, block_k=256), dict(block_n=32, block_k=128, split_k=2),
+                    dict(block_n=64, block_k=128, split_k=2),
+                    dict(block_n=32, block_k=128, num_warps=8)]
+        return ([(label("fwd ", ov), {"forward": ov}) for ov in forward]
+                + [(label("bwd ", ov), {"backward": ov}) for ov in backward])
+    tiles = [(128, 128, 64, 8, 3), (128, 64, 64, 8, 3), (64, 128, 64, 8, 3), (64, 64, 64, 4, 4),
+             (128, 128, 64, 8, 4), (128, 64, 64, 4, 4), (128, 128, 32, 8, 4), (64, 128, 64, 4, 4)]
+    out = []
+    for bm, bn, bk, warps, stages in tiles:
+        ov = dict(block_m=bm, block_n=bn, block_k=bk, num_warps=warps, num_stages=stages, split_k=1)
+        out.append((label("", ov), ov))
+    return out
+
+
+def tasks(args) -> list[Task]:
+    """Every row the arguments ask for, in run order."""
+    out = []
+    for d in args.hidden_sizes:
+        for hidden in args.layers:
+            for n in args.steps:
+                for batch in args.batch:
+                    case = Case(d, hidden, n, batch)
+                    if not args.sweep:
+                        out.extend(Task(case, name) for name in args.variants)
+                        continue
+                    out.append(Task(case, "triton-graph", None, "triton-graph default"))
+                    out.extend(Task(case, "triton-graph", ov, f"triton-graph {lbl}")
+                               for lbl, ov in sweep_configs(batch))
+                    out.append(Task(case, "triton-graph", None, "triton-graph default again"))
+    return out
+
+
+class Inputs:
+    """The head of the current (d, hidden) in fp32 and bf16, and each case's random states."""
+
+    def __init__(self, ascent, device: torch.device, gen: torch.Generator, alpha: float):
+        self.ascent, self.device, self.gen, self.alpha = ascent, device, gen, alpha
+        self.head_key, self.heads, self.case, self.tensors = None, None, None, None
+
+    def get(self, case: Case):
+        if self.head_key != (case.d, case.hidden):
+            self.heads = self.tensors = self.case = None
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            mlp32 = make_head(self.ascent, case.d, [case.d] * case.hidden, torch.float32,
+                              self.device, self.gen)
+            self.heads = {"fp32": mlp32, "bf16": self.ascent.MLPWeights(
+                [w.bfloat16() for w in mlp32.weights], [b.bfloat16() for b in mlp32.biases])}
+            self.head_key = (case.d, case.hidden)
+        if self.case != case:
+            states = torch.randn(case.batch, case.d, generator=self.gen).to(self.device)
+            alpha = torch.full((case.batch,), self.alpha, device=self.device)
+            steps = torch.full((case.batch,), case.steps, device=self.device, dtype=torch.int64)
+            self.case, self.tensors = case, (states, alpha, steps)
+        return self.heads, *self.tensors
+
+
+def raw_variant(name, ascent, va, heads, states, alpha, steps, n, device, args,
+                overrides=None) -> Callable[[], object]:
+    """A zero-argument callable running one whole ascent (``n`` steps) with variant ``name``,
+    before any CUDA-graph capture. ``heads`` maps "bf16"/"fp32" to the same head."""
     ks = list(torch.arange(n, device=device).unbind()) if n else []
     mlp = heads["fp32" if name == "autograd-fp16" else variant_dtype(name, args)]
     if name == "autograd-fp16":
         head = autograd_head(mlp, device)
         s16 = states.half()
         return lambda: autograd_loop(head, s16, args.alpha, n)
-    if name in ("torch-eager", "torch-graph"):
+    if name in ("torch-eager", "torch-graph", "torch-fp32-graph"):
         if mlp.weights[0].dtype == torch.float32:
-            fn = lambda: ascent.ascend_float32(mlp, states, alpha, steps, n)  # noqa: E731
-        else:
-            fn = lambda: closed_form_loop(closed_form_step, mlp, states, alpha, steps, ks)  # noqa: E731
-        return cuda_graph(fn, device) if name == "torch-graph" else fn
+            return lambda: ascent.ascend_float32(mlp, states, alpha, steps, n)
+        return lambda: closed_form_loop(closed_form_step, mlp, states, alpha, steps, ks)
     if name == "torch-compile":
         key = mlp.weights[0].dtype
         if key not in _COMPILED:
@@ -287,9 +396,10 @@ def build_variant(name, ascent, va, heads, states, alpha, steps, n, device, args
             _COMPILED[key] = torch.compile(closed_form_step, dynamic=True)  # one compile per depth
         step = _COMPILED[key]
         return lambda: closed_form_loop(step, mlp, states, alpha, steps, ks)
-    if name in ("triton", "triton-graph", "triton-fp32-graph"):
-        fn = lambda: va.triton_ascend(mlp, states, alpha, steps, n)  # noqa: E731
-        return fn if name == "triton" else cuda_graph(fn, device)
+    if name.startswith("triton"):
+        precision = VARIANT_PRECISION.get(name)
+        return lambda: va.triton_ascend(mlp, states, alpha, steps, n, precision=precision,
+                                        plan_overrides=overrides)
     raise ValueError(name)
 
 
@@ -298,55 +408,65 @@ def run_benchmark(args, device, ascent, va, dump) -> dict:
     print(f"ceilings: bf16 matmul {ceilings['matmul_tflops']:.0f} TFLOP/s, "
           f"copy {ceilings['copy_gbps']:.0f} GB/s", flush=True)
     gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    inputs = Inputs(ascent, device, gen, args.alpha)
     rows = []
-    for d in args.hidden_sizes:
-        for hidden in args.layers:
-            mlp32 = make_head(ascent, d, [d] * hidden, torch.float32, device, gen)
-            heads = {"fp32": mlp32, "bf16": ascent.MLPWeights(
-                [w.bfloat16() for w in mlp32.weights], [b.bfloat16() for b in mlp32.biases])}
-            for n in args.steps:
-                for batch in args.batch:
-                    case = Case(d, hidden, n, batch)
-                    states = torch.randn(batch, d, generator=gen).to(device)
-                    alpha = torch.full((batch,), args.alpha, device=device)
-                    steps = torch.full((batch,), n, device=device, dtype=torch.int64)
-                    flops, nbytes = work(case, 2 if args.dtype == "bf16" else 4)
-                    floor_ms = 1e3 * max(flops / (ceilings["matmul_tflops"] * 1e12),
-                                         nbytes / (ceilings["copy_gbps"] * 1e9))
-                    for name in args.variants:
-                        rows.append(time_variant(name, case, flops, nbytes, floor_ms, ascent, va,
-                                                 heads, states, alpha, steps, device, args))
-                        print(format_row(rows[-1]), flush=True)
-                        dump({"ceilings": ceilings, "rows": rows})  # survives a time limit
-                    if args.sweep and batch in (1, 16) and "triton-graph" in args.variants:
-                        rows.extend(sweep(case, flops, nbytes, floor_ms, va, heads[args.dtype],
-                                          states, alpha, steps, device, args))
-                        dump({"ceilings": ceilings, "rows": rows})
-            del heads, mlp32
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+    for task in tasks(args):
+        case = task.case
+        heads, states, alpha, steps = inputs.get(case)
+        flops, nbytes = work(case, 2 if args.dtype == "bf16" else 4)
+        floor_ms = 1e3 * max(flops / (ceilings["matmul_tflops"] * 1e12),
+                             nbytes / (ceilings["copy_gbps"] * 1e9))
+        rows.append(time_variant(task, flops, nbytes, floor_ms, ascent, va, heads, states, alpha,
+                                 steps, device, args))
+        print(format_row(rows[-1]), flush=True)
+        dump({"ceilings": ceilings, "rows": rows})  # survives a time limit
     return {"ceilings": ceilings, "rows": rows}
 
 
-def time_variant(name, case, flops, nbytes, floor_ms, ascent, va, heads, states, alpha,
-                 steps, device, args, overrides=None, label=None) -> dict:
-    """Time one variant on one case; a failure becomes an 'error' row, not the end of the run."""
-    row = {**asdict(case), "variant": label or name, "weights": variant_dtype(name, args),
+def run_warm(args, device, ascent, va) -> int:
+    """Compile what this shard's share of the timed run will launch (one step each)."""
+    seen, mine = set(), []
+    for task in tasks(args):
+        if not (task.variant.startswith("triton") or task.variant == "torch-compile"):
+            continue
+        key = (task.case.d, task.case.hidden, task.case.batch, task.variant.replace("-graph", ""),
+               repr(task.overrides))
+        if key not in seen:
+            seen.add(key)
+            mine.append(task)
+    mine = mine[args.shard::args.shards]
+    gen = torch.Generator().manual_seed(args.shard)
+    inputs = Inputs(ascent, device, gen, args.alpha)
+    failed = 0
+    for task in mine:
+        heads, states, alpha, steps = inputs.get(task.case)
+        try:
+            raw_variant(task.variant, ascent, va, heads, states, alpha, steps, 1, device, args,
+                        task.overrides)()
+        except Exception as exc:  # the timed run reports it as an error row
+            failed += 1
+            print(f"warm {task.variant} {task.case} {task.overrides}: {type(exc).__name__}: {exc}")
+    sync(device)
+    print(f"warm shard {args.shard}/{args.shards}: {len(mine)} launches compiled, {failed} failed",
+          flush=True)
+    return 0
+
+
+def time_variant(task: Task, flops, nbytes, floor_ms, ascent, va, heads, states, alpha,
+                 steps, device, args) -> dict:
+    """Time one task; a failure becomes an 'error' row, not the end of the run."""
+    name, case = task.variant, task.case
+    row = {**asdict(case), "variant": task.label or name, "weights": variant_dtype(name, args),
            "floor_ms": floor_ms}
     if device.type != "cuda" and (name.endswith("graph") or name == "torch-compile"):
         return {**row, "error": "needs CUDA"}
     try:
-        if overrides is not None:
-            mlp = heads
-            fn = lambda: va.triton_ascend(mlp, states, alpha, steps, case.steps,  # noqa: E731
-                                          plan_overrides=overrides)
-            fn()
-            fn = cuda_graph(fn, device)
-        else:
-            fn = build_variant(name, ascent, va, heads, states, alpha, steps, case.steps,
-                               device, args)
+        fn = raw_variant(name, ascent, va, heads, states, alpha, steps, case.steps, device, args,
+                         task.overrides)
         for _ in range(2):  # compile (Triton, inductor) and warm up outside the timed region
             fn()
+        if name.endswith("graph"):
+            fn = cuda_graph(fn, device)
         sync(device)
         ms = bench_ms(fn, device, args)
         del fn
@@ -358,22 +478,9 @@ def time_variant(name, case, flops, nbytes, floor_ms, ascent, va, heads, states,
             "x_floor": ms / floor_ms if floor_ms > 0 else float("nan")}
 
 
-def sweep(case, flops, nbytes, floor_ms, va, mlp, states, alpha, steps, device, args) -> list:
-    """triton-graph under a few (block_n, split_k) overrides, applied to every product."""
-    out = []
-    for bn in (16, 32, 64):
-        for split in (1, 2, 4):
-            overrides = {"block_n": bn, "split_k": split}
-            label = f"triton-graph bn{bn} s{split}"
-            out.append(time_variant("triton-graph", case, flops, nbytes, floor_ms, None, va, mlp,
-                                    states, alpha, steps, device, args, overrides, label))
-            print(format_row(out[-1]), flush=True)
-    return out
-
-
 def format_row(r: dict) -> str:
     head = (f"d={r['d']:5d} L={r['hidden']} steps={r['steps']:3d} B={r['batch']:3d} "
-            f"{r['variant']:24s} {r['weights']:4s}")
+            f"{r['variant']:34s} {r['weights']:4s}")
     if "error" in r:
         return f"{head} error: {r['error']}"
     return (f"{head} {r['ms']:9.3f} ms {r['tflops']:7.1f} TFLOP/s {r['gbps']:7.0f} GB/s "
@@ -533,6 +640,8 @@ def main(argv=None) -> int:
         if args.markdown and "rows" in partial:
             args.markdown.write_text(markdown_table(partial, device_name, args))
 
+    if args.warm_only:
+        return run_warm(args, device, ascent, va)
     if args.check:
         result = run_check(args, device, ascent, va, dump)
         status = 1 if result["failures"] else 0

@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
-# GPU correctness checks and the quick benchmark of the Triton ascent kernel, in one call.
+# GPU correctness checks and benchmarks of the Triton ascent kernel, in one call.
 #
 # Runs from a plain checkout (no pip install, no vLLM needed: torch, triton and transformers
-# suffice). Writes under $OUT (default ./out): env.txt, check.json, check.log, bench.json,
-# bench.md, bench.log (JSON and markdown are rewritten after every case, so a part stopped by
-# its time limit still reports what it measured). Expected on an H100: 1-2 min of checks,
-# mostly Triton compiles, and 3-4 min of benchmark (compiles again: Triton, torch.compile);
-# the limits (130 s + 250 s, override with CHECK_LIMIT / BENCH_LIMIT) keep the whole call
-# under 6.5 minutes.
-# Exit status: 0 when the checks passed and the benchmark ran.
+# suffice). Phases, each under its own time limit (seconds, overridable):
+#   warm   (WARM_LIMIT 150)  background: compile every Triton kernel (and torch.compile graph)
+#                            the timed phases will launch, in WARM_SHARDS processes side by side
+#   check  (CHECK_LIMIT 120) correctness against float64, runs while the warm-up compiles
+#   bench  (BENCH_LIMIT 180) all variants, d 4096, 1 and 2 hidden layers, 30 steps, B 1..512
+#   sweep  (SWEEP_LIMIT 80)  Triton plan overrides at B 1, 16, 256 (tuning aid)
+#   extra  (EXTRA_LIMIT 60)  triton-graph vs torch-graph at d 2048 / 8192 and steps 1 / 200
+# Writes under $OUT (default ./out), at most 8 files: run.log (everything printed), warm.log,
+# check.json, bench.json, bench.md, sweep.json, extra.json. JSON and markdown are rewritten
+# after every row, so a phase stopped by its limit still reports what it measured.
+# Exit status: 0 when the checks passed and every timed phase ran to its end.
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -19,33 +23,74 @@ PY="${PYTHON:-python3}"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
-CHECK_LIMIT="${CHECK_LIMIT:-130}"
-BENCH_LIMIT="${BENCH_LIMIT:-250}"
+BENCH="benchmarks/bench_kernel.py"
+WARM_SHARDS="${WARM_SHARDS:-12}"
+EXTRA_ARGS=(--variants torch-graph triton-graph --layers 2 --batch 1 32 256)
+exec > >(tee -a "$OUT/run.log") 2>&1
 
-{
-    date -u
-    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv || true
-    "$PY" - <<'EOF'
+date -u
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv || true
+"$PY" - <<'EOF'
 import torch, triton
 print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__)
 if torch.cuda.is_available():
     p = torch.cuda.get_device_properties(0)
     print(p.name, p.multi_processor_count, "SMs", round(p.total_memory / 2**30, 1), "GiB")
 EOF
-} 2>&1 | tee "$OUT/env.txt"
 
-echo "== correctness checks (limit ${CHECK_LIMIT}s)"
-timeout "$CHECK_LIMIT" "$PY" benchmarks/bench_kernel.py --check --json "$OUT/check.json" \
-    2>&1 | tee "$OUT/check.log"
-check_status=${PIPESTATUS[0]}
+echo "== warm-up: ${WARM_SHARDS} compile processes per timed phase, in the background"
+warm_pids=()
+warm() {  # warm SHARDS ARGS...: compile what `bench_kernel.py ARGS` will launch
+    local shards="$1"; shift
+    for ((i = 0; i < shards; i++)); do
+        TORCHINDUCTOR_COMPILE_THREADS=1 timeout "${WARM_LIMIT:-150}" "$PY" "$BENCH" --warm-only \
+            --shard "$i" --shards "$shards" "$@" >>"$OUT/warm.log" 2>&1 &
+        warm_pids+=($!)
+    done
+}
+warm "$WARM_SHARDS" --quick
+warm 3 --sweep
+warm 2 --hidden-sizes 2048 8192 --steps 30 "${EXTRA_ARGS[@]}"
+warm 1 --hidden-sizes 4096 --steps 1 200 "${EXTRA_ARGS[@]}"
 
-echo "== benchmark, quick preset (limit ${BENCH_LIMIT}s)"
-timeout "$BENCH_LIMIT" "$PY" benchmarks/bench_kernel.py --quick --json "$OUT/bench.json" \
-    --markdown "$OUT/bench.md" 2>&1 | tee "$OUT/bench.log"
-bench_status=${PIPESTATUS[0]}
+echo "== correctness checks (limit ${CHECK_LIMIT:-120}s)"
+timeout "${CHECK_LIMIT:-120}" "$PY" "$BENCH" --check --json "$OUT/check.json"
+check_status=$?
 
-echo "== check exit status ${check_status}, benchmark exit status ${bench_status}" \
-     "(124 = time limit)"
-if [ "$check_status" -ne 0 ] || [ "$bench_status" -ne 0 ]; then
-    exit 1
-fi
+for pid in "${warm_pids[@]}"; do wait "$pid"; done
+awk '/^warm shard/ {n += $4; f += $7; s++}
+     END {print s " warm-up processes: " n " launches compiled, " f " failed"}' "$OUT/warm.log"
+
+echo "== benchmark, quick preset (limit ${BENCH_LIMIT:-180}s)"
+timeout "${BENCH_LIMIT:-180}" "$PY" "$BENCH" --quick --json "$OUT/bench.json" \
+    --markdown "$OUT/bench.md"
+bench_status=$?
+
+echo "== plan sweep (limit ${SWEEP_LIMIT:-80}s)"
+timeout "${SWEEP_LIMIT:-80}" "$PY" "$BENCH" --sweep --json "$OUT/sweep.json"
+sweep_status=$?
+
+echo "== other sizes and step counts (limit ${EXTRA_LIMIT:-60}s)"
+timeout "${EXTRA_LIMIT:-60}" bash -c '
+    "$0" "$1" --hidden-sizes 2048 8192 --steps 30 "${@:3}" --json "$2.a.json" &&
+    "$0" "$1" --hidden-sizes 4096 --steps 1 200 "${@:3}" --json "$2.b.json"' \
+    "$PY" "$BENCH" "$OUT/extra" "${EXTRA_ARGS[@]}"
+extra_status=$?
+"$PY" - "$OUT/extra" <<'EOF'
+import json, os, sys
+parts = [json.load(open(p)) for p in (sys.argv[1] + ".a.json", sys.argv[1] + ".b.json")
+         if os.path.exists(p)]
+if parts:
+    merged = {**parts[0], "rows": [r for p in parts for r in p.get("rows", [])]}
+    json.dump(merged, open(sys.argv[1] + ".json", "w"), indent=1)
+for p in (sys.argv[1] + ".a.json", sys.argv[1] + ".b.json"):
+    if os.path.exists(p):
+        os.remove(p)
+EOF
+
+echo "== exit status: check ${check_status}, bench ${bench_status}, sweep ${sweep_status}," \
+     "extra ${extra_status} (124 = time limit)"
+date -u
+for s in "$check_status" "$bench_status" "$sweep_status" "$extra_status"; do
+    [ "$s" -eq 0 ] || exit 1
+done

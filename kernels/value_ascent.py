@@ -475,10 +475,18 @@ def _plan_products(weights: list[Tensor], biases: list[Tensor], states: Tensor, 
     interpret = states.device.type == "cpu"
     n_programs = _device_programs(states.device)
 
+    by_direction = {"forward": {}, "backward": {}}
+    for key, value in (overrides or {}).items():
+        if key in by_direction:  # {"forward": {...}, "backward": {...}}: one direction only
+            by_direction[key] = {**by_direction[key], **value}
+        else:  # a flat key applies to both directions
+            for direction in by_direction.values():
+                direction.setdefault(key, value)
+
     def plan(N: int, K: int, k_contig: bool, w: Tensor) -> GemmPlan:
         return plan_gemm(rows, N, K, w_k_contiguous=k_contig, weight_bytes=w.element_size(),
                          precision=precision, n_programs=n_programs, interpret=interpret,
-                         overrides=overrides)
+                         overrides=by_direction["forward" if k_contig else "backward"])
 
     products = []
     for i in range(hidden):  # forward: Wop[k, n] = W_i[n, k]
@@ -562,8 +570,10 @@ def triton_ascend(
     may be float32 or bfloat16. Keyword-only extras: ``precision`` ("ieee", "tf32", "bf16";
     default "bf16" for bf16 weights, else "ieee"), ``out`` (a float32 ``[B, d]`` buffer to
     write u into), ``plan_overrides`` (see ``plan_gemm``) and ``poison_scratch`` (fill the
-    scratch buffers with NaN first, for tests). No host synchronisation; CUDA-graph safe once
-    the kernels are compiled.
+    scratch buffers with NaN first, for tests). ``plan_overrides`` keys apply to every product;
+    a nested ``{"forward": {...}, "backward": {...}}`` applies to one direction (forward
+    products read W along K, backward products along N). No host synchronisation;
+    CUDA-graph safe once the kernels are compiled.
     """
     precision = _check_inputs(mlp, states32, alpha, steps, num_iterations, max_norm, precision)
     device, rows, dim = states32.device, states32.shape[0], states32.shape[1]
