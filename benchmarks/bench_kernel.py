@@ -624,6 +624,8 @@ def main(argv=None) -> int:
         print("--device cpu needs TRITON_INTERPRET=1 in the environment")
         return 2
     if device.type == "cuda":
+        if device.index is None:  # set_device needs an index (torch 2.11)
+            device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
     if device.type == "cpu" and not args.check:  # toy sizes for a smoke test of the script
         args.hidden_sizes, args.steps, args.batch = [48], [2], [1, 3]
