@@ -539,6 +539,7 @@ def check_cases(device: torch.device) -> list[dict]:
         dict(d=4096, widths=[4096, 4096], rows=16, n=5, precision="ieee", wdtype="fp32"),
         dict(d=4096, widths=[4096, 4096], rows=16, n=5, precision="bf16", wdtype="bf16"),
         dict(d=4096, widths=[4096], rows=256, n=3, precision="bf16", wdtype="bf16"),
+        dict(d=4096, widths=[4096, 4096], rows=512, n=2, precision="bf16", wdtype="bf16"),
     ]
 
 

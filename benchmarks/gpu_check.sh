@@ -12,6 +12,7 @@
 # Writes under $OUT (default ./out), at most 8 files: run.log (everything printed), warm.log,
 # check.json, bench.json, bench.md, sweep.json, extra.json. JSON and markdown are rewritten
 # after every row, so a phase stopped by its limit still reports what it measured.
+# PHASES (default "check bench sweep extra") picks the phases to run.
 # Exit status: 0 when the checks passed and every timed phase ran to its end.
 set -uo pipefail
 
@@ -26,6 +27,9 @@ unset TRITON_INTERPRET
 BENCH="benchmarks/bench_kernel.py"
 WARM_SHARDS="${WARM_SHARDS:-12}"
 EXTRA_ARGS=(--variants torch-graph triton-graph --layers 2 --batch 1 32 256)
+PHASES=" ${PHASES:-check bench sweep extra} "
+check_status=0 bench_status=0 sweep_status=0 extra_status=0
+phase() { [[ "$PHASES" == *" $1 "* ]]; }
 exec > >(tee -a "$OUT/run.log") 2>&1
 
 date -u
@@ -48,35 +52,44 @@ warm() {  # warm SHARDS ARGS...: compile what `bench_kernel.py ARGS` will launch
         warm_pids+=($!)
     done
 }
-warm "$WARM_SHARDS" --quick
-warm 3 --sweep
-warm 2 --hidden-sizes 2048 8192 --steps 30 "${EXTRA_ARGS[@]}"
-warm 1 --hidden-sizes 4096 --steps 1 200 "${EXTRA_ARGS[@]}"
+phase bench && warm "$WARM_SHARDS" --quick
+phase sweep && warm 3 --sweep
+if phase extra; then
+    warm 2 --hidden-sizes 2048 8192 --steps 30 "${EXTRA_ARGS[@]}"
+    warm 1 --hidden-sizes 4096 --steps 1 200 "${EXTRA_ARGS[@]}"
+fi
 
-echo "== correctness checks (limit ${CHECK_LIMIT:-120}s)"
-timeout "${CHECK_LIMIT:-120}" "$PY" "$BENCH" --check --json "$OUT/check.json"
-check_status=$?
+if phase check; then
+    echo "== correctness checks (limit ${CHECK_LIMIT:-120}s)"
+    timeout "${CHECK_LIMIT:-120}" "$PY" "$BENCH" --check --json "$OUT/check.json"
+    check_status=$?
+fi
 
 for pid in "${warm_pids[@]}"; do wait "$pid"; done
 awk '/^warm shard/ {n += $4; f += $7; s++}
      END {print s " warm-up processes: " n " launches compiled, " f " failed"}' "$OUT/warm.log"
 
-echo "== benchmark, quick preset (limit ${BENCH_LIMIT:-180}s)"
-timeout "${BENCH_LIMIT:-180}" "$PY" "$BENCH" --quick --json "$OUT/bench.json" \
-    --markdown "$OUT/bench.md"
-bench_status=$?
+if phase bench; then
+    echo "== benchmark, quick preset (limit ${BENCH_LIMIT:-180}s)"
+    timeout "${BENCH_LIMIT:-180}" "$PY" "$BENCH" --quick --json "$OUT/bench.json" \
+        --markdown "$OUT/bench.md"
+    bench_status=$?
+fi
 
-echo "== plan sweep (limit ${SWEEP_LIMIT:-80}s)"
-timeout "${SWEEP_LIMIT:-80}" "$PY" "$BENCH" --sweep --json "$OUT/sweep.json"
-sweep_status=$?
+if phase sweep; then
+    echo "== plan sweep (limit ${SWEEP_LIMIT:-80}s)"
+    timeout "${SWEEP_LIMIT:-80}" "$PY" "$BENCH" --sweep --json "$OUT/sweep.json"
+    sweep_status=$?
+fi
 
-echo "== other sizes and step counts (limit ${EXTRA_LIMIT:-60}s)"
-timeout "${EXTRA_LIMIT:-60}" bash -c '
-    "$0" "$1" --hidden-sizes 2048 8192 --steps 30 "${@:3}" --json "$2.a.json" &&
-    "$0" "$1" --hidden-sizes 4096 --steps 1 200 "${@:3}" --json "$2.b.json"' \
-    "$PY" "$BENCH" "$OUT/extra" "${EXTRA_ARGS[@]}"
-extra_status=$?
-"$PY" - "$OUT/extra" <<'EOF'
+if phase extra; then
+    echo "== other sizes and step counts (limit ${EXTRA_LIMIT:-60}s)"
+    timeout "${EXTRA_LIMIT:-60}" bash -c '
+        "$0" "$1" --hidden-sizes 2048 8192 --steps 30 "${@:3}" --json "$2.a.json" &&
+        "$0" "$1" --hidden-sizes 4096 --steps 1 200 "${@:3}" --json "$2.b.json"' \
+        "$PY" "$BENCH" "$OUT/extra" "${EXTRA_ARGS[@]}"
+    extra_status=$?
+    "$PY" - "$OUT/extra" <<'EOF'
 import json, os, sys
 parts = [json.load(open(p)) for p in (sys.argv[1] + ".a.json", sys.argv[1] + ".b.json")
          if os.path.exists(p)]
@@ -87,6 +100,7 @@ for p in (sys.argv[1] + ".a.json", sys.argv[1] + ".b.json"):
     if os.path.exists(p):
         os.remove(p)
 EOF
+fi
 
 echo "== exit status: check ${check_status}, bench ${bench_status}, sweep ${sweep_status}," \
      "extra ${extra_status} (124 = time limit)"
