@@ -81,3 +81,32 @@ def test_value_head_ascend_runs_the_triton_kernel_when_forced():
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+
+
+def test_precision_resolution():
+    from vllm_recontrol.backends import choose_precision
+    assert choose_precision("auto", "torch") == "fp32"
+    assert choose_precision("fp32", "torch") == "fp32"
+    assert choose_precision("auto", "triton") == "bf16"
+    assert [choose_precision(p, "triton") for p in ("fp32", "tf32", "bf16")] == \
+        ["ieee", "tf32", "bf16"]
+    for precision in ("tf32", "bf16"):
+        with pytest.raises(ValueError, match="needs the triton backend"):
+            choose_precision(precision, "torch")
+    with pytest.raises(ValueError, match="not one of"):
+        choose_precision("half", "triton")
+
+
+def test_engine_precision_conflict_is_a_config_error(tmp_path, monkeypatch):
+    """backend auto resolves to torch on a CPU: bf16 products cannot be honoured there."""
+    from vllm_recontrol.config import EngineSettings
+    from vllm_recontrol.controller import EditController, RowControls
+    from vllm_recontrol.errors import ConfigError
+
+    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    settings = EngineSettings.from_additional_config(
+        {"recontrol": {"value_head": str(tmp_path), "precision": "bf16"}})
+    with pytest.raises(ConfigError, match=r'\["precision"\]: precision .bf16. needs the triton'):
+        EditController(ValueHead(8, [8]), settings, RowControls())
+    with pytest.raises(ValueError, match="needs the triton backend"):
+        ValueHead(8, [8]).ascend(torch.randn(2, 8), 0.5, 2, precision="bf16")

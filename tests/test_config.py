@@ -57,3 +57,23 @@ def test_request_errors_are_value_errors():
     """vLLM turns a ValueError from validate_params into an HTTP 400."""
     assert issubclass(RequestParamsError, ValueError)
     assert issubclass(ConfigError, ValueError)
+
+
+def test_precision_and_cuda_graph_keys():
+    s = settings()
+    assert (s.precision, s.cuda_graphs) == ("auto", True)
+    s = settings(precision="fp32", cuda_graphs="false")
+    assert (s.precision, s.cuda_graphs) == ("fp32", False)
+    assert settings(backend="triton", precision="bf16").precision == "bf16"
+
+
+@pytest.mark.parametrize("section, message", [
+    ({"precision": "fp8"}, r'\["precision"\] must be one of'),
+    ({"precision": 16}, r'\["precision"\] must be one of'),
+    ({"backend": "torch", "precision": "bf16"}, "needs the triton backend"),
+    ({"backend": "torch", "precision": "tf32"}, "needs the triton backend"),
+    ({"cuda_graphs": "sometimes"}, "cuda_graphs"),
+])
+def test_bad_precision_settings(section, message):
+    with pytest.raises(ConfigError, match=message):
+        settings(**section)

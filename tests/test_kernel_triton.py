@@ -233,6 +233,48 @@ def test_small_batch_plans_fill_the_chip(kernels):
                 assert (splits - 1) * plan.k_split(K) < K, plan
 
 
+def test_row_buckets():
+    from vllm_recontrol.ascent_graphs import bucket_rows
+    assert [bucket_rows(r) for r in (1, 16, 17, 32, 33, 64, 65, 128, 129, 256, 300)] == \
+        [16, 16, 32, 32, 64, 64, 128, 128, 192, 256, 320]
+    with pytest.raises(ValueError):
+        bucket_rows(0)
+
+
+def test_bucketed_runner_matches_direct_calls(kernels, seed):
+    """The graph runner's padding and static buffers (without capture, which needs CUDA):
+    each batch gets exactly the rows' own answer, whatever ran through the buffers before."""
+    from vllm_recontrol.ascent_graphs import AscentGraphs
+
+    runner = AscentGraphs(capture=False)
+    mlp, states, alpha, steps = _draw(seed, 40, [24, 17])
+    for rows in (40, 3, 17, 1, 33):  # shrinking batches leave stale rows in the buffers
+        for max_norm in (None, 0.4):
+            got = runner.run(mlp, states[:rows], alpha[:rows], steps[:rows], 3, max_norm,
+                             "ieee").clone()
+            want = kernels.triton_ascend(mlp, states[:rows], alpha[:rows], steps[:rows], 3,
+                                         max_norm)
+            assert got.shape == (rows, DIM)
+            assert torch.equal(got, want), (seed, rows, max_norm)
+
+
+def test_value_head_products_follow_the_precision(kernels, seed):
+    """ValueHead.ascend on the Triton backend: "bf16" reads bf16 weights (the kernel's bf16
+    path, bit for bit), "fp32" the exact path; both move rows as the torch reference does."""
+    from vllm_recontrol import ValueHead
+
+    head = ValueHead(DIM, [24, 17], seed=seed % 1000)
+    _, states, alpha, steps = _draw(seed, 6, [24, 17])
+    exact = head.ascend(states, alpha, steps, backend="triton", precision="fp32")
+    torch_ref = head.ascend(states, alpha, steps, backend="torch")
+    torch.testing.assert_close(exact, torch_ref, rtol=1e-4, atol=1e-5)
+    fast = head.ascend(states, alpha, steps, backend="triton", precision="bf16")
+    bf16 = head._weights_as(torch.bfloat16)
+    u = kernels.triton_ascend(bf16, states, alpha, steps, int(steps.max()), precision="bf16")
+    torch.testing.assert_close(fast, states + u, rtol=0, atol=0)
+    assert head.ascend(states, alpha, steps, backend="triton").equal(fast)  # auto = bf16
+
+
 @in_process
 def test_triton_available():
     from vllm_recontrol.kernels import triton_available

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from .backends import BACKENDS
+from .backends import BACKENDS, PRECISIONS
 from .errors import ConfigError, RequestParamsError
 
 ADDITIONAL_CONFIG_KEY = "recontrol"
@@ -28,7 +28,8 @@ REQUEST_ALPHA = "recontrol_alpha"
 REQUEST_STEPS = "recontrol_steps"
 REQUEST_KEYS = (REQUEST_SWITCH, REQUEST_ALPHA, REQUEST_STEPS)
 
-ENGINE_KEYS = ("value_head", "alpha", "steps", "default_on", "max_steps", "max_norm", "backend")
+ENGINE_KEYS = ("value_head", "alpha", "steps", "default_on", "max_steps", "max_norm", "backend",
+               "precision", "cuda_graphs")
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,8 @@ class EngineSettings:
     max_steps: int = DEFAULT_MAX_STEPS
     max_norm: float | None = None
     backend: str = "auto"
+    precision: str = "auto"
+    cuda_graphs: bool = True
 
     @classmethod
     def from_additional_config(cls, additional_config: Mapping[str, Any] | None) -> "EngineSettings":
@@ -77,6 +80,13 @@ class EngineSettings:
         backend = section.get("backend", "auto")
         if backend not in BACKENDS:
             raise ConfigError(f'{where}["backend"] must be one of {list(BACKENDS)}, got {backend!r}')
+        precision = section.get("precision", "auto")
+        if precision not in PRECISIONS:
+            raise ConfigError(f'{where}["precision"] must be one of {list(PRECISIONS)}, '
+                              f"got {precision!r}")
+        if backend == "torch" and precision in ("tf32", "bf16"):
+            raise ConfigError(f'{where}["precision"] = {precision!r} needs the triton backend; '
+                              'the torch backend computes in fp32 ("fp32" or "auto")')
         return cls(
             value_head=value_head,
             alpha=_as_float(section.get("alpha", DEFAULT_ALPHA), f'{where}["alpha"]', ConfigError),
@@ -86,6 +96,9 @@ class EngineSettings:
             max_steps=max_steps,
             max_norm=max_norm,
             backend=backend,
+            precision=precision,
+            cuda_graphs=_as_switch(section.get("cuda_graphs", True), f'{where}["cuda_graphs"]',
+                                   ConfigError),
         )
 
 

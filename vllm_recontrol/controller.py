@@ -11,7 +11,7 @@ import threading
 
 import torch
 
-from .backends import choose_backend
+from .backends import choose_backend, choose_precision
 from .config import UNCONTROLLED, EngineSettings, RowControl
 from .errors import ConfigError
 from .logs import get_logger
@@ -123,12 +123,18 @@ class EditController:
         self.rows = rows
         self._edits = 0
         # Resolved once: a forced backend that cannot run fails at engine start, not mid-serve.
+        device = head.layers[0].weight.device
         try:
-            self.backend = choose_backend(settings.backend, head.layers[0].weight.device,
-                                          len(head.widths))
+            self.backend = choose_backend(settings.backend, device, len(head.widths))
         except ValueError as exc:
             raise ConfigError(f'additional_config["recontrol"]["backend"]: {exc}') from exc
-        logger.info("RE-Control ascent backend: %s", self.backend)
+        try:
+            products = choose_precision(settings.precision, self.backend)
+        except ValueError as exc:
+            raise ConfigError(f'additional_config["recontrol"]["precision"]: {exc}') from exc
+        graphs = self.backend == "triton" and settings.cuda_graphs and device.type == "cuda"
+        logger.info("RE-Control ascent: %s backend, %s products, CUDA graphs %s", self.backend,
+                    "fp32" if products == "ieee" else products, "on" if graphs else "off")
 
     def maybe_edit(self, hidden_states: torch.Tensor) -> torch.Tensor:
         plan = self.rows.take(hidden_states.shape[0])
@@ -136,7 +142,9 @@ class EditController:
             return hidden_states
         alpha, steps, max_steps = plan
         edited = self.head.ascend(hidden_states, alpha, steps, max_norm=self.settings.max_norm,
-                                  num_iterations=max_steps, backend=self.backend)
+                                  num_iterations=max_steps, backend=self.backend,
+                                  precision=self.settings.precision,
+                                  cuda_graphs=self.settings.cuda_graphs)
         self._edits += 1
         if self._edits % NONFINITE_REPORT_EVERY == 0:
             self.head.nonfinite_rows()

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .ascent import AscentWorkspace, MLPWeights, as_row_tensor, ascend_float32
-from .backends import choose_backend
+from .backends import choose_backend, choose_precision
 from .errors import ValueHeadError
 from .logs import get_logger
 
@@ -63,8 +63,9 @@ class ValueHead(nn.Module):
             self.layers.append(layer)
         self._nonfinite_total = 0
         self._nonfinite_pending: torch.Tensor | None = None
-        self._mlp_cache: tuple[tuple, MLPWeights] | None = None
+        self._mlp_cache: dict[torch.dtype, tuple[tuple, MLPWeights]] = {}
         self._workspace: AscentWorkspace | None = None
+        self._graphs = None  # AscentGraphs, made on the first CUDA-graph ascent
 
     # ------------------------------------------------------------------ value and gradient
     def forward(self, states: torch.Tensor) -> torch.Tensor:
@@ -76,15 +77,20 @@ class ValueHead(nn.Module):
 
     def float32_weights(self) -> MLPWeights:
         """Float32 copies of the weights (cached until a parameter changes in place or moves)."""
+        return self._weights_as(torch.float32)
+
+    def _weights_as(self, dtype: torch.dtype) -> MLPWeights:
+        """Contiguous copies in ``dtype``, cached until a parameter changes in place or moves."""
         key = tuple((p.data_ptr(), p._version, p.device, p.dtype) for p in self.parameters())
-        if self._mlp_cache is None or self._mlp_cache[0] != key:
+        cached = self._mlp_cache.get(dtype)
+        if cached is None or cached[0] != key:
             with torch.no_grad():
                 mlp = MLPWeights(
-                    weights=[l.weight.detach().float().contiguous() for l in self.layers],
-                    biases=[l.bias.detach().float().contiguous() for l in self.layers],
+                    weights=[l.weight.detach().to(dtype).contiguous() for l in self.layers],
+                    biases=[l.bias.detach().to(dtype).contiguous() for l in self.layers],
                 )
-            self._mlp_cache = (key, mlp)
-        return self._mlp_cache[1]
+            cached = self._mlp_cache[dtype] = (key, mlp)
+        return cached[1]
 
     # ------------------------------------------------------------------ control step
     def ascend(
@@ -95,6 +101,8 @@ class ValueHead(nn.Module):
         max_norm: float | None = None,
         num_iterations: int | None = None,
         backend: str = "auto",
+        precision: str = "auto",
+        cuda_graphs: bool = True,
     ) -> torch.Tensor:
         """RE-Control: u = 0; ``steps`` times u += alpha * grad V(s + u); return s + u.
 
@@ -102,7 +110,11 @@ class ValueHead(nn.Module):
         Rows with ``steps == 0`` or ``alpha == 0``, and rows whose edit is not finite, come back
         bit-identical. ``num_iterations`` (>= max steps) spares a device sync when known.
         ``backend``: "torch" (closed form), "triton" (fused kernel) or "auto" (Triton on CUDA;
-        the ``VLLM_RECONTROL_BACKEND`` environment variable can force either).
+        the ``VLLM_RECONTROL_BACKEND`` environment variable can force either). ``precision`` of
+        the products: "fp32" (exact), "tf32" or "bf16" (Triton only: weights read as bf16, fp32
+        accumulation and u), "auto" = bf16 on Triton, fp32 on torch. ``cuda_graphs``: on CUDA,
+        replay the Triton ascent as a CUDA graph per row bucket instead of launching its
+        2 x layers x steps kernels from Python (the result is the same).
         """
         if states.dim() != 2 or states.shape[1] != self.hidden_size:
             raise ValueError(
@@ -111,7 +123,9 @@ class ValueHead(nn.Module):
             raise ValueError(f"states must be floating point, got {states.dtype}")
         if max_norm is not None and not (max_norm > 0 and math.isfinite(max_norm)):
             raise ValueError(f"max_norm must be a positive finite number, got {max_norm}")
-        mlp = self.float32_weights()
+        resolved = choose_backend(backend, self.layers[0].weight.device, len(self.widths))
+        product_precision = choose_precision(precision, resolved)
+        mlp = self._weights_as(torch.bfloat16 if product_precision == "bf16" else torch.float32)
         rows, device = states.shape[0], mlp.device
         alpha_rows = as_row_tensor(alpha, rows, torch.float32, device, "alpha")
         steps_rows = as_row_tensor(steps, rows, torch.int64, device, "steps")
@@ -120,11 +134,19 @@ class ValueHead(nn.Module):
         if rows == 0 or num_iterations <= 0:
             return states.clone()
         states32 = states.to(device=device, dtype=torch.float32)
-        if choose_backend(backend, device, len(self.widths)) == "triton":
+        if resolved == "triton" and cuda_graphs and device.type == "cuda":
+            if self._graphs is None:
+                from .ascent_graphs import AscentGraphs
+
+                self._graphs = AscentGraphs()
+            u = self._graphs.run(mlp, states32, alpha_rows, steps_rows, num_iterations,
+                                 max_norm, product_precision)
+        elif resolved == "triton":
             from .kernels.value_ascent import triton_ascend
 
             u = triton_ascend(mlp, states32, alpha_rows, steps_rows, num_iterations, max_norm,
-                              out=self._workspace_for(mlp, rows).u)
+                              precision=product_precision,
+                              out=self._workspace_for(self.float32_weights(), rows).u)
         else:
             u = ascend_float32(mlp, states32, alpha_rows, steps_rows, num_iterations, max_norm,
                                workspace=self._workspace_for(mlp, rows))

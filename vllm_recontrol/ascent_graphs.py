@@ -1,0 +1,141 @@
+"""The Triton ascent replayed as CUDA graphs, one graph per (row bucket, iteration count).
+
+vLLM runs ``compute_logits`` eagerly (only the model forward is graph-captured), and an eager
+ascent is 2 x layers x steps kernel launches from Python: on an H100 host about 0.1 ms each,
+12.7 ms for a 2-layer, 30-step ascent whose kernels take 1.5 ms (benchmarks/results/
+kernel-h100.md). Replaying a captured graph issues them all at once.
+
+Rows are padded to a bucket (16, 32, 64, then multiples of 64) so that a few graphs serve
+every batch size; padded rows have steps 0 and never move. Inputs are copied into static
+buffers of the bucket, outputs come back from one; each graph keeps the weights it reads
+alive. A graph that cannot be captured is logged once and its key runs eagerly from then on.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .ascent import MLPWeights
+from .logs import get_logger
+
+logger = get_logger(__name__)
+
+SMALL_BUCKETS = (16, 32, 64)  # one weight-streaming row tile each: padding is free
+BUCKET_STEP = 64              # larger batches: the kernel's row tiles are 64 or 128 rows
+DEFAULT_MAX_GRAPHS = 32
+
+
+def bucket_rows(rows: int) -> int:
+    """Rows a batch of ``rows`` is padded to."""
+    if rows < 1:
+        raise ValueError(f"rows must be >= 1, got {rows}")
+    for bucket in SMALL_BUCKETS:
+        if rows <= bucket:
+            return bucket
+    return -(-rows // BUCKET_STEP) * BUCKET_STEP
+
+
+@dataclass
+class _Static:
+    """Inputs and output of every graph of one bucket."""
+
+    states: torch.Tensor
+    alpha: torch.Tensor
+    steps: torch.Tensor
+    out: torch.Tensor
+
+    @classmethod
+    def allocate(cls, rows: int, dim: int, device: torch.device) -> "_Static":
+        return cls(states=torch.zeros(rows, dim, device=device),
+                   alpha=torch.zeros(rows, device=device),
+                   steps=torch.zeros(rows, device=device, dtype=torch.int64),
+                   out=torch.zeros(rows, dim, device=device))
+
+
+class AscentGraphs:
+    """Run ``triton_ascend`` through cached CUDA graphs (see the module doc).
+
+    ``capture=False`` runs the same padding and buffers without graphs (CPU tests of the
+    bookkeeping; the kernels then run under Triton's interpreter).
+    """
+
+    def __init__(self, max_graphs: int = DEFAULT_MAX_GRAPHS, capture: bool = True) -> None:
+        if max_graphs < 1:
+            raise ValueError(f"max_graphs must be >= 1, got {max_graphs}")
+        self.max_graphs = max_graphs
+        self.capture = capture
+        self._static: dict[tuple, _Static] = {}
+        self._graphs: OrderedDict[tuple, tuple[object, MLPWeights]] = OrderedDict()
+        self._pool = None
+        self.captures = 0
+
+    def run(self, mlp: MLPWeights, states32: torch.Tensor, alpha: torch.Tensor,
+            steps: torch.Tensor, num_iterations: int, max_norm: float | None,
+            precision: str) -> torch.Tensor:
+        """u for ``states32`` (``[B, d]`` float32); valid until the next call."""
+        from .kernels.value_ascent import triton_ascend
+
+        rows, dim = states32.shape
+        bucket = bucket_rows(rows)
+        device = states32.device
+        static = self._static.get((bucket, dim, device))
+        if static is None:
+            static = self._static[(bucket, dim, device)] = _Static.allocate(bucket, dim, device)
+        static.states[:rows].copy_(states32)
+        static.alpha[:rows].copy_(alpha)
+        static.alpha[rows:].zero_()
+        static.steps[:rows].copy_(steps)
+        static.steps[rows:].zero_()
+
+        def ascent() -> None:
+            triton_ascend(mlp, static.states, static.alpha, static.steps, num_iterations,
+                          max_norm, precision=precision, out=static.out)
+
+        key = (bucket, dim, device, num_iterations, max_norm, precision,
+               tuple(t.data_ptr() for t in (*mlp.weights, *mlp.biases)))
+        graph = self._graph(key, ascent, mlp, device) if self.capture else None
+        if graph is None:
+            ascent()
+        else:
+            graph.replay()
+        return static.out[:rows]
+
+    def _graph(self, key: tuple, ascent: Callable[[], None], mlp: MLPWeights,
+               device: torch.device):
+        """The cached graph of ``key`` (captured now if new), or None to run eagerly."""
+        if key in self._graphs:
+            self._graphs.move_to_end(key)
+            return self._graphs[key][0]
+        try:
+            graph = self._capture(ascent, device)
+        except Exception as exc:  # never take the engine down for a missing speed-up
+            logger.warning("RE-Control: CUDA graph capture of the ascent failed (%s: %s); "
+                           "this batch shape runs eagerly", type(exc).__name__, exc)
+            graph = None
+        self._graphs[key] = (graph, mlp)  # the graph reads these weights: keep them alive
+        if len(self._graphs) > self.max_graphs:
+            self._graphs.popitem(last=False)
+        return graph
+
+    def _capture(self, ascent: Callable[[], None], device: torch.device):
+        """Compile and warm up on a side stream, then capture one ascent."""
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                ascent()
+        torch.cuda.current_stream(device).wait_stream(stream)
+        if self._pool is None:  # scratch is dead between replays: one pool serves all graphs
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+            ascent()
+        self.captures += 1
+        return graph
+
+    def __len__(self) -> int:
+        return len(self._graphs)
