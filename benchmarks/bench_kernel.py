@@ -17,6 +17,9 @@ runs the whole ascent (``steps`` iterations, all rows active) and is timed with
   triton-graph      ``triton_ascend`` captured in one CUDA graph
   triton-fp32-graph ``triton_ascend`` with fp32 weights (exact fp32 "ieee" products), one graph
   triton-tf32-graph ``triton_ascend`` with fp32 weights and tf32 tensor-core products, one graph
+  head-ascend       ``ValueHead.ascend`` as the engine calls it (auto: Triton, bf16 products,
+                    the ascent replayed from the head's CUDA-graph cache; includes copying the
+                    batch in and building the edited states)
 
 The floor of a case is max(FLOPs / bf16 matmul rate, bytes / copy bandwidth), both ceilings
 measured at the start of the same run (an 8192^3 bf16 matmul; a 1 GiB device-to-device copy,
@@ -62,10 +65,10 @@ from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = ("autograd-fp16", "torch-eager", "torch-compile", "torch-graph", "torch-fp32-graph",
-            "triton", "triton-graph", "triton-fp32-graph", "triton-tf32-graph")
+            "triton", "triton-graph", "triton-fp32-graph", "triton-tf32-graph", "head-ascend")
 # weight dtype of the variants that fix it (the others follow --dtype / --torch-dtype)
 VARIANT_DTYPE = {"autograd-fp16": "fp16", "torch-fp32-graph": "fp32", "triton-fp32-graph": "fp32",
-                 "triton-tf32-graph": "fp32"}
+                 "triton-tf32-graph": "fp32", "head-ascend": "bf16"}
 VARIANT_PRECISION = {"triton-tf32-graph": "tf32"}  # triton variants: else the weights' default
 
 
@@ -392,11 +395,33 @@ def raw_variant(name, ascent, va, heads, states, alpha, steps, n, device, args,
             _COMPILED[key] = torch.compile(closed_form_step, dynamic=True)  # one compile per depth
         step = _COMPILED[key]
         return lambda: closed_form_loop(step, mlp, states, alpha, steps, ks)
+    if name == "head-ascend":
+        head = value_head_from(heads["fp32"], device)
+        return lambda: head.ascend(states, alpha, steps, num_iterations=n)
     if name.startswith("triton"):
         precision = VARIANT_PRECISION.get(name)
         return lambda: va.triton_ascend(mlp, states, alpha, steps, n, precision=precision,
                                         plan_overrides=overrides)
     raise ValueError(name)
+
+
+_HEADS: dict = {}
+
+
+def value_head_from(mlp, device):
+    """A ValueHead holding ``mlp``'s fp32 weights (one per head, so its graph cache persists)."""
+    key = tuple(w.data_ptr() for w in mlp.weights)
+    if key not in _HEADS:
+        from vllm_recontrol import ValueHead
+
+        head = ValueHead(mlp.weights[0].shape[1], [w.shape[0] for w in mlp.weights[:-1]])
+        with torch.no_grad():
+            for layer, w, b in zip(head.layers, mlp.weights, mlp.biases):
+                layer.weight.copy_(w.float().cpu())
+                layer.bias.copy_(b.float().cpu())
+        _HEADS.clear()  # one head at a time: the previous (d, layers) is done
+        _HEADS[key] = head.to(device)
+    return _HEADS[key]
 
 
 def run_benchmark(args, device, ascent, va, dump) -> dict:
@@ -423,7 +448,7 @@ def run_warm(args, device, ascent, va) -> int:
     """Compile what this shard's share of the timed run will launch (one step each)."""
     seen, mine = set(), []
     for task in tasks(args):
-        if not (task.variant.startswith("triton") or task.variant == "torch-compile"):
+        if not (task.variant.startswith(("triton", "head")) or task.variant == "torch-compile"):
             continue
         key = (task.case.d, task.case.hidden, task.case.batch, task.variant.replace("-graph", ""),
                repr(task.overrides))
@@ -605,8 +630,45 @@ def run_check(args, device, ascent, va, dump) -> dict:
               f"{'' if finite else ' NON-FINITE'}{'' if idle_exact else ' IDLE-ROW-MOVED'}"
               f"{'' if deterministic else ' NONDETERMINISTIC'}", flush=True)
         dump({"failures": failures, "cases": results, "complete": False})
+    if device.type == "cuda":
+        graph_rows = check_graph_cache(device, ascent, seed0)
+        results.extend(graph_rows)
+        failures += sum(not r["ok"] for r in graph_rows)
     print(f"check: {len(results) - failures} ok, {failures} failed (seed base {seed0})")
     return {"failures": failures, "cases": results, "complete": True}
+
+
+def check_graph_cache(device, ascent, seed) -> list[dict]:
+    """ValueHead.ascend through its CUDA-graph cache (the engine's path) against the eager
+    Triton launch of the same head: shrinking and growing batches in several row buckets,
+    both precisions; the graphs must really have been captured."""
+    gen = torch.Generator().manual_seed(seed)
+    mlp = make_head(ascent, 300, [257, 129], torch.float32, "cpu", gen)
+    mlp = ascent.MLPWeights([w * 2 for w in mlp.weights], mlp.biases)
+    head = value_head_from(mlp, device)
+    rows_out = []
+    for precision, tol in (("fp32", 1e-5), ("bf16", 2e-2)):
+        for rows in (40, 3, 17, 1, 70, 16):
+            states = torch.randn(rows, 300, generator=gen).to(device, torch.bfloat16)
+            alpha = (0.5 + torch.rand(rows, generator=gen)).to(device)
+            steps = torch.randint(0, 5, (rows,), generator=gen).to(device)
+            graphed = head.ascend(states, alpha, steps, precision=precision, cuda_graphs=True)
+            eager = head.ascend(states, alpha, steps, precision=precision, cuda_graphs=False)
+            moved = (steps > 0) & (alpha != 0)
+            idle_exact = bool(torch.equal(graphed[~moved], states[~moved]))
+            diff = (graphed.float() - eager.float())[moved]
+            base = (eager.float() - states.float())[moved]
+            err = (diff.norm() / base.norm().clamp_min(1e-30)).item() if moved.any() else 0.0
+            captured = head._graphs is not None and head._graphs.captures > 0
+            ok = err < tol and idle_exact and captured and bool(torch.isfinite(graphed).all())
+            rows_out.append({"case": "graph cache", "precision": precision, "rows": rows,
+                             "rel_err_vs_eager": err, "tolerance": tol, "idle_rows_exact": idle_exact,
+                             "graphs_captured": head._graphs.captures if head._graphs else 0, "ok": ok})
+            print(f"{'ok  ' if ok else 'FAIL'} graph cache {precision} B={rows}: edit vs eager "
+                  f"rel err {err:.2e} (tol {tol:.0e}), graphs captured "
+                  f"{rows_out[-1]['graphs_captured']}{'' if idle_exact else ' IDLE-ROW-MOVED'}",
+                  flush=True)
+    return rows_out
 
 
 # ----------------------------------------------------------------------------- main

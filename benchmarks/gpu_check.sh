@@ -5,7 +5,8 @@
 # suffice). Phases, each under its own time limit (seconds, overridable):
 #   warm   (WARM_LIMIT 150)  background: compile every Triton kernel (and torch.compile graph)
 #                            the timed phases will launch, in WARM_SHARDS processes side by side
-#   check  (CHECK_LIMIT 120) correctness against float64, runs while the warm-up compiles
+#   check  (CHECK_LIMIT 120) correctness against float64, and the engine's CUDA-graph cache
+#                            against eager launches; runs while the warm-up compiles
 #   bench  (BENCH_LIMIT 180) all variants, d 4096, 1 and 2 hidden layers, 30 steps, B 1..512
 #   sweep  (SWEEP_LIMIT 80)  Triton plan overrides at B 1, 16, 256, 512 (tuning aid)
 #   extra  (EXTRA_LIMIT 60)  triton-graph vs torch-graph at d 2048 / 8192 and steps 1 / 200
