@@ -91,7 +91,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="preset: d = 4096, 1 and 2 hidden layers, 30 steps, B 1..512 (with 16)")
     p.add_argument("--sweep", action="store_true",
                    help="instead of the variants, time triton-graph under plan overrides "
-                        "(default: d 4096, 2 hidden layers, 30 steps, B 1, 16, 256, 512)")
+                        "(default: d 4096, 2 hidden layers, 30 steps, B 1, 16, 128, 256, 512)")
     p.add_argument("--warm-only", action="store_true",
                    help="compile only: run each Triton/torch.compile launch of this shard once")
     p.add_argument("--shard", type=int, default=0)
@@ -108,7 +108,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.hidden_sizes, args.layers, args.steps = [4096], [1, 2], [30]
         args.batch = [1, 8, 16, 32, 128, 256, 512]
     if args.sweep and argv_lacks(argv, "--hidden-sizes", "--layers", "--steps", "--batch"):
-        args.hidden_sizes, args.layers, args.steps, args.batch = [4096], [2], [30], [1, 16, 256, 512]
+        args.hidden_sizes, args.layers, args.steps, args.batch = [4096], [2], [30], [1, 16, 128, 256, 512]
     if not 0 <= args.shard < args.shards:
         p.error(f"--shard must be in [0, --shards), got {args.shard} of {args.shards}")
     return args
@@ -320,11 +320,15 @@ def sweep_configs(batch: int) -> list[tuple[str, dict]]:
                   dict(block_n=32, block_k=256, split_k=2)]
         return ([(label("fwd ", ov), {"forward": ov}) for ov in shapes]
                 + [(label("bwd ", ov), {"backward": ov}) for ov in shapes])
-    tiles = [(64, 128, 64, 4, 5), (64, 128, 128, 4, 3), (64, 256, 64, 8, 3), (128, 128, 64, 8, 4),
-             (64, 128, 64, 4, 3), (128, 256, 64, 8, 3), (64, 64, 128, 4, 4), (128, 128, 64, 4, 4)]
+    # (bm, bn, bk, warps, stages, split): the current plans' neighbours, and at B <= 256 whole
+    # 128-row tiles with K split so that each weight tile is read by one program only
+    tiles = [(64, 128, 64, 4, 4, 1), (64, 128, 64, 4, 5, 1), (128, 128, 64, 8, 4, 1),
+             (128, 128, 64, 8, 5, 1), (128, 128, 64, 8, 4, 2), (128, 128, 64, 8, 4, 4),
+             (64, 128, 64, 4, 4, 2), (128, 256, 64, 8, 3, 1), (64, 256, 64, 8, 3, 1)]
     out = []
-    for bm, bn, bk, warps, stages in tiles:
-        ov = dict(block_m=bm, block_n=bn, block_k=bk, num_warps=warps, num_stages=stages, split_k=1)
+    for bm, bn, bk, warps, stages, split in tiles:
+        ov = dict(block_m=bm, block_n=bn, block_k=bk, num_warps=warps, num_stages=stages,
+                  split_k=split)
         out.append((label("", ov), ov))
     return out
 

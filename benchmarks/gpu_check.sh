@@ -8,7 +8,7 @@
 #   check  (CHECK_LIMIT 120) correctness against float64, and the engine's CUDA-graph cache
 #                            against eager launches; runs while the warm-up compiles
 #   bench  (BENCH_LIMIT 180) all variants, d 4096, 1 and 2 hidden layers, 30 steps, B 1..512
-#   sweep  (SWEEP_LIMIT 80)  Triton plan overrides at B 1, 16, 256, 512 (tuning aid)
+#   sweep  (SWEEP_LIMIT 80)  Triton plan overrides at B 1, 16, 128, 256, 512 (tuning aid)
 #   extra  (EXTRA_LIMIT 60)  triton-graph vs torch-graph at d 2048 / 8192 and steps 1 / 200
 # Writes under $OUT (default ./out), at most 8 files: run.log (everything printed), warm.log,
 # check.json, bench.json, bench.md, sweep.json, extra.json. JSON and markdown are rewritten
