@@ -26,7 +26,7 @@ logger = get_logger(__name__)
 
 SMALL_BUCKETS = (16, 32, 64)  # one weight-streaming row tile each: padding is free
 BUCKET_STEP = 64              # larger batches: the kernel's row tiles are 64 or 128 rows
-DEFAULT_MAX_GRAPHS = 32
+DEFAULT_MAX_GRAPHS = 64  # e.g. 19 row buckets up to 1024 rows x a few step counts
 
 
 def bucket_rows(rows: int) -> int:
