@@ -50,10 +50,11 @@ class _Static:
 
     @classmethod
     def allocate(cls, rows: int, dim: int, device: torch.device) -> "_Static":
-        return cls(states=torch.zeros(rows, dim, device=device),
-                   alpha=torch.zeros(rows, device=device),
+        f32 = torch.float32  # explicit: vLLM changes the default dtype while it builds models
+        return cls(states=torch.zeros(rows, dim, device=device, dtype=f32),
+                   alpha=torch.zeros(rows, device=device, dtype=f32),
                    steps=torch.zeros(rows, device=device, dtype=torch.int64),
-                   out=torch.zeros(rows, dim, device=device))
+                   out=torch.zeros(rows, dim, device=device, dtype=f32))
 
 
 class AscentGraphs:
