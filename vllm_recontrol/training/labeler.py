@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import statistics
@@ -20,10 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from .common import (DataError, RewardError, build_options, dump_json, parse_command_line,
-                     progress, read_jsonl, run_main, summary_table, write_jsonl_atomic,
-                     write_text_atomic)
-from .rewards import DEFAULT_CUT_AT, RewardSource, cut_response
+from .common import (DataError, RewardError, build_options, dump_json, json_argument,
+                     parse_command_line, progress, read_jsonl, run_main, summary_table,
+                     write_jsonl_atomic, write_text_atomic)
+from .engines import IN_PROCESS_ENV
+from .rewards import DEFAULT_CUT_AT, RM_ENGINES, RewardSource, cut_response
 from .shards import manifest_sha256, manifest_shards, read_manifest, read_rows, shard_status
 
 LABELS_DIR = "labels"
@@ -46,6 +48,9 @@ class LabelOptions:
     max_length: int | None = None
     reward_index: int | None = None
     trust_remote_code: bool = False
+    rm_engine: str = "hf"          # "hf" (transformers) or "vllm" (pooling runner, classify)
+    engine_args: dict[str, Any] = field(default_factory=dict)  # vllm.LLM keyword arguments
+    in_process: bool = False       # vLLM engine core in this process (small CPU runs)
     cut_at: list[str] = field(default_factory=lambda: list(DEFAULT_CUT_AT))
     overwrite: bool = False
     progress: bool = True
@@ -96,9 +101,25 @@ def label(**options: Any) -> dict[str, Any]:
     started = time.perf_counter()
     data = Path(opts.data)
     manifest = read_manifest(data)
+    if opts.rm_engine not in RM_ENGINES:
+        raise DataError(f"rm_engine must be one of {list(RM_ENGINES)}, got {opts.rm_engine!r}")
+    if not isinstance(opts.engine_args, dict):
+        raise DataError("engine_args must be a JSON object")
+    engine_args = dict(opts.engine_args)
+    if opts.in_process and opts.rm_engine == "vllm":
+        os.environ[IN_PROCESS_ENV] = "0"  # before vLLM builds an engine (see collect)
+        engine_args.setdefault("distributed_executor_backend", "uni")
     source = RewardSource(opts.reward_fn, opts.reward_model, opts.device, opts.rm_dtype,
                           opts.batch_size, opts.max_length, opts.reward_index,
-                          opts.trust_remote_code)
+                          opts.trust_remote_code, engine=opts.rm_engine, engine_args=engine_args)
+    try:
+        return _label_all(opts, source, data, manifest, started)
+    finally:
+        source.close()
+
+
+def _label_all(opts: LabelOptions, source: RewardSource, data: Path, manifest: dict[str, Any],
+               started: float) -> dict[str, Any]:
     folder = _prepare_info(opts, source, data)
     plans = manifest_shards(manifest)
     missing = [p.name for p in plans if shard_status(data, p.name) == "pending"]
@@ -166,6 +187,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--reward-index", type=int,
                         help="which output of a multi-output reward model is the reward")
     parser.add_argument("--trust-remote-code", action="store_true")
+    parser.add_argument("--rm-engine", choices=list(RM_ENGINES),
+                        help="run --reward-model with transformers (hf, default) or with "
+                             "vLLM's pooling runner (vllm: faster on a GPU, same scores)")
+    parser.add_argument("--engine-args", type=json_argument,
+                        help="JSON keyword arguments for vllm.LLM with --rm-engine vllm")
+    parser.add_argument("--in-process", action="store_true",
+                        help="with --rm-engine vllm: engine core in this process (small CPUs)")
     parser.add_argument("--cut-at", nargs="*",
                         help="cut responses at the first of these markers (default Human: User:)")
     parser.add_argument("--overwrite", action="store_true",

@@ -1,7 +1,10 @@
-"""Reward sources for labelling: a user function, or a Hugging Face reward model.
+"""Reward sources for labelling: a user function, or a sequence-classification reward model
+run by Hugging Face transformers or by vLLM's pooling runner.
 
 Why both: the paper scores responses with a sequence-classification reward model, but rule
 based rewards (a lexicon, a format check) need no GPU and make end-to-end tests possible.
+vLLM serves the same model faster on a GPU (no padding, continuous batching); both engines
+see the same token ids (same text format, same left truncation) and return the raw score.
 Either way a response is cut at a hallucinated next turn first, as the paper does before
 scoring: a model that writes "Human: ..." after its answer is scored on its answer only.
 """
@@ -19,6 +22,7 @@ from .common import RewardError
 from .prompts import prompt_messages
 
 DEFAULT_CUT_AT = ("Human:", "User:")
+RM_ENGINES = ("hf", "vllm")
 
 
 def cut_response(response: str, markers: Sequence[str] = DEFAULT_CUT_AT) -> tuple[str, bool]:
@@ -64,46 +68,61 @@ def as_reward(value: Any) -> float | None:
 
 
 class RewardModelScorer:
-    """Batched scores of a Hugging Face sequence-classification reward model.
+    """Batched scores of a sequence-classification reward model (transformers or vLLM).
 
     Text format: the model's chat template when its tokenizer has one (HH-RLHF prompts become
     turn-by-turn messages), else ``\\n\\nHuman: {prompt}\\n\\nAssistant: {response}``. Long
     inputs are cut from the left, so the response (the part being judged) is kept.
+    ``engine="vllm"`` scores through ``vllm.LLM(runner="pooling").classify`` with the
+    activation off (the raw score, as transformers returns it); ``engine_args`` go to the LLM.
     """
 
     def __init__(self, model: str, device: str = "cpu", dtype: str = "float32",
                  batch_size: int = 16, max_length: int | None = None,
-                 reward_index: int | None = None, trust_remote_code: bool = False) -> None:
+                 reward_index: int | None = None, trust_remote_code: bool = False,
+                 engine: str = "hf", engine_args: dict[str, Any] | None = None) -> None:
         import torch
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
+        if engine not in RM_ENGINES:
+            raise RewardError(f"reward model engine must be one of {list(RM_ENGINES)}, "
+                              f"got {engine!r}")
         self.name = model
+        self.engine = engine
         self.device = torch.device(device)
         self.batch_size = int(batch_size)
+        self.model: Any = None
+        self.llm: Any = None
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
-            self.model = AutoModelForSequenceClassification.from_pretrained(
-                model, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
+            config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
+            if engine == "hf":
+                self.model = AutoModelForSequenceClassification.from_pretrained(
+                    model, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
+                self.model.to(self.device).eval()
+                config = self.model.config
         except Exception as exc:
             raise RewardError(f"cannot load reward model {model!r}: {type(exc).__name__}: "
                               f"{exc}") from exc
-        self.model.to(self.device).eval()
         self.tokenizer.truncation_side = "left"
         if self.tokenizer.pad_token_id is None:  # many RMs ship without one; any id works
             self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
-        if getattr(self.model.config, "pad_token_id", None) is None:
+        if self.model is not None and getattr(self.model.config, "pad_token_id", None) is None:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
-        labels = int(getattr(self.model.config, "num_labels", 1))
+        labels = int(getattr(config, "num_labels", 1))
         if reward_index is None and labels != 1:
             raise RewardError(f"reward model {model!r} has {labels} outputs; name the one that "
                               f"is the reward with --reward-index")
         self.reward_index = 0 if reward_index is None else int(reward_index)
-        limit = max_length or getattr(self.model.config, "max_position_embeddings", None) or 4096
+        limit = max_length or getattr(config, "max_position_embeddings", None) or 4096
         tokenizer_limit = getattr(self.tokenizer, "model_max_length", None)
         if isinstance(tokenizer_limit, int) and tokenizer_limit < 1_000_000:
             limit = min(limit, tokenizer_limit)
         self.max_length = int(limit)
         self.uses_chat_template = bool(getattr(self.tokenizer, "chat_template", None))
+        if engine == "vllm":
+            self.llm = _pooling_llm(model, dtype, self.max_length, trust_remote_code,
+                                    engine_args or {})
 
     def format(self, prompt: str, response: str) -> tuple[str, bool]:
         """(text, add_special_tokens) for one prompt/response pair."""
@@ -114,16 +133,22 @@ class RewardModelScorer:
             return f"{prompt} {response}", True  # already an HH-RLHF dialogue
         return f"\n\nHuman: {prompt}\n\nAssistant: {response}", True
 
-    def score(self, pairs: Sequence[tuple[str, str]]) -> list[float]:
-        """Rewards of (prompt, response) pairs, batched by similar length."""
-        import torch
-
+    def encode(self, pairs: Sequence[tuple[str, str]]) -> list[list[int]]:
+        """Token ids of each pair as the model will see them (formatted, cut from the left)."""
         encoded = []
         for prompt, response in pairs:
             text, special = self.format(prompt, response)
-            ids = self.tokenizer(text, add_special_tokens=special, truncation=True,
-                                 max_length=self.max_length)["input_ids"]
-            encoded.append(ids)
+            encoded.append(self.tokenizer(text, add_special_tokens=special, truncation=True,
+                                          max_length=self.max_length)["input_ids"])
+        return encoded
+
+    def score(self, pairs: Sequence[tuple[str, str]]) -> list[float]:
+        """Rewards of (prompt, response) pairs (transformers: batched by similar length)."""
+        import torch
+
+        encoded = self.encode(pairs)
+        if self.llm is not None:
+            return self._score_vllm(encoded)
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
         scores = [0.0] * len(encoded)
         for start in range(0, len(order), self.batch_size):
@@ -138,6 +163,37 @@ class RewardModelScorer:
                 scores[i] = value
         return scores
 
+    def _score_vllm(self, encoded: list[list[int]]) -> list[float]:
+        from vllm import PoolingParams
+
+        outputs = self.llm.classify([{"prompt_token_ids": ids} for ids in encoded],
+                                    pooling_params=PoolingParams(use_activation=False),
+                                    use_tqdm=False)
+        return [float(o.outputs.probs[self.reward_index]) for o in outputs]
+
+    def close(self) -> None:
+        """Free the vLLM engine (no-op for transformers)."""
+        if self.llm is not None:
+            from .._vllm_adapter import shutdown_llm
+
+            shutdown_llm(self.llm)
+            self.llm = None
+
+
+def _pooling_llm(model: str, dtype: str, max_length: int, trust_remote_code: bool,
+                 engine_args: dict[str, Any]) -> Any:
+    """A vLLM classification engine for the reward model; errors name the model."""
+    from vllm import LLM
+
+    args = {"runner": "pooling", "dtype": dtype, "max_model_len": max_length,
+            "trust_remote_code": trust_remote_code, "enable_prefix_caching": False,
+            **engine_args}
+    try:
+        return LLM(model=model, **args)
+    except Exception as exc:
+        raise RewardError(f"cannot start vLLM for reward model {model!r}: "
+                          f"{type(exc).__name__}: {exc}") from exc
+
 
 class RewardSource:
     """Exactly one of a user function or a reward model, scoring (prompt, response) pairs.
@@ -149,14 +205,18 @@ class RewardSource:
     def __init__(self, reward_fn: Any = None, reward_model: str | None = None,
                  device: str = "cpu", dtype: str = "float32", batch_size: int = 16,
                  max_length: int | None = None, reward_index: int | None = None,
-                 trust_remote_code: bool = False, command: str = "label") -> None:
+                 trust_remote_code: bool = False, command: str = "label",
+                 engine: str = "hf", engine_args: dict[str, Any] | None = None) -> None:
         if (reward_fn is None) == (reward_model is None):
             raise RewardError(f"{command} needs exactly one of --reward-fn module:function and "
                               "--reward-model NAME")
         self.function: Callable[[str, str], Any] | None = None
         self.scorer: RewardModelScorer | None = None
+        if engine not in RM_ENGINES:
+            raise RewardError(f"{command}: reward model engine must be one of "
+                              f"{list(RM_ENGINES)}, got {engine!r}")
         self._model_args = (reward_model, device, dtype, batch_size, max_length, reward_index,
-                            trust_remote_code)
+                            trust_remote_code, engine, dict(engine_args or {}))
         if reward_fn is not None:
             if callable(reward_fn):
                 self.function = reward_fn
@@ -170,7 +230,7 @@ class RewardSource:
     def describe(self) -> dict[str, Any]:
         if self.function is not None:
             return {"reward_fn": self.spec}
-        _, _, dtype, _, max_length, reward_index, _ = self._model_args
+        _, _, dtype, _, max_length, reward_index, _, _, _ = self._model_args
         return {"reward_model": self.spec, "reward_index": reward_index,
                 "max_length": max_length, "dtype": dtype}
 
@@ -187,6 +247,11 @@ class RewardSource:
             if as_reward(value) is None:
                 raise RewardError(f"reward model {self.spec} gave {value!r} for {where(i)})")
         return scores
+
+    def close(self) -> None:
+        """Free the reward model's engine, if one was started."""
+        if self.scorer is not None:
+            self.scorer.close()
 
     def _call(self, where: str, prompt: str, response: str) -> float:
         place = f"{where}, prompt {prompt[:60]!r}, response {response[:60]!r})"
