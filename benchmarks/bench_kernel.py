@@ -165,17 +165,10 @@ def bench_ms(fn: Callable[[], object], device: torch.device, args) -> float:
 
 
 def cuda_graph(fn: Callable[[], object], device: torch.device) -> Callable[[], None]:
-    """Capture fn (already warmed up: compiled kernels, cuBLAS handles) in one CUDA graph."""
-    stream = torch.cuda.Stream(device)
-    stream.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream(device).wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
+    """fn captured in one CUDA graph, the way the engine captures its ascents."""
+    from vllm_recontrol.ascent_graphs import capture_graph
+
+    return capture_graph(fn, device).replay
 
 
 def measure_ceilings(device: torch.device, args) -> dict:

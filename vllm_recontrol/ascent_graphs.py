@@ -29,6 +29,21 @@ BUCKET_STEP = 64              # larger batches: the kernel's row tiles are 64 or
 DEFAULT_MAX_GRAPHS = 64  # e.g. 19 row buckets up to 1024 rows x a few step counts
 
 
+def capture_graph(fn: Callable[[], object], device: torch.device, pool=None):
+    """Run ``fn`` twice on a side stream (Triton compiles, the allocator settles), then
+    capture one call in a CUDA graph; the benchmark times graphs made here too."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+        fn()
+    return graph
+
+
 def bucket_rows(rows: int) -> int:
     """Rows a batch of ``rows`` is padded to."""
     if rows < 1:
@@ -112,7 +127,10 @@ class AscentGraphs:
             self._graphs.move_to_end(key)
             return self._graphs[key][0]
         try:
-            graph = self._capture(ascent, device)
+            if self._pool is None:  # scratch is dead between replays: one pool serves all graphs
+                self._pool = torch.cuda.graph_pool_handle()
+            graph = capture_graph(ascent, device, self._pool)
+            self.captures += 1
         except Exception as exc:  # never take the engine down for a missing speed-up
             logger.warning("RE-Control: CUDA graph capture of the ascent failed (%s: %s); "
                            "this batch shape runs eagerly", type(exc).__name__, exc)
@@ -120,22 +138,6 @@ class AscentGraphs:
         self._graphs[key] = (graph, mlp)  # the graph reads these weights: keep them alive
         if len(self._graphs) > self.max_graphs:
             self._graphs.popitem(last=False)
-        return graph
-
-    def _capture(self, ascent: Callable[[], None], device: torch.device):
-        """Compile and warm up on a side stream, then capture one ascent."""
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                ascent()
-        torch.cuda.current_stream(device).wait_stream(stream)
-        if self._pool is None:  # scratch is dead between replays: one pool serves all graphs
-            self._pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-            ascent()
-        self.captures += 1
         return graph
 
     def __len__(self) -> int:
