@@ -11,36 +11,37 @@ Design
 * One generic GEMM kernel, ``C[M, N] = A[M, K] @ Wop[K, N]``, specialised at compile time by
   where its left operand comes from (prologue) and what it does with its result (epilogue):
 
-  - forward layer 0: ``A = s + u`` built while loading (no x buffer), epilogue
-    ``act = relu(acc + b)``; the ReLU mask is ``act > 0`` and is never stored separately;
-  - forward layer i > 0: ``A = act[i-1]``, same epilogue;
-  - first backward product: ``A = w_out * (act[L-1] > 0)`` built while loading (the output
-    layer is folded in), epilogue ``g = acc * (act[i-1] > 0)``;
+  - forward layer 0: ``A = x = s + u``, stored (bf16 in bf16 mode) by the previous step's
+    update epilogue (before the first step, a copy of s); epilogue ``act = relu(acc + b)``;
+    the ReLU mask is ``act > 0`` and is never stored separately. Under max_norm the prologue
+    builds ``s + scale * u`` instead, since the scale needs whole-row norms (below);
+  - forward layer i > 0: ``A = act[i-1]``, same epilogue, except the last hidden layer,
+    whose epilogue stores ``g_top = w_out * (acc + b > 0)`` (the output layer folded in: its
+    activation is never needed, only its mask);
+  - first backward product: ``A = g_top``, epilogue ``g = acc * (act[i-1] > 0)``;
   - last backward product (``Wop = W_0``): epilogue ``u += rate * acc`` with
     ``rate = alpha_r * [k < steps_r]`` computed in-kernel from the step index passed as a
-    scalar, so the host never waits on the device inside the loop.
+    scalar, so the host never waits on the device inside the loop; it also writes the next
+    step's ``x = s + u``.
 
-  The same matrix is read with ``Wop[k, n] = W[n, k]`` going forward and ``W[k, n]`` going
-  backward; both are plain strided loads along W's contiguous rows, so neither direction
-  needs a transposed copy.
+  Every left operand is thus a plain load, and in bf16 mode goes to the tensor cores without
+  a round trip through fp32. The same matrix is read with ``Wop[k, n] = W[n, k]`` going
+  forward and ``W[k, n]`` going backward; both are plain strided loads along W's contiguous
+  rows, so neither direction needs a transposed copy.
 * Small batches (B <= 64, the decode case): the work is reading the weights (a d = h = 4096
   bf16 matrix is 32 MB per product, against 16 x 4096 x 4 bytes of states), so the kernel is a
   weight-streaming GEMV. B is padded to one 16/32/64-row tile (16 is the smallest tensor-core
-  tile; masked rows cost no memory traffic), and the output dimension is cut into narrow
-  blocks so that there are at least as many programs as multiprocessors: 16-32 columns going
-  forward, where each W row is contiguous along K, and 32-64 columns going backward, where
-  64 bf16 columns are one 128-byte line per W row. Each program streams its slab of W once
-  with long contiguous loads (BLOCK_K 128-256 for B <= 16) through a 4-stage software pipeline
-  (36-72 KB in flight per program), enough to cover DRAM latency with one program per SM.
-  Where the output dimension is too narrow to give every multiprocessor a program (d = 2048
-  going backward, small widths), K is split: each split writes its partial sum to a scratch
+  tile; masked rows cost no memory traffic) and the output dimension is cut into 32-column
+  blocks; each program streams its slab of W once through a 4-stage pipeline with 16 KB of W
+  per stage (BLOCK_K 256 in bf16). Where that gives under 3/4 of a wave of programs (d = 2048,
+  small widths), K is split into whole waves: each split writes its partial sum to a scratch
   buffer and a small reduce kernel adds the splits in split order and applies the epilogue.
-  These choices come from the shapes and from compile reports for sm_90 (every variant
-  software-pipelined, no register spills); they are not yet tuned by measurement:
-  ``plan_overrides`` and the benchmark's ``--sweep`` exist for that.
-* Large batches: the largest of 128x128, 128x64, 64x64 tiles (bf16/tf32; 64x64 down to 32x32
-  for fp32 "ieee") that still gives about a wave of programs, split K below half a wave;
-  there the products are bound by the tensor cores, not by the weight reads.
+  Measured on an H100 (benchmarks/results/kernel-h100.md): 0.98x-1.28x of the memory floor
+  for 1-32 rows at d = 4096; the sweep preferred this shape over 16- and 64-column blocks,
+  8 KB stages, 8 warps and split K in both directions.
+* Large batches: tensor-core tiles of 64x128 (one warp group, 4 stages), or 128x128 (two
+  warp groups) where those make a whole wave; K split below 3/4 of a wave (H100 sweep at
+  B = 256 and 512). fp32 "ieee" products use 64x64 down to 32x32 CUDA-core tiles.
 * max_norm: the projection needs whole-row norms, which no single program sees. The last
   backward epilogue writes each program's per-row partial sum of squares of the unprojected
   u_raw to its own slot; the next step's first forward prologue and update epilogue (and a
