@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from .backends import BACKENDS, PRECISIONS
+from .backends import BACKENDS, PRECISIONS, choose_precision
 from .errors import ConfigError, RequestParamsError
 
 ADDITIONAL_CONFIG_KEY = "recontrol"
@@ -84,9 +84,11 @@ class EngineSettings:
         if precision not in PRECISIONS:
             raise ConfigError(f'{where}["precision"] must be one of {list(PRECISIONS)}, '
                               f"got {precision!r}")
-        if backend == "torch" and precision in ("tf32", "bf16"):
-            raise ConfigError(f'{where}["precision"] = {precision!r} needs the triton backend; '
-                              'the torch backend computes in fp32 ("fp32" or "auto")')
+        if backend == "torch":  # "auto" resolves on the worker (EditController)
+            try:
+                choose_precision(precision, backend)
+            except ValueError as exc:
+                raise ConfigError(f'{where}["precision"]: {exc}') from exc
         return cls(
             value_head=value_head,
             alpha=_as_float(section.get("alpha", DEFAULT_ALPHA), f'{where}["alpha"]', ConfigError),

@@ -29,6 +29,17 @@ POOLER_CONFIG = {"task": "token_embed", "use_activation": False}
 IN_PROCESS_ENV = "VLLM_ENABLE_V1_MULTIPROCESSING"
 
 
+def run_engines_in_process(*engine_args: dict[str, Any]) -> None:
+    """Engine core in this process: ~2 s start instead of ~30 s on a small CPU.
+
+    Must run before vLLM builds an engine (vLLM caches its environment afterwards) and holds
+    for the rest of the process; each ``engine_args`` dict gets the in-process executor.
+    """
+    os.environ[IN_PROCESS_ENV] = "0"
+    for args in engine_args:
+        args.setdefault("distributed_executor_backend", "uni")
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
     prompt: str
@@ -75,11 +86,7 @@ class VllmEngines:
         self.pooling_args = {**base, **(pooling_engine_args or {}),
                              "runner": "pooling", "pooler_config": dict(POOLER_CONFIG)}
         if in_process:
-            # Engine core in this process: ~2 s start instead of ~30 s on a small CPU. Must be
-            # set before vLLM builds an engine; vLLM caches its environment afterwards.
-            os.environ[IN_PROCESS_ENV] = "0"
-            for args in (self.generate_args, self.pooling_args):
-                args.setdefault("distributed_executor_backend", "uni")
+            run_engines_in_process(self.generate_args, self.pooling_args)
         self._generator: Any = None
         self._pooler: Any = None
 

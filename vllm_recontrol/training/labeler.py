@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shutil
 import statistics
@@ -24,7 +23,7 @@ from typing import Any, Sequence
 from .common import (DataError, RewardError, build_options, dump_json, json_argument,
                      parse_command_line, progress, read_jsonl, run_main, summary_table,
                      write_jsonl_atomic, write_text_atomic)
-from .engines import IN_PROCESS_ENV
+from .engines import run_engines_in_process
 from .rewards import DEFAULT_CUT_AT, RM_ENGINES, RewardSource, cut_response
 from .shards import manifest_sha256, manifest_shards, read_manifest, read_rows, shard_status
 
@@ -101,14 +100,11 @@ def label(**options: Any) -> dict[str, Any]:
     started = time.perf_counter()
     data = Path(opts.data)
     manifest = read_manifest(data)
-    if opts.rm_engine not in RM_ENGINES:
-        raise DataError(f"rm_engine must be one of {list(RM_ENGINES)}, got {opts.rm_engine!r}")
     if not isinstance(opts.engine_args, dict):
         raise DataError("engine_args must be a JSON object")
     engine_args = dict(opts.engine_args)
     if opts.in_process and opts.rm_engine == "vllm":
-        os.environ[IN_PROCESS_ENV] = "0"  # before vLLM builds an engine (see collect)
-        engine_args.setdefault("distributed_executor_backend", "uni")
+        run_engines_in_process(engine_args)
     source = RewardSource(opts.reward_fn, opts.reward_model, opts.device, opts.rm_dtype,
                           opts.batch_size, opts.max_length, opts.reward_index,
                           opts.trust_remote_code, engine=opts.rm_engine, engine_args=engine_args)
