@@ -665,7 +665,44 @@ def check_graph_cache(device, ascent, seed) -> list[dict]:
                   f"rel err {err:.2e} (tol {tol:.0e}), graphs captured "
                   f"{rows_out[-1]['graphs_captured']}{'' if idle_exact else ' IDLE-ROW-MOVED'}",
                   flush=True)
+    rows_out.append(check_warm_up(device, mlp, gen))
     return rows_out
+
+
+def check_warm_up(device, mlp, gen) -> dict:
+    """ValueHead.warm_up (the engine start) captures one graph per row bucket, after which
+    batches of those buckets and step count capture nothing new and match eager launches."""
+    from vllm_recontrol import ValueHead
+
+    head = ValueHead(mlp.weights[0].shape[1], [w.shape[0] for w in mlp.weights[:-1]])
+    with torch.no_grad():
+        for layer, w, b in zip(head.layers, mlp.weights, mlp.biases):
+            layer.weight.copy_(w.float().cpu())
+            layer.bias.copy_(b.float().cpu())
+    head = head.to(device)
+    runs = head.warm_up(70, [4])
+    captured = head._graphs.captures if head._graphs else 0
+    errors, idle_exact = [], True
+    for rows in (40, 3, 70):
+        states = torch.randn(rows, head.hidden_size, generator=gen).to(device, torch.bfloat16)
+        alpha = (0.5 + torch.rand(rows, generator=gen)).to(device)
+        steps = torch.randint(0, 5, (rows,), generator=gen)
+        steps[0] = 4  # the warmed-up iteration count
+        steps = steps.to(device)
+        graphed = head.ascend(states, alpha, steps)
+        eager = head.ascend(states, alpha, steps, cuda_graphs=False)
+        moved = (steps > 0) & (alpha != 0)
+        idle_exact &= bool(torch.equal(graphed[~moved], states[~moved]))
+        diff = (graphed.float() - eager.float())[moved]
+        errors.append((diff.norm() / (eager.float() - states.float())[moved].norm()).item())
+    after = head._graphs.captures if head._graphs else 0
+    ok = runs == 4 and captured == 4 and after == 4 and max(errors) < 2e-2 and idle_exact
+    print(f"{'ok  ' if ok else 'FAIL'} warm-up: {runs} ascents, {captured} graphs captured, "
+          f"{after - captured} new captures while serving B = 40/3/70, edit vs eager rel err "
+          f"{max(errors):.2e}", flush=True)
+    return {"case": "warm-up", "ascents": runs, "graphs_captured": captured,
+            "captures_after": after, "rel_err_vs_eager": max(errors), "tolerance": 2e-2,
+            "idle_rows_exact": idle_exact, "ok": ok}
 
 
 # ----------------------------------------------------------------------------- main

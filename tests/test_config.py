@@ -67,6 +67,27 @@ def test_precision_and_cuda_graph_keys():
     assert settings(backend="triton", precision="bf16").precision == "bf16"
 
 
+def test_warmup_steps_default_to_the_engine_steps():
+    assert settings().warm_up_counts == (30,)
+    assert settings(steps=12).warm_up_counts == (12,)
+    assert settings(steps=0).warm_up_counts == ()
+    assert settings(warmup_steps=[50, 30, 50]).warm_up_counts == (30, 50)
+    assert settings(warmup_steps=[]).warm_up_counts == ()  # warm-up off
+
+
+@pytest.mark.parametrize("value, message", [
+    (30, "must be a list of step counts"),
+    ("30", "must be a list of step counts"),
+    ([0], r'\["warmup_steps"\]\[0\] must be an integer >= 1'),
+    ([30, True], r'\["warmup_steps"\]\[1\] must be an integer'),
+    ([30, 2.5], r'\["warmup_steps"\]\[1\] must be an integer'),
+    ([300], "above max_steps = 200"),
+])
+def test_bad_warmup_steps(value, message):
+    with pytest.raises(ConfigError, match=message):
+        settings(warmup_steps=value)
+
+
 @pytest.mark.parametrize("section, message", [
     ({"precision": "fp8"}, r'\["precision"\] must be one of'),
     ({"precision": 16}, r'\["precision"\] must be one of'),

@@ -247,8 +247,9 @@ def test_bucketed_runner_matches_direct_calls(kernels, seed):
     from vllm_recontrol.ascent_graphs import AscentGraphs
 
     runner = AscentGraphs(capture=False)
-    mlp, states, alpha, steps = _draw(seed, 40, [24, 17])
-    for rows in (40, 3, 17, 1, 33):  # shrinking batches leave stale rows in the buffers
+    mlp, states, alpha, steps = _draw(seed, 70, [24, 17])
+    # shrinking batches leave stale rows in the shared buffers; 70 rows grows them (bucket 128)
+    for rows in (40, 3, 70, 17, 1, 33):
         for max_norm in (None, 0.4):
             got = runner.run(mlp, states[:rows], alpha[:rows], steps[:rows], 3, max_norm,
                              "ieee").clone()
@@ -256,6 +257,56 @@ def test_bucketed_runner_matches_direct_calls(kernels, seed):
                                          max_norm)
             assert got.shape == (rows, DIM)
             assert torch.equal(got, want), (seed, rows, max_norm)
+
+
+def test_buckets_up_to():
+    from vllm_recontrol.ascent_graphs import buckets_up_to
+    assert buckets_up_to(1) == [16]
+    assert buckets_up_to(40) == [16, 32, 64]
+    assert buckets_up_to(256) == [16, 32, 64, 128, 192, 256]
+    assert buckets_up_to(300) == [16, 32, 64, 128, 192, 256, 320]
+
+
+def test_graph_buffers_are_shared_and_grow(kernels):
+    """Every bucket reads leading rows of one buffer set; growing it drops the graphs that
+    point at the old buffers (CPU: the bookkeeping only, no capture)."""
+    from vllm_recontrol.ascent_graphs import AscentGraphs
+
+    runner = AscentGraphs(capture=False)
+    small = runner.reserve(64, DIM, torch.device("cpu"))
+    assert runner.reserve(16, DIM, torch.device("cpu")) is small  # never shrinks
+    runner._graphs[(64, DIM, torch.device("cpu"), 2)] = (None, None)
+    runner._graphs[(64, DIM + 1, torch.device("cpu"), 2)] = (None, None)
+    grown = runner.reserve(128, DIM, torch.device("cpu"))
+    assert grown is not small and grown.states.shape == (128, DIM)
+    assert list(runner._graphs) == [(64, DIM + 1, torch.device("cpu"), 2)]
+
+
+def test_warm_up_runs_every_bucket_and_edits_nothing(kernels, seed, monkeypatch):
+    """ValueHead.warm_up runs one ascent per (row bucket up to max_rows, step count), with
+    alpha 0, and leaves the head untouched (CPU: interpreted kernels, no graphs)."""
+    from vllm_recontrol import ValueHead
+
+    head = ValueHead(DIM, [24, 17], seed=seed % 1000)
+    before = [t.clone() for t in head.state_dict().values()]
+    calls = []
+    ascend = head.ascend
+
+    def spy(states, alpha, steps, **kw):
+        out = ascend(states, alpha, steps, **kw)
+        calls.append((states.shape[0], float(alpha), steps, kw["num_iterations"], kw["backend"]))
+        assert torch.equal(out, states)  # alpha 0: nothing moves
+        return out
+
+    monkeypatch.setattr(head, "ascend", spy)
+    assert head.warm_up(40, [2, 1, 2, 0], backend="triton") == 6
+    assert calls == [(rows, 0.0, n, n, "triton") for rows in (16, 32, 64) for n in (1, 2)]
+    assert all(torch.equal(a, b) for a, b in zip(before, head.state_dict().values()))
+    assert head.nonfinite_rows() == 0
+    assert head.warm_up(40, [2], backend="torch") == 0  # nothing to compile
+    assert len(calls) == 6
+    with pytest.raises(ValueError, match="max_rows"):
+        head.warm_up(0, [2], backend="triton")
 
 
 def test_value_head_products_follow_the_precision(kernels, seed):

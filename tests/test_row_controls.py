@@ -59,3 +59,52 @@ def test_uncontrolled_rows_get_zero_steps_on_device():
 def test_engines_do_not_share_rows():
     assert rows_for_engine("a") is rows_for_engine("a")
     assert rows_for_engine("a") is not rows_for_engine("b")
+
+
+def test_warm_up_only_for_triton_on_cuda_with_steps():
+    from vllm_recontrol.config import EngineSettings
+    from vllm_recontrol.controller import warm_up_rows
+
+    on = EngineSettings(value_head="h")
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert warm_up_rows("triton", cuda, on, 256) == 256
+    assert warm_up_rows("torch", cuda, on, 256) is None
+    assert warm_up_rows("triton", cpu, on, 256) is None
+    assert warm_up_rows("triton", cuda, on, None) is None
+    assert warm_up_rows("triton", cuda, EngineSettings(value_head="h", warmup_steps=()), 256) is None
+    assert warm_up_rows("triton", cuda, EngineSettings(value_head="h", steps=0), 256) is None
+
+
+def test_first_pass_through_call_warms_up_once_and_failures_only_log(caplog):
+    """vLLM's profiling run is the first logits call with no armed pass: the controller warms
+    up there, once; a warm-up that raises is logged and the call still passes through."""
+    from vllm_recontrol import ValueHead
+    from vllm_recontrol.config import EngineSettings
+    from vllm_recontrol.controller import EditController
+
+    head = ValueHead(8, [4], seed=0)
+    settings = EngineSettings(value_head="h", backend="torch", warmup_steps=(5, 9))
+    rows = fresh([RowControl(alpha=1.0, steps=2)])
+    controller = EditController(head, settings, rows, max_rows=48)
+    assert controller._warm_rows is None  # torch on CPU: nothing to warm
+    calls = []
+    head.warm_up = lambda max_rows, counts, **kw: calls.append((max_rows, counts, kw)) or 7
+    controller._warm_rows = 48  # as on CUDA with the Triton backend
+    states = torch.randn(1, 8)
+    assert controller.maybe_edit(states) is states  # not armed: profiling, passes through
+    assert calls == [(48, (5, 9), dict(max_norm=None, backend="torch", precision="auto",
+                                       cuda_graphs=True))]
+    assert controller.maybe_edit(states) is states
+    rows.arm()
+    assert not torch.equal(controller.maybe_edit(states), states)  # a real edit
+    assert len(calls) == 1
+
+    def broken(*args, **kw):
+        raise RuntimeError("no graphs today")
+
+    head.warm_up = broken
+    controller._warm_rows = 48
+    with caplog.at_level("WARNING"):
+        assert controller.maybe_edit(states) is states
+    assert "warm-up failed (RuntimeError: no graphs today)" in caplog.text
+    assert controller._warm_rows is None

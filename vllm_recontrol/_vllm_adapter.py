@@ -249,7 +249,8 @@ def _recontrol_layer_class(stock: type) -> type:
             head = ValueHead.load(settings.value_head, device=torch.get_default_device(),
                                   expected_hidden_size=vllm_config.model_config.get_hidden_size())
             # A plain attribute, not a submodule: the checkpoint loader must not see it.
-            self._recontrol = EditController(head, settings, rows_for_engine(_engine_id(vllm_config)))
+            self._recontrol = EditController(head, settings, rows_for_engine(_engine_id(vllm_config)),
+                                             max_rows=vllm_config.scheduler_config.max_num_seqs)
 
         def forward(self, lm_head: Any, hidden_states: torch.Tensor,
                     embedding_bias: torch.Tensor | None = None, skip_gather: bool = False):

@@ -7,7 +7,10 @@ kernel-h100.md). Replaying a captured graph issues them all at once.
 
 Rows are padded to a bucket (16, 32, 64, then multiples of 64) so that a few graphs serve
 every batch size; padded rows have steps 0 and never move. Inputs are copied into static
-buffers of the bucket, outputs come back from one; each graph keeps the weights it reads
+buffers, outputs come back from one; every bucket's graph reads leading rows of the same
+buffers (graphs replay one at a time), so they cost the largest bucket's memory, not the sum.
+Growing them past the largest bucket drops the graphs, which point at the old ones; the
+engine's warm-up reserves the largest bucket first. Each graph keeps the weights it reads
 alive. A graph that cannot be captured is logged once and its key runs eagerly from then on.
 """
 
@@ -44,6 +47,13 @@ def capture_graph(fn: Callable[[], object], device: torch.device, pool=None):
     return graph
 
 
+def buckets_up_to(max_rows: int) -> list[int]:
+    """Every bucket a batch of 1 to ``max_rows`` rows can land in, smallest first."""
+    last = bucket_rows(max_rows)
+    small = [b for b in SMALL_BUCKETS if b <= last]
+    return small + list(range(SMALL_BUCKETS[-1] + BUCKET_STEP, last + 1, BUCKET_STEP))
+
+
 def bucket_rows(rows: int) -> int:
     """Rows a batch of ``rows`` is padded to."""
     if rows < 1:
@@ -56,7 +66,7 @@ def bucket_rows(rows: int) -> int:
 
 @dataclass
 class _Static:
-    """Inputs and output of every graph of one bucket."""
+    """Inputs and output of the graphs of one (width, device); a bucket uses leading rows."""
 
     states: torch.Tensor
     alpha: torch.Tensor
@@ -84,7 +94,7 @@ class AscentGraphs:
             raise ValueError(f"max_graphs must be >= 1, got {max_graphs}")
         self.max_graphs = max_graphs
         self.capture = capture
-        self._static: dict[tuple, _Static] = {}
+        self._static: dict[tuple, _Static] = {}  # (dim, device) -> buffers of the largest bucket
         self._graphs: OrderedDict[tuple, tuple[object, MLPWeights]] = OrderedDict()
         self._pool = None
         self.captures = 0
@@ -98,18 +108,18 @@ class AscentGraphs:
         rows, dim = states32.shape
         bucket = bucket_rows(rows)
         device = states32.device
-        static = self._static.get((bucket, dim, device))
-        if static is None:
-            static = self._static[(bucket, dim, device)] = _Static.allocate(bucket, dim, device)
-        static.states[:rows].copy_(states32)
-        static.alpha[:rows].copy_(alpha)
-        static.alpha[rows:].zero_()
-        static.steps[:rows].copy_(steps)
-        static.steps[rows:].zero_()
+        static = self.reserve(bucket, dim, device)
+        states_in, alpha_in, steps_in, out = (t[:bucket] for t in (
+            static.states, static.alpha, static.steps, static.out))
+        states_in[:rows].copy_(states32)
+        alpha_in[:rows].copy_(alpha)
+        alpha_in[rows:].zero_()
+        steps_in[:rows].copy_(steps)
+        steps_in[rows:].zero_()
 
         def ascent() -> None:
-            triton_ascend(mlp, static.states, static.alpha, static.steps, num_iterations,
-                          max_norm, precision=precision, out=static.out)
+            triton_ascend(mlp, states_in, alpha_in, steps_in, num_iterations, max_norm,
+                          precision=precision, out=out)
 
         key = (bucket, dim, device, num_iterations, max_norm, precision,
                tuple(t.data_ptr() for t in (*mlp.weights, *mlp.biases)))
@@ -118,7 +128,17 @@ class AscentGraphs:
             ascent()
         else:
             graph.replay()
-        return static.out[:rows]
+        return out[:rows]
+
+    def reserve(self, rows: int, dim: int, device: torch.device) -> _Static:
+        """Static buffers for at least ``rows`` rows of width ``dim`` (grown, never shrunk)."""
+        static = self._static.get((dim, device))
+        if static is None or static.states.shape[0] < rows:
+            if static is not None:  # their graphs read the old buffers
+                self._graphs = OrderedDict((k, v) for k, v in self._graphs.items()
+                                           if k[1:3] != (dim, device))
+            static = self._static[(dim, device)] = _Static.allocate(rows, dim, device)
+        return static
 
     def _graph(self, key: tuple, ascent: Callable[[], None], mlp: MLPWeights,
                device: torch.device):

@@ -29,7 +29,7 @@ REQUEST_STEPS = "recontrol_steps"
 REQUEST_KEYS = (REQUEST_SWITCH, REQUEST_ALPHA, REQUEST_STEPS)
 
 ENGINE_KEYS = ("value_head", "alpha", "steps", "default_on", "max_steps", "max_norm", "backend",
-               "precision", "cuda_graphs")
+               "precision", "cuda_graphs", "warmup_steps")
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,14 @@ class EngineSettings:
     backend: str = "auto"
     precision: str = "auto"
     cuda_graphs: bool = True
+    warmup_steps: tuple[int, ...] | None = None  # None: (steps,)
+
+    @property
+    def warm_up_counts(self) -> tuple[int, ...]:
+        """Iteration counts compiled and graph-captured at engine start (Triton on CUDA)."""
+        if self.warmup_steps is not None:
+            return self.warmup_steps
+        return (self.steps,) if self.steps > 0 else ()
 
     @classmethod
     def from_additional_config(cls, additional_config: Mapping[str, Any] | None) -> "EngineSettings":
@@ -101,6 +109,8 @@ class EngineSettings:
             precision=precision,
             cuda_graphs=_as_switch(section.get("cuda_graphs", True), f'{where}["cuda_graphs"]',
                                    ConfigError),
+            warmup_steps=_as_step_list(section.get("warmup_steps"), f'{where}["warmup_steps"]',
+                                       max_steps),
         )
 
 
@@ -157,6 +167,20 @@ def resolve_request(extra_args: Mapping[str, Any] | None, engine: EngineSettings
     alpha = _as_float(args.get(REQUEST_ALPHA, engine.alpha), REQUEST_ALPHA, RequestParamsError)
     steps = _as_int(args.get(REQUEST_STEPS, engine.steps), REQUEST_STEPS, RequestParamsError, low=0)
     return RowControl(alpha=alpha, steps=min(steps, engine.max_steps))
+
+
+def _as_step_list(value: Any, name: str, max_steps: int) -> tuple[int, ...] | None:
+    """``warmup_steps``: omitted (None), or a list of step counts 1..max_steps ([] = no warm-up)."""
+    if value is None:
+        return None
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{name} must be a list of step counts (e.g. [30]; [] turns the "
+                          f"warm-up off), got {value!r}")
+    counts = tuple(_as_int(v, f"{name}[{i}]", ConfigError, low=1) for i, v in enumerate(value))
+    too_many = [n for n in counts if n > max_steps]
+    if too_many:
+        raise ConfigError(f"{name} has {too_many}, above max_steps = {max_steps}")
+    return tuple(sorted(set(counts)))
 
 
 def _as_float(value: Any, name: str, error: type[Exception]) -> float:

@@ -8,6 +8,7 @@ the logits layer device tensors for exactly the next sampling call. Nothing here
 from __future__ import annotations
 
 import threading
+import time
 
 import torch
 
@@ -114,10 +115,24 @@ def rows_for_engine(engine_id: str) -> RowControls:
         return _ROWS_BY_ENGINE.setdefault(engine_id, RowControls())
 
 
+def warm_up_rows(backend: str, device: torch.device, settings: EngineSettings,
+                 max_rows: int | None) -> int | None:
+    """The batch size to warm up to at engine start, or None: only the Triton backend on CUDA
+    compiles at first use, and only when the engine's largest batch and some step count are
+    known."""
+    if backend != "triton" or device.type != "cuda" or not max_rows or max_rows < 1:
+        return None
+    return max_rows if settings.warm_up_counts else None
+
+
 class EditController:
     """Applies RE-Control to the rows of a sampling call that asked for it."""
 
-    def __init__(self, head: ValueHead, settings: EngineSettings, rows: RowControls) -> None:
+    def __init__(self, head: ValueHead, settings: EngineSettings, rows: RowControls,
+                 max_rows: int | None = None) -> None:
+        """``max_rows``: the engine's largest batch (max_num_seqs); with it, the first logits
+        call that is not a sampling call (vLLM's profiling run) compiles and captures the
+        ascent for every row bucket up to it, see ``warm_up``."""
         self.head = head
         self.settings = settings
         self.rows = rows
@@ -135,10 +150,38 @@ class EditController:
         graphs = self.backend == "triton" and settings.cuda_graphs and device.type == "cuda"
         logger.info("RE-Control ascent: %s backend, %s products, CUDA graphs %s", self.backend,
                     "fp32" if products == "ieee" else products, "on" if graphs else "off")
+        self._warm_rows = warm_up_rows(self.backend, device, settings, max_rows)
+
+    def warm_up(self) -> int:
+        """Compile (and capture) the ascent for every row bucket and warm-up step count now.
+
+        Called from vLLM's memory-profiling logits call, so the graphs' memory is counted
+        before the KV cache is sized. A failure only costs the speed-up: it is logged and
+        serving captures lazily as before. Returns the number of ascents run."""
+        rows, self._warm_rows = self._warm_rows, None
+        if rows is None:
+            return 0
+        start = time.perf_counter()
+        try:
+            runs = self.head.warm_up(rows, self.settings.warm_up_counts,
+                                     max_norm=self.settings.max_norm, backend=self.backend,
+                                     precision=self.settings.precision,
+                                     cuda_graphs=self.settings.cuda_graphs)
+        except Exception as exc:  # never take the engine down for a missing speed-up
+            logger.warning("RE-Control warm-up failed (%s: %s); kernels compile and graphs are "
+                           "captured on first use instead", type(exc).__name__, exc)
+            return 0
+        logger.info("RE-Control warm-up: %d ascents (batches up to %d rows, steps %s) "
+                    "compiled%s in %.1f s", runs, rows, list(self.settings.warm_up_counts),
+                    " and captured" if self.settings.cuda_graphs else "",
+                    time.perf_counter() - start)
+        return runs
 
     def maybe_edit(self, hidden_states: torch.Tensor) -> torch.Tensor:
         plan = self.rows.take(hidden_states.shape[0])
         if plan is None:
+            if self._warm_rows is not None and hidden_states.shape[0] > 0:
+                self.warm_up()  # the first pass-through call: vLLM's profiling run
             return hidden_states
         alpha, steps, max_steps = plan
         edited = self.head.ascend(hidden_states, alpha, steps, max_norm=self.settings.max_norm,

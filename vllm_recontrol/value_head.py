@@ -157,6 +157,51 @@ class ValueHead(nn.Module):
         keep_edit = (moved & finite).to(states.device).view(-1, 1)
         return torch.where(keep_edit, edited.to(states.device), states)
 
+    def warm_up(
+        self,
+        max_rows: int,
+        iteration_counts: Sequence[int],
+        max_norm: float | None = None,
+        backend: str = "auto",
+        precision: str = "auto",
+        cuda_graphs: bool = True,
+    ) -> int:
+        """Compile the Triton kernels and capture the CUDA graphs that batches of 1 to
+        ``max_rows`` rows with these iteration counts will use, so that serving never stalls
+        on a first capture. Runs one ascent per (row bucket, count) with alpha 0 (nothing is
+        edited, nothing counted). Only the Triton backend has anything to compile (on CPU,
+        under the interpreter, this runs the same ascents: it is how the tests see the loop);
+        returns the number of ascents run."""
+        from .ascent_graphs import buckets_up_to
+
+        if max_rows < 1:
+            raise ValueError(f"max_rows must be >= 1, got {max_rows}")
+        device = self.layers[0].weight.device
+        if choose_backend(backend, device, len(self.widths)) != "triton":
+            return 0
+        buckets = buckets_up_to(max_rows)
+        counts = sorted({int(n) for n in iteration_counts if int(n) > 0})
+        if cuda_graphs and device.type == "cuda":
+            from .ascent_graphs import AscentGraphs
+
+            if self._graphs is None:
+                self._graphs = AscentGraphs()
+            self._graphs.reserve(buckets[-1], self.hidden_size, device)  # no regrowth later
+            room = self._graphs.max_graphs
+            if len(buckets) * len(counts) > room:  # more would evict the first captures
+                logger.warning("RE-Control warm-up: %d row buckets x %d step counts exceed the "
+                               "%d cached graphs; warming the smallest buckets only",
+                               len(buckets), len(counts), room)
+                buckets = buckets[:max(1, room // max(1, len(counts)))]
+        runs = 0
+        for rows in buckets:
+            states = torch.zeros(rows, self.hidden_size, device=device, dtype=torch.float32)
+            for count in counts:
+                self.ascend(states, 0.0, count, max_norm=max_norm, num_iterations=count,
+                            backend="triton", precision=precision, cuda_graphs=cuda_graphs)
+                runs += 1
+        return runs
+
     def _workspace_for(self, mlp: MLPWeights, rows: int) -> AscentWorkspace:
         """A grow-only workspace: a serving engine allocates once, then only takes views."""
         ws = self._workspace
