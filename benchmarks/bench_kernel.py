@@ -17,6 +17,11 @@ runs the whole ascent (``steps`` iterations, all rows active) and is timed with
   triton-graph      ``triton_ascend`` captured in one CUDA graph
   triton-fp32-graph ``triton_ascend`` with fp32 weights (exact fp32 "ieee" products), one graph
   triton-tf32-graph ``triton_ascend`` with fp32 weights and tf32 tensor-core products, one graph
+  triton-l2-graph   triton-graph with the hidden weight matrices in one buffer marked
+                    persisting in L2 (an access-policy window on the capture stream, see
+                    l2_window.py; issue 3's stretch goal). Set-aside lines survive do_bench's
+                    L2 flush, so the head may stay resident from one timed call to the next,
+                    as it would from one decode step to the next in a server
   head-ascend       ``ValueHead.ascend`` as the engine calls it (auto: Triton, bf16 products,
                     the ascent replayed from the head's CUDA-graph cache; includes copying the
                     batch in and building the edited states)
@@ -65,7 +70,8 @@ from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = ("autograd-fp16", "torch-eager", "torch-compile", "torch-graph", "torch-fp32-graph",
-            "triton", "triton-graph", "triton-fp32-graph", "triton-tf32-graph", "head-ascend")
+            "triton", "triton-graph", "triton-fp32-graph", "triton-tf32-graph", "triton-l2-graph",
+            "head-ascend")
 # weight dtype of the variants that fix it (the others follow --dtype / --torch-dtype)
 VARIANT_DTYPE = {"autograd-fp16": "fp16", "torch-fp32-graph": "fp32", "triton-fp32-graph": "fp32",
                  "triton-tf32-graph": "fp32", "head-ascend": "bf16"}
@@ -164,11 +170,41 @@ def bench_ms(fn: Callable[[], object], device: torch.device, args) -> float:
     return statistics.median(times)
 
 
-def cuda_graph(fn: Callable[[], object], device: torch.device) -> Callable[[], None]:
+def cuda_graph(fn: Callable[[], object], device: torch.device,
+               stream: "torch.cuda.Stream | None" = None) -> Callable[[], None]:
     """fn captured in one CUDA graph, the way the engine captures its ascents."""
     from vllm_recontrol.ascent_graphs import capture_graph
 
-    return capture_graph(fn, device).replay
+    return capture_graph(fn, device, stream=stream).replay
+
+
+def l2_window_module():
+    """benchmarks/l2_window.py, whether this file runs as a script or is imported."""
+    here = str(Path(__file__).resolve().parent)
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    return importlib.import_module("l2_window")
+
+
+_CONTIGUOUS: dict = {}
+
+
+def contiguous_head(ascent, mlp):
+    """(copy of ``mlp`` whose hidden weight matrices are views of one buffer, its address,
+    its bytes): one access-policy window can then cover every hidden matrix."""
+    key = tuple(w.data_ptr() for w in mlp.weights)
+    if key not in _CONTIGUOUS:
+        hidden = mlp.weights[:-1]
+        flat = torch.empty(sum(w.numel() for w in hidden), device=hidden[0].device,
+                           dtype=hidden[0].dtype)
+        views, at = [], 0
+        for w in hidden:
+            views.append(flat[at:at + w.numel()].view_as(w).copy_(w))
+            at += w.numel()
+        _CONTIGUOUS.clear()  # one head at a time
+        _CONTIGUOUS[key] = (ascent.MLPWeights([*views, mlp.weights[-1]], list(mlp.biases)),
+                            flat.data_ptr(), flat.numel() * flat.element_size())
+    return _CONTIGUOUS[key]
 
 
 def measure_ceilings(device: torch.device, args) -> dict:
@@ -395,6 +431,8 @@ def raw_variant(name, ascent, va, heads, states, alpha, steps, n, device, args,
     if name == "head-ascend":
         head = value_head_from(heads["fp32"], device)
         return lambda: head.ascend(states, alpha, steps, num_iterations=n)
+    if name == "triton-l2-graph":
+        mlp = contiguous_head(ascent, mlp)[0]
     if name.startswith("triton"):
         precision = VARIANT_PRECISION.get(name)
         return lambda: va.triton_ascend(mlp, states, alpha, steps, n, precision=precision,
@@ -425,6 +463,12 @@ def run_benchmark(args, device, ascent, va, dump) -> dict:
     ceilings = measure_ceilings(device, args)
     print(f"ceilings: bf16 matmul {ceilings['matmul_tflops']:.0f} TFLOP/s, "
           f"copy {ceilings['copy_gbps']:.0f} GB/s", flush=True)
+    if device.type == "cuda" and "triton-l2-graph" in args.variants:
+        try:
+            ceilings["l2_probe"] = l2_window_module().probe(device)
+        except Exception as exc:  # informative only
+            ceilings["l2_probe"] = {"error": f"{type(exc).__name__}: {exc}"}
+        print(f"L2 window probe: {ceilings['l2_probe']}", flush=True)
     gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
     inputs = Inputs(ascent, device, gen, args.alpha)
     rows = []
@@ -478,19 +522,27 @@ def time_variant(task: Task, flops, nbytes, floor_ms, ascent, va, heads, states,
            "floor_ms": floor_ms}
     if device.type != "cuda" and (name.endswith("graph") or name == "torch-compile"):
         return {**row, "error": "needs CUDA"}
+    stream, l2 = None, None
     try:
         fn = raw_variant(name, ascent, va, heads, states, alpha, steps, case.steps, device, args,
                          task.overrides)
         for _ in range(2):  # compile (Triton, inductor) and warm up outside the timed region
             fn()
+        if name == "triton-l2-graph":  # the window goes with the kernels captured on `stream`
+            l2, stream = l2_window_module(), torch.cuda.Stream(device)
+            _, base, nbytes = contiguous_head(ascent, heads[variant_dtype(name, args)])
+            row["l2_hit_ratio"] = l2.persist(stream, base, nbytes)
         if name.endswith("graph"):
-            fn = cuda_graph(fn, device)
+            fn = cuda_graph(fn, device, stream)
         sync(device)
         ms = bench_ms(fn, device, args)
         del fn
     except Exception as exc:  # one broken variant must not end the run
         traceback.print_exc()
         return {**row, "error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+    finally:
+        if l2 is not None:
+            l2.release(stream)
     sec = ms * 1e-3
     return {**row, "ms": ms, "tflops": flops / sec / 1e12, "gbps": nbytes / sec / 1e9,
             "x_floor": ms / floor_ms if floor_ms > 0 else float("nan")}
@@ -512,8 +564,16 @@ def markdown_table(result: dict, device_name: str, args) -> str:
              f"device copy {c['copy_gbps']:.0f} GB/s. Median of do_bench (events, L2 flushed). "
              f"Floor = max(FLOPs / matmul rate, bytes / copy bandwidth) with {args.dtype} weights "
              "read once per forward and once per backward product every step; GB/s counts "
-             "those bytes.", "",
-             "| d | hidden layers | steps | B | variant | weights | ms | TFLOP/s | GB/s | floor ms | x floor |",
+             "those bytes.", ""]
+    probe = c.get("l2_probe")
+    if probe:
+        lines += [("L2 window probe (" + (f"{probe['reads']} reads of a {probe['megabytes']} MB "
+                   f"buffer): plain {probe['plain_eager_ms']:.3f} ms eager / "
+                   f"{probe['plain_graph_ms']:.3f} ms graph, persisting window "
+                   f"{probe['window_eager_ms']:.3f} / {probe['window_graph_ms']:.3f} ms (hit ratio "
+                   f"{probe['hit_ratio']:.2f}; limits {probe['limits']})" if "error" not in probe
+                   else f"error: {probe['error']}") + ")."), ""]
+    lines += ["| d | hidden layers | steps | B | variant | weights | ms | TFLOP/s | GB/s | floor ms | x floor |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         if "error" in r:

@@ -47,3 +47,49 @@ def test_timing_mode_writes_every_row(tmp_path):
 def test_warm_up_shards_compile_without_errors():
     run = _run("--warm-only", "--sweep", "--shard", "1", "--shards", "3")
     assert "warm shard 1/3:" in run.stdout and ", 0 failed" in run.stdout
+
+
+def test_l2_variant_runs_its_contiguous_head():
+    """triton-l2-graph's head copy (hidden matrices in one buffer) runs through the kernel
+    (its graph and L2 window need CUDA; warm-only runs the plain launch)."""
+    run = _run("--warm-only", "--variants", "triton-l2-graph", "--layers", "2")
+    assert "warm shard 0/1: 2 launches compiled, 0 failed" in run.stdout
+
+
+def _load(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", SCRIPT.parent / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_contiguous_head_packs_the_hidden_matrices_in_one_buffer():
+    import torch
+
+    from vllm_recontrol import ascent
+    from vllm_recontrol.ascent import MLPWeights
+
+    bench = _load("bench_kernel")
+    weights = [torch.randn(5, 3), torch.randn(4, 5), torch.randn(1, 4)]
+    mlp = MLPWeights(weights, [torch.randn(5), torch.randn(4), torch.randn(1)])
+    packed, base, nbytes = bench.contiguous_head(ascent, mlp)
+    assert nbytes == (15 + 20) * 4 and packed.weights[0].data_ptr() == base
+    assert packed.weights[1].data_ptr() == base + 15 * 4  # right behind the first
+    assert all(torch.equal(a, b) for a, b in zip(packed.weights, weights))
+    assert packed.weights[2] is weights[2] and packed.biases == mlp.biases
+
+
+def test_l2_window_struct_matches_cuda_h():
+    """CUaccessPolicyWindow {void*, size_t, float, enum, enum} inside a 64-byte union."""
+    import ctypes
+
+    l2 = _load("l2_window")
+    window = l2.AccessPolicyWindow
+    assert [getattr(window, f).offset for f in ("base_ptr", "num_bytes", "hitRatio", "hitProp",
+                                                "missProp")] == [0, 8, 16, 20, 24]
+    assert ctypes.sizeof(window) == 32 and ctypes.sizeof(l2.StreamAttrValue) == 64
+    value = l2.window_value(4096, 1 << 20, 0.5)
+    assert (value.accessPolicyWindow.num_bytes, value.accessPolicyWindow.hitProp) == (1 << 20, 2)

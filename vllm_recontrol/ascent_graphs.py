@@ -32,17 +32,20 @@ BUCKET_STEP = 64              # larger batches: the kernel's row tiles are 64 or
 DEFAULT_MAX_GRAPHS = 64  # e.g. 19 row buckets up to 1024 rows x a few step counts
 
 
-def capture_graph(fn: Callable[[], object], device: torch.device, pool=None):
+def capture_graph(fn: Callable[[], object], device: torch.device, pool=None,
+                  stream: torch.cuda.Stream | None = None):
     """Run ``fn`` twice on a side stream (Triton compiles, the allocator settles), then
-    capture one call in a CUDA graph; the benchmark times graphs made here too."""
-    stream = torch.cuda.Stream(device)
+    capture one call in a CUDA graph; the benchmark times graphs made here too. ``stream``:
+    the side stream to use (its attributes, e.g. an L2 access-policy window, go with the
+    captured kernels); a fresh one by default."""
+    stream = stream if stream is not None else torch.cuda.Stream(device)
     stream.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(stream):
         for _ in range(2):
             fn()
     torch.cuda.current_stream(device).wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+    with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
         fn()
     return graph
 
