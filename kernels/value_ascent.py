@@ -60,10 +60,11 @@ Design
   other side, so reduced-precision results differ from the fp32 reference by more than the
   operand rounding alone (up to several 1e-2 relative on tiny test heads; the GPU check
   reports it at d = 4096).
-* Deterministic: no atomics; every element is produced by one program whose K loop runs in a
-  fixed order, split-K partials are added in split order, and the launch configuration is a
-  pure function of the shapes and the device (no autotuning), so the same input on the same
-  device gives the same bits.
+* Deterministic: no floating-point atomics; every element is produced by one program whose K
+  loop runs in a fixed order, split-K partials are added in split order (by the reduce kernel,
+  or with the plan's ``fixup`` by whichever split of the tile finishes last, told by an integer
+  counter: the sum is the same), and the launch configuration is a pure function of the shapes
+  and the device (no autotuning), so the same input on the same device gives the same bits.
 * ``TRITON_INTERPRET=1`` with CPU tensors runs the same kernels in Triton's interpreter (for
   tests). The interpreter multiplies bf16 operands as raw integers and truncates fp32->bf16
   casts, so there the kernel rounds with integer arithmetic and feeds the (bf16-valued) fp32
@@ -248,11 +249,18 @@ def _ascent_gemm_kernel(
         a_ptr, u_ptr, wout_ptr, w_ptr, stride_wk, stride_wn,
         out_ptr, bias_ptr, maskin_ptr, state_ptr, x_ptr, alpha_ptr, steps_ptr,
         sq_in_ptr, sq_out_ptr, n_sq, max_norm, step, first,
+        part_ptr, count_ptr, n_split,
         M, N, K, k_split,
         PROLOGUE: tl.constexpr, EPILOGUE: tl.constexpr, DOT: tl.constexpr,
         INTERPRET: tl.constexpr, PROJECT: tl.constexpr, ACT_BF16: tl.constexpr,
-        SQ_CHUNK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    """One product of the ascent step for a [BM, BN] tile and one K split (grid n, m, split)."""
+        SQ_CHUNK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+        FIXUP: tl.constexpr):
+    """One product of the ascent step for a [BM, BN] tile and one K split (grid n, m, split).
+
+    ``FIXUP`` (split K finished in place, no reduce launch): every split stores its partial
+    sum, counts itself in its tile's counter, and the split that arrives last adds all the
+    partials in split order and applies the epilogue (so the bits do not depend on which
+    split that is), then zeroes the counter for the next product."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -270,7 +278,23 @@ def _ascent_gemm_kernel(
         a = _load_a(a_ptr, u_ptr, offs_m, offs_k, M, K, scale, first, PROLOGUE, DOT)
         w = _load_w(w_ptr, offs_k, offs_n, K, N, stride_wk, stride_wn)
         acc = _mma(a, w, acc, DOT, INTERPRET)
-    if EPILOGUE == EPI_PARTIAL:
+    if FIXUP:
+        ok = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+        idx = offs_m[:, None] * N + offs_n[None, :]
+        tl.store(part_ptr + pid_s * M * N + idx, acc, mask=ok)
+        tl.debug_barrier()  # all of this program's stores precede the release below
+        tile = pid_m * tl.num_programs(0) + pid_n
+        arrived = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel")
+        if arrived == n_split - 1:
+            total = tl.zeros((BM, BN), dtype=tl.float32)
+            for s in range(0, n_split):  # split order, as the reduce kernel adds them
+                total += tl.load(part_ptr + s * M * N + idx, mask=ok, other=0.0,
+                                 cache_modifier=".cg")
+            tl.atomic_xchg(count_ptr + tile, 0)
+            _epilogue(total, offs_m, offs_n, pid_n, M, N, out_ptr, bias_ptr, maskin_ptr,
+                      wout_ptr, state_ptr, x_ptr, alpha_ptr, steps_ptr, sq_in_ptr, sq_out_ptr,
+                      n_sq, max_norm, step, first, EPILOGUE, PROJECT, ACT_BF16, SQ_CHUNK)
+    elif EPILOGUE == EPI_PARTIAL:
         ok = (offs_m[:, None] < M) & (offs_n[None, :] < N)
         tl.store(out_ptr + pid_s * M * N + offs_m[:, None] * N + offs_n[None, :], acc, mask=ok)
     else:
@@ -316,7 +340,10 @@ def _apply_scale_kernel(u_ptr, sq_ptr, n_sq, max_norm, M, N,
 # ----------------------------------------------------------------------------- launch plans
 @dataclass(frozen=True)
 class GemmPlan:
-    """Tile shape, K split and launch options of one product (a pure function of the shapes)."""
+    """Tile shape, K split and launch options of one product (a pure function of the shapes).
+
+    ``fixup`` (0/1): with split K, the last split of each tile finishes it in place instead of
+    a second (reduce) launch; off until measured on a GPU (see the H100 results file)."""
 
     block_m: int
     block_n: int
@@ -324,6 +351,7 @@ class GemmPlan:
     split_k: int
     num_warps: int
     num_stages: int
+    fixup: int = 0
 
     def k_split(self, K: int) -> int:
         """K range per split, a multiple of block_k so that splits never share a tile."""
@@ -355,8 +383,8 @@ def plan_gemm(M: int, N: int, K: int, *, w_k_contiguous: bool, weight_bytes: int
     below 3/4 of a wave); large M uses 64x128 tensor-core tiles (smaller CUDA-core tiles for
     "ieee"). Both directions follow one rule (``w_k_contiguous`` says which one this is; the
     H100 sweep found the same best shape for both).
-    ``overrides`` (block_m, block_n, block_k, split_k, num_warps, num_stages) replace the
-    heuristic's choice, for tests and tuning.
+    ``overrides`` (block_m, block_n, block_k, split_k, num_warps, num_stages, fixup) replace
+    the heuristic's choice, for tests and tuning.
     """
     if interpret:  # tiny tiles: the interpreter's cost grows with the tile volume
         bm, bn, bk, warps, stages, split = 16, 16, 32, 4, 1, 1
@@ -393,7 +421,7 @@ def plan_gemm(M: int, N: int, K: int, *, w_k_contiguous: bool, weight_bytes: int
         if tiles * 4 < n_programs * 3:
             split = max(1, min(n_programs // tiles, K // (4 * bk)))
     plan = dict(block_m=bm, block_n=bn, block_k=bk, split_k=split, num_warps=warps,
-                num_stages=stages)
+                num_stages=stages, fixup=0)
     if overrides:
         unknown = set(overrides) - set(plan)
         if unknown:
@@ -535,8 +563,10 @@ def _launch(p: _Product, ctx: dict, step: int) -> None:
     chosen depth does not fit in shared memory."""
     plan = p.plan
     splits = plan.splits(p.K)
-    epilogue = EPI_PARTIAL.value if splits > 1 else p.epilogue
-    out = ctx["partial"] if splits > 1 else p.out
+    fixup = splits > 1 and bool(plan.fixup)
+    reduce_after = splits > 1 and not fixup
+    epilogue = EPI_PARTIAL.value if reduce_after else p.epilogue
+    out = ctx["partial"] if reduce_after else p.out
     grid = (triton.cdiv(p.N, plan.block_n), triton.cdiv(p.M, plan.block_m), splits)
     tail = dict(sq_in_ptr=ctx["sq_in"], sq_out_ptr=ctx["sq_out"], n_sq=ctx["n_sq"],
                 max_norm=ctx["max_norm"], step=step, first=int(step == 0))
@@ -548,11 +578,11 @@ def _launch(p: _Product, ctx: dict, step: int) -> None:
             _ascent_gemm_kernel[grid](
                 p.a, ctx["u"], ctx["w_out"], p.w, p.stride_wk, p.stride_wn,
                 out, p.bias, p.maskin, ctx["states"], ctx["x"], ctx["alpha"], ctx["steps"],
-                **tail,
+                **tail, part_ptr=ctx["partial"], count_ptr=ctx["counters"], n_split=splits,
                 M=p.M, N=p.N, K=p.K, k_split=plan.k_split(p.K),
                 PROLOGUE=p.prologue, EPILOGUE=epilogue, DOT=ctx["precision"],
                 INTERPRET=ctx["interpret"], **flags,
-                BM=plan.block_m, BN=plan.block_n, BK=plan.block_k,
+                BM=plan.block_m, BN=plan.block_n, BK=plan.block_k, FIXUP=fixup,
                 num_warps=plan.num_warps, num_stages=stages)
             break
         except OutOfResources:
@@ -560,7 +590,7 @@ def _launch(p: _Product, ctx: dict, step: int) -> None:
                 raise
             stages -= 1
             ctx["stages"][fit_key] = stages
-    if splits > 1:
+    if reduce_after:
         _splitk_reduce_kernel[grid[:2]](
             ctx["partial"], splits, p.out, p.bias, p.maskin, ctx["w_out"], ctx["states"],
             ctx["x"], ctx["alpha"], ctx["steps"], **tail,
@@ -626,6 +656,10 @@ def triton_ascend(
     partial_numel = max([p.plan.splits(p.K) * rows * p.N for p in products
                          if p.plan.splits(p.K) > 1] + [1])
     partial = torch.empty(partial_numel, device=device, dtype=torch.float32)
+    # fix-up counters: zero here, and every product's last split zeroes its own again
+    tiles = [triton.cdiv(rows, p.plan.block_m) * triton.cdiv(p.N, p.plan.block_n)
+             for p in products if p.plan.fixup and p.plan.splits(p.K) > 1]
+    counters = torch.zeros(max(tiles + [1]), device=device, dtype=torch.int32)
     sq = torch.empty(2, rows, n_sq, device=device, dtype=torch.float32)
     if poison_scratch:
         for t in [*acts, *backs, partial, sq] + ([] if project else [x]):
@@ -635,7 +669,7 @@ def triton_ascend(
 
     ctx = dict(u=out, w_out=weights[-1], states=states32, x=x,
                alpha=alpha.to(torch.float32).contiguous(),
-               steps=steps.contiguous(), partial=partial, n_sq=n_sq,
+               steps=steps.contiguous(), partial=partial, counters=counters, n_sq=n_sq,
                max_norm=float(max_norm or 0.0),
                project=max_norm is not None, act_bf16=precision == "bf16",
                precision=precision, interpret=device.type == "cpu", stages=_STAGES_THAT_FIT)

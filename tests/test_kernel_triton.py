@@ -185,6 +185,22 @@ def test_split_k_and_multiple_row_tiles(kernels, seed, hidden, max_norm):
     _check(u, ref, clean, steps, alpha, FP32_TOL, seed, f"split K, {hidden} hidden")
 
 
+@pytest.mark.parametrize("hidden,max_norm,precision", [(1, None, "ieee"), (2, None, "bf16"),
+                                                       (3, 0.5, "ieee")])
+def test_split_k_fixup_equals_the_reduce_kernel(kernels, seed, hidden, max_norm, precision):
+    """The in-place split-K fix-up (last split adds the partials) gives the reduce kernel's
+    bits, with 3 uneven splits and 2 row tiles, every epilogue kind included; its counters
+    are left at zero for the next call."""
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    mlp, states, alpha, steps = _draw(seed, 19, WIDTHS[:hidden], weight_dtype=dtype)
+    plan = {"split_k": 3, "block_k": 16}
+    reduce = _run(kernels, mlp, states, alpha, steps, 3, max_norm, plan_overrides=plan)
+    fixup = _run(kernels, mlp, states, alpha, steps, 3, max_norm,
+                 plan_overrides={**plan, "fixup": 1})
+    assert torch.isfinite(fixup).all(), f"unwritten output (seed {seed})"
+    assert torch.equal(fixup, reduce), f"fix-up differs from the reduce kernel (seed {seed})"
+
+
 def test_finished_rows_stop_and_results_are_deterministic(kernels, seed):
     mlp, states, alpha, steps, *_ = _draw(seed, 6, WIDTHS[:2])
     once = _run(kernels, mlp, states, alpha, steps, 1, plan_overrides={"split_k": 2, "block_k": 16})
