@@ -331,7 +331,7 @@ class Task:
 
 
 _SHORT = {"block_m": "bm", "block_n": "bn", "block_k": "bk", "split_k": "s", "num_warps": "w",
-          "num_stages": "st"}
+          "num_stages": "st", "fixup": "fix"}
 
 
 def sweep_configs(batch: int) -> list[tuple[str, dict]]:
@@ -346,18 +346,24 @@ def sweep_configs(batch: int) -> list[tuple[str, dict]]:
                   dict(block_n=32, block_k=256, num_stages=3),
                   dict(block_n=32, block_k=256, num_stages=6),
                   dict(block_n=32, block_k=256, num_warps=8),
-                  dict(block_n=32, block_k=256, split_k=2)]
+                  dict(block_n=32, block_k=256, split_k=2),
+                  dict(block_n=32, block_k=256, split_k=2, fixup=1)]
         return ([(label("fwd ", ov), {"forward": ov}) for ov in shapes]
                 + [(label("bwd ", ov), {"backward": ov}) for ov in shapes])
     # (bm, bn, bk, warps, stages, split): the current plans' neighbours, and at B <= 256 whole
     # 128-row tiles with K split so that each weight tile is read by one program only
-    tiles = [(64, 128, 64, 4, 4, 1), (64, 128, 64, 4, 5, 1), (128, 128, 64, 8, 4, 1),
-             (128, 128, 64, 8, 5, 1), (128, 128, 64, 8, 4, 2), (128, 128, 64, 8, 4, 4),
-             (64, 128, 64, 4, 4, 2), (128, 256, 64, 8, 3, 1), (64, 256, 64, 8, 3, 1)]
+    # (bm, bn, bk, warps, stages, split, fixup): the current plans' neighbours; whole 128-row
+    # tiles with K split so that each weight tile is read by one program only; split K
+    # finished in place (fix-up) instead of by a second launch
+    tiles = [(64, 128, 64, 4, 4, 1, 0), (64, 128, 64, 4, 5, 1, 0), (128, 128, 64, 8, 4, 1, 0),
+             (128, 128, 64, 8, 5, 1, 0), (128, 128, 64, 8, 4, 2, 0), (128, 128, 64, 8, 4, 4, 0),
+             (128, 128, 64, 8, 4, 2, 1), (128, 128, 64, 8, 4, 4, 1), (64, 128, 64, 4, 4, 2, 0),
+             (64, 128, 64, 4, 4, 2, 1), (128, 256, 64, 8, 3, 1, 0), (128, 256, 64, 8, 3, 4, 1),
+             (64, 256, 64, 8, 3, 1, 0)]
     out = []
-    for bm, bn, bk, warps, stages, split in tiles:
+    for bm, bn, bk, warps, stages, split, fixup in tiles:
         ov = dict(block_m=bm, block_n=bn, block_k=bk, num_warps=warps, num_stages=stages,
-                  split_k=split)
+                  split_k=split, fixup=fixup)
         out.append((label("", ov), ov))
     return out
 
@@ -542,7 +548,10 @@ def time_variant(task: Task, flops, nbytes, floor_ms, ascent, va, heads, states,
         return {**row, "error": f"{type(exc).__name__}: {str(exc)[:200]}"}
     finally:
         if l2 is not None:
-            l2.release(stream)
+            try:
+                l2.release(stream)
+            except Exception:  # the next rows would run with L2 set aside: say so loudly
+                traceback.print_exc()
     sec = ms * 1e-3
     return {**row, "ms": ms, "tflops": flops / sec / 1e12, "gbps": nbytes / sec / 1e9,
             "x_floor": ms / floor_ms if floor_ms > 0 else float("nan")}
@@ -594,7 +603,9 @@ def check_cases(device: torch.device) -> list[dict]:
                 dict(d=40, widths=[24], rows=5, n=3, precision="bf16", wdtype="bf16",
                      max_norm=0.3),
                 dict(d=40, widths=[24, 17, 20], rows=19, n=2, precision="ieee", wdtype="fp32",
-                     overrides={"split_k": 2, "block_k": 16})]
+                     overrides={"split_k": 2, "block_k": 16}),
+                dict(d=40, widths=[24, 17], rows=19, n=2, precision="ieee", wdtype="fp32",
+                     overrides={"split_k": 3, "block_k": 16, "fixup": 1})]
     # Chosen to cover each code path once while keeping Triton's compile count (~100) low.
     odd = dict(d=300, n=4)
     w1, w2, w3 = [257], [257, 129], [257, 129, 200]
@@ -618,6 +629,14 @@ def check_cases(device: torch.device) -> list[dict]:
         dict(odd, widths=w2, rows=16, precision="ieee", wdtype="fp32", overrides={"split_k": 3}),
         dict(odd, widths=w3, rows=16, precision="bf16", wdtype="bf16", max_norm=0.05,
              overrides={"split_k": 2}),
+        # split K finished in place by the last split (fix-up), small and large tiles
+        dict(odd, widths=w3, rows=16, precision="ieee", wdtype="fp32", max_norm=0.05,
+             overrides={"split_k": 3, "fixup": 1}),
+        dict(odd, widths=w2, rows=130, precision="bf16", wdtype="bf16",
+             overrides={"split_k": 2, "fixup": 1}),
+        dict(d=4096, widths=[4096], rows=128, n=3, precision="bf16", wdtype="bf16",
+             overrides={"block_m": 128, "block_n": 128, "num_warps": 8, "split_k": 4,
+                        "fixup": 1}),
         dict(d=4096, widths=[4096, 4096], rows=16, n=5, precision="ieee", wdtype="fp32"),
         dict(d=4096, widths=[4096, 4096], rows=16, n=5, precision="bf16", wdtype="bf16"),
         dict(d=4096, widths=[4096], rows=256, n=3, precision="bf16", wdtype="bf16"),

@@ -7,8 +7,9 @@
 #                            the timed phases will launch, in WARM_SHARDS processes side by side
 #   check  (CHECK_LIMIT 120) correctness against float64, and the engine's CUDA-graph cache
 #                            against eager launches; runs while the warm-up compiles
-#   bench  (BENCH_LIMIT 180) all variants, d 4096, 1 and 2 hidden layers, 30 steps, B 1..512
-#   sweep  (SWEEP_LIMIT 80)  Triton plan overrides at B 1, 16, 128, 256, 512 (tuning aid)
+#   bench  (BENCH_LIMIT 200) all variants, d 4096, 1 and 2 hidden layers, 30 steps, B 1..512,
+#                            after an L2 persistence probe (benchmarks/l2_window.py)
+#   sweep  (SWEEP_LIMIT 100) Triton plan overrides at B 1, 16, 128, 256, 512 (tuning aid)
 #   extra  (EXTRA_LIMIT 60)  triton-graph vs torch-graph at d 2048 / 8192 and steps 1 / 200
 # Writes under $OUT (default ./out), at most 8 files: run.log (everything printed), warm.log,
 # check.json, bench.json, bench.md, sweep.json, extra.json. JSON and markdown are rewritten
@@ -54,7 +55,7 @@ warm() {  # warm SHARDS ARGS...: compile what `bench_kernel.py ARGS` will launch
     done
 }
 phase bench && warm "$WARM_SHARDS" --quick
-phase sweep && warm 3 --sweep
+phase sweep && warm 4 --sweep
 if phase extra; then
     warm 2 --hidden-sizes 2048 8192 --steps 30 "${EXTRA_ARGS[@]}"
     warm 1 --hidden-sizes 4096 --steps 1 200 "${EXTRA_ARGS[@]}"
@@ -71,15 +72,15 @@ awk '/^warm shard/ {n += $4; f += $7; s++}
      END {print s " warm-up processes: " n " launches compiled, " f " failed"}' "$OUT/warm.log"
 
 if phase bench; then
-    echo "== benchmark, quick preset (limit ${BENCH_LIMIT:-180}s)"
-    timeout "${BENCH_LIMIT:-180}" "$PY" "$BENCH" --quick --json "$OUT/bench.json" \
+    echo "== benchmark, quick preset (limit ${BENCH_LIMIT:-200}s)"
+    timeout "${BENCH_LIMIT:-200}" "$PY" "$BENCH" --quick --json "$OUT/bench.json" \
         --markdown "$OUT/bench.md"
     bench_status=$?
 fi
 
 if phase sweep; then
-    echo "== plan sweep (limit ${SWEEP_LIMIT:-80}s)"
-    timeout "${SWEEP_LIMIT:-80}" "$PY" "$BENCH" --sweep --json "$OUT/sweep.json"
+    echo "== plan sweep (limit ${SWEEP_LIMIT:-100}s)"
+    timeout "${SWEEP_LIMIT:-100}" "$PY" "$BENCH" --sweep --json "$OUT/sweep.json"
     sweep_status=$?
 fi
 
