@@ -358,8 +358,8 @@ def sweep_configs(batch: int) -> list[tuple[str, dict]]:
     tiles = [(64, 128, 64, 4, 4, 1, 0), (64, 128, 64, 4, 5, 1, 0), (128, 128, 64, 8, 4, 1, 0),
              (128, 128, 64, 8, 5, 1, 0), (128, 128, 64, 8, 4, 2, 0), (128, 128, 64, 8, 4, 4, 0),
              (128, 128, 64, 8, 4, 2, 1), (128, 128, 64, 8, 4, 4, 1), (64, 128, 64, 4, 4, 2, 0),
-             (64, 128, 64, 4, 4, 2, 1), (128, 256, 64, 8, 3, 1, 0), (128, 256, 64, 8, 3, 4, 1),
-             (64, 256, 64, 8, 3, 1, 0)]
+             (64, 128, 64, 4, 4, 2, 1), (128, 256, 64, 8, 3, 1, 0), (128, 256, 64, 8, 3, 2, 1),
+             (128, 256, 64, 8, 3, 4, 1), (128, 256, 64, 8, 3, 8, 1), (64, 256, 64, 8, 3, 1, 0)]
     out = []
     for bm, bn, bk, warps, stages, split, fixup in tiles:
         ov = dict(block_m=bm, block_n=bn, block_k=bk, num_warps=warps, num_stages=stages,
@@ -520,12 +520,44 @@ def run_warm(args, device, ascent, va) -> int:
     return 0
 
 
+def onchip_megabytes(va, case: Case, overrides: dict | None, n_programs: int) -> float:
+    """Bytes moved from L2 into the multiprocessors per ascent step, in MB, by the plans the
+    kernel picks (bf16): every program reads its [BM, K-range] slice of the left operand and
+    its [K-range, BN] slice of W, and split K writes and reads fp32 partials. A weight tile
+    read by several row tiles comes from HBM once but from L2 each time, so at large batch
+    this, not HBM traffic, is what the tile shape changes (the H100 results file compares it
+    with the measured times)."""
+    by_direction = {"forward": {}, "backward": {}}
+    for key, value in (overrides or {}).items():
+        if key in by_direction:
+            by_direction[key].update(value)
+        else:
+            for direction in by_direction.values():
+                direction.setdefault(key, value)
+    N = K = case.d
+    total = 0.0
+    for direction in ("forward", "backward"):
+        plan = va.plan_gemm(case.batch, N, K, w_k_contiguous=direction == "forward",
+                            weight_bytes=2, precision="bf16", n_programs=n_programs,
+                            interpret=False, overrides=by_direction[direction])
+        m_tiles, n_tiles = -(-case.batch // plan.block_m), -(-N // plan.block_n)
+        splits = plan.splits(K)
+        left = 2 * case.batch * K * n_tiles
+        weights = 2 * K * N * m_tiles
+        partials = 2 * 4 * case.batch * N * splits if splits > 1 else 0
+        total += case.hidden * (left + weights + partials)
+    return total / 1e6
+
+
 def time_variant(task: Task, flops, nbytes, floor_ms, ascent, va, heads, states, alpha,
                  steps, device, args) -> dict:
     """Time one task; a failure becomes an 'error' row, not the end of the run."""
     name, case = task.variant, task.case
     row = {**asdict(case), "variant": task.label or name, "weights": variant_dtype(name, args),
            "floor_ms": floor_ms}
+    if name in ("triton-graph", "triton-l2-graph") and args.dtype == "bf16":
+        row["onchip_mb_per_step"] = onchip_megabytes(va, case, task.overrides,
+                                                     va._device_programs(device))
     if device.type != "cuda" and (name.endswith("graph") or name == "torch-compile"):
         return {**row, "error": "needs CUDA"}
     stream, l2 = None, None
