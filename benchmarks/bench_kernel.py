@@ -740,10 +740,58 @@ def run_check(args, device, ascent, va, dump) -> dict:
         dump({"failures": failures, "cases": results, "complete": False})
     if device.type == "cuda":
         graph_rows = check_graph_cache(device, ascent, seed0)
+        graph_rows += check_batch_invariance(device, ascent, va, seed0)
         results.extend(graph_rows)
         failures += sum(not r["ok"] for r in graph_rows)
     print(f"check: {len(results) - failures} ok, {failures} failed (seed base {seed0})")
     return {"failures": failures, "cases": results, "complete": True}
+
+
+INVARIANCE_CASES = ((300, [257, 129], "ieee"), (300, [257, 129], "bf16"), (4096, [4096], "bf16"))
+
+
+def check_batch_invariance(device, ascent, va, seed, cases=INVARIANCE_CASES) -> list[dict]:
+    """batch_invariant=True: the same rows get the same bits alone, in a small batch and in a
+    large one (different default plans), directly and through the engine's graph buckets.
+    The default plans' difference is reported for comparison, not judged."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    out = []
+    for d, widths, precision in cases:
+        mlp = make_head(ascent, d, widths, torch.float32, device, gen)
+        if precision == "bf16":
+            mlp = ascent.MLPWeights([w.bfloat16() for w in mlp.weights],
+                                    [b.bfloat16() for b in mlp.biases])
+        states = torch.randn(130, d, generator=gen).to(device)
+        alpha = (0.5 + torch.rand(130, generator=gen)).to(device)
+        steps = torch.randint(1, 4, (130,), generator=gen).to(device)
+        subsets = ([7], list(range(0, 130, 9)), list(range(5, 45)))
+
+        def run(rows, invariant):
+            return va.triton_ascend(mlp, states[rows], alpha[rows], steps[rows], 3,
+                                    precision=precision, batch_invariant=invariant)
+
+        everything = list(range(130))
+        full = run(everything, True)
+        same = all(torch.equal(run(rows, True), full[rows]) for rows in subsets)
+        full_default = run(everything, False)
+        default_diff = max((run(rows, False) - full_default[rows]).abs().max().item()
+                           for rows in subsets)
+        head = value_head_from(mlp, device)
+        head_precision = "fp32" if precision == "ieee" else precision
+        edited = head.ascend(states, alpha, steps, precision=head_precision, backend="triton",
+                             batch_invariant=True)
+        graphs_same = all(torch.equal(head.ascend(states[rows], alpha[rows], steps[rows],
+                                                  precision=head_precision, backend="triton",
+                                                  batch_invariant=True),
+                                      edited[rows]) for rows in subsets)
+        ok = same and graphs_same and bool(torch.isfinite(full).all())
+        out.append({"case": "batch invariance", "d": d, "widths": widths, "precision": precision,
+                    "same_bits_direct": same, "same_bits_graphs": graphs_same,
+                    "default_plans_max_abs_diff": default_diff, "ok": ok})
+        print(f"{'ok  ' if ok else 'FAIL'} batch-invariant d={d} widths={widths} {precision}: "
+              f"same bits alone, in batches of 15 and 40 and of 130: direct {same}, graph buckets "
+              f"{graphs_same}; default plans differ by up to {default_diff:.2e}", flush=True)
+    return out
 
 
 def check_graph_cache(device, ascent, seed) -> list[dict]:

@@ -374,9 +374,30 @@ def _device_programs(device: torch.device) -> int:
     return _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
 
 
+def batch_invariant_plan(N: int, K: int, *, precision: str, n_programs: int) -> GemmPlan:
+    """One plan for every row count: rows are computed independently inside a tile (each
+    output element is one fixed-order dot product), so with the tile shape and the K split
+    fixed, a row gets the same bits alone or in any batch. The shape is the large-batch
+    tensor-core tile (CUDA-core tiles for "ieee"), K split into whole waves of the column
+    tiles alone: at B = 1 it still streams the weights over the whole chip, at large B it
+    reads them from L2 once per 64-row tile and pays for the split partials."""
+    if precision == "ieee":
+        bm, bn, bk, warps, stages = 32, 64, 32, 4, 3
+    else:
+        bm, bn, warps, stages = 64, 128, 4, 4
+        bk = 64 if precision == "bf16" else 32
+    tiles = triton.cdiv(N, bn)
+    split = 1
+    if tiles * 4 < n_programs * 3:
+        split = max(1, min(n_programs // tiles, K // (4 * bk)))
+    return GemmPlan(block_m=bm, block_n=bn, block_k=bk, split_k=split, num_warps=warps,
+                    num_stages=stages)
+
+
 def plan_gemm(M: int, N: int, K: int, *, w_k_contiguous: bool, weight_bytes: int,
               precision: str, n_programs: int, interpret: bool,
-              overrides: Mapping[str, int] | None = None) -> GemmPlan:
+              overrides: Mapping[str, int] | None = None,
+              batch_invariant: bool = False) -> GemmPlan:
     """Choose the tiles of one product C[M, N] = A[M, K] @ Wop[K, N].
 
     Small M streams the weights (32-column blocks, 16 KB of W per pipeline stage, split K only
@@ -384,8 +405,14 @@ def plan_gemm(M: int, N: int, K: int, *, w_k_contiguous: bool, weight_bytes: int
     "ieee"). Both directions follow one rule (``w_k_contiguous`` says which one this is; the
     H100 sweep found the same best shape for both).
     ``overrides`` (block_m, block_n, block_k, split_k, num_warps, num_stages, fixup) replace
-    the heuristic's choice, for tests and tuning.
+    the heuristic's choice, for tests and tuning. ``batch_invariant``: ignore M (see
+    ``batch_invariant_plan``; also under the interpreter, so CPU tests run that plan).
     """
+    if batch_invariant:
+        plan = batch_invariant_plan(N, K, precision=precision, n_programs=n_programs)
+        if overrides:
+            raise ValueError("plan overrides and batch_invariant exclude each other")
+        return plan
     if interpret:  # tiny tiles: the interpreter's cost grows with the tile volume
         bm, bn, bk, warps, stages, split = 16, 16, 32, 4, 1, 1
     elif M <= 64:
@@ -512,7 +539,8 @@ def _check_backend(device: torch.device) -> None:
 
 def _plan_products(weights: list[Tensor], biases: list[Tensor], states: Tensor, x: Tensor,
                    u: Tensor, acts: list[Tensor], backs: list[Tensor], precision: str,
-                   overrides: Mapping[str, int] | None, project: bool) -> list[_Product]:
+                   overrides: Mapping[str, int] | None, project: bool,
+                   batch_invariant: bool = False) -> list[_Product]:
     """The 2L launches of one step, in order: forward layers 0..L-1, backward L-1..0.
 
     The first product reads x = s + u, written by the previous step's update epilogue, except
@@ -534,7 +562,8 @@ def _plan_products(weights: list[Tensor], biases: list[Tensor], states: Tensor, 
     def plan(N: int, K: int, k_contig: bool, w: Tensor) -> GemmPlan:
         return plan_gemm(rows, N, K, w_k_contiguous=k_contig, weight_bytes=w.element_size(),
                          precision=precision, n_programs=n_programs, interpret=interpret,
-                         overrides=by_direction["forward" if k_contig else "backward"])
+                         overrides=by_direction["forward" if k_contig else "backward"],
+                         batch_invariant=batch_invariant)
 
     products = []
     for i in range(hidden):  # forward: Wop[k, n] = W_i[n, k]
@@ -614,6 +643,7 @@ def triton_ascend(
     out: Tensor | None = None,
     plan_overrides: Mapping[str, int] | None = None,
     poison_scratch: bool = False,
+    batch_invariant: bool = False,
 ) -> Tensor:
     """Return u after ``num_iterations`` ascent steps; row r moves only while ``k < steps[r]``.
 
@@ -625,8 +655,10 @@ def triton_ascend(
     write u into), ``plan_overrides`` (see ``plan_gemm``) and ``poison_scratch`` (fill the
     scratch buffers with NaN first, for tests). ``plan_overrides`` keys apply to every product;
     a nested ``{"forward": {...}, "backward": {...}}`` applies to one direction (forward
-    products read W along K, backward products along N). No host synchronisation;
-    CUDA-graph safe once the kernels are compiled.
+    products read W along K, backward products along N). ``batch_invariant``: launch plans
+    that do not depend on the row count, so that each row's result is the same bits alone
+    or in any batch (what vLLM's ``VLLM_BATCH_INVARIANT=1`` asks of every kernel); slower at
+    large batch. No host synchronisation; CUDA-graph safe once the kernels are compiled.
     """
     precision = _check_inputs(mlp, states32, alpha, steps, num_iterations, max_norm, precision)
     device, rows, dim = states32.device, states32.shape[0], states32.shape[1]
@@ -650,7 +682,7 @@ def triton_ascend(
     project = max_norm is not None
     x = states32 if project else torch.empty(rows, dim, device=device, dtype=act_dtype)
     products = _plan_products(weights, biases, states32, x, out, acts, backs, precision,
-                              plan_overrides, project)
+                              plan_overrides, project, batch_invariant)
     update = products[-1]
     n_sq = triton.cdiv(dim, update.plan.block_n)
     partial_numel = max([p.plan.splits(p.K) * rows * p.N for p in products

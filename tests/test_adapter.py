@@ -75,3 +75,16 @@ def test_untested_vllm_version_is_refused_clearly(llama_dir, head_dir, monkeypat
 def test_cpu_build_version_suffix_is_accepted(monkeypatch):
     monkeypatch.setattr(vllm, "__version__", "0.32.0+cpu")
     _vllm_adapter.check_vllm_version()
+
+
+def test_batch_invariant_follows_vllm_unless_the_key_says(monkeypatch):
+    from vllm_recontrol._vllm_adapter import resolve_batch_invariant
+    from vllm_recontrol.config import EngineSettings
+
+    auto = EngineSettings(value_head="h")
+    monkeypatch.setenv("VLLM_BATCH_INVARIANT", "1")
+    assert resolve_batch_invariant(auto) is True
+    assert resolve_batch_invariant(EngineSettings(value_head="h", batch_invariant=False)) is False
+    monkeypatch.setenv("VLLM_BATCH_INVARIANT", "0")
+    assert resolve_batch_invariant(auto) is False
+    assert resolve_batch_invariant(EngineSettings(value_head="h", batch_invariant=True)) is True

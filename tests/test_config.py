@@ -75,6 +75,15 @@ def test_warmup_steps_default_to_the_engine_steps():
     assert settings(warmup_steps=[]).warm_up_counts == ()  # warm-up off
 
 
+def test_batch_invariant_key():
+    assert settings().batch_invariant is None  # auto: vLLM's VLLM_BATCH_INVARIANT decides
+    assert settings(batch_invariant="auto").batch_invariant is None
+    assert settings(batch_invariant=True).batch_invariant is True
+    assert settings(batch_invariant="0").batch_invariant is False
+    with pytest.raises(ConfigError, match=r'\["batch_invariant"\] must be "auto", 0 or 1'):
+        settings(batch_invariant="sometimes")
+
+
 @pytest.mark.parametrize("value, message", [
     (30, "must be a list of step counts"),
     ("30", "must be a list of step counts"),

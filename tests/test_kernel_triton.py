@@ -249,6 +249,44 @@ def test_small_batch_plans_fill_the_chip(kernels):
                 assert (splits - 1) * plan.k_split(K) < K, plan
 
 
+def test_batch_invariant_plans_ignore_the_row_count(kernels):
+    for precision in ("ieee", "tf32", "bf16"):
+        for N, K in ((4096, 4096), (2048, 8192), (300, 257)):
+            for k_contig in (True, False):
+                plans = {kernels.plan_gemm(M, N, K, w_k_contiguous=k_contig, weight_bytes=2,
+                                           precision=precision, n_programs=132,
+                                           interpret=interpret, batch_invariant=True)
+                         for M in (1, 5, 16, 64, 130, 512) for interpret in (False, True)}
+                assert len(plans) == 1, (precision, N, K, plans)
+    with pytest.raises(ValueError, match="exclude each other"):
+        kernels.plan_gemm(4, 64, 64, w_k_contiguous=True, weight_bytes=4, precision="ieee",
+                          n_programs=4, interpret=True, overrides={"split_k": 2},
+                          batch_invariant=True)
+
+
+@pytest.mark.parametrize("precision", ["ieee", "bf16"])
+def test_batch_invariant_rows_get_the_same_bits_in_any_batch(kernels, seed, precision,
+                                                           monkeypatch):
+    """With batch_invariant, row r's u is bit-identical alone, in a batch of 7 and in one of
+    70 (two 64-row tiles), whatever the other rows hold; and it is the ascent (fp32 case
+    checked against the float64 reference). The launches really use the invariant plan
+    (under the interpreter the default plans are fixed too, so that is checked apart)."""
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    mlp, states, alpha, steps, ref, clean, seed = _draw_clean(seed, 70, WIDTHS[:2], 3,
+                                                              weight_dtype=dtype)
+    plans = []
+    plan_gemm = kernels.plan_gemm
+    monkeypatch.setattr(kernels, "plan_gemm",
+                        lambda *a, **kw: plans.append(plan_gemm(*a, **kw)) or plans[-1])
+    full = _run(kernels, mlp, states, alpha, steps, 3, batch_invariant=True)
+    assert plans and all(p.block_m >= 32 for p in plans), plans  # not the interpreter's 16x16
+    if precision == "ieee":
+        _check(full, ref, clean, steps, alpha, FP32_TOL, seed, "batch-invariant plan")
+    for rows in ([2], [66, 2, 40, 3, 0, 1, 69]):
+        part = _run(kernels, mlp, states[rows], alpha[rows], steps[rows], 3, batch_invariant=True)
+        assert torch.equal(part, full[rows]), f"rows {rows} changed with the batch (seed {seed})"
+
+
 def test_row_buckets():
     from vllm_recontrol.ascent_graphs import bucket_rows
     assert [bucket_rows(r) for r in (1, 16, 17, 32, 33, 64, 65, 128, 129, 256, 300)] == \

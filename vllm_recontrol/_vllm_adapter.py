@@ -232,6 +232,17 @@ def _register_logits_layer() -> None:
     LogitsProcessor.register_oot(_recontrol_layer_class(LogitsProcessor))
 
 
+def resolve_batch_invariant(settings: EngineSettings) -> bool:
+    """The engine key, or with "auto" vLLM's own ``VLLM_BATCH_INVARIANT`` (under which vLLM
+    swaps torch's CUDA matmuls for batch-invariant kernels; the Triton ascent then picks
+    batch-size-independent plans so the edit keeps that promise)."""
+    if settings.batch_invariant is not None:
+        return settings.batch_invariant
+    import vllm.envs as envs
+
+    return bool(envs.VLLM_BATCH_INVARIANT)
+
+
 def _recontrol_layer_class(stock: type) -> type:
     from vllm.config import get_current_vllm_config
 
@@ -249,8 +260,10 @@ def _recontrol_layer_class(stock: type) -> type:
             head = ValueHead.load(settings.value_head, device=torch.get_default_device(),
                                   expected_hidden_size=vllm_config.model_config.get_hidden_size())
             # A plain attribute, not a submodule: the checkpoint loader must not see it.
-            self._recontrol = EditController(head, settings, rows_for_engine(_engine_id(vllm_config)),
-                                             max_rows=vllm_config.scheduler_config.max_num_seqs)
+            self._recontrol = EditController(
+                head, settings, rows_for_engine(_engine_id(vllm_config)),
+                max_rows=vllm_config.scheduler_config.max_num_seqs,
+                batch_invariant=resolve_batch_invariant(settings))
 
         def forward(self, lm_head: Any, hidden_states: torch.Tensor,
                     embedding_bias: torch.Tensor | None = None, skip_gather: bool = False):

@@ -104,7 +104,7 @@ class AscentGraphs:
 
     def run(self, mlp: MLPWeights, states32: torch.Tensor, alpha: torch.Tensor,
             steps: torch.Tensor, num_iterations: int, max_norm: float | None,
-            precision: str) -> torch.Tensor:
+            precision: str, batch_invariant: bool = False) -> torch.Tensor:
         """u for ``states32`` (``[B, d]`` float32); valid until the next call."""
         from .kernels.value_ascent import triton_ascend
 
@@ -122,9 +122,9 @@ class AscentGraphs:
 
         def ascent() -> None:
             triton_ascend(mlp, states_in, alpha_in, steps_in, num_iterations, max_norm,
-                          precision=precision, out=out)
+                          precision=precision, out=out, batch_invariant=batch_invariant)
 
-        key = (bucket, dim, device, num_iterations, max_norm, precision,
+        key = (bucket, dim, device, num_iterations, max_norm, precision, batch_invariant,
                tuple(t.data_ptr() for t in (*mlp.weights, *mlp.biases)))
         graph = self._graph(key, ascent, mlp, device) if self.capture else None
         if graph is None:

@@ -29,7 +29,7 @@ REQUEST_STEPS = "recontrol_steps"
 REQUEST_KEYS = (REQUEST_SWITCH, REQUEST_ALPHA, REQUEST_STEPS)
 
 ENGINE_KEYS = ("value_head", "alpha", "steps", "default_on", "max_steps", "max_norm", "backend",
-               "precision", "cuda_graphs", "warmup_steps")
+               "precision", "cuda_graphs", "warmup_steps", "batch_invariant")
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,7 @@ class EngineSettings:
     precision: str = "auto"
     cuda_graphs: bool = True
     warmup_steps: tuple[int, ...] | None = None  # None: (steps,)
+    batch_invariant: bool | None = None  # None ("auto"): follow vLLM's VLLM_BATCH_INVARIANT
 
     @property
     def warm_up_counts(self) -> tuple[int, ...]:
@@ -111,6 +112,8 @@ class EngineSettings:
                                    ConfigError),
             warmup_steps=_as_step_list(section.get("warmup_steps"), f'{where}["warmup_steps"]',
                                        max_steps),
+            batch_invariant=_as_auto_switch(section.get("batch_invariant", "auto"),
+                                            f'{where}["batch_invariant"]'),
         )
 
 
@@ -167,6 +170,16 @@ def resolve_request(extra_args: Mapping[str, Any] | None, engine: EngineSettings
     alpha = _as_float(args.get(REQUEST_ALPHA, engine.alpha), REQUEST_ALPHA, RequestParamsError)
     steps = _as_int(args.get(REQUEST_STEPS, engine.steps), REQUEST_STEPS, RequestParamsError, low=0)
     return RowControl(alpha=alpha, steps=min(steps, engine.max_steps))
+
+
+def _as_auto_switch(value: Any, name: str) -> bool | None:
+    """A switch that may also be "auto" (None: decided where vLLM's setting is known)."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return None
+    try:
+        return _as_switch(value, name, ConfigError)
+    except ConfigError:
+        raise ConfigError(f'{name} must be "auto", 0 or 1 (or true/false), got {value!r}') from None
 
 
 def _as_step_list(value: Any, name: str, max_steps: int) -> tuple[int, ...] | None:

@@ -129,13 +129,15 @@ class EditController:
     """Applies RE-Control to the rows of a sampling call that asked for it."""
 
     def __init__(self, head: ValueHead, settings: EngineSettings, rows: RowControls,
-                 max_rows: int | None = None) -> None:
+                 max_rows: int | None = None, batch_invariant: bool = False) -> None:
         """``max_rows``: the engine's largest batch (max_num_seqs); with it, the first logits
         call that is not a sampling call (vLLM's profiling run) compiles and captures the
-        ascent for every row bucket up to it, see ``warm_up``."""
+        ascent for every row bucket up to it, see ``warm_up``. ``batch_invariant``: the
+        resolved setting (the engine key, or vLLM's own when the key is "auto")."""
         self.head = head
         self.settings = settings
         self.rows = rows
+        self.batch_invariant = batch_invariant
         self._edits = 0
         # Resolved once: a forced backend that cannot run fails at engine start, not mid-serve.
         device = head.layers[0].weight.device
@@ -148,8 +150,9 @@ class EditController:
         except ValueError as exc:
             raise ConfigError(f'additional_config["recontrol"]["precision"]: {exc}') from exc
         graphs = self.backend == "triton" and settings.cuda_graphs and device.type == "cuda"
-        logger.info("RE-Control ascent: %s backend, %s products, CUDA graphs %s", self.backend,
-                    "fp32" if products == "ieee" else products, "on" if graphs else "off")
+        logger.info("RE-Control ascent: %s backend, %s products, CUDA graphs %s%s",
+                    self.backend, "fp32" if products == "ieee" else products,
+                    "on" if graphs else "off", ", batch-invariant" if batch_invariant else "")
         self._warm_rows = warm_up_rows(self.backend, device, settings, max_rows)
 
     def warm_up(self) -> int:
@@ -166,7 +169,8 @@ class EditController:
             runs = self.head.warm_up(rows, self.settings.warm_up_counts,
                                      max_norm=self.settings.max_norm, backend=self.backend,
                                      precision=self.settings.precision,
-                                     cuda_graphs=self.settings.cuda_graphs)
+                                     cuda_graphs=self.settings.cuda_graphs,
+                                     batch_invariant=self.batch_invariant)
         except Exception as exc:  # never take the engine down for a missing speed-up
             logger.warning("RE-Control warm-up failed (%s: %s); kernels compile and graphs are "
                            "captured on first use instead", type(exc).__name__, exc)
@@ -187,7 +191,8 @@ class EditController:
         edited = self.head.ascend(hidden_states, alpha, steps, max_norm=self.settings.max_norm,
                                   num_iterations=max_steps, backend=self.backend,
                                   precision=self.settings.precision,
-                                  cuda_graphs=self.settings.cuda_graphs)
+                                  cuda_graphs=self.settings.cuda_graphs,
+                                  batch_invariant=self.batch_invariant)
         self._edits += 1
         if self._edits % NONFINITE_REPORT_EVERY == 0:
             self.head.nonfinite_rows()

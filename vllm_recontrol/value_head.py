@@ -103,6 +103,7 @@ class ValueHead(nn.Module):
         backend: str = "auto",
         precision: str = "auto",
         cuda_graphs: bool = True,
+        batch_invariant: bool = False,
     ) -> torch.Tensor:
         """RE-Control: u = 0; ``steps`` times u += alpha * grad V(s + u); return s + u.
 
@@ -114,7 +115,11 @@ class ValueHead(nn.Module):
         the products: "fp32" (exact), "tf32" or "bf16" (Triton only: weights read as bf16, fp32
         accumulation and u), "auto" = bf16 on Triton, fp32 on torch. ``cuda_graphs``: on CUDA,
         replay the Triton ascent as a CUDA graph per row bucket instead of launching its
-        2 x layers x steps kernels from Python (the result is the same).
+        2 x layers x steps kernels from Python (the result is the same). ``batch_invariant``:
+        on the Triton backend, kernel plans that do not depend on the batch size, so a row's
+        edit is the same bits alone or in any batch (slower at large batch); the torch
+        backend's products are torch matmuls, batch-invariant on CUDA when vLLM runs with
+        ``VLLM_BATCH_INVARIANT=1`` (vLLM then replaces them).
         """
         if states.dim() != 2 or states.shape[1] != self.hidden_size:
             raise ValueError(
@@ -140,12 +145,12 @@ class ValueHead(nn.Module):
 
                 self._graphs = AscentGraphs()
             u = self._graphs.run(mlp, states32, alpha_rows, steps_rows, num_iterations,
-                                 max_norm, product_precision)
+                                 max_norm, product_precision, batch_invariant)
         elif resolved == "triton":
             from .kernels.value_ascent import triton_ascend
 
             u = triton_ascend(mlp, states32, alpha_rows, steps_rows, num_iterations, max_norm,
-                              precision=product_precision,
+                              precision=product_precision, batch_invariant=batch_invariant,
                               out=self._workspace_for(self.float32_weights(), rows).u)
         else:
             u = ascend_float32(mlp, states32, alpha_rows, steps_rows, num_iterations, max_norm,
@@ -165,6 +170,7 @@ class ValueHead(nn.Module):
         backend: str = "auto",
         precision: str = "auto",
         cuda_graphs: bool = True,
+        batch_invariant: bool = False,
     ) -> int:
         """Compile the Triton kernels and capture the CUDA graphs that batches of 1 to
         ``max_rows`` rows with these iteration counts will use, so that serving never stalls
@@ -198,7 +204,8 @@ class ValueHead(nn.Module):
             states = torch.zeros(rows, self.hidden_size, device=device, dtype=torch.float32)
             for count in counts:
                 self.ascend(states, 0.0, count, max_norm=max_norm, num_iterations=count,
-                            backend="triton", precision=precision, cuda_graphs=cuda_graphs)
+                            backend="triton", precision=precision, cuda_graphs=cuda_graphs,
+                            batch_invariant=batch_invariant)
                 runs += 1
         return runs
 
