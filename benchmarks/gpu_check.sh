@@ -5,8 +5,9 @@
 # suffice). Phases, each under its own time limit (seconds, overridable):
 #   warm   (WARM_LIMIT 150)  background: compile every Triton kernel (and torch.compile graph)
 #                            the timed phases will launch, in WARM_SHARDS processes side by side
-#   check  (CHECK_LIMIT 120) correctness against float64, and the engine's CUDA-graph cache
-#                            against eager launches; runs while the warm-up compiles
+#   check  (CHECK_LIMIT 180) correctness against float64, and the engine's CUDA-graph cache
+#                            against eager launches, warm-up, split-K fix-up, batch
+#                            invariance; runs while the warm-up compiles
 #   bench  (BENCH_LIMIT 200) all variants, d 4096, 1 and 2 hidden layers, 30 steps, B 1..512,
 #                            after an L2 persistence probe (benchmarks/l2_window.py)
 #   sweep  (SWEEP_LIMIT 100) Triton plan overrides at B 1, 16, 128, 256, 512 (tuning aid)
@@ -62,8 +63,8 @@ if phase extra; then
 fi
 
 if phase check; then
-    echo "== correctness checks (limit ${CHECK_LIMIT:-120}s)"
-    timeout "${CHECK_LIMIT:-120}" "$PY" "$BENCH" --check --json "$OUT/check.json"
+    echo "== correctness checks (limit ${CHECK_LIMIT:-180}s)"
+    timeout "${CHECK_LIMIT:-180}" "$PY" "$BENCH" --check --json "$OUT/check.json"
     check_status=$?
 fi
 
