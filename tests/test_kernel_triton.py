@@ -321,6 +321,22 @@ def test_buckets_up_to():
     assert buckets_up_to(300) == [16, 32, 64, 128, 192, 256, 320]
 
 
+def test_bucketed_runner_replays_the_torch_closed_form(kernels, seed):
+    """backend="torch" in the graph runner (the exact-fp32 path on CUDA): the same padding
+    and buffers around ascend_float32 give its own answer, bit for bit."""
+    from vllm_recontrol.ascent import ascend_float32
+    from vllm_recontrol.ascent_graphs import AscentGraphs
+
+    runner = AscentGraphs(capture=False)
+    mlp, states, alpha, steps = _draw(seed, 40, [24, 17])
+    for rows in (40, 3, 17):
+        for max_norm in (None, 0.4):
+            got = runner.run(mlp, states[:rows], alpha[:rows], steps[:rows], 3, max_norm,
+                             "fp32", backend="torch").clone()
+            want = ascend_float32(mlp, states[:rows], alpha[:rows], steps[:rows], 3, max_norm)
+            assert torch.equal(got, want), (seed, rows, max_norm)
+
+
 def test_graph_buffers_are_shared_and_grow(kernels):
     """Every bucket reads leading rows of one buffer set; growing it drops the graphs that
     point at the old buffers (CPU: the bookkeeping only, no capture)."""

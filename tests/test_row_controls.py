@@ -67,8 +67,11 @@ def test_warm_up_only_for_triton_on_cuda_with_steps():
 
     on = EngineSettings(value_head="h")
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    no_graphs = EngineSettings(value_head="h", cuda_graphs=False)
     assert warm_up_rows("triton", cuda, on, 256) == 256
-    assert warm_up_rows("torch", cuda, on, 256) is None
+    assert warm_up_rows("torch", cuda, on, 256) == 256  # graphs of the closed form
+    assert warm_up_rows("triton", cuda, no_graphs, 256) == 256  # kernels to compile
+    assert warm_up_rows("torch", cuda, no_graphs, 256) is None  # nothing to do
     assert warm_up_rows("triton", cpu, on, 256) is None
     assert warm_up_rows("triton", cuda, on, None) is None
     assert warm_up_rows("triton", cuda, EngineSettings(value_head="h", warmup_steps=()), 256) is None

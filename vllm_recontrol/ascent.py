@@ -120,7 +120,9 @@ def ascend_float32(
     ws.remaining.copy_(steps.view(-1, 1))
     alpha_col = alpha.view(-1, 1)
     # Tensor constants: a Python scalar in an in-place op allocates a wrapper on every call.
-    radius = torch.tensor(max_norm, dtype=torch.float32, device=ws.u.device) if max_norm else None
+    # torch.full is a fill kernel (torch.tensor would copy from the host: no CUDA graph).
+    radius = (torch.full((1, 1), max_norm, dtype=torch.float32, device=ws.u.device)
+              if max_norm else None)
     for _ in range(num_iterations):
         torch.add(states32, ws.u, out=ws.x)
         value_gradient_into(mlp, ws)

@@ -1,9 +1,10 @@
-"""The Triton ascent replayed as CUDA graphs, one graph per (row bucket, iteration count).
+"""The ascent replayed as CUDA graphs, one graph per (row bucket, iteration count).
 
 vLLM runs ``compute_logits`` eagerly (only the model forward is graph-captured), and an eager
 ascent is 2 x layers x steps kernel launches from Python: on an H100 host about 0.1 ms each,
 12.7 ms for a 2-layer, 30-step ascent whose kernels take 1.5 ms (benchmarks/results/
-kernel-h100.md). Replaying a captured graph issues them all at once.
+kernel-h100.md). Replaying a captured graph issues them all at once. The torch closed form
+(the exact-fp32 path on CUDA) is replayed the same way.
 
 Rows are padded to a bucket (16, 32, 64, then multiples of 64) so that a few graphs serve
 every batch size; padded rows have steps 0 and never move. Inputs are copied into static
@@ -22,7 +23,7 @@ from typing import Callable
 
 import torch
 
-from .ascent import MLPWeights
+from .ascent import MLPWeights, ascend_float32
 from .logs import get_logger
 
 logger = get_logger(__name__)
@@ -86,7 +87,7 @@ class _Static:
 
 
 class AscentGraphs:
-    """Run ``triton_ascend`` through cached CUDA graphs (see the module doc).
+    """Run the ascent through cached CUDA graphs (see the module doc).
 
     ``capture=False`` runs the same padding and buffers without graphs (CPU tests of the
     bookkeeping; the kernels then run under Triton's interpreter).
@@ -104,9 +105,10 @@ class AscentGraphs:
 
     def run(self, mlp: MLPWeights, states32: torch.Tensor, alpha: torch.Tensor,
             steps: torch.Tensor, num_iterations: int, max_norm: float | None,
-            precision: str, batch_invariant: bool = False) -> torch.Tensor:
-        """u for ``states32`` (``[B, d]`` float32); valid until the next call."""
-        from .kernels.value_ascent import triton_ascend
+            precision: str, batch_invariant: bool = False,
+            backend: str = "triton") -> torch.Tensor:
+        """u for ``states32`` (``[B, d]`` float32); valid until the next call. ``backend``
+        "torch" replays the closed form (``ascend_float32``, fp32 weights) instead."""
 
         rows, dim = states32.shape
         bucket = bucket_rows(rows)
@@ -120,12 +122,19 @@ class AscentGraphs:
         steps_in[:rows].copy_(steps)
         steps_in[rows:].zero_()
 
-        def ascent() -> None:
-            triton_ascend(mlp, states_in, alpha_in, steps_in, num_iterations, max_norm,
-                          precision=precision, out=out, batch_invariant=batch_invariant)
+        if backend == "torch":
+            def ascent() -> None:  # its scratch comes from the graph pool, like the kernel's
+                out.copy_(ascend_float32(mlp, states_in, alpha_in, steps_in, num_iterations,
+                                         max_norm))
+        else:
+            from .kernels.value_ascent import triton_ascend
 
-        key = (bucket, dim, device, num_iterations, max_norm, precision, batch_invariant,
-               tuple(t.data_ptr() for t in (*mlp.weights, *mlp.biases)))
+            def ascent() -> None:
+                triton_ascend(mlp, states_in, alpha_in, steps_in, num_iterations, max_norm,
+                              precision=precision, out=out, batch_invariant=batch_invariant)
+
+        key = (bucket, dim, device, num_iterations, max_norm, backend, precision,
+               batch_invariant, tuple(t.data_ptr() for t in (*mlp.weights, *mlp.biases)))
         graph = self._graph(key, ascent, mlp, device) if self.capture else None
         if graph is None:
             ascent()

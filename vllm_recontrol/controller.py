@@ -117,10 +117,12 @@ def rows_for_engine(engine_id: str) -> RowControls:
 
 def warm_up_rows(backend: str, device: torch.device, settings: EngineSettings,
                  max_rows: int | None) -> int | None:
-    """The batch size to warm up to at engine start, or None: only the Triton backend on CUDA
-    compiles at first use, and only when the engine's largest batch and some step count are
-    known."""
-    if backend != "triton" or device.type != "cuda" or not max_rows or max_rows < 1:
+    """The batch size to warm up to at engine start, or None. Only CUDA has first-use costs
+    (Triton compiles, CUDA-graph captures of either backend), and only when the engine's
+    largest batch and some step count are known."""
+    if device.type != "cuda" or not max_rows or max_rows < 1:
+        return None
+    if backend != "triton" and not settings.cuda_graphs:
         return None
     return max_rows if settings.warm_up_counts else None
 
@@ -142,14 +144,15 @@ class EditController:
         # Resolved once: a forced backend that cannot run fails at engine start, not mid-serve.
         device = head.layers[0].weight.device
         try:
-            self.backend = choose_backend(settings.backend, device, len(head.widths))
+            self.backend = choose_backend(settings.backend, device, len(head.widths),
+                                          settings.precision)
         except ValueError as exc:
             raise ConfigError(f'additional_config["recontrol"]["backend"]: {exc}') from exc
         try:
             products = choose_precision(settings.precision, self.backend)
         except ValueError as exc:
             raise ConfigError(f'additional_config["recontrol"]["precision"]: {exc}') from exc
-        graphs = self.backend == "triton" and settings.cuda_graphs and device.type == "cuda"
+        graphs = settings.cuda_graphs and device.type == "cuda"
         logger.info("RE-Control ascent: %s backend, %s products, CUDA graphs %s%s",
                     self.backend, "fp32" if products == "ieee" else products,
                     "on" if graphs else "off", ", batch-invariant" if batch_invariant else "")

@@ -115,7 +115,9 @@ class ValueHead(nn.Module):
         the products: "fp32" (exact), "tf32" or "bf16" (Triton only: weights read as bf16, fp32
         accumulation and u), "auto" = bf16 on Triton, fp32 on torch. ``cuda_graphs``: on CUDA,
         replay the Triton ascent as a CUDA graph per row bucket instead of launching its
-        2 x layers x steps kernels from Python (the result is the same). ``batch_invariant``:
+        2 x layers x steps kernels from Python (the result is the same; the torch closed form
+        is replayed the same way, and with "auto" it is what runs exact "fp32" products on
+        CUDA, where cuBLAS beat the kernel's fp32 path). ``batch_invariant``:
         on the Triton backend, kernel plans that do not depend on the batch size, so a row's
         edit is the same bits alone or in any batch (slower at large batch); the torch
         backend's products are torch matmuls, batch-invariant on CUDA when vLLM runs with
@@ -128,7 +130,8 @@ class ValueHead(nn.Module):
             raise ValueError(f"states must be floating point, got {states.dtype}")
         if max_norm is not None and not (max_norm > 0 and math.isfinite(max_norm)):
             raise ValueError(f"max_norm must be a positive finite number, got {max_norm}")
-        resolved = choose_backend(backend, self.layers[0].weight.device, len(self.widths))
+        resolved = choose_backend(backend, self.layers[0].weight.device, len(self.widths),
+                                  precision)
         product_precision = choose_precision(precision, resolved)
         mlp = self._weights_as(torch.bfloat16 if product_precision == "bf16" else torch.float32)
         rows, device = states.shape[0], mlp.device
@@ -139,13 +142,13 @@ class ValueHead(nn.Module):
         if rows == 0 or num_iterations <= 0:
             return states.clone()
         states32 = states.to(device=device, dtype=torch.float32)
-        if resolved == "triton" and cuda_graphs and device.type == "cuda":
+        if cuda_graphs and device.type == "cuda":
             if self._graphs is None:
                 from .ascent_graphs import AscentGraphs
 
                 self._graphs = AscentGraphs()
             u = self._graphs.run(mlp, states32, alpha_rows, steps_rows, num_iterations,
-                                 max_norm, product_precision, batch_invariant)
+                                 max_norm, product_precision, batch_invariant, resolved)
         elif resolved == "triton":
             from .kernels.value_ascent import triton_ascend
 
@@ -175,19 +178,22 @@ class ValueHead(nn.Module):
         """Compile the Triton kernels and capture the CUDA graphs that batches of 1 to
         ``max_rows`` rows with these iteration counts will use, so that serving never stalls
         on a first capture. Runs one ascent per (row bucket, count) with alpha 0 (nothing is
-        edited, nothing counted). Only the Triton backend has anything to compile (on CPU,
-        under the interpreter, this runs the same ascents: it is how the tests see the loop);
-        returns the number of ascents run."""
+        edited, nothing counted). There is something to do for the Triton backend (kernels
+        to compile; on CPU, under the interpreter, this runs the same ascents: it is how the
+        tests see the loop) and for CUDA graphs of either backend; returns the number of
+        ascents run."""
         from .ascent_graphs import buckets_up_to
 
         if max_rows < 1:
             raise ValueError(f"max_rows must be >= 1, got {max_rows}")
         device = self.layers[0].weight.device
-        if choose_backend(backend, device, len(self.widths)) != "triton":
+        resolved = choose_backend(backend, device, len(self.widths), precision)
+        graphs = cuda_graphs and device.type == "cuda"
+        if resolved != "triton" and not graphs:
             return 0
         buckets = buckets_up_to(max_rows)
         counts = sorted({int(n) for n in iteration_counts if int(n) > 0})
-        if cuda_graphs and device.type == "cuda":
+        if graphs:
             from .ascent_graphs import AscentGraphs
 
             if self._graphs is None:
@@ -204,7 +210,7 @@ class ValueHead(nn.Module):
             states = torch.zeros(rows, self.hidden_size, device=device, dtype=torch.float32)
             for count in counts:
                 self.ascend(states, 0.0, count, max_norm=max_norm, num_iterations=count,
-                            backend="triton", precision=precision, cuda_graphs=cuda_graphs,
+                            backend=resolved, precision=precision, cuda_graphs=cuda_graphs,
                             batch_invariant=batch_invariant)
                 runs += 1
         return runs
