@@ -803,13 +803,17 @@ def check_graph_cache(device, ascent, seed) -> list[dict]:
     mlp = ascent.MLPWeights([w * 2 for w in mlp.weights], mlp.biases)
     head = value_head_from(mlp, device)
     rows_out = []
-    for precision, tol in (("fp32", 1e-5), ("bf16", 2e-2)):
+    # auto + fp32 is the torch closed form on CUDA; forced triton + fp32 the kernel's exact path
+    for precision, tol, backend in (("fp32", 1e-5, "auto"), ("fp32", 1e-5, "triton"),
+                                    ("bf16", 2e-2, "auto")):
         for rows in (40, 3, 17, 1, 70, 16):
             states = torch.randn(rows, 300, generator=gen).to(device, torch.bfloat16)
             alpha = (0.5 + torch.rand(rows, generator=gen)).to(device)
             steps = torch.randint(0, 5, (rows,), generator=gen).to(device)
-            graphed = head.ascend(states, alpha, steps, precision=precision, cuda_graphs=True)
-            eager = head.ascend(states, alpha, steps, precision=precision, cuda_graphs=False)
+            graphed = head.ascend(states, alpha, steps, precision=precision, backend=backend,
+                                  cuda_graphs=True)
+            eager = head.ascend(states, alpha, steps, precision=precision, backend=backend,
+                                cuda_graphs=False)
             moved = (steps > 0) & (alpha != 0)
             idle_exact = bool(torch.equal(graphed[~moved], states[~moved]))
             diff = (graphed.float() - eager.float())[moved]
@@ -817,10 +821,11 @@ def check_graph_cache(device, ascent, seed) -> list[dict]:
             err = (diff.norm() / base.norm().clamp_min(1e-30)).item() if moved.any() else 0.0
             captured = head._graphs is not None and head._graphs.captures > 0
             ok = err < tol and idle_exact and captured and bool(torch.isfinite(graphed).all())
-            rows_out.append({"case": "graph cache", "precision": precision, "rows": rows,
+            rows_out.append({"case": "graph cache", "precision": precision, "backend": backend,
+                             "rows": rows,
                              "rel_err_vs_eager": err, "tolerance": tol, "idle_rows_exact": idle_exact,
                              "graphs_captured": head._graphs.captures if head._graphs else 0, "ok": ok})
-            print(f"{'ok  ' if ok else 'FAIL'} graph cache {precision} B={rows}: edit vs eager "
+            print(f"{'ok  ' if ok else 'FAIL'} graph cache {precision}/{backend} B={rows}: edit vs eager "
                   f"rel err {err:.2e} (tol {tol:.0e}), graphs captured "
                   f"{rows_out[-1]['graphs_captured']}{'' if idle_exact else ' IDLE-ROW-MOVED'}",
                   flush=True)
