@@ -65,6 +65,7 @@ class ValueHead(nn.Module):
         self._nonfinite_pending: torch.Tensor | None = None
         self._mlp_cache: dict[torch.dtype, tuple[tuple, MLPWeights]] = {}
         self._workspace: AscentWorkspace | None = None
+        self._kernel_out: torch.Tensor | None = None  # u of eager Triton launches (grow-only)
         self._graphs = None  # AscentGraphs, made on the first CUDA-graph ascent
 
     # ------------------------------------------------------------------ value and gradient
@@ -154,7 +155,7 @@ class ValueHead(nn.Module):
 
             u = triton_ascend(mlp, states32, alpha_rows, steps_rows, num_iterations, max_norm,
                               precision=product_precision, batch_invariant=batch_invariant,
-                              out=self._workspace_for(self.float32_weights(), rows).u)
+                              out=self._kernel_out_for(rows, device))
         else:
             u = ascend_float32(mlp, states32, alpha_rows, steps_rows, num_iterations, max_norm,
                                workspace=self._workspace_for(mlp, rows))
@@ -214,6 +215,16 @@ class ValueHead(nn.Module):
                             batch_invariant=batch_invariant)
                 runs += 1
         return runs
+
+    def _kernel_out_for(self, rows: int, device: torch.device) -> torch.Tensor:
+        """A grow-only float32 [rows, d] buffer for the kernel's u (the torch workspace would
+        also hold fp32 copies of the weights and every activation, which the kernel does not
+        use)."""
+        out = self._kernel_out
+        if out is None or out.shape[0] < rows or out.device != device:
+            out = self._kernel_out = torch.empty(rows, self.hidden_size, device=device,
+                                                 dtype=torch.float32)
+        return out[:rows]
 
     def _workspace_for(self, mlp: MLPWeights, rows: int) -> AscentWorkspace:
         """A grow-only workspace: a serving engine allocates once, then only takes views."""
