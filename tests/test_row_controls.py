@@ -61,21 +61,17 @@ def test_engines_do_not_share_rows():
     assert rows_for_engine("a") is not rows_for_engine("b")
 
 
-def test_warm_up_only_for_triton_on_cuda_with_steps():
+def test_warm_up_only_on_cuda_with_steps():
     from vllm_recontrol.config import EngineSettings
     from vllm_recontrol.controller import warm_up_rows
 
     on = EngineSettings(value_head="h")
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
-    no_graphs = EngineSettings(value_head="h", cuda_graphs=False)
-    assert warm_up_rows("triton", cuda, on, 256) == 256
-    assert warm_up_rows("torch", cuda, on, 256) == 256  # graphs of the closed form
-    assert warm_up_rows("triton", cuda, no_graphs, 256) == 256  # kernels to compile
-    assert warm_up_rows("torch", cuda, no_graphs, 256) is None  # nothing to do
-    assert warm_up_rows("triton", cpu, on, 256) is None
-    assert warm_up_rows("triton", cuda, on, None) is None
-    assert warm_up_rows("triton", cuda, EngineSettings(value_head="h", warmup_steps=()), 256) is None
-    assert warm_up_rows("triton", cuda, EngineSettings(value_head="h", steps=0), 256) is None
+    assert warm_up_rows(cuda, on, 256) == 256
+    assert warm_up_rows(cpu, on, 256) is None
+    assert warm_up_rows(cuda, on, None) is None
+    assert warm_up_rows(cuda, EngineSettings(value_head="h", warmup_steps=()), 256) is None
+    assert warm_up_rows(cuda, EngineSettings(value_head="h", steps=0), 256) is None
 
 
 def test_first_pass_through_call_warms_up_once_and_failures_only_log(caplog):
@@ -86,6 +82,8 @@ def test_first_pass_through_call_warms_up_once_and_failures_only_log(caplog):
     from vllm_recontrol.controller import EditController
 
     head = ValueHead(8, [4], seed=0)
+    with torch.no_grad():  # every hidden unit active at the states below: the edit moves them
+        head.layers[0].bias.fill_(100.0)
     settings = EngineSettings(value_head="h", backend="torch", warmup_steps=(5, 9))
     rows = fresh([RowControl(alpha=1.0, steps=2)])
     controller = EditController(head, settings, rows, max_rows=48)
@@ -93,7 +91,7 @@ def test_first_pass_through_call_warms_up_once_and_failures_only_log(caplog):
     calls = []
     head.warm_up = lambda max_rows, counts, **kw: calls.append((max_rows, counts, kw)) or 7
     controller._warm_rows = 48  # as on CUDA with the Triton backend
-    states = torch.randn(1, 8)
+    states = torch.randn(1, 8, generator=torch.Generator().manual_seed(0))
     assert controller.maybe_edit(states) is states  # not armed: profiling, passes through
     assert calls == [(48, (5, 9), dict(max_norm=None, backend="torch", precision="auto",
                                        cuda_graphs=True, batch_invariant=False))]
