@@ -449,19 +449,24 @@ def raw_variant(name, ascent, va, heads, states, alpha, steps, n, device, args,
 _HEADS: dict = {}
 
 
+def new_value_head(mlp, device):
+    """A fresh ValueHead (empty graph cache) holding ``mlp``'s weights in fp32."""
+    from vllm_recontrol import ValueHead
+
+    head = ValueHead(mlp.weights[0].shape[1], [w.shape[0] for w in mlp.weights[:-1]])
+    with torch.no_grad():
+        for layer, w, b in zip(head.layers, mlp.weights, mlp.biases):
+            layer.weight.copy_(w.float().cpu())
+            layer.bias.copy_(b.float().cpu())
+    return head.to(device)
+
+
 def value_head_from(mlp, device):
-    """A ValueHead holding ``mlp``'s fp32 weights (one per head, so its graph cache persists)."""
+    """``new_value_head``, one per head, so that its graph cache persists between calls."""
     key = tuple(w.data_ptr() for w in mlp.weights)
     if key not in _HEADS:
-        from vllm_recontrol import ValueHead
-
-        head = ValueHead(mlp.weights[0].shape[1], [w.shape[0] for w in mlp.weights[:-1]])
-        with torch.no_grad():
-            for layer, w, b in zip(head.layers, mlp.weights, mlp.biases):
-                layer.weight.copy_(w.float().cpu())
-                layer.bias.copy_(b.float().cpu())
         _HEADS.clear()  # one head at a time: the previous (d, layers) is done
-        _HEADS[key] = head.to(device)
+        _HEADS[key] = new_value_head(mlp, device)
     return _HEADS[key]
 
 
@@ -836,14 +841,7 @@ def check_graph_cache(device, ascent, seed) -> list[dict]:
 def check_warm_up(device, mlp, gen) -> dict:
     """ValueHead.warm_up (the engine start) captures one graph per row bucket, after which
     batches of those buckets and step count capture nothing new and match eager launches."""
-    from vllm_recontrol import ValueHead
-
-    head = ValueHead(mlp.weights[0].shape[1], [w.shape[0] for w in mlp.weights[:-1]])
-    with torch.no_grad():
-        for layer, w, b in zip(head.layers, mlp.weights, mlp.biases):
-            layer.weight.copy_(w.float().cpu())
-            layer.bias.copy_(b.float().cpu())
-    head = head.to(device)
+    head = new_value_head(mlp, device)
     runs = head.warm_up(70, [4])
     captured = head._graphs.captures if head._graphs else 0
     errors, idle_exact = [], True

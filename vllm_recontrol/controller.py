@@ -115,14 +115,12 @@ def rows_for_engine(engine_id: str) -> RowControls:
         return _ROWS_BY_ENGINE.setdefault(engine_id, RowControls())
 
 
-def warm_up_rows(backend: str, device: torch.device, settings: EngineSettings,
+def warm_up_rows(device: torch.device, settings: EngineSettings,
                  max_rows: int | None) -> int | None:
     """The batch size to warm up to at engine start, or None. Only CUDA has first-use costs
-    (Triton compiles, CUDA-graph captures of either backend), and only when the engine's
-    largest batch and some step count are known."""
+    (Triton compiles, CUDA-graph captures; ``ValueHead.warm_up`` knows which apply), and only
+    when the engine's largest batch and some step count are known."""
     if device.type != "cuda" or not max_rows or max_rows < 1:
-        return None
-    if backend != "triton" and not settings.cuda_graphs:
         return None
     return max_rows if settings.warm_up_counts else None
 
@@ -156,7 +154,7 @@ class EditController:
         logger.info("RE-Control ascent: %s backend, %s products, CUDA graphs %s%s",
                     self.backend, "fp32" if products == "ieee" else products,
                     "on" if graphs else "off", ", batch-invariant" if batch_invariant else "")
-        self._warm_rows = warm_up_rows(self.backend, device, settings, max_rows)
+        self._warm_rows = warm_up_rows(device, settings, max_rows)
 
     def warm_up(self) -> int:
         """Compile (and capture) the ascent for every row bucket and warm-up step count now.
@@ -178,10 +176,11 @@ class EditController:
             logger.warning("RE-Control warm-up failed (%s: %s); kernels compile and graphs are "
                            "captured on first use instead", type(exc).__name__, exc)
             return 0
-        logger.info("RE-Control warm-up: %d ascents (batches up to %d rows, steps %s) "
-                    "compiled%s in %.1f s", runs, rows, list(self.settings.warm_up_counts),
-                    " and captured" if self.settings.cuda_graphs else "",
-                    time.perf_counter() - start)
+        if runs:
+            logger.info("RE-Control warm-up: %d ascents (batches up to %d rows, steps %s) "
+                        "compiled%s in %.1f s", runs, rows, list(self.settings.warm_up_counts),
+                        " and captured" if self.settings.cuda_graphs else "",
+                        time.perf_counter() - start)
         return runs
 
     def maybe_edit(self, hidden_states: torch.Tensor) -> torch.Tensor:

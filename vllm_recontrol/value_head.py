@@ -144,11 +144,7 @@ class ValueHead(nn.Module):
             return states.clone()
         states32 = states.to(device=device, dtype=torch.float32)
         if cuda_graphs and device.type == "cuda":
-            if self._graphs is None:
-                from .ascent_graphs import AscentGraphs
-
-                self._graphs = AscentGraphs()
-            u = self._graphs.run(mlp, states32, alpha_rows, steps_rows, num_iterations,
+            u = self._graph_cache().run(mlp, states32, alpha_rows, steps_rows, num_iterations,
                                  max_norm, product_precision, batch_invariant, resolved)
         elif resolved == "triton":
             from .kernels.value_ascent import triton_ascend
@@ -195,11 +191,7 @@ class ValueHead(nn.Module):
         buckets = buckets_up_to(max_rows)
         counts = sorted({int(n) for n in iteration_counts if int(n) > 0})
         if graphs:
-            from .ascent_graphs import AscentGraphs
-
-            if self._graphs is None:
-                self._graphs = AscentGraphs()
-            self._graphs.reserve(buckets[-1], self.hidden_size, device)  # no regrowth later
+            self._graph_cache().reserve(buckets[-1], self.hidden_size, device)  # no regrowth
             room = self._graphs.max_graphs
             if len(buckets) * len(counts) > room:  # more would evict the first captures
                 logger.warning("RE-Control warm-up: %d row buckets x %d step counts exceed the "
@@ -215,6 +207,14 @@ class ValueHead(nn.Module):
                             batch_invariant=batch_invariant)
                 runs += 1
         return runs
+
+    def _graph_cache(self):
+        """The head's AscentGraphs, made on first use (CUDA only)."""
+        if self._graphs is None:
+            from .ascent_graphs import AscentGraphs
+
+            self._graphs = AscentGraphs()
+        return self._graphs
 
     def _kernel_out_for(self, rows: int, device: torch.device) -> torch.Tensor:
         """A grow-only float32 [rows, d] buffer for the kernel's u (the torch workspace would
