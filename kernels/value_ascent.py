@@ -374,6 +374,14 @@ def _device_programs(device: torch.device) -> int:
     return _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
 
 
+def _wave_split(tiles: int, n_programs: int, max_split: int) -> int:
+    """K splits for ``tiles`` output tiles: none from 3/4 of a wave of programs up, else as
+    many as make whole waves (``n_programs // tiles``), at most ``max_split``, at least 1."""
+    if tiles * 4 >= n_programs * 3:
+        return 1
+    return max(1, min(n_programs // tiles, max_split))
+
+
 def batch_invariant_plan(N: int, K: int, *, precision: str, n_programs: int) -> GemmPlan:
     """One plan for every row count: rows are computed independently inside a tile (each
     output element is one fixed-order dot product), so with the tile shape and the K split
@@ -386,10 +394,7 @@ def batch_invariant_plan(N: int, K: int, *, precision: str, n_programs: int) -> 
     else:
         bm, bn, warps, stages = 64, 128, 4, 4
         bk = 64 if precision == "bf16" else 32
-    tiles = triton.cdiv(N, bn)
-    split = 1
-    if tiles * 4 < n_programs * 3:
-        split = max(1, min(n_programs // tiles, K // (4 * bk)))
+    split = _wave_split(triton.cdiv(N, bn), n_programs, K // (4 * bk))
     return GemmPlan(block_m=bm, block_n=bn, block_k=bk, split_k=split, num_warps=warps,
                     num_stages=stages)
 
@@ -423,10 +428,8 @@ def plan_gemm(M: int, N: int, K: int, *, w_k_contiguous: bool, weight_bytes: int
         bm = 16 if M <= 16 else (32 if M <= 32 else 64)
         bn = 32
         bk = max(32, min(16384 // (bn * weight_bytes), triton.next_power_of_2(K)))
-        tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
-        split = 1
-        if tiles * 4 < n_programs * 3:  # whole waves: n_programs // tiles splits, >= 2 tiles each
-            split = max(1, min(n_programs // tiles, K // (2 * bk)))
+        split = _wave_split(triton.cdiv(M, bm) * triton.cdiv(N, bn), n_programs,
+                            K // (2 * bk))  # at least 2 K tiles per split
         warps, stages = 4, 4
     elif precision == "ieee":  # CUDA-core products: smaller tiles keep registers in check
         bm, bn = next(((m, n) for m, n in ((64, 64), (32, 64), (32, 32))
@@ -443,10 +446,8 @@ def plan_gemm(M: int, N: int, K: int, *, w_k_contiguous: bool, weight_bytes: int
         else:
             bm, bn, warps, stages = 64, 128, 4, 4
         bk = 64 if precision == "bf16" else 32
-        tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
-        split = 1
-        if tiles * 4 < n_programs * 3:
-            split = max(1, min(n_programs // tiles, K // (4 * bk)))
+        split = _wave_split(triton.cdiv(M, bm) * triton.cdiv(N, bn), n_programs,
+                            K // (4 * bk))
     plan = dict(block_m=bm, block_n=bn, block_k=bk, split_k=split, num_warps=warps,
                 num_stages=stages, fixup=0)
     if overrides:
