@@ -93,3 +93,60 @@ def test_l2_window_struct_matches_cuda_h():
     assert ctypes.sizeof(window) == 32 and ctypes.sizeof(l2.StreamAttrValue) == 64
     value = l2.window_value(4096, 1 << 20, 0.5)
     assert (value.accessPolicyWindow.num_bytes, value.accessPolicyWindow.hitProp) == (1 << 20, 2)
+
+
+class _FakeDriver:
+    """Records the CUDA driver calls l2_window makes (no GPU here)."""
+
+    def __init__(self, l2=50 << 20, persisting=32 << 20, window=128 << 20):
+        self.attrs = {38: l2, 108: persisting, 109: window}
+        self.calls = []
+
+    def cuDeviceGet(self, dev, ordinal):
+        self.calls.append(("cuDeviceGet", ordinal))
+        return 0
+
+    def cuDeviceGetAttribute(self, value, attr, dev):
+        value._obj.value = self.attrs[attr]
+        return 0
+
+    def cuCtxSetLimit(self, limit, value):
+        self.calls.append(("cuCtxSetLimit", limit, value.value))
+        return 0
+
+    def cuStreamSetAttribute(self, stream, attr, value):
+        window = value._obj.accessPolicyWindow
+        self.calls.append(("cuStreamSetAttribute", stream.value, attr, window.base_ptr,
+                           window.num_bytes, round(window.hitRatio, 4), window.hitProp,
+                           window.missProp))
+        return 0
+
+    def cuCtxResetPersistingL2Cache(self):
+        self.calls.append(("cuCtxResetPersistingL2Cache",))
+        return 0
+
+
+def test_l2_window_sets_aside_marks_and_releases(monkeypatch):
+    """persist() caps the set-aside at the device's maximum and sets the hit ratio to the
+    share that fits; release() drops the window, evicts and gives the set-aside back."""
+    import types
+
+    import torch
+
+    l2 = _load("l2_window")
+    fake = _FakeDriver()
+    monkeypatch.setattr(l2, "_driver", lambda: fake)
+    monkeypatch.setattr(torch.cuda, "init", lambda: None)
+    stream = types.SimpleNamespace(cuda_stream=0xABC, device=torch.device("cuda", 1))
+    assert l2.persist(stream, 0x1000, 64 << 20) == 0.5  # 32 MB of a 64 MB head
+    assert fake.calls == [("cuDeviceGet", 1), ("cuCtxSetLimit", 6, 32 << 20),
+                          ("cuStreamSetAttribute", 0xABC, 1, 0x1000, 64 << 20, 0.5, 2, 1)]
+    fake.calls.clear()
+    l2.release(stream)
+    assert fake.calls == [("cuStreamSetAttribute", 0xABC, 1, None, 0, 0.0, 2, 1),
+                          ("cuCtxResetPersistingL2Cache",), ("cuCtxSetLimit", 6, 0)]
+    fake.attrs[108] = 0  # no persistence (MIG, old GPU): a clear error, nothing set
+    fake.calls.clear()
+    with pytest.raises(RuntimeError, match="no L2 persistence"):
+        l2.persist(stream, 0x1000, 1 << 20)
+    assert [c[0] for c in fake.calls] == ["cuDeviceGet"]
