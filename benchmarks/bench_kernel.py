@@ -612,13 +612,17 @@ def markdown_table(result: dict, device_name: str, args) -> str:
              "read once per forward and once per backward product every step; GB/s counts "
              "those bytes.", ""]
     probe = c.get("l2_probe")
-    if probe:
-        lines += [("L2 window probe (" + (f"{probe['reads']} reads of a {probe['megabytes']} MB "
-                   f"buffer): plain {probe['plain_eager_ms']:.3f} ms eager / "
-                   f"{probe['plain_graph_ms']:.3f} ms graph, persisting window "
-                   f"{probe['window_eager_ms']:.3f} / {probe['window_graph_ms']:.3f} ms (hit ratio "
-                   f"{probe['hit_ratio']:.2f}; limits {probe['limits']})" if "error" not in probe
-                   else f"error: {probe['error']}") + ")."), ""]
+    if probe and "error" in probe:
+        lines += [f"L2 window probe: error: {probe['error']}", ""]
+    elif probe:
+        lines += [f"L2 window probe ({probe['reads']} reads of one buffer; limits "
+                  f"{probe['limits']}):", ""]
+        lines += [f"- {r['megabytes']} MB: plain {r['plain_eager_ms']:.3f} ms eager / "
+                  f"{r['plain_graph_ms']:.3f} ms graph; persisting window (hit ratio "
+                  f"{r['hit_ratio']:.2f}) {r['window_eager_ms']:.3f} / {r['window_graph_ms']:.3f}"
+                  f" ms; HBM at 3 TB/s would take {r['hbm_3tbs_ms']:.3f} ms"
+                  for r in probe["sizes"]]
+        lines.append("")
     lines += ["| d | hidden layers | steps | B | variant | weights | ms | TFLOP/s | GB/s | floor ms | x floor |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:

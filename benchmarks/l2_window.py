@@ -125,12 +125,21 @@ def release(stream: torch.cuda.Stream | None = None) -> None:
            "cuCtxSetLimit(PERSISTING_L2_CACHE_SIZE)")
 
 
-def probe(device: torch.device, megabytes: int = 32, reads: int = 30) -> dict:
+def probe(device: torch.device, sizes_mb: tuple[int, ...] = (32, 64), reads: int = 30) -> dict:
     """Does a window keep a buffer in L2, launched eagerly and replayed from a CUDA graph?
 
-    Times ``reads`` sums of one ``megabytes`` bf16 buffer (an ascent reads its head 2 x steps
-    times) four ways: plain and windowed, eager on a stream and replayed from a graph captured
-    on that stream. A working window makes the windowed rows faster than the plain ones."""
+    For each size (32 MB: one 4096-wide bf16 hidden layer; 64 MB: two, more than L2 holds)
+    times ``reads`` sums of the whole buffer (an ascent reads its head 2 x steps times) four
+    ways: plain and windowed, eager on a stream and replayed from a graph captured on that
+    stream. A working window makes the windowed rows faster than the plain ones; at 64 MB,
+    where plain reads cycle through more than L2 and miss, it can keep the set-aside share."""
+    out = {"reads": reads, "limits": vars(limits(device)), "sizes": []}
+    for megabytes in sizes_mb:
+        out["sizes"].append(_probe_size(device, megabytes, reads))
+    return out
+
+
+def _probe_size(device: torch.device, megabytes: int, reads: int) -> dict:
     from vllm_recontrol.ascent_graphs import capture_graph
 
     x = torch.ones(megabytes * 2**19, device=device, dtype=torch.bfloat16)
@@ -154,12 +163,13 @@ def probe(device: torch.device, megabytes: int = 32, reads: int = 30) -> dict:
                 times.append(start.elapsed_time(end))
         return sorted(times)[len(times) // 2]
 
-    out = {"megabytes": megabytes, "reads": reads, "limits": vars(limits(device))}
+    nbytes = x.numel() * x.element_size()
+    out = {"megabytes": megabytes, "hbm_3tbs_ms": reads * nbytes / 3.0e9}  # for orientation
     for mode in ("plain", "window"):
         stream = torch.cuda.Stream(device)
         try:
             if mode == "window":
-                out["hit_ratio"] = persist(stream, x.data_ptr(), x.numel() * x.element_size())
+                out["hit_ratio"] = persist(stream, x.data_ptr(), nbytes)
             out[f"{mode}_eager_ms"] = time_on(stream, reads_of_x)
             graph = capture_graph(reads_of_x, device, stream=stream)
             out[f"{mode}_graph_ms"] = time_on(stream, graph.replay)
@@ -167,6 +177,4 @@ def probe(device: torch.device, megabytes: int = 32, reads: int = 30) -> dict:
         finally:
             if mode == "window":
                 release(stream)
-    hbm_ms = reads * x.numel() * x.element_size() / 3.0e9  # at 3 TB/s, for orientation
-    out["hbm_3tbs_ms"] = hbm_ms
     return out
