@@ -12,9 +12,12 @@
 #                            after an L2 persistence probe (benchmarks/l2_window.py)
 #   sweep  (SWEEP_LIMIT 100) Triton plan overrides at B 1, 16, 128, 256, 512 (tuning aid)
 #   extra  (EXTRA_LIMIT 60)  triton-graph vs torch-graph at d 2048 / 8192 and steps 1 / 200
+#   grid   (GRID_LIMIT 300)  not run by default: issue 3's whole grid (d 2048/4096/8192 x 1-2
+#                            hidden layers x steps 1/30/200 x B 1..512) for triton-graph and
+#                            torch-graph, for a session with device time to spare
 # Writes under $OUT (default ./out), at most 8 files: run.log (everything printed), warm.log,
-# check.json, bench.json, bench.md, sweep.json, extra.json. JSON and markdown are rewritten
-# after every row, so a phase stopped by its limit still reports what it measured.
+# check.json, bench.json, bench.md, sweep.json, extra.json, grid.json. JSON and markdown are
+# rewritten after every row, so a phase stopped by its limit still reports what it measured.
 # PHASES (default "check bench sweep extra") picks the phases to run.
 # Exit status: 0 when the checks passed and every timed phase ran to its end.
 set -uo pipefail
@@ -31,7 +34,8 @@ BENCH="benchmarks/bench_kernel.py"
 WARM_SHARDS="${WARM_SHARDS:-12}"
 EXTRA_ARGS=(--variants torch-graph triton-graph --layers 2 --batch 1 32 256)
 PHASES=" ${PHASES:-check bench sweep extra} "
-check_status=0 bench_status=0 sweep_status=0 extra_status=0
+check_status=0 bench_status=0 sweep_status=0 extra_status=0 grid_status=0
+GRID_ARGS=(--variants torch-graph triton-graph)
 phase() { [[ "$PHASES" == *" $1 "* ]]; }
 exec > >(tee -a "$OUT/run.log") 2>&1
 
@@ -56,6 +60,7 @@ warm() {  # warm SHARDS ARGS...: compile what `bench_kernel.py ARGS` will launch
     done
 }
 phase bench && warm "$WARM_SHARDS" --quick
+phase grid && warm 6 "${GRID_ARGS[@]}"
 phase sweep && warm 4 --sweep
 if phase extra; then
     warm 2 --hidden-sizes 2048 8192 --steps 30 "${EXTRA_ARGS[@]}"
@@ -105,9 +110,15 @@ for p in (sys.argv[1] + ".a.json", sys.argv[1] + ".b.json"):
 EOF
 fi
 
+if phase grid; then
+    echo "== issue 3's whole grid, triton-graph and torch-graph (limit ${GRID_LIMIT:-300}s)"
+    timeout "${GRID_LIMIT:-300}" "$PY" "$BENCH" "${GRID_ARGS[@]}" --json "$OUT/grid.json"
+    grid_status=$?
+fi
+
 echo "== exit status: check ${check_status}, bench ${bench_status}, sweep ${sweep_status}," \
-     "extra ${extra_status} (124 = time limit)"
+     "extra ${extra_status}, grid ${grid_status} (124 = time limit)"
 date -u
-for s in "$check_status" "$bench_status" "$sweep_status" "$extra_status"; do
+for s in "$check_status" "$bench_status" "$sweep_status" "$extra_status" "$grid_status"; do
     [ "$s" -eq 0 ] || exit 1
 done
