@@ -532,13 +532,7 @@ def onchip_megabytes(va, case: Case, overrides: dict | None, n_programs: int) ->
     read by several row tiles comes from HBM once but from L2 each time, so at large batch
     this, not HBM traffic, is what the tile shape changes (the H100 results file compares it
     with the measured times)."""
-    by_direction = {"forward": {}, "backward": {}}
-    for key, value in (overrides or {}).items():
-        if key in by_direction:
-            by_direction[key].update(value)
-        else:
-            for direction in by_direction.values():
-                direction.setdefault(key, value)
+    by_direction = va.overrides_by_direction(overrides)
     N = K = case.d
     total = 0.0
     for direction in ("forward", "backward"):

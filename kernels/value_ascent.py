@@ -538,6 +538,19 @@ def _check_backend(device: torch.device) -> None:
                            "@triton.jit time)")
 
 
+def overrides_by_direction(overrides: Mapping | None) -> dict[str, dict]:
+    """``plan_overrides`` per direction: a flat key applies to both, a nested
+    ``{"forward": {...}, "backward": {...}}`` to one (and wins over a flat key)."""
+    by_direction: dict[str, dict] = {"forward": {}, "backward": {}}
+    for key, value in (overrides or {}).items():
+        if key in by_direction:
+            by_direction[key] = {**by_direction[key], **value}
+        else:
+            for direction in by_direction.values():
+                direction.setdefault(key, value)
+    return by_direction
+
+
 def _plan_products(weights: list[Tensor], biases: list[Tensor], states: Tensor, x: Tensor,
                    u: Tensor, acts: list[Tensor], backs: list[Tensor], precision: str,
                    overrides: Mapping[str, int] | None, project: bool,
@@ -552,13 +565,7 @@ def _plan_products(weights: list[Tensor], biases: list[Tensor], states: Tensor, 
     interpret = states.device.type == "cpu"
     n_programs = _device_programs(states.device)
 
-    by_direction = {"forward": {}, "backward": {}}
-    for key, value in (overrides or {}).items():
-        if key in by_direction:  # {"forward": {...}, "backward": {...}}: one direction only
-            by_direction[key] = {**by_direction[key], **value}
-        else:  # a flat key applies to both directions
-            for direction in by_direction.values():
-                direction.setdefault(key, value)
+    by_direction = overrides_by_direction(overrides)
 
     def plan(N: int, K: int, k_contig: bool, w: Tensor) -> GemmPlan:
         return plan_gemm(rows, N, K, w_k_contiguous=k_contig, weight_bytes=w.element_size(),

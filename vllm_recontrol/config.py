@@ -50,7 +50,7 @@ class EngineSettings:
 
     @property
     def warm_up_counts(self) -> tuple[int, ...]:
-        """Iteration counts compiled and graph-captured at engine start (Triton on CUDA)."""
+        """Iteration counts compiled and graph-captured at engine start (on CUDA)."""
         if self.warmup_steps is not None:
             return self.warmup_steps
         return (self.steps,) if self.steps > 0 else ()
