@@ -350,8 +350,6 @@ def sweep_configs(batch: int) -> list[tuple[str, dict]]:
                   dict(block_n=32, block_k=256, split_k=2, fixup=1)]
         return ([(label("fwd ", ov), {"forward": ov}) for ov in shapes]
                 + [(label("bwd ", ov), {"backward": ov}) for ov in shapes])
-    # (bm, bn, bk, warps, stages, split): the current plans' neighbours, and at B <= 256 whole
-    # 128-row tiles with K split so that each weight tile is read by one program only
     # (bm, bn, bk, warps, stages, split, fixup): the current plans' neighbours; whole 128-row
     # tiles with K split so that each weight tile is read by one program only; split K
     # finished in place (fix-up) instead of by a second launch
@@ -664,14 +662,15 @@ def check_cases(device: torch.device) -> list[dict]:
         dict(odd, widths=w2, rows=16, precision="ieee", wdtype="fp32", overrides={"split_k": 3}),
         dict(odd, widths=w3, rows=16, precision="bf16", wdtype="bf16", max_norm=0.05,
              overrides={"split_k": 2}),
-        # split K finished in place by the last split (fix-up), small and large tiles
+        # split K finished in place by the last split (fix-up), small and large tiles (the
+        # 128x256 tiles are finished in 4 chunks of 64 columns)
         dict(odd, widths=w3, rows=16, precision="ieee", wdtype="fp32", max_norm=0.05,
              overrides={"split_k": 3, "fixup": 1}),
         dict(odd, widths=w2, rows=130, precision="bf16", wdtype="bf16",
              overrides={"split_k": 2, "fixup": 1}),
         dict(d=4096, widths=[4096], rows=128, n=3, precision="bf16", wdtype="bf16",
-             overrides={"block_m": 128, "block_n": 128, "num_warps": 8, "split_k": 4,
-                        "fixup": 1}),
+             overrides={"block_m": 128, "block_n": 256, "num_warps": 8, "num_stages": 3,
+                        "split_k": 4, "fixup": 1}),
         dict(d=4096, widths=[4096, 4096], rows=16, n=5, precision="ieee", wdtype="fp32"),
         dict(d=4096, widths=[4096, 4096], rows=16, n=5, precision="bf16", wdtype="bf16"),
         dict(d=4096, widths=[4096], rows=256, n=3, precision="bf16", wdtype="bf16"),

@@ -254,13 +254,15 @@ def _ascent_gemm_kernel(
         PROLOGUE: tl.constexpr, EPILOGUE: tl.constexpr, DOT: tl.constexpr,
         INTERPRET: tl.constexpr, PROJECT: tl.constexpr, ACT_BF16: tl.constexpr,
         SQ_CHUNK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-        FIXUP: tl.constexpr):
+        FIXUP: tl.constexpr, FIX_BN: tl.constexpr):
     """One product of the ascent step for a [BM, BN] tile and one K split (grid n, m, split).
 
     ``FIXUP`` (split K finished in place, no reduce launch): every split stores its partial
     sum, counts itself in its tile's counter, and the split that arrives last adds all the
     partials in split order and applies the epilogue (so the bits do not depend on which
-    split that is), then zeroes the counter for the next product."""
+    split that is), then zeroes the counter for the next product. It does so ``FIX_BN``
+    columns at a time: summing whole wide tiles (128x256) would hold two of them in
+    registers and spill (see ``fixup_block_n``)."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -286,14 +288,19 @@ def _ascent_gemm_kernel(
         tile = pid_m * tl.num_programs(0) + pid_n
         arrived = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel")
         if arrived == n_split - 1:
-            total = tl.zeros((BM, BN), dtype=tl.float32)
-            for s in range(0, n_split):  # split order, as the reduce kernel adds them
-                total += tl.load(part_ptr + s * M * N + idx, mask=ok, other=0.0,
-                                 cache_modifier=".cg")
             tl.atomic_xchg(count_ptr + tile, 0)
-            _epilogue(total, offs_m, offs_n, pid_n, M, N, out_ptr, bias_ptr, maskin_ptr,
-                      wout_ptr, state_ptr, x_ptr, alpha_ptr, steps_ptr, sq_in_ptr, sq_out_ptr,
-                      n_sq, max_norm, step, first, EPILOGUE, PROJECT, ACT_BF16, SQ_CHUNK)
+            for c in tl.static_range(0, BN // FIX_BN):
+                offs_c = pid_n * BN + c * FIX_BN + tl.arange(0, FIX_BN)
+                ok_c = (offs_m[:, None] < M) & (offs_c[None, :] < N)
+                idx_c = offs_m[:, None] * N + offs_c[None, :]
+                total = tl.zeros((BM, FIX_BN), dtype=tl.float32)
+                for s in range(0, n_split):  # split order, as the reduce kernel adds them
+                    total += tl.load(part_ptr + s * M * N + idx_c, mask=ok_c, other=0.0,
+                                     cache_modifier=".cg")
+                _epilogue(total, offs_m, offs_c, pid_n, M, N, out_ptr, bias_ptr, maskin_ptr,
+                          wout_ptr, state_ptr, x_ptr, alpha_ptr, steps_ptr, sq_in_ptr,
+                          sq_out_ptr, n_sq, max_norm, step, first, EPILOGUE, PROJECT, ACT_BF16,
+                          SQ_CHUNK)
     elif EPILOGUE == EPI_PARTIAL:
         ok = (offs_m[:, None] < M) & (offs_n[None, :] < N)
         tl.store(out_ptr + pid_s * M * N + offs_m[:, None] * N + offs_n[None, :], acc, mask=ok)
@@ -459,6 +466,17 @@ def plan_gemm(M: int, N: int, K: int, *, w_k_contiguous: bool, weight_bytes: int
 
 
 # ----------------------------------------------------------------------------- host side
+def fixup_block_n(plan: GemmPlan, fixup: bool, project: bool, interpret: bool) -> int:
+    """Columns the fix-up sums and finishes at a time: 64 (16 under the interpreter, whose
+    tiles are 16 wide, so that tests with 32-column tiles take two chunks), whole tiles
+    without fix-up and under max_norm (the update epilogue's per-row sum of squares over the
+    whole tile must have the reduce kernel's bits). Compiled for sm_90, fix-up over whole
+    128x256 tiles spilled registers in every epilogue (benchmarks/sm90_resources.py)."""
+    if not fixup or project:
+        return plan.block_n
+    return min(plan.block_n, 16 if interpret else 64)
+
+
 @dataclass
 class _Product:
     """One launch of the step: operands, plan and epilogue buffers."""
@@ -620,6 +638,7 @@ def _launch(p: _Product, ctx: dict, step: int) -> None:
                 PROLOGUE=p.prologue, EPILOGUE=epilogue, DOT=ctx["precision"],
                 INTERPRET=ctx["interpret"], **flags,
                 BM=plan.block_m, BN=plan.block_n, BK=plan.block_k, FIXUP=fixup,
+                FIX_BN=fixup_block_n(plan, fixup, ctx["project"], ctx["interpret"]),
                 num_warps=plan.num_warps, num_stages=stages)
             break
         except OutOfResources:

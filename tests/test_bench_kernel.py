@@ -150,3 +150,31 @@ def test_l2_window_sets_aside_marks_and_releases(monkeypatch):
     with pytest.raises(RuntimeError, match="no L2 persistence"):
         l2.persist(stream, 0x1000, 1 << 20)
     assert [c[0] for c in fake.calls] == ["cuDeviceGet"]
+
+
+RESOURCES = SCRIPT.parent / "sm90_resources.py"
+
+
+def test_sm90_resources_compiles_the_plans_offline(tmp_path):
+    """The offline register/spill report compiles real sm_90 kernels with Triton's own
+    compiler (no GPU): the weight-streaming plan of B = 1 uses 16-row mma.sync tiles, the
+    64-row batch-invariant tiles Hopper's wgmma, and every launch fits the multiprocessor."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
+    run = subprocess.run([sys.executable, str(RESOURCES), "--batch", "1",
+                          "--json", str(tmp_path / "r.json")], env=env, capture_output=True,
+                         text=True, timeout=600)
+    if run.returncode != 0 and "ships no cuobjdump" in run.stderr:
+        pytest.skip("this Triton has no NVIDIA tools")
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    rows = json.loads((tmp_path / "r.json").read_text())["rows"]
+    assert {(r["source"], r["product"]) for r in rows} == {
+        (s, p) for s in ("default", "invariant")
+        for p in ("fwd", "fwd-last", "bwd-mid", "bwd-update")}
+    by_source = {s: [r for r in rows if r["source"] == s] for s in ("default", "invariant")}
+    assert {r["mma"] for r in by_source["default"]} == {"mma"}
+    assert {r["plan"].split()[0] for r in by_source["default"]} == {"16x32x256"}
+    assert {r["mma"] for r in by_source["invariant"]} == {"wgmma"}
+    for r in rows:
+        assert 0 < r["registers"] <= 255 and 0 < r["shared_kb"] <= 228, r
+    assert "| 1 | default | bwd-update |" in run.stdout

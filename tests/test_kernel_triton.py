@@ -189,11 +189,12 @@ def test_split_k_and_multiple_row_tiles(kernels, seed, hidden, max_norm):
                                                        (3, 0.5, "ieee")])
 def test_split_k_fixup_equals_the_reduce_kernel(kernels, seed, hidden, max_norm, precision):
     """The in-place split-K fix-up (last split adds the partials) gives the reduce kernel's
-    bits, with 3 uneven splits and 2 row tiles, every epilogue kind included; its counters
-    are left at zero for the next call."""
+    bits, with 3 uneven splits, 2 row tiles and 32-column tiles (finished 16 columns at a
+    time, but whole under max_norm), every epilogue kind included; its counters are left at
+    zero for the next call."""
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     mlp, states, alpha, steps = _draw(seed, 19, WIDTHS[:hidden], weight_dtype=dtype)
-    plan = {"split_k": 3, "block_k": 16}
+    plan = {"split_k": 3, "block_k": 16, "block_n": 32}
     reduce = _run(kernels, mlp, states, alpha, steps, 3, max_norm, plan_overrides=plan)
     fixup = _run(kernels, mlp, states, alpha, steps, 3, max_norm,
                  plan_overrides={**plan, "fixup": 1})
