@@ -855,13 +855,15 @@ def check_warm_up(device, mlp, gen) -> dict:
         diff = (graphed.float() - eager.float())[moved]
         errors.append((diff.norm() / (eager.float() - states.float())[moved].norm()).item())
     after = head._graphs.captures if head._graphs else 0
-    ok = runs == 4 and captured == 4 and after == 4 and max(errors) < 2e-2 and idle_exact
+    warm = bool(head._graphs and head._graphs.warm)  # later captures get logged
+    ok = (runs == 4 and captured == 4 and after == 4 and max(errors) < 2e-2 and idle_exact
+          and warm)
     print(f"{'ok  ' if ok else 'FAIL'} warm-up: {runs} ascents, {captured} graphs captured, "
           f"{after - captured} new captures while serving B = 40/3/70, edit vs eager rel err "
           f"{max(errors):.2e}", flush=True)
     return {"case": "warm-up", "ascents": runs, "graphs_captured": captured,
             "captures_after": after, "rel_err_vs_eager": max(errors), "tolerance": 2e-2,
-            "idle_rows_exact": idle_exact, "ok": ok}
+            "idle_rows_exact": idle_exact, "marked_warm": warm, "ok": ok}
 
 
 # ----------------------------------------------------------------------------- main

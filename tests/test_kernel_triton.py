@@ -338,6 +338,68 @@ def test_bucketed_runner_replays_the_torch_closed_form(kernels, seed):
             assert torch.equal(got, want), (seed, rows, max_norm)
 
 
+class _ReplayingGraph:
+    """Stands in for a CUDA graph on CPU: replay() runs the captured function again, on
+    whatever the static buffers hold then (what a real replay does)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        fn()
+
+    def replay(self):
+        self.fn()
+
+
+def test_graph_cache_captures_once_per_key_evicts_and_logs(kernels, seed, monkeypatch, caplog):
+    """The graph cache's logic on CPU, with capture stubbed: one capture per key, replays give
+    each batch its own answer, the oldest graph is evicted past max_graphs, a failed capture
+    is logged once and its key runs eagerly from then on, and captures after the warm-up
+    are logged (they stall a live batch)."""
+    import logging
+
+    from vllm_recontrol import ascent_graphs
+    from vllm_recontrol.ascent import ascend_float32
+
+    monkeypatch.setattr(ascent_graphs.torch.cuda, "graph_pool_handle", lambda: "pool")
+    monkeypatch.setattr(ascent_graphs, "capture_graph",
+                        lambda fn, device, pool: _ReplayingGraph(fn))
+    runner = ascent_graphs.AscentGraphs(max_graphs=2)
+    mlp, states, alpha, steps = _draw(seed, 40, [24, 17])
+
+    def run(rows, n, offset=0):
+        got = runner.run(mlp, states[offset:offset + rows], alpha[:rows], steps[:rows], n,
+                         None, "fp32", backend="torch").clone()
+        want = ascend_float32(mlp, states[offset:offset + rows], alpha[:rows], steps[:rows],
+                              n, None)
+        assert torch.equal(got, want), (seed, rows, n, offset)
+
+    caplog.set_level(logging.INFO, logger=ascent_graphs.logger.name)
+    run(5, 3)
+    run(9, 3, offset=20)  # same bucket (16) and steps: a replay on new inputs
+    assert runner.captures == 1 and len(runner) == 1
+    assert not [r for r in caplog.records if "while serving" in r.getMessage()]
+    runner.warm = True
+    run(20, 3)  # bucket 32: a new capture, now logged
+    assert runner.captures == 2
+    served = [r.getMessage() for r in caplog.records if "while serving" in r.getMessage()]
+    assert len(served) == 1 and "32-row batches with 3 steps" in served[0]
+    run(5, 2)  # a third key evicts the oldest (16 rows, 3 steps)
+    assert len(runner) == 2 and (16, DIM) not in {k[:2] for k in runner._graphs if k[3] == 3}
+    run(5, 3)  # captured again
+    assert runner.captures == 4
+
+    def broken(fn, device, pool):
+        raise RuntimeError("capture not supported here")
+
+    monkeypatch.setattr(ascent_graphs, "capture_graph", broken)
+    caplog.clear()
+    run(40, 1)
+    run(33, 1)  # same key: eager, no second attempt or warning
+    failures = [r for r in caplog.records if "capture of the ascent failed" in r.getMessage()]
+    assert len(failures) == 1 and "capture not supported here" in failures[0].getMessage()
+    assert runner.captures == 4
+
+
 def test_graph_buffers_are_shared_and_grow(kernels):
     """Every bucket reads leading rows of one buffer set; growing it drops the graphs that
     point at the old buffers (CPU: the bookkeeping only, no capture)."""

@@ -13,6 +13,7 @@ buffers (graphs replay one at a time), so they cost the largest bucket's memory,
 Growing them past the largest bucket drops the graphs, which point at the old ones; the
 engine's warm-up reserves the largest bucket first. Each graph keeps the weights it reads
 alive. A graph that cannot be captured is logged once and its key runs eagerly from then on.
+After the engine's warm-up (``warm``), a capture stalls a live batch, so each is logged.
 """
 
 from __future__ import annotations
@@ -102,6 +103,7 @@ class AscentGraphs:
         self._graphs: OrderedDict[tuple, tuple[object, MLPWeights]] = OrderedDict()
         self._pool = None
         self.captures = 0
+        self.warm = False  # set by the warm-up: later captures happen while serving
 
     def run(self, mlp: MLPWeights, states32: torch.Tensor, alpha: torch.Tensor,
             steps: torch.Tensor, num_iterations: int, max_norm: float | None,
@@ -163,6 +165,10 @@ class AscentGraphs:
                 self._pool = torch.cuda.graph_pool_handle()
             graph = capture_graph(ascent, device, self._pool)
             self.captures += 1
+            if self.warm:
+                logger.info("RE-Control: captured the ascent for %d-row batches with %d steps "
+                            "while serving (a one-off stall; the engine's warm-up captures the "
+                            "step counts in warmup_steps)", key[0], key[3])
         except Exception as exc:  # never take the engine down for a missing speed-up
             logger.warning("RE-Control: CUDA graph capture of the ascent failed (%s: %s); "
                            "this batch shape runs eagerly", type(exc).__name__, exc)

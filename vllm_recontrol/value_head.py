@@ -206,6 +206,8 @@ class ValueHead(nn.Module):
                             backend=resolved, precision=precision, cuda_graphs=cuda_graphs,
                             batch_invariant=batch_invariant)
                 runs += 1
+        if graphs:
+            self._graphs.warm = True
         return runs
 
     def _graph_cache(self):
