@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -44,3 +45,42 @@ def test_readme_python_example_runs(index, tmp_path):
     if "llm.generate" in code:  # one completion per request: default, off, stronger
         texts = [line for line in proc.stdout.splitlines() if line.strip()]
         assert len(texts) == 3, proc.stdout[-3000:]
+
+
+def readme_cli_commands() -> list[list[str]]:
+    """Every `vllm-recontrol <job> ...` line of the README's shell blocks, continuation lines
+    joined; an optional `[...]` group is kept as plain arguments (it must parse too)."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", README.read_text(), re.S):
+        text = re.sub(r"\\\n\s*", " ", block)
+        for line in text.splitlines():
+            line = line.split("#", 1)[0].strip()
+            if line.startswith("vllm-recontrol ") and " && " not in line:
+                commands.append(shlex.split(line.replace("[", " ").replace("]", " "))[1:])
+    return commands
+
+
+class _Parsed(Exception):
+    pass
+
+
+def test_readme_cli_commands_parse(monkeypatch):
+    """Each documented job command line is accepted by that job's own argument parser (the
+    job itself is stopped right after parsing: the models are not downloadable here)."""
+    import argparse
+    import importlib
+
+    from vllm_recontrol.cli import SUBCOMMANDS
+
+    commands = [c for c in readme_cli_commands() if c[0] not in ("serve", "vllm")]
+    assert {c[0] for c in commands} >= {"collect", "label", "train", "eval"}
+    original = argparse.ArgumentParser.parse_args
+
+    def parse_then_stop(self, args=None, namespace=None):
+        raise _Parsed(original(self, args, namespace))
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
+    for command in commands:
+        module = importlib.import_module(SUBCOMMANDS[command[0]][0])
+        with pytest.raises(_Parsed):
+            module.main(command[1:])
