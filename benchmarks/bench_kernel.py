@@ -22,6 +22,10 @@ runs the whole ascent (``steps`` iterations, all rows active) and is timed with
                     l2_window.py; issue 3's stretch goal). Set-aside lines survive do_bench's
                     L2 flush, so the head may stay resident from one timed call to the next,
                     as it would from one decode step to the next in a server
+  triton-evict-graph  triton-graph with the weights loaded with an L2 evict-last hint
+                    (``EVICT_OVERRIDES``: unpipelined loads, which keep the hint, K split in 4
+                    with fix-up for enough loads in flight); B <= 64 only, where the products
+                    are weight reads (the stretch goal again, from inside the kernel)
   head-ascend       ``ValueHead.ascend`` as the engine calls it (auto: Triton, bf16 products,
                     the ascent replayed from the head's CUDA-graph cache; includes copying the
                     batch in and building the edited states)
@@ -71,7 +75,11 @@ from typing import Callable
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = ("autograd-fp16", "torch-eager", "torch-compile", "torch-graph", "torch-fp32-graph",
             "triton", "triton-graph", "triton-fp32-graph", "triton-tf32-graph", "triton-l2-graph",
-            "head-ascend")
+            "triton-evict-graph", "head-ascend")
+# triton-evict-graph's plan: Triton keeps eviction hints only on plain loads (num_stages 1);
+# 4 K splits (512 programs at d = 4096) make up for the missing pipeline with more programs
+EVICT_OVERRIDES = {"num_stages": 1, "evict_last": 1, "split_k": 4, "fixup": 1}
+EVICT_MAX_BATCH = 64  # the weight-streaming plans; larger batches are bound on chip
 # weight dtype of the variants that fix it (the others follow --dtype / --torch-dtype)
 VARIANT_DTYPE = {"autograd-fp16": "fp16", "torch-fp32-graph": "fp32", "triton-fp32-graph": "fp32",
                  "triton-tf32-graph": "fp32", "head-ascend": "bf16"}
@@ -331,7 +339,7 @@ class Task:
 
 
 _SHORT = {"block_m": "bm", "block_n": "bn", "block_k": "bk", "split_k": "s", "num_warps": "w",
-          "num_stages": "st", "fixup": "fix"}
+          "num_stages": "st", "fixup": "fix", "evict_last": "ev"}
 
 
 def sweep_configs(batch: int) -> list[tuple[str, dict]]:
@@ -348,8 +356,16 @@ def sweep_configs(batch: int) -> list[tuple[str, dict]]:
                   dict(block_n=32, block_k=256, num_warps=8),
                   dict(block_n=32, block_k=256, split_k=2),
                   dict(block_n=32, block_k=256, split_k=2, fixup=1)]
+        # both directions: L2 evict-last weight loads (1 stage keeps the hint), and the same
+        # unpipelined plan without the hint, to tell the hint's effect from the pipeline's
+        evict = [dict(num_stages=1, evict_last=1), dict(num_stages=1, evict_last=1, split_k=2,
+                                                        fixup=1),
+                 dict(num_stages=1, evict_last=1, split_k=4, fixup=1),
+                 dict(num_stages=1, evict_last=1, split_k=4, fixup=1, num_warps=8),
+                 dict(num_stages=1, split_k=4, fixup=1)]
         return ([(label("fwd ", ov), {"forward": ov}) for ov in shapes]
-                + [(label("bwd ", ov), {"backward": ov}) for ov in shapes])
+                + [(label("bwd ", ov), {"backward": ov}) for ov in shapes]
+                + [(label("both ", ov), {"forward": ov, "backward": ov}) for ov in evict])
     # (bm, bn, bk, warps, stages, split, fixup): the current plans' neighbours; whole 128-row
     # tiles with K split so that each weight tile is read by one program only; split K
     # finished in place (fix-up) instead of by a second launch
@@ -375,7 +391,8 @@ def tasks(args) -> list[Task]:
                 for batch in args.batch:
                     case = Case(d, hidden, n, batch)
                     if not args.sweep:
-                        out.extend(Task(case, name) for name in args.variants)
+                        out.extend(Task(case, name) for name in args.variants
+                                   if name != "triton-evict-graph" or batch <= EVICT_MAX_BATCH)
                         continue
                     out.append(Task(case, "triton-graph", None, "triton-graph default"))
                     out.extend(Task(case, "triton-graph", ov, f"triton-graph {lbl}")
@@ -437,6 +454,8 @@ def raw_variant(name, ascent, va, heads, states, alpha, steps, n, device, args,
         return lambda: head.ascend(states, alpha, steps, num_iterations=n)
     if name == "triton-l2-graph":
         mlp = contiguous_head(ascent, mlp)[0]
+    if name == "triton-evict-graph":
+        overrides = {**EVICT_OVERRIDES, **(overrides or {})}
     if name.startswith("triton"):
         precision = VARIANT_PRECISION.get(name)
         return lambda: va.triton_ascend(mlp, states, alpha, steps, n, precision=precision,
@@ -552,8 +571,10 @@ def time_variant(task: Task, flops, nbytes, floor_ms, ascent, va, heads, states,
     name, case = task.variant, task.case
     row = {**asdict(case), "variant": task.label or name, "weights": variant_dtype(name, args),
            "floor_ms": floor_ms}
-    if name in ("triton-graph", "triton-l2-graph") and args.dtype == "bf16":
-        row["onchip_mb_per_step"] = onchip_megabytes(va, case, task.overrides,
+    if name in ("triton-graph", "triton-l2-graph", "triton-evict-graph") \
+            and args.dtype == "bf16":
+        overrides = EVICT_OVERRIDES if name == "triton-evict-graph" else task.overrides
+        row["onchip_mb_per_step"] = onchip_megabytes(va, case, overrides,
                                                      va._device_programs(device))
     if device.type != "cuda" and (name.endswith("graph") or name == "torch-compile"):
         return {**row, "error": "needs CUDA"}
@@ -671,6 +692,9 @@ def check_cases(device: torch.device) -> list[dict]:
         dict(d=4096, widths=[4096], rows=128, n=3, precision="bf16", wdtype="bf16",
              overrides={"block_m": 128, "block_n": 256, "num_warps": 8, "num_stages": 3,
                         "split_k": 4, "fixup": 1}),
+        # weights loaded unpipelined with the L2 evict-last hint (triton-evict-graph's plan)
+        dict(d=4096, widths=[4096], rows=16, n=5, precision="bf16", wdtype="bf16",
+             overrides=EVICT_OVERRIDES),
         dict(d=4096, widths=[4096, 4096], rows=16, n=5, precision="ieee", wdtype="fp32"),
         dict(d=4096, widths=[4096, 4096], rows=16, n=5, precision="bf16", wdtype="bf16"),
         dict(d=4096, widths=[4096], rows=256, n=3, precision="bf16", wdtype="bf16"),

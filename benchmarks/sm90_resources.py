@@ -64,6 +64,7 @@ class Usage:
     registers: int
     spill_bytes: int   # per-thread stack frame (cuobjdump STACK): registers spilled to memory
     mma: str           # "wgmma" (Hopper tensor cores), "mma" (older tensor-core path), "fma"
+    hinted_loads: int  # loads that carry an L2 cache-policy hint (the plan's evict_last)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -74,6 +75,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90")
     p.add_argument("--sms", type=int, default=132, help="multiprocessors the plans assume")
     p.add_argument("--sweep", action="store_true", help="add bench_kernel.py's sweep candidates")
+    p.add_argument("--overrides", type=json.loads, action="append", default=[],
+                   help="also compile this plan_gemm override (JSON, e.g. "
+                        "'{\"num_stages\": 1, \"evict_last\": 1}'; repeatable)")
     p.add_argument("--json", type=Path, help="write the rows as JSON here")
     return p.parse_args(argv)
 
@@ -114,7 +118,8 @@ def compile_product(plan: va.GemmPlan, forward: bool, epilogue: int, fixup: bool
                      INTERPRET=False, PROJECT=False, ACT_BF16=precision == "bf16",
                      SQ_CHUNK=va._SQ_CHUNK, BM=plan.block_m, BN=plan.block_n, BK=plan.block_k,
                      FIXUP=fixup,
-                     FIX_BN=va.fixup_block_n(plan, fixup, project=False, interpret=False))
+                     FIX_BN=va.fixup_block_n(plan, fixup, project=False, interpret=False),
+                     W_EVICT="evict_last" if plan.evict_last else "")
     signature, constants, attrs = _signature(forward, precision, epilogue, constants)
     source = ASTSource(va._ascent_gemm_kernel, signature, constants, attrs)
     return triton.compile(source, target=GPUTarget("cuda", arch, 32),
@@ -141,6 +146,11 @@ def resource_usage(cubin: bytes) -> dict[str, int]:
     return found
 
 
+def hinted_loads(ptx: str) -> int:
+    """Global loads with an L2 cache-policy operand (``createpolicy`` + ``L2::cache_hint``)."""
+    return len(re.findall(r"\bld\.global[.\w:]*\.L2::cache_hint", ptx))
+
+
 def mma_kind(ptx: str) -> str:
     """Which multiply instructions the kernel's main loop uses."""
     if "wgmma.mma_async" in ptx:
@@ -152,7 +162,8 @@ def mma_kind(ptx: str) -> str:
 
 def plan_label(plan: va.GemmPlan) -> str:
     return (f"{plan.block_m}x{plan.block_n}x{plan.block_k} w{plan.num_warps} "
-            f"st{plan.num_stages} s{plan.split_k}" + (" fix" if plan.fixup else ""))
+            f"st{plan.num_stages} s{plan.split_k}" + (" fix" if plan.fixup else "")
+            + (" evict-last" if plan.evict_last else ""))
 
 
 def candidate_plans(batch: int, args) -> list[tuple[str, str, bool, int, va.GemmPlan]]:
@@ -163,6 +174,7 @@ def candidate_plans(batch: int, args) -> list[tuple[str, str, bool, int, va.Gemm
     if args.sweep:
         import bench_kernel
         sources += [(f"sweep {label}", ov) for label, ov in bench_kernel.sweep_configs(batch)]
+    sources += [("overrides " + json.dumps(ov, sort_keys=True), ov) for ov in args.overrides]
     out = []
     for source, overrides in sources:
         by_direction = va.overrides_by_direction(overrides)
@@ -192,21 +204,24 @@ def collect(args) -> list[Usage]:
             if key not in compiled:
                 kernel = compile_product(plan, forward, epilogue, fixup, args.precision,
                                          args.arch)
+                ptx = kernel.asm["ptx"]
                 compiled[key] = (kernel.metadata.shared / 1024, resource_usage(kernel.asm["cubin"]),
-                                 mma_kind(kernel.asm["ptx"]))
-            shared_kb, usage, mma = compiled[key]
+                                 mma_kind(ptx), hinted_loads(ptx))
+            shared_kb, usage, mma, hints = compiled[key]
             rows.append(Usage(batch, source, product, plan_label(plan),
                               _EPILOGUE_NAMES[epilogue], fixup, round(shared_kb, 1),
-                              usage["REG"], usage.get("STACK", 0), mma))
+                              usage["REG"], usage.get("STACK", 0), mma, hints))
     return rows
 
 
 def markdown(rows: list[Usage]) -> str:
-    head = "| B | plan source | product | plan | epilogue | shared KB | registers | spill B | mma |"
-    lines = [head, "|" + "---|" * 9]
+    head = ("| B | plan source | product | plan | epilogue | shared KB | registers | spill B "
+            "| mma | L2-hinted loads |")
+    lines = [head, "|" + "---|" * 10]
     for r in rows:
         lines.append(f"| {r.batch} | {r.source} | {r.product} | {r.plan} | {r.epilogue} | "
-                     f"{r.shared_kb:g} | {r.registers} | {r.spill_bytes} | {r.mma} |")
+                     f"{r.shared_kb:g} | {r.registers} | {r.spill_bytes} | {r.mma} | "
+                     f"{r.hinted_loads} |")
     return "\n".join(lines)
 
 

@@ -174,11 +174,13 @@ def _load_a(a_ptr, u_ptr, offs_m, offs_k, M, K, scale, first,
 
 
 @triton.jit
-def _load_w(w_ptr, offs_k, offs_n, K, N, stride_wk, stride_wn):
-    """One [BK, BN] tile of Wop; one of the two strides is 1 (W's rows are contiguous)."""
+def _load_w(w_ptr, offs_k, offs_n, K, N, stride_wk, stride_wn, W_EVICT: tl.constexpr):
+    """One [BK, BN] tile of Wop; one of the two strides is 1 (W's rows are contiguous).
+    ``W_EVICT`` "evict_last" asks L2 to keep the weights for the next product (honoured on
+    plain loads only: Triton drops the hint from pipelined cp.async loads, see GemmPlan)."""
     ok = (offs_k[:, None] < K) & (offs_n[None, :] < N)
     return tl.load(w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
-                   mask=ok, other=0.0)
+                   mask=ok, other=0.0, eviction_policy=W_EVICT)
 
 
 @triton.jit
@@ -254,7 +256,7 @@ def _ascent_gemm_kernel(
         PROLOGUE: tl.constexpr, EPILOGUE: tl.constexpr, DOT: tl.constexpr,
         INTERPRET: tl.constexpr, PROJECT: tl.constexpr, ACT_BF16: tl.constexpr,
         SQ_CHUNK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-        FIXUP: tl.constexpr, FIX_BN: tl.constexpr):
+        FIXUP: tl.constexpr, FIX_BN: tl.constexpr, W_EVICT: tl.constexpr):
     """One product of the ascent step for a [BM, BN] tile and one K split (grid n, m, split).
 
     ``FIXUP`` (split K finished in place, no reduce launch): every split stores its partial
@@ -278,7 +280,7 @@ def _ascent_gemm_kernel(
     for k0 in range(k_lo, k_hi, BK):  # fixed order: the same bits every run
         offs_k = k0 + tl.arange(0, BK)
         a = _load_a(a_ptr, u_ptr, offs_m, offs_k, M, K, scale, first, PROLOGUE, DOT)
-        w = _load_w(w_ptr, offs_k, offs_n, K, N, stride_wk, stride_wn)
+        w = _load_w(w_ptr, offs_k, offs_n, K, N, stride_wk, stride_wn, W_EVICT)
         acc = _mma(a, w, acc, DOT, INTERPRET)
     if FIXUP:
         ok = (offs_m[:, None] < M) & (offs_n[None, :] < N)
@@ -350,7 +352,11 @@ class GemmPlan:
     """Tile shape, K split and launch options of one product (a pure function of the shapes).
 
     ``fixup`` (0/1): with split K, the last split of each tile finishes it in place instead of
-    a second (reduce) launch; off until measured on a GPU (see the H100 results file)."""
+    a second (reduce) launch; off until measured on a GPU (see the H100 results file).
+    ``evict_last`` (0/1): load the weights with an L2 evict-last hint, so that a head that
+    fits in L2 stays there from one product to the next (issue 3's stretch goal). Triton
+    3.6 keeps the hint only on plain loads, i.e. with ``num_stages`` 1 (checked in the sm_90
+    PTX: the pipelined cp.async loads lose it); off until measured."""
 
     block_m: int
     block_n: int
@@ -359,6 +365,7 @@ class GemmPlan:
     num_warps: int
     num_stages: int
     fixup: int = 0
+    evict_last: int = 0
 
     def k_split(self, K: int) -> int:
         """K range per split, a multiple of block_k so that splits never share a tile."""
@@ -416,8 +423,8 @@ def plan_gemm(M: int, N: int, K: int, *, w_k_contiguous: bool, weight_bytes: int
     below 3/4 of a wave); large M uses 64x128 tensor-core tiles (smaller CUDA-core tiles for
     "ieee"). Both directions follow one rule (``w_k_contiguous`` says which one this is; the
     H100 sweep found the same best shape for both).
-    ``overrides`` (block_m, block_n, block_k, split_k, num_warps, num_stages, fixup) replace
-    the heuristic's choice, for tests and tuning. ``batch_invariant``: ignore M (see
+    ``overrides`` (block_m, block_n, block_k, split_k, num_warps, num_stages, fixup,
+    evict_last) replace the heuristic's choice, for tests and tuning. ``batch_invariant``: ignore M (see
     ``batch_invariant_plan``; also under the interpreter, so CPU tests run that plan).
     """
     if batch_invariant:
@@ -456,7 +463,7 @@ def plan_gemm(M: int, N: int, K: int, *, w_k_contiguous: bool, weight_bytes: int
         split = _wave_split(triton.cdiv(M, bm) * triton.cdiv(N, bn), n_programs,
                             K // (4 * bk))
     plan = dict(block_m=bm, block_n=bn, block_k=bk, split_k=split, num_warps=warps,
-                num_stages=stages, fixup=0)
+                num_stages=stages, fixup=0, evict_last=0)
     if overrides:
         unknown = set(overrides) - set(plan)
         if unknown:
@@ -639,6 +646,7 @@ def _launch(p: _Product, ctx: dict, step: int) -> None:
                 INTERPRET=ctx["interpret"], **flags,
                 BM=plan.block_m, BN=plan.block_n, BK=plan.block_k, FIXUP=fixup,
                 FIX_BN=fixup_block_n(plan, fixup, ctx["project"], ctx["interpret"]),
+                W_EVICT="evict_last" if plan.evict_last else "",
                 num_warps=plan.num_warps, num_stages=stages)
             break
         except OutOfResources:

@@ -56,6 +56,20 @@ def test_l2_variant_runs_its_contiguous_head():
     assert "warm shard 0/1: 2 launches compiled, 0 failed" in run.stdout
 
 
+def test_evict_variant_runs_and_only_where_weights_are_streamed():
+    """triton-evict-graph runs its plan through the kernel (warm-only: the plain launch) and
+    is planned only for batches of up to 64 rows."""
+    run = _run("--warm-only", "--variants", "triton-evict-graph", "--layers", "2")
+    assert "warm shard 0/1: 2 launches compiled, 0 failed" in run.stdout
+    bench = _load("bench_kernel")
+    args = bench.parse_args(["--variants", "triton-graph", "triton-evict-graph",
+                             "--hidden-sizes", "64", "--layers", "1", "--steps", "2",
+                             "--batch", "1", "64", "65", "256"])
+    planned = [(t.case.batch, t.variant) for t in bench.tasks(args)]
+    assert [b for b, v in planned if v == "triton-evict-graph"] == [1, 64]
+    assert [b for b, v in planned if v == "triton-graph"] == [1, 64, 65, 256]
+
+
 def _load(name: str):
     import importlib.util
 
@@ -158,23 +172,28 @@ RESOURCES = SCRIPT.parent / "sm90_resources.py"
 def test_sm90_resources_compiles_the_plans_offline(tmp_path):
     """The offline register/spill report compiles real sm_90 kernels with Triton's own
     compiler (no GPU): the weight-streaming plan of B = 1 uses 16-row mma.sync tiles, the
-    64-row batch-invariant tiles Hopper's wgmma, and every launch fits the multiprocessor."""
+    64-row batch-invariant tiles Hopper's wgmma, an evict-last plan's weight loads carry the
+    L2 hint, and every launch fits the multiprocessor."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
-    run = subprocess.run([sys.executable, str(RESOURCES), "--batch", "1",
-                          "--json", str(tmp_path / "r.json")], env=env, capture_output=True,
-                         text=True, timeout=600)
+    evict = {"num_stages": 1, "evict_last": 1}
+    run = subprocess.run([sys.executable, str(RESOURCES), "--batch", "1", "--overrides",
+                          json.dumps(evict), "--json", str(tmp_path / "r.json")], env=env,
+                         capture_output=True, text=True, timeout=600)
     if run.returncode != 0 and "ships no cuobjdump" in run.stderr:
         pytest.skip("this Triton has no NVIDIA tools")
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     rows = json.loads((tmp_path / "r.json").read_text())["rows"]
+    sources = ("default", "overrides " + json.dumps(evict, sort_keys=True), "invariant")
     assert {(r["source"], r["product"]) for r in rows} == {
-        (s, p) for s in ("default", "invariant")
-        for p in ("fwd", "fwd-last", "bwd-mid", "bwd-update")}
-    by_source = {s: [r for r in rows if r["source"] == s] for s in ("default", "invariant")}
+        (s, p) for s in sources for p in ("fwd", "fwd-last", "bwd-mid", "bwd-update")}
+    by_source = {s: [r for r in rows if r["source"] == s] for s in sources}
     assert {r["mma"] for r in by_source["default"]} == {"mma"}
     assert {r["plan"].split()[0] for r in by_source["default"]} == {"16x32x256"}
     assert {r["mma"] for r in by_source["invariant"]} == {"wgmma"}
+    # the L2 evict-last hint survives on plain (1-stage) loads, not on the pipelined default
+    assert all(r["hinted_loads"] == 0 for r in by_source["default"])
+    assert all(r["hinted_loads"] > 0 for r in by_source[sources[1]])
     for r in rows:
         assert 0 < r["registers"] <= 255 and 0 < r["shared_kb"] <= 228, r
     assert "| 1 | default | bwd-update |" in run.stdout

@@ -202,6 +202,17 @@ def test_split_k_fixup_equals_the_reduce_kernel(kernels, seed, hidden, max_norm,
     assert torch.equal(fixup, reduce), f"fix-up differs from the reduce kernel (seed {seed})"
 
 
+def test_evict_last_plan_changes_no_bits(kernels, seed):
+    """The L2 evict-last hint on the weight loads (a plan option for heads that fit in L2)
+    is a cache hint only: the same bits as the default plan, with and without split K."""
+    mlp, states, alpha, steps = _draw(seed, 7, WIDTHS[:2], weight_dtype=torch.bfloat16)
+    for plan in ({}, {"split_k": 3, "block_k": 16, "fixup": 1}):
+        plain = _run(kernels, mlp, states, alpha, steps, 3, plan_overrides=plan or None)
+        hinted = _run(kernels, mlp, states, alpha, steps, 3,
+                      plan_overrides={**plan, "num_stages": 1, "evict_last": 1})
+        assert torch.isfinite(hinted).all() and torch.equal(hinted, plain), (seed, plan)
+
+
 def test_finished_rows_stop_and_results_are_deterministic(kernels, seed):
     mlp, states, alpha, steps, *_ = _draw(seed, 6, WIDTHS[:2])
     once = _run(kernels, mlp, states, alpha, steps, 1, plan_overrides={"split_k": 2, "block_k": 16})
