@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from engine_helpers import start_llm, stop_llm, strong_head
+from engine_helpers import llama_control, start_llm, stop_llm, strong_head
 from vllm_recontrol.toy import build_tiny_model
 
 
@@ -43,7 +43,6 @@ def head1_dir(workdir) -> Path:
 @pytest.fixture(scope="session")
 def llama_engine(llama_dir, head_dir):
     """The shared RE-Control engine on the tiny Llama (alpha 1.0, 4 steps by default)."""
-    llm = start_llm(llama_dir, {"value_head": str(head_dir), "alpha": 1.0, "steps": 4,
-                                "max_steps": 50})
+    llm = start_llm(llama_dir, llama_control(head_dir))
     yield llm
     stop_llm(llm)

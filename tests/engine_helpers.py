@@ -18,6 +18,12 @@ ENGINE_KWARGS: dict[str, Any] = dict(
 )
 
 
+def llama_control(head_dir: Path) -> dict:
+    """The shared Llama engine's RE-Control settings (other engines compared with it reuse
+    them)."""
+    return {"value_head": str(head_dir), "alpha": 1.0, "steps": 4, "max_steps": 50}
+
+
 def strong_head(seed: int, widths: list[int]) -> ValueHead:
     """A random head scaled so that a few ascent steps visibly move a tiny model's argmax."""
     head = ValueHead(HIDDEN, widths, seed=seed)

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from engine_helpers import ENGINE_KWARGS, PROMPTS, greedy, token_ids
+from engine_helpers import ENGINE_KWARGS, PROMPTS, greedy, llama_control, token_ids
 
 MAX_TOKENS = 24
 ARRIVE_AFTER_TOKENS = 3  # request i is submitted once request i-1 has streamed this many tokens
@@ -51,8 +51,7 @@ def test_staggered_arrivals_match_requests_alone(llama_dir, head_dir, llama_engi
 
     args = AsyncEngineArgs(
         model=str(llama_dir), model_impl="recontrol",
-        additional_config={"recontrol": {"value_head": str(head_dir), "alpha": 1.0, "steps": 4,
-                                         "max_steps": 50}},
+        additional_config={"recontrol": llama_control(head_dir)},
         **ENGINE_KWARGS)
     engine = AsyncLLM.from_engine_args(args)
     try:
