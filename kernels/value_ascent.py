@@ -65,6 +65,9 @@ Design
   or with the plan's ``fixup`` by whichever split of the tile finishes last, told by an integer
   counter: the sum is the same), and the launch configuration is a pure function of the shapes
   and the device (no autotuning), so the same input on the same device gives the same bits.
+  The row count M is never specialised (``do_not_specialize``): Triton would otherwise compile
+  separate code for M = 1 and for M divisible by 16, so a row alone could run other code than
+  in a batch (and every batch size class would cost a compile).
 * ``TRITON_INTERPRET=1`` with CPU tensors runs the same kernels in Triton's interpreter (for
   tests). The interpreter multiplies bf16 operands as raw integers and truncates fp32->bf16
   casts, so there the kernel rounds with integer arithmetic and feeds the (bf16-valued) fp32
@@ -246,7 +249,7 @@ def _epilogue(acc, offs_m, offs_n, pid_n, M, N, out_ptr, bias_ptr, maskin_ptr, w
 
 
 # ----------------------------------------------------------------------------- kernels
-@triton.jit(do_not_specialize=["step", "first"])
+@triton.jit(do_not_specialize=["step", "first", "M"])
 def _ascent_gemm_kernel(
         a_ptr, u_ptr, wout_ptr, w_ptr, stride_wk, stride_wn,
         out_ptr, bias_ptr, maskin_ptr, state_ptr, x_ptr, alpha_ptr, steps_ptr,
@@ -312,7 +315,7 @@ def _ascent_gemm_kernel(
                   step, first, EPILOGUE, PROJECT, ACT_BF16, SQ_CHUNK)
 
 
-@triton.jit(do_not_specialize=["step", "first"])
+@triton.jit(do_not_specialize=["step", "first", "M"])
 def _splitk_reduce_kernel(
         part_ptr, n_split, out_ptr, bias_ptr, maskin_ptr, wout_ptr, state_ptr, x_ptr,
         alpha_ptr, steps_ptr,
@@ -334,7 +337,7 @@ def _splitk_reduce_kernel(
               step, first, EPILOGUE, PROJECT, ACT_BF16, SQ_CHUNK)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _apply_scale_kernel(u_ptr, sq_ptr, n_sq, max_norm, M, N,
                         SQ_CHUNK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
     """u = min(1, max_norm / ||u_raw||) * u_raw after the last step (the deferred projection)."""
