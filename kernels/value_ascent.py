@@ -427,8 +427,9 @@ def plan_gemm(M: int, N: int, K: int, *, w_k_contiguous: bool, weight_bytes: int
     "ieee"). Both directions follow one rule (``w_k_contiguous`` says which one this is; the
     H100 sweep found the same best shape for both).
     ``overrides`` (block_m, block_n, block_k, split_k, num_warps, num_stages, fixup,
-    evict_last) replace the heuristic's choice, for tests and tuning. ``batch_invariant``: ignore M (see
-    ``batch_invariant_plan``; also under the interpreter, so CPU tests run that plan).
+    evict_last) replace the heuristic's choice, for tests and tuning. ``batch_invariant``:
+    ignore M (see ``batch_invariant_plan``; also under the interpreter, so CPU tests run that
+    plan).
     """
     if batch_invariant:
         plan = batch_invariant_plan(N, K, precision=precision, n_programs=n_programs)
