@@ -714,6 +714,7 @@ def run_check(args, device, ascent, va, dump) -> dict:
     results, failures = [], 0
     seed0 = int.from_bytes(os.urandom(4), "little")
     for i, c in enumerate(check_cases(device)):
+        started = time.perf_counter()  # mostly Triton compiles: sizes the phase's time limit
         seed = seed0 + i
         gen = torch.Generator().manual_seed(seed)
         wdtype = torch.bfloat16 if c["wdtype"] == "bf16" else torch.float32
@@ -756,19 +757,22 @@ def run_check(args, device, ascent, va, dump) -> dict:
         row = {**{k: v for k, v in c.items() if k != "overrides"}, "overrides": str(c.get("overrides")),
                "seed": seed, "rel_err": err, "tolerance": tol, "rows_compared": int(use.sum()),
                "rel_err_vs_pure_fp64": err_pure, "finite": finite, "idle_rows_exact": idle_exact,
-               "deterministic": deterministic, "ok": ok}
+               "deterministic": deterministic, "ok": ok,
+               "seconds": round(time.perf_counter() - started, 1)}
         results.append(row)
         print(f"{'ok  ' if ok else 'FAIL'} d={c['d']} widths={c['widths']} B={rows} steps={n} "
               f"{c['precision']}/{c['wdtype']} max_norm={max_norm} {c.get('overrides') or ''}: "
               f"rel err {err:.2e} (tol {tol:.0e}, {int(use.sum())} rows) vs pure fp64 {err_pure:.2e}"
               f"{'' if finite else ' NON-FINITE'}{'' if idle_exact else ' IDLE-ROW-MOVED'}"
-              f"{'' if deterministic else ' NONDETERMINISTIC'}", flush=True)
+              f"{'' if deterministic else ' NONDETERMINISTIC'} ({row['seconds']} s)", flush=True)
         dump({"failures": failures, "cases": results, "complete": False})
-    if device.type == "cuda":
-        graph_rows = check_graph_cache(device, ascent, seed0)
-        graph_rows += check_batch_invariance(device, ascent, va, seed0)
-        results.extend(graph_rows)
-        failures += sum(not r["ok"] for r in graph_rows)
+    if device.type == "cuda":  # reported group by group, in case the time limit cuts in
+        for group in (lambda: check_graph_cache(device, ascent, seed0),
+                      lambda: check_batch_invariance(device, ascent, va, seed0)):
+            graph_rows = group()
+            results.extend(graph_rows)
+            failures += sum(not r["ok"] for r in graph_rows)
+            dump({"failures": failures, "cases": results, "complete": False})
     print(f"check: {len(results) - failures} ok, {failures} failed (seed base {seed0})")
     return {"failures": failures, "cases": results, "complete": True}
 

@@ -5,7 +5,7 @@
 # suffice). Phases, each under its own time limit (seconds, overridable):
 #   warm   (WARM_LIMIT 150)  background: compile every Triton kernel (and torch.compile graph)
 #                            the timed phases will launch, in WARM_SHARDS processes side by side
-#   check  (CHECK_LIMIT 180) correctness against float64, and the engine's CUDA-graph cache
+#   check  (CHECK_LIMIT 240) correctness against float64, and the engine's CUDA-graph cache
 #                            against eager launches, warm-up, split-K fix-up, batch
 #                            invariance; runs while the warm-up compiles
 #   bench  (BENCH_LIMIT 200) all variants, d 4096, 1 and 2 hidden layers, 30 steps, B 1..512,
@@ -68,8 +68,8 @@ if phase extra; then
 fi
 
 if phase check; then
-    echo "== correctness checks (limit ${CHECK_LIMIT:-180}s)"
-    timeout "${CHECK_LIMIT:-180}" "$PY" "$BENCH" --check --json "$OUT/check.json"
+    echo "== correctness checks (limit ${CHECK_LIMIT:-240}s)"
+    timeout "${CHECK_LIMIT:-240}" "$PY" "$BENCH" --check --json "$OUT/check.json"
     check_status=$?
 fi
 
