@@ -19,6 +19,9 @@
 # check.json, bench.json, bench.md, sweep.json, extra.json, grid.json. JSON and markdown are
 # rewritten after every row, so a phase stopped by its limit still reports what it measured.
 # PHASES (default "check bench sweep extra") picks the phases to run.
+# Precompiled kernels: if .triton-sm90.tgz (benchmarks/precompile.py, built on a machine without
+# a GPU) was carried along and TRITON_CACHE_DIR is unset, it is unpacked to the path recorded in
+# it and used as Triton's cache; the log says how many kernels still had to compile here.
 # Exit status: 0 when the checks passed and every timed phase ran to its end.
 set -uo pipefail
 
@@ -40,10 +43,26 @@ phase() { [[ "$PHASES" == *" $1 "* ]]; }
 exec > >(tee -a "$OUT/run.log") 2>&1
 
 date -u
+CACHE_ARCHIVE="${CACHE_ARCHIVE:-$ROOT/.triton-sm90.tgz}" PRECOMPILED_FILES=""
+if [ -z "${TRITON_CACHE_DIR:-}" ] && [ -f "$CACHE_ARCHIVE" ]; then
+    manifest="$(tar xzf "$CACHE_ARCHIVE" -O ./recontrol-precompile.json)"
+    cache_path="$(printf '%s' "$manifest" | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["path"])')"
+    mkdir -p "$cache_path" && tar xzf "$CACHE_ARCHIVE" -C "$cache_path" \
+        && export TRITON_CACHE_DIR="$cache_path" \
+        && PRECOMPILED_FILES="$(find "$cache_path" -type f | wc -l)"
+    echo "precompiled Triton cache in ${TRITON_CACHE_DIR:-(failed to unpack)}: $(printf '%s' "$manifest" | tr -d '\n')"
+fi
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv || true
 "$PY" - <<'EOF'
 import torch, triton
 print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__)
+try:  # part of Triton's cache key: a precompiled cache needs the same
+    import re
+    from triton.backends.nvidia.compiler import get_ptxas_version
+    found = re.search(r"release [\d.]+, V[\d.]+", get_ptxas_version(90))
+    print("ptxas", found.group(0) if found else get_ptxas_version(90))
+except Exception as exc:
+    print("ptxas version unknown:", exc)
 if torch.cuda.is_available():
     p = torch.cuda.get_device_properties(0)
     print(p.name, p.multi_processor_count, "SMs", round(p.total_memory / 2**30, 1), "GiB")
@@ -74,7 +93,7 @@ if phase check; then
 fi
 
 for pid in "${warm_pids[@]}"; do wait "$pid"; done
-awk '/^warm shard/ {n += $4; f += $7; s++}
+[ -f "$OUT/warm.log" ] && awk '/^warm shard/ {n += $4; f += $7; s++}
      END {print s " warm-up processes: " n " launches compiled, " f " failed"}' "$OUT/warm.log"
 
 if phase bench; then
@@ -116,6 +135,10 @@ if phase grid; then
     grid_status=$?
 fi
 
+if [ -n "$PRECOMPILED_FILES" ]; then
+    echo "precompiled cache: $(( $(find "$TRITON_CACHE_DIR" -type f | wc -l) - PRECOMPILED_FILES ))" \
+         "files added here (kernels that were not precompiled, or a cache key that differs)"
+fi
 echo "== exit status: check ${check_status}, bench ${bench_status}, sweep ${sweep_status}," \
      "extra ${extra_status}, grid ${grid_status} (124 = time limit)"
 date -u

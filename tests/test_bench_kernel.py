@@ -197,3 +197,43 @@ def test_sm90_resources_compiles_the_plans_offline(tmp_path):
     for r in rows:
         assert 0 < r["registers"] <= 255 and 0 < r["shared_kb"] <= 228, r
     assert "| 1 | default | bwd-update |" in run.stdout
+
+
+PRECOMPILE = SCRIPT.parent / "precompile.py"
+
+
+def test_precompiled_cache_is_stable_and_gpu_check_unpacks_it(tmp_path):
+    """precompile.py fills a Triton cache through Triton's own JIT (compile, no launch) on a
+    machine without a GPU: a second run finds every kernel cached (the keys do not depend on
+    anything that changes between runs), and gpu_check.sh unpacks the archive to the recorded
+    path and uses it (the device side, minus the GPU)."""
+    import triton
+
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "TRITON_CACHE_DIR")}
+    cache, archive = tmp_path / "cache", tmp_path / "kernels.tgz"
+    command = [sys.executable, str(PRECOMPILE), "--out", str(cache), "--archive", str(archive),
+               "--phases", "bench", "--limit", "2", "--triton-version", triton.__version__]
+    runs = [subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+            for _ in range(2)]
+    for run in runs:
+        if run.returncode != 0 and "no GPU here" in run.stdout + run.stderr:
+            pytest.skip("this Triton's JIT needs more of the driver than the stand-in has")
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "2 ascents for bench, 0 failed" in runs[0].stdout
+    assert ": 0 new files" in runs[1].stdout and ": 0 new files" not in runs[0].stdout
+    manifest = json.loads((cache / "recontrol-precompile.json").read_text())
+    assert manifest["path"] == str(cache) and manifest["triton"] == triton.__version__
+    files = sorted(p.relative_to(cache) for p in cache.rglob("*") if p.is_file())
+    assert any(p.suffix == ".cubin" for p in files) and not any(p.suffix == ".ptx" for p in files)
+
+    import shutil
+    shutil.rmtree(cache)
+    out = tmp_path / "out"
+    check = subprocess.run(["bash", str(SCRIPT.parent / "gpu_check.sh")], env={
+        **env, "OUT": str(out), "PHASES": "none", "PYTHON": sys.executable,
+        "CACHE_ARCHIVE": str(archive)}, capture_output=True, text=True, timeout=300)
+    assert check.returncode == 0, check.stdout[-3000:] + check.stderr[-3000:]
+    log = (out / "run.log").read_text()
+    assert f"precompiled Triton cache in {cache}:" in log
+    assert "precompiled cache: 0 files added here" in log
+    assert sorted(p.relative_to(cache) for p in cache.rglob("*") if p.is_file()) == files
