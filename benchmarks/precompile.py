@@ -239,7 +239,7 @@ def main(argv=None) -> int:
     from triton.backends.nvidia.compiler import get_ptxas_version
     manifest = dict(triton=triton.__version__, ptxas=ptxas_release(get_ptxas_version(args.arch)),
                     arch=args.arch, sms=args.sms, phases=args.phases, path=str(args.out),
-                    files=after)
+                    kernels=sum(1 for _ in args.out.rglob("*.cubin")))
     (args.out / MANIFEST).write_text(json.dumps(manifest, indent=1))
     print(f"Triton {triton.__version__}, sm_{args.arch}: {len(specs)} ascents for "
           f"{' '.join(args.phases)}, {failed} failed; cache {args.out}: {after - before} new "
