@@ -195,6 +195,10 @@ def check_launches() -> list[dict]:
     return out
 
 
+def count_files(folder: Path) -> int:
+    return sum(1 for p in folder.rglob("*") if p.is_file())
+
+
 def ptxas_release(version_text: str) -> str:
     """'release 12.8, V12.8.93' out of ``ptxas --version`` (part of Triton's cache key)."""
     found = re.search(r"release [\d.]+, V[\d.]+", version_text)
@@ -221,7 +225,7 @@ def main(argv=None) -> int:
         launches += check_launches() if phase == "check" else bench_launches(phase)
     unique = {repr(sorted((k, repr(v)) for k, v in spec.items())): spec for spec in launches}
     specs = list(unique.values())[:args.limit]
-    before = sum(1 for _ in args.out.rglob("*.json"))
+    before = count_files(args.out)
     started = time.perf_counter()
     failed = 0
     with compile_only(args.arch, args.sms) as va:
@@ -234,7 +238,7 @@ def main(argv=None) -> int:
             if (i + 1) % 50 == 0:
                 print(f"{i + 1}/{len(specs)} ascents, {time.perf_counter() - started:.0f} s",
                       flush=True)
-    after = sum(1 for _ in args.out.rglob("*.json"))
+    after = count_files(args.out)
     size = sum(p.stat().st_size for p in args.out.rglob("*") if p.is_file()) / 2**20
     from triton.backends.nvidia.compiler import get_ptxas_version
     manifest = dict(triton=triton.__version__, ptxas=ptxas_release(get_ptxas_version(args.arch)),
