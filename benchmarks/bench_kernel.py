@@ -513,6 +513,28 @@ def run_benchmark(args, device, ascent, va, dump) -> dict:
     return {"ceilings": ceilings, "rows": rows}
 
 
+def sweep_summary(rows: list[dict]) -> str:
+    """Per case, the fastest sweep candidate against the default plan (the mean of its two
+    timings, before and after the candidates): what to change in ``plan_gemm``."""
+    cases: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if "ms" in r:
+            cases.setdefault((r["d"], r["hidden"], r["steps"], r["batch"]), []).append(r)
+    lines = ["| d | hidden layers | steps | B | default ms | best candidate | ms | default / best "
+             "| best x floor |", "|" + "---|" * 9]
+    for (d, hidden, steps, batch), found in sorted(cases.items()):
+        default = [r["ms"] for r in found if r["variant"].startswith("triton-graph default")]
+        candidates = [r for r in found if not r["variant"].startswith("triton-graph default")]
+        if not default or not candidates:
+            continue
+        base = statistics.mean(default)
+        best = min(candidates, key=lambda r: r["ms"])
+        lines.append(f"| {d} | {hidden} | {steps} | {batch} | {base:.3f} | "
+                     f"{best['variant'].removeprefix('triton-graph ')} | {best['ms']:.3f} | "
+                     f"{base / best['ms']:.2f} | {best['x_floor']:.2f} |")
+    return "\n".join(lines)
+
+
 def run_warm(args, device, ascent, va) -> int:
     """Compile what this shard's share of the timed run will launch (one step each)."""
     seen, mine = set(), []
@@ -933,6 +955,9 @@ def main(argv=None) -> int:
         result = run_benchmark(args, device, ascent, va, dump)
         print()
         print(markdown_table(result, device_name, args))
+        if args.sweep:
+            result["summary"] = sweep_summary(result["rows"])
+            print("\nBest plan per case (sweep):\n" + result["summary"])
         status = 0
     dump(result)
     return status

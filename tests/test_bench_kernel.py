@@ -237,3 +237,21 @@ def test_precompiled_cache_is_stable_and_gpu_check_unpacks_it(tmp_path):
     assert f"precompiled Triton cache in {cache}:" in log
     assert "precompiled cache: 0 files added here" in log
     assert sorted(p.relative_to(cache) for p in cache.rglob("*") if p.is_file()) == files
+
+
+def test_sweep_summary_names_the_fastest_candidate_per_case():
+    bench = _load("bench_kernel")
+
+    def row(batch, variant, ms, floor=1.0):
+        return dict(d=4096, hidden=2, steps=30, batch=batch, variant=variant, ms=ms,
+                    x_floor=ms / floor)
+
+    rows = [row(128, "triton-graph default", 2.7), row(128, "triton-graph bm128 s4 fix1", 1.8),
+            row(128, "triton-graph bm64 s2", 2.9), row(128, "triton-graph default again", 2.5),
+            row(256, "triton-graph default", 3.2), row(256, "triton-graph default again", 3.2),
+            dict(d=4096, hidden=2, steps=30, batch=256, variant="triton-graph bm128",
+                 error="OutOfResources"),
+            row(512, "triton-graph bm128 s2", 3.0)]  # no default timing: no line
+    table = bench.sweep_summary(rows).splitlines()
+    assert len(table) == 3  # header, rule, B = 128 (B = 256 has no timed candidate)
+    assert table[2] == "| 4096 | 2 | 30 | 128 | 2.600 | bm128 s4 fix1 | 1.800 | 1.44 | 1.80 |"
