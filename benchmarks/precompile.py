@@ -124,7 +124,7 @@ def meta_head(d: int, widths: list[int], dtype):
 
 def ascend(va, d, widths, rows, *, wdtype, state_dtype=None, precision=None, max_norm=None,
            overrides=None, batch_invariant=False) -> None:
-    """One two-step ascent: every kernel of the plan is launched (step 0 and 1 share code)."""
+    """One two-step ascent: every kernel of the plan compiles (steps 0 and 1 share code)."""
     import torch
 
     meta = torch.device("meta")
