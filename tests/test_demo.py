@@ -23,3 +23,6 @@ def test_demo_runs_end_to_end_and_control_beats_base(tmp_path):
     assert float(best[4]) > base_reward + 0.2
     assert float(best[5]) > 0.9 * base_diversity  # the bar: diversity within 10%
     assert (tmp_path / "demo" / "eval" / "reward_vs_throughput.png").is_file()
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    header = next(line for line in readme.splitlines() if line.startswith("| method | alpha |"))
+    assert header in proc.stdout.splitlines()  # the README shows the table the demo prints
