@@ -261,6 +261,16 @@ def test_small_batch_plans_fill_the_chip(kernels):
                 assert (splits - 1) * plan.k_split(K) < K, plan
 
 
+def test_exact_products_of_bf16_weights_use_shallow_k_tiles(kernels):
+    # compiled for sm_90, exact (FMA) products of bf16 weights spilled registers at 128- and
+    # 256-deep tiles (benchmarks/results/kernel-h100.md); fp32 weights keep 128
+    def depth(weight_bytes, precision):
+        return kernels.plan_gemm(1, 4096, 4096, w_k_contiguous=True, weight_bytes=weight_bytes,
+                                 precision=precision, n_programs=132, interpret=False).block_k
+    assert depth(2, "ieee") == 64 and depth(4, "ieee") == 128
+    assert depth(2, "bf16") == 256 and depth(4, "tf32") == 128  # the H100-tuned plans
+
+
 def test_batch_invariant_plans_ignore_the_row_count(kernels):
     for precision in ("ieee", "tf32", "bf16"):
         for N, K in ((4096, 4096), (2048, 8192), (300, 257)):
