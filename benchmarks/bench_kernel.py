@@ -426,6 +426,13 @@ class Inputs:
         return self.heads, *self.tensors
 
 
+def variant_overrides(name: str, overrides: dict | None) -> dict | None:
+    """The plan overrides a variant runs with: triton-evict-graph adds EVICT_OVERRIDES."""
+    if name == "triton-evict-graph":
+        return {**EVICT_OVERRIDES, **(overrides or {})}
+    return overrides
+
+
 def raw_variant(name, ascent, va, heads, states, alpha, steps, n, device, args,
                 overrides=None) -> Callable[[], object]:
     """A zero-argument callable running one whole ascent (``n`` steps) with variant ``name``,
@@ -454,10 +461,9 @@ def raw_variant(name, ascent, va, heads, states, alpha, steps, n, device, args,
         return lambda: head.ascend(states, alpha, steps, num_iterations=n)
     if name == "triton-l2-graph":
         mlp = contiguous_head(ascent, mlp)[0]
-    if name == "triton-evict-graph":
-        overrides = {**EVICT_OVERRIDES, **(overrides or {})}
     if name.startswith("triton"):
         precision = VARIANT_PRECISION.get(name)
+        overrides = variant_overrides(name, overrides)
         return lambda: va.triton_ascend(mlp, states, alpha, steps, n, precision=precision,
                                         plan_overrides=overrides)
     raise ValueError(name)
@@ -595,8 +601,8 @@ def time_variant(task: Task, flops, nbytes, floor_ms, ascent, va, heads, states,
            "floor_ms": floor_ms}
     if name in ("triton-graph", "triton-l2-graph", "triton-evict-graph") \
             and args.dtype == "bf16":
-        overrides = EVICT_OVERRIDES if name == "triton-evict-graph" else task.overrides
-        row["onchip_mb_per_step"] = onchip_megabytes(va, case, overrides,
+        row["onchip_mb_per_step"] = onchip_megabytes(va, case,
+                                                     variant_overrides(name, task.overrides),
                                                      va._device_programs(device))
     if device.type != "cuda" and (name.endswith("graph") or name == "torch-compile"):
         return {**row, "error": "needs CUDA"}

@@ -155,12 +155,10 @@ def bench_launches(phase: str) -> list[dict]:
             continue
         wdtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[
             bench.variant_dtype(name, args) if name != "head-ascend" else "bf16"]
-        overrides = task.overrides
-        if name == "triton-evict-graph":
-            overrides = {**bench.EVICT_OVERRIDES, **(overrides or {})}
         rows = bucket_rows(case.batch) if name == "head-ascend" else case.batch
         out.append(dict(d=case.d, widths=[case.d] * case.hidden, rows=rows, wdtype=wdtype,
-                        precision=bench.VARIANT_PRECISION.get(name), overrides=overrides))
+                        precision=bench.VARIANT_PRECISION.get(name),
+                        overrides=bench.variant_overrides(name, task.overrides)))
     return out
 
 

@@ -119,7 +119,7 @@ def compile_product(plan: va.GemmPlan, forward: bool, epilogue: int, fixup: bool
                      SQ_CHUNK=va._SQ_CHUNK, BM=plan.block_m, BN=plan.block_n, BK=plan.block_k,
                      FIXUP=fixup,
                      FIX_BN=va.fixup_block_n(plan, fixup, project=False, interpret=False),
-                     W_EVICT="evict_last" if plan.evict_last else "")
+                     W_EVICT=plan.weight_eviction)
     signature, constants, attrs = _signature(forward, precision, epilogue, constants)
     source = ASTSource(va._ascent_gemm_kernel, signature, constants, attrs)
     return triton.compile(source, target=GPUTarget("cuda", arch, 32),
@@ -197,7 +197,7 @@ def collect(args) -> list[Usage]:
     d = args.hidden_size
     for batch in args.batch:
         for source, product, forward, epilogue, plan in candidate_plans(batch, args):
-            fixup = bool(plan.fixup) and plan.splits(d) > 1
+            fixup = plan.finishes_in_place(d)
             if plan.splits(d) > 1 and not fixup:
                 epilogue = va.EPI_PARTIAL.value
             key = (plan, forward, epilogue, fixup)

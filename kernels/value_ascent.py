@@ -378,6 +378,15 @@ class GemmPlan:
         """Number of non-empty K splits."""
         return triton.cdiv(K, self.k_split(K))
 
+    def finishes_in_place(self, K: int) -> bool:
+        """Whether the last split finishes each tile (fix-up) instead of a reduce launch."""
+        return bool(self.fixup) and self.splits(K) > 1
+
+    @property
+    def weight_eviction(self) -> str:
+        """The weight loads' ``eviction_policy`` ("" is Triton's default)."""
+        return "evict_last" if self.evict_last else ""
+
 
 @functools.lru_cache(maxsize=None)
 def _multiprocessors(index: int) -> int:
@@ -634,7 +643,7 @@ def _launch(p: _Product, ctx: dict, step: int) -> None:
     chosen depth does not fit in shared memory."""
     plan = p.plan
     splits = plan.splits(p.K)
-    fixup = splits > 1 and bool(plan.fixup)
+    fixup = plan.finishes_in_place(p.K)
     reduce_after = splits > 1 and not fixup
     epilogue = EPI_PARTIAL.value if reduce_after else p.epilogue
     out = ctx["partial"] if reduce_after else p.out
@@ -655,7 +664,7 @@ def _launch(p: _Product, ctx: dict, step: int) -> None:
                 INTERPRET=ctx["interpret"], **flags,
                 BM=plan.block_m, BN=plan.block_n, BK=plan.block_k, FIXUP=fixup,
                 FIX_BN=fixup_block_n(plan, fixup, ctx["project"], ctx["interpret"]),
-                W_EVICT="evict_last" if plan.evict_last else "",
+                W_EVICT=plan.weight_eviction,
                 num_warps=plan.num_warps, num_stages=stages)
             break
         except OutOfResources:
@@ -734,7 +743,7 @@ def triton_ascend(
     partial = torch.empty(partial_numel, device=device, dtype=torch.float32)
     # fix-up counters: zero here, and every product's last split zeroes its own again
     tiles = [triton.cdiv(rows, p.plan.block_m) * triton.cdiv(p.N, p.plan.block_n)
-             for p in products if p.plan.fixup and p.plan.splits(p.K) > 1]
+             for p in products if p.plan.finishes_in_place(p.K)]
     counters = torch.zeros(max(tiles + [1]), device=device, dtype=torch.int32)
     sq = torch.empty(2, rows, n_sq, device=device, dtype=torch.float32)
     if poison_scratch:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,17 @@ ENGINE_KWARGS: dict[str, Any] = dict(
     dtype="float32", enforce_eager=True, max_model_len=256, seed=0, max_num_seqs=32,
     kv_cache_memory_bytes=64 << 20,
 )
+
+
+def two_cores(what: str) -> list[int]:
+    """Two CPU cores this process may use, one per worker or engine (vLLM's CPU backend needs
+    them bound by hand when one NUMA node hosts both); skips the test where there are not."""
+    import pytest
+
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if len(cores) < 2:
+        pytest.skip(f"needs two CPU cores for two {what}")
+    return cores[:2]
 
 
 def llama_control(head_dir: Path) -> dict:

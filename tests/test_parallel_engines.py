@@ -9,23 +9,15 @@ core each (vLLM's CPU backend wants threads bound by hand when one NUMA node hos
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
-from engine_helpers import PROMPTS, greedy, llama_control, start_llm, stop_llm, token_ids
+from engine_helpers import (PROMPTS, greedy, llama_control, start_llm, stop_llm, token_ids,
+                            two_cores)
 
 # vLLM's CPU worker allocates pipeline buffers only in its compile warm-up, which
 # enforce_eager skips (stock vLLM 0.32 fails the same way), hence compiled mode there
 PARALLEL = {"tensor": dict(tensor_parallel_size=2),
             "pipeline": dict(pipeline_parallel_size=2, enforce_eager=False)}
-
-
-def _two_cores() -> list[int]:
-    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    if len(cores) < 2:
-        pytest.skip("needs two CPU cores for two workers")
-    return cores[:2]
 
 
 @pytest.mark.parametrize("kind", sorted(PARALLEL))
@@ -38,7 +30,7 @@ def test_parallel_engine_gives_the_single_worker_tokens(kind, llama_dir, head_di
     want = token_ids(llama_engine.generate(prompts, params, use_tqdm=False))
     assert want[0] != want[1] and want[2] not in (want[0], want[1])  # control moves tokens
 
-    first, second = _two_cores()
+    first, second = two_cores("workers")
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", f"{first}|{second}")
     llm = start_llm(llama_dir, llama_control(head_dir), distributed_executor_backend="mp",
                     **PARALLEL[kind])

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from engine_helpers import ENGINE_KWARGS, PROMPTS, greedy, llama_control
+from engine_helpers import ENGINE_KWARGS, PROMPTS, greedy, llama_control, two_cores
 
 openai = pytest.importorskip("openai")
 requests = pytest.importorskip("requests")
@@ -139,9 +139,7 @@ def test_data_parallel_server_gives_the_single_engine_answers(llama_dir, head_di
     vLLM's Ray data-parallel backend is GPU-only (on CPU it finds no devices in Ray)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    if len(cores) < 2:
-        pytest.skip("needs two CPU cores for two engines")
+    cores = two_cores("engines")
     cases = [({}, PROMPTS[0]), ({"recontrol": 0}, PROMPTS[0]),
              ({"recontrol_alpha": 2.0, "recontrol_steps": 8}, PROMPTS[0]),
              ({}, PROMPTS[1]), ({"recontrol_steps": 2}, PROMPTS[2])] * 2
