@@ -9,6 +9,14 @@ cd "$(dirname "$0")/.."
 VLLM_VERSION=0.32.0
 PYTHON=${PYTHON:-python3}
 
+# The environment takes about 4.5 GB (vLLM, torch, their dependencies); say so before pip
+# fails half-way with "No space left on device".
+free_kb=$(df -Pk . | awk 'NR == 2 {print $4}')
+if [ ! -x .venv/bin/python ] && [ "${free_kb:-0}" -lt $((6 * 1024 * 1024)) ]; then
+    echo "warning: $((free_kb / 1024)) MB free in $(pwd); the environment needs about 4.5 GB," \
+         "and pip needs room to unpack wheels beside it" >&2
+fi
+
 if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
