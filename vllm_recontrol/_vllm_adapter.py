@@ -267,8 +267,12 @@ def _recontrol_layer_class(stock: type) -> type:
 
         def forward(self, lm_head: Any, hidden_states: torch.Tensor,
                     embedding_bias: torch.Tensor | None = None, skip_gather: bool = False):
-            hidden_states = self._recontrol.maybe_edit(hidden_states)
-            return super().forward(lm_head, hidden_states, embedding_bias, skip_gather)
+            # With --enable-lora, vLLM wraps this layer in LogitsProcessorWithLoRA, whose
+            # forward calls this one with the wrapper as `self` (hence no super()): the edit
+            # lives on the wrapped layer, and the wrapper's _get_logits adds an lm_head LoRA.
+            layer = self if isinstance(self, RecontrolLogitsProcessor) else self.base_layer
+            hidden_states = layer._recontrol.maybe_edit(hidden_states)
+            return stock.forward(self, lm_head, hidden_states, embedding_bias, skip_gather)
 
     RecontrolLogitsProcessor.__name__ = "RecontrolLogitsProcessor"
     return RecontrolLogitsProcessor
