@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from engine_helpers import PROMPTS, greedy, start_llm, stop_llm, token_ids
-from oracle import OracleGenerator
+from oracle import OracleGenerator, autograd_ascent
 
 MAX_TOKENS = 10
 # (alpha, steps) per request, all in one batch; (0, 0) is an uncontrolled request.
@@ -60,3 +61,33 @@ def test_engine_defaults_apply_without_request_keys(llama_engine, llama_dir, hea
     oracle = OracleGenerator(llama_dir, head_dir)
     assert list(out.outputs[0].token_ids) == oracle.generate(
         list(out.prompt_token_ids), MAX_TOKENS, alpha=1.0, steps=4)
+
+
+def test_sample_logprobs_are_those_of_the_edited_distribution(llama_engine, llama_dir, head_dir):
+    """Returned logprobs describe what was sampled from: log_softmax(lm_head(s + u))."""
+    from vllm import SamplingParams
+
+    oracle = OracleGenerator(llama_dir, head_dir)
+    settings = [(2.0, 8), (0.0, 0)]
+    params = [SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True, logprobs=3,
+                             extra_args={"recontrol_alpha": alpha, "recontrol_steps": steps})
+              for alpha, steps in settings]
+    outputs = llama_engine.generate([PROMPTS[0]] * 2, params, use_tqdm=False)
+    first_logprobs = []
+    for (alpha, steps), out in zip(settings, outputs):
+        ids = list(out.prompt_token_ids)
+        for token, logprobs in zip(out.outputs[0].token_ids, out.outputs[0].logprobs):
+            state = oracle.final_state(ids)
+            if steps:
+                with torch.enable_grad():
+                    state = autograd_ascent(oracle.value, state[None], alpha, steps)[0].detach()
+            with torch.no_grad():
+                expected = torch.log_softmax(oracle.model.lm_head(state), -1)
+            assert len(logprobs) >= 3 and token in logprobs
+            for candidate, logprob in logprobs.items():
+                assert logprob.logprob == pytest.approx(float(expected[candidate]), abs=1e-4)
+            ids.append(token)
+        first_logprobs.append(out.outputs[0].logprobs[0])
+    edited, plain = first_logprobs  # the same first position, edited and not
+    assert max(abs(edited[t].logprob - plain[t].logprob) for t in edited if t in plain) > 0.1 \
+        or set(edited) != set(plain)
