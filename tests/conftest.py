@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from engine_helpers import llama_control, start_llm, stop_llm, strong_head
+from engine_helpers import shared_control, start_llm, stop_llm, strong_head
 from vllm_recontrol.toy import build_tiny_model
 
 
@@ -41,8 +41,9 @@ def head1_dir(workdir) -> Path:
 
 
 @pytest.fixture(scope="session")
-def llama_engine(llama_dir, head_dir):
-    """The shared RE-Control engine on the tiny Llama (alpha 1.0, 4 steps by default)."""
-    llm = start_llm(llama_dir, llama_control(head_dir))
+def llama_engine(llama_dir, head_dir, head1_dir):
+    """The shared RE-Control engine on the tiny Llama (alpha 1.0, 4 steps by default), with
+    a second head, "one-layer", that requests pick with recontrol_head."""
+    llm = start_llm(llama_dir, shared_control(head_dir, head1_dir))
     yield llm
     stop_llm(llm)

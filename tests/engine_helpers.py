@@ -36,6 +36,13 @@ def llama_control(head_dir: Path) -> dict:
     return {"value_head": str(head_dir), "alpha": 1.0, "steps": 4, "max_steps": 50}
 
 
+def shared_control(head_dir: Path, head1_dir: Path) -> dict:
+    """The shared Llama engine's settings: ``llama_control`` plus a second value head,
+    "one-layer", that requests pick with ``recontrol_head`` (servers compared with that
+    engine use the same)."""
+    return {**llama_control(head_dir), "value_heads": {"one-layer": str(head1_dir)}}
+
+
 def strong_head(seed: int, widths: list[int]) -> ValueHead:
     """A random head scaled so that a few ascent steps visibly move a tiny model's argmax."""
     head = ValueHead(HIDDEN, widths, seed=seed)

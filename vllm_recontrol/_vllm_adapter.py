@@ -23,9 +23,10 @@ from typing import Any, Iterator
 
 import torch
 
-from .config import MODEL_IMPL, EngineSettings, check_request_args, resolve_request
+from .config import (DEFAULT_HEAD, MODEL_IMPL, EngineSettings, check_request_args,
+                     resolve_request)
 from .controller import EditController, rows_for_engine
-from .errors import ConfigError, RequestParamsError, VersionError
+from .errors import ConfigError, RequestParamsError, ValueHeadError, VersionError
 from .logs import get_logger
 from .value_head import ValueHead
 
@@ -116,10 +117,10 @@ def _prepare_engine(vllm_config: Any, settings: EngineSettings) -> None:
     if vllm_config.use_v2_model_runner:
         raise ConfigError(f"--model-impl {MODEL_IMPL} needs vLLM's V1 model runner, but this "
                           "configuration forces the V2 runner (e.g. watermarking)")
-    # Validate the head here, in the front-end, so a bad head is a clear error before any
-    # engine process starts (the worker loads it again onto its device).
-    ValueHead.load(settings.value_head, expected_hidden_size=model_config.get_hidden_size())
-    tracker = f"{__name__}:{TRACKER_PREFIX}{settings.max_steps}"
+    # Validate the heads here, in the front-end, so a bad head is a clear error before any
+    # engine process starts (the worker loads them again onto its device).
+    _load_heads(settings, model_config.get_hidden_size(), device=None)
+    tracker = f"{__name__}:{_tracker_name(settings.max_steps, settings.head_names)}"
     processors = list(model_config.logits_processors or [])
     if tracker not in processors:
         model_config.logits_processors = processors + [tracker]
@@ -127,6 +128,25 @@ def _prepare_engine(vllm_config: Any, settings: EngineSettings) -> None:
                    "default_on %s, max_steps %s, max_norm %s)", settings.value_head,
                    settings.alpha, settings.steps, settings.default_on, settings.max_steps,
                    settings.max_norm)
+    if settings.value_heads:
+        logger.info("vllm-recontrol: further value heads, picked per request with "
+                    "recontrol_head: %s", dict(settings.value_heads))
+
+
+def _load_heads(settings: EngineSettings, hidden_size: int,
+                device: torch.device | None) -> dict[str, ValueHead]:
+    """Every head of the engine by name; a bad further head's error names its key."""
+    heads = {}
+    for name, path in settings.head_paths.items():
+        try:
+            heads[name] = ValueHead.load(path, device=device or "cpu",
+                                         expected_hidden_size=hidden_size)
+        except ValueHeadError as exc:
+            if name == DEFAULT_HEAD:
+                raise
+            raise ValueHeadError(
+                f'additional_config["recontrol"]["value_heads"]["{name}"]: {exc}') from exc
+    return heads
 
 
 def _is_recontrol_engine(vllm_config: Any) -> bool:
@@ -159,11 +179,12 @@ def _tracker_base():
         """Mirrors each request's RE-Control parameters into the engine's ``RowControls``."""
 
         max_steps = 0
+        heads: tuple[str, ...] = (DEFAULT_HEAD,)
 
         @classmethod
         def validate_params(cls, sampling_params: Any) -> None:
             # Runs in the front-end at admission: a ValueError here is an HTTP 400.
-            check_request_args(sampling_params.extra_args, cls.max_steps)
+            check_request_args(sampling_params.extra_args, cls.max_steps, cls.heads)
 
         def __init__(self, vllm_config: Any, device: torch.device, is_pin_memory: bool) -> None:
             self.settings = EngineSettings.from_additional_config(vllm_config.additional_config)
@@ -203,22 +224,35 @@ def _tracker_base():
     return RecontrolRowTracker
 
 
-@functools.lru_cache(maxsize=None)
-def _tracker_class(max_steps: int) -> type:
-    """A tracker class per max_steps, named so vLLM can load it by its qualified name."""
-    base = _tracker_base()
+def _tracker_name(max_steps: int, heads: tuple[str, ...] = (DEFAULT_HEAD,)) -> str:
+    """``RecontrolRowTracker_max<N>``, plus ``_heads_<hex>`` (the head names, comma-joined,
+    in hex) when the engine has more heads than its default."""
     name = f"{TRACKER_PREFIX}{max_steps}"
-    cls = type(name, (base,), {"max_steps": max_steps, "__module__": __name__,
+    if heads != (DEFAULT_HEAD,):
+        name += "_heads_" + ",".join(heads).encode().hex()
+    return name
+
+
+@functools.lru_cache(maxsize=None)
+def _tracker_class(max_steps: int, heads: tuple[str, ...] = (DEFAULT_HEAD,)) -> type:
+    """A tracker class per (max_steps, head names), named so vLLM can load it by its
+    qualified name."""
+    base = _tracker_base()
+    name = _tracker_name(max_steps, heads)
+    cls = type(name, (base,), {"max_steps": max_steps, "heads": heads, "__module__": __name__,
                                "__qualname__": name})
     return cls
 
 
 def __getattr__(name: str) -> Any:
-    # vLLM loads logits processors as "module:Class"; the class name carries max_steps so the
-    # admission check in the front-end knows this engine's cap without global state.
-    match = re.fullmatch(TRACKER_PREFIX + r"(\d+)", name)
+    # vLLM loads logits processors as "module:Class"; the class name carries max_steps and the
+    # head names so the admission check in the front-end (in every API server process) knows
+    # this engine's cap and heads without global state.
+    match = re.fullmatch(TRACKER_PREFIX + r"(\d+)(?:_heads_((?:[0-9a-f]{2})+))?", name)
     if match:
-        return _tracker_class(int(match.group(1)))
+        heads = (tuple(bytes.fromhex(match.group(2)).decode().split(","))
+                 if match.group(2) else (DEFAULT_HEAD,))
+        return _tracker_class(int(match.group(1)), heads)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -257,11 +291,11 @@ def _recontrol_layer_class(stock: type) -> type:
                 return
             _require_row_tracker(vllm_config)
             settings = EngineSettings.from_additional_config(vllm_config.additional_config)
-            head = ValueHead.load(settings.value_head, device=torch.get_default_device(),
-                                  expected_hidden_size=vllm_config.model_config.get_hidden_size())
+            heads = _load_heads(settings, vllm_config.model_config.get_hidden_size(),
+                                device=torch.get_default_device())
             # A plain attribute, not a submodule: the checkpoint loader must not see it.
             self._recontrol = EditController(
-                head, settings, rows_for_engine(_engine_id(vllm_config)),
+                heads, settings, rows_for_engine(_engine_id(vllm_config)),
                 max_rows=vllm_config.scheduler_config.max_num_seqs,
                 batch_invariant=resolve_batch_invariant(settings))
 

@@ -8,8 +8,9 @@ passes only flat ``str | int | float | list`` values.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from .backends import BACKENDS, PRECISIONS, choose_precision
 from .errors import ConfigError, RequestParamsError
@@ -26,10 +27,17 @@ DEFAULT_MAX_STEPS = 200
 REQUEST_SWITCH = "recontrol"
 REQUEST_ALPHA = "recontrol_alpha"
 REQUEST_STEPS = "recontrol_steps"
-REQUEST_KEYS = (REQUEST_SWITCH, REQUEST_ALPHA, REQUEST_STEPS)
+REQUEST_HEAD = "recontrol_head"
+REQUEST_KEYS = (REQUEST_SWITCH, REQUEST_ALPHA, REQUEST_STEPS, REQUEST_HEAD)
 
-ENGINE_KEYS = ("value_head", "alpha", "steps", "default_on", "max_steps", "max_norm", "backend",
-               "precision", "cuda_graphs", "warmup_steps", "batch_invariant")
+ENGINE_KEYS = ("value_head", "value_heads", "alpha", "steps", "default_on", "max_steps",
+               "max_norm", "backend", "precision", "cuda_graphs", "warmup_steps",
+               "batch_invariant")
+
+# The head a request gets without recontrol_head: the engine's "value_head". Names of further
+# heads ("value_heads") travel in a class name (see _vllm_adapter), hence the narrow alphabet.
+DEFAULT_HEAD = "default"
+HEAD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 
 
 @dataclass(frozen=True)
@@ -37,6 +45,7 @@ class EngineSettings:
     """Validated ``additional_config["recontrol"]``."""
 
     value_head: str
+    value_heads: tuple[tuple[str, str], ...] = ()  # (name, path) of further heads
     alpha: float = DEFAULT_ALPHA
     steps: int = DEFAULT_STEPS
     default_on: bool = True
@@ -47,6 +56,15 @@ class EngineSettings:
     cuda_graphs: bool = True
     warmup_steps: tuple[int, ...] | None = None  # None: (steps,)
     batch_invariant: bool | None = None  # None ("auto"): follow vLLM's VLLM_BATCH_INVARIANT
+
+    @property
+    def head_paths(self) -> dict[str, str]:
+        """Every head a request may name, the default first."""
+        return {DEFAULT_HEAD: self.value_head, **dict(self.value_heads)}
+
+    @property
+    def head_names(self) -> tuple[str, ...]:
+        return tuple(self.head_paths)
 
     @property
     def warm_up_counts(self) -> tuple[int, ...]:
@@ -100,6 +118,7 @@ class EngineSettings:
                 raise ConfigError(f'{where}["precision"]: {exc}') from exc
         return cls(
             value_head=value_head,
+            value_heads=_as_head_paths(section.get("value_heads"), f'{where}["value_heads"]'),
             alpha=_as_float(section.get("alpha", DEFAULT_ALPHA), f'{where}["alpha"]', ConfigError),
             steps=steps,
             default_on=_as_switch(section.get("default_on", True), f'{where}["default_on"]',
@@ -123,6 +142,7 @@ class RowControl:
 
     alpha: float
     steps: int
+    head: str = DEFAULT_HEAD
 
     @property
     def active(self) -> bool:
@@ -132,8 +152,10 @@ class RowControl:
 UNCONTROLLED = RowControl(alpha=0.0, steps=0)
 
 
-def check_request_args(extra_args: Mapping[str, Any] | None, max_steps: int) -> None:
-    """Reject malformed per-request keys (run at admission, so a bad request gets HTTP 400)."""
+def check_request_args(extra_args: Mapping[str, Any] | None, max_steps: int,
+                       heads: Sequence[str] = (DEFAULT_HEAD,)) -> None:
+    """Reject malformed per-request keys (run at admission, so a bad request gets HTTP 400).
+    ``heads``: the names this engine's requests may pick with ``recontrol_head``."""
     if not extra_args:
         return
     unknown = sorted(k for k in extra_args
@@ -150,6 +172,9 @@ def check_request_args(extra_args: Mapping[str, Any] | None, max_steps: int) -> 
         if steps > max_steps:
             raise RequestParamsError(f"{REQUEST_STEPS} = {steps} exceeds this server's max_steps "
                                      f"= {max_steps}")
+    if REQUEST_HEAD in extra_args and extra_args[REQUEST_HEAD] not in heads:
+        raise RequestParamsError(f"{REQUEST_HEAD} = {extra_args[REQUEST_HEAD]!r} is not one of "
+                                 f"this server's value heads {list(heads)}")
 
 
 def resolve_request(extra_args: Mapping[str, Any] | None, engine: EngineSettings) -> RowControl:
@@ -160,16 +185,17 @@ def resolve_request(extra_args: Mapping[str, Any] | None, engine: EngineSettings
     again here so that nothing unchecked reaches the kernel.
     """
     args = extra_args or {}
-    check_request_args(args, engine.max_steps)
+    check_request_args(args, engine.max_steps, engine.head_names)
     if REQUEST_SWITCH in args:
         on = _as_switch(args[REQUEST_SWITCH], REQUEST_SWITCH, RequestParamsError)
     else:
         on = engine.default_on or REQUEST_ALPHA in args or REQUEST_STEPS in args
     if not on:
         return UNCONTROLLED
+    head = args.get(REQUEST_HEAD, DEFAULT_HEAD)
     alpha = _as_float(args.get(REQUEST_ALPHA, engine.alpha), REQUEST_ALPHA, RequestParamsError)
     steps = _as_int(args.get(REQUEST_STEPS, engine.steps), REQUEST_STEPS, RequestParamsError, low=0)
-    return RowControl(alpha=alpha, steps=min(steps, engine.max_steps))
+    return RowControl(alpha=alpha, steps=min(steps, engine.max_steps), head=head)
 
 
 def _as_auto_switch(value: Any, name: str) -> bool | None:
@@ -180,6 +206,23 @@ def _as_auto_switch(value: Any, name: str) -> bool | None:
         return _as_switch(value, name, ConfigError)
     except ConfigError:
         raise ConfigError(f'{name} must be "auto", 0 or 1 (or true/false), got {value!r}') from None
+
+
+def _as_head_paths(value: Any, name: str) -> tuple[tuple[str, str], ...]:
+    """``value_heads``: omitted, or {name: folder} of heads that requests pick by name."""
+    if value is None:
+        return ()
+    if not isinstance(value, Mapping):
+        raise ConfigError(f'{name} must be a JSON object {{"name": "/path/to/head", ...}}, got '
+                          f"{value!r}")
+    for head, path in value.items():
+        if not isinstance(head, str) or not HEAD_NAME.fullmatch(head) or head == DEFAULT_HEAD:
+            raise ConfigError(f"{name} has the head name {head!r}: names are 1-64 letters, digits, "
+                              f"'_' or '-' (not starting with '_' or '-'), and "
+                              f"{DEFAULT_HEAD!r} is the engine's value_head")
+        if not isinstance(path, str) or not path.strip():
+            raise ConfigError(f"{name}[{head!r}] must be the folder of a value head, got {path!r}")
+    return tuple(sorted(value.items()))
 
 
 def _as_step_list(value: Any, name: str, max_steps: int) -> tuple[int, ...] | None:

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import dataclass
+from typing import Mapping
 
 import torch
 
 from .backends import choose_backend, choose_precision
-from .config import UNCONTROLLED, EngineSettings, RowControl
+from .config import DEFAULT_HEAD, UNCONTROLLED, EngineSettings, RowControl
 from .errors import ConfigError
 from .logs import get_logger
 from .value_head import ValueHead
@@ -23,8 +25,20 @@ logger = get_logger(__name__)
 NONFINITE_REPORT_EVERY = 512  # edits between host syncs that report non-finite rows
 
 
+@dataclass(frozen=True)
+class HeadGroup:
+    """The controlled rows of one sampling call that use one value head."""
+
+    head: str
+    rows: torch.Tensor | None  # their batch indices on the device; None: the whole batch
+    alpha: torch.Tensor
+    steps: torch.Tensor  # 0 for uncontrolled rows when ``rows`` is None
+    max_steps: int
+
+
 class RowControls:
-    """(alpha, steps) per persistent-batch row, mirrored to the device when the batch changes.
+    """(alpha, steps, head) per persistent-batch row, mirrored to the device when the batch
+    changes.
 
     ``arm()`` is called once before each forward pass; ``take(rows)`` is then valid for the
     first logits call of that pass only. Later calls in the same pass (prompt logprobs) and
@@ -37,9 +51,7 @@ class RowControls:
         self.device: torch.device | None = None
         self._armed = False
         self._dirty = True
-        self._alpha: torch.Tensor | None = None
-        self._steps: torch.Tensor | None = None
-        self._max_steps = 0
+        self._groups: list[HeadGroup] = []
 
     # -- batch bookkeeping, in vLLM's order: removed, added, moved ----------------------------
     def reset(self, device: torch.device) -> None:
@@ -78,8 +90,9 @@ class RowControls:
     def arm(self) -> None:
         self._armed = True
 
-    def take(self, rows: int) -> tuple[torch.Tensor, torch.Tensor, int] | None:
-        """(alpha, steps, max steps) for the sampling call of this pass, or None to pass through."""
+    def take(self, rows: int) -> list[HeadGroup] | None:
+        """The controlled rows of this pass's sampling call, one group per value head in use
+        (sorted by name), or None to pass through."""
         if not self._armed:
             return None
         self._armed = False
@@ -88,21 +101,31 @@ class RowControls:
             return None
         if self._dirty:
             self._upload()
-        if self._max_steps == 0:
-            return None
-        return self._alpha[:rows], self._steps[:rows], self._max_steps
+        return self._groups or None
 
     def _upload(self) -> None:
         live = self.rows[:self.batch_size] + [UNCONTROLLED] * max(0, self.batch_size - len(self.rows))
         active = [r if r.active else UNCONTROLLED for r in live]
-        self._max_steps = max((r.steps for r in active), default=0)
-        if self._max_steps:
-            alpha = torch.tensor([r.alpha for r in active], dtype=torch.float32)
-            steps = torch.tensor([r.steps for r in active], dtype=torch.int64)
-            # Fresh host tensors each time: a later batch change cannot race this copy.
-            self._alpha = alpha.to(self.device, non_blocking=True)
-            self._steps = steps.to(self.device, non_blocking=True)
+        heads = sorted({r.head for r in active if r.active})
+        if len(heads) == 1:  # the common case: the whole batch, no gather
+            self._groups = [self._group(heads[0], None, active)]
+        else:
+            self._groups = [self._group(head, [i for i, r in enumerate(active)
+                                               if r.active and r.head == head], active)
+                            for head in heads]
         self._dirty = False
+
+    def _group(self, head: str, indices: list[int] | None, active: list[RowControl]) -> HeadGroup:
+        chosen = active if indices is None else [active[i] for i in indices]
+        # Fresh host tensors each time: a later batch change cannot race these copies.
+        def upload(values: list, dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
+
+        return HeadGroup(
+            head=head, rows=None if indices is None else upload(indices, torch.int64),
+            alpha=upload([r.alpha for r in chosen], torch.float32),
+            steps=upload([r.steps for r in chosen], torch.int64),
+            max_steps=max(r.steps for r in chosen))
 
 
 _ROWS_BY_ENGINE: dict[str, RowControls] = {}
@@ -126,35 +149,45 @@ def warm_up_rows(device: torch.device, settings: EngineSettings,
 
 
 class EditController:
-    """Applies RE-Control to the rows of a sampling call that asked for it."""
+    """Applies RE-Control to the rows of a sampling call that asked for it, each row with the
+    value head it named."""
 
-    def __init__(self, head: ValueHead, settings: EngineSettings, rows: RowControls,
-                 max_rows: int | None = None, batch_invariant: bool = False) -> None:
-        """``max_rows``: the engine's largest batch (max_num_seqs); with it, the first logits
+    def __init__(self, heads: ValueHead | Mapping[str, ValueHead], settings: EngineSettings,
+                 rows: RowControls, max_rows: int | None = None,
+                 batch_invariant: bool = False) -> None:
+        """``heads``: by name (``settings.head_names``); one head is the engine's default.
+        ``max_rows``: the engine's largest batch (max_num_seqs); with it, the first logits
         call that is not a sampling call (vLLM's profiling run) compiles and captures the
         ascent for every row bucket up to it, see ``warm_up``. ``batch_invariant``: the
         resolved setting (the engine key, or vLLM's own when the key is "auto")."""
-        self.head = head
+        self.heads = dict(heads) if isinstance(heads, Mapping) else {DEFAULT_HEAD: heads}
         self.settings = settings
         self.rows = rows
         self.batch_invariant = batch_invariant
         self._edits = 0
         # Resolved once: a forced backend that cannot run fails at engine start, not mid-serve.
+        self.backends = {name: self._backend_for(head) for name, head in self.heads.items()}
+        device = next(iter(self.heads.values())).layers[0].weight.device
+        products = choose_precision(settings.precision, self.backends[DEFAULT_HEAD])
+        graphs = settings.cuda_graphs and device.type == "cuda"
+        logger.info("RE-Control ascent: %s backend, %s products, CUDA graphs %s%s%s",
+                    self.backends[DEFAULT_HEAD], "fp32" if products == "ieee" else products,
+                    "on" if graphs else "off", ", batch-invariant" if batch_invariant else "",
+                    f", value heads {list(self.heads)}" if len(self.heads) > 1 else "")
+        self._warm_rows = warm_up_rows(device, settings, max_rows)
+
+    def _backend_for(self, head: ValueHead) -> str:
         device = head.layers[0].weight.device
         try:
-            self.backend = choose_backend(settings.backend, device, len(head.widths),
-                                          settings.precision)
+            backend = choose_backend(self.settings.backend, device, len(head.widths),
+                                     self.settings.precision)
         except ValueError as exc:
             raise ConfigError(f'additional_config["recontrol"]["backend"]: {exc}') from exc
         try:
-            products = choose_precision(settings.precision, self.backend)
+            choose_precision(self.settings.precision, backend)
         except ValueError as exc:
             raise ConfigError(f'additional_config["recontrol"]["precision"]: {exc}') from exc
-        graphs = settings.cuda_graphs and device.type == "cuda"
-        logger.info("RE-Control ascent: %s backend, %s products, CUDA graphs %s%s",
-                    self.backend, "fp32" if products == "ieee" else products,
-                    "on" if graphs else "off", ", batch-invariant" if batch_invariant else "")
-        self._warm_rows = warm_up_rows(device, settings, max_rows)
+        return backend
 
     def warm_up(self) -> int:
         """Compile (and capture) the ascent for every row bucket and warm-up step count now.
@@ -167,11 +200,12 @@ class EditController:
             return 0
         start = time.perf_counter()
         try:
-            runs = self.head.warm_up(rows, self.settings.warm_up_counts,
-                                     max_norm=self.settings.max_norm, backend=self.backend,
-                                     precision=self.settings.precision,
-                                     cuda_graphs=self.settings.cuda_graphs,
-                                     batch_invariant=self.batch_invariant)
+            runs = sum(head.warm_up(rows, self.settings.warm_up_counts,
+                                    max_norm=self.settings.max_norm, backend=self.backends[name],
+                                    precision=self.settings.precision,
+                                    cuda_graphs=self.settings.cuda_graphs,
+                                    batch_invariant=self.batch_invariant)
+                       for name, head in self.heads.items())
         except Exception as exc:  # never take the engine down for a missing speed-up
             logger.warning("RE-Control warm-up failed (%s: %s); kernels compile and graphs are "
                            "captured on first use instead", type(exc).__name__, exc)
@@ -184,18 +218,27 @@ class EditController:
         return runs
 
     def maybe_edit(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        plan = self.rows.take(hidden_states.shape[0])
-        if plan is None:
+        groups = self.rows.take(hidden_states.shape[0])
+        if groups is None:
             if self._warm_rows is not None and hidden_states.shape[0] > 0:
                 self.warm_up()  # the first pass-through call: vLLM's profiling run
             return hidden_states
-        alpha, steps, max_steps = plan
-        edited = self.head.ascend(hidden_states, alpha, steps, max_norm=self.settings.max_norm,
-                                  num_iterations=max_steps, backend=self.backend,
-                                  precision=self.settings.precision,
-                                  cuda_graphs=self.settings.cuda_graphs,
-                                  batch_invariant=self.batch_invariant)
+        if len(groups) == 1 and groups[0].rows is None:
+            edited = self._ascend(groups[0], hidden_states)
+        else:  # rows of several heads: each head edits its own rows, the rest stay as they are
+            edited = hidden_states.clone()
+            for group in groups:
+                edited.index_copy_(0, group.rows, self._ascend(
+                    group, hidden_states.index_select(0, group.rows)))
         self._edits += 1
         if self._edits % NONFINITE_REPORT_EVERY == 0:
-            self.head.nonfinite_rows()
+            for head in self.heads.values():
+                head.nonfinite_rows()
         return edited
+
+    def _ascend(self, group: HeadGroup, states: torch.Tensor) -> torch.Tensor:
+        return self.heads[group.head].ascend(
+            states, group.alpha, group.steps, max_norm=self.settings.max_norm,
+            num_iterations=group.max_steps, backend=self.backends[group.head],
+            precision=self.settings.precision, cuda_graphs=self.settings.cuda_graphs,
+            batch_invariant=self.batch_invariant)
