@@ -190,6 +190,8 @@ def check_launches() -> list[dict]:
                         precision="ieee"))
         out.append(dict(d=300, widths=[257, 129], rows=rows, wdtype=torch.bfloat16,
                         precision="bf16"))
+    # the controller's second head: 12-13 rows each, alone and in the 16-row bucket
+    out.append(dict(d=300, widths=[200], rows=16, wdtype=torch.bfloat16, precision="bf16"))
     return out
 
 

@@ -255,3 +255,22 @@ def test_sweep_summary_names_the_fastest_candidate_per_case():
     table = bench.sweep_summary(rows).splitlines()
     assert len(table) == 3  # header, rule, B = 128 (B = 256 has no timed candidate)
     assert table[2] == "| 4096 | 2 | 30 | 128 | 2.600 | bm128 s4 fix1 | 1.800 | 1.44 | 1.80 |"
+
+
+def test_controller_check_passes_here_and_fails_on_a_swapped_head():
+    """The GPU check's controller case, run on the CPU with the torch backend."""
+    import torch
+
+    from vllm_recontrol.controller import EditController
+
+    bench = _load("bench_kernel")
+    ascent, _ = bench.import_project()
+    assert bench.check_controller(torch.device("cpu"), ascent, 3, backend="torch")["ok"]
+    original = EditController._ascend
+    try:  # every group edited by the default head: the check must notice
+        EditController._ascend = lambda self, group, states: original(
+            self, type(group)(head="default", rows=group.rows, alpha=group.alpha,
+                              steps=group.steps, max_steps=group.max_steps), states)
+        assert not bench.check_controller(torch.device("cpu"), ascent, 3, backend="torch")["ok"]
+    finally:
+        EditController._ascend = original
