@@ -26,11 +26,34 @@ def test_short_text_has_zero_diversity_not_an_error():
 
 
 def test_grid_syntax():
-    assert parse_grid("0.5:10, 1:20") == [(0.5, 10), (1.0, 20)]
-    assert parse_grid([[2, 3]]) == [(2.0, 3)]
-    for bad in ["0.5", "x:3", "0.5:0", "-1:3", ""]:
+    assert parse_grid("0.5:10, 1:20") == [(0.5, 10, "default"), (1.0, 20, "default")]
+    assert parse_grid([[2, 3]]) == [(2.0, 3, "default")]
+    assert parse_grid("1:30:mc, 2:30", heads=("default", "mc")) == [(1.0, 30, "mc"),
+                                                                     (2.0, 30, "default")]
+    assert parse_grid([[1, 30, "mc"]], heads=("default", "mc"))[0].head == "mc"
+    for bad in ["0.5", "x:3", "0.5:0", "-1:3", "", "1:2:mc:x"]:
         with pytest.raises(RecontrolError, match="alpha:steps"):
-            parse_grid(bad)
+            parse_grid(bad, heads=("default", "mc"))
+    with pytest.raises(RecontrolError, match="names the value head 'td'; this evaluation has "
+                                             r"\['default', 'mc'\]"):
+        parse_grid("1:30:td", heads=("default", "mc"))
+
+
+def test_table_has_a_head_column_only_when_a_further_head_ran():
+    def row(method, **kw):
+        return MethodResult(method, reward=0.5, diversity=0.5, generated_tokens=10,
+                            delivered_tokens=10, seconds=1.0, **kw)
+
+    one = markdown_table([row("base"), row("re-control", alpha=1, steps=30)], Coherence.load(None))
+    assert one.splitlines()[0].startswith("| method | alpha | steps |")
+    two = markdown_table([row("base"), row("re-control", alpha=1, steps=30),
+                          row("re-control", alpha=1, steps=30, head="mc")], Coherence.load(None))
+    lines = two.splitlines()
+    assert lines[0].startswith("| method | head | alpha | steps |")
+    assert lines[2].startswith("| base | - | 0 | 0 |")
+    assert lines[3].startswith("| re-control | default | 1 | 30 |")
+    assert lines[4].startswith("| re-control | mc | 1 | 30 |")
+    assert all(line.count("|") == lines[0].count("|") for line in lines[1:5])
 
 
 def test_table_reports_unavailable_coherence_with_its_reason():

@@ -105,29 +105,46 @@ def test_ray_replicas_write_the_same_files_as_one_engine(world):
 
 
 def test_eval_command_compares_every_method(world, trained):
-    """`vllm-recontrol eval` on held-out prompts: table, JSON and plots; control beats base."""
+    """`vllm-recontrol eval` on held-out prompts: table, JSON and plots; control beats base.
+    A second head ("neg": the trained head with its output negated, i.e. steering to the
+    other mood) in the same engine lowers the reward: the grid's head choice reaches the rows."""
     import os
 
+    import torch
+
+    neg = ValueHead.load(trained["head"])
+    with torch.no_grad():
+        neg.layers[-1].weight.neg_()
+        neg.layers[-1].bias.neg_()
+    neg_dir = neg.save(world["root"] / "head-neg")
     out = world["root"] / "eval"
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     engine = {**ENGINE_ARGS, "distributed_executor_backend": "uni"}
     proc = subprocess.run(
         [sys.executable, "-m", "vllm_recontrol.cli", "eval", "--model", str(world["model"]),
          "--value-head", str(trained["head"]), "--prompts", str(world["root"] / "eval.jsonl"),
-         "--reward-fn", "vllm_recontrol.toy_world:positive_share", "--grid", f"{ALPHA}:{STEPS}",
+         "--value-heads", json.dumps({"neg": str(neg_dir)}),
+         "--reward-fn", "vllm_recontrol.toy_world:positive_share",
+         "--grid", f"{ALPHA}:{STEPS},{ALPHA}:{STEPS}:neg",
          "--best-of", "3", "--system-prompt", "good", "--max-tokens", "16",
          "--max-prompts", "24", "--engine-args", json.dumps(engine), "--out", str(out)],
         capture_output=True, text=True, timeout=400, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((out / "eval.json").read_text())
-    methods = [r["method"] for r in report["results"]]
-    assert methods == ["base", "re-control", "best-of-3", "prompting", "re-control + prompting"]
-    by_method = {r["method"]: r for r in report["results"]}
-    assert by_method["re-control"]["reward"] > by_method["base"]["reward"] + 0.2
-    bon = by_method["best-of-3"]
+    methods = [(r["method"], r["head"]) for r in report["results"]]
+    assert methods == [("base", "default"), ("re-control", "default"), ("re-control", "neg"),
+                       ("best-of-3", "default"), ("prompting", "default"),
+                       ("re-control + prompting", "default")]
+    base, control, negated = report["results"][:3]
+    print(f"eval rewards: base {base['reward']:.3f}, re-control {control['reward']:.3f}, "
+          f"re-control with the negated head {negated['reward']:.3f}")
+    assert control["reward"] > base["reward"] + 0.2
+    assert negated["reward"] < base["reward"] - 0.1
+    bon = report["results"][3]
     assert bon["generated_tokens"] > bon["delivered_tokens"]  # N samples paid, one delivered
     assert report["coherence"]["available"] is False and report["coherence"]["reason"]
-    assert "| re-control | 1 | 30 |" in (out / "eval.md").read_text()
+    table = (out / "eval.md").read_text()
+    assert "| re-control | default | 1 | 30 |" in table and "| re-control | neg | 1 | 30 |" in table
     assert (out / "grid.png").stat().st_size > 0 and (out / "reward_vs_throughput.png").is_file()
 
 

@@ -15,8 +15,9 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
+from ..config import DEFAULT_HEAD
 from ..training.common import (RecontrolError, build_options, json_argument, parse_command_line,
                                run_main)
 from ..training.prompts import load_prompts, prompt_messages
@@ -35,7 +36,8 @@ class EvalOptions:
     prompts: str
     reward_fn: Any = None
     reward_model: str | None = None
-    grid: Any = "0.5:10,1.0:20"          # "alpha:steps,..." or [[alpha, steps], ...]
+    value_heads: dict | None = None       # {name: path} of further heads, for grid entries
+    grid: Any = "0.5:10,1.0:20"          # "alpha:steps[:head],..." or [[alpha, steps(, head)]]
     best_of: Any = (4,)                   # N values for Best-of-N; empty to skip
     system_prompt: str | None = DEFAULT_SYSTEM_PROMPT  # None or "" skips the prompting rows
     chat_template: bool = False
@@ -60,6 +62,7 @@ class MethodResult:
     method: str
     alpha: float = 0.0
     steps: int = 0
+    head: str = DEFAULT_HEAD
     n: int = 1
     prompting: bool = False
     reward: float = math.nan
@@ -80,20 +83,31 @@ class MethodResult:
         return self.delivered_tokens / self.seconds if self.seconds else math.nan
 
 
-def parse_grid(grid: Any) -> list[tuple[float, int]]:
-    """``"0.5:10,1:20"`` or ``[[0.5, 10], [1, 20]]`` to [(alpha, steps)]."""
+class GridPoint(NamedTuple):
+    alpha: float
+    steps: int
+    head: str = DEFAULT_HEAD
+
+
+def parse_grid(grid: Any, heads: Sequence[str] = (DEFAULT_HEAD,)) -> list[GridPoint]:
+    """``"0.5:10,1:20:mc"`` or ``[[0.5, 10], [1, 20, "mc"]]`` to GridPoints; the optional third
+    field names one of ``heads`` (the default head when absent)."""
     items = grid.split(",") if isinstance(grid, str) else list(grid)
     points = []
     for item in items:
-        parts = item.split(":") if isinstance(item, str) else list(item)
+        parts = [p.strip() for p in item.split(":")] if isinstance(item, str) else list(item)
         try:
             alpha, steps = float(parts[0]), int(parts[1])
-            if len(parts) != 2 or alpha < 0 or steps < 1:
+            if len(parts) not in (2, 3) or alpha < 0 or steps < 1:
                 raise ValueError
-        except (ValueError, IndexError):
-            raise RecontrolError(f"grid entry {item!r} must be alpha:steps with alpha >= 0 and "
-                                 "steps >= 1") from None
-        points.append((alpha, steps))
+        except (ValueError, IndexError, TypeError):
+            raise RecontrolError(f"grid entry {item!r} must be alpha:steps or alpha:steps:head "
+                                 "with alpha >= 0 and steps >= 1") from None
+        head = parts[2] if len(parts) == 3 else DEFAULT_HEAD
+        if head not in heads:
+            raise RecontrolError(f"grid entry {item!r} names the value head {head!r}; this "
+                                 f"evaluation has {list(heads)} (add heads with value_heads)")
+        points.append(GridPoint(alpha, steps, head))
     if not points:
         raise RecontrolError("the RE-Control grid is empty")
     return points
@@ -106,12 +120,15 @@ class Evaluator:
         from vllm import LLM
 
         self.opts, self.prompts, self.score, self.coherence = opts, prompts, score, coherence
-        self.grid = parse_grid(opts.grid)
+        further = dict(opts.value_heads or {})
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in further.items()):
+            raise RecontrolError(f"value_heads must map names to head folders, got {further!r}")
+        self.grid = parse_grid(opts.grid, (DEFAULT_HEAD, *further))
         engine = {"dtype": "auto", "seed": opts.seed, **opts.engine_args}
+        most_steps = max(p.steps for p in self.grid)
         self.llm = LLM(model=opts.model, model_impl="recontrol", additional_config={"recontrol": {
-            "value_head": opts.value_head, "default_on": False,
-            "steps": max(s for _, s in self.grid), "max_steps": max(s for _, s in self.grid)}},
-            **engine)
+            "value_head": opts.value_head, "default_on": False, "steps": most_steps,
+            "max_steps": most_steps, **({"value_heads": further} if further else {})}}, **engine)
         self.tokenizer = self.llm.get_tokenizer()
 
     def inputs(self, system_prompt: str | None) -> list[Any]:
@@ -137,6 +154,8 @@ class Evaluator:
         o = self.opts
         extra = ({"recontrol_alpha": result.alpha, "recontrol_steps": result.steps}
                  if result.steps else {"recontrol": 0})
+        if result.steps and result.head != DEFAULT_HEAD:
+            extra["recontrol_head"] = result.head
         temperature = o.bon_temperature if result.n > 1 else o.temperature
         params = [SamplingParams(n=result.n, temperature=temperature, max_tokens=o.max_tokens,
                                  seed=o.seed + i, extra_args=extra)
@@ -164,14 +183,16 @@ class Evaluator:
     def methods(self) -> list[MethodResult]:
         """Base, the RE-Control grid, Best-of-N, prompting, RE-Control + prompting."""
         results = [self.run(MethodResult("base"))]
-        grid = [self.run(MethodResult("re-control", alpha=a, steps=s)) for a, s in self.grid]
+        grid = [self.run(MethodResult("re-control", alpha=p.alpha, steps=p.steps, head=p.head))
+                for p in self.grid]
         results += grid
         results += [self.run(MethodResult(f"best-of-{n}", n=n)) for n in self.best_of()]
         if self.opts.system_prompt:
             results.append(self.run(MethodResult("prompting", prompting=True)))
             top = max(grid, key=lambda r: r.reward)
             results.append(self.run(MethodResult("re-control + prompting", alpha=top.alpha,
-                                                 steps=top.steps, prompting=True)))
+                                                 steps=top.steps, head=top.head,
+                                                 prompting=True)))
         return results
 
     def best_of(self) -> list[int]:
@@ -187,14 +208,20 @@ class Evaluator:
 
 
 def markdown_table(results: Sequence[MethodResult], coherence: Coherence) -> str:
+    """One row per method; a ``head`` column only when some row used a further value head."""
     base = results[0]
-    lines = ["| method | alpha | steps | N | reward | diversity | coherence | generated tok/s | "
-             "delivered tok/s | delivered vs. base |", "|---|---|---|---|---|---|---|---|---|---|"]
+    heads = any(r.head != DEFAULT_HEAD for r in results)
+    columns = ["method", *(["head"] if heads else []), "alpha", "steps", "N", "reward",
+               "diversity", "coherence", "generated tok/s", "delivered tok/s",
+               "delivered vs. base"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in results:
         coh = f"{r.coherence:.3f}" if r.coherence is not None else "n/a"
-        lines.append(f"| {r.method} | {r.alpha:g} | {r.steps} | {r.n} | {r.reward:.4f} | "
-                     f"{r.diversity:.3f} | {coh} | {r.tokens_per_s:.1f} | "
-                     f"{r.delivered_per_s:.1f} | {r.delivered_per_s / base.delivered_per_s:.2f} |")
+        head = [r.head if r.steps else "-"] if heads else []
+        cells = [r.method, *head, f"{r.alpha:g}", str(r.steps), str(r.n), f"{r.reward:.4f}",
+                 f"{r.diversity:.3f}", coh, f"{r.tokens_per_s:.1f}", f"{r.delivered_per_s:.1f}",
+                 f"{r.delivered_per_s / base.delivered_per_s:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
     if not coherence.available:
         lines.append(f"\ncoherence: unavailable ({coherence.unavailable_reason})")
     return "\n".join(lines)
@@ -245,8 +272,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--prompts", help="datasets name, or a JSONL/Parquet file")
     parser.add_argument("--reward-fn", help="module:function, f(prompt, response) -> float")
     parser.add_argument("--reward-model", help="Hugging Face sequence-classification model")
-    parser.add_argument("--grid", help='RE-Control settings "alpha:steps,..." (default '
-                        '"0.5:10,1.0:20")')
+    parser.add_argument("--value-heads", type=json_argument,
+                        help='JSON {"name": "/path/to/head"} of further heads for the grid')
+    parser.add_argument("--grid", help='RE-Control settings "alpha:steps[:head],..." (default '
+                        '"0.5:10,1.0:20"; head: a name of --value-heads)')
     parser.add_argument("--best-of", type=int, nargs="*", help="N values for Best-of-N")
     parser.add_argument("--system-prompt", help='prompting baseline ("" to skip)')
     parser.add_argument("--chat-template", action="store_true")
