@@ -896,7 +896,7 @@ def check_controller(device, ascent, seed, backend: str = "triton") -> dict:
     """The engine's EditController with two value heads (2 and 1 hidden layers): a batch whose
     rows name either head or none (uncontrolled) against each head's eager ascent of its own
     rows alone; the batch is gathered per head and replayed through the heads' graph caches."""
-    from vllm_recontrol.config import EngineSettings, RowControl
+    from vllm_recontrol.config import EngineSettings, HeadSpec, RowControl
     from vllm_recontrol.controller import EditController, RowControls
 
     gen = torch.Generator().manual_seed(seed + 2)
@@ -911,7 +911,7 @@ def check_controller(device, ascent, seed, backend: str = "triton") -> dict:
     for i, control in enumerate(controls):
         rows.set(i, control)
     rows.resize(len(controls))
-    settings = EngineSettings(value_head="h", value_heads=(("other", "h2"),), backend=backend)
+    settings = EngineSettings(value_head="h", value_heads=(("other", HeadSpec("h2")),), backend=backend)
     controller = EditController(heads, settings, rows)
     states = torch.randn(len(controls), d, generator=gen).to(device, torch.bfloat16)
     rows.arm()

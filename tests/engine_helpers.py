@@ -38,9 +38,10 @@ def llama_control(head_dir: Path) -> dict:
 
 def shared_control(head_dir: Path, head1_dir: Path) -> dict:
     """The shared Llama engine's settings: ``llama_control`` plus a second value head,
-    "one-layer", that requests pick with ``recontrol_head`` (servers compared with that
-    engine use the same)."""
-    return {**llama_control(head_dir), "value_heads": {"one-layer": str(head1_dir)}}
+    "one-layer" (with its own defaults, alpha 2 and 8 steps), that requests pick with
+    ``recontrol_head`` (servers compared with that engine use the same)."""
+    return {**llama_control(head_dir),
+            "value_heads": {"one-layer": {"path": str(head1_dir), "alpha": 2.0, "steps": 8}}}
 
 
 def strong_head(seed: int, widths: list[int]) -> ValueHead:

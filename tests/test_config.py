@@ -75,7 +75,28 @@ def test_value_heads_and_the_request_head():
     assert settings().head_names == ("default",)
 
 
+def test_a_further_head_may_bring_its_own_alpha_and_steps():
+    s = settings(alpha=0.5, steps=30, max_steps=100,
+                 value_heads={"td": {"path": "/heads/td", "alpha": 2.0, "steps": 50},
+                              "mc": {"path": "/heads/mc", "steps": 0}, "plain": "/heads/p"})
+    assert s.head_paths == {"default": "/h", "mc": "/heads/mc", "plain": "/heads/p",
+                            "td": "/heads/td"}
+    assert resolve_request({"recontrol_head": "td"}, s) == RowControl(2.0, 50, head="td")
+    assert resolve_request({"recontrol_head": "td", "recontrol_alpha": 1.0},
+                           s) == RowControl(1.0, 50, head="td")
+    assert resolve_request({"recontrol_head": "mc"}, s) == RowControl(0.5, 0, head="mc")
+    assert resolve_request({"recontrol_head": "plain"}, s) == RowControl(0.5, 30, head="plain")
+    assert resolve_request({}, s) == RowControl(0.5, 30)
+    assert s.warm_up_counts == (30, 50)  # every head's default steps (0 is no ascent)
+    assert settings(warmup_steps=[7], value_heads={"td": {"path": "/t", "steps": 9}}
+                    ).warm_up_counts == (7,)
+
+
 @pytest.mark.parametrize("value, message", [
+    ({"td": {"path": "/t", "steps": 500}}, r"\['td'\]\[\"steps\"\] = 500 exceeds max_steps"),
+    ({"td": {"path": "/t", "alpha": "big"}}, r"\['td'\]\[\"alpha\"\] must be a number"),
+    ({"td": {"path": "/t", "beta": 1}}, r"unknown key\(s\) \['beta'\]"),
+    ({"td": {"alpha": 1.0}}, "must be the folder of a value head"),
     (["/heads/a"], "must be a JSON object"),
     ({"default": "/heads/a"}, "'default' is the engine's value_head"),
     ({"has space": "/heads/a"}, "head name 'has space'"),

@@ -126,6 +126,20 @@ def test_requests_pick_their_value_head(llama_engine, llama_dir, head_dir, head1
                for prompt in PROMPTS[:2] for n in (4, 8))
 
 
+def test_a_head_brings_its_own_defaults(llama_engine, llama_dir, head1_dir):
+    """"one-layer" is configured with alpha 2 and 8 steps: a request naming only the head
+    gets those; the engine's (1.0, 4) stay the default head's."""
+    oracle = OracleGenerator(llama_dir, head1_dir)
+    named, with_alpha = llama_engine.generate(
+        [PROMPTS[1]] * 2, [greedy(MAX_TOKENS, recontrol_head="one-layer"),
+                           greedy(MAX_TOKENS, recontrol_head="one-layer", recontrol_alpha=1.0)],
+        use_tqdm=False)
+    ids = list(named.prompt_token_ids)
+    assert list(named.outputs[0].token_ids) == oracle.generate(ids, MAX_TOKENS, 2.0, 8)
+    assert list(with_alpha.outputs[0].token_ids) == oracle.generate(ids, MAX_TOKENS, 1.0, 8)
+    assert list(named.outputs[0].token_ids) != oracle.generate(ids, MAX_TOKENS, 1.0, 4)
+
+
 def test_unknown_head_is_refused_at_admission(llama_engine):
     from vllm.exceptions import VLLMValidationError
 

@@ -88,7 +88,7 @@ def test_each_row_is_edited_by_the_head_it_named():
     its own head on that row alone; uncontrolled rows come back untouched."""
     from oracle import autograd_ascent
     from vllm_recontrol import ValueHead
-    from vllm_recontrol.config import EngineSettings
+    from vllm_recontrol.config import EngineSettings, HeadSpec
     from vllm_recontrol.controller import EditController
 
     heads = {"default": ValueHead(8, [16], seed=1), "deep": ValueHead(8, [12, 6], seed=2)}
@@ -97,7 +97,8 @@ def test_each_row_is_edited_by_the_head_it_named():
             head.layers[0].weight.mul_(3.0)
     batch = [RowControl(1.0, 3, head="deep"), RowControl(0.5, 2), RowControl(0.0, 0),
              RowControl(2.0, 5, head="deep"), RowControl(1.5, 4)]
-    settings = EngineSettings(value_head="h", value_heads=(("deep", "h2"),), backend="torch")
+    settings = EngineSettings(value_head="h", value_heads=(("deep", HeadSpec("h2")),),
+                              backend="torch")
     controller = EditController(heads, settings, fresh(batch))
     states = torch.randn(len(batch), 8, generator=torch.Generator().manual_seed(0))
     controller.rows.arm()

@@ -41,11 +41,21 @@ HEAD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 
 
 @dataclass(frozen=True)
+class HeadSpec:
+    """A further value head: its folder and, when set, its own default alpha and steps (a
+    head trained with another target or reward may need another strength)."""
+
+    path: str
+    alpha: float | None = None
+    steps: int | None = None
+
+
+@dataclass(frozen=True)
 class EngineSettings:
     """Validated ``additional_config["recontrol"]``."""
 
     value_head: str
-    value_heads: tuple[tuple[str, str], ...] = ()  # (name, path) of further heads
+    value_heads: tuple[tuple[str, HeadSpec], ...] = ()  # further heads by name
     alpha: float = DEFAULT_ALPHA
     steps: int = DEFAULT_STEPS
     default_on: bool = True
@@ -60,18 +70,28 @@ class EngineSettings:
     @property
     def head_paths(self) -> dict[str, str]:
         """Every head a request may name, the default first."""
-        return {DEFAULT_HEAD: self.value_head, **dict(self.value_heads)}
+        return {DEFAULT_HEAD: self.value_head,
+                **{name: spec.path for name, spec in self.value_heads}}
 
     @property
     def head_names(self) -> tuple[str, ...]:
         return tuple(self.head_paths)
 
+    def defaults_for(self, head: str) -> tuple[float, int]:
+        """(alpha, steps) of a request to ``head`` that sets neither."""
+        spec = dict(self.value_heads).get(head)
+        alpha = spec.alpha if spec is not None and spec.alpha is not None else self.alpha
+        steps = spec.steps if spec is not None and spec.steps is not None else self.steps
+        return alpha, steps
+
     @property
     def warm_up_counts(self) -> tuple[int, ...]:
-        """Iteration counts compiled and graph-captured at engine start (on CUDA)."""
+        """Iteration counts compiled and graph-captured at engine start (on CUDA): by default
+        every head's default steps."""
         if self.warmup_steps is not None:
             return self.warmup_steps
-        return (self.steps,) if self.steps > 0 else ()
+        counts = {self.defaults_for(head)[1] for head in self.head_names}
+        return tuple(sorted(n for n in counts if n > 0))
 
     @classmethod
     def from_additional_config(cls, additional_config: Mapping[str, Any] | None) -> "EngineSettings":
@@ -118,7 +138,8 @@ class EngineSettings:
                 raise ConfigError(f'{where}["precision"]: {exc}') from exc
         return cls(
             value_head=value_head,
-            value_heads=_as_head_paths(section.get("value_heads"), f'{where}["value_heads"]'),
+            value_heads=_as_head_specs(section.get("value_heads"), f'{where}["value_heads"]',
+                                       max_steps),
             alpha=_as_float(section.get("alpha", DEFAULT_ALPHA), f'{where}["alpha"]', ConfigError),
             steps=steps,
             default_on=_as_switch(section.get("default_on", True), f'{where}["default_on"]',
@@ -193,8 +214,9 @@ def resolve_request(extra_args: Mapping[str, Any] | None, engine: EngineSettings
     if not on:
         return UNCONTROLLED
     head = args.get(REQUEST_HEAD, DEFAULT_HEAD)
-    alpha = _as_float(args.get(REQUEST_ALPHA, engine.alpha), REQUEST_ALPHA, RequestParamsError)
-    steps = _as_int(args.get(REQUEST_STEPS, engine.steps), REQUEST_STEPS, RequestParamsError, low=0)
+    alpha, steps = engine.defaults_for(head)
+    alpha = _as_float(args.get(REQUEST_ALPHA, alpha), REQUEST_ALPHA, RequestParamsError)
+    steps = _as_int(args.get(REQUEST_STEPS, steps), REQUEST_STEPS, RequestParamsError, low=0)
     return RowControl(alpha=alpha, steps=min(steps, engine.max_steps), head=head)
 
 
@@ -208,21 +230,43 @@ def _as_auto_switch(value: Any, name: str) -> bool | None:
         raise ConfigError(f'{name} must be "auto", 0 or 1 (or true/false), got {value!r}') from None
 
 
-def _as_head_paths(value: Any, name: str) -> tuple[tuple[str, str], ...]:
-    """``value_heads``: omitted, or {name: folder} of heads that requests pick by name."""
+HEAD_SPEC_KEYS = ("path", "alpha", "steps")
+
+
+def _as_head_specs(value: Any, name: str, max_steps: int) -> tuple[tuple[str, HeadSpec], ...]:
+    """``value_heads``: omitted, or {name: folder or {"path", "alpha", "steps"}} of heads that
+    requests pick by name."""
     if value is None:
         return ()
     if not isinstance(value, Mapping):
         raise ConfigError(f'{name} must be a JSON object {{"name": "/path/to/head", ...}}, got '
                           f"{value!r}")
-    for head, path in value.items():
+    specs = []
+    for head, entry in value.items():
         if not isinstance(head, str) or not HEAD_NAME.fullmatch(head) or head == DEFAULT_HEAD:
             raise ConfigError(f"{name} has the head name {head!r}: names are 1-64 letters, digits, "
                               f"'_' or '-' (not starting with '_' or '-'), and "
                               f"{DEFAULT_HEAD!r} is the engine's value_head")
+        where = f"{name}[{head!r}]"
+        if isinstance(entry, Mapping):
+            unknown = sorted(set(entry) - set(HEAD_SPEC_KEYS))
+            if unknown:
+                raise ConfigError(f"{where} has unknown key(s) {unknown}; known keys: "
+                                  f"{list(HEAD_SPEC_KEYS)}")
+            path = entry.get("path")
+            alpha = (None if entry.get("alpha") is None else
+                     _as_float(entry["alpha"], f'{where}["alpha"]', ConfigError))
+            steps = (None if entry.get("steps") is None else
+                     _as_int(entry["steps"], f'{where}["steps"]', ConfigError, low=0))
+            if steps is not None and steps > max_steps:
+                raise ConfigError(f'{where}["steps"] = {steps} exceeds max_steps = {max_steps}')
+        else:
+            path, alpha, steps = entry, None, None
         if not isinstance(path, str) or not path.strip():
-            raise ConfigError(f"{name}[{head!r}] must be the folder of a value head, got {path!r}")
-    return tuple(sorted(value.items()))
+            raise ConfigError(f"{where} must be the folder of a value head (or an object with "
+                              f'"path"), got {entry!r}')
+        specs.append((head, HeadSpec(path, alpha, steps)))
+    return tuple(sorted(specs))
 
 
 def _as_step_list(value: Any, name: str, max_steps: int) -> tuple[int, ...] | None:
