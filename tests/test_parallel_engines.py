@@ -1,11 +1,10 @@
 """RE-Control under vLLM's own tensor and pipeline parallelism.
-
 With tensor parallelism every rank edits the same replicated hidden states before its slice
 of the vocabulary-parallel lm_head, so the ranks must agree bit for bit; with pipeline
 parallelism only the last stage computes logits (and holds the value head's work). Either
 way a request must get the tokens a single-worker engine gives it, whichever value head it
-names. CPU: two workers, one
-core each (vLLM's CPU backend wants threads bound by hand when one NUMA node hosts both).
+names. CPU: two workers, one core each (vLLM's CPU backend wants threads bound by hand when
+one NUMA node hosts both).
 """
 
 from __future__ import annotations
