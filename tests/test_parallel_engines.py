@@ -1,4 +1,5 @@
 """RE-Control under vLLM's own tensor and pipeline parallelism.
+
 With tensor parallelism every rank edits the same replicated hidden states before its slice
 of the vocabulary-parallel lm_head, so the ranks must agree bit for bit; with pipeline
 parallelism only the last stage computes logits (and holds the value head's work). Either
