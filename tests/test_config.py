@@ -33,6 +33,9 @@ def test_default_off_engine_controls_only_requests_that_ask():
     assert resolve_request({}, s) == UNCONTROLLED
     assert resolve_request({"recontrol": 1}, s) == RowControl(0.5, 7)
     assert resolve_request({"recontrol_alpha": 1.0}, s) == RowControl(1.0, 7)
+    s = settings(default_on=False, steps=7, value_heads={"mc": "/heads/mc"})
+    assert resolve_request({"recontrol_head": "mc"}, s) == RowControl(0.5, 7, head="mc")
+    assert resolve_request({"recontrol_head": "mc", "recontrol": 0}, s) == UNCONTROLLED
 
 
 def test_unrelated_extra_args_are_ignored():

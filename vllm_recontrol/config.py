@@ -202,7 +202,7 @@ def resolve_request(extra_args: Mapping[str, Any] | None, engine: EngineSettings
     """The control a request gets: its own keys over the engine defaults.
 
     Without a ``recontrol`` key a request is controlled when the engine's ``default_on`` is set
-    or when it names its own alpha or steps. Values were checked at admission; they are checked
+    or when it names its own alpha, steps or value head. Values were checked at admission; they are checked
     again here so that nothing unchecked reaches the kernel.
     """
     args = extra_args or {}
@@ -210,7 +210,8 @@ def resolve_request(extra_args: Mapping[str, Any] | None, engine: EngineSettings
     if REQUEST_SWITCH in args:
         on = _as_switch(args[REQUEST_SWITCH], REQUEST_SWITCH, RequestParamsError)
     else:
-        on = engine.default_on or REQUEST_ALPHA in args or REQUEST_STEPS in args
+        on = engine.default_on or any(k in args for k in (REQUEST_ALPHA, REQUEST_STEPS,
+                                                          REQUEST_HEAD))
     if not on:
         return UNCONTROLLED
     head = args.get(REQUEST_HEAD, DEFAULT_HEAD)
