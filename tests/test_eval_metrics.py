@@ -124,3 +124,12 @@ def test_coherence_that_cannot_load_says_why(tmp_path):
     assert not coherence.available
     assert "missing-model" in coherence.unavailable_reason or "not installed" in \
         coherence.unavailable_reason
+
+
+@pytest.mark.parametrize("value_heads", [["heads/mc"], {"mc": 3}])
+def test_eval_refuses_malformed_value_heads_before_starting_an_engine(value_heads):
+    from vllm_recontrol.evaluation.evaluate import EvalOptions, Evaluator
+
+    options = EvalOptions(model="m", value_head="h", prompts="p", value_heads=value_heads)
+    with pytest.raises(RecontrolError, match="value_heads must map names to head folders"):
+        Evaluator(options, [], None, None)

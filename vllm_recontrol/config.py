@@ -35,7 +35,8 @@ ENGINE_KEYS = ("value_head", "value_heads", "alpha", "steps", "default_on", "max
                "batch_invariant")
 
 # The head a request gets without recontrol_head: the engine's "value_head". Names of further
-# heads ("value_heads") travel in a class name (see _vllm_adapter), hence the narrow alphabet.
+# heads ("value_heads") travel comma-joined in a class name (see _vllm_adapter), so no commas;
+# the narrow alphabet also keeps them readable in logs and JSON.
 DEFAULT_HEAD = "default"
 HEAD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 
@@ -64,7 +65,7 @@ class EngineSettings:
     backend: str = "auto"
     precision: str = "auto"
     cuda_graphs: bool = True
-    warmup_steps: tuple[int, ...] | None = None  # None: (steps,)
+    warmup_steps: tuple[int, ...] | None = None  # None: every head's default steps
     batch_invariant: bool | None = None  # None ("auto"): follow vLLM's VLLM_BATCH_INVARIANT
 
     @property
@@ -202,8 +203,8 @@ def resolve_request(extra_args: Mapping[str, Any] | None, engine: EngineSettings
     """The control a request gets: its own keys over the engine defaults.
 
     Without a ``recontrol`` key a request is controlled when the engine's ``default_on`` is set
-    or when it names its own alpha, steps or value head. Values were checked at admission; they are checked
-    again here so that nothing unchecked reaches the kernel.
+    or when it names its own alpha, steps or value head. Values were checked at admission;
+    they are checked again here so that nothing unchecked reaches the kernel.
     """
     args = extra_args or {}
     check_request_args(args, engine.max_steps, engine.head_names)

@@ -120,9 +120,11 @@ class Evaluator:
         from vllm import LLM
 
         self.opts, self.prompts, self.score, self.coherence = opts, prompts, score, coherence
-        further = dict(opts.value_heads or {})
-        if not all(isinstance(k, str) and isinstance(v, str) for k, v in further.items()):
-            raise RecontrolError(f"value_heads must map names to head folders, got {further!r}")
+        further = opts.value_heads or {}
+        if not isinstance(further, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in further.items()):
+            raise RecontrolError(f'value_heads must map names to head folders ({{"mc": '
+                                 f'"heads/mc"}}), got {further!r}')
         self.grid = parse_grid(opts.grid, (DEFAULT_HEAD, *further))
         engine = {"dtype": "auto", "seed": opts.seed, **opts.engine_args}
         most_steps = max(p.steps for p in self.grid)
