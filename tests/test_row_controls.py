@@ -170,3 +170,23 @@ def test_first_pass_through_call_warms_up_once_and_failures_only_log(caplog):
         assert controller.maybe_edit(states) is states
     assert "warm-up failed (RuntimeError: no graphs today)" in caplog.text
     assert controller._warm_rows is None
+
+
+def test_warm_up_covers_every_head():
+    """Each head compiles and captures its own graphs at engine start, for every head's
+    default step count; the run counts add up."""
+    from vllm_recontrol import ValueHead
+    from vllm_recontrol.config import EngineSettings, HeadSpec
+    from vllm_recontrol.controller import EditController
+
+    heads = {"default": ValueHead(8, [4], seed=0), "td": ValueHead(8, [6, 3], seed=1)}
+    settings = EngineSettings(value_head="h", value_heads=(("td", HeadSpec("t", steps=50)),),
+                              backend="torch", steps=30)
+    controller = EditController(heads, settings, fresh([]), max_rows=16)
+    calls = {}
+    for name, head in heads.items():
+        head.warm_up = (lambda name: lambda rows, counts, **kw:
+                        calls.setdefault(name, (rows, counts)) and 3)(name)
+    controller._warm_rows = 16  # as on CUDA with the Triton backend
+    assert controller.warm_up() == 6
+    assert calls == {"default": (16, (30, 50)), "td": (16, (30, 50))}
