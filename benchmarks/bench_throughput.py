@@ -6,6 +6,8 @@ output length):
   installed    plugin loaded, engine started without --model-impl recontrol
   off          --model-impl recontrol, every request opted out ({"recontrol": 0})
   steps=N      --model-impl recontrol, every request controlled with N ascent steps
+  steps=N, 2 heads   the same, every other request naming a second value head (the same
+               weights loaded again as "second"): the cost of gathering rows per head
 
 With --vllm-bench the same comparison also runs through vLLM's own `vllm bench throughput`
 (random prompts; the RE-Control runs use --model-impl recontrol with every request
@@ -77,7 +79,8 @@ def start_engine(args, recontrol: bool, plugin_loaded: bool):
     if recontrol:
         kwargs.update(model_impl="recontrol", additional_config={"recontrol": {
             "value_head": args.value_head, "alpha": args.alpha, "default_on": False,
-            "steps": max(args.steps), "max_steps": max(args.steps), "backend": args.backend}})
+            "steps": max(args.steps), "max_steps": max(args.steps), "backend": args.backend,
+            "value_heads": {"second": args.value_head}}})
     from vllm_recontrol._vllm_adapter import stock_vllm_engines
 
     with contextlib.nullcontext() if plugin_loaded else stock_vllm_engines():
@@ -105,16 +108,27 @@ def measure(args) -> list[dict[str, Any]]:
              ("off", "recontrol", {"recontrol": 0}, 0)]
     cases += [(f"steps={s}", "recontrol", {"recontrol_alpha": args.alpha, "recontrol_steps": s}, s)
               for s in args.steps]
+    most = max(args.steps)
+    cases.append((f"steps={most}, 2 heads", "recontrol",
+                  [{"recontrol_alpha": args.alpha, "recontrol_steps": most},
+                   {"recontrol_alpha": args.alpha, "recontrol_steps": most,
+                    "recontrol_head": "second"}], most))
     rows: list[dict[str, Any]] = []
     try:
         for batch in args.batch_sizes:
             prompts = make_prompts(batch, args.input_words)
-            params = {name: SamplingParams(max_tokens=args.output_len, temperature=0.0,
-                                           ignore_eos=True, extra_args=extra)
+            def request(extra):
+                return SamplingParams(max_tokens=args.output_len, temperature=0.0,
+                                      ignore_eos=True, extra_args=extra)
+
+            # a list of extras alternates over the requests
+            params = {name: [request(extra[i % len(extra)]) for i in range(batch)]
+                      if isinstance(extra, list) else request(extra)
                       for name, _, extra, _ in cases}
             for name, engine, _, _ in cases:  # warm-up
-                engines[engine].generate(prompts[: max(1, batch // 4)], params[name],
-                                         use_tqdm=False)
+                some = max(1, batch // 4)
+                engines[engine].generate(prompts[:some], params[name] if not isinstance(
+                    params[name], list) else params[name][:some], use_tqdm=False)
             best = {name: float("inf") for name, _, _, _ in cases}
             tokens: dict[str, int] = {}
             for _ in range(args.repeats):
