@@ -115,3 +115,20 @@ def test_speculative_decoding_is_refused(llama_dir, head_dir):
                       **ENGINE_KWARGS)
     with pytest.raises(ConfigError, match="does not support speculative decoding"):
         args.create_engine_config()
+
+
+def test_a_head_trained_on_another_model_is_a_warning(llama_dir, tmp_path, caplog):
+    """Same width, other model: the hidden-size check cannot tell; the recorded base_model
+    can. Starting is still allowed (paths and names of one model differ)."""
+    from vllm_recontrol._vllm_adapter import logger
+
+    foreign = ValueHead(64, [16], seed=0, base_model="meta-llama/Llama-2-7b-hf").save(
+        tmp_path / "foreign")
+    own = ValueHead(64, [16], seed=0, base_model=f"/elsewhere/{llama_dir.name}").save(
+        tmp_path / "own")
+    caplog.set_level("WARNING", logger=logger.name)
+    engine_config(llama_dir, {"recontrol": {"value_head": str(own),
+                                            "value_heads": {"foreign": str(foreign)}}})
+    warnings = [r.getMessage() for r in caplog.records if "trained on the states" in r.getMessage()]
+    assert len(warnings) == 1 and "value head 'foreign'" in warnings[0]
+    assert "'meta-llama/Llama-2-7b-hf'" in warnings[0] and str(llama_dir) in warnings[0]

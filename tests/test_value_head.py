@@ -182,3 +182,12 @@ def test_ascend_rejects_wrong_shapes():
         head.ascend(torch.randn(2, 9), 0.1, 1)
     with pytest.raises(ValueError, match="alpha has 3 entries"):
         head.ascend(torch.randn(2, 8), torch.ones(3), 1)
+
+
+def test_base_model_mismatch_compares_model_names_not_paths():
+    head = ValueHead(4, [4], base_model="lmsys/vicuna-7b-v1.5")
+    assert head.base_model_mismatch("lmsys/vicuna-7b-v1.5") is None
+    assert head.base_model_mismatch("/models/Vicuna-7B-v1.5/") is None  # a local copy
+    message = head.base_model_mismatch("meta-llama/Llama-2-7b-hf")
+    assert "'lmsys/vicuna-7b-v1.5'" in message and "'meta-llama/Llama-2-7b-hf'" in message
+    assert ValueHead(4, [4]).base_model_mismatch("anything") is None  # nothing recorded

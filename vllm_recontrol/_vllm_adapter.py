@@ -119,7 +119,12 @@ def _prepare_engine(vllm_config: Any, settings: EngineSettings) -> None:
                           "configuration forces the V2 runner (e.g. watermarking)")
     # Validate the heads here, in the front-end, so a bad head is a clear error before any
     # engine process starts (the worker loads them again onto its device).
-    _load_heads(settings, model_config.get_hidden_size(), device=None)
+    heads = _load_heads(settings, model_config.get_hidden_size(), device=None)
+    for name, head in heads.items():
+        mismatch = head.base_model_mismatch(str(model_config.model))
+        if mismatch:
+            logger.warning("vllm-recontrol: value head %r (%s): %s", name,
+                           settings.head_paths[name], mismatch)
     tracker = f"{__name__}:{_tracker_name(settings.max_steps, settings.head_names)}"
     processors = list(model_config.logits_processors or [])
     if tracker not in processors:

@@ -257,6 +257,21 @@ class ValueHead(nn.Module):
                                new, self._nonfinite_total)
         return self._nonfinite_total
 
+    def base_model_mismatch(self, served_model: str) -> str | None:
+        """Why this head may not fit ``served_model`` (its recorded ``base_model`` names
+        another model), or None. Names are compared by their last path part, so a hub id and
+        a local copy of it ("lmsys/vicuna-7b-v1.5", "/models/vicuna-7b-v1.5") agree; a head
+        with no recorded base model is not judged. Same-width models (Llama-2-7B and
+        Vicuna-7B) pass the hidden-size check, so this is the only hint a head is foreign."""
+        def short(name: str) -> str:
+            return name.rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1].lower()
+
+        if not self.base_model or short(self.base_model) == short(served_model):
+            return None
+        return (f"it was trained on the states of {self.base_model!r} (base_model in its "
+                f"config.json), but this engine serves {served_model!r}; a value head steers "
+                f"only the model whose states it learned")
+
     # ------------------------------------------------------------------ persistence
     def config_dict(self) -> dict[str, Any]:
         return {
