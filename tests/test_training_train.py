@@ -114,6 +114,33 @@ def test_training_learns_a_predictable_reward(labelled, tmp_path, target, sync):
     assert meta["hyperparameters"]["lr"] == 3e-3 and meta["base_model"].endswith("fake-model")
 
 
+def test_one_collection_two_objectives_two_heads(labelled, tmp_path):
+    """Label the same states with two rewards (label sets by name), train one head on each:
+    the heads learn their own objective and record which labels they learned; with several
+    label sets, train must be told which one."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(labelled, data)
+    label(data=str(data), reward_fn="training_fakes:opposite_reward", name="opposite",
+          progress=False)
+    with pytest.raises(DataError, match=r"several label sets \['opposite', 'reward'\]; pick "
+                                        "one with --labels"):
+        train(data=str(data), out=str(tmp_path / "x"), epochs=1, progress=False)
+    heads = {}
+    for labels in ("reward", "opposite"):
+        summary = train(data=str(data), out=str(tmp_path / labels), labels=labels, target="mc",
+                        lr=3e-3, batch_size=32, epochs=40, widths=[16], device="cpu",
+                        progress=False)
+        assert summary["metrics"]["pearson_s0"] > 0.9, summary["metrics"]
+        heads[labels] = ValueHead.load(tmp_path / labels, expected_hidden_size=8)
+        assert heads[labels].metadata["data"]["labels"] == labels
+    states = torch.randn(256, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        values = torch.stack([heads[n](states).flatten() for n in ("reward", "opposite")])
+    assert torch.corrcoef(values)[0, 1] < -0.5  # opposite objectives, opposite values
+
+
 def test_early_stopping_and_training_is_deterministic(labelled, tmp_path):
     common = dict(data=str(labelled), target="mc", lr=0.05, batch_size=16, epochs=60,
                   patience=2, widths=[16], device="cpu", progress=False)

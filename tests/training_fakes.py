@@ -79,6 +79,11 @@ def good_reward(prompt: str, response: str) -> float:
     return float("good" in prompt.split()) + 0.05 * response.count("a")
 
 
+def opposite_reward(prompt: str, response: str) -> float:
+    """A second objective on the same data: the negated good_reward."""
+    return -good_reward(prompt, response)
+
+
 def write_prompts(path: Path, count: int, seed: int = 0) -> Path:
     rng = random.Random(seed)
     with open(path, "w") as handle:
