@@ -916,7 +916,7 @@ def check_controller(device, ascent, seed, backend: str = "triton") -> dict:
     states = torch.randn(len(controls), d, generator=gen).to(device, torch.bfloat16)
     rows.arm()
     edited = controller.maybe_edit(states)
-    errors, idle_exact = [], True
+    errors = []
     for name, head in heads.items():
         mine = [i for i, c in enumerate(controls) if c.active and c.head == name]
         alpha = torch.tensor([controls[i].alpha for i in mine], device=device)

@@ -104,10 +104,11 @@ def measure(args) -> list[dict[str, Any]]:
     engines = {"stock": start_engine(args, recontrol=False, plugin_loaded=False),
                "installed": start_engine(args, recontrol=False, plugin_loaded=True),
                "recontrol": start_engine(args, recontrol=True, plugin_loaded=True)}
-    cases = [("stock", "stock", None, 0), ("installed", "installed", None, 0),
-             ("off", "recontrol", {"recontrol": 0}, 0)]
-    cases += [(f"steps={s}", "recontrol", {"recontrol_alpha": args.alpha, "recontrol_steps": s}, s)
-              for s in args.steps]
+    # (name, engine, extra_args of the requests in turn, steps)
+    cases = [("stock", "stock", [None], 0), ("installed", "installed", [None], 0),
+             ("off", "recontrol", [{"recontrol": 0}], 0)]
+    cases += [(f"steps={s}", "recontrol", [{"recontrol_alpha": args.alpha, "recontrol_steps": s}],
+               s) for s in args.steps]
     most = max(args.steps)
     cases.append((f"steps={most}, 2 heads", "recontrol",
                   [{"recontrol_alpha": args.alpha, "recontrol_steps": most},
@@ -117,18 +118,13 @@ def measure(args) -> list[dict[str, Any]]:
     try:
         for batch in args.batch_sizes:
             prompts = make_prompts(batch, args.input_words)
-            def request(extra):
-                return SamplingParams(max_tokens=args.output_len, temperature=0.0,
-                                      ignore_eos=True, extra_args=extra)
-
-            # a list of extras alternates over the requests
-            params = {name: [request(extra[i % len(extra)]) for i in range(batch)]
-                      if isinstance(extra, list) else request(extra)
-                      for name, _, extra, _ in cases}
+            params = {name: [SamplingParams(max_tokens=args.output_len, temperature=0.0,
+                                            ignore_eos=True, extra_args=extras[i % len(extras)])
+                             for i in range(batch)]
+                      for name, _, extras, _ in cases}
             for name, engine, _, _ in cases:  # warm-up
                 some = max(1, batch // 4)
-                engines[engine].generate(prompts[:some], params[name] if not isinstance(
-                    params[name], list) else params[name][:some], use_tqdm=False)
+                engines[engine].generate(prompts[:some], params[name][:some], use_tqdm=False)
             best = {name: float("inf") for name, _, _, _ in cases}
             tokens: dict[str, int] = {}
             for _ in range(args.repeats):

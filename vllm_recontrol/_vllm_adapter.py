@@ -119,7 +119,7 @@ def _prepare_engine(vllm_config: Any, settings: EngineSettings) -> None:
                           "configuration forces the V2 runner (e.g. watermarking)")
     # Validate the heads here, in the front-end, so a bad head is a clear error before any
     # engine process starts (the worker loads them again onto its device).
-    heads = _load_heads(settings, model_config.get_hidden_size(), device=None)
+    heads = _load_heads(settings, model_config.get_hidden_size(), device="cpu")
     for name, head in heads.items():
         mismatch = head.base_model_mismatch(str(model_config.model))
         if mismatch:
@@ -139,12 +139,12 @@ def _prepare_engine(vllm_config: Any, settings: EngineSettings) -> None:
 
 
 def _load_heads(settings: EngineSettings, hidden_size: int,
-                device: torch.device | None) -> dict[str, ValueHead]:
+                device: torch.device | str) -> dict[str, ValueHead]:
     """Every head of the engine by name; a bad further head's error names its key."""
     heads = {}
     for name, path in settings.head_paths.items():
         try:
-            heads[name] = ValueHead.load(path, device=device or "cpu",
+            heads[name] = ValueHead.load(path, device=device,
                                          expected_hidden_size=hidden_size)
         except ValueHeadError as exc:
             if name == DEFAULT_HEAD:
