@@ -55,16 +55,50 @@ class OracleGenerator:
         out = self.model.model(input_ids=torch.tensor([token_ids]))
         return out.last_hidden_state[0, -1]  # after the final norm, as lm_head sees it
 
+    def edited_logits(self, token_ids: list[int], alpha: float = 0.0,
+                      steps: int = 0) -> torch.Tensor:
+        """lm_head(s + u) at the last position of ``token_ids``."""
+        state = self.final_state(token_ids)
+        if self.value is not None and steps > 0 and alpha != 0.0:
+            with torch.enable_grad():
+                state = autograd_ascent(self.value, state[None], alpha, steps)[0].detach()
+        with torch.no_grad():
+            return self.model.lm_head(state)
+
+    def log_probs(self, token_ids: list[int], alpha: float = 0.0,
+                  steps: int = 0) -> torch.Tensor:
+        return torch.log_softmax(self.edited_logits(token_ids, alpha, steps), -1)
+
     def generate(self, prompt_ids: list[int], max_tokens: int, alpha: float = 0.0,
                  steps: int = 0) -> list[int]:
         ids, generated = list(prompt_ids), []
         for _ in range(max_tokens):
-            state = self.final_state(ids)
-            if self.value is not None and steps > 0 and alpha != 0.0:
-                with torch.enable_grad():
-                    state = autograd_ascent(self.value, state[None], alpha, steps)[0].detach()
-            with torch.no_grad():
-                token = int(self.model.lm_head(state).argmax())
+            token = int(self.edited_logits(ids, alpha, steps).argmax())
             generated.append(token)
             ids.append(token)
+        return generated
+
+    def generate_matching(self, tokenizer, prompt_ids: list[int], pattern: str,
+                          max_tokens: int, alpha: float = 0.0, steps: int = 0) -> list[int]:
+        """Greedy decoding constrained to text that fully matches the regex ``pattern``: at
+        each step the best edited logit among the tokens that keep the text a prefix of some
+        match (EOS once it is a full match), until EOS. ASCII text: a token's piece is its
+        own decoding."""
+        import regex
+
+        special = set(tokenizer.all_special_ids)
+        pieces = [tokenizer.decode([t]) for t in range(len(tokenizer))]
+        ids, generated, text = list(prompt_ids), [], ""
+        for _ in range(max_tokens):
+            allowed = [t for t, piece in enumerate(pieces) if t not in special
+                       and regex.fullmatch(pattern, text + piece, partial=True)]
+            if regex.fullmatch(pattern, text):
+                allowed.append(tokenizer.eos_token_id)
+            logits = self.edited_logits(ids, alpha, steps)
+            token = allowed[int(logits[allowed].argmax())]
+            generated.append(token)
+            ids.append(token)
+            if token == tokenizer.eos_token_id:
+                break
+            text += pieces[token]
         return generated
