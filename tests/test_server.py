@@ -133,6 +133,38 @@ def test_invalid_values_get_400_and_server_keeps_serving(server, xargs, words):
     assert complete(client, PROMPTS[0], recontrol_steps=2)  # still answering
 
 
+def test_beam_search_refuses_request_keys_and_uses_engine_defaults(server, llama_engine):
+    """vLLM's beam search drops vllm_xargs, so a beam-search request with recontrol keys is
+    refused with 400 (completions and chat) instead of silently ignoring them; without keys
+    it runs with the engine's defaults, as offline ``LLM.beam_search`` does."""
+    from vllm.sampling_params import BeamSearchParams
+
+    client, _ = server
+    beam = {"use_beam_search": True, "ignore_eos": True}
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model="tiny", prompt=PROMPTS[3], n=2, max_tokens=MAX_TOKENS,
+                                  temperature=0.0,
+                                  extra_body={**beam, "vllm_xargs": {"recontrol": 0}})
+    assert caught.value.status_code == 400 and "use_beam_search" in str(caught.value)
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "the good kan"}], n=2,
+            max_tokens=MAX_TOKENS, temperature=0.0,
+            extra_body={**beam, "vllm_xargs": {"recontrol_steps": 2, "recontrol_alpha": 1.0}})
+    assert caught.value.status_code == 400
+    assert "recontrol_alpha, recontrol_steps" in str(caught.value)
+
+    response = client.completions.create(model="tiny", prompt=PROMPTS[3], n=2,
+                                         max_tokens=MAX_TOKENS, temperature=0.0,
+                                         extra_body=beam)
+    offline = llama_engine.beam_search([{"prompt": PROMPTS[3]}], BeamSearchParams(
+        beam_width=2, max_tokens=MAX_TOKENS, ignore_eos=True))[0]
+    tokenizer = llama_engine.get_tokenizer()
+    prompt_length = len(tokenizer(PROMPTS[3]).input_ids)
+    assert [c.text for c in response.choices] == [
+        tokenizer.decode(beam.tokens[prompt_length:]) for beam in offline.sequences]
+
+
 def test_data_parallel_server_gives_the_single_engine_answers(llama_dir, head_dir, head1_dir,
                                                               llama_engine, tmp_path):
     """`--data-parallel-size 2`: two engine cores behind two API servers (vLLM's own

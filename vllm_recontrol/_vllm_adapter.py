@@ -5,7 +5,9 @@ Three hooks, all inert unless an engine is started with ``model_impl="recontrol"
 1. Front-end: ``EngineArgs.create_engine_config`` is wrapped. For a RE-Control engine it
    checks the vLLM version, forces the V1 model runner, validates the settings and the value
    head before any process is spawned, and appends our row tracker to the engine's logits
-   processors (so users pass no extra flag and bad requests are refused at admission).
+   processors (so users pass no extra flag and bad requests are refused at admission). It
+   also makes the OpenAI server refuse beam-search requests that carry RE-Control keys,
+   which vLLM's beam search would drop.
 2. Worker: ``RecontrolRowTracker``, a V1 logits processor, mirrors each request's
    (alpha, steps) into ``RowControls`` before every forward pass. It never changes logits.
 3. Worker: the ``LogitsProcessor`` layer is replaced out of tree for every architecture. In a
@@ -125,6 +127,7 @@ def _prepare_engine(vllm_config: Any, settings: EngineSettings) -> None:
         if mismatch:
             logger.warning("vllm-recontrol: value head %r (%s): %s", name,
                            settings.head_paths[name], mismatch)
+    _refuse_control_keys_in_beam_search()  # this process fronts a RE-Control engine
     tracker = f"{__name__}:{_tracker_name(settings.max_steps, settings.head_names)}"
     processors = list(model_config.logits_processors or [])
     if tracker not in processors:
@@ -259,6 +262,45 @@ def __getattr__(name: str) -> Any:
                  if match.group(2) else (DEFAULT_HEAD,))
         return _tracker_class(int(match.group(1)), heads)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+OPENAI_REQUEST_CLASSES = (("vllm.entrypoints.openai.completion.protocol", "CompletionRequest"),
+                          ("vllm.entrypoints.openai.chat_completion.protocol",
+                           "ChatCompletionRequest"))
+
+
+def _refuse_control_keys_in_beam_search() -> None:
+    """vLLM's OpenAI server turns a ``use_beam_search`` request into ``BeamSearchParams``,
+    which have no ``extra_args``: its ``recontrol*`` keys would be dropped silently and the
+    request steered by the engine's defaults. Make that an HTTP 400 naming the keys instead.
+
+    Runs where a RE-Control engine's configuration is built: in every API server process,
+    also with several (each builds its own)."""
+    import importlib
+
+    from vllm.exceptions import VLLMValidationError
+
+    for module_name, class_name in OPENAI_REQUEST_CLASSES:
+        request_class = getattr(importlib.import_module(module_name), class_name)
+        original = request_class.to_beam_search_params
+        if getattr(original, "_recontrol_wrapped", False):
+            continue
+
+        @functools.wraps(original)
+        def to_beam_search_params(self: Any, *args: Any, _original: Any = original,
+                                  **kwargs: Any) -> Any:
+            keys = sorted(k for k in (getattr(self, "vllm_xargs", None) or {})
+                          if k.startswith("recontrol"))
+            if keys:
+                raise VLLMValidationError(
+                    f"vllm-recontrol: {', '.join(keys)} cannot be used with use_beam_search: "
+                    "vLLM's beam search does not pass vllm_xargs to the engine, so a "
+                    "beam-search request gets the engine's own alpha, steps and default_on",
+                    parameter="vllm_xargs")
+            return _original(self, *args, **kwargs)
+
+        to_beam_search_params._recontrol_wrapped = True  # type: ignore[attr-defined]
+        request_class.to_beam_search_params = to_beam_search_params
 
 
 # ----------------------------------------------------------------------------- logits layer
