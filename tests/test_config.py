@@ -91,6 +91,7 @@ def test_a_further_head_may_bring_its_own_alpha_and_steps():
     assert resolve_request({"recontrol_head": "plain"}, s) == RowControl(0.5, 30, head="plain")
     assert resolve_request({}, s) == RowControl(0.5, 30)
     assert s.warm_up_counts == (30, 50)  # every head's default steps (0 is no ascent)
+    assert [s.warm_up_counts_for(h) for h in s.head_names] == [(30,), (), (30,), (50,)]
     assert settings(warmup_steps=[7], value_heads={"td": {"path": "/t", "steps": 9}}
                     ).warm_up_counts == (7,)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from vllm_recontrol.config import RowControl
@@ -173,8 +175,9 @@ def test_first_pass_through_call_warms_up_once_and_failures_only_log(caplog):
 
 
 def test_warm_up_covers_every_head():
-    """Each head compiles and captures its own graphs at engine start, for every head's
-    default step count; the run counts add up."""
+    """Each head compiles and captures its own graphs at engine start, for the step count
+    its requests get by default (or every count of ``warmup_steps`` when given); the run
+    counts add up."""
     from vllm_recontrol import ValueHead
     from vllm_recontrol.config import EngineSettings, HeadSpec
     from vllm_recontrol.controller import EditController
@@ -189,4 +192,10 @@ def test_warm_up_covers_every_head():
                         calls.setdefault(name, (rows, counts)) and 3)(name)
     controller._warm_rows = 16  # as on CUDA with the Triton backend
     assert controller.warm_up() == 6
-    assert calls == {"default": (16, (30, 50)), "td": (16, (30, 50))}
+    assert calls == {"default": (16, (30,)), "td": (16, (50,))}
+
+    explicit = EditController(heads, replace(settings, warmup_steps=(7, 9)), fresh([]),
+                              max_rows=16)
+    explicit._warm_rows, calls = 16, {}
+    assert explicit.warm_up() == 6
+    assert calls == {"default": (16, (7, 9)), "td": (16, (7, 9))}

@@ -65,7 +65,7 @@ class EngineSettings:
     backend: str = "auto"
     precision: str = "auto"
     cuda_graphs: bool = True
-    warmup_steps: tuple[int, ...] | None = None  # None: every head's default steps
+    warmup_steps: tuple[int, ...] | None = None  # None: each head's own default steps
     batch_invariant: bool | None = None  # None ("auto"): follow vLLM's VLLM_BATCH_INVARIANT
 
     @property
@@ -85,14 +85,19 @@ class EngineSettings:
         steps = spec.steps if spec is not None and spec.steps is not None else self.steps
         return alpha, steps
 
-    @property
-    def warm_up_counts(self) -> tuple[int, ...]:
-        """Iteration counts compiled and graph-captured at engine start (on CUDA): by default
-        every head's default steps."""
+    def warm_up_counts_for(self, head: str) -> tuple[int, ...]:
+        """Iteration counts compiled and graph-captured for ``head`` at engine start (on
+        CUDA): ``warmup_steps`` when given, else the steps its requests get by default (other
+        counts are captured when they first arrive)."""
         if self.warmup_steps is not None:
             return self.warmup_steps
-        counts = {self.defaults_for(head)[1] for head in self.head_names}
-        return tuple(sorted(n for n in counts if n > 0))
+        steps = self.defaults_for(head)[1]
+        return (steps,) if steps > 0 else ()
+
+    @property
+    def warm_up_counts(self) -> tuple[int, ...]:
+        """Every count some head warms up (empty: no warm-up at all)."""
+        return tuple(sorted({n for head in self.head_names for n in self.warm_up_counts_for(head)}))
 
     @classmethod
     def from_additional_config(cls, additional_config: Mapping[str, Any] | None) -> "EngineSettings":

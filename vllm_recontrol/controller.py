@@ -200,7 +200,7 @@ class EditController:
             return 0
         start = time.perf_counter()
         try:
-            runs = sum(head.warm_up(rows, self.settings.warm_up_counts,
+            runs = sum(head.warm_up(rows, self.settings.warm_up_counts_for(name),
                                     max_norm=self.settings.max_norm, backend=self.backends[name],
                                     precision=self.settings.precision,
                                     cuda_graphs=self.settings.cuda_graphs,
