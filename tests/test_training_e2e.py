@@ -8,6 +8,7 @@ pytest process keeps vLLM's cached environment out of the other tests' engines.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -102,6 +103,29 @@ def test_ray_replicas_write_the_same_files_as_one_engine(world):
     assert sorted(p.name for p in data.glob("shard-*")) == single and len(single) == 12
     for name in ["manifest.json", *single]:
         assert (data / name).read_bytes() == (world["data"] / name).read_bytes(), name
+
+
+def test_ray_replicas_label_the_same_as_one_process(world, trained, tmp_path):
+    """`label --ray --replicas 2`: two actors, each with its own reward source (a function in
+    a module of the driver's working folder, which the actors import too), write the label
+    files of the single-process run byte for byte."""
+    import shutil
+
+    pytest.importorskip("ray")
+    data = tmp_path / "data"
+    shutil.copytree(world["data"], data, ignore=shutil.ignore_patterns("labels"))
+    (tmp_path / "my_rewards.py").write_text(
+        "from vllm_recontrol.toy_world import positive_share as reward\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "vllm_recontrol.cli", "label", "--data", str(data),
+         "--reward-fn", "my_rewards:reward", "--ray", "--replicas", "2", "--ray-num-cpus", "1",
+         "--no-progress"], capture_output=True, text=True, timeout=400, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    single = sorted((world["data"] / "labels" / "reward").glob("shard-*.jsonl"))
+    assert len(single) == 6
+    for path in single:
+        assert (data / "labels" / "reward" / path.name).read_bytes() == path.read_bytes()
+    assert re.search(r"\| shards labelled now +\| 6 +\|", proc.stdout), proc.stdout
 
 
 def test_eval_command_compares_every_method(world, trained):

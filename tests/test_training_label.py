@@ -134,6 +134,16 @@ def test_label_needs_exactly_one_source(data):
         label(data=str(data), progress=False)
 
 
+@pytest.mark.parametrize("options, message", [
+    ({"replicas": 2}, "replicas > 1 needs ray"),
+    ({"replicas": 0, "ray": True}, "replicas must be a positive integer"),
+    ({"engine_args": "[]"}, "engine_args must be a JSON object"),
+])
+def test_label_option_errors(data, options, message):
+    with pytest.raises(DataError, match=message):
+        label(data=str(data), reward_fn=lambda p, r: 1.0, progress=False, **options)
+
+
 # ----------------------------------------------------------------------------- reward model
 @pytest.fixture(scope="module")
 def tiny_rm(tmp_path_factory):

@@ -5,7 +5,9 @@ redone with another reward model. ``DIR/labels/<name>/info.json`` says where the
 from; ``DIR/labels/<name>/shard-00000.jsonl`` holds ``{"response_id", "reward", "cut"}`` per
 response, in the shard's row order, written atomically: a rerun labels only missing shards.
 A reward that is not a finite number stops the command with the shard, row and value: no row
-is ever dropped or filled in silently.
+is ever dropped or filled in silently. ``--ray --replicas N`` spreads whole shards over N Ray
+actors, each with its own reward model (or function); the files are the same as one
+process's.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from .common import (DataError, RewardError, build_options, dump_json, json_argument,
+from .common import (DataError, build_options, dump_json, json_argument,
                      parse_command_line, progress, read_jsonl, run_main, summary_table,
                      write_jsonl_atomic, write_text_atomic)
 from .engines import run_engines_in_process
@@ -51,8 +53,69 @@ class LabelOptions:
     engine_args: dict[str, Any] = field(default_factory=dict)  # vllm.LLM keyword arguments
     in_process: bool = False       # vLLM engine core in this process (small CPU runs)
     cut_at: list[str] = field(default_factory=lambda: list(DEFAULT_CUT_AT))
+    ray: bool = False              # spread shards over Ray actors
+    replicas: int = 1              # actors (each loads the reward model once)
+    ray_address: str | None = None
+    ray_num_cpus: float = 1.0
+    ray_num_gpus: float = 0.0
     overwrite: bool = False
     progress: bool = True
+
+    def check(self) -> None:
+        if isinstance(self.replicas, bool) or not isinstance(self.replicas, int) \
+                or self.replicas <= 0:
+            raise DataError(f"replicas must be a positive integer, got {self.replicas!r}")
+        if self.replicas > 1 and not self.ray:
+            raise DataError("replicas > 1 needs ray (--ray): one reward source per Ray actor")
+        if not isinstance(self.engine_args, dict):
+            raise DataError("engine_args must be a JSON object")
+
+    def source_arguments(self) -> dict[str, Any]:
+        """``RewardSource`` keyword arguments: what a process (or actor) needs to score."""
+        return dict(reward_fn=self.reward_fn, reward_model=self.reward_model,
+                    device=self.device, dtype=self.rm_dtype, batch_size=self.batch_size,
+                    max_length=self.max_length, reward_index=self.reward_index,
+                    trust_remote_code=self.trust_remote_code, engine=self.rm_engine,
+                    engine_args=dict(self.engine_args))
+
+
+class LabelWorker:
+    """Labels whole shards with a reward source; runs in this process or as a Ray actor,
+    which builds its own source from ``LabelOptions.source_arguments`` (Ray starts local
+    actors in the driver's working folder, so ``--reward-fn my_module:f`` imports there too;
+    on other machines the module must be importable, e.g. through Ray's runtime_env)."""
+
+    def __init__(self, data: str, folder: str, source: RewardSource | dict[str, Any],
+                 cut_at: Sequence[str], in_process: bool = False) -> None:
+        if not isinstance(source, RewardSource):
+            source = _reward_source(source, in_process)
+        self.data, self.folder, self.source = Path(data), Path(folder), source
+        self.cut_at = list(cut_at)
+
+    def label_shard(self, shard: str) -> str:
+        """Score the shard's responses and write its labels file (atomically)."""
+        rows = read_rows(self.data, shard)
+        pairs, cuts = [], []
+        for row in rows:
+            response, was_cut = cut_response(row["response"], self.cut_at)
+            pairs.append((row["prompt"], response))
+            cuts.append(was_cut)
+        rewards = self.source.score(pairs, where=lambda i: (
+            f"shard {shard} row {i} (response_id {rows[i]['response_id']}"))
+        write_jsonl_atomic(self.folder / f"{shard}.jsonl", [
+            {"response_id": row["response_id"], "reward": float(r), "cut": c}
+            for row, r, c in zip(rows, rewards, cuts)])
+        return shard
+
+    def close(self) -> None:
+        self.source.close()
+
+
+def _reward_source(arguments: dict[str, Any], in_process: bool) -> RewardSource:
+    arguments = dict(arguments, engine_args=dict(arguments["engine_args"]))
+    if in_process and arguments["engine"] == "vllm":
+        run_engines_in_process(arguments["engine_args"])
+    return RewardSource(**arguments)
 
 
 def labels_dir(data: str | Path, name: str) -> Path:
@@ -97,17 +160,13 @@ def _prepare_info(opts: LabelOptions, source: RewardSource, data: Path) -> Path:
 def label(**options: Any) -> dict[str, Any]:
     """Label every collected response; see :class:`LabelOptions`. Returns the summary."""
     opts = build_options(LabelOptions, options, "label")
+    opts.check()
     started = time.perf_counter()
     data = Path(opts.data)
     manifest = read_manifest(data)
-    if not isinstance(opts.engine_args, dict):
-        raise DataError("engine_args must be a JSON object")
-    engine_args = dict(opts.engine_args)
-    if opts.in_process and opts.rm_engine == "vllm":
-        run_engines_in_process(engine_args)
-    source = RewardSource(opts.reward_fn, opts.reward_model, opts.device, opts.rm_dtype,
-                          opts.batch_size, opts.max_length, opts.reward_index,
-                          opts.trust_remote_code, engine=opts.rm_engine, engine_args=engine_args)
+    # Built here also with --ray: a bad reward function or option fails before Ray starts
+    # (a reward model loads on first use only, so the driver never loads one then).
+    source = _reward_source(opts.source_arguments(), opts.in_process)
     try:
         return _label_all(opts, source, data, manifest, started)
     finally:
@@ -122,22 +181,31 @@ def _label_all(opts: LabelOptions, source: RewardSource, data: Path, manifest: d
     todo = [p.name for p in plans if p.name not in missing
             and not (folder / f"{p.name}.jsonl").is_file()]
     skipped = len(plans) - len(missing) - len(todo)
-    for shard in progress(todo, desc="label", unit="shard", disable=not opts.progress or not todo):
-        rows = read_rows(data, shard)
-        pairs, cuts = [], []
-        for row in rows:
-            response, was_cut = cut_response(row["response"], opts.cut_at)
-            pairs.append((row["prompt"], response))
-            cuts.append(was_cut)
-        rewards = source.score(pairs, where=lambda i, shard=shard, rows=rows: (
-            f"shard {shard} row {i} (response_id {rows[i]['response_id']}"))
-        write_jsonl_atomic(folder / f"{shard}.jsonl", [
-            {"response_id": row["response_id"], "reward": float(r), "cut": c}
-            for row, r, c in zip(rows, rewards, cuts)])
+    if opts.ray:
+        _label_with_ray(opts, data, folder, todo)
+    else:
+        worker = LabelWorker(str(data), str(folder), source, opts.cut_at)
+        for shard in progress(todo, desc="label", unit="shard",
+                              disable=not opts.progress or not todo):
+            worker.label_shard(shard)
     summary = _summarize(folder, plans, len(todo), skipped, missing, source.spec,
                          time.perf_counter() - started)
     print(summary_table(f"vllm-recontrol label -> {folder}", list(summary.items())), flush=True)
     return summary
+
+
+def _label_with_ray(opts: LabelOptions, data: Path, folder: Path, todo: list[str]) -> None:
+    """Each shard labelled once, by whichever of ``opts.replicas`` actors is free."""
+    from .ray_pool import dispatch, ray_actors
+
+    arguments = opts.source_arguments()
+    with ray_actors(opts, LabelWorker, len(todo), str(data.resolve()), str(folder.resolve()),
+                    arguments, opts.cut_at, opts.in_process) as actors:
+        dispatch(actors, [(lambda actor, shard=shard: actor.label_shard.remote(shard))
+                          for shard in todo], "label", opts.progress)
+        import ray
+
+        ray.get([actor.close.remote() for actor in actors])
 
 
 def _summarize(folder: Path, plans: list, labelled: int, skipped: int, missing: list[str],
@@ -192,6 +260,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="with --rm-engine vllm: engine core in this process (small CPUs)")
     parser.add_argument("--cut-at", nargs="*",
                         help="cut responses at the first of these markers (default Human: User:)")
+    parser.add_argument("--ray", action="store_true",
+                        help="spread shards over Ray actors, each with its own reward source")
+    parser.add_argument("--replicas", type=int, help="Ray actors with --ray")
+    parser.add_argument("--ray-address", help="Ray cluster address (default: local)")
+    parser.add_argument("--ray-num-cpus", type=float, help="CPUs per actor (default 1)")
+    parser.add_argument("--ray-num-gpus", type=float,
+                        help="GPUs per actor (0 on CPU; 1 with --device cuda)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a label set of the same name made differently")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
