@@ -135,6 +135,14 @@ class LabelledData:
             counts["train_states"] += int(lengths[~held].sum())
         return counts
 
+    def train_states_per_shard(self, heldout_prompts: torch.Tensor) -> list[int]:
+        """Training (not held-out) states of each shard, from its index alone."""
+        counts = []
+        for shard in self.shards:
+            lengths = shard.index.offsets[1:] - shard.index.offsets[:-1]
+            counts.append(int(lengths[~heldout_prompts[shard.index.prompt_index]].sum()))
+        return counts
+
     def train_reward_mean(self, heldout_prompts: torch.Tensor) -> float:
         values = torch.cat([s.rewards[~heldout_prompts[s.index.prompt_index]] for s in self.shards])
         return float(values.mean()) if values.numel() else 0.0

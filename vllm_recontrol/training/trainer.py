@@ -6,24 +6,27 @@ decay, one hidden layer as wide as the model (widths = [d]; Vicuna-7B on HH-RLHF
 the correct terminal index, stops the gradient through the bootstrap, and never holds all
 states in memory. A prompt-level held-out split drives early stopping (held-out MSE of V(s_t)
 against the reward, the fixed point of every target type when each prompt has one response)
-and measures the correlation of V(s_0) with the reward against a constant predictor.
+and measures the correlation of V(s_0) with the reward against a constant predictor. Under
+``torchrun`` it trains data-parallel (``distributed``): each process streams its own windows.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
 from ..value_head import ValueHead
 from .common import DataError, build_options, parse_command_line, progress, run_main, summary_table
 from .dataset import LabelledData, Window
+from .distributed import ProcessGroup, join_process_group
 from .shards import manifest_sha256
 from .targets import TARGETS, bootstrap_targets, lambda_returns, mc_targets, value_loss
 
@@ -84,26 +87,38 @@ def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
     return float((x * y).sum()) / denominator if denominator > 0 else 0.0
 
 
-def _device(name: str) -> torch.device:
+def _device(name: str, group: ProcessGroup) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DataError(f"device {name} requested but CUDA is not available")
+    if group.distributed and device.type == "cuda":
+        if device.index is not None:
+            raise DataError(f"device {name}: with several processes use --device cuda (each "
+                            f"process takes the GPU of its LOCAL_RANK)")
+        device = torch.device("cuda", group.local_rank)
     return device
 
 
 class Trainer:
     """One training run: head, optimiser, streaming epochs, evaluation, early stopping."""
 
-    def __init__(self, opts: TrainOptions, data: LabelledData) -> None:
+    def __init__(self, opts: TrainOptions, data: LabelledData,
+                 group: ProcessGroup | None = None) -> None:
         self.opts, self.data = opts, data
-        self.device = _device(opts.device)
+        self.group = group or ProcessGroup()
+        self.device = _device(opts.device, self.group)
         self.head = self._initial_head().to(self.device)
         self.target_head = copy.deepcopy(self.head) if opts.target_sync_steps > 1 else self.head
         self.optimizer = torch.optim.Adam(self.head.parameters(), lr=opts.lr,
                                           weight_decay=opts.weight_decay)
         self.generator = torch.Generator().manual_seed(opts.seed)
+        self.order_generator = self.generator  # shard order: the same in every process
+        if self.group.distributed:  # row shuffles: each process its own
+            self.order_generator = torch.Generator().manual_seed(opts.seed)
+            self.generator = torch.Generator().manual_seed(opts.seed + 7919 * (self.group.rank + 1))
+        self.batch_size = opts.batch_size // self.group.world  # a step's states per process
         self.heldout = data.heldout_prompts(opts.heldout_fraction, opts.seed)
         self.has_heldout = bool(self.heldout.any())
         self.train_mean = data.train_reward_mean(self.heldout)
@@ -126,33 +141,82 @@ class Trainer:
 
     # ------------------------------------------------------------------ training
     def epoch(self) -> float:
-        """One pass over the training states; returns the mean training loss."""
+        """One pass over the training states; returns the mean training loss.
+
+        Alone: every batch of every window is one step. With several processes, each
+        streams its own windows and a step applies the gradient of the union of their
+        batches; a process with none left takes the step with a zero gradient."""
         self.head.train()
-        order = torch.randperm(len(self.data.shards), generator=self.generator).tolist()
-        total, batches = 0.0, 0
-        for window in self.data.windows(order, self.opts.shuffle_shards, self.heldout):
-            rows = torch.nonzero(~window.state_heldout).squeeze(1)
-            if rows.numel() == 0:
-                continue
-            rows = rows[torch.randperm(rows.numel(), generator=self.generator)]
-            fixed = self._window_targets(window)
-            for start in range(0, rows.numel(), self.opts.batch_size):
-                batch = rows[start:start + self.opts.batch_size]
-                states = window.states[batch].to(self.device, torch.float32)
-                if fixed is None:
-                    targets = self._bellman_batch_targets(window, batch)
-                else:
-                    targets = fixed[batch].to(self.device)
-                loss = value_loss(self.head, states, targets)
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                self.optimizer.step()
-                self.steps += 1
-                if self.target_head is not self.head and self.steps % self.opts.target_sync_steps == 0:
-                    self.target_head.load_state_dict(self.head.state_dict())
-                total += loss.item()
-                batches += 1
-        return total / max(batches, 1)
+        order = torch.randperm(len(self.data.shards), generator=self.order_generator).tolist()
+        groups = self._my_windows(order)
+        batches = self._batches(groups)
+        steps = self.group.max(self._count_batches(groups)) if self.group.distributed else None
+        total, count = 0.0, 0
+        for step in itertools.count():
+            if steps is not None and step >= steps:
+                break
+            item = next(batches, None)
+            if item is None and steps is None:
+                break
+            total += self._step(item)
+            count += 1
+        if next(batches, None) is not None:
+            raise RuntimeError("train: a process has batches left after the last step")
+        return total / max(count, 1)
+
+    def _step(self, item: tuple[Window, torch.Tensor | None, torch.Tensor] | None) -> float:
+        """One optimizer step on this process's batch (or none); returns the step's loss."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = None
+        if item is not None:
+            window, fixed, batch = item
+            states = window.states[batch].to(self.device, torch.float32)
+            if fixed is None:
+                targets = self._bellman_batch_targets(window, batch)
+            else:
+                targets = fixed[batch].to(self.device)
+            loss = value_loss(self.head, states, targets)
+        rows = 0 if item is None else item[2].numel()
+        if self.group.distributed:
+            local = 0.0 if loss is None else float(loss.detach()) * rows
+            rows_total, loss_sum = self.group.sum([float(rows), local])
+            if loss is not None:
+                (loss * (rows / rows_total)).backward()
+            self.group.sum_gradients(list(self.head.parameters()))
+            step_loss = loss_sum / rows_total
+        else:
+            loss.backward()
+            step_loss = loss.item()
+        self.optimizer.step()
+        self.steps += 1
+        if self.target_head is not self.head and self.steps % self.opts.target_sync_steps == 0:
+            self.target_head.load_state_dict(self.head.state_dict())
+        return step_loss
+
+    def _my_windows(self, order: list[int]) -> list[list[int]]:
+        """This process's windows (groups of ``shuffle_shards`` shards) of the shard order."""
+        size = self.opts.shuffle_shards
+        groups = [order[i:i + size] for i in range(0, len(order), size)]
+        return groups[self.group.rank::self.group.world]
+
+    def _batches(self, groups: list[list[int]]
+                 ) -> Iterator[tuple[Window, torch.Tensor | None, torch.Tensor]]:
+        """(window, its fixed targets or None, rows) per training batch, window by window."""
+        for shards in groups:
+            for window in self.data.windows(shards, len(shards), self.heldout):
+                rows = torch.nonzero(~window.state_heldout).squeeze(1)
+                if rows.numel() == 0:
+                    continue
+                rows = rows[torch.randperm(rows.numel(), generator=self.generator)]
+                fixed = self._window_targets(window)
+                for start in range(0, rows.numel(), self.batch_size):
+                    yield window, fixed, rows[start:start + self.batch_size]
+
+    def _count_batches(self, groups: list[list[int]]) -> int:
+        """How many batches ``_batches`` yields, from the shard indexes (nothing loaded)."""
+        per_shard = self.data.train_states_per_shard(self.heldout)
+        return sum(math.ceil(sum(per_shard[i] for i in shards) / self.batch_size)
+                   for shards in groups)
 
     def _bellman_batch_targets(self, window: Window, batch: torch.Tensor) -> torch.Tensor:
         """y = r at a terminal row, else stopgrad V(s_{t+1}) (the next row of the window)."""
@@ -188,23 +252,26 @@ class Trainer:
         squared = trivial_squared = 0.0
         count = 0
         first_values, first_rewards = [], []
-        order = list(range(len(self.data.shards)))
-        for window in self.data.windows(order, self.opts.shuffle_shards, self.heldout):
-            pick = window.state_heldout if self.has_heldout else ~window.state_heldout
-            rows = torch.nonzero(pick).squeeze(1)
-            if rows.numel() == 0:
-                continue
-            values = torch.cat([self.head(window.states[rows[i:i + EVAL_CHUNK]].to(
-                self.device, torch.float32)).cpu() for i in range(0, rows.numel(), EVAL_CHUNK)])
-            rewards = window.state_rewards[rows]
-            squared += float(((values - rewards) ** 2).sum())
-            trivial_squared += float(((self.train_mean - rewards) ** 2).sum())
-            count += rows.numel()
-            chosen = window.heldout if self.has_heldout else ~window.heldout
-            firsts = window.first_rows[chosen]
-            first_values.append(self.head(window.states[firsts].to(self.device, torch.float32)).cpu())
-            first_rewards.append(window.rewards[chosen])
-        v0, r = torch.cat(first_values), torch.cat(first_rewards)
+        for shards in self._my_windows(list(range(len(self.data.shards)))):
+            for window in self.data.windows(shards, len(shards), self.heldout):
+                pick = window.state_heldout if self.has_heldout else ~window.state_heldout
+                rows = torch.nonzero(pick).squeeze(1)
+                if rows.numel() == 0:
+                    continue
+                values = torch.cat([self.head(window.states[rows[i:i + EVAL_CHUNK]].to(
+                    self.device, torch.float32)).cpu() for i in range(0, rows.numel(), EVAL_CHUNK)])
+                rewards = window.state_rewards[rows]
+                squared += float(((values - rewards) ** 2).sum())
+                trivial_squared += float(((self.train_mean - rewards) ** 2).sum())
+                count += rows.numel()
+                chosen = window.heldout if self.has_heldout else ~window.heldout
+                firsts = window.first_rows[chosen]
+                first_values.append(self.head(window.states[firsts].to(
+                    self.device, torch.float32)).cpu())
+                first_rewards.append(window.rewards[chosen])
+        squared, trivial_squared, count = self.group.sum([squared, trivial_squared, count])
+        v0 = self.group.gather(torch.cat(first_values) if first_values else torch.zeros(0))
+        r = self.group.gather(torch.cat(first_rewards) if first_rewards else torch.zeros(0))
         return {
             "mse": squared / count,
             "mse_s0": float(((v0 - r) ** 2).mean()),
@@ -217,19 +284,33 @@ class Trainer:
 
 
 def train(**options: Any) -> dict[str, Any]:
-    """Train and save a value head; see :class:`TrainOptions`. Returns the summary."""
+    """Train and save a value head; see :class:`TrainOptions`. Returns the summary.
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) every process runs this; they train one head
+    together and rank 0 saves it."""
     opts = build_options(TrainOptions, options, "train")
     opts.check()
+    group = join_process_group(opts.device)
+    try:
+        if opts.batch_size % group.world:
+            raise DataError(f"batch_size {opts.batch_size} must be a multiple of the "
+                            f"{group.world} processes (each takes an equal part of a step)")
+        return _train(opts, group)
+    finally:
+        group.close()
+
+
+def _train(opts: TrainOptions, group: ProcessGroup) -> dict[str, Any]:
     started = time.perf_counter()
     data = LabelledData(opts.data, opts.labels, opts.allow_partial)
-    trainer = Trainer(opts, data)
+    trainer = Trainer(opts, data, group)
     counts = data.count(trainer.heldout)
     if counts["train_states"] == 0:
         raise DataError(f"{opts.data}: no training states after the held-out split")
     history: list[dict[str, float]] = []
     best_mse, best_epoch, best_state = math.inf, 0, copy.deepcopy(trainer.head.state_dict())
     bar = progress(range(1, opts.epochs + 1), desc=f"train ({opts.target})", unit="epoch",
-                   disable=not opts.progress)
+                   disable=not opts.progress or not group.is_main)
     for epoch in bar:
         loss = trainer.epoch()
         metrics = trainer.evaluate()
@@ -244,6 +325,7 @@ def train(**options: Any) -> dict[str, Any]:
             break
     trainer.head.load_state_dict(best_state)
     final = trainer.evaluate()
+    group.check_same_parameters(trainer.head)
     head = trainer.head.to("cpu")
     head.metadata = {
         "trained_by": "vllm-recontrol train",
@@ -257,17 +339,21 @@ def train(**options: Any) -> dict[str, Any]:
                  "label_source": data.label_info.get("source"), **counts},
         "hyperparameters": {k: v for k, v in asdict(opts).items()
                             if k not in ("data", "out", "progress")},
+        "processes": group.world,
         "metrics": {"split": "heldout" if trainer.has_heldout else "train (no held-out split)",
                     "best_epoch": best_epoch, "epochs_run": len(history),
                     "train_reward_mean": trainer.train_mean, **final},
         "history": history,
     }
-    head.save(opts.out)
+    if group.is_main:
+        head.save(opts.out)
+    group.barrier()  # the head is on disk before any process returns
     split = "held-out" if trainer.has_heldout else "train (no held-out)"
     summary = {
         "target": opts.target + (f" (lambda {opts.td_lambda})" if opts.target == "td-lambda" else ""),
         "widths": head.widths,
-        "device": str(trainer.device),
+        "device": str(trainer.device) + (f" x {group.world} processes" if group.distributed
+                                         else ""),
         "train responses / states": f"{counts['train_responses']} / {counts['train_states']}",
         "held-out responses / states": f"{counts['heldout_responses']} / {counts['heldout_states']}",
         "epochs run (best)": f"{len(history)} ({best_epoch})",
@@ -280,7 +366,9 @@ def train(**options: Any) -> dict[str, Any]:
         "wall time (s)": round(time.perf_counter() - started, 1),
         "value head": str(opts.out),
     }
-    print(summary_table(f"vllm-recontrol train -> {opts.out}", list(summary.items())), flush=True)
+    if group.is_main:
+        print(summary_table(f"vllm-recontrol train -> {opts.out}", list(summary.items())),
+              flush=True)
     return {**summary, "metrics": head.metadata["metrics"]}
 
 
@@ -288,7 +376,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="vllm-recontrol train",
         description="Train a RE-Control value head on labelled states (streamed from disk) and "
-                    "save it for `--model-impl recontrol`.")
+                    "save it for `--model-impl recontrol`. Data-parallel over several "
+                    "processes (GPUs, machines) under torchrun: `torchrun --nproc-per-node N "
+                    "-m vllm_recontrol.cli train ...`.")
     parser.add_argument("--data", help="folder written by collect and labelled by label")
     parser.add_argument("--out", help="value head folder to write")
     parser.add_argument("--labels", help="label set name (default: the only one)")

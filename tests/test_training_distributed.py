@@ -1,0 +1,102 @@
+"""`train` under torchrun: several processes train one value head together (Gloo on CPU)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from training_fakes import fake_collect, good_reward
+from vllm_recontrol import ValueHead
+from vllm_recontrol.training.dataset import LabelledData
+from vllm_recontrol.training.labeler import label
+from vllm_recontrol.training.trainer import Trainer, TrainOptions, train
+
+HEAD = dict(target="mc", widths=[8], lr=0.01, heldout_fraction=0.2, seed=0)
+
+
+def torchrun_train(cwd, *flags: str, processes: int = 2) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc-per-node={processes}", "-m", "vllm_recontrol.cli", "train",
+               "--device", "cpu", "--no-progress", *flags]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=cwd)
+
+
+def ran(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def head_flags(data, out, **overrides) -> list[str]:
+    options = {**HEAD, **overrides}
+    flags = ["--data", str(data), "--out", str(out)]
+    for key, value in options.items():
+        flag = "--" + key.replace("_", "-")
+        flags += [flag, *map(str, value)] if isinstance(value, list) else [flag, str(value)]
+    return flags
+
+
+@pytest.fixture(scope="module")
+def two_shards(tmp_path_factory):
+    data = fake_collect(tmp_path_factory.mktemp("dist2"), count=40, shard_size=20)[0]
+    label(data=str(data), reward_fn=good_reward, progress=False)
+    return data
+
+
+@pytest.fixture(scope="module")
+def three_shards(tmp_path_factory):
+    data = fake_collect(tmp_path_factory.mktemp("dist3"), count=40, shard_size=14)[0]
+    label(data=str(data), reward_fn=good_reward, progress=False)
+    return data
+
+
+def test_two_processes_take_the_steps_of_one(two_shards, tmp_path):
+    """Full-batch oracle: with one shard per process as one batch, every step's gradient is
+    that of the mean loss over all training states, exactly a single process's step with
+    both shards in one batch. The shards hold different numbers of training states, so
+    averaging the processes' mean losses instead of weighting them would not match."""
+    data = LabelledData(two_shards)
+    per_shard = data.train_states_per_shard(data.heldout_prompts(HEAD["heldout_fraction"], 0))
+    assert len(per_shard) == 2 and per_shard[0] != per_shard[1] and max(per_shard) < 512
+
+    alone = train(data=str(two_shards), out=str(tmp_path / "one"), batch_size=512,
+                  shuffle_shards=2, epochs=6, device="cpu", progress=False, **HEAD)
+    out = ran(torchrun_train(tmp_path, *head_flags(two_shards, tmp_path / "two", epochs=6,
+                                                   batch_size=1024, shuffle_shards=1)))
+    assert "cpu x 2 processes" in out
+    one, two = ValueHead.load(tmp_path / "one"), ValueHead.load(tmp_path / "two")
+    assert two.metadata["processes"] == 2 and one.metadata["processes"] == 1
+    initial = ValueHead(one.hidden_size, [8], seed=0)
+    for a, b, start in zip(one.parameters(), two.parameters(), initial.parameters()):
+        assert torch.allclose(a, b, atol=1e-5, rtol=0), (a - b).abs().max()
+        assert not torch.allclose(a, start, atol=1e-3)  # it did train
+    for key in ("mse", "mse_s0", "pearson_s0", "trivial_mse", "responses"):
+        assert two.metadata["metrics"][key] == pytest.approx(alone["metrics"][key], abs=1e-5)
+
+
+def test_uneven_processes_finish_together_and_report_the_heads_metrics(three_shards, tmp_path):
+    """Three shards over two processes, several batches each: one process runs out of
+    batches first and takes the remaining steps with a zero gradient (Bellman targets, a
+    target network). The processes end with the same head (checked before saving), and the
+    metrics they report together are those of the saved head evaluated by one process."""
+    flags = head_flags(three_shards, tmp_path / "head", target="bellman", epochs=3,
+                       batch_size=8, shuffle_shards=1)
+    out = ran(torchrun_train(tmp_path, *flags, "--target-sync-steps", "2"))
+    assert "cpu x 2 processes" in out
+    saved = ValueHead.load(tmp_path / "head")
+    options = TrainOptions(data=str(three_shards), out="", device="cpu", shuffle_shards=1,
+                           **{**HEAD, "target": "bellman"})
+    trainer = Trainer(options, LabelledData(three_shards))
+    trainer.head.load_state_dict(saved.state_dict())
+    alone = trainer.evaluate()
+    for key in ("mse", "mse_s0", "pearson_s0", "trivial_mse", "trivial_mse_s0", "responses"):
+        assert saved.metadata["metrics"][key] == pytest.approx(alone[key], abs=1e-6), key
+
+
+def test_batch_size_must_split_evenly(two_shards, tmp_path):
+    proc = torchrun_train(tmp_path, *head_flags(two_shards, tmp_path / "h", batch_size=7))
+    assert proc.returncode != 0
+    assert "batch_size 7 must be a multiple of the 2 processes" in proc.stdout + proc.stderr
+    assert not (tmp_path / "h").exists()

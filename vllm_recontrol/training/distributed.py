@@ -1,0 +1,114 @@
+"""Data-parallel ``train`` over several processes (``torchrun``, one per GPU, on one machine
+or many): each process reads different shard windows, and every step applies the gradient
+of the union of the processes' batches, so all of them hold the same head throughout.
+
+Why not DistributedDataParallel: processes run out of batches at different steps (their
+windows hold different numbers of states), and under DDP's uneven-input handling the idle
+processes would skip optimizer steps, so their Adam state would drift from the others'.
+Here every process takes every step; one with no batch left contributes a zero gradient
+with zero weight. The gradient is summed with one all-reduce per parameter tensor (a value
+head has a handful), weighted by each process's share of the step's states.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .common import DataError
+
+WORLD_ENV = "WORLD_SIZE"
+
+
+@dataclass(frozen=True)
+class ProcessGroup:
+    """This process's place among the training processes (rank 0 of 1 when alone)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    def sum(self, values: list[float]) -> list[float]:
+        """Element-wise sum over the processes (float64)."""
+        if not self.distributed:
+            return list(values)
+        tensor = torch.tensor(values, dtype=torch.float64, device=self._device())
+        torch.distributed.all_reduce(tensor)
+        return tensor.tolist()
+
+    def max(self, value: int) -> int:
+        if not self.distributed:
+            return value
+        tensor = torch.tensor([value], dtype=torch.int64, device=self._device())
+        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+        return int(tensor.item())
+
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Every process's 1-D tensor, concatenated in rank order (sizes may differ)."""
+        if not self.distributed:
+            return tensor
+        parts: list[Any] = [None] * self.world
+        torch.distributed.all_gather_object(parts, tensor.cpu())
+        return torch.cat(parts)
+
+    def sum_gradients(self, parameters: list[torch.nn.Parameter]) -> None:
+        if not self.distributed:
+            return
+        for parameter in parameters:
+            if parameter.grad is None:
+                parameter.grad = torch.zeros_like(parameter)
+            torch.distributed.all_reduce(parameter.grad)
+
+    def check_same_parameters(self, module: torch.nn.Module) -> None:
+        """Rank 0's parameters must equal everyone's; a mismatch is a bug, never saved."""
+        if not self.distributed:
+            return
+        worst = 0.0
+        for parameter in module.parameters():
+            reference = parameter.detach().clone()
+            torch.distributed.broadcast(reference, src=0)
+            worst = max(worst, float((reference - parameter.detach()).abs().max()))
+        if self.sum([worst])[0] != 0.0:
+            raise RuntimeError(f"train: the processes' value heads differ (largest difference "
+                               f"{worst:g} on rank {self.rank}); nothing was saved")
+
+    def barrier(self) -> None:
+        if self.distributed:
+            torch.distributed.barrier()
+
+    def close(self) -> None:
+        if self.distributed and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+    def _device(self) -> torch.device:
+        backend = torch.distributed.get_backend()
+        return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" \
+            else torch.device("cpu")
+
+
+def join_process_group(device: str) -> ProcessGroup:
+    """Join the launcher's process group when ``WORLD_SIZE`` > 1 (torchrun sets it, with
+    ``RANK``, ``LOCAL_RANK`` and the rendezvous address): NCCL on CUDA, Gloo on CPU."""
+    world = int(os.environ.get(WORLD_ENV, "1") or 1)
+    if world <= 1:
+        return ProcessGroup()
+    if not torch.distributed.is_available():
+        raise DataError(f"{WORLD_ENV}={world} but this torch has no torch.distributed")
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    on_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if on_cuda:
+        torch.cuda.set_device(local_rank)
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend="nccl" if on_cuda else "gloo")
+    return ProcessGroup(rank=rank, world=world, local_rank=local_rank)
