@@ -48,13 +48,16 @@ def test_readme_python_example_runs(index, tmp_path):
 
 
 def readme_cli_commands() -> list[list[str]]:
-    """Every `vllm-recontrol <job> ...` line of the README's shell blocks, continuation lines
-    joined; an optional `[...]` group is kept as plain arguments (it must parse too)."""
+    """Every `vllm-recontrol <job> ...` line of the README's shell blocks (also launched as
+    `torchrun ... -m vllm_recontrol.cli <job> ...`), continuation lines joined; an optional
+    `[...]` group is kept as plain arguments (it must parse too)."""
     commands = []
     for block in re.findall(r"```bash\n(.*?)```", README.read_text(), re.S):
         text = re.sub(r"\\\n\s*", " ", block)
         for line in text.splitlines():
             line = line.split("#", 1)[0].strip()
+            if line.startswith("torchrun ") and " -m vllm_recontrol.cli " in line:
+                line = "vllm-recontrol " + line.split(" -m vllm_recontrol.cli ", 1)[1]
             if line.startswith("vllm-recontrol ") and " && " not in line:
                 commands.append(shlex.split(line.replace("[", " ").replace("]", " "))[1:])
     return commands
