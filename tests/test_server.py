@@ -98,6 +98,19 @@ def test_completions_follow_request_keys(server, llama_engine):
     assert texts[0] != texts[2] and texts[2] != texts[3]
 
 
+def test_streamed_completion_equals_unstreamed(server):
+    """Streaming (server-sent events) carries the same controlled tokens."""
+    client, _ = server
+    xargs = {"recontrol_alpha": 2.0, "recontrol_steps": 8}
+    chunks = client.completions.create(
+        model="tiny", prompt=PROMPTS[1], max_tokens=MAX_TOKENS, temperature=0.0, stream=True,
+        extra_body={"ignore_eos": True, "vllm_xargs": xargs})
+    streamed = [chunk.choices[0].text for chunk in chunks if chunk.choices]
+    assert len(streamed) > 1  # really streamed, token by token
+    assert "".join(streamed) == complete(client, PROMPTS[1], **xargs)
+    assert "".join(streamed) != complete(client, PROMPTS[1], recontrol=0)
+
+
 def test_chat_is_controlled(server, llama_engine):
     client, _ = server
     messages = [{"role": "user", "content": "the good kan"}]

@@ -281,7 +281,10 @@ def _refuse_control_keys_in_beam_search() -> None:
     from vllm.exceptions import VLLMValidationError
 
     for module_name, class_name in OPENAI_REQUEST_CLASSES:
-        request_class = getattr(importlib.import_module(module_name), class_name)
+        try:
+            request_class = getattr(importlib.import_module(module_name), class_name)
+        except ImportError:  # no OpenAI server in this installation: nothing to guard
+            continue
         original = request_class.to_beam_search_params
         if getattr(original, "_recontrol_wrapped", False):
             continue
