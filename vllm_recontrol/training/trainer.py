@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import itertools
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -150,19 +149,14 @@ class Trainer:
         order = torch.randperm(len(self.data.shards), generator=self.order_generator).tolist()
         groups = self._my_windows(order)
         batches = self._batches(groups)
-        steps = self.group.max(self._count_batches(groups)) if self.group.distributed else None
-        total, count = 0.0, 0
-        for step in itertools.count():
-            if steps is not None and step >= steps:
-                break
-            item = next(batches, None)
-            if item is None and steps is None:
-                break
-            total += self._step(item)
-            count += 1
-        if next(batches, None) is not None:
-            raise RuntimeError("train: a process has batches left after the last step")
-        return total / max(count, 1)
+        if not self.group.distributed:
+            losses = [self._step(item) for item in batches]
+        else:  # as many steps as the process with the most batches has
+            steps = self.group.max(self._count_batches(groups))
+            losses = [self._step(next(batches, None)) for _ in range(steps)]
+            if next(batches, None) is not None:
+                raise RuntimeError("train: a process has batches left after the last step")
+        return sum(losses) / max(len(losses), 1)
 
     def _step(self, item: tuple[Window, torch.Tensor | None, torch.Tensor] | None) -> float:
         """One optimizer step on this process's batch (or none); returns the step's loss."""
