@@ -196,16 +196,14 @@ def _label_all(opts: LabelOptions, source: RewardSource, data: Path, manifest: d
 
 def _label_with_ray(opts: LabelOptions, data: Path, folder: Path, todo: list[str]) -> None:
     """Each shard labelled once, by whichever of ``opts.replicas`` actors is free."""
-    from .ray_pool import dispatch, ray_actors
+    from .ray_pool import call_each, dispatch, ray_actors
 
     arguments = opts.source_arguments()
     with ray_actors(opts, LabelWorker, len(todo), str(data.resolve()), str(folder.resolve()),
                     arguments, opts.cut_at, opts.in_process) as actors:
         dispatch(actors, [(lambda actor, shard=shard: actor.label_shard.remote(shard))
                           for shard in todo], "label", opts.progress)
-        import ray
-
-        ray.get([actor.close.remote() for actor in actors])
+        call_each(actors, "close")
 
 
 def _summarize(folder: Path, plans: list, labelled: int, skipped: int, missing: list[str],

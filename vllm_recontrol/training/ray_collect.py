@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .collector import CollectOptions, CollectWorker
-from .ray_pool import dispatch, ray_actors
+from .ray_pool import call_each, dispatch, ray_actors
 from .shards import ShardPlan
 
 
@@ -30,9 +30,7 @@ def run_with_ray(opts: CollectOptions, manifest: dict[str, Any], prompts: Sequen
             (lambda actor, p=plan: actor.generate_shard.remote(
                 p, list(prompts[p.prompt_start:p.prompt_end])))
             for plan in to_generate], "collect: generate", opts.progress)
-        import ray
-
-        ray.get([actor.release_generator.remote() for actor in actors])
+        call_each(actors, "release_generator")
         dispatch(actors, [(lambda actor, p=plan: actor.states_shard.remote(p.name))
                           for plan in to_encode], "collect: states", opts.progress)
-        ray.get([actor.close.remote() for actor in actors])
+        call_each(actors, "close")

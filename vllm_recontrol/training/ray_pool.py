@@ -54,27 +54,30 @@ def _check_resources(ray: Any, opts: Any) -> None:
 
 
 def dispatch(actors: list[Any], tasks: list[Callable[[Any], Any]], desc: str,
-             show_progress: bool) -> list[Any]:
-    """Run each task once on the first free actor; errors surface at once. Returns each
-    task's result, in task order."""
+             show_progress: bool) -> None:
+    """Run each task once on the first free actor; errors surface at once."""
     import ray
 
-    queue = deque(enumerate(tasks))
-    running: dict[Any, tuple[int, Any]] = {}
-    results: list[Any] = [None] * len(tasks)
+    queue = deque(tasks)
+    running: dict[Any, Any] = {}
     bar = progress(total=len(tasks), desc=desc, unit="shard",
                    disable=not show_progress or not tasks)
     idle = list(actors)
     while queue or running:
         while queue and idle:
             actor = idle.pop()
-            index, task = queue.popleft()
-            running[task(actor)] = (index, actor)
+            running[queue.popleft()(actor)] = actor
         ready, _ = ray.wait(list(running), num_returns=1)
         for ref in ready:
-            index, actor = running.pop(ref)
-            results[index] = ray.get(ref)  # re-raises the actor's exception
+            actor = running.pop(ref)
+            ray.get(ref)  # re-raises the actor's exception
             idle.append(actor)
             bar.update(1)
     bar.close()
-    return results
+
+
+def call_each(actors: list[Any], method: str) -> list[Any]:
+    """Call ``method`` on every actor at once and wait for all of them."""
+    import ray
+
+    return ray.get([getattr(actor, method).remote() for actor in actors])
