@@ -97,7 +97,8 @@ class EngineSettings:
     @property
     def warm_up_counts(self) -> tuple[int, ...]:
         """Every count some head warms up (empty: no warm-up at all)."""
-        return tuple(sorted({n for head in self.head_names for n in self.warm_up_counts_for(head)}))
+        counts = {n for head in self.head_names for n in self.warm_up_counts_for(head)}
+        return tuple(sorted(counts))
 
     @classmethod
     def from_additional_config(cls, additional_config: Mapping[str, Any] | None) -> "EngineSettings":

@@ -29,9 +29,6 @@ def default_words(count: int = 250) -> list[str]:
     return words
 
 
-TOKENIZER_KINDS = ("word", "byte-bpe")
-
-
 def _word_level(words: Sequence[str]):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
