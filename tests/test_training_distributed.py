@@ -95,6 +95,27 @@ def test_uneven_processes_finish_together_and_report_the_heads_metrics(three_sha
         assert saved.metadata["metrics"][key] == pytest.approx(alone[key], abs=1e-6), key
 
 
+def test_two_processes_resume_bit_for_bit(three_shards, tmp_path):
+    """Stopped after 2 of 4 epochs and started again with the same --checkpoint, two
+    processes (each with its own row shuffles, restored from rank 0's checkpoint) end with
+    the head of a run that never stopped."""
+    from safetensors.torch import load_file
+
+    def flags(out, epochs):
+        return head_flags(three_shards, tmp_path / out, target="bellman", epochs=epochs,
+                          batch_size=8, shuffle_shards=1)
+
+    ran(torchrun_train(tmp_path, *flags("straight", 4)))
+    ran(torchrun_train(tmp_path, *flags("resumed", 2), "--checkpoint", "ck"))
+    out = ran(torchrun_train(tmp_path, *flags("resumed", 4), "--checkpoint", "ck"))
+    assert "resuming from the checkpoint of epoch 2" in out
+    a = load_file(str(tmp_path / "straight" / "model.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert ValueHead.load(tmp_path / "resumed").metadata["history"] == \
+        ValueHead.load(tmp_path / "straight").metadata["history"]
+
+
 def test_batch_size_must_split_evenly(two_shards, tmp_path):
     proc = torchrun_train(tmp_path, *head_flags(two_shards, tmp_path / "h", batch_size=7))
     assert proc.returncode != 0

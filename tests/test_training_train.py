@@ -152,6 +152,53 @@ def test_early_stopping_and_training_is_deterministic(labelled, tmp_path):
         (tmp_path / "b" / "model.safetensors").read_bytes()
 
 
+@pytest.mark.parametrize("target, sync", [("bellman", 3), ("td-lambda", 1)])
+def test_a_resumed_run_continues_bit_for_bit(labelled, tmp_path, target, sync):
+    """A run stopped after 3 of 6 epochs and started again with the same --checkpoint ends
+    with the weights and history of a run that never stopped (weights, target network, Adam
+    moments, random generators and step counter all restored)."""
+    from safetensors.torch import load_file
+
+    common = dict(data=str(labelled), target=target, target_sync_steps=sync, lr=3e-3,
+                  batch_size=16, widths=[16], shuffle_shards=2, device="cpu", progress=False,
+                  patience=100)
+    train(out=str(tmp_path / "straight"), epochs=6, **common)
+    checkpoint = tmp_path / "checkpoint"
+    train(out=str(tmp_path / "resumed"), epochs=3, checkpoint=str(checkpoint), **common)
+    assert sorted(p.name for p in checkpoint.iterdir()) == ["epoch-0003.safetensors",
+                                                             "state.json"]
+    train(out=str(tmp_path / "resumed"), epochs=6, checkpoint=str(checkpoint), **common)
+    straight = ValueHead.load(tmp_path / "straight")
+    resumed = ValueHead.load(tmp_path / "resumed")
+    a = load_file(str(tmp_path / "straight" / "model.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed.metadata["history"] == straight.metadata["history"]
+    assert len(resumed.metadata["history"]) == 6
+    assert resumed.metadata["resumed_from_epoch"] == 3
+    assert straight.metadata["resumed_from_epoch"] is None
+
+
+def test_a_checkpoint_of_another_run_or_damaged_is_refused(labelled, tmp_path):
+    common = dict(data=str(labelled), target="mc", batch_size=16, widths=[16], device="cpu",
+                  progress=False, checkpoint=str(tmp_path / "ck"))
+    train(out=str(tmp_path / "a"), epochs=1, **common)
+    with pytest.raises(DataError, match=r"another run \(options.lr: checkpoint 0.0001, now 0.01"):
+        train(out=str(tmp_path / "a"), epochs=2, lr=0.01, **common)
+    (tmp_path / "ck" / "epoch-0001.safetensors").write_bytes(b"not what was saved")
+    with pytest.raises(DataError, match="epoch-0001.safetensors is missing or damaged"):
+        train(out=str(tmp_path / "a"), epochs=2, **common)
+
+
+def test_an_early_stopped_run_stays_stopped_when_resumed(labelled, tmp_path):
+    common = dict(data=str(labelled), target="mc", lr=0.05, batch_size=16, patience=2,
+                  widths=[16], device="cpu", progress=False, checkpoint=str(tmp_path / "ck"))
+    first = train(out=str(tmp_path / "a"), epochs=60, **common)["metrics"]
+    assert first["epochs_run"] < 60
+    again = train(out=str(tmp_path / "a"), epochs=80, **common)["metrics"]
+    assert again["epochs_run"] == first["epochs_run"] and again["mse"] == first["mse"]
+
+
 def test_init_head_with_another_hidden_size_is_refused(labelled, tmp_path):
     ValueHead(16, [4], seed=0).save(tmp_path / "wide")
     with pytest.raises(DataError, match="hidden size 16 but the states .* are 8 wide"):

@@ -23,6 +23,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from ..value_head import ValueHead
+from . import checkpoint
 from .common import DataError, build_options, parse_command_line, progress, run_main, summary_table
 from .dataset import LabelledData, Window
 from .distributed import ProcessGroup, join_process_group
@@ -62,6 +63,7 @@ class TrainOptions:
     device: str = "auto"
     seed: int = 0
     allow_partial: bool = False
+    checkpoint: str | None = None  # folder: save every epoch, resume from it when present
     progress: bool = True
 
     def check(self) -> None:
@@ -301,23 +303,38 @@ def _train(opts: TrainOptions, group: ProcessGroup) -> dict[str, Any]:
     counts = data.count(trainer.heldout)
     if counts["train_states"] == 0:
         raise DataError(f"{opts.data}: no training states after the held-out split")
-    history: list[dict[str, float]] = []
-    best_mse, best_epoch, best_state = math.inf, 0, copy.deepcopy(trainer.head.state_dict())
-    bar = progress(range(1, opts.epochs + 1), desc=f"train ({opts.target})", unit="epoch",
+    run = checkpoint.fingerprint(asdict(opts), {
+        "manifest_sha256": manifest_sha256(data.path), "labels": data.labels,
+        "labels_info_sha256": data.label_info_sha256}, group.world)
+    state = checkpoint.load(opts.checkpoint, trainer, run) if opts.checkpoint else None
+    resumed_from = state.epoch if state else None
+    if state is None:
+        state = checkpoint.Progress(0, [], math.inf, 0, copy.deepcopy(trainer.head.state_dict()))
+    elif group.is_main:
+        print(f"train: resuming from the checkpoint of epoch {state.epoch} in {opts.checkpoint}",
+              flush=True)
+    epochs = [] if state.stopped_early else range(state.epoch + 1, opts.epochs + 1)
+    bar = progress(epochs, desc=f"train ({opts.target})", unit="epoch",
                    disable=not opts.progress or not group.is_main)
     for epoch in bar:
         loss = trainer.epoch()
         metrics = trainer.evaluate()
-        history.append({"epoch": epoch, "train_loss": loss, **{k: metrics[k] for k in
-                        ("mse", "mse_s0", "pearson_s0")}})
+        state.epoch = epoch
+        state.history.append({"epoch": epoch, "train_loss": loss, **{k: metrics[k] for k in
+                              ("mse", "mse_s0", "pearson_s0")}})
         if hasattr(bar, "set_postfix"):
             bar.set_postfix(loss=f"{loss:.4g}", heldout_mse=f"{metrics['mse']:.4g}")
-        if metrics["mse"] < best_mse - opts.min_delta or not trainer.has_heldout:
-            best_mse, best_epoch = metrics["mse"], epoch
-            best_state = copy.deepcopy(trainer.head.state_dict())
-        elif trainer.has_heldout and epoch - best_epoch >= opts.patience:
+        if metrics["mse"] < state.best_mse - opts.min_delta or not trainer.has_heldout:
+            state.best_mse, state.best_epoch = metrics["mse"], epoch
+            state.best_state = copy.deepcopy(trainer.head.state_dict())
+        elif trainer.has_heldout and epoch - state.best_epoch >= opts.patience:
+            state.stopped_early = True
+        if opts.checkpoint:
+            checkpoint.save(opts.checkpoint, trainer, state, run)
+        if state.stopped_early:
             break
-    trainer.head.load_state_dict(best_state)
+    history, best_epoch = state.history, state.best_epoch
+    trainer.head.load_state_dict(state.best_state)
     final = trainer.evaluate()
     group.check_same_parameters(trainer.head)
     head = trainer.head.to("cpu")
@@ -334,6 +351,7 @@ def _train(opts: TrainOptions, group: ProcessGroup) -> dict[str, Any]:
         "hyperparameters": {k: v for k, v in asdict(opts).items()
                             if k not in ("data", "out", "progress")},
         "processes": group.world,
+        "resumed_from_epoch": resumed_from,
         "metrics": {"split": "heldout" if trainer.has_heldout else "train (no held-out split)",
                     "best_epoch": best_epoch, "epochs_run": len(history),
                     "train_reward_mean": trainer.train_mean, **final},
@@ -401,6 +419,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int)
     parser.add_argument("--allow-partial", action="store_true",
                         help="train on the shards collected so far")
+    parser.add_argument("--checkpoint",
+                        help="folder for the training state after every epoch; a run started "
+                             "with the same options and folder resumes where it stopped")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
     options = parse_command_line(parser, argv, required=("data", "out"))
     return run_main(train, options)

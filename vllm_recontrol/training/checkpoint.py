@@ -1,0 +1,136 @@
+"""Resumable ``train``: the whole training state after every epoch, in safetensors and JSON.
+
+Why: the paper's recipe is 100 epochs over ~170 GB of states, so a killed run should lose at
+most one epoch. A resumed run continues bit for bit as if it had never stopped: weights, the
+bootstrap (target) network, Adam's moments, every process's random generators, the step
+counter and the best epoch so far are all restored. Nothing is pickled.
+
+Layout of the folder: ``state.json`` (the run's fingerprint, epoch, history, best epoch, and
+which tensor file holds the rest) and ``epoch-NNNN.safetensors``. Each epoch writes its
+tensor file first and ``state.json`` last, both atomically, then removes older tensor files,
+so a kill at any moment leaves a consistent checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .common import DataError, atomic_path, dump_json, sha256_file, write_text_atomic
+
+FORMAT = "vllm-recontrol-train-checkpoint"
+STATE_FILE = "state.json"
+# Options that may change between a run and its resumption (where things are, how long to
+# go on; another device continues the same state, though not bit for bit).
+RESUMABLE_CHANGES = ("data", "out", "epochs", "patience", "min_delta", "device", "progress",
+                     "checkpoint")
+
+
+@dataclass
+class Progress:
+    """Where a run stands after an epoch (what ``train`` keeps besides the trainer)."""
+
+    epoch: int
+    history: list[dict[str, float]]
+    best_mse: float
+    best_epoch: int
+    best_state: dict[str, torch.Tensor]
+    stopped_early: bool = False
+
+
+def fingerprint(options: dict[str, Any], data_identity: dict[str, Any],
+                processes: int) -> dict[str, Any]:
+    """What must be equal for a checkpoint to continue this run."""
+    kept = {k: v for k, v in options.items() if k not in RESUMABLE_CHANGES}
+    return {"options": kept, "data": data_identity, "processes": processes}
+
+
+def save(folder: str | Path, trainer: Any, progress: Progress,
+         run: dict[str, Any]) -> None:
+    """Write the checkpoint of ``progress.epoch`` (rank 0 writes; every rank must call this,
+    since the other ranks' random generators are gathered here)."""
+    rows_states = trainer.group.gather(trainer.generator.get_state())
+    if not trainer.group.is_main:
+        return
+    folder = Path(folder)
+    tensors = {f"head.{k}": v for k, v in trainer.head.state_dict().items()}
+    tensors.update({f"best.{k}": v for k, v in progress.best_state.items()})
+    if trainer.target_head is not trainer.head:
+        tensors.update({f"target.{k}": v for k, v in trainer.target_head.state_dict().items()})
+    for index, parameter in enumerate(trainer.head.parameters()):
+        for key, value in trainer.optimizer.state.get(parameter, {}).items():
+            tensors[f"adam.{index}.{key}"] = value
+    tensors["rng.rows"] = rows_states.view(trainer.group.world, -1)
+    tensors["rng.order"] = trainer.order_generator.get_state()
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    name = f"epoch-{progress.epoch:04d}.safetensors"
+    with atomic_path(folder / name) as tmp:
+        save_file(tensors, str(tmp))
+    state = {"format": FORMAT, "format_version": 1, "run": run, "epoch": progress.epoch,
+             "steps": trainer.steps, "history": progress.history,
+             "best_mse": progress.best_mse, "best_epoch": progress.best_epoch,
+             "stopped_early": progress.stopped_early,
+             "tensors": name, "tensors_sha256": sha256_file(folder / name)}
+    write_text_atomic(folder / STATE_FILE, dump_json(state))
+    for old in folder.glob("epoch-*.safetensors"):
+        if old.name != name:
+            old.unlink()
+
+
+def load(folder: str | Path, trainer: Any, run: dict[str, Any]) -> Progress | None:
+    """Restore ``trainer`` from the checkpoint in ``folder`` (None when there is none yet);
+    a checkpoint of another run is an error naming what differs."""
+    folder = Path(folder)
+    state_path = folder / STATE_FILE
+    if not state_path.is_file():
+        return None
+    state = json.loads(state_path.read_text())
+    if state.get("format") != FORMAT:
+        raise DataError(f"{state_path} is not a vllm-recontrol training checkpoint")
+    if state["run"] != run:
+        raise DataError(f"checkpoint {folder} belongs to another run "
+                        f"({_differences(state['run'], run)}); use another --checkpoint "
+                        f"folder, or the same options")
+    tensor_path = folder / state["tensors"]
+    if not tensor_path.is_file() or sha256_file(tensor_path) != state["tensors_sha256"]:
+        raise DataError(f"checkpoint {folder}: {state['tensors']} is missing or damaged")
+    tensors = load_file(str(tensor_path))
+    device = next(trainer.head.parameters()).device
+
+    def part(prefix: str) -> dict[str, torch.Tensor]:
+        return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+    trainer.head.load_state_dict(part("head."))
+    if trainer.target_head is not trainer.head:
+        trainer.target_head.load_state_dict(part("target."))
+    for index, parameter in enumerate(trainer.head.parameters()):
+        saved = part(f"adam.{index}.")
+        if saved:  # Adam keeps its step count on the CPU, the moments beside the weights
+            trainer.optimizer.state[parameter] = {
+                k: v if k == "step" else v.to(device) for k, v in saved.items()}
+    trainer.generator.set_state(tensors["rng.rows"][trainer.group.rank].clone())
+    if trainer.order_generator is not trainer.generator:
+        trainer.order_generator.set_state(tensors["rng.order"])
+    trainer.steps = int(state["steps"])
+    return Progress(epoch=int(state["epoch"]), history=list(state["history"]),
+                    best_mse=float(state["best_mse"]), best_epoch=int(state["best_epoch"]),
+                    best_state=part("best."), stopped_early=bool(state["stopped_early"]))
+
+
+def _differences(saved: dict[str, Any], wanted: dict[str, Any], prefix: str = "") -> str:
+    keys = sorted(set(saved) | set(wanted))
+    parts = []
+    for key in keys:
+        a, b = saved.get(key), wanted.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            inner = _differences(a, b, f"{prefix}{key}.")
+            if inner:
+                parts.append(inner)
+        elif a != b:
+            parts.append(f"{prefix}{key}: checkpoint {a!r}, now {b!r}")
+    return "; ".join(parts)
