@@ -10,6 +10,7 @@ SUBCOMMANDS = {
     "label": ("vllm_recontrol.training.labeler", "score collected responses (reward model or function)"),
     "train": ("vllm_recontrol.training.trainer", "train a value head on labelled states"),
     "eval": ("vllm_recontrol.evaluation.evaluate", "RE-Control vs. base, Best-of-N and prompting"),
+    "inspect": ("vllm_recontrol.inspect_head", "validate value heads and show what they record"),
     "serve": (None, "vLLM's own `vllm serve` (also where the CPU wheel's `vllm` command fails)"),
     "vllm": (None, "any vLLM command line, e.g. `vllm-recontrol vllm bench throughput ...`"),
 }

@@ -1,0 +1,65 @@
+"""`vllm-recontrol inspect`: the engine's checks on value heads, without an engine."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from training_fakes import fake_collect, good_reward
+from vllm_recontrol import ValueHead
+from vllm_recontrol.cli import main as cli
+from vllm_recontrol.training import label, train
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A head made by `train` on a fake collection of an 8-wide model (its config.json)."""
+    root = tmp_path_factory.mktemp("inspect")
+    data = fake_collect(root, count=24, shard_size=12)[0]
+    label(data=str(data), reward_fn=good_reward, progress=False)
+    train(data=str(data), out=str(root / "head"), target="mc", epochs=2, batch_size=16,
+          widths=[8], device="cpu", progress=False)
+    return {"head": root / "head", "model": root / "fake-model", "root": root}
+
+
+def test_a_trained_head_is_usable_and_reports_its_training(trained, capsys):
+    assert cli(["inspect", str(trained["head"]), "--model", str(trained["model"])]) == 0
+    out = capsys.readouterr().out
+    assert f"value head {trained['head']}: usable with {trained['model']}" in out
+    for row in ("| hidden_size ", "| widths ", "| target ", "| pearson_s0 ", "| epochs_run "):
+        assert row in out
+    assert "warning" not in out
+
+
+def test_json_reports_and_errors(trained, tmp_path, capsys):
+    wide = ValueHead(64, [4], seed=0).save(tmp_path / "wide")
+    status = cli(["inspect", str(trained["head"]), str(wide), "--model", str(trained["model"]),
+                  "--json"])
+    assert status == 1  # one of the two would be refused
+    first, second = (json.loads(line) for line in capsys.readouterr().out.splitlines())
+    assert first["hidden_size"] == 8 and first["target"] == "mc" and first["warnings"] == []
+    assert first["base_model"] == str(trained["model"])
+    assert "hidden_size 64 but the model's hidden size is 8" in second["error"]
+
+
+def test_a_head_of_another_model_is_a_warning(trained, tmp_path, capsys):
+    other = tmp_path / "other-model"
+    shutil.copytree(trained["model"], other)  # same width, another name
+    assert cli(["inspect", str(trained["head"]), "--model", str(other)]) == 0
+    assert "warning: it was trained on the states of" in capsys.readouterr().out
+
+
+def test_damaged_heads_and_unreadable_models_are_errors(trained, tmp_path, capsys):
+    damaged = tmp_path / "damaged"
+    shutil.copytree(trained["head"], damaged)
+    (damaged / "model.safetensors").write_bytes(b"\0" * 40)
+    assert cli(["inspect", str(damaged)]) == 1
+    assert "model.safetensors" in capsys.readouterr().out
+    assert cli(["inspect", str(trained["head"]), "--model", str(tmp_path / "nothing")]) == 1
+    assert "cannot read the configuration of model" in capsys.readouterr().out
+    bare = ValueHead(8, [4], seed=0).save(tmp_path / "bare")
+    assert cli(["inspect", str(bare)]) == 0
+    out = capsys.readouterr().out
+    assert "warning: no base_model recorded" in out and "warning: no training metrics" in out

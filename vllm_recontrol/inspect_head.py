@@ -1,0 +1,113 @@
+"""``vllm-recontrol inspect``: validate value heads and say what they are, before serving them.
+
+Why: an engine refuses a bad head at start-up, and warns about a head trained on another
+model, but by then a server is being launched. This runs the same checks (every file, shape
+and value; the model's hidden size; the recorded base model) in a second, with no vLLM and no
+GPU, and prints what the head's metadata records: how it was trained, on which data, and how
+well it predicted the reward on held-out prompts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+from .errors import RecontrolError
+from .training.common import sha256_file, summary_table
+from .value_head import WEIGHTS_FILE, ValueHead
+
+
+def model_hidden_size(model: str, trust_remote_code: bool = False) -> int:
+    """The hidden size of ``model`` (a local folder or a hub id), from its config alone."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise RecontrolError(f"cannot read the configuration of model {model!r}: {exc}") from exc
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    size = getattr(text_config, "hidden_size", None)
+    if not isinstance(size, int):
+        raise RecontrolError(f"model {model!r} has no hidden_size in its configuration")
+    return size
+
+
+def inspect_head(path: str | Path, model: str | None = None,
+                 trust_remote_code: bool = False) -> dict[str, Any]:
+    """Load ``path`` with every check an engine makes (against ``model`` when given) and
+    return a report; a head that an engine would refuse raises ``ValueHeadError``, an
+    unreadable model ``RecontrolError``."""
+    expected = model_hidden_size(model, trust_remote_code) if model else None
+    head = ValueHead.load(path, expected_hidden_size=expected)
+    meta = head.metadata or {}
+    metrics = meta.get("metrics") or {}
+    data = meta.get("data") or {}
+    report: dict[str, Any] = {
+        "path": str(path),
+        "hidden_size": head.hidden_size,
+        "widths": head.widths,
+        "parameters": sum(p.numel() for p in head.parameters()),
+        "weights_sha256": sha256_file(Path(path) / WEIGHTS_FILE),
+        "base_model": head.base_model,
+        "trained_by": meta.get("trained_by"),
+        "target": meta.get("target"),
+        "labels": data.get("labels"),
+        "label_source": data.get("label_source"),
+        "train_responses": data.get("train_responses"),
+        "epochs_run": metrics.get("epochs_run"),
+        "best_epoch": metrics.get("best_epoch"),
+        "metrics_split": metrics.get("split"),
+        "mse": metrics.get("mse"),
+        "trivial_mse": metrics.get("trivial_mse"),
+        "pearson_s0": metrics.get("pearson_s0"),
+        "warnings": [],
+    }
+    if model:
+        report["model"] = model
+        mismatch = head.base_model_mismatch(model)
+        if mismatch:
+            report["warnings"].append(mismatch)
+    if head.base_model is None:
+        report["warnings"].append("no base_model recorded: nothing says which model's states "
+                                  "it learned")
+    if not metrics:
+        report["warnings"].append("no training metrics recorded (not made by "
+                                  "`vllm-recontrol train`)")
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="vllm-recontrol inspect",
+        description="Validate value heads as an engine would (files, shapes, values; the "
+                    "model's hidden size and recorded base model with --model) and print "
+                    "what they record about their training. Exit status 1 if any head would "
+                    "be refused.")
+    parser.add_argument("heads", nargs="+", help="value head folders")
+    parser.add_argument("--model", help="the model that will serve them (folder or hub id)")
+    parser.add_argument("--trust-remote-code", action="store_true")
+    parser.add_argument("--json", action="store_true", help="one JSON object per head")
+    args = parser.parse_args(argv)
+    status = 0
+    for path in args.heads:
+        try:
+            report = inspect_head(path, args.model, args.trust_remote_code)
+        except RecontrolError as exc:  # ValueHeadError included
+            status = 1
+            if args.json:
+                print(json.dumps({"path": path, "error": str(exc)}), flush=True)
+            else:
+                print(f"error: {exc}", flush=True)
+            continue
+        if args.json:
+            print(json.dumps(report), flush=True)
+            continue
+        rows = [(k, v) for k, v in report.items() if k not in ("path", "warnings")
+                and v is not None]
+        print(summary_table(f"value head {path}: usable"
+                            + (f" with {args.model}" if args.model else ""), rows), flush=True)
+        for warning in report["warnings"]:
+            print(f"warning: {warning}", flush=True)
+    return status
