@@ -119,6 +119,36 @@ def test_each_row_is_edited_by_the_head_it_named():
         assert not torch.allclose(edited[i], wrong[0], atol=1e-3), (i, control)
 
 
+def test_stats_line_counts_calls_and_controlled_rows_per_head(monkeypatch, caplog):
+    """Every VLLM_LOG_STATS_INTERVAL seconds the controller logs the sampling calls it edited
+    and the controlled rows per head (uncontrolled rows not counted), then starts over."""
+    from vllm_recontrol import ValueHead
+    from vllm_recontrol.config import EngineSettings, HeadSpec
+    from vllm_recontrol.controller import EditController
+
+    monkeypatch.setenv("VLLM_LOG_STATS_INTERVAL", "3600")
+    heads = {"default": ValueHead(8, [4], seed=1), "deep": ValueHead(8, [4, 4], seed=2)}
+    settings = EngineSettings(value_head="h", value_heads=(("deep", HeadSpec("h2")),),
+                              backend="torch")
+    batch = [RowControl(1.0, 3, head="deep"), RowControl(0.5, 2), RowControl(0.0, 0),
+             RowControl(2.0, 5, head="deep")]
+    controller = EditController(heads, settings, fresh(batch))
+    states = torch.randn(len(batch), 8, generator=torch.Generator().manual_seed(0))
+    with caplog.at_level("INFO", logger="vllm.recontrol.controller"):
+        for _ in range(3):
+            controller.rows.arm()
+            controller.maybe_edit(states)
+        assert "sampling calls edited" not in caplog.text  # the hour has not passed
+        controller._stats.since -= 3600
+        controller.rows.arm()
+        controller.maybe_edit(states)
+    lines = [r.getMessage() for r in caplog.records if "sampling calls edited" in r.getMessage()]
+    assert len(lines) == 1
+    assert lines[0].startswith("RE-Control: 4 sampling calls edited in the last 3600.")
+    assert "12 controlled rows (deep 8, default 4); 0 non-finite" in lines[0]
+    assert controller._stats.calls == 0 and not controller._stats.rows  # a new window
+
+
 def test_engines_do_not_share_rows():
     assert rows_for_engine("a") is rows_for_engine("a")
     assert rows_for_engine("a") is not rows_for_engine("b")

@@ -7,9 +7,11 @@ the logits layer device tensors for exactly the next sampling call. Nothing here
 
 from __future__ import annotations
 
+import os
 import threading
 import time
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from typing import Mapping
 
 import torch
@@ -23,6 +25,7 @@ from .value_head import ValueHead
 logger = get_logger(__name__)
 
 NONFINITE_REPORT_EVERY = 512  # edits between host syncs that report non-finite rows
+STATS_INTERVAL_ENV = "VLLM_LOG_STATS_INTERVAL"  # vLLM's own stats-log period (seconds)
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,16 @@ class HeadGroup:
     alpha: torch.Tensor
     steps: torch.Tensor  # 0 for uncontrolled rows when ``rows`` is None
     max_steps: int
+    controlled: int = 0  # rows this head edits in the call
+
+
+@dataclass
+class EditStats:
+    """What the edit did since the last stats line (counted on the host: no device sync)."""
+
+    since: float = field(default_factory=time.monotonic)
+    calls: int = 0
+    rows: Counter = field(default_factory=Counter)  # controlled rows per head
 
 
 class RowControls:
@@ -125,7 +138,8 @@ class RowControls:
             head=head, rows=None if indices is None else upload(indices, torch.int64),
             alpha=upload([r.alpha for r in chosen], torch.float32),
             steps=upload([r.steps for r in chosen], torch.int64),
-            max_steps=max(r.steps for r in chosen))
+            max_steps=max(r.steps for r in chosen),
+            controlled=sum(r.active for r in chosen))
 
 
 _ROWS_BY_ENGINE: dict[str, RowControls] = {}
@@ -165,6 +179,8 @@ class EditController:
         self.rows = rows
         self.batch_invariant = batch_invariant
         self._edits = 0
+        self._stats = EditStats()
+        self._stats_interval = float(os.environ.get(STATS_INTERVAL_ENV, "10") or 10)
         # Resolved once: a forced backend that cannot run fails at engine start, not mid-serve.
         self.backends = {name: self._backend_for(head) for name, head in self.heads.items()}
         device = next(iter(self.heads.values())).layers[0].weight.device
@@ -234,7 +250,28 @@ class EditController:
         if self._edits % NONFINITE_REPORT_EVERY == 0:
             for head in self.heads.values():
                 head.nonfinite_rows()
+        self._count(groups)
         return edited
+
+    def _count(self, groups: list[HeadGroup]) -> None:
+        """Tally the call; every ``VLLM_LOG_STATS_INTERVAL`` seconds (vLLM's own period),
+        log what the edit did, so an operator sees control at work and how much of it."""
+        stats = self._stats
+        stats.calls += 1
+        for group in groups:
+            stats.rows[group.head] += group.controlled
+        elapsed = time.monotonic() - stats.since
+        if elapsed < self._stats_interval:
+            return
+        fallbacks = sum(head.nonfinite_rows() for head in self.heads.values())
+        per_head = ""
+        if len(self.heads) > 1:
+            per_head = " (" + ", ".join(f"{name} {count}"
+                                        for name, count in sorted(stats.rows.items())) + ")"
+        logger.info("RE-Control: %d sampling calls edited in the last %.1f s, %d controlled "
+                    "rows%s; %d non-finite edits fell back unedited since start",
+                    stats.calls, elapsed, sum(stats.rows.values()), per_head, fallbacks)
+        self._stats = EditStats()
 
     def _ascend(self, group: HeadGroup, states: torch.Tensor) -> torch.Tensor:
         return self.heads[group.head].ascend(
