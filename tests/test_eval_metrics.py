@@ -7,7 +7,7 @@ import math
 import pytest
 
 from vllm_recontrol.evaluation.evaluate import MethodResult, markdown_table, parse_grid
-from vllm_recontrol.evaluation.metrics import Coherence, diversity
+from vllm_recontrol.evaluation.metrics import Coherence, diversity, win_rate
 from vllm_recontrol.training.common import RecontrolError
 
 
@@ -23,6 +23,13 @@ def test_repetition_lowers_diversity():
 
 def test_short_text_has_zero_diversity_not_an_error():
     assert diversity("") == 0.0 and diversity("one two") == 0.0
+
+
+def test_win_rate_counts_wins_and_half_ties():
+    assert win_rate([1.0, 0.5, 0.2, 0.0], [0.5, 0.5, 0.3, -1.0]) == pytest.approx(2.5 / 4)
+    assert win_rate([0.3, 0.3], [0.3, 0.3]) == 0.5  # a method against itself
+    with pytest.raises(ValueError, match="one reward per prompt"):
+        win_rate([1.0], [1.0, 2.0])
 
 
 def test_grid_syntax():
@@ -59,10 +66,11 @@ def test_table_has_a_head_column_only_when_a_further_head_ran():
 def test_table_reports_unavailable_coherence_with_its_reason():
     results = [MethodResult("base", reward=0.4, diversity=0.5, generated_tokens=100,
                             delivered_tokens=100, seconds=1.0),
-               MethodResult("best-of-4", n=4, reward=0.8, diversity=0.6, generated_tokens=400,
-                            delivered_tokens=100, seconds=2.0)]
+               MethodResult("best-of-4", n=4, reward=0.8, win_rate=0.75, diversity=0.6,
+                            generated_tokens=400, delivered_tokens=100, seconds=2.0)]
     table = markdown_table(results, Coherence.load(None))
-    assert "| best-of-4 | 0 | 0 | 4 | 0.8000 | 0.600 | n/a | 200.0 | 50.0 | 0.50 |" in table
+    assert "| best-of-4 | 0 | 0 | 4 | 0.8000 | 0.750 | 0.600 | n/a | 200.0 | 50.0 | 0.50 |" \
+        in table
     assert "coherence: unavailable (no --embedding-model given)" in table
     assert math.isnan(MethodResult("x").tokens_per_s)
 

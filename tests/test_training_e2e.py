@@ -164,6 +164,8 @@ def test_eval_command_compares_every_method(world, trained):
           f"re-control with the negated head {negated['reward']:.3f}")
     assert control["reward"] > base["reward"] + 0.2
     assert negated["reward"] < base["reward"] - 0.1
+    assert base["win_rate"] == 0.5 and control["win_rate"] > 0.5 > negated["win_rate"]
+    assert len(control["rewards"]) == 24  # per prompt, for the user's own statistics
     bon = report["results"][3]
     assert bon["generated_tokens"] > bon["delivered_tokens"]  # N samples paid, one delivered
     assert report["coherence"]["available"] is False and report["coherence"]["reason"]

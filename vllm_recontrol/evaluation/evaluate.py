@@ -22,7 +22,7 @@ from ..training.common import (RecontrolError, build_options, json_argument, par
                                run_main)
 from ..training.prompts import load_prompts, prompt_messages
 from ..training.rewards import RewardSource, cut_response
-from .metrics import Coherence, diversity, mean
+from .metrics import Coherence, diversity, mean, win_rate
 from .plots import save_plots
 
 DEFAULT_SYSTEM_PROMPT = ("You are a helpful, honest and harmless assistant. Answer the user "
@@ -66,12 +66,14 @@ class MethodResult:
     n: int = 1
     prompting: bool = False
     reward: float = math.nan
+    win_rate: float = math.nan            # vs. base, per prompt, by the same reward
     diversity: float = math.nan
     coherence: float | None = None
     generated_tokens: int = 0             # every sample, Best-of-N's discarded ones included
     delivered_tokens: int = 0             # the returned responses only
     seconds: float = 0.0
     responses: list[str] = field(default_factory=list, repr=False)
+    rewards: list[float] = field(default_factory=list, repr=False)  # one per prompt
 
     @property
     def tokens_per_s(self) -> float:
@@ -176,7 +178,7 @@ class Evaluator:
             chosen.append(texts[best])
             rewards.append(scores[best])
             result.delivered_tokens += len(out.outputs[best].token_ids)
-        result.responses, result.reward = chosen, mean(rewards)
+        result.responses, result.rewards, result.reward = chosen, rewards, mean(rewards)
         result.diversity = mean([diversity(t) for t in chosen])
         if self.coherence.available:
             result.coherence = mean(self.coherence.scores(self.prompts, chosen))
@@ -195,6 +197,8 @@ class Evaluator:
             results.append(self.run(MethodResult("re-control + prompting", alpha=top.alpha,
                                                  steps=top.steps, head=top.head,
                                                  prompting=True)))
+        for result in results:
+            result.win_rate = win_rate(result.rewards, results[0].rewards)
         return results
 
     def best_of(self) -> list[int]:
@@ -214,14 +218,14 @@ def markdown_table(results: Sequence[MethodResult], coherence: Coherence) -> str
     base = results[0]
     heads = any(r.head != DEFAULT_HEAD for r in results)
     columns = ["method", *(["head"] if heads else []), "alpha", "steps", "N", "reward",
-               "diversity", "coherence", "generated tok/s", "delivered tok/s",
+               "win vs. base", "diversity", "coherence", "generated tok/s", "delivered tok/s",
                "delivered vs. base"]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in results:
         coh = f"{r.coherence:.3f}" if r.coherence is not None else "n/a"
         head = [r.head if r.steps else "-"] if heads else []
         cells = [r.method, *head, f"{r.alpha:g}", str(r.steps), str(r.n), f"{r.reward:.4f}",
-                 f"{r.diversity:.3f}", coh, f"{r.tokens_per_s:.1f}", f"{r.delivered_per_s:.1f}",
+                 f"{r.win_rate:.3f}", f"{r.diversity:.3f}", coh, f"{r.tokens_per_s:.1f}", f"{r.delivered_per_s:.1f}",
                  f"{r.delivered_per_s / base.delivered_per_s:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
     if not coherence.available:

@@ -1,4 +1,5 @@
-"""Quality metrics beside the reward: the paper's diversity and coherence.
+"""Quality metrics beside the mean reward: win rate against base, the paper's diversity and
+coherence.
 
 Diversity guards against reward hacking (repetition collapse); coherence against answers that
 drift away from the prompt. Coherence needs a sentence-embedding model; when none can be
@@ -22,6 +23,17 @@ def diversity(text: str, orders: Sequence[int] = DIVERSITY_ORDERS) -> float:
         grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
         score *= len(set(grams)) / (len(grams) + 1)
     return score
+
+
+def win_rate(rewards: Sequence[float], base: Sequence[float]) -> float:
+    """Share of prompts whose response out-scores base's on the same prompt (ties count
+    half): the paper's win rate, judged by the evaluation's own reward instead of GPT-4. It
+    tells a method that lifts most prompts a little from one that lifts a few a lot."""
+    if len(rewards) != len(base):
+        raise ValueError(f"win rate needs one reward per prompt on both sides, got "
+                         f"{len(rewards)} and {len(base)}")
+    wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(rewards, base))
+    return wins / len(rewards) if rewards else math.nan
 
 
 def mean(values: Sequence[float]) -> float:
