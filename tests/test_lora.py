@@ -105,3 +105,34 @@ def test_adapters_base_rows_and_control_mixed_in_one_batch(lora_engine, adapters
     tokens = run_against_oracles(lora_engine, loras, oracles)
     for prompt in PROMPTS[:2]:  # each adapter really changes the model
         assert len({tuple(tokens[(prompt, name, 0)]) for name in oracles}) == 3, prompt
+
+
+def test_server_with_lora_modules_controls_adapter_requests(lora_engine, adapters, llama_dir,
+                                                            head_dir, tmp_path):
+    """`vllm serve --enable-lora --lora-modules ...`: a request names an adapter as its
+    model and carries control keys in vllm_xargs; it gets the offline engine's tokens for
+    the same adapter and control."""
+    from vllm.lora.request import LoRARequest
+
+    from engine_helpers import serving
+
+    modules = [f"{name}={path}" for name, (path, _) in sorted(adapters.items())]
+    cases = [("tiny", {"recontrol": 0}), ("lm-head", {"recontrol_alpha": 2.0,
+                                                      "recontrol_steps": 8}),
+             ("lm-head", {"recontrol": 0}), ("blocks", {})]
+    with serving(llama_dir, llama_control(head_dir), tmp_path / "serve-lora.log",
+                 "--enable-lora", "--max-lora-rank", "8", "--max-loras", "3",
+                 "--lora-modules", *modules) as client:
+        texts = [client.completions.create(
+            model=model, prompt=PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0.0,
+            extra_body={"ignore_eos": True, "vllm_xargs": xargs}).choices[0].text
+            for model, xargs in cases]
+    ids = {name: i + 1 for i, name in enumerate(sorted(adapters))}
+    offline = lora_engine.generate(
+        [PROMPTS[0]] * len(cases), [greedy(MAX_TOKENS, **xargs) for _, xargs in cases],
+        lora_request=[None if model == "tiny" else
+                      LoRARequest(model, ids[model], str(adapters[model][0]))
+                      for model, _ in cases], use_tqdm=False)
+    assert texts == [out.outputs[0].text for out in offline]
+    assert texts[1] != texts[2] != texts[0]  # control, and the adapter, changed the answer
+

