@@ -90,6 +90,18 @@ def test_cpu_build_version_suffix_is_accepted(monkeypatch):
     _vllm_adapter.check_vllm_version()
 
 
+def test_version_flag_names_both_versions_and_whether_vllm_is_tested(monkeypatch, capsys):
+    from vllm_recontrol import __version__
+    from vllm_recontrol.cli import main
+
+    monkeypatch.setattr(vllm, "__version__", "0.32.1+cpu")
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == f"vllm-recontrol {__version__} | vLLM 0.32.1+cpu (tested)\n"
+    monkeypatch.setattr(vllm, "__version__", "0.33.0")
+    main(["--version"])
+    assert "vLLM 0.33.0 (untested: this release needs 0.32.x)" in capsys.readouterr().out
+
+
 def test_batch_invariant_follows_vllm_unless_the_key_says(monkeypatch):
     from vllm_recontrol._vllm_adapter import resolve_batch_invariant
     from vllm_recontrol.config import EngineSettings

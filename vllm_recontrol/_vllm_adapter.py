@@ -49,11 +49,15 @@ def installed_vllm_version() -> str:
     return str(getattr(vllm, "__version__", "unknown"))
 
 
+def is_tested_vllm(version: str) -> bool:
+    """Whether ``version`` (e.g. "0.32.0", "0.32.1+cpu") is in the tested release series."""
+    return ".".join(version.split("+")[0].split(".")[:2]) == TESTED_VLLM
+
+
 def check_vllm_version() -> None:
     """Fail clearly outside the tested vLLM series (override with an environment variable)."""
     found = installed_vllm_version()
-    series = ".".join(found.split("+")[0].split(".")[:2])
-    if series == TESTED_VLLM or os.environ.get(ALLOW_UNTESTED_ENV) == "1":
+    if is_tested_vllm(found) or os.environ.get(ALLOW_UNTESTED_ENV) == "1":
         return
     raise VersionError(
         f"vllm-recontrol was tested with vLLM {TESTED_VLLM}.x, but vLLM {found} is installed. "

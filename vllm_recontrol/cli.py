@@ -16,10 +16,26 @@ SUBCOMMANDS = {
 }
 
 
+def versions() -> str:
+    """This package's version and the installed vLLM's (and whether it is the tested one)."""
+    from . import __version__
+    from ._vllm_adapter import TESTED_VLLM, installed_vllm_version, is_tested_vllm
+
+    try:
+        vllm = installed_vllm_version()
+    except ImportError:
+        vllm = "not installed"
+    tested = "tested" if is_tested_vllm(vllm) else f"untested: this release needs {TESTED_VLLM}.x"
+    return f"vllm-recontrol {__version__} | vLLM {vllm} ({tested})"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--version"]:
+        print(versions())
+        return 0
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in SUBCOMMANDS:
-        print("usage: vllm-recontrol {" + ",".join(SUBCOMMANDS) + "} [options]\n")
+        print("usage: vllm-recontrol {" + ",".join(SUBCOMMANDS) + "} [options] | --version\n")
         for name, (_, summary) in SUBCOMMANDS.items():
             print(f"  {name:<10} {summary}")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
