@@ -70,10 +70,20 @@ class OracleGenerator:
         return torch.log_softmax(self.edited_logits(token_ids, alpha, steps), -1)
 
     def generate(self, prompt_ids: list[int], max_tokens: int, alpha: float = 0.0,
-                 steps: int = 0) -> list[int]:
+                 steps: int = 0, logit_bias: dict[int, float] | None = None,
+                 allowed: list[int] | None = None) -> list[int]:
+        """Greedy decoding of the edited logits, plus ``logit_bias`` and restricted to
+        ``allowed`` token ids when given (vLLM's own logits processors, applied after)."""
         ids, generated = list(prompt_ids), []
         for _ in range(max_tokens):
-            token = int(self.edited_logits(ids, alpha, steps).argmax())
+            logits = self.edited_logits(ids, alpha, steps).clone()
+            for token, bias in (logit_bias or {}).items():
+                logits[token] += bias
+            if allowed is not None:
+                mask = torch.full_like(logits, float("-inf"))
+                mask[allowed] = 0.0
+                logits += mask
+            token = int(logits.argmax())
             generated.append(token)
             ids.append(token)
         return generated

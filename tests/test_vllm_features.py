@@ -1,6 +1,7 @@
 """vLLM features a controlled request meets, each checked against the independent oracle or
 against the same request alone: preemption under a full KV cache, chunked prefill, prefix
-caching, parallel sampling (n > 1), beam search and structured outputs (regex, choice).
+caching, parallel sampling (n > 1), beam search, structured outputs (regex, choice) and
+vLLM's own logits processors (logit_bias, allowed_token_ids).
 
 One deliberately cramped engine: a KV cache of 6 blocks of 32 tokens for 8 concurrent
 requests of 40 new tokens (the scheduler must preempt), and 16 scheduled tokens per step
@@ -133,6 +134,34 @@ def test_beam_search_scores_beams_with_the_edited_distribution(engine, oracle):
             plain += float(oracle.log_probs(beam.tokens[:i])[beam.tokens[i]])
         assert beam.cum_logprob == pytest.approx(edited, abs=1e-3)
         assert abs(edited - plain) > 0.05, "control did not change this beam's score"
+
+
+def test_logit_bias_and_allowed_tokens_apply_to_the_edited_logits(engine, oracle):
+    """vLLM's built-in logits processors run on the logits our edit produced: a biased and a
+    restricted request, controlled or not, in one batch, each equal the oracle's decoding of
+    the edited logits plus the bias (or within the allowed set)."""
+    from vllm import SamplingParams
+
+    prompt, steps = "the good kan", (2.0, 8)
+    base = oracle.generate(list(engine.generate([prompt], [greedy(1)], use_tqdm=False)[0]
+                                .prompt_token_ids), 12)
+    bias = {base[1]: -4.0, base[3]: -4.0, 300: 3.0}  # push away from base's own tokens
+    allowed = sorted(set(base[:6]) | {300, 301, 302, 303})
+    cases = [({"logit_bias": bias}, (0.0, 0)), ({"logit_bias": bias}, steps),
+             ({"allowed_token_ids": allowed}, (0.0, 0)), ({"allowed_token_ids": allowed}, steps)]
+    params = [SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, **options,
+                             extra_args={"recontrol": 0} if not s else
+                             {"recontrol_alpha": a, "recontrol_steps": s})
+              for options, (a, s) in cases]
+    outputs = engine.generate([prompt] * len(cases), params, use_tqdm=False)
+    got = token_ids(outputs)
+    ids = list(outputs[0].prompt_token_ids)
+    for (options, control), tokens in zip(cases, got):
+        expected = oracle.generate(ids, 12, *control, logit_bias=options.get("logit_bias"),
+                                   allowed=options.get("allowed_token_ids"))
+        assert tokens == expected, (options, control)
+    assert got[0] != base and got[0] != got[1] and got[2] != got[3]  # each knob mattered
+    assert set(got[2]) <= set(allowed) and set(got[3]) <= set(allowed)
 
 
 CHOICES = ["good kan", "bad bon", "zo ze"]
