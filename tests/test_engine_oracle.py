@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine_helpers import PROMPTS, greedy, start_llm, stop_llm, token_ids
+from engine_helpers import PROMPTS, greedy, start_llm, stop_llm
 from oracle import OracleGenerator
 
 MAX_TOKENS = 10

@@ -11,7 +11,7 @@ TEXT = 'the good kan {"mood": "bad", "n": 12} zo-ze, naïve'
 
 def test_byte_level_bpe_is_deterministic_and_encodes_any_text(tmp_path):
     first = build_tokenizer(tmp_path / "a", kind="byte-bpe")
-    second = build_tokenizer(tmp_path / "b", kind="byte-bpe")
+    build_tokenizer(tmp_path / "b", kind="byte-bpe")  # a second build, same files
     assert (tmp_path / "a" / "tokenizer.json").read_bytes() == \
         (tmp_path / "b" / "tokenizer.json").read_bytes()
     ids = first(TEXT).input_ids
