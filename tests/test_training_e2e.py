@@ -150,15 +150,15 @@ def test_eval_command_compares_every_method(world, trained):
          "--value-heads", json.dumps({"neg": str(neg_dir)}),
          "--reward-fn", "vllm_recontrol.toy_world:positive_share",
          "--grid", f"{ALPHA}:{STEPS},{ALPHA}:{STEPS}:neg",
-         "--best-of", "3", "--system-prompt", "good", "--max-tokens", "16",
+         "--best-of", "3", "--control-best-of", "--system-prompt", "good", "--max-tokens", "16",
          "--max-prompts", "24", "--engine-args", json.dumps(engine), "--out", str(out)],
         capture_output=True, text=True, timeout=400, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((out / "eval.json").read_text())
     methods = [(r["method"], r["head"]) for r in report["results"]]
     assert methods == [("base", "default"), ("re-control", "default"), ("re-control", "neg"),
-                       ("best-of-3", "default"), ("prompting", "default"),
-                       ("re-control + prompting", "default")]
+                       ("best-of-3", "default"), ("re-control + best-of-3", "default"),
+                       ("prompting", "default"), ("re-control + prompting", "default")]
     base, control, negated = report["results"][:3]
     print(f"eval rewards: base {base['reward']:.3f}, re-control {control['reward']:.3f}, "
           f"re-control with the negated head {negated['reward']:.3f}")
@@ -166,8 +166,11 @@ def test_eval_command_compares_every_method(world, trained):
     assert negated["reward"] < base["reward"] - 0.1
     assert base["win_rate"] == 0.5 and control["win_rate"] > 0.5 > negated["win_rate"]
     assert len(control["rewards"]) == 24  # per prompt, for the user's own statistics
-    bon = report["results"][3]
+    bon, control_bon = report["results"][3:5]
     assert bon["generated_tokens"] > bon["delivered_tokens"]  # N samples paid, one delivered
+    assert control_bon["generated_tokens"] > control_bon["delivered_tokens"]
+    assert (control_bon["alpha"], control_bon["steps"], control_bon["n"]) == (ALPHA, STEPS, 3)
+    assert control_bon["reward"] > bon["reward"]  # steered samples to choose from
     assert report["coherence"]["available"] is False and report["coherence"]["reason"]
     table = (out / "eval.md").read_text()
     assert "| re-control | default | 1 | 30 |" in table and "| re-control | neg | 1 | 30 |" in table

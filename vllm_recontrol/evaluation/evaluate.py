@@ -39,6 +39,7 @@ class EvalOptions:
     value_heads: dict | None = None       # {name: path} of further heads, for grid entries
     grid: Any = "0.5:10,1.0:20"          # "alpha:steps[:head],..." or [[alpha, steps(, head)]]
     best_of: Any = (4,)                   # N values for Best-of-N; empty to skip
+    control_best_of: bool = False         # also Best-of-N of controlled samples (top grid point)
     system_prompt: str | None = DEFAULT_SYSTEM_PROMPT  # None or "" skips the prompting rows
     chat_template: bool = False
     split: str = "test"
@@ -185,15 +186,20 @@ class Evaluator:
         return result
 
     def methods(self) -> list[MethodResult]:
-        """Base, the RE-Control grid, Best-of-N, prompting, RE-Control + prompting."""
+        """Base, the RE-Control grid, Best-of-N (and, asked for, RE-Control + Best-of-N),
+        prompting, RE-Control + prompting; the combinations use the grid's best point."""
         results = [self.run(MethodResult("base"))]
         grid = [self.run(MethodResult("re-control", alpha=p.alpha, steps=p.steps, head=p.head))
                 for p in self.grid]
         results += grid
+        top = max(grid, key=lambda r: r.reward)
         results += [self.run(MethodResult(f"best-of-{n}", n=n)) for n in self.best_of()]
+        if self.opts.control_best_of:  # the two combine: N controlled samples, the best kept
+            results += [self.run(MethodResult(f"re-control + best-of-{n}", alpha=top.alpha,
+                                              steps=top.steps, head=top.head, n=n))
+                        for n in self.best_of()]
         if self.opts.system_prompt:
             results.append(self.run(MethodResult("prompting", prompting=True)))
-            top = max(grid, key=lambda r: r.reward)
             results.append(self.run(MethodResult("re-control + prompting", alpha=top.alpha,
                                                  steps=top.steps, head=top.head,
                                                  prompting=True)))
@@ -225,8 +231,8 @@ def markdown_table(results: Sequence[MethodResult], coherence: Coherence) -> str
         coh = f"{r.coherence:.3f}" if r.coherence is not None else "n/a"
         head = [r.head if r.steps else "-"] if heads else []
         cells = [r.method, *head, f"{r.alpha:g}", str(r.steps), str(r.n), f"{r.reward:.4f}",
-                 f"{r.win_rate:.3f}", f"{r.diversity:.3f}", coh, f"{r.tokens_per_s:.1f}", f"{r.delivered_per_s:.1f}",
-                 f"{r.delivered_per_s / base.delivered_per_s:.2f}"]
+                 f"{r.win_rate:.3f}", f"{r.diversity:.3f}", coh, f"{r.tokens_per_s:.1f}",
+                 f"{r.delivered_per_s:.1f}", f"{r.delivered_per_s / base.delivered_per_s:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
     if not coherence.available:
         lines.append(f"\ncoherence: unavailable ({coherence.unavailable_reason})")
@@ -283,6 +289,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--grid", help='RE-Control settings "alpha:steps[:head],..." (default '
                         '"0.5:10,1.0:20"; head: a name of --value-heads)')
     parser.add_argument("--best-of", type=int, nargs="*", help="N values for Best-of-N")
+    parser.add_argument("--control-best-of", action="store_true",
+                        help="also Best-of-N of controlled samples, at the best grid point")
     parser.add_argument("--system-prompt", help='prompting baseline ("" to skip)')
     parser.add_argument("--chat-template", action="store_true")
     parser.add_argument("--split")
