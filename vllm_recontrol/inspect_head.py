@@ -15,23 +15,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .errors import RecontrolError
-from .training.common import sha256_file, summary_table
+from .training.common import model_hidden_size, sha256_file, summary_table
 from .value_head import WEIGHTS_FILE, ValueHead
-
-
-def model_hidden_size(model: str, trust_remote_code: bool = False) -> int:
-    """The hidden size of ``model`` (a local folder or a hub id), from its config alone."""
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise RecontrolError(f"cannot read the configuration of model {model!r}: {exc}") from exc
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    size = getattr(text_config, "hidden_size", None)
-    if not isinstance(size, int):
-        raise RecontrolError(f"model {model!r} has no hidden_size in its configuration")
-    return size
 
 
 def inspect_head(path: str | Path, model: str | None = None,

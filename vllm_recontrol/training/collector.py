@@ -17,8 +17,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .common import (DataError, build_options, json_argument, parse_command_line,
-                     progress, run_main, sha256_bytes, summary_table)
+from .common import (DataError, build_options, json_argument, model_hidden_size,
+                     parse_command_line, progress, run_main, sha256_bytes, summary_table)
 from .engines import Engines, GenerationRequest, VllmEngines
 from .prompts import PROMPT_FORMATS, load_prompts
 from .shards import (MANIFEST_FILE, STATE_DEFINITION, STATE_DTYPES, STATES_FORMAT,
@@ -198,16 +198,9 @@ def build_manifest(opts: CollectOptions, prompts: Sequence[str]) -> dict[str, An
 def _hidden_size(model: str) -> int | None:
     """The model's hidden size from its config (None when transformers cannot tell)."""
     try:
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(model)
+        return model_hidden_size(model)
     except Exception:  # the pooling engine's output still fixes the width in each shard
         return None
-    for candidate in (config, getattr(config, "text_config", None)):
-        size = getattr(candidate, "hidden_size", None)
-        if isinstance(size, int):
-            return size
-    return None
 
 
 # Engine arguments are recorded (those of the first run) but may change on a resume, e.g. a

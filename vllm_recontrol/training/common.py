@@ -177,6 +177,25 @@ def run_main(function: Callable[..., Any], options: Mapping[str, Any]) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- models
+def model_hidden_size(model: str, trust_remote_code: bool = False) -> int:
+    """The hidden size of ``model``'s language model (a folder or a hub id) from its config
+    alone, no weights: the width of the states vLLM collects and edits (a multimodal model's
+    text config first, as vLLM reads it)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise RecontrolError(f"cannot read the configuration of model {model!r}: {exc}") from exc
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for candidate in (text_config, config):
+        size = getattr(candidate, "hidden_size", None)
+        if isinstance(size, int):
+            return size
+    raise RecontrolError(f"model {model!r} has no hidden_size in its configuration")
+
+
 # ----------------------------------------------------------------------------- output
 def summary_table(title: str, rows: Sequence[tuple[str, Any]]) -> str:
     """A two-column Markdown table, printed once at the end of each command."""
