@@ -182,9 +182,10 @@ class EditController:
         self._stats = EditStats()
         self._stats_interval = float(os.environ.get(STATS_INTERVAL_ENV, "10") or 10)
         # Resolved once: a forced backend that cannot run fails at engine start, not mid-serve.
-        self.backends = {name: self._backend_for(head) for name, head in self.heads.items()}
+        resolved = {name: self._resolve(head) for name, head in self.heads.items()}
+        self.backends = {name: backend for name, (backend, _) in resolved.items()}
+        products = resolved[DEFAULT_HEAD][1]
         device = next(iter(self.heads.values())).layers[0].weight.device
-        products = choose_precision(settings.precision, self.backends[DEFAULT_HEAD])
         graphs = settings.cuda_graphs and device.type == "cuda"
         logger.info("RE-Control ascent: %s backend, %s products, CUDA graphs %s%s%s",
                     self.backends[DEFAULT_HEAD], "fp32" if products == "ieee" else products,
@@ -192,7 +193,8 @@ class EditController:
                     f", value heads {list(self.heads)}" if len(self.heads) > 1 else "")
         self._warm_rows = warm_up_rows(device, settings, max_rows)
 
-    def _backend_for(self, head: ValueHead) -> str:
+    def _resolve(self, head: ValueHead) -> tuple[str, str]:
+        """(backend, product precision) of ``head`` under the engine keys."""
         device = head.layers[0].weight.device
         try:
             backend = choose_backend(self.settings.backend, device, len(head.widths),
@@ -200,10 +202,10 @@ class EditController:
         except ValueError as exc:
             raise ConfigError(f'additional_config["recontrol"]["backend"]: {exc}') from exc
         try:
-            choose_precision(self.settings.precision, backend)
+            products = choose_precision(self.settings.precision, backend)
         except ValueError as exc:
             raise ConfigError(f'additional_config["recontrol"]["precision"]: {exc}') from exc
-        return backend
+        return backend, products
 
     def warm_up(self) -> int:
         """Compile (and capture) the ascent for every row bucket and warm-up step count now.
