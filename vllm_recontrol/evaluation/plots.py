@@ -9,6 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..config import DEFAULT_HEAD
+
 
 def save_plots(results: Sequence[Any], out: Path) -> list[Path]:
     """Write ``grid.png`` and ``reward_vs_throughput.png``; return the paths written."""
@@ -63,5 +65,5 @@ def _tradeoff_plot(plt: Any, results: Sequence[Any], path: Path) -> Path:
 
 def _head_suffix(result: Any, separator: str) -> str:
     """The value head of a RE-Control row when it is not the default one."""
-    head = getattr(result, "head", "default")
-    return f"{separator}{head}" if head != "default" else ""
+    head = getattr(result, "head", DEFAULT_HEAD)
+    return f"{separator}{head}" if head != DEFAULT_HEAD else ""
