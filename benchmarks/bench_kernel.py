@@ -73,6 +73,9 @@ from pathlib import Path
 from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
+# --quick: issue 3's variants and the engine's; the fp32/tf32 rows are in the results file
+QUICK_VARIANTS = ("autograd-fp16", "torch-eager", "torch-compile", "torch-graph", "triton",
+                  "triton-graph", "triton-l2-graph", "triton-evict-graph", "head-ascend")
 VARIANTS = ("autograd-fp16", "torch-eager", "torch-compile", "torch-graph", "torch-fp32-graph",
             "triton", "triton-graph", "triton-fp32-graph", "triton-tf32-graph", "triton-l2-graph",
             "triton-evict-graph", "head-ascend")
@@ -117,12 +120,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rep-ms", type=float, default=50.0)
     p.add_argument("--json", type=Path, help="write the results as JSON here")
     p.add_argument("--markdown", type=Path, help="write the results table as markdown here")
+    p.add_argument("--plans-from", type=Path, metavar="SWEEP_JSON",
+                   help="a --sweep run's JSON: add a 'triton-graph tuned' row with the sweep's "
+                        "fastest plan for every case it covers (where that beat the default)")
     args = p.parse_args(argv)
     if args.quick:
         args.hidden_sizes, args.layers, args.steps = [4096], [1, 2], [30]
         args.batch = [1, 8, 16, 32, 128, 256, 512]
+        if argv_lacks(argv, "--variants"):
+            args.variants = list(QUICK_VARIANTS)
     if args.sweep and argv_lacks(argv, "--hidden-sizes", "--layers", "--steps", "--batch"):
-        args.hidden_sizes, args.layers, args.steps, args.batch = [4096], [2], [30], [1, 16, 128, 256, 512]
+        # the batches still above 1.3x of the floor (B <= 32 are within it: results file)
+        args.hidden_sizes, args.layers, args.steps, args.batch = [4096], [1, 2], [30], [128, 256, 512]
     if not 0 <= args.shard < args.shards:
         p.error(f"--shard must be in [0, --shards), got {args.shard} of {args.shards}")
     return args
@@ -339,7 +348,7 @@ class Task:
 
 
 _SHORT = {"block_m": "bm", "block_n": "bn", "block_k": "bk", "split_k": "s", "num_warps": "w",
-          "num_stages": "st", "fixup": "fix", "evict_last": "ev"}
+          "num_stages": "st", "fixup": "fix", "evict_last": "ev", "tma": "tma"}
 
 
 def sweep_configs(batch: int) -> list[tuple[str, dict]]:
@@ -362,28 +371,53 @@ def sweep_configs(batch: int) -> list[tuple[str, dict]]:
                                                         fixup=1),
                  dict(num_stages=1, evict_last=1, split_k=4, fixup=1),
                  dict(num_stages=1, evict_last=1, split_k=4, fixup=1, num_warps=8),
-                 dict(num_stages=1, split_k=4, fixup=1)]
+                 dict(num_stages=1, split_k=4, fixup=1), dict(tma=1)]
         return ([(label("fwd ", ov), {"forward": ov}) for ov in shapes]
                 + [(label("bwd ", ov), {"backward": ov}) for ov in shapes]
                 + [(label("both ", ov), {"forward": ov, "backward": ov}) for ov in evict])
     # (bm, bn, bk, warps, stages, split, fixup): the current plans' neighbours; whole 128-row
     # tiles with K split so that each weight tile is read by one program only; split K
-    # finished in place (fix-up) instead of by a second launch
-    tiles = [(64, 128, 64, 4, 4, 1, 0), (64, 128, 64, 4, 5, 1, 0), (128, 128, 64, 8, 4, 1, 0),
-             (128, 128, 64, 8, 5, 1, 0), (128, 128, 64, 8, 4, 2, 0), (128, 128, 64, 8, 4, 4, 0),
-             (128, 128, 64, 8, 4, 2, 1), (128, 128, 64, 8, 4, 4, 1), (64, 128, 64, 4, 4, 2, 0),
-             (64, 128, 64, 4, 4, 2, 1), (128, 256, 64, 8, 3, 1, 0), (128, 256, 64, 8, 3, 2, 1),
-             (128, 256, 64, 8, 3, 4, 1), (128, 256, 64, 8, 3, 8, 1), (64, 256, 64, 8, 3, 1, 0)]
+    # finished in place (fix-up) instead of by a second launch. Each with plain loads and
+    # with tiles through tensor descriptors (tma): the 2026-11-27 numbers put these batches
+    # at about 65 GB/s per program from L2, short of what a multiprocessor can take in, so
+    # more bytes in flight per instruction may be what they lack
+    tiles = [(64, 128, 64, 4, 4, 1, 0), (64, 128, 64, 4, 5, 1, 0), (64, 128, 64, 4, 4, 2, 1),
+             (128, 128, 64, 8, 4, 1, 0), (128, 128, 64, 8, 4, 2, 1), (128, 128, 64, 8, 4, 4, 1),
+             (128, 256, 64, 8, 3, 1, 0), (128, 256, 64, 8, 3, 2, 1), (128, 256, 64, 8, 3, 4, 1)]
     out = []
-    for bm, bn, bk, warps, stages, split, fixup in tiles:
-        ov = dict(block_m=bm, block_n=bn, block_k=bk, num_warps=warps, num_stages=stages,
-                  split_k=split, fixup=fixup)
-        out.append((label("", ov), ov))
+    for tma in (0, 1):
+        for bm, bn, bk, warps, stages, split, fixup in tiles:
+            if (bn, split) == (256, 1):  # spills in the update epilogue (sm90_resources)
+                continue
+            ov = dict(block_m=bm, block_n=bn, block_k=bk, num_warps=warps, num_stages=stages,
+                      split_k=split, fixup=fixup, tma=tma)
+            out.append((label("", ov), ov))
+    return out
+
+
+def tuned_plans(sweep_json: Path | None, min_gain: float = 1.03) -> dict[tuple, tuple]:
+    """(d, hidden, steps, batch) -> (label, overrides) of the fastest sweep candidate of each
+    case that beat the default plan (the mean of its two timings) by ``min_gain``."""
+    if sweep_json is None or not sweep_json.exists():
+        return {}
+    cases: dict[tuple, list[dict]] = {}
+    for r in json.loads(sweep_json.read_text()).get("rows", []):
+        if "ms" in r:
+            cases.setdefault((r["d"], r["hidden"], r["steps"], r["batch"]), []).append(r)
+    out = {}
+    for key, found in cases.items():
+        default = [r["ms"] for r in found if r["variant"].startswith("triton-graph default")]
+        tried = [r for r in found if r.get("overrides")]
+        if default and tried:
+            best = min(tried, key=lambda r: r["ms"])
+            if statistics.mean(default) >= min_gain * best["ms"]:
+                out[key] = (best["variant"].removeprefix("triton-graph "), best["overrides"])
     return out
 
 
 def tasks(args) -> list[Task]:
     """Every row the arguments ask for, in run order."""
+    tuned = tuned_plans(getattr(args, "plans_from", None))
     out = []
     for d in args.hidden_sizes:
         for hidden in args.layers:
@@ -393,6 +427,9 @@ def tasks(args) -> list[Task]:
                     if not args.sweep:
                         out.extend(Task(case, name) for name in args.variants
                                    if name != "triton-evict-graph" or batch <= EVICT_MAX_BATCH)
+                        if (key := (d, hidden, n, batch)) in tuned and "triton-graph" in args.variants:
+                            label, ov = tuned[key]
+                            out.append(Task(case, "triton-graph", ov, f"triton-graph tuned {label}"))
                         continue
                     out.append(Task(case, "triton-graph", None, "triton-graph default"))
                     out.extend(Task(case, "triton-graph", ov, f"triton-graph {lbl}")
@@ -599,6 +636,8 @@ def time_variant(task: Task, flops, nbytes, floor_ms, ascent, va, heads, states,
     name, case = task.variant, task.case
     row = {**asdict(case), "variant": task.label or name, "weights": variant_dtype(name, args),
            "floor_ms": floor_ms}
+    if task.overrides:
+        row["overrides"] = task.overrides
     if name in ("triton-graph", "triton-l2-graph", "triton-evict-graph") \
             and args.dtype == "bf16":
         row["onchip_mb_per_step"] = onchip_megabytes(va, case,
@@ -727,6 +766,20 @@ def check_cases(device: torch.device) -> list[dict]:
         dict(d=4096, widths=[4096, 4096], rows=16, n=5, precision="bf16", wdtype="bf16"),
         dict(d=4096, widths=[4096], rows=256, n=3, precision="bf16", wdtype="bf16"),
         dict(d=4096, widths=[4096, 4096], rows=512, n=2, precision="bf16", wdtype="bf16"),
+        # tiles through tensor descriptors (TMA): edges in every dimension (304 / 264 / 136 /
+        # 200 are multiples of 8, as descriptors need, not of the tiles), weight-streaming and
+        # tensor-core tiles, split K with fix-up
+        dict(d=304, n=4, widths=[264, 136, 200], rows=5, precision="bf16", wdtype="bf16",
+             overrides={"tma": 1}),
+        dict(d=304, n=4, widths=[264, 136], rows=130, precision="bf16", wdtype="bf16",
+             overrides={"tma": 1}),
+        dict(d=304, n=4, widths=[264, 136], rows=130, precision="bf16", wdtype="bf16",
+             overrides={"tma": 1, "split_k": 2, "fixup": 1}),
+        dict(d=4096, widths=[4096, 4096], rows=256, n=3, precision="bf16", wdtype="bf16",
+             overrides={"block_m": 128, "block_n": 256, "num_warps": 8, "num_stages": 3,
+                        "split_k": 4, "fixup": 1, "tma": 1}),
+        dict(d=4096, widths=[4096], rows=512, n=2, precision="bf16", wdtype="bf16",
+             overrides={"tma": 1}),
     ]
 
 

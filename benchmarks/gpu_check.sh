@@ -5,12 +5,15 @@
 # suffice). Phases, each under its own time limit (seconds, overridable):
 #   warm   (WARM_LIMIT 150)  background: compile every Triton kernel (and torch.compile graph)
 #                            the timed phases will launch, in WARM_SHARDS processes side by side
-#   check  (CHECK_LIMIT 240) correctness against float64, and the engine's CUDA-graph cache
-#                            against eager launches, warm-up, split-K fix-up, batch
-#                            invariance; runs while the warm-up compiles
-#   bench  (BENCH_LIMIT 200) all variants, d 4096, 1 and 2 hidden layers, 30 steps, B 1..512,
-#                            after an L2 persistence probe (benchmarks/l2_window.py)
-#   sweep  (SWEEP_LIMIT 100) Triton plan overrides at B 1, 16, 128, 256, 512 (tuning aid)
+#   check  (CHECK_LIMIT 180) correctness against float64, and the engine's CUDA-graph cache
+#                            against eager launches, warm-up, split-K fix-up, tensor-descriptor
+#                            (TMA) loads, batch invariance; runs while the warm-up compiles
+#   sweep  (SWEEP_LIMIT 130) Triton plan overrides at B 128, 256, 512, 1 and 2 hidden layers
+#                            (plain and TMA loads, split K with fix-up, 128x256 tiles)
+#   bench  (BENCH_LIMIT 220) issue 3's variants and the engine's, d 4096, 1 and 2 hidden
+#                            layers, 30 steps, B 1..512, after an L2 persistence probe
+#                            (benchmarks/l2_window.py); with the sweep's JSON, plus a
+#                            "triton-graph tuned" row per case the sweep found a faster plan for
 #   extra  (EXTRA_LIMIT 60)  triton-graph vs torch-graph at d 2048 / 8192 and steps 1 / 200
 #   grid   (GRID_LIMIT 300)  not run by default: issue 3's whole grid (d 2048/4096/8192 x 1-2
 #                            hidden layers x steps 1/30/200 x B 1..512) for triton-graph and
@@ -18,7 +21,7 @@
 # Writes under $OUT (default ./out), at most 8 files: run.log (everything printed), warm.log,
 # check.json, bench.json, bench.md, sweep.json, extra.json, grid.json. JSON and markdown are
 # rewritten after every row, so a phase stopped by its limit still reports what it measured.
-# PHASES (default "check bench sweep extra") picks the phases to run.
+# PHASES (default "check sweep bench") picks the phases to run; they run in the order above.
 # Precompiled kernels: if .triton-sm90.tgz (benchmarks/precompile.py, built on a machine without
 # a GPU) was carried along and TRITON_CACHE_DIR is unset, it is unpacked to the path recorded in
 # it and used as Triton's cache; the log says how many kernels still had to compile here.
@@ -36,7 +39,7 @@ unset TRITON_INTERPRET
 BENCH="benchmarks/bench_kernel.py"
 WARM_SHARDS="${WARM_SHARDS:-12}"
 EXTRA_ARGS=(--variants torch-graph triton-graph --layers 2 --batch 1 32 256)
-PHASES=" ${PHASES:-check bench sweep extra} "
+PHASES=" ${PHASES:-check sweep bench} "
 check_status=0 bench_status=0 sweep_status=0 extra_status=0 grid_status=0
 GRID_ARGS=(--variants torch-graph triton-graph)
 phase() { [[ "$PHASES" == *" $1 "* ]]; }
@@ -87,8 +90,8 @@ if phase extra; then
 fi
 
 if phase check; then
-    echo "== correctness checks (limit ${CHECK_LIMIT:-240}s)"
-    timeout "${CHECK_LIMIT:-240}" "$PY" "$BENCH" --check --json "$OUT/check.json"
+    echo "== correctness checks (limit ${CHECK_LIMIT:-180}s)"
+    timeout "${CHECK_LIMIT:-180}" "$PY" "$BENCH" --check --json "$OUT/check.json"
     check_status=$?
 fi
 
@@ -96,17 +99,19 @@ for pid in "${warm_pids[@]}"; do wait "$pid"; done
 [ -f "$OUT/warm.log" ] && awk '/^warm shard/ {n += $4; f += $7; s++}
      END {print s " warm-up processes: " n " launches compiled, " f " failed"}' "$OUT/warm.log"
 
-if phase bench; then
-    echo "== benchmark, quick preset (limit ${BENCH_LIMIT:-200}s)"
-    timeout "${BENCH_LIMIT:-200}" "$PY" "$BENCH" --quick --json "$OUT/bench.json" \
-        --markdown "$OUT/bench.md"
-    bench_status=$?
+if phase sweep; then
+    echo "== plan sweep (limit ${SWEEP_LIMIT:-130}s)"
+    timeout "${SWEEP_LIMIT:-130}" "$PY" "$BENCH" --sweep --json "$OUT/sweep.json"
+    sweep_status=$?
 fi
 
-if phase sweep; then
-    echo "== plan sweep (limit ${SWEEP_LIMIT:-100}s)"
-    timeout "${SWEEP_LIMIT:-100}" "$PY" "$BENCH" --sweep --json "$OUT/sweep.json"
-    sweep_status=$?
+if phase bench; then
+    echo "== benchmark, quick preset (limit ${BENCH_LIMIT:-220}s)"
+    tuned=()
+    [ -f "$OUT/sweep.json" ] && tuned=(--plans-from "$OUT/sweep.json")
+    timeout "${BENCH_LIMIT:-220}" "$PY" "$BENCH" --quick "${tuned[@]}" --json "$OUT/bench.json" \
+        --markdown "$OUT/bench.md"
+    bench_status=$?
 fi
 
 if phase extra; then

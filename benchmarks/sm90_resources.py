@@ -119,7 +119,11 @@ def compile_product(plan: va.GemmPlan, forward: bool, epilogue: int, fixup: bool
                      SQ_CHUNK=va._SQ_CHUNK, BM=plan.block_m, BN=plan.block_n, BK=plan.block_k,
                      FIXUP=fixup,
                      FIX_BN=va.fixup_block_n(plan, fixup, project=False, interpret=False),
-                     W_EVICT=plan.weight_eviction)
+                     W_EVICT=plan.weight_eviction, TMA=False, W_K_CONTIGUOUS=forward,
+                     a_desc=None, w_desc=None)
+    if plan.tma:
+        raise SystemExit("tma plans are not compiled here (descriptor arguments); "
+                         "precompile.py compiles them through Triton's own launch path")
     signature, constants, attrs = _signature(forward, precision, epilogue, constants)
     source = ASTSource(va._ascent_gemm_kernel, signature, constants, attrs)
     return triton.compile(source, target=GPUTarget("cuda", arch, 32),

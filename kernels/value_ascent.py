@@ -94,6 +94,10 @@ try:  # triton >= 3.0
     from triton.runtime.errors import OutOfResources
 except ImportError:  # pragma: no cover - older layouts
     from triton.runtime.autotuner import OutOfResources  # type: ignore
+try:  # host-side tensor descriptors (Triton >= 3.4): the ``tma`` plan option
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older Triton: plain loads only
+    TensorDescriptor = None
 
 if TYPE_CHECKING:
     from vllm_recontrol.ascent import MLPWeights
@@ -254,12 +258,13 @@ def _ascent_gemm_kernel(
         a_ptr, u_ptr, wout_ptr, w_ptr, stride_wk, stride_wn,
         out_ptr, bias_ptr, maskin_ptr, state_ptr, x_ptr, alpha_ptr, steps_ptr,
         sq_in_ptr, sq_out_ptr, n_sq, max_norm, step, first,
-        part_ptr, count_ptr, n_split,
+        part_ptr, count_ptr, n_split, a_desc, w_desc,
         M, N, K, k_split,
         PROLOGUE: tl.constexpr, EPILOGUE: tl.constexpr, DOT: tl.constexpr,
         INTERPRET: tl.constexpr, PROJECT: tl.constexpr, ACT_BF16: tl.constexpr,
         SQ_CHUNK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-        FIXUP: tl.constexpr, FIX_BN: tl.constexpr, W_EVICT: tl.constexpr):
+        FIXUP: tl.constexpr, FIX_BN: tl.constexpr, W_EVICT: tl.constexpr, TMA: tl.constexpr,
+        W_K_CONTIGUOUS: tl.constexpr):
     """One product of the ascent step for a [BM, BN] tile and one K split (grid n, m, split).
 
     ``FIXUP`` (split K finished in place, no reduce launch): every split stores its partial
@@ -267,7 +272,13 @@ def _ascent_gemm_kernel(
     partials in split order and applies the epilogue (so the bits do not depend on which
     split that is), then zeroes the counter for the next product. It does so ``FIX_BN``
     columns at a time: summing whole wide tiles (128x256) would hold two of them in
-    registers and spill (see ``fixup_block_n``)."""
+    registers and spill (see ``fixup_block_n``).
+
+    ``TMA``: the operand tiles come through tensor descriptors (``a_desc`` over A [M, K];
+    ``w_desc`` over W as stored, [N, K] going forward (``W_K_CONTIGUOUS``, transposed in
+    shared memory) or [K, N] going backward): Hopper's bulk copy engine moves whole tiles
+    into shared memory with no per-element address arithmetic, and pads out-of-range rows
+    and columns with zeros, which is what the masks of the plain loads give."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -281,9 +292,16 @@ def _ascent_gemm_kernel(
     k_lo = pid_s * k_split
     k_hi = tl.minimum(k_lo + k_split, K)
     for k0 in range(k_lo, k_hi, BK):  # fixed order: the same bits every run
-        offs_k = k0 + tl.arange(0, BK)
-        a = _load_a(a_ptr, u_ptr, offs_m, offs_k, M, K, scale, first, PROLOGUE, DOT)
-        w = _load_w(w_ptr, offs_k, offs_n, K, N, stride_wk, stride_wn, W_EVICT)
+        if TMA:
+            a = a_desc.load([pid_m * BM, k0])
+            if W_K_CONTIGUOUS:
+                w = w_desc.load([pid_n * BN, k0]).T
+            else:
+                w = w_desc.load([k0, pid_n * BN])
+        else:
+            offs_k = k0 + tl.arange(0, BK)
+            a = _load_a(a_ptr, u_ptr, offs_m, offs_k, M, K, scale, first, PROLOGUE, DOT)
+            w = _load_w(w_ptr, offs_k, offs_n, K, N, stride_wk, stride_wn, W_EVICT)
         acc = _mma(a, w, acc, DOT, INTERPRET)
     if FIXUP:
         ok = (offs_m[:, None] < M) & (offs_n[None, :] < N)
@@ -359,7 +377,10 @@ class GemmPlan:
     ``evict_last`` (0/1): load the weights with an L2 evict-last hint, so that a head that
     fits in L2 stays there from one product to the next (issue 3's stretch goal). Triton
     3.6 keeps the hint only on plain loads, i.e. with ``num_stages`` 1 (checked in the sm_90
-    PTX: the pipelined cp.async loads lose it); off until measured."""
+    PTX: the pipelined cp.async loads lose it); off until measured.
+    ``tma`` (0/1): load both operand tiles through tensor descriptors (Hopper's bulk copy
+    engine) where the product allows it (``tma_eligible``), plain loads elsewhere; off until
+    measured."""
 
     block_m: int
     block_n: int
@@ -369,6 +390,7 @@ class GemmPlan:
     num_stages: int
     fixup: int = 0
     evict_last: int = 0
+    tma: int = 0
 
     def k_split(self, K: int) -> int:
         """K range per split, a multiple of block_k so that splits never share a tile."""
@@ -436,7 +458,7 @@ def plan_gemm(M: int, N: int, K: int, *, w_k_contiguous: bool, weight_bytes: int
     "ieee"). Both directions follow one rule (``w_k_contiguous`` says which one this is; the
     H100 sweep found the same best shape for both).
     ``overrides`` (block_m, block_n, block_k, split_k, num_warps, num_stages, fixup,
-    evict_last) replace the heuristic's choice, for tests and tuning. ``batch_invariant``:
+    evict_last, tma) replace the heuristic's choice, for tests and tuning. ``batch_invariant``:
     ignore M (see ``batch_invariant_plan``; also under the interpreter, so CPU tests run that
     plan).
     """
@@ -481,7 +503,7 @@ def plan_gemm(M: int, N: int, K: int, *, w_k_contiguous: bool, weight_bytes: int
         split = _wave_split(triton.cdiv(M, bm) * triton.cdiv(N, bn), n_programs,
                             K // (4 * bk))
     plan = dict(block_m=bm, block_n=bn, block_k=bk, split_k=split, num_warps=warps,
-                num_stages=stages, fixup=0, evict_last=0)
+                num_stages=stages, fixup=0, evict_last=0, tma=0)
     if overrides:
         unknown = set(overrides) - set(plan)
         if unknown:
@@ -519,6 +541,7 @@ class _Product:
     N: int
     K: int
     plan: GemmPlan
+    descriptors: tuple | None = None  # (a_desc, w_desc) once built, for plans with tma
 
 
 def _check_inputs(mlp: "MLPWeights", states: Tensor, alpha: Tensor, steps: Tensor,
@@ -638,6 +661,31 @@ def _plan_products(weights: list[Tensor], biases: list[Tensor], states: Tensor, 
     return products
 
 
+def tma_eligible(p: _Product, precision: str) -> bool:
+    """Whether the product can load its tiles through tensor descriptors: bf16 operands
+    stored as plain row-major matrices (not the max_norm prologue, which builds its left
+    operand from s and u), rows of a multiple of 16 bytes (a descriptor's stride rule), and
+    tile sides the bulk copy engine takes (at most 256 elements)."""
+    plan = p.plan
+    return (TensorDescriptor is not None and precision == "bf16"
+            and p.prologue == PRO_PLAIN.value
+            and p.a.dtype == torch.bfloat16 and p.w.dtype == torch.bfloat16
+            and p.K % 8 == 0 and p.N % 8 == 0 and p.a.is_contiguous() and p.w.is_contiguous()
+            and max(plan.block_m, plan.block_n, plan.block_k) <= 256)
+
+
+def _descriptors(p: _Product) -> tuple:
+    """(a_desc, w_desc) over the product's operands as stored (W is [N, K] going forward,
+    [K, N] going backward), each with its tile as the block."""
+    plan = p.plan
+    a_desc = TensorDescriptor(p.a, [p.M, p.K], [p.K, 1], [plan.block_m, plan.block_k])
+    if p.stride_wk == 1:
+        w_desc = TensorDescriptor(p.w, [p.N, p.K], [p.K, 1], [plan.block_n, plan.block_k])
+    else:
+        w_desc = TensorDescriptor(p.w, [p.K, p.N], [p.N, 1], [plan.block_k, plan.block_n])
+    return a_desc, w_desc
+
+
 def _launch(p: _Product, ctx: dict, step: int) -> None:
     """Launch one product (and its split-K reduce), retrying with fewer pipeline stages if the
     chosen depth does not fit in shared memory."""
@@ -651,7 +699,11 @@ def _launch(p: _Product, ctx: dict, step: int) -> None:
     tail = dict(sq_in_ptr=ctx["sq_in"], sq_out_ptr=ctx["sq_out"], n_sq=ctx["n_sq"],
                 max_norm=ctx["max_norm"], step=step, first=int(step == 0))
     flags = dict(PROJECT=ctx["project"], ACT_BF16=ctx["act_bf16"], SQ_CHUNK=_SQ_CHUNK)
-    fit_key = (plan, p.prologue, ctx["precision"], p.w.dtype, p.a.dtype)
+    tma = bool(plan.tma) and tma_eligible(p, ctx["precision"])
+    if tma and p.descriptors is None:
+        p.descriptors = _descriptors(p)
+    a_desc, w_desc = p.descriptors if tma else (None, None)
+    fit_key = (plan, p.prologue, ctx["precision"], p.w.dtype, p.a.dtype, tma)
     stages = ctx["stages"].get(fit_key, plan.num_stages)
     while True:
         try:
@@ -659,12 +711,12 @@ def _launch(p: _Product, ctx: dict, step: int) -> None:
                 p.a, ctx["u"], ctx["w_out"], p.w, p.stride_wk, p.stride_wn,
                 out, p.bias, p.maskin, ctx["states"], ctx["x"], ctx["alpha"], ctx["steps"],
                 **tail, part_ptr=ctx["partial"], count_ptr=ctx["counters"], n_split=splits,
-                M=p.M, N=p.N, K=p.K, k_split=plan.k_split(p.K),
+                a_desc=a_desc, w_desc=w_desc, M=p.M, N=p.N, K=p.K, k_split=plan.k_split(p.K),
                 PROLOGUE=p.prologue, EPILOGUE=epilogue, DOT=ctx["precision"],
                 INTERPRET=ctx["interpret"], **flags,
                 BM=plan.block_m, BN=plan.block_n, BK=plan.block_k, FIXUP=fixup,
                 FIX_BN=fixup_block_n(plan, fixup, ctx["project"], ctx["interpret"]),
-                W_EVICT=plan.weight_eviction,
+                W_EVICT=plan.weight_eviction, TMA=tma, W_K_CONTIGUOUS=p.stride_wk == 1,
                 num_warps=plan.num_warps, num_stages=stages)
             break
         except OutOfResources:

@@ -274,3 +274,32 @@ def test_controller_check_passes_here_and_fails_on_a_swapped_head():
         assert not bench.check_controller(torch.device("cpu"), ascent, 3, backend="torch")["ok"]
     finally:
         EditController._ascend = original
+
+
+def test_plans_from_a_sweep_add_a_tuned_row_where_a_candidate_won(tmp_path):
+    """--plans-from: the bench times the sweep's fastest plan of a case beside the default,
+    only where it beat the mean of the default's two timings by 3 % (noise is not a win)."""
+    bench = _load("bench_kernel")
+    fast = {"block_m": 128, "block_n": 256, "split_k": 4, "fixup": 1, "tma": 1}
+    rows = [  # B 128: a clear win; B 256: within noise of the default; B 512: failed only
+        dict(d=64, hidden=1, steps=2, batch=128, variant="triton-graph default", ms=2.0),
+        dict(d=64, hidden=1, steps=2, batch=128, variant="triton-graph a", ms=1.9,
+             overrides={"split_k": 2}),
+        dict(d=64, hidden=1, steps=2, batch=128, variant="triton-graph b", ms=1.5, overrides=fast),
+        dict(d=64, hidden=1, steps=2, batch=128, variant="triton-graph default again", ms=2.2),
+        dict(d=64, hidden=1, steps=2, batch=256, variant="triton-graph default", ms=3.0),
+        dict(d=64, hidden=1, steps=2, batch=256, variant="triton-graph c", ms=2.95,
+             overrides={"split_k": 2}),
+        dict(d=64, hidden=1, steps=2, batch=512, variant="triton-graph default", ms=3.0),
+        dict(d=64, hidden=1, steps=2, batch=512, variant="triton-graph d", error="boom",
+             overrides={"split_k": 2}),
+    ]
+    (tmp_path / "sweep.json").write_text(json.dumps({"rows": rows}))
+    args = bench.parse_args(["--variants", "torch-graph", "triton-graph", "--hidden-sizes", "64",
+                             "--layers", "1", "--steps", "2", "--batch", "128", "256", "512",
+                             "--plans-from", str(tmp_path / "sweep.json")])
+    planned = [(t.case.batch, t.label or t.variant, t.overrides) for t in bench.tasks(args)]
+    assert planned == [(128, "torch-graph", None), (128, "triton-graph", None),
+                       (128, "triton-graph tuned b", fast),
+                       (256, "torch-graph", None), (256, "triton-graph", None),
+                       (512, "torch-graph", None), (512, "triton-graph", None)]

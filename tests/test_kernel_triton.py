@@ -213,6 +213,26 @@ def test_evict_last_plan_changes_no_bits(kernels, seed):
         assert torch.isfinite(hinted).all() and torch.equal(hinted, plain), (seed, plan)
 
 
+@pytest.mark.parametrize("widths,described", [([24, 40], 4), ([24, 17], 2)])
+def test_tma_plan_gives_the_plain_loads_bits(kernels, seed, monkeypatch, widths, described):
+    """Tiles loaded through tensor descriptors (Hopper's bulk copies; zero padding past the
+    edges instead of masks) give the plain loads' bits and the bf16 reference's values, with
+    and without split K; products whose rows are not a multiple of 16 bytes (width 17) keep
+    plain loads. Descriptors are built once per product and ascent, not per launch."""
+    built = []
+    make = kernels._descriptors
+    monkeypatch.setattr(kernels, "_descriptors", lambda p: built.append(p) or make(p))
+    mlp, states, alpha, steps, ref, clean, seed = _draw_clean(
+        seed, 19, widths, 3, emulate_bf16=True, margin=2e-3, weight_dtype=torch.bfloat16)
+    for plan in ({}, {"split_k": 3, "block_k": 16, "fixup": 1}, {"split_k": 2, "block_k": 16}):
+        built.clear()
+        plain = _run(kernels, mlp, states, alpha, steps, 3, plan_overrides=plan or None)
+        tma = _run(kernels, mlp, states, alpha, steps, 3, plan_overrides={**plan, "tma": 1})
+        assert len(built) == described, (seed, plan, len(built))
+        assert torch.isfinite(tma).all() and torch.equal(tma, plain), (seed, plan)
+        _check(tma, ref, clean, steps, alpha, BF16_EMULATED_TOL, seed, f"tma {plan}")
+
+
 def test_finished_rows_stop_and_results_are_deterministic(kernels, seed):
     mlp, states, alpha, steps, *_ = _draw(seed, 6, WIDTHS[:2])
     once = _run(kernels, mlp, states, alpha, steps, 1, plan_overrides={"split_k": 2, "block_k": 16})
