@@ -126,7 +126,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quick:
         args.hidden_sizes, args.layers, args.steps = [4096], [1, 2], [30]
-        args.batch = [1, 8, 16, 32, 128, 256, 512]
+        if argv_lacks(argv, "--batch"):
+            args.batch = [1, 8, 16, 32, 128, 256, 512]
         if argv_lacks(argv, "--variants"):
             args.variants = list(QUICK_VARIANTS)
     if args.sweep and argv_lacks(argv, "--hidden-sizes", "--layers", "--steps", "--batch"):
@@ -381,17 +382,21 @@ def sweep_configs(batch: int) -> list[tuple[str, dict]]:
     # with tiles through tensor descriptors (tma): the 2026-11-27 numbers put these batches
     # at about 65 GB/s per program from L2, short of what a multiprocessor can take in, so
     # more bytes in flight per instruction may be what they lack
-    tiles = [(64, 128, 64, 4, 4, 1, 0), (64, 128, 64, 4, 5, 1, 0), (64, 128, 64, 4, 4, 2, 1),
-             (128, 128, 64, 8, 4, 1, 0), (128, 128, 64, 8, 4, 2, 1), (128, 128, 64, 8, 4, 4, 1),
-             (128, 256, 64, 8, 3, 1, 0), (128, 256, 64, 8, 3, 2, 1), (128, 256, 64, 8, 3, 4, 1)]
+    # (call 5 of the H100 results: fewer on-chip bytes did not help, 128x256 and split K were
+    # slowest; one more pipeline stage did, by 10-13 %): so deeper pipelines, by stages and
+    # by 128-deep K tiles, at the two tile shapes that lead
+    tiles = [(64, 128, 64, 4, 5, 1, 0, 0), (64, 128, 64, 4, 5, 1, 0, 1),
+             (64, 128, 64, 4, 6, 1, 0, 0), (64, 128, 64, 4, 6, 1, 0, 1),
+             (64, 128, 64, 4, 7, 1, 0, 1), (64, 128, 128, 4, 3, 1, 0, 1),
+             (64, 128, 128, 4, 4, 1, 0, 1), (64, 128, 64, 4, 6, 2, 0, 1),
+             (128, 128, 64, 8, 4, 1, 0, 1), (128, 128, 64, 8, 5, 1, 0, 1),
+             (128, 128, 64, 8, 6, 1, 0, 1), (128, 128, 128, 8, 3, 1, 0, 1),
+             (64, 256, 64, 8, 4, 1, 0, 1)]
     out = []
-    for tma in (0, 1):
-        for bm, bn, bk, warps, stages, split, fixup in tiles:
-            if (bn, split) == (256, 1):  # spills in the update epilogue (sm90_resources)
-                continue
-            ov = dict(block_m=bm, block_n=bn, block_k=bk, num_warps=warps, num_stages=stages,
-                      split_k=split, fixup=fixup, tma=tma)
-            out.append((label("", ov), ov))
+    for bm, bn, bk, warps, stages, split, fixup, tma in tiles:
+        ov = dict(block_m=bm, block_n=bn, block_k=bk, num_warps=warps, num_stages=stages,
+                  split_k=split, fixup=fixup, tma=tma)
+        out.append((label("", ov), ov))
     return out
 
 
@@ -915,8 +920,11 @@ def check_graph_cache(device, ascent, seed) -> list[dict]:
     mlp = ascent.MLPWeights([w * 2 for w in mlp.weights], mlp.biases)
     head = value_head_from(mlp, device)
     rows_out = []
-    # auto + fp32 is the torch closed form on CUDA; forced triton + fp32 the kernel's exact path
-    for precision, tol, backend in (("fp32", 1e-5, "auto"), ("fp32", 1e-5, "triton"),
+    # auto + fp32 is the torch closed form on CUDA; forced triton + fp32 the kernel's exact path.
+    # cuBLAS picks its kernel by row count and the graph cache pads rows to a bucket, so the
+    # torch path's graph and eager results differ by fp32 reassociation (H100: 3.9e-5 of the
+    # edit at 40 rows); the kernel's plans make them the same bits
+    for precision, tol, backend in (("fp32", 1e-4, "auto"), ("fp32", 1e-5, "triton"),
                                     ("bf16", 2e-2, "auto")):
         for rows in (40, 3, 17, 1, 70, 16):
             states = torch.randn(rows, 300, generator=gen).to(device, torch.bfloat16)

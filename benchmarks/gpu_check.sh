@@ -81,7 +81,8 @@ warm() {  # warm SHARDS ARGS...: compile what `bench_kernel.py ARGS` will launch
         warm_pids+=($!)
     done
 }
-phase bench && warm "$WARM_SHARDS" --quick
+# shellcheck disable=SC2086
+phase bench && warm "$WARM_SHARDS" ${BENCH_ARGS:---quick}
 phase grid && warm 6 "${GRID_ARGS[@]}"
 phase sweep && warm 4 --sweep
 if phase extra; then
@@ -109,7 +110,9 @@ if phase bench; then
     echo "== benchmark, quick preset (limit ${BENCH_LIMIT:-220}s)"
     tuned=()
     [ -f "$OUT/sweep.json" ] && tuned=(--plans-from "$OUT/sweep.json")
-    timeout "${BENCH_LIMIT:-220}" "$PY" "$BENCH" --quick "${tuned[@]}" --json "$OUT/bench.json" \
+    # BENCH_ARGS (default --quick): e.g. "--quick --variants torch-graph triton-graph --batch 256"
+    # shellcheck disable=SC2086
+    timeout "${BENCH_LIMIT:-220}" "$PY" "$BENCH" ${BENCH_ARGS:---quick} "${tuned[@]}" --json "$OUT/bench.json" \
         --markdown "$OUT/bench.md"
     bench_status=$?
 fi
