@@ -916,7 +916,8 @@ def check_graph_cache(device, ascent, seed) -> list[dict]:
     Triton launch of the same head: shrinking and growing batches in several row buckets,
     both precisions; the graphs must really have been captured."""
     gen = torch.Generator().manual_seed(seed)
-    mlp = make_head(ascent, 300, [257, 129], torch.float32, "cpu", gen)
+    # widths of a multiple of 8, as real heads have, so that bf16 runs the descriptor loads
+    mlp = make_head(ascent, 304, [264, 136], torch.float32, "cpu", gen)
     mlp = ascent.MLPWeights([w * 2 for w in mlp.weights], mlp.biases)
     head = value_head_from(mlp, device)
     rows_out = []
@@ -927,7 +928,7 @@ def check_graph_cache(device, ascent, seed) -> list[dict]:
     for precision, tol, backend in (("fp32", 1e-4, "auto"), ("fp32", 1e-5, "triton"),
                                     ("bf16", 2e-2, "auto")):
         for rows in (40, 3, 17, 1, 70, 16):
-            states = torch.randn(rows, 300, generator=gen).to(device, torch.bfloat16)
+            states = torch.randn(rows, 304, generator=gen).to(device, torch.bfloat16)
             alpha = (0.5 + torch.rand(rows, generator=gen)).to(device)
             steps = torch.randint(0, 5, (rows,), generator=gen).to(device)
             graphed = head.ascend(states, alpha, steps, precision=precision, backend=backend,
@@ -961,9 +962,9 @@ def check_controller(device, ascent, seed, backend: str = "triton") -> dict:
     from vllm_recontrol.controller import EditController, RowControls
 
     gen = torch.Generator().manual_seed(seed + 2)
-    d = 300
+    d = 304
     heads = {name: new_value_head(make_head(ascent, d, widths, torch.float32, "cpu", gen), device)
-             for name, widths in (("default", [257, 129]), ("other", [200]))}
+             for name, widths in (("default", [264, 136]), ("other", [200]))}
     controls = [RowControl(0.0, 0) if i % 3 == 2 else
                 RowControl(0.5 + (i % 5) / 4, 1 + i % 4, head=("other", "default")[i % 3])
                 for i in range(37)]

@@ -185,13 +185,13 @@ def check_launches() -> list[dict]:
                                 precision=precision, batch_invariant=invariant))
                 out.append(dict(d=d, widths=widths, rows=bucket_rows(rows), wdtype=wdtype,
                                 precision=precision, batch_invariant=invariant))
-    for rows in (16, 32, 64, 128):  # graph cache and warm-up: d 300, buckets up to 70 rows
-        out.append(dict(d=300, widths=[257, 129], rows=rows, wdtype=torch.float32,
+    for rows in (16, 32, 64, 128):  # graph cache and warm-up: d 304, buckets up to 70 rows
+        out.append(dict(d=304, widths=[264, 136], rows=rows, wdtype=torch.float32,
                         precision="ieee"))
-        out.append(dict(d=300, widths=[257, 129], rows=rows, wdtype=torch.bfloat16,
+        out.append(dict(d=304, widths=[264, 136], rows=rows, wdtype=torch.bfloat16,
                         precision="bf16"))
     # the controller's second head: 12-13 rows each, alone and in the 16-row bucket
-    out.append(dict(d=300, widths=[200], rows=16, wdtype=torch.bfloat16, precision="bf16"))
+    out.append(dict(d=304, widths=[200], rows=16, wdtype=torch.bfloat16, precision="bf16"))
     return out
 
 

@@ -39,9 +39,11 @@ Design
   Measured on an H100 (benchmarks/results/kernel-h100.md): 0.98x-1.28x of the memory floor
   for 1-32 rows at d = 4096; the sweep preferred this shape over 16- and 64-column blocks,
   8 KB stages, 8 warps and split K in both directions.
-* Large batches: tensor-core tiles of 64x128 (one warp group, 4 stages), or 128x128 (two
-  warp groups) where those make a whole wave; K split below 3/4 of a wave (H100 sweep at
-  B = 256 and 512). fp32 "ieee" products use 64x64 down to 32x32 CUDA-core tiles.
+* Large batches: tensor-core tiles of 64x128 (one warp group), or 128x128 (two warp
+  groups) where those make a whole wave; K split below 3/4 of a wave (1/2 in bf16). In bf16
+  the operand tiles come through tensor descriptors (TMA, sm_90 and later) into 6- and
+  5-stage pipelines (H100 sweeps at B = 128, 256 and 512). fp32 "ieee" products use 64x64
+  down to 32x32 CUDA-core tiles.
 * max_norm: the projection needs whole-row norms, which no single program sees. The last
   backward epilogue writes each program's per-row partial sum of squares of the unprojected
   u_raw to its own slot; the next step's first forward prologue and update epilogue (and a
@@ -379,8 +381,8 @@ class GemmPlan:
     3.6 keeps the hint only on plain loads, i.e. with ``num_stages`` 1 (checked in the sm_90
     PTX: the pipelined cp.async loads lose it); off until measured.
     ``tma`` (0/1): load both operand tiles through tensor descriptors (Hopper's bulk copy
-    engine) where the product allows it (``tma_eligible``), plain loads elsewhere; off until
-    measured."""
+    engine) where the product allows it (``tma_eligible``) and the GPU has them (sm_90 and
+    later), plain loads elsewhere; on for bf16 tensor-core tiles (measured on an H100)."""
 
     block_m: int
     block_n: int
@@ -413,6 +415,20 @@ class GemmPlan:
 @functools.lru_cache(maxsize=None)
 def _multiprocessors(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+@functools.lru_cache(maxsize=None)
+def _compute_capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def _has_bulk_copies(device: torch.device) -> bool:
+    """Whether ``tma`` plans may use tensor descriptors here: Hopper and later (the bulk copy
+    engine), and the interpreter (which emulates them, so CPU tests run that code)."""
+    if device.type != "cuda":
+        return True
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _compute_capability(index)[0] >= 9
 
 
 def _device_programs(device: torch.device) -> int:
@@ -467,6 +483,7 @@ def plan_gemm(M: int, N: int, K: int, *, w_k_contiguous: bool, weight_bytes: int
         if overrides:
             raise ValueError("plan overrides and batch_invariant exclude each other")
         return plan
+    tma = 0
     if interpret:  # tiny tiles: the interpreter's cost grows with the tile volume
         bm, bn, bk, warps, stages, split = 16, 16, 32, 4, 1, 1
     elif M <= 64:
@@ -490,20 +507,25 @@ def plan_gemm(M: int, N: int, K: int, *, w_k_contiguous: bool, weight_bytes: int
                        if triton.cdiv(M, m) * triton.cdiv(N, n) * 4 >= n_programs * 3), (32, 32))
         bk, warps, stages, split = 32, 4, 3, 1
     else:
-        # Tensor cores. Measured on an H100 (d = 4096, bf16, 2 hidden layers, 30 steps): at
-        # B = 256, 64x128 tiles with one warp group and 4 stages (3.2 ms) beat 128x128 (3.6),
-        # 64x64 (4.1) and 3-stage variants; at B = 512, where 128x128 tiles make a whole wave,
-        # 128x128 with two warp groups (4.1 ms) beat 64x128 (5.2). Below 3/4 of a wave K is
-        # split into whole waves.
+        # Tensor cores. Measured on an H100 (d = 4096, 1 and 2 hidden layers, 30 steps): at
+        # B = 128 and 256, 64x128 tiles with one warp group beat 128x128 and 64x256; at B = 512,
+        # where 128x128 tiles make a whole wave, 128x128 with two warp groups beat 64x128.
+        # bf16: operand tiles through tensor descriptors and deeper pipelines (6 and 5 stages)
+        # took 6-14 % off the 4-stage plain loads; fewer on-chip bytes (128x256 tiles, split K
+        # with fix-up) made it slower, and so did split K at B = 128 (half a wave of tiles).
+        # Below 3/4 of a wave (1/2 for bf16) K is split into whole waves.
+        bf16 = precision == "bf16"
         if triton.cdiv(M, 128) * triton.cdiv(N, 128) * 4 >= n_programs * 3:
-            bm, bn, warps, stages = 128, 128, 8, 4
+            bm, bn, warps, stages = 128, 128, 8, 5 if bf16 else 4
         else:
-            bm, bn, warps, stages = 64, 128, 4, 4
-        bk = 64 if precision == "bf16" else 32
-        split = _wave_split(triton.cdiv(M, bm) * triton.cdiv(N, bn), n_programs,
-                            K // (4 * bk))
+            bm, bn, warps, stages = 64, 128, 4, 6 if bf16 else 4
+        bk = 64 if bf16 else 32
+        tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
+        split = 1 if bf16 and 2 * tiles >= n_programs else _wave_split(tiles, n_programs,
+                                                                        K // (4 * bk))
+        tma = int(bf16)
     plan = dict(block_m=bm, block_n=bn, block_k=bk, split_k=split, num_warps=warps,
-                num_stages=stages, fixup=0, evict_last=0, tma=0)
+                num_stages=stages, fixup=0, evict_last=0, tma=tma)
     if overrides:
         unknown = set(overrides) - set(plan)
         if unknown:
@@ -699,7 +721,7 @@ def _launch(p: _Product, ctx: dict, step: int) -> None:
     tail = dict(sq_in_ptr=ctx["sq_in"], sq_out_ptr=ctx["sq_out"], n_sq=ctx["n_sq"],
                 max_norm=ctx["max_norm"], step=step, first=int(step == 0))
     flags = dict(PROJECT=ctx["project"], ACT_BF16=ctx["act_bf16"], SQ_CHUNK=_SQ_CHUNK)
-    tma = bool(plan.tma) and tma_eligible(p, ctx["precision"])
+    tma = bool(plan.tma) and ctx["tma"] and tma_eligible(p, ctx["precision"])
     if tma and p.descriptors is None:
         p.descriptors = _descriptors(p)
     a_desc, w_desc = p.descriptors if tma else (None, None)
@@ -809,7 +831,8 @@ def triton_ascend(
                steps=steps.contiguous(), partial=partial, counters=counters, n_sq=n_sq,
                max_norm=float(max_norm or 0.0),
                project=max_norm is not None, act_bf16=precision == "bf16",
-               precision=precision, interpret=device.type == "cpu", stages=_STAGES_THAT_FIT)
+               precision=precision, interpret=device.type == "cpu", stages=_STAGES_THAT_FIT,
+               tma=_has_bulk_copies(device))
     for step in range(num_iterations):
         ctx["sq_out"], ctx["sq_in"] = sq[step % 2], sq[(step + 1) % 2]
         for p in products:
