@@ -66,6 +66,12 @@ try:  # part of Triton's cache key: a precompiled cache needs the same
     print("ptxas", found.group(0) if found else get_ptxas_version(90))
 except Exception as exc:
     print("ptxas version unknown:", exc)
+try:  # Triton's own part of the cache key (sources + libtriton), as precompile.py records it
+    import hashlib
+    from triton.runtime.cache import triton_key
+    print("triton_key", hashlib.sha256(triton_key().encode()).hexdigest()[:16])
+except Exception as exc:
+    print("triton_key unknown:", exc)
 if torch.cuda.is_available():
     p = torch.cuda.get_device_properties(0)
     print(p.name, p.multi_processor_count, "SMs", round(p.total_memory / 2**30, 1), "GiB")

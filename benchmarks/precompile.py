@@ -205,6 +205,17 @@ def ptxas_release(version_text: str) -> str:
     return found.group(0) if found else version_text.strip()
 
 
+def triton_build_key() -> str:
+    """A short hash of Triton's own part of every cache key (its Python sources and
+    libtriton): the device run prints its own beside this one, so a cache that misses says
+    whether the Triton builds differ (2026-11-27: most precompiled kernels were compiled
+    again on the device although version and ptxas matched)."""
+    import hashlib
+
+    from triton.runtime.cache import triton_key
+    return hashlib.sha256(triton_key().encode()).hexdigest()[:16]
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     import triton
@@ -242,6 +253,7 @@ def main(argv=None) -> int:
     size = sum(p.stat().st_size for p in args.out.rglob("*") if p.is_file()) / 2**20
     from triton.backends.nvidia.compiler import get_ptxas_version
     manifest = dict(triton=triton.__version__, ptxas=ptxas_release(get_ptxas_version(args.arch)),
+                    triton_key=triton_build_key(),
                     arch=args.arch, sms=args.sms, phases=args.phases, path=str(args.out),
                     kernels=sum(1 for _ in args.out.rglob("*.cubin")))
     (args.out / MANIFEST).write_text(json.dumps(manifest, indent=1))

@@ -21,6 +21,7 @@ without fix-up compiles the partial-sum epilogue instead (its reduce kernel is n
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -120,10 +121,8 @@ def compile_product(plan: va.GemmPlan, forward: bool, epilogue: int, fixup: bool
                      FIXUP=fixup,
                      FIX_BN=va.fixup_block_n(plan, fixup, project=False, interpret=False),
                      W_EVICT=plan.weight_eviction, TMA=False, W_K_CONTIGUOUS=forward,
+                     WARP_SPECIALIZE=False,
                      a_desc=None, w_desc=None)
-    if plan.tma:
-        raise SystemExit("tma plans are not compiled here (descriptor arguments); "
-                         "precompile.py compiles them through Triton's own launch path")
     signature, constants, attrs = _signature(forward, precision, epilogue, constants)
     source = ASTSource(va._ascent_gemm_kernel, signature, constants, attrs)
     return triton.compile(source, target=GPUTarget("cuda", arch, 32),
@@ -201,6 +200,10 @@ def collect(args) -> list[Usage]:
     d = args.hidden_size
     for batch in args.batch:
         for source, product, forward, epilogue, plan in candidate_plans(batch, args):
+            if plan.tma or plan.warp_specialize:  # descriptor arguments are not built here:
+                # the same tile with plain loads (the epilogue's registers are the same)
+                plan = dataclasses.replace(plan, tma=0, warp_specialize=0)
+                source += " (tma: compiled with plain loads)"
             fixup = plan.finishes_in_place(d)
             if plan.splits(d) > 1 and not fixup:
                 epilogue = va.EPI_PARTIAL.value

@@ -266,7 +266,7 @@ def _ascent_gemm_kernel(
         INTERPRET: tl.constexpr, PROJECT: tl.constexpr, ACT_BF16: tl.constexpr,
         SQ_CHUNK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
         FIXUP: tl.constexpr, FIX_BN: tl.constexpr, W_EVICT: tl.constexpr, TMA: tl.constexpr,
-        W_K_CONTIGUOUS: tl.constexpr):
+        W_K_CONTIGUOUS: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
     """One product of the ascent step for a [BM, BN] tile and one K split (grid n, m, split).
 
     ``FIXUP`` (split K finished in place, no reduce launch): every split stores its partial
@@ -293,7 +293,8 @@ def _ascent_gemm_kernel(
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     k_lo = pid_s * k_split
     k_hi = tl.minimum(k_lo + k_split, K)
-    for k0 in range(k_lo, k_hi, BK):  # fixed order: the same bits every run
+    # fixed order: the same bits every run
+    for k0 in tl.range(k_lo, k_hi, BK, warp_specialize=WARP_SPECIALIZE):
         if TMA:
             a = a_desc.load([pid_m * BM, k0])
             if W_K_CONTIGUOUS:
@@ -382,7 +383,12 @@ class GemmPlan:
     PTX: the pipelined cp.async loads lose it); off until measured.
     ``tma`` (0/1): load both operand tiles through tensor descriptors (Hopper's bulk copy
     engine) where the product allows it (``tma_eligible``) and the GPU has them (sm_90 and
-    later), plain loads elsewhere; on for bf16 tensor-core tiles (measured on an H100)."""
+    later), plain loads elsewhere; on for bf16 tensor-core tiles (measured on an H100).
+    ``warp_specialize`` (0/1): ask Triton to split the K loop into producer (loads) and
+    consumer (MMA) warps (``tl.range(..., warp_specialize=True)``). Only with descriptor
+    loads: compiled offline for sm_90 with Triton 3.6, the pass split 4-warp TMA tiles into
+    partitions, left 8-warp tiles alone, and failed on plain loads. A sweep candidate, not
+    measured; ignored by the interpreter."""
 
     block_m: int
     block_n: int
@@ -393,6 +399,7 @@ class GemmPlan:
     fixup: int = 0
     evict_last: int = 0
     tma: int = 0
+    warp_specialize: int = 0
 
     def k_split(self, K: int) -> int:
         """K range per split, a multiple of block_k so that splits never share a tile."""
@@ -474,7 +481,7 @@ def plan_gemm(M: int, N: int, K: int, *, w_k_contiguous: bool, weight_bytes: int
     "ieee"). Both directions follow one rule (``w_k_contiguous`` says which one this is; the
     H100 sweep found the same best shape for both).
     ``overrides`` (block_m, block_n, block_k, split_k, num_warps, num_stages, fixup,
-    evict_last, tma) replace the heuristic's choice, for tests and tuning. ``batch_invariant``:
+    evict_last, tma, warp_specialize) replace the heuristic's choice, for tests and tuning. ``batch_invariant``:
     ignore M (see ``batch_invariant_plan``; also under the interpreter, so CPU tests run that
     plan).
     """
@@ -525,7 +532,7 @@ def plan_gemm(M: int, N: int, K: int, *, w_k_contiguous: bool, weight_bytes: int
                                                                         K // (4 * bk))
         tma = int(bf16)
     plan = dict(block_m=bm, block_n=bn, block_k=bk, split_k=split, num_warps=warps,
-                num_stages=stages, fixup=0, evict_last=0, tma=tma)
+                num_stages=stages, fixup=0, evict_last=0, tma=tma, warp_specialize=0)
     if overrides:
         unknown = set(overrides) - set(plan)
         if unknown:
@@ -739,6 +746,7 @@ def _launch(p: _Product, ctx: dict, step: int) -> None:
                 BM=plan.block_m, BN=plan.block_n, BK=plan.block_k, FIXUP=fixup,
                 FIX_BN=fixup_block_n(plan, fixup, ctx["project"], ctx["interpret"]),
                 W_EVICT=plan.weight_eviction, TMA=tma, W_K_CONTIGUOUS=p.stride_wk == 1,
+                WARP_SPECIALIZE=bool(plan.warp_specialize) and tma and not ctx["interpret"],
                 num_warps=plan.num_warps, num_stages=stages)
             break
         except OutOfResources:
