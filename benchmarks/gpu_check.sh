@@ -5,7 +5,7 @@
 # suffice). Phases, each under its own time limit (seconds, overridable):
 #   warm   (WARM_LIMIT 150)  background: compile every Triton kernel (and torch.compile graph)
 #                            the timed phases will launch, in WARM_SHARDS processes side by side
-#   check  (CHECK_LIMIT 180) correctness against float64, and the engine's CUDA-graph cache
+#   check  (CHECK_LIMIT 240) correctness against float64, and the engine's CUDA-graph cache
 #                            against eager launches, warm-up, split-K fix-up, tensor-descriptor
 #                            (TMA) loads, batch invariance; runs while the warm-up compiles
 #   sweep  (SWEEP_LIMIT 130) Triton plan overrides at B 128, 256, 512, 1 and 2 hidden layers
@@ -14,6 +14,8 @@
 #                            layers, 30 steps, B 1..512, after an L2 persistence probe
 #                            (benchmarks/l2_window.py); with the sweep's JSON, plus a
 #                            "triton-graph tuned" row per case the sweep found a faster plan for
+#                            (the last sweep's JSON is also kept in /tmp, so a bench in a later
+#                            call on the same warm machine still finds it)
 #   extra  (EXTRA_LIMIT 60)  triton-graph vs torch-graph at d 2048 / 8192 and steps 1 / 200
 #   grid   (GRID_LIMIT 300)  not run by default: issue 3's whole grid (d 2048/4096/8192 x 1-2
 #                            hidden layers x steps 1/30/200 x B 1..512) for triton-graph and
@@ -37,6 +39,7 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
 BENCH="benchmarks/bench_kernel.py"
+LAST_SWEEP="${LAST_SWEEP:-/tmp/recontrol-last-sweep.json}"  # outlives $OUT on a warm machine
 WARM_SHARDS="${WARM_SHARDS:-12}"
 EXTRA_ARGS=(--variants torch-graph triton-graph --layers 2 --batch 1 32 256)
 PHASES=" ${PHASES:-check sweep bench} "
@@ -97,8 +100,8 @@ if phase extra; then
 fi
 
 if phase check; then
-    echo "== correctness checks (limit ${CHECK_LIMIT:-180}s)"
-    timeout "${CHECK_LIMIT:-180}" "$PY" "$BENCH" --check --json "$OUT/check.json"
+    echo "== correctness checks (limit ${CHECK_LIMIT:-240}s)"
+    timeout "${CHECK_LIMIT:-240}" "$PY" "$BENCH" --check --json "$OUT/check.json"
     check_status=$?
 fi
 
@@ -110,12 +113,13 @@ if phase sweep; then
     echo "== plan sweep (limit ${SWEEP_LIMIT:-130}s)"
     timeout "${SWEEP_LIMIT:-130}" "$PY" "$BENCH" --sweep --json "$OUT/sweep.json"
     sweep_status=$?
+    [ -f "$OUT/sweep.json" ] && cp "$OUT/sweep.json" "$LAST_SWEEP"
 fi
 
 if phase bench; then
     echo "== benchmark, quick preset (limit ${BENCH_LIMIT:-220}s)"
     tuned=()
-    [ -f "$OUT/sweep.json" ] && tuned=(--plans-from "$OUT/sweep.json")
+    [ -f "$LAST_SWEEP" ] && tuned=(--plans-from "$LAST_SWEEP") && echo "tuned rows from $LAST_SWEEP"
     # BENCH_ARGS (default --quick): e.g. "--quick --variants torch-graph triton-graph --batch 256"
     # shellcheck disable=SC2086
     timeout "${BENCH_LIMIT:-220}" "$PY" "$BENCH" ${BENCH_ARGS:---quick} "${tuned[@]}" --json "$OUT/bench.json" \
