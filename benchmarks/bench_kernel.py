@@ -377,15 +377,10 @@ def sweep_configs(batch: int) -> list[tuple[str, dict]]:
         return ([(label("fwd ", ov), {"forward": ov}) for ov in shapes]
                 + [(label("bwd ", ov), {"backward": ov}) for ov in shapes]
                 + [(label("both ", ov), {"forward": ov, "backward": ov}) for ov in evict])
-    # (bm, bn, bk, warps, stages, split, fixup): the current plans' neighbours; whole 128-row
-    # tiles with K split so that each weight tile is read by one program only; split K
-    # finished in place (fix-up) instead of by a second launch. Each with plain loads and
-    # with tiles through tensor descriptors (tma): the 2026-11-27 numbers put these batches
-    # at about 65 GB/s per program from L2, short of what a multiprocessor can take in, so
-    # more bytes in flight per instruction may be what they lack
-    # (call 5 of the H100 results: fewer on-chip bytes did not help, 128x256 and split K were
-    # slowest; one more pipeline stage did, by 10-13 %): so deeper pipelines, by stages and
-    # by 128-deep K tiles, at the two tile shapes that lead
+    # (bm, bn, bk, warps, stages, split, fixup, tma) around the defaults. Call 5 of the H100
+    # results tried fewer on-chip bytes (128x256 tiles, split K with fix-up: slowest) against
+    # more bytes in flight (one more stage: 6-13 % faster; descriptor loads: up to 5 %); so
+    # deeper pipelines, by stages and by 128-deep K tiles, at the two tile shapes that lead
     tiles = [(64, 128, 64, 4, 5, 1, 0, 0), (64, 128, 64, 4, 5, 1, 0, 1),
              (64, 128, 64, 4, 6, 1, 0, 0), (64, 128, 64, 4, 6, 1, 0, 1),
              (64, 128, 64, 4, 7, 1, 0, 1), (64, 128, 128, 4, 3, 1, 0, 1),
@@ -439,9 +434,11 @@ def tasks(args) -> list[Task]:
                     if not args.sweep:
                         out.extend(Task(case, name) for name in args.variants
                                    if name != "triton-evict-graph" or batch <= EVICT_MAX_BATCH)
-                        if (key := (d, hidden, n, batch)) in tuned and "triton-graph" in args.variants:
+                        key = (d, hidden, n, batch)
+                        if key in tuned and "triton-graph" in args.variants:
                             label, ov = tuned[key]
-                            out.append(Task(case, "triton-graph", ov, f"triton-graph tuned {label}"))
+                            out.append(Task(case, "triton-graph", ov,
+                                            f"triton-graph tuned {label}"))
                         continue
                     out.append(Task(case, "triton-graph", None, "triton-graph default"))
                     out.extend(Task(case, "triton-graph", ov, f"triton-graph {lbl}")

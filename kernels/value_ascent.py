@@ -481,8 +481,8 @@ def plan_gemm(M: int, N: int, K: int, *, w_k_contiguous: bool, weight_bytes: int
     "ieee"). Both directions follow one rule (``w_k_contiguous`` says which one this is; the
     H100 sweep found the same best shape for both).
     ``overrides`` (block_m, block_n, block_k, split_k, num_warps, num_stages, fixup,
-    evict_last, tma, warp_specialize) replace the heuristic's choice, for tests and tuning. ``batch_invariant``:
-    ignore M (see ``batch_invariant_plan``; also under the interpreter, so CPU tests run that
+    evict_last, tma, warp_specialize) replace the heuristic's choice, for tests and tuning.
+    ``batch_invariant``: ignore M (see ``batch_invariant_plan``; also under the interpreter, so CPU tests run that
     plan).
     """
     if batch_invariant:
@@ -517,9 +517,10 @@ def plan_gemm(M: int, N: int, K: int, *, w_k_contiguous: bool, weight_bytes: int
         # Tensor cores. Measured on an H100 (d = 4096, 1 and 2 hidden layers, 30 steps): at
         # B = 128 and 256, 64x128 tiles with one warp group beat 128x128 and 64x256; at B = 512,
         # where 128x128 tiles make a whole wave, 128x128 with two warp groups beat 64x128.
-        # bf16: operand tiles through tensor descriptors and deeper pipelines (6 and 5 stages)
-        # took 6-14 % off the 4-stage plain loads; fewer on-chip bytes (128x256 tiles, split K
-        # with fix-up) made it slower, and so did split K at B = 128 (half a wave of tiles).
+        # bf16: operand tiles through tensor descriptors and deeper pipelines (6 and 5 stages):
+        # in one sweep 2-13 % under the 4-stage plain loads, across two calls 2-6 %; fewer
+        # on-chip bytes (128x256 tiles, split K with fix-up) made it slower, and so did split
+        # K at B = 128 (half a wave of tiles).
         # Below 3/4 of a wave (1/2 for bf16) K is split into whole waves.
         bf16 = precision == "bf16"
         if triton.cdiv(M, 128) * triton.cdiv(N, 128) * 4 >= n_programs * 3:

@@ -233,6 +233,19 @@ def test_tma_plan_gives_the_plain_loads_bits(kernels, seed, monkeypatch, widths,
         _check(tma, ref, clean, steps, alpha, BF16_EMULATED_TOL, seed, f"tma {plan}")
 
 
+def test_tma_plan_under_max_norm_keeps_plain_loads_where_it_must(kernels, seed, monkeypatch):
+    """Under max_norm the first product builds its left operand from s and u, so it keeps
+    plain loads while the others use descriptors; the result is the plain plan's bits."""
+    built = []
+    make = kernels._descriptors
+    monkeypatch.setattr(kernels, "_descriptors", lambda p: built.append(p) or make(p))
+    mlp, states, alpha, steps = _draw(seed, 19, [24, 40], weight_dtype=torch.bfloat16)
+    plain = _run(kernels, mlp, states, alpha, steps, 3, 0.5)
+    tma = _run(kernels, mlp, states, alpha, steps, 3, 0.5, plan_overrides={"tma": 1})
+    assert len(built) == 3, (seed, len(built))  # 4 products, the first from s and u
+    assert torch.isfinite(tma).all() and torch.equal(tma, plain), seed
+
+
 def test_finished_rows_stop_and_results_are_deterministic(kernels, seed):
     mlp, states, alpha, steps, *_ = _draw(seed, 6, WIDTHS[:2])
     once = _run(kernels, mlp, states, alpha, steps, 1, plan_overrides={"split_k": 2, "block_k": 16})
