@@ -57,6 +57,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    choices=["check", "bench", "sweep", "extra", "grid"],
                    help="gpu_check.sh phases whose launches to compile")
     p.add_argument("--limit", type=int, help="compile only the first N ascents (smoke tests)")
+    p.add_argument("--key-wheel", type=Path,
+                   help="the device's Triton wheel (same version, the device's Python, e.g. "
+                        "cp312): cache keys are computed with its libtriton, as the device "
+                        "computes them (Triton hashes its own binary into every key)")
     return p.parse_args(argv)
 
 
@@ -216,6 +220,36 @@ def triton_build_key() -> str:
     return hashlib.sha256(triton_key().encode()).hexdigest()[:16]
 
 
+def use_device_triton_key(wheel: Path) -> str:
+    """Make Triton's cache keys those of another build of the same version: ``triton_key()``
+    hashes Triton's Python sources (the same in every wheel of a version) and its compiled
+    libtriton (one per Python version), so its computation is rerun reading libtriton from
+    ``wheel``. The kernels compiled here are the same (same compiler code and ptxas); only
+    the keys under which the device looks them up differ. Returns the new key's hash."""
+    import zipfile
+
+    from triton.runtime import cache
+
+    with zipfile.ZipFile(wheel) as archive:
+        names = [n for n in archive.namelist()
+                 if n.startswith("triton/_C/libtriton.") and n.endswith(".so")]
+        if len(names) != 1:
+            raise SystemExit(f"{wheel}: expected one triton/_C/libtriton*.so, found {names}")
+
+        def open_device_build(path, *args, **kwargs):
+            if Path(path).name.startswith("libtriton."):
+                return archive.open(names[0])
+            return open(path, *args, **kwargs)
+
+        cache.triton_key.cache_clear()
+        cache.open = open_device_build  # shadows the builtin inside triton_key only
+        try:
+            cache.triton_key()  # computed once and kept by its lru_cache
+        finally:
+            del cache.open
+    return triton_build_key()
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     import triton
@@ -231,6 +265,12 @@ def main(argv=None) -> int:
     knobs.cache.dir = str(args.out)  # in case Triton read the variable already
     knobs.compilation.store_binary_only = True
 
+    if args.key_wheel:
+        wheel_version = args.key_wheel.name.split("-")[1]
+        if wheel_version != triton.__version__:
+            sys.exit(f"{args.key_wheel.name} is Triton {wheel_version}, this is {triton.__version__}")
+        print(f"cache keys with {args.key_wheel.name}'s libtriton: triton_key "
+              f"{use_device_triton_key(args.key_wheel)}", flush=True)
     launches = []
     for phase in args.phases:
         launches += check_launches() if phase == "check" else bench_launches(phase)
@@ -254,6 +294,7 @@ def main(argv=None) -> int:
     from triton.backends.nvidia.compiler import get_ptxas_version
     manifest = dict(triton=triton.__version__, ptxas=ptxas_release(get_ptxas_version(args.arch)),
                     triton_key=triton_build_key(),
+                    key_wheel=args.key_wheel.name if args.key_wheel else None,
                     arch=args.arch, sms=args.sms, phases=args.phases, path=str(args.out),
                     kernels=sum(1 for _ in args.out.rglob("*.cubin")))
     (args.out / MANIFEST).write_text(json.dumps(manifest, indent=1))

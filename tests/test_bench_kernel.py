@@ -332,3 +332,29 @@ def test_warp_specialized_plan_compiles_into_partitions_for_sm90(tmp_path, warp_
     assert len(ttgir) >= 2  # forward and backward products
     split = sum("ttg.warp_specialize(" in text for text in ttgir)
     assert (split > 0) == bool(warp_specialize), (split, len(ttgir))
+
+
+def test_precompile_can_key_the_cache_as_the_devices_triton_build(tmp_path):
+    """Triton hashes its own libtriton into every cache key, and each Python version has its
+    own build (the device's Python is 3.12): --key-wheel recomputes the key with that wheel's
+    libtriton, so the device finds the kernels compiled here. Another libtriton gives another
+    key, the same one the same key, and clearing Triton's cache of the key restores its own."""
+    import zipfile
+
+    import triton
+    from triton.runtime import cache
+
+    precompile = _load("precompile")
+    own = precompile.triton_build_key()
+    keys = []
+    for name, payload in (("a", b"one build"), ("b", b"one build"), ("c", b"another build")):
+        wheel = tmp_path / f"triton-{triton.__version__}-{name}.whl"
+        with zipfile.ZipFile(wheel, "w") as archive:
+            archive.writestr("triton/_C/libtriton.so", payload)
+        try:
+            keys.append(precompile.use_device_triton_key(wheel))
+            assert precompile.triton_build_key() == keys[-1]
+        finally:
+            cache.triton_key.cache_clear()
+    assert precompile.triton_build_key() == own and not hasattr(cache, "open")
+    assert keys[0] == keys[1] and len({own, keys[0], keys[2]}) == 3
