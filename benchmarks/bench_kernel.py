@@ -22,6 +22,8 @@ runs the whole ascent (``steps`` iterations, all rows active) and is timed with
                     l2_window.py; issue 3's stretch goal). Set-aside lines survive do_bench's
                     L2 flush, so the head may stay resident from one timed call to the next,
                     as it would from one decode step to the next in a server
+  triton-pdl-graph  triton-graph with every product launched as a programmatic dependent
+                    launch (``pdl``: its launch overlaps the previous product; sm_90+)
   triton-evict-graph  triton-graph with the weights loaded with an L2 evict-last hint
                     (``EVICT_OVERRIDES``: unpipelined loads, which keep the hint, K split in 4
                     with fix-up for enough loads in flight); B <= 64 only, where the products
@@ -75,10 +77,11 @@ from typing import Callable
 REPO = Path(__file__).resolve().parents[1]
 # --quick: issue 3's variants and the engine's; the fp32/tf32 rows are in the results file
 QUICK_VARIANTS = ("autograd-fp16", "torch-eager", "torch-compile", "torch-graph", "triton",
-                  "triton-graph", "triton-l2-graph", "triton-evict-graph", "head-ascend")
+                  "triton-graph", "triton-pdl-graph", "triton-l2-graph", "triton-evict-graph",
+                  "head-ascend")
 VARIANTS = ("autograd-fp16", "torch-eager", "torch-compile", "torch-graph", "torch-fp32-graph",
-            "triton", "triton-graph", "triton-fp32-graph", "triton-tf32-graph", "triton-l2-graph",
-            "triton-evict-graph", "head-ascend")
+            "triton", "triton-graph", "triton-fp32-graph", "triton-tf32-graph", "triton-pdl-graph",
+            "triton-l2-graph", "triton-evict-graph", "head-ascend")
 # triton-evict-graph's plan: Triton keeps eviction hints only on plain loads (num_stages 1);
 # 4 K splits (512 programs at d = 4096) make up for the missing pipeline with more programs
 EVICT_OVERRIDES = {"num_stages": 1, "evict_last": 1, "split_k": 4, "fixup": 1}
@@ -473,9 +476,12 @@ class Inputs:
 
 
 def variant_overrides(name: str, overrides: dict | None) -> dict | None:
-    """The plan overrides a variant runs with: triton-evict-graph adds EVICT_OVERRIDES."""
+    """The plan overrides a variant runs with: triton-evict-graph adds EVICT_OVERRIDES,
+    triton-pdl-graph programmatic dependent launches."""
     if name == "triton-evict-graph":
         return {**EVICT_OVERRIDES, **(overrides or {})}
+    if name == "triton-pdl-graph":
+        return {"pdl": 1, **(overrides or {})}
     return overrides
 
 
@@ -647,7 +653,7 @@ def time_variant(task: Task, flops, nbytes, floor_ms, ascent, va, heads, states,
            "floor_ms": floor_ms}
     if task.overrides:
         row["overrides"] = task.overrides
-    if name in ("triton-graph", "triton-l2-graph", "triton-evict-graph") \
+    if name in ("triton-graph", "triton-l2-graph", "triton-evict-graph", "triton-pdl-graph") \
             and args.dtype == "bf16":
         row["onchip_mb_per_step"] = onchip_megabytes(va, case,
                                                      variant_overrides(name, task.overrides),
@@ -794,6 +800,11 @@ def check_cases(device: torch.device) -> list[dict]:
              overrides={"tma": 1, "warp_specialize": 1}),
         dict(d=4096, widths=[4096, 4096], rows=256, n=3, precision="bf16", wdtype="bf16",
              overrides={"tma": 1, "warp_specialize": 1, "num_stages": 4}),
+        # programmatic dependent launches (each product waits for the previous one in-kernel)
+        dict(d=304, n=4, widths=[264, 136], rows=130, precision="bf16", wdtype="bf16",
+             overrides={"pdl": 1, "split_k": 2, "fixup": 1}),
+        dict(d=4096, widths=[4096, 4096], rows=16, n=5, precision="bf16", wdtype="bf16",
+             overrides={"pdl": 1}),
     ]
 
 

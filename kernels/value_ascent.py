@@ -100,6 +100,10 @@ try:  # host-side tensor descriptors (Triton >= 3.4): the ``tma`` plan option
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # pragma: no cover - older Triton: plain loads only
     TensorDescriptor = None
+try:  # grid dependency control (Triton >= 3.4): the ``pdl`` plan option
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # pragma: no cover - older Triton: no programmatic dependent launch
+    gdc_launch_dependents = gdc_wait = None
 
 if TYPE_CHECKING:
     from vllm_recontrol.ascent import MLPWeights
@@ -266,7 +270,7 @@ def _ascent_gemm_kernel(
         INTERPRET: tl.constexpr, PROJECT: tl.constexpr, ACT_BF16: tl.constexpr,
         SQ_CHUNK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
         FIXUP: tl.constexpr, FIX_BN: tl.constexpr, W_EVICT: tl.constexpr, TMA: tl.constexpr,
-        W_K_CONTIGUOUS: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
+        W_K_CONTIGUOUS: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, PDL: tl.constexpr):
     """One product of the ascent step for a [BM, BN] tile and one K split (grid n, m, split).
 
     ``FIXUP`` (split K finished in place, no reduce launch): every split stores its partial
@@ -280,7 +284,15 @@ def _ascent_gemm_kernel(
     ``w_desc`` over W as stored, [N, K] going forward (``W_K_CONTIGUOUS``, transposed in
     shared memory) or [K, N] going backward): Hopper's bulk copy engine moves whole tiles
     into shared memory with no per-element address arithmetic, and pads out-of-range rows
-    and columns with zeros, which is what the masks of the plain loads give."""
+    and columns with zeros, which is what the masks of the plain loads give.
+
+    ``PDL`` (launched as a programmatic dependent launch): the kernel may start while the
+    previous one still runs, so it waits for it (``gdc_wait``) before its first global read
+    or write, and lets the next one start launching at once; what overlaps is the launch
+    itself, not the work."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -388,7 +400,11 @@ class GemmPlan:
     consumer (MMA) warps (``tl.range(..., warp_specialize=True)``). Only with descriptor
     loads: compiled offline for sm_90 with Triton 3.6, the pass split 4-warp TMA tiles into
     partitions, left 8-warp tiles alone, and failed on plain loads. A sweep candidate, not
-    measured; ignored by the interpreter."""
+    measured; ignored by the interpreter.
+    ``pdl`` (0/1): launch the product as a programmatic dependent launch (sm_90 and later),
+    so that its launch overlaps the previous product (the kernel waits for that one's results
+    before touching memory); for the gaps between the 2L launches of a step. Not measured;
+    ignored by the interpreter."""
 
     block_m: int
     block_n: int
@@ -400,6 +416,7 @@ class GemmPlan:
     evict_last: int = 0
     tma: int = 0
     warp_specialize: int = 0
+    pdl: int = 0
 
     def k_split(self, K: int) -> int:
         """K range per split, a multiple of block_k so that splits never share a tile."""
@@ -429,9 +446,10 @@ def _compute_capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
-def _has_bulk_copies(device: torch.device) -> bool:
-    """Whether ``tma`` plans may use tensor descriptors here: Hopper and later (the bulk copy
-    engine), and the interpreter (which emulates them, so CPU tests run that code)."""
+def _sm90_features(device: torch.device) -> bool:
+    """Whether plans may use Hopper's features here (tensor descriptors for ``tma``,
+    programmatic dependent launch for ``pdl``): sm_90 and later; and the interpreter, which
+    emulates descriptors so that CPU tests run that code (``pdl`` stays off there)."""
     if device.type != "cuda":
         return True
     index = device.index if device.index is not None else torch.cuda.current_device()
@@ -481,7 +499,8 @@ def plan_gemm(M: int, N: int, K: int, *, w_k_contiguous: bool, weight_bytes: int
     "ieee"). Both directions follow one rule (``w_k_contiguous`` says which one this is; the
     H100 sweep found the same best shape for both).
     ``overrides`` (block_m, block_n, block_k, split_k, num_warps, num_stages, fixup,
-    evict_last, tma, warp_specialize) replace the heuristic's choice, for tests and tuning.
+    evict_last, tma, warp_specialize, pdl) replace the heuristic's choice, for tests and
+    tuning.
     ``batch_invariant``: ignore M (see ``batch_invariant_plan``; also under the interpreter, so CPU tests run that
     plan).
     """
@@ -533,7 +552,7 @@ def plan_gemm(M: int, N: int, K: int, *, w_k_contiguous: bool, weight_bytes: int
                                                                         K // (4 * bk))
         tma = int(bf16)
     plan = dict(block_m=bm, block_n=bn, block_k=bk, split_k=split, num_warps=warps,
-                num_stages=stages, fixup=0, evict_last=0, tma=tma, warp_specialize=0)
+                num_stages=stages, fixup=0, evict_last=0, tma=tma, warp_specialize=0, pdl=0)
     if overrides:
         unknown = set(overrides) - set(plan)
         if unknown:
@@ -729,11 +748,12 @@ def _launch(p: _Product, ctx: dict, step: int) -> None:
     tail = dict(sq_in_ptr=ctx["sq_in"], sq_out_ptr=ctx["sq_out"], n_sq=ctx["n_sq"],
                 max_norm=ctx["max_norm"], step=step, first=int(step == 0))
     flags = dict(PROJECT=ctx["project"], ACT_BF16=ctx["act_bf16"], SQ_CHUNK=_SQ_CHUNK)
-    tma = bool(plan.tma) and ctx["tma"] and tma_eligible(p, ctx["precision"])
+    tma = bool(plan.tma) and ctx["sm90"] and tma_eligible(p, ctx["precision"])
     if tma and p.descriptors is None:
         p.descriptors = _descriptors(p)
     a_desc, w_desc = p.descriptors if tma else (None, None)
-    fit_key = (plan, p.prologue, ctx["precision"], p.w.dtype, p.a.dtype, tma)
+    pdl = bool(plan.pdl) and ctx["sm90"] and not ctx["interpret"] and gdc_wait is not None
+    fit_key = (plan, p.prologue, ctx["precision"], p.w.dtype, p.a.dtype, tma, pdl)
     stages = ctx["stages"].get(fit_key, plan.num_stages)
     while True:
         try:
@@ -748,6 +768,7 @@ def _launch(p: _Product, ctx: dict, step: int) -> None:
                 FIX_BN=fixup_block_n(plan, fixup, ctx["project"], ctx["interpret"]),
                 W_EVICT=plan.weight_eviction, TMA=tma, W_K_CONTIGUOUS=p.stride_wk == 1,
                 WARP_SPECIALIZE=bool(plan.warp_specialize) and tma and not ctx["interpret"],
+                PDL=pdl, launch_pdl=pdl,
                 num_warps=plan.num_warps, num_stages=stages)
             break
         except OutOfResources:
@@ -841,7 +862,7 @@ def triton_ascend(
                max_norm=float(max_norm or 0.0),
                project=max_norm is not None, act_bf16=precision == "bf16",
                precision=precision, interpret=device.type == "cpu", stages=_STAGES_THAT_FIT,
-               tma=_has_bulk_copies(device))
+               sm90=_sm90_features(device))
     for step in range(num_iterations):
         ctx["sq_out"], ctx["sq_in"] = sq[step % 2], sq[(step + 1) % 2]
         for p in products:

@@ -306,32 +306,38 @@ def test_plans_from_a_sweep_add_a_tuned_row_where_a_candidate_won(tmp_path):
 
 
 _COMPILE_ONE_ASCENT = """
-import sys, pathlib, torch
+import json, sys, torch
 sys.path[:0] = [sys.argv[1], sys.argv[1] + "/benchmarks"]
 import precompile
-plan = {"tma": 1, "warp_specialize": int(sys.argv[2])}
 with precompile.compile_only(90, 132) as va:
-    precompile.ascend(va, 512, [512], 256, wdtype=torch.bfloat16, overrides=plan)
+    precompile.ascend(va, 512, [512], 256, wdtype=torch.bfloat16, overrides=json.loads(sys.argv[2]))
 """
 
 
-@pytest.mark.parametrize("warp_specialize", [1, 0])
-def test_warp_specialized_plan_compiles_into_partitions_for_sm90(tmp_path, warp_specialize):
-    """The warp_specialize plan option reaches Triton's compiler: compiled offline for sm_90
-    (no GPU), a 4-warp descriptor-load tile becomes producer/consumer partitions, and the same
-    plan without the option does not."""
+@pytest.mark.parametrize("plan,suffix,marker,expected", [
+    ({"tma": 1, "warp_specialize": 1}, ".ttgir", "ttg.warp_specialize(", True),
+    ({"tma": 1}, ".ttgir", "ttg.warp_specialize(", False),
+    ({"tma": 1, "pdl": 1}, ".ptx", "griddepcontrol.wait", True),
+    ({"tma": 1}, ".ptx", "griddepcontrol", False),
+])
+def test_hopper_plan_options_reach_the_compiled_sm90_code(tmp_path, plan, suffix, marker,
+                                                          expected):
+    """The warp_specialize and pdl plan options reach Triton's compiler: compiled offline for
+    sm_90 (no GPU), a 4-warp descriptor-load tile becomes producer/consumer partitions, and a
+    pdl launch waits on the previous grid (griddepcontrol); the same plans without the
+    options do neither."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path)
     run = subprocess.run([sys.executable, "-c", _COMPILE_ONE_ASCENT, str(SCRIPT.parents[1]),
-                          str(warp_specialize)], env=env, capture_output=True, text=True,
+                          json.dumps(plan)], env=env, capture_output=True, text=True,
                          timeout=600)
     if run.returncode != 0 and "ptxas" in run.stderr:
         pytest.skip("this Triton cannot compile for NVIDIA GPUs here")
     assert run.returncode == 0, run.stderr[-3000:]
-    ttgir = [p.read_text() for p in tmp_path.rglob("*.ttgir")]
-    assert len(ttgir) >= 2  # forward and backward products
-    split = sum("ttg.warp_specialize(" in text for text in ttgir)
-    assert (split > 0) == bool(warp_specialize), (split, len(ttgir))
+    texts = [p.read_text() for p in tmp_path.rglob("*" + suffix)]
+    assert len(texts) >= 2  # forward and backward products
+    found = sum(marker in text for text in texts)
+    assert (found > 0) == expected, (found, len(texts))
 
 
 def test_precompile_can_key_the_cache_as_the_devices_triton_build(tmp_path):
