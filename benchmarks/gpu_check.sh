@@ -9,7 +9,7 @@
 #                            against eager launches, warm-up, split-K fix-up, tensor-descriptor
 #                            (TMA) loads, batch invariance; runs while the warm-up compiles
 #   sweep  (SWEEP_LIMIT 130) Triton plan overrides at B 128, 256, 512, 1 and 2 hidden layers
-#                            (plain and TMA loads, split K with fix-up, 128x256 tiles)
+#                            (pipeline depths, plain and TMA loads, warp specialization)
 #   bench  (BENCH_LIMIT 220) issue 3's variants and the engine's, d 4096, 1 and 2 hidden
 #                            layers, 30 steps, B 1..512, after an L2 persistence probe
 #                            (benchmarks/l2_window.py); with the sweep's JSON, plus a

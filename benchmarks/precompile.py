@@ -212,8 +212,9 @@ def ptxas_release(version_text: str) -> str:
 def triton_build_key() -> str:
     """A short hash of Triton's own part of every cache key (its Python sources and
     libtriton): the device run prints its own beside this one, so a cache that misses says
-    whether the Triton builds differ (2026-11-27: most precompiled kernels were compiled
-    again on the device although version and ptxas matched)."""
+    whether the Triton builds differ (2026-11-27: most precompiled kernels were compiled again
+    on the device although version and ptxas matched; the archive had been keyed with the
+    cp311 build, the device runs Python 3.12, hence ``--key-wheel``)."""
     import hashlib
 
     from triton.runtime.cache import triton_key
