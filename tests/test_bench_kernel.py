@@ -340,7 +340,7 @@ def test_hopper_plan_options_reach_the_compiled_sm90_code(tmp_path, plan, suffix
     assert (found > 0) == expected, (found, len(texts))
 
 
-def test_precompile_can_key_the_cache_as_the_devices_triton_build(tmp_path):
+def test_precompile_can_key_the_cache_as_the_devices_triton_build(tmp_path, monkeypatch):
     """Triton hashes its own libtriton into every cache key, and each Python version has its
     own build (the device's Python is 3.12): --key-wheel recomputes the key with that wheel's
     libtriton, so the device finds the kernels compiled here. Another libtriton gives another
@@ -350,6 +350,7 @@ def test_precompile_can_key_the_cache_as_the_devices_triton_build(tmp_path):
     import triton
     from triton.runtime import cache
 
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # precompile.py refuses it
     precompile = _load("precompile")
     own = precompile.triton_build_key()
     keys = []
