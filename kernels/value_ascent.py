@@ -590,7 +590,7 @@ class _Product:
     N: int
     K: int
     plan: GemmPlan
-    descriptors: tuple | None = None  # (a_desc, w_desc) once built, for plans with tma
+    descriptors: tuple | None = None  # (a_desc, w_desc) where the product loads through TMA
 
 
 def _check_inputs(mlp: "MLPWeights", states: Tensor, alpha: Tensor, steps: Tensor,
@@ -748,10 +748,8 @@ def _launch(p: _Product, ctx: dict, step: int) -> None:
     tail = dict(sq_in_ptr=ctx["sq_in"], sq_out_ptr=ctx["sq_out"], n_sq=ctx["n_sq"],
                 max_norm=ctx["max_norm"], step=step, first=int(step == 0))
     flags = dict(PROJECT=ctx["project"], ACT_BF16=ctx["act_bf16"], SQ_CHUNK=_SQ_CHUNK)
-    tma = bool(plan.tma) and ctx["sm90"] and tma_eligible(p, ctx["precision"])
-    if tma and p.descriptors is None:
-        p.descriptors = _descriptors(p)
-    a_desc, w_desc = p.descriptors if tma else (None, None)
+    tma = p.descriptors is not None
+    a_desc, w_desc = p.descriptors or (None, None)
     pdl = bool(plan.pdl) and ctx["sm90"] and not ctx["interpret"] and gdc_wait is not None
     fit_key = (plan, p.prologue, ctx["precision"], p.w.dtype, p.a.dtype, tma, pdl)
     stages = ctx["stages"].get(fit_key, plan.num_stages)
@@ -863,6 +861,9 @@ def triton_ascend(
                project=max_norm is not None, act_bf16=precision == "bf16",
                precision=precision, interpret=device.type == "cpu", stages=_STAGES_THAT_FIT,
                sm90=_sm90_features(device))
+    for p in products:  # once per ascent, not per launch
+        if p.plan.tma and ctx["sm90"] and tma_eligible(p, precision):
+            p.descriptors = _descriptors(p)
     for step in range(num_iterations):
         ctx["sq_out"], ctx["sq_in"] = sq[step % 2], sq[(step + 1) % 2]
         for p in products:
