@@ -410,18 +410,25 @@ def tuned_plans(sweep_json: Path | None, min_gain: float = 1.03) -> dict[tuple, 
     case that beat the default plan (the mean of its two timings) by ``min_gain``."""
     if sweep_json is None or not sweep_json.exists():
         return {}
+    rows = json.loads(sweep_json.read_text()).get("rows", [])
+    return {key: (best["variant"].removeprefix("triton-graph "), best["overrides"])
+            for key, (default_ms, best) in fastest_per_case(rows).items()
+            if best.get("overrides") and default_ms >= min_gain * best["ms"]}
+
+
+def fastest_per_case(rows: list[dict]) -> dict[tuple, tuple[float, dict]]:
+    """(d, hidden, steps, batch) -> (the default plan's mean time, the fastest other row) for
+    every case of a sweep that timed both the default and a candidate."""
     cases: dict[tuple, list[dict]] = {}
-    for r in json.loads(sweep_json.read_text()).get("rows", []):
+    for r in rows:
         if "ms" in r:
             cases.setdefault((r["d"], r["hidden"], r["steps"], r["batch"]), []).append(r)
     out = {}
     for key, found in cases.items():
         default = [r["ms"] for r in found if r["variant"].startswith("triton-graph default")]
-        tried = [r for r in found if r.get("overrides")]
-        if default and tried:
-            best = min(tried, key=lambda r: r["ms"])
-            if statistics.mean(default) >= min_gain * best["ms"]:
-                out[key] = (best["variant"].removeprefix("triton-graph "), best["overrides"])
+        candidates = [r for r in found if not r["variant"].startswith("triton-graph default")]
+        if default and candidates:
+            out[key] = (statistics.mean(default), min(candidates, key=lambda r: r["ms"]))
     return out
 
 
@@ -574,19 +581,9 @@ def run_benchmark(args, device, ascent, va, dump) -> dict:
 def sweep_summary(rows: list[dict]) -> str:
     """Per case, the fastest sweep candidate against the default plan (the mean of its two
     timings, before and after the candidates): what to change in ``plan_gemm``."""
-    cases: dict[tuple, list[dict]] = {}
-    for r in rows:
-        if "ms" in r:
-            cases.setdefault((r["d"], r["hidden"], r["steps"], r["batch"]), []).append(r)
     lines = ["| d | hidden layers | steps | B | default ms | best candidate | ms | default / best "
              "| best x floor |", "|" + "---|" * 9]
-    for (d, hidden, steps, batch), found in sorted(cases.items()):
-        default = [r["ms"] for r in found if r["variant"].startswith("triton-graph default")]
-        candidates = [r for r in found if not r["variant"].startswith("triton-graph default")]
-        if not default or not candidates:
-            continue
-        base = statistics.mean(default)
-        best = min(candidates, key=lambda r: r["ms"])
+    for (d, hidden, steps, batch), (base, best) in sorted(fastest_per_case(rows).items()):
         lines.append(f"| {d} | {hidden} | {steps} | {batch} | {base:.3f} | "
                      f"{best['variant'].removeprefix('triton-graph ')} | {best['ms']:.3f} | "
                      f"{base / best['ms']:.2f} | {best['x_floor']:.2f} |")
@@ -938,7 +935,8 @@ def check_graph_cache(device, ascent, seed) -> list[dict]:
     both precisions; the graphs must really have been captured."""
     gen = torch.Generator().manual_seed(seed)
     # widths of a multiple of 8, as real heads have, so that bf16 runs the descriptor loads
-    mlp = make_head(ascent, 304, [264, 136], torch.float32, "cpu", gen)
+    d = 304
+    mlp = make_head(ascent, d, [264, 136], torch.float32, "cpu", gen)
     mlp = ascent.MLPWeights([w * 2 for w in mlp.weights], mlp.biases)
     head = value_head_from(mlp, device)
     rows_out = []
@@ -949,7 +947,7 @@ def check_graph_cache(device, ascent, seed) -> list[dict]:
     for precision, tol, backend in (("fp32", 1e-4, "auto"), ("fp32", 1e-5, "triton"),
                                     ("bf16", 2e-2, "auto")):
         for rows in (40, 3, 17, 1, 70, 16):
-            states = torch.randn(rows, 304, generator=gen).to(device, torch.bfloat16)
+            states = torch.randn(rows, d, generator=gen).to(device, torch.bfloat16)
             alpha = (0.5 + torch.rand(rows, generator=gen)).to(device)
             steps = torch.randint(0, 5, (rows,), generator=gen).to(device)
             graphed = head.ascend(states, alpha, steps, precision=precision, backend=backend,
