@@ -128,6 +128,41 @@ def test_ray_replicas_label_the_same_as_one_process(world, trained, tmp_path):
     assert re.search(r"\| shards labelled now +\| 6 +\|", proc.stdout), proc.stdout
 
 
+def test_ray_actors_get_a_reward_package_they_cannot_import_themselves(world, trained,
+                                                                       tmp_path):
+    """A reward function from a package only the driver can import (a folder on the driver's
+    sys.path, not the working folder Ray shares with local workers; on a cluster of several
+    machines, any folder of the driver's machine) reaches the actors through Ray's
+    ``py_modules``: the labels equal the single-process run's."""
+    import shutil
+
+    pytest.importorskip("ray")
+    data = tmp_path / "data"
+    shutil.copytree(world["data"], data, ignore=shutil.ignore_patterns("labels"))
+    package = tmp_path / "driver-only" / "team_rewards"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "scoring.py").write_text(
+        "from vllm_recontrol.toy_world import positive_share\n\n"
+        "def reward(prompt, response):\n"
+        "    return positive_share(prompt, response)\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    script = (
+        "import sys\n"
+        f"sys.path.insert(0, {str(package.parent)!r})\n"
+        "from vllm_recontrol.training import label\n"
+        f"label(data={str(data)!r}, reward_fn='team_rewards.scoring:reward', ray=True, "
+        "replicas=2, ray_num_cpus=1, progress=False)\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=400, cwd=elsewhere)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    single = sorted((world["data"] / "labels" / "reward").glob("shard-*.jsonl"))
+    assert len(single) == 6
+    for path in single:
+        assert (data / "labels" / "reward" / path.name).read_bytes() == path.read_bytes()
+
+
 def test_eval_command_compares_every_method(world, trained):
     """`vllm-recontrol eval` on held-out prompts: table, JSON and plots; control beats base.
     A second head ("neg": the trained head with its output negated, i.e. steering to the

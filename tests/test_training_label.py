@@ -13,8 +13,9 @@ import torch
 from training_fakes import fake_collect, good_reward
 from vllm_recontrol.training.common import DataError, RewardError
 from vllm_recontrol.training.labeler import label, labels_dir, read_shard_labels
+from vllm_recontrol.training.ray_pool import local_code
 from vllm_recontrol.training.rewards import (RewardModelScorer, as_reward, cut_response,
-                                             load_reward_fn)
+                                             load_reward_fn, reward_fn_modules)
 from vllm_recontrol.training.shards import read_rows
 
 
@@ -45,6 +46,32 @@ def test_as_reward_accepts_numbers_only():
     assert as_reward(np.float32(0.25)) == 0.25
     for bad in (True, "1.0", None, float("nan"), float("inf"), [1.0], torch.tensor([1.0, 2.0])):
         assert as_reward(bad) is None, bad
+
+
+def test_reward_fn_modules_name_what_an_actor_imports():
+    assert reward_fn_modules("pkg.sub:score") == ["pkg.sub"]
+    assert reward_fn_modules(good_reward) == [good_reward.__module__]
+    main_function = types.FunctionType(good_reward.__code__, {"__name__": "__main__"})
+    assert main_function.__module__ == "__main__" and reward_fn_modules(main_function) == []
+    assert reward_fn_modules(None) == []
+
+
+def test_local_code_ships_only_what_no_installation_provides(tmp_path, monkeypatch):
+    """Ray actors elsewhere get the driver's own modules (a package's folder, a module's
+    file), never installed or standard-library ones (the cluster has its own)."""
+    (tmp_path / "lone_rewards_mod.py").write_text("def score(p, r):\n    return 1.0\n")
+    package = tmp_path / "team_rewards_pkg"
+    (package / "inner").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "inner" / "__init__.py").write_text("")
+    (package / "inner" / "scoring.py").write_text("def score(p, r):\n    return 1.0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert local_code(["lone_rewards_mod"]) == [str(tmp_path / "lone_rewards_mod.py")]
+    # the top-level package travels whole, once, imported or not
+    import team_rewards_pkg.inner.scoring  # noqa: F401
+    assert local_code(["team_rewards_pkg.inner.scoring", "team_rewards_pkg"]) == [str(package)]
+    assert local_code(["json", "torch.nn", "vllm_recontrol.toy_world", "__main__"]) == []
+    assert local_code(["no_such_module_anywhere"]) == []
 
 
 def test_reward_fn_labels_every_row(data):

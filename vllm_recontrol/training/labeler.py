@@ -26,7 +26,8 @@ from .common import (DataError, build_options, dump_json, json_argument,
                      parse_command_line, progress, read_jsonl, run_main, summary_table,
                      write_jsonl_atomic, write_text_atomic)
 from .engines import run_engines_in_process
-from .rewards import DEFAULT_CUT_AT, RM_ENGINES, RewardSource, cut_response
+from .rewards import (DEFAULT_CUT_AT, RM_ENGINES, RewardSource, cut_response,
+                      reward_fn_modules)
 from .shards import manifest_sha256, manifest_shards, read_manifest, read_rows, shard_status
 
 LABELS_DIR = "labels"
@@ -81,9 +82,8 @@ class LabelOptions:
 
 class LabelWorker:
     """Labels whole shards with a reward source; runs in this process or as a Ray actor,
-    which builds its own source from ``LabelOptions.source_arguments`` (Ray starts local
-    actors in the driver's working folder, so ``--reward-fn my_module:f`` imports there too;
-    on other machines the module must be importable, e.g. through Ray's runtime_env)."""
+    which builds its own source from ``LabelOptions.source_arguments`` (a reward function's
+    module that is not installed travels with the actors, see ``ray_pool.local_code``)."""
 
     def __init__(self, data: str, folder: str, source: RewardSource | dict[str, Any],
                  cut_at: Sequence[str], in_process: bool = False) -> None:
@@ -200,7 +200,8 @@ def _label_with_ray(opts: LabelOptions, data: Path, folder: Path, todo: list[str
 
     arguments = opts.source_arguments()
     with ray_actors(opts, LabelWorker, len(todo), str(data.resolve()), str(folder.resolve()),
-                    arguments, opts.cut_at, opts.in_process) as actors:
+                    arguments, opts.cut_at, opts.in_process,
+                    ship_modules=reward_fn_modules(opts.reward_fn)) as actors:
         dispatch(actors, [(lambda actor, shard=shard: actor.label_shard.remote(shard))
                           for shard in todo], "label", opts.progress)
         call_each(actors, "close")

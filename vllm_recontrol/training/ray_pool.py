@@ -4,30 +4,81 @@ Why whole shards handed out one at a time: a shard's files then do not depend on
 wrote it (each is written by exactly one actor, atomically), and slow and fast replicas
 balance. The options object names the placement (``replicas``, ``ray_address``,
 ``ray_num_cpus``, ``ray_num_gpus``); on a cluster of several machines the output folder must
-be on a filesystem every node sees.
+be on a filesystem every node sees. The user's own code that the actors import (a reward
+function's module) travels with them, see ``local_code``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
+import importlib.util
+import sys
 from collections import deque
-from typing import Any, Callable, Iterator
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
 
 from .common import DataError, progress
+from ..logs import get_logger
+
+logger = get_logger(__name__)
+
+
+def local_code(module_names: Iterable[str]) -> list[str]:
+    """The folders (packages) and ``.py`` files that hold these modules' top-level packages,
+    for those that no installed distribution provides and the standard library lacks.
+
+    Why: Ray puts the driver's working folder on its workers' path, which only helps workers
+    on the driver's machine; a module the driver imports from its own folders must be shipped
+    (Ray's ``py_modules``) for actors on other machines. Installed packages are left to the
+    cluster's environment. Modules that cannot be found are skipped (the actor's import then
+    names them)."""
+    installed = importlib.metadata.packages_distributions()
+    paths: list[str] = []
+    for name in module_names:
+        top = name.split(".")[0]
+        if not top or top == "__main__" or top in sys.stdlib_module_names or top in installed:
+            continue
+        module = sys.modules.get(top)
+        spec = getattr(module, "__spec__", None) or importlib.util.find_spec(top)
+        if spec is None:
+            continue
+        if spec.submodule_search_locations:  # a package: ship its folder(s)
+            found = [str(Path(p)) for p in spec.submodule_search_locations]
+        elif spec.origin and spec.origin.endswith(".py"):
+            found = [spec.origin]
+        else:  # built in, compiled or frozen: nothing Ray could ship
+            found = []
+        paths += [p for p in found if p not in paths]
+    return paths
 
 
 @contextlib.contextmanager
-def ray_actors(opts: Any, worker_class: type, count: int, *args: Any) -> Iterator[list[Any]]:
+def ray_actors(opts: Any, worker_class: type, count: int, *args: Any,
+               ship_modules: Iterable[str] = ()) -> Iterator[list[Any]]:
     """``min(opts.replicas, count)`` actors of ``worker_class(*args)``, each with
     ``opts.ray_num_cpus`` CPUs and ``opts.ray_num_gpus`` GPUs; Ray is started here when it is
-    not running yet (``opts.ray_address``, default local) and stopped again after."""
+    not running yet (``opts.ray_address``, default local) and stopped again after.
+    ``ship_modules``: module names the actors import that may exist only on the driver's
+    machine (``local_code`` decides which of them travel, with the job that starts here)."""
     try:
         import ray
     except ImportError as exc:
         raise DataError("--ray needs Ray: pip install 'ray>=2.9'") from exc
+    ship = local_code(ship_modules)
     started_here = not ray.is_initialized()
     if started_here:
-        ray.init(address=opts.ray_address, include_dashboard=False, ignore_reinit_error=True)
+        # Ray uploads local code only for a whole job (ray.init), not for single actors.
+        if ship:
+            logger.info("vllm-recontrol: shipping %s to the Ray workers (py_modules)",
+                        ", ".join(ship))
+        ray.init(address=opts.ray_address, include_dashboard=False, ignore_reinit_error=True,
+                 runtime_env={"py_modules": ship} if ship else None)
+    elif ship:
+        logger.warning("vllm-recontrol: Ray was started before this call, so %s cannot be "
+                       "shipped to its workers from here; actors on other machines import it "
+                       "only if it is there, or if ray.init got runtime_env={'py_modules': %r}",
+                       ", ".join(ship), ship)
     actors: list[Any] = []
     try:
         _check_resources(ray, opts)

@@ -55,6 +55,18 @@ def load_reward_fn(spec: str) -> Callable[[str, str], Any]:
     return function
 
 
+def reward_fn_modules(reward_fn: Any) -> list[str]:
+    """The modules a process imports to rebuild ``reward_fn`` ("module:function" or a
+    function): the spec's module (which may re-export a function defined elsewhere) or the
+    function's own module; none for a function defined in ``__main__`` (pickled by value)."""
+    if reward_fn is None:
+        return []
+    if callable(reward_fn):
+        module = getattr(reward_fn, "__module__", None)
+        return [module] if module and module != "__main__" else []
+    return [str(reward_fn).partition(":")[0]]
+
+
 def as_reward(value: Any) -> float | None:
     """``value`` as a finite float, or None when it is not a number (bools are not numbers)."""
     if not isinstance(value, numbers.Real) and tuple(getattr(value, "shape", (1,))) == () \
