@@ -31,6 +31,10 @@ runs the whole ascent (``steps`` iterations, all rows active) and is timed with
   head-ascend       ``ValueHead.ascend`` as the engine calls it (auto: Triton, bf16 products,
                     the ascent replayed from the head's CUDA-graph cache; includes copying the
                     batch in and building the edited states)
+  cublas-products-graph  not an ascent: its 2L matrix products alone (torch.mm, cuBLAS, in
+                    the weights' dtype, chained through fixed buffers, no element-wise work),
+                    one graph: how fast vendor GEMMs do the products at this batch size, to
+                    tell what is left to gain in the kernel from what the floor asks beyond it
 
 The floor of a case is max(FLOPs / bf16 matmul rate, bytes / copy bandwidth), both ceilings
 measured at the start of the same run (an 8192^3 bf16 matmul; a 1 GiB device-to-device copy,
@@ -78,10 +82,10 @@ REPO = Path(__file__).resolve().parents[1]
 # --quick: issue 3's variants and the engine's; the fp32/tf32 rows are in the results file
 QUICK_VARIANTS = ("autograd-fp16", "torch-eager", "torch-compile", "torch-graph", "triton",
                   "triton-graph", "triton-pdl-graph", "triton-l2-graph", "triton-evict-graph",
-                  "head-ascend")
+                  "head-ascend", "cublas-products-graph")
 VARIANTS = ("autograd-fp16", "torch-eager", "torch-compile", "torch-graph", "torch-fp32-graph",
             "triton", "triton-graph", "triton-fp32-graph", "triton-tf32-graph", "triton-pdl-graph",
-            "triton-l2-graph", "triton-evict-graph", "head-ascend")
+            "triton-l2-graph", "triton-evict-graph", "head-ascend", "cublas-products-graph")
 # triton-evict-graph's plan: Triton keeps eviction hints only on plain loads (num_stages 1);
 # 4 K splits (512 programs at d = 4096) make up for the missing pipeline with more programs
 EVICT_OVERRIDES = {"num_stages": 1, "evict_last": 1, "split_k": 4, "fixup": 1}
@@ -293,6 +297,30 @@ def closed_form_step(weights, biases, states, u, alpha_col, steps_col, k):
         g = (g @ weights[i]) * masks[i - 1]
     grad = (g @ weights[0]).float()
     return u + alpha_col * (steps_col > k) * grad
+
+
+def bare_products(mlp, states, n: int) -> Callable[[], object]:
+    """The ascent's 2L matrix products alone, ``n`` steps, chained through preallocated
+    buffers in the weights' dtype, with none of its element-wise work: what cuBLAS needs for
+    the products at this batch size (``cublas-products-graph``). Not an ascent; a reference
+    for how far the kernel's products are from vendor GEMMs, as against the floor."""
+    dt = mlp.weights[0].dtype
+    x = states.to(dt)
+    hidden = mlp.weights[:-1]  # the output layer is a vector product in every variant
+    fwd = [torch.empty(x.shape[0], w.shape[0], dtype=dt, device=x.device) for w in hidden]
+    bwd = [torch.empty(x.shape[0], w.shape[1], dtype=dt, device=x.device) for w in hidden]
+
+    def run():
+        g = x
+        for _ in range(n):
+            h = x
+            for w, out in zip(hidden, fwd):
+                h = torch.mm(h, w.t(), out=out)
+            g = h
+            for w, out in zip(reversed(hidden), reversed(bwd)):
+                g = torch.mm(g, w, out=out)
+        return g
+    return run
 
 
 def closed_form_loop(step_fn, mlp, states, alpha, steps, ks):
@@ -515,6 +543,8 @@ def raw_variant(name, ascent, va, heads, states, alpha, steps, n, device, args,
             _COMPILED[key] = torch.compile(closed_form_step, dynamic=True)  # one compile per depth
         step = _COMPILED[key]
         return lambda: closed_form_loop(step, mlp, states, alpha, steps, ks)
+    if name == "cublas-products-graph":
+        return bare_products(mlp, states, n)
     if name == "head-ascend":
         head = value_head_from(heads["fp32"], device)
         return lambda: head.ascend(states, alpha, steps, num_iterations=n)

@@ -70,6 +70,35 @@ def test_evict_variant_runs_and_only_where_weights_are_streamed():
     assert [b for b, v in planned if v == "triton-graph"] == [1, 64, 65, 256]
 
 
+def test_bare_products_chain_the_ascents_matrix_products():
+    """cublas-products-graph runs exactly the ascent's 2L products per step, with the
+    forward and backward shapes, chained (checked against the same chain written out)."""
+    import torch
+
+    bench = _load("bench_kernel")
+    from vllm_recontrol import ascent
+
+    gen = torch.Generator().manual_seed(0)
+    mlp = bench.make_head(ascent, 6, [5, 4], torch.float64, torch.device("cpu"), gen)
+    states = torch.randn(3, 6, generator=gen, dtype=torch.float64)
+    w1, w2 = mlp.weights[0], mlp.weights[1]
+    calls = []
+    real_mm = torch.mm
+
+    def counting_mm(*args, **kwargs):
+        calls.append(tuple(args[1].shape))
+        return real_mm(*args, **kwargs)
+
+    run = bench.bare_products(mlp, states, 2)
+    torch.mm = counting_mm
+    try:
+        got = run()
+    finally:
+        torch.mm = real_mm
+    assert calls == [(6, 5), (5, 4), (4, 5), (5, 6)] * 2
+    assert torch.equal(got, states @ w1.t() @ w2.t() @ w2 @ w1)
+
+
 def _load(name: str):
     import importlib.util
 
