@@ -163,33 +163,41 @@ def test_ray_actors_get_a_reward_package_they_cannot_import_themselves(world, tr
         assert (data / "labels" / "reward" / path.name).read_bytes() == path.read_bytes()
 
 
-def test_eval_command_compares_every_method(world, trained):
-    """`vllm-recontrol eval` on held-out prompts: table, JSON and plots; control beats base.
-    A second head ("neg": the trained head with its output negated, i.e. steering to the
-    other mood) in the same engine lowers the reward: the grid's head choice reaches the rows."""
-    import os
-
+def run_eval(world, trained, out: Path, *extra: str) -> dict:
+    """`vllm-recontrol eval` on 24 held-out prompts with every method, two value heads
+    ("neg": the trained head with its output negated, i.e. steering to the other mood)."""
     import torch
 
-    neg = ValueHead.load(trained["head"])
-    with torch.no_grad():
-        neg.layers[-1].weight.neg_()
-        neg.layers[-1].bias.neg_()
-    neg_dir = neg.save(world["root"] / "head-neg")
-    out = world["root"] / "eval"
-    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    neg_dir = world["root"] / "head-neg"
+    if not neg_dir.exists():
+        neg = ValueHead.load(trained["head"])
+        with torch.no_grad():
+            neg.layers[-1].weight.neg_()
+            neg.layers[-1].bias.neg_()
+        neg.save(neg_dir)
     engine = {**ENGINE_ARGS, "distributed_executor_backend": "uni"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "vllm_recontrol.cli", "eval", "--model", str(world["model"]),
-         "--value-head", str(trained["head"]), "--prompts", str(world["root"] / "eval.jsonl"),
-         "--value-heads", json.dumps({"neg": str(neg_dir)}),
-         "--reward-fn", "vllm_recontrol.toy_world:positive_share",
-         "--grid", f"{ALPHA}:{STEPS},{ALPHA}:{STEPS}:neg",
-         "--best-of", "3", "--control-best-of", "--system-prompt", "good", "--max-tokens", "16",
-         "--max-prompts", "24", "--engine-args", json.dumps(engine), "--out", str(out)],
-        capture_output=True, text=True, timeout=400, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    report = json.loads((out / "eval.json").read_text())
+    run_cli("eval", "--model", str(world["model"]), "--value-head", str(trained["head"]),
+            "--prompts", str(world["root"] / "eval.jsonl"),
+            "--value-heads", json.dumps({"neg": str(neg_dir)}),
+            "--reward-fn", "vllm_recontrol.toy_world:positive_share",
+            "--grid", f"{ALPHA}:{STEPS},{ALPHA}:{STEPS}:neg",
+            "--best-of", "3", "--control-best-of", "--system-prompt", "good",
+            "--max-tokens", "16", "--max-prompts", "24", "--in-process",
+            "--engine-args", json.dumps(engine), "--out", str(out), *extra)
+    return json.loads((out / "eval.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def eval_report(world, trained) -> dict:
+    return run_eval(world, trained, world["root"] / "eval")
+
+
+def test_eval_command_compares_every_method(world, eval_report):
+    """`vllm-recontrol eval` on held-out prompts: table, JSON and plots; control beats base.
+    The negated head in the same engine lowers the reward: the grid's head choice reaches
+    the rows."""
+    out = world["root"] / "eval"
+    report = eval_report
     methods = [(r["method"], r["head"]) for r in report["results"]]
     assert methods == [("base", "default"), ("re-control", "default"), ("re-control", "neg"),
                        ("best-of-3", "default"), ("re-control + best-of-3", "default"),
@@ -210,6 +218,22 @@ def test_eval_command_compares_every_method(world, trained):
     table = (out / "eval.md").read_text()
     assert "| re-control | default | 1 | 30 |" in table and "| re-control | neg | 1 | 30 |" in table
     assert (out / "grid.png").stat().st_size > 0 and (out / "reward_vs_throughput.png").is_file()
+
+
+def test_eval_on_ray_replicas_gives_the_single_engines_results(world, trained, eval_report,
+                                                               tmp_path):
+    """`eval --ray --replicas 2`: two engines in Ray actors, 12 prompts each, with the
+    single engine's per-prompt seeds, so every method's responses and rewards are the single
+    engine's (greedy, Best-of-N sampling, control with either head, prompting)."""
+    pytest.importorskip("ray")
+    report = run_eval(world, trained, tmp_path / "eval-ray", "--ray", "--replicas", "2",
+                      "--ray-num-cpus", "1")
+    assert report["options"]["replicas"] == 2 and report["num_prompts"] == 24
+    assert len(report["results"]) == len(eval_report["results"]) == 7
+    for ray_row, one_row in zip(report["results"], eval_report["results"]):
+        for key in ("method", "head", "alpha", "steps", "n", "rewards", "generated_tokens",
+                    "delivered_tokens", "examples"):
+            assert ray_row[key] == one_row[key], (one_row["method"], key)
 
 
 def test_vllm_reward_model_labels_match_transformers(world, tmp_path):

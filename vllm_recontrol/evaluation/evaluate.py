@@ -1,7 +1,8 @@
 """``vllm-recontrol eval``: RE-Control against base, Best-of-N and prompting, on the same prompts.
 
 Every method runs in one vLLM engine started with ``--model-impl recontrol`` and
-``default_on: false``: per-request keys switch control on, so all methods share the model,
+``default_on: false`` (or, with ``--ray --replicas N``, in N such engines that each take a
+range of the prompts): per-request keys switch control on, so all methods share the model,
 the prompts, the seeds and the machine, and their tokens/s are comparable. Rewards come from
 the same reward model or function that labels training data; responses are cut at a
 hallucinated next turn before scoring.
@@ -12,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
@@ -20,8 +20,10 @@ from typing import Any, Callable, NamedTuple, Sequence
 from ..config import DEFAULT_HEAD
 from ..training.common import (RecontrolError, build_options, json_argument, parse_command_line,
                                run_main)
-from ..training.prompts import load_prompts, prompt_messages
+from ..training.prompts import load_prompts
+from ..training.ray_pool import add_ray_arguments, check_replicas
 from ..training.rewards import RewardSource, cut_response
+from .engines import EnginePool, EngineSettings, Method
 from .metrics import Coherence, diversity, mean, win_rate
 from .plots import save_plots
 
@@ -56,6 +58,12 @@ class EvalOptions:
     device: str = "cpu"                   # reward and embedding models
     out: str = "eval-out"
     quiet: bool = False
+    in_process: bool = False              # vLLM engine core in the engine's process (small CPUs)
+    ray: bool = False                     # one engine per Ray actor, each a range of prompts
+    replicas: int = 1
+    ray_address: str | None = None
+    ray_num_cpus: float = 1.0
+    ray_num_gpus: float = 0.0
 
 
 @dataclass
@@ -117,68 +125,38 @@ def parse_grid(grid: Any, heads: Sequence[str] = (DEFAULT_HEAD,)) -> list[GridPo
 
 
 class Evaluator:
-    """Runs each method on the same prompts through one engine and scores the responses."""
+    """Runs each method on the same prompts through the engines and scores the responses."""
 
     def __init__(self, opts: EvalOptions, prompts: list[str], score: Callable, coherence: Coherence):
-        from vllm import LLM
-
         self.opts, self.prompts, self.score, self.coherence = opts, prompts, score, coherence
         further = opts.value_heads or {}
         if not isinstance(further, dict) or not all(
                 isinstance(k, str) and isinstance(v, str) for k, v in further.items()):
             raise RecontrolError(f'value_heads must map names to head folders ({{"mc": '
                                  f'"heads/mc"}}), got {further!r}')
+        check_replicas(opts.replicas, opts.ray, "one vLLM engine per Ray actor")
         self.grid = parse_grid(opts.grid, (DEFAULT_HEAD, *further))
-        engine = {"dtype": "auto", "seed": opts.seed, **opts.engine_args}
-        most_steps = max(p.steps for p in self.grid)
-        self.llm = LLM(model=opts.model, model_impl="recontrol", additional_config={"recontrol": {
-            "value_head": opts.value_head, "default_on": False, "steps": most_steps,
-            "max_steps": most_steps, **({"value_heads": further} if further else {})}}, **engine)
-        self.tokenizer = self.llm.get_tokenizer()
-
-    def inputs(self, system_prompt: str | None) -> list[Any]:
-        """Token ids (chat template) or text, with the system prompt when given."""
-        from vllm.inputs import TokensPrompt
-
-        if self.opts.chat_template:
-            out = []
-            for prompt in self.prompts:
-                messages = prompt_messages(prompt)
-                if system_prompt:
-                    messages = [{"role": "system", "content": system_prompt}] + messages
-                text = self.tokenizer.apply_chat_template(messages, tokenize=False,
-                                                          add_generation_prompt=True)
-                out.append(TokensPrompt(prompt_token_ids=self.tokenizer(
-                    text, add_special_tokens=False)["input_ids"]))
-            return out
-        return [f"{system_prompt}\n\n{p}" if system_prompt else p for p in self.prompts]
+        settings = EngineSettings(
+            model=opts.model, value_head=opts.value_head, value_heads=dict(further),
+            max_steps=max(p.steps for p in self.grid), engine_args=dict(opts.engine_args),
+            seed=opts.seed, max_tokens=opts.max_tokens, temperature=opts.temperature,
+            bon_temperature=opts.bon_temperature, system_prompt=opts.system_prompt,
+            chat_template=opts.chat_template, in_process=opts.in_process)
+        self.engines = EnginePool(opts, settings, prompts)
 
     def run(self, result: MethodResult) -> MethodResult:
-        from vllm import SamplingParams
-
-        o = self.opts
-        extra = ({"recontrol_alpha": result.alpha, "recontrol_steps": result.steps}
-                 if result.steps else {"recontrol": 0})
-        if result.steps and result.head != DEFAULT_HEAD:
-            extra["recontrol_head"] = result.head
-        temperature = o.bon_temperature if result.n > 1 else o.temperature
-        params = [SamplingParams(n=result.n, temperature=temperature, max_tokens=o.max_tokens,
-                                 seed=o.seed + i, extra_args=extra)
-                  for i in range(len(self.prompts))]
-        inputs = self.inputs(o.system_prompt if result.prompting else None)
-        self.llm.generate(inputs[:1], params[:1], use_tqdm=False)  # compile and warm up
-        start = time.perf_counter()
-        outputs = self.llm.generate(inputs, params, use_tqdm=not o.quiet)
-        result.seconds = time.perf_counter() - start
-        result.generated_tokens = sum(len(c.token_ids) for out in outputs for c in out.outputs)
+        samples, result.seconds = self.engines.run(Method(
+            alpha=result.alpha, steps=result.steps, head=result.head, n=result.n,
+            prompting=result.prompting))
+        result.generated_tokens = sum(tokens for prompt in samples for _, tokens in prompt)
         chosen, rewards = [], []
-        for prompt, out in zip(self.prompts, outputs):
-            texts = [cut_response(c.text)[0] for c in out.outputs]
+        for prompt, candidates in zip(self.prompts, samples):
+            texts = [cut_response(text)[0] for text, _ in candidates]
             scores = self.score([(prompt, t) for t in texts])
             best = max(range(len(texts)), key=lambda i: scores[i])  # Best-of-N; N = 1: itself
             chosen.append(texts[best])
             rewards.append(scores[best])
-            result.delivered_tokens += len(out.outputs[best].token_ids)
+            result.delivered_tokens += candidates[best][1]
         result.responses, result.rewards, result.reward = chosen, rewards, mean(rewards)
         result.diversity = mean([diversity(t) for t in chosen])
         if self.coherence.available:
@@ -214,9 +192,7 @@ class Evaluator:
         return list(values)
 
     def close(self) -> None:
-        from .._vllm_adapter import shutdown_llm
-
-        shutdown_llm(self.llm)
+        self.engines.close()
 
 
 def markdown_table(results: Sequence[MethodResult], coherence: Coherence) -> str:
@@ -305,5 +281,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--engine-args", type=json_argument, help="JSON of vLLM LLM(...) kwargs")
     parser.add_argument("--device")
     parser.add_argument("--out")
+    parser.add_argument("--in-process", action="store_true",
+                        help="vLLM engine core in the engine's own process (small CPUs)")
+    add_ray_arguments(parser, "one vLLM engine per Ray actor, each with a range of the prompts")
     options = parse_command_line(parser, argv, required=("model", "value_head", "prompts"))
     return run_main(evaluate, options)

@@ -21,6 +21,7 @@ from .common import (DataError, build_options, json_argument, model_hidden_size,
                      parse_command_line, progress, run_main, sha256_bytes, summary_table)
 from .engines import Engines, GenerationRequest, VllmEngines
 from .prompts import PROMPT_FORMATS, load_prompts
+from .ray_pool import add_ray_arguments, check_replicas
 from .shards import (MANIFEST_FILE, STATE_DEFINITION, STATE_DTYPES, STATES_FORMAT,
                      STATES_FORMAT_VERSION, ShardPlan, manifest_shards, plan_shards,
                      read_manifest, read_rows, read_shard_index, shard_status,
@@ -78,8 +79,7 @@ class CollectOptions:
             raise DataError("temperature must be >= 0 and top_p in (0, 1]")
         if not isinstance(self.engine_args, dict) or not isinstance(self.pooling_engine_args, dict):
             raise DataError("engine_args and pooling_engine_args must be JSON objects")
-        if self.replicas > 1 and not self.ray:
-            raise DataError("replicas > 1 needs ray (--ray): one vLLM engine per Ray actor")
+        check_replicas(self.replicas, self.ray, "one vLLM engine per Ray actor, whole shards each")
 
     def sampling(self) -> dict[str, Any]:
         return {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
@@ -366,11 +366,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="run the vLLM engine core inside this process: ~2 s instead of "
                              "~30 s per engine start on a small CPU; on a GPU keep the default "
                              "(a separate engine process frees all its memory on shutdown)")
-    parser.add_argument("--ray", action="store_true", help="spread shards over Ray actors")
-    parser.add_argument("--replicas", type=int, help="vLLM engines (Ray actors) with --ray")
-    parser.add_argument("--ray-address", help="Ray cluster address (default: local)")
-    parser.add_argument("--ray-num-cpus", type=float, help="CPUs per actor (default 1)")
-    parser.add_argument("--ray-num-gpus", type=float, help="GPUs per actor (0 on CPU, 1 on GPU)")
+    add_ray_arguments(parser, "one vLLM engine per Ray actor, whole shards each")
     parser.add_argument("--overwrite", action="store_true",
                         help="delete an existing, different collection in --out")
     parser.add_argument("--no-progress", dest="progress", action="store_false")

@@ -26,6 +26,7 @@ from .common import (DataError, build_options, dump_json, json_argument,
                      parse_command_line, progress, read_jsonl, run_main, summary_table,
                      write_jsonl_atomic, write_text_atomic)
 from .engines import run_engines_in_process
+from .ray_pool import add_ray_arguments, call_each, check_replicas, dispatch, ray_actors
 from .rewards import (DEFAULT_CUT_AT, RM_ENGINES, RewardSource, cut_response,
                       reward_fn_modules)
 from .shards import manifest_sha256, manifest_shards, read_manifest, read_rows, shard_status
@@ -34,6 +35,9 @@ LABELS_DIR = "labels"
 INFO_FILE = "info.json"
 LABELS_FORMAT = "vllm-recontrol-labels"
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+LABEL_REPLICAS = "one reward source per Ray actor, each labelling whole shards"
 
 
 @dataclass
@@ -63,11 +67,7 @@ class LabelOptions:
     progress: bool = True
 
     def check(self) -> None:
-        if isinstance(self.replicas, bool) or not isinstance(self.replicas, int) \
-                or self.replicas <= 0:
-            raise DataError(f"replicas must be a positive integer, got {self.replicas!r}")
-        if self.replicas > 1 and not self.ray:
-            raise DataError("replicas > 1 needs ray (--ray): one reward source per Ray actor")
+        check_replicas(self.replicas, self.ray, LABEL_REPLICAS)
         if not isinstance(self.engine_args, dict):
             raise DataError("engine_args must be a JSON object")
 
@@ -196,8 +196,6 @@ def _label_all(opts: LabelOptions, source: RewardSource, data: Path, manifest: d
 
 def _label_with_ray(opts: LabelOptions, data: Path, folder: Path, todo: list[str]) -> None:
     """Each shard labelled once, by whichever of ``opts.replicas`` actors is free."""
-    from .ray_pool import call_each, dispatch, ray_actors
-
     arguments = opts.source_arguments()
     with ray_actors(opts, LabelWorker, len(todo), str(data.resolve()), str(folder.resolve()),
                     arguments, opts.cut_at, opts.in_process,
@@ -259,13 +257,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="with --rm-engine vllm: engine core in this process (small CPUs)")
     parser.add_argument("--cut-at", nargs="*",
                         help="cut responses at the first of these markers (default Human: User:)")
-    parser.add_argument("--ray", action="store_true",
-                        help="spread shards over Ray actors, each with its own reward source")
-    parser.add_argument("--replicas", type=int, help="Ray actors with --ray")
-    parser.add_argument("--ray-address", help="Ray cluster address (default: local)")
-    parser.add_argument("--ray-num-cpus", type=float, help="CPUs per actor (default 1)")
-    parser.add_argument("--ray-num-gpus", type=float,
-                        help="GPUs per actor (0 on CPU; 1 with --device cuda)")
+    add_ray_arguments(parser, LABEL_REPLICAS + " (GPUs: --device cuda --ray-num-gpus 1)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a label set of the same name made differently")
     parser.add_argument("--no-progress", dest="progress", action="store_false")

@@ -10,6 +10,7 @@ function's module) travels with them, see ``local_code``.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import importlib.metadata
 import importlib.util
@@ -22,6 +23,23 @@ from .common import DataError, progress
 from ..logs import get_logger
 
 logger = get_logger(__name__)
+
+
+def add_ray_arguments(parser: argparse.ArgumentParser, replicas_are: str) -> None:
+    """The Ray flags of every command that can spread its work over actors."""
+    parser.add_argument("--ray", action="store_true", help=f"Ray actors: {replicas_are}")
+    parser.add_argument("--replicas", type=int, help="Ray actors with --ray")
+    parser.add_argument("--ray-address", help="Ray cluster address (default: local)")
+    parser.add_argument("--ray-num-cpus", type=float, help="CPUs per actor (default 1)")
+    parser.add_argument("--ray-num-gpus", type=float, help="GPUs per actor (0 on CPU, 1 on GPU)")
+
+
+def check_replicas(replicas: Any, ray: bool, replicas_are: str) -> None:
+    """A positive integer, and above 1 only with Ray."""
+    if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas <= 0:
+        raise DataError(f"replicas must be a positive integer, got {replicas!r}")
+    if replicas > 1 and not ray:
+        raise DataError(f"replicas > 1 needs ray (--ray): {replicas_are}")
 
 
 def local_code(module_names: Iterable[str]) -> list[str]:

@@ -1,0 +1,169 @@
+"""The vLLM engines of ``eval``: one in this process, or one per Ray actor (``--ray``).
+
+Why several: generating every method's responses for every prompt is what takes an
+evaluation's time, and a large prompt set outgrows one GPU. Each engine takes a contiguous
+range of the prompts, and every request's seed follows its prompt's global index, so the
+responses do not depend on how the prompts are split; scoring stays with the caller, on one
+reward source for every method.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from ..config import DEFAULT_HEAD
+from ..training.prompts import prompt_messages
+
+Samples = list[list[tuple[str, int]]]  # per prompt, (text, generated tokens) of each sample
+
+
+@dataclass(frozen=True)
+class Method:
+    """What an engine needs to generate one method's samples."""
+
+    alpha: float = 0.0
+    steps: int = 0          # 0: uncontrolled
+    head: str = DEFAULT_HEAD
+    n: int = 1              # samples per prompt (Best-of-N)
+    prompting: bool = False  # with the system prompt
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """The generation side of ``EvalOptions`` (what every engine, local or remote, shares)."""
+
+    model: str
+    value_head: str
+    value_heads: dict
+    max_steps: int
+    engine_args: dict
+    seed: int
+    max_tokens: int
+    temperature: float
+    bon_temperature: float
+    system_prompt: str | None
+    chat_template: bool
+    in_process: bool = False
+
+
+class EvalEngine:
+    """One RE-Control engine with control off by default: per-request keys switch it on, so
+    all methods share the model, the prompts, the seeds and the machine."""
+
+    def __init__(self, settings: EngineSettings, prompts: Sequence[str]) -> None:
+        from vllm import LLM
+
+        from ..training.engines import run_engines_in_process
+
+        engine = {"dtype": "auto", "seed": settings.seed, **settings.engine_args}
+        if settings.in_process:
+            run_engines_in_process(engine)
+        further = settings.value_heads
+        self.settings, self.prompts = settings, list(prompts)
+        self.llm = LLM(model=settings.model, model_impl="recontrol", additional_config={
+            "recontrol": {"value_head": settings.value_head, "default_on": False,
+                          "steps": settings.max_steps, "max_steps": settings.max_steps,
+                          **({"value_heads": further} if further else {})}}, **engine)
+        self.tokenizer = self.llm.get_tokenizer()
+
+    def _input(self, prompt: str, system_prompt: str | None) -> Any:
+        """Token ids (chat template) or text, with the system prompt when given."""
+        from vllm.inputs import TokensPrompt
+
+        if not self.settings.chat_template:
+            return f"{system_prompt}\n\n{prompt}" if system_prompt else prompt
+        messages = prompt_messages(prompt)
+        if system_prompt:
+            messages = [{"role": "system", "content": system_prompt}] + messages
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                  add_generation_prompt=True)
+        return TokensPrompt(prompt_token_ids=self.tokenizer(
+            text, add_special_tokens=False)["input_ids"])
+
+    def generate(self, method: Method, start: int, end: int,
+                 progress: bool = False) -> Samples:
+        """``method``'s samples for prompts ``start`` to ``end`` (global indices: prompt i
+        is sampled with seed ``seed + i`` wherever it runs)."""
+        from vllm import SamplingParams
+
+        s = self.settings
+        extra: dict[str, Any] = ({"recontrol_alpha": method.alpha,
+                                  "recontrol_steps": method.steps}
+                                 if method.steps else {"recontrol": 0})
+        if method.steps and method.head != DEFAULT_HEAD:
+            extra["recontrol_head"] = method.head
+        temperature = s.bon_temperature if method.n > 1 else s.temperature
+        system_prompt = s.system_prompt if method.prompting else None
+        params = [SamplingParams(n=method.n, temperature=temperature, max_tokens=s.max_tokens,
+                                 seed=s.seed + i, extra_args=extra) for i in range(start, end)]
+        inputs = [self._input(p, system_prompt) for p in self.prompts[start:end]]
+        outputs = self.llm.generate(inputs, params, use_tqdm=progress)
+        return [[(c.text, len(c.token_ids)) for c in out.outputs] for out in outputs]
+
+    def close(self) -> None:
+        from .._vllm_adapter import shutdown_llm
+
+        shutdown_llm(self.llm)
+
+
+def prompt_ranges(count: int, parts: int) -> list[tuple[int, int]]:
+    """``count`` prompts in ``parts`` contiguous ranges whose sizes differ by at most one."""
+    parts = max(1, min(parts, count))
+    size, extra = divmod(count, parts)
+    ranges, start = [], 0
+    for i in range(parts):
+        end = start + size + (i < extra)
+        ranges.append((start, end))
+        start = end
+    return ranges
+
+
+class EnginePool:
+    """Every prompt through one local engine, or through Ray actors (``opts.ray``) that each
+    take a range; ``run`` times a method's generation after a warm-up of every engine."""
+
+    def __init__(self, opts: Any, settings: EngineSettings, prompts: Sequence[str]) -> None:
+        self.count = len(prompts)
+        self._stack = contextlib.ExitStack()
+        self.actors: list[Any] = []
+        self.local: EvalEngine | None = None
+        if opts.ray:
+            from ..training.ray_pool import ray_actors
+
+            self.actors = self._stack.enter_context(
+                ray_actors(opts, EvalEngine, self.count, settings, list(prompts)))
+        else:
+            self.local = EvalEngine(settings, prompts)
+        self.progress = not getattr(opts, "quiet", False)
+
+    def run(self, method: Method) -> tuple[Samples, float]:
+        """(samples of every prompt, in order; wall-clock seconds of the generation)."""
+        if self.local is not None:
+            self.local.generate(method, 0, min(1, self.count))  # compile and warm up
+            start = time.perf_counter()
+            samples = self.local.generate(method, 0, self.count, self.progress)
+            return samples, time.perf_counter() - start
+        import ray
+
+        ranges = prompt_ranges(self.count, len(self.actors))
+        ray.get([actor.generate.remote(method, lo, lo + 1)
+                 for actor, (lo, _) in zip(self.actors, ranges)])
+        start = time.perf_counter()
+        parts = ray.get([actor.generate.remote(method, lo, hi)
+                         for actor, (lo, hi) in zip(self.actors, ranges)])
+        seconds = time.perf_counter() - start
+        return [prompt for part in parts for prompt in part], seconds
+
+    def close(self) -> None:
+        try:
+            if self.local is not None:
+                self.local.close()
+            elif self.actors:
+                import ray
+
+                ray.get([actor.close.remote() for actor in self.actors])
+        finally:
+            self._stack.close()
