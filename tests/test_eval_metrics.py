@@ -141,3 +141,42 @@ def test_eval_refuses_malformed_value_heads_before_starting_an_engine(value_head
     options = EvalOptions(model="m", value_head="h", prompts="p", value_heads=value_heads)
     with pytest.raises(RecontrolError, match="value_heads must map names to head folders"):
         Evaluator(options, [], None, None)
+
+
+def test_eval_takes_the_reward_model_as_label_does(monkeypatch):
+    """The reward-model flags reach the judge (dtype, output index, input length, batch)."""
+    import importlib
+
+    from vllm_recontrol.evaluation.evaluate import EvalOptions, reward_source
+    from vllm_recontrol.training.common import build_options
+
+    evaluate_module = importlib.import_module("vllm_recontrol.evaluation.evaluate")
+    seen = {}
+    monkeypatch.setattr(evaluate_module, "evaluate", lambda **options: seen.update(options))
+    assert evaluate_module.main(["--model", "m", "--value-head", "h", "--prompts", "p",
+                                 "--reward-model", "rm", "--rm-dtype", "bfloat16",
+                                 "--reward-index", "1", "--rm-max-length", "64",
+                                 "--reward-batch-size", "4", "--trust-remote-code"]) == 0
+    source = reward_source(build_options(EvalOptions, seen, "eval"))
+    assert source.describe() == {"reward_model": "rm", "reward_index": 1, "max_length": 64,
+                                 "dtype": "bfloat16"}
+    assert source._model_args[3] == 4 and source._model_args[6] is True  # batch, remote code
+
+
+def test_reward_model_out_of_memory_names_the_remedies(monkeypatch):
+    import torch
+
+    from vllm_recontrol.training import rewards
+
+    class OutOfMemoryScorer:
+        def __init__(self, *args):
+            pass
+
+        def score(self, pairs):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(rewards, "RewardModelScorer", OutOfMemoryScorer)
+    source = rewards.RewardSource(reward_model="big-rm", device="cuda:0", batch_size=16)
+    with pytest.raises(RecontrolError, match=r"big-rm ran out of memory on cuda:0 \(float32, "
+                       r"batches of 16\).*bfloat16.*gpu_memory_utilization.*Tried to allocate"):
+        source.score([("p", "r")])

@@ -56,6 +56,10 @@ class EvalOptions:
     engine_args: dict = field(default_factory=dict)
     reward_batch_size: int = 16
     device: str = "cpu"                   # reward and embedding models
+    rm_dtype: str = "float32"             # the reward model as ``label`` takes it, so that
+    reward_index: int | None = None       # eval judges the way the labels did
+    rm_max_length: int | None = None
+    trust_remote_code: bool = False       # the reward model's (the LLM's: engine_args)
     out: str = "eval-out"
     quiet: bool = False
     in_process: bool = False              # vLLM engine core in the engine's process (small CPUs)
@@ -215,13 +219,22 @@ def markdown_table(results: Sequence[MethodResult], coherence: Coherence) -> str
     return "\n".join(lines)
 
 
+def reward_source(opts: EvalOptions) -> RewardSource:
+    """The judge of every method: a function, or a reward model taken as ``label`` takes it
+    (dtype, output index, input length), loaded on first use."""
+    return RewardSource(reward_fn=opts.reward_fn, reward_model=opts.reward_model,
+                        device=opts.device, dtype=opts.rm_dtype,
+                        batch_size=opts.reward_batch_size, max_length=opts.rm_max_length,
+                        reward_index=opts.reward_index,
+                        trust_remote_code=opts.trust_remote_code, command="eval")
+
+
 def evaluate(**options: Any) -> dict[str, Any]:
     """Run the comparison; writes ``eval.json``, ``eval.md`` and plots under ``out``."""
     opts = build_options(EvalOptions, options, "eval")
     prompts = load_prompts(opts.prompts, opts.split, opts.prompt_column, opts.prompt_format,
                            max_prompts=opts.max_prompts)
-    source = RewardSource(reward_fn=opts.reward_fn, reward_model=opts.reward_model,
-                          device=opts.device, batch_size=opts.reward_batch_size, command="eval")
+    source = reward_source(opts)
     coherence = Coherence.load(opts.embedding_model, opts.device)
     evaluator = Evaluator(opts, prompts, source.score, coherence)
     try:
@@ -279,7 +292,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int)
     parser.add_argument("--embedding-model", help="sentence-transformers model for coherence")
     parser.add_argument("--engine-args", type=json_argument, help="JSON of vLLM LLM(...) kwargs")
-    parser.add_argument("--device")
+    parser.add_argument("--device", help="reward and embedding models' device (default cpu)")
+    parser.add_argument("--reward-batch-size", type=int, help="reward model batch (default 16)")
+    parser.add_argument("--rm-dtype", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--reward-index", type=int,
+                        help="which output of a multi-output reward model is the reward")
+    parser.add_argument("--rm-max-length", type=int,
+                        help="reward model input tokens (cut from the left)")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="for the reward model (the LLM's goes in --engine-args)")
     parser.add_argument("--out")
     parser.add_argument("--in-process", action="store_true",
                         help="vLLM engine core in the engine's own process (small CPUs)")

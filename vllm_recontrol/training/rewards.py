@@ -252,9 +252,20 @@ class RewardSource:
         if self.function is not None:
             return [self._call(where(i), prompt, response)
                     for i, (prompt, response) in enumerate(pairs)]
-        if self.scorer is None:  # loaded on first use: a resumed run may need no model at all
-            self.scorer = RewardModelScorer(*self._model_args)
-        scores = self.scorer.score(pairs)
+        import torch
+
+        try:
+            if self.scorer is None:  # loaded on first use: a resumed run may need no model
+                self.scorer = RewardModelScorer(*self._model_args)
+            scores = self.scorer.score(pairs)
+        except torch.OutOfMemoryError as exc:
+            _, device, dtype, batch_size, *_ = self._model_args
+            raise RewardError(
+                f"reward model {self.spec} ran out of memory on {device} ({dtype}, batches of "
+                f"{batch_size}): lower the batch size, load it in bfloat16 (rm_dtype), or give "
+                "it more room; beside a vLLM engine on the same GPU (eval) lower that engine's "
+                "gpu_memory_utilization in engine_args, or put the reward model on another "
+                f"device. {str(exc)[:200]}") from exc
         for i, value in enumerate(scores):
             if as_reward(value) is None:
                 raise RewardError(f"reward model {self.spec} gave {value!r} for {where(i)})")
