@@ -99,6 +99,34 @@ def test_bare_products_chain_the_ascents_matrix_products():
     assert torch.equal(got, states @ w1.t() @ w2.t() @ w2 @ w1)
 
 
+def test_onchip_model_recovers_the_limits_that_made_the_times(tmp_path):
+    """onchip_model.py fits (aggregate, per-program) on unsplit rows; rows timed from known
+    limits give those limits back, and a row of another kind is reported against them."""
+    model = _load("onchip_model")
+    rows = []
+    for hidden in (1, 2):
+        for batch, bm in ((128, 64), (128, 128), (256, 64), (256, 128), (512, 64), (512, 128)):
+            row = {"d": 4096, "hidden": hidden, "steps": 30, "batch": batch, "weights": "bf16",
+                   "overrides": {"block_m": bm, "block_n": 128, "split_k": 1}}
+            row["ms"] = model.predict_ms(row, model.plan_of(row), 6.0e12, 55e9)
+            rows.append(row)
+    split = {"d": 4096, "hidden": 1, "steps": 30, "batch": 256, "weights": "bf16",
+             "overrides": {"block_m": 128, "block_n": 128, "split_k": 2}}
+    split["ms"] = 2 * model.predict_ms(split, model.plan_of(split), 6.0e12, 55e9)
+    default = {"d": 4096, "hidden": 1, "steps": 30, "batch": 512, "weights": "bf16",
+               "variant": "triton-graph default", "ms": 1.0}
+    assert model.plan_of(default) == {"block_m": 128, "block_n": 128, "split_k": 1}
+    (tmp_path / "sweep.json").write_text(json.dumps({"rows": rows + [split]}))
+    fitted = model.fit(model.usable_rows(rows + [split]))
+    assert (fitted["aggregate_tbs"], fitted["per_program_gbs"]) == (6.0, 55)
+    assert fitted["median_error"] < 1e-9 and fitted["rows"] == len(rows)
+    run = subprocess.run([sys.executable, str(SCRIPT.parent / "onchip_model.py"),
+                          str(tmp_path / "sweep.json")], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert "aggregate 6.0 TB/s, per program 55 GB/s" in run.stdout
+    assert "| 1 | 256 | 128x128 | 2 | 128 | split K | 1 | 2.00 |" in run.stdout
+
+
 def _load(name: str):
     import importlib.util
 
