@@ -35,7 +35,8 @@ Design
   blocks; each program streams its slab of W once through a 4-stage pipeline with 16 KB of W
   per stage (BLOCK_K 256 in bf16). Where that gives under 3/4 of a wave of programs (d = 2048,
   small widths), K is split into whole waves: each split writes its partial sum to a scratch
-  buffer and a small reduce kernel adds the splits in split order and applies the epilogue.
+  buffer and a small reduce kernel (16-row programs: more of them than the product's tiles)
+  adds the splits in split order and applies the epilogue.
   Measured on an H100 (benchmarks/results/kernel-h100.md): 0.98x-1.28x of the memory floor
   for 1-32 rows at d = 4096; the sweep preferred this shape over 16- and 64-column blocks,
   8 KB stages, 8 warps and split K in both directions.
@@ -354,8 +355,16 @@ def _splitk_reduce_kernel(
         alpha_ptr, steps_ptr,
         sq_in_ptr, sq_out_ptr, n_sq, max_norm, step, first, M, N,
         EPILOGUE: tl.constexpr, PROJECT: tl.constexpr, ACT_BF16: tl.constexpr,
-        SQ_CHUNK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
-    """Add the K splits of a product in split order (deterministic) and apply its epilogue."""
+        SQ_CHUNK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PDL: tl.constexpr):
+    """Add the K splits of a product in split order (deterministic) and apply its epilogue.
+
+    ``BN`` is the product's (max_norm's partial sums of squares are per row and BN-wide
+    column tile); ``BM`` may be smaller than the product's, for more programs over the same
+    elements (the sums and the epilogue are per element or per row, so the bits do not
+    change). ``PDL``: launched as a programmatic dependent launch, like the product."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     offs_m = pid_m * BM + tl.arange(0, BM)
@@ -403,7 +412,8 @@ class GemmPlan:
     measured; ignored by the interpreter.
     ``pdl`` (0/1): launch the product as a programmatic dependent launch (sm_90 and later),
     so that its launch overlaps the previous product (the kernel waits for that one's results
-    before touching memory); for the gaps between the 2L launches of a step. Not measured;
+    before touching memory); for the gaps between the 2L launches of a step. With split K
+    the reduce launch is one too (the next product waits for it in turn). Not measured;
     ignored by the interpreter."""
 
     block_m: int
@@ -775,12 +785,17 @@ def _launch(p: _Product, ctx: dict, step: int) -> None:
             stages -= 1
             ctx["stages"][fit_key] = stages
     if reduce_after:
-        _splitk_reduce_kernel[grid[:2]](
+        # rows of REDUCE_BLOCK_M: the product's tiles are few when K is split (that is why
+        # it is), and a program per tile would leave most multiprocessors idle here too
+        bm = min(plan.block_m, REDUCE_BLOCK_M)
+        _splitk_reduce_kernel[(grid[0], triton.cdiv(p.M, bm))](
             ctx["partial"], splits, p.out, p.bias, p.maskin, ctx["w_out"], ctx["states"],
             ctx["x"], ctx["alpha"], ctx["steps"], **tail,
-            M=p.M, N=p.N, EPILOGUE=p.epilogue, **flags, BM=plan.block_m, BN=plan.block_n,
-            num_warps=4 if plan.block_m * plan.block_n <= 4096 else 8)
+            M=p.M, N=p.N, EPILOGUE=p.epilogue, **flags, BM=bm, BN=plan.block_n, PDL=pdl,
+            launch_pdl=pdl, num_warps=4 if bm * plan.block_n <= 4096 else 8)
 
+
+REDUCE_BLOCK_M = 16  # rows per program of the split-K reduce kernel
 
 # Pipeline depth that fits in shared memory, per launch shape, once a deeper one did not.
 _STAGES_THAT_FIT: dict[tuple, int] = {}

@@ -376,6 +376,9 @@ with precompile.compile_only(90, 132) as va:
     ({"tma": 1}, ".ttgir", "ttg.warp_specialize(", False),
     ({"tma": 1, "pdl": 1}, ".ptx", "griddepcontrol.wait", True),
     ({"tma": 1}, ".ptx", "griddepcontrol", False),
+    ({"tma": 1, "pdl": 1, "split_k": 2}, "_splitk_reduce_kernel.ptx", "griddepcontrol.wait",
+     True),
+    ({"tma": 1, "split_k": 2}, "_splitk_reduce_kernel.ptx", "griddepcontrol", False),
 ])
 def test_hopper_plan_options_reach_the_compiled_sm90_code(tmp_path, plan, suffix, marker,
                                                           expected):
@@ -392,7 +395,7 @@ def test_hopper_plan_options_reach_the_compiled_sm90_code(tmp_path, plan, suffix
         pytest.skip("this Triton cannot compile for NVIDIA GPUs here")
     assert run.returncode == 0, run.stderr[-3000:]
     texts = [p.read_text() for p in tmp_path.rglob("*" + suffix)]
-    assert len(texts) >= 2  # forward and backward products
+    assert len(texts) >= 2  # forward and backward products (or their split-K reduces)
     found = sum(marker in text for text in texts)
     assert (found > 0) == expected, (found, len(texts))
 

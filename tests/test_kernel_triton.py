@@ -202,6 +202,21 @@ def test_split_k_fixup_equals_the_reduce_kernel(kernels, seed, hidden, max_norm,
     assert torch.equal(fixup, reduce), f"fix-up differs from the reduce kernel (seed {seed})"
 
 
+def test_reduce_kernel_rows_need_not_be_the_products_tiles(kernels, seed):
+    """The split-K reduce runs 16-row programs under a 32-row product tile (more programs
+    for the same elements): the fix-up's bits (which finishes whole product tiles), also
+    under max_norm, whose per-row sums of squares span the product's column tiles."""
+    mlp, states, alpha, steps = _draw(seed, 19, WIDTHS[:2])
+    plan = {"split_k": 3, "block_k": 16, "block_m": 32, "block_n": 16}
+    assert kernels.REDUCE_BLOCK_M < plan["block_m"]
+    for max_norm in (None, 0.5):
+        reduce = _run(kernels, mlp, states, alpha, steps, 3, max_norm, plan_overrides=plan)
+        fixup = _run(kernels, mlp, states, alpha, steps, 3, max_norm,
+                     plan_overrides={**plan, "fixup": 1})
+        assert torch.isfinite(reduce).all(), f"unwritten output (seed {seed})"
+        assert torch.equal(fixup, reduce), f"reduce rows differ (seed {seed}, {max_norm})"
+
+
 def test_evict_last_plan_changes_no_bits(kernels, seed):
     """The L2 evict-last hint on the weight loads (a plan option for heads that fit in L2)
     is a cache hint only: the same bits as the default plan, with and without split K."""
