@@ -7,14 +7,16 @@ whether one simple model explains their times, from the JSON that ``bench_kernel
 --sweep`` (or a bench run) saved, without a GPU:
 
     time of one product = max(total on-chip bytes / AGGREGATE,
-                              bytes of one program * waves / PER_PROGRAM)
+                              bytes of one program * waves / PER_PROGRAM,
+                              weight bytes / HBM)
 
 where a program of a BM x BN tile reads its [BM, K-range] slice of the left operand and its
 [K-range, BN] slice of W (bf16), and split K adds its fp32 partials (written and read once).
 AGGREGATE (bytes/s, the whole chip) and PER_PROGRAM (bytes/s one multiprocessor takes in)
 are fitted on the rows of unsplit plans with BN <= 128, over a grid, by the median relative
 error; the other kinds of plan (split K, 256-wide tiles) are then compared with what the
-fitted model predicts for them. Prints a table per (layers, B, BM, programs) and, with
+fitted model predicts for them. HBM (--hbm-tbs, default the H100's measured 3.0 TB/s copy
+rate; the weights read once per product) only matters below the fitted rows' batch sizes. Prints a table per (layers, B, BM, programs) and, with
 ``--json``, saves the fit.
 
     python benchmarks/onchip_model.py benchmarks/results/kernel-h100-call5-sweep.json \\
@@ -31,6 +33,7 @@ from collections import defaultdict
 from pathlib import Path
 
 MULTIPROCESSORS = 132  # H100 SXM; --multiprocessors for other cards
+HBM_BYTES_PER_S = 3.0e12  # the H100's measured device copy rate (results file)
 
 
 def plan_of(row: dict) -> dict | None:
@@ -56,10 +59,10 @@ def traffic(batch: int, d: int, plan: dict) -> tuple[int, float, float]:
 
 
 def predict_ms(row: dict, plan: dict, aggregate: float, per_program: float,
-               multiprocessors: int = MULTIPROCESSORS) -> float:
+               multiprocessors: int = MULTIPROCESSORS, hbm: float = HBM_BYTES_PER_S) -> float:
     programs, one, total = traffic(row["batch"], row["d"], plan)
     waves = -(-programs // multiprocessors)
-    product = max(total / aggregate, one * waves / per_program)
+    product = max(total / aggregate, one * waves / per_program, 2.0 * row["d"] ** 2 / hbm)
     return 2 * row["hidden"] * row["steps"] * product * 1e3
 
 
