@@ -134,6 +134,17 @@ def test_coherence_that_cannot_load_says_why(tmp_path):
         coherence.unavailable_reason
 
 
+@pytest.mark.parametrize("options,message", [
+    ({"replicas": 2}, "replicas > 1 needs ray"),
+    ({"replicas": 0, "ray": True}, "replicas must be a positive integer"),
+])
+def test_eval_refuses_bad_replicas_before_starting_an_engine(options, message):
+    from vllm_recontrol.evaluation.evaluate import EvalOptions, Evaluator
+
+    with pytest.raises(RecontrolError, match=message):
+        Evaluator(EvalOptions(model="m", value_head="h", prompts="p", **options), [], None, None)
+
+
 @pytest.mark.parametrize("value_heads", [["heads/mc"], {"mc": 3}])
 def test_eval_refuses_malformed_value_heads_before_starting_an_engine(value_heads):
     from vllm_recontrol.evaluation.evaluate import EvalOptions, Evaluator
