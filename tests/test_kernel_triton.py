@@ -185,36 +185,30 @@ def test_split_k_and_multiple_row_tiles(kernels, seed, hidden, max_norm):
     _check(u, ref, clean, steps, alpha, FP32_TOL, seed, f"split K, {hidden} hidden")
 
 
-@pytest.mark.parametrize("hidden,max_norm,precision", [(1, None, "ieee"), (2, None, "bf16"),
-                                                       (3, 0.5, "ieee")])
-def test_split_k_fixup_equals_the_reduce_kernel(kernels, seed, hidden, max_norm, precision):
+SPLIT_PLAN = {"split_k": 3, "block_k": 16, "block_n": 32}
+# 32-row product tiles: the reduce kernel runs 16-row programs (REDUCE_BLOCK_M) under them
+TALL_SPLIT_PLAN = {"split_k": 3, "block_k": 16, "block_m": 32, "block_n": 16}
+
+
+@pytest.mark.parametrize("hidden,max_norm,precision,plan", [
+    (1, None, "ieee", SPLIT_PLAN), (2, None, "bf16", SPLIT_PLAN), (3, 0.5, "ieee", SPLIT_PLAN),
+    (2, None, "ieee", TALL_SPLIT_PLAN), (2, 0.5, "ieee", TALL_SPLIT_PLAN)])
+def test_split_k_fixup_equals_the_reduce_kernel(kernels, seed, hidden, max_norm, precision,
+                                                plan):
     """The in-place split-K fix-up (last split adds the partials) gives the reduce kernel's
     bits, with 3 uneven splits, 2 row tiles and 32-column tiles (finished 16 columns at a
     time, but whole under max_norm), every epilogue kind included; its counters are left at
-    zero for the next call."""
+    zero for the next call. Under 32-row product tiles the reduce's programs are smaller
+    than the tiles the fix-up finishes (also with max_norm's per-row sums of squares)."""
+    assert plan is SPLIT_PLAN or kernels.REDUCE_BLOCK_M < plan["block_m"]
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     mlp, states, alpha, steps = _draw(seed, 19, WIDTHS[:hidden], weight_dtype=dtype)
-    plan = {"split_k": 3, "block_k": 16, "block_n": 32}
     reduce = _run(kernels, mlp, states, alpha, steps, 3, max_norm, plan_overrides=plan)
     fixup = _run(kernels, mlp, states, alpha, steps, 3, max_norm,
                  plan_overrides={**plan, "fixup": 1})
-    assert torch.isfinite(fixup).all(), f"unwritten output (seed {seed})"
+    assert torch.isfinite(fixup).all() and torch.isfinite(reduce).all(), \
+        f"unwritten output (seed {seed})"
     assert torch.equal(fixup, reduce), f"fix-up differs from the reduce kernel (seed {seed})"
-
-
-def test_reduce_kernel_rows_need_not_be_the_products_tiles(kernels, seed):
-    """The split-K reduce runs 16-row programs under a 32-row product tile (more programs
-    for the same elements): the fix-up's bits (which finishes whole product tiles), also
-    under max_norm, whose per-row sums of squares span the product's column tiles."""
-    mlp, states, alpha, steps = _draw(seed, 19, WIDTHS[:2])
-    plan = {"split_k": 3, "block_k": 16, "block_m": 32, "block_n": 16}
-    assert kernels.REDUCE_BLOCK_M < plan["block_m"]
-    for max_norm in (None, 0.5):
-        reduce = _run(kernels, mlp, states, alpha, steps, 3, max_norm, plan_overrides=plan)
-        fixup = _run(kernels, mlp, states, alpha, steps, 3, max_norm,
-                     plan_overrides={**plan, "fixup": 1})
-        assert torch.isfinite(reduce).all(), f"unwritten output (seed {seed})"
-        assert torch.equal(fixup, reduce), f"reduce rows differ (seed {seed}, {max_norm})"
 
 
 def test_evict_last_plan_changes_no_bits(kernels, seed):
