@@ -191,3 +191,23 @@ def test_reward_model_out_of_memory_names_the_remedies(monkeypatch):
     with pytest.raises(RecontrolError, match=r"big-rm ran out of memory on cuda:0 \(float32, "
                        r"batches of 16\).*bfloat16.*gpu_memory_utilization.*Tried to allocate"):
         source.score([("p", "r")])
+
+
+def test_judge_scores_a_method_in_one_call_and_keeps_each_prompts_best():
+    """A reward model batches what it is given: every sample of a method goes in one call;
+    Best-of-N keeps each prompt's highest-scoring sample (cut at a next turn first)."""
+    from vllm_recontrol.evaluation.evaluate import MethodResult, judge
+
+    calls = []
+
+    def score(pairs):
+        calls.append(list(pairs))
+        return [float(len(response)) for _, response in pairs]
+
+    samples = [[("a", 1), ("abc\n\nHuman: more", 9), ("ab", 2)], [("xyzw", 4), ("x", 1), ("", 0)]]
+    result = judge(MethodResult("best-of-3", n=3), ["p0", "p1"], samples, score,
+                   Coherence(None, None, "off"))
+    assert len(calls) == 1 and len(calls[0]) == 6 and calls[0][1] == ("p0", "abc")
+    assert result.responses == ["abc", "xyzw"] and result.rewards == [3.0, 4.0]
+    assert result.reward == 3.5 and result.generated_tokens == 17
+    assert result.delivered_tokens == 9 + 4 and result.coherence is None

@@ -23,7 +23,7 @@ from ..training.common import (RecontrolError, build_options, json_argument, par
 from ..training.prompts import load_prompts
 from ..training.ray_pool import add_ray_arguments, check_replicas
 from ..training.rewards import RewardSource, cut_response
-from .engines import EnginePool, EngineSettings, Method
+from .engines import EnginePool, EngineSettings, Method, Samples
 from .metrics import Coherence, diversity, mean, win_rate
 from .plots import save_plots
 
@@ -152,20 +152,7 @@ class Evaluator:
         samples, result.seconds = self.engines.run(Method(
             alpha=result.alpha, steps=result.steps, head=result.head, n=result.n,
             prompting=result.prompting))
-        result.generated_tokens = sum(tokens for prompt in samples for _, tokens in prompt)
-        chosen, rewards = [], []
-        for prompt, candidates in zip(self.prompts, samples):
-            texts = [cut_response(text)[0] for text, _ in candidates]
-            scores = self.score([(prompt, t) for t in texts])
-            best = max(range(len(texts)), key=lambda i: scores[i])  # Best-of-N; N = 1: itself
-            chosen.append(texts[best])
-            rewards.append(scores[best])
-            result.delivered_tokens += candidates[best][1]
-        result.responses, result.rewards, result.reward = chosen, rewards, mean(rewards)
-        result.diversity = mean([diversity(t) for t in chosen])
-        if self.coherence.available:
-            result.coherence = mean(self.coherence.scores(self.prompts, chosen))
-        return result
+        return judge(result, self.prompts, samples, self.score, self.coherence)
 
     def methods(self) -> list[MethodResult]:
         """Base, the RE-Control grid, Best-of-N (and, asked for, RE-Control + Best-of-N),
@@ -197,6 +184,29 @@ class Evaluator:
 
     def close(self) -> None:
         self.engines.close()
+
+
+def judge(result: MethodResult, prompts: Sequence[str], samples: Samples, score: Callable,
+          coherence: Coherence) -> MethodResult:
+    """Score every sample of a method in one call (a reward model batches them), keep each
+    prompt's best (Best-of-N; N = 1: the sample itself) and fill in the metrics."""
+    pairs = [(prompt, cut_response(text)[0])
+             for prompt, candidates in zip(prompts, samples) for text, _ in candidates]
+    scores = score(pairs)
+    chosen, rewards, first = [], [], 0
+    for candidates in samples:
+        mine = range(first, first + len(candidates))
+        best = max(mine, key=lambda j: scores[j])
+        chosen.append(pairs[best][1])
+        rewards.append(scores[best])
+        result.delivered_tokens += candidates[best - first][1]
+        first += len(candidates)
+    result.generated_tokens = sum(tokens for prompt in samples for _, tokens in prompt)
+    result.responses, result.rewards, result.reward = chosen, rewards, mean(rewards)
+    result.diversity = mean([diversity(t) for t in chosen])
+    if coherence.available:
+        result.coherence = mean(coherence.scores(list(prompts), chosen))
+    return result
 
 
 def markdown_table(results: Sequence[MethodResult], coherence: Coherence) -> str:
