@@ -661,6 +661,16 @@ def run_warm(args, device, ascent, va) -> int:
     return 0
 
 
+def bf16_plans(va, case: Case, overrides: dict | None, n_programs: int) -> dict:
+    """direction -> the GemmPlan the kernel picks for this case's products in bf16 (widths = d)."""
+    by_direction = va.overrides_by_direction(overrides)
+    return {direction: va.plan_gemm(case.batch, case.d, case.d,
+                                    w_k_contiguous=direction == "forward", weight_bytes=2,
+                                    precision="bf16", n_programs=n_programs, interpret=False,
+                                    overrides=by_direction[direction])
+            for direction in ("forward", "backward")}
+
+
 def onchip_megabytes(va, case: Case, overrides: dict | None, n_programs: int) -> float:
     """Bytes moved from L2 into the multiprocessors per ascent step, in MB, by the plans the
     kernel picks (bf16): every program reads its [BM, K-range] slice of the left operand and
@@ -668,13 +678,9 @@ def onchip_megabytes(va, case: Case, overrides: dict | None, n_programs: int) ->
     read by several row tiles comes from HBM once but from L2 each time, so at large batch
     this, not HBM traffic, is what the tile shape changes (the H100 results file compares it
     with the measured times)."""
-    by_direction = va.overrides_by_direction(overrides)
     N = K = case.d
     total = 0.0
-    for direction in ("forward", "backward"):
-        plan = va.plan_gemm(case.batch, N, K, w_k_contiguous=direction == "forward",
-                            weight_bytes=2, precision="bf16", n_programs=n_programs,
-                            interpret=False, overrides=by_direction[direction])
+    for plan in bf16_plans(va, case, overrides, n_programs).values():
         m_tiles, n_tiles = -(-case.batch // plan.block_m), -(-N // plan.block_n)
         splits = plan.splits(K)
         left = 2 * case.batch * K * n_tiles
@@ -694,9 +700,13 @@ def time_variant(task: Task, flops, nbytes, floor_ms, ascent, va, heads, states,
         row["overrides"] = task.overrides
     if name in ("triton-graph", "triton-l2-graph", "triton-evict-graph", "triton-pdl-graph") \
             and args.dtype == "bf16":
-        row["onchip_mb_per_step"] = onchip_megabytes(va, case,
-                                                     variant_overrides(name, task.overrides),
-                                                     va._device_programs(device))
+        overrides = variant_overrides(name, task.overrides)
+        programs = va._device_programs(device)
+        row["onchip_mb_per_step"] = onchip_megabytes(va, case, overrides, programs)
+        # the tiles actually launched, defaults included (for benchmarks/onchip_model.py)
+        row["plans"] = {direction: {"block_m": plan.block_m, "block_n": plan.block_n,
+                                    "split_k": plan.splits(case.d)}
+                        for direction, plan in bf16_plans(va, case, overrides, programs).items()}
     if device.type != "cuda" and (name.endswith("graph") or name == "torch-compile"):
         return {**row, "error": "needs CUDA"}
     stream, l2 = None, None

@@ -36,16 +36,27 @@ MULTIPROCESSORS = 132  # H100 SXM; --multiprocessors for other cards
 HBM_BYTES_PER_S = 3.0e12  # the H100's measured device copy rate (results file)
 
 
+# The default plans of calls 5-7 (d = 4096, 132 SMs), for rows saved before bench rows
+# recorded their plans: 64x128 with K split 2 at B = 128 (under half a wave of tiles),
+# 64x128 at 256, 128x128 at 512
+CALLS_5_TO_7_DEFAULTS = {128: (64, 128, 2), 256: (64, 128, 1), 512: (128, 128, 1)}
+
+
 def plan_of(row: dict) -> dict | None:
-    """The row's tile plan: its overrides, or the default plan the sweeps of calls 5-7 timed
-    (64x128 below B = 512, 128x128 from it; unsplit at B >= 128); None when unknown."""
+    """The row's tile plan: the plans it recorded (the same both ways), else its overrides,
+    else a default of calls 5-7; None when unknown."""
+    plans = row.get("plans")
+    if plans:
+        forward, backward = plans.get("forward"), plans.get("backward")
+        return dict(forward) if forward and forward == backward else None
     overrides = row.get("overrides") or {}
     if overrides.get("block_m") and overrides.get("block_n"):
         return {"block_m": overrides["block_m"], "block_n": overrides["block_n"],
                 "split_k": overrides.get("split_k", 1)}
-    if overrides or row["batch"] < 128:
+    if overrides or row.get("d") != 4096 or row["batch"] not in CALLS_5_TO_7_DEFAULTS:
         return None
-    return {"block_m": 128 if row["batch"] >= 512 else 64, "block_n": 128, "split_k": 1}
+    bm, bn, split = CALLS_5_TO_7_DEFAULTS[row["batch"]]
+    return {"block_m": bm, "block_n": bn, "split_k": split}
 
 
 def traffic(batch: int, d: int, plan: dict) -> tuple[int, float, float]:

@@ -41,6 +41,8 @@ def test_timing_mode_writes_every_row(tmp_path):
     timed = [r for r in rows if r["variant"] != "triton-graph"]
     assert all(r["ms"] > 0 for r in timed)
     assert all(r["error"] == "needs CUDA" for r in rows if r["variant"] == "triton-graph")
+    assert all(set(r["plans"]) == {"forward", "backward"} and r["plans"]["forward"]["block_m"]
+               for r in rows if r["variant"] == "triton-graph")  # for onchip_model.py
     assert (tmp_path / "b.md").read_text().count("| head-ascend |") == 2
 
 
@@ -116,6 +118,12 @@ def test_onchip_model_recovers_the_limits_that_made_the_times(tmp_path):
     default = {"d": 4096, "hidden": 1, "steps": 30, "batch": 512, "weights": "bf16",
                "variant": "triton-graph default", "ms": 1.0}
     assert model.plan_of(default) == {"block_m": 128, "block_n": 128, "split_k": 1}
+    recorded = dict(default, plans={"forward": {"block_m": 64, "block_n": 128, "split_k": 2},
+                                    "backward": {"block_m": 64, "block_n": 128, "split_k": 2}})
+    assert model.plan_of(recorded) == {"block_m": 64, "block_n": 128, "split_k": 2}
+    recorded["plans"]["backward"] = {"block_m": 128, "block_n": 128, "split_k": 1}
+    assert model.plan_of(recorded) is None  # one plan per row or none
+    assert model.plan_of(dict(default, batch=128))["split_k"] == 2  # calls 5-7's default
     (tmp_path / "sweep.json").write_text(json.dumps({"rows": rows + [split]}))
     fitted = model.fit(model.usable_rows(rows + [split]))
     assert (fitted["aggregate_tbs"], fitted["per_program_gbs"]) == (6.0, 55)
