@@ -114,6 +114,9 @@ if phase sweep; then
     timeout "${SWEEP_LIMIT:-130}" "$PY" "$BENCH" --sweep --json "$OUT/sweep.json"
     sweep_status=$?
     [ -f "$OUT/sweep.json" ] && cp "$OUT/sweep.json" "$LAST_SWEEP"
+    # the on-chip traffic model fitted to this sweep (no GPU needed; informative only)
+    [ -f "$OUT/sweep.json" ] && { "$PY" "$ROOT/benchmarks/onchip_model.py" "$OUT/sweep.json" \
+        || echo "onchip_model.py: no fit"; }
 fi
 
 if phase bench; then
