@@ -65,3 +65,63 @@ def test_staggered_arrivals_match_requests_alone(llama_dir, head_dir, llama_engi
     alone = [token_ids(llama_engine.generate([p], [greedy(MAX_TOKENS, **e)], use_tqdm=False))[0]
              for p, e in ARRIVALS]
     assert [tokens for tokens, _, _ in results] == alone
+
+
+# Run in a child process: an in-process engine (the patch below must reach the engine core,
+# which a spawned engine process would not import) and vLLM's cached environment kept away
+# from the other tests' engines.
+_ASYNC_SCHEDULING_RUN = r"""
+import json, os, sys
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+sys.path.insert(0, sys.argv[1])
+from vllm.platforms import current_platform
+
+platform = type(current_platform)
+original = platform.check_and_update_config.__func__
+
+def keep_async_scheduling(cls, vllm_config):
+    # vLLM's CPU platform turns async scheduling off; on GPUs it is vLLM 0.32's default
+    original(cls, vllm_config)
+    vllm_config.scheduler_config.async_scheduling = True
+
+platform.check_and_update_config = classmethod(keep_async_scheduling)
+from engine_helpers import greedy, start_llm, token_ids
+
+llm = start_llm(sys.argv[2], json.loads(sys.argv[3]), max_num_seqs=3,
+                distributed_executor_backend="uni")
+core = llm.llm_engine.engine_core.engine_core  # in process: the EngineCore itself
+assert llm.llm_engine.vllm_config.scheduler_config.async_scheduling
+assert core.batch_queue is not None, "no batch queue: not scheduling asynchronously"
+requests = json.loads(sys.argv[4])
+outputs = llm.generate([p for p, _, _ in requests],
+                       [greedy(n, **extra) for _, n, extra in requests], use_tqdm=False)
+print("RESULT " + json.dumps(token_ids(outputs)))
+"""
+
+
+def test_async_scheduling_keeps_each_rows_control(llama_dir, head_dir, llama_engine):
+    """Under async scheduling (vLLM's GPU default; the scheduler plans step N+1 while step N
+    runs, with a batch queue), 8 requests of different lengths through 3 batch slots, so rows
+    join, finish and move every few steps: each gets the tokens it gets alone in the
+    (synchronous) shared engine."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    requests = [(PROMPTS[i % len(PROMPTS)], 5 + 3 * (i % 4), extra) for i, extra in enumerate([
+        {}, {"recontrol": 0}, {"recontrol_alpha": 2.0, "recontrol_steps": 8},
+        {"recontrol_alpha": 0.5, "recontrol_steps": 1}, {"recontrol": 0},
+        {"recontrol_alpha": 1.5, "recontrol_steps": 12}, {"recontrol_steps": 3}, {}])]
+    tests = Path(__file__).parent
+    proc = subprocess.run([sys.executable, "-c", _ASYNC_SCHEDULING_RUN, str(tests),
+                           str(llama_dir), json.dumps(llama_control(head_dir)),
+                           json.dumps(requests)],
+                          capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))
+    batched = json.loads(line[len("RESULT "):])
+    alone = [token_ids(llama_engine.generate([p], [greedy(n, **e)], use_tqdm=False))[0]
+             for p, n, e in requests]
+    assert batched == alone
+    assert len({tuple(t) for t in alone}) > 4  # the requests really differ
