@@ -113,3 +113,27 @@ def test_batch_invariant_follows_vllm_unless_the_key_says(monkeypatch):
     monkeypatch.setenv("VLLM_BATCH_INVARIANT", "0")
     assert resolve_batch_invariant(auto) is False
     assert resolve_batch_invariant(EngineSettings(value_head="h", batch_invariant=True)) is True
+
+
+def test_output_token_ids_are_not_asked_for_the_tracker_alone():
+    """vLLM's batch fetches output token ids for any custom logits processor (under async
+    scheduling a host wait per step); the tracker reads none, so a batch whose only custom
+    processor is the tracker does not ask for them. Any other custom processor keeps them."""
+    from types import SimpleNamespace
+
+    from vllm.v1.sample.logits_processor.builtin import MinTokensLogitsProcessor
+
+    tracker = _vllm_adapter._tracker_class(50)
+    builtin = MinTokensLogitsProcessor.__new__(MinTokensLogitsProcessor)
+
+    class UserProcessor:
+        pass
+
+    def batch(*kinds):
+        return SimpleNamespace(all=[k.__new__(k) if isinstance(k, type) else k for k in kinds])
+
+    only = _vllm_adapter.tracker_is_the_only_custom_processor
+    assert only(batch(tracker, builtin)) and only(batch(tracker))
+    assert not only(batch(builtin))  # no tracker: not ours to change
+    assert not only(batch(tracker, UserProcessor, builtin))
+

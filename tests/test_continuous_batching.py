@@ -1,11 +1,10 @@
-"""Requests that arrive while others are mid-generation (AsyncLLM) keep every guarantee."""
+"""Requests that arrive while others are mid-generation (AsyncLLM, and async scheduling) keep
+every guarantee."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-
-import pytest
 
 from engine_helpers import ENGINE_KWARGS, PROMPTS, greedy, llama_control, token_ids
 
@@ -85,17 +84,22 @@ def keep_async_scheduling(cls, vllm_config):
     vllm_config.scheduler_config.async_scheduling = True
 
 platform.check_and_update_config = classmethod(keep_async_scheduling)
-from engine_helpers import greedy, start_llm, token_ids
+from vllm import SamplingParams
+from engine_helpers import start_llm, token_ids
 
 llm = start_llm(sys.argv[2], json.loads(sys.argv[3]), max_num_seqs=3,
                 distributed_executor_backend="uni")
 core = llm.llm_engine.engine_core.engine_core  # in process: the EngineCore itself
 assert llm.llm_engine.vllm_config.scheduler_config.async_scheduling
 assert core.batch_queue is not None, "no batch queue: not scheduling asynchronously"
+fetches_ids = llm.collective_rpc(
+    lambda worker: worker.model_runner.input_batch.logitsprocs_need_output_token_ids)
 requests = json.loads(sys.argv[4])
-outputs = llm.generate([p for p, _, _ in requests],
-                       [greedy(n, **extra) for _, n, extra in requests], use_tqdm=False)
-print("RESULT " + json.dumps(token_ids(outputs)))
+outputs = llm.generate([p for p, _, _, _ in requests],
+                       [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True,
+                                       extra_args=extra or None, **options)
+                        for _, n, extra, options in requests], use_tqdm=False)
+print("RESULT " + json.dumps({"tokens": token_ids(outputs), "fetches_ids": fetches_ids}))
 """
 
 
@@ -103,16 +107,22 @@ def test_async_scheduling_keeps_each_rows_control(llama_dir, head_dir, llama_eng
     """Under async scheduling (vLLM's GPU default; the scheduler plans step N+1 while step N
     runs, with a batch queue), 8 requests of different lengths through 3 batch slots, so rows
     join, finish and move every few steps: each gets the tokens it gets alone in the
-    (synchronous) shared engine."""
+    (synchronous) shared engine, also those with penalties, which read the output token ids
+    that the batch no longer fetches for the tracker's sake."""
     import json
     import subprocess
     import sys
     from pathlib import Path
 
-    requests = [(PROMPTS[i % len(PROMPTS)], 5 + 3 * (i % 4), extra) for i, extra in enumerate([
-        {}, {"recontrol": 0}, {"recontrol_alpha": 2.0, "recontrol_steps": 8},
-        {"recontrol_alpha": 0.5, "recontrol_steps": 1}, {"recontrol": 0},
-        {"recontrol_alpha": 1.5, "recontrol_steps": 12}, {"recontrol_steps": 3}, {}])]
+    penalties = {"presence_penalty": 2.0, "repetition_penalty": 2.0}  # read output token ids
+    requests = [(PROMPTS[i % len(PROMPTS)], 5 + 3 * (i % 4), extra, options)
+                for i, (extra, options) in enumerate([
+                    ({}, {}), ({"recontrol": 0}, {}),
+                    ({"recontrol_alpha": 2.0, "recontrol_steps": 8}, penalties),
+                    ({"recontrol_alpha": 0.5, "recontrol_steps": 1}, {}),
+                    ({"recontrol": 0}, penalties), ({"recontrol_alpha": 1.5,
+                                                     "recontrol_steps": 12}, {}),
+                    ({"recontrol_steps": 3}, {}), ({}, penalties)])]
     tests = Path(__file__).parent
     proc = subprocess.run([sys.executable, "-c", _ASYNC_SCHEDULING_RUN, str(tests),
                            str(llama_dir), json.dumps(llama_control(head_dir)),
@@ -120,8 +130,21 @@ def test_async_scheduling_keeps_each_rows_control(llama_dir, head_dir, llama_eng
                           capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))
-    batched = json.loads(line[len("RESULT "):])
-    alone = [token_ids(llama_engine.generate([p], [greedy(n, **e)], use_tqdm=False))[0]
-             for p, n, e in requests]
-    assert batched == alone
+    result = json.loads(line[len("RESULT "):])
+    # the tracker alone does not make vLLM fetch output ids (penalty rows still get them)
+    assert result["fetches_ids"] == [False]
+    from vllm import SamplingParams
+
+    def params(n, extra, options):
+        return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True,
+                              extra_args=extra or None, **options)
+
+    alone = [token_ids(llama_engine.generate([p], [params(n, e, o)], use_tqdm=False))[0]
+             for p, n, e, o in requests]
+    assert result["tokens"] == alone
     assert len({tuple(t) for t in alone}) > 4  # the requests really differ
+    penalised = [i for i, (_, _, _, options) in enumerate(requests) if options]
+    unpenalised = token_ids(llama_engine.generate(
+        [requests[i][0] for i in penalised],
+        [params(requests[i][1], requests[i][2], {}) for i in penalised], use_tqdm=False))
+    assert [alone[i] for i in penalised] != unpenalised  # penalties had output ids to use

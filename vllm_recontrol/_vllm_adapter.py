@@ -1,6 +1,6 @@
 """The only module that touches vLLM internals (tested against vLLM 0.32; see TESTED_VLLM).
 
-Three hooks, all inert unless an engine is started with ``model_impl="recontrol"``:
+Four hooks, all inert unless an engine is started with ``model_impl="recontrol"``:
 
 1. Front-end: ``EngineArgs.create_engine_config`` is wrapped. For a RE-Control engine it
    checks the vLLM version, forces the V1 model runner, validates the settings and the value
@@ -13,6 +13,10 @@ Three hooks, all inert unless an engine is started with ``model_impl="recontrol"
 3. Worker: the ``LogitsProcessor`` layer is replaced out of tree for every architecture. In a
    RE-Control engine it edits the sampled post-norm states before ``lm_head``; anywhere else
    the instance turns back into vLLM's own class at construction, so it costs nothing.
+4. Worker: vLLM's persistent batch assumes that any custom logits processor reads the
+   requests' output token ids, which under async scheduling makes every step wait for the
+   previous step's sampled ids to reach the host. The row tracker never reads them, so a
+   batch whose only custom processor is the tracker is told it needs none (as in stock vLLM).
 """
 
 from __future__ import annotations
@@ -67,8 +71,8 @@ def check_vllm_version() -> None:
 
 # ----------------------------------------------------------------------------- install
 def install() -> None:
-    """Install the three hooks; safe to call any number of times in any vLLM process."""
-    for step in (_wrap_engine_config, _register_logits_layer):
+    """Install the hooks; safe to call any number of times in any vLLM process."""
+    for step in (_wrap_engine_config, _register_logits_layer, _wrap_input_batch):
         try:
             step()
         except Exception as exc:  # never break vLLM for engines that don't use RE-Control
@@ -308,6 +312,39 @@ def _refuse_control_keys_in_beam_search() -> None:
 
         to_beam_search_params._recontrol_wrapped = True  # type: ignore[attr-defined]
         request_class.to_beam_search_params = to_beam_search_params
+
+
+# ----------------------------------------------------------------------------- input batch
+BUILTIN_LOGITS_PROCESSORS = "vllm.v1.sample.logits_processor"  # module prefix of vLLM's own
+
+
+def tracker_is_the_only_custom_processor(processors: Any) -> bool:
+    """Whether every logits processor is vLLM's own or a RE-Control row tracker, with at least
+    one tracker (``processors``: vLLM's ``LogitsProcessors``)."""
+    kinds = [type(p) for p in processors.all]
+    trackers = [k for k in kinds if k.__name__.startswith(TRACKER_PREFIX)
+                and k.__module__ == __name__]
+    return bool(trackers) and all(k in trackers or k.__module__.startswith(
+        BUILTIN_LOGITS_PROCESSORS + ".") for k in kinds)
+
+
+def _wrap_input_batch() -> None:
+    from vllm.v1.worker.gpu_input_batch import InputBatch
+
+    original = InputBatch.__init__
+    if getattr(original, "_recontrol_wrapped", False):
+        return
+
+    @functools.wraps(original)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        if self.logitsprocs_need_output_token_ids and \
+                tracker_is_the_only_custom_processor(self.logitsprocs):
+            self.logitsprocs_need_output_token_ids = False
+            self.sampling_metadata = self._make_sampling_metadata()
+
+    __init__._recontrol_wrapped = True  # type: ignore[attr-defined]
+    InputBatch.__init__ = __init__
 
 
 # ----------------------------------------------------------------------------- logits layer
