@@ -428,9 +428,12 @@ def sweep_configs(batch: int) -> list[tuple[str, dict]]:
     # 12 warps in all. At 128x128 that puts more warps on each tile, as the 8-warp 128x128
     # plans that lead at B = 512 do, and it does not spill (168 registers, where one 4-warp
     # group holding the 128x128 accumulator spills 480 bytes, compiled offline); split K in
-    # 2 fills the chip at B = 256 (not measured yet)
+    # 2 fills the chip at B = 256, and in 3 at B = 128, where the on-chip model (results
+    # file, fourth session) puts 128x128 with split 3 at the floor if splitting costs only
+    # its bytes (not measured yet)
     ws = [(64, 128, 64, 4, 1), (64, 128, 64, 6, 1), (64, 128, 128, 3, 1), (64, 128, 128, 4, 1),
-          (128, 128, 64, 3, 1), (128, 128, 64, 4, 1), (128, 128, 64, 4, 2)]
+          (128, 128, 64, 3, 1), (128, 128, 64, 4, 1), (128, 128, 64, 4, 2),
+          (128, 128, 64, 4, 3)]
     for bm, bn, bk, stages, split in ws:
         ov = dict(block_m=bm, block_n=bn, block_k=bk, num_warps=4, num_stages=stages,
                   split_k=split, fixup=0, tma=1, warp_specialize=1)
