@@ -674,16 +674,16 @@ def bf16_plans(va, case: Case, overrides: dict | None, n_programs: int) -> dict:
             for direction in ("forward", "backward")}
 
 
-def onchip_megabytes(va, case: Case, overrides: dict | None, n_programs: int) -> float:
+def onchip_megabytes(case: Case, plans: dict) -> float:
     """Bytes moved from L2 into the multiprocessors per ascent step, in MB, by the plans the
-    kernel picks (bf16): every program reads its [BM, K-range] slice of the left operand and
+    kernel picks (``bf16_plans``): every program reads its [BM, K-range] slice of the left operand and
     its [K-range, BN] slice of W, and split K writes and reads fp32 partials. A weight tile
     read by several row tiles comes from HBM once but from L2 each time, so at large batch
     this, not HBM traffic, is what the tile shape changes (the H100 results file compares it
     with the measured times)."""
     N = K = case.d
     total = 0.0
-    for plan in bf16_plans(va, case, overrides, n_programs).values():
+    for plan in plans.values():
         m_tiles, n_tiles = -(-case.batch // plan.block_m), -(-N // plan.block_n)
         splits = plan.splits(K)
         left = 2 * case.batch * K * n_tiles
@@ -703,13 +703,13 @@ def time_variant(task: Task, flops, nbytes, floor_ms, ascent, va, heads, states,
         row["overrides"] = task.overrides
     if name in ("triton-graph", "triton-l2-graph", "triton-evict-graph", "triton-pdl-graph") \
             and args.dtype == "bf16":
-        overrides = variant_overrides(name, task.overrides)
-        programs = va._device_programs(device)
-        row["onchip_mb_per_step"] = onchip_megabytes(va, case, overrides, programs)
+        plans = bf16_plans(va, case, variant_overrides(name, task.overrides),
+                           va._device_programs(device))
+        row["onchip_mb_per_step"] = onchip_megabytes(case, plans)
         # the tiles actually launched, defaults included (for benchmarks/onchip_model.py)
         row["plans"] = {direction: {"block_m": plan.block_m, "block_n": plan.block_n,
                                     "split_k": plan.splits(case.d)}
-                        for direction, plan in bf16_plans(va, case, overrides, programs).items()}
+                        for direction, plan in plans.items()}
     if device.type != "cuda" and (name.endswith("graph") or name == "torch-compile"):
         return {**row, "error": "needs CUDA"}
     stream, l2 = None, None

@@ -71,7 +71,7 @@ class CollectOptions:
         if self.state_dtype not in STATE_DTYPES:
             raise DataError(f"state_dtype must be one of {list(STATE_DTYPES)}, got "
                             f"{self.state_dtype!r}")
-        for name in ("samples_per_prompt", "max_new_tokens", "shard_size", "replicas"):
+        for name in ("samples_per_prompt", "max_new_tokens", "shard_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise DataError(f"{name} must be a positive integer, got {value!r}")

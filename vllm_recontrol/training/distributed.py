@@ -97,10 +97,15 @@ class ProcessGroup:
             else torch.device("cpu")
 
 
+def world_size() -> int:
+    """Processes of the launcher's job (``WORLD_SIZE``; 1 outside torchrun)."""
+    return int(os.environ.get(WORLD_ENV, "1") or 1)
+
+
 def join_process_group(device: str) -> ProcessGroup:
     """Join the launcher's process group when ``WORLD_SIZE`` > 1 (torchrun sets it, with
     ``RANK``, ``LOCAL_RANK`` and the rendezvous address): NCCL on CUDA, Gloo on CPU."""
-    world = int(os.environ.get(WORLD_ENV, "1") or 1)
+    world = world_size()
     if world <= 1:
         return ProcessGroup()
     if not torch.distributed.is_available():

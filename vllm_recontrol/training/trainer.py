@@ -28,7 +28,7 @@ from ..value_head import ValueHead
 from . import checkpoint
 from .common import DataError, build_options, parse_command_line, progress, run_main, summary_table
 from .dataset import LabelledData, Window
-from .distributed import WORLD_ENV, ProcessGroup, join_process_group
+from .distributed import ProcessGroup, join_process_group, world_size
 from .shards import manifest_sha256
 from .targets import TARGETS, bootstrap_targets, lambda_returns, mc_targets, value_loss
 
@@ -427,7 +427,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-progress", dest="progress", action="store_false")
     options = parse_command_line(parser, argv, required=("data", "out"))
     code = run_main(train, options)
-    if int(os.environ.get(WORLD_ENV, "1") or 1) > 1:
+    if world_size() > 1:
         # One process of a torchrun job, its process group destroyed and the head saved:
         # leave without Python's and C++'s finalisers, where Gloo's worker threads now and
         # then abort a finished process ("terminate called without an active exception",
