@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from fake_judge import fake_judge
 from vllm_recontrol import ValueHead, toy_world
 from vllm_recontrol.training import label, train
 
@@ -163,9 +164,23 @@ def test_ray_actors_get_a_reward_package_they_cannot_import_themselves(world, tr
         assert (data / "labels" / "reward" / path.name).read_bytes() == path.read_bytes()
 
 
-def run_eval(world, trained, out: Path, *extra: str) -> dict:
+def share_judge(prompt: str, first: str, second: str) -> str:
+    """An LLM judge stand-in that scores each answer as the reward function does (x 10), in
+    the order it was shown them."""
+    scores = (10 * toy_world.positive_share(prompt, answer) for answer in (first, second))
+    return " ".join(f"{score:.6f}" for score in scores) + "\nreasons"
+
+
+@pytest.fixture(scope="module")
+def judge_url():
+    with fake_judge(share_judge, model="share-judge") as server:
+        yield server["url"]
+
+
+def run_eval(world, trained, judge_url: str, out: Path, *extra: str) -> dict:
     """`vllm-recontrol eval` on 24 held-out prompts with every method, two value heads
-    ("neg": the trained head with its output negated, i.e. steering to the other mood)."""
+    ("neg": the trained head with its output negated, i.e. steering to the other mood) and
+    an LLM judge."""
     import torch
 
     neg_dir = world["root"] / "head-neg"
@@ -183,13 +198,14 @@ def run_eval(world, trained, out: Path, *extra: str) -> dict:
             "--grid", f"{ALPHA}:{STEPS},{ALPHA}:{STEPS}:neg",
             "--best-of", "3", "--control-best-of", "--system-prompt", "good",
             "--max-tokens", "16", "--max-prompts", "24", "--in-process",
-            "--engine-args", json.dumps(engine), "--out", str(out), *extra)
+            "--engine-args", json.dumps(engine), "--out", str(out),
+            "--judge-url", judge_url, "--judge-model", "share-judge", *extra)
     return json.loads((out / "eval.json").read_text())
 
 
 @pytest.fixture(scope="module")
-def eval_report(world, trained) -> dict:
-    return run_eval(world, trained, world["root"] / "eval")
+def eval_report(world, trained, judge_url) -> dict:
+    return run_eval(world, trained, judge_url, world["root"] / "eval")
 
 
 def test_eval_command_compares_every_method(world, eval_report):
@@ -215,18 +231,26 @@ def test_eval_command_compares_every_method(world, eval_report):
     assert (control_bon["alpha"], control_bon["steps"], control_bon["n"]) == (ALPHA, STEPS, 3)
     assert control_bon["reward"] > bon["reward"]  # steered samples to choose from
     assert report["coherence"]["available"] is False and report["coherence"]["reason"]
+    # The judge scores as the reward does, so its win rate against base is the reward's,
+    # for every method: answers reach it cut as the reward saw them, and its scores are
+    # mapped back through the order it was shown them.
+    assert base["judge"] is None
+    for row in report["results"][1:]:
+        assert row["judge"]["invalid"] == 0 and len(row["judge"]["verdicts"]) == 24
+        assert row["judge"]["win_rate"] == pytest.approx(row["win_rate"]), row["method"]
     table = (out / "eval.md").read_text()
+    assert "| judge win vs. base |" in table
     assert "| re-control | default | 1 | 30 |" in table and "| re-control | neg | 1 | 30 |" in table
     assert (out / "grid.png").stat().st_size > 0 and (out / "reward_vs_throughput.png").is_file()
 
 
 def test_eval_on_ray_replicas_gives_the_single_engines_results(world, trained, eval_report,
-                                                               tmp_path):
+                                                               judge_url, tmp_path):
     """`eval --ray --replicas 2`: two engines in Ray actors, 12 prompts each, with the
     single engine's per-prompt seeds, so every method's responses and rewards are the single
     engine's (greedy, Best-of-N sampling, control with either head, prompting)."""
     pytest.importorskip("ray")
-    report = run_eval(world, trained, tmp_path / "eval-ray", "--ray", "--replicas", "2",
+    report = run_eval(world, trained, judge_url, tmp_path / "eval-ray", "--ray", "--replicas", "2",
                       "--ray-num-cpus", "1")
     assert report["options"]["replicas"] == 2 and report["num_prompts"] == 24
     assert len(report["results"]) == len(eval_report["results"]) == 7

@@ -5,7 +5,8 @@ Every method runs in one vLLM engine started with ``--model-impl recontrol`` and
 range of the prompts): per-request keys switch control on, so all methods share the model,
 the prompts, the seeds and the machine, and their tokens/s are comparable. Rewards come from
 the same reward model or function that labels training data; responses are cut at a
-hallucinated next turn before scoring.
+hallucinated next turn before scoring. An LLM judge (any OpenAI-compatible endpoint) can
+add the paper's pairwise win rate, against base or against the data set's own answers.
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ from typing import Any, Callable, NamedTuple, Sequence
 from ..config import DEFAULT_HEAD
 from ..training.common import (RecontrolError, build_options, json_argument, parse_command_line,
                                run_main)
-from ..training.prompts import load_prompts
+from ..training.prompts import load_prompts, load_references
 from ..training.ray_pool import add_ray_arguments, check_replicas
 from ..training.rewards import RewardSource, cut_response
 from .engines import EnginePool, EngineSettings, Method, Samples
+from .llm_judge import JUDGE_TEMPLATE, JudgeClient, JudgeSettings, judge_methods
 from .metrics import Coherence, diversity, mean, win_rate
 from .plots import save_plots
 
@@ -68,6 +70,17 @@ class EvalOptions:
     ray_address: str | None = None
     ray_num_cpus: float = 1.0
     ray_num_gpus: float = 0.0
+    judge_url: str | None = None          # OpenAI-compatible endpoint of an LLM judge
+    judge_model: str | None = None
+    judge_api_key_env: str = "OPENAI_API_KEY"  # the key's variable (never the key itself)
+    judge_against: str = "base"           # base, or reference: the data set's own answers
+    reference_column: str | None = None   # their column (HH-RLHF: the chosen dialogue's reply)
+    judge_both_orders: bool = False       # ask each pair in both orders (position bias)
+    judge_concurrency: int = 8
+    judge_max_tokens: int = 512
+
+
+JUDGE_AGAINST = ("base", "reference")
 
 
 @dataclass
@@ -87,6 +100,12 @@ class MethodResult:
     seconds: float = 0.0
     responses: list[str] = field(default_factory=list, repr=False)
     rewards: list[float] = field(default_factory=list, repr=False)  # one per prompt
+    judge: dict | None = None             # the LLM judge's win rate, counts and verdicts
+
+    @property
+    def key(self) -> str:
+        """Names the method uniquely within one evaluation (the judge's order coin)."""
+        return f"{self.method}:{self.alpha:g}:{self.steps}:{self.head}:{self.n}"
 
     @property
     def tokens_per_s(self) -> float:
@@ -209,24 +228,69 @@ def judge(result: MethodResult, prompts: Sequence[str], samples: Samples, score:
     return result
 
 
-def markdown_table(results: Sequence[MethodResult], coherence: Coherence) -> str:
-    """One row per method; a ``head`` column only when some row used a further value head."""
+def markdown_table(results: Sequence[MethodResult], coherence: Coherence,
+                   judge_against: str = "base") -> str:
+    """One row per method; a ``head`` column only when some row used a further value head,
+    a judge column only when an LLM judge ran."""
     base = results[0]
     heads = any(r.head != DEFAULT_HEAD for r in results)
+    judged = any(r.judge for r in results)
     columns = ["method", *(["head"] if heads else []), "alpha", "steps", "N", "reward",
-               "win vs. base", "diversity", "coherence", "generated tok/s", "delivered tok/s",
+               "win vs. base", *([f"judge win vs. {judge_against}"] if judged else []),
+               "diversity", "coherence", "generated tok/s", "delivered tok/s",
                "delivered vs. base"]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in results:
         coh = f"{r.coherence:.3f}" if r.coherence is not None else "n/a"
         head = [r.head if r.steps else "-"] if heads else []
+        judge = [judge_cell(r.judge)] if judged else []
         cells = [r.method, *head, f"{r.alpha:g}", str(r.steps), str(r.n), f"{r.reward:.4f}",
-                 f"{r.win_rate:.3f}", f"{r.diversity:.3f}", coh, f"{r.tokens_per_s:.1f}",
+                 f"{r.win_rate:.3f}", *judge, f"{r.diversity:.3f}", coh, f"{r.tokens_per_s:.1f}",
                  f"{r.delivered_per_s:.1f}", f"{r.delivered_per_s / base.delivered_per_s:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
     if not coherence.available:
         lines.append(f"\ncoherence: unavailable ({coherence.unavailable_reason})")
     return "\n".join(lines)
+
+
+def judge_cell(judge: dict | None) -> str:
+    if judge is None:
+        return "n/a"
+    invalid = f" ({judge['invalid']} invalid)" if judge["invalid"] else ""
+    return f"{judge['win_rate']:.3f}{invalid}"
+
+
+def llm_judge(opts: EvalOptions) -> JudgeClient | None:
+    """The judge, checked (reachable, serving the model) before any engine starts, so a
+    misconfigured judge costs seconds, not a finished generation run."""
+    if opts.judge_against not in JUDGE_AGAINST:
+        raise RecontrolError(f"judge_against must be one of {list(JUDGE_AGAINST)}, got "
+                             f"{opts.judge_against!r}")
+    if opts.reference_column and opts.judge_against != "reference":
+        raise RecontrolError("reference_column is only used with judge_against reference")
+    if not opts.judge_url:
+        if opts.judge_model:
+            raise RecontrolError("judge_model needs judge_url (the judge's endpoint)")
+        return None
+    if not opts.judge_model:
+        raise RecontrolError("judge_url needs judge_model (the model the endpoint serves)")
+    client = JudgeClient(JudgeSettings(
+        url=opts.judge_url, model=opts.judge_model, api_key_env=opts.judge_api_key_env,
+        concurrency=opts.judge_concurrency, both_orders=opts.judge_both_orders,
+        max_tokens=opts.judge_max_tokens, seed=opts.seed))
+    client.check()
+    return client
+
+
+def judge_results(client: JudgeClient, prompts: Sequence[str], results: list[MethodResult],
+                  references: Sequence[str] | None) -> None:
+    """Every method against base's answers (base itself is not judged), or every method,
+    base included, against the references."""
+    judged = results if references is not None else results[1:]
+    other = references if references is not None else results[0].responses
+    summaries = judge_methods(client, prompts, {r.key: r.responses for r in judged}, other)
+    for r in judged:
+        r.judge = summaries[r.key].as_dict()
 
 
 def reward_source(opts: EvalOptions) -> RewardSource:
@@ -244,6 +308,10 @@ def evaluate(**options: Any) -> dict[str, Any]:
     opts = build_options(EvalOptions, options, "eval")
     prompts = load_prompts(opts.prompts, opts.split, opts.prompt_column, opts.prompt_format,
                            max_prompts=opts.max_prompts)
+    judge = llm_judge(opts)
+    references = (load_references(opts.prompts, opts.split, opts.reference_column,
+                                  opts.prompt_column, max_prompts=opts.max_prompts)
+                  if judge and opts.judge_against == "reference" else None)
     source = reward_source(opts)
     coherence = Coherence.load(opts.embedding_model, opts.device)
     evaluator = Evaluator(opts, prompts, source.score, coherence)
@@ -251,15 +319,18 @@ def evaluate(**options: Any) -> dict[str, Any]:
         results = evaluator.methods()
     finally:
         evaluator.close()
+    if judge:
+        judge_results(judge, prompts, results, references)
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
-    table = markdown_table(results, coherence)
+    table = markdown_table(results, coherence, opts.judge_against)
     report = {
         "options": {k: v for k, v in asdict(opts).items() if k != "reward_fn"} |
                    {"reward_fn": source.describe()},
         "num_prompts": len(prompts),
         "coherence": {"model": coherence.model_name, "available": coherence.available,
                       "reason": coherence.unavailable_reason},
+        "judge_prompt": JUDGE_TEMPLATE if judge else None,
         "results": [{k: v for k, v in asdict(r).items() if k != "responses"} |
                     {"tokens_per_s": r.tokens_per_s, "delivered_per_s": r.delivered_per_s,
                      "examples": r.responses[:5]}
@@ -315,5 +386,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--in-process", action="store_true",
                         help="vLLM engine core in the engine's own process (small CPUs)")
     add_ray_arguments(parser, "one vLLM engine per Ray actor, each with a range of the prompts")
+    parser.add_argument("--judge-url", help="OpenAI-compatible endpoint of an LLM judge (e.g. "
+                        "https://api.openai.com/v1, or a vllm serve's http://host:8000/v1)")
+    parser.add_argument("--judge-model", help="the judge model's name at that endpoint")
+    parser.add_argument("--judge-api-key-env",
+                        help="environment variable holding the judge's API key "
+                        "(default OPENAI_API_KEY; unset: none sent)")
+    parser.add_argument("--judge-against", choices=JUDGE_AGAINST,
+                        help="compare each method with base's answers (default) or with the "
+                        "data set's own (reference)")
+    parser.add_argument("--reference-column", help="column of the reference answers (default:"
+                        " the final reply of an HH-RLHF chosen dialogue)")
+    parser.add_argument("--judge-both-orders", action="store_true",
+                        help="ask every pair in both orders (cancels position bias; 2x calls)")
+    parser.add_argument("--judge-concurrency", type=int, help="judge requests in flight (8)")
+    parser.add_argument("--judge-max-tokens", type=int, help="judge answer length (512)")
     options = parse_command_line(parser, argv, required=("model", "value_head", "prompts"))
     return run_main(evaluate, options)

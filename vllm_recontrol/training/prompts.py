@@ -88,29 +88,11 @@ def load_prompts(
                         f"{prompt_format!r}")
     if max_prompts is not None and max_prompts <= 0:
         raise DataError(f"max_prompts must be a positive integer, got {max_prompts}")
-    path = Path(source)
-    if path.is_file():
-        kind = LOCAL_SUFFIXES.get(path.suffix.lower())
-        if kind is None:
-            raise DataError(f"prompt file {path}: unsupported suffix {path.suffix!r} (use "
-                            f"{', '.join(LOCAL_SUFFIXES)}, or a datasets name or folder)")
-        columns, read = (_json_lines(path) if kind == "json" else _parquet(path))
-        where = f"prompt file {path}"
-    else:
-        if not path.exists() and (source.startswith((".", "/")) or
-                                  Path(source).suffix.lower() in LOCAL_SUFFIXES):
-            raise DataError(f"prompt file {source} does not exist")
-        columns, read = _hf_dataset(source, split, data_dir)
-        where = f"data set {source!r} (split {split!r})"
+    columns, read, where = _open_source(source, split, data_dir)
     column = _choose_column(columns, prompt_column, where)
     use_hh = prompt_format == "hh-rlhf" or (prompt_format == "auto" and column in DIALOGUE_COLUMNS)
     prompts: list[str] = []
-    for row, value in enumerate(read(column)):
-        if max_prompts is not None and len(prompts) >= max_prompts:
-            break
-        if not isinstance(value, str):
-            raise DataError(f"{where}: row {row} column {column!r} is {type(value).__name__} "
-                            f"{value!r:.80}, expected a string")
+    for row, value in _string_rows(read, column, where, max_prompts):
         if use_hh:
             try:
                 value = extract_hh_prompt(value)
@@ -123,6 +105,66 @@ def load_prompts(
     if not prompts:
         raise DataError(f"{where} holds no prompts (empty data set)")
     return prompts
+
+
+def _open_source(source: str, split: str, data_dir: str | None):
+    """Columns, a column reader and a name for messages, for a file, folder or hub name."""
+    path = Path(source)
+    if path.is_file():
+        kind = LOCAL_SUFFIXES.get(path.suffix.lower())
+        if kind is None:
+            raise DataError(f"prompt file {path}: unsupported suffix {path.suffix!r} (use "
+                            f"{', '.join(LOCAL_SUFFIXES)}, or a datasets name or folder)")
+        columns, read = (_json_lines(path) if kind == "json" else _parquet(path))
+        return columns, read, f"prompt file {path}"
+    if not path.exists() and (source.startswith((".", "/")) or
+                              Path(source).suffix.lower() in LOCAL_SUFFIXES):
+        raise DataError(f"prompt file {source} does not exist")
+    columns, read = _hf_dataset(source, split, data_dir)
+    return columns, read, f"data set {source!r} (split {split!r})"
+
+
+def load_references(
+    source: str,
+    split: str = "train",
+    reference_column: str | None = None,
+    prompt_column: str | None = None,
+    data_dir: str | None = None,
+    max_prompts: int | None = None,
+) -> list[str]:
+    """The data set's own answer to each prompt of ``load_prompts`` (same rows, same order):
+    the column ``reference_column``, or else the final reply of the HH-RLHF dialogue the
+    prompt was cut from (``chosen``: the preferred answer)."""
+    columns, read, where = _open_source(source, split, data_dir)
+    if reference_column is None:
+        column = _choose_column(columns, prompt_column, where)
+        if column not in DIALOGUE_COLUMNS:
+            raise DataError(f"{where}: prompts come from column {column!r}, which holds no "
+                            "answers; name the column of reference answers "
+                            "(--reference-column)")
+    else:
+        column = _choose_column(columns, reference_column, where)
+    references = []
+    for row, value in _string_rows(read, column, where, max_prompts):
+        if reference_column is None:
+            cut = value.rfind(HH_ASSISTANT)
+            if cut < 0:
+                raise DataError(f"{where}: row {row} column {column!r} has no 'Assistant:' "
+                                f"turn (HH-RLHF format expected): {value[:80]!r}")
+            value = value[cut + len(HH_ASSISTANT):].strip()
+        references.append(value)
+    return references
+
+
+def _string_rows(read, column: str, where: str, limit: int | None):
+    """(row, text) of the first ``limit`` rows of a column that must hold strings."""
+    for row, value in enumerate(read(column)):
+        if limit is not None and row >= limit:
+            return
+        if not isinstance(value, str):
+            raise DataError(f"{where}: row {row} column {column!r} is {type(value).__name__} "
+                            f"{value!r:.80}, expected a string")
+        yield row, value
 
 
 def _choose_column(columns: Sequence[str], wanted: str | None, where: str) -> str:

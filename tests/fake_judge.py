@@ -1,0 +1,79 @@
+"""A stand-in OpenAI-compatible judge for the LLM-judge tests: a local HTTP server that
+serves ``/v1/models`` and ``/v1/chat/completions`` and answers with a rule the test gives.
+
+The rule sees the conversation and the two answers in the order the judge was shown them,
+so a caller that swaps the answers and maps the scores back wrongly gets wrong verdicts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable, Iterator
+
+_ANSWER = re.compile(r"\[Conversation\]\n(.*)\n\n\[The Start of Assistant 1's Answer\]\n(.*)\n"
+                     r"\[The End of Assistant 1's Answer\]\n\n\[The Start of Assistant 2's "
+                     r"Answer\]\n(.*)\n\[The End of Assistant 2's Answer\]", re.S)
+
+Rule = Callable[[str, str, str], "str | int"]  # (prompt, first, second) -> reply or HTTP status
+
+
+@contextlib.contextmanager
+def fake_judge(rule: Rule, model: str = "judge", api_key: str | None = None
+               ) -> Iterator[dict]:
+    """Yields {"url", "asked": [(prompt, first, second), ...]} while the server runs."""
+    state: dict = {"asked": [], "lock": threading.Lock()}
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+        def reply(self, status: int, body: dict) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def authorised(self) -> bool:
+            if api_key is None or self.headers.get("Authorization") == f"Bearer {api_key}":
+                return True
+            self.reply(401, {"error": {"message": "bad key", "type": "auth", "code": 401}})
+            return False
+
+        def do_GET(self) -> None:
+            if not self.authorised():
+                return
+            self.reply(200, {"object": "list", "data": [
+                {"id": model, "object": "model", "created": 0, "owned_by": "test"}]})
+
+        def do_POST(self) -> None:
+            if not self.authorised():
+                return
+            request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            prompt, first, second = _ANSWER.search(request["messages"][-1]["content"]).groups()
+            with state["lock"]:
+                state["asked"].append((prompt, first, second))
+            answer = rule(prompt, first, second)
+            if isinstance(answer, int):
+                self.reply(answer, {"error": {"message": "refused", "type": "x", "code": answer}})
+                return
+            self.reply(200, {"id": "c", "object": "chat.completion", "created": 0,
+                             "model": request["model"], "choices": [
+                                 {"index": 0, "finish_reason": "stop",
+                                  "message": {"role": "assistant", "content": answer}}],
+                             "usage": {"prompt_tokens": 1, "completion_tokens": 1,
+                                       "total_tokens": 2}})
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield {"url": f"http://127.0.0.1:{server.server_address[1]}/v1", "asked": state["asked"]}
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -1,0 +1,208 @@
+"""The LLM-judge win rate of ``eval`` against a stand-in OpenAI-compatible judge server."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from fake_judge import fake_judge
+from vllm_recontrol.evaluation.llm_judge import (JudgeClient, JudgeSettings, judge_methods,
+                                                 method_goes_first, parse_scores)
+from vllm_recontrol.training.common import DataError, RecontrolError
+from vllm_recontrol.training.prompts import load_prompts, load_references
+
+PROMPTS = [f"question {i}" for i in range(12)]
+BASE = [" ".join(["good"] * (i % 4)) for i in range(12)]
+METHOD = [" ".join(["good"] * ((i * 5) % 7)) for i in range(12)]
+
+
+def goods(text: str) -> int:
+    return text.split().count("good")
+
+
+def content_rule(prompt: str, first: str, second: str) -> str:
+    """An order-blind judge: more "good" words, higher score (scores in the order shown)."""
+    return f"{goods(first)} {goods(second)}\nbecause"
+
+
+def expected_rate(mine, theirs) -> float:
+    outcomes = [1.0 if goods(a) > goods(b) else 0.5 if goods(a) == goods(b) else 0.0
+                for a, b in zip(mine, theirs)]
+    return sum(outcomes) / len(outcomes)
+
+
+def client_for(server: dict, **settings) -> JudgeClient:
+    return JudgeClient(JudgeSettings(url=server["url"], model="judge", **settings))
+
+
+@pytest.mark.parametrize("answer,scores", [
+    ("8 6", (8.0, 6.0)), ("\n  7.5, 3\nthe first is better", (7.5, 3.0)),
+    ("**Scores:** 9 and 2", (9.0, 2.0)), ("10 0.", (10.0, 0.0)),
+    ("8/10", None), ("Assistant 1 is better", None), ("11 2", None), ("8", None), ("", None),
+    ("The scores are 8 and 6 because", None),
+])
+def test_scores_are_read_from_the_first_line_only(answer, scores):
+    assert parse_scores(answer) == scores
+
+
+@pytest.mark.parametrize("both_orders", [False, True])
+def test_win_rate_follows_the_judges_scores_whatever_the_order(both_orders):
+    """An order-blind judge: the rate is the share of prompts whose answer has more "good"
+    words (ties half), in either order mode; the judge saw the answers in the order the
+    verdicts record, and a single-order run puts the method first on some prompts only."""
+    with fake_judge(content_rule) as server:
+        client = client_for(server, both_orders=both_orders, concurrency=4)
+        summary = judge_methods(client, PROMPTS, {"m": METHOD}, BASE)["m"]
+    assert summary.win_rate == pytest.approx(expected_rate(METHOD, BASE))
+    assert summary.count("invalid") == 0
+    assert len(server["asked"]) == len(PROMPTS) * (2 if both_orders else 1)
+    for i, verdict in enumerate(summary.verdicts):
+        for mine_first in verdict.method_first:
+            shown = (METHOD[i], BASE[i]) if mine_first else (BASE[i], METHOD[i])
+            assert (PROMPTS[i], *shown) in server["asked"]
+    firsts = [v.method_first[0] for v in summary.verdicts]
+    if both_orders:
+        assert all(v.method_first == [True, False] for v in summary.verdicts)
+    else:
+        assert firsts == [method_goes_first(0, "m", i) for i in range(len(PROMPTS))]
+        assert any(firsts) and not all(firsts)
+
+
+def test_both_orders_cancel_a_judge_that_prefers_the_first_answer():
+    """A judge that always prefers Assistant 1: asked once per pair, the method 'wins' the
+    prompts on which it went first; asked both ways, every pair is a tie."""
+    def first_wins(prompt, first, second):
+        return "9 1"
+
+    with fake_judge(first_wins) as server:
+        once = judge_methods(client_for(server), PROMPTS, {"m": METHOD}, BASE)["m"]
+        both = judge_methods(client_for(server, both_orders=True), PROMPTS, {"m": METHOD},
+                             BASE)["m"]
+    firsts = [method_goes_first(0, "m", i) for i in range(len(PROMPTS))]
+    assert once.win_rate == pytest.approx(sum(firsts) / len(firsts))
+    assert both.win_rate == 0.5 and both.count("tie") == len(PROMPTS)
+
+
+def test_unreadable_and_refused_verdicts_are_counted_and_left_out():
+    """Prompts 0-2 get prose without scores, prompt 3 an HTTP 400: four invalid verdicts,
+    kept with what the judge said, and the rate is over the other eight prompts."""
+    def flaky(prompt, first, second):
+        index = int(prompt.split()[1])
+        if index < 3:
+            return "Both answers are fine."
+        if index == 3:
+            return 400
+        return content_rule(prompt, first, second)
+
+    with fake_judge(flaky) as server:
+        summary = judge_methods(client_for(server), PROMPTS, {"m": METHOD}, BASE)["m"]
+    assert summary.count("invalid") == 4
+    assert [v.outcome for v in summary.verdicts[:4]] == ["invalid"] * 4
+    assert summary.verdicts[0].first_lines == ["Both answers are fine."]
+    assert summary.verdicts[3].first_lines[0].startswith("error: BadRequestError")
+    assert summary.win_rate == pytest.approx(expected_rate(METHOD[4:], BASE[4:]))
+    assert summary.as_dict()["invalid"] == 4
+
+
+def test_a_judge_that_never_answers_gives_no_rate():
+    with fake_judge(lambda *asked: "no idea") as server:
+        summary = judge_methods(client_for(server), PROMPTS[:3], {"m": METHOD[:3]}, BASE[:3])
+    assert math.isnan(summary["m"].win_rate) and summary["m"].count("invalid") == 3
+
+
+def test_judge_check_names_what_is_wrong(monkeypatch):
+    """Checked before any generation: an unreachable endpoint, a model the endpoint does
+    not serve, a refused key (read from the named environment variable, sent as bearer)."""
+    with fake_judge(content_rule, model="judge-7b", api_key="secret") as server:
+        url = server["url"]
+        monkeypatch.setenv("MY_JUDGE_KEY", "secret")
+        JudgeClient(JudgeSettings(url=url, model="judge-7b", api_key_env="MY_JUDGE_KEY")).check()
+        with pytest.raises(RecontrolError, match=r"does not serve 'gpt-4'; it serves "
+                           r"\['judge-7b'\]"):
+            JudgeClient(JudgeSettings(url=url, model="gpt-4", api_key_env="MY_JUDGE_KEY")).check()
+        monkeypatch.delenv("MY_JUDGE_KEY")
+        with pytest.raises(RecontrolError, match=r"refused the API key \(read from "
+                           r"\$MY_JUDGE_KEY"):
+            JudgeClient(JudgeSettings(url=url, model="judge-7b", api_key_env="MY_JUDGE_KEY")).check()
+    with pytest.raises(RecontrolError, match="cannot be reached"):
+        JudgeClient(JudgeSettings(url=url, model="judge-7b")).check()
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"judge_url": "http://x/v1"}, "judge_url needs judge_model"),
+    ({"judge_model": "gpt-4"}, "judge_model needs judge_url"),
+    ({"judge_against": "chosen"}, "judge_against must be one of"),
+    ({"reference_column": "answer"}, "only used with judge_against reference"),
+    ({"judge_url": "http://127.0.0.1:9/v1", "judge_model": "j"}, "cannot be reached"),
+])
+def test_eval_refuses_a_bad_judge_before_loading_anything_else(tmp_path, options, message):
+    from vllm_recontrol.evaluation.evaluate import evaluate
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "hello"}) + "\n")
+    with pytest.raises(RecontrolError, match=message):
+        evaluate(model=str(tmp_path / "no-model"), value_head=str(tmp_path / "no-head"),
+                 prompts=str(prompts), reward_fn="vllm_recontrol.toy_world:positive_share",
+                 **options)
+
+
+def test_references_are_the_final_replies_of_the_chosen_dialogues(tmp_path):
+    rows = [{"chosen": f"\n\nHuman: q{i}\n\nAssistant: a{i}\n\nHuman: more?\n\nAssistant:"
+                       f" final {i} ", "rejected": "x"} for i in range(5)]
+    data = tmp_path / "hh.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    prompts = load_prompts(str(data), max_prompts=3)
+    references = load_references(str(data), max_prompts=3)
+    assert references == ["final 0", "final 1", "final 2"]
+    assert prompts[2].endswith("more?\n\nAssistant:")
+    assert load_references(str(data), reference_column="rejected") == ["x"] * 5
+
+
+def test_references_need_a_column_when_the_prompts_hold_no_answers(tmp_path):
+    data = tmp_path / "plain.jsonl"
+    data.write_text(json.dumps({"prompt": "p", "answer": 3}) + "\n")
+    with pytest.raises(DataError, match="holds no answers.*--reference-column"):
+        load_references(str(data))
+    with pytest.raises(DataError, match="row 0 column 'answer' is int"):
+        load_references(str(data), reference_column="answer")
+
+
+def test_eval_judges_methods_against_base_or_against_the_references():
+    """Against base every other method is judged and base is not; against references every
+    method is, base included; the table gets the judge's column, invalid verdicts named."""
+    from vllm_recontrol.evaluation.evaluate import (MethodResult, judge_results,
+                                                    markdown_table)
+    from vllm_recontrol.evaluation.metrics import Coherence
+
+    references = ["good good good"] * len(PROMPTS)
+
+    def results():
+        made = [MethodResult("base", rewards=[0.0] * 12, seconds=1.0, delivered_tokens=1),
+                MethodResult("re-control", alpha=1.0, steps=30, seconds=1.0,
+                             delivered_tokens=1)]
+        made[0].responses, made[1].responses = list(BASE), list(METHOD)
+        for r in made:
+            r.reward = r.win_rate = r.diversity = 0.0
+        return made
+
+    def rule(prompt, first, second):
+        return "unsure" if prompt == PROMPTS[0] else content_rule(prompt, first, second)
+
+    with fake_judge(rule) as server:
+        against_base, against_refs = results(), results()
+        judge_results(client_for(server), PROMPTS, against_base, None)
+        judge_results(client_for(server), PROMPTS, against_refs, references)
+    assert against_base[0].judge is None
+    assert against_base[1].judge["win_rate"] == pytest.approx(expected_rate(METHOD[1:],
+                                                                            BASE[1:]))
+    for r, answers in zip(against_refs, (BASE, METHOD)):
+        assert r.judge["win_rate"] == pytest.approx(expected_rate(answers[1:], references[1:]))
+    coherence = Coherence(None, None, "none")
+    table = markdown_table(against_base, coherence)
+    assert "| judge win vs. base |" in table.splitlines()[0]
+    rate = against_base[1].judge["win_rate"]
+    assert "| 0.000 | n/a | 0.000 |" in table and f"| {rate:.3f} (1 invalid) |" in table
+    assert "| judge win vs. reference |" in markdown_table(against_refs, coherence, "reference")
+    assert "judge" not in markdown_table(results(), coherence)
