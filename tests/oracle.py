@@ -30,13 +30,17 @@ def load_head_as_sequential(head_dir: str | Path) -> nn.Sequential:
     return nn.Sequential(*modules[:-1])
 
 
-def autograd_ascent(value: nn.Module, state: torch.Tensor, alpha: float, steps: int) -> torch.Tensor:
-    """u = 0; repeat: u += alpha * dV/ds(s + u), via autograd (the reference code's method)."""
+def autograd_ascent(value: nn.Module, state: torch.Tensor, alpha: float, steps: int,
+                    max_norm: float | None = None) -> torch.Tensor:
+    """u = 0; repeat: u += alpha * dV/ds(s + u), via autograd (the reference code's method);
+    with ``max_norm``, each row's u is then scaled back onto ||u|| <= max_norm."""
     u = torch.zeros_like(state)
     for _ in range(steps):
         x = (state + u).detach().requires_grad_(True)
         (grad,) = torch.autograd.grad(value(x).sum(), x)
         u = u + alpha * grad
+        if max_norm is not None:
+            u = u * (max_norm / u.norm(dim=-1, keepdim=True)).clamp(max=1.0)
     return state + u
 
 

@@ -96,10 +96,20 @@ def test_a_further_head_may_bring_its_own_alpha_and_steps():
                     ).warm_up_counts == (7,)
 
 
+def test_a_further_head_may_bring_its_own_max_norm():
+    s = settings(max_norm=2.0, value_heads={"td": {"path": "/t", "max_norm": 0.5},
+                                            "mc": "/heads/mc"})
+    assert [s.max_norm_for(h) for h in s.head_names] == [2.0, 2.0, 0.5]
+    assert settings(value_heads={"td": {"path": "/t", "max_norm": 1}}).max_norm_for("td") == 1.0
+    assert settings(value_heads={"td": "/t"}).max_norm_for("td") is None
+
+
 @pytest.mark.parametrize("value, message", [
     ({"td": {"path": "/t", "steps": 500}}, r"\['td'\]\[\"steps\"\] = 500 exceeds max_steps"),
     ({"td": {"path": "/t", "alpha": "big"}}, r"\['td'\]\[\"alpha\"\] must be a number"),
     ({"td": {"path": "/t", "beta": 1}}, r"unknown key\(s\) \['beta'\]"),
+    ({"td": {"path": "/t", "max_norm": 0}}, r"\['td'\]\[\"max_norm\"\] must be > 0"),
+    ({"td": {"path": "/t", "max_norm": "inf"}}, r"\['td'\]\[\"max_norm\"\] must be a number"),
     ({"td": {"alpha": 1.0}}, "must be the folder of a value head"),
     (["/heads/a"], "must be a JSON object"),
     ({"default": "/heads/a"}, "'default' is the engine's value_head"),

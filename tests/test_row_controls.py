@@ -119,6 +119,37 @@ def test_each_row_is_edited_by_the_head_it_named():
         assert not torch.allclose(edited[i], wrong[0], atol=1e-3), (i, control)
 
 
+def test_each_head_projects_onto_its_own_max_norm():
+    """A head's own max_norm caps its rows, the engine's caps the others: each row equals the
+    autograd ascent projected onto its head's radius, which the uncapped ascent exceeds."""
+    from oracle import autograd_ascent
+    from vllm_recontrol import ValueHead
+    from vllm_recontrol.config import EngineSettings, HeadSpec
+    from vllm_recontrol.controller import EditController
+
+    heads = {"default": ValueHead(8, [16], seed=1), "deep": ValueHead(8, [12, 6], seed=2)}
+    for head in heads.values():
+        with torch.no_grad():
+            head.layers[0].weight.mul_(3.0)
+    radius = {"default": 0.3, "deep": 0.05}
+    batch = [RowControl(1.0, 3, head="deep"), RowControl(2.0, 4), RowControl(2.0, 5, head="deep")]
+    settings = EngineSettings(value_head="h", max_norm=radius["default"], backend="torch",
+                              value_heads=(("deep", HeadSpec("h2", max_norm=radius["deep"])),))
+    controller = EditController(heads, settings, fresh(batch))
+    states = torch.randn(len(batch), 8, generator=torch.Generator().manual_seed(0))
+    controller.rows.arm()
+    edited = controller.maybe_edit(states)
+    for i, control in enumerate(batch):
+        head, cap = heads[control.head], radius[control.head]
+        with torch.enable_grad():
+            free = autograd_ascent(head, states[i:i + 1], control.alpha, control.steps)[0]
+            capped = autograd_ascent(head, states[i:i + 1], control.alpha, control.steps,
+                                     max_norm=cap)[0]
+        assert float((free - states[i]).norm()) > 1.5 * cap, (i, "the cap must bind")
+        assert float((edited[i] - states[i]).norm()) <= cap * (1 + 1e-5)
+        assert torch.allclose(edited[i], capped, atol=1e-5), (i, control)
+
+
 def test_stats_line_counts_calls_and_controlled_rows_per_head(monkeypatch, caplog):
     """Every VLLM_LOG_STATS_INTERVAL seconds the controller logs the sampling calls it edited
     and the controlled rows per head (uncontrolled rows not counted), then starts over."""
@@ -206,26 +237,26 @@ def test_first_pass_through_call_warms_up_once_and_failures_only_log(caplog):
 
 def test_warm_up_covers_every_head():
     """Each head compiles and captures its own graphs at engine start, for the step count
-    its requests get by default (or every count of ``warmup_steps`` when given); the run
-    counts add up."""
+    its requests get by default (or every count of ``warmup_steps`` when given) and its own
+    max_norm (graphs are per radius); the run counts add up."""
     from vllm_recontrol import ValueHead
     from vllm_recontrol.config import EngineSettings, HeadSpec
     from vllm_recontrol.controller import EditController
 
     heads = {"default": ValueHead(8, [4], seed=0), "td": ValueHead(8, [6, 3], seed=1)}
-    settings = EngineSettings(value_head="h", value_heads=(("td", HeadSpec("t", steps=50)),),
-                              backend="torch", steps=30)
+    settings = EngineSettings(value_head="h", backend="torch", steps=30, value_heads=(
+        ("td", HeadSpec("t", steps=50, max_norm=0.5)),))
     controller = EditController(heads, settings, fresh([]), max_rows=16)
     calls = {}
     for name, head in heads.items():
         head.warm_up = (lambda name: lambda rows, counts, **kw:
-                        calls.setdefault(name, (rows, counts)) and 3)(name)
+                        calls.setdefault(name, (rows, counts, kw["max_norm"])) and 3)(name)
     controller._warm_rows = 16  # as on CUDA with the Triton backend
     assert controller.warm_up() == 6
-    assert calls == {"default": (16, (30,)), "td": (16, (50,))}
+    assert calls == {"default": (16, (30,), None), "td": (16, (50,), 0.5)}
 
     explicit = EditController(heads, replace(settings, warmup_steps=(7, 9)), fresh([]),
                               max_rows=16)
     explicit._warm_rows, calls = 16, {}
     assert explicit.warm_up() == 6
-    assert calls == {"default": (16, (7, 9)), "td": (16, (7, 9))}
+    assert calls == {"default": (16, (7, 9), None), "td": (16, (7, 9), 0.5)}

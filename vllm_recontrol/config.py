@@ -43,12 +43,14 @@ HEAD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 
 @dataclass(frozen=True)
 class HeadSpec:
-    """A further value head: its folder and, when set, its own default alpha and steps (a
-    head trained with another target or reward may need another strength)."""
+    """A further value head: its folder and, when set, its own default alpha and steps and
+    its own max_norm (a head trained with another target or reward may need another
+    strength, and its gradients another scale)."""
 
     path: str
     alpha: float | None = None
     steps: int | None = None
+    max_norm: float | None = None
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,11 @@ class EngineSettings:
         alpha = spec.alpha if spec is not None and spec.alpha is not None else self.alpha
         steps = spec.steps if spec is not None and spec.steps is not None else self.steps
         return alpha, steps
+
+    def max_norm_for(self, head: str) -> float | None:
+        """The radius u of ``head``'s rows is projected onto: its own, else the engine's."""
+        spec = dict(self.value_heads).get(head)
+        return spec.max_norm if spec is not None and spec.max_norm is not None else self.max_norm
 
     def warm_up_counts_for(self, head: str) -> tuple[int, ...]:
         """Iteration counts compiled and graph-captured for ``head`` at engine start (on
@@ -126,11 +133,7 @@ class EngineSettings:
                         low=0)
         if steps > max_steps:
             raise ConfigError(f'{where}["steps"] = {steps} exceeds max_steps = {max_steps}')
-        max_norm = section.get("max_norm")
-        if max_norm is not None:
-            max_norm = _as_float(max_norm, f'{where}["max_norm"]', ConfigError)
-            if max_norm <= 0:
-                raise ConfigError(f'{where}["max_norm"] must be > 0 (or omitted), got {max_norm}')
+        max_norm = _as_radius(section.get("max_norm"), f'{where}["max_norm"]')
         backend = section.get("backend", "auto")
         if backend not in BACKENDS:
             raise ConfigError(f'{where}["backend"] must be one of {list(BACKENDS)}, got {backend!r}')
@@ -238,12 +241,12 @@ def _as_auto_switch(value: Any, name: str) -> bool | None:
         raise ConfigError(f'{name} must be "auto", 0 or 1 (or true/false), got {value!r}') from None
 
 
-HEAD_SPEC_KEYS = ("path", "alpha", "steps")
+HEAD_SPEC_KEYS = ("path", "alpha", "steps", "max_norm")
 
 
 def _as_head_specs(value: Any, name: str, max_steps: int) -> tuple[tuple[str, HeadSpec], ...]:
-    """``value_heads``: omitted, or {name: folder or {"path", "alpha", "steps"}} of heads that
-    requests pick by name."""
+    """``value_heads``: omitted, or {name: folder or {"path", "alpha", "steps", "max_norm"}}
+    of heads that requests pick by name."""
     if value is None:
         return ()
     if not isinstance(value, Mapping):
@@ -268,13 +271,24 @@ def _as_head_specs(value: Any, name: str, max_steps: int) -> tuple[tuple[str, He
                      _as_int(entry["steps"], f'{where}["steps"]', ConfigError, low=0))
             if steps is not None and steps > max_steps:
                 raise ConfigError(f'{where}["steps"] = {steps} exceeds max_steps = {max_steps}')
+            max_norm = _as_radius(entry.get("max_norm"), f'{where}["max_norm"]')
         else:
-            path, alpha, steps = entry, None, None
+            path, alpha, steps, max_norm = entry, None, None, None
         if not isinstance(path, str) or not path.strip():
             raise ConfigError(f"{where} must be the folder of a value head (or an object with "
                               f'"path"), got {entry!r}')
-        specs.append((head, HeadSpec(path, alpha, steps)))
+        specs.append((head, HeadSpec(path, alpha, steps, max_norm)))
     return tuple(sorted(specs))
+
+
+def _as_radius(value: Any, name: str) -> float | None:
+    """``max_norm``: omitted (None), or a finite number > 0."""
+    if value is None:
+        return None
+    radius = _as_float(value, name, ConfigError)
+    if radius <= 0:
+        raise ConfigError(f"{name} must be > 0 (or omitted), got {radius}")
+    return radius
 
 
 def _as_step_list(value: Any, name: str, max_steps: int) -> tuple[int, ...] | None:

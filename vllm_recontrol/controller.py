@@ -219,7 +219,8 @@ class EditController:
         start = time.perf_counter()
         try:
             runs = sum(head.warm_up(rows, self.settings.warm_up_counts_for(name),
-                                    max_norm=self.settings.max_norm, backend=self.backends[name],
+                                    max_norm=self.settings.max_norm_for(name),
+                                    backend=self.backends[name],
                                     precision=self.settings.precision,
                                     cuda_graphs=self.settings.cuda_graphs,
                                     batch_invariant=self.batch_invariant)
@@ -277,7 +278,7 @@ class EditController:
 
     def _ascend(self, group: HeadGroup, states: torch.Tensor) -> torch.Tensor:
         return self.heads[group.head].ascend(
-            states, group.alpha, group.steps, max_norm=self.settings.max_norm,
+            states, group.alpha, group.steps, max_norm=self.settings.max_norm_for(group.head),
             num_iterations=group.max_steps, backend=self.backends[group.head],
             precision=self.settings.precision, cuda_graphs=self.settings.cuda_graphs,
             batch_invariant=self.batch_invariant)
