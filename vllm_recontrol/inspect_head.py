@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 from .errors import RecontrolError
 from .training.common import model_hidden_size, sha256_file, summary_table
+from .head_source import locate_head
 from .value_head import WEIGHTS_FILE, ValueHead
 
 
@@ -25,7 +26,8 @@ def inspect_head(path: str | Path, model: str | None = None,
     return a report; a head that an engine would refuse raises ``ValueHeadError``, an
     unreadable model ``RecontrolError``."""
     expected = model_hidden_size(model, trust_remote_code) if model else None
-    head = ValueHead.load(path, expected_hidden_size=expected)
+    folder = locate_head(path)
+    head = ValueHead.load(folder, expected_hidden_size=expected)
     meta = head.metadata or {}
     metrics = meta.get("metrics") or {}
     data = meta.get("data") or {}
@@ -34,7 +36,8 @@ def inspect_head(path: str | Path, model: str | None = None,
         "hidden_size": head.hidden_size,
         "widths": head.widths,
         "parameters": sum(p.numel() for p in head.parameters()),
-        "weights_sha256": sha256_file(Path(path) / WEIGHTS_FILE),
+        "folder": str(folder),
+        "weights_sha256": sha256_file(folder / WEIGHTS_FILE),
         "base_model": head.base_model,
         "trained_by": meta.get("trained_by"),
         "target": meta.get("target"),
@@ -70,7 +73,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "model's hidden size and recorded base model with --model) and print "
                     "what they record about their training. Exit status 1 if any head would "
                     "be refused.")
-    parser.add_argument("heads", nargs="+", help="value head folders")
+    parser.add_argument("heads", nargs="+",
+                        help="value head folders or hub repositories (owner/name[@revision])")
     parser.add_argument("--model", help="the model that will serve them (folder or hub id)")
     parser.add_argument("--trust-remote-code", action="store_true")
     parser.add_argument("--json", action="store_true", help="one JSON object per head")

@@ -18,6 +18,7 @@ from torch import nn
 from .ascent import AscentWorkspace, MLPWeights, as_row_tensor, ascend_float32
 from .backends import choose_backend, choose_precision
 from .errors import ValueHeadError
+from .head_source import locate_head
 from .logs import get_logger
 
 logger = get_logger(__name__)
@@ -306,8 +307,9 @@ class ValueHead(nn.Module):
         dtype: torch.dtype = torch.float32,
         expected_hidden_size: int | None = None,
     ) -> "ValueHead":
-        """Load and validate a head; ``expected_hidden_size`` is the served model's width."""
-        path = Path(directory)
+        """Load and validate a head from a folder or a hub repository id (``owner/name``);
+        ``expected_hidden_size`` is the served model's width."""
+        path = locate_head(directory)
         config = read_config(path)
         hidden_size, widths = config["hidden_size"], config["widths"]
         if expected_hidden_size is not None and hidden_size != expected_hidden_size:
