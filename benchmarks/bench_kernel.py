@@ -784,12 +784,24 @@ def markdown_table(result: dict, device_name: str, args) -> str:
 
 
 # ----------------------------------------------------------------------------- check
+PER_ROW = "per-row"  # a check case's max_norm: one radius per row (some rows uncapped)
+
+
+def per_row_radii(rows: int) -> torch.Tensor:
+    """Radii 0.02-0.1 with every third row uncapped (inf), as per-request max_norm gives."""
+    radii = 0.02 + 0.08 * torch.arange(rows) / max(1, rows - 1)
+    radii[::3] = float("inf")
+    return radii
+
+
 def check_cases(device: torch.device) -> list[dict]:
     """Odd sizes, 1-3 hidden layers, small and large batches, all precisions, split K, max_norm."""
     if device.type != "cuda":  # interpreter smoke test: toy sizes only
         return [dict(d=40, widths=[24, 17], rows=5, n=3, precision="ieee", wdtype="fp32"),
                 dict(d=40, widths=[24], rows=5, n=3, precision="bf16", wdtype="bf16",
                      max_norm=0.3),
+                dict(d=40, widths=[24], rows=5, n=3, precision="ieee", wdtype="fp32",
+                     max_norm=PER_ROW),
                 dict(d=40, widths=[24, 17, 20], rows=19, n=2, precision="ieee", wdtype="fp32",
                      overrides={"split_k": 2, "block_k": 16}),
                 dict(d=40, widths=[24, 17], rows=19, n=2, precision="ieee", wdtype="fp32",
@@ -814,6 +826,7 @@ def check_cases(device: torch.device) -> list[dict]:
         dict(odd, widths=w2, rows=5, precision="ieee", wdtype="bf16"),
         dict(odd, widths=w2, rows=16, precision="ieee", wdtype="fp32", max_norm=0.05),
         dict(odd, widths=w2, rows=16, precision="bf16", wdtype="bf16", max_norm=0.05),
+        dict(odd, widths=w2, rows=37, precision="bf16", wdtype="bf16", max_norm=PER_ROW),
         dict(odd, widths=w2, rows=16, precision="ieee", wdtype="fp32", overrides={"split_k": 3}),
         dict(odd, widths=w3, rows=16, precision="bf16", wdtype="bf16", max_norm=0.05,
              overrides={"split_k": 2}),
@@ -902,6 +915,8 @@ def run_check(args, device, ascent, va, dump) -> dict:
         if rows >= 3:
             steps[0], alpha[1], steps[2] = 0, 0.0, n
         max_norm = c.get("max_norm")
+        if max_norm == PER_ROW:
+            max_norm = per_row_radii(rows).to(device)
         out = torch.full((rows, c["d"]), float("nan"), device=device)
         kw = dict(precision=c["precision"], plan_overrides=c.get("overrides"))
         u = va.triton_ascend(mlp, states, alpha, steps, n, max_norm, out=out, poison_scratch=True, **kw)
@@ -933,7 +948,8 @@ def run_check(args, device, ascent, va, dump) -> dict:
                "seconds": round(time.perf_counter() - started, 1)}
         results.append(row)
         print(f"{'ok  ' if ok else 'FAIL'} d={c['d']} widths={c['widths']} B={rows} steps={n} "
-              f"{c['precision']}/{c['wdtype']} max_norm={max_norm} {c.get('overrides') or ''}: "
+              f"{c['precision']}/{c['wdtype']} max_norm={c.get('max_norm')} "
+              f"{c.get('overrides') or ''}: "
               f"rel err {err:.2e} (tol {tol:.0e}, {int(use.sum())} rows) vs pure fp64 {err_pure:.2e}"
               f"{'' if finite else ' NON-FINITE'}{'' if idle_exact else ' IDLE-ROW-MOVED'}"
               f"{'' if deterministic else ' NONDETERMINISTIC'} ({row['seconds']} s)", flush=True)

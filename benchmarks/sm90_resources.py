@@ -92,7 +92,7 @@ def _signature(forward: bool, precision: str, epilogue: int, constants: dict) ->
                     out_ptr="fp32" if epilogue in (va.EPI_UPDATE.value, va.EPI_PARTIAL.value)
                     else act, bias_ptr=weight, maskin_ptr=act, state_ptr="fp32", x_ptr=act,
                     alpha_ptr="fp32", steps_ptr="i64", sq_in_ptr="fp32", sq_out_ptr="fp32",
-                    part_ptr="fp32", count_ptr="i32")
+                    part_ptr="fp32", count_ptr="i32", radius_ptr="fp32")
     unit_stride = "stride_wk" if forward else "stride_wn"
     constants = {**constants, unit_stride: 1}
     signature, attrs = {}, {}
@@ -103,8 +103,6 @@ def _signature(forward: bool, precision: str, epilogue: int, constants: dict) ->
         elif name in pointers:
             signature[name] = "*" + pointers[name]
             attrs[(i,)] = [["tt.divisibility", 16]]
-        elif name == "max_norm":
-            signature[name] = "fp32"
         else:
             signature[name] = "i32"
             if name in ("stride_wk", "stride_wn", "N", "K", "k_split"):

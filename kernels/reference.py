@@ -59,7 +59,8 @@ def reference_ascent(weights, biases, states, alpha, steps, num_iterations, max_
         value = (h @ W[-1].T + b[-1]).sum()
         (grad,) = torch.autograd.grad(value, x)
         u = u + (alpha * (steps > k))[:, None] * grad
-        if max_norm is not None:
+        if max_norm is not None:  # a scalar, or one radius per row (inf: unprojected)
+            radius = torch.as_tensor(max_norm, dtype=torch.float64, device=s.device)
             norm = u.norm(dim=1, keepdim=True)
-            u = u * (max_norm / norm.clamp_min(1e-30)).clamp_max(1.0)
+            u = u * (radius.reshape(-1, 1) / norm.clamp_min(1e-30)).clamp_max(1.0)
     return u, clean

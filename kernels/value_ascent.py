@@ -2,7 +2,8 @@
 
 ``triton_ascend`` computes exactly what ``vllm_recontrol.ascent.ascend_float32`` computes:
 u = 0, then ``num_iterations`` times u <- P(u + alpha_r [k < steps_r] grad_x V(s + u)), where P
-projects each row onto ||u|| <= max_norm when ``max_norm`` is given. For a ReLU MLP the
+projects each row onto ||u|| <= max_norm when ``max_norm`` is given (one radius, or one per
+row read from a tensor: per-request radii share one compiled kernel). For a ReLU MLP the
 gradient needs only the ReLU masks of one forward pass, so a step is a chain of 2L matrix
 products of the batch against the L hidden weight matrices (L forward, L backward).
 
@@ -49,7 +50,8 @@ Design
   backward epilogue writes each program's per-row partial sum of squares of the unprojected
   u_raw to its own slot; the next step's first forward prologue and update epilogue (and a
   final small kernel) sum those slots in a fixed order and apply
-  ``min(1, max_norm / ||u_raw||)`` on the fly. Two slot buffers alternate between steps so
+  ``min(1, radius_r / ||u_raw||)`` on the fly (an infinite radius multiplies by exactly 1,
+  so an uncapped row keeps its unprojected bits). Two slot buffers alternate between steps so
   that no launch reads what it writes.
 * Precision: products accumulate in fp32. ``precision="ieee"`` (default for fp32 weights,
   matching ``ascend_float32``) multiplies fp32 operands exactly, on the CUDA cores: fine for
@@ -151,8 +153,9 @@ def _not_first(offs_m, first):
 
 
 @triton.jit
-def _row_scale(sq_ptr, offs_m, M, n_sq, max_norm, first, SQ_CHUNK: tl.constexpr):
-    """min(1, max_norm / ||u_raw||) per row from the previous step's partial sums of squares.
+def _row_scale(sq_ptr, offs_m, M, n_sq, radius_ptr, first, SQ_CHUNK: tl.constexpr):
+    """min(1, radius / ||u_raw||) per row from the previous step's partial sums of squares
+    (each row's own radius: inf leaves it unprojected, 0 or less keeps u at 0).
 
     The slots are summed in one fixed order (chunk by chunk), so the factor is reproducible,
     and a chunk at a time keeps registers free for the main loop. Before the first step
@@ -166,7 +169,8 @@ def _row_scale(sq_ptr, offs_m, M, n_sq, max_norm, first, SQ_CHUNK: tl.constexpr)
         part = tl.load(sq_ptr + offs_m[:, None] * n_sq + j0 + j[None, :], mask=ok, other=0.0)
         total += tl.sum(part, axis=1)
     norm = tl.sqrt_rn(total)
-    return tl.minimum(tl.div_rn(max_norm + tl.zeros_like(norm), tl.maximum(norm, 1e-30)), 1.0)
+    radius = tl.maximum(tl.load(radius_ptr + offs_m, mask=offs_m < M, other=1.0), 0.0)
+    return tl.minimum(tl.div_rn(radius, tl.maximum(norm, 1e-30)), 1.0)
 
 
 @triton.jit
@@ -221,7 +225,7 @@ def _store_rounded(ptr, value, ok, ACT_BF16: tl.constexpr):
 
 @triton.jit
 def _epilogue(acc, offs_m, offs_n, pid_n, M, N, out_ptr, bias_ptr, maskin_ptr, wout_ptr,
-              state_ptr, x_ptr, alpha_ptr, steps_ptr, sq_in_ptr, sq_out_ptr, n_sq, max_norm,
+              state_ptr, x_ptr, alpha_ptr, steps_ptr, sq_in_ptr, sq_out_ptr, n_sq, radius_ptr,
               step, first, EPILOGUE: tl.constexpr, PROJECT: tl.constexpr,
               ACT_BF16: tl.constexpr, SQ_CHUNK: tl.constexpr):
     """Finish a [BM, BN] tile of a complete product (see the epilogues in the module doc)."""
@@ -247,7 +251,7 @@ def _epilogue(acc, offs_m, offs_n, pid_n, M, N, out_ptr, bias_ptr, maskin_ptr, w
         rate = tl.where(n_steps > step, alpha, 0.0)
         u_old = tl.load(out_ptr + idx, mask=ok & _not_first(offs_m, first)[:, None], other=0.0)
         if PROJECT:
-            u_old = u_old * _row_scale(sq_in_ptr, offs_m, M, n_sq, max_norm, first, SQ_CHUNK)[:, None]
+            u_old = u_old * _row_scale(sq_in_ptr, offs_m, M, n_sq, radius_ptr, first, SQ_CHUNK)[:, None]
         # rows that are done (or have alpha 0) keep u bit for bit, even if acc is not finite
         u_new = tl.where(rate[:, None] != 0, u_old + rate[:, None] * acc, u_old)
         tl.store(out_ptr + idx, u_new, mask=ok)
@@ -264,7 +268,7 @@ def _epilogue(acc, offs_m, offs_n, pid_n, M, N, out_ptr, bias_ptr, maskin_ptr, w
 def _ascent_gemm_kernel(
         a_ptr, u_ptr, wout_ptr, w_ptr, stride_wk, stride_wn,
         out_ptr, bias_ptr, maskin_ptr, state_ptr, x_ptr, alpha_ptr, steps_ptr,
-        sq_in_ptr, sq_out_ptr, n_sq, max_norm, step, first,
+        sq_in_ptr, sq_out_ptr, n_sq, radius_ptr, step, first,
         part_ptr, count_ptr, n_split, a_desc, w_desc,
         M, N, K, k_split,
         PROLOGUE: tl.constexpr, EPILOGUE: tl.constexpr, DOT: tl.constexpr,
@@ -302,7 +306,7 @@ def _ascent_gemm_kernel(
     scale = tl.full((BM,), 1.0, tl.float32)
     if PROLOGUE == PRO_STATE:
         if PROJECT:
-            scale = _row_scale(sq_in_ptr, offs_m, M, n_sq, max_norm, first, SQ_CHUNK)
+            scale = _row_scale(sq_in_ptr, offs_m, M, n_sq, radius_ptr, first, SQ_CHUNK)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     k_lo = pid_s * k_split
     k_hi = tl.minimum(k_lo + k_split, K)
@@ -338,14 +342,14 @@ def _ascent_gemm_kernel(
                                      cache_modifier=".cg")
                 _epilogue(total, offs_m, offs_c, pid_n, M, N, out_ptr, bias_ptr, maskin_ptr,
                           wout_ptr, state_ptr, x_ptr, alpha_ptr, steps_ptr, sq_in_ptr,
-                          sq_out_ptr, n_sq, max_norm, step, first, EPILOGUE, PROJECT, ACT_BF16,
+                          sq_out_ptr, n_sq, radius_ptr, step, first, EPILOGUE, PROJECT, ACT_BF16,
                           SQ_CHUNK)
     elif EPILOGUE == EPI_PARTIAL:
         ok = (offs_m[:, None] < M) & (offs_n[None, :] < N)
         tl.store(out_ptr + pid_s * M * N + offs_m[:, None] * N + offs_n[None, :], acc, mask=ok)
     else:
         _epilogue(acc, offs_m, offs_n, pid_n, M, N, out_ptr, bias_ptr, maskin_ptr, wout_ptr,
-                  state_ptr, x_ptr, alpha_ptr, steps_ptr, sq_in_ptr, sq_out_ptr, n_sq, max_norm,
+                  state_ptr, x_ptr, alpha_ptr, steps_ptr, sq_in_ptr, sq_out_ptr, n_sq, radius_ptr,
                   step, first, EPILOGUE, PROJECT, ACT_BF16, SQ_CHUNK)
 
 
@@ -353,7 +357,7 @@ def _ascent_gemm_kernel(
 def _splitk_reduce_kernel(
         part_ptr, n_split, out_ptr, bias_ptr, maskin_ptr, wout_ptr, state_ptr, x_ptr,
         alpha_ptr, steps_ptr,
-        sq_in_ptr, sq_out_ptr, n_sq, max_norm, step, first, M, N,
+        sq_in_ptr, sq_out_ptr, n_sq, radius_ptr, step, first, M, N,
         EPILOGUE: tl.constexpr, PROJECT: tl.constexpr, ACT_BF16: tl.constexpr,
         SQ_CHUNK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PDL: tl.constexpr):
     """Add the K splits of a product in split order (deterministic) and apply its epilogue.
@@ -375,19 +379,19 @@ def _splitk_reduce_kernel(
     for s in range(0, n_split):
         acc += tl.load(part_ptr + s * M * N + idx, mask=ok, other=0.0)
     _epilogue(acc, offs_m, offs_n, pid_n, M, N, out_ptr, bias_ptr, maskin_ptr, wout_ptr,
-              state_ptr, x_ptr, alpha_ptr, steps_ptr, sq_in_ptr, sq_out_ptr, n_sq, max_norm,
+              state_ptr, x_ptr, alpha_ptr, steps_ptr, sq_in_ptr, sq_out_ptr, n_sq, radius_ptr,
               step, first, EPILOGUE, PROJECT, ACT_BF16, SQ_CHUNK)
 
 
 @triton.jit(do_not_specialize=["M"])
-def _apply_scale_kernel(u_ptr, sq_ptr, n_sq, max_norm, M, N,
+def _apply_scale_kernel(u_ptr, sq_ptr, n_sq, radius_ptr, M, N,
                         SQ_CHUNK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
-    """u = min(1, max_norm / ||u_raw||) * u_raw after the last step (the deferred projection)."""
+    """u = min(1, radius / ||u_raw||) * u_raw after the last step (the deferred projection)."""
     offs_m = tl.program_id(1) * BM + tl.arange(0, BM)
     offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
     ok = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     idx = offs_m[:, None] * N + offs_n[None, :]
-    scale = _row_scale(sq_ptr, offs_m, M, n_sq, max_norm, 0, SQ_CHUNK)
+    scale = _row_scale(sq_ptr, offs_m, M, n_sq, radius_ptr, 0, SQ_CHUNK)
     tl.store(u_ptr + idx, tl.load(u_ptr + idx, mask=ok, other=0.0) * scale[:, None], mask=ok)
 
 
@@ -604,7 +608,8 @@ class _Product:
 
 
 def _check_inputs(mlp: "MLPWeights", states: Tensor, alpha: Tensor, steps: Tensor,
-                  num_iterations: int, max_norm: float | None, precision: str | None) -> str:
+                  num_iterations: int, max_norm: "float | Tensor | None",
+                  precision: str | None) -> str:
     """Validate shapes, dtypes and devices; return the operand precision to use."""
     weights, biases = list(mlp.weights), list(mlp.biases)
     hidden = len(weights) - 1
@@ -638,7 +643,13 @@ def _check_inputs(mlp: "MLPWeights", states: Tensor, alpha: Tensor, steps: Tenso
         raise ValueError(f"steps must be an integer tensor, got {steps.dtype}")
     if num_iterations < 0:
         raise ValueError(f"num_iterations must be >= 0, got {num_iterations}")
-    if max_norm is not None and not (max_norm > 0 and math.isfinite(max_norm)):
+    if isinstance(max_norm, Tensor):
+        if max_norm.shape != (rows,) or max_norm.device != states.device \
+                or not max_norm.is_floating_point():
+            raise ValueError(f"a per-row max_norm must be a float [{rows}] tensor on the "
+                             f"states' device, got {max_norm.dtype} {list(max_norm.shape)} on "
+                             f"{max_norm.device}")
+    elif max_norm is not None and not (max_norm > 0 and math.isfinite(max_norm)):
         raise ValueError(f"max_norm must be a positive finite number, got {max_norm}")
     if precision is None:
         precision = "bf16" if weights[0].dtype == torch.bfloat16 else "ieee"
@@ -756,7 +767,7 @@ def _launch(p: _Product, ctx: dict, step: int) -> None:
     out = ctx["partial"] if reduce_after else p.out
     grid = (triton.cdiv(p.N, plan.block_n), triton.cdiv(p.M, plan.block_m), splits)
     tail = dict(sq_in_ptr=ctx["sq_in"], sq_out_ptr=ctx["sq_out"], n_sq=ctx["n_sq"],
-                max_norm=ctx["max_norm"], step=step, first=int(step == 0))
+                radius_ptr=ctx["radius"], step=step, first=int(step == 0))
     flags = dict(PROJECT=ctx["project"], ACT_BF16=ctx["act_bf16"], SQ_CHUNK=_SQ_CHUNK)
     tma = p.descriptors is not None
     a_desc, w_desc = p.descriptors or (None, None)
@@ -807,7 +818,7 @@ def triton_ascend(
     alpha: Tensor,
     steps: Tensor,
     num_iterations: int,
-    max_norm: float | None = None,
+    max_norm: float | Tensor | None = None,
     *,
     precision: str | None = None,
     out: Tensor | None = None,
@@ -819,7 +830,9 @@ def triton_ascend(
 
     Same contract as ``ascend_float32``: ``states32`` is ``[B, d]`` (float32; bfloat16 and
     float16 are converted inside), ``alpha`` ``[B]`` float, ``steps`` ``[B]`` integer, all on the
-    weights' device; ``max_norm`` projects u onto ||u|| <= max_norm after every step. Weights
+    weights' device; ``max_norm`` projects u onto ||u|| <= max_norm after every step (a float
+    ``[B]`` tensor gives each row its own radius: inf leaves a row unprojected; its values
+    are not checked, which would cost a host sync: 0 or less keeps a row's u at 0). Weights
     may be float32 or bfloat16. Keyword-only extras: ``precision`` ("ieee", "tf32", "bf16";
     default "bf16" for bf16 weights, else "ieee"), ``out`` (a float32 ``[B, d]`` buffer to
     write u into), ``plan_overrides`` (see ``plan_gemm``) and ``poison_scratch`` (fill the
@@ -849,7 +862,10 @@ def triton_ascend(
     acts = [torch.empty(rows, h, device=device, dtype=act_dtype) for h in widths]
     backs = [torch.empty(rows, h, device=device, dtype=act_dtype) for h in widths[:-1]]
     states32 = states32.contiguous()
-    project = max_norm is not None
+    radius = (None if max_norm is None else max_norm.to(torch.float32).contiguous()
+              if isinstance(max_norm, Tensor) else
+              torch.full((rows,), float(max_norm), device=device, dtype=torch.float32))
+    project = radius is not None
     x = states32 if project else torch.empty(rows, dim, device=device, dtype=act_dtype)
     products = _plan_products(weights, biases, states32, x, out, acts, backs, precision,
                               plan_overrides, project, batch_invariant)
@@ -872,8 +888,8 @@ def triton_ascend(
     ctx = dict(u=out, w_out=weights[-1], states=states32, x=x,
                alpha=alpha.to(torch.float32).contiguous(),
                steps=steps.contiguous(), partial=partial, counters=counters, n_sq=n_sq,
-               max_norm=float(max_norm or 0.0),
-               project=max_norm is not None, act_bf16=precision == "bf16",
+               radius=radius if project else out,  # a float32 pointer, not read unprojected
+               project=project, act_bf16=precision == "bf16",
                precision=precision, interpret=device.type == "cpu", stages=_STAGES_THAT_FIT,
                sm90=_sm90_features(device))
     for p in products:  # once per ascent, not per launch
@@ -883,9 +899,9 @@ def triton_ascend(
         ctx["sq_out"], ctx["sq_in"] = sq[step % 2], sq[(step + 1) % 2]
         for p in products:
             _launch(p, ctx, step)
-    if max_norm is not None:
+    if project:
         bm, bn = 16, 64
         grid = (triton.cdiv(dim, bn), triton.cdiv(rows, bm))
-        _apply_scale_kernel[grid](out, sq[(num_iterations - 1) % 2], n_sq, float(max_norm),
+        _apply_scale_kernel[grid](out, sq[(num_iterations - 1) % 2], n_sq, radius,
                                   rows, dim, SQ_CHUNK=_SQ_CHUNK, BM=bm, BN=bn)
     return out

@@ -60,12 +60,13 @@ class OracleGenerator:
         return out.last_hidden_state[0, -1]  # after the final norm, as lm_head sees it
 
     def edited_logits(self, token_ids: list[int], alpha: float = 0.0,
-                      steps: int = 0) -> torch.Tensor:
+                      steps: int = 0, max_norm: float | None = None) -> torch.Tensor:
         """lm_head(s + u) at the last position of ``token_ids``."""
         state = self.final_state(token_ids)
         if self.value is not None and steps > 0 and alpha != 0.0:
             with torch.enable_grad():
-                state = autograd_ascent(self.value, state[None], alpha, steps)[0].detach()
+                state = autograd_ascent(self.value, state[None], alpha, steps,
+                                        max_norm)[0].detach()
         with torch.no_grad():
             return self.model.lm_head(state)
 
@@ -75,12 +76,12 @@ class OracleGenerator:
 
     def generate(self, prompt_ids: list[int], max_tokens: int, alpha: float = 0.0,
                  steps: int = 0, logit_bias: dict[int, float] | None = None,
-                 allowed: list[int] | None = None) -> list[int]:
+                 allowed: list[int] | None = None, max_norm: float | None = None) -> list[int]:
         """Greedy decoding of the edited logits, plus ``logit_bias`` and restricted to
         ``allowed`` token ids when given (vLLM's own logits processors, applied after)."""
         ids, generated = list(prompt_ids), []
         for _ in range(max_tokens):
-            logits = self.edited_logits(ids, alpha, steps).clone()
+            logits = self.edited_logits(ids, alpha, steps, max_norm).clone()
             for token, bias in (logit_bias or {}).items():
                 logits[token] += bias
             if allowed is not None:

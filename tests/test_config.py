@@ -49,7 +49,11 @@ def test_unrelated_extra_args_are_ignored():
     ({"recontrol_steps": -1}, "integer >= 0"),
     ({"recontrol_steps": 11}, "exceeds this server's max_steps = 10"),
     ({"recontrol": 2}, "must be 0 or 1"),
-    ({"recontrol_max_norm": 1.0}, "unknown RE-Control request key"),
+    ({"recontrol_norm": 1.0}, "unknown RE-Control request key"),
+    ({"recontrol_max_norm": 0}, "recontrol_max_norm must be > 0"),
+    ({"recontrol_max_norm": -1.0}, "recontrol_max_norm must be a finite number >= 0"),
+    ({"recontrol_max_norm": float("inf")}, "finite"),
+    ({"recontrol_max_norm": "1"}, "recontrol_max_norm must be a number"),
 ])
 def test_bad_request_values(args, message):
     with pytest.raises(RequestParamsError, match=message):
@@ -94,6 +98,22 @@ def test_a_further_head_may_bring_its_own_alpha_and_steps():
     assert [s.warm_up_counts_for(h) for h in s.head_names] == [(30,), (), (30,), (50,)]
     assert settings(warmup_steps=[7], value_heads={"td": {"path": "/t", "steps": 9}}
                     ).warm_up_counts == (7,)
+
+
+def test_a_request_max_norm_tightens_its_heads_radius_and_never_loosens_it():
+    s = settings(max_norm=2.0, default_on=False,
+                 value_heads={"td": {"path": "/t", "max_norm": 0.5}, "free": "/f"})
+    free = settings(value_heads={"td": "/t"})
+    assert resolve_request({"recontrol_max_norm": 1.0}, s) == RowControl(0.5, 30, max_norm=1.0)
+    assert resolve_request({"recontrol_max_norm": 3.0}, s).max_norm == 2.0
+    assert resolve_request({"recontrol_max_norm": 3, "recontrol_head": "td"}, s).max_norm == 0.5
+    assert resolve_request({"recontrol_max_norm": 0.1, "recontrol_head": "td"},
+                           s).max_norm == 0.1
+    assert resolve_request({"recontrol": 1, "recontrol_head": "td"}, s).max_norm == 0.5
+    assert resolve_request({"recontrol": 1}, free).max_norm is None
+    assert resolve_request({"recontrol_max_norm": 7}, free).max_norm == 7.0
+    assert resolve_request({}, s) == UNCONTROLLED  # default_on false and no key of its own
+    assert resolve_request({"recontrol": 0, "recontrol_max_norm": 1.0}, s) == UNCONTROLLED
 
 
 def test_a_further_head_may_bring_its_own_max_norm():

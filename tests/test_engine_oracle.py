@@ -134,11 +134,36 @@ def test_a_head_brings_its_own_defaults(llama_engine, llama_dir, head1_dir):
     assert list(named.outputs[0].token_ids) != oracle.generate(ids, MAX_TOKENS, 1.0, 4)
 
 
+def test_requests_bring_their_own_max_norm(llama_engine, llama_dir, head_dir):
+    """Per-request radii in one batch with an uncapped controlled request and an
+    uncontrolled one: each equals the oracle projected onto its own radius, and the cap
+    changes what a strong control writes."""
+    oracle = OracleGenerator(llama_dir, head_dir)
+    cases = [(prompt, radius) for prompt in PROMPTS[:2] for radius in (None, 0.02, 0.3)]
+    params = [greedy(MAX_TOKENS, recontrol_alpha=2.0, recontrol_steps=8,
+                     **({} if radius is None else {"recontrol_max_norm": radius}))
+              for _, radius in cases] + [greedy(MAX_TOKENS, recontrol=0)]
+    outputs = llama_engine.generate([c[0] for c in cases] + [PROMPTS[0]], params,
+                                    use_tqdm=False)
+    tokens = {}
+    for (prompt, radius), out in zip(cases, outputs):
+        got = list(out.outputs[0].token_ids)
+        assert got == oracle.generate(list(out.prompt_token_ids), MAX_TOKENS, 2.0, 8,
+                                      max_norm=radius), (prompt, radius)
+        tokens[prompt, radius] = got
+    assert any(tokens[p, 0.02] != tokens[p, None] for p in PROMPTS[:2])
+    plain = outputs[-1]
+    assert list(plain.outputs[0].token_ids) == oracle.generate(list(plain.prompt_token_ids),
+                                                               MAX_TOKENS)
+
+
 def test_unknown_head_is_refused_at_admission(llama_engine):
     from vllm.exceptions import VLLMValidationError
 
     with pytest.raises(VLLMValidationError, match="'nope' is not one of this server's value heads "
                                          r"\['default', 'one-layer'\]"):
         llama_engine.generate([PROMPTS[0]], greedy(3, recontrol_head="nope"), use_tqdm=False)
+    with pytest.raises(VLLMValidationError, match="recontrol_max_norm must be > 0"):
+        llama_engine.generate([PROMPTS[0]], greedy(3, recontrol_max_norm=0), use_tqdm=False)
     out = llama_engine.generate([PROMPTS[0]], greedy(3), use_tqdm=False)[0]  # still serving
     assert len(out.outputs[0].token_ids) == 3

@@ -158,6 +158,28 @@ def test_max_norm_projection(kernels, seed, hidden):
     assert (u.norm(dim=1) <= max_norm * (1 + 1e-5)).all(), f"norm above the bound (seed {seed})"
 
 
+@pytest.mark.parametrize("precision", ["ieee", "bf16"])
+def test_per_row_max_norm(kernels, seed, precision):
+    """One radius per row (inf: none): capped rows match the float64 reference projected
+    onto their own radius, and uncapped rows are the same bits as in an unprojected run,
+    so a request without a cap is not changed by a capped one in its batch."""
+    bf16 = precision == "bf16"
+    mlp, states, alpha, steps, free, _, seed = _draw_clean(
+        seed, 6, WIDTHS[:2], 3, emulate_bf16=bf16, margin=2e-3 if bf16 else 1e-4,
+        weight_dtype=torch.bfloat16 if bf16 else torch.float32)
+    radius = free.norm(dim=1).float() * torch.tensor([1, 0.5, 1, 0.3, 1, 0.6])
+    radius[[0, 2, 4]] = float("inf")
+    ref, clean = reference_ascent(mlp.weights, mlp.biases, states, alpha, steps, 3,
+                                  radius, emulate_bf16=bf16)
+    u = _run(kernels, mlp, states, alpha, steps, 3, radius, precision=precision)
+    _check(u, ref, clean, steps, alpha, BF16_EMULATED_TOL if bf16 else FP32_TOL, seed,
+           "per-row")
+    capped = torch.isfinite(radius)
+    assert (u[capped].norm(dim=1) <= radius[capped] * (1 + 1e-5)).all(), f"seed {seed}"
+    plain = _run(kernels, mlp, states, alpha, steps, 3, None, precision=precision)
+    assert torch.equal(u[~capped], plain[~capped]), f"uncapped rows changed (seed {seed})"
+
+
 def test_bf16_states_and_weights_with_fp32_products(kernels, seed):
     mlp, states, alpha, steps, ref, clean, seed = _draw_clean(
         seed, 5, WIDTHS[:2], 3, weight_dtype=torch.bfloat16, state_dtype=torch.bfloat16)
@@ -367,14 +389,36 @@ def test_bucketed_runner_matches_direct_calls(kernels, seed):
     runner = AscentGraphs(capture=False)
     mlp, states, alpha, steps = _draw(seed, 70, [24, 17])
     # shrinking batches leave stale rows in the shared buffers; 70 rows grows them (bucket 128)
+    radii = torch.linspace(0.1, 1.0, 70)
+    radii[::3] = float("inf")
     for rows in (40, 3, 70, 17, 1, 33):
-        for max_norm in (None, 0.4):
+        for max_norm in (None, 0.4, radii[:rows]):
             got = runner.run(mlp, states[:rows], alpha[:rows], steps[:rows], 3, max_norm,
                              "ieee").clone()
             want = kernels.triton_ascend(mlp, states[:rows], alpha[:rows], steps[:rows], 3,
                                          max_norm)
             assert got.shape == (rows, DIM)
             assert torch.equal(got, want), (seed, rows, max_norm)
+
+
+def test_graph_cache_keys_on_projection_not_on_the_radius(kernels, seed, monkeypatch):
+    """Every radius (one, or one per row) replays the one projected graph of a shape: the
+    radii go through a buffer, so per-request max_norm values cannot multiply captures."""
+    from vllm_recontrol import ascent_graphs
+    from vllm_recontrol.ascent import ascend_float32
+
+    monkeypatch.setattr(ascent_graphs.torch.cuda, "graph_pool_handle", lambda: "pool")
+    monkeypatch.setattr(ascent_graphs, "capture_graph",
+                        lambda fn, device, pool: _ReplayingGraph(fn))
+    runner = ascent_graphs.AscentGraphs()
+    mlp, states, alpha, steps = _draw(seed, 12, [24, 17])
+    per_row = torch.tensor([0.05, float("inf"), 0.2] * 4)
+    for rows, max_norm in ((12, 0.4), (12, per_row), (12, 0.1), (7, per_row[:7]), (12, None)):
+        got = runner.run(mlp, states[:rows], alpha[:rows], steps[:rows], 3, max_norm,
+                         "fp32", backend="torch").clone()
+        want = ascend_float32(mlp, states[:rows], alpha[:rows], steps[:rows], 3, max_norm)
+        assert torch.equal(got, want), (seed, max_norm)
+    assert runner.captures == 2  # projected and unprojected, bucket 16, 3 steps
 
 
 def test_buckets_up_to():
@@ -393,8 +437,10 @@ def test_bucketed_runner_replays_the_torch_closed_form(kernels, seed):
 
     runner = AscentGraphs(capture=False)
     mlp, states, alpha, steps = _draw(seed, 40, [24, 17])
+    radii = torch.linspace(0.1, 1.0, 40)
+    radii[::3] = float("inf")
     for rows in (40, 3, 17):
-        for max_norm in (None, 0.4):
+        for max_norm in (None, 0.4, radii[:rows]):
             got = runner.run(mlp, states[:rows], alpha[:rows], steps[:rows], 3, max_norm,
                              "fp32", backend="torch").clone()
             want = ascend_float32(mlp, states[:rows], alpha[:rows], steps[:rows], 3, max_norm)

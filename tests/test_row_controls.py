@@ -119,28 +119,36 @@ def test_each_row_is_edited_by_the_head_it_named():
         assert not torch.allclose(edited[i], wrong[0], atol=1e-3), (i, control)
 
 
-def test_each_head_projects_onto_its_own_max_norm():
-    """A head's own max_norm caps its rows, the engine's caps the others: each row equals the
-    autograd ascent projected onto its head's radius, which the uncapped ascent exceeds."""
+def test_each_row_is_projected_onto_its_own_radius():
+    """Radii as requests resolve them: a head's own max_norm caps its rows, the engine's the
+    others, and a request's own can tighten but not loosen it. Each row equals the autograd
+    ascent projected onto its radius (which its unprojected ascent exceeds), and a row
+    without a cap is the same bits as in a batch where nothing is capped."""
     from oracle import autograd_ascent
     from vllm_recontrol import ValueHead
-    from vllm_recontrol.config import EngineSettings, HeadSpec
+    from vllm_recontrol.config import EngineSettings, HeadSpec, resolve_request
     from vllm_recontrol.controller import EditController
 
-    heads = {"default": ValueHead(8, [16], seed=1), "deep": ValueHead(8, [12, 6], seed=2)}
+    heads = {"default": ValueHead(8, [16], seed=1), "deep": ValueHead(8, [12, 6], seed=2),
+             "free": ValueHead(8, [10], seed=3)}
     for head in heads.values():
         with torch.no_grad():
             head.layers[0].weight.mul_(3.0)
-    radius = {"default": 0.3, "deep": 0.05}
-    batch = [RowControl(1.0, 3, head="deep"), RowControl(2.0, 4), RowControl(2.0, 5, head="deep")]
-    settings = EngineSettings(value_head="h", max_norm=radius["default"], backend="torch",
-                              value_heads=(("deep", HeadSpec("h2", max_norm=radius["deep"])),))
+    settings = EngineSettings(value_head="h", max_norm=0.3, backend="torch", value_heads=(
+        ("deep", HeadSpec("h2", max_norm=0.05)), ("free", HeadSpec("h3"))))
+    requests = [({"recontrol_head": "deep", "recontrol_alpha": 1.0, "recontrol_steps": 3}, 0.05),
+                ({"recontrol_alpha": 2.0, "recontrol_steps": 4}, 0.3),
+                ({"recontrol_alpha": 2.0, "recontrol_steps": 4, "recontrol_max_norm": 0.1}, 0.1),
+                ({"recontrol_alpha": 2.0, "recontrol_steps": 5, "recontrol_max_norm": 5.0}, 0.3),
+                ({"recontrol_head": "deep", "recontrol_alpha": 2.0, "recontrol_steps": 5}, 0.05)]
+    batch = [resolve_request(args, settings) for args, _ in requests]
+    assert [c.max_norm for c in batch] == [cap for _, cap in requests]
     controller = EditController(heads, settings, fresh(batch))
     states = torch.randn(len(batch), 8, generator=torch.Generator().manual_seed(0))
     controller.rows.arm()
     edited = controller.maybe_edit(states)
     for i, control in enumerate(batch):
-        head, cap = heads[control.head], radius[control.head]
+        head, cap = heads[control.head], control.max_norm
         with torch.enable_grad():
             free = autograd_ascent(head, states[i:i + 1], control.alpha, control.steps)[0]
             capped = autograd_ascent(head, states[i:i + 1], control.alpha, control.steps,
@@ -148,6 +156,23 @@ def test_each_head_projects_onto_its_own_max_norm():
         assert float((free - states[i]).norm()) > 1.5 * cap, (i, "the cap must bind")
         assert float((edited[i] - states[i]).norm()) <= cap * (1 + 1e-5)
         assert torch.allclose(edited[i], capped, atol=1e-5), (i, control)
+
+    # The "free" head has no radius anywhere: its rows run unprojected unless they ask.
+    free_settings = EngineSettings(value_head="h", backend="torch", value_heads=(
+        ("free", HeadSpec("h3")),))
+    mixed = [resolve_request({"recontrol_head": "free", "recontrol_steps": 4, **extra},
+                             free_settings)
+             for extra in ({}, {"recontrol_max_norm": 0.05}, {})]
+    assert [c.max_norm for c in mixed] == [None, 0.05, None]
+    uncapped = [mixed[0], mixed[0], mixed[2]]
+    runs = []
+    for rows in (mixed, uncapped):
+        ctl = EditController(heads, free_settings, fresh(rows))
+        ctl.rows.arm()
+        runs.append(ctl.maybe_edit(states[:3]))
+    assert torch.equal(runs[0][[0, 2]], runs[1][[0, 2]])  # inf radius: the same bits
+    assert float((runs[0][1] - states[1]).norm()) <= 0.05 * (1 + 1e-5)
+    assert not torch.equal(runs[0][1], runs[1][1])
 
 
 def test_stats_line_counts_calls_and_controlled_rows_per_head(monkeypatch, caplog):

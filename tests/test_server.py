@@ -28,12 +28,13 @@ def complete(client, prompt: str, **xargs) -> str:
 def test_completions_follow_request_keys(server, llama_engine):
     client, _ = server
     cases = [{"recontrol": 0}, {}, {"recontrol_alpha": 2.0, "recontrol_steps": 8},
-             {"recontrol_alpha": 2.0, "recontrol_steps": 8, "recontrol_head": "one-layer"}]
+             {"recontrol_alpha": 2.0, "recontrol_steps": 8, "recontrol_head": "one-layer"},
+             {"recontrol_alpha": 2.0, "recontrol_steps": 8, "recontrol_max_norm": 0.02}]
     texts = [complete(client, PROMPTS[3], **xargs) for xargs in cases]
     offline = [o.outputs[0].text for o in llama_engine.generate(
         [PROMPTS[3]] * len(cases), [greedy(MAX_TOKENS, **x) for x in cases], use_tqdm=False)]
     assert texts == offline
-    assert texts[0] != texts[2] and texts[2] != texts[3]
+    assert texts[0] != texts[2] and texts[2] != texts[3] and texts[2] != texts[4]
 
 
 def test_streamed_completion_equals_unstreamed(server):
@@ -74,6 +75,7 @@ def test_chat_is_controlled(server, llama_engine):
     ({"recontrol": 7}, "recontrol"),
     ({"recontrol_step": 3}, "unknown"),
     ({"recontrol_head": "nope"}, "value heads ['default', 'one-layer']"),
+    ({"recontrol_max_norm": -0.5}, "recontrol_max_norm"),
 ])
 def test_invalid_values_get_400_and_server_keeps_serving(server, xargs, words):
     client, _ = server

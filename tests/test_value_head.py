@@ -24,8 +24,9 @@ def reference_ascent(head: ValueHead, states, alpha, steps, max_norm=None):
             x = (s + u).requires_grad_(True)
             (g,) = torch.autograd.grad(double(x).sum(), x)
             u = u + float(alpha[r]) * g
-            if max_norm is not None:
-                u = u * min(1.0, max_norm / float(u.norm()))
+            radius = max_norm[r] if isinstance(max_norm, (list, tuple)) else max_norm
+            if radius is not None:
+                u = u * min(1.0, radius / float(u.norm()))
         rows.append(s + u)
     return torch.cat(rows)
 
@@ -55,6 +56,33 @@ def test_scalar_alpha_and_steps_and_max_norm():
     want = reference_ascent(head, states, [0.8] * 5, [6] * 5, max_norm=0.05)
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
     assert float((got - states).norm(dim=1).max()) <= 0.05 + 1e-6
+
+
+def test_per_row_max_norm():
+    """One radius per row (inf: none): each row projected onto its own; unprojected rows are
+    the same bits as with no max_norm at all."""
+    torch.manual_seed(5)
+    head = ValueHead(20, [30, 12], seed=5)
+    states = torch.randn(4, 20)
+    radii = [0.05, float("inf"), 0.02, float("inf")]
+    got = head.ascend(states, 0.8, 6, max_norm=radii)
+    want = reference_ascent(head, states, [0.8] * 4, [6] * 4, max_norm=radii)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    plain = head.ascend(states, 0.8, 6)
+    assert torch.equal(got[[1, 3]], plain[[1, 3]])
+    assert float((plain[0] - states[0]).norm()) > 0.1  # the caps bind
+    assert torch.equal(head.ascend(states, 0.8, 6, max_norm=torch.tensor(radii)), got)
+
+
+@pytest.mark.parametrize("max_norm,message", [
+    (0.0, "positive finite"), (float("inf"), "positive finite"), ("1", "positive finite"),
+    ([0.1, 0.2], "2 entries but states have 3 rows"),
+    ([0.1, 0.0, 1.0], "must be > 0"), ([0.1, float("nan"), 1.0], "must be > 0"),
+])
+def test_bad_max_norm_is_refused(max_norm, message):
+    head = ValueHead(6, [5], seed=0)
+    with pytest.raises(ValueError, match=message):
+        head.ascend(torch.randn(3, 6), 0.5, 2, max_norm=max_norm)
 
 
 def test_matches_the_oracle_autograd_head(tmp_path):

@@ -105,14 +105,15 @@ def ascend_float32(
     alpha: Tensor,
     steps: Tensor,
     num_iterations: int,
-    max_norm: float | None = None,
+    max_norm: float | Tensor | None = None,
     workspace: AscentWorkspace | None = None,
 ) -> Tensor:
     """Return u after ``num_iterations`` steps; row r moves only while ``k < steps[r]``.
 
     ``states32`` is ``[B, d]`` float32, ``alpha`` ``[B]`` float32, ``steps`` ``[B]`` integer,
     all on the weights' device. ``max_norm`` projects u back onto the ball ||u|| <= max_norm
-    after every step (projected gradient ascent). A ``workspace`` of exactly B rows is reused
+    after every step (projected gradient ascent); a ``[B]`` tensor gives each row its own
+    radius (inf: unprojected, the same bits as no projection). A ``workspace`` of exactly B rows is reused
     (the returned u lives in it); otherwise one is allocated.
     """
     ws = workspace if workspace is not None else AscentWorkspace.allocate(mlp, states32.shape[0])
@@ -121,8 +122,11 @@ def ascend_float32(
     alpha_col = alpha.view(-1, 1)
     # Tensor constants: a Python scalar in an in-place op allocates a wrapper on every call.
     # torch.full is a fill kernel (torch.tensor would copy from the host: no CUDA graph).
-    radius = (torch.full((1, 1), max_norm, dtype=torch.float32, device=ws.u.device)
-              if max_norm else None)
+    if isinstance(max_norm, Tensor):
+        radius = max_norm.to(torch.float32).view(-1, 1).clamp_min(0.0)
+    else:
+        radius = (torch.full((1, 1), max_norm, dtype=torch.float32, device=ws.u.device)
+                  if max_norm is not None else None)
     for _ in range(num_iterations):
         torch.add(states32, ws.u, out=ws.x)
         value_gradient_into(mlp, ws)
@@ -131,10 +135,11 @@ def ascend_float32(
         ws.remaining.sub_(ws.rate)
         ws.rate.mul_(alpha_col)
         ws.u.addcmul_(ws.grad, ws.rate)
-        if radius is not None:  # u *= max_norm / max(||u||, max_norm)
+        if radius is not None:  # u *= min(1, radius / ||u||); inf radius: times exactly 1
             torch.linalg.vector_norm(ws.u, dim=1, keepdim=True, out=ws.norm)
-            ws.norm.clamp_min_(radius).reciprocal_().mul_(radius)
-            ws.u.mul_(ws.norm)
+            ws.norm.clamp_min_(1e-30)
+            torch.div(radius, ws.norm, out=ws.norm)
+            ws.u.mul_(ws.norm.clamp_max_(1.0))
     return ws.u
 
 

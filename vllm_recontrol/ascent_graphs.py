@@ -76,6 +76,7 @@ class _Static:
     states: torch.Tensor
     alpha: torch.Tensor
     steps: torch.Tensor
+    radius: torch.Tensor  # per-row max_norm (inf: unprojected), read only by projected graphs
     out: torch.Tensor
 
     @classmethod
@@ -84,6 +85,7 @@ class _Static:
         return cls(states=torch.zeros(rows, dim, device=device, dtype=f32),
                    alpha=torch.zeros(rows, device=device, dtype=f32),
                    steps=torch.zeros(rows, device=device, dtype=torch.int64),
+                   radius=torch.full((rows,), float("inf"), device=device, dtype=f32),
                    out=torch.zeros(rows, dim, device=device, dtype=f32))
 
 
@@ -106,36 +108,46 @@ class AscentGraphs:
         self.warm = False  # set by the warm-up: later captures happen while serving
 
     def run(self, mlp: MLPWeights, states32: torch.Tensor, alpha: torch.Tensor,
-            steps: torch.Tensor, num_iterations: int, max_norm: float | None,
+            steps: torch.Tensor, num_iterations: int, max_norm: float | torch.Tensor | None,
             precision: str, batch_invariant: bool = False,
             backend: str = "triton") -> torch.Tensor:
         """u for ``states32`` (``[B, d]`` float32); valid until the next call. ``backend``
-        "torch" replays the closed form (``ascend_float32``, fp32 weights) instead."""
+        "torch" replays the closed form (``ascend_float32``, fp32 weights) instead.
+        ``max_norm`` (one radius, or one per row) goes through a buffer too, so every radius
+        shares the projected graph of its shape."""
 
         rows, dim = states32.shape
         bucket = bucket_rows(rows)
         device = states32.device
         static = self.reserve(bucket, dim, device)
-        states_in, alpha_in, steps_in, out = (t[:bucket] for t in (
-            static.states, static.alpha, static.steps, static.out))
+        states_in, alpha_in, steps_in, radius_in, out = (t[:bucket] for t in (
+            static.states, static.alpha, static.steps, static.radius, static.out))
         states_in[:rows].copy_(states32)
         alpha_in[:rows].copy_(alpha)
         alpha_in[rows:].zero_()
         steps_in[:rows].copy_(steps)
         steps_in[rows:].zero_()
+        project = max_norm is not None
+        if project:
+            if isinstance(max_norm, torch.Tensor):
+                radius_in[:rows].copy_(max_norm)
+            else:
+                radius_in[:rows].fill_(max_norm)
+            radius_in[rows:].fill_(float("inf"))
+        radius = radius_in if project else None
 
         if backend == "torch":
             def ascent() -> None:  # its scratch comes from the graph pool, like the kernel's
                 out.copy_(ascend_float32(mlp, states_in, alpha_in, steps_in, num_iterations,
-                                         max_norm))
+                                         radius))
         else:
             from .kernels.value_ascent import triton_ascend
 
             def ascent() -> None:
-                triton_ascend(mlp, states_in, alpha_in, steps_in, num_iterations, max_norm,
+                triton_ascend(mlp, states_in, alpha_in, steps_in, num_iterations, radius,
                               precision=precision, out=out, batch_invariant=batch_invariant)
 
-        key = (bucket, dim, device, num_iterations, max_norm, backend, precision,
+        key = (bucket, dim, device, num_iterations, project, backend, precision,
                batch_invariant, tuple(t.data_ptr() for t in (*mlp.weights, *mlp.biases)))
         graph = self._graph(key, ascent, mlp, device) if self.capture else None
         if graph is None:

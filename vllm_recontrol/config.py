@@ -28,7 +28,8 @@ REQUEST_SWITCH = "recontrol"
 REQUEST_ALPHA = "recontrol_alpha"
 REQUEST_STEPS = "recontrol_steps"
 REQUEST_HEAD = "recontrol_head"
-REQUEST_KEYS = (REQUEST_SWITCH, REQUEST_ALPHA, REQUEST_STEPS, REQUEST_HEAD)
+REQUEST_MAX_NORM = "recontrol_max_norm"
+REQUEST_KEYS = (REQUEST_SWITCH, REQUEST_ALPHA, REQUEST_STEPS, REQUEST_HEAD, REQUEST_MAX_NORM)
 
 ENGINE_KEYS = ("value_head", "value_heads", "alpha", "steps", "default_on", "max_steps",
                "max_norm", "backend", "precision", "cuda_graphs", "warmup_steps",
@@ -169,11 +170,13 @@ class EngineSettings:
 
 @dataclass(frozen=True)
 class RowControl:
-    """What one request asks for: ``steps == 0`` means uncontrolled."""
+    """What one request asks for: ``steps == 0`` means uncontrolled; ``max_norm`` is the
+    radius its u is projected onto (None: none)."""
 
     alpha: float
     steps: int
     head: str = DEFAULT_HEAD
+    max_norm: float | None = None
 
     @property
     def active(self) -> bool:
@@ -203,6 +206,10 @@ def check_request_args(extra_args: Mapping[str, Any] | None, max_steps: int,
         if steps > max_steps:
             raise RequestParamsError(f"{REQUEST_STEPS} = {steps} exceeds this server's max_steps "
                                      f"= {max_steps}")
+    if REQUEST_MAX_NORM in extra_args:
+        radius = _as_float(extra_args[REQUEST_MAX_NORM], REQUEST_MAX_NORM, RequestParamsError)
+        if radius <= 0:
+            raise RequestParamsError(f"{REQUEST_MAX_NORM} must be > 0, got {radius}")
     if REQUEST_HEAD in extra_args and extra_args[REQUEST_HEAD] not in heads:
         raise RequestParamsError(f"{REQUEST_HEAD} = {extra_args[REQUEST_HEAD]!r} is not one of "
                                  f"this server's value heads {list(heads)}")
@@ -212,8 +219,10 @@ def resolve_request(extra_args: Mapping[str, Any] | None, engine: EngineSettings
     """The control a request gets: its own keys over the engine defaults.
 
     Without a ``recontrol`` key a request is controlled when the engine's ``default_on`` is set
-    or when it names its own alpha, steps or value head. Values were checked at admission;
-    they are checked again here so that nothing unchecked reaches the kernel.
+    or when it names its own alpha, steps, value head or max_norm. Its ``max_norm`` can only
+    tighten the radius its head has (the head's own, else the engine's): the server's bound
+    stays a bound. Values were checked at admission; they are checked again here so that
+    nothing unchecked reaches the kernel.
     """
     args = extra_args or {}
     check_request_args(args, engine.max_steps, engine.head_names)
@@ -221,14 +230,19 @@ def resolve_request(extra_args: Mapping[str, Any] | None, engine: EngineSettings
         on = _as_switch(args[REQUEST_SWITCH], REQUEST_SWITCH, RequestParamsError)
     else:
         on = engine.default_on or any(k in args for k in (REQUEST_ALPHA, REQUEST_STEPS,
-                                                          REQUEST_HEAD))
+                                                          REQUEST_HEAD, REQUEST_MAX_NORM))
     if not on:
         return UNCONTROLLED
     head = args.get(REQUEST_HEAD, DEFAULT_HEAD)
     alpha, steps = engine.defaults_for(head)
     alpha = _as_float(args.get(REQUEST_ALPHA, alpha), REQUEST_ALPHA, RequestParamsError)
     steps = _as_int(args.get(REQUEST_STEPS, steps), REQUEST_STEPS, RequestParamsError, low=0)
-    return RowControl(alpha=alpha, steps=min(steps, engine.max_steps), head=head)
+    radius = engine.max_norm_for(head)
+    if REQUEST_MAX_NORM in args:
+        own = _as_float(args[REQUEST_MAX_NORM], REQUEST_MAX_NORM, RequestParamsError)
+        radius = own if radius is None else min(own, radius)
+    return RowControl(alpha=alpha, steps=min(steps, engine.max_steps), head=head,
+                      max_norm=radius)
 
 
 def _as_auto_switch(value: Any, name: str) -> bool | None:

@@ -7,6 +7,7 @@ the logits layer device tensors for exactly the next sampling call. Nothing here
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
@@ -38,6 +39,7 @@ class HeadGroup:
     steps: torch.Tensor  # 0 for uncontrolled rows when ``rows`` is None
     max_steps: int
     controlled: int = 0  # rows this head edits in the call
+    radius: torch.Tensor | None = None  # per-row max_norm (inf: none); None: no row capped
 
 
 @dataclass
@@ -50,8 +52,8 @@ class EditStats:
 
 
 class RowControls:
-    """(alpha, steps, head) per persistent-batch row, mirrored to the device when the batch
-    changes.
+    """(alpha, steps, head, max_norm) per persistent-batch row, mirrored to the device when
+    the batch changes.
 
     ``arm()`` is called once before each forward pass; ``take(rows)`` is then valid for the
     first logits call of that pass only. Later calls in the same pass (prompt logprobs) and
@@ -139,7 +141,10 @@ class RowControls:
             alpha=upload([r.alpha for r in chosen], torch.float32),
             steps=upload([r.steps for r in chosen], torch.int64),
             max_steps=max(r.steps for r in chosen),
-            controlled=sum(r.active for r in chosen))
+            controlled=sum(r.active for r in chosen),
+            radius=(upload([math.inf if r.max_norm is None else r.max_norm for r in chosen],
+                           torch.float32)
+                    if any(r.max_norm is not None for r in chosen) else None))
 
 
 _ROWS_BY_ENGINE: dict[str, RowControls] = {}
@@ -278,7 +283,7 @@ class EditController:
 
     def _ascend(self, group: HeadGroup, states: torch.Tensor) -> torch.Tensor:
         return self.heads[group.head].ascend(
-            states, group.alpha, group.steps, max_norm=self.settings.max_norm_for(group.head),
+            states, group.alpha, group.steps, max_norm=group.radius,
             num_iterations=group.max_steps, backend=self.backends[group.head],
             precision=self.settings.precision, cuda_graphs=self.settings.cuda_graphs,
             batch_invariant=self.batch_invariant)

@@ -100,7 +100,7 @@ class ValueHead(nn.Module):
         states: torch.Tensor,
         alpha: float | torch.Tensor,
         steps: int | torch.Tensor,
-        max_norm: float | None = None,
+        max_norm: float | Sequence[float] | torch.Tensor | None = None,
         num_iterations: int | None = None,
         backend: str = "auto",
         precision: str = "auto",
@@ -110,6 +110,9 @@ class ValueHead(nn.Module):
         """RE-Control: u = 0; ``steps`` times u += alpha * grad V(s + u); return s + u.
 
         ``states`` is ``[B, d]`` in any float dtype; ``alpha``/``steps`` are scalars or per-row.
+        ``max_norm`` projects u onto ||u|| <= max_norm after every step: one radius, or one
+        per row (inf: that row unprojected; a CUDA tensor's values are not checked, which
+        would cost a host sync: 0 or less leaves a row unedited).
         Rows with ``steps == 0`` or ``alpha == 0``, and rows whose edit is not finite, come back
         bit-identical. ``num_iterations`` (>= max steps) spares a device sync when known.
         ``backend``: "torch" (closed form), "triton" (fused kernel) or "auto" (Triton on CUDA;
@@ -130,8 +133,7 @@ class ValueHead(nn.Module):
                 f"states must be [B, {self.hidden_size}], got {list(states.shape)}")
         if not states.is_floating_point():
             raise ValueError(f"states must be floating point, got {states.dtype}")
-        if max_norm is not None and not (max_norm > 0 and math.isfinite(max_norm)):
-            raise ValueError(f"max_norm must be a positive finite number, got {max_norm}")
+        max_norm = checked_radius(max_norm, states.shape[0])
         resolved = choose_backend(backend, self.layers[0].weight.device, len(self.widths),
                                   precision)
         product_precision = choose_precision(precision, resolved)
@@ -144,6 +146,8 @@ class ValueHead(nn.Module):
         if rows == 0 or num_iterations <= 0:
             return states.clone()
         states32 = states.to(device=device, dtype=torch.float32)
+        if isinstance(max_norm, torch.Tensor):
+            max_norm = max_norm.to(device=device, dtype=torch.float32)
         if cuda_graphs and device.type == "cuda":
             u = self._graph_cache().run(mlp, states32, alpha_rows, steps_rows, num_iterations,
                                  max_norm, product_precision, batch_invariant, resolved)
@@ -324,6 +328,24 @@ class ValueHead(nn.Module):
                 layer.weight.copy_(tensors[f"layers.{i}.weight"])
                 layer.bias.copy_(tensors[f"layers.{i}.bias"])
         return head.to(device=device, dtype=dtype)
+
+
+def checked_radius(max_norm: Any, rows: int) -> float | torch.Tensor | None:
+    """``max_norm`` as a float or a ``[rows]`` tensor, refused when it is not positive (or,
+    per row, inf for no projection); a CUDA tensor's values are left unchecked (no sync)."""
+    if max_norm is None:
+        return None
+    if not isinstance(max_norm, torch.Tensor) and not isinstance(max_norm, (list, tuple)):
+        if not (isinstance(max_norm, (int, float)) and max_norm > 0 and math.isfinite(max_norm)):
+            raise ValueError(f"max_norm must be a positive finite number, got {max_norm!r}")
+        return float(max_norm)
+    radius = torch.as_tensor(max_norm, dtype=torch.float32).reshape(-1)
+    if radius.shape[0] != rows:
+        raise ValueError(f"max_norm has {radius.shape[0]} entries but states have {rows} rows")
+    if radius.device.type == "cpu" and not bool(((radius > 0) & ~radius.isnan()).all()):
+        raise ValueError(f"per-row max_norm values must be > 0 (inf: unprojected), got "
+                         f"{radius.tolist()}")
+    return radius
 
 
 def _check_shape_config(hidden_size: Any, widths: Any, source: str) -> None:
