@@ -27,6 +27,12 @@ def test_demo_runs_end_to_end_and_control_beats_base(tmp_path):
     assert float(best["reward"]) > float(base["reward"]) + 0.2
     assert float(best["win vs. base"]) > 0.5
     assert float(best["diversity"]) > 0.9 * float(base["diversity"])  # diversity within 10%
+    # alpha 3 / 20 steps reward-hacks (diversity collapses); within radius 8 it does not
+    strong = [r for r in rows["re-control"] if (r["alpha"], r["steps"]) == ("3", "20")]
+    free, bounded = sorted(strong, key=lambda r: r["max_norm"] != "-")
+    assert (free["max_norm"], bounded["max_norm"]) == ("-", "8")
+    assert float(bounded["reward"]) > float(free["reward"]) + 0.2
+    assert float(bounded["diversity"]) > float(free["diversity"]) + 0.05
     assert (tmp_path / "demo" / "eval" / "reward_vs_throughput.png").is_file()
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert header in readme.splitlines()  # the README shows the table the demo prints

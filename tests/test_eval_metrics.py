@@ -33,13 +33,18 @@ def test_win_rate_counts_wins_and_half_ties():
 
 
 def test_grid_syntax():
-    assert parse_grid("0.5:10, 1:20") == [(0.5, 10, "default"), (1.0, 20, "default")]
-    assert parse_grid([[2, 3]]) == [(2.0, 3, "default")]
-    assert parse_grid("1:30:mc, 2:30", heads=("default", "mc")) == [(1.0, 30, "mc"),
-                                                                     (2.0, 30, "default")]
+    assert parse_grid("0.5:10, 1:20") == [(0.5, 10, "default", None), (1.0, 20, "default", None)]
+    assert parse_grid([[2, 3]]) == [(2.0, 3, "default", None)]
+    assert parse_grid("1:30:mc, 2:30", heads=("default", "mc")) == [
+        (1.0, 30, "mc", None), (2.0, 30, "default", None)]
     assert parse_grid([[1, 30, "mc"]], heads=("default", "mc"))[0].head == "mc"
-    for bad in ["0.5", "x:3", "0.5:0", "-1:3", "", "1:2:mc:x"]:
-        with pytest.raises(RecontrolError, match="alpha:steps"):
+    assert parse_grid("3:20:norm=0.5, 1:30:mc:norm=2, 1:30:norm=1:mc",
+                      heads=("default", "mc")) == [
+        (3.0, 20, "default", 0.5), (1.0, 30, "mc", 2.0), (1.0, 30, "mc", 1.0)]
+    assert parse_grid([[3, 20, None, 0.5]]) == [(3.0, 20, "default", 0.5)]
+    for bad in ["0.5", "x:3", "0.5:0", "-1:3", "", "1:2:mc:x", "1:2:norm=0", "1:2:norm=x",
+                "1:2:norm=1:norm=2", "1:2:norm=inf", [[1, 2, None, -1]], [[1, 2, "mc", 1, 5]]]:
+        with pytest.raises(RecontrolError, match=r"alpha:steps\[:head\]\[:norm=R\]"):
             parse_grid(bad, heads=("default", "mc"))
     with pytest.raises(RecontrolError, match="names the value head 'td'; this evaluation has "
                                              r"\['default', 'mc'\]"):
@@ -61,6 +66,12 @@ def test_table_has_a_head_column_only_when_a_further_head_ran():
     assert lines[3].startswith("| re-control | default | 1 | 30 |")
     assert lines[4].startswith("| re-control | mc | 1 | 30 |")
     assert all(line.count("|") == lines[0].count("|") for line in lines[1:5])
+    capped = markdown_table([row("base"), row("re-control", alpha=3, steps=20),
+                             row("re-control", alpha=3, steps=20, max_norm=0.5)],
+                            Coherence.load(None)).splitlines()
+    assert capped[0].startswith("| method | alpha | steps | max_norm | N |")
+    assert capped[3].startswith("| re-control | 3 | 20 | - | 1 |")
+    assert capped[4].startswith("| re-control | 3 | 20 | 0.5 | 1 |")
 
 
 def test_table_reports_unavailable_coherence_with_its_reason():

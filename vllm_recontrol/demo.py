@@ -7,7 +7,8 @@
 3. ``label``: the rule-based reward on every response.
 4. ``train``: a value head (Monte Carlo targets, which fit this world best).
 5. ``eval``: on 64 held-out prompts, base generation vs. RE-Control over an alpha x steps grid
-   and Best-of-4, all in one vLLM engine; prints the table and saves the plots.
+   (the strongest point also with a norm bound on u) and Best-of-4, all in one vLLM engine;
+   prints the table and saves the plots.
 
 The prompting baselines of ``eval`` are left out here: the toy LM follows no instructions, and
 any text put before its prompt reads as a finished document (it then stops at once; measured
@@ -26,10 +27,13 @@ REWARD_FN = "vllm_recontrol.toy_world:positive_share"
 ENGINE_ARGS = {"dtype": "float32", "enforce_eager": True, "max_model_len": 128,
                "kv_cache_memory_bytes": 64 << 20}
 TRAIN_OPTIONS = dict(target="mc", lr=1e-3, batch_size=64, epochs=60, widths=[64])
+# The last point is the one before it with u kept within radius 8 (recontrol_max_norm): a
+# control strong enough to reward-hack, held back by the norm bound.
+DEMO_GRID = "0.5:10,1.0:30,2.0:30,3.0:20,3.0:20:norm=8"
 
 
 def run_demo(workdir: Path, train_prompts: int = 600, eval_prompts: int = 64,
-             grid: str = "0.5:10,1.0:30,2.0:30,3.0:20", best_of: int = 4,
+             grid: str = DEMO_GRID, best_of: int = 4,
              max_tokens: int = 16) -> dict[str, Any]:
     """Every step through the package's real entry points; returns the eval report."""
     import torch
@@ -76,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=Path("recontrol-demo"))
     parser.add_argument("--train-prompts", type=int, default=600)
     parser.add_argument("--eval-prompts", type=int, default=64)
-    parser.add_argument("--grid", default="0.5:10,1.0:30,2.0:30,3.0:20")
+    parser.add_argument("--grid", default=DEMO_GRID)
     parser.add_argument("--best-of", type=int, default=4)
     args = parser.parse_args(argv)
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # keep the report readable

@@ -29,6 +29,7 @@ class Method:
     head: str = DEFAULT_HEAD
     n: int = 1              # samples per prompt (Best-of-N)
     prompting: bool = False  # with the system prompt
+    max_norm: float | None = None  # the controlled requests' recontrol_max_norm
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,8 @@ class EvalEngine:
                                  if method.steps else {"recontrol": 0})
         if method.steps and method.head != DEFAULT_HEAD:
             extra["recontrol_head"] = method.head
+        if method.steps and method.max_norm is not None:
+            extra["recontrol_max_norm"] = method.max_norm
         temperature = s.bon_temperature if method.n > 1 else s.temperature
         system_prompt = s.system_prompt if method.prompting else None
         params = [SamplingParams(n=method.n, temperature=temperature, max_tokens=s.max_tokens,

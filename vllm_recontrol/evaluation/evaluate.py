@@ -41,7 +41,7 @@ class EvalOptions:
     reward_fn: Any = None
     reward_model: str | None = None
     value_heads: dict | None = None       # {name: path} of further heads, for grid entries
-    grid: Any = "0.5:10,1.0:20"          # "alpha:steps[:head],..." or [[alpha, steps(, head)]]
+    grid: Any = "0.5:10,1.0:20"          # "alpha:steps[:head][:norm=R],..." or lists
     best_of: Any = (4,)                   # N values for Best-of-N; empty to skip
     control_best_of: bool = False         # also Best-of-N of controlled samples (top grid point)
     system_prompt: str | None = DEFAULT_SYSTEM_PROMPT  # None or "" skips the prompting rows
@@ -91,6 +91,7 @@ class MethodResult:
     head: str = DEFAULT_HEAD
     n: int = 1
     prompting: bool = False
+    max_norm: float | None = None         # recontrol_max_norm of the controlled requests
     reward: float = math.nan
     win_rate: float = math.nan            # vs. base, per prompt, by the same reward
     diversity: float = math.nan
@@ -105,7 +106,7 @@ class MethodResult:
     @property
     def key(self) -> str:
         """Names the method uniquely within one evaluation (the judge's order coin)."""
-        return f"{self.method}:{self.alpha:g}:{self.steps}:{self.head}:{self.n}"
+        return f"{self.method}:{self.alpha:g}:{self.steps}:{self.head}:{self.n}:{self.max_norm}"
 
     @property
     def tokens_per_s(self) -> float:
@@ -121,27 +122,45 @@ class GridPoint(NamedTuple):
     alpha: float
     steps: int
     head: str = DEFAULT_HEAD
+    max_norm: float | None = None
+
+
+NORM_FIELD = "norm="
 
 
 def parse_grid(grid: Any, heads: Sequence[str] = (DEFAULT_HEAD,)) -> list[GridPoint]:
-    """``"0.5:10,1:20:mc"`` or ``[[0.5, 10], [1, 20, "mc"]]`` to GridPoints; the optional third
-    field names one of ``heads`` (the default head when absent)."""
+    """``"0.5:10,1:20:mc,2:30:norm=0.5"`` or ``[[0.5, 10], [1, 20, "mc"], [2, 30, None, 0.5]]``
+    to GridPoints: after alpha and steps, optionally one of ``heads`` (the default head when
+    absent or None) and a ``norm=R`` radius for the requests' ``recontrol_max_norm``."""
     items = grid.split(",") if isinstance(grid, str) else list(grid)
     points = []
     for item in items:
-        parts = [p.strip() for p in item.split(":")] if isinstance(item, str) else list(item)
         try:
+            if isinstance(item, str):
+                parts = [p.strip() for p in item.split(":")]
+                norms = [p for p in parts[2:] if p.startswith(NORM_FIELD)]
+                names = [p for p in parts[2:] if not p.startswith(NORM_FIELD)]
+                if len(norms) > 1 or len(names) > 1:
+                    raise ValueError
+                head = names[0] if names else DEFAULT_HEAD
+                max_norm = float(norms[0][len(NORM_FIELD):]) if norms else None
+            else:
+                parts = list(item)
+                if len(parts) > 4:
+                    raise ValueError
+                head = parts[2] if len(parts) > 2 and parts[2] is not None else DEFAULT_HEAD
+                max_norm = float(parts[3]) if len(parts) > 3 else None
             alpha, steps = float(parts[0]), int(parts[1])
-            if len(parts) not in (2, 3) or alpha < 0 or steps < 1:
+            if alpha < 0 or steps < 1 or (max_norm is not None and not
+                                          (max_norm > 0 and math.isfinite(max_norm))):
                 raise ValueError
         except (ValueError, IndexError, TypeError):
-            raise RecontrolError(f"grid entry {item!r} must be alpha:steps or alpha:steps:head "
-                                 "with alpha >= 0 and steps >= 1") from None
-        head = parts[2] if len(parts) == 3 else DEFAULT_HEAD
+            raise RecontrolError(f"grid entry {item!r} must be alpha:steps[:head][:norm=R] "
+                                 "with alpha >= 0, steps >= 1 and R > 0") from None
         if head not in heads:
             raise RecontrolError(f"grid entry {item!r} names the value head {head!r}; this "
                                  f"evaluation has {list(heads)} (add heads with value_heads)")
-        points.append(GridPoint(alpha, steps, head))
+        points.append(GridPoint(alpha, steps, head, max_norm))
     if not points:
         raise RecontrolError("the RE-Control grid is empty")
     return points
@@ -170,27 +189,29 @@ class Evaluator:
     def run(self, result: MethodResult) -> MethodResult:
         samples, result.seconds = self.engines.run(Method(
             alpha=result.alpha, steps=result.steps, head=result.head, n=result.n,
-            prompting=result.prompting))
+            prompting=result.prompting, max_norm=result.max_norm))
         return judge(result, self.prompts, samples, self.score, self.coherence)
 
     def methods(self) -> list[MethodResult]:
         """Base, the RE-Control grid, Best-of-N (and, asked for, RE-Control + Best-of-N),
         prompting, RE-Control + prompting; the combinations use the grid's best point."""
         results = [self.run(MethodResult("base"))]
-        grid = [self.run(MethodResult("re-control", alpha=p.alpha, steps=p.steps, head=p.head))
+        grid = [self.run(MethodResult("re-control", alpha=p.alpha, steps=p.steps, head=p.head,
+                                      max_norm=p.max_norm))
                 for p in self.grid]
         results += grid
         top = max(grid, key=lambda r: r.reward)
         results += [self.run(MethodResult(f"best-of-{n}", n=n)) for n in self.best_of()]
         if self.opts.control_best_of:  # the two combine: N controlled samples, the best kept
             results += [self.run(MethodResult(f"re-control + best-of-{n}", alpha=top.alpha,
-                                              steps=top.steps, head=top.head, n=n))
+                                              steps=top.steps, head=top.head, n=n,
+                                              max_norm=top.max_norm))
                         for n in self.best_of()]
         if self.opts.system_prompt:
             results.append(self.run(MethodResult("prompting", prompting=True)))
             results.append(self.run(MethodResult("re-control + prompting", alpha=top.alpha,
                                                  steps=top.steps, head=top.head,
-                                                 prompting=True)))
+                                                 prompting=True, max_norm=top.max_norm)))
         for result in results:
             result.win_rate = win_rate(result.rewards, results[0].rewards)
         return results
@@ -231,11 +252,14 @@ def judge(result: MethodResult, prompts: Sequence[str], samples: Samples, score:
 def markdown_table(results: Sequence[MethodResult], coherence: Coherence,
                    judge_against: str = "base") -> str:
     """One row per method; a ``head`` column only when some row used a further value head,
-    a judge column only when an LLM judge ran."""
+    a ``max_norm`` column only when some row had one, a judge column only when an LLM judge
+    ran."""
     base = results[0]
     heads = any(r.head != DEFAULT_HEAD for r in results)
+    norms = any(r.max_norm is not None for r in results)
     judged = any(r.judge for r in results)
-    columns = ["method", *(["head"] if heads else []), "alpha", "steps", "N", "reward",
+    columns = ["method", *(["head"] if heads else []), "alpha", "steps",
+               *(["max_norm"] if norms else []), "N", "reward",
                "win vs. base", *([f"judge win vs. {judge_against}"] if judged else []),
                "diversity", "coherence", "generated tok/s", "delivered tok/s",
                "delivered vs. base"]
@@ -244,7 +268,9 @@ def markdown_table(results: Sequence[MethodResult], coherence: Coherence,
         coh = f"{r.coherence:.3f}" if r.coherence is not None else "n/a"
         head = [r.head if r.steps else "-"] if heads else []
         judge = [judge_cell(r.judge)] if judged else []
-        cells = [r.method, *head, f"{r.alpha:g}", str(r.steps), str(r.n), f"{r.reward:.4f}",
+        norm = [f"{r.max_norm:g}" if r.max_norm is not None else "-"] if norms else []
+        cells = [r.method, *head, f"{r.alpha:g}", str(r.steps), *norm, str(r.n),
+                 f"{r.reward:.4f}",
                  f"{r.win_rate:.3f}", *judge, f"{r.diversity:.3f}", coh, f"{r.tokens_per_s:.1f}",
                  f"{r.delivered_per_s:.1f}", f"{r.delivered_per_s / base.delivered_per_s:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -356,8 +382,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--reward-model", help="Hugging Face sequence-classification model")
     parser.add_argument("--value-heads", type=json_argument,
                         help='JSON {"name": "/path/to/head"} of further heads for the grid')
-    parser.add_argument("--grid", help='RE-Control settings "alpha:steps[:head],..." (default '
-                        '"0.5:10,1.0:20"; head: a name of --value-heads)')
+    parser.add_argument("--grid", help='RE-Control settings "alpha:steps[:head][:norm=R],..." '
+                        '(default "0.5:10,1.0:20"; head: a name of --value-heads; R: the '
+                        "requests' recontrol_max_norm)")
     parser.add_argument("--best-of", type=int, nargs="*", help="N values for Best-of-N")
     parser.add_argument("--control-best-of", action="store_true",
                         help="also Best-of-N of controlled samples, at the best grid point")
