@@ -113,8 +113,8 @@ def ascend_float32(
     ``states32`` is ``[B, d]`` float32, ``alpha`` ``[B]`` float32, ``steps`` ``[B]`` integer,
     all on the weights' device. ``max_norm`` projects u back onto the ball ||u|| <= max_norm
     after every step (projected gradient ascent); a ``[B]`` tensor gives each row its own
-    radius (inf: unprojected, the same bits as no projection). A ``workspace`` of exactly B rows is reused
-    (the returned u lives in it); otherwise one is allocated.
+    radius (inf: unprojected, the same bits as no projection). A ``workspace`` of exactly B
+    rows is reused (the returned u lives in it); otherwise one is allocated.
     """
     ws = workspace if workspace is not None else AscentWorkspace.allocate(mlp, states32.shape[0])
     ws.u.zero_()
