@@ -156,6 +156,25 @@ def test_eval_refuses_bad_replicas_before_starting_an_engine(options, message):
         Evaluator(EvalOptions(model="m", value_head="h", prompts="p", **options), [], None, None)
 
 
+def test_reward_actors_need_ray_and_a_cluster_that_holds_every_actor(tmp_path):
+    from types import SimpleNamespace
+
+    from vllm_recontrol.evaluation.evaluate import evaluate
+    from vllm_recontrol.training.ray_pool import _check_resources
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "hello"}\n')
+    with pytest.raises(RecontrolError, match="needs ray .*the reward model on Ray actors"):
+        evaluate(model="m", value_head="h", prompts=str(prompts), reward_replicas=2,
+                 reward_fn="vllm_recontrol.toy_world:positive_share")
+    cluster = SimpleNamespace(cluster_resources=lambda: {"CPU": 4.0, "GPU": 8.0})
+    rewards = SimpleNamespace(replicas=2, ray_num_cpus=1.0, ray_num_gpus=1.0)
+    _check_resources(cluster, rewards, {"CPU": 2.0, "GPU": 6.0})  # exactly full
+    with pytest.raises(RecontrolError, match=r"2 replicas x 1.0 GPU per actor = 2.0 GPU \(\+ 7.0 "
+                       r"GPU for this job's other actors\), but the Ray cluster has 8.0"):
+        _check_resources(cluster, rewards, {"CPU": 2.0, "GPU": 7.0})
+
+
 @pytest.mark.parametrize("value_heads", [["heads/mc"], {"mc": 3}])
 def test_eval_refuses_malformed_value_heads_before_starting_an_engine(value_heads):
     from vllm_recontrol.evaluation.evaluate import EvalOptions, Evaluator

@@ -246,13 +246,16 @@ def test_eval_command_compares_every_method(world, eval_report):
 
 def test_eval_on_ray_replicas_gives_the_single_engines_results(world, trained, eval_report,
                                                                judge_url, tmp_path):
-    """`eval --ray --replicas 2`: two engines in Ray actors, 12 prompts each, with the
-    single engine's per-prompt seeds, so every method's responses and rewards are the single
-    engine's (greedy, Best-of-N sampling, control with either head, prompting)."""
+    """`eval --ray --replicas 2 --reward-replicas 2`: two engines in Ray actors, 12 prompts
+    each, with the single engine's per-prompt seeds, and the reward on two more actors, each
+    scoring half of every method's responses: every method's responses and rewards are the
+    single engine's (greedy, Best-of-N sampling, control with either head, prompting)."""
     pytest.importorskip("ray")
-    report = run_eval(world, trained, judge_url, tmp_path / "eval-ray", "--ray", "--replicas", "2",
-                      "--ray-num-cpus", "1")
+    report = run_eval(world, trained, judge_url, tmp_path / "eval-ray", "--ray",
+                      "--replicas", "2", "--ray-num-cpus", "1",
+                      "--reward-replicas", "2", "--reward-num-cpus", "0")
     assert report["options"]["replicas"] == 2 and report["num_prompts"] == 24
+    assert report["options"]["reward_replicas"] == 2
     assert len(report["results"]) == len(eval_report["results"]) == 7
     for ray_row, one_row in zip(report["results"], eval_report["results"]):
         for key in ("method", "head", "alpha", "steps", "n", "rewards", "generated_tokens",

@@ -12,6 +12,7 @@ add the paper's pairwise win rate, against base or against the data set's own an
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -28,6 +29,7 @@ from .engines import EnginePool, EngineSettings, Method, Samples
 from .llm_judge import JUDGE_TEMPLATE, JudgeClient, JudgeSettings, judge_methods
 from .metrics import Coherence, diversity, mean, win_rate
 from .plots import save_plots
+from .scoring import RewardPool
 
 DEFAULT_SYSTEM_PROMPT = ("You are a helpful, honest and harmless assistant. Answer the user "
                          "helpfully and avoid anything harmful or offensive.")
@@ -70,6 +72,9 @@ class EvalOptions:
     ray_address: str | None = None
     ray_num_cpus: float = 1.0
     ray_num_gpus: float = 0.0
+    reward_replicas: int = 1              # >1 (with ray): the reward model on that many actors
+    reward_num_cpus: float = 1.0
+    reward_num_gpus: float = 0.0
     judge_url: str | None = None          # OpenAI-compatible endpoint of an LLM judge
     judge_model: str | None = None
     judge_api_key_env: str = "OPENAI_API_KEY"  # the key's variable (never the key itself)
@@ -319,14 +324,33 @@ def judge_results(client: JudgeClient, prompts: Sequence[str], results: list[Met
         r.judge = summaries[r.key].as_dict()
 
 
-def reward_source(opts: EvalOptions) -> RewardSource:
+def reward_source_arguments(opts: EvalOptions) -> dict[str, Any]:
     """The judge of every method: a function, or a reward model taken as ``label`` takes it
-    (dtype, output index, input length), loaded on first use."""
-    return RewardSource(reward_fn=opts.reward_fn, reward_model=opts.reward_model,
-                        device=opts.device, dtype=opts.rm_dtype,
-                        batch_size=opts.reward_batch_size, max_length=opts.rm_max_length,
-                        reward_index=opts.reward_index,
-                        trust_remote_code=opts.trust_remote_code, command="eval")
+    (dtype, output index, input length)."""
+    return dict(reward_fn=opts.reward_fn, reward_model=opts.reward_model, device=opts.device,
+                dtype=opts.rm_dtype, batch_size=opts.reward_batch_size,
+                max_length=opts.rm_max_length, reward_index=opts.reward_index,
+                trust_remote_code=opts.trust_remote_code, command="eval")
+
+
+def reward_source(opts: EvalOptions) -> RewardSource:
+    """The reward source in this process (a model loads on first use)."""
+    return RewardSource(**reward_source_arguments(opts))
+
+
+def reward_scoring(opts: EvalOptions, source: RewardSource,
+                   stack: contextlib.ExitStack) -> Callable:
+    """``source.score`` here, or the same source on ``reward_replicas`` Ray actors, placed
+    before the engines' actors and counted with them in the cluster's resources."""
+    check_replicas(opts.reward_replicas, opts.ray, "the reward model on Ray actors")
+    if opts.reward_replicas == 1:
+        return source.score
+    engines = opts.replicas if opts.ray else 0
+    pool = stack.enter_context(RewardPool(
+        reward_source_arguments(opts), opts.reward_replicas, opts.reward_num_cpus,
+        opts.reward_num_gpus, opts.ray_address,
+        reserve={"CPU": engines * opts.ray_num_cpus, "GPU": engines * opts.ray_num_gpus}))
+    return pool.score
 
 
 def evaluate(**options: Any) -> dict[str, Any]:
@@ -338,13 +362,14 @@ def evaluate(**options: Any) -> dict[str, Any]:
     references = (load_references(opts.prompts, opts.split, opts.reference_column,
                                   opts.prompt_column, max_prompts=opts.max_prompts)
                   if judge and opts.judge_against == "reference" else None)
-    source = reward_source(opts)
+    source = reward_source(opts)  # also with actors: a bad function fails before Ray starts
     coherence = Coherence.load(opts.embedding_model, opts.device)
-    evaluator = Evaluator(opts, prompts, source.score, coherence)
-    try:
-        results = evaluator.methods()
-    finally:
-        evaluator.close()
+    with contextlib.ExitStack() as stack:
+        evaluator = Evaluator(opts, prompts, reward_scoring(opts, source, stack), coherence)
+        try:
+            results = evaluator.methods()
+        finally:
+            evaluator.close()
     if judge:
         judge_results(judge, prompts, results, references)
     out = Path(opts.out)
@@ -413,6 +438,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--in-process", action="store_true",
                         help="vLLM engine core in the engine's own process (small CPUs)")
     add_ray_arguments(parser, "one vLLM engine per Ray actor, each with a range of the prompts")
+    parser.add_argument("--reward-replicas", type=int,
+                        help="with --ray: the reward model on this many Ray actors, each "
+                        "scoring a share of every method's responses (default 1: here)")
+    parser.add_argument("--reward-num-cpus", type=float, help="CPUs per reward actor (1)")
+    parser.add_argument("--reward-num-gpus", type=float,
+                        help="GPUs per reward actor (0; 1 with --device cuda)")
     parser.add_argument("--judge-url", help="OpenAI-compatible endpoint of an LLM judge (e.g. "
                         "https://api.openai.com/v1, or a vllm serve's http://host:8000/v1)")
     parser.add_argument("--judge-model", help="the judge model's name at that endpoint")

@@ -73,12 +73,15 @@ def local_code(module_names: Iterable[str]) -> list[str]:
 
 @contextlib.contextmanager
 def ray_actors(opts: Any, worker_class: type, count: int, *args: Any,
-               ship_modules: Iterable[str] = ()) -> Iterator[list[Any]]:
+               ship_modules: Iterable[str] = (),
+               reserve: dict[str, float] | None = None) -> Iterator[list[Any]]:
     """``min(opts.replicas, count)`` actors of ``worker_class(*args)``, each with
     ``opts.ray_num_cpus`` CPUs and ``opts.ray_num_gpus`` GPUs; Ray is started here when it is
     not running yet (``opts.ray_address``, default local) and stopped again after.
     ``ship_modules``: module names the actors import that may exist only on the driver's
-    machine (``local_code`` decides which of them travel, with the job that starts here)."""
+    machine (``local_code`` decides which of them travel, with the job that starts here).
+    ``reserve``: CPUs and GPUs that other actors of the same job will hold ({"CPU": 2.0}),
+    counted in the check that the cluster can place everything."""
     try:
         import ray
     except ImportError as exc:
@@ -99,7 +102,7 @@ def ray_actors(opts: Any, worker_class: type, count: int, *args: Any,
                        ", ".join(ship), ship)
     actors: list[Any] = []
     try:
-        _check_resources(ray, opts)
+        _check_resources(ray, opts, reserve or {})
         actor_class = ray.remote(num_cpus=opts.ray_num_cpus, num_gpus=opts.ray_num_gpus)(
             worker_class)
         actors = [actor_class.remote(*args) for _ in range(min(opts.replicas, count))]
@@ -111,15 +114,16 @@ def ray_actors(opts: Any, worker_class: type, count: int, *args: Any,
             ray.shutdown()
 
 
-def _check_resources(ray: Any, opts: Any) -> None:
+def _check_resources(ray: Any, opts: Any, reserve: dict[str, float]) -> None:
     """Refuse a request that could never be scheduled instead of waiting forever."""
     total = ray.cluster_resources()
     for key, per_actor in (("CPU", opts.ray_num_cpus), ("GPU", opts.ray_num_gpus)):
-        need = per_actor * opts.replicas
-        if need > total.get(key, 0.0) + 1e-9:
+        need, others = per_actor * opts.replicas, reserve.get(key, 0.0)
+        if need + others > total.get(key, 0.0) + 1e-9:
+            also = f" (+ {others} {key} for this job's other actors)" if others else ""
             raise DataError(f"{opts.replicas} replicas x {per_actor} {key} per actor = {need} "
-                            f"{key}, but the Ray cluster has {total.get(key, 0.0)}; lower "
-                            f"--replicas or --ray-num-{key.lower()}s")
+                            f"{key}{also}, but the Ray cluster has {total.get(key, 0.0)}; "
+                            f"lower the replicas or the {key}s per actor")
 
 
 def dispatch(actors: list[Any], tasks: list[Callable[[Any], Any]], desc: str,

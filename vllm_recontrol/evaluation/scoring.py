@@ -1,0 +1,71 @@
+"""Where ``eval``'s reward model runs: in the driver, or on Ray actors (``--reward-replicas``).
+
+Why actors: with ``--ray`` the responses come from many engines at once, and one reward
+model in the driver then scores every method's samples alone (a 7B model in float32 over
+tens of thousands of responses). Each reward actor loads the same reward source once and
+scores a contiguous share of every batch of pairs; the shares come back in order, so the
+scores are the driver's own up to the reward model's batching (a reward function: exactly).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from types import SimpleNamespace
+from typing import Any, Callable, Sequence
+
+from ..training.ray_pool import ray_actors
+from ..training.rewards import RewardSource, reward_fn_modules
+from .engines import prompt_ranges
+
+Score = Callable[[Sequence[tuple[str, str]]], list[float]]
+
+
+class RewardWorker:
+    """One Ray actor's reward source (built there: a model loads on the actor's device)."""
+
+    def __init__(self, source_arguments: dict[str, Any]) -> None:
+        self.source = RewardSource(**source_arguments)
+
+    def score(self, pairs: list[tuple[str, str]]) -> list[float]:
+        return self.source.score(pairs)
+
+    def close(self) -> None:
+        self.source.close()
+
+
+class RewardPool:
+    """``score(pairs)`` on ``replicas`` Ray actors, each with its placement; a context
+    manager that stops them (and Ray, if it started Ray)."""
+
+    def __init__(self, source_arguments: dict[str, Any], replicas: int, num_cpus: float,
+                 num_gpus: float, ray_address: str | None,
+                 reserve: dict[str, float] | None = None) -> None:
+        placement = SimpleNamespace(replicas=replicas, ray_num_cpus=num_cpus,
+                                    ray_num_gpus=num_gpus, ray_address=ray_address)
+        self._stack = contextlib.ExitStack()
+        self.actors = self._stack.enter_context(ray_actors(
+            placement, RewardWorker, replicas, dict(source_arguments),
+            ship_modules=reward_fn_modules(source_arguments.get("reward_fn")), reserve=reserve))
+
+    def score(self, pairs: Sequence[tuple[str, str]]) -> list[float]:
+        import ray
+
+        pairs = list(pairs)
+        shares = [(lo, hi) for lo, hi in prompt_ranges(len(pairs), len(self.actors)) if hi > lo]
+        parts = ray.get([actor.score.remote(pairs[lo:hi])
+                         for actor, (lo, hi) in zip(self.actors, shares)])
+        return [score for part in parts for score in part]
+
+    def close(self) -> None:
+        import ray
+
+        try:
+            ray.get([actor.close.remote() for actor in self.actors])
+        finally:
+            self._stack.close()
+
+    def __enter__(self) -> "RewardPool":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
