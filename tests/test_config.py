@@ -166,6 +166,13 @@ def test_warmup_steps_default_to_the_engine_steps():
     assert settings(warmup_steps=[]).warm_up_counts == ()  # warm-up off
 
 
+def test_warmup_projected_key():
+    assert settings().warmup_projected is False
+    assert settings(warmup_projected=True).warmup_projected is True
+    with pytest.raises(ConfigError, match=r'\["warmup_projected"\] must be 0 or 1'):
+        settings(warmup_projected="yes")
+
+
 def test_batch_invariant_key():
     assert settings().batch_invariant is None  # auto: vLLM's VLLM_BATCH_INVARIANT decides
     assert settings(batch_invariant="auto").batch_invariant is None

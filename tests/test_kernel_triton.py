@@ -25,6 +25,7 @@ norm comparison (they still must be finite), and draws are repeated until most r
 
 from __future__ import annotations
 
+import math
 import os
 
 _PREVIOUS_INTERPRET = os.environ.get("TRITON_INTERPRET")
@@ -531,13 +532,16 @@ def test_warm_up_runs_every_bucket_and_edits_nothing(kernels, seed, monkeypatch)
 
     head = ValueHead(DIM, [24, 17], seed=seed % 1000)
     before = [t.clone() for t in head.state_dict().values()]
-    calls = []
+    calls, radii = [], []
     ascend = head.ascend
 
     def spy(states, alpha, steps, **kw):
         out = ascend(states, alpha, steps, **kw)
         calls.append((states.shape[0], float(alpha), steps, kw["num_iterations"], kw["backend"]))
         assert torch.equal(out, states)  # alpha 0: nothing moves
+        radius = kw["max_norm"]
+        radii.append(None if radius is None else radius if isinstance(radius, float)
+                     else tuple(radius.tolist()))
         return out
 
     monkeypatch.setattr(head, "ascend", spy)
@@ -549,6 +553,14 @@ def test_warm_up_runs_every_bucket_and_edits_nothing(kernels, seed, monkeypatch)
     assert len(calls) == 6
     with pytest.raises(ValueError, match="max_rows"):
         head.warm_up(0, [2], backend="triton")
+    # also_projected: each (bucket, count) once more with an infinite radius per row
+    calls.clear(), radii.clear()
+    assert head.warm_up(20, [3], backend="triton", also_projected=True) == 4
+    assert calls == [(rows, 0.0, 3, 3, "triton") for rows in (16, 32) for _ in range(2)]
+    assert radii == [None, (math.inf,) * 16, None, (math.inf,) * 32]
+    radii.clear()
+    assert head.warm_up(20, [3], backend="triton", max_norm=0.5, also_projected=True) == 2
+    assert radii == [0.5, 0.5]  # a head with its own radius is warmed projected already
 
 
 def test_value_head_products_follow_the_precision(kernels, seed):

@@ -243,7 +243,8 @@ def test_first_pass_through_call_warms_up_once_and_failures_only_log(caplog):
     states = torch.randn(1, 8, generator=torch.Generator().manual_seed(0))
     assert controller.maybe_edit(states) is states  # not armed: profiling, passes through
     assert calls == [(48, (5, 9), dict(max_norm=None, backend="torch", precision="auto",
-                                       cuda_graphs=True, batch_invariant=False))]
+                                       cuda_graphs=True, batch_invariant=False,
+                                       also_projected=False))]
     assert controller.maybe_edit(states) is states
     rows.arm()
     assert not torch.equal(controller.maybe_edit(states), states)  # a real edit
@@ -279,6 +280,17 @@ def test_warm_up_covers_every_head():
     controller._warm_rows = 16  # as on CUDA with the Triton backend
     assert controller.warm_up() == 6
     assert calls == {"default": (16, (30,), None), "td": (16, (50,), 0.5)}
+
+    projected = EditController(heads, replace(settings, warmup_projected=True), fresh([]),
+                               max_rows=16)
+    projected._warm_rows, calls = 16, {}
+    for name, head in heads.items():
+        head.warm_up = (lambda name: lambda rows, counts, **kw:
+                        calls.setdefault(name, kw["also_projected"]) and 3)(name)
+    assert projected.warm_up() == 6 and calls == {"default": True, "td": True}
+    for name, head in heads.items():
+        head.warm_up = (lambda name: lambda rows, counts, **kw:
+                        calls.setdefault(name, (rows, counts, kw["max_norm"])) and 3)(name)
 
     explicit = EditController(heads, replace(settings, warmup_steps=(7, 9)), fresh([]),
                               max_rows=16)

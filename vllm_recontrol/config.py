@@ -33,7 +33,7 @@ REQUEST_KEYS = (REQUEST_SWITCH, REQUEST_ALPHA, REQUEST_STEPS, REQUEST_HEAD, REQU
 
 ENGINE_KEYS = ("value_head", "value_heads", "alpha", "steps", "default_on", "max_steps",
                "max_norm", "backend", "precision", "cuda_graphs", "warmup_steps",
-               "batch_invariant")
+               "warmup_projected", "batch_invariant")
 
 # The head a request gets without recontrol_head: the engine's "value_head". Names of further
 # heads ("value_heads") travel comma-joined in a class name (see _vllm_adapter), so no commas;
@@ -69,6 +69,7 @@ class EngineSettings:
     precision: str = "auto"
     cuda_graphs: bool = True
     warmup_steps: tuple[int, ...] | None = None  # None: each head's own default steps
+    warmup_projected: bool = False  # also warm the projected ascent of heads without max_norm
     batch_invariant: bool | None = None  # None ("auto"): follow vLLM's VLLM_BATCH_INVARIANT
 
     @property
@@ -163,6 +164,8 @@ class EngineSettings:
                                    ConfigError),
             warmup_steps=_as_step_list(section.get("warmup_steps"), f'{where}["warmup_steps"]',
                                        max_steps),
+            warmup_projected=_as_switch(section.get("warmup_projected", False),
+                                        f'{where}["warmup_projected"]', ConfigError),
             batch_invariant=_as_auto_switch(section.get("batch_invariant", "auto"),
                                             f'{where}["batch_invariant"]'),
         )

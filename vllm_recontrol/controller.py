@@ -228,7 +228,8 @@ class EditController:
                                     backend=self.backends[name],
                                     precision=self.settings.precision,
                                     cuda_graphs=self.settings.cuda_graphs,
-                                    batch_invariant=self.batch_invariant)
+                                    batch_invariant=self.batch_invariant,
+                                    also_projected=self.settings.warmup_projected)
                        for name, head in self.heads.items())
         except Exception as exc:  # never take the engine down for a missing speed-up
             logger.warning("RE-Control warm-up failed (%s: %s); kernels compile and graphs are "

@@ -176,6 +176,7 @@ class ValueHead(nn.Module):
         precision: str = "auto",
         cuda_graphs: bool = True,
         batch_invariant: bool = False,
+        also_projected: bool = False,
     ) -> int:
         """Compile the Triton kernels and capture the CUDA graphs that batches of 1 to
         ``max_rows`` rows with these iteration counts will use, so that serving never stalls
@@ -183,7 +184,9 @@ class ValueHead(nn.Module):
         edited, nothing counted). There is something to do for the Triton backend (kernels
         to compile; on CPU, under the interpreter, this runs the same ascents: it is how the
         tests see the loop) and for CUDA graphs of either backend; returns the number of
-        ascents run."""
+        ascents run. ``also_projected`` (without ``max_norm``): warm the projected ascent
+        too, which requests with their own radius run (with an infinite radius per row, so
+        again nothing moves)."""
         from .ascent_graphs import buckets_up_to
 
         if max_rows < 1:
@@ -195,22 +198,29 @@ class ValueHead(nn.Module):
             return 0
         buckets = buckets_up_to(max_rows)
         counts = sorted({int(n) for n in iteration_counts if int(n) > 0})
+        projections = [max_norm] + (["per-row"] if also_projected and max_norm is None else [])
         if graphs:
             self._graph_cache().reserve(buckets[-1], self.hidden_size, device)  # no regrowth
             room = self._graphs.max_graphs
-            if len(buckets) * len(counts) > room:  # more would evict the first captures
-                logger.warning("RE-Control warm-up: %d row buckets x %d step counts exceed the "
-                               "%d cached graphs; warming the smallest buckets only",
-                               len(buckets), len(counts), room)
-                buckets = buckets[:max(1, room // max(1, len(counts)))]
+            kinds = len(counts) * len(projections)
+            if len(buckets) * kinds > room:  # more would evict the first captures
+                logger.warning("RE-Control warm-up: %d row buckets x %d step counts x %d "
+                               "projections exceed the %d cached graphs; warming the smallest "
+                               "buckets only", len(buckets), len(counts), len(projections),
+                               room)
+                buckets = buckets[:max(1, room // max(1, kinds))]
         runs = 0
         for rows in buckets:
             states = torch.zeros(rows, self.hidden_size, device=device, dtype=torch.float32)
             for count in counts:
-                self.ascend(states, 0.0, count, max_norm=max_norm, num_iterations=count,
-                            backend=resolved, precision=precision, cuda_graphs=cuda_graphs,
-                            batch_invariant=batch_invariant)
-                runs += 1
+                for radius in projections:
+                    if radius == "per-row":
+                        radius = torch.full((rows,), math.inf, device=device,
+                                            dtype=torch.float32)
+                    self.ascend(states, 0.0, count, max_norm=radius, num_iterations=count,
+                                backend=resolved, precision=precision,
+                                cuda_graphs=cuda_graphs, batch_invariant=batch_invariant)
+                    runs += 1
         if graphs:
             self._graphs.warm = True
         return runs
