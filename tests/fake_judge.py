@@ -18,7 +18,8 @@ _ANSWER = re.compile(r"\[Conversation\]\n(.*)\n\n\[The Start of Assistant 1's An
                      r"\[The End of Assistant 1's Answer\]\n\n\[The Start of Assistant 2's "
                      r"Answer\]\n(.*)\n\[The End of Assistant 2's Answer\]", re.S)
 
-Rule = Callable[[str, str, str], "str | int"]  # (prompt, first, second) -> reply or HTTP status
+# (prompt, first, second) -> the reply's text, an HTTP error status, or a whole JSON body
+Rule = Callable[[str, str, str], "str | int | dict"]
 
 
 @contextlib.contextmanager
@@ -61,6 +62,9 @@ def fake_judge(rule: Rule, model: str = "judge", api_key: str | None = None
             answer = rule(prompt, first, second)
             if isinstance(answer, int):
                 self.reply(answer, {"error": {"message": "refused", "type": "x", "code": answer}})
+                return
+            if isinstance(answer, dict):
+                self.reply(200, answer)
                 return
             self.reply(200, {"id": "c", "object": "chat.completion", "created": 0,
                              "model": request["model"], "choices": [

@@ -86,24 +86,29 @@ def test_both_orders_cancel_a_judge_that_prefers_the_first_answer():
 
 
 def test_unreadable_and_refused_verdicts_are_counted_and_left_out():
-    """Prompts 0-2 get prose without scores, prompt 3 an HTTP 400: four invalid verdicts,
-    kept with what the judge said, and the rate is over the other eight prompts."""
+    """Prompts 0-2 get prose without scores, prompt 3 an HTTP 400, prompt 4 a reply without
+    choices: five invalid verdicts, kept with what the judge said, and the rate is over the
+    other seven prompts."""
     def flaky(prompt, first, second):
         index = int(prompt.split()[1])
         if index < 3:
             return "Both answers are fine."
         if index == 3:
             return 400
+        if index == 4:
+            return {"id": "c", "object": "chat.completion", "created": 0, "model": "judge",
+                    "choices": []}
         return content_rule(prompt, first, second)
 
     with fake_judge(flaky) as server:
         summary = judge_methods(client_for(server), PROMPTS, {"m": METHOD}, BASE)["m"]
-    assert summary.count("invalid") == 4
-    assert [v.outcome for v in summary.verdicts[:4]] == ["invalid"] * 4
+    assert summary.count("invalid") == 5
+    assert [v.outcome for v in summary.verdicts[:5]] == ["invalid"] * 5
     assert summary.verdicts[0].first_lines == ["Both answers are fine."]
     assert summary.verdicts[3].first_lines[0].startswith("error: BadRequestError")
-    assert summary.win_rate == pytest.approx(expected_rate(METHOD[4:], BASE[4:]))
-    assert summary.as_dict()["invalid"] == 4
+    assert summary.verdicts[4].first_lines[0].startswith("error: IndexError")
+    assert summary.win_rate == pytest.approx(expected_rate(METHOD[5:], BASE[5:]))
+    assert summary.as_dict()["invalid"] == 5
 
 
 def test_a_judge_that_never_answers_gives_no_rate():

@@ -156,8 +156,9 @@ class JudgeClient:
                                  f"serves {served}")
 
     def ask(self, prompt: str, first: str, second: str) -> str:
-        """The judge's whole answer; a failed request (after the client's retries) comes
-        back as ``error: ...``, which no score parser reads as a verdict."""
+        """The judge's whole answer; a failed request (after the client's retries) or an
+        answer without a message comes back as ``error: ...``, which no score parser reads
+        as a verdict: a judge that fails must not cost the generation already done."""
         user = JUDGE_TEMPLATE.format(prompt=prompt, first=first, second=second)
         try:
             reply = self.client.chat.completions.create(
@@ -165,9 +166,9 @@ class JudgeClient:
                 max_tokens=self.settings.max_tokens,
                 messages=[{"role": "system", "content": JUDGE_SYSTEM},
                           {"role": "user", "content": user}])
-        except self.errors.APIError as exc:
+            return reply.choices[0].message.content or ""
+        except Exception as exc:  # APIError and its kin, or a reply without choices
             return f"error: {type(exc).__name__}: {exc}"
-        return reply.choices[0].message.content or ""
 
 
 def judge_methods(client: JudgeClient, prompts: Sequence[str], methods: dict[str, Sequence[str]],

@@ -13,11 +13,13 @@ import contextlib
 from types import SimpleNamespace
 from typing import Any, Callable, Sequence
 
+from ..logs import get_logger
 from ..training.ray_pool import ray_actors
 from ..training.rewards import RewardSource, reward_fn_modules
 from .engines import prompt_ranges
 
 Score = Callable[[Sequence[tuple[str, str]]], list[float]]
+logger = get_logger(__name__)
 
 
 class RewardWorker:
@@ -57,10 +59,15 @@ class RewardPool:
         return [score for part in parts for score in part]
 
     def close(self) -> None:
+        """Free each actor's model, then stop the actors; an actor that already died (the
+        error that ended the run) does not hide that error."""
         import ray
 
         try:
             ray.get([actor.close.remote() for actor in self.actors])
+        except Exception as exc:
+            logger.warning("vllm-recontrol: reward actors did not close cleanly (%s: %s)",
+                           type(exc).__name__, str(exc)[:200])
         finally:
             self._stack.close()
 
