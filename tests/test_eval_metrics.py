@@ -197,11 +197,14 @@ def test_eval_takes_the_reward_model_as_label_does(monkeypatch):
     assert evaluate_module.main(["--model", "m", "--value-head", "h", "--prompts", "p",
                                  "--reward-model", "rm", "--rm-dtype", "bfloat16",
                                  "--reward-index", "1", "--rm-max-length", "64",
-                                 "--reward-batch-size", "4", "--trust-remote-code"]) == 0
+                                 "--reward-batch-size", "4", "--trust-remote-code",
+                                 "--rm-engine", "vllm", "--rm-engine-args",
+                                 '{"gpu_memory_utilization": 0.3}']) == 0
     source = reward_source(build_options(EvalOptions, seen, "eval"))
     assert source.describe() == {"reward_model": "rm", "reward_index": 1, "max_length": 64,
                                  "dtype": "bfloat16"}
     assert source._model_args[3] == 4 and source._model_args[6] is True  # batch, remote code
+    assert source._model_args[7:] == ("vllm", {"gpu_memory_utilization": 0.3})  # engine
 
 
 def test_reward_model_out_of_memory_names_the_remedies(monkeypatch):

@@ -58,7 +58,8 @@ def trained(world) -> dict:
     # Sampled collection gives both moods; greedy collection would give the value head nothing.
     assert 0.3 < summary["mean reward"] < 0.7 and summary["std reward"] > 0.3, summary
     head = world["root"] / "head"
-    result = train(data=str(world["data"]), out=str(head), progress=False, **TRAIN_OPTIONS)
+    result = train(data=str(world["data"]), out=str(head), labels="reward", progress=False,
+                   **TRAIN_OPTIONS)
     return {"head": head, "metrics": result["metrics"]}
 
 
@@ -263,13 +264,13 @@ def test_eval_on_ray_replicas_gives_the_single_engines_results(world, trained, e
             assert ray_row[key] == one_row[key], (one_row["method"], key)
 
 
-def test_vllm_reward_model_labels_match_transformers(world, tmp_path):
-    """``label --rm-engine vllm`` (pooling runner, classify, activation off) gives the scores
-    transformers gives for the same token ids."""
+@pytest.fixture(scope="module")
+def tiny_rm(world) -> Path:
+    """A random 1-layer Llama sequence classifier with the toy LM's tokenizer."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
 
-    rm = tmp_path / "rm"
+    rm = world["root"] / "rm"
     tokenizer = AutoTokenizer.from_pretrained(world["model"])
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=64,
                          num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
@@ -279,6 +280,13 @@ def test_vllm_reward_model_labels_match_transformers(world, tmp_path):
     torch.manual_seed(0)
     LlamaForSequenceClassification(config).save_pretrained(str(rm))
     tokenizer.save_pretrained(str(rm))
+    return rm
+
+
+def test_vllm_reward_model_labels_match_transformers(world, tiny_rm):
+    """``label --rm-engine vllm`` (pooling runner, classify, activation off) gives the scores
+    transformers gives for the same token ids."""
+    rm = tiny_rm
     engine = {"enforce_eager": True, "kv_cache_memory_bytes": 64 << 20}
     out = run_cli("label", "--data", str(world["data"]), "--reward-model", str(rm),
                   "--rm-engine", "vllm", "--in-process", "--engine-args", json.dumps(engine),
@@ -296,3 +304,26 @@ def test_vllm_reward_model_labels_match_transformers(world, tmp_path):
     assert len({round(r, 5) for r in rewards["rm-hf"].values()}) > 100  # really scored
     worst = max(abs(rewards["rm-vllm"][k] - v) for k, v in rewards["rm-hf"].items())
     assert worst < 1e-4, worst
+
+
+def test_eval_scores_with_a_vllm_reward_model_as_with_transformers(world, trained, tiny_rm,
+                                                                   tmp_path):
+    """``eval --rm-engine vllm``: the reward model in vLLM's pooling runner beside the
+    generation engine gives each prompt the reward transformers gives the same responses."""
+    engine = {**ENGINE_ARGS, "distributed_executor_backend": "uni"}
+    reports = {}
+    for rm_engine in ("hf", "vllm"):
+        out = tmp_path / rm_engine
+        run_cli("eval", "--model", str(world["model"]), "--value-head", str(trained["head"]),
+                "--prompts", str(world["root"] / "eval.jsonl"), "--reward-model", str(tiny_rm),
+                "--rm-engine", rm_engine, "--rm-engine-args",
+                json.dumps({"enforce_eager": True, "kv_cache_memory_bytes": 32 << 20}),
+                "--grid", f"{ALPHA}:{STEPS}", "--best-of", "--system-prompt", "",
+                "--max-tokens", "16", "--max-prompts", "12", "--in-process",
+                "--engine-args", json.dumps(engine), "--out", str(out))
+        reports[rm_engine] = json.loads((out / "eval.json").read_text())["results"]
+    for hf, vllm in zip(reports["hf"], reports["vllm"]):
+        assert hf["examples"] == vllm["examples"] and len(hf["rewards"]) == 12
+        assert len({round(r, 5) for r in hf["rewards"]}) > 3  # really scored
+        worst = max(abs(a - b) for a, b in zip(hf["rewards"], vllm["rewards"]))
+        assert worst < 1e-4, (hf["method"], worst)

@@ -22,6 +22,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 from ..config import DEFAULT_HEAD
 from ..training.common import (RecontrolError, build_options, json_argument, parse_command_line,
                                run_main)
+from ..training.engines import run_engines_in_process
 from ..training.prompts import load_prompts, load_references
 from ..training.ray_pool import add_ray_arguments, check_replicas
 from ..training.rewards import RewardSource, cut_response
@@ -64,6 +65,8 @@ class EvalOptions:
     reward_index: int | None = None       # eval judges the way the labels did
     rm_max_length: int | None = None
     trust_remote_code: bool = False       # the reward model's (the LLM's: engine_args)
+    rm_engine: str = "hf"                 # the reward model in transformers, or "vllm"
+    rm_engine_args: dict = field(default_factory=dict)  # vllm.LLM kwargs with rm_engine vllm
     out: str = "eval-out"
     quiet: bool = False
     in_process: bool = False              # vLLM engine core in the engine's process (small CPUs)
@@ -326,11 +329,15 @@ def judge_results(client: JudgeClient, prompts: Sequence[str], results: list[Met
 
 def reward_source_arguments(opts: EvalOptions) -> dict[str, Any]:
     """The judge of every method: a function, or a reward model taken as ``label`` takes it
-    (dtype, output index, input length)."""
+    (dtype, output index, input length, transformers or vLLM's pooling runner)."""
+    engine_args = dict(opts.rm_engine_args)
+    if opts.in_process and opts.rm_engine == "vllm":
+        run_engines_in_process(engine_args)
     return dict(reward_fn=opts.reward_fn, reward_model=opts.reward_model, device=opts.device,
                 dtype=opts.rm_dtype, batch_size=opts.reward_batch_size,
                 max_length=opts.rm_max_length, reward_index=opts.reward_index,
-                trust_remote_code=opts.trust_remote_code, command="eval")
+                trust_remote_code=opts.trust_remote_code, engine=opts.rm_engine,
+                engine_args=engine_args, command="eval")
 
 
 def reward_source(opts: EvalOptions) -> RewardSource:
@@ -434,6 +441,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="reward model input tokens (cut from the left)")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="for the reward model (the LLM's goes in --engine-args)")
+    parser.add_argument("--rm-engine", choices=["hf", "vllm"],
+                        help="run --reward-model with transformers (hf, default) or with "
+                        "vLLM's pooling runner (vllm: faster on a GPU, same scores)")
+    parser.add_argument("--rm-engine-args", type=json_argument,
+                        help="JSON of vllm.LLM kwargs for the reward model with --rm-engine "
+                        'vllm (e.g. {"gpu_memory_utilization": 0.3})')
     parser.add_argument("--out")
     parser.add_argument("--in-process", action="store_true",
                         help="vLLM engine core in the engine's own process (small CPUs)")
