@@ -244,3 +244,17 @@ def test_judge_scores_a_method_in_one_call_and_keeps_each_prompts_best():
     assert result.responses == ["abc", "xyzw"] and result.rewards == [3.0, 4.0]
     assert result.reward == 3.5 and result.generated_tokens == 17
     assert result.delivered_tokens == 9 + 4 and result.coherence is None
+
+
+def test_plot_labels_tell_grid_points_of_the_same_alpha_and_steps_apart(tmp_path):
+    pytest.importorskip("matplotlib")
+    from vllm_recontrol.evaluation.plots import _suffix, save_plots
+
+    rows = [MethodResult("base", reward=0.4, diversity=0.5, seconds=1.0, delivered_tokens=9),
+            MethodResult("re-control", alpha=3, steps=20, reward=0.4, diversity=0.3,
+                         seconds=1.0, delivered_tokens=9),
+            MethodResult("re-control", alpha=3, steps=20, head="mc", max_norm=8.0,
+                         reward=1.0, diversity=0.5, seconds=1.0, delivered_tokens=9)]
+    assert [_suffix(r, " ") for r in rows[1:]] == ["", " mc |u|<=8"]
+    assert [p.name for p in save_plots(rows, tmp_path)] == ["grid.png",
+                                                              "reward_vs_throughput.png"]

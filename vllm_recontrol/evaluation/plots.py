@@ -28,7 +28,7 @@ def save_plots(results: Sequence[Any], out: Path) -> list[Path]:
 def _grid_plot(plt: Any, results: Sequence[Any], path: Path) -> Path:
     base = results[0]
     grid = [r for r in results if r.method == "re-control"]
-    labels = ["base"] + [f"a={r.alpha:g}\nn={r.steps}{_head_suffix(r, chr(10))}" for r in grid]
+    labels = ["base"] + [f"a={r.alpha:g}\nn={r.steps}{_suffix(r, chr(10))}" for r in grid]
     rows = [base] + grid
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(6, 1.2 * len(rows)), 6), sharex=True)
     top.bar(range(len(rows)), [r.reward for r in rows], color=["grey"] + ["C0"] * len(grid))
@@ -51,7 +51,7 @@ def _tradeoff_plot(plt: Any, results: Sequence[Any], path: Path) -> Path:
     for r in results:
         ax.scatter(r.delivered_per_s, r.reward, s=40)
         label = (r.method if r.method != "re-control" else
-                 f"re-control a={r.alpha:g} n={r.steps}{_head_suffix(r, ' ')}")
+                 f"re-control a={r.alpha:g} n={r.steps}{_suffix(r, ' ')}")
         ax.annotate(label, (r.delivered_per_s, r.reward), textcoords="offset points",
                     xytext=(4, 4), fontsize=8)
     ax.set_xlabel("delivered response tokens / s (same engine, same prompts)")
@@ -63,7 +63,10 @@ def _tradeoff_plot(plt: Any, results: Sequence[Any], path: Path) -> Path:
     return path
 
 
-def _head_suffix(result: Any, separator: str) -> str:
-    """The value head of a RE-Control row when it is not the default one."""
+def _suffix(result: Any, separator: str) -> str:
+    """What tells a RE-Control row from another of the same alpha and steps: its value head
+    when it is not the default one, its radius when it has one."""
     head = getattr(result, "head", DEFAULT_HEAD)
-    return f"{separator}{head}" if head != DEFAULT_HEAD else ""
+    radius = getattr(result, "max_norm", None)
+    return ((f"{separator}{head}" if head != DEFAULT_HEAD else "")
+            + (f"{separator}|u|<={radius:g}" if radius is not None else ""))
