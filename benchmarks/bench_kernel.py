@@ -1051,8 +1051,9 @@ def check_graph_cache(device, ascent, seed) -> list[dict]:
 
 def check_controller(device, ascent, seed, backend: str = "triton") -> dict:
     """The engine's EditController with two value heads (2 and 1 hidden layers): a batch whose
-    rows name either head or none (uncontrolled) against each head's eager ascent of its own
-    rows alone; the batch is gathered per head and replayed through the heads' graph caches."""
+    rows name either head or none (uncontrolled), every fourth with its own radius
+    (per-request max_norm), against each head's eager ascent of its own rows alone; the batch
+    is gathered per head and replayed through the heads' graph caches."""
     from vllm_recontrol.config import EngineSettings, HeadSpec, RowControl
     from vllm_recontrol.controller import EditController, RowControls
 
@@ -1061,7 +1062,8 @@ def check_controller(device, ascent, seed, backend: str = "triton") -> dict:
     heads = {name: new_value_head(make_head(ascent, d, widths, torch.float32, "cpu", gen), device)
              for name, widths in (("default", [264, 136]), ("other", [200]))}
     controls = [RowControl(0.0, 0) if i % 3 == 2 else
-                RowControl(0.5 + (i % 5) / 4, 1 + i % 4, head=("other", "default")[i % 3])
+                RowControl(0.5 + (i % 5) / 4, 1 + i % 4, head=("other", "default")[i % 3],
+                           max_norm=0.05 if i % 4 == 0 else None)
                 for i in range(37)]
     rows = RowControls()
     rows.reset(device)
@@ -1078,14 +1080,17 @@ def check_controller(device, ascent, seed, backend: str = "triton") -> dict:
         mine = [i for i, c in enumerate(controls) if c.active and c.head == name]
         alpha = torch.tensor([controls[i].alpha for i in mine], device=device)
         steps = torch.tensor([controls[i].steps for i in mine], device=device)
-        eager = head.ascend(states[mine], alpha, steps, backend=backend, cuda_graphs=False)
+        radii = torch.tensor([controls[i].max_norm or float("inf") for i in mine], device=device)
+        eager = head.ascend(states[mine], alpha, steps, max_norm=radii, backend=backend,
+                            cuda_graphs=False)
         diff = (edited[mine].float() - eager.float()).norm()
         errors.append((diff / (eager.float() - states[mine].float()).norm()).item())
     idle = [i for i, c in enumerate(controls) if not c.active]
     idle_exact = bool(torch.equal(edited[idle], states[idle]))
     tol = 2e-2 if backend == "triton" else 1e-5  # bf16 products vs fp32 closed form
     ok = max(errors) < tol and idle_exact and bool(torch.isfinite(edited).all())
-    print(f"{'ok  ' if ok else 'FAIL'} controller, 2 heads, B={len(controls)} ({backend}): "
+    print(f"{'ok  ' if ok else 'FAIL'} controller, 2 heads, per-row radii, B={len(controls)} "
+          f"({backend}): "
           f"each head's rows vs its eager ascent rel err {max(errors):.2e} (tol {tol:.0e})"
           f"{'' if idle_exact else ' IDLE-ROW-MOVED'}", flush=True)
     return {"case": "controller two heads", "backend": backend, "rows": len(controls),

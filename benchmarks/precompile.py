@@ -195,8 +195,12 @@ def check_launches() -> list[dict]:
                         precision="ieee"))
         out.append(dict(d=304, widths=[264, 136], rows=rows, wdtype=torch.bfloat16,
                         precision="bf16"))
-    # the controller's second head: 12-13 rows each, alone and in the 16-row bucket
+    # the controller's second head: 12-13 rows each, alone and in the 16-row bucket; both
+    # heads also projected (every fourth row has its own radius)
     out.append(dict(d=304, widths=[200], rows=16, wdtype=torch.bfloat16, precision="bf16"))
+    for widths in ([264, 136], [200]):
+        out.append(dict(d=304, widths=widths, rows=16, wdtype=torch.bfloat16, precision="bf16",
+                        max_norm=0.05))
     return out
 
 

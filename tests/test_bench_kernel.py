@@ -325,6 +325,8 @@ def test_sweep_summary_names_the_fastest_candidate_per_case():
 
 def test_controller_check_passes_here_and_fails_on_a_swapped_head():
     """The GPU check's controller case, run on the CPU with the torch backend."""
+    import dataclasses
+
     import torch
 
     from vllm_recontrol.controller import EditController
@@ -337,6 +339,10 @@ def test_controller_check_passes_here_and_fails_on_a_swapped_head():
         EditController._ascend = lambda self, group, states: original(
             self, type(group)(head="default", rows=group.rows, alpha=group.alpha,
                               steps=group.steps, max_steps=group.max_steps), states)
+        assert not bench.check_controller(torch.device("cpu"), ascent, 3, backend="torch")["ok"]
+        # the rows' own radii dropped: the check must notice that too
+        EditController._ascend = lambda self, group, states: original(
+            self, dataclasses.replace(group, radius=None), states)
         assert not bench.check_controller(torch.device("cpu"), ascent, 3, backend="torch")["ok"]
     finally:
         EditController._ascend = original
