@@ -1,7 +1,7 @@
 """vLLM features a controlled request meets, each checked against the independent oracle or
 against the same request alone: preemption under a full KV cache, chunked prefill, prefix
-caching, parallel sampling (n > 1), beam search, structured outputs (regex, choice) and
-vLLM's own logits processors (logit_bias, allowed_token_ids).
+caching, parallel sampling (n > 1), beam search, structured outputs (regex, choice, JSON
+schema) and vLLM's own logits processors (logit_bias, allowed_token_ids).
 
 One deliberately cramped engine: a KV cache of 6 blocks of 32 tokens for 8 concurrent
 requests of 40 new tokens (the scheduler must preempt), and 16 scheduled tokens per step
@@ -24,7 +24,9 @@ LONG_PROMPT = " ".join(["the good kan a bad ba bon"] * 5)
 ENGINE_ALPHA, ENGINE_STEPS = 1.0, 4  # llama_control's defaults
 CRAMPED = dict(block_size=32, kv_cache_memory_bytes=6 * 32 * 1024, max_model_len=128,
                max_num_seqs=8, max_num_batched_tokens=TOKEN_BUDGET,
-               enable_prefix_caching=True, disable_log_stats=False)
+               enable_prefix_caching=True, disable_log_stats=False,
+               # compact JSON (no free whitespace), which a random tiny LM would pile up
+               structured_outputs_config={"backend": "xgrammar", "disable_any_whitespace": True})
 # (prompt, request keys): controlled and uncontrolled, short and chunked prompts.
 BATCH = [
     (LONG_PROMPT, {}), ("the good kan", {"recontrol": 0}),
@@ -198,3 +200,42 @@ def test_structured_outputs_decode_the_edited_logits(engine, oracle, model_dir):
     changed = sum(text != texts[(prompt, pattern, (0.0, 0))]
                   for (prompt, pattern, control), text in texts.items() if control[1])
     assert changed >= 3, "control changed too few constrained outputs for this test to bite"
+
+
+WORD_ENUM = ["good", "bad", "kan", "bon", "zo", "ze"]
+WORDS_SCHEMA = {"type": "object", "additionalProperties": False, "required": ["words"],
+                "properties": {"words": {"type": "array", "items": {"enum": WORD_ENUM},
+                                         "minItems": 1, "maxItems": 4}}}
+_WORD = '"(' + "|".join(WORD_ENUM) + ')"'
+WORDS_JSON = r'\{"words":\[' + _WORD + "(," + _WORD + r'){0,3}\]\}'  # compact JSON it admits
+
+
+def test_json_schema_outputs_decode_the_edited_logits(engine, oracle, model_dir):
+    """JSON-schema-constrained greedy requests at three control settings: each is the
+    oracle's greedy decoding of the edited logits under the (compact) JSON the schema admits,
+    and parses to what the schema describes; the control changes what is written."""
+    import json
+
+    from transformers import AutoTokenizer
+    from vllm import SamplingParams
+    from vllm.sampling_params import StructuredOutputsParams
+
+    cases = [(prompt, extra) for prompt in SO_PROMPTS for extra in SO_CONTROLS]
+    params = [SamplingParams(max_tokens=40, temperature=0.0, extra_args=extra or None,
+                             structured_outputs=StructuredOutputsParams(json=WORDS_SCHEMA))
+              for _, extra in cases]
+    outputs = engine.generate([c[0] for c in cases], params, use_tqdm=False)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    texts = {}
+    for (prompt, extra), out in zip(cases, outputs):
+        completion = out.outputs[0]
+        assert completion.finish_reason == "stop", completion.text
+        words = json.loads(completion.text)["words"]
+        assert 1 <= len(words) <= 4 and set(words) <= set(WORD_ENUM)
+        expected = oracle.generate_matching(tokenizer, list(out.prompt_token_ids), WORDS_JSON,
+                                            40, *control_of(extra))
+        assert list(completion.token_ids) == expected, (prompt, extra, completion.text)
+        texts[prompt, control_of(extra)] = completion.text
+    changed = sum(text != texts[prompt, (0.0, 0)]
+                  for (prompt, control), text in texts.items() if control[1])
+    assert changed >= 2, f"control changed too few JSON outputs for this test to bite: {texts}"
