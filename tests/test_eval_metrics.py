@@ -258,3 +258,39 @@ def test_plot_labels_tell_grid_points_of_the_same_alpha_and_steps_apart(tmp_path
     assert [_suffix(r, " ") for r in rows[1:]] == ["", " mc |u|<=8"]
     assert [p.name for p in save_plots(rows, tmp_path)] == ["grid.png",
                                                               "reward_vs_throughput.png"]
+
+
+def test_bootstrap_interval_matches_the_normal_approximation():
+    """Percentile bootstrap of a mean over 400 prompts against mean +- 1.96 sd / sqrt(n);
+    degenerate and paired cases; the seed fixes it."""
+    from vllm_recontrol.evaluation.metrics import bootstrap_interval, mean
+
+    values = [float(i % 2) for i in range(400)]  # mean 0.5, sd 0.5
+    lo, hi = bootstrap_interval(lambda idx: mean([values[i] for i in idx]), len(values))
+    half = 1.96 * 0.5 / 400 ** 0.5
+    assert lo == pytest.approx(0.5 - half, abs=0.01) and hi == pytest.approx(0.5 + half, abs=0.01)
+    assert bootstrap_interval(lambda idx: mean([values[i] for i in idx]), 400) == (lo, hi)
+    assert bootstrap_interval(lambda idx: mean([values[i] for i in idx]), 400, seed=1) != (lo, hi)
+    assert bootstrap_interval(lambda idx: 0.7, 5) == (0.7, 0.7)
+    same = [0.1, 0.9, 0.4]
+    assert bootstrap_interval(lambda idx: win_rate([same[i] for i in idx],
+                                                   [same[i] for i in idx]), 3) == (0.5, 0.5)
+    assert all(math.isnan(v) for v in bootstrap_interval(lambda idx: 0.0, 0))
+
+
+def test_table_lists_the_intervals_under_it():
+    from vllm_recontrol.evaluation.evaluate import add_intervals
+
+    base = MethodResult("base", rewards=[0.0, 1.0, 0.5, 0.5], reward=0.5, diversity=0.5,
+                        generated_tokens=4, delivered_tokens=4, seconds=1.0)
+    better = MethodResult("re-control", alpha=1, steps=30, max_norm=8.0, reward=1.0,
+                          rewards=[1.0] * 4, diversity=0.5, generated_tokens=4,
+                          delivered_tokens=4, seconds=1.0)
+    for r in (base, better):
+        add_intervals(r, base, seed=0)
+    assert base.win_rate_ci95 == (0.5, 0.5) and better.reward_ci95 == (1.0, 1.0)
+    assert 0.5 <= better.win_rate_ci95[0] <= better.win_rate_ci95[1] <= 1.0
+    table = markdown_table([base, better], Coherence.load(None))
+    assert "- re-control 1/30 norm 8: [1.0000, 1.0000]; [" in table
+    assert f"- base: [{base.reward_ci95[0]:.4f}, {base.reward_ci95[1]:.4f}]; [0.500, 0.500]" \
+        in table

@@ -225,6 +225,11 @@ def test_eval_command_compares_every_method(world, eval_report):
     assert control["reward"] > base["reward"] + 0.2
     assert negated["reward"] < base["reward"] - 0.1
     assert base["win_rate"] == 0.5 and control["win_rate"] > 0.5 > negated["win_rate"]
+    # 95 % bootstrap intervals: base against itself is all ties; the control's gain is not
+    # resampling noise
+    assert base["win_rate_ci95"] == [0.5, 0.5]
+    assert control["reward_ci95"][0] <= control["reward"] <= control["reward_ci95"][1]
+    assert control["win_rate_ci95"][0] > 0.5 and negated["win_rate_ci95"][1] < 0.5
     assert len(control["rewards"]) == 24  # per prompt, for the user's own statistics
     bon, control_bon = report["results"][3:5]
     assert bon["generated_tokens"] > bon["delivered_tokens"]  # N samples paid, one delivered

@@ -28,7 +28,8 @@ from ..training.ray_pool import add_ray_arguments, check_replicas
 from ..training.rewards import RewardSource, cut_response
 from .engines import EnginePool, EngineSettings, Method, Samples
 from .llm_judge import JUDGE_TEMPLATE, JudgeClient, JudgeSettings, judge_methods
-from .metrics import Coherence, diversity, mean, win_rate
+from .metrics import (BOOTSTRAP_RESAMPLES, Coherence, bootstrap_interval, diversity, mean,
+                      win_rate)
 from .plots import save_plots
 from .scoring import RewardPool
 
@@ -102,6 +103,8 @@ class MethodResult:
     max_norm: float | None = None         # recontrol_max_norm of the controlled requests
     reward: float = math.nan
     win_rate: float = math.nan            # vs. base, per prompt, by the same reward
+    reward_ci95: tuple[float, float] = (math.nan, math.nan)    # bootstrap over prompts
+    win_rate_ci95: tuple[float, float] = (math.nan, math.nan)  # paired with base's
     diversity: float = math.nan
     coherence: float | None = None
     generated_tokens: int = 0             # every sample, Best-of-N's discarded ones included
@@ -222,6 +225,7 @@ class Evaluator:
                                                  prompting=True, max_norm=top.max_norm)))
         for result in results:
             result.win_rate = win_rate(result.rewards, results[0].rewards)
+            add_intervals(result, results[0], self.opts.seed)
         return results
 
     def best_of(self) -> list[int]:
@@ -257,6 +261,30 @@ def judge(result: MethodResult, prompts: Sequence[str], samples: Samples, score:
     return result
 
 
+def add_intervals(result: MethodResult, base: MethodResult, seed: int) -> None:
+    """95 % bootstrap intervals of the mean reward and of the win rate against base (paired:
+    one resample of the prompts serves both sides)."""
+    mine, theirs = result.rewards, base.rewards
+    result.reward_ci95 = bootstrap_interval(lambda idx: mean([mine[i] for i in idx]),
+                                            len(mine), seed=seed)
+    result.win_rate_ci95 = bootstrap_interval(
+        lambda idx: win_rate([mine[i] for i in idx], [theirs[i] for i in idx]), len(mine),
+        seed=seed)
+
+
+def interval_lines(results: Sequence[MethodResult]) -> list[str]:
+    """The intervals under the table, one line per method."""
+    lines = ["\n95 % bootstrap intervals over the prompts "
+             f"({BOOTSTRAP_RESAMPLES} resamples): mean reward; win rate vs. base"]
+    for r in results:
+        (lo, hi), (wlo, whi) = r.reward_ci95, r.win_rate_ci95
+        point = f" {r.alpha:g}/{r.steps}" if r.steps else ""
+        point += f" ({r.head})" if r.head != DEFAULT_HEAD else ""
+        point += f" norm {r.max_norm:g}" if r.max_norm is not None else ""
+        lines.append(f"- {r.method}{point}: [{lo:.4f}, {hi:.4f}]; [{wlo:.3f}, {whi:.3f}]")
+    return lines
+
+
 def markdown_table(results: Sequence[MethodResult], coherence: Coherence,
                    judge_against: str = "base") -> str:
     """One row per method; a ``head`` column only when some row used a further value head,
@@ -282,6 +310,7 @@ def markdown_table(results: Sequence[MethodResult], coherence: Coherence,
                  f"{r.win_rate:.3f}", *judge, f"{r.diversity:.3f}", coh, f"{r.tokens_per_s:.1f}",
                  f"{r.delivered_per_s:.1f}", f"{r.delivered_per_s / base.delivered_per_s:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += interval_lines(results)
     if not coherence.available:
         lines.append(f"\ncoherence: unavailable ({coherence.unavailable_reason})")
     return "\n".join(lines)

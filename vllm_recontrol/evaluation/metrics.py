@@ -9,8 +9,9 @@ loaded it is reported as unavailable with the reason, never replaced by a made-u
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 DIVERSITY_ORDERS = (2, 3, 4)
 
@@ -38,6 +39,27 @@ def win_rate(rewards: Sequence[float], base: Sequence[float]) -> float:
 
 def mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else math.nan
+
+
+BOOTSTRAP_RESAMPLES = 1000
+
+
+def bootstrap_interval(statistic: Callable[[list[int]], float], count: int,
+                       resamples: int = BOOTSTRAP_RESAMPLES, level: float = 0.95,
+                       seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``statistic(prompt indices)`` over ``count`` prompts,
+    resampled with replacement (the same indices for every side of a paired statistic).
+
+    Why: a table of means over a few hundred prompts invites reading differences that are
+    noise; the interval says how much a mean moves when the prompts are drawn again.
+    """
+    if count == 0:
+        return math.nan, math.nan
+    rng = random.Random(seed)
+    values = sorted(statistic([rng.randrange(count) for _ in range(count)])
+                    for _ in range(resamples))
+    tail = (1.0 - level) / 2
+    return values[int(tail * (resamples - 1))], values[int((1.0 - tail) * (resamples - 1))]
 
 
 @dataclass
