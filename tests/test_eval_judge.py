@@ -176,7 +176,9 @@ def test_references_need_a_column_when_the_prompts_hold_no_answers(tmp_path):
 
 def test_eval_judges_methods_against_base_or_against_the_references():
     """Against base every other method is judged and base is not; against references every
-    method is, base included; the table gets the judge's column, invalid verdicts named."""
+    method is, base included; the table gets the judge's column, invalid verdicts named.
+    Against base, the judge's agreement with the reward: a judge that ranks as the reward
+    does agrees on every judged prompt, a contrary one only where both see a tie."""
     from vllm_recontrol.evaluation.evaluate import (MethodResult, judge_results,
                                                     markdown_table)
     from vllm_recontrol.evaluation.metrics import Coherence
@@ -184,9 +186,10 @@ def test_eval_judges_methods_against_base_or_against_the_references():
     references = ["good good good"] * len(PROMPTS)
 
     def results():
-        made = [MethodResult("base", rewards=[0.0] * 12, seconds=1.0, delivered_tokens=1),
+        made = [MethodResult("base", rewards=[float(goods(b)) for b in BASE], seconds=1.0,
+                             delivered_tokens=1),
                 MethodResult("re-control", alpha=1.0, steps=30, seconds=1.0,
-                             delivered_tokens=1)]
+                             rewards=[float(goods(m)) for m in METHOD], delivered_tokens=1)]
         made[0].responses, made[1].responses = list(BASE), list(METHOD)
         for r in made:
             r.reward = r.win_rate = r.diversity = 0.0
@@ -195,11 +198,21 @@ def test_eval_judges_methods_against_base_or_against_the_references():
     def rule(prompt, first, second):
         return "unsure" if prompt == PROMPTS[0] else content_rule(prompt, first, second)
 
+    def contrary(prompt, first, second):
+        return f"{goods(second)} {goods(first)}"
+
     with fake_judge(rule) as server:
         against_base, against_refs = results(), results()
         judge_results(client_for(server), PROMPTS, against_base, None)
         judge_results(client_for(server), PROMPTS, against_refs, references)
+    with fake_judge(contrary) as server:
+        contrarian = results()
+        judge_results(client_for(server), PROMPTS, contrarian, None)
     assert against_base[0].judge is None
+    assert against_base[1].judge["agrees_with_reward"] == 1.0
+    ties = sum(goods(m) == goods(b) for m, b in zip(METHOD, BASE)) / len(PROMPTS)
+    assert 0 < ties < 1 and contrarian[1].judge["agrees_with_reward"] == pytest.approx(ties)
+    assert "agrees_with_reward" not in against_refs[1].judge
     assert against_base[1].judge["win_rate"] == pytest.approx(expected_rate(METHOD[1:],
                                                                             BASE[1:]))
     for r, answers in zip(against_refs, (BASE, METHOD)):
@@ -208,6 +221,7 @@ def test_eval_judges_methods_against_base_or_against_the_references():
     table = markdown_table(against_base, coherence)
     assert "| judge win vs. base |" in table.splitlines()[0]
     rate = against_base[1].judge["win_rate"]
-    assert "| 0.000 | n/a | 0.000 |" in table and f"| {rate:.3f} (1 invalid) |" in table
+    assert "| 0.000 | n/a | 0.000 |" in table
+    assert f"| {rate:.3f} (1 invalid, agrees 1.00) |" in table
     assert "| judge win vs. reference |" in markdown_table(against_refs, coherence, "reference")
     assert "judge" not in markdown_table(results(), coherence)

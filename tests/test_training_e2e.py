@@ -244,6 +244,7 @@ def test_eval_command_compares_every_method(world, eval_report):
     for row in report["results"][1:]:
         assert row["judge"]["invalid"] == 0 and len(row["judge"]["verdicts"]) == 24
         assert row["judge"]["win_rate"] == pytest.approx(row["win_rate"]), row["method"]
+        assert row["judge"]["agrees_with_reward"] == 1.0, row["method"]
     table = (out / "eval.md").read_text()
     assert "| judge win vs. base |" in table
     assert "| re-control | default | 1 | 30 |" in table and "| re-control | neg | 1 | 30 |" in table

@@ -319,8 +319,10 @@ def markdown_table(results: Sequence[MethodResult], coherence: Coherence,
 def judge_cell(judge: dict | None) -> str:
     if judge is None:
         return "n/a"
-    invalid = f" ({judge['invalid']} invalid)" if judge["invalid"] else ""
-    return f"{judge['win_rate']:.3f}{invalid}"
+    notes = [f"{judge['invalid']} invalid"] if judge["invalid"] else []
+    if "agrees_with_reward" in judge:
+        notes.append(f"agrees {judge['agrees_with_reward']:.2f}")
+    return f"{judge['win_rate']:.3f}" + (f" ({', '.join(notes)})" if notes else "")
 
 
 def llm_judge(opts: EvalOptions) -> JudgeClient | None:
@@ -348,12 +350,28 @@ def llm_judge(opts: EvalOptions) -> JudgeClient | None:
 def judge_results(client: JudgeClient, prompts: Sequence[str], results: list[MethodResult],
                   references: Sequence[str] | None) -> None:
     """Every method against base's answers (base itself is not judged), or every method,
-    base included, against the references."""
+    base included, against the references. Against base, each method also gets the share
+    of judged prompts on which the judge and the reward pick the same side (ties alike): a
+    reward gain the judge does not share is what reward hacking looks like."""
     judged = results if references is not None else results[1:]
     other = references if references is not None else results[0].responses
     summaries = judge_methods(client, prompts, {r.key: r.responses for r in judged}, other)
     for r in judged:
         r.judge = summaries[r.key].as_dict()
+        if references is None:
+            r.judge["agrees_with_reward"] = agreement(summaries[r.key].verdicts, r.rewards,
+                                                      results[0].rewards)
+
+
+def agreement(verdicts: Sequence[Any], rewards: Sequence[float],
+              base_rewards: Sequence[float]) -> float:
+    """Share of validly judged prompts where sign(judge margin) = sign(reward difference)."""
+    def sign(x: float) -> int:
+        return (x > 0) - (x < 0)
+
+    pairs = [(sign(v.margin), sign(mine - theirs))
+             for v, mine, theirs in zip(verdicts, rewards, base_rewards) if v.margin is not None]
+    return sum(a == b for a, b in pairs) / len(pairs) if pairs else math.nan
 
 
 def reward_source_arguments(opts: EvalOptions) -> dict[str, Any]:
