@@ -392,16 +392,17 @@ def reward_source(opts: EvalOptions) -> RewardSource:
     return RewardSource(**reward_source_arguments(opts))
 
 
-def reward_scoring(opts: EvalOptions, source: RewardSource,
+def reward_scoring(opts: EvalOptions, arguments: dict[str, Any], source: RewardSource,
                    stack: contextlib.ExitStack) -> Callable:
-    """``source.score`` here, or the same source on ``reward_replicas`` Ray actors, placed
-    before the engines' actors and counted with them in the cluster's resources."""
+    """``source.score`` here, or a source built from the same ``arguments`` on
+    ``reward_replicas`` Ray actors, placed before the engines' actors and counted with them
+    in the cluster's resources."""
     check_replicas(opts.reward_replicas, opts.ray, "the reward model on Ray actors")
     if opts.reward_replicas == 1:
         return source.score
     engines = opts.replicas if opts.ray else 0
     pool = stack.enter_context(RewardPool(
-        reward_source_arguments(opts), opts.reward_replicas, opts.reward_num_cpus,
+        arguments, opts.reward_replicas, opts.reward_num_cpus,
         opts.reward_num_gpus, opts.ray_address,
         reserve={"CPU": engines * opts.ray_num_cpus, "GPU": engines * opts.ray_num_gpus}))
     return pool.score
@@ -416,10 +417,13 @@ def evaluate(**options: Any) -> dict[str, Any]:
     references = (load_references(opts.prompts, opts.split, opts.reference_column,
                                   opts.prompt_column, max_prompts=opts.max_prompts)
                   if judge and opts.judge_against == "reference" else None)
-    source = reward_source(opts)  # also with actors: a bad function fails before Ray starts
+    arguments = reward_source_arguments(opts)
+    source = RewardSource(**arguments)  # also with actors: a bad function fails before Ray
     coherence = Coherence.load(opts.embedding_model, opts.device)
     with contextlib.ExitStack() as stack:
-        evaluator = Evaluator(opts, prompts, reward_scoring(opts, source, stack), coherence)
+        stack.callback(source.close)  # a reward model's vLLM engine, if one was started
+        evaluator = Evaluator(opts, prompts, reward_scoring(opts, arguments, source, stack),
+                              coherence)
         try:
             results = evaluator.methods()
         finally:
