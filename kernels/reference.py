@@ -64,3 +64,36 @@ def reference_ascent(weights, biases, states, alpha, steps, num_iterations, max_
             norm = u.norm(dim=1, keepdim=True)
             u = u * (radius.reshape(-1, 1) / norm.clamp_min(1e-30)).clamp_max(1.0)
     return u, clean
+
+
+def gram_reference_ascent(weights, biases, gram, states, alpha, steps, num_iterations,
+                          emulate_bf16=False, margin=1e-4):
+    """The Gram form's ascent (``vllm_recontrol.ascent``) in float64, rounding where the
+    kernel's bf16 mode rounds when ``emulate_bf16``: the state operand, c's operand copy,
+    the stored activations and backward products (``gram`` is used as given: the kernel's
+    G). Returns (u, clean) like ``reference_ascent``; clean rows never came near a kink."""
+    rnd = _bf16 if emulate_bf16 else (lambda t: t)
+    W = [w.double() for w in weights]
+    b = [x.double() for x in biases]
+    G = gram.double()
+    s, alpha, steps = states.double(), alpha.double(), steps.long()
+    base = rnd(s) @ W[0].T + b[0]
+    c = torch.zeros_like(base)
+    clean = torch.ones(s.shape[0], dtype=torch.bool)
+    for k in range(num_iterations):
+        moving = (steps > k) & (alpha != 0)
+        zs = [base + rnd(c) @ G]
+        acts = [rnd(torch.relu(zs[0]))]
+        for Wi, bi in zip(W[1:-1], b[1:-1]):
+            zs.append(acts[-1] @ Wi.T + bi)
+            acts.append(rnd(torch.relu(zs[-1])))
+        for z in zs:
+            rms = z.pow(2).mean(dim=1, keepdim=True).sqrt()
+            clean &= ~((z.abs() < margin * rms).any(dim=1) & moving)
+        g = rnd((zs[-1] > 0).double() * W[-1])  # dV/dz of the last hidden layer
+        for i in range(len(zs) - 1, 0, -1):
+            g = g @ W[i] * (zs[i - 1] > 0).double()
+            if i > 1:
+                g = rnd(g)  # the kernel stores backward products, not the one that ends a step
+        c = c + (alpha * moving)[:, None] * g
+    return rnd(c) @ W[0], clean

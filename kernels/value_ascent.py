@@ -127,6 +127,13 @@ EPI_UPDATE = tl.constexpr(2)   # u_raw = scale * u_raw + rate * acc (+ partial s
 EPI_PARTIAL = tl.constexpr(3)  # split-K: store the partial sum, a reduce kernel finishes
 EPI_FWD_OUT = tl.constexpr(4)  # last hidden layer: g_top = w_out * (acc + b > 0), the first
                                # backward operand (the activation itself is never needed)
+# The Gram form (``triton_ascend_gram``): the ascent on c, u = c W1, z1 = z1(s) + c G.
+EPI_BASE = tl.constexpr(5)       # z1(s) = acc + b1, stored fp32 (state_ptr of later epilogues)
+EPI_GRAM_ACT = tl.constexpr(6)   # act1 = relu(z1(s) + acc): acc = c G (heads of 2+ layers)
+EPI_GRAM_COEF = tl.constexpr(7)  # one hidden layer: z1 = z1(s) + acc, c += rate * w_out * (z1 > 0),
+                                 # c stored fp32 and as the next product's operand (x_ptr)
+EPI_COEF = tl.constexpr(8)       # c += rate * acc * (act1 > 0): the product through W2 ends a step
+EPI_STORE = tl.constexpr(9)      # u = acc (u = c W1 after the last step)
 
 
 # ----------------------------------------------------------------------------- device helpers
@@ -244,6 +251,32 @@ def _epilogue(acc, offs_m, offs_n, pid_n, M, N, out_ptr, bias_ptr, maskin_ptr, w
     elif EPILOGUE == EPI_MID:
         prev = tl.load(maskin_ptr + idx, mask=ok, other=0.0).to(tl.float32)
         _store_rounded(out_ptr + idx, acc * tl.where(prev > 0, 1.0, 0.0), ok, ACT_BF16)
+    elif EPILOGUE == EPI_BASE:
+        bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+        tl.store(out_ptr + idx, acc + bias[None, :], mask=ok)
+    elif EPILOGUE == EPI_GRAM_ACT:
+        z = tl.load(state_ptr + idx, mask=ok, other=0.0) + acc
+        act = tl.where((z > 0) | (z != z), z, 0.0)  # relu that keeps NaN, like clamp_min
+        _store_rounded(out_ptr + idx, act, ok, ACT_BF16)
+    elif EPILOGUE == EPI_GRAM_COEF or EPILOGUE == EPI_COEF:
+        if EPILOGUE == EPI_GRAM_COEF:
+            z = tl.load(state_ptr + idx, mask=ok, other=0.0) + acc
+            w_out = tl.load(wout_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+            g = tl.where(z > 0, w_out[None, :], 0.0)  # NaN: mask off, as EPI_FWD_OUT
+        else:
+            prev = tl.load(maskin_ptr + idx, mask=ok, other=0.0).to(tl.float32)
+            g = acc * tl.where(prev > 0, 1.0, 0.0)
+        row_ok = offs_m < M
+        alpha = tl.load(alpha_ptr + offs_m, mask=row_ok, other=0.0)
+        n_steps = tl.load(steps_ptr + offs_m, mask=row_ok, other=0)
+        rate = tl.where(n_steps > step, alpha, 0.0)
+        c_old = tl.load(out_ptr + idx, mask=ok, other=0.0)
+        # rows that are done (or have alpha 0) keep c bit for bit, even if g is not finite
+        c_new = tl.where(rate[:, None] != 0, c_old + rate[:, None] * g, c_old)
+        tl.store(out_ptr + idx, c_new, mask=ok)
+        _store_rounded(x_ptr + idx, c_new, ok, ACT_BF16)
+    elif EPILOGUE == EPI_STORE:
+        tl.store(out_ptr + idx, acc, mask=ok)
     else:
         row_ok = offs_m < M
         alpha = tl.load(alpha_ptr + offs_m, mask=row_ok, other=0.0)
@@ -605,6 +638,8 @@ class _Product:
     K: int
     plan: GemmPlan
     descriptors: tuple | None = None  # (a_desc, w_desc) where the product loads through TMA
+    state: Tensor | None = None  # the epilogue's state_ptr / x_ptr, where not the ascent's
+    x_out: Tensor | None = None
 
 
 def _check_inputs(mlp: "MLPWeights", states: Tensor, alpha: Tensor, steps: Tensor,
@@ -687,6 +722,22 @@ def overrides_by_direction(overrides: Mapping | None) -> dict[str, dict]:
     return by_direction
 
 
+def _planner(states: Tensor, precision: str, overrides: Mapping | None, batch_invariant: bool):
+    """``plan(N, K, k_contig, w)``: the launch plan of a product of this batch (``k_contig``:
+    W read along its rows' contiguous K, the forward direction, whose overrides it takes)."""
+    rows = states.shape[0]
+    interpret = states.device.type == "cpu"
+    n_programs = _device_programs(states.device)
+    by_direction = overrides_by_direction(overrides)
+
+    def plan(N: int, K: int, k_contig: bool, w: Tensor) -> GemmPlan:
+        return plan_gemm(rows, N, K, w_k_contiguous=k_contig, weight_bytes=w.element_size(),
+                         precision=precision, n_programs=n_programs, interpret=interpret,
+                         overrides=by_direction["forward" if k_contig else "backward"],
+                         batch_invariant=batch_invariant)
+    return plan
+
+
 def _plan_products(weights: list[Tensor], biases: list[Tensor], states: Tensor, x: Tensor,
                    u: Tensor, acts: list[Tensor], backs: list[Tensor], precision: str,
                    overrides: Mapping[str, int] | None, project: bool,
@@ -698,17 +749,7 @@ def _plan_products(weights: list[Tensor], biases: list[Tensor], states: Tensor, 
     first backward operand w_out * relu'(z) in place of its activation."""
     hidden = len(weights) - 1
     rows = states.shape[0]
-    interpret = states.device.type == "cpu"
-    n_programs = _device_programs(states.device)
-
-    by_direction = overrides_by_direction(overrides)
-
-    def plan(N: int, K: int, k_contig: bool, w: Tensor) -> GemmPlan:
-        return plan_gemm(rows, N, K, w_k_contiguous=k_contig, weight_bytes=w.element_size(),
-                         precision=precision, n_programs=n_programs, interpret=interpret,
-                         overrides=by_direction["forward" if k_contig else "backward"],
-                         batch_invariant=batch_invariant)
-
+    plan = _planner(states, precision, overrides, batch_invariant)
     products = []
     for i in range(hidden):  # forward: Wop[k, n] = W_i[n, k]
         w = weights[i]
@@ -765,6 +806,8 @@ def _launch(p: _Product, ctx: dict, step: int) -> None:
     reduce_after = splits > 1 and not fixup
     epilogue = EPI_PARTIAL.value if reduce_after else p.epilogue
     out = ctx["partial"] if reduce_after else p.out
+    state = ctx["states"] if p.state is None else p.state
+    x_out = ctx["x"] if p.x_out is None else p.x_out
     grid = (triton.cdiv(p.N, plan.block_n), triton.cdiv(p.M, plan.block_m), splits)
     tail = dict(sq_in_ptr=ctx["sq_in"], sq_out_ptr=ctx["sq_out"], n_sq=ctx["n_sq"],
                 radius_ptr=ctx["radius"], step=step, first=int(step == 0))
@@ -778,7 +821,7 @@ def _launch(p: _Product, ctx: dict, step: int) -> None:
         try:
             _ascent_gemm_kernel[grid](
                 p.a, ctx["u"], ctx["w_out"], p.w, p.stride_wk, p.stride_wn,
-                out, p.bias, p.maskin, ctx["states"], ctx["x"], ctx["alpha"], ctx["steps"],
+                out, p.bias, p.maskin, state, x_out, ctx["alpha"], ctx["steps"],
                 **tail, part_ptr=ctx["partial"], count_ptr=ctx["counters"], n_split=splits,
                 a_desc=a_desc, w_desc=w_desc, M=p.M, N=p.N, K=p.K, k_split=plan.k_split(p.K),
                 PROLOGUE=p.prologue, EPILOGUE=epilogue, DOT=ctx["precision"],
@@ -800,8 +843,8 @@ def _launch(p: _Product, ctx: dict, step: int) -> None:
         # it is), and a program per tile would leave most multiprocessors idle here too
         bm = min(plan.block_m, REDUCE_BLOCK_M)
         _splitk_reduce_kernel[(grid[0], triton.cdiv(p.M, bm))](
-            ctx["partial"], splits, p.out, p.bias, p.maskin, ctx["w_out"], ctx["states"],
-            ctx["x"], ctx["alpha"], ctx["steps"], **tail,
+            ctx["partial"], splits, p.out, p.bias, p.maskin, ctx["w_out"], state,
+            x_out, ctx["alpha"], ctx["steps"], **tail,
             M=p.M, N=p.N, EPILOGUE=p.epilogue, **flags, BM=bm, BN=plan.block_n, PDL=pdl,
             launch_pdl=pdl, num_warps=4 if bm * plan.block_n <= 4096 else 8)
 
@@ -904,4 +947,135 @@ def triton_ascend(
         grid = (triton.cdiv(dim, bn), triton.cdiv(rows, bm))
         _apply_scale_kernel[grid](out, sq[(num_iterations - 1) % 2], n_sq, radius,
                                   rows, dim, SQ_CHUNK=_SQ_CHUNK, BM=bm, BN=bn)
+    return out
+
+
+def triton_ascend_gram(
+    mlp: "MLPWeights",
+    states32: Tensor,
+    alpha: Tensor,
+    steps: Tensor,
+    num_iterations: int,
+    *,
+    precision: str | None = None,
+    out: Tensor | None = None,
+    plan_overrides: Mapping[str, int] | None = None,
+    poison_scratch: bool = False,
+    batch_invariant: bool = False,
+) -> Tensor:
+    """``triton_ascend``'s ascent in the Gram form (``vllm_recontrol.ascent``): the rows keep
+    coefficients c with u = c W1, and a step's product with W1 forward and backward becomes
+    one product with G = W1 W1^T (``mlp.first_gram``, in the weights' dtype):
+
+    * once: z1(s) = s W1^T + b1 (``EPI_BASE``);
+    * each step, one hidden layer: c G, then z1 = z1(s) + c G, c += rate * w_out * (z1 > 0)
+      in its epilogue (``EPI_GRAM_COEF``; the operand c goes to one of two buffers by step
+      parity, since every program reads all of the previous one);
+    * each step, L >= 2 layers: c G with ``act1 = relu(z1(s) + c G)`` as epilogue, the
+      products through W2..WL forward and back as in the direct form, and the one through
+      W2 ends with c += rate * acc * (act1 > 0) (``EPI_COEF``);
+    * once: u = c W1 (``EPI_STORE``).
+
+    Step 0's c G multiplies zeros (one product in ``num_iterations``, kept for one code
+    path). Same contract and keywords as ``triton_ascend``, without ``max_norm`` (projected
+    ascents run the direct form); in bf16 mode c's operand copy is rounded to bf16, c itself
+    stays fp32. Deterministic for the same reasons.
+    """
+    precision = _check_inputs(mlp, states32, alpha, steps, num_iterations, None, precision)
+    device, rows, dim = states32.device, states32.shape[0], states32.shape[1]
+    weights = [w.contiguous() for w in mlp.weights]
+    biases = [b.contiguous() for b in mlp.biases]
+    hidden, first = len(weights) - 1, weights[0].shape[0]
+    gram = mlp.first_gram
+    if gram is None or gram.shape != (first, first) or gram.dtype != weights[0].dtype \
+            or gram.device != device:
+        raise ValueError("triton_ascend_gram needs mlp.first_gram = W1 W1^T "
+                         f"([{first}, {first}], {weights[0].dtype}, on {device}; "
+                         "vllm_recontrol.ascent.with_first_gram), got "
+                         + ("None" if gram is None else f"{list(gram.shape)} {gram.dtype} on "
+                            f"{gram.device}"))
+    gram = gram.contiguous()
+    if out is None:
+        out = torch.empty(rows, dim, device=device, dtype=torch.float32)
+    elif out.shape != (rows, dim) or out.dtype != torch.float32 or not out.is_contiguous() \
+            or out.device != device:
+        raise ValueError(f"out must be a contiguous float32 [{rows}, {dim}] tensor on {device}")
+    if rows == 0:
+        return out
+    if num_iterations == 0:
+        return out.zero_()
+
+    act_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    widths = [w.shape[0] for w in weights[:-1]]
+    acts = [torch.empty(rows, h, device=device, dtype=act_dtype) for h in widths]
+    backs = [torch.empty(rows, h, device=device, dtype=act_dtype) for h in widths[:-1]]
+    base = torch.empty(rows, first, device=device, dtype=torch.float32)
+    coef = torch.zeros(rows, first, device=device, dtype=torch.float32)
+    coef_ops = [torch.zeros(rows, first, device=device, dtype=act_dtype)
+                for _ in range(2 if hidden == 1 else 1)]
+    states32 = states32.contiguous()
+    x = torch.empty(rows, dim, device=device, dtype=act_dtype)
+    plan = _planner(states32, precision, plan_overrides, batch_invariant)
+    w0, b0 = weights[0], biases[0]
+
+    base_product = _Product(PRO_PLAIN.value, EPI_BASE.value, x, w0, 1, w0.stride(0), base, b0,
+                            base, rows, first, dim, plan(first, dim, True, w0))
+    gram_plan = plan(first, first, True, gram)  # G is symmetric: G[n, k] = G[k, n]
+    if hidden == 1:
+        gram_products = [_Product(PRO_PLAIN.value, EPI_GRAM_COEF.value, coef_ops[j], gram, 1,
+                                  first, coef, b0, coef, rows, first, first, gram_plan,
+                                  state=base, x_out=coef_ops[1 - j]) for j in range(2)]
+    else:
+        gram_products = [_Product(PRO_PLAIN.value, EPI_GRAM_ACT.value, coef_ops[0], gram, 1,
+                                  first, acts[0], b0, acts[0], rows, first, first, gram_plan,
+                                  state=base)]
+    step_products = []
+    for i in range(1, hidden):  # forward through W2..WL, as in the direct form
+        w = weights[i]
+        n, k = w.shape
+        step_products.append(_Product(
+            PRO_PLAIN.value, EPI_FWD_OUT.value if i == hidden - 1 else EPI_FWD.value,
+            acts[i - 1], w, 1, w.stride(0), acts[i], biases[i], acts[i], rows, n, k,
+            plan(n, k, True, w)))
+    for i in range(hidden - 1, 0, -1):  # backward through WL..W2; W2's ends the step on c
+        w = weights[i]
+        k, n = w.shape
+        ends = i == 1
+        step_products.append(_Product(
+            PRO_PLAIN.value, EPI_COEF.value if ends else EPI_MID.value,
+            acts[hidden - 1] if i == hidden - 1 else backs[i], w, w.stride(0), 1,
+            coef if ends else backs[i - 1], biases[i], acts[i - 1], rows, n, k,
+            plan(n, k, False, w), x_out=coef_ops[0] if ends else None))
+    final_product = _Product(PRO_PLAIN.value, EPI_STORE.value,
+                             coef_ops[num_iterations % len(coef_ops)], w0, w0.stride(0), 1,
+                             out, b0, out, rows, dim, first, plan(dim, first, False, w0))
+    products = [base_product, *gram_products, *step_products, final_product]
+
+    partial_numel = max([p.plan.splits(p.K) * rows * p.N for p in products
+                         if p.plan.splits(p.K) > 1] + [1])
+    partial = torch.empty(partial_numel, device=device, dtype=torch.float32)
+    tiles = [triton.cdiv(rows, p.plan.block_m) * triton.cdiv(p.N, p.plan.block_n)
+             for p in products if p.plan.finishes_in_place(p.K)]
+    counters = torch.zeros(max(tiles + [1]), device=device, dtype=torch.int32)
+    if poison_scratch:
+        for t in [*acts, *backs, partial, base, *coef_ops[1:]]:
+            t.fill_(float("nan"))
+    x.copy_(states32)  # the first product's operand (a bf16 buffer rounds to nearest even)
+
+    unused = torch.empty(1, device=device, dtype=torch.float32)  # the projection's pointers
+    ctx = dict(u=out, w_out=weights[-1], states=base, x=x,
+               alpha=alpha.to(torch.float32).contiguous(), steps=steps.contiguous(),
+               partial=partial, counters=counters, n_sq=1, sq_in=unused, sq_out=unused,
+               radius=unused, project=False, act_bf16=precision == "bf16",
+               precision=precision, interpret=device.type == "cpu", stages=_STAGES_THAT_FIT,
+               sm90=_sm90_features(device))
+    for p in products:  # once per ascent, not per launch
+        if p.plan.tma and ctx["sm90"] and tma_eligible(p, precision):
+            p.descriptors = _descriptors(p)
+    _launch(base_product, ctx, 0)
+    for step in range(num_iterations):
+        _launch(gram_products[step % len(gram_products)], ctx, step)
+        for p in step_products:
+            _launch(p, ctx, step)
+    _launch(final_product, ctx, 0)
     return out

@@ -158,6 +158,12 @@ def test_precision_and_cuda_graph_keys():
     assert settings(backend="triton", precision="bf16").precision == "bf16"
 
 
+def test_ascent_form_key():
+    assert settings().ascent_form == "auto"
+    assert settings(ascent_form="gram").ascent_form == "gram"
+    assert settings(backend="triton", ascent_form="direct").ascent_form == "direct"
+
+
 def test_warmup_steps_default_to_the_engine_steps():
     assert settings().warm_up_counts == (30,)
     assert settings(steps=12).warm_up_counts == (12,)
@@ -201,6 +207,8 @@ def test_bad_warmup_steps(value, message):
     ({"backend": "torch", "precision": "bf16"}, "needs the triton backend"),
     ({"backend": "torch", "precision": "tf32"}, "needs the triton backend"),
     ({"cuda_graphs": "sometimes"}, "cuda_graphs"),
+    ({"ascent_form": "gramian"}, r'\["ascent_form"\] must be one of'),
+    ({"ascent_form": 1}, r'\["ascent_form"\] must be one of'),
 ])
 def test_bad_precision_settings(section, message):
     with pytest.raises(ConfigError, match=message):

@@ -47,7 +47,8 @@ in_process = pytest.mark.skipif(
     not IN_PROCESS, reason="triton was imported before TRITON_INTERPRET=1; see test_in_subprocess")
 
 from vllm_recontrol.ascent import MLPWeights  # noqa: E402
-from vllm_recontrol.kernels.reference import reference_ascent  # noqa: E402
+from vllm_recontrol.ascent import with_first_gram  # noqa: E402
+from vllm_recontrol.kernels.reference import gram_reference_ascent, reference_ascent  # noqa: E402
 
 FP32_TOL = 1e-4          # fp32 products vs float64 (METHOD: far under 1e-3)
 BF16_EMULATED_TOL = 1e-3  # bf16 products vs float64 with the same bf16 operand rounding
@@ -579,6 +580,100 @@ def test_value_head_products_follow_the_precision(kernels, seed):
     torch.testing.assert_close(fast, states + u, rtol=0, atol=0)
     assert head.ascend(states, alpha, steps, backend="triton").equal(fast)  # auto = bf16
 
+
+# ----------------------------------------------------------------------------- Gram form
+def _run_gram(kernels, mlp, states, alpha, steps, num_iterations, **kwargs):
+    """The Gram-form kernel with its output and scratch poisoned with NaN before the call."""
+    out = torch.full((states.shape[0], states.shape[1]), float("nan"))
+    u = kernels.triton_ascend_gram(with_first_gram(mlp), states, alpha, steps, num_iterations,
+                                   out=out, poison_scratch=True, **kwargs)
+    assert u is out
+    return u
+
+
+@pytest.mark.parametrize("hidden", [1, 2, 3])
+def test_gram_form_matches_float64_reference(kernels, seed, hidden):
+    """fp32 products: the Gram form computes the direct form's ascent (autograd, float64)."""
+    mlp, states, alpha, steps, ref, clean, seed = _draw_clean(seed, 6, WIDTHS[:hidden], 3)
+    u = _run_gram(kernels, mlp, states, alpha, steps, 3)
+    _check(u, ref, clean, steps, alpha, FP32_TOL, seed, f"Gram form, fp32, {hidden} hidden")
+
+
+@pytest.mark.parametrize("hidden", [1, 2, 3])
+def test_gram_reference_is_the_ascent(seed, hidden):
+    """The Gram-form reference without rounding equals autograd's ascent (the algebra)."""
+    mlp, states, alpha, steps = _draw(seed, 6, [*WIDTHS, 50][-hidden:])  # also h1 > d
+    ref, _ = reference_ascent(mlp.weights, mlp.biases, states, alpha, steps, 3)
+    gram = with_first_gram(MLPWeights([w.double() for w in mlp.weights], mlp.biases)).first_gram
+    u, _ = gram_reference_ascent(mlp.weights, mlp.biases, gram, states, alpha, steps, 3)
+    torch.testing.assert_close(u, ref, rtol=1e-9, atol=1e-12, msg=f"seed {seed}")
+
+
+@pytest.mark.parametrize("hidden", [1, 2, 3])
+def test_gram_form_bf16_matches_its_rounded_reference(kernels, seed, hidden):
+    """bf16 products: the kernel rounds where the Gram form's reference rounds (operands of
+    s, c, activations, backward products; G as stored)."""
+    for attempt in range(50):
+        mlp, states, alpha, steps = _draw(seed + attempt, 7, WIDTHS[:hidden],
+                                          weight_dtype=torch.bfloat16)
+        gram = with_first_gram(mlp).first_gram
+        ref, clean = gram_reference_ascent(mlp.weights, mlp.biases, gram, states, alpha, steps,
+                                           3, emulate_bf16=True)
+        if (clean & (steps > 0) & (alpha != 0)).any():
+            break
+    u = _run_gram(kernels, mlp, states, alpha, steps, 3)
+    _check(u, ref, clean, steps, alpha, BF16_EMULATED_TOL, seed + attempt,
+           f"Gram form, bf16, {hidden} hidden")
+
+
+@pytest.mark.parametrize("hidden,plan", [(1, SPLIT_PLAN), (2, TALL_SPLIT_PLAN),
+                                         (3, {"split_k": 2, "block_k": 16, "fixup": 1})])
+def test_gram_form_split_k_rows_and_determinism(kernels, seed, hidden, plan):
+    """Split K (reduce kernel or fix-up), 19 rows over two row tiles, finished rows stop, and
+    the same bits twice."""
+    mlp, states, alpha, steps, ref, clean, seed = _draw_clean(seed, 19, WIDTHS[:hidden], 3)
+    u = _run_gram(kernels, mlp, states, alpha, steps, 3, plan_overrides=plan)
+    _check(u, ref, clean, steps, alpha, FP32_TOL, seed, f"Gram form, split K, {hidden} hidden")
+    assert torch.equal(u, _run_gram(kernels, mlp, states, alpha, steps, 3,
+                                    plan_overrides=plan)), f"two runs differ (seed {seed})"
+    once = _run_gram(kernels, mlp, states, alpha, steps, 1, plan_overrides=plan)
+    done = steps <= 1
+    assert torch.equal(u[done], once[done]), f"a finished row kept moving (seed {seed})"
+
+
+def test_gram_form_edge_cases_and_bad_input(kernels, seed):
+    mlp, states, alpha, steps, *_ = _draw(seed, 4, WIDTHS[:1])
+    assert torch.equal(_run_gram(kernels, mlp, states, alpha, steps, 0), torch.zeros_like(states))
+    gram_mlp = with_first_gram(mlp)
+    assert kernels.triton_ascend_gram(gram_mlp, states[:0], alpha[:0], steps[:0], 3).shape == (0, DIM)
+    with pytest.raises(ValueError, match="first_gram"):
+        kernels.triton_ascend_gram(mlp, states, alpha, steps, 3)  # no G
+    bad = MLPWeights(mlp.weights, mlp.biases, first_gram=gram_mlp.first_gram[:-1])
+    with pytest.raises(ValueError, match="first_gram"):
+        kernels.triton_ascend_gram(bad, states, alpha, steps, 3)
+
+
+def test_value_head_gram_form_on_triton(kernels, seed):
+    """ValueHead.ascend(form="gram") on Triton runs the Gram kernel (bit for bit), agrees with
+    the torch path, and a batch with a radius runs the direct form (the kernel's Gram form
+    does not project)."""
+    from vllm_recontrol import ValueHead
+
+    head = ValueHead(DIM, [24, 17], seed=seed % 1000)
+    _, states, alpha, steps = _draw(seed, 6, [24, 17])
+    gram = head.ascend(states, alpha, steps, backend="triton", precision="fp32", form="gram")
+    u = kernels.triton_ascend_gram(head._weights_as(torch.float32, gram=True), states, alpha,
+                                   steps, int(steps.max()), precision="ieee")
+    torch.testing.assert_close(gram, states + u, rtol=0, atol=0)
+    torch.testing.assert_close(gram, head.ascend(states, alpha, steps, backend="torch"),
+                               rtol=1e-4, atol=1e-5)
+    capped = head.ascend(states, alpha, steps, max_norm=0.3, backend="triton", precision="fp32",
+                         form="gram")
+    direct = head.ascend(states, alpha, steps, max_norm=0.3, backend="triton", precision="fp32",
+                         form="direct")
+    assert torch.equal(capped, direct)
+    assert head.ascend(states, alpha, steps, backend="triton", precision="fp32").equal(
+        head.ascend(states, alpha, steps, backend="triton", precision="fp32", form="direct"))
 
 @in_process
 def test_triton_available():

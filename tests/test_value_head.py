@@ -9,7 +9,9 @@ import torch
 
 from oracle import autograd_ascent, load_head_as_sequential
 from vllm_recontrol import ValueHead, ValueHeadError
-from vllm_recontrol.ascent import AscentWorkspace, ascend_float32
+from vllm_recontrol.ascent import (AscentWorkspace, ascend_float32, ascend_gram_float32,
+                                   gram_form_pays, with_first_gram)
+from vllm_recontrol.backends import choose_form
 
 
 def reference_ascent(head: ValueHead, states, alpha, steps, max_norm=None):
@@ -31,9 +33,10 @@ def reference_ascent(head: ValueHead, states, alpha, steps, max_norm=None):
     return torch.cat(rows)
 
 
-@pytest.mark.parametrize("widths", [[], [24], [31, 17], [16, 16, 9]])
+@pytest.mark.parametrize("form", ["direct", "gram"])
+@pytest.mark.parametrize("widths", [[], [24], [31, 17], [16, 16, 9], [90]])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_ascent_matches_float64_autograd(widths, seed):
+def test_ascent_matches_float64_autograd(widths, seed, form):
     # Fixed seeds: a pre-activation within rounding distance of a ReLU kink may take the other
     # side in float32 than in float64, so fresh draws could fail by chance (the kernel tests,
     # which do draw fresh inputs, exclude such rows explicitly).
@@ -42,7 +45,11 @@ def test_ascent_matches_float64_autograd(widths, seed):
     states = torch.randn(7, 40)
     alpha = torch.rand(7) * 0.5
     steps = torch.tensor([0, 1, 2, 5, 9, 3, 9])
-    got = head.ascend(states, alpha, steps)
+    if form == "gram" and not widths:
+        with pytest.raises(ValueError, match="needs a value head with a hidden layer"):
+            head.ascend(states, alpha, steps, form=form)
+        return
+    got = head.ascend(states, alpha, steps, form=form)
     want = reference_ascent(head, states, alpha, steps)
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5, msg=f"seed {seed}")
     assert torch.equal(got[0], states[0])  # steps == 0: bit-identical
@@ -72,6 +79,54 @@ def test_per_row_max_norm():
     assert torch.equal(got[[1, 3]], plain[[1, 3]])
     assert float((plain[0] - states[0]).norm()) > 0.1  # the caps bind
     assert torch.equal(head.ascend(states, 0.8, 6, max_norm=torch.tensor(radii)), got)
+
+
+@pytest.mark.parametrize("widths", [[30], [30, 12]])
+def test_gram_form_with_per_row_radii(widths):
+    """The Gram form's projection (||u||^2 = c G c^T) against autograd's, per-row radii; a
+    row with an infinite radius matches the Gram form without projection bit for bit."""
+    torch.manual_seed(6)
+    head = ValueHead(20, widths, seed=6)
+    states = torch.randn(4, 20)
+    radii = [0.05, float("inf"), 0.02, 0.3]
+    got = head.ascend(states, 0.8, 6, max_norm=radii, form="gram")
+    want = reference_ascent(head, states, [0.8] * 4, [6] * 4, max_norm=radii)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    assert torch.equal(got[1], head.ascend(states, 0.8, 6, form="gram")[1])
+    assert float((got[0] - states[0]).norm()) <= 0.05 * (1 + 1e-5)
+
+
+def test_auto_form_takes_the_gram_form_where_it_moves_fewer_weights():
+    # 2 h1 d + n h1^2 against 2 n h1 d
+    assert gram_form_pays(64, 64, 30) and gram_form_pays(120, 64, 30)
+    assert not gram_form_pays(128, 64, 30) and not gram_form_pays(64, 64, 1)
+    assert gram_form_pays(64, 64, 2) is False  # equal: 2 h d + 2 h^2 = 4 h d
+    assert choose_form("auto", "torch", [64, 64], 64, 30) == "gram"
+    assert choose_form("auto", "torch", [200], 64, 30) == "direct"
+    assert choose_form("auto", "torch", [], 64, 30) == "direct"
+    assert choose_form("auto", "triton", [64], 64, 30) == "direct"  # not measured on a GPU yet
+    assert choose_form("gram", "triton", [64], 64, 30) == "gram"
+    assert choose_form("gram", "triton", [64], 64, 30, projected=True) == "direct"
+    assert choose_form("gram", "torch", [64], 64, 30, projected=True) == "gram"
+    with pytest.raises(ValueError, match="not one of"):
+        choose_form("fast", "torch", [64], 64, 30)
+    head = ValueHead(6, [40], seed=0)  # wide first layer: auto stays direct, bit for bit
+    states = torch.randn(3, 6)
+    assert torch.equal(head.ascend(states, 0.5, 5), head.ascend(states, 0.5, 5, form="direct"))
+    head = ValueHead(6, [4], seed=0)
+    assert torch.equal(head.ascend(states, 0.5, 5), head.ascend(states, 0.5, 5, form="gram"))
+
+
+def test_first_gram_is_symmetric_and_cached():
+    head = ValueHead(12, [9, 5], seed=3)
+    mlp = head._weights_as(torch.float32, gram=True)
+    w = mlp.weights[0].double()
+    torch.testing.assert_close(mlp.first_gram.double(), w @ w.t(), rtol=1e-6, atol=1e-7)
+    assert torch.equal(mlp.first_gram, mlp.first_gram.t())
+    assert head._weights_as(torch.float32, gram=True) is mlp
+    with torch.no_grad():
+        head.layers[0].weight.mul_(2.0)  # a changed parameter: G is recomputed
+    assert not torch.equal(head._weights_as(torch.float32, gram=True).first_gram, mlp.first_gram)
 
 
 @pytest.mark.parametrize("max_norm,message", [
@@ -145,6 +200,9 @@ def test_step_loop_allocates_nothing(widths):
     assert _allocations(run(40)) == _allocations(run(1))
     u = ascend_float32(mlp, states, alpha, steps, 3, workspace=ws)
     assert u.data_ptr() == ws.u.data_ptr()
+    gram = with_first_gram(mlp)
+    run = lambda n: lambda: ascend_gram_float32(gram, states, alpha, steps, n, 1.0, workspace=ws)  # noqa: E731
+    assert _allocations(run(40)) == _allocations(run(1))
 
 
 def test_save_load_round_trip(tmp_path):

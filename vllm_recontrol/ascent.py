@@ -4,6 +4,16 @@ RE-Control edits a state s by u <- u + alpha * grad V(s + u), n times. For a ReL
 gradient needs only the ReLU masks of one forward pass, so no autograd graph is built: each
 step is one forward and one backward chain of matrix products. All arithmetic is float32;
 buffers are allocated once per call (``AscentWorkspace``), never inside the step loop.
+
+The Gram form (``ascend_gram_float32``) computes the same ascent with one product fewer per
+step. u only ever moves along the first layer's rows: u = c W1 for a coefficient row c of
+width h1, since every gradient is ``dV/dz1 @ W1`` (z1 = x W1^T + b1, the first
+pre-activation). So the ascent can run on c: z1(s + u) = z1(s) + c G with G = W1 W1^T
+(h1 x h1, computed once per head), ||u||^2 = c G c^T for the projection, and u = c W1 once
+at the end. A step then reads G once instead of W1 twice (forward and backward): half the
+weight traffic and products of a one-hidden-layer head with h1 = d, a quarter fewer with two
+layers, and far less for a first layer narrower than d. Exact in exact arithmetic; in
+floating point the rounding differs (not the bits of the direct form).
 """
 
 from __future__ import annotations
@@ -22,6 +32,7 @@ class MLPWeights:
 
     weights: list[Tensor]
     biases: list[Tensor]
+    first_gram: Tensor | None = None  # W1 W1^T [h1, h1], for the Gram form only
 
     @property
     def hidden_size(self) -> int:
@@ -46,6 +57,9 @@ class AscentWorkspace:
     rate: Tensor
     remaining: Tensor
     norm: Tensor
+    coef: Tensor        # Gram form: c, with u = c W1               [rows, h1]
+    base: Tensor        # Gram form: z1(s), the unedited first pre-activation
+    image: Tensor       # Gram form: c G = z1(s + u) - z1(s)
 
     @classmethod
     def allocate(cls, mlp: MLPWeights, rows: int) -> "AscentWorkspace":
@@ -62,6 +76,9 @@ class AscentWorkspace:
             rate=torch.empty(rows, 1, device=dev, dtype=f32),
             remaining=torch.empty(rows, 1, device=dev, dtype=f32),
             norm=torch.empty(rows, 1, device=dev, dtype=f32),
+            coef=torch.empty(rows, widths[0] if widths else 0, device=dev, dtype=f32),
+            base=torch.empty(rows, widths[0] if widths else 0, device=dev, dtype=f32),
+            image=torch.empty(rows, widths[0] if widths else 0, device=dev, dtype=f32),
         )
 
     @property
@@ -75,7 +92,7 @@ class AscentWorkspace:
             x=cut(self.x), pre=[cut(t) for t in self.pre], act=[cut(t) for t in self.act],
             mask=[cut(t) for t in self.mask], back=[cut(t) for t in self.back],
             grad=cut(self.grad), u=cut(self.u), rate=cut(self.rate), remaining=cut(self.remaining),
-            norm=cut(self.norm))
+            norm=cut(self.norm), coef=cut(self.coef), base=cut(self.base), image=cut(self.image))
 
 
 def value_gradient_into(mlp: MLPWeights, ws: AscentWorkspace) -> Tensor:
@@ -84,19 +101,26 @@ def value_gradient_into(mlp: MLPWeights, ws: AscentWorkspace) -> Tensor:
     if hidden == 0:  # a linear value function: the gradient is its weight row
         ws.grad.copy_(mlp.weights[0].expand_as(ws.grad))
         return ws.grad
-    layer_input = ws.x
+    torch.addmm(mlp.biases[0], ws.x, mlp.weights[0].t(), out=ws.pre[0])
+    first_preactivation_gradient_into(mlp, ws)
+    torch.mm(ws.back[0], mlp.weights[0], out=ws.grad)
+    return ws.grad
+
+
+def first_preactivation_gradient_into(mlp: MLPWeights, ws: AscentWorkspace) -> Tensor:
+    """Write dV/dz1 into ``ws.back[0]``, given the first pre-activation z1 in ``ws.pre[0]``."""
+    hidden = len(mlp.weights) - 1
     for i in range(hidden):
-        torch.addmm(mlp.biases[i], layer_input, mlp.weights[i].t(), out=ws.pre[i])
+        if i > 0:
+            torch.addmm(mlp.biases[i], ws.act[i - 1], mlp.weights[i].t(), out=ws.pre[i])
         torch.clamp_min(ws.pre[i], 0, out=ws.act[i])
         torch.sign(ws.act[i], out=ws.mask[i])  # the ReLU mask as 0/1 floats
-        layer_input = ws.act[i]
     # Output layer folded in: dV/da_last = w_out, times the last ReLU mask.
     torch.mul(ws.mask[-1], mlp.weights[-1], out=ws.back[-1])
     for i in range(hidden - 1, 0, -1):
         torch.mm(ws.back[i], mlp.weights[i], out=ws.back[i - 1])
         ws.back[i - 1].mul_(ws.mask[i - 1])
-    torch.mm(ws.back[0], mlp.weights[0], out=ws.grad)
-    return ws.grad
+    return ws.back[0]
 
 
 def ascend_float32(
@@ -119,28 +143,97 @@ def ascend_float32(
     ws = workspace if workspace is not None else AscentWorkspace.allocate(mlp, states32.shape[0])
     ws.u.zero_()
     ws.remaining.copy_(steps.view(-1, 1))
-    alpha_col = alpha.view(-1, 1)
-    # Tensor constants: a Python scalar in an in-place op allocates a wrapper on every call.
-    # torch.full is a fill kernel (torch.tensor would copy from the host: no CUDA graph).
-    if isinstance(max_norm, Tensor):
-        radius = max_norm.to(torch.float32).view(-1, 1).clamp_min(0.0)
-    else:
-        radius = (torch.full((1, 1), max_norm, dtype=torch.float32, device=ws.u.device)
-                  if max_norm is not None else None)
+    radius = _radius_column(max_norm, ws.u.device)
     for _ in range(num_iterations):
         torch.add(states32, ws.u, out=ws.x)
         value_gradient_into(mlp, ws)
-        # 1 while a row has steps left, else 0: rows with fewer steps stop moving.
-        torch.clamp(ws.remaining, 0.0, 1.0, out=ws.rate)
-        ws.remaining.sub_(ws.rate)
-        ws.rate.mul_(alpha_col)
+        _step_rates_into(ws, alpha)
         ws.u.addcmul_(ws.grad, ws.rate)
         if radius is not None:  # u *= min(1, radius / ||u||); inf radius: times exactly 1
             torch.linalg.vector_norm(ws.u, dim=1, keepdim=True, out=ws.norm)
-            ws.norm.clamp_min_(1e-30)
-            torch.div(radius, ws.norm, out=ws.norm)
-            ws.u.mul_(ws.norm.clamp_max_(1.0))
+            _projection_scale_into(ws.norm, radius)
+            ws.u.mul_(ws.norm)
     return ws.u
+
+
+def ascend_gram_float32(
+    mlp: MLPWeights,
+    states32: Tensor,
+    alpha: Tensor,
+    steps: Tensor,
+    num_iterations: int,
+    max_norm: float | Tensor | None = None,
+    workspace: AscentWorkspace | None = None,
+) -> Tensor:
+    """``ascend_float32``'s ascent in the Gram form (module docstring): same contract, and
+    ``mlp.first_gram`` must hold W1 W1^T (``with_first_gram``); the head needs a hidden
+    layer. Rows keep c, and their first pre-activation is z1(s) + c G."""
+    if mlp.first_gram is None or len(mlp.weights) < 2:
+        raise ValueError("the Gram form needs a head with a hidden layer and its first_gram")
+    ws = workspace if workspace is not None else AscentWorkspace.allocate(mlp, states32.shape[0])
+    ws.remaining.copy_(steps.view(-1, 1))
+    radius = _radius_column(max_norm, ws.u.device)
+    torch.addmm(mlp.biases[0], states32, mlp.weights[0].t(), out=ws.base)
+    ws.pre[0].copy_(ws.base)
+    ws.coef.zero_()
+    for k in range(num_iterations):
+        first_preactivation_gradient_into(mlp, ws)
+        _step_rates_into(ws, alpha)
+        ws.coef.addcmul_(ws.back[0], ws.rate)
+        if radius is None and k == num_iterations - 1:
+            break  # nothing reads z1 after the last step
+        torch.mm(ws.coef, mlp.first_gram, out=ws.image)  # G is symmetric: c G = (G c^T)^T
+        if radius is not None:  # ||u||^2 = c G c^T; scale c and its image alike
+            scratch = ws.act[0]  # free until the next step recomputes it from z1
+            torch.mul(ws.coef, ws.image, out=scratch)
+            torch.sum(scratch, dim=1, keepdim=True, out=ws.norm)
+            ws.norm.clamp_min_(0.0).sqrt_()
+            _projection_scale_into(ws.norm, radius)
+            ws.coef.mul_(ws.norm)
+            ws.image.mul_(ws.norm)
+        torch.add(ws.base, ws.image, out=ws.pre[0])
+    return torch.mm(ws.coef, mlp.weights[0], out=ws.u)
+
+
+def with_first_gram(mlp: MLPWeights) -> MLPWeights:
+    """``mlp`` with G = W1 W1^T (computed in float64, stored in the weights' dtype), made
+    exactly symmetric, so a kernel may read it along either index."""
+    w = mlp.weights[0].to(torch.float64)
+    gram = w @ w.t()
+    gram = ((gram + gram.t()) * 0.5).to(mlp.weights[0].dtype).contiguous()
+    return MLPWeights(list(mlp.weights), list(mlp.biases), first_gram=gram)
+
+
+def gram_form_pays(first_width: int, hidden_size: int, num_iterations: int) -> bool:
+    """Whether the Gram form moves fewer weights: 2 h1 d (z1(s) and u = c W1, once) plus
+    h1^2 a step, against 2 h1 d a step; so h1 < 2 d (n - 1) / n for n steps."""
+    if first_width <= 0 or num_iterations < 2:
+        return False
+    return 2 * hidden_size + num_iterations * first_width < 2 * num_iterations * hidden_size
+
+
+def _radius_column(max_norm: float | Tensor | None, device: torch.device) -> Tensor | None:
+    # Tensor constants: a Python scalar in an in-place op allocates a wrapper on every call.
+    # torch.full is a fill kernel (torch.tensor would copy from the host: no CUDA graph).
+    if isinstance(max_norm, Tensor):
+        return max_norm.to(torch.float32).view(-1, 1).clamp_min(0.0)
+    if max_norm is None:
+        return None
+    return torch.full((1, 1), max_norm, dtype=torch.float32, device=device)
+
+
+def _step_rates_into(ws: AscentWorkspace, alpha: Tensor) -> None:
+    """ws.rate = alpha while a row has steps left, else 0: rows with fewer steps stop moving."""
+    torch.clamp(ws.remaining, 0.0, 1.0, out=ws.rate)
+    ws.remaining.sub_(ws.rate)
+    ws.rate.mul_(alpha.view(-1, 1))
+
+
+def _projection_scale_into(norm: Tensor, radius: Tensor) -> None:
+    """norm <- min(1, radius / norm), in place (an infinite radius gives exactly 1)."""
+    norm.clamp_min_(1e-30)
+    torch.div(radius, norm, out=norm)
+    norm.clamp_max_(1.0)
 
 
 def as_row_tensor(value: float | int | Sequence | Tensor, rows: int, dtype: torch.dtype,

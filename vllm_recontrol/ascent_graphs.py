@@ -24,7 +24,7 @@ from typing import Callable
 
 import torch
 
-from .ascent import MLPWeights, ascend_float32
+from .ascent import MLPWeights, ascend_float32, ascend_gram_float32
 from .logs import get_logger
 
 logger = get_logger(__name__)
@@ -110,9 +110,10 @@ class AscentGraphs:
     def run(self, mlp: MLPWeights, states32: torch.Tensor, alpha: torch.Tensor,
             steps: torch.Tensor, num_iterations: int, max_norm: float | torch.Tensor | None,
             precision: str, batch_invariant: bool = False,
-            backend: str = "triton") -> torch.Tensor:
+            backend: str = "triton", form: str = "direct") -> torch.Tensor:
         """u for ``states32`` (``[B, d]`` float32); valid until the next call. ``backend``
-        "torch" replays the closed form (``ascend_float32``, fp32 weights) instead.
+        "torch" replays the closed form (``ascend_float32``, fp32 weights) instead; ``form``
+        "gram" runs either backend's Gram form (``mlp.first_gram`` set; no radius on Triton).
         ``max_norm`` (one radius, or one per row) goes through a buffer too, so every radius
         shares the projected graph of its shape."""
 
@@ -137,9 +138,18 @@ class AscentGraphs:
         radius = radius_in if project else None
 
         if backend == "torch":
+            closed_form = ascend_gram_float32 if form == "gram" else ascend_float32
+
             def ascent() -> None:  # its scratch comes from the graph pool, like the kernel's
-                out.copy_(ascend_float32(mlp, states_in, alpha_in, steps_in, num_iterations,
-                                         radius))
+                out.copy_(closed_form(mlp, states_in, alpha_in, steps_in, num_iterations,
+                                      radius))
+        elif form == "gram":
+            from .kernels.value_ascent import triton_ascend_gram
+
+            def ascent() -> None:  # the kernel's Gram form does not project (choose_form)
+                triton_ascend_gram(mlp, states_in, alpha_in, steps_in, num_iterations,
+                                   precision=precision, out=out,
+                                   batch_invariant=batch_invariant)
         else:
             from .kernels.value_ascent import triton_ascend
 
@@ -147,8 +157,10 @@ class AscentGraphs:
                 triton_ascend(mlp, states_in, alpha_in, steps_in, num_iterations, radius,
                               precision=precision, out=out, batch_invariant=batch_invariant)
 
+        gram = () if mlp.first_gram is None else (mlp.first_gram,)
         key = (bucket, dim, device, num_iterations, project, backend, precision,
-               batch_invariant, tuple(t.data_ptr() for t in (*mlp.weights, *mlp.biases)))
+               batch_invariant, form,
+               tuple(t.data_ptr() for t in (*mlp.weights, *mlp.biases, *gram)))
         graph = self._graph(key, ascent, mlp, device) if self.capture else None
         if graph is None:
             ascent()

@@ -18,6 +18,8 @@ TRITON_HIDDEN_LAYERS = (1, 2, 3)
 # Products of the ascent: "fp32" exact, "tf32" / "bf16" on tensor cores (Triton only).
 PRECISIONS = ("auto", "fp32", "tf32", "bf16")
 _KERNEL_PRECISION = {"fp32": "ieee", "tf32": "tf32", "bf16": "bf16"}
+# How the ascent is computed: on u directly, or on the first layer's coefficients (Gram form).
+FORMS = ("auto", "direct", "gram")
 
 
 def choose_backend(requested: str, device: torch.device | str, hidden_layers: int,
@@ -64,3 +66,29 @@ def choose_precision(requested: str, backend: str) -> str:
                              "torch backend computes in fp32: use precision 'fp32' or 'auto'")
         return "fp32"
     return _KERNEL_PRECISION["bf16" if requested == "auto" else requested]
+
+
+def choose_form(requested: str, backend: str, widths: list[int], hidden_size: int,
+                num_iterations: int, projected: bool = False) -> str:
+    """Resolve the ascent's form to "direct" or "gram" (``vllm_recontrol.ascent``).
+
+    ``auto`` takes the Gram form on the torch backend where it moves fewer weights
+    (``gram_form_pays``: a first layer narrower than 2 d, 2 steps or more), and the direct
+    form on Triton, whose Gram kernel (``triton_ascend_gram``) is checked on CPU only so far:
+    "gram" asks for it. The Triton Gram kernel does not project, so a batch with a radius
+    (``projected``) runs the direct form there. "gram" on a head without a hidden layer is
+    refused.
+    """
+    if requested not in FORMS:
+        raise ValueError(f"ascent form {requested!r} is not one of {list(FORMS)}")
+    if requested == "gram" and not widths:
+        raise ValueError("the Gram ascent form needs a value head with a hidden layer")
+    if requested == "direct" or not widths or (backend != "torch" and projected):
+        return "direct"
+    if requested == "gram":
+        return "gram"
+    from .ascent import gram_form_pays
+
+    if backend == "torch" and gram_form_pays(widths[0], hidden_size, num_iterations):
+        return "gram"
+    return "direct"

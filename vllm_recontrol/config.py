@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
-from .backends import BACKENDS, PRECISIONS, choose_precision
+from .backends import BACKENDS, FORMS, PRECISIONS, choose_precision
 from .errors import ConfigError, RequestParamsError
 
 ADDITIONAL_CONFIG_KEY = "recontrol"
@@ -33,7 +33,7 @@ REQUEST_KEYS = (REQUEST_SWITCH, REQUEST_ALPHA, REQUEST_STEPS, REQUEST_HEAD, REQU
 
 ENGINE_KEYS = ("value_head", "value_heads", "alpha", "steps", "default_on", "max_steps",
                "max_norm", "backend", "precision", "cuda_graphs", "warmup_steps",
-               "warmup_projected", "batch_invariant")
+               "warmup_projected", "batch_invariant", "ascent_form")
 
 # The head a request gets without recontrol_head: the engine's "value_head". Names of further
 # heads ("value_heads") travel comma-joined in a class name (see _vllm_adapter), so no commas;
@@ -71,6 +71,7 @@ class EngineSettings:
     warmup_steps: tuple[int, ...] | None = None  # None: each head's own default steps
     warmup_projected: bool = False  # also warm the projected ascent of heads without max_norm
     batch_invariant: bool | None = None  # None ("auto"): follow vLLM's VLLM_BATCH_INVARIANT
+    ascent_form: str = "auto"  # "direct" / "gram" / "auto" (backends.choose_form)
 
     @property
     def head_paths(self) -> dict[str, str]:
@@ -148,6 +149,10 @@ class EngineSettings:
                 choose_precision(precision, backend)
             except ValueError as exc:
                 raise ConfigError(f'{where}["precision"]: {exc}') from exc
+        ascent_form = section.get("ascent_form", "auto")
+        if ascent_form not in FORMS:
+            raise ConfigError(f'{where}["ascent_form"] must be one of {list(FORMS)}, '
+                              f"got {ascent_form!r}")
         return cls(
             value_head=value_head,
             value_heads=_as_head_specs(section.get("value_heads"), f'{where}["value_heads"]',
@@ -168,6 +173,7 @@ class EngineSettings:
                                         f'{where}["warmup_projected"]', ConfigError),
             batch_invariant=_as_auto_switch(section.get("batch_invariant", "auto"),
                                             f'{where}["batch_invariant"]'),
+            ascent_form=ascent_form,
         )
 
 

@@ -17,7 +17,7 @@ from typing import Mapping
 
 import torch
 
-from .backends import choose_backend, choose_precision
+from .backends import choose_backend, choose_form, choose_precision
 from .config import DEFAULT_HEAD, UNCONTROLLED, EngineSettings, RowControl
 from .errors import ConfigError
 from .logs import get_logger
@@ -210,6 +210,10 @@ class EditController:
             products = choose_precision(self.settings.precision, backend)
         except ValueError as exc:
             raise ConfigError(f'additional_config["recontrol"]["precision"]: {exc}') from exc
+        try:  # the form's step count only matters for "auto", which cannot fail
+            choose_form(self.settings.ascent_form, backend, head.widths, head.hidden_size, 2)
+        except ValueError as exc:
+            raise ConfigError(f'additional_config["recontrol"]["ascent_form"]: {exc}') from exc
         return backend, products
 
     def warm_up(self) -> int:
@@ -229,7 +233,8 @@ class EditController:
                                     precision=self.settings.precision,
                                     cuda_graphs=self.settings.cuda_graphs,
                                     batch_invariant=self.batch_invariant,
-                                    also_projected=self.settings.warmup_projected)
+                                    also_projected=self.settings.warmup_projected,
+                                    form=self.settings.ascent_form)
                        for name, head in self.heads.items())
         except Exception as exc:  # never take the engine down for a missing speed-up
             logger.warning("RE-Control warm-up failed (%s: %s); kernels compile and graphs are "
@@ -287,4 +292,4 @@ class EditController:
             states, group.alpha, group.steps, max_norm=group.radius,
             num_iterations=group.max_steps, backend=self.backends[group.head],
             precision=self.settings.precision, cuda_graphs=self.settings.cuda_graphs,
-            batch_invariant=self.batch_invariant)
+            batch_invariant=self.batch_invariant, form=self.settings.ascent_form)

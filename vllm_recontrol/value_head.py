@@ -15,8 +15,9 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .ascent import AscentWorkspace, MLPWeights, as_row_tensor, ascend_float32
-from .backends import choose_backend, choose_precision
+from .ascent import (AscentWorkspace, MLPWeights, as_row_tensor, ascend_float32,
+                     ascend_gram_float32, with_first_gram)
+from .backends import choose_backend, choose_form, choose_precision
 from .errors import ValueHeadError
 from .head_source import locate_head
 from .logs import get_logger
@@ -64,7 +65,7 @@ class ValueHead(nn.Module):
             self.layers.append(layer)
         self._nonfinite_total = 0
         self._nonfinite_pending: torch.Tensor | None = None
-        self._mlp_cache: dict[torch.dtype, tuple[tuple, MLPWeights]] = {}
+        self._mlp_cache: dict[tuple[torch.dtype, bool], tuple[tuple, MLPWeights]] = {}
         self._workspace: AscentWorkspace | None = None
         self._kernel_out: torch.Tensor | None = None  # u of eager Triton launches (grow-only)
         self._graphs = None  # AscentGraphs, made on the first CUDA-graph ascent
@@ -81,17 +82,21 @@ class ValueHead(nn.Module):
         """Float32 copies of the weights (cached until a parameter changes in place or moves)."""
         return self._weights_as(torch.float32)
 
-    def _weights_as(self, dtype: torch.dtype) -> MLPWeights:
-        """Contiguous copies in ``dtype``, cached until a parameter changes in place or moves."""
+    def _weights_as(self, dtype: torch.dtype, gram: bool = False) -> MLPWeights:
+        """Contiguous copies in ``dtype`` (with W1 W1^T for the Gram form when ``gram``),
+        cached until a parameter changes in place or moves."""
         key = tuple((p.data_ptr(), p._version, p.device, p.dtype) for p in self.parameters())
-        cached = self._mlp_cache.get(dtype)
+        cached = self._mlp_cache.get((dtype, gram))
         if cached is None or cached[0] != key:
             with torch.no_grad():
-                mlp = MLPWeights(
-                    weights=[l.weight.detach().to(dtype).contiguous() for l in self.layers],
-                    biases=[l.bias.detach().to(dtype).contiguous() for l in self.layers],
-                )
-            cached = self._mlp_cache[dtype] = (key, mlp)
+                if gram:
+                    mlp = with_first_gram(self._weights_as(dtype))
+                else:
+                    mlp = MLPWeights(
+                        weights=[l.weight.detach().to(dtype).contiguous() for l in self.layers],
+                        biases=[l.bias.detach().to(dtype).contiguous() for l in self.layers],
+                    )
+            cached = self._mlp_cache[(dtype, gram)] = (key, mlp)
         return cached[1]
 
     # ------------------------------------------------------------------ control step
@@ -106,6 +111,7 @@ class ValueHead(nn.Module):
         precision: str = "auto",
         cuda_graphs: bool = True,
         batch_invariant: bool = False,
+        form: str = "auto",
     ) -> torch.Tensor:
         """RE-Control: u = 0; ``steps`` times u += alpha * grad V(s + u); return s + u.
 
@@ -126,7 +132,11 @@ class ValueHead(nn.Module):
         on the Triton backend, kernel plans that do not depend on the batch size, so a row's
         edit is the same bits alone or in any batch (slower at large batch); the torch
         backend's products are torch matmuls, batch-invariant on CUDA when vLLM runs with
-        ``VLLM_BATCH_INVARIANT=1`` (vLLM then replaces them).
+        ``VLLM_BATCH_INVARIANT=1`` (vLLM then replaces them). ``form``: "direct" (products
+        with every layer, each step), "gram" (the same ascent on the first layer's
+        coefficients, one product fewer per step; on Triton, batches with a radius run the
+        direct form) or "auto" (the Gram form on the torch backend where it moves fewer
+        weights, the direct form on Triton: ``backends.choose_form``).
         """
         if states.dim() != 2 or states.shape[1] != self.hidden_size:
             raise ValueError(
@@ -137,20 +147,30 @@ class ValueHead(nn.Module):
         resolved = choose_backend(backend, self.layers[0].weight.device, len(self.widths),
                                   precision)
         product_precision = choose_precision(precision, resolved)
-        mlp = self._weights_as(torch.bfloat16 if product_precision == "bf16" else torch.float32)
-        rows, device = states.shape[0], mlp.device
+        rows, device = states.shape[0], self.layers[0].weight.device
         alpha_rows = as_row_tensor(alpha, rows, torch.float32, device, "alpha")
         steps_rows = as_row_tensor(steps, rows, torch.int64, device, "steps")
         if num_iterations is None:
             num_iterations = int(steps_rows.max()) if rows else 0
+        resolved_form = choose_form(form, resolved, self.widths, self.hidden_size,
+                                    num_iterations, projected=max_norm is not None)
         if rows == 0 or num_iterations <= 0:
             return states.clone()
+        mlp = self._weights_as(torch.bfloat16 if product_precision == "bf16" else torch.float32,
+                               gram=resolved_form == "gram")
         states32 = states.to(device=device, dtype=torch.float32)
         if isinstance(max_norm, torch.Tensor):
             max_norm = max_norm.to(device=device, dtype=torch.float32)
         if cuda_graphs and device.type == "cuda":
             u = self._graph_cache().run(mlp, states32, alpha_rows, steps_rows, num_iterations,
-                                 max_norm, product_precision, batch_invariant, resolved)
+                                 max_norm, product_precision, batch_invariant, resolved,
+                                 resolved_form)
+        elif resolved == "triton" and resolved_form == "gram":
+            from .kernels.value_ascent import triton_ascend_gram
+
+            u = triton_ascend_gram(mlp, states32, alpha_rows, steps_rows, num_iterations,
+                                   precision=product_precision, batch_invariant=batch_invariant,
+                                   out=self._kernel_out_for(rows, device))
         elif resolved == "triton":
             from .kernels.value_ascent import triton_ascend
 
@@ -158,8 +178,9 @@ class ValueHead(nn.Module):
                               precision=product_precision, batch_invariant=batch_invariant,
                               out=self._kernel_out_for(rows, device))
         else:
-            u = ascend_float32(mlp, states32, alpha_rows, steps_rows, num_iterations, max_norm,
-                               workspace=self._workspace_for(mlp, rows))
+            run_form = ascend_gram_float32 if resolved_form == "gram" else ascend_float32
+            u = run_form(mlp, states32, alpha_rows, steps_rows, num_iterations, max_norm,
+                         workspace=self._workspace_for(mlp, rows))
         edited = (states32 + u).to(states.dtype)
         moved = (steps_rows > 0) & (alpha_rows != 0)
         finite = torch.isfinite(edited).all(dim=1)
@@ -177,6 +198,7 @@ class ValueHead(nn.Module):
         cuda_graphs: bool = True,
         batch_invariant: bool = False,
         also_projected: bool = False,
+        form: str = "auto",
     ) -> int:
         """Compile the Triton kernels and capture the CUDA graphs that batches of 1 to
         ``max_rows`` rows with these iteration counts will use, so that serving never stalls
@@ -219,7 +241,8 @@ class ValueHead(nn.Module):
                                             dtype=torch.float32)
                     self.ascend(states, 0.0, count, max_norm=radius, num_iterations=count,
                                 backend=resolved, precision=precision,
-                                cuda_graphs=cuda_graphs, batch_invariant=batch_invariant)
+                                cuda_graphs=cuda_graphs, batch_invariant=batch_invariant,
+                                form=form)
                     runs += 1
         if graphs:
             self._graphs.warm = True
