@@ -31,10 +31,22 @@ runs the whole ascent (``steps`` iterations, all rows active) and is timed with
   head-ascend       ``ValueHead.ascend`` as the engine calls it (auto: Triton, bf16 products,
                     the ascent replayed from the head's CUDA-graph cache; includes copying the
                     batch in and building the edited states)
+  triton-gram-graph ``triton_ascend_gram``, the Gram form (``vllm_recontrol.ascent``: the
+                    ascent on u = c W1 with G = W1 W1^T, one product a step fewer), one graph;
+                    G is computed once per head, outside the timing, as the engine does
+  torch-gram        the Gram form's closed form with --torch-dtype products (fp32:
+                    ``ascent.ascend_gram_float32``), eager: beside torch-eager, what the
+                    form saves on a CPU too
+  torch-gram-graph  torch-gram captured in one graph
+  head-ascend-gram  head-ascend with ``form="gram"`` (the Triton Gram kernel, replayed)
   cublas-products-graph  not an ascent: its 2L matrix products alone (torch.mm, cuBLAS, in
                     the weights' dtype, chained through fixed buffers, no element-wise work),
                     one graph: how fast vendor GEMMs do the products at this batch size, to
                     tell what is left to gain in the kernel from what the floor asks beyond it
+
+The Gram variants do less work than the floor counts (one product with G a step in place
+of the first layer's two): they are timed against the same floor, so their "x floor" may fall
+below 1.
 
 The floor of a case is max(FLOPs / bf16 matmul rate, bytes / copy bandwidth), both ceilings
 measured at the start of the same run (an 8192^3 bf16 matmul; a 1 GiB device-to-device copy,
@@ -79,20 +91,23 @@ from pathlib import Path
 from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
-# --quick: issue 3's variants and the engine's; the fp32/tf32 rows are in the results file
+# --quick: issue 3's variants, the Gram form's and the engine's; the fp32/tf32, L2-window and
+# evict-last rows are in the results file (measured in earlier calls, --variants runs them)
 QUICK_VARIANTS = ("autograd-fp16", "torch-eager", "torch-compile", "torch-graph", "triton",
-                  "triton-graph", "triton-pdl-graph", "triton-l2-graph", "triton-evict-graph",
-                  "head-ascend", "cublas-products-graph")
+                  "triton-graph", "triton-gram-graph", "torch-gram-graph", "triton-pdl-graph",
+                  "head-ascend", "head-ascend-gram", "cublas-products-graph")
 VARIANTS = ("autograd-fp16", "torch-eager", "torch-compile", "torch-graph", "torch-fp32-graph",
             "triton", "triton-graph", "triton-fp32-graph", "triton-tf32-graph", "triton-pdl-graph",
-            "triton-l2-graph", "triton-evict-graph", "head-ascend", "cublas-products-graph")
+            "triton-l2-graph", "triton-evict-graph", "triton-gram-graph", "torch-gram",
+            "torch-gram-graph",
+            "head-ascend", "head-ascend-gram", "cublas-products-graph")
 # triton-evict-graph's plan: Triton keeps eviction hints only on plain loads (num_stages 1);
 # 4 K splits (512 programs at d = 4096) make up for the missing pipeline with more programs
 EVICT_OVERRIDES = {"num_stages": 1, "evict_last": 1, "split_k": 4, "fixup": 1}
 EVICT_MAX_BATCH = 64  # the weight-streaming plans; larger batches are bound on chip
 # weight dtype of the variants that fix it (the others follow --dtype / --torch-dtype)
 VARIANT_DTYPE = {"autograd-fp16": "fp16", "torch-fp32-graph": "fp32", "triton-fp32-graph": "fp32",
-                 "triton-tf32-graph": "fp32", "head-ascend": "bf16"}
+                 "triton-tf32-graph": "fp32", "head-ascend": "bf16", "head-ascend-gram": "bf16"}
 VARIANT_PRECISION = {"triton-tf32-graph": "tf32"}  # triton variants: else the weights' default
 
 
@@ -321,6 +336,44 @@ def bare_products(mlp, states, n: int) -> Callable[[], object]:
                 g = torch.mm(g, w, out=out)
         return g
     return run
+
+
+_GRAMS: dict = {}
+
+
+def gram_head(ascent, mlp):
+    """``mlp`` with its first layer's Gram matrix, computed once per head (as the engine
+    caches it with the weights), so that no timed call pays for it."""
+    key = tuple(w.data_ptr() for w in mlp.weights)
+    if key not in _GRAMS:
+        _GRAMS.clear()  # one head at a time
+        _GRAMS[key] = ascent.with_first_gram(mlp)
+    return _GRAMS[key]
+
+
+def gram_form_ascent(mlp, states, alpha, steps, n: int):
+    """The Gram form's closed form with the products in the weights' dtype (fp32 c, z1(s)
+    and u), as ``closed_form_step`` is to the direct form: c G replaces the first layer's
+    forward and backward products (``vllm_recontrol.ascent``)."""
+    weights, biases, gram = mlp.weights, mlp.biases, mlp.first_gram
+    dt = weights[0].dtype
+    base = torch.addmm(biases[0], states.to(dt), weights[0].t()).float()
+    coef = torch.zeros_like(base)
+    z = base
+    alpha_col, steps_col = alpha.view(-1, 1), steps.view(-1, 1)
+    for k in range(n):
+        masks, h = [z > 0], torch.relu(z).to(dt)
+        for w, b in zip(weights[1:-1], biases[1:-1]):
+            z_next = torch.addmm(b, h, w.t())
+            masks.append(z_next > 0)
+            h = torch.relu(z_next)
+        g = masks[-1] * weights[-1]
+        for i in range(len(masks) - 1, 0, -1):
+            g = (g @ weights[i]) * masks[i - 1]
+        coef = coef + alpha_col * (steps_col > k) * g.float()
+        if k < n - 1:
+            z = base + (coef.to(dt) @ gram).float()
+    return (coef.to(dt) @ weights[0]).float()
 
 
 def closed_form_loop(step_fn, mlp, states, alpha, steps, ks):
@@ -560,6 +613,18 @@ def raw_variant(name, ascent, va, heads, states, alpha, steps, n, device, args,
         return lambda: closed_form_loop(step, mlp, states, alpha, steps, ks)
     if name == "cublas-products-graph":
         return bare_products(mlp, states, n)
+    if name in ("torch-gram", "torch-gram-graph"):
+        gram = gram_head(ascent, mlp)
+        if mlp.weights[0].dtype == torch.float32:
+            return lambda: ascent.ascend_gram_float32(gram, states, alpha, steps, n)
+        return lambda: gram_form_ascent(gram, states, alpha, steps, n)
+    if name == "triton-gram-graph":
+        gram = gram_head(ascent, mlp)
+        return lambda: va.triton_ascend_gram(gram, states, alpha, steps, n,
+                                             plan_overrides=overrides)
+    if name == "head-ascend-gram":
+        head = value_head_from(heads["fp32"], device)
+        return lambda: head.ascend(states, alpha, steps, num_iterations=n, form="gram")
     if name == "head-ascend":
         head = value_head_from(heads["fp32"], device)
         return lambda: head.ascend(states, alpha, steps, num_iterations=n)
@@ -805,7 +870,11 @@ def check_cases(device: torch.device) -> list[dict]:
                 dict(d=40, widths=[24, 17, 20], rows=19, n=2, precision="ieee", wdtype="fp32",
                      overrides={"split_k": 2, "block_k": 16}),
                 dict(d=40, widths=[24, 17], rows=19, n=2, precision="ieee", wdtype="fp32",
-                     overrides={"split_k": 3, "block_k": 16, "fixup": 1})]
+                     overrides={"split_k": 3, "block_k": 16, "fixup": 1}),
+                dict(d=40, widths=[24, 17], rows=5, n=3, precision="bf16", wdtype="bf16",
+                     form="gram"),
+                dict(d=40, widths=[56], rows=19, n=2, precision="ieee", wdtype="fp32",
+                     form="gram", overrides={"split_k": 2, "block_k": 16})]
     # Chosen to cover each code path once while keeping Triton's compile count (~100) low.
     odd = dict(d=300, n=4)
     w1, w2, w3 = [257], [257, 129], [257, 129, 200]
@@ -875,6 +944,22 @@ def check_cases(device: torch.device) -> list[dict]:
              overrides={"pdl": 1, "split_k": 2, "tma": 1}),  # the reduce kernel too
         dict(d=4096, widths=[4096, 4096], rows=16, n=5, precision="bf16", wdtype="bf16",
              overrides={"pdl": 1}),
+        # the Gram form (triton_ascend_gram): odd sizes at every depth (a first layer wider
+        # than d too), weight-streaming and tensor-core tiles, split K, descriptor loads, the
+        # paper's sizes
+        dict(odd, widths=w1, rows=5, precision="bf16", wdtype="bf16", form="gram"),
+        dict(odd, widths=[361, 40], rows=37, precision="bf16", wdtype="bf16",
+             form="gram"),
+        dict(odd, widths=w3, rows=5, precision="ieee", wdtype="fp32", form="gram"),
+        dict(odd, widths=w2, rows=130, precision="bf16", wdtype="bf16", form="gram",
+             overrides={"split_k": 2, "fixup": 1}),
+        dict(d=304, n=4, widths=[264, 136], rows=130, precision="bf16", wdtype="bf16",
+             form="gram", overrides={"tma": 1}),
+        dict(d=4096, widths=[4096], rows=16, n=5, precision="bf16", wdtype="bf16", form="gram"),
+        dict(d=4096, widths=[4096, 4096], rows=256, n=3, precision="bf16", wdtype="bf16",
+             form="gram"),
+        dict(d=4096, widths=[4096], rows=512, n=2, precision="bf16", wdtype="bf16",
+             form="gram"),
     ]
 
 
@@ -919,13 +1004,26 @@ def run_check(args, device, ascent, va, dump) -> dict:
             max_norm = per_row_radii(rows).to(device)
         out = torch.full((rows, c["d"]), float("nan"), device=device)
         kw = dict(precision=c["precision"], plan_overrides=c.get("overrides"))
-        u = va.triton_ascend(mlp, states, alpha, steps, n, max_norm, out=out, poison_scratch=True, **kw)
-        again = va.triton_ascend(mlp, states, alpha, steps, n, max_norm, poison_scratch=True, **kw)
-        sync(device)
         emulate = c["precision"] == "bf16"
-        reference = importlib.import_module("vllm_recontrol.kernels.reference").reference_ascent
-        ref, clean = reference(mlp.weights, mlp.biases, states, alpha, steps, n, max_norm,
-                               emulate, MARGIN[c["precision"]])
+        references = importlib.import_module("vllm_recontrol.kernels.reference")
+        reference = references.reference_ascent
+        if c.get("form") == "gram":  # no max_norm: the kernel's Gram form does not project
+            gram = ascent.with_first_gram(mlp)
+            u = va.triton_ascend_gram(gram, states, alpha, steps, n, out=out, poison_scratch=True,
+                                      **kw)
+            again = va.triton_ascend_gram(gram, states, alpha, steps, n, poison_scratch=True, **kw)
+            sync(device)
+            ref, clean = references.gram_reference_ascent(
+                mlp.weights, mlp.biases, gram.first_gram, states, alpha, steps, n, emulate,
+                MARGIN[c["precision"]])
+        else:
+            u = va.triton_ascend(mlp, states, alpha, steps, n, max_norm, out=out,
+                                 poison_scratch=True, **kw)
+            again = va.triton_ascend(mlp, states, alpha, steps, n, max_norm, poison_scratch=True,
+                                     **kw)
+            sync(device)
+            ref, clean = reference(mlp.weights, mlp.biases, states, alpha, steps, n, max_norm,
+                                   emulate, MARGIN[c["precision"]])
         pure, _ = reference(mlp.weights, mlp.biases, states, alpha, steps, n, max_norm, False, 0.0)
         idle = (steps == 0) | (alpha == 0)
         moving = ~idle
@@ -947,7 +1045,8 @@ def run_check(args, device, ascent, va, dump) -> dict:
                "deterministic": deterministic, "ok": ok,
                "seconds": round(time.perf_counter() - started, 1)}
         results.append(row)
-        print(f"{'ok  ' if ok else 'FAIL'} d={c['d']} widths={c['widths']} B={rows} steps={n} "
+        print(f"{'ok  ' if ok else 'FAIL'} {c.get('form', 'direct')} d={c['d']} "
+              f"widths={c['widths']} B={rows} steps={n} "
               f"{c['precision']}/{c['wdtype']} max_norm={c.get('max_norm')} "
               f"{c.get('overrides') or ''}: "
               f"rel err {err:.2e} (tol {tol:.0e}, {int(use.sum())} rows) vs pure fp64 {err_pure:.2e}"
@@ -1020,16 +1119,19 @@ def check_graph_cache(device, ascent, seed) -> list[dict]:
     # cuBLAS picks its kernel by row count and the graph cache pads rows to a bucket, so the
     # torch path's graph and eager results differ by fp32 reassociation (H100: 3.9e-5 of the
     # edit at 40 rows); the kernel's plans make them the same bits
-    for precision, tol, backend in (("fp32", 1e-4, "auto"), ("fp32", 1e-5, "triton"),
-                                    ("bf16", 2e-2, "auto")):
+    # (auto + fp32 runs the torch closed form's Gram form here: 264 < 2 x 304 x 3 / 4)
+    for precision, tol, backend, form in (("fp32", 1e-4, "auto", "auto"),
+                                          ("fp32", 1e-5, "triton", "auto"),
+                                          ("bf16", 2e-2, "auto", "auto"),
+                                          ("bf16", 2e-2, "triton", "gram")):
         for rows in (40, 3, 17, 1, 70, 16):
             states = torch.randn(rows, d, generator=gen).to(device, torch.bfloat16)
             alpha = (0.5 + torch.rand(rows, generator=gen)).to(device)
             steps = torch.randint(0, 5, (rows,), generator=gen).to(device)
             graphed = head.ascend(states, alpha, steps, precision=precision, backend=backend,
-                                  cuda_graphs=True)
+                                  cuda_graphs=True, form=form)
             eager = head.ascend(states, alpha, steps, precision=precision, backend=backend,
-                                cuda_graphs=False)
+                                cuda_graphs=False, form=form)
             moved = (steps > 0) & (alpha != 0)
             idle_exact = bool(torch.equal(graphed[~moved], states[~moved]))
             diff = (graphed.float() - eager.float())[moved]
@@ -1038,10 +1140,11 @@ def check_graph_cache(device, ascent, seed) -> list[dict]:
             captured = head._graphs is not None and head._graphs.captures > 0
             ok = err < tol and idle_exact and captured and bool(torch.isfinite(graphed).all())
             rows_out.append({"case": "graph cache", "precision": precision, "backend": backend,
-                             "rows": rows,
+                             "form": form, "rows": rows,
                              "rel_err_vs_eager": err, "tolerance": tol, "idle_rows_exact": idle_exact,
                              "graphs_captured": head._graphs.captures if head._graphs else 0, "ok": ok})
-            print(f"{'ok  ' if ok else 'FAIL'} graph cache {precision}/{backend} B={rows}: edit vs eager "
+            print(f"{'ok  ' if ok else 'FAIL'} graph cache {precision}/{backend}/{form} B={rows}: "
+                  f"edit vs eager "
                   f"rel err {err:.2e} (tol {tol:.0e}), graphs captured "
                   f"{rows_out[-1]['graphs_captured']}{'' if idle_exact else ' IDLE-ROW-MOVED'}",
                   flush=True)

@@ -56,13 +56,19 @@ def model_flops_per_token(model_dir: str) -> float:
     return 2.0 * (layers * (attention + mlp) + d * vocab)
 
 
-def control_flops_per_token(head_dir: str, steps: int) -> float:
-    """Per step: the forward chain plus the backward chain of matrix-vector products."""
+def control_flops_per_token(head_dir: str, steps: int, form: str = "direct") -> float:
+    """Per step: the forward chain plus the backward chain of matrix-vector products; in the
+    Gram form the first layer's pair is one product with G (h1 x h1), plus z1(s) and u = c W1
+    once (``vllm_recontrol.ascent``)."""
     config = json.loads((Path(head_dir) / "config.json").read_text())
     sizes = [config["hidden_size"], *config["widths"]]
     forward = sum(a * b for a, b in zip(sizes[:-1], sizes[1:])) + sizes[-1]
     backward = sum(a * b for a, b in zip(sizes[:-1], sizes[1:]))
-    return 2.0 * steps * (forward + backward)
+    if form != "gram" or len(sizes) < 2:
+        return 2.0 * steps * (forward + backward)
+    first = sizes[0] * sizes[1]
+    per_step = forward + backward - 2 * first + sizes[1] ** 2
+    return 2.0 * (steps * per_step + 2 * first)
 
 
 def start_engine(args, recontrol: bool, plugin_loaded: bool):
@@ -80,6 +86,7 @@ def start_engine(args, recontrol: bool, plugin_loaded: bool):
         kwargs.update(model_impl="recontrol", additional_config={"recontrol": {
             "value_head": args.value_head, "alpha": args.alpha, "default_on": False,
             "steps": max(args.steps), "max_steps": max(args.steps), "backend": args.backend,
+            "ascent_form": args.ascent_form,
             "value_heads": {"second": args.value_head}}})
     from vllm_recontrol._vllm_adapter import stock_vllm_engines
 
@@ -141,7 +148,8 @@ def measure(args) -> list[dict[str, Any]]:
     finally:
         for llm in engines.values():
             stop_engine(llm)
-    add_ratios(rows, model_flops_per_token(args.model), args.value_head, "stock")
+    add_ratios(rows, model_flops_per_token(args.model), args.value_head, "stock",
+               lambda steps: ascent_form_of(args, steps))
     return rows
 
 
@@ -164,7 +172,8 @@ def vllm_bench_rows(args) -> list[dict[str, Any]]:
             ("vllm-bench installed", 0, [], {})]
     for steps in args.steps:
         config = {"recontrol": {"value_head": args.value_head, "alpha": args.alpha,
-                                "steps": steps, "max_steps": steps, "backend": args.backend}}
+                                "steps": steps, "max_steps": steps, "backend": args.backend,
+                                "ascent_form": args.ascent_form}}
         runs.append((f"vllm-bench steps={steps}", steps,
                      ["--model-impl", "recontrol", "--additional-config", json.dumps(config)], {}))
     rows = []
@@ -180,11 +189,26 @@ def vllm_bench_rows(args) -> list[dict[str, Any]]:
     return rows
 
 
+def ascent_form_of(args, steps: int) -> str:
+    """The form the engines' ascent takes at ``steps`` (``ascent_form`` resolved as the
+    controller does: the torch backend on a CPU, Triton on CUDA when ``auto``)."""
+    import torch
+
+    from vllm_recontrol.backends import choose_form
+
+    config = json.loads((Path(args.value_head) / "config.json").read_text())
+    backend = args.backend if args.backend != "auto" else (
+        "triton" if torch.cuda.is_available() else "torch")
+    return choose_form(args.ascent_form, backend, list(config["widths"]),
+                       config["hidden_size"], steps)
+
+
 def add_ratios(rows: list[dict[str, Any]], model_flops: float, value_head: str,
-               stock_variant: str) -> None:
+               stock_variant: str, form_of=lambda steps: "direct") -> None:
     stock = {r["batch"]: r["tokens_per_s"] for r in rows if r["variant"] == stock_variant}
     for r in rows:
-        control = control_flops_per_token(value_head, r["steps"]) if r["steps"] else 0.0
+        control = (control_flops_per_token(value_head, r["steps"], form_of(r["steps"]))
+                   if r["steps"] else 0.0)
         r["floor_ratio"] = model_flops / (model_flops + control)
         r["ratio_to_stock"] = r["tokens_per_s"] / stock[r["batch"]]
         r["gap_to_floor"] = r["ratio_to_stock"] / r["floor_ratio"]
@@ -256,6 +280,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="KV cache size (default: 256 MiB on CPU, vLLM's default on GPU)")
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
+    parser.add_argument("--ascent-form", default="auto", choices=["auto", "direct", "gram"],
+                        help="the engines' ascent_form (the floor ratio counts the form that "
+                             "auto resolves to at the largest step count)")
     parser.add_argument("--vllm-bench", action="store_true",
                         help="also run vLLM's own `vllm bench throughput` with and without the plugin")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
@@ -274,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.vllm_bench:
         bench_rows = vllm_bench_rows(args)
         add_ratios(bench_rows, model_flops_per_token(args.model), args.value_head,
-                   "vllm-bench stock")
+                   "vllm-bench stock", lambda steps: ascent_form_of(args, steps))
         rows += bench_rows
     table = markdown(rows, machine)
     print("\n" + table)

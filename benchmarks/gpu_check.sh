@@ -7,12 +7,12 @@
 #                            the timed phases will launch, in WARM_SHARDS processes side by side
 #   check  (CHECK_LIMIT 240) correctness against float64, and the engine's CUDA-graph cache
 #                            against eager launches, warm-up, split-K fix-up, tensor-descriptor
-#                            (TMA) loads, batch invariance; runs while the warm-up compiles
+#                            (TMA) loads, batch invariance, the Gram-form kernel; runs while
+#                            the warm-up compiles
 #   sweep  (SWEEP_LIMIT 130) Triton plan overrides at B 128, 256, 512, 1 and 2 hidden layers
 #                            (pipeline depths, plain and TMA loads, warp specialization)
-#   bench  (BENCH_LIMIT 220) issue 3's variants and the engine's, d 4096, 1 and 2 hidden
-#                            layers, 30 steps, B 1..512, after an L2 persistence probe
-#                            (benchmarks/l2_window.py); with the sweep's JSON, plus a
+#   bench  (BENCH_LIMIT 220) issue 3's variants, the Gram form's and the engine's, d 4096,
+#                            1 and 2 hidden layers, 30 steps, B 1..512; with the sweep's JSON, plus a
 #                            "triton-graph tuned" row per case the sweep found a faster plan for
 #                            (the last sweep's JSON is also kept in /tmp, so a bench in a later
 #                            call on the same warm machine still finds it)

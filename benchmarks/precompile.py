@@ -123,18 +123,25 @@ def meta_head(d: int, widths: list[int], dtype):
     meta = torch.device("meta")
     weights = [torch.empty(o, i, device=meta, dtype=dtype) for i, o in zip(sizes[:-1], sizes[1:])]
     biases = [torch.empty(o, device=meta, dtype=dtype) for o in sizes[1:]]
-    return MLPWeights(weights, biases)
+    gram = torch.empty(widths[0], widths[0], device=meta, dtype=dtype) if widths else None
+    return MLPWeights(weights, biases, first_gram=gram)
 
 
 def ascend(va, d, widths, rows, *, wdtype, state_dtype=None, precision=None, max_norm=None,
-           overrides=None, batch_invariant=False) -> None:
-    """One two-step ascent: every kernel of the plan compiles (steps 0 and 1 share code)."""
+           overrides=None, batch_invariant=False, form="direct") -> None:
+    """One two-step ascent: every kernel of the plan compiles (steps 0 and 1 share code);
+    ``form`` "gram" the Gram-form kernel's (``triton_ascend_gram``, never projected)."""
     import torch
 
     meta = torch.device("meta")
     states = torch.empty(rows, d, device=meta, dtype=state_dtype or torch.float32)
     alpha = torch.empty(rows, device=meta)
     steps = torch.empty(rows, device=meta, dtype=torch.int64)
+    if form == "gram":
+        va.triton_ascend_gram(meta_head(d, widths, wdtype), states, alpha, steps, 2,
+                              precision=precision, plan_overrides=overrides,
+                              batch_invariant=batch_invariant)
+        return
     va.triton_ascend(meta_head(d, widths, wdtype), states, alpha, steps, 2, max_norm,
                      precision=precision, plan_overrides=overrides,
                      batch_invariant=batch_invariant)
@@ -155,14 +162,16 @@ def bench_launches(phase: str) -> list[dict]:
     out = []
     for task in bench.tasks(args):
         name, case = task.variant, task.case
-        if not name.startswith("triton") and name != "head-ascend":
+        if not name.startswith(("triton", "head-ascend")):
             continue
+        engine = name.startswith("head-ascend")
         wdtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[
-            bench.variant_dtype(name, args) if name != "head-ascend" else "bf16"]
-        rows = bucket_rows(case.batch) if name == "head-ascend" else case.batch
+            bench.variant_dtype(name, args) if not engine else "bf16"]
+        rows = bucket_rows(case.batch) if engine else case.batch
         out.append(dict(d=case.d, widths=[case.d] * case.hidden, rows=rows, wdtype=wdtype,
                         precision=bench.VARIANT_PRECISION.get(name),
-                        overrides=bench.variant_overrides(name, task.overrides)))
+                        overrides=bench.variant_overrides(name, task.overrides),
+                        form="gram" if "gram" in name else "direct"))
     return out
 
 
@@ -181,7 +190,8 @@ def check_launches() -> list[dict]:
         out.append(dict(d=c["d"], widths=c["widths"], rows=c["rows"], wdtype=wdtype,
                         state_dtype=wdtype, precision=c["precision"],
                         max_norm=(0.05 if c.get("max_norm") == bench.PER_ROW  # same kernels
-                                  else c.get("max_norm")), overrides=c.get("overrides")))
+                                  else c.get("max_norm")), overrides=c.get("overrides"),
+                        form=c.get("form", "direct")))
     for d, widths, precision in bench.INVARIANCE_CASES:
         wdtype = torch.float32 if precision == "ieee" else torch.bfloat16
         for rows in (1, 15, 40, 130):
@@ -195,6 +205,8 @@ def check_launches() -> list[dict]:
                         precision="ieee"))
         out.append(dict(d=304, widths=[264, 136], rows=rows, wdtype=torch.bfloat16,
                         precision="bf16"))
+        out.append(dict(d=304, widths=[264, 136], rows=rows, wdtype=torch.bfloat16,
+                        precision="bf16", form="gram"))
     # the controller's second head: 12-13 rows each, alone and in the 16-row bucket; both
     # heads also projected (every fourth row has its own radius)
     out.append(dict(d=304, widths=[200], rows=16, wdtype=torch.bfloat16, precision="bf16"))

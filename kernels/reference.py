@@ -76,10 +76,11 @@ def gram_reference_ascent(weights, biases, gram, states, alpha, steps, num_itera
     W = [w.double() for w in weights]
     b = [x.double() for x in biases]
     G = gram.double()
-    s, alpha, steps = states.double(), alpha.double(), steps.long()
+    s = states.double()
+    alpha, steps = alpha.double().to(s.device), steps.long().to(s.device)
     base = rnd(s) @ W[0].T + b[0]
     c = torch.zeros_like(base)
-    clean = torch.ones(s.shape[0], dtype=torch.bool)
+    clean = torch.ones(s.shape[0], dtype=torch.bool, device=s.device)
     for k in range(num_iterations):
         moving = (steps > k) & (alpha != 0)
         zs = [base + rnd(c) @ G]

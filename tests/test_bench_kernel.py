@@ -28,8 +28,9 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 def test_check_mode_passes_on_the_interpreter(tmp_path):
     _run("--check", "--json", str(tmp_path / "check.json"))
     result = json.loads((tmp_path / "check.json").read_text())
-    assert result["complete"] and result["failures"] == 0 and len(result["cases"]) == 5
+    assert result["complete"] and result["failures"] == 0 and len(result["cases"]) == 7
     assert [c.get("max_norm") for c in result["cases"]].count("per-row") == 1
+    assert [c.get("form") for c in result["cases"]].count("gram") == 2
     assert all(case["ok"] and case["deterministic"] for case in result["cases"])
 
 
@@ -50,6 +51,38 @@ def test_timing_mode_writes_every_row(tmp_path):
 def test_warm_up_shards_compile_without_errors():
     run = _run("--warm-only", "--sweep", "--shard", "1", "--shards", "3")
     assert "warm shard 1/3:" in run.stdout and ", 0 failed" in run.stdout
+
+
+def test_gram_variants_run_their_kernels():
+    """triton-gram-graph (the Gram kernel on the head with G) and head-ascend-gram launch
+    without errors (their graphs need CUDA; warm-only runs the plain launches)."""
+    run = _run("--warm-only", "--variants", "triton-gram-graph", "head-ascend-gram",
+               "--layers", "1", "2")
+    assert "warm shard 0/1: 8 launches compiled, 0 failed" in run.stdout
+
+
+@pytest.mark.parametrize("widths", [[24], [24, 17]])
+def test_gram_closed_form_of_the_benchmark_is_the_ascent(widths):
+    """torch-gram-graph's closed form (products in the weights' dtype) against float64
+    autograd, with fp32 weights, and near it with bf16 products."""
+    import torch
+
+    bench = _load("bench_kernel")
+    from vllm_recontrol import ascent
+    from vllm_recontrol.kernels.reference import reference_ascent
+
+    gen = torch.Generator().manual_seed(5)
+    mlp = bench.make_head(ascent, 40, widths, torch.float32, torch.device("cpu"), gen)
+    states = torch.randn(6, 40, generator=gen)
+    alpha, steps = torch.full((6,), 0.7), torch.tensor([0, 1, 2, 3, 3, 2])
+    ref, _ = reference_ascent(mlp.weights, mlp.biases, states, alpha, steps, 3)
+    u = bench.gram_form_ascent(ascent.with_first_gram(mlp), states, alpha, steps, 3)
+    torch.testing.assert_close(u.double(), ref, rtol=1e-5, atol=1e-6)
+    assert torch.equal(u[0], torch.zeros(40))
+    half = ascent.MLPWeights([w.bfloat16() for w in mlp.weights],
+                             [b.bfloat16() for b in mlp.biases])
+    u16 = bench.gram_form_ascent(ascent.with_first_gram(half), states, alpha, steps, 3)
+    assert ((u16.double() - ref).norm() / ref.norm()).item() < 0.05
 
 
 def test_l2_variant_runs_its_contiguous_head():

@@ -244,7 +244,7 @@ def test_first_pass_through_call_warms_up_once_and_failures_only_log(caplog):
     assert controller.maybe_edit(states) is states  # not armed: profiling, passes through
     assert calls == [(48, (5, 9), dict(max_norm=None, backend="torch", precision="auto",
                                        cuda_graphs=True, batch_invariant=False,
-                                       also_projected=False))]
+                                       also_projected=False, form="auto"))]
     assert controller.maybe_edit(states) is states
     rows.arm()
     assert not torch.equal(controller.maybe_edit(states), states)  # a real edit

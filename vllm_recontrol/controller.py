@@ -192,9 +192,10 @@ class EditController:
         products = resolved[DEFAULT_HEAD][1]
         device = next(iter(self.heads.values())).layers[0].weight.device
         graphs = settings.cuda_graphs and device.type == "cuda"
-        logger.info("RE-Control ascent: %s backend, %s products, CUDA graphs %s%s%s",
+        logger.info("RE-Control ascent: %s backend, %s products, %s form, CUDA graphs %s%s%s",
                     self.backends[DEFAULT_HEAD], "fp32" if products == "ieee" else products,
-                    "on" if graphs else "off", ", batch-invariant" if batch_invariant else "",
+                    settings.ascent_form, "on" if graphs else "off",
+                    ", batch-invariant" if batch_invariant else "",
                     f", value heads {list(self.heads)}" if len(self.heads) > 1 else "")
         self._warm_rows = warm_up_rows(device, settings, max_rows)
 
