@@ -71,8 +71,9 @@ def control_flops_per_token(head_dir: str, steps: int, form: str = "direct") -> 
     return 2.0 * (steps * per_step + 2 * first)
 
 
-def start_engine(args, recontrol: bool, plugin_loaded: bool):
-    """One offline engine: stock (plugin not loaded), plugin installed, or RE-Control on."""
+def start_engine(args, recontrol: bool, plugin_loaded: bool, form: str | None = None):
+    """One offline engine: stock (plugin not loaded), plugin installed, or RE-Control on
+    (with ``form`` as its ascent_form, else ``--ascent-form``)."""
     from vllm import LLM
 
     kwargs: dict[str, Any] = dict(model=args.model, dtype=args.dtype, seed=0,
@@ -86,7 +87,7 @@ def start_engine(args, recontrol: bool, plugin_loaded: bool):
         kwargs.update(model_impl="recontrol", additional_config={"recontrol": {
             "value_head": args.value_head, "alpha": args.alpha, "default_on": False,
             "steps": max(args.steps), "max_steps": max(args.steps), "backend": args.backend,
-            "ascent_form": args.ascent_form,
+            "ascent_form": form or args.ascent_form,
             "value_heads": {"second": args.value_head}}})
     from vllm_recontrol._vllm_adapter import stock_vllm_engines
 
@@ -111,6 +112,8 @@ def measure(args) -> list[dict[str, Any]]:
     engines = {"stock": start_engine(args, recontrol=False, plugin_loaded=False),
                "installed": start_engine(args, recontrol=False, plugin_loaded=True),
                "recontrol": start_engine(args, recontrol=True, plugin_loaded=True)}
+    if args.compare_forms:
+        engines["direct"] = start_engine(args, recontrol=True, plugin_loaded=True, form="direct")
     # (name, engine, extra_args of the requests in turn, steps)
     cases = [("stock", "stock", [None], 0), ("installed", "installed", [None], 0),
              ("off", "recontrol", [{"recontrol": 0}], 0)]
@@ -121,6 +124,9 @@ def measure(args) -> list[dict[str, Any]]:
                   [{"recontrol_alpha": args.alpha, "recontrol_steps": most},
                    {"recontrol_alpha": args.alpha, "recontrol_steps": most,
                     "recontrol_head": "second"}], most))
+    if args.compare_forms:  # the same requests in an engine that runs the direct form
+        cases.append((f"steps={most}, direct form", "direct",
+                      [{"recontrol_alpha": args.alpha, "recontrol_steps": most}], most))
     rows: list[dict[str, Any]] = []
     try:
         for batch in args.batch_sizes:
@@ -140,16 +146,18 @@ def measure(args) -> list[dict[str, Any]]:
                     outputs = engines[engine].generate(prompts, params[name], use_tqdm=False)
                     best[name] = min(best[name], time.perf_counter() - start)
                     tokens[name] = sum(len(o.outputs[0].token_ids) for o in outputs)
-            for name, _, _, steps in cases:
-                rows.append(dict(variant=name, batch=batch, steps=steps, seconds=best[name],
-                                 tokens=tokens[name], tokens_per_s=tokens[name] / best[name]))
+            for name, engine, _, steps in cases:
+                form = None if not steps else (
+                    "direct" if engine == "direct" else ascent_form_of(args, steps))
+                rows.append(dict(variant=name, batch=batch, steps=steps, form=form,
+                                 seconds=best[name], tokens=tokens[name],
+                                 tokens_per_s=tokens[name] / best[name]))
                 print(f"  {name:>10}  batch {batch:>4}: {rows[-1]['tokens_per_s']:10.1f} tok/s",
                       flush=True)
     finally:
         for llm in engines.values():
             stop_engine(llm)
-    add_ratios(rows, model_flops_per_token(args.model), args.value_head, "stock",
-               lambda steps: ascent_form_of(args, steps))
+    add_ratios(rows, model_flops_per_token(args.model), args.value_head, "stock")
     return rows
 
 
@@ -184,6 +192,7 @@ def vllm_bench_rows(args) -> list[dict[str, Any]]:
         if proc.returncode or not match:
             raise RuntimeError(f"{name} failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
         rows.append(dict(variant=name, batch=max(args.batch_sizes), steps=steps,
+                         form=ascent_form_of(args, steps) if steps else None,
                          tokens_per_s=float(match.group(1))))
         print(f"  {name:>22}: {rows[-1]['tokens_per_s']:10.1f} output tok/s", flush=True)
     return rows
@@ -204,10 +213,11 @@ def ascent_form_of(args, steps: int) -> str:
 
 
 def add_ratios(rows: list[dict[str, Any]], model_flops: float, value_head: str,
-               stock_variant: str, form_of=lambda steps: "direct") -> None:
+               stock_variant: str) -> None:
+    """Each row's ratio to stock and to its floor (the control's FLOPs in the row's form)."""
     stock = {r["batch"]: r["tokens_per_s"] for r in rows if r["variant"] == stock_variant}
     for r in rows:
-        control = (control_flops_per_token(value_head, r["steps"], form_of(r["steps"]))
+        control = (control_flops_per_token(value_head, r["steps"], r.get("form") or "direct")
                    if r["steps"] else 0.0)
         r["floor_ratio"] = model_flops / (model_flops + control)
         r["ratio_to_stock"] = r["tokens_per_s"] / stock[r["batch"]]
@@ -216,10 +226,12 @@ def add_ratios(rows: list[dict[str, Any]], model_flops: float, value_head: str,
 
 def markdown(rows: list[dict[str, Any]], machine: str) -> str:
     lines = [f"Machine: {machine}", "",
-             "| variant | batch | tokens/s | vs. stock | floor ratio | measured / floor |",
-             "|---|---|---|---|---|---|"]
+             "| variant | ascent form | batch | tokens/s | vs. stock | floor ratio | "
+             "measured / floor |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['variant']} | {r['batch']} | {r['tokens_per_s']:.1f} | "
+        lines.append(f"| {r['variant']} | {r.get('form') or '-'} | {r['batch']} | "
+                     f"{r['tokens_per_s']:.1f} | "
                      f"{r['ratio_to_stock']:.3f} | {r['floor_ratio']:.3f} | "
                      f"{r['gap_to_floor']:.3f} |")
     return "\n".join(lines)
@@ -281,8 +293,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
     parser.add_argument("--ascent-form", default="auto", choices=["auto", "direct", "gram"],
-                        help="the engines' ascent_form (the floor ratio counts the form that "
-                             "auto resolves to at the largest step count)")
+                        help="the RE-Control engines' ascent_form (each row's floor ratio "
+                             "counts the form it ran)")
+    parser.add_argument("--compare-forms", action="store_true",
+                        help="also time the most-steps case in a second RE-Control engine that "
+                             "runs the direct form, beside the others")
     parser.add_argument("--vllm-bench", action="store_true",
                         help="also run vLLM's own `vllm bench throughput` with and without the plugin")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
@@ -301,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.vllm_bench:
         bench_rows = vllm_bench_rows(args)
         add_ratios(bench_rows, model_flops_per_token(args.model), args.value_head,
-                   "vllm-bench stock", lambda steps: ascent_form_of(args, steps))
+                   "vllm-bench stock")
         rows += bench_rows
     table = markdown(rows, machine)
     print("\n" + table)
