@@ -851,6 +851,46 @@ def _launch(p: _Product, ctx: dict, step: int) -> None:
 
 REDUCE_BLOCK_M = 16  # rows per program of the split-K reduce kernel
 
+
+def _checked_out(out: Tensor | None, rows: int, dim: int, device: torch.device) -> Tensor:
+    """The caller's u buffer, checked, or a new one."""
+    if out is None:
+        return torch.empty(rows, dim, device=device, dtype=torch.float32)
+    if out.shape != (rows, dim) or out.dtype != torch.float32 or not out.is_contiguous() \
+            or out.device != device:
+        raise ValueError(f"out must be a contiguous float32 [{rows}, {dim}] tensor on {device}")
+    return out
+
+
+def _activation_buffers(weights: list[Tensor], rows: int, device: torch.device,
+                        act_dtype: torch.dtype) -> tuple[list[Tensor], list[Tensor]]:
+    """Stored activations (one per hidden layer) and backward products (all but the first)."""
+    widths = [w.shape[0] for w in weights[:-1]]
+    acts = [torch.empty(rows, h, device=device, dtype=act_dtype) for h in widths]
+    backs = [torch.empty(rows, h, device=device, dtype=act_dtype) for h in widths[:-1]]
+    return acts, backs
+
+
+def _split_scratch(products: list[_Product], rows: int,
+                   device: torch.device) -> tuple[Tensor, Tensor]:
+    """Split-K partial sums (the largest product's) and fix-up counters (zero here; every
+    product's last split zeroes its own again)."""
+    partial_numel = max([p.plan.splits(p.K) * rows * p.N for p in products
+                         if p.plan.splits(p.K) > 1] + [1])
+    partial = torch.empty(partial_numel, device=device, dtype=torch.float32)
+    tiles = [triton.cdiv(rows, p.plan.block_m) * triton.cdiv(p.N, p.plan.block_n)
+             for p in products if p.plan.finishes_in_place(p.K)]
+    counters = torch.zeros(max(tiles + [1]), device=device, dtype=torch.int32)
+    return partial, counters
+
+
+def _attach_descriptors(products: list[_Product], ctx: dict) -> None:
+    """Tensor descriptors for the products whose plan loads through TMA: once per ascent,
+    not per launch."""
+    for p in products:
+        if p.plan.tma and ctx["sm90"] and tma_eligible(p, ctx["precision"]):
+            p.descriptors = _descriptors(p)
+
 # Pipeline depth that fits in shared memory, per launch shape, once a deeper one did not.
 _STAGES_THAT_FIT: dict[tuple, int] = {}
 
@@ -890,20 +930,14 @@ def triton_ascend(
     device, rows, dim = states32.device, states32.shape[0], states32.shape[1]
     weights = [w.contiguous() for w in mlp.weights]
     biases = [b.contiguous() for b in mlp.biases]
-    if out is None:
-        out = torch.empty(rows, dim, device=device, dtype=torch.float32)
-    elif out.shape != (rows, dim) or out.dtype != torch.float32 or not out.is_contiguous() \
-            or out.device != device:
-        raise ValueError(f"out must be a contiguous float32 [{rows}, {dim}] tensor on {device}")
+    out = _checked_out(out, rows, dim, device)
     if rows == 0:
         return out
     if num_iterations == 0:
         return out.zero_()
 
     act_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    widths = [w.shape[0] for w in weights[:-1]]
-    acts = [torch.empty(rows, h, device=device, dtype=act_dtype) for h in widths]
-    backs = [torch.empty(rows, h, device=device, dtype=act_dtype) for h in widths[:-1]]
+    acts, backs = _activation_buffers(weights, rows, device, act_dtype)
     states32 = states32.contiguous()
     radius = (None if max_norm is None else max_norm.to(torch.float32).contiguous()
               if isinstance(max_norm, Tensor) else
@@ -914,13 +948,7 @@ def triton_ascend(
                               plan_overrides, project, batch_invariant)
     update = products[-1]
     n_sq = triton.cdiv(dim, update.plan.block_n)
-    partial_numel = max([p.plan.splits(p.K) * rows * p.N for p in products
-                         if p.plan.splits(p.K) > 1] + [1])
-    partial = torch.empty(partial_numel, device=device, dtype=torch.float32)
-    # fix-up counters: zero here, and every product's last split zeroes its own again
-    tiles = [triton.cdiv(rows, p.plan.block_m) * triton.cdiv(p.N, p.plan.block_n)
-             for p in products if p.plan.finishes_in_place(p.K)]
-    counters = torch.zeros(max(tiles + [1]), device=device, dtype=torch.int32)
+    partial, counters = _split_scratch(products, rows, device)
     sq = torch.empty(2, rows, n_sq, device=device, dtype=torch.float32)
     if poison_scratch:
         for t in [*acts, *backs, partial, sq] + ([] if project else [x]):
@@ -935,9 +963,7 @@ def triton_ascend(
                project=project, act_bf16=precision == "bf16",
                precision=precision, interpret=device.type == "cpu", stages=_STAGES_THAT_FIT,
                sm90=_sm90_features(device))
-    for p in products:  # once per ascent, not per launch
-        if p.plan.tma and ctx["sm90"] and tma_eligible(p, precision):
-            p.descriptors = _descriptors(p)
+    _attach_descriptors(products, ctx)
     for step in range(num_iterations):
         ctx["sq_out"], ctx["sq_in"] = sq[step % 2], sq[(step + 1) % 2]
         for p in products:
@@ -995,20 +1021,14 @@ def triton_ascend_gram(
                          + ("None" if gram is None else f"{list(gram.shape)} {gram.dtype} on "
                             f"{gram.device}"))
     gram = gram.contiguous()
-    if out is None:
-        out = torch.empty(rows, dim, device=device, dtype=torch.float32)
-    elif out.shape != (rows, dim) or out.dtype != torch.float32 or not out.is_contiguous() \
-            or out.device != device:
-        raise ValueError(f"out must be a contiguous float32 [{rows}, {dim}] tensor on {device}")
+    out = _checked_out(out, rows, dim, device)
     if rows == 0:
         return out
     if num_iterations == 0:
         return out.zero_()
 
     act_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    widths = [w.shape[0] for w in weights[:-1]]
-    acts = [torch.empty(rows, h, device=device, dtype=act_dtype) for h in widths]
-    backs = [torch.empty(rows, h, device=device, dtype=act_dtype) for h in widths[:-1]]
+    acts, backs = _activation_buffers(weights, rows, device, act_dtype)
     base = torch.empty(rows, first, device=device, dtype=torch.float32)
     coef = torch.zeros(rows, first, device=device, dtype=torch.float32)
     coef_ops = [torch.zeros(rows, first, device=device, dtype=act_dtype)
@@ -1051,12 +1071,7 @@ def triton_ascend_gram(
                              out, b0, out, rows, dim, first, plan(dim, first, False, w0))
     products = [base_product, *gram_products, *step_products, final_product]
 
-    partial_numel = max([p.plan.splits(p.K) * rows * p.N for p in products
-                         if p.plan.splits(p.K) > 1] + [1])
-    partial = torch.empty(partial_numel, device=device, dtype=torch.float32)
-    tiles = [triton.cdiv(rows, p.plan.block_m) * triton.cdiv(p.N, p.plan.block_n)
-             for p in products if p.plan.finishes_in_place(p.K)]
-    counters = torch.zeros(max(tiles + [1]), device=device, dtype=torch.int32)
+    partial, counters = _split_scratch(products, rows, device)
     if poison_scratch:
         for t in [*acts, *backs, partial, base, *coef_ops[1:]]:
             t.fill_(float("nan"))
@@ -1069,9 +1084,7 @@ def triton_ascend_gram(
                radius=unused, project=False, act_bf16=precision == "bf16",
                precision=precision, interpret=device.type == "cpu", stages=_STAGES_THAT_FIT,
                sm90=_sm90_features(device))
-    for p in products:  # once per ascent, not per launch
-        if p.plan.tma and ctx["sm90"] and tma_eligible(p, precision):
-            p.descriptors = _descriptors(p)
+    _attach_descriptors(products, ctx)
     _launch(base_product, ctx, 0)
     for step in range(num_iterations):
         _launch(gram_products[step % len(gram_products)], ctx, step)
