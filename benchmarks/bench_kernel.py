@@ -881,7 +881,9 @@ def check_cases(device: torch.device) -> list[dict]:
                 dict(d=40, widths=[24, 17], rows=5, n=3, precision="bf16", wdtype="bf16",
                      form="gram"),
                 dict(d=40, widths=[56], rows=19, n=2, precision="ieee", wdtype="fp32",
-                     form="gram", overrides={"split_k": 2, "block_k": 16})]
+                     form="gram", overrides={"split_k": 2, "block_k": 16}),
+                dict(d=40, widths=[24, 17], rows=7, n=3, precision="bf16", wdtype="bf16",
+                     form="gram", max_norm=PER_ROW)]
     # Chosen to cover each code path once while keeping Triton's compile count (~100) low.
     odd = dict(d=300, n=4)
     w1, w2, w3 = [257], [257, 129], [257, 129, 200]
@@ -967,6 +969,15 @@ def check_cases(device: torch.device) -> list[dict]:
              form="gram"),
         dict(d=4096, widths=[4096], rows=512, n=2, precision="bf16", wdtype="bf16",
              form="gram"),
+        # ... under max_norm: one radius, per-row radii, split K (whole-tile fix-up)
+        dict(odd, widths=w1, rows=16, precision="ieee", wdtype="fp32", form="gram",
+             max_norm=0.05),
+        dict(odd, widths=w2, rows=37, precision="bf16", wdtype="bf16", form="gram",
+             max_norm=PER_ROW),
+        dict(odd, widths=w3, rows=130, precision="bf16", wdtype="bf16", form="gram",
+             max_norm=0.05, overrides={"split_k": 2, "fixup": 1}),
+        dict(d=4096, widths=[4096], rows=256, n=3, precision="bf16", wdtype="bf16",
+             form="gram", max_norm=PER_ROW),
     ]
 
 
@@ -1014,15 +1025,16 @@ def run_check(args, device, ascent, va, dump) -> dict:
         emulate = c["precision"] == "bf16"
         references = importlib.import_module("vllm_recontrol.kernels.reference")
         reference = references.reference_ascent
-        if c.get("form") == "gram":  # no max_norm: the kernel's Gram form does not project
+        if c.get("form") == "gram":
             gram = ascent.with_first_gram(mlp)
-            u = va.triton_ascend_gram(gram, states, alpha, steps, n, out=out, poison_scratch=True,
-                                      **kw)
-            again = va.triton_ascend_gram(gram, states, alpha, steps, n, poison_scratch=True, **kw)
+            u = va.triton_ascend_gram(gram, states, alpha, steps, n, max_norm, out=out,
+                                      poison_scratch=True, **kw)
+            again = va.triton_ascend_gram(gram, states, alpha, steps, n, max_norm,
+                                          poison_scratch=True, **kw)
             sync(device)
             ref, clean = references.gram_reference_ascent(
-                mlp.weights, mlp.biases, gram.first_gram, states, alpha, steps, n, emulate,
-                MARGIN[c["precision"]])
+                mlp.weights, mlp.biases, gram.first_gram, states, alpha, steps, n, max_norm,
+                emulate, MARGIN[c["precision"]])
         else:
             u = va.triton_ascend(mlp, states, alpha, steps, n, max_norm, out=out,
                                  poison_scratch=True, **kw)

@@ -130,7 +130,7 @@ def meta_head(d: int, widths: list[int], dtype):
 def ascend(va, d, widths, rows, *, wdtype, state_dtype=None, precision=None, max_norm=None,
            overrides=None, batch_invariant=False, form="direct") -> None:
     """One two-step ascent: every kernel of the plan compiles (steps 0 and 1 share code);
-    ``form`` "gram" the Gram-form kernel's (``triton_ascend_gram``, never projected)."""
+    ``form`` "gram" the Gram-form kernel's (``triton_ascend_gram``)."""
     import torch
 
     meta = torch.device("meta")
@@ -138,7 +138,7 @@ def ascend(va, d, widths, rows, *, wdtype, state_dtype=None, precision=None, max
     alpha = torch.empty(rows, device=meta)
     steps = torch.empty(rows, device=meta, dtype=torch.int64)
     if form == "gram":
-        va.triton_ascend_gram(meta_head(d, widths, wdtype), states, alpha, steps, 2,
+        va.triton_ascend_gram(meta_head(d, widths, wdtype), states, alpha, steps, 2, max_norm,
                               precision=precision, plan_overrides=overrides,
                               batch_invariant=batch_invariant)
         return

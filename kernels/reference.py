@@ -67,23 +67,36 @@ def reference_ascent(weights, biases, states, alpha, steps, num_iterations, max_
 
 
 def gram_reference_ascent(weights, biases, gram, states, alpha, steps, num_iterations,
-                          emulate_bf16=False, margin=1e-4):
+                          max_norm=None, emulate_bf16=False, margin=1e-4):
     """The Gram form's ascent (``vllm_recontrol.ascent``) in float64, rounding where the
     kernel's bf16 mode rounds when ``emulate_bf16``: the state operand, c's operand copy,
     the stored activations and backward products (``gram`` is used as given: the kernel's
-    G). Returns (u, clean) like ``reference_ascent``; clean rows never came near a kink."""
+    G). ``max_norm`` (a scalar, or one radius per row) projects as the kernel does: each
+    step's factor from c' (c G)^T of the unprojected c', the last from ||c' W1||. Returns
+    (u, clean) like ``reference_ascent``; clean rows never came near a kink."""
     rnd = _bf16 if emulate_bf16 else (lambda t: t)
     W = [w.double() for w in weights]
     b = [x.double() for x in biases]
     G = gram.double()
     s = states.double()
     alpha, steps = alpha.double().to(s.device), steps.long().to(s.device)
+    radius = (None if max_norm is None else
+              torch.as_tensor(max_norm, dtype=torch.float64, device=s.device).reshape(-1, 1))
+
+    def factor(squared):  # min(1, radius / norm), as the kernel computes it
+        norm = squared.clamp_min(0.0).sqrt().clamp_min(1e-30)
+        return (radius.clamp_min(0.0) / norm).clamp_max(1.0)
+
     base = rnd(s) @ W[0].T + b[0]
     c = torch.zeros_like(base)
     clean = torch.ones(s.shape[0], dtype=torch.bool, device=s.device)
     for k in range(num_iterations):
         moving = (steps > k) & (alpha != 0)
-        zs = [base + rnd(c) @ G]
+        image = rnd(c) @ G
+        if radius is not None:  # c holds c' here: scale it and its image alike
+            scale = factor((c * image).sum(dim=1, keepdim=True))
+            c, image = scale * c, scale * image
+        zs = [base + image]
         acts = [rnd(torch.relu(zs[0]))]
         for Wi, bi in zip(W[1:-1], b[1:-1]):
             zs.append(acts[-1] @ Wi.T + bi)
@@ -97,4 +110,7 @@ def gram_reference_ascent(weights, biases, gram, states, alpha, steps, num_itera
             if i > 1:
                 g = rnd(g)  # the kernel stores backward products, not the one that ends a step
         c = c + (alpha * moving)[:, None] * g
-    return rnd(c) @ W[0], clean
+    u = rnd(c) @ W[0]
+    if radius is not None:
+        u = u * factor(u.pow(2).sum(dim=1, keepdim=True))
+    return u, clean

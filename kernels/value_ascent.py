@@ -133,7 +133,10 @@ EPI_GRAM_ACT = tl.constexpr(6)   # act1 = relu(z1(s) + acc): acc = c G (heads of
 EPI_GRAM_COEF = tl.constexpr(7)  # one hidden layer: z1 = z1(s) + acc, c += rate * w_out * (z1 > 0),
                                  # c stored fp32 and as the next product's operand (x_ptr)
 EPI_COEF = tl.constexpr(8)       # c += rate * acc * (act1 > 0): the product through W2 ends a step
-EPI_STORE = tl.constexpr(9)      # u = acc (u = c W1 after the last step)
+EPI_STORE = tl.constexpr(9)      # u = acc (u = c W1 after the last step; under max_norm also
+                                 # its partial sums of squares, for the final scale)
+EPI_GRAM_PART = tl.constexpr(10)  # max_norm: y = c' G stored, partial sums of c' * y per row
+                                  # (||u'||^2 = c' G c'^T); _gram_finish_kernel goes on
 
 
 # ----------------------------------------------------------------------------- device helpers
@@ -175,7 +178,8 @@ def _row_scale(sq_ptr, offs_m, M, n_sq, radius_ptr, first, SQ_CHUNK: tl.constexp
         ok = live & (j0 + j[None, :] < n_sq)
         part = tl.load(sq_ptr + offs_m[:, None] * n_sq + j0 + j[None, :], mask=ok, other=0.0)
         total += tl.sum(part, axis=1)
-    norm = tl.sqrt_rn(total)
+    # the Gram form's c G c^T may round below 0 near u = 0 (a sum of squares never does)
+    norm = tl.sqrt_rn(tl.where(total > 0, total, 0.0))
     radius = tl.maximum(tl.load(radius_ptr + offs_m, mask=offs_m < M, other=1.0), 0.0)
     return tl.minimum(tl.div_rn(radius, tl.maximum(norm, 1e-30)), 1.0)
 
@@ -277,6 +281,14 @@ def _epilogue(acc, offs_m, offs_n, pid_n, M, N, out_ptr, bias_ptr, maskin_ptr, w
         _store_rounded(x_ptr + idx, c_new, ok, ACT_BF16)
     elif EPILOGUE == EPI_STORE:
         tl.store(out_ptr + idx, acc, mask=ok)
+        if PROJECT:
+            sq = tl.sum(tl.where(ok, acc * acc, 0.0), axis=1)
+            tl.store(sq_out_ptr + offs_m * n_sq + pid_n, sq, mask=offs_m < M)
+    elif EPILOGUE == EPI_GRAM_PART:
+        tl.store(out_ptr + idx, acc, mask=ok)
+        coef = tl.load(maskin_ptr + idx, mask=ok, other=0.0)
+        part = tl.sum(tl.where(ok, coef * acc, 0.0), axis=1)
+        tl.store(sq_out_ptr + offs_m * n_sq + pid_n, part, mask=offs_m < M)
     else:
         row_ok = offs_m < M
         alpha = tl.load(alpha_ptr + offs_m, mask=row_ok, other=0.0)
@@ -426,6 +438,39 @@ def _apply_scale_kernel(u_ptr, sq_ptr, n_sq, radius_ptr, M, N,
     idx = offs_m[:, None] * N + offs_n[None, :]
     scale = _row_scale(sq_ptr, offs_m, M, n_sq, radius_ptr, 0, SQ_CHUNK)
     tl.store(u_ptr + idx, tl.load(u_ptr + idx, mask=ok, other=0.0) * scale[:, None], mask=ok)
+
+
+@triton.jit(do_not_specialize=["step", "M"])
+def _gram_finish_kernel(image_ptr, base_ptr, coef_ptr, coef_op_ptr, act_ptr, wout_ptr,
+                        alpha_ptr, steps_ptr, sq_ptr, n_sq, radius_ptr, step, M, N,
+                        ONE_LAYER: tl.constexpr, ACT_BF16: tl.constexpr,
+                        SQ_CHUNK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    """The Gram form's step under max_norm, after the product y = c' G (``EPI_GRAM_PART``):
+    the projection's factor b = min(1, radius / sqrt(c' G c'^T)) from the row sums, then
+    c = b c' and z1 = z1(s) + b y. One hidden layer: c' = c + rate * w_out * (z1 > 0) for the
+    next step, stored with its operand copy. More layers: act1 = relu(z1) and c stored (the
+    product through W2 adds the step's gradient to c)."""
+    offs_m = tl.program_id(1) * BM + tl.arange(0, BM)
+    offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
+    ok = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    idx = offs_m[:, None] * N + offs_n[None, :]
+    scale = _row_scale(sq_ptr, offs_m, M, n_sq, radius_ptr, 0, SQ_CHUNK)[:, None]
+    z = tl.load(base_ptr + idx, mask=ok, other=0.0) + scale * tl.load(image_ptr + idx, mask=ok,
+                                                                     other=0.0)
+    coef = scale * tl.load(coef_ptr + idx, mask=ok, other=0.0)
+    if ONE_LAYER:
+        row_ok = offs_m < M
+        alpha = tl.load(alpha_ptr + offs_m, mask=row_ok, other=0.0)
+        n_steps = tl.load(steps_ptr + offs_m, mask=row_ok, other=0)
+        rate = tl.where(n_steps > step, alpha, 0.0)
+        w_out = tl.load(wout_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+        g = tl.where(z > 0, w_out[None, :], 0.0)
+        coef = tl.where(rate[:, None] != 0, coef + rate[:, None] * g, coef)
+        _store_rounded(coef_op_ptr + idx, coef, ok, ACT_BF16)
+    else:
+        act = tl.where((z > 0) | (z != z), z, 0.0)
+        _store_rounded(act_ptr + idx, act, ok, ACT_BF16)
+    tl.store(coef_ptr + idx, coef, mask=ok)
 
 
 # ----------------------------------------------------------------------------- launch plans
@@ -939,9 +984,7 @@ def triton_ascend(
     act_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     acts, backs = _activation_buffers(weights, rows, device, act_dtype)
     states32 = states32.contiguous()
-    radius = (None if max_norm is None else max_norm.to(torch.float32).contiguous()
-              if isinstance(max_norm, Tensor) else
-              torch.full((rows,), float(max_norm), device=device, dtype=torch.float32))
+    radius = _radius_rows(max_norm, rows, device)
     project = radius is not None
     x = states32 if project else torch.empty(rows, dim, device=device, dtype=act_dtype)
     products = _plan_products(weights, biases, states32, x, out, acts, backs, precision,
@@ -982,6 +1025,7 @@ def triton_ascend_gram(
     alpha: Tensor,
     steps: Tensor,
     num_iterations: int,
+    max_norm: float | Tensor | None = None,
     *,
     precision: str | None = None,
     out: Tensor | None = None,
@@ -1002,12 +1046,17 @@ def triton_ascend_gram(
       W2 ends with c += rate * acc * (act1 > 0) (``EPI_COEF``);
     * once: u = c W1 (``EPI_STORE``).
 
+    Under ``max_norm`` c is kept unprojected (c'), and each step's product y = c' G also
+    gives ||u'||^2 = c' G c'^T as per-row partial sums (``EPI_GRAM_PART``); a small kernel
+    (``_gram_finish_kernel``) then applies b = min(1, radius / ||u'||): c = b c',
+    z1 = z1(s) + b y, and either the one-hidden-layer update or act1. After the last step
+    u' = c' W1 is scaled by its own norm (the direct form's final kernel).
+
     Step 0's c G multiplies zeros (one product in ``num_iterations``, kept for one code
-    path). Same contract and keywords as ``triton_ascend``, without ``max_norm`` (projected
-    ascents run the direct form); in bf16 mode c's operand copy is rounded to bf16, c itself
-    stays fp32. Deterministic for the same reasons.
+    path). Same contract and keywords as ``triton_ascend``; in bf16 mode c's operand copy
+    is rounded to bf16, c itself stays fp32. Deterministic for the same reasons.
     """
-    precision = _check_inputs(mlp, states32, alpha, steps, num_iterations, None, precision)
+    precision = _check_inputs(mlp, states32, alpha, steps, num_iterations, max_norm, precision)
     device, rows, dim = states32.device, states32.shape[0], states32.shape[1]
     weights = [w.contiguous() for w in mlp.weights]
     biases = [b.contiguous() for b in mlp.biases]
@@ -1029,10 +1078,14 @@ def triton_ascend_gram(
 
     act_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     acts, backs = _activation_buffers(weights, rows, device, act_dtype)
+    radius = _radius_rows(max_norm, rows, device)
+    project = radius is not None
     base = torch.empty(rows, first, device=device, dtype=torch.float32)
     coef = torch.zeros(rows, first, device=device, dtype=torch.float32)
+    # c's operand: written by the product that reads it without max_norm (one layer), so two
     coef_ops = [torch.zeros(rows, first, device=device, dtype=act_dtype)
-                for _ in range(2 if hidden == 1 else 1)]
+                for _ in range(2 if hidden == 1 and not project else 1)]
+    image = torch.empty(rows, first, device=device, dtype=torch.float32) if project else None
     states32 = states32.contiguous()
     x = torch.empty(rows, dim, device=device, dtype=act_dtype)
     plan = _planner(states32, precision, plan_overrides, batch_invariant)
@@ -1041,7 +1094,10 @@ def triton_ascend_gram(
     base_product = _Product(PRO_PLAIN.value, EPI_BASE.value, x, w0, 1, w0.stride(0), base, b0,
                             base, rows, first, dim, plan(first, dim, True, w0))
     gram_plan = plan(first, first, True, gram)  # G is symmetric: G[n, k] = G[k, n]
-    if hidden == 1:
+    if project:
+        gram_products = [_Product(PRO_PLAIN.value, EPI_GRAM_PART.value, coef_ops[0], gram, 1,
+                                  first, image, b0, coef, rows, first, first, gram_plan)]
+    elif hidden == 1:
         gram_products = [_Product(PRO_PLAIN.value, EPI_GRAM_COEF.value, coef_ops[j], gram, 1,
                                   first, coef, b0, coef, rows, first, first, gram_plan,
                                   state=base, x_out=coef_ops[1 - j]) for j in range(2)]
@@ -1072,23 +1128,51 @@ def triton_ascend_gram(
     products = [base_product, *gram_products, *step_products, final_product]
 
     partial, counters = _split_scratch(products, rows, device)
+    # max_norm's per-row partial sums: of c' * (c' G) by the G product's column tiles, and
+    # of u'^2 by the last product's
+    n_sq = {"gram": triton.cdiv(first, gram_plan.block_n),
+            "final": triton.cdiv(dim, final_product.plan.block_n)}
+    sq = {key: torch.empty(rows, n, device=device, dtype=torch.float32) if project else
+          torch.empty(1, device=device, dtype=torch.float32) for key, n in n_sq.items()}
     if poison_scratch:
-        for t in [*acts, *backs, partial, base, *coef_ops[1:]]:
+        for t in [*acts, *backs, partial, base, *coef_ops[1:], *sq.values()] + (
+                [image] if project else []):
             t.fill_(float("nan"))
     x.copy_(states32)  # the first product's operand (a bf16 buffer rounds to nearest even)
 
-    unused = torch.empty(1, device=device, dtype=torch.float32)  # the projection's pointers
     ctx = dict(u=out, w_out=weights[-1], states=base, x=x,
                alpha=alpha.to(torch.float32).contiguous(), steps=steps.contiguous(),
-               partial=partial, counters=counters, n_sq=1, sq_in=unused, sq_out=unused,
-               radius=unused, project=False, act_bf16=precision == "bf16",
-               precision=precision, interpret=device.type == "cpu", stages=_STAGES_THAT_FIT,
+               partial=partial, counters=counters, n_sq=n_sq["gram"], sq_in=sq["gram"],
+               sq_out=sq["gram"], radius=radius if project else out, project=project,
+               act_bf16=precision == "bf16", precision=precision,
+               interpret=device.type == "cpu", stages=_STAGES_THAT_FIT,
                sm90=_sm90_features(device))
     _attach_descriptors(products, ctx)
     _launch(base_product, ctx, 0)
+    finish_grid = (triton.cdiv(first, 64), triton.cdiv(rows, 16))
     for step in range(num_iterations):
         _launch(gram_products[step % len(gram_products)], ctx, step)
+        if project:
+            _gram_finish_kernel[finish_grid](
+                image, base, coef, coef_ops[0], acts[0], weights[-1], ctx["alpha"],
+                ctx["steps"], sq["gram"], n_sq["gram"], radius, step, rows, first,
+                ONE_LAYER=hidden == 1, ACT_BF16=precision == "bf16", SQ_CHUNK=_SQ_CHUNK,
+                BM=16, BN=64)
         for p in step_products:
             _launch(p, ctx, step)
+    ctx.update(n_sq=n_sq["final"], sq_in=sq["final"], sq_out=sq["final"])
     _launch(final_product, ctx, 0)
+    if project:
+        _apply_scale_kernel[(triton.cdiv(dim, 64), triton.cdiv(rows, 16))](
+            out, sq["final"], n_sq["final"], radius, rows, dim, SQ_CHUNK=_SQ_CHUNK, BM=16, BN=64)
     return out
+
+
+def _radius_rows(max_norm: float | Tensor | None, rows: int,
+                 device: torch.device) -> Tensor | None:
+    """max_norm as one float32 radius per row (None: unprojected)."""
+    if max_norm is None:
+        return None
+    if isinstance(max_norm, Tensor):
+        return max_norm.to(torch.float32).contiguous()
+    return torch.full((rows,), float(max_norm), device=device, dtype=torch.float32)

@@ -28,9 +28,9 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 def test_check_mode_passes_on_the_interpreter(tmp_path):
     _run("--check", "--json", str(tmp_path / "check.json"))
     result = json.loads((tmp_path / "check.json").read_text())
-    assert result["complete"] and result["failures"] == 0 and len(result["cases"]) == 7
-    assert [c.get("max_norm") for c in result["cases"]].count("per-row") == 1
-    assert [c.get("form") for c in result["cases"]].count("gram") == 2
+    assert result["complete"] and result["failures"] == 0 and len(result["cases"]) == 8
+    assert [c.get("max_norm") for c in result["cases"]].count("per-row") == 2
+    assert [c.get("form") for c in result["cases"]].count("gram") == 3
     assert all(case["ok"] and case["deterministic"] for case in result["cases"])
 
 

@@ -641,6 +641,50 @@ def test_gram_form_split_k_rows_and_determinism(kernels, seed, hidden, plan):
     assert torch.equal(u[done], once[done]), f"a finished row kept moving (seed {seed})"
 
 
+@pytest.mark.parametrize("hidden", [1, 2, 3])
+def test_gram_form_projection_matches_float64_reference(kernels, seed, hidden):
+    """max_norm in the Gram form (fp32): one radius below most rows' free norm, and per-row
+    radii with some rows uncapped, against autograd's projected ascent; the uncapped rows
+    have the unprojected Gram kernel's bits."""
+    mlp, states, alpha, steps, free, _, seed = _draw_clean(seed, 6, WIDTHS[:hidden], 3)
+    radius = 0.5 * free.norm(dim=1).max().item()
+    ref, clean = reference_ascent(mlp.weights, mlp.biases, states, alpha, steps, 3, radius)
+    u = _run_gram(kernels, mlp, states, alpha, steps, 3, max_norm=radius)
+    _check(u, ref, clean, steps, alpha, FP32_TOL, seed, f"Gram form, max_norm, {hidden} hidden")
+    assert (u.norm(dim=1) <= radius * (1 + 1e-5)).all(), f"norm above the bound (seed {seed})"
+    radii = torch.tensor([0.5 * radius, math.inf, radius, math.inf, 0.25 * radius, math.inf])
+    ref, clean = reference_ascent(mlp.weights, mlp.biases, states, alpha, steps, 3, radii)
+    u = _run_gram(kernels, mlp, states, alpha, steps, 3, max_norm=radii)
+    _check(u, ref, clean, steps, alpha, FP32_TOL, seed, f"Gram form, per-row radii, {hidden}")
+    free_u = _run_gram(kernels, mlp, states, alpha, steps, 3)
+    uncapped = torch.isinf(radii)
+    assert torch.equal(u[uncapped], free_u[uncapped]), f"an uncapped row moved (seed {seed})"
+
+
+@pytest.mark.parametrize("hidden,plan", [(1, None), (2, SPLIT_PLAN), (3, TALL_SPLIT_PLAN),
+                                         (2, {"split_k": 2, "block_k": 16, "fixup": 1})])
+def test_gram_form_projection_bf16_and_split_k(kernels, seed, hidden, plan):
+    """bf16 products under per-row radii against the rounded Gram-form reference (same
+    projection arithmetic), with split K through the reduce kernel and the fix-up."""
+    for attempt in range(50):
+        mlp, states, alpha, steps = _draw(seed + attempt, 19, WIDTHS[:hidden],
+                                          weight_dtype=torch.bfloat16)
+        gram = with_first_gram(mlp).first_gram
+        free, _ = gram_reference_ascent(mlp.weights, mlp.biases, gram, states, alpha, steps, 3)
+        radii = 0.5 * free.norm(dim=1).clamp_min(1e-3)
+        radii[::3] = math.inf
+        ref, clean = gram_reference_ascent(mlp.weights, mlp.biases, gram, states, alpha, steps,
+                                           3, radii, emulate_bf16=True)
+        if (clean & (steps > 0) & (alpha != 0)).sum() >= 3:
+            break
+    u = _run_gram(kernels, mlp, states, alpha, steps, 3, max_norm=radii.float(),
+                  plan_overrides=plan)
+    _check(u, ref, clean, steps, alpha, BF16_EMULATED_TOL, seed + attempt,
+           f"Gram form, bf16, per-row radii, {hidden} hidden, plan {plan}")
+    assert torch.equal(u, _run_gram(kernels, mlp, states, alpha, steps, 3,
+                                    max_norm=radii.float(), plan_overrides=plan))
+
+
 def test_gram_form_edge_cases_and_bad_input(kernels, seed):
     mlp, states, alpha, steps, *_ = _draw(seed, 4, WIDTHS[:1])
     assert torch.equal(_run_gram(kernels, mlp, states, alpha, steps, 0), torch.zeros_like(states))
@@ -654,9 +698,8 @@ def test_gram_form_edge_cases_and_bad_input(kernels, seed):
 
 
 def test_value_head_gram_form_on_triton(kernels, seed):
-    """ValueHead.ascend(form="gram") on Triton runs the Gram kernel (bit for bit), agrees with
-    the torch path, and a batch with a radius runs the direct form (the kernel's Gram form
-    does not project)."""
+    """ValueHead.ascend(form="gram") on Triton runs the Gram kernel (bit for bit) and agrees
+    with the torch path, also with a radius; auto stays direct on Triton."""
     from vllm_recontrol import ValueHead
 
     head = ValueHead(DIM, [24, 17], seed=seed % 1000)
@@ -667,11 +710,13 @@ def test_value_head_gram_form_on_triton(kernels, seed):
     torch.testing.assert_close(gram, states + u, rtol=0, atol=0)
     torch.testing.assert_close(gram, head.ascend(states, alpha, steps, backend="torch"),
                                rtol=1e-4, atol=1e-5)
-    capped = head.ascend(states, alpha, steps, max_norm=0.3, backend="triton", precision="fp32",
-                         form="gram")
-    direct = head.ascend(states, alpha, steps, max_norm=0.3, backend="triton", precision="fp32",
-                         form="direct")
-    assert torch.equal(capped, direct)
+    radius = 0.5 * float((gram - states).norm(dim=1).max())
+    capped = head.ascend(states, alpha, steps, max_norm=radius, backend="triton",
+                         precision="fp32", form="gram")
+    torch.testing.assert_close(capped, head.ascend(states, alpha, steps, max_norm=radius,
+                                                   backend="torch", form="direct"),
+                               rtol=1e-4, atol=1e-5)
+    assert not torch.equal(capped, gram)  # the cap binds
     assert head.ascend(states, alpha, steps, backend="triton", precision="fp32").equal(
         head.ascend(states, alpha, steps, backend="triton", precision="fp32", form="direct"))
 

@@ -106,8 +106,6 @@ def test_auto_form_takes_the_gram_form_where_it_moves_fewer_weights():
     assert choose_form("auto", "torch", [], 64, 30) == "direct"
     assert choose_form("auto", "triton", [64], 64, 30) == "direct"  # not measured on a GPU yet
     assert choose_form("gram", "triton", [64], 64, 30) == "gram"
-    assert choose_form("gram", "triton", [64], 64, 30, projected=True) == "direct"
-    assert choose_form("gram", "torch", [64], 64, 30, projected=True) == "gram"
     with pytest.raises(ValueError, match="not one of"):
         choose_form("fast", "torch", [64], 64, 30)
     head = ValueHead(6, [40], seed=0)  # wide first layer: auto stays direct, bit for bit

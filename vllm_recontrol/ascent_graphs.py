@@ -113,7 +113,7 @@ class AscentGraphs:
             backend: str = "triton", form: str = "direct") -> torch.Tensor:
         """u for ``states32`` (``[B, d]`` float32); valid until the next call. ``backend``
         "torch" replays the closed form (``ascend_float32``, fp32 weights) instead; ``form``
-        "gram" runs either backend's Gram form (``mlp.first_gram`` set; no radius on Triton).
+        "gram" runs either backend's Gram form (``mlp.first_gram`` set).
         ``max_norm`` (one radius, or one per row) goes through a buffer too, so every radius
         shares the projected graph of its shape."""
 
@@ -146,8 +146,8 @@ class AscentGraphs:
         elif form == "gram":
             from .kernels.value_ascent import triton_ascend_gram
 
-            def ascent() -> None:  # the kernel's Gram form does not project (choose_form)
-                triton_ascend_gram(mlp, states_in, alpha_in, steps_in, num_iterations,
+            def ascent() -> None:
+                triton_ascend_gram(mlp, states_in, alpha_in, steps_in, num_iterations, radius,
                                    precision=precision, out=out,
                                    batch_invariant=batch_invariant)
         else:

@@ -69,21 +69,19 @@ def choose_precision(requested: str, backend: str) -> str:
 
 
 def choose_form(requested: str, backend: str, widths: list[int], hidden_size: int,
-                num_iterations: int, projected: bool = False) -> str:
+                num_iterations: int) -> str:
     """Resolve the ascent's form to "direct" or "gram" (``vllm_recontrol.ascent``).
 
     ``auto`` takes the Gram form on the torch backend where it moves fewer weights
     (``gram_form_pays``: a first layer narrower than 2 d, 2 steps or more), and the direct
     form on Triton, whose Gram kernel (``triton_ascend_gram``) is checked on CPU only so far:
-    "gram" asks for it. The Triton Gram kernel does not project, so a batch with a radius
-    (``projected``) runs the direct form there. "gram" on a head without a hidden layer is
-    refused.
+    "gram" asks for it. "gram" on a head without a hidden layer is refused.
     """
     if requested not in FORMS:
         raise ValueError(f"ascent form {requested!r} is not one of {list(FORMS)}")
     if requested == "gram" and not widths:
         raise ValueError("the Gram ascent form needs a value head with a hidden layer")
-    if requested == "direct" or not widths or (backend != "torch" and projected):
+    if requested == "direct" or not widths:
         return "direct"
     if requested == "gram":
         return "gram"

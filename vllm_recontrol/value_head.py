@@ -134,8 +134,7 @@ class ValueHead(nn.Module):
         backend's products are torch matmuls, batch-invariant on CUDA when vLLM runs with
         ``VLLM_BATCH_INVARIANT=1`` (vLLM then replaces them). ``form``: "direct" (products
         with every layer, each step), "gram" (the same ascent on the first layer's
-        coefficients, one product fewer per step; on Triton, batches with a radius run the
-        direct form) or "auto" (the Gram form on the torch backend where it moves fewer
+        coefficients, one product fewer per step) or "auto" (the Gram form on the torch backend where it moves fewer
         weights, the direct form on Triton: ``backends.choose_form``).
         """
         if states.dim() != 2 or states.shape[1] != self.hidden_size:
@@ -153,7 +152,7 @@ class ValueHead(nn.Module):
         if num_iterations is None:
             num_iterations = int(steps_rows.max()) if rows else 0
         resolved_form = choose_form(form, resolved, self.widths, self.hidden_size,
-                                    num_iterations, projected=max_norm is not None)
+                                    num_iterations)
         if rows == 0 or num_iterations <= 0:
             return states.clone()
         mlp = self._weights_as(torch.bfloat16 if product_precision == "bf16" else torch.float32,
@@ -169,7 +168,8 @@ class ValueHead(nn.Module):
             from .kernels.value_ascent import triton_ascend_gram
 
             u = triton_ascend_gram(mlp, states32, alpha_rows, steps_rows, num_iterations,
-                                   precision=product_precision, batch_invariant=batch_invariant,
+                                   max_norm, precision=product_precision,
+                                   batch_invariant=batch_invariant,
                                    out=self._kernel_out_for(rows, device))
         elif resolved == "triton":
             from .kernels.value_ascent import triton_ascend
