@@ -178,8 +178,10 @@ def _row_scale(sq_ptr, offs_m, M, n_sq, radius_ptr, first, SQ_CHUNK: tl.constexp
         ok = live & (j0 + j[None, :] < n_sq)
         part = tl.load(sq_ptr + offs_m[:, None] * n_sq + j0 + j[None, :], mask=ok, other=0.0)
         total += tl.sum(part, axis=1)
-    # the Gram form's c G c^T may round below 0 near u = 0 (a sum of squares never does)
-    norm = tl.sqrt_rn(tl.where(total > 0, total, 0.0))
+    # the Gram form's c G c^T may round below 0 near u = 0 (a sum of squares never does).
+    # One use of the loop's result: two (a compare and a select) trip an assertion in
+    # Triton 3.6's thread-locality pass on sm_90 (seen compiling offline, precompile.py)
+    norm = tl.sqrt_rn(tl.maximum(total, 0.0))
     radius = tl.maximum(tl.load(radius_ptr + offs_m, mask=offs_m < M, other=1.0), 0.0)
     return tl.minimum(tl.div_rn(radius, tl.maximum(norm, 1e-30)), 1.0)
 
