@@ -995,7 +995,8 @@ def run_check(args, device, ascent, va, dump) -> dict:
     if device.type == "cuda":  # the engine's path first: each group reported as it finishes,
         # in case the time limit cuts in during the kernel cases' compiles below
         for group in (lambda: check_graph_cache(device, ascent, seed0),
-                      lambda: [check_controller(device, ascent, seed0)],
+                      lambda: [check_controller(device, ascent, seed0),
+                               check_controller(device, ascent, seed0, form="gram")],
                       lambda: check_batch_invariance(device, ascent, va, seed0)):
             graph_rows = group()
             results.extend(graph_rows)
@@ -1171,7 +1172,7 @@ def check_graph_cache(device, ascent, seed) -> list[dict]:
     return rows_out
 
 
-def check_controller(device, ascent, seed, backend: str = "triton") -> dict:
+def check_controller(device, ascent, seed, backend: str = "triton", form: str = "auto") -> dict:
     """The engine's EditController with two value heads (2 and 1 hidden layers): a batch whose
     rows name either head or none (uncontrolled), every fourth with its own radius
     (per-request max_norm), against each head's eager ascent of its own rows alone; the batch
@@ -1192,7 +1193,8 @@ def check_controller(device, ascent, seed, backend: str = "triton") -> dict:
     for i, control in enumerate(controls):
         rows.set(i, control)
     rows.resize(len(controls))
-    settings = EngineSettings(value_head="h", value_heads=(("other", HeadSpec("h2")),), backend=backend)
+    settings = EngineSettings(value_head="h", value_heads=(("other", HeadSpec("h2")),),
+                              backend=backend, ascent_form=form)
     controller = EditController(heads, settings, rows)
     states = torch.randn(len(controls), d, generator=gen).to(device, torch.bfloat16)
     rows.arm()
@@ -1203,7 +1205,7 @@ def check_controller(device, ascent, seed, backend: str = "triton") -> dict:
         alpha = torch.tensor([controls[i].alpha for i in mine], device=device)
         steps = torch.tensor([controls[i].steps for i in mine], device=device)
         radii = torch.tensor([controls[i].max_norm or float("inf") for i in mine], device=device)
-        eager = head.ascend(states[mine], alpha, steps, max_norm=radii, backend=backend,
+        eager = head.ascend(states[mine], alpha, steps, max_norm=radii, backend=backend, form=form,
                             cuda_graphs=False)
         diff = (edited[mine].float() - eager.float()).norm()
         errors.append((diff / (eager.float() - states[mine].float()).norm()).item())
@@ -1212,10 +1214,11 @@ def check_controller(device, ascent, seed, backend: str = "triton") -> dict:
     tol = 2e-2 if backend == "triton" else 1e-5  # bf16 products vs fp32 closed form
     ok = max(errors) < tol and idle_exact and bool(torch.isfinite(edited).all())
     print(f"{'ok  ' if ok else 'FAIL'} controller, 2 heads, per-row radii, B={len(controls)} "
-          f"({backend}): "
+          f"({backend}, {form} form): "
           f"each head's rows vs its eager ascent rel err {max(errors):.2e} (tol {tol:.0e})"
           f"{'' if idle_exact else ' IDLE-ROW-MOVED'}", flush=True)
-    return {"case": "controller two heads", "backend": backend, "rows": len(controls),
+    return {"case": "controller two heads", "backend": backend, "form": form,
+            "rows": len(controls),
             "rel_err_vs_eager": max(errors), "tolerance": tol, "idle_rows_exact": idle_exact,
             "ok": ok}
 

@@ -213,6 +213,9 @@ def check_launches() -> list[dict]:
     for widths in ([264, 136], [200]):
         out.append(dict(d=304, widths=widths, rows=16, wdtype=torch.bfloat16, precision="bf16",
                         max_norm=0.05))
+        for max_norm in (None, 0.05):  # the controller case again in the Gram form
+            out.append(dict(d=304, widths=widths, rows=16, wdtype=torch.bfloat16,
+                            precision="bf16", max_norm=max_norm, form="gram"))
     return out
 
 

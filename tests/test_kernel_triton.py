@@ -720,6 +720,39 @@ def test_value_head_gram_form_on_triton(kernels, seed):
     assert head.ascend(states, alpha, steps, backend="triton", precision="fp32").equal(
         head.ascend(states, alpha, steps, backend="triton", precision="fp32", form="direct"))
 
+def test_controller_runs_the_gram_kernel_with_per_row_radii(kernels, seed):
+    """The GPU check's controller case on the interpreter, Triton backend, Gram form: two
+    heads, uncontrolled rows, every fourth row its own radius; each head's rows equal its
+    own eager ascent of them alone (the per-row radii reach triton_ascend_gram)."""
+    import dataclasses
+
+    from vllm_recontrol import ascent
+    from vllm_recontrol.controller import EditController
+
+    bench = _load_bench()
+    run = lambda: bench.check_controller(torch.device("cpu"), ascent, seed % 1000,  # noqa: E731
+                                         backend="triton", form="gram")["ok"]
+    assert run()
+    original = EditController._ascend
+    try:  # the rows' own radii dropped on the way to the kernel: the check must notice
+        EditController._ascend = lambda self, group, states: original(
+            self, dataclasses.replace(group, radius=None), states)
+        assert not run()
+    finally:
+        EditController._ascend = original
+
+
+def _load_bench():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_kernel.py"
+    spec = importlib.util.spec_from_file_location("bench_kernel_for_kernel_tests", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
 @in_process
 def test_triton_available():
     from vllm_recontrol.kernels import triton_available
