@@ -53,6 +53,11 @@ Design
   ``min(1, radius_r / ||u_raw||)`` on the fly (an infinite radius multiplies by exactly 1,
   so an uncapped row keeps its unprojected bits). Two slot buffers alternate between steps so
   that no launch reads what it writes.
+* The Gram form (``triton_ascend_gram``, see ``vllm_recontrol.ascent``): the same kernel
+  with five more epilogues runs the ascent on coefficients c with u = c W1, one product
+  with G = W1 W1^T per step in place of the first layer's forward and backward products;
+  under max_norm a small kernel per step (``_gram_finish_kernel``) applies the projection,
+  whose norm c G c^T comes from the G product's per-row partial sums.
 * Precision: products accumulate in fp32. ``precision="ieee"`` (default for fp32 weights,
   matching ``ascend_float32``) multiplies fp32 operands exactly, on the CUDA cores: fine for
   small batches, which are bound by the weight reads, but far below the tensor-core rate at
