@@ -301,19 +301,25 @@ def make_head(ascent, d: int, widths: list[int], dtype: torch.dtype, device: tor
     return ascent.MLPWeights(weights, biases)
 
 
-def closed_form_step(weights, biases, states, u, alpha_col, steps_col, k):
-    """One closed-form step with the products in the weights' dtype (fp32 u and states)."""
+def first_preactivation_gradient(weights, biases, z1):
+    """dV/dz1 given the first pre-activation z1, the products in the weights' dtype: the
+    closed form's forward from the first hidden layer on and its backward down to it."""
     dt = weights[0].dtype
-    h = (states + u).to(dt)
-    masks = []
-    for w, b in zip(weights[:-1], biases[:-1]):
+    masks, h = [z1 > 0], torch.relu(z1).to(dt)
+    for w, b in zip(weights[1:-1], biases[1:-1]):
         z = torch.addmm(b, h, w.t())
         masks.append(z > 0)
         h = torch.relu(z)
     g = masks[-1] * weights[-1]
     for i in range(len(masks) - 1, 0, -1):
         g = (g @ weights[i]) * masks[i - 1]
-    grad = (g @ weights[0]).float()
+    return g
+
+
+def closed_form_step(weights, biases, states, u, alpha_col, steps_col, k):
+    """One closed-form step with the products in the weights' dtype (fp32 u and states)."""
+    z1 = torch.addmm(biases[0], (states + u).to(weights[0].dtype), weights[0].t())
+    grad = (first_preactivation_gradient(weights, biases, z1) @ weights[0]).float()
     return u + alpha_col * (steps_col > k) * grad
 
 
@@ -365,14 +371,7 @@ def gram_form_ascent(mlp, states, alpha, steps, n: int):
     z = base
     alpha_col, steps_col = alpha.view(-1, 1), steps.view(-1, 1)
     for k in range(n):
-        masks, h = [z > 0], torch.relu(z).to(dt)
-        for w, b in zip(weights[1:-1], biases[1:-1]):
-            z_next = torch.addmm(b, h, w.t())
-            masks.append(z_next > 0)
-            h = torch.relu(z_next)
-        g = masks[-1] * weights[-1]
-        for i in range(len(masks) - 1, 0, -1):
-            g = (g @ weights[i]) * masks[i - 1]
+        g = first_preactivation_gradient(weights, biases, z)
         coef = coef + alpha_col * (steps_col > k) * g.float()
         if k < n - 1:
             z = base + (coef.to(dt) @ gram).float()

@@ -199,17 +199,17 @@ def vllm_bench_rows(args) -> list[dict[str, Any]]:
 
 
 def ascent_form_of(args, steps: int) -> str:
-    """The form the engines' ascent takes at ``steps`` (``ascent_form`` resolved as the
-    controller does: the torch backend on a CPU, Triton on CUDA when ``auto``)."""
+    """The form the engines' ascent takes at ``steps``: ``backend`` and ``ascent_form``
+    resolved as the engine's controller resolves them, on this machine's device."""
     import torch
 
-    from vllm_recontrol.backends import choose_form
+    from vllm_recontrol.backends import choose_backend, choose_form
 
     config = json.loads((Path(args.value_head) / "config.json").read_text())
-    backend = args.backend if args.backend != "auto" else (
-        "triton" if torch.cuda.is_available() else "torch")
-    return choose_form(args.ascent_form, backend, list(config["widths"]),
-                       config["hidden_size"], steps)
+    widths = list(config["widths"])
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    backend = choose_backend(args.backend, device, len(widths))
+    return choose_form(args.ascent_form, backend, widths, config["hidden_size"], steps)
 
 
 def add_ratios(rows: list[dict[str, Any]], model_flops: float, value_head: str,

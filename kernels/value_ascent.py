@@ -242,6 +242,36 @@ def _store_rounded(ptr, value, ok, ACT_BF16: tl.constexpr):
 
 
 @triton.jit
+def _relu(z):
+    """relu that keeps NaN, like torch's clamp_min."""
+    return tl.where((z > 0) | (z != z), z, 0.0)
+
+
+@triton.jit
+def _top_gradient(z, wout_ptr, offs_n, N):
+    """dV/dz of the last hidden layer: w_out where z > 0 (the output layer folded in; a NaN
+    pre-activation masks its unit off)."""
+    w_out = tl.load(wout_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+    return tl.where(z > 0, w_out[None, :], 0.0)
+
+
+@triton.jit
+def _step_rates(alpha_ptr, steps_ptr, offs_m, M, step):
+    """[BM] alpha of each row while it has steps left at ``step``, else 0."""
+    row_ok = offs_m < M
+    alpha = tl.load(alpha_ptr + offs_m, mask=row_ok, other=0.0)
+    n_steps = tl.load(steps_ptr + offs_m, mask=row_ok, other=0)
+    return tl.where(n_steps > step, alpha, 0.0)
+
+
+@triton.jit
+def _advance(old, rate, g):
+    """old + rate * g; rows that are done (or have alpha 0) keep ``old`` bit for bit, even
+    if g is not finite."""
+    return tl.where(rate[:, None] != 0, old + rate[:, None] * g, old)
+
+
+@triton.jit
 def _epilogue(acc, offs_m, offs_n, pid_n, M, N, out_ptr, bias_ptr, maskin_ptr, wout_ptr,
               state_ptr, x_ptr, alpha_ptr, steps_ptr, sq_in_ptr, sq_out_ptr, n_sq, radius_ptr,
               step, first, EPILOGUE: tl.constexpr, PROJECT: tl.constexpr,
@@ -251,13 +281,10 @@ def _epilogue(acc, offs_m, offs_n, pid_n, M, N, out_ptr, bias_ptr, maskin_ptr, w
     idx = offs_m[:, None] * N + offs_n[None, :]
     if EPILOGUE == EPI_FWD:
         bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
-        z = acc + bias[None, :]
-        act = tl.where((z > 0) | (z != z), z, 0.0)  # relu that keeps NaN, like clamp_min
-        _store_rounded(out_ptr + idx, act, ok, ACT_BF16)
+        _store_rounded(out_ptr + idx, _relu(acc + bias[None, :]), ok, ACT_BF16)
     elif EPILOGUE == EPI_FWD_OUT:
         bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
-        w_out = tl.load(wout_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
-        g_top = tl.where(acc + bias[None, :] > 0, w_out[None, :], 0.0)  # NaN: mask off
+        g_top = _top_gradient(acc + bias[None, :], wout_ptr, offs_n, N)
         _store_rounded(out_ptr + idx, g_top, ok, ACT_BF16)
     elif EPILOGUE == EPI_MID:
         prev = tl.load(maskin_ptr + idx, mask=ok, other=0.0).to(tl.float32)
@@ -267,23 +294,16 @@ def _epilogue(acc, offs_m, offs_n, pid_n, M, N, out_ptr, bias_ptr, maskin_ptr, w
         tl.store(out_ptr + idx, acc + bias[None, :], mask=ok)
     elif EPILOGUE == EPI_GRAM_ACT:
         z = tl.load(state_ptr + idx, mask=ok, other=0.0) + acc
-        act = tl.where((z > 0) | (z != z), z, 0.0)  # relu that keeps NaN, like clamp_min
-        _store_rounded(out_ptr + idx, act, ok, ACT_BF16)
+        _store_rounded(out_ptr + idx, _relu(z), ok, ACT_BF16)
     elif EPILOGUE == EPI_GRAM_COEF or EPILOGUE == EPI_COEF:
         if EPILOGUE == EPI_GRAM_COEF:
             z = tl.load(state_ptr + idx, mask=ok, other=0.0) + acc
-            w_out = tl.load(wout_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
-            g = tl.where(z > 0, w_out[None, :], 0.0)  # NaN: mask off, as EPI_FWD_OUT
+            g = _top_gradient(z, wout_ptr, offs_n, N)
         else:
             prev = tl.load(maskin_ptr + idx, mask=ok, other=0.0).to(tl.float32)
             g = acc * tl.where(prev > 0, 1.0, 0.0)
-        row_ok = offs_m < M
-        alpha = tl.load(alpha_ptr + offs_m, mask=row_ok, other=0.0)
-        n_steps = tl.load(steps_ptr + offs_m, mask=row_ok, other=0)
-        rate = tl.where(n_steps > step, alpha, 0.0)
-        c_old = tl.load(out_ptr + idx, mask=ok, other=0.0)
-        # rows that are done (or have alpha 0) keep c bit for bit, even if g is not finite
-        c_new = tl.where(rate[:, None] != 0, c_old + rate[:, None] * g, c_old)
+        rate = _step_rates(alpha_ptr, steps_ptr, offs_m, M, step)
+        c_new = _advance(tl.load(out_ptr + idx, mask=ok, other=0.0), rate, g)
         tl.store(out_ptr + idx, c_new, mask=ok)
         _store_rounded(x_ptr + idx, c_new, ok, ACT_BF16)
     elif EPILOGUE == EPI_STORE:
@@ -297,19 +317,15 @@ def _epilogue(acc, offs_m, offs_n, pid_n, M, N, out_ptr, bias_ptr, maskin_ptr, w
         part = tl.sum(tl.where(ok, coef * acc, 0.0), axis=1)
         tl.store(sq_out_ptr + offs_m * n_sq + pid_n, part, mask=offs_m < M)
     else:
-        row_ok = offs_m < M
-        alpha = tl.load(alpha_ptr + offs_m, mask=row_ok, other=0.0)
-        n_steps = tl.load(steps_ptr + offs_m, mask=row_ok, other=0)
-        rate = tl.where(n_steps > step, alpha, 0.0)
+        rate = _step_rates(alpha_ptr, steps_ptr, offs_m, M, step)
         u_old = tl.load(out_ptr + idx, mask=ok & _not_first(offs_m, first)[:, None], other=0.0)
         if PROJECT:
             u_old = u_old * _row_scale(sq_in_ptr, offs_m, M, n_sq, radius_ptr, first, SQ_CHUNK)[:, None]
-        # rows that are done (or have alpha 0) keep u bit for bit, even if acc is not finite
-        u_new = tl.where(rate[:, None] != 0, u_old + rate[:, None] * acc, u_old)
+        u_new = _advance(u_old, rate, acc)
         tl.store(out_ptr + idx, u_new, mask=ok)
         if PROJECT:
             sq = tl.sum(tl.where(ok, u_new * u_new, 0.0), axis=1)
-            tl.store(sq_out_ptr + offs_m * n_sq + pid_n, sq, mask=row_ok)
+            tl.store(sq_out_ptr + offs_m * n_sq + pid_n, sq, mask=offs_m < M)
         else:  # the next step's first operand, so that no product rebuilds it from s and u
             s = tl.load(state_ptr + idx, mask=ok, other=0.0).to(tl.float32)
             _store_rounded(x_ptr + idx, s + u_new, ok, ACT_BF16)
@@ -466,17 +482,11 @@ def _gram_finish_kernel(image_ptr, base_ptr, coef_ptr, coef_op_ptr, act_ptr, wou
                                                                      other=0.0)
     coef = scale * tl.load(coef_ptr + idx, mask=ok, other=0.0)
     if ONE_LAYER:
-        row_ok = offs_m < M
-        alpha = tl.load(alpha_ptr + offs_m, mask=row_ok, other=0.0)
-        n_steps = tl.load(steps_ptr + offs_m, mask=row_ok, other=0)
-        rate = tl.where(n_steps > step, alpha, 0.0)
-        w_out = tl.load(wout_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
-        g = tl.where(z > 0, w_out[None, :], 0.0)
-        coef = tl.where(rate[:, None] != 0, coef + rate[:, None] * g, coef)
+        rate = _step_rates(alpha_ptr, steps_ptr, offs_m, M, step)
+        coef = _advance(coef, rate, _top_gradient(z, wout_ptr, offs_n, N))
         _store_rounded(coef_op_ptr + idx, coef, ok, ACT_BF16)
     else:
-        act = tl.where((z > 0) | (z != z), z, 0.0)
-        _store_rounded(act_ptr + idx, act, ok, ACT_BF16)
+        _store_rounded(act_ptr + idx, _relu(z), ok, ACT_BF16)
     tl.store(coef_ptr + idx, coef, mask=ok)
 
 

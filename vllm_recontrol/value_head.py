@@ -134,8 +134,9 @@ class ValueHead(nn.Module):
         backend's products are torch matmuls, batch-invariant on CUDA when vLLM runs with
         ``VLLM_BATCH_INVARIANT=1`` (vLLM then replaces them). ``form``: "direct" (products
         with every layer, each step), "gram" (the same ascent on the first layer's
-        coefficients, one product fewer per step) or "auto" (the Gram form on the torch backend where it moves fewer
-        weights, the direct form on Triton: ``backends.choose_form``).
+        coefficients, one product fewer per step) or "auto" (the Gram form on the torch
+        backend where it moves fewer weights, the direct form on Triton:
+        ``backends.choose_form``).
         """
         if states.dim() != 2 or states.shape[1] != self.hidden_size:
             raise ValueError(
