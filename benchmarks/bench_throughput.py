@@ -58,8 +58,8 @@ def model_flops_per_token(model_dir: str) -> float:
 
 def control_flops_per_token(head_dir: str, steps: int, form: str = "direct") -> float:
     """Per step: the forward chain plus the backward chain of matrix-vector products; in the
-    Gram form the first layer's pair is one product with G (h1 x h1), plus z1(s) and u = c W1
-    once (``vllm_recontrol.ascent``)."""
+    Gram form the first layer's pair is one product with G (h1 x h1) from step 1 on (step 0
+    starts from c = 0), plus z1(s) and u = c W1 once (``vllm_recontrol.ascent``)."""
     config = json.loads((Path(head_dir) / "config.json").read_text())
     sizes = [config["hidden_size"], *config["widths"]]
     forward = sum(a * b for a, b in zip(sizes[:-1], sizes[1:])) + sizes[-1]
@@ -67,8 +67,8 @@ def control_flops_per_token(head_dir: str, steps: int, form: str = "direct") -> 
     if form != "gram" or len(sizes) < 2:
         return 2.0 * steps * (forward + backward)
     first = sizes[0] * sizes[1]
-    per_step = forward + backward - 2 * first + sizes[1] ** 2
-    return 2.0 * (steps * per_step + 2 * first)
+    rest = forward + backward - 2 * first
+    return 2.0 * (steps * rest + max(steps - 1, 0) * sizes[1] ** 2 + 2 * first)
 
 
 def start_engine(args, recontrol: bool, plugin_loaded: bool, form: str | None = None):

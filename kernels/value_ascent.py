@@ -54,9 +54,10 @@ Design
   so an uncapped row keeps its unprojected bits). Two slot buffers alternate between steps so
   that no launch reads what it writes.
 * The Gram form (``triton_ascend_gram``, see ``vllm_recontrol.ascent``): the same kernel
-  with five more epilogues runs the ascent on coefficients c with u = c W1, one product
-  with G = W1 W1^T per step in place of the first layer's forward and backward products;
-  under max_norm a small kernel per step (``_gram_finish_kernel``) applies the projection,
+  with six more epilogues runs the ascent on coefficients c with u = c W1, one product
+  with G = W1 W1^T per step in place of the first layer's forward and backward products
+  (none at step 0, where c = 0: the product making z1(s) starts that step);
+  under max_norm a small kernel per later step (``_gram_finish_kernel``) applies the projection,
   whose norm c G c^T comes from the G product's per-row partial sums.
 * Precision: products accumulate in fp32. ``precision="ieee"`` (default for fp32 weights,
   matching ``ascend_float32``) multiplies fp32 operands exactly, on the CUDA cores: fine for
@@ -133,7 +134,8 @@ EPI_PARTIAL = tl.constexpr(3)  # split-K: store the partial sum, a reduce kernel
 EPI_FWD_OUT = tl.constexpr(4)  # last hidden layer: g_top = w_out * (acc + b > 0), the first
                                # backward operand (the activation itself is never needed)
 # The Gram form (``triton_ascend_gram``): the ascent on c, u = c W1, z1 = z1(s) + c G.
-EPI_BASE = tl.constexpr(5)       # z1(s) = acc + b1, stored fp32 (state_ptr of later epilogues)
+EPI_BASE = tl.constexpr(5)       # z1(s) = acc + b1, stored fp32 (state_ptr of later epilogues),
+                                 # and step 0 (c = 0, so z1 = z1(s)): act1 = relu(z1) to x_ptr
 EPI_GRAM_ACT = tl.constexpr(6)   # act1 = relu(z1(s) + acc): acc = c G (heads of 2+ layers)
 EPI_GRAM_COEF = tl.constexpr(7)  # one hidden layer: z1 = z1(s) + acc, c += rate * w_out * (z1 > 0),
                                  # c stored fp32 and as the next product's operand (x_ptr)
@@ -142,6 +144,8 @@ EPI_STORE = tl.constexpr(9)      # u = acc (u = c W1 after the last step; under 
                                  # its partial sums of squares, for the final scale)
 EPI_GRAM_PART = tl.constexpr(10)  # max_norm: y = c' G stored, partial sums of c' * y per row
                                   # (||u'||^2 = c' G c'^T); _gram_finish_kernel goes on
+EPI_BASE_COEF = tl.constexpr(11)  # one hidden layer: z1(s) as EPI_BASE, and step 0's update
+                                  # c = rate * w_out * (z1 > 0) (c to state_ptr, operand to x_ptr)
 
 
 # ----------------------------------------------------------------------------- device helpers
@@ -289,9 +293,17 @@ def _epilogue(acc, offs_m, offs_n, pid_n, M, N, out_ptr, bias_ptr, maskin_ptr, w
     elif EPILOGUE == EPI_MID:
         prev = tl.load(maskin_ptr + idx, mask=ok, other=0.0).to(tl.float32)
         _store_rounded(out_ptr + idx, acc * tl.where(prev > 0, 1.0, 0.0), ok, ACT_BF16)
-    elif EPILOGUE == EPI_BASE:
+    elif EPILOGUE == EPI_BASE or EPILOGUE == EPI_BASE_COEF:
         bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
-        tl.store(out_ptr + idx, acc + bias[None, :], mask=ok)
+        z = acc + bias[None, :]
+        tl.store(out_ptr + idx, z, mask=ok)
+        if EPILOGUE == EPI_BASE_COEF:  # step 0's update from c = 0, as EPI_GRAM_COEF makes it
+            rate = _step_rates(alpha_ptr, steps_ptr, offs_m, M, step)
+            c_new = _advance(tl.zeros_like(z), rate, _top_gradient(z, wout_ptr, offs_n, N))
+            tl.store(state_ptr + idx, c_new, mask=ok)
+            _store_rounded(x_ptr + idx, c_new, ok, ACT_BF16)
+        else:  # step 0's act1, as EPI_GRAM_ACT would make it
+            _store_rounded(x_ptr + idx, _relu(z), ok, ACT_BF16)
     elif EPILOGUE == EPI_GRAM_ACT:
         z = tl.load(state_ptr + idx, mask=ok, other=0.0) + acc
         _store_rounded(out_ptr + idx, _relu(z), ok, ACT_BF16)
@@ -1054,24 +1066,27 @@ def triton_ascend_gram(
     coefficients c with u = c W1, and a step's product with W1 forward and backward becomes
     one product with G = W1 W1^T (``mlp.first_gram``, in the weights' dtype):
 
-    * once: z1(s) = s W1^T + b1 (``EPI_BASE``);
-    * each step, one hidden layer: c G, then z1 = z1(s) + c G, c += rate * w_out * (z1 > 0)
-      in its epilogue (``EPI_GRAM_COEF``; the operand c goes to one of two buffers by step
-      parity, since every program reads all of the previous one);
-    * each step, L >= 2 layers: c G with ``act1 = relu(z1(s) + c G)`` as epilogue, the
-      products through W2..WL forward and back as in the direct form, and the one through
-      W2 ends with c += rate * acc * (act1 > 0) (``EPI_COEF``);
+    * once: z1(s) = s W1^T + b1, whose epilogue also makes step 0's start, where c = 0 and
+      z1 = z1(s): c's first update with one hidden layer (``EPI_BASE_COEF``), act1 with
+      more (``EPI_BASE``);
+    * each later step, one hidden layer: c G, then z1 = z1(s) + c G,
+      c += rate * w_out * (z1 > 0) in its epilogue (``EPI_GRAM_COEF``; the operand c goes
+      to one of two buffers by step parity, since every program reads all of the previous
+      one);
+    * each step, L >= 2 layers: (after step 0) c G with ``act1 = relu(z1(s) + c G)`` as
+      epilogue, the products through W2..WL forward and back as in the direct form, and the
+      one through W2 ends with c += rate * acc * (act1 > 0) (``EPI_COEF``);
     * once: u = c W1 (``EPI_STORE``).
 
-    Under ``max_norm`` c is kept unprojected (c'), and each step's product y = c' G also
+    Under ``max_norm`` c is kept unprojected (c'), and each later step's product y = c' G also
     gives ||u'||^2 = c' G c'^T as per-row partial sums (``EPI_GRAM_PART``); a small kernel
     (``_gram_finish_kernel``) then applies b = min(1, radius / ||u'||): c = b c',
     z1 = z1(s) + b y, and either the one-hidden-layer update or act1. After the last step
     u' = c' W1 is scaled by its own norm (the direct form's final kernel).
 
-    Step 0's c G multiplies zeros (one product in ``num_iterations``, kept for one code
-    path). Same contract and keywords as ``triton_ascend``; in bf16 mode c's operand copy
-    is rounded to bf16, c itself stays fp32. Deterministic for the same reasons.
+    So n steps take n - 1 products with G (step 0's would multiply zeros), the same bits as
+    running it. Same contract and keywords as ``triton_ascend``; in bf16 mode c's operand
+    copy is rounded to bf16, c itself stays fp32. Deterministic for the same reasons.
     """
     precision = _check_inputs(mlp, states32, alpha, steps, num_iterations, max_norm, precision)
     device, rows, dim = states32.device, states32.shape[0], states32.shape[1]
@@ -1098,9 +1113,11 @@ def triton_ascend_gram(
     radius = _radius_rows(max_norm, rows, device)
     project = radius is not None
     base = torch.empty(rows, first, device=device, dtype=torch.float32)
-    coef = torch.zeros(rows, first, device=device, dtype=torch.float32)
+    # c: written whole by step 0 with one hidden layer; with more, EPI_COEF adds to zeros
+    coef = (torch.empty if hidden == 1 else torch.zeros)(rows, first, device=device,
+                                                         dtype=torch.float32)
     # c's operand: written by the product that reads it without max_norm (one layer), so two
-    coef_ops = [torch.zeros(rows, first, device=device, dtype=act_dtype)
+    coef_ops = [torch.empty(rows, first, device=device, dtype=act_dtype)
                 for _ in range(2 if hidden == 1 and not project else 1)]
     image = torch.empty(rows, first, device=device, dtype=torch.float32) if project else None
     states32 = states32.contiguous()
@@ -1108,8 +1125,14 @@ def triton_ascend_gram(
     plan = _planner(states32, precision, plan_overrides, batch_invariant)
     w0, b0 = weights[0], biases[0]
 
-    base_product = _Product(PRO_PLAIN.value, EPI_BASE.value, x, w0, 1, w0.stride(0), base, b0,
-                            base, rows, first, dim, plan(first, dim, True, w0))
+    if hidden == 1:  # step 0 ends with c and the operand step 1's product reads
+        base_product = _Product(PRO_PLAIN.value, EPI_BASE_COEF.value, x, w0, 1, w0.stride(0),
+                                base, b0, base, rows, first, dim, plan(first, dim, True, w0),
+                                state=coef, x_out=coef_ops[1 % len(coef_ops)])
+    else:  # step 0's products through W2.. read act1 = relu(z1(s))
+        base_product = _Product(PRO_PLAIN.value, EPI_BASE.value, x, w0, 1, w0.stride(0), base,
+                                b0, base, rows, first, dim, plan(first, dim, True, w0),
+                                x_out=acts[0])
     gram_plan = plan(first, first, True, gram)  # G is symmetric: G[n, k] = G[k, n]
     if project:
         gram_products = [_Product(PRO_PLAIN.value, EPI_GRAM_PART.value, coef_ops[0], gram, 1,
@@ -1152,8 +1175,8 @@ def triton_ascend_gram(
     sq = {key: torch.empty(rows, n, device=device, dtype=torch.float32) if project else
           torch.empty(1, device=device, dtype=torch.float32) for key, n in n_sq.items()}
     if poison_scratch:
-        for t in [*acts, *backs, partial, base, *coef_ops[1:], *sq.values()] + (
-                [image] if project else []):
+        for t in [*acts, *backs, partial, base, *coef_ops, *sq.values()] + (
+                [image] if project else []) + ([coef] if hidden == 1 else []):
             t.fill_(float("nan"))
     x.copy_(states32)  # the first product's operand (a bf16 buffer rounds to nearest even)
 
@@ -1168,13 +1191,14 @@ def triton_ascend_gram(
     _launch(base_product, ctx, 0)
     finish_grid = (triton.cdiv(first, 64), triton.cdiv(rows, 16))
     for step in range(num_iterations):
-        _launch(gram_products[step % len(gram_products)], ctx, step)
-        if project:
-            _gram_finish_kernel[finish_grid](
-                image, base, coef, coef_ops[0], acts[0], weights[-1], ctx["alpha"],
-                ctx["steps"], sq["gram"], n_sq["gram"], radius, step, rows, first,
-                ONE_LAYER=hidden == 1, ACT_BF16=precision == "bf16", SQ_CHUNK=_SQ_CHUNK,
-                BM=16, BN=64)
+        if step > 0:  # step 0 was started by the base product's epilogue
+            _launch(gram_products[step % len(gram_products)], ctx, step)
+            if project:
+                _gram_finish_kernel[finish_grid](
+                    image, base, coef, coef_ops[0], acts[0], weights[-1], ctx["alpha"],
+                    ctx["steps"], sq["gram"], n_sq["gram"], radius, step, rows, first,
+                    ONE_LAYER=hidden == 1, ACT_BF16=precision == "bf16", SQ_CHUNK=_SQ_CHUNK,
+                    BM=16, BN=64)
         for p in step_products:
             _launch(p, ctx, step)
     ctx.update(n_sq=n_sq["final"], sq_in=sq["final"], sq_out=sq["final"])

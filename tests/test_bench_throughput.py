@@ -26,8 +26,9 @@ def test_control_flops_count_the_form_that_runs(tmp_path):
     # direct: per step 64x48 + 48x32 forward (+ the 32-wide output) and the same backward
     direct = 2 * 30 * ((64 * 48 + 48 * 32 + 32) + (64 * 48 + 48 * 32))
     assert bench.control_flops_per_token(head, 30) == direct
-    # Gram: W1's two products become one with G (48 x 48); z1(s) and u = c W1 once
-    gram = 2 * (30 * ((48 * 32 + 32) + 48 * 32 + 48 * 48) + 2 * 64 * 48)
+    # Gram: W1's two products become one with G (48 x 48), none at step 0 (c = 0); z1(s)
+    # and u = c W1 once
+    gram = 2 * (30 * ((48 * 32 + 32) + 48 * 32) + 29 * 48 * 48 + 2 * 64 * 48)
     assert bench.control_flops_per_token(head, 30, "gram") == gram
     assert gram < direct
     args = Namespace(value_head=head, backend="torch", ascent_form="auto")

@@ -97,10 +97,11 @@ def test_gram_form_with_per_row_radii(widths):
 
 
 def test_auto_form_takes_the_gram_form_where_it_moves_fewer_weights():
-    # 2 h1 d + n h1^2 against 2 n h1 d
+    # 2 h1 d + (n - 1) h1^2 against 2 n h1 d
     assert gram_form_pays(64, 64, 30) and gram_form_pays(120, 64, 30)
     assert not gram_form_pays(128, 64, 30) and not gram_form_pays(64, 64, 1)
-    assert gram_form_pays(64, 64, 2) is False  # equal: 2 h d + 2 h^2 = 4 h d
+    assert gram_form_pays(64, 64, 2) and gram_form_pays(127, 64, 2)  # 2 h d + h^2 < 4 h d
+    assert not gram_form_pays(0, 64, 30)
     assert choose_form("auto", "torch", [64, 64], 64, 30) == "gram"
     assert choose_form("auto", "torch", [200], 64, 30) == "direct"
     assert choose_form("auto", "torch", [], 64, 30) == "direct"

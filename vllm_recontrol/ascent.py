@@ -150,9 +150,7 @@ def ascend_float32(
         _step_rates_into(ws, alpha)
         ws.u.addcmul_(ws.grad, ws.rate)
         if radius is not None:  # u *= min(1, radius / ||u||); inf radius: times exactly 1
-            torch.linalg.vector_norm(ws.u, dim=1, keepdim=True, out=ws.norm)
-            _projection_scale_into(ws.norm, radius)
-            ws.u.mul_(ws.norm)
+            _project_rows(ws.u, ws.norm, radius)
     return ws.u
 
 
@@ -180,8 +178,8 @@ def ascend_gram_float32(
         first_preactivation_gradient_into(mlp, ws)
         _step_rates_into(ws, alpha)
         ws.coef.addcmul_(ws.back[0], ws.rate)
-        if radius is None and k == num_iterations - 1:
-            break  # nothing reads z1 after the last step
+        if k == num_iterations - 1:
+            break  # nothing reads z1 after the last step; its norm is taken from u below
         torch.mm(ws.coef, mlp.first_gram, out=ws.image)  # G is symmetric: c G = (G c^T)^T
         if radius is not None:  # ||u||^2 = c G c^T; scale c and its image alike
             scratch = ws.act[0]  # free until the next step recomputes it from z1
@@ -192,7 +190,10 @@ def ascend_gram_float32(
             ws.coef.mul_(ws.norm)
             ws.image.mul_(ws.norm)
         torch.add(ws.base, ws.image, out=ws.pre[0])
-    return torch.mm(ws.coef, mlp.weights[0], out=ws.u)
+    torch.mm(ws.coef, mlp.weights[0], out=ws.u)
+    if radius is not None:  # the last step's projection, on u itself (no product with G)
+        _project_rows(ws.u, ws.norm, radius)
+    return ws.u
 
 
 def with_first_gram(mlp: MLPWeights) -> MLPWeights:
@@ -206,10 +207,12 @@ def with_first_gram(mlp: MLPWeights) -> MLPWeights:
 
 def gram_form_pays(first_width: int, hidden_size: int, num_iterations: int) -> bool:
     """Whether the Gram form moves fewer weights: 2 h1 d (z1(s) and u = c W1, once) plus
-    h1^2 a step, against 2 h1 d a step; so h1 < 2 d (n - 1) / n for n steps."""
+    h1^2 for each step after the first (step 0 starts from c = 0, so z1 = z1(s)), against
+    2 h1 d a step; so h1 < 2 d, from 2 steps on."""
     if first_width <= 0 or num_iterations < 2:
         return False
-    return 2 * hidden_size + num_iterations * first_width < 2 * num_iterations * hidden_size
+    return (2 * hidden_size + (num_iterations - 1) * first_width
+            < 2 * num_iterations * hidden_size)
 
 
 def _radius_column(max_norm: float | Tensor | None, device: torch.device) -> Tensor | None:
@@ -227,6 +230,13 @@ def _step_rates_into(ws: AscentWorkspace, alpha: Tensor) -> None:
     torch.clamp(ws.remaining, 0.0, 1.0, out=ws.rate)
     ws.remaining.sub_(ws.rate)
     ws.rate.mul_(alpha.view(-1, 1))
+
+
+def _project_rows(u: Tensor, norm: Tensor, radius: Tensor) -> None:
+    """u <- u * min(1, radius / ||u||) row by row, in place (``norm``: a [rows, 1] buffer)."""
+    torch.linalg.vector_norm(u, dim=1, keepdim=True, out=norm)
+    _projection_scale_into(norm, radius)
+    u.mul_(norm)
 
 
 def _projection_scale_into(norm: Tensor, radius: Tensor) -> None:
