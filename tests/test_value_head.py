@@ -116,6 +116,23 @@ def test_auto_form_takes_the_gram_form_where_it_moves_fewer_weights():
     assert torch.equal(head.ascend(states, 0.5, 5), head.ascend(states, 0.5, 5, form="gram"))
 
 
+def test_one_head_switches_forms_with_its_workspace():
+    """The head's grow-only workspace gains the Gram buffers on the first Gram-form call and
+    keeps them; each form's result equals that of a head that only ever ran that form."""
+    states = torch.randn(5, 10)
+    head = ValueHead(10, [8, 6], seed=4)
+    direct = head.ascend(states, 0.3, 4, form="direct")
+    assert head._workspace.coef.shape[1] == 0
+    gram = head.ascend(states, 0.3, 4, form="gram", max_norm=0.2)
+    assert head._workspace.coef.shape[1] == 8
+    assert torch.equal(head.ascend(states, 0.3, 4, form="direct"), direct)
+    assert head._workspace.coef.shape[1] == 8
+    fresh = ValueHead(10, [8, 6], seed=4)
+    assert torch.equal(fresh.ascend(states, 0.3, 4, form="gram", max_norm=0.2), gram)
+    assert torch.equal(ValueHead(10, [8, 6], seed=4).ascend(states, 0.3, 4, form="direct"),
+                       direct)
+
+
 def test_first_gram_is_symmetric_and_cached():
     head = ValueHead(12, [9, 5], seed=3)
     mlp = head._weights_as(torch.float32, gram=True)
@@ -200,6 +217,11 @@ def test_step_loop_allocates_nothing(widths):
     u = ascend_float32(mlp, states, alpha, steps, 3, workspace=ws)
     assert u.data_ptr() == ws.u.data_ptr()
     gram = with_first_gram(mlp)
+    assert ws.coef.shape == (4, 0)  # the direct form's workspace carries no Gram buffers
+    with pytest.raises(ValueError, match="Gram-form buffers"):
+        ascend_gram_float32(gram, states, alpha, steps, 3, workspace=ws)
+    ws = AscentWorkspace.allocate(gram, 4)
+    assert ws.coef.shape == ws.base.shape == ws.image.shape == (4, widths[0])
     run = lambda n: lambda: ascend_gram_float32(gram, states, alpha, steps, n, 1.0, workspace=ws)  # noqa: E731
     assert _allocations(run(40)) == _allocations(run(1))
 

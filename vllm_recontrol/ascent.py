@@ -62,9 +62,14 @@ class AscentWorkspace:
     image: Tensor       # Gram form: c G = z1(s + u) - z1(s)
 
     @classmethod
-    def allocate(cls, mlp: MLPWeights, rows: int) -> "AscentWorkspace":
+    def allocate(cls, mlp: MLPWeights, rows: int, gram: bool | None = None) -> "AscentWorkspace":
+        """``gram``: also the Gram form's three [rows, h1] buffers (default: when ``mlp``
+        carries its first_gram); otherwise they are empty, so the direct form pays nothing."""
         dev, f32 = mlp.device, torch.float32
         widths = [w.shape[0] for w in mlp.weights[:-1]]
+        if gram is None:
+            gram = mlp.first_gram is not None
+        gram_width = widths[0] if widths and gram else 0
         return cls(
             x=torch.empty(rows, mlp.hidden_size, device=dev, dtype=f32),
             pre=[torch.empty(rows, h, device=dev, dtype=f32) for h in widths],
@@ -76,9 +81,9 @@ class AscentWorkspace:
             rate=torch.empty(rows, 1, device=dev, dtype=f32),
             remaining=torch.empty(rows, 1, device=dev, dtype=f32),
             norm=torch.empty(rows, 1, device=dev, dtype=f32),
-            coef=torch.empty(rows, widths[0] if widths else 0, device=dev, dtype=f32),
-            base=torch.empty(rows, widths[0] if widths else 0, device=dev, dtype=f32),
-            image=torch.empty(rows, widths[0] if widths else 0, device=dev, dtype=f32),
+            coef=torch.empty(rows, gram_width, device=dev, dtype=f32),
+            base=torch.empty(rows, gram_width, device=dev, dtype=f32),
+            image=torch.empty(rows, gram_width, device=dev, dtype=f32),
         )
 
     @property
@@ -169,6 +174,9 @@ def ascend_gram_float32(
     if mlp.first_gram is None or len(mlp.weights) < 2:
         raise ValueError("the Gram form needs a head with a hidden layer and its first_gram")
     ws = workspace if workspace is not None else AscentWorkspace.allocate(mlp, states32.shape[0])
+    if ws.coef.shape[1] != mlp.weights[0].shape[0]:
+        raise ValueError("this workspace has no Gram-form buffers: allocate it from the head "
+                         "with its first_gram (or with gram=True)")
     ws.remaining.copy_(steps.view(-1, 1))
     radius = _radius_column(max_norm, ws.u.device)
     torch.addmm(mlp.biases[0], states32, mlp.weights[0].t(), out=ws.base)

@@ -268,11 +268,15 @@ class ValueHead(nn.Module):
         return out[:rows]
 
     def _workspace_for(self, mlp: MLPWeights, rows: int) -> AscentWorkspace:
-        """A grow-only workspace: a serving engine allocates once, then only takes views."""
+        """A grow-only workspace: a serving engine allocates once, then only takes views. Its
+        Gram-form buffers come with the first Gram-form call and stay."""
         ws = self._workspace
+        gram = mlp.first_gram is not None
         if ws is None or ws.capacity < rows or ws.x.device != mlp.device or \
-                [t.shape[1] for t in ws.pre] != [w.shape[0] for w in mlp.weights[:-1]]:
-            ws = self._workspace = AscentWorkspace.allocate(mlp, rows)
+                [t.shape[1] for t in ws.pre] != [w.shape[0] for w in mlp.weights[:-1]] or \
+                (gram and ws.coef.shape[1] == 0):
+            gram = gram or (ws is not None and ws.coef.shape[1] > 0)
+            ws = self._workspace = AscentWorkspace.allocate(mlp, rows, gram=gram)
         return ws.narrow(rows)
 
     def _count_nonfinite(self, bad_rows: torch.Tensor) -> None:
