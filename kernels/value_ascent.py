@@ -54,7 +54,7 @@ Design
   so an uncapped row keeps its unprojected bits). Two slot buffers alternate between steps so
   that no launch reads what it writes.
 * The Gram form (``triton_ascend_gram``, see ``vllm_recontrol.ascent``): the same kernel
-  with six more epilogues runs the ascent on coefficients c with u = c W1, one product
+  with seven more epilogues runs the ascent on coefficients c with u = c W1, one product
   with G = W1 W1^T per step in place of the first layer's forward and backward products
   (none at step 0, where c = 0: the product making z1(s) starts that step);
   under max_norm a small kernel per later step (``_gram_finish_kernel``) applies the projection,

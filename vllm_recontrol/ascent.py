@@ -90,6 +90,10 @@ class AscentWorkspace:
     def capacity(self) -> int:
         return self.x.shape[0]
 
+    @property
+    def has_gram_buffers(self) -> bool:
+        return self.coef.shape[1] > 0
+
     def narrow(self, rows: int) -> "AscentWorkspace":
         """Views of the first ``rows`` rows, so one workspace serves every smaller batch."""
         cut = lambda t: t[:rows]  # noqa: E731 - leading-dim views stay contiguous

@@ -274,8 +274,8 @@ class ValueHead(nn.Module):
         gram = mlp.first_gram is not None
         if ws is None or ws.capacity < rows or ws.x.device != mlp.device or \
                 [t.shape[1] for t in ws.pre] != [w.shape[0] for w in mlp.weights[:-1]] or \
-                (gram and ws.coef.shape[1] == 0):
-            gram = gram or (ws is not None and ws.coef.shape[1] > 0)
+                (gram and not ws.has_gram_buffers):
+            gram = gram or (ws is not None and ws.has_gram_buffers)
             ws = self._workspace = AscentWorkspace.allocate(mlp, rows, gram=gram)
         return ws.narrow(rows)
 
