@@ -936,6 +936,15 @@ def _checked_out(out: Tensor | None, rows: int, dim: int, device: torch.device) 
     return out
 
 
+def _nothing_to_compute(out: Tensor, num_iterations: int) -> Tensor | None:
+    """u without a launch where there is nothing to compute: no rows, or no steps (u = 0)."""
+    if out.shape[0] == 0:
+        return out
+    if num_iterations == 0:
+        return out.zero_()
+    return None
+
+
 def _activation_buffers(weights: list[Tensor], rows: int, device: torch.device,
                         act_dtype: torch.dtype) -> tuple[list[Tensor], list[Tensor]]:
     """Stored activations (one per hidden layer) and backward products (all but the first)."""
@@ -1005,10 +1014,8 @@ def triton_ascend(
     weights = [w.contiguous() for w in mlp.weights]
     biases = [b.contiguous() for b in mlp.biases]
     out = _checked_out(out, rows, dim, device)
-    if rows == 0:
-        return out
-    if num_iterations == 0:
-        return out.zero_()
+    if (done := _nothing_to_compute(out, num_iterations)) is not None:
+        return done
 
     act_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     acts, backs = _activation_buffers(weights, rows, device, act_dtype)
@@ -1103,10 +1110,8 @@ def triton_ascend_gram(
                             f"{gram.device}"))
     gram = gram.contiguous()
     out = _checked_out(out, rows, dim, device)
-    if rows == 0:
-        return out
-    if num_iterations == 0:
-        return out.zero_()
+    if (done := _nothing_to_compute(out, num_iterations)) is not None:
+        return done
 
     act_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     acts, backs = _activation_buffers(weights, rows, device, act_dtype)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 
 import pytest
 from vllm.engine.arg_utils import EngineArgs

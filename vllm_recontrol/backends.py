@@ -68,6 +68,15 @@ def choose_precision(requested: str, backend: str) -> str:
     return _KERNEL_PRECISION["bf16" if requested == "auto" else requested]
 
 
+def check_form(requested: str, widths: list[int]) -> None:
+    """Refuse an unknown form, or the Gram form for a head without a hidden layer (the
+    checks that do not depend on the step count, so they can run at engine start)."""
+    if requested not in FORMS:
+        raise ValueError(f"ascent form {requested!r} is not one of {list(FORMS)}")
+    if requested == "gram" and not widths:
+        raise ValueError("the Gram ascent form needs a value head with a hidden layer")
+
+
 def choose_form(requested: str, backend: str, widths: list[int], hidden_size: int,
                 num_iterations: int) -> str:
     """Resolve the ascent's form to "direct" or "gram" (``vllm_recontrol.ascent``).
@@ -77,10 +86,7 @@ def choose_form(requested: str, backend: str, widths: list[int], hidden_size: in
     form on Triton, whose Gram kernel (``triton_ascend_gram``) is checked on CPU only so far:
     "gram" asks for it. "gram" on a head without a hidden layer is refused.
     """
-    if requested not in FORMS:
-        raise ValueError(f"ascent form {requested!r} is not one of {list(FORMS)}")
-    if requested == "gram" and not widths:
-        raise ValueError("the Gram ascent form needs a value head with a hidden layer")
+    check_form(requested, widths)
     if requested == "direct" or not widths:
         return "direct"
     if requested == "gram":

@@ -17,7 +17,7 @@ from typing import Mapping
 
 import torch
 
-from .backends import choose_backend, choose_form, choose_precision
+from .backends import check_form, choose_backend, choose_precision
 from .config import DEFAULT_HEAD, UNCONTROLLED, EngineSettings, RowControl
 from .errors import ConfigError
 from .logs import get_logger
@@ -211,8 +211,8 @@ class EditController:
             products = choose_precision(self.settings.precision, backend)
         except ValueError as exc:
             raise ConfigError(f'additional_config["recontrol"]["precision"]: {exc}') from exc
-        try:  # the form's step count only matters for "auto", which cannot fail
-            choose_form(self.settings.ascent_form, backend, head.widths, head.hidden_size, 2)
+        try:
+            check_form(self.settings.ascent_form, head.widths)
         except ValueError as exc:
             raise ConfigError(f'additional_config["recontrol"]["ascent_form"]: {exc}') from exc
         return backend, products

@@ -140,7 +140,7 @@ class EnginePool:
                 ray_actors(opts, EvalEngine, self.count, settings, list(prompts)))
         else:
             self.local = EvalEngine(settings, prompts)
-        self.progress = not getattr(opts, "quiet", False)
+        self.progress = not opts.quiet
 
     def run(self, method: Method) -> tuple[Samples, float]:
         """(samples of every prompt, in order; wall-clock seconds of the generation)."""
