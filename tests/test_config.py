@@ -54,6 +54,10 @@ def test_unrelated_extra_args_are_ignored():
     ({"recontrol_max_norm": -1.0}, "recontrol_max_norm must be a finite number >= 0"),
     ({"recontrol_max_norm": float("inf")}, "finite"),
     ({"recontrol_max_norm": "1"}, "recontrol_max_norm must be a number"),
+    ({"recontrol_alpha": 10 ** 400}, "recontrol_alpha must be a finite number >= 0, got an "
+                                     "integer of 401 digits"),
+    ({"recontrol_alpha": 1e39}, "at most 3.403e\\+38"),  # inf in the float32 ascent
+    ({"recontrol_max_norm": 10 ** 400}, "recontrol_max_norm must be a finite number"),
 ])
 def test_bad_request_values(args, message):
     with pytest.raises(RequestParamsError, match=message):
@@ -213,3 +217,10 @@ def test_bad_warmup_steps(value, message):
 def test_bad_precision_settings(section, message):
     with pytest.raises(ConfigError, match=message):
         settings(**section)
+
+
+def test_engine_alpha_past_float32_and_a_non_object_additional_config_are_refused():
+    with pytest.raises(ConfigError, match=r'\["alpha"\] must be a finite number'):
+        settings(alpha=10 ** 400)
+    with pytest.raises(ConfigError, match="additional_config must be a JSON object, got list"):
+        EngineSettings.from_additional_config([("recontrol", {})])

@@ -63,3 +63,18 @@ def test_damaged_heads_and_unreadable_models_are_errors(trained, tmp_path, capsy
     assert cli(["inspect", str(bare)]) == 0
     out = capsys.readouterr().out
     assert "warning: no base_model recorded" in out and "warning: no training metrics" in out
+
+
+def test_free_form_metadata_and_a_mistyped_model_config(trained, tmp_path, capsys):
+    """metadata is free-form: parts of another shape are skipped, not a traceback; a model
+    config.json with a field of the wrong type is an error naming the model."""
+    odd = ValueHead(8, [4], seed=0, metadata={"metrics": "abc", "data": [1, 2]}).save(
+        tmp_path / "odd")
+    assert cli(["inspect", str(odd)]) == 0
+    assert "warning: no training metrics" in capsys.readouterr().out
+    model = tmp_path / "mistyped-model"
+    shutil.copytree(trained["model"], model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "hidden_size": "big"}))
+    assert cli(["inspect", str(odd), "--model", str(model)]) == 1
+    assert f"cannot read the configuration of model '{model}'" in capsys.readouterr().out

@@ -258,6 +258,11 @@ def _saved(tmp_path):
     (lambda p: (p / "config.json").write_text('{"hidden_size": 12, "widths": [6, 6]}'),
      "missing"),
     (lambda p: (p / "model.safetensors").write_bytes(b"garbage"), "cannot be read as safetensors"),
+    (lambda p: (p / "config.json").write_text("[" * 100_000), "not valid JSON"),  # too deep
+    (lambda p: (p / "config.json").write_text(
+        '{"hidden_size": 12, "widths": [6], "base_model": 123}'), "base_model must be a model name"),
+    (lambda p: (p / "config.json").write_text(
+        '{"hidden_size": 12, "widths": [6], "metadata": "abc"}'), "metadata must be a JSON object"),
 ])
 def test_load_rejects_bad_artifacts(tmp_path, mutate, message):
     path = _saved(tmp_path)
@@ -277,6 +282,34 @@ def test_load_rejects_nan_weights(tmp_path):
         ValueHead.load(path)
 
 
+def _resaved(path, change):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(path / "model.safetensors"))
+    save_file({k: change(k, v) for k, v in tensors.items()}, str(path / "model.safetensors"))
+
+
+def test_load_refuses_weights_that_overflow_the_load_dtype(tmp_path):
+    """Finite on disk, inf once cast: every edit would silently fall back, so refuse."""
+    path = _saved(tmp_path)
+    _resaved(path, lambda k, v: v.double().fill_(1e39) if k == "layers.0.weight" else v)
+    with pytest.raises(ValueHeadError, match="layers.0.weight has values that do not fit "
+                                             "torch.float32"):
+        ValueHead.load(path)
+    _resaved(path, lambda k, v: v.float().fill_(1e6) if k == "layers.0.weight" else v.float())
+    assert torch.isfinite(ValueHead.load(path).layers[0].weight).all()  # fits float32
+    with pytest.raises(ValueHeadError, match="do not fit torch.float16"):
+        ValueHead.load(path, dtype=torch.float16)
+
+
+def test_load_refuses_unsupported_float_dtypes_by_name(tmp_path):
+    path = _saved(tmp_path)
+    _resaved(path, lambda k, v: v.to(torch.float8_e4m3fn) if k == "layers.1.weight" else v)
+    with pytest.raises(ValueHeadError, match="layers.1.weight has dtype torch.float8_e4m3fn, "
+                                             "expected one of torch.float32"):
+        ValueHead.load(path)
+
+
 def test_load_rejects_a_file_where_a_folder_is_expected(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueHeadError, match="is not a folder"):
@@ -289,6 +322,31 @@ def test_ascend_rejects_wrong_shapes():
         head.ascend(torch.randn(2, 9), 0.1, 1)
     with pytest.raises(ValueError, match="alpha has 3 entries"):
         head.ascend(torch.randn(2, 8), torch.ones(3), 1)
+
+
+@pytest.mark.parametrize("alpha, steps, message", [
+    (-1.0, 2, "alpha must be finite and >= 0"), (float("nan"), 2, "alpha must be finite"),
+    (float("inf"), 2, "alpha must be finite"), (1e39, 2, "alpha must be finite"),
+    (torch.tensor([0.5, -0.1]), 2, "alpha must be finite and >= 0"),
+    (0.5, 2.7, "steps must be whole numbers >= 0"), (0.5, -3, "steps must be whole numbers"),
+    (0.5, torch.tensor([1.0, 1.5]), "steps must be whole numbers"),
+    (0.5, "3", "steps must be a number or a sequence of numbers, got '3'"),
+])
+def test_ascend_refuses_bad_alpha_and_steps(alpha, steps, message):
+    with pytest.raises(ValueError, match=message):
+        ValueHead(8, [4], seed=0).ascend(torch.randn(2, 8), alpha, steps)
+
+
+def test_ascend_takes_a_radius_as_any_real_number_or_a_0d_tensor():
+    import numpy as np
+
+    head, states = ValueHead(8, [4], seed=0), torch.randn(3, 8)
+    expected = head.ascend(states, 2.0, 3, max_norm=0.25)
+    assert float((expected - states).norm(dim=1).max()) <= 0.25 * (1 + 1e-5)
+    for radius in (np.float32(0.25), torch.tensor(0.25), [0.25] * 3):
+        torch.testing.assert_close(head.ascend(states, 2.0, 3, max_norm=radius), expected,
+                                   rtol=0, atol=1e-6)
+    assert torch.equal(head.ascend(states, 2.0, 3.0), head.ascend(states, 2.0, 3))
 
 
 def test_base_model_mismatch_compares_model_names_not_paths():

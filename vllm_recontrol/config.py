@@ -23,6 +23,7 @@ MODEL_IMPL = "recontrol"
 DEFAULT_ALPHA = 0.5
 DEFAULT_STEPS = 30
 DEFAULT_MAX_STEPS = 200
+FLOAT32_MAX = 3.4028234663852886e38  # alpha and max_norm run in float32
 
 REQUEST_SWITCH = "recontrol"
 REQUEST_ALPHA = "recontrol_alpha"
@@ -114,6 +115,9 @@ class EngineSettings:
     def from_additional_config(cls, additional_config: Mapping[str, Any] | None) -> "EngineSettings":
         """Parse ``additional_config``; every problem is a ``ConfigError`` naming the key."""
         where = f'additional_config["{ADDITIONAL_CONFIG_KEY}"]'
+        if additional_config is not None and not isinstance(additional_config, Mapping):
+            raise ConfigError(f"additional_config must be a JSON object, got "
+                              f"{type(additional_config).__name__}")
         section = (additional_config or {}).get(ADDITIONAL_CONFIG_KEY)
         if section is None:
             raise ConfigError(
@@ -331,9 +335,15 @@ def _as_step_list(value: Any, name: str, max_steps: int) -> tuple[int, ...] | No
 def _as_float(value: Any, name: str, error: type[Exception]) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise error(f"{name} must be a number >= 0, got {value!r} ({type(value).__name__})")
-    value = float(value)
-    if not math.isfinite(value) or value < 0:
-        raise error(f"{name} must be a finite number >= 0, got {value}")
+    try:
+        value = float(value)
+    except OverflowError:  # an int past float's range
+        raise error(f"{name} must be a finite number >= 0, got an integer of "
+                    f"{len(str(abs(value)))} digits") from None
+    # The ascent runs in float32: a larger value would be inf there and leave rows unedited.
+    if not math.isfinite(value) or value < 0 or value > FLOAT32_MAX:
+        raise error(f"{name} must be a finite number >= 0 (at most {FLOAT32_MAX:.4g}, "
+                    f"float32's largest), got {value}")
     return value
 
 

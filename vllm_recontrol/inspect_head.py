@@ -29,8 +29,10 @@ def inspect_head(path: str | Path, model: str | None = None,
     folder = locate_head(path)
     head = ValueHead.load(folder, expected_hidden_size=expected)
     meta = head.metadata or {}
-    metrics = meta.get("metrics") or {}
-    data = meta.get("data") or {}
+    # metadata is free-form (a head may come from anywhere): read only the parts of the
+    # shape that `train` writes
+    metrics = meta.get("metrics") if isinstance(meta.get("metrics"), dict) else {}
+    data = meta.get("data") if isinstance(meta.get("data"), dict) else {}
     report: dict[str, Any] = {
         "path": str(path),
         "hidden_size": head.hidden_size,

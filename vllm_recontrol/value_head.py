@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -29,6 +30,8 @@ WEIGHTS_FILE = "model.safetensors"
 FORMAT_NAME = "vllm-recontrol-value-head"
 FORMAT_VERSION = 1
 SUPPORTED_ACTIVATIONS = ("relu",)
+STORED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+FLOAT32_MAX = torch.finfo(torch.float32).max  # the ascent runs in float32
 
 
 class ValueHead(nn.Module):
@@ -144,6 +147,7 @@ class ValueHead(nn.Module):
         if not states.is_floating_point():
             raise ValueError(f"states must be floating point, got {states.dtype}")
         max_norm = checked_radius(max_norm, states.shape[0])
+        check_row_controls(alpha, steps)
         resolved = choose_backend(backend, self.layers[0].weight.device, len(self.widths),
                                   precision)
         product_precision = choose_precision(precision, resolved)
@@ -365,7 +369,15 @@ class ValueHead(nn.Module):
             for i, layer in enumerate(head.layers):
                 layer.weight.copy_(tensors[f"layers.{i}.weight"])
                 layer.bias.copy_(tensors[f"layers.{i}.bias"])
-        return head.to(device=device, dtype=dtype)
+        head = head.to(device=device, dtype=dtype)
+        # Finite on disk is not enough: float64 values past float32's range (or float32
+        # past float16's) become inf here, and every edit would silently fall back.
+        for name, parameter in head.named_parameters():
+            if not bool(torch.isfinite(parameter).all()):
+                raise ValueHeadError(
+                    f"value head weights {path / WEIGHTS_FILE}: {name} has values that do not "
+                    f"fit {parameter.dtype} (they overflow to inf)")
+        return head
 
 
 def checked_radius(max_norm: Any, rows: int) -> float | torch.Tensor | None:
@@ -374,16 +386,42 @@ def checked_radius(max_norm: Any, rows: int) -> float | torch.Tensor | None:
     if max_norm is None:
         return None
     if not isinstance(max_norm, torch.Tensor) and not isinstance(max_norm, (list, tuple)):
-        if not (isinstance(max_norm, (int, float)) and max_norm > 0 and math.isfinite(max_norm)):
+        if isinstance(max_norm, bool) or not isinstance(max_norm, numbers.Real) or not (
+                0 < float(max_norm) <= FLOAT32_MAX):
             raise ValueError(f"max_norm must be a positive finite number, got {max_norm!r}")
         return float(max_norm)
-    radius = torch.as_tensor(max_norm, dtype=torch.float32).reshape(-1)
+    radius = torch.as_tensor(max_norm, dtype=torch.float32)
+    radius = radius.expand(rows) if radius.dim() == 0 else radius.reshape(-1)
     if radius.shape[0] != rows:
         raise ValueError(f"max_norm has {radius.shape[0]} entries but states have {rows} rows")
     if radius.device.type == "cpu" and not bool(((radius > 0) & ~radius.isnan()).all()):
         raise ValueError(f"per-row max_norm values must be > 0 (inf: unprojected), got "
                          f"{radius.tolist()}")
     return radius
+
+
+def check_row_controls(alpha: Any, steps: Any) -> None:
+    """Refuse alpha < 0, non-finite or past float32, and fractional or negative steps, for
+    Python values and CPU tensors (a CUDA tensor's values are left unchecked: no sync; the
+    engine's per-request values are checked when the request arrives)."""
+    def values(value: Any, name: str) -> torch.Tensor:
+        if isinstance(value, torch.Tensor):
+            return value.detach()
+        try:
+            return torch.as_tensor(value, dtype=torch.float64)
+        except (TypeError, ValueError, OverflowError, RuntimeError) as exc:
+            raise ValueError(f"{name} must be a number or a sequence of numbers, got "
+                             f"{value!r}: {exc}") from exc
+
+    alpha_values, steps_values = values(alpha, "alpha"), values(steps, "steps")
+    if alpha_values.device.type == "cpu":
+        a = alpha_values.double()
+        if not bool((torch.isfinite(a) & (a >= 0) & (a <= FLOAT32_MAX)).all()):
+            raise ValueError(f"alpha must be finite and >= 0 (a float32), got {alpha!r}")
+    if steps_values.device.type == "cpu":
+        n = steps_values.double()
+        if not bool((torch.isfinite(n) & (n >= 0) & (n == n.round())).all()):
+            raise ValueError(f"steps must be whole numbers >= 0, got {steps!r}")
 
 
 def _check_shape_config(hidden_size: Any, widths: Any, source: str) -> None:
@@ -406,8 +444,10 @@ def read_config(path: Path) -> dict[str, Any]:
         raise ValueHeadError(f"value head config {config_path} is missing")
     try:
         config = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise ValueHeadError(f"value head config {config_path} is not valid JSON: {exc}") from exc
+    except OSError as exc:
+        raise ValueHeadError(f"value head config {config_path} cannot be read: {exc}") from exc
     if not isinstance(config, dict):
         raise ValueHeadError(f"value head config {config_path} must hold a JSON object")
     for key in ("hidden_size", "widths"):
@@ -422,6 +462,13 @@ def read_config(path: Path) -> dict[str, Any]:
     if version != FORMAT_VERSION:
         raise ValueHeadError(f"value head config {config_path}: format_version {version!r} is "
                              f"not supported (this release reads {FORMAT_VERSION})")
+    # Both are compared and read later (base-model check at engine start, `inspect`).
+    if config.get("base_model") is not None and not isinstance(config["base_model"], str):
+        raise ValueHeadError(f"value head config {config_path}: base_model must be a model "
+                             f"name or null, got {config['base_model']!r}")
+    if config.get("metadata") is not None and not isinstance(config["metadata"], dict):
+        raise ValueHeadError(f"value head config {config_path}: metadata must be a JSON "
+                             f"object or null, got {type(config['metadata']).__name__}")
     return config
 
 
@@ -453,9 +500,10 @@ def read_weights(weights_path: Path, hidden_size: int, widths: list[int]) -> dic
         if tuple(tensor.shape) != shape:
             raise ValueHeadError(f"value head weights {weights_path}: {name} has shape "
                                  f"{list(tensor.shape)}, expected {list(shape)}")
-        if not tensor.is_floating_point():
+        if tensor.dtype not in STORED_DTYPES:
             raise ValueHeadError(f"value head weights {weights_path}: {name} has dtype "
-                                 f"{tensor.dtype}, expected a float dtype")
+                                 f"{tensor.dtype}, expected one of "
+                                 f"{', '.join(str(t) for t in STORED_DTYPES)}")
         if not torch.isfinite(tensor).all():
             raise ValueHeadError(f"value head weights {weights_path}: {name} holds NaN or inf")
     return tensors

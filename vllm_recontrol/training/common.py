@@ -184,9 +184,12 @@ def model_hidden_size(model: str, trust_remote_code: bool = False) -> int:
     text config first, as vLLM reads it)."""
     from transformers import AutoConfig
 
+    from huggingface_hub.errors import StrictDataclassError
+
     try:
         config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, TypeError, StrictDataclassError) as exc:
+        # StrictDataclassError: a config.json field of the wrong type (transformers 5)
         raise RecontrolError(f"cannot read the configuration of model {model!r}: {exc}") from exc
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     for candidate in (text_config, config):
