@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from training_fakes import fake_collect, good_reward
+from vllm_recontrol.errors import RecontrolError
 from vllm_recontrol.training.common import DataError, RewardError
 from vllm_recontrol.training.labeler import label, labels_dir, read_shard_labels
 from vllm_recontrol.training.ray_pool import local_code
@@ -44,7 +45,8 @@ def test_as_reward_accepts_numbers_only():
     import numpy as np
 
     assert as_reward(np.float32(0.25)) == 0.25
-    for bad in (True, "1.0", None, float("nan"), float("inf"), [1.0], torch.tensor([1.0, 2.0])):
+    for bad in (True, "1.0", None, float("nan"), float("inf"), [1.0], torch.tensor([1.0, 2.0]),
+                10 ** 400, 1e39):  # past float's range; past float32's (training's) range
         assert as_reward(bad) is None, bad
 
 
@@ -90,6 +92,19 @@ def test_reward_fn_labels_every_row(data):
         label(data=str(data), reward_fn=lambda p, r: 0.0, progress=False)
     info = json.loads((labels_dir(data, "reward") / "info.json").read_text())
     assert info["source"] == {"reward_fn": "training_fakes:good_reward"}
+
+
+def test_overwrite_relabels_a_set_made_the_same_way(data):
+    """The function behind one module:function name changed: --overwrite relabels every
+    shard (it used to skip them all, the set's info being unchanged)."""
+    _module("recontrol_test_changing", score=lambda p, r: 1.0)
+    common = dict(data=str(data), reward_fn="recontrol_test_changing:score", name="changing",
+                  progress=False)
+    label(**common)
+    _module("recontrol_test_changing", score=lambda p, r: 2.0)
+    assert label(**common)["shards labelled now"] == 0  # without --overwrite: resumable
+    assert label(**common, overwrite=True)["shards labelled now"] == 3
+    assert {row["reward"] for row in read_shard_labels(data, "changing", "shard-00001")} == {2.0}
 
 
 def test_responses_are_cut_before_scoring(data):
@@ -165,9 +180,13 @@ def test_label_needs_exactly_one_source(data):
     ({"replicas": 2}, "replicas > 1 needs ray"),
     ({"replicas": 0, "ray": True}, "replicas must be a positive integer"),
     ({"engine_args": "[]"}, "engine_args must be a JSON object"),
+    ({"batch_size": -1}, "batch_size must be a positive integer, got -1"),  # was: rewards 0.0
+    ({"batch_size": 0}, "batch_size must be a positive integer, got 0"),
+    ({"max_length": 0}, "max_length must be an integer >= 1"),
+    ({"reward_index": -1}, "reward_index must be an integer >= 0"),
 ])
 def test_label_option_errors(data, options, message):
-    with pytest.raises(DataError, match=message):
+    with pytest.raises(RecontrolError, match=message):  # DataError, or a mistyped option's
         label(data=str(data), reward_fn=lambda p, r: 1.0, progress=False, **options)
 
 
@@ -200,6 +219,14 @@ def test_reward_model_batches_score_like_single_rows(tiny_rm):
     assert len(set(round(s, 6) for s in single)) == len(pairs)  # really different inputs
     for a, b in zip(batched, single):
         assert math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-5)
+
+
+def test_reward_model_index_and_device_errors(tiny_rm):
+    with pytest.raises(RewardError, match=r"--reward-index 5 is out of range: reward model .* "
+                                          r"has 1 output\(s\)"):
+        RewardModelScorer(str(tiny_rm), reward_index=5)
+    with pytest.raises(RewardError, match="reward model device 'foo' is not a torch device"):
+        RewardModelScorer(str(tiny_rm), device="foo")
 
 
 def test_reward_model_text_formats(tiny_rm):

@@ -249,3 +249,134 @@ def test_train_cli_config_file_and_flag_override(labelled, tmp_path, capsys):
     config.write_text(json.dumps({"data": str(labelled), "out": "x", "epoch": 3}))
     assert main(["train", "--config", str(config)]) == 1
     assert "unknown option(s) ['epoch']" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- bad input
+def _copy(labelled, tmp_path):
+    import shutil
+
+    shutil.copytree(labelled, tmp_path / "copy")
+    return tmp_path / "copy"
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda row: {**row, "reward": float("nan")}, "line 1 has reward nan, not a finite number"),
+    (lambda row: {**row, "reward": 1e39}, "line 1 has reward 1e\\+39"),  # inf in float32
+    (lambda row: {**row, "reward": None}, "line 1 has reward None"),
+    (lambda row: {**row, "reward": "x"}, "line 1 has reward 'x'"),
+    (lambda row: {k: v for k, v in row.items() if k != "reward"}, "line 1 has reward None"),
+    (lambda row: [1, 2], "every line must be a JSON object"),
+])
+def test_unusable_rewards_in_a_label_file_are_refused_by_line(labelled, tmp_path, edit, message):
+    data = _copy(labelled, tmp_path)
+    path = data / "labels" / "reward" / "shard-00001.jsonl"
+    lines = path.read_text().splitlines()
+    lines[0] = json.dumps(edit(json.loads(lines[0])))
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=f"labels of shard shard-00001 .*: {message}"):
+        train(data=str(data), out=str(tmp_path / "h"), epochs=1, progress=False)
+
+
+def test_a_diverging_run_saves_nothing(labelled, tmp_path):
+    """NaN compares false with everything: early stopping would keep the initial weights and
+    save them as a trained head. Training stops with an error instead."""
+    with pytest.raises(DataError, match="the loss is not finite at epoch 1 .* nothing was saved"):
+        train(data=str(labelled), out=str(tmp_path / "h"), target="mc", lr=1e12, epochs=3,
+              batch_size=16, widths=[16], device="cpu", progress=False)
+    assert not (tmp_path / "h").exists()
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"lr": float("inf")}, "lr must be a finite number > 0"),
+    ({"weight_decay": -1.0}, "weight_decay must be a finite number >= 0"),
+    ({"min_delta": float("nan")}, "min_delta must be a finite number >= 0"),
+    ({"device": "foo"}, "device 'foo' is not a torch device"),
+    ({"lr": "1e-3"}, "option lr must be a number, got '1e-3'"),
+    ({"widths": 16}, "option widths must be a list, got 16"),
+    ({"allow_partial": "no"}, "option allow_partial must be true or false, got 'no'"),
+    ({"epochs": 2.5}, "option epochs must be an integer, got 2.5"),
+])
+def test_bad_options_are_refused_before_training(labelled, tmp_path, options, message):
+    from vllm_recontrol.errors import RecontrolError
+
+    with pytest.raises(RecontrolError, match=message):
+        train(**{"data": str(labelled), "out": str(tmp_path / "h"), "epochs": 1,
+                 "progress": False, **options})
+    assert not (tmp_path / "h").exists()
+
+
+def test_an_out_or_checkpoint_that_is_a_file_is_refused_before_training(labelled, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    for where in ("out", "checkpoint"):
+        options = {"out": str(tmp_path / "h"), where: str(tmp_path / "afile")}
+        with pytest.raises(DataError, match=f"--{where} .*afile is a file"):
+            train(data=str(labelled), epochs=1, progress=False, **options)
+
+
+def test_partial_data_without_collected_heldout_states_trains_without_a_split(labelled, tmp_path):
+    """--allow-partial with every held-out prompt in shards not collected yet: no held-out
+    states to stop on, so the numbers are the training data's (it used to divide by zero)."""
+    from vllm_recontrol.training.dataset import LabelledData
+
+    data = _copy(labelled, tmp_path)
+    full = LabelledData(data)
+    heldout = full.heldout_prompts(0.1, 0)
+    for shard in full.shards:
+        if heldout[shard.index.prompt_index].any():
+            (data / f"{shard.name}.safetensors").unlink()
+    summary = train(data=str(data), out=str(tmp_path / "h"), target="mc", epochs=2,
+                    batch_size=16, widths=[8], device="cpu", progress=False, allow_partial=True)
+    assert summary["metrics"]["split"] == "train (no held-out split)"
+    assert summary["metrics"]["epochs_run"] == 2
+
+
+def test_resuming_checks_the_shards_and_takes_the_resolved_label_set(labelled, tmp_path):
+    data = _copy(labelled, tmp_path)
+    aside = tmp_path / "shard-00003.safetensors"
+    (data / "shard-00003.safetensors").rename(aside)
+    common = dict(data=str(data), out=str(tmp_path / "h"), target="mc", batch_size=16,
+                  widths=[8], device="cpu", progress=False, checkpoint=str(tmp_path / "ck"),
+                  allow_partial=True)
+    train(epochs=1, **common)
+    aside.rename(data / "shard-00003.safetensors")  # the collection went on meanwhile
+    with pytest.raises(DataError, match=r"another run \(data.shards: checkpoint"):
+        train(epochs=2, **common)
+    (data / "shard-00003.safetensors").rename(aside)
+    # --labels naming the only (default) set is the same run as --labels omitted
+    resumed = ValueHead.load(train(epochs=2, labels="reward", **common)["value head"])
+    assert resumed.metadata["resumed_from_epoch"] == 1
+
+
+@pytest.mark.parametrize("state, message", [
+    ('{"format": "vllm-recontrol-train-', "state.json is not valid JSON"),
+    ('{"format": "vllm-recontrol-train-checkpoint"}', r"state.json lacks \['run'"),
+])
+def test_a_damaged_checkpoint_state_is_an_error(labelled, tmp_path, state, message):
+    common = dict(data=str(labelled), out=str(tmp_path / "h"), target="mc", batch_size=16,
+                  widths=[8], device="cpu", progress=False, checkpoint=str(tmp_path / "ck"))
+    train(epochs=1, **common)
+    (tmp_path / "ck" / "state.json").write_text(state)
+    with pytest.raises(DataError, match=message):
+        train(epochs=2, **common)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda t: t["prompt_index"].__setitem__(0, 999), "names prompts .*999, outside the "
+                                                      "collection's 120: the shard is damaged"),
+    (lambda t: t["prompt_index"].__setitem__(0, -1), "names prompts -1"),
+    (lambda t: t["offsets"].__setitem__(1, int(t["offsets"][2]) + 1),
+     "offsets must start at 0 and never decrease"),
+])
+def test_a_damaged_shard_index_is_an_error(labelled, tmp_path, change, message):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    data = _copy(labelled, tmp_path)
+    path = data / "shard-00000.safetensors"
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+    change(tensors)
+    save_file(tensors, str(path), metadata=metadata)
+    with pytest.raises(DataError, match=message):
+        train(data=str(data), out=str(tmp_path / "h"), epochs=1, progress=False)

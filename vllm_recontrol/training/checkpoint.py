@@ -14,6 +14,7 @@ so a kill at any moment leaves a consistent checkpoint.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,8 @@ from .common import DataError, atomic_path, dump_json, sha256_file, write_text_a
 
 FORMAT = "vllm-recontrol-train-checkpoint"
 STATE_FILE = "state.json"
+STATE_KEYS = ("run", "epoch", "steps", "history", "best_mse", "best_epoch", "stopped_early",
+              "tensors", "tensors_sha256")
 # Options that may change between a run and its resumption (where things are, how long to
 # go on; another device continues the same state, though not bit for bit).
 RESUMABLE_CHANGES = ("data", "out", "epochs", "patience", "min_delta", "device", "progress",
@@ -89,17 +92,36 @@ def load(folder: str | Path, trainer: Any, run: dict[str, Any]) -> Progress | No
     state_path = folder / STATE_FILE
     if not state_path.is_file():
         return None
-    state = json.loads(state_path.read_text())
-    if state.get("format") != FORMAT:
+    try:
+        state = json.loads(state_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{state_path} is not valid JSON ({exc}): the checkpoint is damaged; "
+                        f"use another --checkpoint folder") from exc
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise DataError(f"{state_path} is not a vllm-recontrol training checkpoint")
+    missing = [key for key in STATE_KEYS if key not in state]
+    if missing:
+        raise DataError(f"{state_path} lacks {missing}: the checkpoint is damaged; use another "
+                        f"--checkpoint folder")
     if state["run"] != run:
         raise DataError(f"checkpoint {folder} belongs to another run "
                         f"({_differences(state['run'], run)}); use another --checkpoint "
                         f"folder, or the same options")
+    if not isinstance(state["tensors"], str) or not re.fullmatch(r"epoch-\d+\.safetensors",
+                                                                state["tensors"]):
+        raise DataError(f"{state_path}: tensors {state['tensors']!r} is not one of this "
+                        f"folder's epoch-NNNN.safetensors; the checkpoint is damaged")
     tensor_path = folder / state["tensors"]
     if not tensor_path.is_file() or sha256_file(tensor_path) != state["tensors_sha256"]:
         raise DataError(f"checkpoint {folder}: {state['tensors']} is missing or damaged")
-    tensors = load_file(str(tensor_path))
+    try:
+        return _restore(state, load_file(str(tensor_path)), trainer)
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as exc:
+        raise DataError(f"checkpoint {folder} does not fit this run's trainer "
+                        f"({type(exc).__name__}: {exc}); use another --checkpoint folder") from exc
+
+
+def _restore(state: dict[str, Any], tensors: dict[str, torch.Tensor], trainer: Any) -> Progress:
     device = next(trainer.head.parameters()).device
 
     def part(prefix: str) -> dict[str, torch.Tensor]:

@@ -13,9 +13,12 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import numbers
 import os
 import sys
 import tempfile
+import types
+import typing
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -106,7 +109,54 @@ def build_options(cls: type, options: Mapping[str, Any], command: str) -> Any:
     if unknown:
         raise RecontrolError(f"{command}: unknown option(s) {unknown}; known options: "
                              f"{sorted(fields)}")
-    return cls(**normalised)
+    hints = typing.get_type_hints(cls)
+    return cls(**{name: _typed_option(value, hints[name], f"{command}: option {name}")
+                  for name, value in normalised.items()})
+
+
+def _typed_option(value: Any, annotation: Any, where: str) -> Any:
+    """``value`` checked against its field's annotation (config files are untyped JSON):
+    a clear error instead of a traceback deep in the command, or a string "no" taken as
+    true. Paths pass as strings, integers as floats, whole floats as integers."""
+    options = typing.get_args(annotation) if typing.get_origin(annotation) in (
+        typing.Union, types.UnionType) else (annotation,)
+    if value is None and type(None) in options:
+        return None
+    kind = next(o for o in options if o is not type(None))
+    origin, args = typing.get_origin(kind) or kind, typing.get_args(kind)
+    if kind is Any or origin not in (bool, int, float, str, list, dict):
+        return value  # a callable or anything else: the command checks it
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise RecontrolError(f"{where} must be a JSON object, got {value!r}")
+        return dict(value)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise RecontrolError(f"{where} must be a list, got {value!r}")
+        item = args[0] if args else Any
+        return [_typed_option(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is str:
+        if isinstance(value, os.PathLike):
+            return os.fspath(value)
+        if isinstance(value, str):
+            return value
+        raise RecontrolError(f"{where} must be a string, got {value!r}")
+    if origin is bool:
+        if isinstance(value, bool):
+            return value
+        raise RecontrolError(f"{where} must be true or false, got {value!r}")
+    if origin is int:
+        if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            return int(value)
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise RecontrolError(f"{where} must be an integer, got {value!r}")
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):  # float
+        try:
+            return float(value)
+        except OverflowError:
+            raise RecontrolError(f"{where} is too large for a float") from None
+    raise RecontrolError(f"{where} must be a number, got {value!r}")
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:

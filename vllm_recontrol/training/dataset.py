@@ -57,7 +57,13 @@ class LabelledData:
         self.manifest = read_manifest(self.path)
         self.labels = self._choose_labels(labels)
         info_path = labels_dir(self.path, self.labels) / INFO_FILE
-        info = json.loads(info_path.read_text())
+        try:
+            info = json.loads(info_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise DataError(f"{info_path} is not valid JSON ({exc}); relabel with "
+                            f"`vllm-recontrol label --overwrite`") from exc
+        if not isinstance(info, dict):
+            raise DataError(f"{info_path} must hold a JSON object; relabel with --overwrite")
         if info.get("manifest_sha256") != manifest_sha256(self.path):
             raise DataError(f"label set {self.labels!r} of {self.path} was made for a different "
                             f"collection (manifest hash differs); relabel with --overwrite")
@@ -86,6 +92,13 @@ class LabelledData:
             raise DataError(f"{self.path}: states are {self.hidden_size} wide but the manifest "
                             f"says the model's hidden size is {declared}")
         self.num_prompts = int(self.manifest["num_prompts"])
+        for shard in self.shards:  # indexes into the held-out split: out of range is damage
+            prompts = shard.index.prompt_index
+            if prompts.numel() and not (0 <= int(prompts.min()) and
+                                        int(prompts.max()) < self.num_prompts):
+                raise DataError(f"shard {shard.name} of {self.path} names prompts "
+                                f"{int(prompts.min())}..{int(prompts.max())}, outside the "
+                                f"collection's {self.num_prompts}: the shard is damaged")
 
     def _choose_labels(self, wanted: str | None) -> str:
         present = label_sets(self.path)
@@ -103,11 +116,22 @@ class LabelledData:
 
     def _rewards(self, shard: str, index: ShardIndex) -> torch.Tensor:
         rows = read_shard_labels(self.path, self.labels, shard)
+        where = f"labels of shard {shard} of {self.path}"
+        if not all(isinstance(row, dict) for row in rows):
+            raise DataError(f"{where}: every line must be a JSON object; relabel with --overwrite")
         ids = [row.get("response_id") for row in rows]
         if ids != index.response_ids.tolist():
             raise DataError(f"labels of shard {shard} ({len(rows)} rows) do not match its "
                             f"{index.num_responses} responses; relabel with --overwrite")
-        return torch.tensor([float(row["reward"]) for row in rows], dtype=torch.float32)
+        rewards = [row.get("reward") for row in rows]
+        for line, reward in enumerate(rewards, 1):
+            # float32 is what training reads: a NaN, an inf or a value past float32's range
+            # would make the loss NaN and early stopping keep the untrained head
+            if isinstance(reward, bool) or not isinstance(reward, (int, float)) or \
+                    not abs(reward) <= 3.4028234663852886e38:
+                raise DataError(f"{where}: line {line} has reward {reward!r}, not a finite "
+                                f"number; relabel with --overwrite")
+        return torch.tensor(rewards, dtype=torch.float32)
 
     # ------------------------------------------------------------------ splitting
     def heldout_prompts(self, fraction: float, seed: int) -> torch.Tensor:

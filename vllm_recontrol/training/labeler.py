@@ -70,6 +70,14 @@ class LabelOptions:
         check_replicas(self.replicas, self.ray, LABEL_REPLICAS)
         if not isinstance(self.engine_args, dict):
             raise DataError("engine_args must be a JSON object")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or \
+                self.batch_size <= 0:
+            raise DataError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+        for name in ("max_length", "reward_index"):
+            value, low = getattr(self, name), 1 if name == "max_length" else 0
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value < low):
+                raise DataError(f"{name} must be an integer >= {low} (or omitted), got {value!r}")
 
     def source_arguments(self) -> dict[str, Any]:
         """``RewardSource`` keyword arguments: what a process (or actor) needs to score."""
@@ -143,14 +151,20 @@ def _prepare_info(opts: LabelOptions, source: RewardSource, data: Path) -> Path:
     info = {"format": LABELS_FORMAT, "format_version": 1, "source": source.describe(),
             "cut_at": list(opts.cut_at), "manifest_sha256": manifest_sha256(data)}
     info_path = folder / INFO_FILE
-    if info_path.is_file():
-        old = json.loads(info_path.read_text())
+    if info_path.is_file() and opts.overwrite:
+        # also when made the same way: the function behind the same module:function name
+        # may have changed, and --overwrite must relabel, not skip every finished shard
+        shutil.rmtree(folder)
+    elif info_path.is_file():
+        try:
+            old = json.loads(info_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            old = {"source": "unreadable info.json"}
         if old != info:
-            if not opts.overwrite:
-                raise DataError(f"label set {folder} was made differently ({old.get('source')}, "
-                                f"cut_at {old.get('cut_at')}); use --name for a new set or "
-                                f"--overwrite to replace it")
-            shutil.rmtree(folder)
+            raise DataError(f"label set {folder} was made differently "
+                            f"({old.get('source') if isinstance(old, dict) else old}, cut_at "
+                            f"{old.get('cut_at') if isinstance(old, dict) else '?'}); use "
+                            f"--name for a new set or --overwrite to replace it")
     if not info_path.is_file():
         folder.mkdir(parents=True, exist_ok=True)
         write_text_atomic(info_path, dump_json(info))
@@ -259,7 +273,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="cut responses at the first of these markers (default Human: User:)")
     add_ray_arguments(parser, LABEL_REPLICAS + " (GPUs: --device cuda --ray-num-gpus 1)")
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace a label set of the same name made differently")
+                        help="replace the label set of that name (relabel every shard, "
+                        "also when it was made the same way: after a reward function changed)")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
     options = parse_command_line(parser, argv, required=("data",))
     return run_main(label, options)

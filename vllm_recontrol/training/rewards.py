@@ -12,7 +12,6 @@ scoring: a model that writes "Human: ..." after its answer is scored on its answ
 from __future__ import annotations
 
 import importlib
-import math
 import numbers
 import os
 import sys
@@ -67,16 +66,24 @@ def reward_fn_modules(reward_fn: Any) -> list[str]:
     return [str(reward_fn).partition(":")[0]]
 
 
+FLOAT32_MAX = 3.4028234663852886e38
+
+
 def as_reward(value: Any) -> float | None:
-    """``value`` as a finite float, or None when it is not a number (bools are not numbers)."""
+    """``value`` as a finite float (within float32's range), or None when it is not such
+    a number (bools are not numbers)."""
     if not isinstance(value, numbers.Real) and tuple(getattr(value, "shape", (1,))) == () \
             and callable(getattr(value, "item", None)):
         value = value.item()  # a 0-d torch tensor or numpy array
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or \
             type(value).__name__ == "bool_":
         return None
-    value = float(value)
-    return value if math.isfinite(value) else None
+    try:
+        value = float(value)
+    except OverflowError:  # an int past float's range
+        return None
+    # training reads rewards as float32: past its range a reward would be inf there
+    return value if abs(value) <= FLOAT32_MAX else None
 
 
 class RewardModelScorer:
@@ -101,8 +108,15 @@ class RewardModelScorer:
                               f"got {engine!r}")
         self.name = model
         self.engine = engine
-        self.device = torch.device(device)
-        self.batch_size = int(batch_size)
+        try:
+            self.device = torch.device(device)
+        except (RuntimeError, TypeError) as exc:
+            raise RewardError(f"reward model device {device!r} is not a torch device (cpu, "
+                              f"cuda, cuda:1, ...): {exc}") from exc
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+            raise RewardError(f"reward model batch_size must be a positive integer, got "
+                              f"{batch_size!r}")
+        self.batch_size = batch_size
         self.model: Any = None
         self.llm: Any = None
         try:
@@ -126,6 +140,9 @@ class RewardModelScorer:
             raise RewardError(f"reward model {model!r} has {labels} outputs; name the one that "
                               f"is the reward with --reward-index")
         self.reward_index = 0 if reward_index is None else int(reward_index)
+        if not 0 <= self.reward_index < labels:
+            raise RewardError(f"--reward-index {self.reward_index} is out of range: reward "
+                              f"model {model!r} has {labels} output(s)")
         limit = max_length or getattr(config, "max_position_embeddings", None) or 4096
         tokenizer_limit = getattr(self.tokenizer, "model_max_length", None)
         if isinstance(tokenizer_limit, int) and tokenizer_limit < 1_000_000:

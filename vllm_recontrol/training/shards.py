@@ -196,6 +196,11 @@ def read_shard_index(directory: Path, name: str) -> ShardIndex:
     if index.num_states != int(shape[0]) or index.offsets.numel() != index.num_responses + 1:
         raise DataError(f"shard {path} is inconsistent: offsets end at {index.num_states} but "
                         f"it holds {shape[0]} states")
+    offsets = index.offsets
+    if int(offsets[0]) != 0 or bool((offsets[1:] < offsets[:-1]).any()) or \
+            index.prompt_index.numel() != index.num_responses:
+        raise DataError(f"shard {path} is inconsistent: its offsets must start at 0 and never "
+                        f"decrease, with one prompt index per response")
     return index
 
 

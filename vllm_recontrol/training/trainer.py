@@ -77,10 +77,18 @@ class TrainOptions:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise DataError(f"{name} must be a positive integer, got {value!r}")
-        if not self.lr > 0:
-            raise DataError(f"lr must be > 0, got {self.lr}")
+        if not 0 < self.lr < math.inf:
+            raise DataError(f"lr must be a finite number > 0, got {self.lr}")
+        for name in ("weight_decay", "min_delta"):
+            if not 0.0 <= getattr(self, name) < math.inf:
+                raise DataError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.heldout_fraction < 1.0:
             raise DataError(f"heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
+        for name in ("out", "checkpoint"):  # found before training, not after it
+            folder = getattr(self, name)
+            if folder and Path(folder).exists() and not Path(folder).is_dir():
+                raise DataError(f"--{name} {folder} is a file; it must be a folder (or not "
+                                f"exist yet)")
 
 
 def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -93,7 +101,11 @@ def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
 def _device(name: str, group: ProcessGroup) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as exc:
+        raise DataError(f"device {name!r} is not a torch device (auto, cpu, cuda, cuda:1, "
+                        f"...): {exc}") from exc
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DataError(f"device {name} requested but CUDA is not available")
     if group.distributed and device.type == "cuda":
@@ -305,9 +317,15 @@ def _train(opts: TrainOptions, group: ProcessGroup) -> dict[str, Any]:
     counts = data.count(trainer.heldout)
     if counts["train_states"] == 0:
         raise DataError(f"{opts.data}: no training states after the held-out split")
-    run = checkpoint.fingerprint(asdict(opts), {
+    # With --allow-partial the held-out prompts may all be in shards not collected yet:
+    # then there is no held-out split to stop on (the numbers are the training data's).
+    trainer.has_heldout = trainer.has_heldout and counts["heldout_states"] > 0
+    # The label set as resolved (--labels omitted or naming the only set: the same run),
+    # and the shards used, which --allow-partial lets grow between a run and its resumption.
+    run = checkpoint.fingerprint({**asdict(opts), "labels": data.labels}, {
         "manifest_sha256": manifest_sha256(data.path), "labels": data.labels,
-        "labels_info_sha256": data.label_info_sha256}, group.world)
+        "labels_info_sha256": data.label_info_sha256,
+        "shards": [[s.name, s.index.num_responses] for s in data.shards]}, group.world)
     state = checkpoint.load(opts.checkpoint, trainer, run) if opts.checkpoint else None
     resumed_from = state.epoch if state else None
     if state is None:
@@ -321,6 +339,12 @@ def _train(opts: TrainOptions, group: ProcessGroup) -> dict[str, Any]:
     for epoch in bar:
         loss = trainer.epoch()
         metrics = trainer.evaluate()
+        if not (math.isfinite(loss) and math.isfinite(metrics["mse"])):
+            # NaN compares false with everything: early stopping would keep the first
+            # weights and save them as if trained. Nothing is saved.
+            raise DataError(f"train: the loss is not finite at epoch {epoch} (training loss "
+                            f"{loss}, evaluation MSE {metrics['mse']}); lower --lr, or check "
+                            f"the rewards and states for NaN/inf; nothing was saved")
         state.epoch = epoch
         state.history.append({"epoch": epoch, "train_loss": loss, **{k: metrics[k] for k in
                               ("mse", "mse_s0", "pearson_s0")}})
