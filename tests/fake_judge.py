@@ -23,9 +23,11 @@ Rule = Callable[[str, str, str], "str | int | dict"]
 
 
 @contextlib.contextmanager
-def fake_judge(rule: Rule, model: str = "judge", api_key: str | None = None
-               ) -> Iterator[dict]:
-    """Yields {"url", "asked": [(prompt, first, second), ...]} while the server runs."""
+def fake_judge(rule: Rule, model: str = "judge", api_key: str | None = None,
+               lists_models: bool = True) -> Iterator[dict]:
+    """Yields {"url", "asked": [(prompt, first, second), ...]} while the server runs; like a
+    real server it answers 404 outside ``/v1/`` (and to ``/v1/models`` if not
+    ``lists_models``)."""
     state: dict = {"asked": [], "lock": threading.Lock()}
 
     class Handler(BaseHTTPRequestHandler):
@@ -46,17 +48,24 @@ def fake_judge(rule: Rule, model: str = "judge", api_key: str | None = None
             self.reply(401, {"error": {"message": "bad key", "type": "auth", "code": 401}})
             return False
 
+        def found(self) -> bool:
+            if self.path.startswith("/v1/") and (lists_models or "models" not in self.path):
+                return True
+            self.reply(404, {"error": {"message": "not found", "type": "x", "code": 404}})
+            return False
+
         def do_GET(self) -> None:
-            if not self.authorised():
+            if not self.found() or not self.authorised():
                 return
             self.reply(200, {"object": "list", "data": [
                 {"id": model, "object": "model", "created": 0, "owned_by": "test"}]})
 
         def do_POST(self) -> None:
-            if not self.authorised():
-                return
             request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            prompt, first, second = _ANSWER.search(request["messages"][-1]["content"]).groups()
+            if not self.found() or not self.authorised():
+                return
+            question = _ANSWER.search(request["messages"][-1]["content"])
+            prompt, first, second = question.groups() if question else ("", "", "")
             with state["lock"]:
                 state["asked"].append((prompt, first, second))
             answer = rule(prompt, first, second)

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 
 def test_demo_runs_end_to_end_and_control_beats_base(tmp_path):
     command = [str(Path(sys.executable).parent / "vllm-recontrol"), "demo",
@@ -36,3 +38,16 @@ def test_demo_runs_end_to_end_and_control_beats_base(tmp_path):
     assert (tmp_path / "demo" / "eval" / "reward_vs_throughput.png").is_file()
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert header in readme.splitlines()  # the README shows the table the demo prints
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--grid", "1:0"], "grid entry '1:0' must be alpha:steps"),
+    (["--best-of", "1"], "best_of must be an integer >= 2, got 1"),
+])
+def test_demo_checks_its_grid_before_building_anything(tmp_path, capsys, argv, message):
+    """eval's checks run first, not after minutes of world, collect, label and train."""
+    from vllm_recontrol.cli import main
+
+    assert main(["demo", "--workdir", str(tmp_path / "w"), *argv]) == 1
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()

@@ -135,7 +135,45 @@ def test_judge_check_names_what_is_wrong(monkeypatch):
         JudgeClient(JudgeSettings(url=url, model="judge-7b")).check()
 
 
+def test_a_url_without_v1_is_refused_and_an_endpoint_without_a_model_list_is_asked():
+    """A 404 for the model list: one short question decides. A URL missing its /v1 gets 404
+    for that too (every verdict would have been invalid); an endpoint that only lacks the
+    list answers it."""
+    with fake_judge(content_rule) as server:
+        with pytest.raises(RecontrolError, match=r"answers neither the model list nor a chat "
+                                                 r"completion for 'judge' .* end in /v1"):
+            JudgeClient(JudgeSettings(url=server["url"][:-len("/v1")], model="judge")).check()
+    with fake_judge(content_rule, lists_models=False) as server:
+        client_for(server).check()
+        assert len(server["asked"]) == 1  # the one short question
+
+
+def test_a_failing_judge_is_not_waited_for_after_max_failures_in_a_row():
+    with fake_judge(lambda *asked: 500) as server:
+        client = client_for(server, concurrency=1, max_retries=0, max_failures=3)
+        summary = judge_methods(client, PROMPTS, {"m": METHOD}, BASE)["m"]
+        assert len(server["asked"]) == 3  # then the rest were skipped, not sent
+    assert summary.count("invalid") == len(PROMPTS)
+    assert summary.verdicts[2].first_lines[0].startswith("error: InternalServerError")
+    assert summary.verdicts[3].first_lines == ["error: skipped after 3 failed judge requests "
+                                               "in a row"]
+    with pytest.raises(RecontrolError, match="judge timeout must be a number of seconds > 0"):
+        JudgeClient(JudgeSettings(url="http://x/v1", model="j", timeout_s=0.0))
+
+
+def test_a_success_resets_the_count_of_failures_in_a_row():
+    def every_other(prompt, first, second):
+        return 500 if int(prompt.split()[1]) % 2 else content_rule(prompt, first, second)
+
+    with fake_judge(every_other) as server:
+        client = client_for(server, concurrency=1, max_retries=0, max_failures=2)
+        summary = judge_methods(client, PROMPTS, {"m": METHOD}, BASE)["m"]
+        assert len(server["asked"]) == len(PROMPTS)
+    assert summary.count("invalid") == len(PROMPTS) // 2
+
+
 @pytest.mark.parametrize("options,message", [
+    ({"judge_against": "reference"}, "judge_against reference needs judge_url"),
     ({"judge_url": "http://x/v1"}, "judge_url needs judge_model"),
     ({"judge_model": "gpt-4"}, "judge_model needs judge_url"),
     ({"judge_against": "chosen"}, "judge_against must be one of"),

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import json
+
 import pytest
 
 from vllm_recontrol.evaluation.evaluate import MethodResult, markdown_table, parse_grid
@@ -43,7 +45,8 @@ def test_grid_syntax():
         (3.0, 20, "default", 0.5), (1.0, 30, "mc", 2.0), (1.0, 30, "mc", 1.0)]
     assert parse_grid([[3, 20, None, 0.5]]) == [(3.0, 20, "default", 0.5)]
     for bad in ["0.5", "x:3", "0.5:0", "-1:3", "", "1:2:mc:x", "1:2:norm=0", "1:2:norm=x",
-                "1:2:norm=1:norm=2", "1:2:norm=inf", [[1, 2, None, -1]], [[1, 2, "mc", 1, 5]]]:
+                "1:2:norm=1:norm=2", "1:2:norm=inf", [[1, 2, None, -1]], [[1, 2, "mc", 1, 5]],
+                "nan:10", "inf:5", "1e39:3", "1:2:norm=1e39", [[1, 2.5]], [[10 ** 400, 2]]]:
         with pytest.raises(RecontrolError, match=r"alpha:steps\[:head\]\[:norm=R\]"):
             parse_grid(bad, heads=("default", "mc"))
     with pytest.raises(RecontrolError, match="names the value head 'td'; this evaluation has "
@@ -148,6 +151,7 @@ def test_coherence_that_cannot_load_says_why(tmp_path):
 @pytest.mark.parametrize("options,message", [
     ({"replicas": 2}, "replicas > 1 needs ray"),
     ({"replicas": 0, "ray": True}, "replicas must be a positive integer"),
+    ({"best_of": [4, 1]}, r"best_of values must be integers >= 2, got \[4, 1\]"),
 ])
 def test_eval_refuses_bad_replicas_before_starting_an_engine(options, message):
     from vllm_recontrol.evaluation.evaluate import EvalOptions, Evaluator
@@ -294,3 +298,14 @@ def test_table_lists_the_intervals_under_it():
     assert "- re-control 1/30 norm 8: [1.0000, 1.0000]; [" in table
     assert f"- base: [{base.reward_ci95[0]:.4f}, {base.reward_ci95[1]:.4f}]; [0.500, 0.500]" \
         in table
+
+
+def test_eval_json_is_strict_json():
+    """A judge without one valid verdict has win rate NaN: eval.json writes it null."""
+    from vllm_recontrol.evaluation.evaluate import finite_or_null
+
+    report = {"win_rate": float("nan"), "rows": [(1.0, float("inf")), {"x": -float("inf")}],
+              "n": 3, "name": "base"}
+    assert finite_or_null(report) == {"win_rate": None, "rows": [[1.0, None], {"x": None}],
+                                      "n": 3, "name": "base"}
+    json.loads(json.dumps(finite_or_null(report), allow_nan=False))

@@ -5,7 +5,8 @@ from __future__ import annotations
 import sys
 
 SUBCOMMANDS = {
-    "demo": ("vllm_recontrol.demo", "controlled vs. uncontrolled generation on a tiny local model"),
+    "demo": ("vllm_recontrol.demo", "RE-Control end to end in a toy world (collect, label, "
+                                    "train, eval), nothing downloaded"),
     "collect": ("vllm_recontrol.training.collector", "sample responses with vLLM and store their states"),
     "label": ("vllm_recontrol.training.labeler", "score collected responses (reward model or function)"),
     "train": ("vllm_recontrol.training.trainer", "train a value head on labelled states"),
@@ -35,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
         print(versions())
         return 0
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in SUBCOMMANDS:
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"vllm-recontrol: unknown command {argv[0]!r}\n", file=sys.stderr)
         print("usage: vllm-recontrol {" + ",".join(SUBCOMMANDS) + "} [options] | --version\n")
         for name, (_, summary) in SUBCOMMANDS.items():
             print(f"  {name:<10} {summary}")

@@ -39,8 +39,14 @@ def run_demo(workdir: Path, train_prompts: int = 600, eval_prompts: int = 64,
     import torch
 
     from . import toy_world
+    from .errors import RecontrolError
     from .evaluation import evaluate
+    from .evaluation.evaluate import parse_grid
     from .training import collect, label, train
+
+    parse_grid(grid)  # eval's checks, before the minutes of world, collect, label and train
+    if isinstance(best_of, bool) or not isinstance(best_of, int) or best_of < 2:
+        raise RecontrolError(f"best_of must be an integer >= 2, got {best_of!r}")
 
     on_gpu = torch.cuda.is_available()
     engine_args = dict(ENGINE_ARGS) if not on_gpu else {"dtype": "float32"}
@@ -84,5 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--best-of", type=int, default=4)
     args = parser.parse_args(argv)
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # keep the report readable
-    run_demo(args.workdir, args.train_prompts, args.eval_prompts, args.grid, args.best_of)
-    return 0
+    from .training.common import run_main
+
+    return run_main(lambda **kw: run_demo(**kw), dict(
+        workdir=args.workdir, train_prompts=args.train_prompts, eval_prompts=args.eval_prompts,
+        grid=args.grid, best_of=args.best_of))

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
 
-from ..config import DEFAULT_HEAD
+from ..config import DEFAULT_HEAD, FLOAT32_MAX
 from ..training.common import (RecontrolError, build_options, json_argument, parse_command_line,
                                run_main)
 from ..training.engines import run_engines_in_process
@@ -87,6 +87,10 @@ class EvalOptions:
     judge_both_orders: bool = False       # ask each pair in both orders (position bias)
     judge_concurrency: int = 8
     judge_max_tokens: int = 512
+    judge_timeout: float = 120.0          # seconds per request
+    judge_retries: int = 3                # the client's retries of a failed request
+    judge_max_failures: int = 16          # failed requests in a row after which the rest
+                                          # are skipped (invalid), not waited for
 
 
 JUDGE_AGAINST = ("base", "reference")
@@ -161,13 +165,19 @@ def parse_grid(grid: Any, heads: Sequence[str] = (DEFAULT_HEAD,)) -> list[GridPo
                     raise ValueError
                 head = parts[2] if len(parts) > 2 and parts[2] is not None else DEFAULT_HEAD
                 max_norm = float(parts[3]) if len(parts) > 3 else None
-            alpha, steps = float(parts[0]), int(parts[1])
-            if alpha < 0 or steps < 1 or (max_norm is not None and not
-                                          (max_norm > 0 and math.isfinite(max_norm))):
+            alpha, steps = float(parts[0]), parts[1]
+            if isinstance(steps, float) and steps.is_integer():
+                steps = int(steps)  # [1, 20.0] from a JSON grid; [1, 2.5] stays refused
+            steps = int(steps) if isinstance(steps, str) else steps
+            # what a request may carry (config._as_float): finite, float32 for the ascent
+            if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1 or \
+                    not 0 <= alpha <= FLOAT32_MAX or (max_norm is not None and
+                                                      not 0 < max_norm <= FLOAT32_MAX):
                 raise ValueError
-        except (ValueError, IndexError, TypeError):
+        except (ValueError, IndexError, TypeError, OverflowError):
             raise RecontrolError(f"grid entry {item!r} must be alpha:steps[:head][:norm=R] "
-                                 "with alpha >= 0, steps >= 1 and R > 0") from None
+                                 "with finite alpha >= 0, whole steps >= 1 and finite R > 0") \
+                from None
         if head not in heads:
             raise RecontrolError(f"grid entry {item!r} names the value head {head!r}; this "
                                  f"evaluation has {list(heads)} (add heads with value_heads)")
@@ -189,6 +199,7 @@ class Evaluator:
                                  f'"heads/mc"}}), got {further!r}')
         check_replicas(opts.replicas, opts.ray, "one vLLM engine per Ray actor")
         self.grid = parse_grid(opts.grid, (DEFAULT_HEAD, *further))
+        self.best_of()  # checked before any engine starts, not after base and the grid ran
         settings = EngineSettings(
             model=opts.model, value_head=opts.value_head, value_heads=dict(further),
             max_steps=max(p.steps for p in self.grid), engine_args=dict(opts.engine_args),
@@ -325,6 +336,17 @@ def judge_cell(judge: dict | None) -> str:
     return f"{judge['win_rate']:.3f}" + (f" ({', '.join(notes)})" if notes else "")
 
 
+def finite_or_null(value: Any) -> Any:
+    """``value`` with every non-finite float (in dicts, lists, tuples) replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_null(v) for v in value]
+    return value
+
+
 def llm_judge(opts: EvalOptions) -> JudgeClient | None:
     """The judge, checked (reachable, serving the model) before any engine starts, so a
     misconfigured judge costs seconds, not a finished generation run."""
@@ -336,13 +358,16 @@ def llm_judge(opts: EvalOptions) -> JudgeClient | None:
     if not opts.judge_url:
         if opts.judge_model:
             raise RecontrolError("judge_model needs judge_url (the judge's endpoint)")
+        if opts.judge_against != "base":
+            raise RecontrolError("judge_against reference needs judge_url (an LLM judge)")
         return None
     if not opts.judge_model:
         raise RecontrolError("judge_url needs judge_model (the model the endpoint serves)")
     client = JudgeClient(JudgeSettings(
         url=opts.judge_url, model=opts.judge_model, api_key_env=opts.judge_api_key_env,
         concurrency=opts.judge_concurrency, both_orders=opts.judge_both_orders,
-        max_tokens=opts.judge_max_tokens, seed=opts.seed))
+        max_tokens=opts.judge_max_tokens, timeout_s=opts.judge_timeout,
+        max_retries=opts.judge_retries, max_failures=opts.judge_max_failures, seed=opts.seed))
     client.check()
     return client
 
@@ -445,7 +470,9 @@ def evaluate(**options: Any) -> dict[str, Any]:
                      "examples": r.responses[:5]}
                     for r in results],
     }
-    (out / "eval.json").write_text(json.dumps(report, indent=2, default=str))
+    # strict JSON: NaN (a judge with no valid verdict, a metric of no data) is written null
+    (out / "eval.json").write_text(json.dumps(finite_or_null(report), indent=2, default=str,
+                                              allow_nan=False))
     (out / "eval.md").write_text(table + "\n")
     report["plots"] = [str(p) for p in save_plots(results, out)]
     report["table"] = table
@@ -507,13 +534,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "scoring a share of every method's responses (default 1: here)")
     parser.add_argument("--reward-num-cpus", type=float, help="CPUs per reward actor (1)")
     parser.add_argument("--reward-num-gpus", type=float,
-                        help="GPUs per reward actor (0; 1 with --device cuda)")
+                        help="GPUs per reward actor (default 0: set 1 for a reward model on "
+                        "--device cuda, or its actors see no GPU)")
     parser.add_argument("--judge-url", help="OpenAI-compatible endpoint of an LLM judge (e.g. "
                         "https://api.openai.com/v1, or a vllm serve's http://host:8000/v1)")
     parser.add_argument("--judge-model", help="the judge model's name at that endpoint")
     parser.add_argument("--judge-api-key-env",
                         help="environment variable holding the judge's API key "
-                        "(default OPENAI_API_KEY; unset: none sent)")
+                        "(default OPENAI_API_KEY; unset: the placeholder key EMPTY is sent)")
     parser.add_argument("--judge-against", choices=JUDGE_AGAINST,
                         help="compare each method with base's answers (default) or with the "
                         "data set's own (reference)")
@@ -523,5 +551,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="ask every pair in both orders (cancels position bias; 2x calls)")
     parser.add_argument("--judge-concurrency", type=int, help="judge requests in flight (8)")
     parser.add_argument("--judge-max-tokens", type=int, help="judge answer length (512)")
+    parser.add_argument("--judge-timeout", type=float, help="seconds per judge request (120)")
+    parser.add_argument("--judge-retries", type=int,
+                        help="retries of a failed judge request (3)")
+    parser.add_argument("--judge-max-failures", type=int,
+                        help="judge requests failed in a row after which the rest are skipped "
+                        "and counted invalid (16)")
     options = parse_command_line(parser, argv, required=("model", "value_head", "prompts"))
     return run_main(evaluate, options)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import threading
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -62,6 +63,8 @@ class JudgeSettings:
     both_orders: bool = False
     max_tokens: int = 512
     timeout_s: float = 120.0
+    max_retries: int = 3
+    max_failures: int = 16  # failed requests in a row, then the rest are skipped
     seed: int = 0
 
 
@@ -123,12 +126,19 @@ class JudgeClient:
     def __init__(self, settings: JudgeSettings) -> None:
         import openai
 
-        if settings.concurrency < 1:
-            raise RecontrolError(f"judge_concurrency must be >= 1, got {settings.concurrency}")
+        for name, low in (("concurrency", 1), ("max_retries", 0), ("max_failures", 1)):
+            if getattr(settings, name) < low:
+                raise RecontrolError(f"judge {name} must be >= {low}, got "
+                                     f"{getattr(settings, name)}")
+        if not 0 < settings.timeout_s < math.inf:
+            raise RecontrolError(f"judge timeout must be a number of seconds > 0, got "
+                                 f"{settings.timeout_s}")
         self.settings, self.errors = settings, openai
         self.client = openai.OpenAI(base_url=settings.url,
                                     api_key=os.environ.get(settings.api_key_env) or "EMPTY",
-                                    timeout=settings.timeout_s, max_retries=3)
+                                    timeout=settings.timeout_s, max_retries=settings.max_retries)
+        self._lock = threading.Lock()
+        self.failures_in_a_row = 0
 
     def check(self) -> None:
         """Fail before any generation when the judge cannot answer: unreachable, the key
@@ -145,7 +155,18 @@ class JudgeClient:
                                  f"${s.api_key_env}; set it, or name another variable with "
                                  "--judge-api-key-env)") from None
         except errors.NotFoundError:
-            logger.warning("the judge at %s does not list its models; asking %r anyway",
+            # Some endpoints list no models; a URL without its /v1 answers 404 to everything.
+            # One short question tells them apart.
+            try:
+                self.client.with_options(max_retries=0).chat.completions.create(
+                    model=s.model, max_tokens=1,
+                    messages=[{"role": "user", "content": "Reply with the digit 1."}])
+            except errors.APIError as exc:
+                raise RecontrolError(
+                    f"the judge at {s.url} answers neither the model list nor a chat "
+                    f"completion for {s.model!r} ({type(exc).__name__}: {exc}); "
+                    f"OpenAI-compatible URLs usually end in /v1") from None
+            logger.warning("the judge at %s does not list its models, but answered %r",
                            s.url, s.model)
             return
         except errors.APIError as exc:
@@ -159,6 +180,10 @@ class JudgeClient:
         """The judge's whole answer; a failed request (after the client's retries) or an
         answer without a message comes back as ``error: ...``, which no score parser reads
         as a verdict: a judge that fails must not cost the generation already done."""
+        limit = self.settings.max_failures
+        with self._lock:
+            if self.failures_in_a_row >= limit:  # a dead or hanging judge: do not wait
+                return f"error: skipped after {limit} failed judge requests in a row"
         user = JUDGE_TEMPLATE.format(prompt=prompt, first=first, second=second)
         try:
             reply = self.client.chat.completions.create(
@@ -166,9 +191,18 @@ class JudgeClient:
                 max_tokens=self.settings.max_tokens,
                 messages=[{"role": "system", "content": JUDGE_SYSTEM},
                           {"role": "user", "content": user}])
-            return reply.choices[0].message.content or ""
+            answer = reply.choices[0].message.content or ""
         except Exception as exc:  # APIError and its kin, or a reply without choices
+            with self._lock:
+                self.failures_in_a_row += 1
+                if self.failures_in_a_row == limit:
+                    logger.warning("the judge at %s failed %d requests in a row (last: %s); "
+                                   "the remaining questions are skipped and count as invalid",
+                                   self.settings.url, limit, exc)
             return f"error: {type(exc).__name__}: {exc}"
+        with self._lock:
+            self.failures_in_a_row = 0
+        return answer
 
 
 def judge_methods(client: JudgeClient, prompts: Sequence[str], methods: dict[str, Sequence[str]],
