@@ -224,3 +224,11 @@ def test_engine_alpha_past_float32_and_a_non_object_additional_config_are_refuse
         settings(alpha=10 ** 400)
     with pytest.raises(ConfigError, match="additional_config must be a JSON object, got list"):
         EngineSettings.from_additional_config([("recontrol", {})])
+
+
+def test_max_steps_below_the_default_steps_says_steps_was_the_default():
+    with pytest.raises(ConfigError, match=r'\["steps"\] = 30 \(the default; set steps too\) '
+                                          r"exceeds max_steps = 10"):
+        settings(max_steps=10)
+    with pytest.raises(ConfigError, match=r'\["steps"\] = 12 exceeds max_steps = 10'):
+        settings(max_steps=10, steps=12)

@@ -263,6 +263,8 @@ def _saved(tmp_path):
         '{"hidden_size": 12, "widths": [6], "base_model": 123}'), "base_model must be a model name"),
     (lambda p: (p / "config.json").write_text(
         '{"hidden_size": 12, "widths": [6], "metadata": "abc"}'), "metadata must be a JSON object"),
+    (lambda p: (p / "config.json").write_text(
+        '{"hidden_size": 12, "widths": [6], "format": "lora"}'), "format 'lora' is not a value"),
 ])
 def test_load_rejects_bad_artifacts(tmp_path, mutate, message):
     path = _saved(tmp_path)

@@ -139,7 +139,9 @@ class EngineSettings:
         steps = _as_int(section.get("steps", DEFAULT_STEPS), f'{where}["steps"]', ConfigError,
                         low=0)
         if steps > max_steps:
-            raise ConfigError(f'{where}["steps"] = {steps} exceeds max_steps = {max_steps}')
+            default = "" if "steps" in section else " (the default; set steps too)"
+            raise ConfigError(f'{where}["steps"] = {steps}{default} exceeds max_steps = '
+                              f'{max_steps}')
         max_norm = _as_radius(section.get("max_norm"), f'{where}["max_norm"]')
         backend = section.get("backend", "auto")
         if backend not in BACKENDS:

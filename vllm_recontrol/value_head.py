@@ -458,6 +458,9 @@ def read_config(path: Path) -> dict[str, Any]:
     if activation not in SUPPORTED_ACTIVATIONS:
         raise ValueHeadError(f"value head config {config_path}: activation {activation!r} is "
                              f"not supported (supported: {', '.join(SUPPORTED_ACTIVATIONS)})")
+    if config.get("format", FORMAT_NAME) != FORMAT_NAME:
+        raise ValueHeadError(f"value head config {config_path}: format {config['format']!r} is "
+                             f"not a value head's ({FORMAT_NAME!r})")
     version = config.get("format_version", FORMAT_VERSION)
     if version != FORMAT_VERSION:
         raise ValueHeadError(f"value head config {config_path}: format_version {version!r} is "
