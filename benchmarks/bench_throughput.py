@@ -148,7 +148,7 @@ def measure(args) -> list[dict[str, Any]]:
                     tokens[name] = sum(len(o.outputs[0].token_ids) for o in outputs)
             for name, engine, _, steps in cases:
                 form = None if not steps else (
-                    "direct" if engine == "direct" else ascent_form_of(args, steps))
+                    "direct" if engine == "direct" else ascent_form_of(args))
                 rows.append(dict(variant=name, batch=batch, steps=steps, form=form,
                                  seconds=best[name], tokens=tokens[name],
                                  tokens_per_s=tokens[name] / best[name]))
@@ -192,15 +192,15 @@ def vllm_bench_rows(args) -> list[dict[str, Any]]:
         if proc.returncode or not match:
             raise RuntimeError(f"{name} failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
         rows.append(dict(variant=name, batch=max(args.batch_sizes), steps=steps,
-                         form=ascent_form_of(args, steps) if steps else None,
+                         form=ascent_form_of(args) if steps else None,
                          tokens_per_s=float(match.group(1))))
         print(f"  {name:>22}: {rows[-1]['tokens_per_s']:10.1f} output tok/s", flush=True)
     return rows
 
 
-def ascent_form_of(args, steps: int) -> str:
-    """The form the engines' ascent takes at ``steps``: ``backend`` and ``ascent_form``
-    resolved as the engine's controller resolves them, on this machine's device."""
+def ascent_form_of(args) -> str:
+    """The form the engines' ascent takes: ``backend`` and ``ascent_form`` resolved as the
+    engine's controller resolves them, on this machine's device (whatever the steps)."""
     import torch
 
     from vllm_recontrol.backends import choose_backend, choose_form
@@ -209,7 +209,7 @@ def ascent_form_of(args, steps: int) -> str:
     widths = list(config["widths"])
     device = "cuda" if torch.cuda.is_available() else "cpu"
     backend = choose_backend(args.backend, device, len(widths))
-    return choose_form(args.ascent_form, backend, widths, config["hidden_size"], steps)
+    return choose_form(args.ascent_form, backend, widths, config["hidden_size"])
 
 
 def add_ratios(rows: list[dict[str, Any]], model_flops: float, value_head: str,

@@ -62,7 +62,8 @@ def reference_ascent(weights, biases, states, alpha, steps, num_iterations, max_
         if max_norm is not None:  # a scalar, or one radius per row (inf: unprojected)
             radius = torch.as_tensor(max_norm, dtype=torch.float64, device=s.device)
             norm = u.norm(dim=1, keepdim=True)
-            u = u * (radius.reshape(-1, 1) / norm.clamp_min(1e-30)).clamp_max(1.0)
+            scale = (radius.reshape(-1, 1) / norm.clamp_min(1e-30)).clamp_max(1.0)
+            u = u * torch.where((steps > k)[:, None], scale, 1.0)  # rows that took the step
     return u, clean
 
 
@@ -72,7 +73,8 @@ def gram_reference_ascent(weights, biases, gram, states, alpha, steps, num_itera
     kernel's bf16 mode rounds when ``emulate_bf16``: the state operand, c's operand copy,
     the stored activations and backward products (``gram`` is used as given: the kernel's
     G). ``max_norm`` (a scalar, or one radius per row) projects as the kernel does: each
-    step's factor from c' (c G)^T of the unprojected c', the last from ||c' W1||. Returns
+    step's factor from c' (c G)^T of the unprojected c' while the row has steps left, its
+    last step's from ||c' W1||. Returns
     (u, clean) like ``reference_ascent``; clean rows never came near a kink."""
     rnd = _bf16 if emulate_bf16 else (lambda t: t)
     W = [w.double() for w in weights]
@@ -93,8 +95,10 @@ def gram_reference_ascent(weights, biases, gram, states, alpha, steps, num_itera
     for k in range(num_iterations):
         moving = (steps > k) & (alpha != 0)
         image = rnd(c) @ G
-        if radius is not None:  # c holds c' here: scale it and its image alike
+        if radius is not None:  # c holds c' here: scale it and its image alike, for the
+            # rows with step k to take (a row's last step is projected on u at the end)
             scale = factor((c * image).sum(dim=1, keepdim=True))
+            scale = torch.where((steps > k)[:, None], scale, 1.0)
             c, image = scale * c, scale * image
         zs = [base + image]
         acts = [rnd(torch.relu(zs[0]))]

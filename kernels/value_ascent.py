@@ -172,9 +172,13 @@ def _not_first(offs_m, first):
 
 
 @triton.jit
-def _row_scale(sq_ptr, offs_m, M, n_sq, radius_ptr, first, SQ_CHUNK: tl.constexpr):
+def _row_scale(sq_ptr, offs_m, M, n_sq, radius_ptr, first, steps_ptr, gate_step,
+               SQ_CHUNK: tl.constexpr):
     """min(1, radius / ||u_raw||) per row from the previous step's partial sums of squares
-    (each row's own radius: inf leaves it unprojected, 0 or less keeps u at 0).
+    (each row's own radius: inf leaves it unprojected, 0 or less keeps u at 0); exactly 1
+    for a row with ``gate_step`` steps or fewer, whose projection is done or not due: a
+    finished row is never projected again, so its bits do not depend on how many steps the
+    rest of its batch takes.
 
     The slots are summed in one fixed order (chunk by chunk), so the factor is reproducible,
     and a chunk at a time keeps registers free for the main loop. Before the first step
@@ -192,7 +196,9 @@ def _row_scale(sq_ptr, offs_m, M, n_sq, radius_ptr, first, SQ_CHUNK: tl.constexp
     # Triton 3.6's thread-locality pass on sm_90 (seen compiling offline, precompile.py)
     norm = tl.sqrt_rn(tl.maximum(total, 0.0))
     radius = tl.maximum(tl.load(radius_ptr + offs_m, mask=offs_m < M, other=1.0), 0.0)
-    return tl.minimum(tl.div_rn(radius, tl.maximum(norm, 1e-30)), 1.0)
+    factor = tl.minimum(tl.div_rn(radius, tl.maximum(norm, 1e-30)), 1.0)
+    n_steps = tl.load(steps_ptr + offs_m, mask=offs_m < M, other=0)
+    return tl.where(n_steps > gate_step, factor, 1.0)
 
 
 @triton.jit
@@ -332,7 +338,9 @@ def _epilogue(acc, offs_m, offs_n, pid_n, M, N, out_ptr, bias_ptr, maskin_ptr, w
         rate = _step_rates(alpha_ptr, steps_ptr, offs_m, M, step)
         u_old = tl.load(out_ptr + idx, mask=ok & _not_first(offs_m, first)[:, None], other=0.0)
         if PROJECT:
-            u_old = u_old * _row_scale(sq_in_ptr, offs_m, M, n_sq, radius_ptr, first, SQ_CHUNK)[:, None]
+            # the previous step's projection, for the rows that took that step
+            u_old = u_old * _row_scale(sq_in_ptr, offs_m, M, n_sq, radius_ptr, first,
+                                       steps_ptr, step - 1, SQ_CHUNK)[:, None]
         u_new = _advance(u_old, rate, acc)
         tl.store(out_ptr + idx, u_new, mask=ok)
         if PROJECT:
@@ -386,7 +394,8 @@ def _ascent_gemm_kernel(
     scale = tl.full((BM,), 1.0, tl.float32)
     if PROLOGUE == PRO_STATE:
         if PROJECT:
-            scale = _row_scale(sq_in_ptr, offs_m, M, n_sq, radius_ptr, first, SQ_CHUNK)
+            scale = _row_scale(sq_in_ptr, offs_m, M, n_sq, radius_ptr, first, steps_ptr,
+                               step - 1, SQ_CHUNK)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     k_lo = pid_s * k_split
     k_hi = tl.minimum(k_lo + k_split, K)
@@ -463,15 +472,17 @@ def _splitk_reduce_kernel(
               step, first, EPILOGUE, PROJECT, ACT_BF16, SQ_CHUNK)
 
 
-@triton.jit(do_not_specialize=["M"])
-def _apply_scale_kernel(u_ptr, sq_ptr, n_sq, radius_ptr, M, N,
+@triton.jit(do_not_specialize=["M", "gate_step"])
+def _apply_scale_kernel(u_ptr, sq_ptr, n_sq, radius_ptr, steps_ptr, gate_step, M, N,
                         SQ_CHUNK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
-    """u = min(1, radius / ||u_raw||) * u_raw after the last step (the deferred projection)."""
+    """u = min(1, radius / ||u_raw||) * u_raw after the last step (the deferred projection),
+    for rows with more than ``gate_step`` steps (the direct form: those that took the last
+    step; the Gram form: -1, every row, whose last step is projected here)."""
     offs_m = tl.program_id(1) * BM + tl.arange(0, BM)
     offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
     ok = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     idx = offs_m[:, None] * N + offs_n[None, :]
-    scale = _row_scale(sq_ptr, offs_m, M, n_sq, radius_ptr, 0, SQ_CHUNK)
+    scale = _row_scale(sq_ptr, offs_m, M, n_sq, radius_ptr, 0, steps_ptr, gate_step, SQ_CHUNK)
     tl.store(u_ptr + idx, tl.load(u_ptr + idx, mask=ok, other=0.0) * scale[:, None], mask=ok)
 
 
@@ -489,7 +500,10 @@ def _gram_finish_kernel(image_ptr, base_ptr, coef_ptr, coef_op_ptr, act_ptr, wou
     offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
     ok = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     idx = offs_m[:, None] * N + offs_n[None, :]
-    scale = _row_scale(sq_ptr, offs_m, M, n_sq, radius_ptr, 0, SQ_CHUNK)[:, None]
+    # b projects c' after step - 1, for the rows with a step still to take from there (a
+    # row's last step is projected on u at the end, as when it is the batch's last)
+    scale = _row_scale(sq_ptr, offs_m, M, n_sq, radius_ptr, 0, steps_ptr, step,
+                       SQ_CHUNK)[:, None]
     z = tl.load(base_ptr + idx, mask=ok, other=0.0) + scale * tl.load(image_ptr + idx, mask=ok,
                                                                      other=0.0)
     coef = scale * tl.load(coef_ptr + idx, mask=ok, other=0.0)
@@ -1051,7 +1065,8 @@ def triton_ascend(
         bm, bn = 16, 64
         grid = (triton.cdiv(dim, bn), triton.cdiv(rows, bm))
         _apply_scale_kernel[grid](out, sq[(num_iterations - 1) % 2], n_sq, radius,
-                                  rows, dim, SQ_CHUNK=_SQ_CHUNK, BM=bm, BN=bn)
+                                  ctx["steps"], num_iterations - 1, rows, dim,
+                                  SQ_CHUNK=_SQ_CHUNK, BM=bm, BN=bn)
     return out
 
 
@@ -1210,7 +1225,8 @@ def triton_ascend_gram(
     _launch(final_product, ctx, 0)
     if project:
         _apply_scale_kernel[(triton.cdiv(dim, 64), triton.cdiv(rows, 16))](
-            out, sq["final"], n_sq["final"], radius, rows, dim, SQ_CHUNK=_SQ_CHUNK, BM=16, BN=64)
+            out, sq["final"], n_sq["final"], radius, ctx["steps"], -1, rows, dim,
+            SQ_CHUNK=_SQ_CHUNK, BM=16, BN=64)
     return out
 
 

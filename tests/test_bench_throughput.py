@@ -32,6 +32,6 @@ def test_control_flops_count_the_form_that_runs(tmp_path):
     assert bench.control_flops_per_token(head, 30, "gram") == gram
     assert gram < direct
     args = Namespace(value_head=head, backend="torch", ascent_form="auto")
-    assert bench.ascent_form_of(args, 30) == "gram" and bench.ascent_form_of(args, 1) == "direct"
+    assert bench.ascent_form_of(args) == "gram"  # at any step count (a tie at one step)
     args.ascent_form = "direct"
-    assert bench.ascent_form_of(args, 30) == "direct"
+    assert bench.ascent_form_of(args) == "direct"

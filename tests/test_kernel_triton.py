@@ -289,6 +289,30 @@ def test_finished_rows_stop_and_results_are_deterministic(kernels, seed):
     assert torch.equal(thrice[done], once[done]), f"a finished row kept moving (seed {seed})"
 
 
+@pytest.mark.parametrize("form", ["direct", "gram"])
+@pytest.mark.parametrize("precision", ["ieee", "bf16"])
+def test_projected_rows_keep_their_bits_whatever_the_batchs_step_count(kernels, seed, form,
+                                                                       precision):
+    """Under max_norm a row that finished is never projected again: its edit is the same
+    bits whether its batch runs 3 iterations or 7 (one radius and per-row radii), and the
+    same as the torch path's within fp32 (each row's last step projected the same way)."""
+    from vllm_recontrol.ascent import ascend_float32, ascend_gram_float32
+
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    mlp, states, alpha, steps, *_ = _draw(seed, 7, WIDTHS[:2], weight_dtype=dtype)
+    alpha = alpha * 4  # steps that overshoot the radius
+    run = _run_gram if form == "gram" else _run
+    exact = ascend_gram_float32 if form == "gram" else ascend_float32
+    for radius in (0.2, torch.tensor([0.2, 0.1, float("inf"), 0.3, 0.05, 0.2, 1.0])):
+        three = run(kernels, mlp, states, alpha, steps, 3, max_norm=radius, precision=precision)
+        seven = run(kernels, mlp, states, alpha, steps, 7, max_norm=radius, precision=precision)
+        assert torch.equal(three, seven), f"{form}: a finished row moved (seed {seed})"
+        if precision == "ieee":
+            gram = with_first_gram(mlp) if form == "gram" else mlp
+            torch.testing.assert_close(three, exact(gram, states, alpha, steps, 7, radius),
+                                       rtol=1e-4, atol=1e-6, msg=f"{form} (seed {seed})")
+
+
 def test_zero_iterations_and_empty_batch(kernels, seed):
     mlp, states, alpha, steps, *_ = _draw(seed, 4, WIDTHS[:1])
     assert torch.equal(_run(kernels, mlp, states, alpha, steps, 0), torch.zeros_like(states))

@@ -102,13 +102,13 @@ def test_auto_form_takes_the_gram_form_where_it_moves_fewer_weights():
     assert not gram_form_pays(128, 64, 30) and not gram_form_pays(64, 64, 1)
     assert gram_form_pays(64, 64, 2) and gram_form_pays(127, 64, 2)  # 2 h d + h^2 < 4 h d
     assert not gram_form_pays(0, 64, 30)
-    assert choose_form("auto", "torch", [64, 64], 64, 30) == "gram"
-    assert choose_form("auto", "torch", [200], 64, 30) == "direct"
-    assert choose_form("auto", "torch", [], 64, 30) == "direct"
-    assert choose_form("auto", "triton", [64], 64, 30) == "direct"  # not measured on a GPU yet
-    assert choose_form("gram", "triton", [64], 64, 30) == "gram"
+    assert choose_form("auto", "torch", [64, 64], 64) == "gram"
+    assert choose_form("auto", "torch", [200], 64) == "direct"
+    assert choose_form("auto", "torch", [], 64) == "direct"
+    assert choose_form("auto", "triton", [64], 64) == "direct"  # not measured on a GPU yet
+    assert choose_form("gram", "triton", [64], 64) == "gram"
     with pytest.raises(ValueError, match="not one of"):
-        choose_form("fast", "torch", [64], 64, 30)
+        choose_form("fast", "torch", [64], 64)
     head = ValueHead(6, [40], seed=0)  # wide first layer: auto stays direct, bit for bit
     states = torch.randn(3, 6)
     assert torch.equal(head.ascend(states, 0.5, 5), head.ascend(states, 0.5, 5, form="direct"))
@@ -358,3 +358,31 @@ def test_base_model_mismatch_compares_model_names_not_paths():
     message = head.base_model_mismatch("meta-llama/Llama-2-7b-hf")
     assert "'lmsys/vicuna-7b-v1.5'" in message and "'meta-llama/Llama-2-7b-hf'" in message
     assert ValueHead(4, [4]).base_model_mismatch("anything") is None  # nothing recorded
+
+
+@pytest.mark.parametrize("form", ["direct", "gram"])
+@pytest.mark.parametrize("radius", [None, 0.3, "per-row"])
+def test_a_rows_edit_does_not_depend_on_its_batchs_step_count(form, radius):
+    """The batch runs as many iterations as its longest row; a row that finished earlier
+    keeps its bits (it used to be projected again at every later iteration), and the form
+    is chosen without the step count (the auto form used to switch at one step)."""
+    head = ValueHead(8, [6, 5], seed=4)
+    mlp = with_first_gram(head.float32_weights())
+    run = ascend_gram_float32 if form == "gram" else ascend_float32
+    gen = torch.Generator().manual_seed(5)
+    states = torch.randn(5, 8, generator=gen)
+    alpha = torch.tensor([3.0, 0.0, 2.0, 4.0, 1.5])
+    steps = torch.tensor([1, 3, 0, 4, 2])
+    max_norm = (torch.tensor([0.2, 0.3, float("inf"), 0.1, 0.25]) if radius == "per-row"
+                else radius)
+    batch = run(mlp, states, alpha, steps, 4, max_norm).clone()
+    assert torch.equal(batch, run(mlp, states, alpha, steps, 11, max_norm))
+    for r in range(5):  # each row alone, for its own steps (other BLAS shapes: not bitwise)
+        own_radius = max_norm[r:r + 1] if isinstance(max_norm, torch.Tensor) else max_norm
+        own = run(mlp, states[r:r + 1], alpha[r:r + 1], steps[r:r + 1], int(steps[r]),
+                  own_radius)
+        torch.testing.assert_close(own, batch[r:r + 1], rtol=1e-5, atol=1e-6)
+    if radius is not None:  # the projection is on: these steps overshoot it
+        expected = 0.1 if radius == "per-row" else 0.3
+        assert float(batch[3].norm()) == pytest.approx(expected, rel=1e-5)
+    assert choose_form("auto", "torch", [6, 5], 8) == "gram"  # whatever the steps

@@ -57,6 +57,8 @@ class AscentWorkspace:
     rate: Tensor
     remaining: Tensor
     norm: Tensor
+    idle: Tensor        # max_norm: 1 for a row whose projection this step must leave alone
+    one: Tensor         # [1, 1] holding 1.0 (a tensor: a Python scalar would allocate)
     coef: Tensor        # Gram form: c, with u = c W1               [rows, h1]
     base: Tensor        # Gram form: z1(s), the unedited first pre-activation
     image: Tensor       # Gram form: c G = z1(s + u) - z1(s)
@@ -81,6 +83,8 @@ class AscentWorkspace:
             rate=torch.empty(rows, 1, device=dev, dtype=f32),
             remaining=torch.empty(rows, 1, device=dev, dtype=f32),
             norm=torch.empty(rows, 1, device=dev, dtype=f32),
+            idle=torch.empty(rows, 1, device=dev, dtype=f32),
+            one=torch.ones(1, 1, device=dev, dtype=f32),
             coef=torch.empty(rows, gram_width, device=dev, dtype=f32),
             base=torch.empty(rows, gram_width, device=dev, dtype=f32),
             image=torch.empty(rows, gram_width, device=dev, dtype=f32),
@@ -101,7 +105,7 @@ class AscentWorkspace:
             x=cut(self.x), pre=[cut(t) for t in self.pre], act=[cut(t) for t in self.act],
             mask=[cut(t) for t in self.mask], back=[cut(t) for t in self.back],
             grad=cut(self.grad), u=cut(self.u), rate=cut(self.rate), remaining=cut(self.remaining),
-            norm=cut(self.norm), coef=cut(self.coef), base=cut(self.base), image=cut(self.image))
+            norm=cut(self.norm), idle=cut(self.idle), one=self.one, coef=cut(self.coef), base=cut(self.base), image=cut(self.image))
 
 
 def value_gradient_into(mlp: MLPWeights, ws: AscentWorkspace) -> Tensor:
@@ -156,10 +160,12 @@ def ascend_float32(
     for _ in range(num_iterations):
         torch.add(states32, ws.u, out=ws.x)
         value_gradient_into(mlp, ws)
-        _step_rates_into(ws, alpha)
+        _step_rates_into(ws, alpha, idle=radius is not None)
         ws.u.addcmul_(ws.grad, ws.rate)
         if radius is not None:  # u *= min(1, radius / ||u||); inf radius: times exactly 1
-            _project_rows(ws.u, ws.norm, radius)
+            # only rows that took this step: a finished row is never projected again, so its
+            # bits do not depend on how many steps the rest of its batch takes
+            _project_rows(ws.u, ws.norm, radius, ws.idle)
     return ws.u
 
 
@@ -199,6 +205,12 @@ def ascend_gram_float32(
             torch.sum(scratch, dim=1, keepdim=True, out=ws.norm)
             ws.norm.clamp_min_(0.0).sqrt_()
             _projection_scale_into(ws.norm, radius)
+            # Only rows with a step still to take: a row's last step is projected on u
+            # below, as it is when that step is the batch's last, so a row's bits do not
+            # depend on how many steps the rest of its batch takes.
+            torch.clamp(ws.remaining, 0.0, 1.0, out=ws.idle)
+            torch.sub(ws.one, ws.idle, out=ws.idle)
+            torch.maximum(ws.norm, ws.idle, out=ws.norm)
             ws.coef.mul_(ws.norm)
             ws.image.mul_(ws.norm)
         torch.add(ws.base, ws.image, out=ws.pre[0])
@@ -237,17 +249,23 @@ def _radius_column(max_norm: float | Tensor | None, device: torch.device) -> Ten
     return torch.full((1, 1), max_norm, dtype=torch.float32, device=device)
 
 
-def _step_rates_into(ws: AscentWorkspace, alpha: Tensor) -> None:
-    """ws.rate = alpha while a row has steps left, else 0: rows with fewer steps stop moving."""
+def _step_rates_into(ws: AscentWorkspace, alpha: Tensor, idle: bool = False) -> None:
+    """ws.rate = alpha while a row has steps left, else 0: rows with fewer steps stop moving
+    (``idle``: also ws.idle = 1 for the rows that take no step now, else 0)."""
     torch.clamp(ws.remaining, 0.0, 1.0, out=ws.rate)
+    if idle:
+        torch.sub(ws.one, ws.rate, out=ws.idle)
     ws.remaining.sub_(ws.rate)
     ws.rate.mul_(alpha.view(-1, 1))
 
 
-def _project_rows(u: Tensor, norm: Tensor, radius: Tensor) -> None:
-    """u <- u * min(1, radius / ||u||) row by row, in place (``norm``: a [rows, 1] buffer)."""
+def _project_rows(u: Tensor, norm: Tensor, radius: Tensor, idle: Tensor | None = None) -> None:
+    """u <- u * min(1, radius / ||u||) row by row, in place (``norm``: a [rows, 1] buffer);
+    rows where ``idle`` is 1 keep u as it is (the factor max(f, 1) = 1 exactly)."""
     torch.linalg.vector_norm(u, dim=1, keepdim=True, out=norm)
     _projection_scale_into(norm, radius)
+    if idle is not None:
+        torch.maximum(norm, idle, out=norm)
     u.mul_(norm)
 
 

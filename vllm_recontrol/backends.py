@@ -77,14 +77,15 @@ def check_form(requested: str, widths: list[int]) -> None:
         raise ValueError("the Gram ascent form needs a value head with a hidden layer")
 
 
-def choose_form(requested: str, backend: str, widths: list[int], hidden_size: int,
-                num_iterations: int) -> str:
+def choose_form(requested: str, backend: str, widths: list[int], hidden_size: int) -> str:
     """Resolve the ascent's form to "direct" or "gram" (``vllm_recontrol.ascent``).
 
     ``auto`` takes the Gram form on the torch backend where it moves fewer weights
-    (``gram_form_pays``: a first layer narrower than 2 d, 2 steps or more), and the direct
-    form on Triton, whose Gram kernel (``triton_ascend_gram``) is checked on CPU only so far:
-    "gram" asks for it. "gram" on a head without a hidden layer is refused.
+    (``gram_form_pays``: a first layer narrower than 2 d, the same answer at every step count
+    from 2 on; at one step both forms do the same work), and the direct form on Triton, whose
+    Gram kernel (``triton_ascend_gram``) is checked on CPU only so far: "gram" asks for it.
+    The choice never depends on the batch's step count, so a row's edit does not depend on
+    its neighbours' steps. "gram" on a head without a hidden layer is refused.
     """
     check_form(requested, widths)
     if requested == "direct" or not widths:
@@ -93,6 +94,6 @@ def choose_form(requested: str, backend: str, widths: list[int], hidden_size: in
         return "gram"
     from .ascent import gram_form_pays
 
-    if backend == "torch" and gram_form_pays(widths[0], hidden_size, num_iterations):
+    if backend == "torch" and gram_form_pays(widths[0], hidden_size, num_iterations=2):
         return "gram"
     return "direct"

@@ -156,8 +156,7 @@ class ValueHead(nn.Module):
         steps_rows = as_row_tensor(steps, rows, torch.int64, device, "steps")
         if num_iterations is None:
             num_iterations = int(steps_rows.max()) if rows else 0
-        resolved_form = choose_form(form, resolved, self.widths, self.hidden_size,
-                                    num_iterations)
+        resolved_form = choose_form(form, resolved, self.widths, self.hidden_size)
         if rows == 0 or num_iterations <= 0:
             return states.clone()
         mlp = self._weights_as(torch.bfloat16 if product_precision == "bf16" else torch.float32,
