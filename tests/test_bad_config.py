@@ -106,6 +106,22 @@ def test_plain_engine_is_untouched(llama_dir):
     assert not args.create_engine_config().model_config.logits_processors
 
 
+def test_the_v1_runner_is_chosen_per_engine_not_for_the_process(llama_dir, head_dir,
+                                                                monkeypatch):
+    """Where vLLM would pick its V2 runner (here forced by the variable, as on a GPU by
+    default) a RE-Control engine still gets V1, and a plain engine created after it in the
+    same process still gets vLLM's own choice: nothing is written to the environment."""
+    import os
+
+    monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER", raising=False)
+    plain = EngineArgs(model=str(llama_dir), **ENGINE_KWARGS).create_engine_config()
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")  # (this CPU build cannot run V2)
+    config = engine_config(llama_dir, {"recontrol": {"value_head": str(head_dir)}})
+    assert not config.use_v2_model_runner
+    assert os.environ["VLLM_USE_V2_MODEL_RUNNER"] == "1"
+    assert plain.use_v2_model_runner  # vLLM reads its choice when asked: still its own
+
+
 def test_speculative_decoding_is_refused(llama_dir, head_dir):
     args = EngineArgs(model=str(llama_dir), model_impl="recontrol",
                       additional_config={"recontrol": {"value_head": str(head_dir)}},

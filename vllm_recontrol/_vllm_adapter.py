@@ -1,9 +1,9 @@
 """The only module that touches vLLM internals (tested against vLLM 0.32; see TESTED_VLLM).
 
-Four hooks, all inert unless an engine is started with ``model_impl="recontrol"``:
+Five hooks, all inert unless an engine is started with ``model_impl="recontrol"``:
 
 1. Front-end: ``EngineArgs.create_engine_config`` is wrapped. For a RE-Control engine it
-   checks the vLLM version, forces the V1 model runner, validates the settings and the value
+   checks the vLLM version, validates the settings and the value
    head before any process is spawned, and appends our row tracker to the engine's logits
    processors (so users pass no extra flag and bad requests are refused at admission). It
    also makes the OpenAI server refuse beam-search requests that carry RE-Control keys,
@@ -13,7 +13,10 @@ Four hooks, all inert unless an engine is started with ``model_impl="recontrol"`
 3. Worker: the ``LogitsProcessor`` layer is replaced out of tree for every architecture. In a
    RE-Control engine it edits the sampled post-norm states before ``lm_head``; anywhere else
    the instance turns back into vLLM's own class at construction, so it costs nothing.
-4. Worker: vLLM's persistent batch assumes that any custom logits processor reads the
+4. Every process: ``VllmConfig.use_v2_model_runner`` answers False for a RE-Control config
+   (the V1 runner's logits-processor API is what tracks each request), vLLM's own answer
+   for any other.
+5. Worker: vLLM's persistent batch assumes that any custom logits processor reads the
    requests' output token ids, which under async scheduling makes every step wait for the
    previous step's sampled ids to reach the host. The row tracker never reads them, so a
    batch whose only custom processor is the tracker is told it needs none (as in stock vLLM).
@@ -38,7 +41,6 @@ from .value_head import ValueHead
 
 TESTED_VLLM = "0.32"  # release series whose internals this module was checked against
 ALLOW_UNTESTED_ENV = "VLLM_RECONTROL_ALLOW_UNTESTED_VLLM"
-V1_RUNNER_ENV = "VLLM_USE_V2_MODEL_RUNNER"
 TRACKER_PREFIX = "RecontrolRowTracker_max"
 
 _install_errors: list[str] = []
@@ -72,7 +74,8 @@ def check_vllm_version() -> None:
 # ----------------------------------------------------------------------------- install
 def install() -> None:
     """Install the hooks; safe to call any number of times in any vLLM process."""
-    for step in (_wrap_engine_config, _register_logits_layer, _wrap_input_batch):
+    for step in (_wrap_engine_config, _wrap_runner_choice, _register_logits_layer,
+                 _wrap_input_batch):
         try:
             step()
         except Exception as exc:  # never break vLLM for engines that don't use RE-Control
@@ -108,12 +111,36 @@ def _check_before_config(engine_args: Any) -> EngineSettings:
     if _install_errors:
         raise RuntimeError("vllm-recontrol is not usable with this vLLM: " + "; ".join(_install_errors))
     settings = EngineSettings.from_additional_config(engine_args.additional_config)
-    if os.environ.get(V1_RUNNER_ENV) != "0":
-        logger.info("vllm-recontrol: using the V1 model runner (setting %s=0), whose "
-                       "per-request logits-processor API tracks each request's control.",
-                       V1_RUNNER_ENV)
-        os.environ[V1_RUNNER_ENV] = "0"
+    logger.info("vllm-recontrol: this engine uses vLLM's V1 model runner, whose per-request "
+                "logits-processor API tracks each request's control (other engines keep "
+                "vLLM's own choice)")
     return settings
+
+
+def _wrap_runner_choice() -> None:
+    """RE-Control engines run the V1 model runner. vLLM 0.32 decides per config, in every
+    process, from ``VLLM_USE_V2_MODEL_RUNNER`` (``VllmConfig.use_v2_model_runner``); answering
+    it here for RE-Control configs only (this runs in every process, the plugin being
+    loaded before any config is read) leaves other engines in the same process, and their
+    children, with vLLM's own choice, which setting the variable did not. The features that
+    force V2 (watermarking, HiSparse) still answer True, and ``_prepare_engine`` refuses them."""
+    from vllm.config import VllmConfig
+
+    prop = VllmConfig.__dict__["use_v2_model_runner"]
+    if getattr(prop.fget, "_recontrol_wrapped", False):
+        return
+    original = prop.fget
+
+    @functools.wraps(original)
+    def use_v2_model_runner(self: Any) -> bool:
+        model_config = getattr(self, "model_config", None)
+        if getattr(model_config, "model_impl", None) != MODEL_IMPL:
+            return original(self)
+        hisparse = getattr(getattr(self, "attention_config", None), "hisparse_config", None)
+        return hisparse is not None or getattr(self, "watermark_config", None) is not None
+
+    use_v2_model_runner._recontrol_wrapped = True  # type: ignore[attr-defined]
+    VllmConfig.use_v2_model_runner = property(use_v2_model_runner)
 
 
 def _prepare_engine(vllm_config: Any, settings: EngineSettings) -> None:
