@@ -94,6 +94,20 @@ def test_missing_column_and_empty_data_errors(tmp_path):
         load_prompts(str(tmp_path / "nope.jsonl"))
 
 
+def test_unreadable_prompt_files_are_named(tmp_path):
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes(b'{"prompt": "ok"}\n{"prompt": "caf\xe9"}\n')
+    with pytest.raises(DataError, match=f"prompt file {latin1} is not UTF-8 text"):
+        load_prompts(str(latin1))
+    latin1.write_bytes(b'{"prompt": "caf\xe9"}\n')  # in the first record
+    with pytest.raises(DataError, match="is not UTF-8 text"):
+        load_prompts(str(latin1))
+    broken = tmp_path / "broken.parquet"
+    broken.write_bytes(b"PAR1 not really parquet")
+    with pytest.raises(DataError, match=f"prompt file {broken} cannot be read"):
+        load_prompts(str(broken))
+
+
 # ----------------------------------------------------------------------------- collection
 def test_shards_hold_every_response_once_with_the_right_states(tmp_path):
     data, engines, summary = fake_collect(tmp_path, count=20, shard_size=8)
@@ -164,8 +178,14 @@ def test_rerun_with_other_settings_is_refused(tmp_path):
     fake_collect(tmp_path, count=10, shard_size=4)
     with pytest.raises(DataError, match="different collection.*sampling"):
         fake_collect(tmp_path, count=10, shard_size=4, temperature=0.5)
-    # Engine arguments may change on a resume (e.g. another memory budget).
+    # How to run the engine may change on a resume (e.g. another memory budget) ...
     fake_collect(tmp_path, count=10, shard_size=4, engine_args={"gpu_memory_utilization": 0.5})
+    # ... what decides the states may not: finished and new shards would differ
+    for changed in ({"dtype": "bfloat16"}, {"revision": "other-weights"}):
+        with pytest.raises(DataError, match=r"different collection \(differs in \['engine_args'"):
+            fake_collect(tmp_path, count=10, shard_size=4, engine_args=changed)
+    with pytest.raises(DataError, match="pooling_engine_args"):
+        fake_collect(tmp_path, count=10, shard_size=4, pooling_engine_args={"quantization": "fp8"})
     summary = fake_collect(tmp_path, count=10, shard_size=4, temperature=0.5, overwrite=True)[2]
     assert summary["responses"] == 10 and read_manifest(tmp_path / "data")["sampling"][
         "temperature"] == 0.5
@@ -182,5 +202,39 @@ def test_seeds_do_not_depend_on_sharding(tmp_path):
 def test_collect_option_errors(tmp_path):
     with pytest.raises(DataError, match="replicas > 1 needs ray"):
         fake_collect(tmp_path, count=4, replicas=2)
+    for sampling in ({"temperature": 3.0}, {"temperature": float("nan")}, {"top_k": -2}):
+        with pytest.raises(DataError, match="sampling options refused by vLLM"):
+            fake_collect(tmp_path, count=4, **sampling)
+        assert not (tmp_path / "data").exists()  # refused before the manifest: a rerun works
     with pytest.raises(Exception, match="unknown option"):
         fake_collect(tmp_path, count=4, max_tokens=3)
+
+
+def test_a_prompt_vllm_refuses_is_named_with_its_shard(tmp_path):
+    """vLLM names no prompt when it refuses one (too long for max_model_len, say): the
+    collector names the longest of the batch by its index in the prompt set."""
+    from vllm.exceptions import VLLMValidationError
+
+    from vllm_recontrol.training.engines import refused_request
+
+    class Words:
+        def __call__(self, text):
+            return {"input_ids": text.split()}
+
+    refused = refused_request(Words(), ["a b", {"prompt_token_ids": [1, 2, 3, 4]}, "c"],
+                              VLLMValidationError("too long"))
+    assert refused.request == 1 and "has 4 tokens" in str(refused)
+
+    class Refusing(FakeEngines):
+        def generate(self, requests):
+            if len(requests) == 4 and requests[2].prompt.startswith("good"):
+                raise refused_request(Words(), [r.prompt for r in requests],
+                                      VLLMValidationError("too long"))
+            return super().generate(requests)
+
+    (tmp_path / "prompts.jsonl").write_text("".join(
+        json.dumps({"prompt": p}) + "\n" for p in
+        ["a", "b", "c", "d", "e", "f", "good " + "x " * 30, "h"]))
+    with pytest.raises(DataError, match=r"shard shard-00001: prompt 6 of .*prompts.jsonl: "
+                                        r"vLLM refused a request \(too long\).* Shorten"):
+        fake_collect(tmp_path, count=8, shard_size=4, engines=Refusing())

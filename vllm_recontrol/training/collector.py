@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 
 from .common import (DataError, build_options, json_argument, model_hidden_size,
                      parse_command_line, progress, run_main, sha256_bytes, summary_table)
-from .engines import Engines, GenerationRequest, VllmEngines
+from .engines import Engines, GenerationRequest, PromptRefused, VllmEngines
 from .prompts import PROMPT_FORMATS, load_prompts
 from .ray_pool import add_ray_arguments, check_replicas
 from .shards import (MANIFEST_FILE, STATE_DEFINITION, STATE_DTYPES, STATES_FORMAT,
@@ -80,6 +80,15 @@ class CollectOptions:
         if not isinstance(self.engine_args, dict) or not isinstance(self.pooling_engine_args, dict):
             raise DataError("engine_args and pooling_engine_args must be JSON objects")
         check_replicas(self.replicas, self.ray, "one vLLM engine per Ray actor, whole shards each")
+        try:  # vLLM's own bounds (temperature <= 2, top_k, ...), before any file is written
+            from vllm import SamplingParams
+            from vllm.exceptions import VLLMValidationError
+        except ImportError:
+            return  # the engines will say so; fake engines in tests need no vLLM
+        try:
+            SamplingParams(**self.sampling())
+        except (VLLMValidationError, ValueError, TypeError) as exc:
+            raise DataError(f"sampling options refused by vLLM: {exc}") from exc
 
     def sampling(self) -> dict[str, Any]:
         return {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
@@ -119,7 +128,13 @@ class CollectWorker:
             for sample in range(self.samples):
                 requests.append(GenerationRequest(prompt, derive_seed(self.seed, index, sample)))
                 keys.append((index, sample, prompt))
-        generations = self.engines.generate(requests)
+        try:
+            generations = self.engines.generate(requests)
+        except PromptRefused as exc:
+            index, source = keys[exc.request][0], self.manifest["prompts"]["source"]
+            raise DataError(f"shard {plan.name}: prompt {index} of {source}: {exc}. Shorten or remove that prompt (or raise max_model_len in "
+                            f"engine_args), then rerun (a changed prompt file needs --overwrite)"
+                            ) from exc
         if len(generations) != len(requests):
             raise RuntimeError(f"shard {plan.name}: {len(requests)} requests gave "
                                f"{len(generations)} outputs")
@@ -203,9 +218,24 @@ def _hidden_size(model: str) -> int | None:
         return None
 
 
-# Engine arguments are recorded (those of the first run) but may change on a resume, e.g. a
-# different memory budget; everything else in the manifest must match.
-RESUME_IGNORED = ("engine_args", "pooling_engine_args")
+# Engine arguments are recorded (those of the first run). Those that only say how to run it
+# (memory, batch limits, parallelism) may change on a resume; any other (dtype, revision,
+# quantization, tokenizer, ...) changes the states, so finished and new shards would not be
+# of one model: it must match, as everything else in the manifest must.
+RESUME_ENGINE_KEYS = frozenset({
+    "gpu_memory_utilization", "kv_cache_memory_bytes", "max_num_seqs",
+    "max_num_batched_tokens", "max_model_len", "tensor_parallel_size",
+    "pipeline_parallel_size", "data_parallel_size", "distributed_executor_backend",
+    "enforce_eager", "swap_space", "cpu_offload_gb", "block_size", "enable_prefix_caching",
+    "enable_chunked_prefill", "disable_log_stats", "compilation_config", "async_scheduling"})
+ENGINE_ARGS_KEYS = ("engine_args", "pooling_engine_args")
+
+
+def _states_defining(engine_args: Any) -> Any:
+    """The engine arguments that decide the states (all but RESUME_ENGINE_KEYS)."""
+    if not isinstance(engine_args, dict):
+        return engine_args
+    return {k: v for k, v in engine_args.items() if k not in RESUME_ENGINE_KEYS}
 
 
 def _prepare_out(opts: CollectOptions, manifest: dict[str, Any]) -> Path:
@@ -217,8 +247,13 @@ def _prepare_out(opts: CollectOptions, manifest: dict[str, Any]) -> Path:
             _remove_collection(out)
         else:
             old = read_manifest(out)
-            differ = sorted(k for k in set(old) | set(manifest)
-                            if k not in RESUME_IGNORED and old.get(k) != manifest.get(k))
+
+            def same(key: str) -> bool:
+                if key in ENGINE_ARGS_KEYS:
+                    return _states_defining(old.get(key)) == _states_defining(manifest.get(key))
+                return old.get(key) == manifest.get(key)
+
+            differ = sorted(k for k in set(old) | set(manifest) if not same(k))
             if differ:
                 raise DataError(f"{out} holds a different collection (differs in {differ}); "
                                 f"use a new --out, or --overwrite to delete it")
@@ -368,7 +403,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "(a separate engine process frees all its memory on shutdown)")
     add_ray_arguments(parser, "one vLLM engine per Ray actor, whole shards each")
     parser.add_argument("--overwrite", action="store_true",
-                        help="delete an existing, different collection in --out")
+                        help="delete the collection in --out (its shards and labels) and "
+                        "start over, also one made with the same options")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
     options = parse_command_line(parser, argv, required=("model", "prompts", "out"))
     return run_main(collect, options)

@@ -20,6 +20,7 @@ from typing import Any, Protocol, Sequence
 import torch
 
 from .._vllm_adapter import shutdown_llm
+from .common import DataError
 from ..logs import get_logger
 from .prompts import render_chat_prompt
 
@@ -68,6 +69,24 @@ class Engines(Protocol):
     def close(self) -> None: ...
 
 
+class PromptRefused(DataError):
+    """vLLM refused a request of a batch; ``request`` is its index there (the longest)."""
+
+    def __init__(self, request: int, message: str) -> None:
+        super().__init__(message)
+        self.request = request
+
+
+def refused_request(tokenizer: Any, inputs: Sequence[Any], exc: Exception) -> PromptRefused:
+    """Name the batch's longest prompt (vLLM's message names none; length is the usual
+    cause: a prompt longer than max_model_len)."""
+    lengths = [len(x["prompt_token_ids"]) if isinstance(x, dict) else
+               len(tokenizer(x)["input_ids"]) for x in inputs]
+    longest = max(range(len(lengths)), key=lengths.__getitem__)
+    return PromptRefused(longest, f"vLLM refused a request ({exc}); the longest prompt of the "
+                                  f"batch has {lengths[longest]} tokens")
+
+
 class VllmEngines:
     """Lazily started ``vllm.LLM`` engines: a generator, then a pooling engine."""
 
@@ -111,7 +130,12 @@ class VllmEngines:
             else:
                 inputs.append(request.prompt)
             params.append(SamplingParams(n=1, seed=request.seed, **self.sampling))
-        outputs = llm.generate(inputs, params, use_tqdm=False)
+        from vllm.exceptions import VLLMValidationError
+
+        try:
+            outputs = llm.generate(inputs, params, use_tqdm=False)
+        except VLLMValidationError as exc:  # e.g. a prompt longer than max_model_len
+            raise refused_request(llm.get_tokenizer(), inputs, exc) from exc
         return [Generation(list(o.prompt_token_ids), list(o.outputs[0].token_ids),
                            o.outputs[0].text, o.outputs[0].finish_reason) for o in outputs]
 

@@ -115,7 +115,15 @@ def _open_source(source: str, split: str, data_dir: str | None):
         if kind is None:
             raise DataError(f"prompt file {path}: unsupported suffix {path.suffix!r} (use "
                             f"{', '.join(LOCAL_SUFFIXES)}, or a datasets name or folder)")
-        columns, read = (_json_lines(path) if kind == "json" else _parquet(path))
+        try:
+            columns, read = (_json_lines(path) if kind == "json" else _parquet(path))
+        except UnicodeDecodeError as exc:
+            raise DataError(f"prompt file {path} is not UTF-8 text: {exc}") from exc
+        except (OSError, ValueError) as exc:  # not DataError (a ValueError): see below
+            if isinstance(exc, DataError):
+                raise
+            raise DataError(f"prompt file {path} cannot be read: {type(exc).__name__}: "
+                            f"{exc}") from exc
         return columns, read, f"prompt file {path}"
     if not path.exists() and (source.startswith((".", "/")) or
                               Path(source).suffix.lower() in LOCAL_SUFFIXES):
@@ -158,7 +166,18 @@ def load_references(
 
 def _string_rows(read, column: str, where: str, limit: int | None):
     """(row, text) of the first ``limit`` rows of a column that must hold strings."""
-    for row, value in enumerate(read(column)):
+    rows = enumerate(read(column))
+    while True:
+        try:
+            row, value = next(rows)
+        except StopIteration:
+            return
+        except DataError:
+            raise
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{where} is not UTF-8 text: {exc}") from exc
+        except (OSError, ValueError) as exc:  # pyarrow's errors derive from these
+            raise DataError(f"{where} cannot be read: {type(exc).__name__}: {exc}") from exc
         if limit is not None and row >= limit:
             return
         if not isinstance(value, str):
@@ -181,19 +200,19 @@ def _choose_column(columns: Sequence[str], wanted: str | None, where: str) -> st
 
 def _json_lines(path: Path):
     """Columns (from the first record) and a reader; plain JSON arrays are accepted too."""
-    with open(path) as handle:
+    with open(path, encoding="utf-8") as handle:
         text_start = handle.read(4096).lstrip()[:1]
     records: list | None = None
     if text_start == "[":  # one JSON array (small files); JSON lines stream
         try:
-            records = list(json.loads(path.read_text()))
+            records = list(json.loads(path.read_text(encoding="utf-8")))
         except json.JSONDecodeError as exc:
             raise DataError(f"prompt file {path} is not valid JSON: {exc}") from exc
     first = None
     if records is not None:
         first = records[0] if records else None
     else:
-        with open(path) as handle:
+        with open(path, encoding="utf-8") as handle:
             for line in handle:
                 if line.strip():
                     first = _parse_record(line, path, 1)
@@ -217,7 +236,7 @@ def _json_lines(path: Path):
 
 
 def _iter_json_lines(path: Path):
-    with open(path) as handle:
+    with open(path, encoding="utf-8") as handle:
         for number, line in enumerate(handle, 1):
             if line.strip():
                 yield _parse_record(line, path, number)
