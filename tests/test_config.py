@@ -50,6 +50,8 @@ def test_unrelated_extra_args_are_ignored():
     ({"recontrol_steps": 11}, "exceeds this server's max_steps = 10"),
     ({"recontrol": 2}, "must be 0 or 1"),
     ({"recontrol_norm": 1.0}, "unknown RE-Control request key"),
+    ({"Recontrol_Alpha": 1.0}, r"unknown RE-Control request key\(s\) \['Recontrol_Alpha'\]"),
+    ({"RECONTROL_STEPS": 3}, "unknown RE-Control request key"),
     ({"recontrol_max_norm": 0}, "recontrol_max_norm must be > 0"),
     ({"recontrol_max_norm": -1.0}, "recontrol_max_norm must be a finite number >= 0"),
     ({"recontrol_max_norm": float("inf")}, "finite"),

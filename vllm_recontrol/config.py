@@ -207,8 +207,10 @@ def check_request_args(extra_args: Mapping[str, Any] | None, max_steps: int,
     ``heads``: the names this engine's requests may pick with ``recontrol_head``."""
     if not extra_args:
         return
-    unknown = sorted(k for k in extra_args
-                     if isinstance(k, str) and k.startswith(REQUEST_SWITCH) and k not in REQUEST_KEYS)
+    # any case: "Recontrol_Alpha" is a typo of ours, not another plugin's key, and ignoring
+    # it would run the request on the engine's defaults
+    unknown = sorted(k for k in extra_args if isinstance(k, str)
+                     and k.lower().startswith(REQUEST_SWITCH) and k not in REQUEST_KEYS)
     if unknown:
         raise RequestParamsError(f"unknown RE-Control request key(s) {unknown}; known keys: "
                                  f"{list(REQUEST_KEYS)}")
