@@ -309,3 +309,26 @@ def test_eval_json_is_strict_json():
     assert finite_or_null(report) == {"win_rate": None, "rows": [[1.0, None], {"x": None}],
                                       "n": 3, "name": "base"}
     json.loads(json.dumps(finite_or_null(report), allow_nan=False))
+
+
+def test_best_of_n_sample_streams_never_overlap_between_prompts():
+    """vLLM seeds a request's n samples seed + j: with seed + i per prompt, prompts i and
+    i + 1 shared n - 1 streams. Seeds are seed + n i, so all are distinct (n = 1: seed + i)."""
+    from types import SimpleNamespace
+
+    from vllm_recontrol.evaluation.engines import EvalEngine, Method
+
+    asked = []
+    engine = object.__new__(EvalEngine)
+    engine.settings = SimpleNamespace(seed=7, bon_temperature=1.0, temperature=0.0,
+                                      system_prompt=None, max_tokens=4)
+    engine.prompts = [f"p{i}" for i in range(6)]
+    engine._input = lambda prompt, system: prompt
+    engine.llm = SimpleNamespace(generate=lambda inputs, params, use_tqdm: asked.extend(params)
+                                 or [])
+    engine.generate(Method(n=4), 0, 6)
+    children = [p.seed + j for p in asked for j in range(p.n)]
+    assert len(set(children)) == 24 and asked[1].seed == 11
+    asked.clear()
+    engine.generate(Method(n=1), 2, 4)
+    assert [p.seed for p in asked] == [9, 10]  # single samples keep seed + i

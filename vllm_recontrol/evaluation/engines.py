@@ -87,7 +87,8 @@ class EvalEngine:
     def generate(self, method: Method, start: int, end: int,
                  progress: bool = False) -> Samples:
         """``method``'s samples for prompts ``start`` to ``end`` (global indices: prompt i
-        is sampled with seed ``seed + i`` wherever it runs)."""
+        is sampled with seed ``seed + n i`` wherever it runs; vLLM seeds a request's n
+        samples ``seed + j``, so prompts' sample streams never overlap)."""
         from vllm import SamplingParams
 
         s = self.settings
@@ -101,7 +102,8 @@ class EvalEngine:
         temperature = s.bon_temperature if method.n > 1 else s.temperature
         system_prompt = s.system_prompt if method.prompting else None
         params = [SamplingParams(n=method.n, temperature=temperature, max_tokens=s.max_tokens,
-                                 seed=s.seed + i, extra_args=extra) for i in range(start, end)]
+                                 seed=s.seed + method.n * i, extra_args=extra)
+                  for i in range(start, end)]
         inputs = [self._input(p, system_prompt) for p in self.prompts[start:end]]
         outputs = self.llm.generate(inputs, params, use_tqdm=progress)
         return [[(c.text, len(c.token_ids)) for c in out.outputs] for out in outputs]
