@@ -122,7 +122,10 @@ def _typed_option(value: Any, annotation: Any, where: str) -> Any:
         typing.Union, types.UnionType) else (annotation,)
     if value is None and type(None) in options:
         return None
-    kind = next(o for o in options if o is not type(None))
+    kinds = [o for o in options if o is not type(None)]
+    if len(kinds) != 1:
+        return value  # a union of types: the command checks it
+    kind = kinds[0]
     origin, args = typing.get_origin(kind) or kind, typing.get_args(kind)
     if kind is Any or origin not in (bool, int, float, str, list, dict):
         return value  # a callable or anything else: the command checks it
