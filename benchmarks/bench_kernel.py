@@ -112,7 +112,7 @@ VARIANT_PRECISION = {"triton-tf32-graph": "tf32"}  # triton variants: else the w
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Variants: " + ", ".join(VARIANTS))
     p.add_argument("--hidden-sizes", type=int, nargs="+", default=[2048, 4096, 8192],
@@ -130,7 +130,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="preset: d = 4096, 1 and 2 hidden layers, 30 steps, B 1..512 (with 16)")
     p.add_argument("--sweep", action="store_true",
                    help="instead of the variants, time triton-graph under plan overrides "
-                        "(default: d 4096, 2 hidden layers, 30 steps, B 1, 16, 128, 256, 512)")
+                        "(default: d 4096, 1 and 2 hidden layers, 30 steps, B 128, 256, 512)")
     p.add_argument("--warm-only", action="store_true",
                    help="compile only: run each Triton/torch.compile launch of this shard once")
     p.add_argument("--shard", type=int, default=0)
@@ -149,8 +149,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="a --sweep run's JSON: add a 'triton-graph tuned' row with the sweep's "
                         "fastest plan for every case it covers (where that beat the default)")
     args = p.parse_args(argv)
-    if args.quick:
-        args.hidden_sizes, args.layers, args.steps = [4096], [1, 2], [30]
+    if args.quick:  # the preset fills what was not given
+        if argv_lacks(argv, "--hidden-sizes"):
+            args.hidden_sizes = [4096]
+        if argv_lacks(argv, "--layers"):
+            args.layers = [1, 2]
+        if argv_lacks(argv, "--steps"):
+            args.steps = [30]
         if argv_lacks(argv, "--batch"):
             args.batch = [1, 8, 16, 32, 128, 256, 512]
         if argv_lacks(argv, "--variants"):
@@ -787,8 +792,8 @@ def time_variant(task: Task, flops, nbytes, floor_ms, ascent, va, heads, states,
             fn()
         if name == "triton-l2-graph":  # the window goes with the kernels captured on `stream`
             l2, stream = l2_window_module(), torch.cuda.Stream(device)
-            _, base, nbytes = contiguous_head(ascent, heads[variant_dtype(name, args)])
-            row["l2_hit_ratio"] = l2.persist(stream, base, nbytes)
+            _, base, window_bytes = contiguous_head(ascent, heads[variant_dtype(name, args)])
+            row["l2_hit_ratio"] = l2.persist(stream, base, window_bytes)
         if name.endswith("graph"):
             fn = cuda_graph(fn, device, stream)
         sync(device)

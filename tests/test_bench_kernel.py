@@ -473,3 +473,15 @@ def test_precompile_can_key_the_cache_as_the_devices_triton_build(tmp_path, monk
             cache.triton_key.cache_clear()
     assert precompile.triton_build_key() == own and not hasattr(cache, "open")
     assert keys[0] == keys[1] and len({own, keys[0], keys[2]}) == 3
+
+
+def test_the_quick_preset_fills_only_what_was_not_given():
+    bench = _load("bench_kernel")
+    args = bench.parse_args(["--quick", "--steps", "200", "--hidden-sizes", "8192"])
+    assert (args.hidden_sizes, args.layers, args.steps) == ([8192], [1, 2], [200])
+    assert args.batch == [1, 8, 16, 32, 128, 256, 512]
+    args = bench.parse_args(["--quick"])
+    assert (args.hidden_sizes, args.layers, args.steps) == ([4096], [1, 2], [30])
+    with pytest.raises(SystemExit):  # an abbreviation would slip past the preset's checks
+        bench.parse_args(["--quick", "--variant", "triton-graph"])
+

@@ -179,6 +179,23 @@ def test_reward_actors_need_ray_and_a_cluster_that_holds_every_actor(tmp_path):
         _check_resources(cluster, rewards, {"CPU": 2.0, "GPU": 7.0})
 
 
+def test_ray_actors_are_counted_as_created_and_no_work_starts_no_cluster():
+    """Fewer shards left than replicas: only that many actors are made, so only they must
+    fit; nothing left: no Ray at all (a finished run started again)."""
+    from types import SimpleNamespace
+
+    from vllm_recontrol.training.ray_pool import _check_resources, ray_actors
+
+    cluster = SimpleNamespace(cluster_resources=lambda: {"CPU": 8.0, "GPU": 2.0})
+    four = SimpleNamespace(replicas=4, ray_num_cpus=1.0, ray_num_gpus=1.0, ray_address=None)
+    _check_resources(cluster, four, {}, actors=2)  # 2 shards left on a 2-GPU cluster
+    with pytest.raises(RecontrolError, match="4 replicas x 1.0 GPU"):
+        _check_resources(cluster, four, {})
+    ray = pytest.importorskip("ray")
+    with ray_actors(four, object, 0) as actors:
+        assert actors == [] and not ray.is_initialized()
+
+
 @pytest.mark.parametrize("value_heads", [["heads/mc"], {"mc": 3}])
 def test_eval_refuses_malformed_value_heads_before_starting_an_engine(value_heads):
     from vllm_recontrol.evaluation.evaluate import EvalOptions, Evaluator

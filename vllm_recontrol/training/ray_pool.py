@@ -86,6 +86,10 @@ def ray_actors(opts: Any, worker_class: type, count: int, *args: Any,
         import ray
     except ImportError as exc:
         raise DataError("--ray needs Ray: pip install 'ray>=2.9'") from exc
+    wanted = min(opts.replicas, count)
+    if wanted <= 0:  # nothing left to do (a finished run started again): no cluster needed
+        yield []
+        return
     ship = local_code(ship_modules)
     started_here = not ray.is_initialized()
     if started_here:
@@ -102,10 +106,10 @@ def ray_actors(opts: Any, worker_class: type, count: int, *args: Any,
                        ", ".join(ship), ship)
     actors: list[Any] = []
     try:
-        _check_resources(ray, opts, reserve or {})
+        _check_resources(ray, opts, reserve or {}, actors=wanted)
         actor_class = ray.remote(num_cpus=opts.ray_num_cpus, num_gpus=opts.ray_num_gpus)(
             worker_class)
-        actors = [actor_class.remote(*args) for _ in range(min(opts.replicas, count))]
+        actors = [actor_class.remote(*args) for _ in range(wanted)]
         yield actors
     finally:
         for actor in actors:
@@ -114,14 +118,17 @@ def ray_actors(opts: Any, worker_class: type, count: int, *args: Any,
             ray.shutdown()
 
 
-def _check_resources(ray: Any, opts: Any, reserve: dict[str, float]) -> None:
-    """Refuse a request that could never be scheduled instead of waiting forever."""
+def _check_resources(ray: Any, opts: Any, reserve: dict[str, float],
+                     actors: int | None = None) -> None:
+    """Refuse a request that could never be scheduled instead of waiting forever; ``actors``:
+    how many will be created (default ``opts.replicas``; fewer when there is less work)."""
     total = ray.cluster_resources()
+    actors = opts.replicas if actors is None else actors
     for key, per_actor in (("CPU", opts.ray_num_cpus), ("GPU", opts.ray_num_gpus)):
-        need, others = per_actor * opts.replicas, reserve.get(key, 0.0)
+        need, others = per_actor * actors, reserve.get(key, 0.0)
         if need + others > total.get(key, 0.0) + 1e-9:
             also = f" (+ {others} {key} for this job's other actors)" if others else ""
-            raise DataError(f"{opts.replicas} replicas x {per_actor} {key} per actor = {need} "
+            raise DataError(f"{actors} replicas x {per_actor} {key} per actor = {need} "
                             f"{key}{also}, but the Ray cluster has {total.get(key, 0.0)}; "
                             f"lower the replicas or the {key}s per actor")
 
