@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from training_fakes import EOS, FakeEngines, fake_collect, fake_states, write_prompts
-from vllm_recontrol.training.collector import derive_seed
+from vllm_recontrol.evaluation.evaluate import evaluate
+from vllm_recontrol.training.collector import collect, derive_seed
 from vllm_recontrol.training.common import DataError
 from vllm_recontrol.training.prompts import (extract_hh_prompt, hh_to_messages, load_prompts,
-                                             render_chat_prompt)
+                                             load_references, render_chat_prompt)
 from vllm_recontrol.training.shards import (load_states, read_manifest, read_rows,
                                             read_shard_index)
 
@@ -67,6 +68,25 @@ def test_datasets_folder_in_hh_format(tmp_path):
     _jsonl(folder / "test.jsonl", [{"chosen": DIALOGUE.replace("dog", "cow"), "rejected": ""}])
     assert load_prompts(str(folder), split="train") == [extract_hh_prompt(DIALOGUE)] * 2
     assert load_prompts(str(folder), split="test")[0].endswith("And a cow?\n\nAssistant:")
+    assert load_prompts(str(folder)) == [extract_hh_prompt(DIALOGUE)] * 2  # default: train
+    assert load_prompts(str(folder), default_split="test")[0].endswith("a cow?\n\nAssistant:")
+
+
+def test_split_or_data_dir_with_a_prompt_file_is_refused(tmp_path):
+    """A file has no splits: --split test on it used to read the whole file (train and all)."""
+    path = _jsonl(tmp_path / "p.jsonl", [{"prompt": "a"}])
+    with pytest.raises(DataError, match=r"p\.jsonl: --split 'test' select\(s\) within a data set"):
+        load_prompts(str(path), split="test")
+    with pytest.raises(DataError, match=r"--split 'train' and --data-dir 'harmless-base'"):
+        load_prompts(str(path), split="train", data_dir="harmless-base")
+    with pytest.raises(DataError, match=r"--data-dir 'x'"):
+        load_references(str(path), data_dir="x")
+    with pytest.raises(DataError, match=r"--split 'test'"):  # before any engine starts
+        collect(model=str(tmp_path / "no-model"), prompts=str(path), out=str(tmp_path / "o"),
+                split="test")
+    with pytest.raises(DataError, match=r"--split 'test'"):
+        evaluate(model="m", value_head="h", prompts=str(path), split="test",
+                 reward_fn=lambda p, r: 0.0)
 
 
 def test_parquet_prompts(tmp_path):

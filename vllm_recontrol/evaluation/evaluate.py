@@ -50,7 +50,8 @@ class EvalOptions:
     control_best_of: bool = False         # also Best-of-N of controlled samples (top grid point)
     system_prompt: str | None = DEFAULT_SYSTEM_PROMPT  # None or "" skips the prompting rows
     chat_template: bool = False
-    split: str = "test"
+    split: str | None = None              # a data set's split (default test); not for a file
+    data_dir: str | None = None
     prompt_column: str | None = None
     prompt_format: str = "auto"
     max_prompts: int | None = None
@@ -437,10 +438,11 @@ def evaluate(**options: Any) -> dict[str, Any]:
     """Run the comparison; writes ``eval.json``, ``eval.md`` and plots under ``out``."""
     opts = build_options(EvalOptions, options, "eval")
     prompts = load_prompts(opts.prompts, opts.split, opts.prompt_column, opts.prompt_format,
-                           max_prompts=opts.max_prompts)
+                           opts.data_dir, opts.max_prompts, default_split="test")
     judge = llm_judge(opts)
     references = (load_references(opts.prompts, opts.split, opts.reference_column,
-                                  opts.prompt_column, max_prompts=opts.max_prompts)
+                                  opts.prompt_column, opts.data_dir, opts.max_prompts,
+                                  default_split="test")
                   if judge and opts.judge_against == "reference" else None)
     arguments = reward_source_arguments(opts)
     source = RewardSource(**arguments)  # also with actors: a bad function fails before Ray
@@ -500,7 +502,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="also Best-of-N of controlled samples, at the best grid point")
     parser.add_argument("--system-prompt", help='prompting baseline ("" to skip)')
     parser.add_argument("--chat-template", action="store_true")
-    parser.add_argument("--split")
+    parser.add_argument("--split", help="data set split (default test; not for a prompt file)")
+    parser.add_argument("--data-dir", help="datasets data_dir (e.g. harmless-base; not for a "
+                        "prompt file)")
     parser.add_argument("--prompt-column")
     parser.add_argument("--prompt-format", choices=["auto", "hh-rlhf", "plain"])
     parser.add_argument("--max-prompts", type=int)

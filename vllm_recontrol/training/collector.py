@@ -40,7 +40,7 @@ class CollectOptions:
     model: str
     prompts: str
     out: str
-    split: str = "train"
+    split: str | None = None              # a data set's split (default train); not for a file
     data_dir: str | None = None
     prompt_column: str | None = None
     prompt_format: str = "auto"
@@ -193,7 +193,9 @@ def build_manifest(opts: CollectOptions, prompts: Sequence[str]) -> dict[str, An
         "hidden_size": _hidden_size(opts.model),
         "state_dtype": opts.state_dtype,
         "state_definition": STATE_DEFINITION,
-        "prompts": {"source": opts.prompts, "split": opts.split, "data_dir": opts.data_dir,
+        # "train" also for a file (which has no splits), as earlier versions wrote it
+        "prompts": {"source": opts.prompts, "split": opts.split or "train",
+                    "data_dir": opts.data_dir,
                     "prompt_column": opts.prompt_column, "prompt_format": opts.prompt_format,
                     "max_prompts": opts.max_prompts, "count": len(prompts),
                     "sha256": sha256_bytes("\x00".join(prompts).encode())},
@@ -375,8 +377,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--prompts", help="JSONL/Parquet file with a prompt column, a data "
                         "folder, or a datasets name such as Anthropic/hh-rlhf")
     parser.add_argument("--out", help="output folder (created; a rerun resumes it)")
-    parser.add_argument("--split", help="data set split (default train)")
-    parser.add_argument("--data-dir", help="datasets data_dir (e.g. harmless-base)")
+    parser.add_argument("--split", help="data set split (default train; not for a prompt file)")
+    parser.add_argument("--data-dir", help="datasets data_dir (e.g. harmless-base; not for a "
+                        "prompt file)")
     parser.add_argument("--prompt-column", help="column with prompts (default prompt, or chosen)")
     parser.add_argument("--prompt-format", choices=PROMPT_FORMATS,
                         help="hh-rlhf: keep the dialogue up to its last 'Assistant:' (auto: for "

@@ -71,13 +71,18 @@ def render_chat_prompt(tokenizer: Any, prompt: str) -> list[int]:
 # ----------------------------------------------------------------------------- loading
 def load_prompts(
     source: str,
-    split: str = "train",
+    split: str | None = None,
     prompt_column: str | None = None,
     prompt_format: str = "auto",
     data_dir: str | None = None,
     max_prompts: int | None = None,
+    default_split: str = "train",
 ) -> list[str]:
     """All prompts of ``source`` in order (texts only; the states are what must stream).
+
+    ``split`` and ``data_dir`` select within a data set (a name or a folder), ``split``
+    defaulting to ``default_split``; a single file has neither, so naming one is an error
+    rather than silently reading the whole file.
 
     ``prompt_column`` defaults to ``prompt``, or ``chosen`` when only that exists.
     ``prompt_format`` ``auto`` applies the HH-RLHF extraction to dialogue columns
@@ -88,7 +93,7 @@ def load_prompts(
                         f"{prompt_format!r}")
     if max_prompts is not None and max_prompts <= 0:
         raise DataError(f"max_prompts must be a positive integer, got {max_prompts}")
-    columns, read, where = _open_source(source, split, data_dir)
+    columns, read, where = _open_source(source, split, data_dir, default_split)
     column = _choose_column(columns, prompt_column, where)
     use_hh = prompt_format == "hh-rlhf" or (prompt_format == "auto" and column in DIALOGUE_COLUMNS)
     prompts: list[str] = []
@@ -107,10 +112,17 @@ def load_prompts(
     return prompts
 
 
-def _open_source(source: str, split: str, data_dir: str | None):
+def _open_source(source: str, split: str | None, data_dir: str | None, default_split: str):
     """Columns, a column reader and a name for messages, for a file, folder or hub name."""
     path = Path(source)
     if path.is_file():
+        if split is not None or data_dir is not None:
+            given = " and ".join(f"{flag} {value!r}" for flag, value in
+                                 (("--split", split), ("--data-dir", data_dir))
+                                 if value is not None)
+            raise DataError(f"prompt file {path}: {given} select(s) within a data set, and a "
+                            "single file has no splits or data folders; drop the option, or "
+                            "give --prompts a datasets name or a folder of split files")
         kind = LOCAL_SUFFIXES.get(path.suffix.lower())
         if kind is None:
             raise DataError(f"prompt file {path}: unsupported suffix {path.suffix!r} (use "
@@ -128,22 +140,24 @@ def _open_source(source: str, split: str, data_dir: str | None):
     if not path.exists() and (source.startswith((".", "/")) or
                               Path(source).suffix.lower() in LOCAL_SUFFIXES):
         raise DataError(f"prompt file {source} does not exist")
+    split = default_split if split is None else split
     columns, read = _hf_dataset(source, split, data_dir)
     return columns, read, f"data set {source!r} (split {split!r})"
 
 
 def load_references(
     source: str,
-    split: str = "train",
+    split: str | None = None,
     reference_column: str | None = None,
     prompt_column: str | None = None,
     data_dir: str | None = None,
     max_prompts: int | None = None,
+    default_split: str = "train",
 ) -> list[str]:
     """The data set's own answer to each prompt of ``load_prompts`` (same rows, same order):
     the column ``reference_column``, or else the final reply of the HH-RLHF dialogue the
     prompt was cut from (``chosen``: the preferred answer)."""
-    columns, read, where = _open_source(source, split, data_dir)
+    columns, read, where = _open_source(source, split, data_dir, default_split)
     if reference_column is None:
         column = _choose_column(columns, prompt_column, where)
         if column not in DIALOGUE_COLUMNS:
