@@ -199,6 +199,18 @@ def test_an_early_stopped_run_stays_stopped_when_resumed(labelled, tmp_path):
     assert again["epochs_run"] == first["epochs_run"] and again["mse"] == first["mse"]
 
 
+def test_resuming_with_fewer_epochs_than_the_checkpoint_is_refused(labelled, tmp_path):
+    """The checkpoint keeps only its latest epoch: a head for fewer epochs cannot be made from
+    it (it used to save the later head with epochs_run above --epochs)."""
+    common = dict(data=str(labelled), target="mc", batch_size=16, widths=[16], device="cpu",
+                  progress=False, checkpoint=str(tmp_path / "ck"))
+    train(out=str(tmp_path / "a"), epochs=3, **common)
+    with pytest.raises(DataError, match=r"at epoch 3, past --epochs 2.*--epochs 3 or more"):
+        train(out=str(tmp_path / "b"), epochs=2, **common)
+    assert not (tmp_path / "b").exists()
+    assert train(out=str(tmp_path / "b"), epochs=3, **common)["metrics"]["epochs_run"] == 3
+
+
 def test_init_head_with_another_hidden_size_is_refused(labelled, tmp_path):
     ValueHead(16, [4], seed=0).save(tmp_path / "wide")
     with pytest.raises(DataError, match="hidden size 16 but the states .* are 8 wide"):

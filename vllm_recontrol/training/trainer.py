@@ -330,6 +330,11 @@ def _train(opts: TrainOptions, group: ProcessGroup) -> dict[str, Any]:
     resumed_from = state.epoch if state else None
     if state is None:
         state = checkpoint.Progress(0, [], math.inf, 0, copy.deepcopy(trainer.head.state_dict()))
+    elif state.epoch > opts.epochs:  # its head may come from an epoch past --epochs
+        raise DataError(f"train: the checkpoint in {opts.checkpoint} is at epoch {state.epoch}, "
+                        f"past --epochs {opts.epochs}, and keeps only its latest epoch; use "
+                        f"--epochs {state.epoch} or more to save its head, or a new "
+                        f"--checkpoint folder to train {opts.epochs} epochs afresh")
     elif group.is_main:
         print(f"train: resuming from the checkpoint of epoch {state.epoch} in {opts.checkpoint}",
               flush=True)
