@@ -113,7 +113,8 @@ class MethodResult:
     diversity: float = math.nan
     coherence: float | None = None
     generated_tokens: int = 0             # every sample, Best-of-N's discarded ones included
-    delivered_tokens: int = 0             # the returned responses only
+    delivered_tokens: int = 0             # the returned responses only (as generated:
+    #                                       a cut-off hallucinated turn still counts)
     seconds: float = 0.0
     responses: list[str] = field(default_factory=list, repr=False)
     rewards: list[float] = field(default_factory=list, repr=False)  # one per prompt
