@@ -14,6 +14,12 @@ at the end. A step then reads G once instead of W1 twice (forward and backward):
 weight traffic and products of a one-hidden-layer head with h1 = d, a quarter fewer with two
 layers, and far less for a first layer narrower than d. Exact in exact arithmetic; in
 floating point the rounding differs (not the bits of the direct form).
+
+Batch invariance (``batch_invariant=True``): BLAS libraries pick a product's kernel, and so
+its rounding, by its shape, so a row's bits can depend on how many rows share the product
+(measured on CPU: float32 edits differ by ~1e-6 alone vs in a batch, enough to flip a bf16
+rounding and a token). Then every product runs in slabs of a fixed row count (the batch
+padded with rows that never move), so a row always meets the same shape of product.
 """
 
 from __future__ import annotations
@@ -62,9 +68,11 @@ class AscentWorkspace:
     coef: Tensor        # Gram form: c, with u = c W1               [rows, h1]
     base: Tensor        # Gram form: z1(s), the unedited first pre-activation
     image: Tensor       # Gram form: c G = z1(s + u) - z1(s)
+    slab: int = 0       # rows per product (batch invariance; rows a multiple of it), 0: all
 
     @classmethod
-    def allocate(cls, mlp: MLPWeights, rows: int, gram: bool | None = None) -> "AscentWorkspace":
+    def allocate(cls, mlp: MLPWeights, rows: int, gram: bool | None = None,
+                 slab: int = 0) -> "AscentWorkspace":
         """``gram``: also the Gram form's three [rows, h1] buffers (default: when ``mlp``
         carries its first_gram); otherwise they are empty, so the direct form pays nothing."""
         dev, f32 = mlp.device, torch.float32
@@ -88,6 +96,7 @@ class AscentWorkspace:
             coef=torch.empty(rows, gram_width, device=dev, dtype=f32),
             base=torch.empty(rows, gram_width, device=dev, dtype=f32),
             image=torch.empty(rows, gram_width, device=dev, dtype=f32),
+            slab=slab,
         )
 
     @property
@@ -98,14 +107,16 @@ class AscentWorkspace:
     def has_gram_buffers(self) -> bool:
         return self.coef.shape[1] > 0
 
-    def narrow(self, rows: int) -> "AscentWorkspace":
-        """Views of the first ``rows`` rows, so one workspace serves every smaller batch."""
+    def narrow(self, rows: int, slab: int = 0) -> "AscentWorkspace":
+        """Views of the first ``rows`` rows, so one workspace serves every smaller batch
+        (``slab``: rows per product, as for ``allocate``)."""
         cut = lambda t: t[:rows]  # noqa: E731 - leading-dim views stay contiguous
         return AscentWorkspace(
             x=cut(self.x), pre=[cut(t) for t in self.pre], act=[cut(t) for t in self.act],
             mask=[cut(t) for t in self.mask], back=[cut(t) for t in self.back],
             grad=cut(self.grad), u=cut(self.u), rate=cut(self.rate), remaining=cut(self.remaining),
-            norm=cut(self.norm), idle=cut(self.idle), one=self.one, coef=cut(self.coef), base=cut(self.base), image=cut(self.image))
+            norm=cut(self.norm), idle=cut(self.idle), one=self.one, coef=cut(self.coef),
+            base=cut(self.base), image=cut(self.image), slab=slab)
 
 
 def value_gradient_into(mlp: MLPWeights, ws: AscentWorkspace) -> Tensor:
@@ -114,9 +125,9 @@ def value_gradient_into(mlp: MLPWeights, ws: AscentWorkspace) -> Tensor:
     if hidden == 0:  # a linear value function: the gradient is its weight row
         ws.grad.copy_(mlp.weights[0].expand_as(ws.grad))
         return ws.grad
-    torch.addmm(mlp.biases[0], ws.x, mlp.weights[0].t(), out=ws.pre[0])
+    _product_into(ws.x, mlp.weights[0].t(), ws.pre[0], ws.slab, mlp.biases[0])
     first_preactivation_gradient_into(mlp, ws)
-    torch.mm(ws.back[0], mlp.weights[0], out=ws.grad)
+    _product_into(ws.back[0], mlp.weights[0], ws.grad, ws.slab)
     return ws.grad
 
 
@@ -125,13 +136,13 @@ def first_preactivation_gradient_into(mlp: MLPWeights, ws: AscentWorkspace) -> T
     hidden = len(mlp.weights) - 1
     for i in range(hidden):
         if i > 0:
-            torch.addmm(mlp.biases[i], ws.act[i - 1], mlp.weights[i].t(), out=ws.pre[i])
+            _product_into(ws.act[i - 1], mlp.weights[i].t(), ws.pre[i], ws.slab, mlp.biases[i])
         torch.clamp_min(ws.pre[i], 0, out=ws.act[i])
         torch.sign(ws.act[i], out=ws.mask[i])  # the ReLU mask as 0/1 floats
     # Output layer folded in: dV/da_last = w_out, times the last ReLU mask.
     torch.mul(ws.mask[-1], mlp.weights[-1], out=ws.back[-1])
     for i in range(hidden - 1, 0, -1):
-        torch.mm(ws.back[i], mlp.weights[i], out=ws.back[i - 1])
+        _product_into(ws.back[i], mlp.weights[i], ws.back[i - 1], ws.slab)
         ws.back[i - 1].mul_(ws.mask[i - 1])
     return ws.back[0]
 
@@ -144,16 +155,20 @@ def ascend_float32(
     num_iterations: int,
     max_norm: float | Tensor | None = None,
     workspace: AscentWorkspace | None = None,
+    batch_invariant: bool = False,
 ) -> Tensor:
     """Return u after ``num_iterations`` steps; row r moves only while ``k < steps[r]``.
 
     ``states32`` is ``[B, d]`` float32, ``alpha`` ``[B]`` float32, ``steps`` ``[B]`` integer,
     all on the weights' device. ``max_norm`` projects u back onto the ball ||u|| <= max_norm
     after every step (projected gradient ascent); a ``[B]`` tensor gives each row its own
-    radius (inf: unprojected, the same bits as no projection). A ``workspace`` of exactly B
-    rows is reused (the returned u lives in it); otherwise one is allocated.
+    radius (inf: unprojected, the same bits as no projection). A ``workspace`` of exactly
+    ``product_rows(B, ...)`` rows is reused (the returned u lives in it); otherwise one is
+    allocated. ``batch_invariant``: products in fixed slabs (module docstring).
     """
-    ws = workspace if workspace is not None else AscentWorkspace.allocate(mlp, states32.shape[0])
+    rows = states32.shape[0]
+    states32, alpha, steps, max_norm, ws = _slabbed(mlp, states32, alpha, steps, max_norm,
+                                                    workspace, batch_invariant, gram=False)
     ws.u.zero_()
     ws.remaining.copy_(steps.view(-1, 1))
     radius = _radius_column(max_norm, ws.u.device)
@@ -166,7 +181,7 @@ def ascend_float32(
             # only rows that took this step: a finished row is never projected again, so its
             # bits do not depend on how many steps the rest of its batch takes
             _project_rows(ws.u, ws.norm, radius, ws.idle)
-    return ws.u
+    return ws.u[:rows]
 
 
 def ascend_gram_float32(
@@ -177,19 +192,22 @@ def ascend_gram_float32(
     num_iterations: int,
     max_norm: float | Tensor | None = None,
     workspace: AscentWorkspace | None = None,
+    batch_invariant: bool = False,
 ) -> Tensor:
     """``ascend_float32``'s ascent in the Gram form (module docstring): same contract, and
     ``mlp.first_gram`` must hold W1 W1^T (``with_first_gram``); the head needs a hidden
     layer. Rows keep c, and their first pre-activation is z1(s) + c G."""
     if mlp.first_gram is None or len(mlp.weights) < 2:
         raise ValueError("the Gram form needs a head with a hidden layer and its first_gram")
-    ws = workspace if workspace is not None else AscentWorkspace.allocate(mlp, states32.shape[0])
+    rows = states32.shape[0]
+    states32, alpha, steps, max_norm, ws = _slabbed(mlp, states32, alpha, steps, max_norm,
+                                                    workspace, batch_invariant, gram=True)
     if ws.coef.shape[1] != mlp.weights[0].shape[0]:
         raise ValueError("this workspace has no Gram-form buffers: allocate it from the head "
                          "with its first_gram (or with gram=True)")
     ws.remaining.copy_(steps.view(-1, 1))
     radius = _radius_column(max_norm, ws.u.device)
-    torch.addmm(mlp.biases[0], states32, mlp.weights[0].t(), out=ws.base)
+    _product_into(states32, mlp.weights[0].t(), ws.base, ws.slab, mlp.biases[0])
     ws.pre[0].copy_(ws.base)
     ws.coef.zero_()
     for k in range(num_iterations):
@@ -198,7 +216,7 @@ def ascend_gram_float32(
         ws.coef.addcmul_(ws.back[0], ws.rate)
         if k == num_iterations - 1:
             break  # nothing reads z1 after the last step; its norm is taken from u below
-        torch.mm(ws.coef, mlp.first_gram, out=ws.image)  # G is symmetric: c G = (G c^T)^T
+        _product_into(ws.coef, mlp.first_gram, ws.image, ws.slab)  # G symmetric: c G = (G c^T)^T
         if radius is not None:  # ||u||^2 = c G c^T; scale c and its image alike
             scratch = ws.act[0]  # free until the next step recomputes it from z1
             torch.mul(ws.coef, ws.image, out=scratch)
@@ -214,10 +232,49 @@ def ascend_gram_float32(
             ws.coef.mul_(ws.norm)
             ws.image.mul_(ws.norm)
         torch.add(ws.base, ws.image, out=ws.pre[0])
-    torch.mm(ws.coef, mlp.weights[0], out=ws.u)
+    _product_into(ws.coef, mlp.weights[0], ws.u, ws.slab)
     if radius is not None:  # the last step's projection, on u itself (no product with G)
         _project_rows(ws.u, ws.norm, radius)
-    return ws.u
+    return ws.u[:rows]
+
+
+def invariant_slab(device: torch.device) -> int:
+    """Rows per product under batch invariance: a few on CPU (padding a lone row costs
+    little there), a tile's worth on CUDA (each slab reads the weights again)."""
+    return 64 if device.type == "cuda" else 16
+
+
+def product_rows(rows: int, device: torch.device, batch_invariant: bool) -> int:
+    """Rows of the workspace that ``rows`` states need (padded to whole slabs)."""
+    if not batch_invariant:
+        return rows
+    slab = invariant_slab(device)
+    return -(-rows // slab) * slab
+
+
+def _slabbed(mlp: MLPWeights, states32: Tensor, alpha: Tensor, steps: Tensor,
+             max_norm: float | Tensor | None, workspace: AscentWorkspace | None,
+             batch_invariant: bool, gram: bool):
+    """The inputs padded to whole slabs (padded rows: steps 0, never move) and a workspace
+    of that many rows that runs its products slab by slab; unchanged without invariance."""
+    rows, device = states32.shape[0], mlp.device
+    padded = product_rows(rows, device, batch_invariant)
+    slab = invariant_slab(device) if batch_invariant else 0
+    if padded != rows:
+        extra = padded - rows
+        states32 = torch.cat([states32, states32.new_zeros(extra, states32.shape[1])])
+        alpha = torch.cat([alpha, alpha.new_zeros(extra)])
+        steps = torch.cat([steps, steps.new_zeros(extra)])
+        if isinstance(max_norm, Tensor):
+            max_norm = torch.cat([max_norm, max_norm.new_full((extra,), float("inf"))])
+    if workspace is None:
+        workspace = AscentWorkspace.allocate(mlp, padded, gram=gram or None, slab=slab)
+    elif workspace.capacity != padded:
+        raise ValueError(f"the workspace has {workspace.capacity} rows, the ascent needs "
+                         f"{padded} (product_rows)")
+    elif workspace.slab != slab:
+        workspace = workspace.narrow(padded, slab)
+    return states32, alpha, steps, max_norm, workspace
 
 
 def with_first_gram(mlp: MLPWeights) -> MLPWeights:
@@ -237,6 +294,18 @@ def gram_form_pays(first_width: int, hidden_size: int, num_iterations: int) -> b
         return False
     return (2 * hidden_size + (num_iterations - 1) * first_width
             < 2 * num_iterations * hidden_size)
+
+
+def _product_into(a: Tensor, b: Tensor, out: Tensor, slab: int, bias: Tensor | None = None):
+    """out = bias + a @ b, as one product or, with ``slab``, one per ``slab`` rows (each the
+    same shape, so each row is computed the same way in any batch)."""
+    parts = [slice(None)] if not slab else [slice(i, i + slab)
+                                            for i in range(0, a.shape[0], slab)]
+    for part in parts:
+        if bias is None:
+            torch.mm(a[part], b, out=out[part])
+        else:
+            torch.addmm(bias, a[part], b, out=out[part])
 
 
 def _radius_column(max_norm: float | Tensor | None, device: torch.device) -> Tensor | None:

@@ -142,7 +142,7 @@ class AscentGraphs:
 
             def ascent() -> None:  # its scratch comes from the graph pool, like the kernel's
                 out.copy_(closed_form(mlp, states_in, alpha_in, steps_in, num_iterations,
-                                      radius))
+                                      radius, batch_invariant=batch_invariant))
         elif form == "gram":
             from .kernels.value_ascent import triton_ascend_gram
 

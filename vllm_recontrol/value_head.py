@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .ascent import (AscentWorkspace, MLPWeights, as_row_tensor, ascend_float32,
-                     ascend_gram_float32, with_first_gram)
+                     ascend_gram_float32, product_rows, with_first_gram)
 from .backends import choose_backend, choose_form, choose_precision
 from .errors import ValueHeadError
 from .head_source import locate_head
@@ -133,9 +133,9 @@ class ValueHead(nn.Module):
         is replayed the same way, and with "auto" it is what runs exact "fp32" products on
         CUDA, where cuBLAS beat the kernel's fp32 path). ``batch_invariant``:
         on the Triton backend, kernel plans that do not depend on the batch size, so a row's
-        edit is the same bits alone or in any batch (slower at large batch); the torch
-        backend's products are torch matmuls, batch-invariant on CUDA when vLLM runs with
-        ``VLLM_BATCH_INVARIANT=1`` (vLLM then replaces them). ``form``: "direct" (products
+        edit is the same bits alone or in any batch (slower at large batch); on the torch
+        backend, products in slabs of a fixed row count (16 on CPU, 64 on CUDA), the batch
+        padded to whole slabs, so each row meets the same shape of product. ``form``: "direct" (products
         with every layer, each step), "gram" (the same ascent on the first layer's
         coefficients, one product fewer per step) or "auto" (the Gram form on the torch
         backend where it moves fewer weights, the direct form on Triton:
@@ -183,8 +183,10 @@ class ValueHead(nn.Module):
                               out=self._kernel_out_for(rows, device))
         else:
             run_form = ascend_gram_float32 if resolved_form == "gram" else ascend_float32
+            work_rows = product_rows(rows, device, batch_invariant)
             u = run_form(mlp, states32, alpha_rows, steps_rows, num_iterations, max_norm,
-                         workspace=self._workspace_for(mlp, rows))
+                         workspace=self._workspace_for(mlp, work_rows),
+                         batch_invariant=batch_invariant)
         edited = (states32 + u).to(states.dtype)
         moved = (steps_rows > 0) & (alpha_rows != 0)
         finite = torch.isfinite(edited).all(dim=1)
