@@ -1118,13 +1118,25 @@ def check_batch_invariance(device, ascent, va, seed, cases=INVARIANCE_CASES) -> 
                                                   precision=head_precision, backend="triton",
                                                   batch_invariant=True),
                                       edited[rows]) for rows in subsets)
-        ok = same and graphs_same and bool(torch.isfinite(full).all())
+        torch_same = None  # the torch backend (fp32 only): slabs of 64 rows, eager and graphs
+        if precision == "ieee":
+            torch_same = all(
+                torch.equal(head.ascend(states[rows], alpha[rows], steps[rows],
+                                        precision="fp32", backend="torch", form=form,
+                                        batch_invariant=True, cuda_graphs=graphs),
+                            head.ascend(states, alpha, steps, precision="fp32",
+                                        backend="torch", form=form, batch_invariant=True,
+                                        cuda_graphs=graphs)[rows])
+                for rows in subsets for form in ("direct", "gram") for graphs in (False, True))
+        ok = same and graphs_same and torch_same is not False and bool(torch.isfinite(full).all())
         out.append({"case": "batch invariance", "d": d, "widths": widths, "precision": precision,
                     "same_bits_direct": same, "same_bits_graphs": graphs_same,
+                    "same_bits_torch": torch_same,
                     "default_plans_max_abs_diff": default_diff, "ok": ok})
         print(f"{'ok  ' if ok else 'FAIL'} batch-invariant d={d} widths={widths} {precision}: "
               f"same bits alone, in batches of 15 and 40 and of 130: direct {same}, graph buckets "
-              f"{graphs_same}; default plans differ by up to {default_diff:.2e}", flush=True)
+              f"{graphs_same}, torch backend {torch_same}; default plans differ by up to "
+              f"{default_diff:.2e}", flush=True)
     return out
 
 

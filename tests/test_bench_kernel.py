@@ -485,3 +485,34 @@ def test_the_quick_preset_fills_only_what_was_not_given():
     with pytest.raises(SystemExit):  # an abbreviation would slip past the preset's checks
         bench.parse_args(["--quick", "--variant", "triton-graph"])
 
+
+
+
+_INVARIANCE_SNIPPET = """
+import importlib.util, json, sys, torch
+spec = importlib.util.spec_from_file_location("bench_kernel", sys.argv[1])
+bench = importlib.util.module_from_spec(spec); sys.modules["bench_kernel"] = bench
+spec.loader.exec_module(bench)
+ascent, va = bench.import_project()
+if sys.argv[2] == "ignore-flag":  # the torch backend's slabs switched off, as before the fix
+    import vllm_recontrol.value_head as vh
+    ascent._slabbed = lambda mlp, s, a, n, r, ws, invariant, gram: (
+        s, a, n, r, ascent.AscentWorkspace.allocate(mlp, s.shape[0], gram=gram or None))
+    vh.product_rows = lambda rows, *_: rows
+[row] = bench.check_batch_invariance(torch.device("cpu"), ascent, va, 5,
+                                     cases=((24, [20, 12], "ieee"),))
+print(json.dumps(row))
+"""
+
+
+@pytest.mark.parametrize("variant", ["as-is", "ignore-flag"])
+def test_batch_invariance_check_covers_the_torch_backend(variant):
+    """The GPU check's batch-invariance case on a toy head (interpreter): it passes and
+    reports the torch backend, and fails when that backend ignores batch_invariant."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    run = subprocess.run([sys.executable, "-c", _INVARIANCE_SNIPPET, str(SCRIPT), variant],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    row = json.loads(run.stdout.strip().splitlines()[-1])
+    assert row["same_bits_direct"] and row["same_bits_graphs"]
+    assert row["same_bits_torch"] is (variant == "as-is") and row["ok"] is (variant == "as-is")
