@@ -60,7 +60,7 @@ def test_corrupt_safetensors_names_the_file(llama_dir, corrupt_head):
     ("alpha", -0.5, "alpha.* must be a finite number >= 0"),
     ("steps", 1.5, "steps.* must be an integer"),
     ("steps", 500, "exceeds max_steps"),
-    ("max_norm", 0, "max_norm.* must be > 0"),
+    ("max_norm", 0, "max_norm.* must be a finite number > 0"),
     ("default_on", "maybe", "default_on.* must be 0 or 1"),
     ("backend", "cuda-magic", "backend.* must be one of"),
     ("alhpa", 0.5, "unknown key"),

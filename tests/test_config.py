@@ -52,8 +52,9 @@ def test_unrelated_extra_args_are_ignored():
     ({"recontrol_norm": 1.0}, "unknown RE-Control request key"),
     ({"Recontrol_Alpha": 1.0}, r"unknown RE-Control request key\(s\) \['Recontrol_Alpha'\]"),
     ({"RECONTROL_STEPS": 3}, "unknown RE-Control request key"),
-    ({"recontrol_max_norm": 0}, "recontrol_max_norm must be > 0"),
-    ({"recontrol_max_norm": -1.0}, "recontrol_max_norm must be a finite number >= 0"),
+    ({"recontrol_max_norm": 0}, "recontrol_max_norm must be a finite number > 0"),
+    ({"recontrol_max_norm": -1.0}, "recontrol_max_norm must be a finite number > 0 "),  # not >= 0
+    ({" recontrol_alpha": 1.0}, r"unknown RE-Control request key\(s\) \[' recontrol_alpha'\]"),
     ({"recontrol_max_norm": float("inf")}, "finite"),
     ({"recontrol_max_norm": "1"}, "recontrol_max_norm must be a number"),
     ({"recontrol_alpha": 10 ** 400}, "recontrol_alpha must be a finite number >= 0, got an "
@@ -134,7 +135,7 @@ def test_a_further_head_may_bring_its_own_max_norm():
     ({"td": {"path": "/t", "steps": 500}}, r"\['td'\]\[\"steps\"\] = 500 exceeds max_steps"),
     ({"td": {"path": "/t", "alpha": "big"}}, r"\['td'\]\[\"alpha\"\] must be a number"),
     ({"td": {"path": "/t", "beta": 1}}, r"unknown key\(s\) \['beta'\]"),
-    ({"td": {"path": "/t", "max_norm": 0}}, r"\['td'\]\[\"max_norm\"\] must be > 0"),
+    ({"td": {"path": "/t", "max_norm": 0}}, r"\['td'\]\[\"max_norm\"\] must be a finite number > 0"),
     ({"td": {"path": "/t", "max_norm": "inf"}}, r"\['td'\]\[\"max_norm\"\] must be a number"),
     ({"td": {"alpha": 1.0}}, "must be the folder of a value head"),
     (["/heads/a"], "must be a JSON object"),

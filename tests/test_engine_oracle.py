@@ -163,7 +163,7 @@ def test_unknown_head_is_refused_at_admission(llama_engine):
     with pytest.raises(VLLMValidationError, match="'nope' is not one of this server's value heads "
                                          r"\['default', 'one-layer'\]"):
         llama_engine.generate([PROMPTS[0]], greedy(3, recontrol_head="nope"), use_tqdm=False)
-    with pytest.raises(VLLMValidationError, match="recontrol_max_norm must be > 0"):
+    with pytest.raises(VLLMValidationError, match="recontrol_max_norm must be a finite number > 0"):
         llama_engine.generate([PROMPTS[0]], greedy(3, recontrol_max_norm=0), use_tqdm=False)
     out = llama_engine.generate([PROMPTS[0]], greedy(3), use_tqdm=False)[0]  # still serving
     assert len(out.outputs[0].token_ids) == 3

@@ -209,8 +209,9 @@ def check_request_args(extra_args: Mapping[str, Any] | None, max_steps: int,
         return
     # any case: "Recontrol_Alpha" is a typo of ours, not another plugin's key, and ignoring
     # it would run the request on the engine's defaults
+    # nor " recontrol_alpha": a stray space is a typo too
     unknown = sorted(k for k in extra_args if isinstance(k, str)
-                     and k.lower().startswith(REQUEST_SWITCH) and k not in REQUEST_KEYS)
+                     and k.strip().lower().startswith(REQUEST_SWITCH) and k not in REQUEST_KEYS)
     if unknown:
         raise RequestParamsError(f"unknown RE-Control request key(s) {unknown}; known keys: "
                                  f"{list(REQUEST_KEYS)}")
@@ -224,9 +225,8 @@ def check_request_args(extra_args: Mapping[str, Any] | None, max_steps: int,
             raise RequestParamsError(f"{REQUEST_STEPS} = {steps} exceeds this server's max_steps "
                                      f"= {max_steps}")
     if REQUEST_MAX_NORM in extra_args:
-        radius = _as_float(extra_args[REQUEST_MAX_NORM], REQUEST_MAX_NORM, RequestParamsError)
-        if radius <= 0:
-            raise RequestParamsError(f"{REQUEST_MAX_NORM} must be > 0, got {radius}")
+        _as_float(extra_args[REQUEST_MAX_NORM], REQUEST_MAX_NORM, RequestParamsError,
+                  positive=True)
     if REQUEST_HEAD in extra_args and extra_args[REQUEST_HEAD] not in heads:
         raise RequestParamsError(f"{REQUEST_HEAD} = {extra_args[REQUEST_HEAD]!r} is not one of "
                                  f"this server's value heads {list(heads)}")
@@ -256,7 +256,8 @@ def resolve_request(extra_args: Mapping[str, Any] | None, engine: EngineSettings
     steps = _as_int(args.get(REQUEST_STEPS, steps), REQUEST_STEPS, RequestParamsError, low=0)
     radius = engine.max_norm_for(head)
     if REQUEST_MAX_NORM in args:
-        own = _as_float(args[REQUEST_MAX_NORM], REQUEST_MAX_NORM, RequestParamsError)
+        own = _as_float(args[REQUEST_MAX_NORM], REQUEST_MAX_NORM, RequestParamsError,
+                        positive=True)
         radius = own if radius is None else min(own, radius)
     return RowControl(alpha=alpha, steps=min(steps, engine.max_steps), head=head,
                       max_norm=radius)
@@ -316,10 +317,7 @@ def _as_radius(value: Any, name: str) -> float | None:
     """``max_norm``: omitted (None), or a finite number > 0."""
     if value is None:
         return None
-    radius = _as_float(value, name, ConfigError)
-    if radius <= 0:
-        raise ConfigError(f"{name} must be > 0 (or omitted), got {radius}")
-    return radius
+    return _as_float(value, name, ConfigError, positive=True)
 
 
 def _as_step_list(value: Any, name: str, max_steps: int) -> tuple[int, ...] | None:
@@ -336,17 +334,20 @@ def _as_step_list(value: Any, name: str, max_steps: int) -> tuple[int, ...] | No
     return tuple(sorted(set(counts)))
 
 
-def _as_float(value: Any, name: str, error: type[Exception]) -> float:
+def _as_float(value: Any, name: str, error: type[Exception], positive: bool = False) -> float:
+    """A finite float32-range number >= 0 (``positive``: > 0, as a radius must be)."""
+    bound = "> 0" if positive else ">= 0"
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise error(f"{name} must be a number >= 0, got {value!r} ({type(value).__name__})")
+        raise error(f"{name} must be a number {bound}, got {value!r} ({type(value).__name__})")
     try:
         value = float(value)
     except OverflowError:  # an int past float's range
-        raise error(f"{name} must be a finite number >= 0, got an integer of "
+        raise error(f"{name} must be a finite number {bound}, got an integer of "
                     f"{len(str(abs(value)))} digits") from None
     # The ascent runs in float32: a larger value would be inf there and leave rows unedited.
-    if not math.isfinite(value) or value < 0 or value > FLOAT32_MAX:
-        raise error(f"{name} must be a finite number >= 0 (at most {FLOAT32_MAX:.4g}, "
+    if (not math.isfinite(value) or value < 0 or (positive and value == 0)
+            or value > FLOAT32_MAX):
+        raise error(f"{name} must be a finite number {bound} (at most {FLOAT32_MAX:.4g}, "
                     f"float32's largest), got {value}")
     return value
 
