@@ -186,7 +186,7 @@ def test_eval_refuses_a_bad_judge_before_loading_anything_else(tmp_path, options
     prompts = tmp_path / "p.jsonl"
     prompts.write_text(json.dumps({"prompt": "hello"}) + "\n")
     with pytest.raises(RecontrolError, match=message):
-        evaluate(model=str(tmp_path / "no-model"), value_head=str(tmp_path / "no-head"),
+        evaluate(model="org/no-model", value_head=str(tmp_path / "no-head"),
                  prompts=str(prompts), reward_fn="vllm_recontrol.toy_world:positive_share",
                  **options)
 

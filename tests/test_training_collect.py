@@ -82,7 +82,7 @@ def test_split_or_data_dir_with_a_prompt_file_is_refused(tmp_path):
     with pytest.raises(DataError, match=r"--data-dir 'x'"):
         load_references(str(path), data_dir="x")
     with pytest.raises(DataError, match=r"--split 'test'"):  # before any engine starts
-        collect(model=str(tmp_path / "no-model"), prompts=str(path), out=str(tmp_path / "o"),
+        collect(model="org/no-model", prompts=str(path), out=str(tmp_path / "o"),
                 split="test")
     with pytest.raises(DataError, match=r"--split 'test'"):
         evaluate(model="m", value_head="h", prompts=str(path), split="test",
@@ -258,3 +258,52 @@ def test_a_prompt_vllm_refuses_is_named_with_its_shard(tmp_path):
     with pytest.raises(DataError, match=r"shard shard-00001: prompt 6 of .*prompts.jsonl: "
                                         r"vLLM refused a request \(too long\).* Shorten"):
         fake_collect(tmp_path, count=8, shard_size=4, engines=Refusing())
+
+
+def test_a_run_that_stopped_before_its_first_shard_does_not_lock_the_folder(tmp_path, capsys):
+    """A first run that wrote the manifest and then failed (a model that did not load, say)
+    used to refuse every corrected rerun as "a different collection"."""
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        fake_collect(tmp_path, count=10, shard_size=4, engines=FakeEngines(fail_generate_call=1))
+    assert read_manifest(tmp_path / "data")["sampling"]["temperature"] == 1.0
+    summary = fake_collect(tmp_path, count=10, shard_size=4, temperature=0.5)[2]
+    assert summary["responses"] == 10
+    assert read_manifest(tmp_path / "data")["sampling"]["temperature"] == 0.5
+    assert "holds no shards yet; its manifest (differs in ['sampling'])" in capsys.readouterr().err
+    with pytest.raises(DataError, match="different collection"):  # now it holds shards
+        fake_collect(tmp_path, count=10, shard_size=4, temperature=0.7)
+
+
+def test_engine_arguments_and_model_paths_are_checked_before_anything_starts(tmp_path):
+    def refused(message, **options):
+        with pytest.raises(DataError, match=message):
+            fake_collect(tmp_path, count=4, **options)
+        assert not (tmp_path / "data").exists()
+
+    refused(r"--engine-args: vLLM's LLM\(...\) takes no argument 'gpu_mem_util' \(did you "
+            r"mean gpu_memory_utilization", engine_args={"gpu_mem_util": 0.5})
+    refused(r"--pooling-engine-args: .* no argument 'no_such_arg'",
+            pooling_engine_args={"no_such_arg": 1})
+    refused("give the model with --model", engine_args={"model": "x"})
+    with pytest.raises(DataError, match=r"--model \./no-model: no such folder"):
+        collect(model="./no-model", prompts=str(write_prompts(tmp_path / "p.jsonl", 2)),
+                out=str(tmp_path / "o"))
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(DataError, match=r"--engine-args: .* no argument 'nope'"):
+        evaluate(model="m", value_head="h", prompts="p", engine_args={"nope": 1})
+    with pytest.raises(DataError, match=r"--model /no/such/model: no such folder"):
+        evaluate(model="/no/such/model", value_head="h", prompts="p")
+
+
+def test_config_file_errors_are_one_line_usage_errors(tmp_path, capsys):
+    from vllm_recontrol.cli import main
+
+    (tmp_path / "bad.json").write_text("{bad")
+    for config, message in ((tmp_path / "none.json", "does not exist"),
+                            (tmp_path / "bad.json", "is not valid JSON")):
+        for command in ("collect", "label", "train", "eval"):
+            with pytest.raises(SystemExit) as exit_info:
+                main([command, "--config", str(config)])
+            assert exit_info.value.code == 2
+            err = capsys.readouterr().err
+            assert message in err and "Traceback" not in err, (command, err)

@@ -262,3 +262,32 @@ def test_label_cli_with_config_file(data, tmp_path, capsys):
     assert "| responses labelled" in out and "from-config" in out
     assert main(["label", "--data", str(data)]) == 1  # no source: one clear error line
     assert "error: label needs exactly one of" in capsys.readouterr().err
+
+
+def test_a_label_run_that_stopped_before_its_first_shard_does_not_lock_its_set(tmp_path,
+                                                                                capsys):
+    """A run that failed before labelling anything (a reward model that did not load, here a
+    function that raises) used to leave an info.json that refused the corrected rerun, and an
+    empty set that made train ask which of two sets to use."""
+    from vllm_recontrol.training.trainer import train
+
+    data = fake_collect(tmp_path, count=12, shard_size=6)[0]
+
+    def broken(prompt, response):
+        raise OSError("cannot load the reward model")
+
+    _module("recontrol_test_broken", broken=broken)
+    with pytest.raises(RewardError, match="cannot load the reward model"):
+        label(data=str(data), reward_fn="recontrol_test_broken:broken", name="typo",
+              progress=False)
+    assert (labels_dir(data, "typo") / "info.json").is_file()
+    label(data=str(data), reward_fn="training_fakes:good_reward", progress=False)  # "reward"
+    summary = train(data=str(data), out=str(tmp_path / "head"), epochs=1, widths=[4],
+                    device="cpu", progress=False)  # the empty set "typo" is not a choice
+    assert summary["metrics"]["epochs_run"] == 1
+    label(data=str(data), reward_fn="training_fakes:good_reward", name="typo", progress=False)
+    assert "label set" in capsys.readouterr().err
+    assert len(read_shard_labels(data, "typo", "shard-00001")) == 6
+    with pytest.raises(DataError, match="was made differently"):  # now it holds labels
+        label(data=str(data), reward_fn="recontrol_test_broken:broken", name="typo",
+              progress=False)

@@ -460,6 +460,20 @@ def run_vllm_cli(argv: list[str]) -> int:
 
 
 # ----------------------------------------------------------------------------- engines
+def engine_argument_names() -> frozenset[str]:
+    """The keyword arguments ``vllm.LLM(...)`` takes: its own parameters and the fields of
+    ``EngineArgs``, where it sends the rest (a typo would otherwise surface as a TypeError
+    from inside vLLM, after the command has started)."""
+    import dataclasses
+    import inspect
+
+    from vllm import LLM
+    from vllm.engine.arg_utils import EngineArgs
+
+    own = set(inspect.signature(LLM.__init__).parameters) - {"self", "kwargs"}
+    return frozenset(own | {f.name for f in dataclasses.fields(EngineArgs)})
+
+
 def shutdown_llm(llm: Any) -> None:
     """Stop an offline ``vllm.LLM`` engine and free its memory before another one starts.
 

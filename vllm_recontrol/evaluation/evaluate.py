@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
 
 from ..config import DEFAULT_HEAD, FLOAT32_MAX
-from ..training.common import (RecontrolError, build_options, json_argument, parse_command_line,
-                               run_main)
+from ..training.common import (RecontrolError, build_options, check_engine_args,
+                               check_model_path, json_argument, parse_command_line, run_main)
 from ..training.engines import run_engines_in_process
 from ..training.prompts import load_prompts, load_references
 from ..training.ray_pool import add_ray_arguments, check_replicas
@@ -438,6 +438,10 @@ def reward_scoring(opts: EvalOptions, arguments: dict[str, Any], source: RewardS
 def evaluate(**options: Any) -> dict[str, Any]:
     """Run the comparison; writes ``eval.json``, ``eval.md`` and plots under ``out``."""
     opts = build_options(EvalOptions, options, "eval")
+    check_model_path(opts.model)
+    check_engine_args(opts.engine_args, "--engine-args")
+    if opts.rm_engine == "vllm":
+        check_engine_args(opts.rm_engine_args, "--rm-engine-args")
     prompts = load_prompts(opts.prompts, opts.split, opts.prompt_column, opts.prompt_format,
                            opts.data_dir, opts.max_prompts, default_split="test")
     judge = llm_judge(opts)

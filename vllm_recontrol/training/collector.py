@@ -12,13 +12,15 @@ from __future__ import annotations
 import argparse
 import hashlib
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .common import (DataError, build_options, json_argument, model_hidden_size,
-                     parse_command_line, progress, run_main, sha256_bytes, summary_table)
+from .common import (DataError, build_options, check_engine_args, check_model_path,
+                     json_argument, model_hidden_size, parse_command_line, progress, run_main,
+                     sha256_bytes, summary_table)
 from .engines import Engines, GenerationRequest, PromptRefused, VllmEngines
 from .prompts import PROMPT_FORMATS, load_prompts
 from .ray_pool import add_ray_arguments, check_replicas
@@ -79,6 +81,9 @@ class CollectOptions:
             raise DataError("temperature must be >= 0 and top_p in (0, 1]")
         if not isinstance(self.engine_args, dict) or not isinstance(self.pooling_engine_args, dict):
             raise DataError("engine_args and pooling_engine_args must be JSON objects")
+        check_model_path(self.model)
+        check_engine_args(self.engine_args, "--engine-args")
+        check_engine_args(self.pooling_engine_args, "--pooling-engine-args")
         check_replicas(self.replicas, self.ray, "one vLLM engine per Ray actor, whole shards each")
         try:  # vLLM's own bounds (temperature <= 2, top_k, ...), before any file is written
             from vllm import SamplingParams
@@ -256,17 +261,28 @@ def _prepare_out(opts: CollectOptions, manifest: dict[str, Any]) -> Path:
                 return old.get(key) == manifest.get(key)
 
             differ = sorted(k for k in set(old) | set(manifest) if not same(k))
-            if differ:
+            if differ and _holds_work(out):
                 raise DataError(f"{out} holds a different collection (differs in {differ}); "
                                 f"use a new --out, or --overwrite to delete it")
-            _remove_stale_temporaries(out)
-            return out
+            if not differ:
+                _remove_stale_temporaries(out)
+                return out
+            # An earlier run stopped before its first shard (say, a model path that did not
+            # load): nothing to keep, so this run's options take its place.
+            print(f"collect: {out} holds no shards yet; its manifest (differs in {differ}) is "
+                  "replaced by this run's", file=sys.stderr, flush=True)
+            _remove_collection(out)
     elif out.is_dir() and any(out.iterdir()):
         raise DataError(f"--out {out} is a non-empty folder without {MANIFEST_FILE}; refusing "
                         f"to write into it")
     out.mkdir(parents=True, exist_ok=True)
     write_manifest(out, manifest)
     return out
+
+
+def _holds_work(out: Path) -> bool:
+    """Whether a collection folder holds any shard or label (anything a rerun must keep)."""
+    return any(out.glob("shard-*")) or (out / "labels").exists()
 
 
 def _remove_stale_temporaries(out: Path) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import difflib
 import hashlib
 import json
 import numbers
@@ -202,7 +203,10 @@ def parse_command_line(parser: argparse.ArgumentParser, argv: Sequence[str] | No
             action.default = argparse.SUPPRESS
     args = vars(parser.parse_args(argv))
     config_path = args.pop("config", None)
-    options = load_config_file(config_path) if config_path else {}
+    try:
+        options = load_config_file(config_path) if config_path else {}
+    except RecontrolError as exc:  # a usage error: the parser's one line, exit code 2
+        parser.error(str(exc))
     options = {str(k).replace("-", "_"): v for k, v in options.items()}
     options.update(args)
     missing = [name for name in required if options.get(name) in (None, "")]
@@ -218,6 +222,31 @@ def json_argument(text: str) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from exc
+
+
+def check_engine_args(arguments: Mapping[str, Any], flag: str) -> None:
+    """Refuse keys that ``vllm.LLM`` does not take, and ``model`` (the command's own
+    --model), before anything starts, naming close matches."""
+    from .._vllm_adapter import engine_argument_names
+
+    if "model" in arguments:
+        raise DataError(f"{flag}: give the model with --model, not as an engine argument")
+    known = engine_argument_names()
+    unknown = sorted(k for k in arguments if k not in known)
+    if unknown:
+        hints = {k: difflib.get_close_matches(str(k), known, n=2) for k in unknown}
+        said = ", ".join(f"{k!r}" + (f" (did you mean {' or '.join(hints[k])}?)" if hints[k]
+                                     else "") for k in unknown)
+        raise DataError(f"{flag}: vLLM's LLM(...) takes no argument {said}")
+
+
+def check_model_path(model: str, flag: str = "--model") -> None:
+    """A model given as a path (``/``, ``.``, ``~``) must exist: vLLM would take a missing
+    one for a hub id and fail inside the engine with a traceback."""
+    text = str(model)
+    if text.startswith(("/", ".", "~")) and not Path(text).expanduser().exists():
+        raise DataError(f"{flag} {text}: no such folder (a local model is a folder with "
+                        "config.json; a hub id looks like org/name)")
 
 
 def run_main(function: Callable[..., Any], options: Mapping[str, Any]) -> int:

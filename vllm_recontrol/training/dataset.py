@@ -107,6 +107,7 @@ class LabelledData:
                 raise DataError(f"{self.path} has no label set {wanted!r} (present: {present}); "
                                 f"run `vllm-recontrol label --data {self.path} --name {wanted}`")
             return wanted
+        present = label_sets(self.path, with_labels=True)  # not a set whose run never began
         if not present:
             raise DataError(f"{self.path} is not labelled; run `vllm-recontrol label --data "
                             f"{self.path} --reward-fn module:function` (or --reward-model) first")

@@ -17,12 +17,13 @@ import json
 import re
 import shutil
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from .common import (DataError, build_options, dump_json, json_argument,
+from .common import (DataError, build_options, check_engine_args, dump_json, json_argument,
                      parse_command_line, progress, read_jsonl, run_main, summary_table,
                      write_jsonl_atomic, write_text_atomic)
 from .engines import run_engines_in_process
@@ -70,6 +71,8 @@ class LabelOptions:
         check_replicas(self.replicas, self.ray, LABEL_REPLICAS)
         if not isinstance(self.engine_args, dict):
             raise DataError("engine_args must be a JSON object")
+        if self.rm_engine == "vllm":
+            check_engine_args(self.engine_args, "--engine-args")
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or \
                 self.batch_size <= 0:
             raise DataError(f"batch_size must be a positive integer, got {self.batch_size!r}")
@@ -130,10 +133,19 @@ def labels_dir(data: str | Path, name: str) -> Path:
     return Path(data) / LABELS_DIR / name
 
 
-def label_sets(data: str | Path) -> list[str]:
-    """Names of the label sets present under ``DIR/labels``."""
+def label_sets(data: str | Path, with_labels: bool = False) -> list[str]:
+    """Names of the label sets present under ``DIR/labels`` (``with_labels``: only those
+    with at least one labelled shard, not one whose run stopped before its first)."""
     root = Path(data) / LABELS_DIR
-    return sorted(p.name for p in root.iterdir() if (p / INFO_FILE).is_file()) if root.is_dir() else []
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if (p / INFO_FILE).is_file()
+                  and (not with_labels or labelled_shards(p)))
+
+
+def labelled_shards(folder: Path) -> list[str]:
+    """The shards a label set folder holds labels for."""
+    return sorted(p.stem for p in folder.glob("shard-*.jsonl"))
 
 
 def read_shard_labels(data: str | Path, name: str, shard: str) -> list[dict[str, Any]]:
@@ -160,7 +172,13 @@ def _prepare_info(opts: LabelOptions, source: RewardSource, data: Path) -> Path:
             old = json.loads(info_path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError):
             old = {"source": "unreadable info.json"}
-        if old != info:
+        if old != info and not labelled_shards(folder):
+            # an earlier run stopped before its first shard (say, a reward model that did
+            # not load): nothing to keep, so this run's options take its place
+            print(f"label: label set {folder} holds no labels yet; its info is replaced by "
+                  "this run's", file=sys.stderr, flush=True)
+            shutil.rmtree(folder)
+        elif old != info:
             raise DataError(f"label set {folder} was made differently "
                             f"({old.get('source') if isinstance(old, dict) else old}, cut_at "
                             f"{old.get('cut_at') if isinstance(old, dict) else '?'}); use "
