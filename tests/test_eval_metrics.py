@@ -148,6 +148,17 @@ def test_coherence_that_cannot_load_says_why(tmp_path):
         coherence.unavailable_reason
 
 
+
+def test_an_unavailable_reason_is_its_errors_first_line_cut_at_a_word():
+    from vllm_recontrol.evaluation.metrics import _first_line
+
+    url = "see https://huggingface.co/docs/transformers/installation#offline-mode"
+    message = "\n" + "We couldn't connect " * 14 + url + "\nsecond line"
+    cut = _first_line(message)
+    assert cut.endswith(" ...") and "https://" not in cut and "second" not in cut
+    assert _first_line("short\nmore") == "short"
+
+
 @pytest.mark.parametrize("options,message", [
     ({"replicas": 2}, "replicas > 1 needs ray"),
     ({"replicas": 0, "ray": True}, "replicas must be a positive integer"),

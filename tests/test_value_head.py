@@ -285,6 +285,15 @@ def test_load_rejects_nan_weights(tmp_path):
         ValueHead.load(path)
 
 
+def test_save_refuses_weights_that_load_would_refuse(tmp_path):
+    head = ValueHead(8, [4], seed=0)
+    with torch.no_grad():
+        head.layers[0].weight[1, 2] = float("inf")
+    with pytest.raises(ValueHeadError, match=r"cannot save .*layers\.0\.weight holds NaN or inf"):
+        head.save(tmp_path / "h")
+    assert not (tmp_path / "h").exists()  # nothing written
+
+
 def _resaved(path, change):
     from safetensors.torch import load_file, save_file
 

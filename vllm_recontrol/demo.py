@@ -30,6 +30,7 @@ TRAIN_OPTIONS = dict(target="mc", lr=1e-3, batch_size=64, epochs=60, widths=[64]
 # The last point is the one before it with u kept within radius 8 (recontrol_max_norm): a
 # control strong enough to reward-hack, held back by the norm bound.
 DEMO_GRID = "0.5:10,1.0:30,2.0:30,3.0:20,3.0:20:norm=8"
+MIN_TRAIN_PROMPTS = 20  # train holds out a tenth of the prompts, and needs two there
 
 
 def run_demo(workdir: Path, train_prompts: int = 600, eval_prompts: int = 64,
@@ -47,6 +48,10 @@ def run_demo(workdir: Path, train_prompts: int = 600, eval_prompts: int = 64,
     parse_grid(grid)  # eval's checks, before the minutes of world, collect, label and train
     if isinstance(best_of, bool) or not isinstance(best_of, int) or best_of < 2:
         raise RecontrolError(f"best_of must be an integer >= 2, got {best_of!r}")
+    for name, value, low in (("train_prompts", train_prompts, MIN_TRAIN_PROMPTS),
+                             ("eval_prompts", eval_prompts, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise RecontrolError(f"{name} must be an integer >= {low}, got {value!r}")
 
     on_gpu = torch.cuda.is_available()
     engine_args = dict(ENGINE_ARGS) if not on_gpu else {"dtype": "float32"}
@@ -83,11 +88,19 @@ def run_demo(workdir: Path, train_prompts: int = 600, eval_prompts: int = 64,
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vllm-recontrol demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", type=Path, default=Path("recontrol-demo"))
-    parser.add_argument("--train-prompts", type=int, default=600)
-    parser.add_argument("--eval-prompts", type=int, default=64)
-    parser.add_argument("--grid", default=DEMO_GRID)
-    parser.add_argument("--best-of", type=int, default=4)
+    parser.add_argument("--workdir", type=Path, default=Path("recontrol-demo"),
+                        help="folder for the toy world, data, value head and eval "
+                             "(default %(default)s)")
+    parser.add_argument("--train-prompts", type=int, default=600,
+                        help=f"prompts to collect and train on (default %(default)s, at "
+                             f"least {MIN_TRAIN_PROMPTS})")
+    parser.add_argument("--eval-prompts", type=int, default=64,
+                        help="held-out prompts of the evaluation (default %(default)s)")
+    parser.add_argument("--grid", default=DEMO_GRID,
+                        help='RE-Control settings "alpha:steps[:norm=R],..." as for eval '
+                             "(default %(default)s)")
+    parser.add_argument("--best-of", type=int, default=4,
+                        help="N of the Best-of-N row (default %(default)s)")
     args = parser.parse_args(argv)
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # keep the report readable
     from .training.common import run_main

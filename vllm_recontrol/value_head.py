@@ -333,15 +333,21 @@ class ValueHead(nn.Module):
         }
 
     def save(self, directory: str | Path) -> Path:
-        """Write ``config.json`` and ``model.safetensors`` into ``directory`` (created)."""
+        """Write ``config.json`` and ``model.safetensors`` into ``directory`` (created).
+        Weights with NaN or inf are refused before anything is written: ``load`` (and every
+        engine) would refuse the head."""
         from safetensors.torch import save_file
 
-        path = Path(directory)
-        path.mkdir(parents=True, exist_ok=True)
         tensors = {}
         for i, layer in enumerate(self.layers):
             tensors[f"layers.{i}.weight"] = layer.weight.detach().cpu().contiguous()
             tensors[f"layers.{i}.bias"] = layer.bias.detach().cpu().contiguous()
+        for name, tensor in tensors.items():
+            if not bool(torch.isfinite(tensor).all()):
+                raise ValueHeadError(f"cannot save the value head to {directory}: {name} "
+                                     "holds NaN or inf")
+        path = Path(directory)
+        path.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(path / WEIGHTS_FILE), metadata={"format": FORMAT_NAME})
         (path / CONFIG_FILE).write_text(json.dumps(self.config_dict(), indent=2) + "\n")
         return path

@@ -487,6 +487,9 @@ def evaluate(**options: Any) -> dict[str, Any]:
         print("\n" + table)
         for p in report["plots"]:
             print(f"plot: {p}")
+        if not report["plots"]:
+            print("plots: none written (matplotlib is not installed: the eval extra, "
+                  "pip install 'vllm-recontrol[eval]')")
     return report
 
 
@@ -502,10 +505,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--grid", help='RE-Control settings "alpha:steps[:head][:norm=R],..." '
                         '(default "0.5:10,1.0:20"; head: a name of --value-heads; R: the '
                         "requests' recontrol_max_norm)")
-    parser.add_argument("--best-of", type=int, nargs="*", help="N values for Best-of-N")
+    parser.add_argument("--best-of", type=int, nargs="*",
+                        help="N values for Best-of-N (default 4; the flag alone: no Best-of-N)")
     parser.add_argument("--control-best-of", action="store_true",
                         help="also Best-of-N of controlled samples, at the best grid point")
-    parser.add_argument("--system-prompt", help='prompting baseline ("" to skip)')
+    parser.add_argument("--system-prompt", help="the prompting baselines' system prompt "
+                        '(default: a helpful-and-harmless one; "" skips those rows)')
     parser.add_argument("--chat-template", action="store_true")
     parser.add_argument("--split", help="data set split (default test; not for a prompt file)")
     parser.add_argument("--data-dir", help="datasets data_dir (e.g. harmless-base; not for a "
@@ -513,10 +518,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--prompt-column")
     parser.add_argument("--prompt-format", choices=["auto", "hh-rlhf", "plain"])
     parser.add_argument("--max-prompts", type=int)
-    parser.add_argument("--max-tokens", type=int)
-    parser.add_argument("--temperature", type=float)
-    parser.add_argument("--bon-temperature", type=float)
-    parser.add_argument("--seed", type=int)
+    parser.add_argument("--max-tokens", type=int, help="new tokens per response (128)")
+    parser.add_argument("--temperature", type=float,
+                        help="sampling temperature of every row but Best-of-N's (default 0: "
+                        "greedy, as the paper decodes)")
+    parser.add_argument("--bon-temperature", type=float,
+                        help="Best-of-N's sampling temperature (1.0)")
+    parser.add_argument("--seed", type=int, help="base seed; per-prompt seeds derive from it (0)")
     parser.add_argument("--embedding-model", help="sentence-transformers model for coherence")
     parser.add_argument("--engine-args", type=json_argument, help="JSON of vLLM LLM(...) kwargs")
     parser.add_argument("--device", help="reward and embedding models' device (default cpu)")
@@ -534,7 +542,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rm-engine-args", type=json_argument,
                         help="JSON of vllm.LLM kwargs for the reward model with --rm-engine "
                         'vllm (e.g. {"gpu_memory_utilization": 0.3})')
-    parser.add_argument("--out")
+    parser.add_argument("--out", help="folder for eval.md, eval.json and the plots "
+                        "(default eval-out)")
     parser.add_argument("--in-process", action="store_true",
                         help="vLLM engine core in the engine's own process (small CPUs)")
     add_ray_arguments(parser, "one vLLM engine per Ray actor, each with a range of the prompts")

@@ -82,7 +82,7 @@ class Coherence:
             model = SentenceTransformer(model_name, device=device)
         except Exception as exc:  # offline, missing files, ...: report, do not fake
             return cls(model_name, None, f"cannot load {model_name!r}: {type(exc).__name__}: "
-                                         f"{str(exc)[:200]}")
+                                         f"{_first_line(str(exc))}")
         return cls(model_name, model, None)
 
     @property
@@ -97,3 +97,11 @@ class Coherence:
         a = self.model.encode(list(prompts), convert_to_tensor=True, normalize_embeddings=True)
         b = self.model.encode(list(responses), convert_to_tensor=True, normalize_embeddings=True)
         return torch.nn.functional.cosine_similarity(a, b, dim=-1).float().cpu().tolist()
+
+
+def _first_line(message: str, limit: int = 300) -> str:
+    """An error's first line, cut at a word (not inside a URL) when long: for a table cell."""
+    line = next((part.strip() for part in message.splitlines() if part.strip()), "")
+    if len(line) <= limit:
+        return line
+    return line[:line.rfind(" ", 0, limit)].rstrip() + " ..."

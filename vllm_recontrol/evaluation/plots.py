@@ -1,7 +1,7 @@
 """Plots of an evaluation: the RE-Control grid, and reward against throughput for every method.
 
-matplotlib is optional (``pip install vllm-recontrol[eval]``): without it no plot is written
-and the caller says so.
+matplotlib is optional (the ``eval`` extra): without it no plot is written and ``evaluate``
+says so.
 """
 
 from __future__ import annotations
