@@ -299,13 +299,19 @@ def gram_form_pays(first_width: int, hidden_size: int, num_iterations: int) -> b
 def _product_into(a: Tensor, b: Tensor, out: Tensor, slab: int, bias: Tensor | None = None):
     """out = bias + a @ b, as one product or, with ``slab``, one per ``slab`` rows (each the
     same shape, so each row is computed the same way in any batch)."""
-    parts = [slice(None)] if not slab else [slice(i, i + slab)
-                                            for i in range(0, a.shape[0], slab)]
-    for part in parts:
-        if bias is None:
-            torch.mm(a[part], b, out=out[part])
-        else:
-            torch.addmm(bias, a[part], b, out=out[part])
+    if not slab:  # the default: one product, no views made on the hot path
+        _matmul_into(a, b, out, bias)
+        return
+    for start in range(0, a.shape[0], slab):
+        part = slice(start, start + slab)
+        _matmul_into(a[part], b, out[part], bias)
+
+
+def _matmul_into(a: Tensor, b: Tensor, out: Tensor, bias: Tensor | None) -> None:
+    if bias is None:
+        torch.mm(a, b, out=out)
+    else:
+        torch.addmm(bias, a, b, out=out)
 
 
 def _radius_column(max_norm: float | Tensor | None, device: torch.device) -> Tensor | None:
