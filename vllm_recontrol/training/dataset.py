@@ -101,8 +101,8 @@ class LabelledData:
                                 f"collection's {self.num_prompts}: the shard is damaged")
 
     def _choose_labels(self, wanted: str | None) -> str:
-        present = label_sets(self.path)
         if wanted is not None:
+            present = label_sets(self.path)
             if wanted not in present:
                 raise DataError(f"{self.path} has no label set {wanted!r} (present: {present}); "
                                 f"run `vllm-recontrol label --data {self.path} --name {wanted}`")
