@@ -231,12 +231,17 @@ def _load_w(w_ptr, offs_k, offs_n, K, N, stride_wk, stride_wn, W_EVICT: tl.const
 
 @triton.jit
 def _mma(a, w, acc, DOT: tl.constexpr, INTERPRET: tl.constexpr):
-    """acc += a @ w in the chosen operand precision, fp32 accumulation."""
-    if DOT == "bf16":
-        if INTERPRET:  # operands already hold bf16 values; the interpreter can't multiply bf16
-            acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a.to(tl.bfloat16), w.to(tl.bfloat16), acc)
+    """acc += a @ w in the chosen operand precision, fp32 accumulation.
+
+    Under the interpreter the product is an explicit sum over K, the same order for every
+    row: its ``tl.dot`` is numpy's matmul, whose BLAS may round a row differently by its
+    position in the tile (OpenBLAS 0.3.30 on an AMD EPYC does), which a GPU's MMA does not,
+    and batch-invariance tests need the GPU's behaviour. (bf16 operands already hold bf16
+    values there; the interpreter cannot multiply bf16.)"""
+    if INTERPRET:
+        acc += tl.sum(a.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
+    elif DOT == "bf16":
+        acc = tl.dot(a.to(tl.bfloat16), w.to(tl.bfloat16), acc)
     else:
         acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision=DOT)
     return acc

@@ -427,11 +427,27 @@ def test_bucketed_runner_matches_direct_calls(kernels, seed):
             assert torch.equal(got, want), (seed, rows, max_norm)
 
 
+def _padded_closed_form(mlp, states, alpha, steps, iterations, max_norm):
+    """ascend_float32 on the batch padded to its graph bucket (zero rows, steps 0, radius
+    inf), as the graph runner pads it: BLAS may round a row by the row count of its product
+    (MKL on an AMD EPYC does), so the unpadded batch is not the same computation."""
+    from vllm_recontrol.ascent import ascend_float32
+    from vllm_recontrol.ascent_graphs import bucket_rows
+
+    rows = states.shape[0]
+    extra = bucket_rows(rows) - rows
+    if isinstance(max_norm, torch.Tensor):
+        max_norm = torch.cat([max_norm, torch.full((extra,), float("inf"))])
+    return ascend_float32(mlp, torch.cat([states, states.new_zeros(extra, states.shape[1])]),
+                          torch.cat([alpha, alpha.new_zeros(extra)]),
+                          torch.cat([steps, steps.new_zeros(extra)]), iterations,
+                          max_norm)[:rows]
+
+
 def test_graph_cache_keys_on_projection_not_on_the_radius(kernels, seed, monkeypatch):
     """Every radius (one, or one per row) replays the one projected graph of a shape: the
     radii go through a buffer, so per-request max_norm values cannot multiply captures."""
     from vllm_recontrol import ascent_graphs
-    from vllm_recontrol.ascent import ascend_float32
 
     monkeypatch.setattr(ascent_graphs.torch.cuda, "graph_pool_handle", lambda: "pool")
     monkeypatch.setattr(ascent_graphs, "capture_graph",
@@ -442,7 +458,7 @@ def test_graph_cache_keys_on_projection_not_on_the_radius(kernels, seed, monkeyp
     for rows, max_norm in ((12, 0.4), (12, per_row), (12, 0.1), (7, per_row[:7]), (12, None)):
         got = runner.run(mlp, states[:rows], alpha[:rows], steps[:rows], 3, max_norm,
                          "fp32", backend="torch").clone()
-        want = ascend_float32(mlp, states[:rows], alpha[:rows], steps[:rows], 3, max_norm)
+        want = _padded_closed_form(mlp, states[:rows], alpha[:rows], steps[:rows], 3, max_norm)
         assert torch.equal(got, want), (seed, max_norm)
     assert runner.captures == 2  # projected and unprojected, bucket 16, 3 steps
 
@@ -457,8 +473,7 @@ def test_buckets_up_to():
 
 def test_bucketed_runner_replays_the_torch_closed_form(kernels, seed):
     """backend="torch" in the graph runner (the exact-fp32 path on CUDA): the same padding
-    and buffers around ascend_float32 give its own answer, bit for bit."""
-    from vllm_recontrol.ascent import ascend_float32
+    and buffers around ascend_float32 give its own answer on the padded batch, bit for bit."""
     from vllm_recontrol.ascent_graphs import AscentGraphs
 
     runner = AscentGraphs(capture=False)
@@ -469,7 +484,8 @@ def test_bucketed_runner_replays_the_torch_closed_form(kernels, seed):
         for max_norm in (None, 0.4, radii[:rows]):
             got = runner.run(mlp, states[:rows], alpha[:rows], steps[:rows], 3, max_norm,
                              "fp32", backend="torch").clone()
-            want = ascend_float32(mlp, states[:rows], alpha[:rows], steps[:rows], 3, max_norm)
+            want = _padded_closed_form(mlp, states[:rows], alpha[:rows], steps[:rows], 3,
+                                       max_norm)
             assert torch.equal(got, want), (seed, rows, max_norm)
 
 
@@ -493,7 +509,6 @@ def test_graph_cache_captures_once_per_key_evicts_and_logs(kernels, seed, monkey
     import logging
 
     from vllm_recontrol import ascent_graphs
-    from vllm_recontrol.ascent import ascend_float32
 
     monkeypatch.setattr(ascent_graphs.torch.cuda, "graph_pool_handle", lambda: "pool")
     monkeypatch.setattr(ascent_graphs, "capture_graph",
@@ -504,8 +519,8 @@ def test_graph_cache_captures_once_per_key_evicts_and_logs(kernels, seed, monkey
     def run(rows, n, offset=0):
         got = runner.run(mlp, states[offset:offset + rows], alpha[:rows], steps[:rows], n,
                          None, "fp32", backend="torch").clone()
-        want = ascend_float32(mlp, states[offset:offset + rows], alpha[:rows], steps[:rows],
-                              n, None)
+        want = _padded_closed_form(mlp, states[offset:offset + rows], alpha[:rows],
+                                   steps[:rows], n, None)
         assert torch.equal(got, want), (seed, rows, n, offset)
 
     caplog.set_level(logging.INFO, logger=ascent_graphs.logger.name)
