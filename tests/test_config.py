@@ -56,6 +56,7 @@ def test_unrelated_extra_args_are_ignored():
     ({"recontrol_max_norm": -1.0}, "recontrol_max_norm must be a finite number > 0 "),  # not >= 0
     ({" recontrol_alpha": 1.0}, r"unknown RE-Control request key\(s\) \[' recontrol_alpha'\]"),
     ({"recontrol_max_norm": float("inf")}, "finite"),
+    ({"recontrol_max_norm": 1e-46}, "recontrol_max_norm must be > 0 in float32"),  # rounds to 0
     ({"recontrol_max_norm": "1"}, "recontrol_max_norm must be a number"),
     ({"recontrol_alpha": 10 ** 400}, "recontrol_alpha must be a finite number >= 0, got an "
                                      "integer of 401 digits"),
@@ -137,6 +138,7 @@ def test_a_further_head_may_bring_its_own_max_norm():
     ({"td": {"path": "/t", "beta": 1}}, r"unknown key\(s\) \['beta'\]"),
     ({"td": {"path": "/t", "max_norm": 0}}, r"\['td'\]\[\"max_norm\"\] must be a finite number > 0"),
     ({"td": {"path": "/t", "max_norm": "inf"}}, r"\['td'\]\[\"max_norm\"\] must be a number"),
+    ({"td": {"path": "/t", "max_norm": 1e-46}}, r"max_norm\"\] must be > 0 in float32"),
     ({"td": {"alpha": 1.0}}, "must be the folder of a value head"),
     (["/heads/a"], "must be a JSON object"),
     ({"default": "/heads/a"}, "'default' is the engine's value_head"),

@@ -150,11 +150,55 @@ def test_first_gram_is_symmetric_and_cached():
     (0.0, "positive finite"), (float("inf"), "positive finite"), ("1", "positive finite"),
     ([0.1, 0.2], "2 entries but states have 3 rows"),
     ([0.1, 0.0, 1.0], "must be > 0"), ([0.1, float("nan"), 1.0], "must be > 0"),
+    (1e-46, "0 in float32"), ([0.1, 1e-46, 1.0], "must be > 0"),  # a radius that rounds to 0
+    ([0.1, "1", 1.0], "per-row max_norm must be numbers"),
 ])
 def test_bad_max_norm_is_refused(max_norm, message):
     head = ValueHead(6, [5], seed=0)
     with pytest.raises(ValueError, match=message):
         head.ascend(torch.randn(3, 6), 0.5, 2, max_norm=max_norm)
+
+
+def test_none_in_a_per_row_max_norm_means_unprojected():
+    """A per-row list may say "no cap" with None, as RowControl does: that row gets the
+    unprojected edit, the others their own radius."""
+    head = ValueHead(6, [5], seed=0)
+    states = torch.randn(3, 6, generator=torch.Generator().manual_seed(1))
+    mixed = head.ascend(states, 2.0, 4, max_norm=[0.05, None, 0.05], backend="torch")
+    assert torch.equal(mixed, head.ascend(states, 2.0, 4, max_norm=[0.05, math.inf, 0.05],
+                                          backend="torch"))
+    assert torch.equal(mixed[1], head.ascend(states[1:2], 2.0, 4, backend="torch")[0])
+    assert float((mixed[0] - states[0]).norm()) == pytest.approx(0.05, rel=1e-5)
+
+
+@pytest.mark.parametrize("form", ["direct", "gram"])
+def test_a_head_used_under_inference_mode_works_outside_it(form):
+    """vLLM runs under torch.inference_mode(), which makes the head's reused buffers
+    inference tensors; a later direct call without that mode (or with no_grad) gets the same
+    edit instead of "Inplace update to inference tensor outside InferenceMode". A row that
+    goes non-finite exercises the fallback tally too."""
+    head = ValueHead(8, [6, 4], seed=0)
+    states = torch.randn(3, 8, generator=torch.Generator().manual_seed(2))
+    states[2, 0] = float("inf")
+    with torch.inference_mode():
+        first = head.ascend(states, 0.5, 3, backend="torch", form=form)
+    with torch.no_grad():
+        second = head.ascend(states, 0.5, 3, backend="torch", form=form)
+    third = head.ascend(states, 0.5, 3, backend="torch", form=form)
+    assert torch.equal(first, second) and torch.equal(first, third)
+    assert head.nonfinite_rows() == 3
+
+
+def test_float64_states_are_edited_in_float64():
+    """float64 states get s + u rounded once in float64 (u is float32): a tiny edit stays
+    tiny, it is not the float32 rounding of s (about 5e-8 on states of size 1)."""
+    head = ValueHead(16, [12], seed=3)
+    states = torch.randn(4, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    u = ascend_float32(head._weights_as(torch.float32), states.float(),
+                       torch.full((4,), 1e-12), torch.full((4,), 2), 2).double()
+    edited = head.ascend(states, 1e-12, 2, backend="torch")
+    assert 0 < (edited - states).abs().max().item() < 1e-9
+    torch.testing.assert_close(edited - states, u, rtol=1e-3, atol=1e-15)
 
 
 def test_matches_the_oracle_autograd_head(tmp_path):
@@ -400,14 +444,17 @@ def test_a_rows_edit_does_not_depend_on_its_batchs_step_count(form, radius):
 
 @pytest.mark.parametrize("form", ["direct", "gram"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_batch_invariant_torch_ascent_gives_a_row_the_same_bits_in_any_batch(form, dtype):
-    """``batch_invariant`` on the torch backend: the products run in fixed slabs, so a row's
-    edit is bit-identical alone, in a batch of 40 and in sub-batches at other offsets (plain
-    torch products differ by ~1e-6 there: BLAS picks its kernel by the row count, and
-    batch_invariant used to be ignored on this backend). Per-row steps (0 included), alpha
+@pytest.mark.parametrize("widths", [[48, 24], [6, 64], [7, 100, 30]])
+def test_batch_invariant_torch_ascent_gives_a_row_the_same_bits_in_any_batch(form, dtype,
+                                                                              widths):
+    """``batch_invariant`` on the torch backend: a row's edit is bit-identical alone, in a
+    batch of 40 and in sub-batches at other offsets (plain torch products differ by ~1e-6
+    there: BLAS picks its kernel by the row count, and batch_invariant used to be ignored on
+    this backend). Heads with a narrow layer too: in 16-row slabs MKL (an AMD EPYC) gave a
+    row other bits by its position in the slab. Per-row steps (0 included), alpha
     (0 included) and radii (inf included), on fresh random inputs each run."""
     gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
-    head = ValueHead(40, [48, 24], seed=int(torch.randint(0, 1000, ())))
+    head = ValueHead(40, widths, seed=int(torch.randint(0, 1000, ())))
     rows = 40
     states = (torch.randn(rows, 40, generator=gen) * 3).to(dtype)
     alpha = torch.rand(rows, generator=gen) * 2

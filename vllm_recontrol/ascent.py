@@ -18,8 +18,11 @@ floating point the rounding differs (not the bits of the direct form).
 Batch invariance (``batch_invariant=True``): BLAS libraries pick a product's kernel, and so
 its rounding, by its shape, so a row's bits can depend on how many rows share the product
 (measured on CPU: float32 edits differ by ~1e-6 alone vs in a batch, enough to flip a bf16
-rounding and a token). Then every product runs in slabs of a fixed row count (the batch
-padded with rows that never move), so a row always meets the same shape of product.
+rounding and a token). On CUDA every product then runs in slabs of a fixed row count (the
+batch padded with rows that never move), so a row always meets the same shape of product.
+On CPU that is not enough: MKL also rounds a row by its position inside a product (seen with
+outputs a few columns wide, e.g. a head's narrow layer), so there each row is its own
+product, through the same staging buffers (same shape, same alignment, whatever its batch).
 """
 
 from __future__ import annotations
@@ -239,9 +242,9 @@ def ascend_gram_float32(
 
 
 def invariant_slab(device: torch.device) -> int:
-    """Rows per product under batch invariance: a few on CPU (padding a lone row costs
-    little there), a tile's worth on CUDA (each slab reads the weights again)."""
-    return 64 if device.type == "cuda" else 16
+    """Rows per product under batch invariance: a tile's worth on CUDA (each slab reads the
+    weights again), one on CPU (module docstring: position inside a product matters there)."""
+    return 64 if device.type == "cuda" else 1
 
 
 def product_rows(rows: int, device: torch.device, batch_invariant: bool) -> int:
@@ -302,9 +305,23 @@ def _product_into(a: Tensor, b: Tensor, out: Tensor, slab: int, bias: Tensor | N
     if not slab:  # the default: one product, no views made on the hot path
         _matmul_into(a, b, out, bias)
         return
+    if slab == 1:
+        _rowwise_into(a, b, out, bias)
+        return
     for start in range(0, a.shape[0], slab):
         part = slice(start, start + slab)
         _matmul_into(a[part], b, out[part], bias)
+
+
+def _rowwise_into(a: Tensor, b: Tensor, out: Tensor, bias: Tensor | None) -> None:
+    """out = bias + a @ b one row at a time, each row copied into the same fresh buffers, so
+    that its product has one shape and one alignment (the allocator's) in any batch."""
+    row_in = a.new_empty(1, a.shape[1])
+    row_out = out.new_empty(1, out.shape[1])
+    for r in range(a.shape[0]):
+        row_in.copy_(a[r:r + 1])
+        _matmul_into(row_in, b, row_out, bias)
+        out[r:r + 1].copy_(row_out)
 
 
 def _matmul_into(a: Tensor, b: Tensor, out: Tensor, bias: Tensor | None) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+import struct
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -349,6 +350,9 @@ def _as_float(value: Any, name: str, error: type[Exception], positive: bool = Fa
             or value > FLOAT32_MAX):
         raise error(f"{name} must be a finite number {bound} (at most {FLOAT32_MAX:.4g}, "
                     f"float32's largest), got {value}")
+    if positive and struct.unpack("f", struct.pack("f", value))[0] == 0.0:
+        raise error(f"{name} must be > 0 in float32, the ascent's precision, got {value} "
+                    f"(it rounds to 0 there)")
     return value
 
 

@@ -134,8 +134,9 @@ class ValueHead(nn.Module):
         CUDA, where cuBLAS beat the kernel's fp32 path). ``batch_invariant``:
         on the Triton backend, kernel plans that do not depend on the batch size, so a row's
         edit is the same bits alone or in any batch (slower at large batch); on the torch
-        backend, products in slabs of a fixed row count (16 on CPU, 64 on CUDA), the batch
-        padded to whole slabs, so each row meets the same shape of product. ``form``: "direct" (products
+        backend, products in slabs of 64 rows on CUDA (the batch padded to whole slabs, so each
+        row meets the same shape of product) and one product per row on CPU (where BLAS also
+        rounds a row by its position in a product). ``form``: "direct" (products
         with every layer, each step), "gram" (the same ascent on the first layer's
         coefficients, one product fewer per step) or "auto" (the Gram form on the torch
         backend where it moves fewer weights, the direct form on Triton:
@@ -187,7 +188,9 @@ class ValueHead(nn.Module):
             u = run_form(mlp, states32, alpha_rows, steps_rows, num_iterations, max_norm,
                          workspace=self._workspace_for(mlp, work_rows),
                          batch_invariant=batch_invariant)
-        edited = (states32 + u).to(states.dtype)
+        # One rounding, to the states' dtype; float64 states keep their own precision.
+        base = states.to(device) if states.dtype == torch.float64 else states32
+        edited = (base + u.to(base.dtype)).to(states.dtype)
         moved = (steps_rows > 0) & (alpha_rows != 0)
         finite = torch.isfinite(edited).all(dim=1)
         self._count_nonfinite(moved & ~finite)
@@ -277,7 +280,11 @@ class ValueHead(nn.Module):
         Gram-form buffers come with the first Gram-form call and stay."""
         ws = self._workspace
         gram = mlp.first_gram is not None
-        if ws is None or ws.capacity < rows or ws.x.device != mlp.device or \
+        # Buffers made under torch.inference_mode() (as vLLM runs) cannot be written outside
+        # it: a direct call without that mode gets new ones.
+        stale_mode = ws is not None and ws.x.is_inference() and \
+            not torch.is_inference_mode_enabled()
+        if ws is None or stale_mode or ws.capacity < rows or ws.x.device != mlp.device or \
                 [t.shape[1] for t in ws.pre] != [w.shape[0] for w in mlp.weights[:-1]] or \
                 (gram and not ws.has_gram_buffers):
             gram = gram or (ws is not None and ws.has_gram_buffers)
@@ -290,8 +297,8 @@ class ValueHead(nn.Module):
         if self._nonfinite_pending is None or self._nonfinite_pending.device != count.device:
             self.nonfinite_rows()
             self._nonfinite_pending = count
-        else:
-            self._nonfinite_pending += count
+        else:  # out of place: the tally may be an inference tensor (made under vLLM)
+            self._nonfinite_pending = self._nonfinite_pending + count
 
     def nonfinite_rows(self) -> int:
         """Rows so far whose edit was not finite and fell back unedited (logs new ones)."""
@@ -396,8 +403,17 @@ def checked_radius(max_norm: Any, rows: int) -> float | torch.Tensor | None:
         if isinstance(max_norm, bool) or not isinstance(max_norm, numbers.Real) or not (
                 0 < float(max_norm) <= FLOAT32_MAX):
             raise ValueError(f"max_norm must be a positive finite number, got {max_norm!r}")
+        if float(torch.tensor(float(max_norm), dtype=torch.float32)) == 0.0:
+            raise ValueError(f"max_norm {max_norm!r} is 0 in float32, the ascent's precision "
+                             "(the edit would vanish)")
         return float(max_norm)
-    radius = torch.as_tensor(max_norm, dtype=torch.float32)
+    if isinstance(max_norm, (list, tuple)):  # None: this row is not projected, as in RowControl
+        max_norm = [math.inf if value is None else value for value in max_norm]
+    try:
+        radius = torch.as_tensor(max_norm, dtype=torch.float32)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ValueError(f"per-row max_norm must be numbers (None or inf: unprojected), got "
+                         f"{max_norm!r}: {exc}") from exc
     radius = radius.expand(rows) if radius.dim() == 0 else radius.reshape(-1)
     if radius.shape[0] != rows:
         raise ValueError(f"max_norm has {radius.shape[0]} entries but states have {rows} rows")
