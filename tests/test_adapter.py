@@ -102,6 +102,24 @@ def test_version_flag_names_both_versions_and_whether_vllm_is_tested(monkeypatch
     assert "vLLM 0.33.0 (untested: this release needs 0.32.x)" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("value, seconds", [(None, 10.0), ("2.5", 2.5), ("0", 10.0),
+                                            ("-3", 10.0)])
+def test_edit_statistics_keep_vllms_stats_interval(monkeypatch, value, seconds):
+    """The controller's statistics line follows VLLM_LOG_STATS_INTERVAL as vLLM reads it:
+    a zero or negative value is vLLM's default of 10 s (the plugin used to parse it itself
+    and log at every sampling call with 0)."""
+    import vllm.envs as envs
+
+    from vllm_recontrol._vllm_adapter import stats_log_interval
+
+    envs.disable_envs_cache()  # an engine started earlier in this process may have cached it
+    if value is None:
+        monkeypatch.delenv("VLLM_LOG_STATS_INTERVAL", raising=False)
+    else:
+        monkeypatch.setenv("VLLM_LOG_STATS_INTERVAL", value)
+    assert stats_log_interval() == seconds
+
+
 def test_batch_invariant_follows_vllm_unless_the_key_says(monkeypatch):
     from vllm_recontrol._vllm_adapter import resolve_batch_invariant
     from vllm_recontrol.config import EngineSettings

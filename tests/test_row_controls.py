@@ -176,19 +176,19 @@ def test_each_row_is_projected_onto_its_own_radius():
 
 
 def test_stats_line_counts_calls_and_controlled_rows_per_head(monkeypatch, caplog):
-    """Every VLLM_LOG_STATS_INTERVAL seconds the controller logs the sampling calls it edited
-    and the controlled rows per head (uncontrolled rows not counted), then starts over."""
+    """Every stats interval (vLLM's VLLM_LOG_STATS_INTERVAL, passed by the adapter) the
+    controller logs the sampling calls it edited and the controlled rows per head
+    (uncontrolled rows not counted), then starts over."""
     from vllm_recontrol import ValueHead
     from vllm_recontrol.config import EngineSettings, HeadSpec
     from vllm_recontrol.controller import EditController
 
-    monkeypatch.setenv("VLLM_LOG_STATS_INTERVAL", "3600")
     heads = {"default": ValueHead(8, [4], seed=1), "deep": ValueHead(8, [4, 4], seed=2)}
     settings = EngineSettings(value_head="h", value_heads=(("deep", HeadSpec("h2")),),
                               backend="torch")
     batch = [RowControl(1.0, 3, head="deep"), RowControl(0.5, 2), RowControl(0.0, 0),
              RowControl(2.0, 5, head="deep")]
-    controller = EditController(heads, settings, fresh(batch))
+    controller = EditController(heads, settings, fresh(batch), stats_interval=3600)
     states = torch.randn(len(batch), 8, generator=torch.Generator().manual_seed(0))
     with caplog.at_level("INFO", logger="vllm.recontrol.controller"):
         for _ in range(3):

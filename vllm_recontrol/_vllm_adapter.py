@@ -395,6 +395,14 @@ def resolve_batch_invariant(settings: EngineSettings) -> bool:
     return bool(envs.VLLM_BATCH_INVARIANT)
 
 
+def stats_log_interval() -> float:
+    """vLLM's stats-log period in seconds, read as vLLM reads ``VLLM_LOG_STATS_INTERVAL``
+    (10 when unset, zero or negative), so the plugin's edit statistics keep its rhythm."""
+    import vllm.envs as envs
+
+    return float(envs.VLLM_LOG_STATS_INTERVAL)
+
+
 def _recontrol_layer_class(stock: type) -> type:
     from vllm.config import get_current_vllm_config
 
@@ -415,7 +423,8 @@ def _recontrol_layer_class(stock: type) -> type:
             self._recontrol = EditController(
                 heads, settings, rows_for_engine(_engine_id(vllm_config)),
                 max_rows=vllm_config.scheduler_config.max_num_seqs,
-                batch_invariant=resolve_batch_invariant(settings))
+                batch_invariant=resolve_batch_invariant(settings),
+                stats_interval=stats_log_interval())
 
         def forward(self, lm_head: Any, hidden_states: torch.Tensor,
                     embedding_bias: torch.Tensor | None = None, skip_gather: bool = False):

@@ -8,7 +8,6 @@ the logits layer device tensors for exactly the next sampling call. Nothing here
 from __future__ import annotations
 
 import math
-import os
 import threading
 import time
 from collections import Counter
@@ -26,7 +25,6 @@ from .value_head import ValueHead
 logger = get_logger(__name__)
 
 NONFINITE_REPORT_EVERY = 512  # edits between host syncs that report non-finite rows
-STATS_INTERVAL_ENV = "VLLM_LOG_STATS_INTERVAL"  # vLLM's own stats-log period (seconds)
 
 
 @dataclass(frozen=True)
@@ -173,19 +171,21 @@ class EditController:
 
     def __init__(self, heads: ValueHead | Mapping[str, ValueHead], settings: EngineSettings,
                  rows: RowControls, max_rows: int | None = None,
-                 batch_invariant: bool = False) -> None:
+                 batch_invariant: bool = False, stats_interval: float = 10.0) -> None:
         """``heads``: by name (``settings.head_names``); one head is the engine's default.
         ``max_rows``: the engine's largest batch (max_num_seqs); with it, the first logits
         call that is not a sampling call (vLLM's profiling run) compiles and captures the
         ascent for every row bucket up to it, see ``warm_up``. ``batch_invariant``: the
-        resolved setting (the engine key, or vLLM's own when the key is "auto")."""
+        resolved setting (the engine key, or vLLM's own when the key is "auto").
+        ``stats_interval``: seconds between edit-statistics log lines (the adapter passes
+        vLLM's ``VLLM_LOG_STATS_INTERVAL``)."""
         self.heads = dict(heads) if isinstance(heads, Mapping) else {DEFAULT_HEAD: heads}
         self.settings = settings
         self.rows = rows
         self.batch_invariant = batch_invariant
         self._edits = 0
         self._stats = EditStats()
-        self._stats_interval = float(os.environ.get(STATS_INTERVAL_ENV, "10") or 10)
+        self._stats_interval = stats_interval
         # Resolved once: a forced backend that cannot run fails at engine start, not mid-serve.
         resolved = {name: self._resolve(head) for name, head in self.heads.items()}
         self.backends = {name: backend for name, (backend, _) in resolved.items()}
@@ -269,7 +269,7 @@ class EditController:
         return edited
 
     def _count(self, groups: list[HeadGroup]) -> None:
-        """Tally the call; every ``VLLM_LOG_STATS_INTERVAL`` seconds (vLLM's own period),
+        """Tally the call; every ``stats_interval`` seconds (vLLM's own stats period),
         log what the edit did, so an operator sees control at work and how much of it."""
         stats = self._stats
         stats.calls += 1
