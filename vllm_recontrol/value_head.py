@@ -87,7 +87,9 @@ class ValueHead(nn.Module):
 
     def _weights_as(self, dtype: torch.dtype, gram: bool = False) -> MLPWeights:
         """Contiguous copies in ``dtype`` (with W1 W1^T for the Gram form when ``gram``),
-        cached until a parameter changes in place or moves."""
+        cached until a parameter changes in place or moves. A change through ``.data`` is
+        invisible here (it does not count as a version of the parameter): change weights
+        under ``torch.no_grad()`` instead, as ``load_state_dict`` does."""
         key = tuple((p.data_ptr(), p._version, p.device, p.dtype) for p in self.parameters())
         cached = self._mlp_cache.get((dtype, gram))
         if cached is None or cached[0] != key:
