@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import numbers
+import struct
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -405,7 +406,7 @@ def checked_radius(max_norm: Any, rows: int) -> float | torch.Tensor | None:
         if isinstance(max_norm, bool) or not isinstance(max_norm, numbers.Real) or not (
                 0 < float(max_norm) <= FLOAT32_MAX):
             raise ValueError(f"max_norm must be a positive finite number, got {max_norm!r}")
-        if float(torch.tensor(float(max_norm), dtype=torch.float32)) == 0.0:
+        if struct.unpack("f", struct.pack("f", float(max_norm)))[0] == 0.0:
             raise ValueError(f"max_norm {max_norm!r} is 0 in float32, the ascent's precision "
                              "(the edit would vanish)")
         return float(max_norm)
