@@ -1191,18 +1191,20 @@ def check_graph_cache(device, ascent, seed) -> list[dict]:
     return rows_out
 
 
-def check_controller(device, ascent, seed, backend: str = "triton", form: str = "auto") -> dict:
+def check_controller(device, ascent, seed, backend: str = "triton", form: str = "auto",
+                     d: int = 304, widths=((264, 136), (200,))) -> dict:
     """The engine's EditController with two value heads (2 and 1 hidden layers): a batch whose
     rows name either head or none (uncontrolled), every fourth with its own radius
     (per-request max_norm), against each head's eager ascent of its own rows alone; the batch
-    is gathered per head and replayed through the heads' graph caches."""
+    is gathered per head and replayed through the heads' graph caches. ``d``, ``widths``: the
+    heads' sizes (smaller ones for the interpreter's CPU tests)."""
     from vllm_recontrol.config import EngineSettings, HeadSpec, RowControl
     from vllm_recontrol.controller import EditController, RowControls
 
     gen = torch.Generator().manual_seed(seed + 2)
-    d = 304
-    heads = {name: new_value_head(make_head(ascent, d, widths, torch.float32, "cpu", gen), device)
-             for name, widths in (("default", [264, 136]), ("other", [200]))}
+    heads = {name: new_value_head(make_head(ascent, d, list(layers), torch.float32, "cpu", gen),
+                                  device)
+             for name, layers in zip(("default", "other"), widths)}
     controls = [RowControl(0.0, 0) if i % 3 == 2 else
                 RowControl(0.5 + (i % 5) / 4, 1 + i % 4, head=("other", "default")[i % 3],
                            max_norm=0.05 if i % 4 == 0 else None)
