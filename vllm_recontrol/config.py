@@ -26,6 +26,12 @@ DEFAULT_STEPS = 30
 DEFAULT_MAX_STEPS = 200
 FLOAT32_MAX = 3.4028234663852886e38  # alpha and max_norm run in float32
 
+
+def as_float32(value: float) -> float:
+    """``value`` rounded to float32, the ascent's precision (e.g. 1e-46 becomes 0)."""
+    return struct.unpack("f", struct.pack("f", value))[0]
+
+
 REQUEST_SWITCH = "recontrol"
 REQUEST_ALPHA = "recontrol_alpha"
 REQUEST_STEPS = "recontrol_steps"
@@ -350,7 +356,7 @@ def _as_float(value: Any, name: str, error: type[Exception], positive: bool = Fa
             or value > FLOAT32_MAX):
         raise error(f"{name} must be a finite number {bound} (at most {FLOAT32_MAX:.4g}, "
                     f"float32's largest), got {value}")
-    if positive and struct.unpack("f", struct.pack("f", value))[0] == 0.0:
+    if positive and as_float32(value) == 0.0:
         raise error(f"{name} must be > 0 in float32, the ascent's precision, got {value} "
                     f"(it rounds to 0 there)")
     return value

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import numbers
-import struct
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -20,6 +19,7 @@ from torch import nn
 from .ascent import (AscentWorkspace, MLPWeights, as_row_tensor, ascend_float32,
                      ascend_gram_float32, product_rows, with_first_gram)
 from .backends import choose_backend, choose_form, choose_precision
+from .config import FLOAT32_MAX, as_float32
 from .errors import ValueHeadError
 from .head_source import locate_head
 from .logs import get_logger
@@ -32,7 +32,6 @@ FORMAT_NAME = "vllm-recontrol-value-head"
 FORMAT_VERSION = 1
 SUPPORTED_ACTIVATIONS = ("relu",)
 STORED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-FLOAT32_MAX = torch.finfo(torch.float32).max  # the ascent runs in float32
 
 
 class ValueHead(nn.Module):
@@ -406,7 +405,7 @@ def checked_radius(max_norm: Any, rows: int) -> float | torch.Tensor | None:
         if isinstance(max_norm, bool) or not isinstance(max_norm, numbers.Real) or not (
                 0 < float(max_norm) <= FLOAT32_MAX):
             raise ValueError(f"max_norm must be a positive finite number, got {max_norm!r}")
-        if struct.unpack("f", struct.pack("f", float(max_norm)))[0] == 0.0:
+        if as_float32(float(max_norm)) == 0.0:
             raise ValueError(f"max_norm {max_norm!r} is 0 in float32, the ascent's precision "
                              "(the edit would vanish)")
         return float(max_norm)
