@@ -117,3 +117,32 @@ class OracleGenerator:
                 break
             text += pieces[token]
         return generated
+
+
+# (alpha, steps) per request, all in one batch; (0, 0) is an uncontrolled request.
+ORACLE_SETTINGS = [(0.0, 0), (0.5, 3), (1.0, 4), (2.0, 8)]
+
+
+def assert_engine_matches_oracle(llm, model_dir: str | Path, head_dir: str | Path,
+                                 prompts: list[str], max_tokens: int = 10) -> None:
+    """Every prompt under every ORACLE_SETTINGS control, in one batch of ``llm`` (a vLLM
+    engine whose default head is ``head_dir``): each row's greedy tokens equal the oracle's,
+    and every control setting changes some row (else the comparison could not fail)."""
+    from engine_helpers import greedy
+
+    cases = [(prompt, alpha, steps) for alpha, steps in ORACLE_SETTINGS for prompt in prompts]
+    params = [greedy(max_tokens, **({"recontrol": 0} if steps == 0 else
+                                    {"recontrol_alpha": alpha, "recontrol_steps": steps}))
+              for _, alpha, steps in cases]
+    outputs = llm.generate([prompt for prompt, _, _ in cases], params, use_tqdm=False)
+    oracle = OracleGenerator(model_dir, head_dir)
+    by_setting: dict[tuple, list[list[int]]] = {}
+    for (prompt, alpha, steps), out in zip(cases, outputs):
+        expected = oracle.generate(list(out.prompt_token_ids), max_tokens, alpha, steps)
+        got = list(out.outputs[0].token_ids)
+        assert got == expected, f"{prompt!r} alpha={alpha} steps={steps}"
+        by_setting.setdefault((alpha, steps), []).append(got)
+    base = by_setting[(0.0, 0)]
+    for setting, tokens in by_setting.items():
+        if setting[1] > 0:
+            assert tokens != base, f"control {setting} changed nothing"

@@ -1,57 +1,18 @@
-"""The plugin's greedy tokens equal an independent transformers + autograd RE-Control oracle."""
+"""The plugin's greedy tokens equal an independent transformers + autograd RE-Control oracle.
+
+(The same check on a Qwen2 model runs on the Qwen2 engine of test_vllm_features.py.)
+"""
 
 from __future__ import annotations
 
 import pytest
 
-from engine_helpers import PROMPTS, greedy, start_llm, stop_llm
-from oracle import OracleGenerator
+from engine_helpers import PROMPTS, greedy
+from oracle import OracleGenerator, assert_engine_matches_oracle
 
 MAX_TOKENS = 10
-# (alpha, steps) per request, all in one batch; (0, 0) is an uncontrolled request.
-SETTINGS = [(0.0, 0), (0.5, 3), (1.0, 4), (2.0, 8)]
-
-
-def run_settings(llm, prompts):
-    requests, params = [], []
-    for alpha, steps in SETTINGS:
-        for prompt in prompts:
-            requests.append((prompt, alpha, steps))
-            extra = {"recontrol": 0} if steps == 0 else {
-                "recontrol_alpha": alpha, "recontrol_steps": steps}
-            params.append(greedy(MAX_TOKENS, **extra))
-    outputs = llm.generate([r[0] for r in requests], params, use_tqdm=False)
-    return requests, outputs
-
-
-def check_against_oracle(llm, model_dir, head_dir):
-    oracle = OracleGenerator(model_dir, head_dir)
-    requests, outputs = run_settings(llm, PROMPTS[:4])
-    by_setting: dict[tuple, list[list[int]]] = {}
-    for (prompt, alpha, steps), out in zip(requests, outputs):
-        expected = oracle.generate(list(out.prompt_token_ids), MAX_TOKENS, alpha, steps)
-        got = list(out.outputs[0].token_ids)
-        assert got == expected, f"{prompt!r} alpha={alpha} steps={steps}"
-        by_setting.setdefault((alpha, steps), []).append(got)
-    base = by_setting[(0.0, 0)]
-    for setting, tokens in by_setting.items():
-        if setting[1] > 0:  # the head must really steer, or this test could not fail
-            assert tokens != base, f"control {setting} changed nothing"
-
-
 def test_llama_matches_oracle(llama_engine, llama_dir, head_dir):
-    check_against_oracle(llama_engine, llama_dir, head_dir)
-
-
-@pytest.fixture(scope="module")
-def qwen2_engine(qwen2_dir, head1_dir):
-    llm = start_llm(qwen2_dir, {"value_head": str(head1_dir), "alpha": 1.0, "steps": 4})
-    yield llm
-    stop_llm(llm)
-
-
-def test_qwen2_matches_oracle(qwen2_engine, qwen2_dir, head1_dir):
-    check_against_oracle(qwen2_engine, qwen2_dir, head1_dir)
+    assert_engine_matches_oracle(llama_engine, llama_dir, head_dir, PROMPTS[:4])
 
 
 def test_engine_defaults_apply_without_request_keys(llama_engine, llama_dir, head_dir):

@@ -1,7 +1,8 @@
 """vLLM features a controlled request meets, each checked against the independent oracle or
-against the same request alone: preemption under a full KV cache, chunked prefill, prefix
-caching, parallel sampling (n > 1), beam search, structured outputs (regex, choice, JSON
-schema) and vLLM's own logits processors (logit_bias, allowed_token_ids).
+against the same request alone (and, first, the Qwen2 architecture against the oracle):
+preemption under a full KV cache, chunked prefill, prefix caching, parallel sampling (n > 1),
+beam search, structured outputs (regex, choice, JSON schema) and vLLM's own logits
+processors (logit_bias, allowed_token_ids).
 
 One deliberately cramped engine: a KV cache of 6 blocks of 32 tokens for 8 concurrent
 requests of 40 new tokens (the scheduler must preempt), and 16 scheduled tokens per step
@@ -15,8 +16,8 @@ import re
 
 import pytest
 
-from engine_helpers import greedy, llama_control, start_llm, stop_llm, token_ids
-from oracle import OracleGenerator
+from engine_helpers import PROMPTS, greedy, llama_control, start_llm, stop_llm, token_ids
+from oracle import OracleGenerator, assert_engine_matches_oracle
 
 TOKENS = 40
 TOKEN_BUDGET = 16  # max_num_batched_tokens
@@ -67,6 +68,11 @@ def engine(model_dir, head_dir):
 @pytest.fixture(scope="module")
 def oracle(model_dir, head_dir):
     return OracleGenerator(model_dir, head_dir)
+
+
+def test_qwen2_matches_oracle(engine, model_dir, head_dir):
+    """Every control setting on four prompts, in one batch (16 rows: preempted too)."""
+    assert_engine_matches_oracle(engine, model_dir, head_dir, PROMPTS[:4])
 
 
 def test_preempted_and_chunked_requests_match_the_oracle(engine, oracle):
