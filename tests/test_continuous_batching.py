@@ -1,15 +1,12 @@
-"""Requests that arrive while others are mid-generation (AsyncLLM, and async scheduling) keep
-every guarantee."""
+"""Requests that arrive while others are mid-generation (continuous batching, and async
+scheduling) keep every guarantee."""
 
 from __future__ import annotations
 
-import asyncio
-import time
-
-from engine_helpers import ENGINE_KWARGS, PROMPTS, greedy, llama_control, token_ids
+from engine_helpers import PROMPTS, greedy, llama_control, token_ids
 
 MAX_TOKENS = 24
-ARRIVE_AFTER_TOKENS = 3  # request i is submitted once request i-1 has streamed this many tokens
+ARRIVE_AFTER_TOKENS = 3  # request i is added once request i-1 has this many tokens
 # (prompt, request keys): controlled and uncontrolled interleaved.
 ARRIVALS = [
     (PROMPTS[i % len(PROMPTS)], extra)
@@ -22,48 +19,56 @@ ARRIVALS = [
 ]
 
 
-async def _serve_staggered(engine):
-    """Each request arrives while the previous one is mid-generation (streamed tokens)."""
+def _serve_staggered(engine) -> tuple[list[list[int]], list[int], list[set[int]]]:
+    """Drive vLLM's engine step by step, as ``LLM.generate`` does, adding request i once
+    request i-1 has ARRIVE_AFTER_TOKENS tokens: rows join a running batch, run beside
+    others and leave it at different steps. Returns each request's tokens, the step it
+    joined at, and the requests that were running at each step."""
     from vllm.sampling_params import RequestOutputKind
 
-    under_way = [asyncio.Event() for _ in ARRIVALS]
+    index_of: dict[str, int] = {}  # vLLM's outputs name a request by its id or by the
+    tokens: list[list[int]] = []     # internal id that add_request returns
+    finished: set[int] = set()
+    joined_at: list[int] = []
+    running: list[set[int]] = []
 
-    async def one(index, prompt, extra):
-        if index:
-            await under_way[index - 1].wait()
+    def add(index: int) -> None:
+        prompt, extra = ARRIVALS[index]
         params = greedy(MAX_TOKENS, **extra)
         params.output_kind = RequestOutputKind.CUMULATIVE
-        started, final = time.monotonic(), None
-        async for output in engine.generate(prompt, params, f"req-{index}"):
-            final = output
-            if len(output.outputs[0].token_ids) >= ARRIVE_AFTER_TOKENS:
-                under_way[index].set()
-        under_way[index].set()
-        return list(final.outputs[0].token_ids), started, time.monotonic()
+        request_id = f"staggered-{index}"
+        index_of[request_id] = index_of[engine.add_request(request_id, prompt, params)] = index
+        tokens.append([])
+        joined_at.append(len(running))
 
-    return await asyncio.gather(*(one(i, *a) for i, a in enumerate(ARRIVALS)))
+    add(0)
+    while engine.has_unfinished_requests():
+        running.append(set(range(len(tokens))) - finished)
+        for output in engine.step():
+            index = index_of[output.request_id]
+            tokens[index] = list(output.outputs[0].token_ids)
+            if output.finished:
+                finished.add(index)
+        if len(tokens) < len(ARRIVALS) and len(tokens[-1]) >= ARRIVE_AFTER_TOKENS:
+            add(len(tokens))
+    return tokens, joined_at, running
 
 
-def test_staggered_arrivals_match_requests_alone(llama_dir, head_dir, llama_engine):
-    from vllm.engine.arg_utils import AsyncEngineArgs
-    from vllm.v1.engine.async_llm import AsyncLLM
+def test_staggered_arrivals_match_requests_alone(llama_engine):
+    """Ten requests join the shared engine's batch one after another while the earlier ones
+    are mid-generation (its scheduler admits each at the next step): each gets the tokens it
+    gets alone."""
+    results, joined_at, running = _serve_staggered(llama_engine.llm_engine)
 
-    args = AsyncEngineArgs(
-        model=str(llama_dir), model_impl="recontrol",
-        additional_config={"recontrol": llama_control(head_dir)},
-        **ENGINE_KWARGS)
-    engine = AsyncLLM.from_engine_args(args)
-    try:
-        results = asyncio.run(_serve_staggered(engine))
-    finally:
-        engine.shutdown()
-
-    arrived_mid_generation = [results[i][1] < results[i - 1][2] for i in range(1, len(results))]
-    assert all(arrived_mid_generation), arrived_mid_generation
-
+    assert len(results) == len(ARRIVALS) and joined_at == sorted(joined_at)
+    # each request joined while its predecessor was still generating, so batches changed
+    # under running rows; at the busiest step most of the requests ran together
+    assert all(i - 1 in running[joined_at[i]] for i in range(1, len(ARRIVALS))), running
+    assert max(len(rows) for rows in running) >= 6, running
     alone = [token_ids(llama_engine.generate([p], [greedy(MAX_TOKENS, **e)], use_tqdm=False))[0]
              for p, e in ARRIVALS]
-    assert [tokens for tokens, _, _ in results] == alone
+    assert results == alone
+    assert len({tuple(t) for t in alone}) > 4  # the requests really differ
 
 
 # Run in a child process: an in-process engine (the patch below must reach the engine core,
