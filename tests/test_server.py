@@ -1,10 +1,14 @@
-"""A real ``vllm serve --model-impl recontrol`` driven by the ``openai`` client."""
+"""A real ``vllm serve --model-impl recontrol`` driven by the ``openai`` client (two
+data-parallel engine cores where there are two CPU cores; the single-engine server runs in
+test_lora.py)."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
-from engine_helpers import PROMPTS, greedy, serving, shared_control, two_cores
+from engine_helpers import PROMPTS, greedy, serving, shared_control
 
 openai = pytest.importorskip("openai")
 
@@ -13,9 +17,19 @@ MAX_TOKENS = 10
 
 @pytest.fixture(scope="module")
 def server(llama_dir, head_dir, head1_dir, tmp_path_factory):
+    """The module's one `vllm serve`, with the shared engine's settings. Where the machine
+    has two cores, it runs `--data-parallel-size 2`: two engine cores behind two API servers
+    (vLLM's own scale-out on one machine, one core each), so every answer below must equal
+    the offline single engine's whichever core served it. Yields (client, log path, number
+    of engine cores)."""
     log_path = tmp_path_factory.mktemp("server") / "serve.log"
-    with serving(llama_dir, shared_control(head_dir, head1_dir), log_path) as client:
-        yield client, log_path
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    data_parallel = 2 if len(cores) >= 2 else 1
+    extra = (["--data-parallel-size", "2"] if data_parallel == 2 else [])
+    env = {"VLLM_CPU_OMP_THREADS_BIND": f"{cores[0]}|{cores[1]}"} if data_parallel == 2 else None
+    with serving(llama_dir, shared_control(head_dir, head1_dir), log_path, *extra,
+                 env=env) as client:
+        yield client, log_path, data_parallel
 
 
 def complete(client, prompt: str, **xargs) -> str:
@@ -26,7 +40,7 @@ def complete(client, prompt: str, **xargs) -> str:
 
 
 def test_completions_follow_request_keys(server, llama_engine):
-    client, _ = server
+    client, _, _ = server
     cases = [{"recontrol": 0}, {}, {"recontrol_alpha": 2.0, "recontrol_steps": 8},
              {"recontrol_alpha": 2.0, "recontrol_steps": 8, "recontrol_head": "one-layer"},
              {"recontrol_alpha": 2.0, "recontrol_steps": 8, "recontrol_max_norm": 0.02}]
@@ -39,7 +53,7 @@ def test_completions_follow_request_keys(server, llama_engine):
 
 def test_streamed_completion_equals_unstreamed(server):
     """Streaming (server-sent events) carries the same controlled tokens."""
-    client, _ = server
+    client, _, _ = server
     xargs = {"recontrol_alpha": 2.0, "recontrol_steps": 8}
     chunks = client.completions.create(
         model="tiny", prompt=PROMPTS[1], max_tokens=MAX_TOKENS, temperature=0.0, stream=True,
@@ -51,7 +65,7 @@ def test_streamed_completion_equals_unstreamed(server):
 
 
 def test_chat_is_controlled(server, llama_engine):
-    client, _ = server
+    client, _, _ = server
     messages = [{"role": "user", "content": "the good kan"}]
 
     def chat(**xargs) -> str:
@@ -78,7 +92,7 @@ def test_chat_is_controlled(server, llama_engine):
     ({"recontrol_max_norm": -0.5}, "recontrol_max_norm"),
 ])
 def test_invalid_values_get_400_and_server_keeps_serving(server, xargs, words):
-    client, _ = server
+    client, _, _ = server
     with pytest.raises(openai.BadRequestError) as caught:
         complete(client, PROMPTS[0], **xargs)
     assert caught.value.status_code == 400
@@ -92,7 +106,7 @@ def test_beam_search_refuses_request_keys_and_uses_engine_defaults(server, llama
     it runs with the engine's defaults, as offline ``LLM.beam_search`` does."""
     from vllm.sampling_params import BeamSearchParams
 
-    client, _ = server
+    client, _, _ = server
     beam = {"use_beam_search": True, "ignore_eos": True}
     with pytest.raises(openai.BadRequestError) as caught:
         client.completions.create(model="tiny", prompt=PROMPTS[3], n=2, max_tokens=MAX_TOKENS,
@@ -118,33 +132,29 @@ def test_beam_search_refuses_request_keys_and_uses_engine_defaults(server, llama
         tokenizer.decode(beam.tokens[prompt_length:]) for beam in offline.sequences]
 
 
-def test_data_parallel_server_gives_the_single_engine_answers(llama_dir, head_dir, head1_dir,
-                                                              llama_engine, tmp_path):
-    """`--data-parallel-size 2`: two engine cores behind two API servers (vLLM's own
-    scale-out on one machine). Requests sent at once (vLLM's coordinator balances them over
-    the engines) get the single engine's tokens; the API servers reject a bad value with 400.
-    vLLM's Ray data-parallel backend is GPU-only (on CPU it finds no devices in Ray)."""
+def test_data_parallel_server_gives_the_single_engine_answers(server, llama_engine):
+    """Requests sent at once (vLLM's coordinator balances them over the module server's two
+    engine cores) get the single engine's tokens; both API servers reject a bad value with
+    400. vLLM's Ray data-parallel backend is GPU-only (on CPU it finds no devices in Ray)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    cores = two_cores("engines")
+    client, log_path, engines = server
+    if engines < 2:
+        pytest.skip("needs two CPU cores for two engines")
     cases = [({}, PROMPTS[0]), ({"recontrol": 0}, PROMPTS[0]),
              ({"recontrol_alpha": 2.0, "recontrol_steps": 8}, PROMPTS[0]),
              ({}, PROMPTS[1]), ({"recontrol_steps": 2}, PROMPTS[2]),
              ({"recontrol_head": "one-layer", "recontrol_steps": 8}, PROMPTS[1])] * 2
     offline = [o.outputs[0].text for o in llama_engine.generate(
         [p for _, p in cases], [greedy(MAX_TOKENS, **x) for x, _ in cases], use_tqdm=False)]
-    with serving(llama_dir, shared_control(head_dir, head1_dir), tmp_path / "serve-dp.log",
-                 "--data-parallel-size", "2",
-                 env={"VLLM_CPU_OMP_THREADS_BIND": f"{cores[0]}|{cores[1]}"}) as client:
-        with ThreadPoolExecutor(len(cases)) as pool:
-            texts = list(pool.map(lambda case: complete(client, case[1], **case[0]), cases))
-        rejected = []
-        for bad in [{"recontrol_steps": 51}, {"recontrol_head": "nope"}] * 2:
-            # the API servers share the port: several tries reach both; each knows the heads
-            with pytest.raises(openai.BadRequestError) as caught:
-                complete(client, PROMPTS[0], **bad)
-            rejected.append(caught.value.status_code)
+    with ThreadPoolExecutor(len(cases)) as pool:
+        texts = list(pool.map(lambda case: complete(client, case[1], **case[0]), cases))
+    rejected = []
+    for bad in [{"recontrol_steps": 51}, {"recontrol_head": "nope"}] * 2:
+        # the API servers share the port: several tries reach both; each knows the heads
+        with pytest.raises(openai.BadRequestError) as caught:
+            complete(client, PROMPTS[0], **bad)
+        rejected.append(caught.value.status_code)
     assert texts == offline
     assert rejected == [400] * 4
-    log = (tmp_path / "serve-dp.log").read_text()
-    assert "EngineCore_DP1" in log  # the second engine really ran
+    assert "EngineCore_DP1" in log_path.read_text()  # the second engine really ran
