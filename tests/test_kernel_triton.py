@@ -417,14 +417,15 @@ def test_bucketed_runner_matches_direct_calls(kernels, seed):
     # shrinking batches leave stale rows in the shared buffers; 70 rows grows them (bucket 128)
     radii = torch.linspace(0.1, 1.0, 70)
     radii[::3] = float("inf")
-    for rows in (40, 3, 70, 1):
-        for max_norm in (None, 0.4, radii[:rows]):
-            got = runner.run(mlp, states[:rows], alpha[:rows], steps[:rows], 3, max_norm,
-                             "ieee").clone()
-            want = kernels.triton_ascend(mlp, states[:rows], alpha[:rows], steps[:rows], 3,
-                                         max_norm)
-            assert got.shape == (rows, DIM)
-            assert torch.equal(got, want), (seed, rows, max_norm)
+    # each kind of radius (none, one, one per row) after a larger and after a smaller batch
+    for rows, max_norm in ((40, radii[:40]), (3, None), (70, 0.4), (1, radii[:1]), (40, None),
+                           (3, radii[:3])):
+        got = runner.run(mlp, states[:rows], alpha[:rows], steps[:rows], 3, max_norm,
+                         "ieee").clone()
+        want = kernels.triton_ascend(mlp, states[:rows], alpha[:rows], steps[:rows], 3,
+                                     max_norm)
+        assert got.shape == (rows, DIM)
+        assert torch.equal(got, want), (seed, rows, max_norm)
 
 
 def _padded_closed_form(mlp, states, alpha, steps, iterations, max_norm):
