@@ -1,17 +1,58 @@
 """Shared fixtures: tiny self-made models, value heads, and long-lived vLLM engines.
 
-Engine start-up costs about 20 s on a 2-core CPU, so each engine is session-scoped and
-shared by every test that can use it.
+Engine start-up costs 20-45 s on a 2-core CPU (mostly Python importing vLLM in the engine's
+two processes), so each engine is session-scoped and shared by every test that can use it
+(under pytest-xdist, once per worker).
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from engine_helpers import shared_control, start_llm, stop_llm, strong_head
 from vllm_recontrol.toy import build_tiny_model
+
+
+MAX_WORKERS = 4
+# The slowest files first, as measured (serial seconds on a 2-core CPU): xdist hands files
+# to its workers in collection order (pytest.ini turns its own reordering off), so the
+# longest start first and the short ones fill the gaps at the end.
+SLOW_FILES_FIRST = [
+    "test_training_e2e.py", "test_kernel_triton.py", "test_bench_kernel.py", "test_server.py",
+    "test_parallel_engines.py", "test_lora.py", "test_readme_examples.py",
+    "test_vllm_features.py", "test_engine_batching.py", "test_demo.py",
+    "test_continuous_batching.py", "test_training_distributed.py", "test_engine_oracle.py",
+]
+
+
+def _cores() -> list[int]:
+    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [0]
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """``-n auto`` (pytest.ini): one worker per core, at most four (each worker starts its
+    own shared engine, so more workers than that cost more than they save)."""
+    return max(1, min(len(_cores()), MAX_WORKERS))
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    rank = {name: i for i, name in enumerate(SLOW_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: files stay whole
+
+
+def _unbind_engines_under_xdist() -> None:
+    """vLLM's CPU workers bind their threads to cores; on "auto" every engine binds to the
+    same first core, so with several xdist workers all engines would share one core while
+    the others idle. Let the OS place them instead (tests that start two-worker engines set
+    their own binding)."""
+    if os.environ.get("PYTEST_XDIST_WORKER") and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
+
+
+_unbind_engines_under_xdist()
 
 
 @pytest.fixture(scope="session")
@@ -22,11 +63,6 @@ def workdir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def llama_dir(workdir) -> Path:
     return build_tiny_model(workdir / "tiny-llama", "llama", seed=1)
-
-
-@pytest.fixture(scope="session")
-def qwen2_dir(workdir) -> Path:
-    return build_tiny_model(workdir / "tiny-qwen2", "qwen2", seed=2)
 
 
 @pytest.fixture(scope="session")
