@@ -41,16 +41,20 @@ def _serve_staggered(engine) -> tuple[list[list[int]], list[int], list[set[int]]
         tokens.append([])
         joined_at.append(len(running))
 
-    add(0)
-    while engine.has_unfinished_requests():
-        running.append(set(range(len(tokens))) - finished)
-        for output in engine.step():
-            index = index_of[output.request_id]
-            tokens[index] = list(output.outputs[0].token_ids)
-            if output.finished:
-                finished.add(index)
-        if len(tokens) < len(ARRIVALS) and len(tokens[-1]) >= ARRIVE_AFTER_TOKENS:
-            add(len(tokens))
+    try:
+        add(0)
+        while engine.has_unfinished_requests():
+            running.append(set(range(len(tokens))) - finished)
+            for output in engine.step():
+                index = index_of[output.request_id]
+                tokens[index] = list(output.outputs[0].token_ids)
+                if output.finished:
+                    finished.add(index)
+            if len(tokens) < len(ARRIVALS) and len(tokens[-1]) >= ARRIVE_AFTER_TOKENS:
+                add(len(tokens))
+    except BaseException:  # leave the shared engine empty for the next tests
+        engine.abort_request([f"staggered-{i}" for i in range(len(tokens)) if i not in finished])
+        raise
     return tokens, joined_at, running
 
 
