@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from engine_helpers import shared_control, start_llm, stop_llm, strong_head
+from engine_helpers import cpu_cores, shared_control, start_llm, stop_llm, strong_head
 from vllm_recontrol.toy import build_tiny_model
 
 
@@ -28,14 +28,10 @@ SLOW_FILES_FIRST = [
 ]
 
 
-def _cores() -> list[int]:
-    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [0]
-
-
 def pytest_xdist_auto_num_workers(config) -> int:
     """``-n auto`` (pytest.ini): one worker per core, at most four (each worker starts its
     own shared engine, so more workers than that cost more than they save)."""
-    return max(1, min(len(_cores()), MAX_WORKERS))
+    return max(1, min(len(cpu_cores()), MAX_WORKERS))
 
 
 def pytest_collection_modifyitems(config, items) -> None:

@@ -24,12 +24,17 @@ ENGINE_KWARGS: dict[str, Any] = dict(
 )
 
 
+def cpu_cores() -> list[int]:
+    """The CPU cores this process may use (empty where the OS does not say)."""
+    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+
+
 def two_cores(what: str) -> list[int]:
     """Two CPU cores this process may use, one per worker or engine (vLLM's CPU backend needs
     them bound by hand when one NUMA node hosts both); skips the test where there are not."""
     import pytest
 
-    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    cores = cpu_cores()
     if len(cores) < 2:
         pytest.skip(f"needs two CPU cores for two {what}")
     return cores[:2]
@@ -76,6 +81,11 @@ def stop_llm(llm) -> None:
     from vllm_recontrol._vllm_adapter import shutdown_llm
 
     shutdown_llm(llm)
+
+
+def control_keys(alpha: float, steps: int) -> dict:
+    """A request's RE-Control keys for (alpha, steps); 0 steps means uncontrolled."""
+    return {"recontrol_alpha": alpha, "recontrol_steps": steps} if steps else {"recontrol": 0}
 
 
 def greedy(max_tokens: int = 10, **extra: Any):

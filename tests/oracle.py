@@ -128,12 +128,10 @@ def assert_engine_matches_oracle(llm, model_dir: str | Path, head_dir: str | Pat
     """Every prompt under every ORACLE_SETTINGS control, in one batch of ``llm`` (a vLLM
     engine whose default head is ``head_dir``): each row's greedy tokens equal the oracle's,
     and every control setting changes some row (else the comparison could not fail)."""
-    from engine_helpers import greedy
+    from engine_helpers import control_keys, greedy
 
     cases = [(prompt, alpha, steps) for alpha, steps in ORACLE_SETTINGS for prompt in prompts]
-    params = [greedy(max_tokens, **({"recontrol": 0} if steps == 0 else
-                                    {"recontrol_alpha": alpha, "recontrol_steps": steps}))
-              for _, alpha, steps in cases]
+    params = [greedy(max_tokens, **control_keys(alpha, steps)) for _, alpha, steps in cases]
     outputs = llm.generate([prompt for prompt, _, _ in cases], params, use_tqdm=False)
     oracle = OracleGenerator(model_dir, head_dir)
     by_setting: dict[tuple, list[list[int]]] = {}
@@ -144,5 +142,5 @@ def assert_engine_matches_oracle(llm, model_dir: str | Path, head_dir: str | Pat
         by_setting.setdefault((alpha, steps), []).append(got)
     base = by_setting[(0.0, 0)]
     for setting, tokens in by_setting.items():
-        if setting[1] > 0:
+        if setting[1] > 0:  # the head must really steer, or this check could not fail
             assert tokens != base, f"control {setting} changed nothing"

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine_helpers import PROMPTS, greedy
+from engine_helpers import PROMPTS, control_keys, greedy
 from oracle import OracleGenerator, assert_engine_matches_oracle
 
 MAX_TOKENS = 10
@@ -62,9 +62,8 @@ def test_requests_pick_their_value_head(llama_engine, llama_dir, head_dir, head1
     def run(batch) -> dict[tuple, list[int]]:
         params = []
         for _, head, alpha, steps, named in batch:
-            extra = ({"recontrol_alpha": alpha, "recontrol_steps": steps} if steps
-                     else {"recontrol": 0})
-            params.append(greedy(MAX_TOKENS, **extra, **({"recontrol_head": head} if named else {})))
+            params.append(greedy(MAX_TOKENS, **control_keys(alpha, steps),
+                                 **({"recontrol_head": head} if named else {})))
         outputs = llama_engine.generate([c[0] for c in batch], params, use_tqdm=False)
         tokens = {}
         for (prompt, head, alpha, steps, _), out in zip(batch, outputs):

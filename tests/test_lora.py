@@ -15,7 +15,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from engine_helpers import PROMPTS, greedy, llama_control, start_llm, stop_llm, token_ids
+from engine_helpers import (PROMPTS, control_keys, greedy, llama_control, start_llm, stop_llm,
+                            token_ids)
 from oracle import OracleGenerator
 
 MAX_TOKENS = 10
@@ -76,9 +77,7 @@ def run_against_oracles(llm, loras, oracles) -> dict[tuple, list[int]]:
     """Every (prompt, adapter, control setting) in one batch; each row against its oracle."""
     cases = [(prompt, lora, alpha, steps) for prompt in PROMPTS[:2] for lora in loras
              for alpha, steps in SETTINGS]
-    params = [greedy(MAX_TOKENS, **({"recontrol": 0} if steps == 0 else
-                                    {"recontrol_alpha": alpha, "recontrol_steps": steps}))
-              for _, _, alpha, steps in cases]
+    params = [greedy(MAX_TOKENS, **control_keys(alpha, steps)) for _, _, alpha, steps in cases]
     outputs = llm.generate([c[0] for c in cases], params, lora_request=[c[1] for c in cases],
                            use_tqdm=False)
     tokens: dict[tuple, list[int]] = {}

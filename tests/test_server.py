@@ -4,11 +4,9 @@ test_lora.py)."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
-from engine_helpers import PROMPTS, greedy, serving, shared_control
+from engine_helpers import PROMPTS, cpu_cores, greedy, serving, shared_control
 
 openai = pytest.importorskip("openai")
 
@@ -23,13 +21,14 @@ def server(llama_dir, head_dir, head1_dir, tmp_path_factory):
     the offline single engine's whichever core served it. Yields (client, log path, number
     of engine cores)."""
     log_path = tmp_path_factory.mktemp("server") / "serve.log"
-    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    data_parallel = 2 if len(cores) >= 2 else 1
-    extra = (["--data-parallel-size", "2"] if data_parallel == 2 else [])
-    env = {"VLLM_CPU_OMP_THREADS_BIND": f"{cores[0]}|{cores[1]}"} if data_parallel == 2 else None
+    cores = cpu_cores()[:2]
+    extra, env = [], None
+    if len(cores) == 2:
+        extra = ["--data-parallel-size", "2"]
+        env = {"VLLM_CPU_OMP_THREADS_BIND": f"{cores[0]}|{cores[1]}"}
     with serving(llama_dir, shared_control(head_dir, head1_dir), log_path, *extra,
                  env=env) as client:
-        yield client, log_path, data_parallel
+        yield client, log_path, max(len(cores), 1)
 
 
 def complete(client, prompt: str, **xargs) -> str:

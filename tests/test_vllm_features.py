@@ -16,7 +16,8 @@ import re
 
 import pytest
 
-from engine_helpers import PROMPTS, greedy, llama_control, start_llm, stop_llm, token_ids
+from engine_helpers import (PROMPTS, control_keys, greedy, llama_control, start_llm, stop_llm,
+                            token_ids)
 from oracle import OracleGenerator, assert_engine_matches_oracle
 
 TOKENS = 40
@@ -158,8 +159,7 @@ def test_logit_bias_and_allowed_tokens_apply_to_the_edited_logits(engine, oracle
     cases = [({"logit_bias": bias}, (0.0, 0)), ({"logit_bias": bias}, steps),
              ({"allowed_token_ids": allowed}, (0.0, 0)), ({"allowed_token_ids": allowed}, steps)]
     params = [SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, **options,
-                             extra_args={"recontrol": 0} if not s else
-                             {"recontrol_alpha": a, "recontrol_steps": s})
+                             extra_args=control_keys(a, s))
               for options, (a, s) in cases]
     outputs = engine.generate([prompt] * len(cases), params, use_tqdm=False)
     got = token_ids(outputs)
