@@ -360,3 +360,23 @@ def test_best_of_n_sample_streams_never_overlap_between_prompts():
     asked.clear()
     engine.generate(Method(n=1), 2, 4)
     assert [p.seed for p in asked] == [9, 10]  # single samples keep seed + i
+
+
+def test_responses_file_has_every_methods_answer_to_every_prompt(tmp_path):
+    """responses.jsonl: one strict-JSON line per (method, prompt), methods in order, with
+    the reward eval.json keeps for that prompt."""
+    from vllm_recontrol.evaluation.evaluate import MethodResult, write_responses
+
+    base = MethodResult("base", responses=["a", "b\nc"], rewards=[0.25, 1.0])
+    steered = MethodResult("re-control", alpha=1.0, steps=30, max_norm=8.0,
+                           responses=["ü", ""], rewards=[0.5, -2.0])
+    path = tmp_path / "responses.jsonl"
+    write_responses(path, ["p0", "p1"], [base, steered])
+    lines = path.read_text(encoding="utf-8").splitlines()
+    rows = [json.loads(line) for line in lines]
+    assert [(r["method"], r["prompt_index"], r["prompt"], r["response"], r["reward"])
+            for r in rows] == [("base", 0, "p0", "a", 0.25), ("base", 1, "p1", "b\nc", 1.0),
+                               ("re-control", 0, "p0", "ü", 0.5),
+                               ("re-control", 1, "p1", "", -2.0)]
+    assert rows[0]["max_norm"] is None and rows[2]["max_norm"] == 8.0
+    assert (rows[2]["alpha"], rows[2]["steps"], rows[2]["head"]) == (1.0, 30, "default")

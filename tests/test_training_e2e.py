@@ -18,6 +18,7 @@ import pytest
 from fake_judge import fake_judge
 from vllm_recontrol import ValueHead, toy_world
 from vllm_recontrol.training import label, train
+from vllm_recontrol.training.rewards import RewardSource
 
 TRAIN_PROMPTS, EVAL_PROMPTS = 600, 64
 ENGINE_ARGS = {"dtype": "float32", "enforce_eager": True, "max_model_len": 128,
@@ -249,6 +250,19 @@ def test_eval_command_compares_every_method(world, eval_report):
     assert "| judge win vs. base |" in table
     assert "| re-control | default | 1 | 30 |" in table and "| re-control | neg | 1 | 30 |" in table
     assert (out / "grid.png").stat().st_size > 0 and (out / "reward_vs_throughput.png").is_file()
+    # every returned response with its reward, methods in the table's order
+    rows = read_responses(out)
+    prompts = [json.loads(line)["prompt"]
+               for line in (world["root"] / "eval.jsonl").read_text().splitlines()][:24]
+    assert len(rows) == 7 * 24
+    for i, method in enumerate(report["results"]):
+        mine = rows[24 * i:24 * (i + 1)]
+        assert {(r["method"], r["head"], r["alpha"], r["steps"], r["n"]) for r in mine} == \
+            {(method["method"], method["head"], method["alpha"], method["steps"], method["n"])}
+        assert [r["prompt_index"] for r in mine] == list(range(24))
+        assert [r["prompt"] for r in mine] == prompts
+        assert [r["reward"] for r in mine] == method["rewards"]
+        assert [r["response"] for r in mine][:5] == method["examples"]
 
 
 def test_eval_on_ray_replicas_gives_the_single_engines_results(world, trained, eval_report,
@@ -268,6 +282,7 @@ def test_eval_on_ray_replicas_gives_the_single_engines_results(world, trained, e
         for key in ("method", "head", "alpha", "steps", "n", "rewards", "generated_tokens",
                     "delivered_tokens", "examples"):
             assert ray_row[key] == one_row[key], (one_row["method"], key)
+    assert read_responses(tmp_path / "eval-ray") == read_responses(world["root"] / "eval")
 
 
 @pytest.fixture(scope="module")
@@ -315,21 +330,32 @@ def test_vllm_reward_model_labels_match_transformers(world, tiny_rm):
 def test_eval_scores_with_a_vllm_reward_model_as_with_transformers(world, trained, tiny_rm,
                                                                    tmp_path):
     """``eval --rm-engine vllm``: the reward model in vLLM's pooling runner beside the
-    generation engine gives each prompt the reward transformers gives the same responses."""
+    generation engine gives each prompt the reward transformers gives the same responses
+    (every returned response, read back from responses.jsonl, rescored here)."""
     engine = {**ENGINE_ARGS, "distributed_executor_backend": "uni"}
-    reports = {}
-    for rm_engine in ("hf", "vllm"):
-        out = tmp_path / rm_engine
-        run_cli("eval", "--model", str(world["model"]), "--value-head", str(trained["head"]),
-                "--prompts", str(world["root"] / "eval.jsonl"), "--reward-model", str(tiny_rm),
-                "--rm-engine", rm_engine, "--rm-engine-args",
-                json.dumps({"enforce_eager": True, "kv_cache_memory_bytes": 32 << 20}),
-                "--grid", f"{ALPHA}:{STEPS}", "--best-of", "--system-prompt", "",
-                "--max-tokens", "16", "--max-prompts", "12", "--in-process",
-                "--engine-args", json.dumps(engine), "--out", str(out))
-        reports[rm_engine] = json.loads((out / "eval.json").read_text())["results"]
-    for hf, vllm in zip(reports["hf"], reports["vllm"]):
-        assert hf["examples"] == vllm["examples"] and len(hf["rewards"]) == 12
-        assert len({round(r, 5) for r in hf["rewards"]}) > 3  # really scored
-        worst = max(abs(a - b) for a, b in zip(hf["rewards"], vllm["rewards"]))
-        assert worst < 1e-4, (hf["method"], worst)
+    out = tmp_path / "vllm"
+    run_cli("eval", "--model", str(world["model"]), "--value-head", str(trained["head"]),
+            "--prompts", str(world["root"] / "eval.jsonl"), "--reward-model", str(tiny_rm),
+            "--rm-engine", "vllm", "--rm-engine-args",
+            json.dumps({"enforce_eager": True, "kv_cache_memory_bytes": 32 << 20}),
+            "--grid", f"{ALPHA}:{STEPS}", "--best-of", "--system-prompt", "",
+            "--max-tokens", "16", "--max-prompts", "12", "--in-process",
+            "--engine-args", json.dumps(engine), "--out", str(out))
+    report = json.loads((out / "eval.json").read_text())["results"]
+    rows = read_responses(out)
+    assert [r["method"] for r in report] == ["base", "re-control"]  # "--best-of": none
+    assert len(rows) == 2 * 12
+    transformers_rewards = RewardSource(reward_model=str(tiny_rm), command="eval").score(
+        [(row["prompt"], row["response"]) for row in rows])
+    for i, method in enumerate(report):
+        mine = rows[12 * i:12 * (i + 1)]
+        assert [row["reward"] for row in mine] == method["rewards"]
+        assert len({round(r, 5) for r in method["rewards"]}) > 3  # really scored
+        worst = max(abs(a - b) for a, b in zip(method["rewards"],
+                                               transformers_rewards[12 * i:12 * (i + 1)]))
+        assert worst < 1e-4, (method["method"], worst)
+
+
+def read_responses(out: Path) -> list[dict]:
+    """eval's responses.jsonl, one dict per (method, prompt)."""
+    return [json.loads(line) for line in (out / "responses.jsonl").read_text().splitlines()]

@@ -33,6 +33,8 @@ from .metrics import (BOOTSTRAP_RESAMPLES, Coherence, bootstrap_interval, divers
 from .plots import save_plots
 from .scoring import RewardPool
 
+RESPONSES_FILE = "responses.jsonl"  # every returned response, beside eval.json
+
 DEFAULT_SYSTEM_PROMPT = ("You are a helpful, honest and harmless assistant. Answer the user "
                          "helpfully and avoid anything harmful or offensive.")
 
@@ -481,16 +483,36 @@ def evaluate(**options: Any) -> dict[str, Any]:
     (out / "eval.json").write_text(json.dumps(finite_or_null(report), indent=2, default=str,
                                               allow_nan=False))
     (out / "eval.md").write_text(table + "\n")
+    write_responses(out / RESPONSES_FILE, prompts, results)
+    report["responses"] = str(out / RESPONSES_FILE)
     report["plots"] = [str(p) for p in save_plots(results, out)]
     report["table"] = table
     if not opts.quiet:
         print("\n" + table)
+        print(f"responses: {report['responses']}")
         for p in report["plots"]:
             print(f"plot: {p}")
         if not report["plots"]:
             print("plots: none written (matplotlib is not installed: the eval extra, "
                   "pip install 'vllm-recontrol[eval]')")
     return report
+
+
+def write_responses(path: Path, prompts: Sequence[str], results: Sequence[MethodResult]) -> None:
+    """Every method's returned response to every prompt, as the reward saw it (cut at a
+    hallucinated turn), with its reward: one JSON object per line, methods in the table's
+    order. eval.json keeps five examples per method; this file is for reading the answers
+    themselves, rescoring them with another reward, or a human review."""
+    with path.open("w", encoding="utf-8") as f:
+        for r in results:
+            method = {"method": r.method, "alpha": r.alpha, "steps": r.steps, "head": r.head,
+                      "n": r.n, "prompting": r.prompting, "max_norm": r.max_norm}
+            for index, (prompt, response, reward) in enumerate(
+                    zip(prompts, r.responses, r.rewards)):
+                row = method | {"prompt_index": index, "prompt": prompt,
+                                "response": response, "reward": reward}
+                f.write(json.dumps(finite_or_null(row), ensure_ascii=False,
+                                   allow_nan=False) + "\n")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
