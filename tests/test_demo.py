@@ -36,6 +36,10 @@ def test_demo_runs_end_to_end_and_control_beats_base(tmp_path):
     assert float(bounded["reward"]) > float(free["reward"]) + 0.2
     assert float(bounded["diversity"]) > float(free["diversity"]) + 0.05
     assert (tmp_path / "demo" / "eval" / "reward_vs_throughput.png").is_file()
+    responses = (tmp_path / "demo" / "eval" / "responses.jsonl").read_text().splitlines()
+    methods = sum(len(found) for found in rows.values())  # the table's rows
+    assert len(responses) == methods * 64, len(responses)  # 64 held-out prompts each
+    assert f"responses: {tmp_path / 'demo' / 'eval' / 'responses.jsonl'}" in proc.stdout
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert header in readme.splitlines()  # the README shows the table the demo prints
 

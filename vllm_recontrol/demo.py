@@ -8,7 +8,7 @@
 4. ``train``: a value head (Monte Carlo targets, which fit this world best).
 5. ``eval``: on 64 held-out prompts, base generation vs. RE-Control over an alpha x steps grid
    (the strongest point also with a norm bound on u) and Best-of-4, all in one vLLM engine;
-   prints the table and saves the plots.
+   prints the table and saves the plots and every response.
 
 The prompting baselines of ``eval`` are left out here: the toy LM follows no instructions, and
 any text put before its prompt reads as a finished document (it then stops at once; measured
@@ -80,6 +80,7 @@ def run_demo(workdir: Path, train_prompts: int = 600, eval_prompts: int = 64,
                   engine_args=eval_engine, out=str(workdir / "eval"), quiet=True)
     print("\n" + report["table"])
     print("\n" + " | ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
+    print(f"responses: {report['responses']}")
     for plot in report["plots"]:
         print(f"plot: {plot}")
     return report
