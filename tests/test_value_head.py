@@ -282,6 +282,25 @@ def test_save_load_round_trip(tmp_path):
     assert config["activation"] == "relu" and config["hidden_size"] == 12
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_saved_head_files_get_the_umasks_mode(tmp_path, umask):
+    """safetensors and mkstemp create files 0600: a head trained by one user could not be
+    served by another. Both files get what open() would give them, and no temporary file
+    is left behind (saving over an existing head included)."""
+    import os
+    import stat
+
+    previous = os.umask(umask)
+    try:
+        head = ValueHead(12, [10], seed=3)
+        head.save(tmp_path / "h")
+        head.save(tmp_path / "h")
+    finally:
+        os.umask(previous)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "h").iterdir()}
+    assert modes == {"config.json": 0o666 & ~umask, "model.safetensors": 0o666 & ~umask}
+
+
 def test_seed_gives_the_same_head():
     a, b = ValueHead(8, [4], seed=7), ValueHead(8, [4], seed=7)
     assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))

@@ -21,6 +21,7 @@ from .ascent import (AscentWorkspace, MLPWeights, as_row_tensor, ascend_float32,
 from .backends import choose_backend, choose_form, choose_precision
 from .config import FLOAT32_MAX, as_float32
 from .errors import ValueHeadError
+from .files import atomic_path, write_text_atomic
 from .head_source import locate_head
 from .logs import get_logger
 
@@ -356,9 +357,9 @@ class ValueHead(nn.Module):
                 raise ValueHeadError(f"cannot save the value head to {directory}: {name} "
                                      "holds NaN or inf")
         path = Path(directory)
-        path.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(path / WEIGHTS_FILE), metadata={"format": FORMAT_NAME})
-        (path / CONFIG_FILE).write_text(json.dumps(self.config_dict(), indent=2) + "\n")
+        with atomic_path(path / WEIGHTS_FILE) as tmp:  # readable as any file the user writes
+            save_file(tensors, str(tmp), metadata={"format": FORMAT_NAME})
+        write_text_atomic(path / CONFIG_FILE, json.dumps(self.config_dict(), indent=2) + "\n")
         return path
 
     @classmethod

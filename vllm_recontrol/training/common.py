@@ -1,15 +1,10 @@
-"""Helpers shared by collect, label and train: errors, atomic files, config files, tables.
-
-Why atomic files: every command is resumable, and "a file exists" must mean "the file is
-complete". Each file is written to a temporary name in the same folder, flushed, then renamed
-(``os.replace`` is atomic on one file system), so a killed run leaves either the old state or
-the new file, never half a file.
-"""
+"""Helpers shared by collect, label and train: errors, atomic files (``..files``: every
+command is resumable, so "a file exists" must mean "the file is complete"), config files,
+tables."""
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import difflib
 import hashlib
@@ -17,13 +12,13 @@ import json
 import numbers
 import os
 import sys
-import tempfile
 import types
 import typing
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from ..errors import RecontrolError
+from ..files import atomic_path, write_text_atomic  # noqa: F401  (re-exported)
 
 
 class DataError(RecontrolError):
@@ -35,31 +30,6 @@ class RewardError(RecontrolError):
 
 
 # ----------------------------------------------------------------------------- files
-@contextlib.contextmanager
-def atomic_path(final: str | Path) -> Iterator[Path]:
-    """Yield a temporary path next to ``final``; rename it onto ``final`` if the block succeeds."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        with open(tmp_path, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.chmod(tmp_path, 0o644)  # mkstemp makes 0600; these are ordinary data files
-        os.replace(tmp_path, final)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp_path.unlink()
-
-
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
-    return Path(path)
-
-
 def write_jsonl_atomic(path: str | Path, rows: Sequence[Mapping[str, Any]]) -> Path:
     with atomic_path(path) as tmp:
         with open(tmp, "w") as handle:
