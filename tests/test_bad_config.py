@@ -35,6 +35,25 @@ def test_missing_recontrol_section(llama_dir):
         engine_config(llama_dir, {})
 
 
+def test_a_misspelled_section_is_named(llama_dir):
+    with pytest.raises(ConfigError, match=r"it has \['recontorl'\]; did you mean 'recontrol'"):
+        engine_config(llama_dir, {"recontorl": {"value_head": "x"}})
+
+
+@pytest.mark.parametrize("model_impl", ["auto", "vllm"])
+def test_a_recontrol_section_without_the_model_impl_is_refused(llama_dir, head_dir, model_impl):
+    """Stock vLLM would run, ignoring the section and every request's recontrol_* keys: a
+    user who wrote the section meant control, so the missing flag is named instead."""
+    args = EngineArgs(model=str(llama_dir), model_impl=model_impl,
+                      additional_config={"recontrol": {"value_head": str(head_dir)}},
+                      **ENGINE_KWARGS)
+    with pytest.raises(ConfigError, match=f"model_impl is '{model_impl}'.*--model-impl recontrol"):
+        args.create_engine_config()
+    other = EngineArgs(model=str(llama_dir), model_impl=model_impl,
+                       additional_config={"something_else": 1}, **ENGINE_KWARGS)
+    assert not other.create_engine_config().model_config.logits_processors  # untouched
+
+
 def test_no_value_head(llama_dir):
     with pytest.raises(ConfigError, match=r'\["value_head"\] is required'):
         engine_config(llama_dir, {"recontrol": {"alpha": 0.5}})

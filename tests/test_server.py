@@ -99,6 +99,27 @@ def test_invalid_values_get_400_and_server_keeps_serving(server, xargs, words):
     assert complete(client, PROMPTS[0], recontrol_steps=2)  # still answering
 
 
+def test_control_keys_outside_vllm_xargs_get_400(server):
+    """vLLM keeps unknown top-level fields but passes only vllm_xargs to the engine: a
+    request with its keys at the top level (extra_body={"recontrol_alpha": ...}) would be
+    answered uncontrolled, so it is refused, on completions and chat, naming the key."""
+    client, _, _ = server
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=2,
+                                  extra_body={"recontrol_alpha": 2.0, "recontrol_steps": 8})
+    assert caught.value.status_code == 400
+    assert "recontrol_alpha, recontrol_steps must be inside vllm_xargs" in str(caught.value)
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="tiny", max_tokens=2,
+                                       messages=[{"role": "user", "content": "the good kan"}],
+                                       extra_body={"Recontrol": 0})
+    assert caught.value.status_code == 400 and "Recontrol must be inside" in str(caught.value)
+    # other unknown top-level fields stay vLLM's business; the server keeps serving
+    assert complete(client, PROMPTS[0], recontrol_steps=2)
+    assert client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=2,
+                                     extra_body={"some_other_field": 1}).choices[0].text
+
+
 def test_beam_search_refuses_request_keys_and_uses_engine_defaults(server, llama_engine):
     """vLLM's beam search drops vllm_xargs, so a beam-search request with recontrol keys is
     refused with 400 (completions and chat) instead of silently ignoring them; without keys

@@ -6,8 +6,8 @@ Five hooks, all inert unless an engine is started with ``model_impl="recontrol"`
    checks the vLLM version, validates the settings and the value
    head before any process is spawned, and appends our row tracker to the engine's logits
    processors (so users pass no extra flag and bad requests are refused at admission). It
-   also makes the OpenAI server refuse beam-search requests that carry RE-Control keys,
-   which vLLM's beam search would drop.
+   also makes the OpenAI server refuse requests whose control vLLM would drop: ``recontrol*``
+   keys at the top level instead of in ``vllm_xargs``, and beam-search requests with them.
 2. Worker: ``RecontrolRowTracker``, a V1 logits processor, mirrors each request's
    (alpha, steps) into ``RowControls`` before every forward pass. It never changes logits.
 3. Worker: the ``LogitsProcessor`` layer is replaced out of tree for every architecture. In a
@@ -33,7 +33,7 @@ from typing import Any, Iterator
 import torch
 
 from .config import (DEFAULT_HEAD, MODEL_IMPL, EngineSettings, check_request_args,
-                     resolve_request)
+                     refuse_section_without_model_impl, resolve_request)
 from .controller import EditController, rows_for_engine
 from .errors import ConfigError, RequestParamsError, ValueHeadError, VersionError
 from .logs import get_logger
@@ -96,6 +96,8 @@ def _wrap_engine_config() -> None:
     @functools.wraps(original)
     def create_engine_config(self, *args: Any, **kwargs: Any):
         if getattr(self, "model_impl", None) != MODEL_IMPL:
+            refuse_section_without_model_impl(getattr(self, "additional_config", None),
+                                              getattr(self, "model_impl", None))
             return original(self, *args, **kwargs)
         settings = _check_before_config(self)
         vllm_config = original(self, *args, **kwargs)
@@ -162,7 +164,7 @@ def _prepare_engine(vllm_config: Any, settings: EngineSettings) -> None:
         if mismatch:
             logger.warning("vllm-recontrol: value head %r (%s): %s", name,
                            settings.head_paths[name], mismatch)
-    _refuse_control_keys_in_beam_search()  # this process fronts a RE-Control engine
+    _guard_openai_requests()  # this process fronts a RE-Control engine
     tracker = f"{__name__}:{_tracker_name(settings.max_steps, settings.head_names)}"
     processors = list(model_config.logits_processors or [])
     if tracker not in processors:
@@ -304,10 +306,16 @@ OPENAI_REQUEST_CLASSES = (("vllm.entrypoints.openai.completion.protocol", "Compl
                            "ChatCompletionRequest"))
 
 
-def _refuse_control_keys_in_beam_search() -> None:
-    """vLLM's OpenAI server turns a ``use_beam_search`` request into ``BeamSearchParams``,
-    which have no ``extra_args``: its ``recontrol*`` keys would be dropped silently and the
-    request steered by the engine's defaults. Make that an HTTP 400 naming the keys instead.
+def _guard_openai_requests() -> None:
+    """Two ways an OpenAI request's control would be lost without a word become HTTP 400s
+    naming the keys:
+
+    * ``recontrol*`` keys at the top level of the request body (an easy slip with the
+      ``openai`` client's ``extra_body``): vLLM keeps unknown fields but passes only
+      ``vllm_xargs`` on to the engine, so they would be ignored;
+    * a ``use_beam_search`` request's ``vllm_xargs`` keys: vLLM turns it into
+      ``BeamSearchParams``, which have no ``extra_args``, so it would be steered by the
+      engine's defaults.
 
     Runs where a RE-Control engine's configuration is built: in every API server process,
     also with several (each builds its own)."""
@@ -315,30 +323,47 @@ def _refuse_control_keys_in_beam_search() -> None:
 
     from vllm.exceptions import VLLMValidationError
 
+    def refuse_misplaced_keys(request: Any) -> None:
+        extra = getattr(request, "model_extra", None) or {}
+        keys = sorted(k for k in extra if isinstance(k, str) and k.lower().startswith("recontrol"))
+        if keys:
+            raise VLLMValidationError(
+                f"vllm-recontrol: {', '.join(keys)} must be inside vllm_xargs "
+                f'(e.g. {{"vllm_xargs": {{"{keys[0]}": ...}}}}; with the openai client, '
+                'extra_body={"vllm_xargs": {...}}): at the top level of a request vLLM '
+                "ignores it", parameter=keys[0])
+
+    def refuse_beam_search_keys(request: Any) -> None:
+        keys = sorted(k for k in (getattr(request, "vllm_xargs", None) or {})
+                      if k.startswith("recontrol"))
+        if keys:
+            raise VLLMValidationError(
+                f"vllm-recontrol: {', '.join(keys)} cannot be used with use_beam_search: "
+                "vLLM's beam search does not pass vllm_xargs to the engine, so a "
+                "beam-search request gets the engine's own alpha, steps and default_on",
+                parameter="vllm_xargs")
+
     for module_name, class_name in OPENAI_REQUEST_CLASSES:
         try:
             request_class = getattr(importlib.import_module(module_name), class_name)
         except ImportError:  # no OpenAI server in this installation: nothing to guard
             continue
-        original = request_class.to_beam_search_params
-        if getattr(original, "_recontrol_wrapped", False):
-            continue
+        for method, checks in (("to_sampling_params", (refuse_misplaced_keys,)),
+                               ("to_beam_search_params",
+                                (refuse_misplaced_keys, refuse_beam_search_keys))):
+            original = getattr(request_class, method)
+            if getattr(original, "_recontrol_wrapped", False):
+                continue
 
-        @functools.wraps(original)
-        def to_beam_search_params(self: Any, *args: Any, _original: Any = original,
-                                  **kwargs: Any) -> Any:
-            keys = sorted(k for k in (getattr(self, "vllm_xargs", None) or {})
-                          if k.startswith("recontrol"))
-            if keys:
-                raise VLLMValidationError(
-                    f"vllm-recontrol: {', '.join(keys)} cannot be used with use_beam_search: "
-                    "vLLM's beam search does not pass vllm_xargs to the engine, so a "
-                    "beam-search request gets the engine's own alpha, steps and default_on",
-                    parameter="vllm_xargs")
-            return _original(self, *args, **kwargs)
+            @functools.wraps(original)
+            def checked(self: Any, *args: Any, _original: Any = original,
+                        _checks: Any = checks, **kwargs: Any) -> Any:
+                for check in _checks:
+                    check(self)
+                return _original(self, *args, **kwargs)
 
-        to_beam_search_params._recontrol_wrapped = True  # type: ignore[attr-defined]
-        request_class.to_beam_search_params = to_beam_search_params
+            checked._recontrol_wrapped = True  # type: ignore[attr-defined]
+            setattr(request_class, method, checked)
 
 
 # ----------------------------------------------------------------------------- input batch

@@ -7,6 +7,7 @@ passes only flat ``str | int | float | list`` values.
 
 from __future__ import annotations
 
+import difflib
 import math
 import re
 import struct
@@ -127,10 +128,14 @@ class EngineSettings:
                               f"{type(additional_config).__name__}")
         section = (additional_config or {}).get(ADDITIONAL_CONFIG_KEY)
         if section is None:
+            found = sorted(map(str, additional_config or {}))
+            near = difflib.get_close_matches(ADDITIONAL_CONFIG_KEY, found, n=1)
+            seen = (f" (it has {found}" + (f"; did you mean {ADDITIONAL_CONFIG_KEY!r} for "
+                                          f"{near[0]!r}?)" if near else ")")) if found else ""
             raise ConfigError(
                 f"--model-impl {MODEL_IMPL} needs {where} with at least a value head, e.g. "
                 f"--additional-config '{{\"{ADDITIONAL_CONFIG_KEY}\": "
-                f"{{\"value_head\": \"/path/to/head\"}}}}'")
+                f"{{\"value_head\": \"/path/to/head\"}}}}'{seen}")
         if not isinstance(section, Mapping):
             raise ConfigError(f"{where} must be a JSON object, got {type(section).__name__}")
         unknown = sorted(set(section) - set(ENGINE_KEYS))
@@ -206,6 +211,19 @@ class RowControl:
 
 
 UNCONTROLLED = RowControl(alpha=0.0, steps=0)
+
+
+def refuse_section_without_model_impl(additional_config: Any, model_impl: Any) -> None:
+    """An engine with a ``recontrol`` section but another ``model_impl`` would run stock vLLM
+    and ignore every request's control keys without a word: its user meant RE-Control, so it
+    is refused, naming the missing flag."""
+    if (model_impl != MODEL_IMPL and isinstance(additional_config, Mapping)
+            and ADDITIONAL_CONFIG_KEY in additional_config):
+        raise ConfigError(
+            f'additional_config has a "{ADDITIONAL_CONFIG_KEY}" section, but this engine\'s '
+            f"model_impl is {model_impl!r}, so RE-Control would be off and requests' "
+            f"recontrol_* keys ignored: start it with --model-impl {MODEL_IMPL} (Python: "
+            f'model_impl="{MODEL_IMPL}"), or drop the section to run stock vLLM')
 
 
 def check_request_args(extra_args: Mapping[str, Any] | None, max_steps: int,
