@@ -380,3 +380,19 @@ def test_responses_file_has_every_methods_answer_to_every_prompt(tmp_path):
                                ("re-control", 1, "p1", "", -2.0)]
     assert rows[0]["max_norm"] is None and rows[2]["max_norm"] == 8.0
     assert (rows[2]["alpha"], rows[2]["steps"], rows[2]["head"]) == (1.0, 30, "default")
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"max_tokens": 0}, r"--temperature 0.0, --max-tokens 0, --seed 0\): .*max_tokens"),
+    ({"temperature": -1.0}, r"--temperature -1.0, .*temperature"),
+    ({"bon_temperature": 5.0}, r"--bon-temperature 5.0, .*temperature"),
+])
+def test_eval_refuses_bad_sampling_options_before_starting_an_engine(tmp_path, options, message):
+    """vLLM would raise these only at the first request, after the engine's start."""
+    from vllm_recontrol.evaluation.evaluate import evaluate
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "hello"}\n')
+    with pytest.raises(RecontrolError, match=message):
+        evaluate(model="m", value_head="h", prompts=str(prompts),
+                 reward_fn="vllm_recontrol.toy_world:positive_share", **options)

@@ -442,6 +442,7 @@ def evaluate(**options: Any) -> dict[str, Any]:
     opts = build_options(EvalOptions, options, "eval")
     check_model_path(opts.model)
     check_engine_args(opts.engine_args, "--engine-args")
+    check_sampling(opts)
     if opts.rm_engine == "vllm":
         check_engine_args(opts.rm_engine_args, "--rm-engine-args")
     prompts = load_prompts(opts.prompts, opts.split, opts.prompt_column, opts.prompt_format,
@@ -496,6 +497,24 @@ def evaluate(**options: Any) -> dict[str, Any]:
             print("plots: none written (matplotlib is not installed: the eval extra, "
                   "pip install 'vllm-recontrol[eval]')")
     return report
+
+
+def check_sampling(opts: EvalOptions) -> None:
+    """vLLM's bounds on the sampling options (max_tokens >= 1, temperature in [0, 2], ...),
+    before any engine starts: the engine would only raise them at the first request."""
+    try:
+        from vllm import SamplingParams
+        from vllm.exceptions import VLLMValidationError
+    except ImportError:
+        return  # the engines will say so
+    for flag, temperature in (("--temperature", opts.temperature),
+                              ("--bon-temperature", opts.bon_temperature)):
+        try:
+            SamplingParams(temperature=temperature, max_tokens=opts.max_tokens, seed=opts.seed)
+        except (VLLMValidationError, ValueError, TypeError) as exc:
+            raise RecontrolError(f"sampling options refused by vLLM ({flag} {temperature!r}, "
+                                 f"--max-tokens {opts.max_tokens!r}, --seed {opts.seed!r}): "
+                                 f"{exc}") from exc
 
 
 def write_responses(path: Path, prompts: Sequence[str], results: Sequence[MethodResult]) -> None:
