@@ -25,12 +25,39 @@ def trained(tmp_path_factory):
 
 
 def test_a_trained_head_is_usable_and_reports_its_training(trained, capsys):
+    """The fixture's head (2 epochs, 24 prompts, 2 held out) loads, and its weak metrics
+    are said: worse than a constant, V(s_0) anti-correlated on 2 held-out prompts."""
     assert cli(["inspect", str(trained["head"]), "--model", str(trained["model"])]) == 0
     out = capsys.readouterr().out
     assert f"value head {trained['head']}: usable with {trained['model']}" in out
-    for row in ("| hidden_size ", "| widths ", "| target ", "| pearson_s0 ", "| epochs_run "):
+    for row in ("| hidden_size ", "| widths ", "| target ", "| pearson_s0 ", "| epochs_run ",
+                "| metrics_prompts "):
         assert row in out
-    assert "warning" not in out
+    metrics = ValueHead.load(trained["head"]).metadata["metrics"]
+    assert metrics["prompts"] == 2 and metrics["mse"] >= metrics["trivial_mse"]
+    assert "warning: the head predicts the reward no better than a constant" in out
+    assert "warning: the held-out metrics rest on 2 prompt(s)" in out
+    assert ("warning: V(s_0) does not rise with the reward" in out) == (
+        metrics["pearson_s0"] <= 0)
+
+
+@pytest.mark.parametrize("metrics,expected", [
+    ({"mse": 0.1, "trivial_mse": 0.2, "pearson_s0": 0.6, "prompts": 50}, []),
+    ({"mse": 0.2, "trivial_mse": 0.2, "pearson_s0": 0.6, "prompts": 50}, ["no better than"]),
+    ({"mse": 0.1, "trivial_mse": 0.2, "pearson_s0": 0.0, "prompts": 50}, ["does not rise"]),
+    ({"mse": 0.1, "trivial_mse": 0.2, "pearson_s0": 0.6, "prompts": 19}, ["rest on 19"]),
+    ({"mse": 0.1, "trivial_mse": 0.2, "pearson_s0": 0.6}, []),  # heads trained before prompts
+    ({"mse": "x", "trivial_mse": None, "pearson_s0": float("nan"), "prompts": True}, []),
+    ({"split": "train (no held-out split)", "mse": 1.0, "trivial_mse": 0.5},
+     ["(train (no held-out split) MSE"]),
+])
+def test_quality_warnings_name_each_weakness(metrics, expected):
+    from vllm_recontrol.training.head_quality import quality_warnings
+
+    warnings = quality_warnings(metrics)
+    assert len(warnings) == len(expected), warnings
+    for warning, words in zip(warnings, expected):
+        assert words in warning
 
 
 def test_json_reports_and_errors(trained, tmp_path, capsys):
@@ -39,7 +66,8 @@ def test_json_reports_and_errors(trained, tmp_path, capsys):
                   "--json"])
     assert status == 1  # one of the two would be refused
     first, second = (json.loads(line) for line in capsys.readouterr().out.splitlines())
-    assert first["hidden_size"] == 8 and first["target"] == "mc" and first["warnings"] == []
+    assert first["hidden_size"] == 8 and first["target"] == "mc"
+    assert any("rest on 2 prompt(s)" in w for w in first["warnings"])  # the fixture's is weak
     assert first["base_model"] == str(trained["model"])
     assert "hidden_size 64 but the model's hidden size is 8" in second["error"]
 

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 from .errors import RecontrolError
 from .training.common import model_hidden_size, sha256_file, summary_table
+from .training.head_quality import quality_warnings
 from .head_source import locate_head
 from .value_head import WEIGHTS_FILE, ValueHead
 
@@ -52,6 +53,7 @@ def inspect_head(path: str | Path, model: str | None = None,
         "mse": metrics.get("mse"),
         "trivial_mse": metrics.get("trivial_mse"),
         "pearson_s0": metrics.get("pearson_s0"),
+        "metrics_prompts": metrics.get("prompts"),
         "warnings": [],
     }
     if model:
@@ -65,6 +67,7 @@ def inspect_head(path: str | Path, model: str | None = None,
     if not metrics:
         report["warnings"].append("no training metrics recorded (not made by "
                                   "`vllm-recontrol train`)")
+    report["warnings"] += quality_warnings(metrics)
     return report
 
 

@@ -151,13 +151,17 @@ class LabelledData:
     def count(self, heldout_prompts: torch.Tensor) -> dict[str, int]:
         counts = {"train_responses": 0, "train_states": 0, "heldout_responses": 0,
                   "heldout_states": 0}
+        answered = torch.zeros_like(heldout_prompts)  # prompts with at least one response
         for shard in self.shards:
+            answered[shard.index.prompt_index] = True
             held = heldout_prompts[shard.index.prompt_index]
             lengths = shard.index.offsets[1:] - shard.index.offsets[:-1]
             counts["heldout_responses"] += int(held.sum())
             counts["heldout_states"] += int(lengths[held].sum())
             counts["train_responses"] += int((~held).sum())
             counts["train_states"] += int(lengths[~held].sum())
+        counts["train_prompts"] = int((answered & ~heldout_prompts).sum())
+        counts["heldout_prompts"] = int((answered & heldout_prompts).sum())
         return counts
 
     def train_states_per_shard(self, heldout_prompts: torch.Tensor) -> list[int]:

@@ -29,6 +29,7 @@ from . import checkpoint
 from .common import DataError, build_options, parse_command_line, progress, run_main, summary_table
 from .dataset import LabelledData, Window
 from .distributed import ProcessGroup, join_process_group, world_size
+from .head_quality import quality_warnings
 from .shards import manifest_sha256
 from .targets import TARGETS, bootstrap_targets, lambda_returns, mc_targets, value_loss
 
@@ -367,6 +368,7 @@ def _train(opts: TrainOptions, group: ProcessGroup) -> dict[str, Any]:
     history, best_epoch = state.history, state.best_epoch
     trainer.head.load_state_dict(state.best_state)
     final = trainer.evaluate()
+    final["prompts"] = counts["heldout_prompts" if trainer.has_heldout else "train_prompts"]
     group.check_same_parameters(trainer.head)
     head = trainer.head.to("cpu")
     head.metadata = {
@@ -397,8 +399,10 @@ def _train(opts: TrainOptions, group: ProcessGroup) -> dict[str, Any]:
         "widths": head.widths,
         "device": str(trainer.device) + (f" x {group.world} processes" if group.distributed
                                          else ""),
-        "train responses / states": f"{counts['train_responses']} / {counts['train_states']}",
-        "held-out responses / states": f"{counts['heldout_responses']} / {counts['heldout_states']}",
+        "train prompts / responses / states": f"{counts['train_prompts']} / "
+        f"{counts['train_responses']} / {counts['train_states']}",
+        "held-out prompts / responses / states": f"{counts['heldout_prompts']} / "
+        f"{counts['heldout_responses']} / {counts['heldout_states']}",
         "epochs run (best)": f"{len(history)} ({best_epoch})",
         f"{split} MSE V(s_t) vs r": final["mse"],
         f"{split} MSE train-mean vs r (trivial)": final["trivial_mse"],
@@ -409,10 +413,13 @@ def _train(opts: TrainOptions, group: ProcessGroup) -> dict[str, Any]:
         "wall time (s)": round(time.perf_counter() - started, 1),
         "value head": str(opts.out),
     }
+    warnings = quality_warnings(head.metadata["metrics"])
     if group.is_main:
         print(summary_table(f"vllm-recontrol train -> {opts.out}", list(summary.items())),
               flush=True)
-    return {**summary, "metrics": head.metadata["metrics"]}
+        for warning in warnings:
+            print(f"warning: {warning}", flush=True)
+    return {**summary, "metrics": head.metadata["metrics"], "warnings": warnings}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
