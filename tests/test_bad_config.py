@@ -166,3 +166,21 @@ def test_a_head_trained_on_another_model_is_a_warning(llama_dir, tmp_path, caplo
     warnings = [r.getMessage() for r in caplog.records if "trained on the states" in r.getMessage()]
     assert len(warnings) == 1 and "value head 'foreign'" in warnings[0]
     assert "'meta-llama/Llama-2-7b-hf'" in warnings[0] and str(llama_dir) in warnings[0]
+
+
+def test_serve_says_a_refused_configuration_in_one_line(llama_dir, tmp_path):
+    """`vllm-recontrol serve` with a head that is not there: our message on stderr, exit
+    status 1, no Python traceback around it (vLLM's own log lines stay)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    command = [str(Path(sys.executable).parent / "vllm-recontrol"), "serve", str(llama_dir),
+               "--model-impl", "recontrol", "--additional-config",
+               json.dumps({"recontrol": {"value_head": str(tmp_path / "nope")}})]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert proc.stderr.splitlines()[-1] == (
+        f"vllm-recontrol serve: error: value head folder {tmp_path / 'nope'} does not exist")
+    assert "Traceback" not in proc.stdout + proc.stderr

