@@ -307,3 +307,22 @@ def test_config_file_errors_are_one_line_usage_errors(tmp_path, capsys):
             assert exit_info.value.code == 2
             err = capsys.readouterr().err
             assert message in err and "Traceback" not in err, (command, err)
+
+
+def test_an_engine_that_did_not_start_ends_with_where_to_look(capsys):
+    """vLLM reports why an engine failed in its engine process's log, far above the
+    traceback the command gets: the command's last line says so, with the common CPU cause;
+    other runtime errors keep their traceback."""
+    from vllm_recontrol.training.common import run_main
+
+    def fails(message):
+        raise RuntimeError(message)
+
+    message = "Engine core initialization failed. See root cause above. Failed core proc(s): {}"
+    assert run_main(fails, {"message": message}) == 1
+    err = capsys.readouterr().err
+    assert message in err  # the traceback, as before
+    assert err.splitlines()[-1].startswith("error: the vLLM engine did not start; vLLM's reason")
+    assert "kv_cache_memory_bytes" in err.splitlines()[-1]
+    with pytest.raises(RuntimeError, match="something else"):
+        run_main(fails, {"message": "something else"})

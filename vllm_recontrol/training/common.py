@@ -12,6 +12,7 @@ import json
 import numbers
 import os
 import sys
+import traceback
 import types
 import typing
 from pathlib import Path
@@ -219,12 +220,27 @@ def check_model_path(model: str, flag: str = "--model") -> None:
                         "config.json; a hub id looks like org/name)")
 
 
+ENGINE_START_HINT = (
+    "error: the vLLM engine did not start; vLLM's reason is in the log above (the first "
+    "ERROR lines of its engine process). On a CPU machine a common one is memory: vLLM wants "
+    "a share of the machine's free memory for its KV cache unless told a size, e.g. "
+    "--engine-args '{\"kv_cache_memory_bytes\": 1073741824}' (1 GiB)")
+
+
 def run_main(function: Callable[..., Any], options: Mapping[str, Any]) -> int:
-    """Run a command function for the CLI: a clear one-line error instead of a traceback."""
+    """Run a command function for the CLI: a clear one-line error instead of a traceback.
+    An engine that failed to start is reported by vLLM in its own process's log, far above
+    the traceback the CLI gets (which only says so): the last line says where to look."""
     try:
         function(**options)
     except RecontrolError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 1
+    except RuntimeError as exc:
+        if "engine core initialization" not in str(exc).lower():
+            raise
+        traceback.print_exc()
+        print(ENGINE_START_HINT, file=sys.stderr, flush=True)
         return 1
     return 0
 
