@@ -58,7 +58,7 @@ def test_tracker_class_carries_max_steps_and_validates():
     tracker = _vllm_adapter.RecontrolRowTracker_max12
     assert tracker.max_steps == 12 and tracker.__name__ == "RecontrolRowTracker_max12"
     tracker.validate_params(SamplingParams(extra_args={"recontrol_steps": 12}))
-    with pytest.raises(ValueError, match="exceeds this server's max_steps = 12"):
+    with pytest.raises(ValueError, match="exceeds this engine's max_steps = 12"):
         tracker.validate_params(SamplingParams(extra_args={"recontrol_steps": 13}))
 
 
@@ -68,7 +68,7 @@ def test_tracker_class_carries_the_head_names():
     assert tracker.__name__ == name and name.isidentifier()
     assert tracker.max_steps == 12 and tracker.heads == ("default", "kind-2", "safe")
     tracker.validate_params(SamplingParams(extra_args={"recontrol_head": "kind-2"}))
-    with pytest.raises(ValueError, match="'unsafe' is not one of this server's value heads"):
+    with pytest.raises(ValueError, match="'unsafe' is not one of this engine's value heads"):
         tracker.validate_params(SamplingParams(extra_args={"recontrol_head": "unsafe"}))
     with pytest.raises(ValueError, match="is not one of"):  # one head: only "default"
         _vllm_adapter.RecontrolRowTracker_max12.validate_params(

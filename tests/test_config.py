@@ -47,7 +47,7 @@ def test_unrelated_extra_args_are_ignored():
     ({"recontrol_alpha": float("nan")}, "finite"),
     ({"recontrol_alpha": True}, "must be a number"),
     ({"recontrol_steps": -1}, "integer >= 0"),
-    ({"recontrol_steps": 11}, "exceeds this server's max_steps = 10"),
+    ({"recontrol_steps": 11}, "exceeds this engine's max_steps = 10"),
     ({"recontrol": 2}, "must be 0 or 1"),
     ({"recontrol_norm": 1.0}, "unknown RE-Control request key"),
     ({"Recontrol_Alpha": 1.0}, r"unknown RE-Control request key\(s\) \['Recontrol_Alpha'\]"),
@@ -73,7 +73,7 @@ def test_request_head_must_be_one_of_the_engine_heads():
     check_request_args({"recontrol_head": "default"}, max_steps=10)
     for bad in ("unsafe", 3, ["safe"]):
         with pytest.raises(RequestParamsError,
-                           match=r"recontrol_head = .* is not one of this server's value heads "
+                           match=r"recontrol_head = .* is not one of this engine's value heads "
                                  r"\['default', 'safe'\]"):
             check_request_args({"recontrol_head": bad}, max_steps=10, heads=("default", "safe"))
 

@@ -120,7 +120,7 @@ def test_requests_bring_their_own_max_norm(llama_engine, llama_dir, head_dir):
 def test_unknown_head_is_refused_at_admission(llama_engine):
     from vllm.exceptions import VLLMValidationError
 
-    with pytest.raises(VLLMValidationError, match="'nope' is not one of this server's value heads "
+    with pytest.raises(VLLMValidationError, match="'nope' is not one of this engine's value heads "
                                          r"\['default', 'one-layer'\]"):
         llama_engine.generate([PROMPTS[0]], greedy(3, recontrol_head="nope"), use_tqdm=False)
     with pytest.raises(VLLMValidationError, match="recontrol_max_norm must be a finite number > 0"):

@@ -247,14 +247,14 @@ def check_request_args(extra_args: Mapping[str, Any] | None, max_steps: int,
     if REQUEST_STEPS in extra_args:
         steps = _as_int(extra_args[REQUEST_STEPS], REQUEST_STEPS, RequestParamsError, low=0)
         if steps > max_steps:
-            raise RequestParamsError(f"{REQUEST_STEPS} = {steps} exceeds this server's max_steps "
+            raise RequestParamsError(f"{REQUEST_STEPS} = {steps} exceeds this engine's max_steps "
                                      f"= {max_steps}")
     if REQUEST_MAX_NORM in extra_args:
         _as_float(extra_args[REQUEST_MAX_NORM], REQUEST_MAX_NORM, RequestParamsError,
                   positive=True)
     if REQUEST_HEAD in extra_args and extra_args[REQUEST_HEAD] not in heads:
         raise RequestParamsError(f"{REQUEST_HEAD} = {extra_args[REQUEST_HEAD]!r} is not one of "
-                                 f"this server's value heads {list(heads)}")
+                                 f"this engine's value heads {list(heads)}")
 
 
 def resolve_request(extra_args: Mapping[str, Any] | None, engine: EngineSettings) -> RowControl:

@@ -184,7 +184,7 @@ def parse_grid(grid: Any, heads: Sequence[str] = (DEFAULT_HEAD,)) -> list[GridPo
                 from None
         if head not in heads:
             raise RecontrolError(f"grid entry {item!r} names the value head {head!r}; this "
-                                 f"evaluation has {list(heads)} (add heads with value_heads)")
+                                 f"evaluation has {list(heads)} (add heads with --value-heads)")
         points.append(GridPoint(alpha, steps, head, max_norm))
     if not points:
         raise RecontrolError("the RE-Control grid is empty")
