@@ -48,7 +48,7 @@ def world(tmp_path_factory) -> dict[str, Path]:
     data = root / "data"
     out = run_cli("collect", "--model", str(model), "--prompts", str(prompts), "--out",
                   str(data), *COLLECT_FLAGS)
-    assert "| responses                     | 600 |" in out
+    assert re.search(r"^\| responses +\| 600 +\|$", out, re.MULTILINE), out[-2000:]
     return {"root": root, "model": model, "prompts": prompts, "data": data}
 
 

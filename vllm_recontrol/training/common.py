@@ -275,9 +275,12 @@ def summary_table(title: str, rows: Sequence[tuple[str, Any]]) -> str:
             return f"{value:.4g}"
         return str(value)
 
-    width = max([len(k) for k, _ in rows] + [len("quantity")])
-    lines = [f"\n{title}", f"| {'quantity':<{width}} | value |", f"|{'-' * (width + 2)}|-------|"]
-    lines += [f"| {key:<{width}} | {fmt(value)} |" for key, value in rows]
+    cells = [(str(key), fmt(value)) for key, value in rows]
+    width = max([len(k) for k, _ in cells] + [len("quantity")])
+    value_width = max([len(v) for _, v in cells] + [len("value")])
+    lines = [f"\n{title}", f"| {'quantity':<{width}} | {'value':<{value_width}} |",
+             f"|{'-' * (width + 2)}|{'-' * (value_width + 2)}|"]
+    lines += [f"| {key:<{width}} | {value:<{value_width}} |" for key, value in cells]
     return "\n".join(lines)
 
 
