@@ -196,7 +196,8 @@ def test_killed_run_resumes_without_duplicates(tmp_path, crash):
 
 def test_rerun_with_other_settings_is_refused(tmp_path):
     fake_collect(tmp_path, count=10, shard_size=4)
-    with pytest.raises(DataError, match="different collection.*sampling"):
+    with pytest.raises(DataError, match=r"different collection.*sampling.*'temperature': 1\.0"
+                                        r".* there, .*'temperature': 0\.5.* now"):
         fake_collect(tmp_path, count=10, shard_size=4, temperature=0.5)
     # How to run the engine may change on a resume (e.g. another memory budget) ...
     fake_collect(tmp_path, count=10, shard_size=4, engine_args={"gpu_memory_utilization": 0.5})

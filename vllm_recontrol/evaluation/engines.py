@@ -142,7 +142,7 @@ class EnginePool:
                 ray_actors(opts, EvalEngine, self.count, settings, list(prompts)))
         else:
             self.local = EvalEngine(settings, prompts)
-        self.progress = not opts.quiet
+        self.progress = opts.progress and not opts.quiet
 
     def run(self, method: Method) -> tuple[Samples, float]:
         """(samples of every prompt, in order; wall-clock seconds of the generation)."""

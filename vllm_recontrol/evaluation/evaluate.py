@@ -72,7 +72,8 @@ class EvalOptions:
     rm_engine: str = "hf"                 # the reward model in transformers, or "vllm"
     rm_engine_args: dict = field(default_factory=dict)  # vllm.LLM kwargs with rm_engine vllm
     out: str = "eval-out"
-    quiet: bool = False
+    quiet: bool = False                   # no table or progress printed (the demo prints)
+    progress: bool = True                 # vLLM's progress bars while each method generates
     in_process: bool = False              # vLLM engine core in the engine's process (small CPUs)
     ray: bool = False                     # one engine per Ray actor, each a range of prompts
     replicas: int = 1
@@ -583,8 +584,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rm-engine-args", type=json_argument,
                         help="JSON of vllm.LLM kwargs for the reward model with --rm-engine "
                         'vllm (e.g. {"gpu_memory_utilization": 0.3})')
-    parser.add_argument("--out", help="folder for eval.md, eval.json and the plots "
-                        "(default eval-out)")
+    parser.add_argument("--out", help="folder for eval.md, eval.json, responses.jsonl and "
+                        "the plots (default eval-out)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false",
+                        help="no progress bars while the methods generate")
     parser.add_argument("--in-process", action="store_true",
                         help="vLLM engine core in the engine's own process (small CPUs)")
     add_ray_arguments(parser, "one vLLM engine per Ray actor, each with a range of the prompts")

@@ -78,7 +78,8 @@ class CollectOptions:
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise DataError(f"{name} must be a positive integer, got {value!r}")
         if self.temperature < 0 or not 0 < self.top_p <= 1:
-            raise DataError("temperature must be >= 0 and top_p in (0, 1]")
+            raise DataError(f"temperature must be >= 0 and top_p in (0, 1], got temperature "
+                            f"{self.temperature!r} and top_p {self.top_p!r}")
         if not isinstance(self.engine_args, dict) or not isinstance(self.pooling_engine_args, dict):
             raise DataError("engine_args and pooling_engine_args must be JSON objects")
         check_model_path(self.model)
@@ -262,8 +263,10 @@ def _prepare_out(opts: CollectOptions, manifest: dict[str, Any]) -> Path:
 
             differ = sorted(k for k in set(old) | set(manifest) if not same(k))
             if differ and _holds_work(out):
-                raise DataError(f"{out} holds a different collection (differs in {differ}); "
-                                f"use a new --out, or --overwrite to delete it")
+                changes = "; ".join(f"{k}: {old.get(k)!r} there, {manifest.get(k)!r} now"
+                                    for k in differ)
+                raise DataError(f"{out} holds a different collection (differs in {differ}: "
+                                f"{changes}); use a new --out, or --overwrite to delete it")
             if not differ:
                 _remove_stale_temporaries(out)
                 return out
