@@ -433,6 +433,24 @@ def test_base_model_mismatch_compares_model_names_not_paths():
     assert ValueHead(4, [4]).base_model_mismatch("anything") is None  # nothing recorded
 
 
+def test_local_model_folders_are_compared_by_their_own_names(tmp_path, monkeypatch):
+    """"." and ".." name the folders they stand for; train records a local folder's
+    absolute path, so a head names its model wherever it is inspected from."""
+    from vllm_recontrol.training.trainer import recorded_model_name
+
+    model = tmp_path / "tiny-llama"
+    (model / "sub").mkdir(parents=True)
+    monkeypatch.chdir(model)
+    assert ValueHead(4, [4], base_model=".").base_model_mismatch(str(model)) is None
+    assert ValueHead(4, [4], base_model=str(model)).base_model_mismatch(".") is None
+    monkeypatch.chdir(model / "sub")
+    assert ValueHead(4, [4], base_model="..").base_model_mismatch("org/tiny-llama") is None
+    assert ValueHead(4, [4], base_model=".").base_model_mismatch("org/tiny-llama")  # "sub"
+    assert recorded_model_name("..") == str(model.resolve())
+    assert recorded_model_name("lmsys/vicuna-7b-v1.5") == "lmsys/vicuna-7b-v1.5"  # a hub id
+    assert recorded_model_name(None) is None
+
+
 @pytest.mark.parametrize("form", ["direct", "gram"])
 @pytest.mark.parametrize("radius", [None, 0.3, "per-row"])
 def test_a_rows_edit_does_not_depend_on_its_batchs_step_count(form, radius):

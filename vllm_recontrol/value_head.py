@@ -322,6 +322,8 @@ class ValueHead(nn.Module):
         with no recorded base model is not judged. Same-width models (Llama-2-7B and
         Vicuna-7B) pass the hidden-size check, so this is the only hint a head is foreign."""
         def short(name: str) -> str:
+            if Path(name).is_dir():  # a local folder, also "." or "..": its own name
+                name = str(Path(name).resolve())
             return name.rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1].lower()
 
         if not self.base_model or short(self.base_model) == short(served_model):

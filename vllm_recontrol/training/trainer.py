@@ -92,6 +92,15 @@ class TrainOptions:
                                 f"exist yet)")
 
 
+def recorded_model_name(model: str | None) -> str | None:
+    """The base model a head records: a hub id as given, a local folder as its absolute path
+    (collect's ``--model .`` or ``../tiny`` would name nothing once the head moves, and "."
+    would never match the served model's name)."""
+    if isinstance(model, str) and Path(model).is_dir():
+        return str(Path(model).resolve())
+    return model
+
+
 def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
     """Pearson correlation; 0.0 when either side is constant (a constant predicts nothing)."""
     x, y = x.double() - x.double().mean(), y.double() - y.double().mean()
@@ -142,7 +151,7 @@ class Trainer:
 
     def _initial_head(self) -> ValueHead:
         opts, hidden = self.opts, self.data.hidden_size
-        base_model = self.data.manifest.get("model")
+        base_model = recorded_model_name(self.data.manifest.get("model"))
         if opts.init_head:
             head = ValueHead.load(opts.init_head)
             if head.hidden_size != hidden:
@@ -373,7 +382,7 @@ def _train(opts: TrainOptions, group: ProcessGroup) -> dict[str, Any]:
     head = trainer.head.to("cpu")
     head.metadata = {
         "trained_by": "vllm-recontrol train",
-        "base_model": data.manifest.get("model"),
+        "base_model": recorded_model_name(data.manifest.get("model")),
         "hidden_size": data.hidden_size,
         "target": opts.target,
         "td_lambda": opts.td_lambda if opts.target == "td-lambda" else None,
