@@ -18,6 +18,7 @@ import pytest
 from fake_judge import fake_judge
 from vllm_recontrol import ValueHead, toy_world
 from vllm_recontrol.training import label, train
+from vllm_recontrol.training.common import read_jsonl
 from vllm_recontrol.training.rewards import RewardSource
 
 TRAIN_PROMPTS, EVAL_PROMPTS = 600, 64
@@ -358,4 +359,4 @@ def test_eval_scores_with_a_vllm_reward_model_as_with_transformers(world, traine
 
 def read_responses(out: Path) -> list[dict]:
     """eval's responses.jsonl, one dict per (method, prompt)."""
-    return [json.loads(line) for line in (out / "responses.jsonl").read_text().splitlines()]
+    return read_jsonl(out / "responses.jsonl")

@@ -21,7 +21,8 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 from ..config import DEFAULT_HEAD, FLOAT32_MAX
 from ..training.common import (RecontrolError, build_options, check_engine_args,
-                               check_model_path, json_argument, parse_command_line, run_main)
+                               check_model_path, json_argument, parse_command_line, run_main,
+                               sampling_refusal, write_jsonl_atomic)
 from ..training.engines import run_engines_in_process
 from ..training.prompts import load_prompts, load_references
 from ..training.ray_pool import add_ray_arguments, check_replicas
@@ -501,21 +502,15 @@ def evaluate(**options: Any) -> dict[str, Any]:
 
 
 def check_sampling(opts: EvalOptions) -> None:
-    """vLLM's bounds on the sampling options (max_tokens >= 1, temperature in [0, 2], ...),
-    before any engine starts: the engine would only raise them at the first request."""
-    try:
-        from vllm import SamplingParams
-        from vllm.exceptions import VLLMValidationError
-    except ImportError:
-        return  # the engines will say so
+    """vLLM's bounds on both temperatures, max_tokens and the seed, before any engine starts."""
     for flag, temperature in (("--temperature", opts.temperature),
                               ("--bon-temperature", opts.bon_temperature)):
-        try:
-            SamplingParams(temperature=temperature, max_tokens=opts.max_tokens, seed=opts.seed)
-        except (VLLMValidationError, ValueError, TypeError) as exc:
+        refusal = sampling_refusal({"temperature": temperature, "max_tokens": opts.max_tokens,
+                                    "seed": opts.seed})
+        if refusal:
             raise RecontrolError(f"sampling options refused by vLLM ({flag} {temperature!r}, "
                                  f"--max-tokens {opts.max_tokens!r}, --seed {opts.seed!r}): "
-                                 f"{exc}") from exc
+                                 f"{refusal}")
 
 
 def write_responses(path: Path, prompts: Sequence[str], results: Sequence[MethodResult]) -> None:
@@ -523,16 +518,15 @@ def write_responses(path: Path, prompts: Sequence[str], results: Sequence[Method
     hallucinated turn), with its reward: one JSON object per line, methods in the table's
     order. eval.json keeps five examples per method; this file is for reading the answers
     themselves, rescoring them with another reward, or a human review."""
-    with path.open("w", encoding="utf-8") as f:
-        for r in results:
-            method = {"method": r.method, "alpha": r.alpha, "steps": r.steps, "head": r.head,
-                      "n": r.n, "prompting": r.prompting, "max_norm": r.max_norm}
-            for index, (prompt, response, reward) in enumerate(
-                    zip(prompts, r.responses, r.rewards)):
-                row = method | {"prompt_index": index, "prompt": prompt,
-                                "response": response, "reward": reward}
-                f.write(json.dumps(finite_or_null(row), ensure_ascii=False,
-                                   allow_nan=False) + "\n")
+    rows = []
+    for r in results:
+        method = {"method": r.method, "alpha": r.alpha, "steps": r.steps, "head": r.head,
+                  "n": r.n, "prompting": r.prompting, "max_norm": r.max_norm}
+        rows += [finite_or_null(method | {"prompt_index": index, "prompt": prompt,
+                                          "response": response, "reward": reward})
+                 for index, (prompt, response, reward) in enumerate(
+                     zip(prompts, r.responses, r.rewards))]
+    write_jsonl_atomic(path, rows)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

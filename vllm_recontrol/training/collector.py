@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 
 from .common import (DataError, build_options, check_engine_args, check_model_path,
                      json_argument, model_hidden_size, parse_command_line, progress, run_main,
-                     sha256_bytes, summary_table)
+                     sampling_refusal, sha256_bytes, summary_table)
 from .engines import Engines, GenerationRequest, PromptRefused, VllmEngines
 from .prompts import PROMPT_FORMATS, load_prompts
 from .ray_pool import add_ray_arguments, check_replicas
@@ -86,15 +86,9 @@ class CollectOptions:
         check_engine_args(self.engine_args, "--engine-args")
         check_engine_args(self.pooling_engine_args, "--pooling-engine-args")
         check_replicas(self.replicas, self.ray, "one vLLM engine per Ray actor, whole shards each")
-        try:  # vLLM's own bounds (temperature <= 2, top_k, ...), before any file is written
-            from vllm import SamplingParams
-            from vllm.exceptions import VLLMValidationError
-        except ImportError:
-            return  # the engines will say so; fake engines in tests need no vLLM
-        try:
-            SamplingParams(**self.sampling())
-        except (VLLMValidationError, ValueError, TypeError) as exc:
-            raise DataError(f"sampling options refused by vLLM: {exc}") from exc
+        refusal = sampling_refusal(self.sampling())  # before any file is written
+        if refusal:
+            raise DataError(f"sampling options refused by vLLM: {refusal}")
 
     def sampling(self) -> dict[str, Any]:
         return {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,

@@ -220,6 +220,23 @@ def check_model_path(model: str, flag: str = "--model") -> None:
                         "config.json; a hub id looks like org/name)")
 
 
+def sampling_refusal(params: Mapping[str, Any]) -> str | None:
+    """vLLM's own objection to ``SamplingParams(**params)`` (temperature <= 2, top_k,
+    max_tokens >= 1, ...), or None: checked before any engine starts, where vLLM would raise
+    it only at the first request. None too without vLLM (the engines will say so; fake
+    engines in tests need none)."""
+    try:
+        from vllm import SamplingParams
+        from vllm.exceptions import VLLMValidationError
+    except ImportError:
+        return None
+    try:
+        SamplingParams(**params)
+    except (VLLMValidationError, ValueError, TypeError) as exc:
+        return str(exc)
+    return None
+
+
 ENGINE_START_HINT = (
     "error: the vLLM engine did not start; vLLM's reason is in the log above (the first "
     "ERROR lines of its engine process). On a CPU machine a common one is memory: vLLM wants "

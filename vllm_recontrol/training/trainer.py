@@ -382,7 +382,7 @@ def _train(opts: TrainOptions, group: ProcessGroup) -> dict[str, Any]:
     head = trainer.head.to("cpu")
     head.metadata = {
         "trained_by": "vllm-recontrol train",
-        "base_model": recorded_model_name(data.manifest.get("model")),
+        "base_model": head.base_model,
         "hidden_size": data.hidden_size,
         "target": opts.target,
         "td_lambda": opts.td_lambda if opts.target == "td-lambda" else None,
