@@ -208,7 +208,7 @@ def test_references_need_a_column_when_the_prompts_hold_no_answers(tmp_path):
     data.write_text(json.dumps({"prompt": "p", "answer": 3}) + "\n")
     with pytest.raises(DataError, match="holds no answers.*--reference-column"):
         load_references(str(data))
-    with pytest.raises(DataError, match="row 0 column 'answer' is int"):
+    with pytest.raises(DataError, match="line 1 column 'answer' is int"):
         load_references(str(data), reference_column="answer")
 
 

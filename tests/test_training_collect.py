@@ -114,6 +114,31 @@ def test_missing_column_and_empty_data_errors(tmp_path):
         load_prompts(str(tmp_path / "nope.jsonl"))
 
 
+def test_bad_rows_are_named_as_a_person_counts_them(tmp_path):
+    """A JSON lines record by its line (blank lines count), anything else by its row from 1."""
+    lines = tmp_path / "p.jsonl"
+    lines.write_text('{"prompt": "a"}\n\n{"prompt": "b"}\n{"prompt": " "}\n')
+    with pytest.raises(DataError, match=r"p\.jsonl: line 4 column 'prompt' is an empty prompt"):
+        load_prompts(str(lines))
+    lines.write_text('{"prompt": "a"}\n{"prompt": 3}\n')
+    with pytest.raises(DataError, match=r"line 2 column 'prompt' is int 3, expected a string"):
+        load_prompts(str(lines))
+    array = tmp_path / "p.json"
+    array.write_text(json.dumps([{"prompt": "a"}, {"text": "b"}]))
+    with pytest.raises(DataError, match=r"p\.json: record 2 has no column 'prompt'"):
+        load_prompts(str(array))
+    hh = _jsonl(tmp_path / "hh.jsonl", [{"chosen": DIALOGUE}, {"chosen": "no turns"}])
+    with pytest.raises(DataError, match=r"line 2 column 'chosen': .*HH-RLHF format expected"):
+        load_prompts(str(hh))
+    pyarrow = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    table = tmp_path / "p.parquet"
+    pq.write_table(pyarrow.table({"prompt": ["a", "", "c"]}), table)
+    with pytest.raises(DataError, match=r"p\.parquet: row 2 column 'prompt' is an empty prompt"):
+        load_prompts(str(table))
+
+
 def test_unreadable_prompt_files_are_named(tmp_path):
     latin1 = tmp_path / "latin1.jsonl"
     latin1.write_bytes(b'{"prompt": "ok"}\n{"prompt": "caf\xe9"}\n')
@@ -256,8 +281,8 @@ def test_a_prompt_vllm_refuses_is_named_with_its_shard(tmp_path):
     (tmp_path / "prompts.jsonl").write_text("".join(
         json.dumps({"prompt": p}) + "\n" for p in
         ["a", "b", "c", "d", "e", "f", "good " + "x " * 30, "h"]))
-    with pytest.raises(DataError, match=r"shard shard-00001: prompt 6 of .*prompts.jsonl: "
-                                        r"vLLM refused a request \(too long\).* Shorten"):
+    with pytest.raises(DataError, match=r"shard shard-00001: prompt 7 of .*prompts.jsonl "
+                                        r"\(prompt_index 6, .*\): vLLM refused a request \(too long\).* Shorten"):
         fake_collect(tmp_path, count=8, shard_size=4, engines=Refusing())
 
 

@@ -132,7 +132,9 @@ class CollectWorker:
             generations = self.engines.generate(requests)
         except PromptRefused as exc:
             index, source = keys[exc.request][0], self.manifest["prompts"]["source"]
-            raise DataError(f"shard {plan.name}: prompt {index} of {source}: {exc}. Shorten or remove that prompt (or raise max_model_len in "
+            raise DataError(f"shard {plan.name}: prompt {index + 1} of {source} (prompt_index "
+                            f"{index}, counted from 0 in the shards): {exc}. Shorten or "
+                            "remove that prompt (or raise max_model_len in "
                             f"engine_args), then rerun (a changed prompt file needs --overwrite)"
                             ) from exc
         if len(generations) != len(requests):
@@ -141,8 +143,8 @@ class CollectWorker:
         rows = []
         for (index, sample, prompt), request, gen in zip(keys, requests, generations):
             if not gen.token_ids:
-                raise DataError(f"shard {plan.name}: prompt {index} sample {sample} produced no "
-                                f"token (max_new_tokens must be >= 1)")
+                raise DataError(f"shard {plan.name}: prompt_index {index} sample {sample} produced "
+                                "no token (max_new_tokens must be >= 1)")
             rows.append({
                 "response_id": index * self.samples + sample, "prompt_index": index,
                 "sample": sample, "seed": request.seed, "prompt": prompt,

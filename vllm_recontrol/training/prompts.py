@@ -97,15 +97,15 @@ def load_prompts(
     column = _choose_column(columns, prompt_column, where)
     use_hh = prompt_format == "hh-rlhf" or (prompt_format == "auto" and column in DIALOGUE_COLUMNS)
     prompts: list[str] = []
-    for row, value in _string_rows(read, column, where, max_prompts):
+    for place, value in _string_rows(read, column, where, max_prompts):
         if use_hh:
             try:
                 value = extract_hh_prompt(value)
             except ValueError as exc:
-                raise DataError(f"{where}: row {row} column {column!r}: {exc} "
+                raise DataError(f"{where}: {place} column {column!r}: {exc} "
                                 f"(HH-RLHF format expected): {value[:80]!r}") from exc
         if not value.strip():
-            raise DataError(f"{where}: row {row} column {column!r} is an empty prompt")
+            raise DataError(f"{where}: {place} column {column!r} is an empty prompt")
         prompts.append(value)
     if not prompts:
         raise DataError(f"{where} holds no prompts (empty data set)")
@@ -167,11 +167,11 @@ def load_references(
     else:
         column = _choose_column(columns, reference_column, where)
     references = []
-    for row, value in _string_rows(read, column, where, max_prompts):
+    for place, value in _string_rows(read, column, where, max_prompts):
         if reference_column is None:
             cut = value.rfind(HH_ASSISTANT)
             if cut < 0:
-                raise DataError(f"{where}: row {row} column {column!r} has no 'Assistant:' "
+                raise DataError(f"{where}: {place} column {column!r} has no 'Assistant:' "
                                 f"turn (HH-RLHF format expected): {value[:80]!r}")
             value = value[cut + len(HH_ASSISTANT):].strip()
         references.append(value)
@@ -179,11 +179,12 @@ def load_references(
 
 
 def _string_rows(read, column: str, where: str, limit: int | None):
-    """(row, text) of the first ``limit`` rows of a column that must hold strings."""
+    """(place, text) of the first ``limit`` rows of a column that must hold strings; the
+    place is what the reader calls the row ("line 7" in JSON lines, else "row 7", from 1)."""
     rows = enumerate(read(column))
     while True:
         try:
-            row, value = next(rows)
+            row, (place, value) = next(rows)
         except StopIteration:
             return
         except DataError:
@@ -195,9 +196,9 @@ def _string_rows(read, column: str, where: str, limit: int | None):
         if limit is not None and row >= limit:
             return
         if not isinstance(value, str):
-            raise DataError(f"{where}: row {row} column {column!r} is {type(value).__name__} "
+            raise DataError(f"{where}: {place} column {column!r} is {type(value).__name__} "
                             f"{value!r:.80}, expected a string")
-        yield row, value
+        yield place, value
 
 
 def _choose_column(columns: Sequence[str], wanted: str | None, where: str) -> str:
@@ -238,13 +239,15 @@ def _json_lines(path: Path):
                         f"{type(first).__name__}")
 
     def read(column: str):
-        iterable = records if records is not None else _iter_json_lines(path)
-        for number, record in enumerate(iterable):
+        """(place, value): a JSON lines record by its line, an array's by its position."""
+        placed = (((f"record {number}", record) for number, record in enumerate(records, 1))
+                  if records is not None else _iter_json_lines(path))
+        for place, record in placed:
             if not isinstance(record, dict) or column not in record:
                 keys = list(record) if isinstance(record, dict) else type(record).__name__
-                raise DataError(f"prompt file {path}: record {number} has no column "
+                raise DataError(f"prompt file {path}: {place} has no column "
                                 f"{column!r}; columns found: {keys}")
-            yield record[column]
+            yield place, record[column]
 
     return list(first), read
 
@@ -253,7 +256,7 @@ def _iter_json_lines(path: Path):
     with open(path, encoding="utf-8") as handle:
         for number, line in enumerate(handle, 1):
             if line.strip():
-                yield _parse_record(line, path, number)
+                yield f"line {number}", _parse_record(line, path, number)
 
 
 def _parse_record(line: str, path: Path, number: int):
@@ -272,8 +275,9 @@ def _parquet(path: Path):
     columns = list(parquet.schema_arrow.names)
 
     def read(column: str):
-        for batch in parquet.iter_batches(columns=[column], batch_size=4096):
-            yield from batch.column(0).to_pylist()
+        rows = (value for batch in parquet.iter_batches(columns=[column], batch_size=4096)
+                for value in batch.column(0).to_pylist())
+        yield from _counted_rows(rows)
 
     return columns, read
 
@@ -292,6 +296,12 @@ def _hf_dataset(name: str, split: str, data_dir: str | None):
     columns = list(dataset.column_names)
 
     def read(column: str):
-        yield from dataset[column]
+        yield from _counted_rows(dataset[column])
 
     return columns, read
+
+
+def _counted_rows(values):
+    """(place, value) with rows counted from 1, as a person counts them."""
+    for number, value in enumerate(values, 1):
+        yield f"row {number}", value
