@@ -19,9 +19,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from .arguments import join_dash_values
 
 REWARD_FN = "vllm_recontrol.toy_world:positive_share"
 ENGINE_ARGS = {"dtype": "float32", "enforce_eager": True, "max_model_len": 128,
@@ -102,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
                              "(default %(default)s)")
     parser.add_argument("--best-of", type=int, default=4,
                         help="N of the Best-of-N row (default %(default)s)")
-    args = parser.parse_args(argv)
+    args = parser.parse_args(join_dash_values(parser, sys.argv[1:] if argv is None else argv))
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # keep the report readable
     from .training.common import run_main
 

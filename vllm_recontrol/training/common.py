@@ -18,6 +18,7 @@ import typing
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+from ..arguments import join_dash_values
 from ..errors import RecontrolError
 from ..files import atomic_path, write_text_atomic  # noqa: F401  (re-exported)
 
@@ -172,7 +173,8 @@ def parse_command_line(parser: argparse.ArgumentParser, argv: Sequence[str] | No
     for action in parser._actions:  # absent flags must not hide config-file values
         if action.dest not in ("help", "config"):
             action.default = argparse.SUPPRESS
-    args = vars(parser.parse_args(argv))
+    args = vars(parser.parse_args(join_dash_values(parser, sys.argv[1:] if argv is None
+                                                   else argv)))
     config_path = args.pop("config", None)
     try:
         options = load_config_file(config_path) if config_path else {}
