@@ -39,7 +39,19 @@ def test_default_off_engine_controls_only_requests_that_ask():
 
 
 def test_unrelated_extra_args_are_ignored():
-    check_request_args({"my_other_plugin": {"x": 1}}, max_steps=10)
+    check_request_args({"my_other_plugin": {"x": 1}, "alpha": 2.0, "steps": 3,
+                        "control": 1, "max_norm": 1.0}, max_steps=10)
+
+
+@pytest.mark.parametrize("key, meant", [
+    ("recontol_alpha", "recontrol_alpha"), ("re_control_steps", "recontrol_steps"),
+    ("re-control", "recontrol"), ("recontrl", "recontrol"),
+    ("Re-Control-Max-Norm", "recontrol_max_norm"), ("recntrol_head", "recontrol_head"),
+])
+def test_near_misses_of_request_keys_are_refused_not_ignored(key, meant):
+    """A misspelt key would run the request on the engine's defaults without a word."""
+    with pytest.raises(RequestParamsError, match=rf"'{key}' \(did you mean '{meant}'\?\)"):
+        check_request_args({key: 1}, max_steps=10)
 
 
 @pytest.mark.parametrize("args, message", [

@@ -240,6 +240,12 @@ def check_request_args(extra_args: Mapping[str, Any] | None, max_steps: int,
     if unknown:
         raise RequestParamsError(f"unknown RE-Control request key(s) {unknown}; known keys: "
                                  f"{list(REQUEST_KEYS)}")
+    misspelt = {k: near for k in extra_args if isinstance(k, str) and k not in REQUEST_KEYS
+                for near in [_near_request_key(k)] if near is not None}
+    if misspelt:
+        named = ", ".join(f"{k!r} (did you mean {near!r}?)" for k, near in misspelt.items())
+        raise RequestParamsError(f"request key(s) {named} look like RE-Control's, and would "
+                                 f"be ignored; known keys: {list(REQUEST_KEYS)}")
     if REQUEST_SWITCH in extra_args:
         _as_switch(extra_args[REQUEST_SWITCH], REQUEST_SWITCH, RequestParamsError)
     if REQUEST_ALPHA in extra_args:
@@ -255,6 +261,18 @@ def check_request_args(extra_args: Mapping[str, Any] | None, max_steps: int,
     if REQUEST_HEAD in extra_args and extra_args[REQUEST_HEAD] not in heads:
         raise RequestParamsError(f"{REQUEST_HEAD} = {extra_args[REQUEST_HEAD]!r} is not one of "
                                  f"this engine's value heads {list(heads)}")
+
+
+def _near_request_key(key: str) -> str | None:
+    """The RE-Control key that ``key`` misspells ("recontol_alpha", "re-control-steps"),
+    compared without case, spaces, dashes and underscores; None for other plugins' keys
+    (a bare "alpha" stays theirs: too short to be told from one)."""
+    def squeeze(text: str) -> str:
+        return re.sub(r"[\s_\-]", "", text.lower())
+
+    known = {squeeze(k): k for k in REQUEST_KEYS}
+    near = difflib.get_close_matches(squeeze(key), list(known), n=1, cutoff=0.9)
+    return known[near[0]] if near else None
 
 
 def resolve_request(extra_args: Mapping[str, Any] | None, engine: EngineSettings) -> RowControl:
