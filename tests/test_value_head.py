@@ -82,6 +82,21 @@ def test_per_row_max_norm():
     assert torch.equal(head.ascend(states, 0.8, 6, max_norm=torch.tensor(radii)), got)
 
 
+@pytest.mark.parametrize("form, alpha", [("direct", 1e30), ("direct", 1e37), ("gram", 1e30)])
+def test_a_huge_alpha_under_max_norm_lands_on_the_ball(form, alpha):
+    """||u||^2 overflows float32 from ||u|| ~ 1.8e19: the factor min(1, radius / ||u||) was
+    then 0 and the edit vanished. Each step's u is now on the ball, along the gradient."""
+    torch.manual_seed(7)
+    head = ValueHead(20, [30, 12], seed=7)
+    states = torch.randn(4, 20)
+    got = head.ascend(states, alpha, 3, max_norm=0.5, form=form)
+    want = reference_ascent(head, states, [alpha] * 4, [3] * 4, max_norm=0.5)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close((got - states).norm(dim=1), torch.full((4,), 0.5), rtol=1e-5,
+                               atol=0)
+
+
 @pytest.mark.parametrize("widths", [[30], [30, 12]])
 def test_gram_form_with_per_row_radii(widths):
     """The Gram form's projection (||u||^2 = c G c^T) against autograd's, per-row radii; a

@@ -27,6 +27,7 @@ product, through the same staging buffers (same shape, same alignment, whatever 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -66,6 +67,7 @@ class AscentWorkspace:
     rate: Tensor
     remaining: Tensor
     norm: Tensor
+    peak: Tensor        # max_norm: [rows, 1], the largest |u_i| (norms taken of u / peak)
     idle: Tensor        # max_norm: 1 for a row whose projection this step must leave alone
     one: Tensor         # [1, 1] holding 1.0 (a tensor: a Python scalar would allocate)
     coef: Tensor        # Gram form: c, with u = c W1               [rows, h1]
@@ -94,6 +96,7 @@ class AscentWorkspace:
             rate=torch.empty(rows, 1, device=dev, dtype=f32),
             remaining=torch.empty(rows, 1, device=dev, dtype=f32),
             norm=torch.empty(rows, 1, device=dev, dtype=f32),
+            peak=torch.empty(rows, 1, device=dev, dtype=f32),
             idle=torch.empty(rows, 1, device=dev, dtype=f32),
             one=torch.ones(1, 1, device=dev, dtype=f32),
             coef=torch.empty(rows, gram_width, device=dev, dtype=f32),
@@ -118,8 +121,8 @@ class AscentWorkspace:
             x=cut(self.x), pre=[cut(t) for t in self.pre], act=[cut(t) for t in self.act],
             mask=[cut(t) for t in self.mask], back=[cut(t) for t in self.back],
             grad=cut(self.grad), u=cut(self.u), rate=cut(self.rate), remaining=cut(self.remaining),
-            norm=cut(self.norm), idle=cut(self.idle), one=self.one, coef=cut(self.coef),
-            base=cut(self.base), image=cut(self.image), slab=slab)
+            norm=cut(self.norm), peak=cut(self.peak), idle=cut(self.idle), one=self.one,
+            coef=cut(self.coef), base=cut(self.base), image=cut(self.image), slab=slab)
 
 
 def value_gradient_into(mlp: MLPWeights, ws: AscentWorkspace) -> Tensor:
@@ -183,7 +186,7 @@ def ascend_float32(
         if radius is not None:  # u *= min(1, radius / ||u||); inf radius: times exactly 1
             # only rows that took this step: a finished row is never projected again, so its
             # bits do not depend on how many steps the rest of its batch takes
-            _project_rows(ws.u, ws.norm, radius, ws.idle)
+            _project_rows(ws, radius, ws.idle)
     return ws.u[:rows]
 
 
@@ -221,11 +224,8 @@ def ascend_gram_float32(
             break  # nothing reads z1 after the last step; its norm is taken from u below
         _product_into(ws.coef, mlp.first_gram, ws.image, ws.slab)  # G symmetric: c G = (G c^T)^T
         if radius is not None:  # ||u||^2 = c G c^T; scale c and its image alike
-            scratch = ws.act[0]  # free until the next step recomputes it from z1
-            torch.mul(ws.coef, ws.image, out=scratch)
-            torch.sum(scratch, dim=1, keepdim=True, out=ws.norm)
-            ws.norm.clamp_min_(0.0).sqrt_()
-            _projection_scale_into(ws.norm, radius)
+            _gram_norm_into(ws)
+            _projection_scale_into(ws.norm, radius, ws.peak)
             # Only rows with a step still to take: a row's last step is projected on u
             # below, as it is when that step is the batch's last, so a row's bits do not
             # depend on how many steps the rest of its batch takes.
@@ -237,7 +237,7 @@ def ascend_gram_float32(
         torch.add(ws.base, ws.image, out=ws.pre[0])
     _product_into(ws.coef, mlp.weights[0], ws.u, ws.slab)
     if radius is not None:  # the last step's projection, on u itself (no product with G)
-        _project_rows(ws.u, ws.norm, radius)
+        _project_rows(ws, radius)
     return ws.u[:rows]
 
 
@@ -351,20 +351,51 @@ def _step_rates_into(ws: AscentWorkspace, alpha: Tensor, idle: bool = False) -> 
     ws.rate.mul_(alpha.view(-1, 1))
 
 
-def _project_rows(u: Tensor, norm: Tensor, radius: Tensor, idle: Tensor | None = None) -> None:
-    """u <- u * min(1, radius / ||u||) row by row, in place (``norm``: a [rows, 1] buffer);
-    rows where ``idle`` is 1 keep u as it is (the factor max(f, 1) = 1 exactly)."""
-    torch.linalg.vector_norm(u, dim=1, keepdim=True, out=norm)
-    _projection_scale_into(norm, radius)
+def _project_rows(ws: AscentWorkspace, radius: Tensor, idle: Tensor | None = None) -> None:
+    """ws.u <- u * min(1, radius / ||u||) row by row, in place; rows where ``idle`` is 1
+    keep u as it is (the factor max(f, 1) = 1 exactly).
+
+    ||u|| is taken as peak * ||u / peak|| (peak = max |u_i|): in float32 ||u||^2 overflows
+    from ||u|| ~ 1.8e19 (a huge alpha), and the factor radius / inf = 0 would make the edit
+    vanish instead of putting it on the ball. ``ws.grad`` is free here (each step
+    recomputes it), so it holds u / peak."""
+    _peak_into(ws.u, ws.peak)
+    torch.div(ws.u, ws.peak, out=ws.grad)
+    torch.linalg.vector_norm(ws.grad, dim=1, keepdim=True, out=ws.norm)
+    _projection_scale_into(ws.norm, radius, ws.peak)
     if idle is not None:
-        torch.maximum(norm, idle, out=norm)
-    u.mul_(norm)
+        torch.maximum(ws.norm, idle, out=ws.norm)
+    ws.u.mul_(ws.norm)
 
 
-def _projection_scale_into(norm: Tensor, radius: Tensor) -> None:
-    """norm <- min(1, radius / norm), in place (an infinite radius gives exactly 1)."""
+def _gram_norm_into(ws: AscentWorkspace) -> None:
+    """ws.norm <- sqrt(c (c G)^T / (peak_c peak_y)) and ws.peak <- sqrt(peak_c peak_y), so
+    that ||u|| = peak * norm with no overflow on the way (``_project_rows``). ``ws.act[0]``
+    is free until the next step recomputes it from z1."""
+    scratch = ws.act[0]
+    _peak_into(ws.coef, ws.peak)
+    torch.div(ws.coef, ws.peak, out=scratch)
+    _peak_into(ws.image, ws.norm)
+    scratch.mul_(ws.image)
+    scratch.div_(ws.norm)
+    ws.peak.sqrt_()
+    ws.peak.mul_(ws.norm.sqrt_())
+    torch.sum(scratch, dim=1, keepdim=True, out=ws.norm)
+    ws.norm.clamp_min_(0.0).sqrt_()  # c G c^T may round below 0 near u = 0
+
+
+def _peak_into(x: Tensor, peak: Tensor) -> None:
+    """peak <- max_i |x_i| per row, at least 1e-30 (so a zero row divides to zeros)."""
+    torch.linalg.vector_norm(x, ord=math.inf, dim=1, keepdim=True, out=peak)
+    peak.clamp_min_(1e-30)
+
+
+def _projection_scale_into(norm: Tensor, radius: Tensor, peak: Tensor) -> None:
+    """norm <- min(1, radius / (peak * norm)), in place, computed as (radius / peak) / norm
+    so that no product overflows; an infinite radius gives exactly 1. Overwrites ``peak``."""
     norm.clamp_min_(1e-30)
-    torch.div(radius, norm, out=norm)
+    torch.div(radius, peak, out=peak)
+    torch.div(peak, norm, out=norm)
     norm.clamp_max_(1.0)
 
 
