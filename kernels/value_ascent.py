@@ -52,7 +52,9 @@ Design
   final small kernel) sum those slots in a fixed order and apply
   ``min(1, radius_r / ||u_raw||)`` on the fly (an infinite radius multiplies by exactly 1,
   so an uncapped row keeps its unprojected bits). Two slot buffers alternate between steps so
-  that no launch reads what it writes.
+  that no launch reads what it writes. Squares, slots and the factor are float64: in float32
+  ||u||^2 overflows from ||u|| ~ 1.8e19 (a huge alpha), and the factor radius / inf = 0
+  would erase the edit instead of putting it on the ball.
 * The Gram form (``triton_ascend_gram``, see ``vllm_recontrol.ascent``): the same kernel
   with seven more epilogues runs the ascent on coefficients c with u = c W1, one product
   with G = W1 W1^T per step in place of the first layer's forward and backward products
@@ -172,6 +174,13 @@ def _not_first(offs_m, first):
 
 
 @triton.jit
+def _square64(x):
+    """x^2 in float64 (the projection's partial sums: no overflow for any finite x)."""
+    wide = x.to(tl.float64)
+    return wide * wide
+
+
+@triton.jit
 def _row_scale(sq_ptr, offs_m, M, n_sq, radius_ptr, first, steps_ptr, gate_step,
                SQ_CHUNK: tl.constexpr):
     """min(1, radius / ||u_raw||) per row from the previous step's partial sums of squares
@@ -186,7 +195,7 @@ def _row_scale(sq_ptr, offs_m, M, n_sq, radius_ptr, first, steps_ptr, gate_step,
     """
     j = tl.arange(0, SQ_CHUNK)
     live = (offs_m[:, None] < M) & _not_first(offs_m, first)[:, None]
-    total = tl.zeros_like(offs_m.to(tl.float32))
+    total = tl.zeros_like(offs_m.to(tl.float64))  # float64 slots: see the module doc
     for j0 in range(0, n_sq, SQ_CHUNK):
         ok = live & (j0 + j[None, :] < n_sq)
         part = tl.load(sq_ptr + offs_m[:, None] * n_sq + j0 + j[None, :], mask=ok, other=0.0)
@@ -194,9 +203,9 @@ def _row_scale(sq_ptr, offs_m, M, n_sq, radius_ptr, first, steps_ptr, gate_step,
     # the Gram form's c G c^T may round below 0 near u = 0 (a sum of squares never does).
     # One use of the loop's result: two (a compare and a select) trip an assertion in
     # Triton 3.6's thread-locality pass on sm_90 (seen compiling offline, precompile.py)
-    norm = tl.sqrt_rn(tl.maximum(total, 0.0))
+    norm = tl.sqrt(tl.maximum(total, 0.0))  # float64: correctly rounded, as is its division
     radius = tl.maximum(tl.load(radius_ptr + offs_m, mask=offs_m < M, other=1.0), 0.0)
-    factor = tl.minimum(tl.div_rn(radius, tl.maximum(norm, 1e-30)), 1.0)
+    factor = tl.minimum(radius.to(tl.float64) / tl.maximum(norm, 1e-30), 1.0).to(tl.float32)
     n_steps = tl.load(steps_ptr + offs_m, mask=offs_m < M, other=0)
     return tl.where(n_steps > gate_step, factor, 1.0)
 
@@ -332,12 +341,12 @@ def _epilogue(acc, offs_m, offs_n, pid_n, M, N, out_ptr, bias_ptr, maskin_ptr, w
     elif EPILOGUE == EPI_STORE:
         tl.store(out_ptr + idx, acc, mask=ok)
         if PROJECT:
-            sq = tl.sum(tl.where(ok, acc * acc, 0.0), axis=1)
+            sq = tl.sum(tl.where(ok, _square64(acc), 0.0), axis=1)
             tl.store(sq_out_ptr + offs_m * n_sq + pid_n, sq, mask=offs_m < M)
     elif EPILOGUE == EPI_GRAM_PART:
         tl.store(out_ptr + idx, acc, mask=ok)
         coef = tl.load(maskin_ptr + idx, mask=ok, other=0.0)
-        part = tl.sum(tl.where(ok, coef * acc, 0.0), axis=1)
+        part = tl.sum(tl.where(ok, coef.to(tl.float64) * acc.to(tl.float64), 0.0), axis=1)
         tl.store(sq_out_ptr + offs_m * n_sq + pid_n, part, mask=offs_m < M)
     else:
         rate = _step_rates(alpha_ptr, steps_ptr, offs_m, M, step)
@@ -349,7 +358,7 @@ def _epilogue(acc, offs_m, offs_n, pid_n, M, N, out_ptr, bias_ptr, maskin_ptr, w
         u_new = _advance(u_old, rate, acc)
         tl.store(out_ptr + idx, u_new, mask=ok)
         if PROJECT:
-            sq = tl.sum(tl.where(ok, u_new * u_new, 0.0), axis=1)
+            sq = tl.sum(tl.where(ok, _square64(u_new), 0.0), axis=1)
             tl.store(sq_out_ptr + offs_m * n_sq + pid_n, sq, mask=offs_m < M)
         else:  # the next step's first operand, so that no product rebuilds it from s and u
             s = tl.load(state_ptr + idx, mask=ok, other=0.0).to(tl.float32)
@@ -1047,7 +1056,7 @@ def triton_ascend(
     update = products[-1]
     n_sq = triton.cdiv(dim, update.plan.block_n)
     partial, counters = _split_scratch(products, rows, device)
-    sq = torch.empty(2, rows, n_sq, device=device, dtype=torch.float32)
+    sq = torch.empty(2, rows, n_sq, device=device, dtype=torch.float64)
     if poison_scratch:
         for t in [*acts, *backs, partial, sq] + ([] if project else [x]):
             t.fill_(float("nan"))
@@ -1197,8 +1206,8 @@ def triton_ascend_gram(
     # of u'^2 by the last product's
     n_sq = {"gram": triton.cdiv(first, gram_plan.block_n),
             "final": triton.cdiv(dim, final_product.plan.block_n)}
-    sq = {key: torch.empty(rows, n, device=device, dtype=torch.float32) if project else
-          torch.empty(1, device=device, dtype=torch.float32) for key, n in n_sq.items()}
+    sq = {key: torch.empty(rows, n, device=device, dtype=torch.float64) if project else
+          torch.empty(1, device=device, dtype=torch.float64) for key, n in n_sq.items()}
     if poison_scratch:
         for t in [*acts, *backs, partial, base, *coef_ops, *sq.values()] + (
                 [image] if project else []) + ([coef] if hidden == 1 else []):

@@ -160,6 +160,24 @@ def test_max_norm_projection(kernels, seed, hidden):
     assert (u.norm(dim=1) <= max_norm * (1 + 1e-5)).all(), f"norm above the bound (seed {seed})"
 
 
+@pytest.mark.parametrize("form", ["direct", "gram"])
+def test_a_huge_alpha_under_max_norm_lands_on_the_ball(kernels, seed, form):
+    """||u||^2 overflows float32 from ||u|| ~ 1.8e19: the factor radius / inf was 0 and the
+    edit vanished. With alpha = 1e30 every moving row ends on its ball, as in float64."""
+    mlp, states, alpha, steps, _, _, seed = _draw_clean(seed, 6, WIDTHS[:2], 3)
+    alpha = torch.where(alpha != 0, torch.full_like(alpha, 1e30), alpha)
+    radius = torch.tensor([0.5, 2.0, 0.5, math.inf, 1.0, 0.25])
+    ref, clean = reference_ascent(mlp.weights, mlp.biases, states, alpha, steps, 3, radius)
+    run = _run if form == "direct" else _run_gram
+    u = run(kernels, mlp, states, alpha, steps, 3, max_norm=radius)
+    capped = torch.isfinite(radius)
+    _check(u[capped], ref[capped], clean[capped], steps[capped], alpha[capped], FP32_TOL, seed,
+           f"{form} form, alpha 1e30")
+    moved = capped & (steps > 0) & (alpha != 0)
+    torch.testing.assert_close(u[moved].norm(dim=1), radius[moved], rtol=1e-5, atol=0,
+                               msg=f"{form} form: off the ball (seed {seed})")
+
+
 @pytest.mark.parametrize("precision", ["ieee", "bf16"])
 def test_per_row_max_norm(kernels, seed, precision):
     """One radius per row (inf: none): capped rows match the float64 reference projected
