@@ -17,6 +17,7 @@ import os
 import sys
 from typing import Any, Callable, Sequence
 
+from ..config import FLOAT32_MAX
 from .common import RewardError
 from .prompts import prompt_messages
 
@@ -65,8 +66,6 @@ def reward_fn_modules(reward_fn: Any) -> list[str]:
         return [module] if module and module != "__main__" else []
     return [str(reward_fn).partition(":")[0]]
 
-
-FLOAT32_MAX = 3.4028234663852886e38
 
 
 def as_reward(value: Any) -> float | None:
