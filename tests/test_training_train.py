@@ -152,6 +152,29 @@ def test_early_stopping_and_training_is_deterministic(labelled, tmp_path):
         (tmp_path / "b" / "model.safetensors").read_bytes()
 
 
+def test_bellman_trains_every_epoch_unless_given_a_patience(labelled, tmp_path):
+    """The held-out MSE against the reward plateaus long before Bellman targets have carried
+    the reward back (on the toy world early stopping left a head that steered at no alpha),
+    so Bellman stops early only when asked; MC keeps stopping on it (patience 10)."""
+    from vllm_recontrol.training.trainer import early_stopping_patience
+
+    assert early_stopping_patience("bellman", None) is None
+    assert early_stopping_patience("mc", None) == early_stopping_patience("td-lambda", None) == 10
+    assert early_stopping_patience("bellman", 3) == 3
+    common = dict(data=str(labelled), lr=0.05, batch_size=16, widths=[16], device="cpu",
+                  progress=False)
+    # lr 0.05 plateaus within a few epochs (the early-stopping test above relies on it)
+    runs = {name: train(out=str(tmp_path / name), target="bellman", epochs=20, **options,
+                        **common)["metrics"]
+            for name, options in (("bellman", {}), ("bellman-2", dict(patience=2)))}
+    assert runs["bellman"]["epochs_run"] == 20
+    assert runs["bellman-2"]["epochs_run"] < 20
+    saved = ValueHead.load(tmp_path / "bellman", expected_hidden_size=8).metadata
+    assert saved["hyperparameters"]["patience"] is None
+    train(out=str(tmp_path / "mc"), target="mc", epochs=1, **common)
+    assert ValueHead.load(tmp_path / "mc").metadata["hyperparameters"]["patience"] == 10
+
+
 @pytest.mark.parametrize("target, sync", [("bellman", 3), ("td-lambda", 1)])
 def test_a_resumed_run_continues_bit_for_bit(labelled, tmp_path, target, sync):
     """A run stopped after 3 of 6 epochs and started again with the same --checkpoint ends
