@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -370,6 +371,58 @@ def test_save_refuses_weights_that_load_would_refuse(tmp_path):
     with pytest.raises(ValueHeadError, match=r"cannot save .*layers\.0\.weight holds NaN or inf"):
         head.save(tmp_path / "h")
     assert not (tmp_path / "h").exists()  # nothing written
+
+
+@pytest.mark.parametrize("metadata, message", [
+    ({"mse": np.float32(0.1)}, r'metadata\["mse"\] is a float32'),
+    ({"tags": {"a", "b"}}, r'metadata\["tags"\] is a set'),
+    ({"w": torch.tensor(1.0)}, r'metadata\["w"\] is a Tensor'),
+    ({"metrics": {(1, 2): 3}}, r'metadata\["metrics"\] has the key \(1, 2\)'),
+    ({"metrics": {"pearson_s0": float("nan")}},
+     r'metadata\["metrics"\]\["pearson_s0"\] is nan'),
+    ({"history": [1.0, float("inf")]}, r'metadata\["history"\]\[1\] is inf'),
+    ({"it's": {1: 2}}, r'metadata\["it\'s"\] has the key 1 \(int\)'),
+])
+def test_save_refuses_metadata_json_cannot_hold_and_writes_nothing(tmp_path, metadata, message):
+    """A save that fails half-way would leave new weights beside the old config.json, a
+    mixed head that loads cleanly: the config is checked before any file is written."""
+    old = ValueHead(4, [8], seed=0, base_model="model-A")
+    old.save(tmp_path / "h")
+    with pytest.raises(ValueHeadError, match=message):
+        ValueHead(4, [8], seed=1, base_model="model-B", metadata=metadata).save(tmp_path / "h")
+    loaded = ValueHead.load(tmp_path / "h")
+    assert loaded.base_model == "model-A"
+    for a, b in zip(old.state_dict().values(), loaded.state_dict().values()):
+        assert torch.equal(a, b)
+    assert sorted(p.name for p in (tmp_path / "h").iterdir()) == ["config.json",
+                                                                   "model.safetensors"]
+
+
+def test_save_refuses_a_base_model_or_metadata_load_would_refuse(tmp_path):
+    head = ValueHead(4, [8], seed=0)
+    head.base_model = 123
+    with pytest.raises(ValueHeadError, match="base_model must be a model name .* got 123"):
+        head.save(tmp_path / "h")
+    head.base_model, head.metadata = None, [1, 2]
+    with pytest.raises(ValueHeadError, match="metadata must be a dict .* got list"):
+        head.save(tmp_path / "h")
+    assert not (tmp_path / "h").exists()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"metadata": [1, 2]}, "metadata must be a dict .* got list"),
+    ({"base_model": 123}, "base_model must be a model name .* got 123"),
+])
+def test_constructor_refuses_metadata_and_base_model_of_the_wrong_type(kwargs, message):
+    with pytest.raises(ValueHeadError, match=message):
+        ValueHead(4, [8], **kwargs)
+
+
+def test_save_keeps_json_values_and_numpy_float64(tmp_path):
+    """numpy's float64 is a Python float: it saves as the number it is."""
+    metadata = {"mse": np.float64(0.25), "big": 10 ** 30, "nested": {"a": [1, None, True, "x"]}}
+    ValueHead(4, [8], seed=0, metadata=metadata).save(tmp_path / "h")
+    assert ValueHead.load(tmp_path / "h").metadata == metadata
 
 
 def _resaved(path, change):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import numbers
+import reprlib
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -53,6 +54,7 @@ class ValueHead(nn.Module):
         _check_shape_config(hidden_size, widths, source="ValueHead()")
         self.hidden_size = int(hidden_size)
         self.widths = [int(w) for w in widths]
+        _check_provenance(base_model, metadata, source="ValueHead()")
         self.base_model = base_model
         self.metadata = dict(metadata or {})
         sizes = [self.hidden_size, *self.widths, 1]
@@ -344,12 +346,28 @@ class ValueHead(nn.Module):
             "metadata": self.metadata,
         }
 
+    def config_json(self, directory: str | Path) -> str:
+        """``config.json``'s text, checked so that ``load`` reads back what was saved:
+        metadata only of JSON values (finite numbers, string keys), ``base_model`` a name or
+        None. ``directory`` only names the save in the message."""
+        where = f"cannot save the value head to {directory}"
+        _check_provenance(self.base_model, self.metadata, source=where)
+        try:
+            problem = json_problem(self.metadata, "metadata")
+        except RecursionError:
+            problem = "metadata is nested too deeply to save as JSON"
+        if problem:
+            raise ValueHeadError(f"{where}: {problem}")
+        return json.dumps(self.config_dict(), indent=2, allow_nan=False) + "\n"
+
     def save(self, directory: str | Path) -> Path:
         """Write ``config.json`` and ``model.safetensors`` into ``directory`` (created).
-        Weights with NaN or inf are refused before anything is written: ``load`` (and every
-        engine) would refuse the head."""
+        Weights with NaN or inf, and a config JSON cannot hold, are refused before anything
+        is written: ``load`` (and every engine) would refuse the head, and a save failing
+        half-way would leave new weights beside the old config (a mixed head that loads)."""
         from safetensors.torch import save_file
 
+        config_text = self.config_json(directory)
         tensors = {}
         for i, layer in enumerate(self.layers):
             tensors[f"layers.{i}.weight"] = layer.weight.detach().cpu().contiguous()
@@ -361,7 +379,7 @@ class ValueHead(nn.Module):
         path = Path(directory)
         with atomic_path(path / WEIGHTS_FILE) as tmp:  # readable as any file the user writes
             save_file(tensors, str(tmp), metadata={"format": FORMAT_NAME})
-        write_text_atomic(path / CONFIG_FILE, json.dumps(self.config_dict(), indent=2) + "\n")
+        write_text_atomic(path / CONFIG_FILE, config_text)
         return path
 
     @classmethod
@@ -450,6 +468,40 @@ def check_row_controls(alpha: Any, steps: Any) -> None:
         n = steps_values.double()
         if not bool((torch.isfinite(n) & (n >= 0) & (n == n.round())).all()):
             raise ValueError(f"steps must be whole numbers >= 0, got {steps!r}")
+
+
+def _check_provenance(base_model: Any, metadata: Any, source: str) -> None:
+    """The types ``read_config`` accepts for ``base_model`` and ``metadata``."""
+    if base_model is not None and not isinstance(base_model, str):
+        raise ValueHeadError(f"{source}: base_model must be a model name (str) or None, got "
+                             f"{base_model!r}")
+    if metadata is not None and not isinstance(metadata, dict):
+        raise ValueHeadError(f"{source}: metadata must be a dict or None, got "
+                             f"{type(metadata).__name__}")
+
+
+def json_problem(value: Any, where: str) -> str | None:
+    """Why ``value`` would not come back from JSON as itself (naming the part, e.g.
+    ``metadata["metrics"]["mse"]``), or None: json.dumps writes NaN and inf as non-standard
+    JSON, turns non-string keys into strings, and refuses numpy scalars, sets and tensors."""
+    if value is None or isinstance(value, (str, bool, int)):
+        return None
+    if isinstance(value, float):
+        return None if math.isfinite(value) else f"{where} is {value}, which JSON cannot hold"
+    if isinstance(value, (list, tuple)):
+        return next((p for i, item in enumerate(value)
+                     for p in [json_problem(item, f"{where}[{i}]")] if p), None)
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                return (f"{where} has the key {key!r} ({type(key).__name__}); JSON keys are "
+                        "strings")
+            problem = json_problem(item, f"{where}[{json.dumps(key)}]")
+            if problem:
+                return problem
+        return None
+    return (f"{where} is a {type(value).__name__} ({reprlib.repr(value)}), not a JSON "
+            "value (use a Python number, str, bool, None, list or dict)")
 
 
 def _check_shape_config(hidden_size: Any, widths: Any, source: str) -> None:
