@@ -205,6 +205,25 @@ def test_a_head_used_under_inference_mode_works_outside_it(form):
     assert head.nonfinite_rows() == 3
 
 
+@pytest.mark.parametrize("form", ["direct", "gram"])
+@pytest.mark.parametrize("needs_grad", ["alpha", "max_norm", "states"])
+def test_ascend_takes_tensors_that_require_grad_and_stays_usable(form, needs_grad):
+    """The edit is inference, never differentiated: tensors that require grad (a learnable
+    alpha, states from a graph) give the plain edit, and the head's reused buffers are not
+    left attached to autograd, which broke every later call outside torch.no_grad()."""
+    states = torch.randn(3, 8, generator=torch.Generator().manual_seed(4))
+    alpha, radius = torch.tensor(0.5), torch.tensor([0.3, math.inf, 0.2])
+    given = {"alpha": alpha, "states": states, "max_norm": radius}
+    given[needs_grad] = given[needs_grad].clone().requires_grad_(True)
+    head, fresh = ValueHead(8, [6, 4], seed=0), ValueHead(8, [6, 4], seed=0)
+    edited = head.ascend(given["states"], given["alpha"], 3, max_norm=given["max_norm"],
+                         backend="torch", form=form)
+    expected = fresh.ascend(states, 0.5, 3, max_norm=radius, backend="torch", form=form)
+    assert torch.equal(edited, expected) and not edited.requires_grad
+    later = head.ascend(states * 2, 0.25, 2, backend="torch", form=form)
+    assert torch.equal(later, fresh.ascend(states * 2, 0.25, 2, backend="torch", form=form))
+
+
 def test_float64_states_are_edited_in_float64():
     """float64 states get s + u rounded once in float64 (u is float32): a tiny edit stays
     tiny, it is not the float32 rounding of s (about 5e-8 on states of size 1)."""

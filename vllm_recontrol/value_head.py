@@ -108,6 +108,9 @@ class ValueHead(nn.Module):
         return cached[1]
 
     # ------------------------------------------------------------------ control step
+    # An inference edit, never differentiated: inputs that require grad would otherwise
+    # fail in the out= products and leave the reused buffers attached to autograd.
+    @torch.no_grad()
     def ascend(
         self,
         states: torch.Tensor,
@@ -145,7 +148,8 @@ class ValueHead(nn.Module):
         with every layer, each step), "gram" (the same ascent on the first layer's
         coefficients, one product fewer per step) or "auto" (the Gram form on the torch
         backend where it moves fewer weights, the direct form on Triton:
-        ``backends.choose_form``).
+        ``backends.choose_form``). Runs under ``torch.no_grad()``: inputs that require grad
+        are read as values, and the result carries no graph.
         """
         if states.dim() != 2 or states.shape[1] != self.hidden_size:
             raise ValueError(
