@@ -499,6 +499,33 @@ def test_ascend_refuses_bad_alpha_and_steps(alpha, steps, message):
         ValueHead(8, [4], seed=0).ascend(torch.randn(2, 8), alpha, steps)
 
 
+@pytest.mark.parametrize("steps, num_iterations, message", [
+    (5, 2, "num_iterations = 2 is below the largest steps = 5"),
+    ([1, 5], 0, "num_iterations = 0 is below the largest steps = 5"),
+    (torch.tensor([4, 1]), 3, "num_iterations = 3 is below the largest steps = 4"),
+    (3, -1, "num_iterations must be an integer >= 0 .* got -1"),
+    (0, -1, "num_iterations must be an integer >= 0 .* got -1"),
+    (3, 3.0, r"num_iterations must be an integer >= 0 .* got 3.0 \(float\)"),
+    (3, True, r"num_iterations must be an integer >= 0 .* got True \(bool\)"),
+    (3, torch.tensor(3), r"num_iterations must be an integer >= 0 .* \(Tensor\)"),
+])
+def test_ascend_refuses_num_iterations_that_would_cut_rows_short(steps, num_iterations,
+                                                                  message):
+    """num_iterations is the loop count, which callers pass to spare a device sync: below
+    the largest steps it silently cut every row short (0 or less left them unedited)."""
+    with pytest.raises(ValueError, match=message):
+        ValueHead(8, [4], seed=0).ascend(torch.randn(2, 8), 0.5, steps,
+                                         num_iterations=num_iterations)
+
+
+def test_num_iterations_at_or_above_the_largest_steps_changes_nothing():
+    head, states = ValueHead(8, [4], seed=0), torch.randn(2, 8)
+    expected = head.ascend(states, 0.5, [2, 4])
+    for count in (4, np.int64(4), 9):
+        assert torch.equal(head.ascend(states, 0.5, [2, 4], num_iterations=count), expected)
+    assert torch.equal(head.ascend(states, 0.5, 0, num_iterations=0), states)
+
+
 def test_ascend_takes_a_radius_as_any_real_number_or_a_0d_tensor():
     import numpy as np
 

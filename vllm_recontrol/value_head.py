@@ -131,7 +131,10 @@ class ValueHead(nn.Module):
         per row (inf: that row unprojected; a CUDA tensor's values are not checked, which
         would cost a host sync: 0 or less leaves a row unedited).
         Rows with ``steps == 0`` or ``alpha == 0``, and rows whose edit is not finite, come back
-        bit-identical. ``num_iterations`` (>= max steps) spares a device sync when known.
+        bit-identical. ``num_iterations``: the loop count, at least the largest ``steps``
+        (refused below it when the steps are Python values or a CPU tensor); passing it
+        spares reading CUDA steps back (a device sync), and there, unread, it bounds the
+        steps: a row with more takes only ``num_iterations``.
         ``backend``: "torch" (closed form), "triton" (fused kernel) or "auto" (Triton on CUDA;
         the ``VLLM_RECONTROL_BACKEND`` environment variable can force either). ``precision`` of
         the products: "fp32" (exact), "tf32" or "bf16" (Triton only: weights read as bf16, fp32
@@ -164,8 +167,7 @@ class ValueHead(nn.Module):
         rows, device = states.shape[0], self.layers[0].weight.device
         alpha_rows = as_row_tensor(alpha, rows, torch.float32, device, "alpha")
         steps_rows = as_row_tensor(steps, rows, torch.int64, device, "steps")
-        if num_iterations is None:
-            num_iterations = int(steps_rows.max()) if rows else 0
+        num_iterations = iteration_count(num_iterations, steps, steps_rows)
         resolved_form = choose_form(form, resolved, self.widths, self.hidden_size)
         if rows == 0 or num_iterations <= 0:
             return states.clone()
@@ -448,6 +450,36 @@ def checked_radius(max_norm: Any, rows: int) -> float | torch.Tensor | None:
         raise ValueError(f"per-row max_norm values must be > 0 (inf: unprojected), got "
                          f"{radius.tolist()}")
     return radius
+
+
+def host_max_steps(steps: Any) -> int | None:
+    """The largest of ``steps`` (checked by ``check_row_controls``) when it is known on the
+    host, else None: a CUDA tensor's values would cost a device sync to read."""
+    if isinstance(steps, torch.Tensor):
+        if steps.device.type != "cpu":
+            return None
+        values = steps.detach()
+    else:
+        values = torch.as_tensor(steps, dtype=torch.float64)
+    return int(values.max()) if values.numel() else 0
+
+
+def iteration_count(num_iterations: Any, steps: Any, steps_rows: torch.Tensor) -> int:
+    """The ascent's loop count: ``num_iterations`` when it covers every row's steps (a
+    smaller count would cut rows short without a word), else counted from the steps."""
+    largest = host_max_steps(steps)
+    if num_iterations is None:
+        if largest is not None:
+            return largest
+        return int(steps_rows.max()) if steps_rows.numel() else 0
+    if isinstance(num_iterations, bool) or not isinstance(num_iterations, numbers.Integral) \
+            or num_iterations < 0:
+        raise ValueError(f"num_iterations must be an integer >= 0 (at least the largest "
+                         f"steps), got {num_iterations!r} ({type(num_iterations).__name__})")
+    if largest is not None and num_iterations < largest:
+        raise ValueError(f"num_iterations = {num_iterations} is below the largest steps = "
+                         f"{largest}: rows would stop short; pass at least {largest}, or None")
+    return int(num_iterations)
 
 
 def check_row_controls(alpha: Any, steps: Any) -> None:
