@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from vllm_recontrol.config import (UNCONTROLLED, EngineSettings, RowControl, check_request_args,
                                    resolve_request)
@@ -249,3 +250,34 @@ def test_max_steps_below_the_default_steps_says_steps_was_the_default():
         settings(max_steps=10)
     with pytest.raises(ConfigError, match=r'\["steps"\] = 12 exceeds max_steps = 10'):
         settings(max_steps=10, steps=12)
+
+
+@pytest.mark.parametrize("section, message", [
+    ({"max_steps": 10 ** 30}, r'\["max_steps"\] must be at most 1000000 \(STEPS_LIMIT\), '
+                              r"got 10{30}"),
+    ({"max_steps": 1_000_001}, r"at most 1000000 .* got 1000001"),
+    ({"max_steps": 10 ** 5000}, r"at most 1000000 .* got an integer of 16610 bits"),
+    ({"steps": 10 ** 20}, r'\["steps"\] = 10{20} exceeds max_steps = 200'),
+    ({"value_heads": {"td": {"path": "/t", "steps": 10 ** 20}}}, r"exceeds max_steps = 200"),
+])
+def test_step_counts_are_bounded_by_the_steps_limit(section, message):
+    """An unbounded max_steps let recontrol_steps = 10**20 through admission, and the
+    engine then failed inside its forward pass packing it into an int64 tensor."""
+    with pytest.raises(ConfigError, match=message):
+        settings(**section)
+
+
+def test_the_largest_max_steps_admits_requests_up_to_it():
+    from vllm_recontrol.config import STEPS_LIMIT
+    from vllm_recontrol.controller import RowControls
+
+    s = settings(max_steps=STEPS_LIMIT)
+    with pytest.raises(RequestParamsError, match="exceeds this engine's max_steps = 1000000"):
+        resolve_request({"recontrol_steps": 10 ** 20}, s)
+    control = resolve_request({"recontrol_steps": STEPS_LIMIT}, s)
+    rows = RowControls()
+    rows.reset(torch.device("cpu"))
+    rows.set(0, control)
+    rows.resize(1)
+    rows.arm()
+    assert rows.take(1)[0].max_steps == STEPS_LIMIT

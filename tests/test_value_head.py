@@ -493,6 +493,9 @@ def test_ascend_rejects_wrong_shapes():
     (0.5, 2.7, "steps must be whole numbers >= 0"), (0.5, -3, "steps must be whole numbers"),
     (0.5, torch.tensor([1.0, 1.5]), "steps must be whole numbers"),
     (0.5, "3", "steps must be a number or a sequence of numbers, got '3'"),
+    (0.5, 10 ** 20, r"steps must be at most 1000000 \(STEPS_LIMIT\), got 10{20}"),
+    (0.5, [1, 1_000_001], r"steps must be at most 1000000 .* got \[1, 1000001\]"),
+    (0.5, torch.tensor([2 ** 62, 1]), "steps must be at most 1000000"),
 ])
 def test_ascend_refuses_bad_alpha_and_steps(alpha, steps, message):
     with pytest.raises(ValueError, match=message):
@@ -508,6 +511,8 @@ def test_ascend_refuses_bad_alpha_and_steps(alpha, steps, message):
     (3, 3.0, r"num_iterations must be an integer >= 0 .* got 3.0 \(float\)"),
     (3, True, r"num_iterations must be an integer >= 0 .* got True \(bool\)"),
     (3, torch.tensor(3), r"num_iterations must be an integer >= 0 .* \(Tensor\)"),
+    (3, 10 ** 20, r"num_iterations must be at most 1000000 \(STEPS_LIMIT\), got 10{20}"),
+    (torch.tensor([0, 0]), 1_000_001, "num_iterations must be at most 1000000"),
 ])
 def test_ascend_refuses_num_iterations_that_would_cut_rows_short(steps, num_iterations,
                                                                   message):

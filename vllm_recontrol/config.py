@@ -26,6 +26,12 @@ DEFAULT_ALPHA = 0.5
 DEFAULT_STEPS = 30
 DEFAULT_MAX_STEPS = 200
 FLOAT32_MAX = 3.4028234663852886e38  # alpha and max_norm run in float32
+# The most steps anything takes (max_steps, so every request's and head's steps, and a
+# direct ascend's steps and loop count). A step is a product with every layer of the head,
+# so a million is already hours per token; the bound keeps counts exact where they are
+# packed downstream (int64 row tensors; the torch ascent counts down in float32, exact to
+# 2**24) and an absurd count a clear error, not an overflow inside the engine.
+STEPS_LIMIT = 1_000_000
 
 
 def as_float32(value: float) -> float:
@@ -147,7 +153,7 @@ class EngineSettings:
             raise ConfigError(f'{where}["value_head"] is required: the folder of a value head '
                               f"(config.json + model.safetensors), got {value_head!r}")
         max_steps = _as_int(section.get("max_steps", DEFAULT_MAX_STEPS), f'{where}["max_steps"]',
-                            ConfigError, low=0)
+                            ConfigError, low=0, high=STEPS_LIMIT)
         steps = _as_int(section.get("steps", DEFAULT_STEPS), f'{where}["steps"]', ConfigError,
                         low=0)
         if steps > max_steps:
@@ -398,14 +404,25 @@ def _as_float(value: Any, name: str, error: type[Exception], positive: bool = Fa
     return value
 
 
-def _as_int(value: Any, name: str, error: type[Exception], low: int) -> int:
+def _as_int(value: Any, name: str, error: type[Exception], low: int,
+            high: int | None = None) -> int:
+    """An integer >= ``low`` (a whole float counts) and, when given, <= ``high``."""
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
         raise error(f"{name} must be an integer >= {low}, got {value!r} ({type(value).__name__})")
     if value < low:
-        raise error(f"{name} must be an integer >= {low}, got {value}")
+        raise error(f"{name} must be an integer >= {low}, got {shown_int(value)}")
+    if high is not None and value > high:
+        limit = " (STEPS_LIMIT)" if high == STEPS_LIMIT else ""
+        raise error(f"{name} must be at most {high}{limit}, got {shown_int(value)}")
     return value
+
+
+def shown_int(value: int) -> str:
+    """``value`` for a message; past 256 bits its size instead (Python refuses to print
+    integers of more than 4300 digits, and nobody reads them)."""
+    return str(value) if value.bit_length() <= 256 else f"an integer of {value.bit_length()} bits"
 
 
 def _as_switch(value: Any, name: str, error: type[Exception]) -> bool:

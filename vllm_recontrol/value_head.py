@@ -20,7 +20,7 @@ from torch import nn
 from .ascent import (AscentWorkspace, MLPWeights, as_row_tensor, ascend_float32,
                      ascend_gram_float32, product_rows, with_first_gram)
 from .backends import choose_backend, choose_form, choose_precision
-from .config import FLOAT32_MAX, as_float32
+from .config import FLOAT32_MAX, STEPS_LIMIT, as_float32
 from .errors import ValueHeadError
 from .files import atomic_path, write_text_atomic
 from .head_source import locate_head
@@ -471,11 +471,14 @@ def iteration_count(num_iterations: Any, steps: Any, steps_rows: torch.Tensor) -
     if num_iterations is None:
         if largest is not None:
             return largest
-        return int(steps_rows.max()) if steps_rows.numel() else 0
+        num_iterations = int(steps_rows.max()) if steps_rows.numel() else 0
     if isinstance(num_iterations, bool) or not isinstance(num_iterations, numbers.Integral) \
             or num_iterations < 0:
         raise ValueError(f"num_iterations must be an integer >= 0 (at least the largest "
                          f"steps), got {num_iterations!r} ({type(num_iterations).__name__})")
+    if num_iterations > STEPS_LIMIT:  # a loop that long would hang the caller
+        raise ValueError(f"num_iterations must be at most {STEPS_LIMIT} (STEPS_LIMIT), got "
+                         f"{num_iterations}")
     if largest is not None and num_iterations < largest:
         raise ValueError(f"num_iterations = {num_iterations} is below the largest steps = "
                          f"{largest}: rows would stop short; pass at least {largest}, or None")
@@ -483,9 +486,10 @@ def iteration_count(num_iterations: Any, steps: Any, steps_rows: torch.Tensor) -
 
 
 def check_row_controls(alpha: Any, steps: Any) -> None:
-    """Refuse alpha < 0, non-finite or past float32, and fractional or negative steps, for
-    Python values and CPU tensors (a CUDA tensor's values are left unchecked: no sync; the
-    engine's per-request values are checked when the request arrives)."""
+    """Refuse alpha < 0, non-finite or past float32, and fractional, negative or more than
+    ``STEPS_LIMIT`` steps, for Python values and CPU tensors (a CUDA tensor's values are
+    left unchecked: no sync; the engine's per-request values are checked when the request
+    arrives)."""
     def values(value: Any, name: str) -> torch.Tensor:
         if isinstance(value, torch.Tensor):
             return value.detach()
@@ -504,6 +508,9 @@ def check_row_controls(alpha: Any, steps: Any) -> None:
         n = steps_values.double()
         if not bool((torch.isfinite(n) & (n >= 0) & (n == n.round())).all()):
             raise ValueError(f"steps must be whole numbers >= 0, got {steps!r}")
+        if not bool((n <= STEPS_LIMIT).all()):
+            raise ValueError(f"steps must be at most {STEPS_LIMIT} (STEPS_LIMIT), got "
+                             f"{reprlib.repr(steps)}")
 
 
 def _check_provenance(base_model: Any, metadata: Any, source: str) -> None:
