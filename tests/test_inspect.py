@@ -106,3 +106,44 @@ def test_free_form_metadata_and_a_mistyped_model_config(trained, tmp_path, capsy
     (model / "config.json").write_text(json.dumps({**config, "hidden_size": "big"}))
     assert cli(["inspect", str(odd), "--model", str(model)]) == 1
     assert f"cannot read the configuration of model '{model}'" in capsys.readouterr().out
+
+
+def _with_metadata(tmp_path, name, metadata_json):
+    """A head saved, then its config.json's metadata replaced by hand-written JSON."""
+    folder = ValueHead(8, [4], seed=0, base_model="m").save(tmp_path / name)
+    text = (folder / "config.json").read_text()
+    config = json.loads(text)
+    config["metadata"] = "@METADATA@"
+    (folder / "config.json").write_text(json.dumps(config).replace('"@METADATA@"', metadata_json))
+    return folder
+
+
+@pytest.mark.parametrize("metrics", [
+    '{"split": ["heldout"], "mse": 2.0, "trivial_mse": 1.0}',
+    '{"split": {"name": "heldout"}, "pearson_s0": -0.5}',
+    '{"pearson_s0": 1' + "0" * 400 + ', "mse": -1' + "0" * 400 + ', "trivial_mse": 1}',
+    '{"mse": "high", "trivial_mse": [1], "pearson_s0": null, "prompts": "many"}',
+])
+def test_metrics_of_odd_types_are_skipped_not_a_traceback(tmp_path, capsys, metrics):
+    """Hand-written metadata may hold anything JSON does: a list or object as the split was
+    an unhashable TypeError, a 401-digit pearson_s0 an OverflowError."""
+    folder = _with_metadata(tmp_path, "odd", '{"metrics": %s}' % metrics)
+    assert cli(["inspect", str(folder)]) == 0
+    assert "Traceback" not in capsys.readouterr().out
+    assert cli(["inspect", "--json", str(folder)]) == 0
+    assert json.loads(capsys.readouterr().out)["path"] == str(folder)
+
+
+def test_an_odd_split_is_not_named_as_held_out(tmp_path):
+    from vllm_recontrol.inspect_head import inspect_head
+
+    folder = _with_metadata(tmp_path, "odd", '{"metrics": {"split": [1], "pearson_s0": -0.5}}')
+    warnings = inspect_head(folder)["warnings"]
+    assert any("(recorded Pearson r = -0.5)" in w for w in warnings), warnings
+
+
+def test_a_config_integer_past_pythons_digit_limit_is_a_head_error(tmp_path, capsys):
+    """json.loads refuses integers of more than 4300 digits with a plain ValueError."""
+    folder = _with_metadata(tmp_path, "huge", '{"metrics": {"prompts": 1' + "0" * 5000 + "}}")
+    assert cli(["inspect", str(folder)]) == 1
+    assert "is not valid JSON" in capsys.readouterr().out

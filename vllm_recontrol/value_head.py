@@ -567,7 +567,8 @@ def read_config(path: Path) -> dict[str, Any]:
         raise ValueHeadError(f"value head config {config_path} is missing")
     try:
         config = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+    # ValueError also covers integers of more than 4300 digits, which json.loads refuses
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError
         raise ValueHeadError(f"value head config {config_path} is not valid JSON: {exc}") from exc
     except OSError as exc:
         raise ValueHeadError(f"value head config {config_path} cannot be read: {exc}") from exc

@@ -16,10 +16,11 @@ FEW_PROMPTS = 20  # below this, V(s_0)'s correlation (one value per prompt) is m
 
 
 def quality_warnings(metrics: Mapping[str, Any]) -> list[str]:
-    """One sentence per problem found in ``train``'s recorded metrics (absent ones: none)."""
+    """One sentence per problem found in ``train``'s recorded metrics (absent ones, and
+    values of another type than ``train`` writes: none, since a head's metadata is free-form
+    and may be hand-written)."""
     warnings = []
-    split = {"heldout": "held-out", None: "held-out"}.get(metrics.get("split"),
-                                                         str(metrics.get("split")))
+    split = _split_name(metrics.get("split"))
     mse, trivial = _number(metrics.get("mse")), _number(metrics.get("trivial_mse"))
     if mse is not None and trivial is not None and mse >= trivial:
         warnings.append(
@@ -39,7 +40,20 @@ def quality_warnings(metrics: Mapping[str, Any]) -> list[str]:
     return warnings
 
 
+def _split_name(split: Any) -> str:
+    """How the warnings name the metrics' split: ``train`` writes "heldout" or a sentence;
+    anything else is not a name."""
+    if split is None or split == "heldout":
+        return "held-out"
+    return split if isinstance(split, str) else "recorded"
+
+
 def _number(value: Any) -> float | None:
+    """``value`` as a finite float, or None (not a number, or past float's range)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
-    return float(value) if math.isfinite(value) else None
+    try:
+        number = float(value)
+    except OverflowError:  # an integer of more than 308 digits
+        return None
+    return number if math.isfinite(number) else None
