@@ -29,10 +29,14 @@ from .arguments import join_dash_values
 REWARD_FN = "vllm_recontrol.toy_world:positive_share"
 ENGINE_ARGS = {"dtype": "float32", "enforce_eager": True, "max_model_len": 128,
                "kv_cache_memory_bytes": 64 << 20}
-TRAIN_OPTIONS = dict(target="mc", lr=1e-3, batch_size=64, epochs=60, widths=[64])
-# The last point is the one before it with u kept within radius 8 (recontrol_max_norm): a
-# control strong enough to reward-hack, held back by the norm bound.
-DEMO_GRID = "0.5:10,1.0:30,2.0:30,3.0:20,3.0:20:norm=8"
+# TD(0.9) targets: a toy world depends on the machine's float rounding, and of seven worlds
+# tried (seeds 0-6 of world, collection and training) the TD head steered in six; the MC
+# head failed in the one this default world became on a second machine (README, "Demo").
+TRAIN_OPTIONS = dict(target="td-lambda", td_lambda=0.9, lr=1e-3, batch_size=64, epochs=60,
+                     widths=[64])
+# Too weak, steering, stronger, far too strong (it collapsed the outputs in six of those
+# worlds), and the last held within radius 16 (recontrol_max_norm), which never did.
+DEMO_GRID = "0.5:10,1.0:30,2.0:30,6.0:30,6.0:30:norm=16"
 MIN_TRAIN_PROMPTS = 20  # train holds out a tenth of the prompts, and needs two there
 
 
