@@ -401,6 +401,12 @@ def test_a_damaged_checkpoint_state_is_an_error(labelled, tmp_path, state, messa
     (lambda t: t["prompt_index"].__setitem__(0, -1), "names prompts -1"),
     (lambda t: t["offsets"].__setitem__(1, int(t["offsets"][2]) + 1),
      "offsets must start at 0 and never decrease"),
+    (lambda t: t.__setitem__("states", t["states"].to(torch.int16)),
+     r"its states are I16, not one of \['bfloat16', 'float16'\]"),
+    (lambda t: t.__setitem__("offsets", t["offsets"].double()),
+     r"offsets must be a 1-D int64 tensor, got torch.float64"),
+    (lambda t: t.__setitem__("states", t["states"].flatten()),
+     r"its states must be \[states, hidden size\], got shape \[\d+\]"),
 ])
 def test_a_damaged_shard_index_is_an_error(labelled, tmp_path, change, message):
     from safetensors import safe_open

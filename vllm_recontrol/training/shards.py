@@ -185,7 +185,11 @@ def read_shard_index(directory: Path, name: str) -> ShardIndex:
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = json.loads((handle.metadata() or {}).get("recontrol", "{}"))
-            shape = handle.get_slice("states").get_shape()
+            states = handle.get_slice("states")
+            shape, stored = states.get_shape(), states.get_dtype()
+            _check_stored_tensors(path, shape, stored, {
+                key: handle.get_tensor(key) for key in ("offsets", "response_ids",
+                                                        "prompt_index")})
             index = ShardIndex(name, handle.get_tensor("offsets"),
                                handle.get_tensor("response_ids"), handle.get_tensor("prompt_index"),
                                int(shape[1]), metadata.get("dtype", "?"))
@@ -202,6 +206,25 @@ def read_shard_index(directory: Path, name: str) -> ShardIndex:
         raise DataError(f"shard {path} is inconsistent: its offsets must start at 0 and never "
                         f"decrease, with one prompt index per response")
     return index
+
+
+STORED_STATE_DTYPES = {"BF16": "bfloat16", "F16": "float16"}  # safetensors' names
+
+
+def _check_stored_tensors(path: Path, shape: Sequence[int], stored: str,
+                          index: dict[str, torch.Tensor]) -> None:
+    """A damaged or hand-made shard is refused here, naming what is wrong: int16 states
+    would train on truncated values, float offsets fail later as an index error."""
+    if len(shape) != 2:
+        raise DataError(f"shard {path} is damaged: its states must be [states, hidden size], "
+                        f"got shape {list(shape)}")
+    if stored not in STORED_STATE_DTYPES:
+        raise DataError(f"shard {path} is damaged: its states are {stored}, not one of "
+                        f"{list(STORED_STATE_DTYPES.values())} (what collect writes)")
+    for key, tensor in index.items():
+        if tensor.dtype != torch.int64 or tensor.dim() != 1:
+            raise DataError(f"shard {path} is damaged: {key} must be a 1-D int64 tensor, got "
+                            f"{tensor.dtype} {list(tensor.shape)}")
 
 
 def load_states(directory: Path, name: str) -> torch.Tensor:
