@@ -281,3 +281,29 @@ def test_the_largest_max_steps_admits_requests_up_to_it():
     rows.resize(1)
     rows.arm()
     assert rows.take(1)[0].max_steps == STEPS_LIMIT
+
+
+@pytest.mark.parametrize("section, message", [
+    (None, r'additional_config\["recontrol"\] is null; it must be a JSON object'),
+    ({1: 2, "zz": 3}, r"unknown key\(s\) \['zz', 1\]"),
+    ({"value_head": "h", "value_heads": {"a": {1: 2, "path": "p"}}},
+     r"\['a'\] has unknown key\(s\) \[1\]"),
+])
+def test_odd_sections_get_a_message_not_a_crash(section, message):
+    """A null section was answered 'did you mean recontrol for recontrol?'; a Python dict
+    with a non-string key next to string keys crashed sorting them."""
+    with pytest.raises(ConfigError, match=message):
+        EngineSettings.from_additional_config({"recontrol": section})
+
+
+def test_numpy_scalars_are_numbers_and_a_list_is_not_extra_args():
+    numpy = pytest.importorskip("numpy")
+    engine = EngineSettings.from_additional_config({"recontrol": {"value_head": "h"}})
+    args = {"recontrol_alpha": numpy.float32(0.25), "recontrol_steps": numpy.int64(5),
+            "recontrol_max_norm": numpy.float16(2.0)}
+    assert resolve_request(args, engine) == RowControl(alpha=0.25, steps=5, max_norm=2.0)
+    with pytest.raises(RequestParamsError, match="recontrol_steps must be an integer"):
+        check_request_args({"recontrol_steps": numpy.float32(2.5)}, max_steps=10)
+    with pytest.raises(RequestParamsError, match="extra_args must be a JSON object of keys, "
+                                                 "got list"):
+        check_request_args([("recontrol_alpha", 1.0)], max_steps=10)

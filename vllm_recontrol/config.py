@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import numbers
 import re
 import struct
 from dataclasses import dataclass
@@ -133,6 +134,9 @@ class EngineSettings:
             raise ConfigError(f"additional_config must be a JSON object, got "
                               f"{type(additional_config).__name__}")
         section = (additional_config or {}).get(ADDITIONAL_CONFIG_KEY)
+        if section is None and ADDITIONAL_CONFIG_KEY in (additional_config or {}):
+            raise ConfigError(f"{where} is null; it must be a JSON object with at least a "
+                              f'value head, e.g. {{"value_head": "/path/to/head"}}')
         if section is None:
             found = sorted(map(str, additional_config or {}))
             near = difflib.get_close_matches(ADDITIONAL_CONFIG_KEY, found, n=1)
@@ -144,7 +148,7 @@ class EngineSettings:
                 f"{{\"value_head\": \"/path/to/head\"}}}}'{seen}")
         if not isinstance(section, Mapping):
             raise ConfigError(f"{where} must be a JSON object, got {type(section).__name__}")
-        unknown = sorted(set(section) - set(ENGINE_KEYS))
+        unknown = _unknown_keys(section, ENGINE_KEYS)
         if unknown:
             raise ConfigError(f"{where} has unknown key(s) {unknown}; known keys: "
                               f"{list(ENGINE_KEYS)}")
@@ -236,8 +240,11 @@ def check_request_args(extra_args: Mapping[str, Any] | None, max_steps: int,
                        heads: Sequence[str] = (DEFAULT_HEAD,)) -> None:
     """Reject malformed per-request keys (run at admission, so a bad request gets HTTP 400).
     ``heads``: the names this engine's requests may pick with ``recontrol_head``."""
-    if not extra_args:
+    if extra_args is None:
         return
+    if not isinstance(extra_args, Mapping):
+        raise RequestParamsError(f"extra_args must be a JSON object of keys, got "
+                                 f"{type(extra_args).__name__}")
     # any case: "Recontrol_Alpha" is a typo of ours, not another plugin's key, and ignoring
     # it would run the request on the engine's defaults
     # nor " recontrol_alpha": a stray space is a typo too
@@ -341,7 +348,7 @@ def _as_head_specs(value: Any, name: str, max_steps: int) -> tuple[tuple[str, He
                               f"{DEFAULT_HEAD!r} is the engine's value_head")
         where = f"{name}[{head!r}]"
         if isinstance(entry, Mapping):
-            unknown = sorted(set(entry) - set(HEAD_SPEC_KEYS))
+            unknown = _unknown_keys(entry, HEAD_SPEC_KEYS)
             if unknown:
                 raise ConfigError(f"{where} has unknown key(s) {unknown}; known keys: "
                                   f"{list(HEAD_SPEC_KEYS)}")
@@ -360,6 +367,12 @@ def _as_head_specs(value: Any, name: str, max_steps: int) -> tuple[tuple[str, He
                               f'"path"), got {entry!r}')
         specs.append((head, HeadSpec(path, alpha, steps, max_norm)))
     return tuple(sorted(specs))
+
+
+def _unknown_keys(section: Mapping[Any, Any], known: Sequence[str]) -> list[Any]:
+    """The keys not in ``known``, in a stable order even when some are not strings (JSON
+    keys always are; a Python dict's need not be, and sorting them mixed would crash)."""
+    return sorted((key for key in section if key not in known), key=repr)
 
 
 def _as_radius(value: Any, name: str) -> float | None:
@@ -386,7 +399,8 @@ def _as_step_list(value: Any, name: str, max_steps: int) -> tuple[int, ...] | No
 def _as_float(value: Any, name: str, error: type[Exception], positive: bool = False) -> float:
     """A finite float32-range number >= 0 (``positive``: > 0, as a radius must be)."""
     bound = "> 0" if positive else ">= 0"
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    # numbers.Real: NumPy's scalars too (np.float32(0.5)), as np.float64 always passed
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise error(f"{name} must be a number {bound}, got {value!r} ({type(value).__name__})")
     try:
         value = float(value)
@@ -407,6 +421,8 @@ def _as_float(value: Any, name: str, error: type[Exception], positive: bool = Fa
 def _as_int(value: Any, name: str, error: type[Exception], low: int,
             high: int | None = None) -> int:
     """An integer >= ``low`` (a whole float counts) and, when given, <= ``high``."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        value = int(value)  # NumPy's integer scalars too (np.int64(5))
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
