@@ -241,6 +241,13 @@ def test_init_head_with_another_hidden_size_is_refused(labelled, tmp_path):
               epochs=1, progress=False)
 
 
+def test_a_data_file_instead_of_its_folder_is_named_as_such(tmp_path):
+    afile = tmp_path / "manifest.json"
+    afile.write_text("{}")
+    with pytest.raises(DataError, match="data folder .*manifest.json is a file; give the folder"):
+        train(data=str(afile), out=str(tmp_path / "h"), epochs=1, progress=False)
+
+
 def test_unlabelled_incomplete_and_empty_data_are_refused(tmp_path):
     data = fake_collect(tmp_path / "u", count=10, shard_size=4)[0]
     with pytest.raises(DataError, match="not labelled"):

@@ -631,3 +631,11 @@ def test_batch_invariant_torch_ascent_gives_a_row_the_same_bits_in_any_batch(for
     plain = run(states, alpha, steps, radius, False)  # the same ascent, up to rounding
     torch.testing.assert_close(plain.float(), full.float(), rtol=2e-2 if dtype != torch.float32
                                else 1e-5, atol=2e-2 if dtype != torch.float32 else 1e-5)
+
+
+def test_expected_hidden_size_must_be_an_int(tmp_path):
+    """A string "4" was compared with 4 and reported as 'hidden_size 4 but the model's 4'."""
+    ValueHead(4, [8], seed=0).save(tmp_path / "h")
+    with pytest.raises(ValueHeadError, match="expected_hidden_size must be an int, got '4'"):
+        ValueHead.load(tmp_path / "h", expected_hidden_size="4")
+    assert ValueHead.load(tmp_path / "h", expected_hidden_size=4).hidden_size == 4

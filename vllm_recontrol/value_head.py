@@ -398,6 +398,10 @@ class ValueHead(nn.Module):
     ) -> "ValueHead":
         """Load and validate a head from a folder or a hub repository id (``owner/name``);
         ``expected_hidden_size`` is the served model's width."""
+        if expected_hidden_size is not None and (isinstance(expected_hidden_size, bool) or
+                                                 not isinstance(expected_hidden_size, int)):
+            raise ValueHeadError(f"expected_hidden_size must be an int, got "
+                                 f"{expected_hidden_size!r}")
         path = locate_head(directory)
         config = read_config(path)
         hidden_size, widths = config["hidden_size"], config["widths"]

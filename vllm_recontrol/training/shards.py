@@ -85,6 +85,9 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
     """Read and check ``manifest.json``; errors name the folder and what is wrong."""
     directory = Path(directory)
     path = directory / MANIFEST_FILE
+    if directory.exists() and not directory.is_dir():
+        raise DataError(f"data folder {directory} is a file; give the folder that "
+                        f"`vllm-recontrol collect --out` wrote")
     if not directory.is_dir():
         raise DataError(f"data folder {directory} does not exist")
     if not path.is_file():
