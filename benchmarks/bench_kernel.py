@@ -724,9 +724,10 @@ def run_warm(args, device, ascent, va) -> int:
     failed = 0
     for task in mine:
         heads, states, alpha, steps = inputs.get(task.case)
-        try:
-            raw_variant(task.variant, ascent, va, heads, states, alpha, steps, 1, device, args,
-                        task.overrides)()
+        try:  # one step: every row's steps cut to 1 (ValueHead.ascend refuses fewer
+            # iterations than steps; the kernels compiled do not depend on the counts)
+            raw_variant(task.variant, ascent, va, heads, states, alpha, steps.clamp(max=1), 1,
+                        device, args, task.overrides)()
         except Exception as exc:  # the timed run reports it as an error row
             failed += 1
             print(f"warm {task.variant} {task.case} {task.overrides}: {type(exc).__name__}: {exc}")
