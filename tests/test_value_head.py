@@ -639,3 +639,19 @@ def test_expected_hidden_size_must_be_an_int(tmp_path):
     with pytest.raises(ValueHeadError, match="expected_hidden_size must be an int, got '4'"):
         ValueHead.load(tmp_path / "h", expected_hidden_size="4")
     assert ValueHead.load(tmp_path / "h", expected_hidden_size=4).hidden_size == 4
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(alpha=torch.full((2, 2), 0.5)),
+     r"alpha must be one value or one per row, got shape \[2, 2\]"),
+    (dict(steps=torch.ones(2, 2, dtype=torch.int64)), r"steps must be one value or one per row"),
+    (dict(max_norm=torch.ones(2, 2)), r"max_norm must be one radius or one per row"),
+    (dict(steps=True), "steps must be a number, not a bool"),
+    (dict(alpha=torch.tensor([True, False, True, True])), "alpha must be a number, not a bool"),
+])
+def test_row_controls_of_the_wrong_shape_or_kind_are_refused(options, message):
+    """A [2, 2] alpha for 4 rows was read as four rows; True as one step."""
+    head = ValueHead(8, [8], seed=0)
+    arguments = {"alpha": 0.5, "steps": 3, **options}
+    with pytest.raises(ValueError, match=message):
+        head.ascend(torch.randn(4, 8), **arguments)

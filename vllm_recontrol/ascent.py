@@ -405,7 +405,8 @@ def as_row_tensor(value: float | int | Sequence | Tensor, rows: int, dtype: torc
     t = torch.as_tensor(value, dtype=dtype, device=device)
     if t.dim() == 0:
         return t.expand(rows).contiguous()
-    t = t.reshape(-1)
+    if t.dim() > 1:  # a [2, 2] would otherwise be read as four rows without a word
+        raise ValueError(f"{name} must be one value or one per row, got shape {list(t.shape)}")
     if t.shape[0] != rows:
         raise ValueError(f"{name} has {t.shape[0]} entries but states have {rows} rows")
     return t

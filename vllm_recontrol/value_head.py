@@ -447,7 +447,10 @@ def checked_radius(max_norm: Any, rows: int) -> float | torch.Tensor | None:
     except (TypeError, ValueError, RuntimeError) as exc:
         raise ValueError(f"per-row max_norm must be numbers (None or inf: unprojected), got "
                          f"{max_norm!r}: {exc}") from exc
-    radius = radius.expand(rows) if radius.dim() == 0 else radius.reshape(-1)
+    if radius.dim() > 1:
+        raise ValueError(f"max_norm must be one radius or one per row, got shape "
+                         f"{list(radius.shape)}")
+    radius = radius.expand(rows) if radius.dim() == 0 else radius
     if radius.shape[0] != rows:
         raise ValueError(f"max_norm has {radius.shape[0]} entries but states have {rows} rows")
     if radius.device.type == "cpu" and not bool(((radius > 0) & ~radius.isnan()).all()):
@@ -495,6 +498,9 @@ def check_row_controls(alpha: Any, steps: Any) -> None:
     left unchecked: no sync; the engine's per-request values are checked when the request
     arrives)."""
     def values(value: Any, name: str) -> torch.Tensor:
+        if isinstance(value, bool) or (isinstance(value, torch.Tensor)
+                                       and value.dtype == torch.bool):
+            raise ValueError(f"{name} must be a number, not a bool ({value!r})")
         if isinstance(value, torch.Tensor):
             return value.detach()
         try:
