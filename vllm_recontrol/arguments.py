@@ -9,18 +9,20 @@ problem (alpha must be >= 0, and so on).
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 
 
-def join_dash_values(parser: argparse.ArgumentParser, argv: Sequence[str]) -> list[str]:
-    """``argv`` with ``--flag -value`` written ``--flag=-value`` for every flag of ``parser``
-    that takes exactly one value, when ``-value`` is not itself one of its flags."""
+def join_dash_values(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> list[str]:
+    """``argv`` (None: the process's own arguments, as argparse reads them) with ``--flag
+    -value`` written ``--flag=-value`` for every flag of ``parser`` that takes exactly one
+    value, when ``-value`` is not itself one of its flags."""
     takes_one = {option for action in parser._actions if action.nargs is None
                  and action.option_strings and not _is_switch(action)
                  for option in action.option_strings}
     flags = set(parser._option_string_actions)
     joined: list[str] = []
-    tokens = list(argv)
+    tokens = list(sys.argv[1:] if argv is None else argv)
     index = 0
     while index < len(tokens):
         token = tokens[index]

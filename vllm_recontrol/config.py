@@ -276,16 +276,21 @@ def check_request_args(extra_args: Mapping[str, Any] | None, max_steps: int,
                                  f"this engine's value heads {list(heads)}")
 
 
-def _near_request_key(key: str) -> str | None:
-    """The RE-Control key that ``key`` misspells ("recontol_alpha", "re-control-steps"),
-    compared without case, spaces, dashes and underscores; None for other plugins' keys
-    (a bare "alpha" stays theirs: too short to be told from one)."""
-    def squeeze(text: str) -> str:
-        return re.sub(r"[\s_\-]", "", text.lower())
+def _squeezed(key: str) -> str:
+    """``key`` without case, spaces, dashes and underscores (how near misses are compared)."""
+    return re.sub(r"[\s_\-]", "", key.lower())
 
-    known = {squeeze(k): k for k in REQUEST_KEYS}
-    near = difflib.get_close_matches(squeeze(key), list(known), n=1, cutoff=0.9)
-    return known[near[0]] if near else None
+
+SQUEEZED_REQUEST_KEYS = {_squeezed(k): k for k in REQUEST_KEYS}
+
+
+def _near_request_key(key: str) -> str | None:
+    """The RE-Control key that ``key`` misspells ("recontol_alpha", "re-control-steps");
+    None for other plugins' keys (a bare "alpha" stays theirs: too short to be told from
+    one)."""
+    near = difflib.get_close_matches(_squeezed(key), list(SQUEEZED_REQUEST_KEYS), n=1,
+                                     cutoff=0.9)
+    return SQUEEZED_REQUEST_KEYS[near[0]] if near else None
 
 
 def resolve_request(extra_args: Mapping[str, Any] | None, engine: EngineSettings) -> RowControl:

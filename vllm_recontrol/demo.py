@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -109,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
                              "(default %(default)s)")
     parser.add_argument("--best-of", type=int, default=4,
                         help="N of the Best-of-N row (default %(default)s)")
-    args = parser.parse_args(join_dash_values(parser, sys.argv[1:] if argv is None else argv))
+    args = parser.parse_args(join_dash_values(parser, argv))
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # keep the report readable
     from .training.common import run_main
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -85,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model", help="the model that will serve them (folder or hub id)")
     parser.add_argument("--trust-remote-code", action="store_true")
     parser.add_argument("--json", action="store_true", help="one JSON object per head")
-    args = parser.parse_args(join_dash_values(parser, sys.argv[1:] if argv is None else argv))
+    args = parser.parse_args(join_dash_values(parser, argv))
     status = 0
     for path in args.heads:
         try:

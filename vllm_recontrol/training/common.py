@@ -173,8 +173,7 @@ def parse_command_line(parser: argparse.ArgumentParser, argv: Sequence[str] | No
     for action in parser._actions:  # absent flags must not hide config-file values
         if action.dest not in ("help", "config"):
             action.default = argparse.SUPPRESS
-    args = vars(parser.parse_args(join_dash_values(parser, sys.argv[1:] if argv is None
-                                                   else argv)))
+    args = vars(parser.parse_args(join_dash_values(parser, argv)))
     config_path = args.pop("config", None)
     try:
         options = load_config_file(config_path) if config_path else {}

@@ -67,7 +67,6 @@ def reward_fn_modules(reward_fn: Any) -> list[str]:
     return [str(reward_fn).partition(":")[0]]
 
 
-
 def as_reward(value: Any) -> float | None:
     """``value`` as a finite float (within float32's range), or None when it is not such
     a number (bools are not numbers)."""

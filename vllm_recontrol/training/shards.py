@@ -190,11 +190,10 @@ def read_shard_index(directory: Path, name: str) -> ShardIndex:
             metadata = json.loads((handle.metadata() or {}).get("recontrol", "{}"))
             states = handle.get_slice("states")
             shape, stored = states.get_shape(), states.get_dtype()
-            _check_stored_tensors(path, shape, stored, {
-                key: handle.get_tensor(key) for key in ("offsets", "response_ids",
-                                                        "prompt_index")})
-            index = ShardIndex(name, handle.get_tensor("offsets"),
-                               handle.get_tensor("response_ids"), handle.get_tensor("prompt_index"),
+            ids = {key: handle.get_tensor(key) for key in ("offsets", "response_ids",
+                                                           "prompt_index")}
+            _check_stored_tensors(path, shape, stored, ids)
+            index = ShardIndex(name, ids["offsets"], ids["response_ids"], ids["prompt_index"],
                                int(shape[1]), metadata.get("dtype", "?"))
     except DataError:
         raise
