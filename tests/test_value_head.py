@@ -383,6 +383,57 @@ def test_load_rejects_nan_weights(tmp_path):
         ValueHead.load(path)
 
 
+def test_a_save_killed_between_its_two_files_is_refused_not_served_mixed(tmp_path, monkeypatch):
+    """Each file is replaced atomically, not both: killed after the weights, a save leaves
+    new weights beside the old config. Same shapes, so the mix would load as a head that
+    no training produced; the save ids tell the two saves apart."""
+    import vllm_recontrol.value_head as value_head_module
+
+    ValueHead(4, [8], seed=0, base_model="model-A").save(tmp_path / "h")
+
+    def killed(*args, **kwargs):
+        raise OSError("killed before the config was written")
+
+    monkeypatch.setattr(value_head_module, "write_text_atomic", killed)
+    with pytest.raises(OSError, match="killed"):
+        ValueHead(4, [8], seed=1, base_model="model-B").save(tmp_path / "h")
+    with pytest.raises(ValueHeadError, match="config.json and model.safetensors come from "
+                                             "different saves .* save the head again"):
+        ValueHead.load(tmp_path / "h")
+    monkeypatch.undo()
+    head = ValueHead(4, [8], seed=1, base_model="model-B")
+    head.save(tmp_path / "h")  # saving again mends it
+    assert ValueHead.load(tmp_path / "h").base_model == "model-B"
+
+
+def test_weights_copied_from_another_head_are_refused(tmp_path):
+    import shutil
+
+    ValueHead(4, [8], seed=0).save(tmp_path / "a")
+    ValueHead(4, [8], seed=1).save(tmp_path / "b")
+    shutil.copy(tmp_path / "b" / "model.safetensors", tmp_path / "a" / "model.safetensors")
+    with pytest.raises(ValueHeadError, match="come from different saves"):
+        ValueHead.load(tmp_path / "a")
+
+
+def test_a_head_written_by_hand_without_save_ids_loads(tmp_path):
+    """Heads converted from elsewhere carry no save id in either file: nothing to compare."""
+    from safetensors.torch import save_file
+
+    source = ValueHead(4, [8], seed=2)
+    folder = tmp_path / "converted"
+    folder.mkdir()
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()},
+              str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps({"hidden_size": 4, "widths": [8]}))
+    loaded = ValueHead.load(folder)
+    assert all(torch.equal(a, b) for a, b in zip(source.parameters(), loaded.parameters()))
+    config = json.loads((tmp_path / "converted" / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "save_id": 7}))
+    with pytest.raises(ValueHeadError, match="save_id must be a string, got 7"):
+        ValueHead.load(folder)
+
+
 def test_save_refuses_weights_that_load_would_refuse(tmp_path):
     head = ValueHead(8, [4], seed=0)
     with torch.no_grad():
@@ -445,10 +496,15 @@ def test_save_keeps_json_values_and_numpy_float64(tmp_path):
 
 
 def _resaved(path, change):
+    """The same save's weights changed in place (its metadata, save id included, kept)."""
+    from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
+    with safe_open(str(path / "model.safetensors"), framework="pt") as handle:
+        metadata = handle.metadata()
     tensors = load_file(str(path / "model.safetensors"))
-    save_file({k: change(k, v) for k, v in tensors.items()}, str(path / "model.safetensors"))
+    save_file({k: change(k, v) for k, v in tensors.items()}, str(path / "model.safetensors"),
+              metadata=metadata)
 
 
 def test_load_refuses_weights_that_overflow_the_load_dtype(tmp_path):

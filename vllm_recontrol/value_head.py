@@ -11,6 +11,7 @@ import json
 import math
 import numbers
 import reprlib
+import uuid
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -32,6 +33,8 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 FORMAT_NAME = "vllm-recontrol-value-head"
 FORMAT_VERSION = 1
+# In config.json and in the weights' safetensors metadata: which save wrote each file.
+SAVE_ID_KEY = "save_id"
 SUPPORTED_ACTIVATIONS = ("relu",)
 STORED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -352,10 +355,11 @@ class ValueHead(nn.Module):
             "metadata": self.metadata,
         }
 
-    def config_json(self, directory: str | Path) -> str:
+    def config_json(self, directory: str | Path, save_id: str | None = None) -> str:
         """``config.json``'s text, checked so that ``load`` reads back what was saved:
         metadata only of JSON values (finite numbers, string keys), ``base_model`` a name or
-        None. ``directory`` only names the save in the message."""
+        None. ``directory`` only names the save in the message; ``save_id`` ties the config
+        to the weights written with it (``load`` refuses a pair from two saves)."""
         where = f"cannot save the value head to {directory}"
         _check_provenance(self.base_model, self.metadata, source=where)
         try:
@@ -364,16 +368,22 @@ class ValueHead(nn.Module):
             problem = "metadata is nested too deeply to save as JSON"
         if problem:
             raise ValueHeadError(f"{where}: {problem}")
-        return json.dumps(self.config_dict(), indent=2, allow_nan=False) + "\n"
+        config = self.config_dict()
+        if save_id is not None:
+            config[SAVE_ID_KEY] = save_id
+        return json.dumps(config, indent=2, allow_nan=False) + "\n"
 
     def save(self, directory: str | Path) -> Path:
         """Write ``config.json`` and ``model.safetensors`` into ``directory`` (created).
         Weights with NaN or inf, and a config JSON cannot hold, are refused before anything
-        is written: ``load`` (and every engine) would refuse the head, and a save failing
-        half-way would leave new weights beside the old config (a mixed head that loads)."""
+        is written: ``load`` (and every engine) would refuse the head. Each file is replaced
+        atomically, but not both at once: a save killed between them leaves new weights
+        beside the old config, so both carry one random save id and ``load`` refuses a pair
+        whose ids differ instead of serving the mix."""
         from safetensors.torch import save_file
 
-        config_text = self.config_json(directory)
+        save_id = uuid.uuid4().hex
+        config_text = self.config_json(directory, save_id)
         tensors = {}
         for i, layer in enumerate(self.layers):
             tensors[f"layers.{i}.weight"] = layer.weight.detach().cpu().contiguous()
@@ -384,7 +394,7 @@ class ValueHead(nn.Module):
                                      "holds NaN or inf")
         path = Path(directory)
         with atomic_path(path / WEIGHTS_FILE) as tmp:  # readable as any file the user writes
-            save_file(tensors, str(tmp), metadata={"format": FORMAT_NAME})
+            save_file(tensors, str(tmp), metadata={"format": FORMAT_NAME, SAVE_ID_KEY: save_id})
         write_text_atomic(path / CONFIG_FILE, config_text)
         return path
 
@@ -410,6 +420,7 @@ class ValueHead(nn.Module):
                 f"value head {path / CONFIG_FILE} has hidden_size {hidden_size} but the model's "
                 f"hidden size is {expected_hidden_size}; train a head on this model's states")
         tensors = read_weights(path / WEIGHTS_FILE, hidden_size, widths)
+        check_same_save(path, config)
         head = cls(hidden_size, widths, base_model=config.get("base_model"),
                    metadata=config.get("metadata") or {})
         with torch.no_grad():
@@ -603,6 +614,9 @@ def read_config(path: Path) -> dict[str, Any]:
     if config.get("base_model") is not None and not isinstance(config["base_model"], str):
         raise ValueHeadError(f"value head config {config_path}: base_model must be a model "
                              f"name or null, got {config['base_model']!r}")
+    if SAVE_ID_KEY in config and not isinstance(config[SAVE_ID_KEY], str):
+        raise ValueHeadError(f"value head config {config_path}: {SAVE_ID_KEY} must be a "
+                             f"string, got {config[SAVE_ID_KEY]!r}")
     if config.get("metadata") is not None and not isinstance(config["metadata"], dict):
         raise ValueHeadError(f"value head config {config_path}: metadata must be a JSON "
                              f"object or null, got {type(config['metadata']).__name__}")
@@ -644,3 +658,19 @@ def read_weights(weights_path: Path, hidden_size: int, widths: list[int]) -> dic
         if not torch.isfinite(tensor).all():
             raise ValueHeadError(f"value head weights {weights_path}: {name} holds NaN or inf")
     return tensors
+
+
+def check_same_save(path: Path, config: dict[str, Any]) -> None:
+    """Refuse a config and weights written by two different saves (an interrupted save, or
+    one file copied over from another head): the shapes may match, so the mix would load.
+    Heads whose files carry no save id (written by hand, or before ids) pass."""
+    from safetensors import safe_open
+
+    with safe_open(str(path / WEIGHTS_FILE), framework="pt") as handle:
+        weights_id = (handle.metadata() or {}).get(SAVE_ID_KEY)
+    config_id = config.get(SAVE_ID_KEY)
+    if weights_id != config_id:
+        raise ValueHeadError(
+            f"value head {path}: {CONFIG_FILE} and {WEIGHTS_FILE} come from different saves "
+            f"(save ids {config_id!r} and {weights_id!r}: a save interrupted between the two "
+            "files, or a file copied from another head); save the head again")
