@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -368,6 +369,27 @@ def _saved(tmp_path):
 def test_load_rejects_bad_artifacts(tmp_path, mutate, message):
     path = _saved(tmp_path)
     mutate(path)
+    with pytest.raises(ValueHeadError, match=message):
+        ValueHead.load(path)
+
+
+def _replaced(path, make):
+    path.unlink()
+    make(path)
+
+
+@pytest.mark.parametrize("name, make, message", [
+    ("config.json", os.mkfifo, "config .*config.json is not a regular file"),  # would hang
+    ("config.json", lambda p: p.symlink_to("/dev/zero"), "is not a regular file"),
+    ("config.json", lambda p: p.mkdir(), "config .*config.json is a folder"),
+    ("config.json", lambda p: p.symlink_to(p.parent / "gone"), r"is missing \(a broken link"),
+    ("model.safetensors", os.mkfifo, "weights .*model.safetensors are not a regular file"),
+    ("model.safetensors", lambda p: p.mkdir(), "model.safetensors are a folder"),
+])
+def test_load_names_a_file_that_is_no_regular_file(tmp_path, name, make, message):
+    """Reported as missing before; a FIFO must not be read (it would block)."""
+    path = _saved(tmp_path)
+    _replaced(path / name, make)
     with pytest.raises(ValueHeadError, match=message):
         ValueHead.load(path)
 

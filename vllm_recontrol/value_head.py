@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import numbers
+import os
 import reprlib
 import uuid
 from pathlib import Path
@@ -584,8 +585,7 @@ def read_config(path: Path) -> dict[str, Any]:
         raise ValueHeadError(f"value head path {path} is not a folder (expected "
                              f"{CONFIG_FILE} and {WEIGHTS_FILE} inside it)")
     config_path = path / CONFIG_FILE
-    if not config_path.is_file():
-        raise ValueHeadError(f"value head config {config_path} is missing")
+    _check_regular_file(config_path, f"value head config {config_path}")
     try:
         config = json.loads(config_path.read_text())
     # ValueError also covers integers of more than 4300 digits, which json.loads refuses
@@ -623,13 +623,24 @@ def read_config(path: Path) -> dict[str, Any]:
     return config
 
 
+def _check_regular_file(path: Path, what: str, plural: bool = False) -> None:
+    """A missing file, or one that is not a regular file (a FIFO would hang the read, a
+    device such as /dev/zero never ends), each named for what it is."""
+    if not path.exists():
+        raise ValueHeadError(f"{what} {'are' if plural else 'is'} missing"
+                             + (f" (a broken link to {os.readlink(path)})"
+                                if path.is_symlink() else ""))
+    if not path.is_file():
+        kind = "a folder" if path.is_dir() else "not a regular file (a device, FIFO or socket)"
+        raise ValueHeadError(f"{what} {'are' if plural else 'is'} {kind}")
+
+
 def read_weights(weights_path: Path, hidden_size: int, widths: list[int]) -> dict[str, torch.Tensor]:
     """Read ``model.safetensors`` and check names, shapes, dtypes and finiteness."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    if not weights_path.is_file():
-        raise ValueHeadError(f"value head weights {weights_path} are missing")
+    _check_regular_file(weights_path, f"value head weights {weights_path}", plural=True)
     try:
         tensors = load_file(str(weights_path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
