@@ -394,6 +394,24 @@ def test_load_names_a_file_that_is_no_regular_file(tmp_path, name, make, message
         ValueHead.load(path)
 
 
+@pytest.mark.parametrize("kwargs, message", [
+    ({"dtype": torch.int32}, "dtype must be one of torch.float32, .* got torch.int32"),
+    ({"dtype": torch.complex64}, "got torch.complex64"),  # loaded as a complex head before
+    ({"dtype": "float8"}, "got 'float8'"),
+    ({"device": "meta"}, "device 'meta' holds no values"),
+    ({"device": "nonsense"}, "device 'nonsense' is not a torch device"),
+])
+def test_load_refuses_a_device_or_dtype_no_head_can_live_on(tmp_path, kwargs, message):
+    path = _saved(tmp_path)
+    with pytest.raises(ValueHeadError, match=message):
+        ValueHead.load(path, **kwargs)
+
+
+def test_load_takes_a_dtype_by_name(tmp_path):
+    head = ValueHead.load(_saved(tmp_path), dtype="bfloat16")
+    assert {p.dtype for p in head.parameters()} == {torch.bfloat16}
+
+
 def test_load_rejects_nan_weights(tmp_path):
     from safetensors.torch import load_file, save_file
 

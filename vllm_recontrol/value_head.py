@@ -413,6 +413,7 @@ class ValueHead(nn.Module):
                                                  not isinstance(expected_hidden_size, int)):
             raise ValueHeadError(f"expected_hidden_size must be an int, got "
                                  f"{expected_hidden_size!r}")
+        device, dtype = _load_target(device, dtype)
         path = locate_head(directory)
         config = read_config(path)
         hidden_size, widths = config["hidden_size"], config["widths"]
@@ -621,6 +622,26 @@ def read_config(path: Path) -> dict[str, Any]:
         raise ValueHeadError(f"value head config {config_path}: metadata must be a JSON "
                              f"object or null, got {type(config['metadata']).__name__}")
     return config
+
+
+def _load_target(device: Any, dtype: Any) -> tuple[torch.device, torch.dtype]:
+    """``load``'s device and dtype, refused by name before any file is read (torch's own
+    errors were an assertion, a meta tensor's ``.item()``, or a complex head that loaded)."""
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.removeprefix("torch."), dtype)
+    if dtype not in STORED_DTYPES:
+        raise ValueHeadError(f"load: dtype must be one of "
+                             f"{', '.join(str(t) for t in STORED_DTYPES)}, got {dtype!r}")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueHeadError(f"load: device {device!r} is not a torch device: {exc}") from exc
+    if device.type == "meta":
+        raise ValueHeadError("load: device 'meta' holds no values; load on a real device")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueHeadError(f"load: device {str(device)!r} asked for, but torch sees no "
+                             "CUDA device here")
+    return device, dtype
 
 
 def _check_regular_file(path: Path, what: str, plural: bool = False) -> None:
