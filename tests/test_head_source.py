@@ -82,3 +82,23 @@ def test_a_local_folder_wins_and_other_missing_paths_are_not_hub_ids(monkeypatch
     for missing in (str(tmp_path / "nope"), "./org/nope", "a/b/c", "heads"):
         with pytest.raises(ValueHeadError, match="does not exist"):
             ValueHead.load(missing)
+
+
+def test_a_mistyped_path_in_a_local_folder_gets_a_hint_when_the_hub_fails(monkeypatch, tmp_path):
+    """`heads/vicuan` reads as a hub id; when the hub has no such head and heads/ is a local
+    folder, the error says it was probably a path, with the nearest names there."""
+    import huggingface_hub
+
+    def no_such_repo(*args, **kwargs):
+        raise RuntimeError("404 repository not found")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_such_repo)
+    monkeypatch.chdir(tmp_path)
+    for name in ("vicuna", "llama"):
+        ValueHead(8, [4], seed=0).save(tmp_path / "heads" / name)
+    with pytest.raises(ValueHeadError, match=r"Hub failed \(RuntimeError: 404 .* The folder "
+                                             r"heads/ exists here: a mistyped path in it\?"
+                                             r" Nearest there: vicuna$"):
+        ValueHead.load("heads/vicuan")
+    with pytest.raises(ValueHeadError, match=r"the head in its cache$"):  # no local owner
+        ValueHead.load("someone/vicuan")

@@ -9,6 +9,7 @@ work as they do for models. A path that exists locally always wins.
 
 from __future__ import annotations
 
+import difflib
 import re
 from pathlib import Path
 
@@ -40,6 +41,17 @@ def locate_head(source: str | Path) -> Path:
             f"value head {source!r} is not a local folder, and fetching it from the Hugging "
             f"Face Hub failed ({type(exc).__name__}: {str(exc)[:300]}); give a folder, or a "
             f"repository id that exists (owner/name[@revision]) with the hub reachable or "
-            f"the head in its cache") from None
+            f"the head in its cache{_local_hint(Path(repo))}") from None
     logger.info("value head %s: Hugging Face Hub snapshot %s", source, folder.name)
     return folder
+
+
+def _local_hint(path: Path) -> str:
+    """When ``owner`` is a local folder, ``owner/name`` was most likely a mistyped path:
+    say so, with the nearest names in that folder."""
+    if not path.parent.is_dir():
+        return ""
+    names = sorted(child.name for child in path.parent.iterdir() if child.is_dir())
+    close = difflib.get_close_matches(path.name, names, n=3, cutoff=0.6)
+    near = f" Nearest there: {', '.join(close)}" if close else ""
+    return f". The folder {path.parent}/ exists here: a mistyped path in it?{near}"
