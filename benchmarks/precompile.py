@@ -57,6 +57,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    choices=["check", "bench", "sweep", "extra", "grid"],
                    help="gpu_check.sh phases whose launches to compile")
     p.add_argument("--limit", type=int, help="compile only the first N ascents (smoke tests)")
+    p.add_argument("--resources", type=Path,
+                   help="also write each compiled launch's registers and spills (cuobjdump "
+                        "-res-usage of its cubin) with its constexprs, as JSON, and print a "
+                        "summary per product kind: a spill found here costs no device time")
     p.add_argument("--key-wheel", type=Path,
                    help="the device's Triton wheel (same version, the device's Python, e.g. "
                         "cp312): cache keys are computed with its libtriton, as the device "
@@ -85,10 +89,18 @@ class _TargetOnlyDriver:
         raise AttributeError(f"no GPU here: the precompile driver has no {name!r}")
 
 
+# What tells one compiled launch from another in a report: its constexprs and launch
+# options, and the sizes of the first launch that compiled it.
+REPORTED_CONSTANTS = ("M", "N", "K", "PROLOGUE", "EPILOGUE", "PROJECT", "DOT", "ACT_BF16", "BM",
+                      "BN", "BK", "FIXUP", "W_K_CONTIGUOUS",
+                      "TMA", "WARP_SPECIALIZE", "PDL", "W_EVICT", "num_warps", "num_stages")
+
+
 @contextlib.contextmanager
-def compile_only(arch: int, sms: int):
+def compile_only(arch: int, sms: int, record: list | None = None):
     """Triton's JIT compiles without launching; the kernels module plans for ``sms``
-    multiprocessors and accepts meta tensors."""
+    multiprocessors and accepts meta tensors. ``record`` collects (kernel name, reported
+    constexprs, compiled kernel) per launch."""
     from triton.runtime import driver
     from triton.runtime.jit import JITFunction
 
@@ -99,7 +111,11 @@ def compile_only(arch: int, sms: int):
     active = driver._active  # there is no real driver to reset to on this machine
 
     def compile_instead(self, *args, grid, warmup, **kwargs):
-        return run(self, *args, grid=grid, warmup=True, **kwargs)
+        kernel = run(self, *args, grid=grid, warmup=True, **kwargs)
+        if record is not None:
+            constants = {k: _plain(kwargs[k]) for k in REPORTED_CONSTANTS if k in kwargs}
+            record.append((self.fn.__name__, constants, kernel))
+        return kernel
 
     driver.set_active(_TargetOnlyDriver(arch))
     JITFunction.run = compile_instead
@@ -111,6 +127,49 @@ def compile_only(arch: int, sms: int):
         JITFunction.run = run
         va._device_programs, va._check_backend = saved
         driver._active = active
+
+
+def _plain(value):
+    """A constexpr as JSON can hold it (Triton wraps some in ``tl.constexpr``)."""
+    value = getattr(value, "value", value)
+    return value if isinstance(value, (bool, int, float, str)) or value is None else repr(value)
+
+
+def resource_report(record: list, path: Path) -> None:
+    """Registers and spills of every distinct compiled launch (by cache hash), written to
+    ``path`` as JSON, with a summary: the most registers and any spill per kernel kind."""
+    from kernels import value_ascent as va
+    from sm90_resources import resource_usage
+
+    epilogues = {v.value: n.removeprefix("EPI_").lower() for n, v in vars(va).items()
+                 if n.startswith("EPI_")}
+    rows, seen = [], set()
+    for name, constants, kernel in record:
+        if kernel.hash in seen:
+            continue
+        seen.add(kernel.hash)
+        usage = resource_usage(kernel.asm["cubin"])
+        rows.append(dict(kernel=name, **constants, registers=usage["REG"],
+                         spill_bytes=usage.get("STACK", 0),
+                         shared_kb=round(kernel.metadata.shared / 1024, 1), hash=kernel.hash))
+    path.write_text(json.dumps(rows, indent=1))
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        key = (row["kernel"].strip("_"), epilogues.get(row.get("EPILOGUE"), row.get("EPILOGUE")),
+               row.get("PROJECT"), row.get("DOT"))
+        groups.setdefault(key, []).append(row)
+    print(f"{len(rows)} distinct launches compiled; registers and spills ({path}):")
+    print("| kernel | epilogue | projected | dot | launches | max registers | spilling |")
+    print("|---|---|---|---|---|---|---|")
+    for key in sorted(groups, key=repr):
+        group = groups[key]
+        spilling = [r for r in group if r["spill_bytes"]]
+        worst = max(spilling, key=lambda r: r["spill_bytes"], default=None)
+        spill_text = (f"{len(spilling)} (worst {worst['spill_bytes']} B: BM {worst.get('BM')} "
+                      f"BN {worst.get('BN')} BK {worst.get('BK')} TMA {worst.get('TMA')})"
+                      if worst else "0")
+        print(f"| {' | '.join(str(k) for k in key)} | {len(group)} | "
+              f"{max(r['registers'] for r in group)} | {spill_text} |")
 
 
 def meta_head(d: int, widths: list[int], dtype):
@@ -300,7 +359,8 @@ def main(argv=None) -> int:
     before = count_files(args.out)
     started = time.perf_counter()
     failed = 0
-    with compile_only(args.arch, args.sms) as va:
+    record = [] if args.resources else None
+    with compile_only(args.arch, args.sms, record) as va:
         for i, spec in enumerate(specs):
             try:
                 ascend(va, **spec)
@@ -319,6 +379,8 @@ def main(argv=None) -> int:
                     arch=args.arch, sms=args.sms, phases=args.phases, path=str(args.out),
                     kernels=sum(1 for _ in args.out.rglob("*.cubin")))
     (args.out / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    if record is not None:
+        resource_report(record, args.resources)
     print(f"Triton {triton.__version__}, sm_{args.arch}: {len(specs)} ascents for "
           f"{' '.join(args.phases)}, {failed} failed; cache {args.out}: {after - before} new "
           f"files, {after} in all, {size:.1f} MiB, {time.perf_counter() - started:.0f} s")

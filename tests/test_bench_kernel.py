@@ -312,14 +312,21 @@ def test_precompiled_cache_is_stable_and_gpu_check_unpacks_it(tmp_path):
     cache, archive = tmp_path / "cache", tmp_path / "kernels.tgz"
     command = [sys.executable, str(PRECOMPILE), "--out", str(cache), "--archive", str(archive),
                "--phases", "bench", "--limit", "2", "--triton-version", triton.__version__]
-    runs = [subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-            for _ in range(2)]
+    resources = tmp_path / "resources.json"  # the second run's kernels come from the cache
+    runs = [subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
+            for argv in (command, command + ["--resources", str(resources)])]
     for run in runs:
         if run.returncode != 0 and "no GPU here" in run.stdout + run.stderr:
             pytest.skip("this Triton's JIT needs more of the driver than the stand-in has")
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "2 ascents for bench, 0 failed" in runs[0].stdout
     assert ": 0 new files" in runs[1].stdout and ": 0 new files" not in runs[0].stdout
+    usage = json.loads(resources.read_text())  # registers and spills of what was compiled
+    assert usage and {r["kernel"] for r in usage} >= {"_ascent_gemm_kernel"}
+    for r in usage:
+        assert 0 < r["registers"] <= 255 and r["spill_bytes"] >= 0 and r["M"] > 0, r
+    assert "| kernel | epilogue | projected | dot | launches | max registers | spilling |" \
+        in runs[1].stdout
     manifest = json.loads((cache / "recontrol-precompile.json").read_text())
     assert manifest["path"] == str(cache) and manifest["triton"] == triton.__version__
     files = sorted(p.relative_to(cache) for p in cache.rglob("*") if p.is_file())
