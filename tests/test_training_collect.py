@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from training_fakes import EOS, FakeEngines, fake_collect, fake_states, write_prompts
+from vllm_recontrol.errors import RecontrolError
 from vllm_recontrol.evaluation.evaluate import evaluate
 from vllm_recontrol.training.collector import collect, derive_seed
 from vllm_recontrol.training.common import DataError
@@ -352,3 +353,31 @@ def test_an_engine_that_did_not_start_ends_with_where_to_look(capsys):
     assert "kv_cache_memory_bytes" in err.splitlines()[-1]
     with pytest.raises(RuntimeError, match="something else"):
         run_main(fails, {"message": "something else"})
+
+
+def test_stop_strings_are_checked_recorded_and_part_of_the_collection(tmp_path):
+    """--stop goes to vLLM with the sampling options; the manifest records it only when
+    given (collections made before it resume unchanged), and another stop list is another
+    collection."""
+    for bad, message in ((["Human:", ""], "stop strings must not be empty"),
+                         ("Human:", "option stop must be a list"),
+                         ([3], r"option stop\[0\] must be a string")):
+        with pytest.raises(RecontrolError, match=message):
+            fake_collect(tmp_path / "bad", count=4, stop=bad)
+    plain = fake_collect(tmp_path / "plain", count=4)[0]
+    assert "stop" not in read_manifest(plain)["sampling"]
+    data, _, summary = fake_collect(tmp_path / "stopped", count=4, stop=["Human:", "User:"])
+    assert read_manifest(data)["sampling"]["stop"] == ["Human:", "User:"]
+    assert "responses ended by EOS or a stop string" in summary
+    with pytest.raises(DataError, match=r"different collection.*'stop': \['Human:'\]"):
+        fake_collect(tmp_path / "stopped", count=4, stop=["Human:"])
+    with pytest.raises(DataError, match="different collection"):
+        fake_collect(tmp_path / "stopped", count=4)
+
+
+def test_stop_strings_reach_vllms_sampling_params():
+    from vllm_recontrol.training.collector import CollectOptions
+
+    options = CollectOptions(model="m", prompts="p", out="o", stop=["Human:"])
+    assert options.sampling()["stop"] == ["Human:"]
+    assert "stop" not in CollectOptions(model="m", prompts="p", out="o").sampling()

@@ -98,6 +98,27 @@ def test_control_raises_reward_on_held_out_prompts(world, trained):
     assert sum(t.strip() != "" for t in controlled["texts"]) == EVAL_PROMPTS
 
 
+def test_collect_stops_at_a_stop_string_and_keeps_states_to_it(world, tmp_path):
+    """`collect --stop`: vLLM ends a response where a stop string appears (as label cuts at
+    a next turn), so the stored states end there too: the response text leaves the string
+    out, its token ids and states keep the tokens that wrote it."""
+    data = tmp_path / "data"
+    out = run_cli("collect", "--model", str(world["model"]), "--prompts", str(world["prompts"]),
+                  "--out", str(data), *COLLECT_FLAGS, "--max-prompts", "40",
+                  "--stop", "happy", "--stop", "sad")
+    assert "responses ended by EOS or a stop string" in out
+    rows = read_jsonl(data / "shard-00000.jsonl")
+    assert len(rows) == 40
+    stopped = [r for r in rows if r["finish_reason"] == "stop" and not r["response"].endswith(".")]
+    assert len(stopped) >= 3, [r["response"] for r in rows]  # ended by a stop word, not EOS
+    for row in rows:
+        assert "happy" not in row["response"] and "sad" not in row["response"]
+        assert row["num_states"] == len(row["response_token_ids"])
+    labelled = label(data=str(data), reward_fn="vllm_recontrol.toy_world:positive_share",
+                     progress=False)
+    assert labelled["responses labelled"] == 40
+
+
 def test_ray_replicas_write_the_same_files_as_one_engine(world):
     """2 vLLM engines in 2 Ray actors on a local CPU cluster: byte-identical shards."""
     pytest.importorskip("ray")

@@ -53,6 +53,7 @@ class CollectOptions:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    stop: list[str] = field(default_factory=list)  # vLLM stop strings, e.g. a next turn
     seed: int = 0
     shard_size: int = 256
     state_dtype: str = "bfloat16"
@@ -80,6 +81,8 @@ class CollectOptions:
         if self.temperature < 0 or not 0 < self.top_p <= 1:
             raise DataError(f"temperature must be >= 0 and top_p in (0, 1], got temperature "
                             f"{self.temperature!r} and top_p {self.top_p!r}")
+        if not all(self.stop):  # types are checked with every option's; "" would stop at once
+            raise DataError(f"stop strings must not be empty, got {self.stop!r}")
         if not isinstance(self.engine_args, dict) or not isinstance(self.pooling_engine_args, dict):
             raise DataError("engine_args and pooling_engine_args must be JSON objects")
         check_model_path(self.model)
@@ -91,8 +94,10 @@ class CollectOptions:
             raise DataError(f"sampling options refused by vLLM: {refusal}")
 
     def sampling(self) -> dict[str, Any]:
-        return {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
-                "max_tokens": self.max_new_tokens}
+        """vLLM's SamplingParams keywords (``stop`` only when given, as manifests record it)."""
+        params = {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
+                  "max_tokens": self.max_new_tokens}
+        return {**params, "stop": list(self.stop)} if self.stop else params
 
 
 def derive_seed(seed: int, prompt_index: int, sample: int) -> int:
@@ -116,7 +121,8 @@ class CollectWorker:
         self.engines = engines or VllmEngines(
             manifest["model"],
             {"temperature": sampling["temperature"], "top_p": sampling["top_p"],
-             "top_k": sampling["top_k"], "max_tokens": sampling["max_new_tokens"]},
+             "top_k": sampling["top_k"], "max_tokens": sampling["max_new_tokens"],
+             **({"stop": sampling["stop"]} if sampling.get("stop") else {})},
             chat_template=manifest["chat_template"], engine_args=engine_args,
             pooling_engine_args=pooling_engine_args, in_process=in_process, seed=self.seed)
 
@@ -204,7 +210,9 @@ def build_manifest(opts: CollectOptions, prompts: Sequence[str]) -> dict[str, An
         "chat_template": opts.chat_template,
         "sampling": {"samples_per_prompt": opts.samples_per_prompt,
                      "max_new_tokens": opts.max_new_tokens, "temperature": opts.temperature,
-                     "top_p": opts.top_p, "top_k": opts.top_k, "seed": opts.seed},
+                     "top_p": opts.top_p, "top_k": opts.top_k, "seed": opts.seed,
+                     # only when given: collections made without it resume unchanged
+                     **({"stop": list(opts.stop)} if opts.stop else {})},
         "engine_args": opts.engine_args,
         "pooling_engine_args": opts.pooling_engine_args,
         "shard_size": opts.shard_size,
@@ -374,7 +382,9 @@ def summarize(out: Path, manifest: dict[str, Any], skipped: int, seconds: float)
         "responses": responses,
         "states (s_0..s_T)": states,
         "mean states per response": states / responses if responses else 0.0,
-        "responses ended by EOS": eos,
+        # vLLM reports both as "stop"; rows keep the stop string's tokens, not its text
+        ("responses ended by EOS or a stop string" if manifest["sampling"].get("stop")
+         else "responses ended by EOS"): eos,
         "hidden size": manifest["hidden_size"],
         "state dtype": manifest["state_dtype"],
         "disk (MB)": round(size / 1e6, 3),
@@ -407,6 +417,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--temperature", type=float, help="sampling temperature (default 1.0)")
     parser.add_argument("--top-p", type=float)
     parser.add_argument("--top-k", type=int, help="0 = off")
+    parser.add_argument("--stop", action="append",
+                        help="end a response where this string appears (repeatable), e.g. "
+                             "--stop 'Human:' --stop 'User:': states then stop where label's "
+                             "cut at a next turn does, instead of running on past it")
     parser.add_argument("--seed", type=int, help="base seed; per-request seeds derive from it")
     parser.add_argument("--shard-size", type=int, help="prompts per shard (default 256)")
     parser.add_argument("--state-dtype", choices=sorted(STATE_DTYPES))
