@@ -297,3 +297,48 @@ def test_warm_up_covers_every_head():
     explicit._warm_rows, calls = 16, {}
     assert explicit.warm_up() == 6
     assert calls == {"default": (16, (7, 9), None), "td": (16, (7, 9), 0.5)}
+
+
+def test_graph_iterations_round_up_to_a_warmed_count_a_power_of_two_or_max_steps():
+    from vllm_recontrol.controller import graph_iterations
+
+    assert [graph_iterations(n, (30,), 200) for n in (0, 1, 2, 3, 5, 9, 17, 30)] == \
+        [0, 1, 2, 4, 8, 16, 30, 30]
+    assert [graph_iterations(n, (30,), 200) for n in (31, 64, 65, 129, 200)] == \
+        [32, 64, 128, 200, 200]
+    assert graph_iterations(40, (), 50) == 50  # max_steps below the next power of two
+    for n in range(1, 201):  # never below what the batch needs, never twice or more of it
+        rounded = graph_iterations(n, (30, 100), 200)
+        assert n <= rounded < 2 * n
+
+
+def test_rounded_loop_counts_leave_every_row_as_it_was():
+    """Where CUDA graphs replay the ascent, a batch's loop count is rounded up so that many
+    step counts share a few graphs; rows finish at their own steps, so every edit is the
+    same bits as with the exact count (the rounding is forced on here, on CPU)."""
+    from vllm_recontrol import ValueHead
+    from vllm_recontrol.config import EngineSettings
+    from vllm_recontrol.controller import EditController
+
+    head = ValueHead(8, [16, 8], seed=3)
+    batch = [RowControl(0.5, 3), RowControl(1.0, 5), RowControl(0.0, 0), RowControl(2.0, 1)]
+    settings = EngineSettings(value_head="h", backend="torch", max_steps=50)
+    states = torch.randn(len(batch), 8, generator=torch.Generator().manual_seed(1))
+    edits, counts = [], []
+    for rounds in (False, True):
+        controller = EditController({"default": head}, settings, fresh(batch))
+        controller.rounds_iterations = rounds
+        ascend = head.ascend
+
+        def spy(*args, **kwargs):
+            counts.append(kwargs["num_iterations"])
+            return ascend(*args, **kwargs)
+
+        head.ascend = spy
+        try:
+            controller.rows.arm()
+            edits.append(controller.maybe_edit(states))
+        finally:
+            del head.ascend
+    assert counts == [5, 8]
+    assert torch.equal(edits[0], edits[1]) and not torch.equal(edits[0], states)

@@ -12,7 +12,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 
@@ -165,6 +165,22 @@ def warm_up_rows(device: torch.device, settings: EngineSettings,
     return max_rows if settings.warm_up_counts else None
 
 
+def graph_iterations(max_steps: int, warmed: Sequence[int], limit: int) -> int:
+    """The loop count of a batch whose largest ``steps`` is ``max_steps``, where CUDA graphs
+    replay the ascent: the smallest of the warmed-up counts, the powers of two and ``limit``
+    (the engine's max_steps) that is at least ``max_steps``.
+
+    Why: each loop count is its own graph per row bucket, so requests asking for many step
+    counts would each capture one (a stall of a live batch) and thrash the graph cache. Rows
+    with fewer steps than the loop stop changing (same bits: tested), so rounding up changes
+    no edit; it costs at most twice the iterations the batch needs, and a server then holds
+    about log2(max_steps) graphs per bucket beyond the warmed counts."""
+    if max_steps <= 0:
+        return max_steps
+    power = 1 << (max_steps - 1).bit_length()
+    return min(c for c in (*warmed, power, limit) if c >= max_steps)
+
+
 class EditController:
     """Applies RE-Control to the rows of a sampling call that asked for it, each row with the
     value head it named."""
@@ -198,6 +214,8 @@ class EditController:
                     ", batch-invariant" if batch_invariant else "",
                     f", value heads {list(self.heads)}" if len(self.heads) > 1 else "")
         self._warm_rows = warm_up_rows(device, settings, max_rows)
+        # Under CUDA graphs a batch's loop count picks a graph: round it (graph_iterations)
+        self.rounds_iterations = graphs
 
     def _resolve(self, head: ValueHead) -> tuple[str, str]:
         """(backend, product precision) of ``head`` under the engine keys."""
@@ -288,9 +306,17 @@ class EditController:
                     stats.calls, elapsed, sum(stats.rows.values()), per_head, fallbacks)
         self._stats = EditStats()
 
+    def iterations_for(self, group: HeadGroup) -> int:
+        """The ascent's loop count for ``group``: its largest steps, rounded up where CUDA
+        graphs replay the ascent (``graph_iterations``)."""
+        if not self.rounds_iterations:
+            return group.max_steps
+        return graph_iterations(group.max_steps, self.settings.warm_up_counts_for(group.head),
+                                self.settings.max_steps)
+
     def _ascend(self, group: HeadGroup, states: torch.Tensor) -> torch.Tensor:
         return self.heads[group.head].ascend(
             states, group.alpha, group.steps, max_norm=group.radius,
-            num_iterations=group.max_steps, backend=self.backends[group.head],
+            num_iterations=self.iterations_for(group), backend=self.backends[group.head],
             precision=self.settings.precision, cuda_graphs=self.settings.cuda_graphs,
             batch_invariant=self.batch_invariant, form=self.settings.ascent_form)
