@@ -39,6 +39,10 @@ runs the whole ascent (``steps`` iterations, all rows active) and is timed with
                     form saves on a CPU too
   torch-gram-graph  torch-gram captured in one graph
   head-ascend-gram  head-ascend with ``form="gram"`` (the Triton Gram kernel, replayed)
+  triton-norm-graph, triton-gram-norm-graph, head-ascend-norm  triton-graph,
+                    triton-gram-graph and head-ascend under per-row ``max_norm`` (radii
+                    0.02-0.1, every third row uncapped, ``per_row_radii``): what the
+                    projection costs (its first product builds s + scale * u itself)
   cublas-products-graph  not an ascent: its 2L matrix products alone (torch.mm, cuBLAS, in
                     the weights' dtype, chained through fixed buffers, no element-wise work),
                     one graph: how fast vendor GEMMs do the products at this batch size, to
@@ -100,14 +104,17 @@ VARIANTS = ("autograd-fp16", "torch-eager", "torch-compile", "torch-graph", "tor
             "triton", "triton-graph", "triton-fp32-graph", "triton-tf32-graph", "triton-pdl-graph",
             "triton-l2-graph", "triton-evict-graph", "triton-gram-graph", "torch-gram",
             "torch-gram-graph",
-            "head-ascend", "head-ascend-gram", "cublas-products-graph")
+            "head-ascend", "head-ascend-gram", "cublas-products-graph",
+            # under per-row max_norm (every third row uncapped, as per-request radii give)
+            "triton-norm-graph", "triton-gram-norm-graph", "head-ascend-norm")
 # triton-evict-graph's plan: Triton keeps eviction hints only on plain loads (num_stages 1);
 # 4 K splits (512 programs at d = 4096) make up for the missing pipeline with more programs
 EVICT_OVERRIDES = {"num_stages": 1, "evict_last": 1, "split_k": 4, "fixup": 1}
 EVICT_MAX_BATCH = 64  # the weight-streaming plans; larger batches are bound on chip
 # weight dtype of the variants that fix it (the others follow --dtype / --torch-dtype)
 VARIANT_DTYPE = {"autograd-fp16": "fp16", "torch-fp32-graph": "fp32", "triton-fp32-graph": "fp32",
-                 "triton-tf32-graph": "fp32", "head-ascend": "bf16", "head-ascend-gram": "bf16"}
+                 "triton-tf32-graph": "fp32", "head-ascend": "bf16", "head-ascend-gram": "bf16",
+                 "head-ascend-norm": "bf16"}
 VARIANT_PRECISION = {"triton-tf32-graph": "tf32"}  # triton variants: else the weights' default
 
 
@@ -635,6 +642,17 @@ def raw_variant(name, ascent, va, heads, states, alpha, steps, n, device, args,
     if name == "head-ascend":
         head = value_head_from(heads["fp32"], device)
         return lambda: head.ascend(states, alpha, steps, num_iterations=n)
+    if "norm" in name:  # the projected ascents: per-row radii, some rows uncapped
+        radii = per_row_radii(states.shape[0]).to(device)
+        if name == "head-ascend-norm":
+            head = value_head_from(heads["fp32"], device)
+            return lambda: head.ascend(states, alpha, steps, max_norm=radii, num_iterations=n)
+        if name == "triton-gram-norm-graph":
+            gram = gram_head(ascent, mlp)
+            return lambda: va.triton_ascend_gram(gram, states, alpha, steps, n, radii,
+                                                 plan_overrides=overrides)
+        return lambda: va.triton_ascend(mlp, states, alpha, steps, n, radii,
+                                        plan_overrides=overrides)
     if name == "triton-l2-graph":
         mlp = contiguous_head(ascent, mlp)[0]
     if name.startswith("triton"):

@@ -30,6 +30,7 @@ import contextlib
 import json
 import os
 import re
+import shlex
 import sys
 import tarfile
 import time
@@ -56,6 +57,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--phases", nargs="+", default=["check", "bench", "sweep", "extra", "grid"],
                    choices=["check", "bench", "sweep", "extra", "grid"],
                    help="gpu_check.sh phases whose launches to compile")
+    p.add_argument("--bench-args", default="--quick",
+                   help="bench_kernel.py's arguments in the bench phase: what gpu_check.sh "
+                        "gets as BENCH_ARGS (default --quick, as there)")
     p.add_argument("--limit", type=int, help="compile only the first N ascents (smoke tests)")
     p.add_argument("--resources", type=Path,
                    help="also write each compiled launch's registers and spills (cuobjdump "
@@ -206,14 +210,15 @@ def ascend(va, d, widths, rows, *, wdtype, state_dtype=None, precision=None, max
                      batch_invariant=batch_invariant)
 
 
-def bench_launches(phase: str) -> list[dict]:
-    """The Triton launches of one timed phase of gpu_check.sh (its bench_kernel.py args)."""
+def bench_launches(phase: str, bench_args: str = "--quick") -> list[dict]:
+    """The Triton launches of one timed phase of gpu_check.sh (its bench_kernel.py args;
+    ``bench_args``: the bench phase's, gpu_check.sh's BENCH_ARGS)."""
     import torch
 
     import bench_kernel as bench
     from vllm_recontrol.ascent_graphs import bucket_rows
 
-    argv = {"bench": ["--quick"], "sweep": ["--sweep"],
+    argv = {"bench": shlex.split(bench_args), "sweep": ["--sweep"],
             "extra": ["--hidden-sizes", "2048", "4096", "8192", "--steps", "30",
                       "--variants", "triton-graph", "--layers", "2", "--batch", "1", "32", "256"],
             "grid": ["--variants", "triton-graph"]}[phase]
@@ -230,7 +235,9 @@ def bench_launches(phase: str) -> list[dict]:
         out.append(dict(d=case.d, widths=[case.d] * case.hidden, rows=rows, wdtype=wdtype,
                         precision=bench.VARIANT_PRECISION.get(name),
                         overrides=bench.variant_overrides(name, task.overrides),
-                        form="gram" if "gram" in name else "direct"))
+                        form="gram" if "gram" in name else "direct",
+                        # a radius tensor compiles the kernels a scalar radius does
+                        max_norm=0.05 if "norm" in name else None))
     return out
 
 
@@ -353,7 +360,8 @@ def main(argv=None) -> int:
               f"{use_device_triton_key(args.key_wheel)}", flush=True)
     launches = []
     for phase in args.phases:
-        launches += check_launches() if phase == "check" else bench_launches(phase)
+        launches += (check_launches() if phase == "check"
+                     else bench_launches(phase, args.bench_args))
     unique = {repr(sorted((k, repr(v)) for k, v in spec.items())): spec for spec in launches}
     specs = list(unique.values())[:args.limit]
     before = count_files(args.out)

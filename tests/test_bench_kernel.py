@@ -61,6 +61,38 @@ def test_gram_variants_run_their_kernels():
     assert "warm shard 0/1: 8 launches compiled, 0 failed" in run.stdout
 
 
+def test_projected_variants_run_their_kernels_and_project():
+    """The max_norm variants launch the projected kernels of both forms (warm-only: the
+    plain launches) and head-ascend-norm caps each row at its own radius."""
+    run = _run("--warm-only", "--variants", "triton-norm-graph", "triton-gram-norm-graph",
+               "--layers", "2")
+    assert "warm shard 0/1: 4 launches compiled, 0 failed" in run.stdout
+    import torch
+
+    bench = _load("bench_kernel")
+    from vllm_recontrol import ascent
+
+    gen = torch.Generator().manual_seed(2)
+    mlp = bench.make_head(ascent, 40, [24], torch.float32, torch.device("cpu"), gen)
+    with torch.no_grad():
+        mlp.weights[0].mul_(20.0)  # steep enough that the free ascent leaves every radius
+    states = torch.randn(7, 40, generator=gen)
+    alpha, steps = torch.full((7,), 2.0), torch.full((7,), 3)
+    args = bench.parse_args(["--device", "cpu"])
+    heads = {"fp32": mlp, "bf16": mlp}
+    run_variant = lambda name: bench.raw_variant(  # noqa: E731
+        name, ascent, None, heads, states, alpha, steps, 3, torch.device("cpu"), args)
+    free = (run_variant("head-ascend")() - states).norm(dim=1)
+    capped = (run_variant("head-ascend-norm")() - states).norm(dim=1)
+    radii = bench.per_row_radii(7)
+    assert (free > 0.1).all()
+    for row in range(7):
+        if radii[row].isinf():
+            assert capped[row] == free[row]
+        else:
+            assert capped[row] <= radii[row] * (1 + 1e-5) and capped[row] < free[row]
+
+
 @pytest.mark.parametrize("widths", [[24], [24, 17]])
 def test_gram_closed_form_of_the_benchmark_is_the_ascent(widths):
     """torch-gram-graph's closed form (products in the weights' dtype) against float64
