@@ -377,6 +377,22 @@ def test_precompiled_cache_is_stable_and_gpu_check_unpacks_it(tmp_path):
     assert sorted(p.relative_to(cache) for p in cache.rglob("*") if p.is_file()) == files
 
 
+def test_precompile_compiles_the_bench_phase_gpu_check_will_run():
+    """--bench-args is gpu_check.sh's BENCH_ARGS: the launches precompiled are those of the
+    variants asked for, projected where the variant projects."""
+    code = ("import json, sys; sys.path[:0] = [sys.argv[1]]; import precompile; "
+            "print(json.dumps([(s['rows'], s['form'], s['max_norm']) for s in "
+            "precompile.bench_launches('bench', '--quick --variants triton-gram-norm-graph "
+            "triton-graph --layers 2 --batch 8 256')]))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", code, str(PRECOMPILE.parent)], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    specs = json.loads(run.stdout.splitlines()[-1])
+    assert specs == [[8, "gram", 0.05], [8, "direct", None], [256, "gram", 0.05],
+                     [256, "direct", None]]
+
+
 def test_sweep_summary_names_the_fastest_candidate_per_case():
     bench = _load("bench_kernel")
 
