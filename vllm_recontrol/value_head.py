@@ -7,12 +7,12 @@ validated, so a head from an untrusted source fails with a message instead of ru
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import numbers
 import os
 import reprlib
-import uuid
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -34,7 +34,8 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 FORMAT_NAME = "vllm-recontrol-value-head"
 FORMAT_VERSION = 1
-# In config.json and in the weights' safetensors metadata: which save wrote each file.
+# In config.json and in the weights' safetensors metadata: which save wrote each file
+# (a digest of the weights, ``weights_id``).
 SAVE_ID_KEY = "save_id"
 SUPPORTED_ACTIVATIONS = ("relu",)
 STORED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -379,12 +380,12 @@ class ValueHead(nn.Module):
         Weights with NaN or inf, and a config JSON cannot hold, are refused before anything
         is written: ``load`` (and every engine) would refuse the head. Each file is replaced
         atomically, but not both at once: a save killed between them leaves new weights
-        beside the old config, so both carry one random save id and ``load`` refuses a pair
-        whose ids differ instead of serving the mix."""
+        beside the old config, so both carry one save id (a digest of the weights: the same
+        weights save to the same bytes) and ``load`` refuses a pair whose ids differ instead
+        of serving the mix."""
         from safetensors.torch import save_file
 
-        save_id = uuid.uuid4().hex
-        config_text = self.config_json(directory, save_id)
+        self.config_json(directory)  # its checks first: nothing is written if they fail
         tensors = {}
         for i, layer in enumerate(self.layers):
             tensors[f"layers.{i}.weight"] = layer.weight.detach().cpu().contiguous()
@@ -393,6 +394,8 @@ class ValueHead(nn.Module):
             if not bool(torch.isfinite(tensor).all()):
                 raise ValueHeadError(f"cannot save the value head to {directory}: {name} "
                                      "holds NaN or inf")
+        save_id = weights_id(tensors)
+        config_text = self.config_json(directory, save_id)
         path = Path(directory)
         with atomic_path(path / WEIGHTS_FILE) as tmp:  # readable as any file the user writes
             save_file(tensors, str(tmp), metadata={"format": FORMAT_NAME, SAVE_ID_KEY: save_id})
@@ -692,6 +695,17 @@ def read_weights(weights_path: Path, hidden_size: int, widths: list[int]) -> dic
     return tensors
 
 
+def weights_id(tensors: dict[str, torch.Tensor]) -> str:
+    """A digest of the saved tensors (names, dtypes, shapes, bytes): the save id both files
+    carry, so a config names the weights it was written with. Content, not chance: the same
+    weights save to the same bytes (training is reproducible to the byte)."""
+    digest = hashlib.sha256()
+    for name, tensor in tensors.items():
+        digest.update(f"\0{name}\0{tensor.dtype}\0{list(tensor.shape)}\0".encode())
+        digest.update(tensor.contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:32]
+
+
 def check_same_save(path: Path, config: dict[str, Any]) -> None:
     """Refuse a config and weights written by two different saves (an interrupted save, or
     one file copied over from another head): the shapes may match, so the mix would load.
@@ -699,10 +713,10 @@ def check_same_save(path: Path, config: dict[str, Any]) -> None:
     from safetensors import safe_open
 
     with safe_open(str(path / WEIGHTS_FILE), framework="pt") as handle:
-        weights_id = (handle.metadata() or {}).get(SAVE_ID_KEY)
+        stored_id = (handle.metadata() or {}).get(SAVE_ID_KEY)
     config_id = config.get(SAVE_ID_KEY)
-    if weights_id != config_id:
+    if stored_id != config_id:
         raise ValueHeadError(
             f"value head {path}: {CONFIG_FILE} and {WEIGHTS_FILE} come from different saves "
-            f"(save ids {config_id!r} and {weights_id!r}: a save interrupted between the two "
+            f"(save ids {config_id!r} and {stored_id!r}: a save interrupted between the two "
             "files, or a file copied from another head); save the head again")
