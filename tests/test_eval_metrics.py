@@ -278,6 +278,36 @@ def test_judge_scores_a_method_in_one_call_and_keeps_each_prompts_best():
     assert result.delivered_tokens == 9 + 4 and result.coherence is None
 
 
+def test_an_answer_identical_to_bases_ties_whatever_its_batch_neighbours():
+    """A reward model's padded batches make a pair's score depend in its last bits on the
+    other pairs of its call: identical answers then won or lost by float noise. Through the
+    evaluation's score cache each distinct pair is scored once, so they tie."""
+    from vllm_recontrol.evaluation.evaluate import MethodResult, ScoreCache, judge
+
+    calls = []
+
+    def batch_dependent(pairs):  # as padding does: the batch's longest answer leaks in
+        calls.append(list(pairs))
+        longest = max(len(r) for _, r in pairs)
+        return [len(r) + 1e-7 * longest for _, r in pairs]
+
+    prompts, off = ["p0", "p1", "p2"], Coherence(None, None, "off")
+    base_samples = [[("same", 4)], [("short", 5)], [("same again", 10)]]
+    control_samples = [[("same", 4)], [("a much longer answer", 20)], [("same again", 10)]]
+    raw = [judge(MethodResult(m), prompts, s, batch_dependent, off)
+           for m, s in (("base", base_samples), ("re-control", control_samples))]
+    assert raw[1].rewards[0] != raw[0].rewards[0]  # the noise the cache removes
+    cached = ScoreCache(batch_dependent)
+    calls.clear()
+    base, control = [judge(MethodResult(m), prompts, s, cached, off)
+                     for m, s in (("base", base_samples), ("re-control", control_samples))]
+    assert control.rewards[0] == base.rewards[0] and control.rewards[2] == base.rewards[2]
+    assert win_rate(control.rewards, base.rewards) == (0.5 + 1.0 + 0.5) / 3
+    assert calls == [[("p0", "same"), ("p1", "short"), ("p2", "same again")],
+                     [("p1", "a much longer answer")]]  # each distinct pair scored once
+    assert cached([("p0", "same"), ("p0", "same")]) == [base.rewards[0]] * 2 and len(calls) == 2
+
+
 def test_plot_labels_tell_grid_points_of_the_same_alpha_and_steps_apart(tmp_path):
     pytest.importorskip("matplotlib")
     from vllm_recontrol.evaluation.plots import _suffix, save_plots
@@ -396,3 +426,32 @@ def test_eval_refuses_bad_sampling_options_before_starting_an_engine(tmp_path, o
     with pytest.raises(RecontrolError, match=message):
         evaluate(model="m", value_head="h", prompts=str(prompts),
                  reward_fn="vllm_recontrol.toy_world:positive_share", **options)
+
+
+@pytest.mark.parametrize("engine_args, expected", [({}, False),
+                                                   ({"enable_prefix_caching": True}, True)])
+def test_eval_engines_start_without_prefix_caching_unless_asked(monkeypatch, engine_args,
+                                                                 expected):
+    """Methods run one after another on the same prompts: with vLLM's prefix cache, every
+    method after base would skip the prefill base paid for, and its tokens/s would not be
+    comparable with base's."""
+    import vllm
+
+    from vllm_recontrol.evaluation.engines import EngineSettings, EvalEngine
+
+    started = []
+
+    class FakeLLM:
+        def __init__(self, **kwargs):
+            started.append(kwargs)
+
+        def get_tokenizer(self):
+            return None
+
+    monkeypatch.setattr(vllm, "LLM", FakeLLM)
+    EvalEngine(EngineSettings(model="m", value_head="h", value_heads={}, max_steps=30,
+                              engine_args=engine_args, seed=0, max_tokens=8, temperature=0.0,
+                              bon_temperature=1.0, system_prompt=None, chat_template=False),
+               ["p"])
+    assert started[0]["enable_prefix_caching"] is expected
+    assert started[0]["model_impl"] == "recontrol"

@@ -59,7 +59,11 @@ class EvalEngine:
 
         from ..training.engines import run_engines_in_process
 
-        engine = {"dtype": "auto", "seed": settings.seed, **settings.engine_args}
+        # Prefix caching off unless engine_args turn it on: methods run one after another on
+        # the same prompts, so every method after base would skip the prefill base paid for
+        # (tokens/s no longer comparable), and a cached prefix can change the numerics.
+        engine = {"dtype": "auto", "seed": settings.seed, "enable_prefix_caching": False,
+                  **settings.engine_args}
         if settings.in_process:
             run_engines_in_process(engine)
         further = settings.value_heads

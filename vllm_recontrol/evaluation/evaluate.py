@@ -193,11 +193,31 @@ def parse_grid(grid: Any, heads: Sequence[str] = (DEFAULT_HEAD,)) -> list[GridPo
     return points
 
 
+class ScoreCache:
+    """Scores each distinct (prompt, response) pair once per evaluation.
+
+    Why: a reward model scores pairs in padded batches, so a pair's score depends in its
+    last bits on its batch neighbours; an answer identical to base's would then win or lose
+    by float noise instead of tying (and a judge's correct "tie" would count as disagreeing
+    with the reward). Scored once, identical answers get identical rewards, and the reward
+    model does no work twice."""
+
+    def __init__(self, score: Callable[[list[tuple[str, str]]], list[float]]) -> None:
+        self._score, self._known = score, {}
+
+    def __call__(self, pairs: Sequence[tuple[str, str]]) -> list[float]:
+        new = list(dict.fromkeys(pair for pair in pairs if pair not in self._known))
+        if new:
+            self._known.update(zip(new, self._score(new)))
+        return [self._known[pair] for pair in pairs]
+
+
 class Evaluator:
     """Runs each method on the same prompts through the engines and scores the responses."""
 
     def __init__(self, opts: EvalOptions, prompts: list[str], score: Callable, coherence: Coherence):
-        self.opts, self.prompts, self.score, self.coherence = opts, prompts, score, coherence
+        self.opts, self.prompts, self.coherence = opts, prompts, coherence
+        self.score = ScoreCache(score)
         further = opts.value_heads or {}
         if not isinstance(further, dict) or not all(
                 isinstance(k, str) and isinstance(v, str) for k, v in further.items()):
@@ -215,6 +235,8 @@ class Evaluator:
         self.engines = EnginePool(opts, settings, prompts)
 
     def run(self, result: MethodResult) -> MethodResult:
+        """Generate one method's samples and score them (through ``self.score``, which scores
+        each distinct pair once: ``ScoreCache``)."""
         samples, result.seconds = self.engines.run(Method(
             alpha=result.alpha, steps=result.steps, head=result.head, n=result.n,
             prompting=result.prompting, max_norm=result.max_norm))
