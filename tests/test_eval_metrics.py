@@ -141,6 +141,49 @@ def test_coherence_is_the_cosine_of_mean_pooled_embeddings(tiny_sentence_model):
     assert got[0] == pytest.approx(1.0, abs=1e-5) and got[1] < 0.999
 
 
+@pytest.mark.parametrize("name", ["sup-simcse-tiny", "unsup-simcse-tiny"])
+def test_coherence_of_a_simcse_model_embeds_as_the_simcse_tool_does(tiny_sentence_model,
+                                                                     tmp_path, name):
+    """A plain transformers model (no sentence-transformers config, as the paper's
+    princeton-nlp SimCSE models are): [CLS] through the pooler for a supervised model, the
+    [CLS] state for an unsupervised one, inputs cut at 128 tokens; not mean pooling."""
+    import shutil
+
+    import torch
+    from transformers import AutoTokenizer, BertModel
+
+    folder = tmp_path / name
+    shutil.copytree(tiny_sentence_model / "bert", folder)
+    long = " ".join(["the good kan"] * 60)  # 180 words: past what is read (64 positions here)
+    prompts, responses = ["the good kan", "a bad ba bon", long], ["the good kan", "zo ze zi",
+                                                                  long + " zo"]
+    coherence = Coherence.load(str(folder))
+    assert coherence.available, coherence.unavailable_reason
+    got = coherence.scores(prompts, responses)
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = BertModel.from_pretrained(folder).eval()
+
+    def embed(text, how):
+        batch = tokenizer(text, return_tensors="pt", truncation=True,
+                          max_length=min(128, model.config.max_position_embeddings))
+        with torch.no_grad():
+            out = model(**batch)
+        if how == "mean":
+            mask = batch["attention_mask"][0, :, None].float()
+            return (out.last_hidden_state[0] * mask).sum(0) / mask.sum()
+        return out.last_hidden_state[0, 0] if how == "cls" else out.pooler_output[0]
+
+    def cosines(how):
+        return [float(torch.nn.functional.cosine_similarity(embed(p, how), embed(r, how), dim=0))
+                for p, r in zip(prompts, responses)]
+
+    want = cosines("cls" if name.startswith("unsup") else "pooler")
+    assert got == pytest.approx(want, abs=1e-5)
+    assert got != pytest.approx(cosines("mean"), abs=1e-3)
+    assert got[2] == pytest.approx(1.0, abs=1e-6)  # the same first 64 tokens
+
+
 def test_coherence_that_cannot_load_says_why(tmp_path):
     coherence = Coherence.load(str(tmp_path / "missing-model"))
     assert not coherence.available

@@ -1,5 +1,5 @@
 """Quality metrics beside the mean reward: win rate against base, the paper's diversity and
-coherence.
+coherence (SimCSE embeddings as the paper's evaluation computes them).
 
 Diversity guards against reward hacking (repetition collapse); coherence against answers that
 drift away from the prompt. Coherence needs a sentence-embedding model; when none can be
@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Sequence
 
 DIVERSITY_ORDERS = (2, 3, 4)
@@ -62,24 +63,84 @@ def bootstrap_interval(statistic: Callable[[list[int]], float], count: int,
     return values[int(tail * (resamples - 1))], values[int((1.0 - tail) * (resamples - 1))]
 
 
+class SimCSEEncoder:
+    """Embeds texts as the SimCSE tool does (``simcse.SimCSE``, which the paper's evaluation
+    calls with princeton-nlp/sup-simcse-bert-base-uncased): [CLS] through BERT's pooler for a
+    supervised model, the [CLS] state before it for an unsupervised one ("unsup" in its
+    name), inputs cut at 128 tokens (or the model's positions). Why not sentence-transformers for such a model: it has
+    no sentence-transformers config, and that library then mean-pools over up to 512 tokens,
+    another embedding than the paper's."""
+
+    MAX_LENGTH = 128
+
+    def __init__(self, model_name: str, device: str = "cpu") -> None:
+        from transformers import AutoModel, AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(model_name)
+        self.model = AutoModel.from_pretrained(model_name).to(device).eval()
+        self.device = device
+        self.before_pooler = "unsup" in model_name
+        positions = getattr(self.model.config, "max_position_embeddings", None)
+        self.max_length = min(self.MAX_LENGTH, positions or self.MAX_LENGTH)
+
+    def encode(self, texts: list[str], convert_to_tensor: bool = True,
+               normalize_embeddings: bool = True, batch_size: int = 64):
+        """``SentenceTransformer.encode``'s signature, so ``Coherence`` takes either."""
+        import torch
+
+        parts = []
+        with torch.no_grad():
+            for start in range(0, len(texts), batch_size):
+                batch = self.tokenizer(texts[start:start + batch_size], padding=True,
+                                       truncation=True, max_length=self.max_length,
+                                       return_tensors="pt").to(self.device)
+                out = self.model(**batch, return_dict=True)
+                pooled = getattr(out, "pooler_output", None)
+                use_cls = self.before_pooler or pooled is None
+                parts.append((out.last_hidden_state[:, 0] if use_cls else pooled).float())
+        embeddings = torch.cat(parts) if parts else torch.empty(0, 0)
+        return torch.nn.functional.normalize(embeddings, dim=-1) if normalize_embeddings \
+            else embeddings
+
+
+def is_sentence_transformers_model(model_name: str) -> bool:
+    """Whether ``model_name`` (a folder or a hub id) carries a sentence-transformers config
+    (``modules.json``): then that library embeds it with its own pooling."""
+    folder = Path(model_name)
+    if folder.is_dir():
+        return (folder / "modules.json").is_file()
+    try:
+        from huggingface_hub import hf_hub_download
+
+        hf_hub_download(model_name, "modules.json")
+        return True
+    except Exception:  # absent from the repository, or offline and not cached
+        return False
+
+
 @dataclass
 class Coherence:
     """Cosine similarity of prompt and response embeddings (SimCSE in the paper)."""
 
     model_name: str | None
-    model: object | None
+    model: object | None  # encode(texts, convert_to_tensor=, normalize_embeddings=) -> Tensor
     unavailable_reason: str | None
 
     @classmethod
     def load(cls, model_name: str | None, device: str = "cpu") -> "Coherence":
+        """A sentence-transformers model through that library; any other (a SimCSE model
+        such as the paper's) through ``SimCSEEncoder``."""
         if not model_name:
             return cls(None, None, "no --embedding-model given")
         try:
-            from sentence_transformers import SentenceTransformer
-        except ImportError:
-            return cls(model_name, None, "sentence-transformers is not installed")
-        try:
-            model = SentenceTransformer(model_name, device=device)
+            if is_sentence_transformers_model(model_name):
+                try:
+                    from sentence_transformers import SentenceTransformer
+                except ImportError:
+                    return cls(model_name, None, "sentence-transformers is not installed")
+                model = SentenceTransformer(model_name, device=device)
+            else:
+                model = SimCSEEncoder(model_name, device)
         except Exception as exc:  # offline, missing files, ...: report, do not fake
             return cls(model_name, None, f"cannot load {model_name!r}: {type(exc).__name__}: "
                                          f"{_first_line(str(exc))}")
