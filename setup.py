@@ -35,10 +35,10 @@ setup(
         "gpu": ["vllm==0.32.0", "triton"],
         "ray": ["ray>=2.9"],
         "training": ["datasets>=2.19", "pyarrow>=14", "ray>=2.9"],
-        "eval": ["matplotlib>=3.7", "sentence-transformers>=3"],
+        "eval": ["matplotlib>=3.7", "sentence-transformers>=3", "nltk>=3.8"],
         "test": ["pytest>=8", "pytest-xdist>=3.5", "openai>=1.40", "tokenizers>=0.19",
                  "ray>=2.9", "requests", "datasets>=2.19", "pyarrow>=14", "matplotlib>=3.7",
-                 "sentence-transformers>=3"],
+                 "sentence-transformers>=3", "nltk>=3.8"],
     },
     entry_points={
         "vllm.general_plugins": ["recontrol = vllm_recontrol.plugin:register"],

@@ -19,6 +19,24 @@ def test_diversity_by_hand():
     assert diversity("a b a b") == pytest.approx((2 / 4) * (2 / 3) * (1 / 2))
 
 
+def test_diversity_counts_words_as_the_papers_nltk_tokenization_does():
+    """Punctuation and contractions are tokens of their own (nltk's word_tokenize, which the
+    paper's evaluation ran); with the +1 in rep_n's denominator that moves the score."""
+    pytest.importorskip("nltk")
+    from vllm_recontrol.evaluation.metrics import word_tokenizer
+
+    tokenize, described = word_tokenizer()
+    assert "nltk" in described
+    assert tokenize("I'm sorry, I don't know.") == ["I", "'m", "sorry", ",", "I", "do", "n't",
+                                                    "know", "."]
+    assert tokenize("Yes, I can help. Yes, I can help.") == ["Yes", ",", "I", "can", "help",
+                                                             "."] * 2
+    # 9 tokens: 8 distinct 2-grams of 8, 7 of 7, 6 of 6, each over (count + 1)
+    assert diversity("I'm sorry, I don't know.") == pytest.approx(8 / 9 * 7 / 8 * 6 / 7)
+    assert diversity("I'm sorry, I don't know.") != pytest.approx(
+        4 / 5 * 3 / 4 * 2 / 3)  # what 5 whitespace words ("I'm", "sorry,", ...) gave
+
+
 def test_repetition_lowers_diversity():
     assert diversity("the cat sees the dog and a bird") > diversity("the the the the the the")
 

@@ -30,6 +30,7 @@ from ..training.rewards import RewardSource, cut_response
 from .engines import EnginePool, EngineSettings, Method, Samples
 from .llm_judge import JUDGE_TEMPLATE, JudgeClient, JudgeSettings, judge_methods
 from .metrics import (BOOTSTRAP_RESAMPLES, Coherence, bootstrap_interval, diversity, mean,
+                      word_tokenizer,
                       win_rate)
 from .plots import save_plots
 from .scoring import RewardPool
@@ -350,8 +351,9 @@ def markdown_table(results: Sequence[MethodResult], coherence: Coherence,
                  f"{r.delivered_per_s:.1f}", f"{r.delivered_per_s / base.delivered_per_s:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
     lines += interval_lines(results)
+    lines.append(f"\ndiversity: word tokens by {word_tokenizer()[1]}")
     if not coherence.available:
-        lines.append(f"\ncoherence: unavailable ({coherence.unavailable_reason})")
+        lines.append(f"coherence: unavailable ({coherence.unavailable_reason})")
     return "\n".join(lines)
 
 
@@ -498,6 +500,7 @@ def evaluate(**options: Any) -> dict[str, Any]:
         "num_prompts": len(prompts),
         "coherence": {"model": coherence.model_name, "available": coherence.available,
                       "reason": coherence.unavailable_reason},
+        "diversity_tokens": word_tokenizer()[1],
         "judge_prompt": JUDGE_TEMPLATE if judge else None,
         "results": [{k: v for k, v in asdict(r).items() if k != "responses"} |
                     {"tokens_per_s": r.tokens_per_s, "delivered_per_s": r.delivered_per_s,
