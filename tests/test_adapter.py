@@ -155,3 +155,35 @@ def test_output_token_ids_are_not_asked_for_the_tracker_alone():
     assert not only(batch(builtin))  # no tracker: not ours to change
     assert not only(batch(tracker, UserProcessor, builtin))
 
+
+
+@pytest.mark.parametrize("request_kind, fields, method, named", [
+    ("completion", {"Recontrol": 0}, "to_sampling_params", "Recontrol must be inside"),
+    ("completion", {" recontrol_alpha": 2.0}, "to_sampling_params", "must be inside vllm_xargs"),
+    ("completion", {"recontol_alpha": 2.0}, "to_sampling_params", "recontol_alpha must be"),
+    ("chat", {"re-control-steps": 3}, "to_sampling_params", "re-control-steps must be"),
+    ("responses", {"recontrol_alpha": 2.0}, "to_sampling_params", "recontrol_alpha must be"),
+    ("completion", {"use_beam_search": True, "vllm_xargs": {"Recontrol": 0}},
+     "to_beam_search_params", "Recontrol cannot be used with use_beam_search"),
+    ("completion", {"use_beam_search": True, "vllm_xargs": {"recontol_alpha": 1.0}},
+     "to_beam_search_params", "recontol_alpha cannot be used with use_beam_search"),
+])
+def test_openai_requests_that_would_lose_their_control_are_refused(request_kind, fields, method,
+                                                                    named):
+    """Keys that vLLM would drop without a word (top level of the body, beam search's
+    vllm_xargs; also the Responses API, and ours in any case, spaced or misspelt) are
+    refused as the admission check refuses them; other fields pass."""
+    from vllm.exceptions import VLLMValidationError
+
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+    from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
+
+    _vllm_adapter._guard_openai_requests()
+    make = {"completion": lambda **f: CompletionRequest(model="m", prompt="p", max_tokens=2, **f),
+            "chat": lambda **f: ChatCompletionRequest(
+                model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=2, **f),
+            "responses": lambda **f: ResponsesRequest(model="m", input="hi", **f)}[request_kind]
+    with pytest.raises(VLLMValidationError, match=named):
+        getattr(make(**fields), method)(16, {})
+    assert getattr(make(some_other_field=1), "to_sampling_params")(16, {}) is not None

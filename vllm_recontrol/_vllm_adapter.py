@@ -33,7 +33,8 @@ from typing import Any, Iterator
 import torch
 
 from .config import (DEFAULT_HEAD, MODEL_IMPL, EngineSettings, check_request_args,
-                     refuse_section_without_model_impl, resolve_request)
+                     looks_like_request_key, refuse_section_without_model_impl,
+                     resolve_request)
 from .controller import EditController, rows_for_engine
 from .errors import (ConfigError, RecontrolError, RequestParamsError, ValueHeadError,
                      VersionError)
@@ -304,14 +305,16 @@ def __getattr__(name: str) -> Any:
 
 OPENAI_REQUEST_CLASSES = (("vllm.entrypoints.openai.completion.protocol", "CompletionRequest"),
                           ("vllm.entrypoints.openai.chat_completion.protocol",
-                           "ChatCompletionRequest"))
+                           "ChatCompletionRequest"),
+                          ("vllm.entrypoints.openai.responses.protocol", "ResponsesRequest"))
 
 
 def _guard_openai_requests() -> None:
     """Two ways an OpenAI request's control would be lost without a word become HTTP 400s
-    naming the keys:
+    naming the keys (ours in any case, with stray spaces, or misspelt: ``looks_like_request_key``)
+    in completions, chat completions and responses requests:
 
-    * ``recontrol*`` keys at the top level of the request body (an easy slip with the
+    * control keys at the top level of the request body (an easy slip with the
       ``openai`` client's ``extra_body``): vLLM keeps unknown fields but passes only
       ``vllm_xargs`` on to the engine, so they would be ignored;
     * a ``use_beam_search`` request's ``vllm_xargs`` keys: vLLM turns it into
@@ -326,7 +329,7 @@ def _guard_openai_requests() -> None:
 
     def refuse_misplaced_keys(request: Any) -> None:
         extra = getattr(request, "model_extra", None) or {}
-        keys = sorted(k for k in extra if isinstance(k, str) and k.lower().startswith("recontrol"))
+        keys = sorted(k for k in extra if looks_like_request_key(k))
         if keys:
             raise VLLMValidationError(
                 f"vllm-recontrol: {', '.join(keys)} must be inside vllm_xargs "
@@ -336,7 +339,7 @@ def _guard_openai_requests() -> None:
 
     def refuse_beam_search_keys(request: Any) -> None:
         keys = sorted(k for k in (getattr(request, "vllm_xargs", None) or {})
-                      if k.startswith("recontrol"))
+                      if looks_like_request_key(k))
         if keys:
             raise VLLMValidationError(
                 f"vllm-recontrol: {', '.join(keys)} cannot be used with use_beam_search: "
@@ -352,8 +355,8 @@ def _guard_openai_requests() -> None:
         for method, checks in (("to_sampling_params", (refuse_misplaced_keys,)),
                                ("to_beam_search_params",
                                 (refuse_misplaced_keys, refuse_beam_search_keys))):
-            original = getattr(request_class, method)
-            if getattr(original, "_recontrol_wrapped", False):
+            original = getattr(request_class, method, None)  # Responses: no beam search
+            if original is None or getattr(original, "_recontrol_wrapped", False):
                 continue
 
             @functools.wraps(original)

@@ -284,6 +284,14 @@ def _squeezed(key: str) -> str:
 SQUEEZED_REQUEST_KEYS = {_squeezed(k): k for k in REQUEST_KEYS}
 
 
+def looks_like_request_key(key: Any) -> bool:
+    """Whether ``key`` is, or misspells, a RE-Control request key (any case, stray spaces,
+    near misses): what the admission check refuses when unknown, and what the OpenAI guards
+    look for where vLLM would drop a key without a word."""
+    return isinstance(key, str) and (key.strip().lower().startswith(REQUEST_SWITCH)
+                                     or _near_request_key(key) is not None)
+
+
 def _near_request_key(key: str) -> str | None:
     """The RE-Control key that ``key`` misspells ("recontol_alpha", "re-control-steps");
     None for other plugins' keys (a bare "alpha" stays theirs: too short to be told from
