@@ -522,7 +522,8 @@ class _ReplayingGraph:
 
 def test_graph_cache_captures_once_per_key_evicts_and_logs(kernels, seed, monkeypatch, caplog):
     """The graph cache's logic on CPU, with capture stubbed: one capture per key, replays give
-    each batch its own answer, the oldest graph is evicted past max_graphs, a failed capture
+    each batch its own answer, past max_graphs the least recently used graph captured while
+    serving is evicted (never the warm-up's), a failed capture
     is logged once and its key runs eagerly from then on, and captures after the warm-up
     are logged (they stall a live batch)."""
     import logging
@@ -534,6 +535,7 @@ def test_graph_cache_captures_once_per_key_evicts_and_logs(kernels, seed, monkey
                         lambda fn, device, pool: _ReplayingGraph(fn))
     runner = ascent_graphs.AscentGraphs(max_graphs=2)
     mlp, states, alpha, steps = _draw(seed, 40, [24, 17])
+    runner.reserve(64, DIM, states.device)  # as the warm-up does: no regrowth drops graphs
 
     def run(rows, n, offset=0):
         got = runner.run(mlp, states[offset:offset + rows], alpha[:rows], steps[:rows], n,
@@ -552,10 +554,14 @@ def test_graph_cache_captures_once_per_key_evicts_and_logs(kernels, seed, monkey
     assert runner.captures == 2
     served = [r.getMessage() for r in caplog.records if "while serving" in r.getMessage()]
     assert len(served) == 1 and "32-row batches with 3 steps" in served[0]
-    run(5, 2)  # a third key evicts the oldest (16 rows, 3 steps)
-    assert len(runner) == 2 and (16, DIM) not in {k[:2] for k in runner._graphs if k[3] == 3}
-    run(5, 3)  # captured again
-    assert runner.captures == 4
+    keys = lambda: {(k[0], k[3]) for k in runner._graphs}  # noqa: E731 - (bucket, steps)
+    run(5, 2)  # two captured while serving: within max_graphs
+    assert keys() == {(16, 3), (32, 3), (16, 2)}
+    run(5, 4)  # a third evicts the oldest captured while serving, not the warm-up's
+    assert keys() == {(16, 3), (16, 2), (16, 4)}
+    run(20, 3)  # captured again
+    run(9, 3)  # the warm-up's graph: replayed
+    assert runner.captures == 5
 
     def broken(fn, device, pool):
         raise RuntimeError("capture not supported here")
@@ -566,7 +572,7 @@ def test_graph_cache_captures_once_per_key_evicts_and_logs(kernels, seed, monkey
     run(33, 1)  # same key: eager, no second attempt or warning
     failures = [r for r in caplog.records if "capture of the ascent failed" in r.getMessage()]
     assert len(failures) == 1 and "capture not supported here" in failures[0].getMessage()
-    assert runner.captures == 4
+    assert runner.captures == 5
 
 
 def test_graph_buffers_are_shared_and_grow(kernels):

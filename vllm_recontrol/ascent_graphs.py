@@ -12,7 +12,9 @@ buffers, outputs come back from one; every bucket's graph reads leading rows of 
 buffers (graphs replay one at a time), so they cost the largest bucket's memory, not the sum.
 Growing them past the largest bucket drops the graphs, which point at the old ones; the
 engine's warm-up reserves the largest bucket first. Each graph keeps the weights it reads
-alive. A graph that cannot be captured is logged once and its key runs eagerly from then on.
+alive. The warm-up's graphs are kept for good; of those captured while serving (other step
+counts, rounded by ``controller.graph_iterations``) the least recently used is dropped past
+``max_graphs``. A graph that cannot be captured is logged once and its key runs eagerly from then on.
 After the engine's warm-up (``warm``), a capture stalls a live batch, so each is logged.
 """
 
@@ -31,7 +33,8 @@ logger = get_logger(__name__)
 
 SMALL_BUCKETS = (16, 32, 64)  # one weight-streaming row tile each: padding is free
 BUCKET_STEP = 64              # larger batches: the kernel's row tiles are 64 or 128 rows
-DEFAULT_MAX_GRAPHS = 64  # e.g. 19 row buckets up to 1024 rows x a few step counts
+DEFAULT_MAX_GRAPHS = 64  # captured while serving, least recently used dropped first; the
+#                          warm-up's graphs (every row bucket x warmup_steps) come on top
 
 
 def capture_graph(fn: Callable[[], object], device: torch.device, pool=None,
@@ -103,6 +106,7 @@ class AscentGraphs:
         self.capture = capture
         self._static: dict[tuple, _Static] = {}  # (dim, device) -> buffers of the largest bucket
         self._graphs: OrderedDict[tuple, tuple[object, MLPWeights]] = OrderedDict()
+        self._pinned: set[tuple] = set()  # captured by the warm-up: never evicted
         self._pool = None
         self.captures = 0
         self.warm = False  # set by the warm-up: later captures happen while serving
@@ -175,6 +179,7 @@ class AscentGraphs:
             if static is not None:  # their graphs read the old buffers
                 self._graphs = OrderedDict((k, v) for k, v in self._graphs.items()
                                            if k[1:3] != (dim, device))
+                self._pinned &= set(self._graphs)
             static = self._static[(dim, device)] = _Static.allocate(rows, dim, device)
         return static
 
@@ -198,8 +203,13 @@ class AscentGraphs:
                            "this batch shape runs eagerly", type(exc).__name__, exc)
             graph = None
         self._graphs[key] = (graph, mlp)  # the graph reads these weights: keep them alive
-        if len(self._graphs) > self.max_graphs:
-            self._graphs.popitem(last=False)
+        if not self.warm:
+            self._pinned.add(key)
+        elif len(self._graphs) - len(self._pinned) > self.max_graphs:
+            # the least recently used of those captured while serving; the warm-up's stay,
+            # or a burst of unusual batches would evict the graphs most batches use
+            oldest = next(k for k in self._graphs if k not in self._pinned)
+            del self._graphs[oldest]
         return graph
 
     def __len__(self) -> int:

@@ -246,16 +246,8 @@ class ValueHead(nn.Module):
         buckets = buckets_up_to(max_rows)
         counts = sorted({int(n) for n in iteration_counts if int(n) > 0})
         projections = [max_norm] + (["per-row"] if also_projected and max_norm is None else [])
-        if graphs:
+        if graphs:  # the graphs captured here are kept for good (never evicted)
             self._graph_cache().reserve(buckets[-1], self.hidden_size, device)  # no regrowth
-            room = self._graphs.max_graphs
-            kinds = len(counts) * len(projections)
-            if len(buckets) * kinds > room:  # more would evict the first captures
-                logger.warning("RE-Control warm-up: %d row buckets x %d step counts x %d "
-                               "projections exceed the %d cached graphs; warming the smallest "
-                               "buckets only", len(buckets), len(counts), len(projections),
-                               room)
-                buckets = buckets[:max(1, room // max(1, kinds))]
         runs = 0
         for rows in buckets:
             states = torch.zeros(rows, self.hidden_size, device=device, dtype=torch.float32)
