@@ -399,6 +399,8 @@ def test_bootstrap_interval_matches_the_normal_approximation():
     assert bootstrap_interval(lambda idx: win_rate([same[i] for i in idx],
                                                    [same[i] for i in idx]), 3) == (0.5, 0.5)
     assert all(math.isnan(v) for v in bootstrap_interval(lambda idx: 0.0, 0))
+    # one prompt resamples to itself: no interval, rather than a zero-width one
+    assert all(math.isnan(v) for v in bootstrap_interval(lambda idx: 3.7, 1))
 
 
 def test_table_lists_the_intervals_under_it():
@@ -516,3 +518,42 @@ def test_eval_engines_start_without_prefix_caching_unless_asked(monkeypatch, eng
                ["p"])
     assert started[0]["enable_prefix_caching"] is expected
     assert started[0]["model_impl"] == "recontrol"
+
+
+@pytest.mark.parametrize("best_of, expected", [(4, [4]), (4.0, [4]), ([2, 8.0], [2, 8]),
+                                               ([], [])])
+def test_best_of_takes_whole_numbers_as_a_config_file_writes_them(best_of, expected):
+    from types import SimpleNamespace
+
+    from vllm_recontrol.evaluation.evaluate import Evaluator
+
+    assert Evaluator.best_of(SimpleNamespace(opts=SimpleNamespace(best_of=best_of))) == expected
+
+
+@pytest.mark.parametrize("best_of, message", [
+    (None, "best_of must be an integer >= 2 or a list of them, got None"),
+    (2.5, r"best_of values must be integers >= 2, got \[2.5\]"),
+    ([4, True], "best_of values must be integers >= 2"),
+    ("4", "best_of must be an integer >= 2 or a list"),
+])
+def test_best_of_refuses_what_is_not_a_count_with_a_message(best_of, message):
+    """From a config file these reached a loop and ended in a raw TypeError."""
+    from types import SimpleNamespace
+
+    from vllm_recontrol.evaluation.evaluate import Evaluator
+
+    with pytest.raises(RecontrolError, match=message):
+        Evaluator.best_of(SimpleNamespace(opts=SimpleNamespace(best_of=best_of)))
+
+
+def test_a_grid_that_is_no_string_or_list_is_refused_with_a_message():
+    with pytest.raises(RecontrolError, match="the grid must be a string .* got 5"):
+        parse_grid(5)
+
+
+def test_grid_points_that_print_alike_keep_their_own_judge_verdicts():
+    """The judge's results are looked up by method key: two alphas equal to 6 digits
+    shared one entry, so one row showed the other's verdicts."""
+    a, b = parse_grid("0.1234561:10,0.1234564:10")
+    rows = [MethodResult("re-control", alpha=p.alpha, steps=p.steps) for p in (a, b)]
+    assert rows[0].key != rows[1].key

@@ -128,7 +128,8 @@ class MethodResult:
     @property
     def key(self) -> str:
         """Names the method uniquely within one evaluation (the judge's order coin)."""
-        return f"{self.method}:{self.alpha:g}:{self.steps}:{self.head}:{self.n}:{self.max_norm}"
+        return (f"{self.method}:{self.alpha!r}:{self.steps}:{self.head}:{self.n}:"
+                f"{self.max_norm!r}")  # repr: two grid points 1e-7 apart stay apart
 
     @property
     def tokens_per_s(self) -> float:
@@ -154,6 +155,9 @@ def parse_grid(grid: Any, heads: Sequence[str] = (DEFAULT_HEAD,)) -> list[GridPo
     """``"0.5:10,1:20:mc,2:30:norm=0.5"`` or ``[[0.5, 10], [1, 20, "mc"], [2, 30, None, 0.5]]``
     to GridPoints: after alpha and steps, optionally one of ``heads`` (the default head when
     absent or None) and a ``norm=R`` radius for the requests' ``recontrol_max_norm``."""
+    if not isinstance(grid, (str, list, tuple)):
+        raise RecontrolError(f"the grid must be a string (alpha:steps,...) or a list of "
+                             f"[alpha, steps, ...] entries, got {grid!r}")
     items = grid.split(",") if isinstance(grid, str) else list(grid)
     points = []
     for item in items:
@@ -269,10 +273,17 @@ class Evaluator:
         return results
 
     def best_of(self) -> list[int]:
-        values = [self.opts.best_of] if isinstance(self.opts.best_of, int) else self.opts.best_of
-        if any(not isinstance(n, int) or n < 2 for n in values):
-            raise RecontrolError(f"best_of values must be integers >= 2, got {values}")
-        return list(values)
+        """The N values of Best-of-N: one integer or a list of them (whole floats of a JSON
+        or YAML config too), each >= 2; empty skips Best-of-N."""
+        given = self.opts.best_of
+        values = [given] if isinstance(given, (int, float)) else given
+        if not isinstance(values, (list, tuple)):
+            raise RecontrolError(f"best_of must be an integer >= 2 or a list of them, got "
+                                 f"{given!r}")
+        whole = [int(n) if isinstance(n, float) and n.is_integer() else n for n in values]
+        if any(isinstance(n, bool) or not isinstance(n, int) or n < 2 for n in whole):
+            raise RecontrolError(f"best_of values must be integers >= 2, got {list(values)}")
+        return whole
 
     def close(self) -> None:
         self.engines.close()

@@ -85,7 +85,7 @@ def bootstrap_interval(statistic: Callable[[list[int]], float], count: int,
     Why: a table of means over a few hundred prompts invites reading differences that are
     noise; the interval says how much a mean moves when the prompts are drawn again.
     """
-    if count == 0:
+    if count < 2:  # one prompt resamples to itself: a zero-width "interval" says nothing
         return math.nan, math.nan
     rng = random.Random(seed)
     values = sorted(statistic([rng.randrange(count) for _ in range(count)])
