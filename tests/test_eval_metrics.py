@@ -557,3 +557,38 @@ def test_grid_points_that_print_alike_keep_their_own_judge_verdicts():
     a, b = parse_grid("0.1234561:10,0.1234564:10")
     rows = [MethodResult("re-control", alpha=p.alpha, steps=p.steps) for p in (a, b)]
     assert rows[0].key != rows[1].key
+
+
+@pytest.mark.parametrize("setting, message", [
+    ({"reward_model": "MISSING"}, "cannot load reward model"),
+    ({"reward_batch_size": 0}, "batch_size must be a positive integer, got 0"),
+    ({"reward_index": 3}, r"--reward-index 3 is out of range: reward model .* has 1 output"),
+    ({"device": "gpu7"}, "reward model device 'gpu7' is not a torch device"),
+])
+def test_a_bad_reward_model_setting_fails_before_any_engine_starts(tmp_path, monkeypatch,
+                                                                    setting, message):
+    """The reward model loads on first use, after the engine started and base generated (the
+    paper's base run took 0.6 h): its settings, tokenizer and config are checked first."""
+    import importlib
+
+    from transformers import LlamaConfig
+
+    from vllm_recontrol.toy import build_tokenizer
+
+    evaluate_module = importlib.import_module("vllm_recontrol.evaluation.evaluate")
+
+    def no_engine(*args, **kwargs):
+        raise AssertionError("an engine was started")
+
+    monkeypatch.setattr(evaluate_module, "EnginePool", no_engine)
+    rm = tmp_path / "rm"  # a config and a tokenizer: all the checks read
+    build_tokenizer(rm)
+    LlamaConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16,
+                num_labels=1).save_pretrained(rm)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "hello"}\n')
+    options = dict(model="m", value_head="h", prompts=str(prompts), reward_model=str(rm))
+    if setting.get("reward_model") == "MISSING":
+        setting = {"reward_model": str(tmp_path / "no-such-rm")}
+    with pytest.raises(RecontrolError, match=message):
+        evaluate_module.evaluate(**{**options, **setting})

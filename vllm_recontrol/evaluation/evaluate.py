@@ -491,6 +491,7 @@ def evaluate(**options: Any) -> dict[str, Any]:
                   if judge and opts.judge_against == "reference" else None)
     arguments = reward_source_arguments(opts)
     source = RewardSource(**arguments)  # also with actors: a bad function fails before Ray
+    source.check()  # a reward model's settings, tokenizer and config: before any engine starts
     coherence = Coherence.load(opts.embedding_model, opts.device)
     with contextlib.ExitStack() as stack:
         stack.callback(source.close)  # a reward model's vLLM engine, if one was started

@@ -84,6 +84,44 @@ def as_reward(value: Any) -> float | None:
     return value if abs(value) <= FLOAT32_MAX else None
 
 
+def reward_model_settings(model: str, device: str, dtype: str, batch_size: Any,
+                          reward_index: int | None, trust_remote_code: bool,
+                          engine: str = "hf") -> tuple:
+    """What can be checked of a reward model without its weights: the device, batch size and
+    dtype, and its tokenizer and config (which output is the reward). Returns (torch device,
+    tokenizer, config, reward index). Why apart from loading: ``eval`` checks these before its
+    vLLM engine starts and base generates, not at the first score (``RewardSource.check``)."""
+    import torch
+    from transformers import AutoConfig, AutoTokenizer
+
+    try:
+        torch_device = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise RewardError(f"reward model device {device!r} is not a torch device (cpu, "
+                          f"cuda, cuda:1, ...): {exc}") from exc
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        raise RewardError(f"reward model batch_size must be a positive integer, got "
+                          f"{batch_size!r}")
+    if engine == "hf" and not isinstance(getattr(torch, str(dtype), None), torch.dtype):
+        raise RewardError(f"reward model dtype {dtype!r} is not a torch dtype (float32, "
+                          f"bfloat16, float16)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        raise RewardError(f"cannot load reward model {model!r}: {type(exc).__name__}: "
+                          f"{exc}") from exc
+    labels = int(getattr(config, "num_labels", 1))
+    if reward_index is None and labels != 1:
+        raise RewardError(f"reward model {model!r} has {labels} outputs; name the one that "
+                          f"is the reward with --reward-index")
+    index = 0 if reward_index is None else int(reward_index)
+    if not 0 <= index < labels:
+        raise RewardError(f"--reward-index {index} is out of range: reward "
+                          f"model {model!r} has {labels} output(s)")
+    return torch_device, tokenizer, config, index
+
+
 class RewardModelScorer:
     """Batched scores of a sequence-classification reward model (transformers or vLLM).
 
@@ -99,48 +137,31 @@ class RewardModelScorer:
                  reward_index: int | None = None, trust_remote_code: bool = False,
                  engine: str = "hf", engine_args: dict[str, Any] | None = None) -> None:
         import torch
-        from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoModelForSequenceClassification
 
         if engine not in RM_ENGINES:
             raise RewardError(f"reward model engine must be one of {list(RM_ENGINES)}, "
                               f"got {engine!r}")
         self.name = model
         self.engine = engine
-        try:
-            self.device = torch.device(device)
-        except (RuntimeError, TypeError) as exc:
-            raise RewardError(f"reward model device {device!r} is not a torch device (cpu, "
-                              f"cuda, cuda:1, ...): {exc}") from exc
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
-            raise RewardError(f"reward model batch_size must be a positive integer, got "
-                              f"{batch_size!r}")
+        self.device, self.tokenizer, config, self.reward_index = reward_model_settings(
+            model, device, dtype, batch_size, reward_index, trust_remote_code, engine)
         self.batch_size = batch_size
         self.model: Any = None
         self.llm: Any = None
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
-            config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
-            if engine == "hf":
+        if engine == "hf":
+            try:
                 self.model = AutoModelForSequenceClassification.from_pretrained(
                     model, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
                 self.model.to(self.device).eval()
-                config = self.model.config
-        except Exception as exc:
-            raise RewardError(f"cannot load reward model {model!r}: {type(exc).__name__}: "
-                              f"{exc}") from exc
+            except Exception as exc:
+                raise RewardError(f"cannot load reward model {model!r}: {type(exc).__name__}: "
+                                  f"{exc}") from exc
         self.tokenizer.truncation_side = "left"
         if self.tokenizer.pad_token_id is None:  # many RMs ship without one; any id works
             self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
         if self.model is not None and getattr(self.model.config, "pad_token_id", None) is None:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
-        labels = int(getattr(config, "num_labels", 1))
-        if reward_index is None and labels != 1:
-            raise RewardError(f"reward model {model!r} has {labels} outputs; name the one that "
-                              f"is the reward with --reward-index")
-        self.reward_index = 0 if reward_index is None else int(reward_index)
-        if not 0 <= self.reward_index < labels:
-            raise RewardError(f"--reward-index {self.reward_index} is out of range: reward "
-                              f"model {model!r} has {labels} output(s)")
         limit = max_length or getattr(config, "max_position_embeddings", None) or 4096
         tokenizer_limit = getattr(self.tokenizer, "model_max_length", None)
         if isinstance(tokenizer_limit, int) and tokenizer_limit < 1_000_000:
@@ -253,6 +274,15 @@ class RewardSource:
                 self.function = load_reward_fn(self.spec)
         else:
             self.spec = str(reward_model)
+
+    def check(self) -> None:
+        """A reward model's settings, tokenizer and config, without loading its weights (a
+        function needs nothing): so ``eval`` refuses a mistyped model, device or index before
+        its engine starts and base generates, not at the first score."""
+        if self.function is None and self.scorer is None:
+            model, device, dtype, batch_size, _, reward_index, trust, engine, _ = \
+                self._model_args
+            reward_model_settings(model, device, dtype, batch_size, reward_index, trust, engine)
 
     def describe(self) -> dict[str, Any]:
         if self.function is not None:
