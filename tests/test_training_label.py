@@ -37,6 +37,9 @@ def test_cut_at_hallucinated_turn():
     assert cut_response("fine thanks\n\nHuman: and you?") == ("fine thanks", True)
     assert cut_response("a User: b Human: c") == ("a", True)
     assert cut_response("plain answer") == ("plain answer", False)
+    # what vLLM leaves when a stop string (collect --stop 'Human:') ended the response: the
+    # same text as when the marker is cut here
+    assert cut_response("fine thanks\n\n") == ("fine thanks", False)
 
 
 def test_as_reward_accepts_numbers_only():

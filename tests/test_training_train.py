@@ -381,12 +381,33 @@ def test_resuming_checks_the_shards_and_takes_the_resolved_label_set(labelled, t
                   allow_partial=True)
     train(epochs=1, **common)
     aside.rename(data / "shard-00003.safetensors")  # the collection went on meanwhile
-    with pytest.raises(DataError, match=r"another run \(data.shards: checkpoint"):
+    with pytest.raises(DataError, match=r"another run \(.*data.shards: checkpoint"):
         train(epochs=2, **common)
     (data / "shard-00003.safetensors").rename(aside)
     # --labels naming the only (default) set is the same run as --labels omitted
     resumed = ValueHead.load(train(epochs=2, labels="reward", **common)["value head"])
     assert resumed.metadata["resumed_from_epoch"] == 1
+
+
+def test_a_checkpoint_of_labels_since_replaced_is_refused(labelled, tmp_path, monkeypatch):
+    """`label --overwrite` with the same source (the code behind the function changed)
+    writes the same info.json: the rewards' own digest tells the checkpoint's labels from
+    the new ones, and each head records the rewards it learned."""
+    import training_fakes
+
+    data = _copy(labelled, tmp_path)
+    common = dict(data=str(data), out=str(tmp_path / "h"), target="mc", batch_size=16,
+                  widths=[8], device="cpu", progress=False, checkpoint=str(tmp_path / "ck"))
+    before = ValueHead.load(train(epochs=1, **common)["value head"]).metadata["data"]
+    original = training_fakes.good_reward
+    monkeypatch.setattr(training_fakes, "good_reward", lambda p, r: -original(p, r))
+    label(data=str(data), reward_fn="training_fakes:good_reward", overwrite=True,
+          progress=False)
+    with pytest.raises(DataError, match=r"another run \(data.rewards_sha256: checkpoint"):
+        train(epochs=2, **common)
+    after = ValueHead.load(train(epochs=1, **{**common, "checkpoint": None})["value head"])
+    assert after.metadata["data"]["labels_info_sha256"] == before["labels_info_sha256"]
+    assert after.metadata["data"]["rewards_sha256"] != before["rewards_sha256"]
 
 
 @pytest.mark.parametrize("state, message", [

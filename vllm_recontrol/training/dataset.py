@@ -9,6 +9,7 @@ whole shards always has (a response never spans two shards).
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,18 @@ class Window:
         return self.offsets[:-1]
 
 
+def rewards_digest(shards: Sequence[ShardEntry]) -> str:
+    """A digest of the rewards training reads, shard by shard. Why beside the label set's
+    info.json: relabelling with the same source (``label --overwrite`` after the code behind
+    a function changed) writes the same info.json, so only the rewards themselves tell a
+    checkpoint's labels from the new ones, and a head which labels it learned."""
+    digest = hashlib.sha256()
+    for shard in shards:
+        digest.update(shard.name.encode() + b"\0")
+        digest.update(shard.rewards.to(torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 class LabelledData:
     """A collection folder plus one of its label sets, checked for completeness and shape."""
 
@@ -83,6 +96,7 @@ class LabelledData:
             self.shards.append(ShardEntry(plan.name, index, self._rewards(plan.name, index)))
         if not self.shards or sum(s.index.num_responses for s in self.shards) == 0:
             raise DataError(f"{self.path} holds no collected responses (empty data set)")
+        self.rewards_sha256 = rewards_digest(self.shards)
         widths = {s.index.hidden_size for s in self.shards}
         if len(widths) != 1:
             raise DataError(f"{self.path}: shards have different hidden sizes {sorted(widths)}")

@@ -26,10 +26,13 @@ RM_ENGINES = ("hf", "vllm")
 
 
 def cut_response(response: str, markers: Sequence[str] = DEFAULT_CUT_AT) -> tuple[str, bool]:
-    """The response up to the first hallucinated turn marker, and whether it was cut."""
+    """The response up to the first hallucinated turn marker, without trailing whitespace
+    whether cut or not, and whether it was cut. Stripped either way: vLLM's stop strings
+    (``collect --stop``) end the text where the marker begins and keep the whitespace
+    before it, and the same answer must get the same score as when it was cut here."""
     positions = [i for i in (response.find(m) for m in markers if m) if i >= 0]
     if not positions:
-        return response, False
+        return response.rstrip(), False
     return response[:min(positions)].rstrip(), True
 
 

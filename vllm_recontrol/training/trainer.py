@@ -353,7 +353,7 @@ def _train(opts: TrainOptions, group: ProcessGroup) -> dict[str, Any]:
     # and the shards used, which --allow-partial lets grow between a run and its resumption.
     run = checkpoint.fingerprint({**asdict(opts), "labels": data.labels}, {
         "manifest_sha256": manifest_sha256(data.path), "labels": data.labels,
-        "labels_info_sha256": data.label_info_sha256,
+        "labels_info_sha256": data.label_info_sha256, "rewards_sha256": data.rewards_sha256,
         "shards": [[s.name, s.index.num_responses] for s in data.shards]}, group.world)
     state = checkpoint.load(opts.checkpoint, trainer, run) if opts.checkpoint else None
     resumed_from = state.epoch if state else None
@@ -410,6 +410,7 @@ def _train(opts: TrainOptions, group: ProcessGroup) -> dict[str, Any]:
         "data": {"path": str(Path(opts.data).resolve()),
                  "manifest_sha256": manifest_sha256(data.path),
                  "labels": data.labels, "labels_info_sha256": data.label_info_sha256,
+                 "rewards_sha256": data.rewards_sha256,
                  "label_source": data.label_info.get("source"), **counts},
         "hyperparameters": {**{k: v for k, v in asdict(opts).items()
                                if k not in ("data", "out", "progress")},
