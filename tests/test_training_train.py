@@ -155,7 +155,8 @@ def test_early_stopping_and_training_is_deterministic(labelled, tmp_path):
 def test_bellman_trains_every_epoch_unless_given_a_patience(labelled, tmp_path):
     """The held-out MSE against the reward plateaus long before Bellman targets have carried
     the reward back (on the toy world early stopping left a head that steered at no alpha),
-    so Bellman stops early only when asked; MC keeps stopping on it (patience 10)."""
+    so Bellman stops early only when asked, and otherwise keeps its last epoch; MC keeps
+    stopping on it (patience 10)."""
     from vllm_recontrol.training.trainer import early_stopping_patience
 
     assert early_stopping_patience("bellman", None) is None
@@ -171,6 +172,11 @@ def test_bellman_trains_every_epoch_unless_given_a_patience(labelled, tmp_path):
     assert runs["bellman-2"]["epochs_run"] < 20
     saved = ValueHead.load(tmp_path / "bellman", expected_hidden_size=8).metadata
     assert saved["hyperparameters"]["patience"] is None
+    # ... and keeps its last epoch: the held-out MSE did not pick the head (it picked epoch
+    # 21 of 30 in a run seen in review, and would have picked epoch 4 without that dip)
+    assert runs["bellman"]["best_epoch"] == 20
+    assert runs["bellman"]["mse"] == saved["history"][-1]["mse"]
+    assert runs["bellman-2"]["best_epoch"] == runs["bellman-2"]["epochs_run"] - 2
     train(out=str(tmp_path / "mc"), target="mc", epochs=1, **common)
     assert ValueHead.load(tmp_path / "mc").metadata["hyperparameters"]["patience"] == 10
 
@@ -370,6 +376,48 @@ def test_partial_data_without_collected_heldout_states_trains_without_a_split(la
                     batch_size=16, widths=[8], device="cpu", progress=False, allow_partial=True)
     assert summary["metrics"]["split"] == "train (no held-out split)"
     assert summary["metrics"]["epochs_run"] == 2
+
+
+def test_the_same_prompt_text_never_sits_on_both_sides_of_the_split(tmp_path):
+    """Prompt sets repeat prompts: the same text at two indices has the same s_0, and a split
+    by index alone put identical states in training and held-out. Texts collected more than
+    once go to one side together; distinct texts split as by index (the seeded order)."""
+    from training_fakes import write_prompts
+    from vllm_recontrol.training.dataset import LabelledData
+
+    root = tmp_path / "dup"
+    root.mkdir()
+    texts = [json.loads(line)["prompt"]
+             for line in write_prompts(tmp_path / "p.jsonl", 400).read_text().splitlines()]
+    distinct = list(dict.fromkeys(texts))[:30]
+    order = torch.randperm(60, generator=torch.Generator().manual_seed(5)).tolist()
+    with open(root / "prompts.jsonl", "w") as handle:
+        for i in order:  # each of 30 texts twice, at scattered indices
+            handle.write(json.dumps({"prompt": distinct[i % 30]}) + "\n")
+    data = fake_collect(root, count=60, shard_size=16)[0]
+    label(data=str(data), reward_fn="training_fakes:good_reward", progress=False)
+    rows = [json.loads(line) for path in sorted(data.glob("shard-*.jsonl"))
+            for line in path.read_text().splitlines()]
+    text_of = {r["prompt_index"]: r["prompt"] for r in rows}
+    for seed in range(5):
+        held = LabelledData(data).heldout_prompts(0.2, seed)
+        sides = {}
+        for index, text in text_of.items():
+            sides.setdefault(text, set()).add(bool(held[index]))
+        assert all(len(side) == 1 for side in sides.values()), seed
+        assert 12 <= int(held.sum()) <= 13  # whole pairs: round(0.2 * 60) = 12, or one over
+
+    (tmp_path / "plain").mkdir()
+    with open(tmp_path / "plain" / "prompts.jsonl", "w") as handle:
+        for text in distinct[:25]:
+            handle.write(json.dumps({"prompt": text}) + "\n")
+    plain = fake_collect(tmp_path / "plain", count=25, shard_size=16)[0]
+    label(data=str(plain), reward_fn="training_fakes:good_reward", progress=False)
+    assert LabelledData(plain).same_text_groups() == {}
+    order = torch.randperm(25, generator=torch.Generator().manual_seed(3))
+    expected = torch.zeros(25, dtype=torch.bool)
+    expected[order[:5]] = True  # round(0.2 * 25): the first five of the seeded order
+    assert torch.equal(LabelledData(plain).heldout_prompts(0.2, 3), expected)
 
 
 def test_resuming_checks_the_shards_and_takes_the_resolved_label_set(labelled, tmp_path):

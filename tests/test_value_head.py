@@ -446,6 +446,16 @@ def test_a_save_killed_between_its_two_files_is_refused_not_served_mixed(tmp_pat
     assert ValueHead.load(tmp_path / "h").base_model == "model-B"
 
 
+def test_the_same_head_saves_to_the_same_bytes(tmp_path):
+    """The save id is a digest of the weights, and the weights file's metadata one sorted
+    key (safetensors writes a metadata map in hash order: two keys came out in either order)."""
+    head = ValueHead(4, [8], seed=0, metadata={"b": 1, "a": 2})
+    saved = {(p / name).read_bytes() for p in (head.save(tmp_path / str(i)) for i in range(8))
+             for name in ("model.safetensors",)}
+    configs = {(tmp_path / str(i) / "config.json").read_text() for i in range(8)}
+    assert len(saved) == 1 and len(configs) == 1
+
+
 def test_weights_copied_from_another_head_are_refused(tmp_path):
     import shutil
 

@@ -390,7 +390,7 @@ class ValueHead(nn.Module):
         config_text = self.config_json(directory, save_id)
         path = Path(directory)
         with atomic_path(path / WEIGHTS_FILE) as tmp:  # readable as any file the user writes
-            save_file(tensors, str(tmp), metadata={"format": FORMAT_NAME, SAVE_ID_KEY: save_id})
+            save_file(tensors, str(tmp), metadata=weights_metadata(save_id))
         write_text_atomic(path / CONFIG_FILE, config_text)
         return path
 
@@ -687,6 +687,26 @@ def read_weights(weights_path: Path, hidden_size: int, widths: list[int]) -> dic
     return tensors
 
 
+WEIGHTS_METADATA_KEY = "recontrol"
+
+
+def weights_metadata(save_id: str) -> dict[str, str]:
+    """The weights file's metadata: one key holding sorted JSON, because safetensors writes
+    a metadata map in hash order, and two keys made two saves of one head differ in bytes."""
+    return {WEIGHTS_METADATA_KEY: json.dumps({"format": FORMAT_NAME, SAVE_ID_KEY: save_id},
+                                             sort_keys=True)}
+
+
+def stored_save_id(metadata: dict[str, str]) -> str | None:
+    """The save id in a weights file's metadata (None: a head written by hand or before
+    save ids; unreadable metadata counts as none, the weights themselves are checked)."""
+    try:
+        found = json.loads(metadata.get(WEIGHTS_METADATA_KEY, "{}"))
+    except ValueError:
+        return None
+    return found.get(SAVE_ID_KEY) if isinstance(found, dict) else None
+
+
 def weights_id(tensors: dict[str, torch.Tensor]) -> str:
     """A digest of the saved tensors (names, dtypes, shapes, bytes): the save id both files
     carry, so a config names the weights it was written with. Content, not chance: the same
@@ -705,7 +725,7 @@ def check_same_save(path: Path, config: dict[str, Any]) -> None:
     from safetensors import safe_open
 
     with safe_open(str(path / WEIGHTS_FILE), framework="pt") as handle:
-        stored_id = (handle.metadata() or {}).get(SAVE_ID_KEY)
+        stored_id = stored_save_id(handle.metadata() or {})
     config_id = config.get(SAVE_ID_KEY)
     if stored_id != config_id:
         raise ValueHeadError(

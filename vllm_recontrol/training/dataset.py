@@ -20,7 +20,7 @@ import torch
 from .common import DataError, sha256_file
 from .labeler import INFO_FILE, label_sets, labels_dir, read_shard_labels
 from .shards import (ShardIndex, load_states, manifest_sha256, manifest_shards, read_manifest,
-                     read_shard_index, shard_status)
+                     read_rows, read_shard_index, shard_status)
 from .targets import terminal_flags
 
 
@@ -150,7 +150,8 @@ class LabelledData:
 
     # ------------------------------------------------------------------ splitting
     def heldout_prompts(self, fraction: float, seed: int) -> torch.Tensor:
-        """[num_prompts] bool: a seeded prompt-level split (all samples of a prompt together)."""
+        """[num_prompts] bool: a seeded prompt-level split (all samples of a prompt together,
+        and every prompt of the same text on one side: ``same_text_groups``)."""
         mask = torch.zeros(self.num_prompts, dtype=torch.bool)
         if fraction <= 0:
             return mask
@@ -159,8 +160,32 @@ class LabelledData:
                             f"(fraction {fraction}, {self.num_prompts} prompts)")
         count = min(max(1, round(fraction * self.num_prompts)), self.num_prompts - 1)
         order = torch.randperm(self.num_prompts, generator=torch.Generator().manual_seed(seed))
-        mask[order[:count]] = True
+        members = self.same_text_groups()
+        held = 0
+        for first in order.tolist():  # distinct texts: the first `count` of the order
+            if mask[first]:
+                continue
+            group = members.get(first, [first])
+            if held + len(group) > self.num_prompts - 1:
+                continue  # keep a prompt to train on
+            mask[group] = True
+            held += len(group)
+            if held >= count:
+                break
         return mask
+
+    def same_text_groups(self) -> dict[int, list[int]]:
+        """Prompt index -> every prompt index of the same text, for texts collected more than
+        once. Why: the same text at two indices (prompt sets repeat prompts) has the same s_0,
+        so splitting by index alone put identical states on both sides of the split and
+        flattered the held-out metrics. Reads the rows' prompt texts, once per run."""
+        by_text: dict[bytes, set[int]] = {}
+        for shard in self.shards:
+            for row in read_rows(self.path, shard.name):
+                key = hashlib.sha256(str(row.get("prompt")).encode()).digest()
+                by_text.setdefault(key, set()).add(int(row["prompt_index"]))
+        return {i: sorted(group) for group in by_text.values() if len(group) > 1
+                for i in group}
 
     def count(self, heldout_prompts: torch.Tensor) -> dict[str, int]:
         counts = {"train_responses": 0, "train_states": 0, "heldout_responses": 0,

@@ -105,7 +105,7 @@ def early_stopping_patience(target: str, patience: int | None) -> int | None:
     plateau means done; Bellman targets carry the reward back one bootstrap at a time, so the
     MSE plateaus long before the head steers (measured on the toy world: stopped at 35 of 60
     epochs, it steered at no alpha; README, "Training"). So Bellman trains all its epochs,
-    as in the paper, unless a patience is given."""
+    as in the paper, and keeps the last, unless a patience is given."""
     if patience is not None:
         return patience
     return None if target == "bellman" else DEFAULT_PATIENCE
@@ -385,7 +385,10 @@ def _train(opts: TrainOptions, group: ProcessGroup) -> dict[str, Any]:
                               ("mse", "mse_s0", "pearson_s0")}})
         if hasattr(bar, "set_postfix"):
             bar.set_postfix(loss=f"{loss:.4g}", heldout_mse=f"{metrics['mse']:.4g}")
-        if metrics["mse"] < state.best_mse - opts.min_delta or not trainer.has_heldout:
+        # Without early stopping (Bellman's default) the last epoch is kept: the held-out MSE
+        # against the reward is not what those targets minimise, so it must not pick the head.
+        if (patience is None or metrics["mse"] < state.best_mse - opts.min_delta
+                or not trainer.has_heldout):
             state.best_mse, state.best_epoch = metrics["mse"], epoch
             state.best_state = copy.deepcopy(trainer.head.state_dict())
         elif (trainer.has_heldout and patience is not None
