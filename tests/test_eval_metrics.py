@@ -19,14 +19,30 @@ def test_diversity_by_hand():
     assert diversity("a b a b") == pytest.approx((2 / 4) * (2 / 3) * (1 / 2))
 
 
-def test_diversity_counts_words_as_the_papers_nltk_tokenization_does():
-    """Punctuation and contractions are tokens of their own (nltk's word_tokenize, which the
-    paper's evaluation ran); with the +1 in rep_n's denominator that moves the score."""
-    pytest.importorskip("nltk")
+@pytest.fixture
+def fresh_tokenizer():
+    """word_tokenizer decides once per process; let a test decide again, then forget it."""
     from vllm_recontrol.evaluation.metrics import word_tokenizer
 
-    tokenize, described = word_tokenizer()
-    assert "nltk" in described
+    word_tokenizer.cache_clear()
+    yield word_tokenizer
+    word_tokenizer.cache_clear()
+
+
+def test_diversity_counts_words_as_the_papers_nltk_tokenization_does(monkeypatch,
+                                                                     fresh_tokenizer):
+    """Punctuation and contractions are tokens of their own (nltk's word rules, which the
+    paper's evaluation ran); with the +1 in rep_n's denominator that moves the score. Here
+    without nltk's punkt_tab data: the same word rules on sentences split after . ! ?."""
+    nltk_tokenize = pytest.importorskip("nltk.tokenize")
+
+    def no_data(text):
+        raise LookupError("Resource punkt_tab not found.")
+
+    monkeypatch.setattr(nltk_tokenize, "word_tokenize", no_data)
+    tokenize, described = fresh_tokenizer()
+    assert described == ("nltk's Treebank words on sentences split after . ! ? (no punkt_tab "
+                         "data: not exactly the paper's)")
     assert tokenize("I'm sorry, I don't know.") == ["I", "'m", "sorry", ",", "I", "do", "n't",
                                                     "know", "."]
     assert tokenize("Yes, I can help. Yes, I can help.") == ["Yes", ",", "I", "can", "help",
@@ -35,6 +51,27 @@ def test_diversity_counts_words_as_the_papers_nltk_tokenization_does():
     assert diversity("I'm sorry, I don't know.") == pytest.approx(8 / 9 * 7 / 8 * 6 / 7)
     assert diversity("I'm sorry, I don't know.") != pytest.approx(
         4 / 5 * 3 / 4 * 2 / 3)  # what 5 whitespace words ("I'm", "sorry,", ...) gave
+
+
+def test_diversity_takes_nltks_word_tokenize_itself_when_its_data_is_there(monkeypatch,
+                                                                          fresh_tokenizer):
+    nltk_tokenize = pytest.importorskip("nltk.tokenize")
+
+    def word_tokenize(text):  # stands in for nltk's, with its punkt_tab data present
+        return text.split("|")
+
+    monkeypatch.setattr(nltk_tokenize, "word_tokenize", word_tokenize)
+    tokenize, described = fresh_tokenizer()
+    assert tokenize is word_tokenize and described == "nltk word_tokenize (the paper's)"
+    assert diversity("a|b|a|b") == pytest.approx((2 / 4) * (2 / 3) * (1 / 2))
+
+
+def test_diversity_without_nltk_says_it_split_at_whitespace(monkeypatch, fresh_tokenizer):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "nltk.tokenize", None)  # import fails
+    tokenize, described = fresh_tokenizer()
+    assert tokenize("a b, c") == ["a", "b,", "c"] and described.startswith("whitespace")
 
 
 def test_repetition_lowers_diversity():

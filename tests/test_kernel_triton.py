@@ -545,11 +545,12 @@ def test_graph_cache_captures_once_per_key_evicts_and_logs(kernels, seed, monkey
         assert torch.equal(got, want), (seed, rows, n, offset)
 
     caplog.set_level(logging.INFO, logger=ascent_graphs.logger.name)
+    runner.pinning = True  # as ValueHead.warm_up sets it around its captures
     run(5, 3)
     run(9, 3, offset=20)  # same bucket (16) and steps: a replay on new inputs
     assert runner.captures == 1 and len(runner) == 1
     assert not [r for r in caplog.records if "while serving" in r.getMessage()]
-    runner.warm = True
+    runner.pinning, runner.warm = False, True
     run(20, 3)  # bucket 32: a new capture, now logged
     assert runner.captures == 2
     served = [r.getMessage() for r in caplog.records if "while serving" in r.getMessage()]
@@ -573,6 +574,22 @@ def test_graph_cache_captures_once_per_key_evicts_and_logs(kernels, seed, monkey
     failures = [r for r in caplog.records if "capture of the ascent failed" in r.getMessage()]
     assert len(failures) == 1 and "capture not supported here" in failures[0].getMessage()
     assert runner.captures == 5
+
+
+def test_without_a_warm_up_every_graph_is_held_to_the_bound(kernels, monkeypatch):
+    """With warmup_steps [] (or a warm-up that failed) nothing is pinned: every graph
+    captured is one of the max_graphs most recently used (capture stubbed, CPU)."""
+    from vllm_recontrol import ascent_graphs
+
+    monkeypatch.setattr(ascent_graphs.torch.cuda, "graph_pool_handle", lambda: "pool")
+    monkeypatch.setattr(ascent_graphs, "capture_graph",
+                        lambda fn, device, pool: _ReplayingGraph(fn))
+    runner = ascent_graphs.AscentGraphs(max_graphs=3)
+    mlp, states, alpha, steps = _draw(0, 40, [24, 17])
+    runner.reserve(64, DIM, states.device)
+    for n in range(1, 9):
+        runner.run(mlp, states[:5], alpha[:5], steps[:5], n, None, "fp32", backend="torch")
+    assert len(runner) == 3 and {k[3] for k in runner._graphs} == {6, 7, 8}
 
 
 def test_graph_buffers_are_shared_and_grow(kernels):

@@ -174,9 +174,10 @@ def test_bellman_trains_every_epoch_unless_given_a_patience(labelled, tmp_path):
     assert saved["hyperparameters"]["patience"] is None
     # ... and keeps its last epoch: the held-out MSE did not pick the head (it picked epoch
     # 21 of 30 in a run seen in review, and would have picked epoch 4 without that dip)
-    assert runs["bellman"]["best_epoch"] == 20
+    assert runs["bellman"]["best_epoch"] == 20 and runs["bellman"]["kept"] == "last epoch"
     assert runs["bellman"]["mse"] == saved["history"][-1]["mse"]
     assert runs["bellman-2"]["best_epoch"] == runs["bellman-2"]["epochs_run"] - 2
+    assert runs["bellman-2"]["kept"] == "best held-out MSE"
     train(out=str(tmp_path / "mc"), target="mc", epochs=1, **common)
     assert ValueHead.load(tmp_path / "mc").metadata["hyperparameters"]["patience"] == 10
 
@@ -378,7 +379,7 @@ def test_partial_data_without_collected_heldout_states_trains_without_a_split(la
     assert summary["metrics"]["epochs_run"] == 2
 
 
-def test_the_same_prompt_text_never_sits_on_both_sides_of_the_split(tmp_path):
+def test_the_same_prompt_text_never_sits_on_both_sides_of_the_split(tmp_path, capsys):
     """Prompt sets repeat prompts: the same text at two indices has the same s_0, and a split
     by index alone put identical states in training and held-out. Texts collected more than
     once go to one side together; distinct texts split as by index (the seeded order)."""
@@ -405,7 +406,25 @@ def test_the_same_prompt_text_never_sits_on_both_sides_of_the_split(tmp_path):
         for index, text in text_of.items():
             sides.setdefault(text, set()).add(bool(held[index]))
         assert all(len(side) == 1 for side in sides.values()), seed
-        assert 12 <= int(held.sum()) <= 13  # whole pairs: round(0.2 * 60) = 12, or one over
+        assert int(held.sum()) == 12  # six whole pairs: round(0.2 * 60)
+
+    def collection(name, texts):
+        (tmp_path / name).mkdir()
+        with open(tmp_path / name / "prompts.jsonl", "w") as handle:
+            for text in texts:
+                handle.write(json.dumps({"prompt": text}) + "\n")
+        data = fake_collect(tmp_path / name, count=len(texts), shard_size=16)[0]
+        label(data=str(data), reward_fn="training_fakes:good_reward", progress=False)
+        return LabelledData(data)
+
+    # one text asked 40 times of 100: its group never swallows the split
+    skewed = collection("skewed", [distinct[0]] * 40 + distinct[1:30] * 2 + distinct[1:3])
+    for seed in range(5):
+        assert int(skewed.heldout_prompts(0.1, seed).sum()) == 10
+    # one text only: nothing can be held out without its s_0 in training too; said so
+    same = collection("same", [distinct[0]] * 20)
+    assert int(same.heldout_prompts(0.1, 0).sum()) == 0
+    assert "every prompt of" in capsys.readouterr().out
 
     (tmp_path / "plain").mkdir()
     with open(tmp_path / "plain" / "prompts.jsonl", "w") as handle:

@@ -110,6 +110,7 @@ class AscentGraphs:
         self._pool = None
         self.captures = 0
         self.warm = False  # set by the warm-up: later captures happen while serving
+        self.pinning = False  # set during the warm-up: what it captures is kept for good
 
     def run(self, mlp: MLPWeights, states32: torch.Tensor, alpha: torch.Tensor,
             steps: torch.Tensor, num_iterations: int, max_norm: float | torch.Tensor | None,
@@ -203,7 +204,7 @@ class AscentGraphs:
                            "this batch shape runs eagerly", type(exc).__name__, exc)
             graph = None
         self._graphs[key] = (graph, mlp)  # the graph reads these weights: keep them alive
-        if not self.warm:
+        if self.pinning:
             self._pinned.add(key)
         elif len(self._graphs) - len(self._pinned) > self.max_graphs:
             # the least recently used of those captured while serving; the warm-up's stay,

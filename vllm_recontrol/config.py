@@ -246,15 +246,14 @@ def check_request_args(extra_args: Mapping[str, Any] | None, max_steps: int,
         raise RequestParamsError(f"extra_args must be a JSON object of keys, got "
                                  f"{type(extra_args).__name__}")
     # any case: "Recontrol_Alpha" is a typo of ours, not another plugin's key, and ignoring
-    # it would run the request on the engine's defaults
-    # nor " recontrol_alpha": a stray space is a typo too
-    unknown = sorted(k for k in extra_args if isinstance(k, str)
-                     and k.strip().lower().startswith(REQUEST_SWITCH) and k not in REQUEST_KEYS)
+    # it would run the request on the engine's defaults; so are " recontrol_alpha" (a stray
+    # space) and near misses ("recontol_alpha")
+    suspicious = [k for k in extra_args if k not in REQUEST_KEYS and looks_like_request_key(k)]
+    unknown = sorted(k for k in suspicious if _has_switch_prefix(k))
     if unknown:
         raise RequestParamsError(f"unknown RE-Control request key(s) {unknown}; known keys: "
                                  f"{list(REQUEST_KEYS)}")
-    misspelt = {k: near for k in extra_args if isinstance(k, str) and k not in REQUEST_KEYS
-                for near in [_near_request_key(k)] if near is not None}
+    misspelt = {k: _near_request_key(k) for k in suspicious}
     if misspelt:
         named = ", ".join(f"{k!r} (did you mean {near!r}?)" for k, near in misspelt.items())
         raise RequestParamsError(f"request key(s) {named} look like RE-Control's, and would "
@@ -288,8 +287,13 @@ def looks_like_request_key(key: Any) -> bool:
     """Whether ``key`` is, or misspells, a RE-Control request key (any case, stray spaces,
     near misses): what the admission check refuses when unknown, and what the OpenAI guards
     look for where vLLM would drop a key without a word."""
-    return isinstance(key, str) and (key.strip().lower().startswith(REQUEST_SWITCH)
+    return isinstance(key, str) and (_has_switch_prefix(key)
                                      or _near_request_key(key) is not None)
+
+
+def _has_switch_prefix(key: str) -> bool:
+    """``recontrol...`` in any case, with stray spaces."""
+    return key.strip().lower().startswith(REQUEST_SWITCH)
 
 
 def _near_request_key(key: str) -> str | None:

@@ -50,6 +50,7 @@ def inspect_head(path: str | Path, model: str | None = None,
         "train_responses": data.get("train_responses"),
         "epochs_run": metrics.get("epochs_run"),
         "best_epoch": metrics.get("best_epoch"),
+        "kept": metrics.get("kept"),  # how the saved epoch was chosen (heads since 2026-12-06)
         "metrics_split": metrics.get("split"),
         "mse": metrics.get("mse"),
         "trivial_mse": metrics.get("trivial_mse"),

@@ -248,21 +248,24 @@ class ValueHead(nn.Module):
         projections = [max_norm] + (["per-row"] if also_projected and max_norm is None else [])
         if graphs:  # the graphs captured here are kept for good (never evicted)
             self._graph_cache().reserve(buckets[-1], self.hidden_size, device)  # no regrowth
+            self._graphs.pinning = True
         runs = 0
-        for rows in buckets:
-            states = torch.zeros(rows, self.hidden_size, device=device, dtype=torch.float32)
-            for count in counts:
-                for radius in projections:
-                    if radius == "per-row":
-                        radius = torch.full((rows,), math.inf, device=device,
-                                            dtype=torch.float32)
-                    self.ascend(states, 0.0, count, max_norm=radius, num_iterations=count,
-                                backend=resolved, precision=precision,
-                                cuda_graphs=cuda_graphs, batch_invariant=batch_invariant,
-                                form=form)
-                    runs += 1
-        if graphs:
-            self._graphs.warm = True
+        try:
+            for rows in buckets:
+                states = torch.zeros(rows, self.hidden_size, device=device, dtype=torch.float32)
+                for count in counts:
+                    for radius in projections:
+                        if radius == "per-row":
+                            radius = torch.full((rows,), math.inf, device=device,
+                                                dtype=torch.float32)
+                        self.ascend(states, 0.0, count, max_norm=radius, num_iterations=count,
+                                    backend=resolved, precision=precision,
+                                    cuda_graphs=cuda_graphs, batch_invariant=batch_invariant,
+                                    form=form)
+                        runs += 1
+        finally:
+            if graphs:
+                self._graphs.pinning, self._graphs.warm = False, True
         return runs
 
     def _graph_cache(self):

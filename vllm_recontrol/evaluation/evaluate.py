@@ -491,7 +491,8 @@ def evaluate(**options: Any) -> dict[str, Any]:
                   if judge and opts.judge_against == "reference" else None)
     arguments = reward_source_arguments(opts)
     source = RewardSource(**arguments)  # also with actors: a bad function fails before Ray
-    source.check()  # a reward model's settings, tokenizer and config: before any engine starts
+    if opts.reward_replicas == 1:  # on actors the files may live on the workers only
+        source.check()  # a reward model's settings, tokenizer and config, before any engine
     coherence = Coherence.load(opts.embedding_model, opts.device)
     with contextlib.ExitStack() as stack:
         stack.callback(source.close)  # a reward model's vLLM engine, if one was started
@@ -598,7 +599,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--bon-temperature", type=float,
                         help="Best-of-N's sampling temperature (1.0)")
     parser.add_argument("--seed", type=int, help="base seed; per-prompt seeds derive from it (0)")
-    parser.add_argument("--embedding-model", help="sentence-transformers model for coherence")
+    parser.add_argument("--embedding-model",
+                        help="embedding model for coherence: a SimCSE model as the paper's "
+                             "(princeton-nlp/sup-simcse-bert-base-uncased) or a "
+                             "sentence-transformers model")
     parser.add_argument("--engine-args", type=json_argument, help="JSON of vLLM LLM(...) kwargs")
     parser.add_argument("--device", help="reward and embedding models' device (default cpu)")
     parser.add_argument("--reward-batch-size", type=int, help="reward model batch (default 16)")

@@ -29,7 +29,8 @@ def word_tokenizer() -> tuple[Callable[[str], list[str]], str]:
     The paper's evaluation tokenizes with nltk's ``word_tokenize`` (punctuation and
     contractions split off), and with the +1 in rep_n's denominator the token count moves
     the score: on short answers by more than the paper's gap between methods. That needs
-    nltk's punkt data, which nltk downloads; without it (offline) the same Treebank word
+    nltk's punkt_tab data (``python -m nltk.downloader punkt_tab``); without it (offline, or
+    never downloaded) the same Treebank word
     tokenizer runs on sentences split after . ! or ? (punkt also keeps abbreviations whole),
     and without nltk (the ``eval`` extra has it) words are split at whitespace. The report
     names which one ran."""
@@ -40,11 +41,12 @@ def word_tokenizer() -> tuple[Callable[[str], list[str]], str]:
     try:
         word_tokenize("Data. Found.")
         return word_tokenize, "nltk word_tokenize (the paper's)"
-    except LookupError:  # no punkt data
+    except LookupError:  # no punkt_tab data
         words = NLTKWordTokenizer().tokenize
         return (lambda text: [w for sentence in SENTENCE_END.split(text.strip()) if sentence
                               for w in words(sentence)],
-                "nltk's Treebank words on sentences split after . ! ? (punkt data absent)")
+                "nltk's Treebank words on sentences split after . ! ? (no punkt_tab data: "
+                "not exactly the paper's)")
 
 
 def diversity(text: str, orders: Sequence[int] = DIVERSITY_ORDERS) -> float:
@@ -140,6 +142,8 @@ def is_sentence_transformers_model(model_name: str) -> bool:
     folder = Path(model_name)
     if folder.is_dir():
         return (folder / "modules.json").is_file()
+    if "/" not in model_name:  # a short name ("all-MiniLM-L6-v2"): sentence-transformers
+        return True            # resolves it under its own organisation, as it always did
     try:
         from huggingface_hub import hf_hub_download
 

@@ -161,17 +161,20 @@ class LabelledData:
         count = min(max(1, round(fraction * self.num_prompts)), self.num_prompts - 1)
         order = torch.randperm(self.num_prompts, generator=torch.Generator().manual_seed(seed))
         members = self.same_text_groups()
+        groups = [members.get(i, [i]) for i in order.tolist()]
         held = 0
-        for first in order.tolist():  # distinct texts: the first `count` of the order
-            if mask[first]:
-                continue
-            group = members.get(first, [first])
-            if held + len(group) > self.num_prompts - 1:
-                continue  # keep a prompt to train on
-            mask[group] = True
-            held += len(group)
-            if held >= count:
-                break
+        for group in groups:  # all texts distinct: the first `count` prompts of the order
+            if not mask[group[0]] and held + len(group) <= count:
+                mask[group] = True
+                held += len(group)
+        if held == 0:  # every text more often than `count`: the first that leaves training
+            group = next((g for g in groups if len(g) < self.num_prompts), None)
+            if group is None:
+                print(f"warning: every prompt of {self.path} has the same text, so no prompt "
+                      f"can be held out (its s_0 would be in training too): the metrics "
+                      f"are the training data's", flush=True)
+            else:
+                mask[group] = True
         return mask
 
     def same_text_groups(self) -> dict[int, list[int]]:

@@ -98,6 +98,10 @@ class TrainOptions:
 DEFAULT_PATIENCE = 10
 
 
+KEPT_BEST = "best held-out MSE"   # with early stopping: the epoch saved
+KEPT_LAST = "last epoch"         # without (patience None, Bellman's default)
+
+
 def early_stopping_patience(target: str, patience: int | None) -> int | None:
     """Epochs without a better held-out MSE before stopping; None: train every epoch.
 
@@ -421,7 +425,9 @@ def _train(opts: TrainOptions, group: ProcessGroup) -> dict[str, Any]:
         "processes": group.world,
         "resumed_from_epoch": resumed_from,
         "metrics": {"split": "heldout" if trainer.has_heldout else "train (no held-out split)",
-                    "best_epoch": best_epoch, "epochs_run": len(history),
+                    # the epoch whose head is saved, and how it was chosen
+                    "best_epoch": best_epoch, "kept": KEPT_LAST if patience is None else KEPT_BEST,
+                    "epochs_run": len(history),
                     "train_reward_mean": trainer.train_mean, **final},
         "history": history,
     }
@@ -438,7 +444,8 @@ def _train(opts: TrainOptions, group: ProcessGroup) -> dict[str, Any]:
         f"{counts['train_responses']} / {counts['train_states']}",
         "held-out prompts / responses / states": f"{counts['heldout_prompts']} / "
         f"{counts['heldout_responses']} / {counts['heldout_states']}",
-        "epochs run (best)": f"{len(history)} ({best_epoch})",
+        "epochs run (kept)": f"{len(history)} ({best_epoch}: "
+                             f"{KEPT_LAST if patience is None else KEPT_BEST})",
         f"{split} MSE V(s_t) vs r": final["mse"],
         f"{split} MSE train-mean vs r (trivial)": final["trivial_mse"],
         f"{split} MSE V(s_0) vs r": final["mse_s0"],
@@ -485,9 +492,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--weight-decay", type=float, help="(paper 0)")
     parser.add_argument("--heldout-fraction", type=float, help="prompts held out (default 0.1)")
     parser.add_argument("--patience", type=int,
-                        help="early-stopping patience in epochs (default 10; with the "
-                             "bellman target none: it trains every epoch)")
-    parser.add_argument("--min-delta", type=float, help="minimum held-out MSE improvement")
+                        help="early-stopping patience in epochs; the epoch of the best "
+                             "held-out MSE is saved (default 10; with the bellman target none: "
+                             "it trains every epoch and saves the last)")
+    parser.add_argument("--min-delta", type=float,
+                        help="minimum held-out MSE improvement (with a patience)")
     parser.add_argument("--shuffle-shards", type=int,
                         help="shards loaded and shuffled together (memory vs. mixing; 4)")
     parser.add_argument("--device", help="auto (default), cpu, cuda, cuda:1, ...")
