@@ -380,7 +380,6 @@ class ValueHead(nn.Module):
         of serving the mix."""
         from safetensors.torch import save_file
 
-        self.config_json(directory)  # its checks first: nothing is written if they fail
         tensors = {}
         for i, layer in enumerate(self.layers):
             tensors[f"layers.{i}.weight"] = layer.weight.detach().cpu().contiguous()
@@ -390,7 +389,7 @@ class ValueHead(nn.Module):
                 raise ValueHeadError(f"cannot save the value head to {directory}: {name} "
                                      "holds NaN or inf")
         save_id = weights_id(tensors)
-        config_text = self.config_json(directory, save_id)
+        config_text = self.config_json(directory, save_id)  # checked: before any write
         path = Path(directory)
         with atomic_path(path / WEIGHTS_FILE) as tmp:  # readable as any file the user writes
             save_file(tensors, str(tmp), metadata=weights_metadata(save_id))

@@ -93,11 +93,25 @@ class CollectOptions:
         if refusal:
             raise DataError(f"sampling options refused by vLLM: {refusal}")
 
+    def sampling_section(self) -> dict[str, Any]:
+        """The manifest's "sampling" section (``stop`` only when given: collections made
+        without it resume unchanged)."""
+        return {"samples_per_prompt": self.samples_per_prompt,
+                "max_new_tokens": self.max_new_tokens, "temperature": self.temperature,
+                "top_p": self.top_p, "top_k": self.top_k, "seed": self.seed,
+                **({"stop": list(self.stop)} if self.stop else {})}
+
     def sampling(self) -> dict[str, Any]:
-        """vLLM's SamplingParams keywords (``stop`` only when given, as manifests record it)."""
-        params = {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
-                  "max_tokens": self.max_new_tokens}
-        return {**params, "stop": list(self.stop)} if self.stop else params
+        """vLLM's SamplingParams keywords of these options (``vllm_sampling``)."""
+        return vllm_sampling(self.sampling_section())
+
+
+def vllm_sampling(section: dict[str, Any]) -> dict[str, Any]:
+    """vLLM's SamplingParams keywords of a manifest's "sampling" section: what the options
+    are checked against and what the worker generates with, from one place."""
+    params = {"temperature": section["temperature"], "top_p": section["top_p"],
+              "top_k": section["top_k"], "max_tokens": section["max_new_tokens"]}
+    return {**params, "stop": list(section["stop"])} if section.get("stop") else params
 
 
 def derive_seed(seed: int, prompt_index: int, sample: int) -> int:
@@ -119,10 +133,7 @@ class CollectWorker:
         self.samples = int(sampling["samples_per_prompt"])
         self.seed = int(sampling["seed"])
         self.engines = engines or VllmEngines(
-            manifest["model"],
-            {"temperature": sampling["temperature"], "top_p": sampling["top_p"],
-             "top_k": sampling["top_k"], "max_tokens": sampling["max_new_tokens"],
-             **({"stop": sampling["stop"]} if sampling.get("stop") else {})},
+            manifest["model"], vllm_sampling(sampling),
             chat_template=manifest["chat_template"], engine_args=engine_args,
             pooling_engine_args=pooling_engine_args, in_process=in_process, seed=self.seed)
 
@@ -208,11 +219,7 @@ def build_manifest(opts: CollectOptions, prompts: Sequence[str]) -> dict[str, An
                     "max_prompts": opts.max_prompts, "count": len(prompts),
                     "sha256": sha256_bytes("\x00".join(prompts).encode())},
         "chat_template": opts.chat_template,
-        "sampling": {"samples_per_prompt": opts.samples_per_prompt,
-                     "max_new_tokens": opts.max_new_tokens, "temperature": opts.temperature,
-                     "top_p": opts.top_p, "top_k": opts.top_k, "seed": opts.seed,
-                     # only when given: collections made without it resume unchanged
-                     **({"stop": list(opts.stop)} if opts.stop else {})},
+        "sampling": opts.sampling_section(),
         "engine_args": opts.engine_args,
         "pooling_engine_args": opts.pooling_engine_args,
         "shard_size": opts.shard_size,

@@ -167,6 +167,8 @@ class LabelledData:
             if not mask[group[0]] and held + len(group) <= count:
                 mask[group] = True
                 held += len(group)
+                if held == count:
+                    break
         if held == 0:  # every text more often than `count`: the first that leaves training
             group = next((g for g in groups if len(g) < self.num_prompts), None)
             if group is None:

@@ -395,14 +395,14 @@ def _train(opts: TrainOptions, group: ProcessGroup) -> dict[str, Any]:
                 or not trainer.has_heldout):
             state.best_mse, state.best_epoch = metrics["mse"], epoch
             state.best_state = copy.deepcopy(trainer.head.state_dict())
-        elif (trainer.has_heldout and patience is not None
-              and epoch - state.best_epoch >= patience):
+        elif trainer.has_heldout and epoch - state.best_epoch >= patience:
             state.stopped_early = True
         if opts.checkpoint:
             checkpoint.save(opts.checkpoint, trainer, state, run)
         if state.stopped_early:
             break
     history, best_epoch = state.history, state.best_epoch
+    kept = KEPT_LAST if patience is None else KEPT_BEST
     trainer.head.load_state_dict(state.best_state)
     final = trainer.evaluate()
     final["prompts"] = counts["heldout_prompts" if trainer.has_heldout else "train_prompts"]
@@ -426,7 +426,7 @@ def _train(opts: TrainOptions, group: ProcessGroup) -> dict[str, Any]:
         "resumed_from_epoch": resumed_from,
         "metrics": {"split": "heldout" if trainer.has_heldout else "train (no held-out split)",
                     # the epoch whose head is saved, and how it was chosen
-                    "best_epoch": best_epoch, "kept": KEPT_LAST if patience is None else KEPT_BEST,
+                    "best_epoch": best_epoch, "kept": kept,
                     "epochs_run": len(history),
                     "train_reward_mean": trainer.train_mean, **final},
         "history": history,
@@ -444,8 +444,7 @@ def _train(opts: TrainOptions, group: ProcessGroup) -> dict[str, Any]:
         f"{counts['train_responses']} / {counts['train_states']}",
         "held-out prompts / responses / states": f"{counts['heldout_prompts']} / "
         f"{counts['heldout_responses']} / {counts['heldout_states']}",
-        "epochs run (kept)": f"{len(history)} ({best_epoch}: "
-                             f"{KEPT_LAST if patience is None else KEPT_BEST})",
+        "epochs run (kept)": f"{len(history)} ({best_epoch}: {kept})",
         f"{split} MSE V(s_t) vs r": final["mse"],
         f"{split} MSE train-mean vs r (trivial)": final["trivial_mse"],
         f"{split} MSE V(s_0) vs r": final["mse_s0"],
