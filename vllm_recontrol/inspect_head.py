@@ -19,7 +19,8 @@ from .errors import RecontrolError
 from .training.common import model_hidden_size, sha256_file, summary_table
 from .training.head_quality import quality_warnings
 from .head_source import locate_head
-from .value_head import WEIGHTS_FILE, ValueHead
+from .head_files import WEIGHTS_FILE
+from .value_head import ValueHead
 
 
 def inspect_head(path: str | Path, model: str | None = None,

@@ -1,18 +1,15 @@
 """The value-head artifact: a ReLU MLP V(s) on post-norm hidden states, and its control step.
 
-On disk a head is a folder with ``config.json`` and ``model.safetensors`` (tensors
-``layers.{i}.weight`` / ``layers.{i}.bias``). Nothing is ever unpickled, and every load is
-validated, so a head from an untrusted source fails with a message instead of running code.
+On disk a head is a folder with ``config.json`` and ``model.safetensors`` (``head_files``
+reads and validates both: nothing is ever unpickled, so a head from an untrusted source
+fails with a message instead of running code); ``ascent_arguments`` checks what ``ascend``
+is given.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import numbers
-import os
-import reprlib
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -22,24 +19,16 @@ from torch import nn
 from .ascent import (AscentWorkspace, MLPWeights, as_row_tensor, ascend_float32,
                      ascend_gram_float32, product_rows, with_first_gram)
 from .backends import choose_backend, choose_form, choose_precision
-from .config import FLOAT32_MAX, STEPS_LIMIT, as_float32
+from .ascent_arguments import check_row_controls, checked_radius, iteration_count
 from .errors import ValueHeadError
 from .files import atomic_path, write_text_atomic
+from .head_files import (CONFIG_FILE, FORMAT_NAME, FORMAT_VERSION, SAVE_ID_KEY, STORED_DTYPES,
+                         WEIGHTS_FILE, check_provenance, check_same_save, check_shape_config,
+                         json_problem, read_config, read_weights, weights_id, weights_metadata)
 from .head_source import locate_head
 from .logs import get_logger
 
 logger = get_logger(__name__)
-
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-FORMAT_NAME = "vllm-recontrol-value-head"
-FORMAT_VERSION = 1
-# In config.json and in the weights' safetensors metadata: which save wrote each file
-# (a digest of the weights, ``weights_id``).
-SAVE_ID_KEY = "save_id"
-SUPPORTED_ACTIVATIONS = ("relu",)
-STORED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-
 
 class ValueHead(nn.Module):
     """V(s) = Linear(h_L, 1)(relu(... relu(Linear(d, h_1)(s)))) with biases, no input norm.
@@ -56,10 +45,10 @@ class ValueHead(nn.Module):
         metadata: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        _check_shape_config(hidden_size, widths, source="ValueHead()")
+        check_shape_config(hidden_size, widths, source="ValueHead()")
         self.hidden_size = int(hidden_size)
         self.widths = [int(w) for w in widths]
-        _check_provenance(base_model, metadata, source="ValueHead()")
+        check_provenance(base_model, metadata, source="ValueHead()")
         self.base_model = base_model
         self.metadata = dict(metadata or {})
         sizes = [self.hidden_size, *self.widths, 1]
@@ -358,7 +347,7 @@ class ValueHead(nn.Module):
         None. ``directory`` only names the save in the message; ``save_id`` ties the config
         to the weights written with it (``load`` refuses a pair from two saves)."""
         where = f"cannot save the value head to {directory}"
-        _check_provenance(self.base_model, self.metadata, source=where)
+        check_provenance(self.base_model, self.metadata, source=where)
         try:
             problem = json_problem(self.metadata, "metadata")
         except RecursionError:
@@ -418,8 +407,8 @@ class ValueHead(nn.Module):
             raise ValueHeadError(
                 f"value head {path / CONFIG_FILE} has hidden_size {hidden_size} but the model's "
                 f"hidden size is {expected_hidden_size}; train a head on this model's states")
-        tensors = read_weights(path / WEIGHTS_FILE, hidden_size, widths)
-        check_same_save(path, config)
+        tensors, stored_id = read_weights(path / WEIGHTS_FILE, hidden_size, widths)
+        check_same_save(path, config, stored_id)
         head = cls(hidden_size, widths, base_model=config.get("base_model"),
                    metadata=config.get("metadata") or {})
         with torch.no_grad():
@@ -435,190 +424,6 @@ class ValueHead(nn.Module):
                     f"value head weights {path / WEIGHTS_FILE}: {name} has values that do not "
                     f"fit {parameter.dtype} (they overflow to inf)")
         return head
-
-
-def checked_radius(max_norm: Any, rows: int) -> float | torch.Tensor | None:
-    """``max_norm`` as a float or a ``[rows]`` tensor, refused when it is not positive (or,
-    per row, inf for no projection); a CUDA tensor's values are left unchecked (no sync)."""
-    if max_norm is None:
-        return None
-    if not isinstance(max_norm, torch.Tensor) and not isinstance(max_norm, (list, tuple)):
-        if isinstance(max_norm, bool) or not isinstance(max_norm, numbers.Real) or not (
-                0 < float(max_norm) <= FLOAT32_MAX):
-            raise ValueError(f"max_norm must be a positive finite number, got {max_norm!r}")
-        if as_float32(float(max_norm)) == 0.0:
-            raise ValueError(f"max_norm {max_norm!r} is 0 in float32, the ascent's precision "
-                             "(the edit would vanish)")
-        return float(max_norm)
-    if isinstance(max_norm, (list, tuple)):  # None: this row is not projected, as in RowControl
-        max_norm = [math.inf if value is None else value for value in max_norm]
-    try:
-        radius = torch.as_tensor(max_norm, dtype=torch.float32)
-    except (TypeError, ValueError, RuntimeError) as exc:
-        raise ValueError(f"per-row max_norm must be numbers (None or inf: unprojected), got "
-                         f"{max_norm!r}: {exc}") from exc
-    if radius.dim() > 1:
-        raise ValueError(f"max_norm must be one radius or one per row, got shape "
-                         f"{list(radius.shape)}")
-    radius = radius.expand(rows) if radius.dim() == 0 else radius
-    if radius.shape[0] != rows:
-        raise ValueError(f"max_norm has {radius.shape[0]} entries but states have {rows} rows")
-    if radius.device.type == "cpu" and not bool(((radius > 0) & ~radius.isnan()).all()):
-        raise ValueError(f"per-row max_norm values must be > 0 (inf: unprojected), got "
-                         f"{radius.tolist()}")
-    return radius
-
-
-def host_max_steps(steps: Any) -> int | None:
-    """The largest of ``steps`` (checked by ``check_row_controls``) when it is known on the
-    host, else None: a CUDA tensor's values would cost a device sync to read."""
-    if isinstance(steps, torch.Tensor):
-        if steps.device.type != "cpu":
-            return None
-        values = steps.detach()
-    else:
-        values = torch.as_tensor(steps, dtype=torch.float64)
-    return int(values.max()) if values.numel() else 0
-
-
-def iteration_count(num_iterations: Any, steps: Any, steps_rows: torch.Tensor) -> int:
-    """The ascent's loop count: ``num_iterations`` when it covers every row's steps (a
-    smaller count would cut rows short without a word), else counted from the steps."""
-    largest = host_max_steps(steps)
-    if num_iterations is None:
-        if largest is not None:
-            return largest
-        num_iterations = int(steps_rows.max()) if steps_rows.numel() else 0
-    if isinstance(num_iterations, bool) or not isinstance(num_iterations, numbers.Integral) \
-            or num_iterations < 0:
-        raise ValueError(f"num_iterations must be an integer >= 0 (at least the largest "
-                         f"steps), got {num_iterations!r} ({type(num_iterations).__name__})")
-    if num_iterations > STEPS_LIMIT:  # a loop that long would hang the caller
-        raise ValueError(f"num_iterations must be at most {STEPS_LIMIT} (STEPS_LIMIT), got "
-                         f"{num_iterations}")
-    if largest is not None and num_iterations < largest:
-        raise ValueError(f"num_iterations = {num_iterations} is below the largest steps = "
-                         f"{largest}: rows would stop short; pass at least {largest}, or None")
-    return int(num_iterations)
-
-
-def check_row_controls(alpha: Any, steps: Any) -> None:
-    """Refuse alpha < 0, non-finite or past float32, and fractional, negative or more than
-    ``STEPS_LIMIT`` steps, for Python values and CPU tensors (a CUDA tensor's values are
-    left unchecked: no sync; the engine's per-request values are checked when the request
-    arrives)."""
-    def values(value: Any, name: str) -> torch.Tensor:
-        if isinstance(value, bool) or (isinstance(value, torch.Tensor)
-                                       and value.dtype == torch.bool):
-            raise ValueError(f"{name} must be a number, not a bool ({value!r})")
-        if isinstance(value, torch.Tensor):
-            return value.detach()
-        try:
-            return torch.as_tensor(value, dtype=torch.float64)
-        except (TypeError, ValueError, OverflowError, RuntimeError) as exc:
-            raise ValueError(f"{name} must be a number or a sequence of numbers, got "
-                             f"{value!r}: {exc}") from exc
-
-    alpha_values, steps_values = values(alpha, "alpha"), values(steps, "steps")
-    if alpha_values.device.type == "cpu":
-        a = alpha_values.double()
-        if not bool((torch.isfinite(a) & (a >= 0) & (a <= FLOAT32_MAX)).all()):
-            raise ValueError(f"alpha must be finite and >= 0 (a float32), got {alpha!r}")
-    if steps_values.device.type == "cpu":
-        n = steps_values.double()
-        if not bool((torch.isfinite(n) & (n >= 0) & (n == n.round())).all()):
-            raise ValueError(f"steps must be whole numbers >= 0, got {steps!r}")
-        if not bool((n <= STEPS_LIMIT).all()):
-            raise ValueError(f"steps must be at most {STEPS_LIMIT} (STEPS_LIMIT), got "
-                             f"{reprlib.repr(steps)}")
-
-
-def _check_provenance(base_model: Any, metadata: Any, source: str) -> None:
-    """The types ``read_config`` accepts for ``base_model`` and ``metadata``."""
-    if base_model is not None and not isinstance(base_model, str):
-        raise ValueHeadError(f"{source}: base_model must be a model name (str) or None, got "
-                             f"{base_model!r}")
-    if metadata is not None and not isinstance(metadata, dict):
-        raise ValueHeadError(f"{source}: metadata must be a dict or None, got "
-                             f"{type(metadata).__name__}")
-
-
-def json_problem(value: Any, where: str) -> str | None:
-    """Why ``value`` would not come back from JSON as itself (naming the part, e.g.
-    ``metadata["metrics"]["mse"]``), or None: json.dumps writes NaN and inf as non-standard
-    JSON, turns non-string keys into strings, and refuses numpy scalars, sets and tensors."""
-    if value is None or isinstance(value, (str, bool, int)):
-        return None
-    if isinstance(value, float):
-        return None if math.isfinite(value) else f"{where} is {value}, which JSON cannot hold"
-    if isinstance(value, (list, tuple)):
-        return next((p for i, item in enumerate(value)
-                     for p in [json_problem(item, f"{where}[{i}]")] if p), None)
-    if isinstance(value, dict):
-        for key, item in value.items():
-            if not isinstance(key, str):
-                return (f"{where} has the key {key!r} ({type(key).__name__}); JSON keys are "
-                        "strings")
-            problem = json_problem(item, f"{where}[{json.dumps(key)}]")
-            if problem:
-                return problem
-        return None
-    return (f"{where} is a {type(value).__name__} ({reprlib.repr(value)}), not a JSON "
-            "value (use a Python number, str, bool, None, list or dict)")
-
-
-def _check_shape_config(hidden_size: Any, widths: Any, source: str) -> None:
-    if isinstance(hidden_size, bool) or not isinstance(hidden_size, int) or hidden_size <= 0:
-        raise ValueHeadError(f"{source}: hidden_size must be a positive integer, got {hidden_size!r}")
-    if not isinstance(widths, (list, tuple)) or not all(
-            isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in widths):
-        raise ValueHeadError(f"{source}: widths must be a list of positive integers, got {widths!r}")
-
-
-def read_config(path: Path) -> dict[str, Any]:
-    """Read and validate ``config.json`` of a head folder."""
-    if not path.exists():
-        raise ValueHeadError(f"value head folder {path} does not exist")
-    if not path.is_dir():
-        raise ValueHeadError(f"value head path {path} is not a folder (expected "
-                             f"{CONFIG_FILE} and {WEIGHTS_FILE} inside it)")
-    config_path = path / CONFIG_FILE
-    _check_regular_file(config_path, f"value head config {config_path}")
-    try:
-        config = json.loads(config_path.read_text())
-    # ValueError also covers integers of more than 4300 digits, which json.loads refuses
-    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError
-        raise ValueHeadError(f"value head config {config_path} is not valid JSON: {exc}") from exc
-    except OSError as exc:
-        raise ValueHeadError(f"value head config {config_path} cannot be read: {exc}") from exc
-    if not isinstance(config, dict):
-        raise ValueHeadError(f"value head config {config_path} must hold a JSON object")
-    for key in ("hidden_size", "widths"):
-        if key not in config:
-            raise ValueHeadError(f"value head config {config_path} lacks the key {key!r}")
-    _check_shape_config(config["hidden_size"], config["widths"], source=str(config_path))
-    activation = config.get("activation", "relu")
-    if activation not in SUPPORTED_ACTIVATIONS:
-        raise ValueHeadError(f"value head config {config_path}: activation {activation!r} is "
-                             f"not supported (supported: {', '.join(SUPPORTED_ACTIVATIONS)})")
-    if config.get("format", FORMAT_NAME) != FORMAT_NAME:
-        raise ValueHeadError(f"value head config {config_path}: format {config['format']!r} is "
-                             f"not a value head's ({FORMAT_NAME!r})")
-    version = config.get("format_version", FORMAT_VERSION)
-    if version != FORMAT_VERSION:
-        raise ValueHeadError(f"value head config {config_path}: format_version {version!r} is "
-                             f"not supported (this release reads {FORMAT_VERSION})")
-    # Both are compared and read later (base-model check at engine start, `inspect`).
-    if config.get("base_model") is not None and not isinstance(config["base_model"], str):
-        raise ValueHeadError(f"value head config {config_path}: base_model must be a model "
-                             f"name or null, got {config['base_model']!r}")
-    if SAVE_ID_KEY in config and not isinstance(config[SAVE_ID_KEY], str):
-        raise ValueHeadError(f"value head config {config_path}: {SAVE_ID_KEY} must be a "
-                             f"string, got {config[SAVE_ID_KEY]!r}")
-    if config.get("metadata") is not None and not isinstance(config["metadata"], dict):
-        raise ValueHeadError(f"value head config {config_path}: metadata must be a JSON "
-                             f"object or null, got {type(config['metadata']).__name__}")
-    return config
 
 
 def _load_target(device: Any, dtype: Any) -> tuple[torch.device, torch.dtype]:
@@ -639,98 +444,3 @@ def _load_target(device: Any, dtype: Any) -> tuple[torch.device, torch.dtype]:
         raise ValueHeadError(f"load: device {str(device)!r} asked for, but torch sees no "
                              "CUDA device here")
     return device, dtype
-
-
-def _check_regular_file(path: Path, what: str, plural: bool = False) -> None:
-    """A missing file, or one that is not a regular file (a FIFO would hang the read, a
-    device such as /dev/zero never ends), each named for what it is."""
-    if not path.exists():
-        raise ValueHeadError(f"{what} {'are' if plural else 'is'} missing"
-                             + (f" (a broken link to {os.readlink(path)})"
-                                if path.is_symlink() else ""))
-    if not path.is_file():
-        kind = "a folder" if path.is_dir() else "not a regular file (a device, FIFO or socket)"
-        raise ValueHeadError(f"{what} {'are' if plural else 'is'} {kind}")
-
-
-def read_weights(weights_path: Path, hidden_size: int, widths: list[int]) -> dict[str, torch.Tensor]:
-    """Read ``model.safetensors`` and check names, shapes, dtypes and finiteness."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    _check_regular_file(weights_path, f"value head weights {weights_path}", plural=True)
-    try:
-        tensors = load_file(str(weights_path))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise ValueHeadError(f"value head weights {weights_path} cannot be read as "
-                             f"safetensors: {exc}") from exc
-    sizes = [hidden_size, *widths, 1]
-    expected = {}
-    for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
-        expected[f"layers.{i}.weight"] = (fan_out, fan_in)
-        expected[f"layers.{i}.bias"] = (fan_out,)
-    missing = sorted(set(expected) - set(tensors))
-    extra = sorted(set(tensors) - set(expected))
-    if missing or extra:
-        raise ValueHeadError(
-            f"value head weights {weights_path} do not match config widths {widths} "
-            f"(hidden_size {hidden_size}): missing {missing}, unexpected {extra}")
-    for name, shape in expected.items():
-        tensor = tensors[name]
-        if tuple(tensor.shape) != shape:
-            raise ValueHeadError(f"value head weights {weights_path}: {name} has shape "
-                                 f"{list(tensor.shape)}, expected {list(shape)}")
-        if tensor.dtype not in STORED_DTYPES:
-            raise ValueHeadError(f"value head weights {weights_path}: {name} has dtype "
-                                 f"{tensor.dtype}, expected one of "
-                                 f"{', '.join(str(t) for t in STORED_DTYPES)}")
-        if not torch.isfinite(tensor).all():
-            raise ValueHeadError(f"value head weights {weights_path}: {name} holds NaN or inf")
-    return tensors
-
-
-WEIGHTS_METADATA_KEY = "recontrol"
-
-
-def weights_metadata(save_id: str) -> dict[str, str]:
-    """The weights file's metadata: one key holding sorted JSON, because safetensors writes
-    a metadata map in hash order, and two keys made two saves of one head differ in bytes."""
-    return {WEIGHTS_METADATA_KEY: json.dumps({"format": FORMAT_NAME, SAVE_ID_KEY: save_id},
-                                             sort_keys=True)}
-
-
-def stored_save_id(metadata: dict[str, str]) -> str | None:
-    """The save id in a weights file's metadata (None: a head written by hand or before
-    save ids; unreadable metadata counts as none, the weights themselves are checked)."""
-    try:
-        found = json.loads(metadata.get(WEIGHTS_METADATA_KEY, "{}"))
-    except ValueError:
-        return None
-    return found.get(SAVE_ID_KEY) if isinstance(found, dict) else None
-
-
-def weights_id(tensors: dict[str, torch.Tensor]) -> str:
-    """A digest of the saved tensors (names, dtypes, shapes, bytes): the save id both files
-    carry, so a config names the weights it was written with. Content, not chance: the same
-    weights save to the same bytes (training is reproducible to the byte)."""
-    digest = hashlib.sha256()
-    for name, tensor in tensors.items():
-        digest.update(f"\0{name}\0{tensor.dtype}\0{list(tensor.shape)}\0".encode())
-        digest.update(tensor.contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:32]
-
-
-def check_same_save(path: Path, config: dict[str, Any]) -> None:
-    """Refuse a config and weights written by two different saves (an interrupted save, or
-    one file copied over from another head): the shapes may match, so the mix would load.
-    Heads whose files carry no save id (written by hand, or before ids) pass."""
-    from safetensors import safe_open
-
-    with safe_open(str(path / WEIGHTS_FILE), framework="pt") as handle:
-        stored_id = stored_save_id(handle.metadata() or {})
-    config_id = config.get(SAVE_ID_KEY)
-    if stored_id != config_id:
-        raise ValueHeadError(
-            f"value head {path}: {CONFIG_FILE} and {WEIGHTS_FILE} come from different saves "
-            f"(save ids {config_id!r} and {stored_id!r}: a save interrupted between the two "
-            "files, or a file copied from another head); save the head again")

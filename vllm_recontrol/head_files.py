@@ -1,0 +1,212 @@
+"""A value head on disk: ``config.json`` and ``model.safetensors`` in one folder (tensors
+``layers.{i}.weight`` / ``layers.{i}.bias``), read and validated. Why apart from the head
+itself: a head may come from an untrusted source, so every byte read is checked here (nothing
+is unpickled), and both files carry one save id so that a mix of two saves is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import reprlib
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import ValueHeadError
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+FORMAT_NAME = "vllm-recontrol-value-head"
+FORMAT_VERSION = 1
+# config.json's key for the save id (a digest of the weights) that the weights file also holds
+SAVE_ID_KEY = "save_id"
+SUPPORTED_ACTIVATIONS = ("relu",)
+STORED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def check_provenance(base_model: Any, metadata: Any, source: str) -> None:
+    """The types ``read_config`` accepts for ``base_model`` and ``metadata``."""
+    if base_model is not None and not isinstance(base_model, str):
+        raise ValueHeadError(f"{source}: base_model must be a model name (str) or None, got "
+                             f"{base_model!r}")
+    if metadata is not None and not isinstance(metadata, dict):
+        raise ValueHeadError(f"{source}: metadata must be a dict or None, got "
+                             f"{type(metadata).__name__}")
+
+
+def json_problem(value: Any, where: str) -> str | None:
+    """Why ``value`` would not come back from JSON as itself (naming the part, e.g.
+    ``metadata["metrics"]["mse"]``), or None: json.dumps writes NaN and inf as non-standard
+    JSON, turns non-string keys into strings, and refuses numpy scalars, sets and tensors."""
+    if value is None or isinstance(value, (str, bool, int)):
+        return None
+    if isinstance(value, float):
+        return None if math.isfinite(value) else f"{where} is {value}, which JSON cannot hold"
+    if isinstance(value, (list, tuple)):
+        return next((p for i, item in enumerate(value)
+                     for p in [json_problem(item, f"{where}[{i}]")] if p), None)
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                return (f"{where} has the key {key!r} ({type(key).__name__}); JSON keys are "
+                        "strings")
+            problem = json_problem(item, f"{where}[{json.dumps(key)}]")
+            if problem:
+                return problem
+        return None
+    return (f"{where} is a {type(value).__name__} ({reprlib.repr(value)}), not a JSON "
+            "value (use a Python number, str, bool, None, list or dict)")
+
+
+def check_shape_config(hidden_size: Any, widths: Any, source: str) -> None:
+    if isinstance(hidden_size, bool) or not isinstance(hidden_size, int) or hidden_size <= 0:
+        raise ValueHeadError(f"{source}: hidden_size must be a positive integer, got {hidden_size!r}")
+    if not isinstance(widths, (list, tuple)) or not all(
+            isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in widths):
+        raise ValueHeadError(f"{source}: widths must be a list of positive integers, got {widths!r}")
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """Read and validate ``config.json`` of a head folder."""
+    if not path.exists():
+        raise ValueHeadError(f"value head folder {path} does not exist")
+    if not path.is_dir():
+        raise ValueHeadError(f"value head path {path} is not a folder (expected "
+                             f"{CONFIG_FILE} and {WEIGHTS_FILE} inside it)")
+    config_path = path / CONFIG_FILE
+    check_regular_file(config_path, f"value head config {config_path}")
+    try:
+        config = json.loads(config_path.read_text())
+    # ValueError also covers integers of more than 4300 digits, which json.loads refuses
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueHeadError(f"value head config {config_path} is not valid JSON: {exc}") from exc
+    except OSError as exc:
+        raise ValueHeadError(f"value head config {config_path} cannot be read: {exc}") from exc
+    if not isinstance(config, dict):
+        raise ValueHeadError(f"value head config {config_path} must hold a JSON object")
+    for key in ("hidden_size", "widths"):
+        if key not in config:
+            raise ValueHeadError(f"value head config {config_path} lacks the key {key!r}")
+    check_shape_config(config["hidden_size"], config["widths"], source=str(config_path))
+    activation = config.get("activation", "relu")
+    if activation not in SUPPORTED_ACTIVATIONS:
+        raise ValueHeadError(f"value head config {config_path}: activation {activation!r} is "
+                             f"not supported (supported: {', '.join(SUPPORTED_ACTIVATIONS)})")
+    if config.get("format", FORMAT_NAME) != FORMAT_NAME:
+        raise ValueHeadError(f"value head config {config_path}: format {config['format']!r} is "
+                             f"not a value head's ({FORMAT_NAME!r})")
+    version = config.get("format_version", FORMAT_VERSION)
+    if version != FORMAT_VERSION:
+        raise ValueHeadError(f"value head config {config_path}: format_version {version!r} is "
+                             f"not supported (this release reads {FORMAT_VERSION})")
+    # Both are compared and read later (base-model check at engine start, `inspect`).
+    if config.get("base_model") is not None and not isinstance(config["base_model"], str):
+        raise ValueHeadError(f"value head config {config_path}: base_model must be a model "
+                             f"name or null, got {config['base_model']!r}")
+    if SAVE_ID_KEY in config and not isinstance(config[SAVE_ID_KEY], str):
+        raise ValueHeadError(f"value head config {config_path}: {SAVE_ID_KEY} must be a "
+                             f"string, got {config[SAVE_ID_KEY]!r}")
+    if config.get("metadata") is not None and not isinstance(config["metadata"], dict):
+        raise ValueHeadError(f"value head config {config_path}: metadata must be a JSON "
+                             f"object or null, got {type(config['metadata']).__name__}")
+    return config
+
+
+def check_regular_file(path: Path, what: str, plural: bool = False) -> None:
+    """A missing file, or one that is not a regular file (a FIFO would hang the read, a
+    device such as /dev/zero never ends), each named for what it is."""
+    if not path.exists():
+        raise ValueHeadError(f"{what} {'are' if plural else 'is'} missing"
+                             + (f" (a broken link to {os.readlink(path)})"
+                                if path.is_symlink() else ""))
+    if not path.is_file():
+        kind = "a folder" if path.is_dir() else "not a regular file (a device, FIFO or socket)"
+        raise ValueHeadError(f"{what} {'are' if plural else 'is'} {kind}")
+
+
+def read_weights(weights_path: Path, hidden_size: int,
+                 widths: list[int]) -> tuple[dict[str, torch.Tensor], str | None]:
+    """Read ``model.safetensors`` in one open (a second open could meet another save's file)
+    and check names, shapes, dtypes and finiteness; return the tensors and the save id the
+    file carries (None: none)."""
+    from safetensors import SafetensorError, safe_open
+
+    check_regular_file(weights_path, f"value head weights {weights_path}", plural=True)
+    try:
+        with safe_open(str(weights_path), framework="pt") as handle:
+            save_id = stored_save_id(handle.metadata() or {})
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise ValueHeadError(f"value head weights {weights_path} cannot be read as "
+                             f"safetensors: {exc}") from exc
+    sizes = [hidden_size, *widths, 1]
+    expected = {}
+    for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        expected[f"layers.{i}.weight"] = (fan_out, fan_in)
+        expected[f"layers.{i}.bias"] = (fan_out,)
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
+    if missing or extra:
+        raise ValueHeadError(
+            f"value head weights {weights_path} do not match config widths {widths} "
+            f"(hidden_size {hidden_size}): missing {missing}, unexpected {extra}")
+    for name, shape in expected.items():
+        tensor = tensors[name]
+        if tuple(tensor.shape) != shape:
+            raise ValueHeadError(f"value head weights {weights_path}: {name} has shape "
+                                 f"{list(tensor.shape)}, expected {list(shape)}")
+        if tensor.dtype not in STORED_DTYPES:
+            raise ValueHeadError(f"value head weights {weights_path}: {name} has dtype "
+                                 f"{tensor.dtype}, expected one of "
+                                 f"{', '.join(str(t) for t in STORED_DTYPES)}")
+        if not torch.isfinite(tensor).all():
+            raise ValueHeadError(f"value head weights {weights_path}: {name} holds NaN or inf")
+    return tensors, save_id
+
+
+WEIGHTS_METADATA_KEY = "recontrol"
+
+
+def weights_metadata(save_id: str) -> dict[str, str]:
+    """The weights file's metadata: one key holding sorted JSON, because safetensors writes
+    a metadata map in hash order, and two keys made two saves of one head differ in bytes."""
+    return {WEIGHTS_METADATA_KEY: json.dumps({"format": FORMAT_NAME, SAVE_ID_KEY: save_id},
+                                             sort_keys=True)}
+
+
+def stored_save_id(metadata: dict[str, str]) -> str | None:
+    """The save id in a weights file's metadata (None: a head written by hand or before
+    save ids; unreadable metadata counts as none, the weights themselves are checked)."""
+    try:
+        found = json.loads(metadata.get(WEIGHTS_METADATA_KEY, "{}"))
+    except ValueError:
+        return None
+    return found.get(SAVE_ID_KEY) if isinstance(found, dict) else None
+
+
+def weights_id(tensors: dict[str, torch.Tensor]) -> str:
+    """A digest of the saved tensors (names, dtypes, shapes, bytes): the save id both files
+    carry, so a config names the weights it was written with. Content, not chance: the same
+    weights save to the same bytes (training is reproducible to the byte)."""
+    digest = hashlib.sha256()
+    for name, tensor in tensors.items():
+        digest.update(f"\0{name}\0{tensor.dtype}\0{list(tensor.shape)}\0".encode())
+        digest.update(tensor.contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:32]
+
+
+def check_same_save(path: Path, config: dict[str, Any], stored_id: str | None) -> None:
+    """Refuse a config and weights written by two different saves (an interrupted save, or
+    one file copied over from another head): the shapes may match, so the mix would load.
+    ``stored_id`` is the weights file's (``read_weights``). Heads whose files carry no save
+    id (written by hand, or before ids) pass."""
+    config_id = config.get(SAVE_ID_KEY)
+    if stored_id != config_id:
+        raise ValueHeadError(
+            f"value head {path}: {CONFIG_FILE} and {WEIGHTS_FILE} come from different saves "
+            f"(save ids {config_id!r} and {stored_id!r}: a save interrupted between the two "
+            "files, or a file copied from another head); save the head again")
