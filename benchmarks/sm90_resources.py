@@ -41,6 +41,7 @@ from triton.compiler import ASTSource  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
+from kernels import launch_plans as plans  # noqa: E402
 from kernels import value_ascent as va  # noqa: E402
 
 # (role, forward?, epilogue) of the products of one step with 2 hidden layers
@@ -110,7 +111,7 @@ def _signature(forward: bool, precision: str, epilogue: int, constants: dict) ->
     return signature, constants, attrs
 
 
-def compile_product(plan: va.GemmPlan, forward: bool, epilogue: int, fixup: bool,
+def compile_product(plan: plans.GemmPlan, forward: bool, epilogue: int, fixup: bool,
                     precision: str, arch: int):
     """Compile one launch of the GEMM kernel for ``arch`` (no device needed)."""
     constants = dict(PROLOGUE=va.PRO_PLAIN.value, EPILOGUE=epilogue, DOT=precision,
@@ -161,13 +162,13 @@ def mma_kind(ptx: str) -> str:
     return "fma"
 
 
-def plan_label(plan: va.GemmPlan) -> str:
+def plan_label(plan: plans.GemmPlan) -> str:
     return (f"{plan.block_m}x{plan.block_n}x{plan.block_k} w{plan.num_warps} "
             f"st{plan.num_stages} s{plan.split_k}" + (" fix" if plan.fixup else "")
             + (" evict-last" if plan.evict_last else ""))
 
 
-def candidate_plans(batch: int, args) -> list[tuple[str, str, bool, int, va.GemmPlan]]:
+def candidate_plans(batch: int, args) -> list[tuple[str, str, bool, int, plans.GemmPlan]]:
     """(source, product, forward, epilogue, plan) for one batch size."""
     d = args.hidden_size
     weight_bytes = 2 if args.precision == "bf16" else 4
@@ -180,12 +181,12 @@ def candidate_plans(batch: int, args) -> list[tuple[str, str, bool, int, va.Gemm
     for source, overrides in sources:
         by_direction = va.overrides_by_direction(overrides)
         for product, forward, epilogue in PRODUCTS:
-            plan = va.plan_gemm(batch, d, d, w_k_contiguous=forward, weight_bytes=weight_bytes,
-                                precision=args.precision, n_programs=args.sms,
-                                interpret=False,
-                                overrides=by_direction["forward" if forward else "backward"])
+            plan = plans.plan_gemm(batch, d, d, w_k_contiguous=forward,
+                                   weight_bytes=weight_bytes, precision=args.precision,
+                                   n_programs=args.sms, interpret=False,
+                                   overrides=by_direction["forward" if forward else "backward"])
             out.append((source, product, forward, epilogue, plan))
-    plan = va.batch_invariant_plan(d, d, precision=args.precision, n_programs=args.sms)
+    plan = plans.batch_invariant_plan(d, d, precision=args.precision, n_programs=args.sms)
     out += [("invariant", product, forward, epilogue, plan)
             for product, forward, epilogue in PRODUCTS]
     return out
