@@ -11,7 +11,8 @@ import torch
 from training_fakes import EOS, FakeEngines, fake_collect, fake_states, write_prompts
 from vllm_recontrol.errors import RecontrolError
 from vllm_recontrol.evaluation.evaluate import evaluate
-from vllm_recontrol.training.collector import collect, derive_seed
+from vllm_recontrol.training import collector
+from vllm_recontrol.training.collector import collect, derive_seed, position_chunks
 from vllm_recontrol.training.common import DataError
 from vllm_recontrol.training.prompts import (extract_hh_prompt, hh_to_messages, load_prompts,
                                              load_references, render_chat_prompt)
@@ -155,7 +156,13 @@ def test_unreadable_prompt_files_are_named(tmp_path):
 
 
 # ----------------------------------------------------------------------------- collection
-def test_shards_hold_every_response_once_with_the_right_states(tmp_path):
+@pytest.mark.parametrize("chunk_positions", [None, 9])
+def test_shards_hold_every_response_once_with_the_right_states(tmp_path, monkeypatch,
+                                                               chunk_positions):
+    """Also when the pooling engine is asked for a few positions at a time (9: one sequence
+    a call or two, some longer alone), as a real shard is."""
+    if chunk_positions is not None:
+        monkeypatch.setattr(collector, "STATES_CHUNK_POSITIONS", chunk_positions)
     data, engines, summary = fake_collect(tmp_path, count=20, shard_size=8)
     manifest = read_manifest(data)
     assert manifest["hidden_size"] == 8 and manifest["num_prompts"] == 20
@@ -178,8 +185,25 @@ def test_shards_hold_every_response_once_with_the_right_states(tmp_path):
             assert (row["finish_reason"] == "stop") == (response[-1] == EOS)
         seen += [r["prompt_index"] for r in rows]
     assert seen == list(range(20))
-    assert engines.generate_calls == 3 and engines.states_calls == 3 and engines.closed
+    assert engines.generate_calls == 3 and engines.closed
     assert summary["responses"] == 20
+    if chunk_positions is None:
+        assert engines.states_calls == 3
+    else:  # every call within the budget, or one sequence alone; each sequence asked once
+        assert engines.states_calls > 3
+        assert all(sum(call) <= chunk_positions or len(call) == 1
+                   for call in engines.states_lengths)
+        assert any(len(call) == 1 and call[0] > chunk_positions
+                   for call in engines.states_lengths)
+        assert sum(len(call) for call in engines.states_lengths) == 20
+
+
+def test_position_chunks_cover_the_sequences_in_order_within_the_budget():
+    lengths = [5, 7, 3, 20, 1, 1, 9]
+    chunks = position_chunks(lengths, 10)
+    assert [list(c) for c in chunks] == [[0], [1, 2], [3], [4, 5], [6]]
+    assert position_chunks([], 10) == []
+    assert [list(c) for c in position_chunks(lengths, 1000)] == [list(range(7))]
 
 
 def _collection_bytes(data: Path) -> dict[str, bytes]:

@@ -29,6 +29,7 @@ class FakeEngines:
         self.fail_states_call = fail_states_call
         self.generate_calls = 0
         self.states_calls = 0
+        self.states_lengths: list[list[int]] = []  # each states call's sequence lengths
         self.generated: list[str] = []
         self.released = 0
         self.closed = False
@@ -52,6 +53,7 @@ class FakeEngines:
 
     def states(self, sequences):
         self.states_calls += 1
+        self.states_lengths.append([len(seq) for seq in sequences])
         if self.states_calls == self.fail_states_call:
             raise RuntimeError("simulated crash while computing states")
         return [fake_states(seq) for seq in sequences]

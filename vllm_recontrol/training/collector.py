@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import torch
+
 from .common import (DataError, build_options, check_engine_args, check_model_path,
                      json_argument, model_hidden_size, parse_command_line, progress, run_main,
                      sampling_refusal, sha256_bytes, summary_table)
@@ -28,6 +30,12 @@ from .shards import (MANIFEST_FILE, STATE_DEFINITION, STATE_DTYPES, STATES_FORMA
                      STATES_FORMAT_VERSION, ShardPlan, manifest_shards, plan_shards,
                      read_manifest, read_rows, read_shard_index, shard_status,
                      write_manifest, write_rows, write_states)
+
+# Positions of hidden states asked of the pooling engine at a time: it returns every
+# position of every sequence, prompt included, in float32, so a whole shard at once (1024
+# responses of ~450 positions at d = 4096) held 7-8 GB where the stored shard is ~1.7 GB.
+# 65536 positions are 1 GiB of float32 at d = 4096.
+STATES_CHUNK_POSITIONS = 65536
 
 
 @dataclass
@@ -176,29 +184,69 @@ class CollectWorker:
         self.engines.release_generator()
 
     def states_shard(self, name: str) -> str:
-        """Compute s_0..s_T of every response of a generated shard; write its states file."""
+        """Compute s_0..s_T of every response of a generated shard; write its states file.
+
+        The pooling engine returns every position of a sequence (the prompt's too) in
+        float32, several times the stored 16-bit states: it is asked for about
+        ``STATES_CHUNK_POSITIONS`` positions at a time, and each response's states go
+        straight into one buffer of the stored dtype (the same bits as converting them all
+        at the end)."""
         rows = read_rows(self.out, name)
         sequences = [r["prompt_token_ids"] + r["response_token_ids"][:-1] for r in rows]
-        full = self.engines.states(sequences)
-        states = []
-        for row, hidden in zip(rows, full):
-            start = len(row["prompt_token_ids"]) - 1  # s_0 sits on the last prompt token
-            piece = hidden[start:start + row["num_states"]]
-            if piece.shape[0] != row["num_states"]:
-                raise RuntimeError(f"shard {name}: response {row['response_id']} has "
-                                   f"{row['num_states']} tokens but the pooling engine "
-                                   f"returned {hidden.shape[0]} positions")
-            states.append(piece)
-        hidden_size = self.manifest.get("hidden_size")
-        if hidden_size is not None and states and states[0].shape[1] != hidden_size:
-            raise DataError(f"shard {name}: states are {states[0].shape[1]} wide, the manifest "
-                            f"says the model's hidden size is {hidden_size}")
-        write_states(self.out, name, states, [r["response_id"] for r in rows],
-                     [r["prompt_index"] for r in rows], self.manifest["state_dtype"])
+        dtype = STATE_DTYPES[self.manifest["state_dtype"]]
+        total = sum(int(r["num_states"]) for r in rows)
+        joined, filled = None, 0
+        for chunk in position_chunks([len(s) for s in sequences], STATES_CHUNK_POSITIONS):
+            outputs = self.engines.states([sequences[i] for i in chunk])
+            if len(outputs) != len(chunk):
+                raise RuntimeError(f"shard {name}: {len(chunk)} sequences gave "
+                                   f"{len(outputs)} outputs of the pooling engine")
+            for i, hidden in zip(chunk, outputs):
+                row = rows[i]
+                start = len(row["prompt_token_ids"]) - 1  # s_0 sits on the last prompt token
+                piece = hidden[start:start + row["num_states"]]
+                if piece.shape[0] != row["num_states"]:
+                    raise RuntimeError(f"shard {name}: response {row['response_id']} has "
+                                       f"{row['num_states']} tokens but the pooling engine "
+                                       f"returned {hidden.shape[0]} positions")
+                if joined is None:
+                    self._check_width(name, piece.shape[1])
+                    joined = torch.empty(total, piece.shape[1], dtype=dtype)
+                elif piece.shape[1] != joined.shape[1]:
+                    raise DataError(f"shard {name}: states of different widths "
+                                    f"{sorted({joined.shape[1], piece.shape[1]})}")
+                joined[filled:filled + piece.shape[0]] = piece
+                filled += piece.shape[0]
+            del outputs  # this chunk's float32 positions, before the next chunk's
+        if joined is None:
+            raise DataError(f"shard {name} has no responses")
+        write_states(self.out, name, joined, [r["num_states"] for r in rows],
+                     [r["response_id"] for r in rows], [r["prompt_index"] for r in rows],
+                     self.manifest["state_dtype"])
         return name
+
+    def _check_width(self, name: str, width: int) -> None:
+        hidden_size = self.manifest.get("hidden_size")
+        if hidden_size is not None and width != hidden_size:
+            raise DataError(f"shard {name}: states are {width} wide, the manifest "
+                            f"says the model's hidden size is {hidden_size}")
 
     def close(self) -> None:
         self.engines.close()
+
+
+def position_chunks(lengths: Sequence[int], budget: int) -> list[range]:
+    """Consecutive index ranges of ``lengths`` whose sum stays within ``budget`` (a longer
+    sequence goes alone): the pooling engine's requests, each a slice of the shard."""
+    chunks, start, used = [], 0, 0
+    for i, length in enumerate(lengths):
+        if i > start and used + length > budget:
+            chunks.append(range(start, i))
+            start, used = i, 0
+        used += length
+    if start < len(lengths):
+        chunks.append(range(start, len(lengths)))
+    return chunks
 
 
 # ----------------------------------------------------------------------------- the command

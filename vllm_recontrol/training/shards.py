@@ -125,24 +125,26 @@ def read_rows(directory: Path, name: str) -> list[dict[str, Any]]:
     return read_jsonl(path)
 
 
-def write_states(directory: Path, name: str, states: Sequence[torch.Tensor],
+def write_states(directory: Path, name: str, states: torch.Tensor, lengths: Sequence[int],
                  response_ids: Sequence[int], prompt_index: Sequence[int],
                  dtype: str = "bfloat16") -> Path:
-    """Concatenate per-response states [n_r, d] into one 16-bit tensor with offsets."""
+    """Write a shard whose states are already back to back ([sum of lengths, d] in the
+    stored dtype, response r's ``lengths[r]`` rows in order): a caller that fills one
+    buffer as it goes (collect) then holds the shard once, not once more for a join."""
     from safetensors.torch import save_file
 
     if dtype not in STATE_DTYPES:
         raise DataError(f"state dtype must be one of {list(STATE_DTYPES)}, got {dtype!r}")
-    if not states:
+    if not lengths:
         raise DataError(f"shard {name} has no responses")
-    widths = {int(s.shape[1]) for s in states}
-    if len(widths) != 1:
-        raise DataError(f"shard {name}: states of different widths {sorted(widths)}")
-    lengths = torch.tensor([int(s.shape[0]) for s in states], dtype=torch.int64)
-    offsets = torch.zeros(len(states) + 1, dtype=torch.int64)
-    offsets[1:] = torch.cumsum(lengths, 0)
+    if states.dtype != STATE_DTYPES[dtype] or states.dim() != 2 or \
+            states.shape[0] != sum(lengths):
+        raise ValueError(f"shard {name}: states must be [{sum(lengths)}, d] {dtype}, got "
+                         f"{list(states.shape)} {states.dtype}")
+    offsets = torch.zeros(len(lengths) + 1, dtype=torch.int64)
+    offsets[1:] = torch.cumsum(torch.tensor(list(lengths), dtype=torch.int64), 0)
     tensors = {
-        "states": torch.cat([s.detach().to("cpu", STATE_DTYPES[dtype]) for s in states]).contiguous(),
+        "states": states.detach().to("cpu").contiguous(),
         "offsets": offsets,
         "response_ids": torch.tensor(list(response_ids), dtype=torch.int64),
         "prompt_index": torch.tensor(list(prompt_index), dtype=torch.int64),
@@ -150,7 +152,7 @@ def write_states(directory: Path, name: str, states: Sequence[torch.Tensor],
     # One metadata key holding sorted JSON: safetensors writes a metadata map in hash order,
     # which would make equal shards from two processes differ byte for byte.
     metadata = {"recontrol": json.dumps({"format": STATES_FORMAT, "shard": name,
-                                         "hidden_size": widths.pop(), "dtype": dtype},
+                                         "hidden_size": int(states.shape[1]), "dtype": dtype},
                                         sort_keys=True)}
     path = states_path(directory, name)
     with atomic_path(path) as tmp:
