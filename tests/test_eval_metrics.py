@@ -305,6 +305,23 @@ def test_ray_actors_are_counted_as_created_and_no_work_starts_no_cluster():
         assert actors == [] and not ray.is_initialized()
 
 
+def test_actors_without_gpus_on_a_gpu_cluster_are_warned_about(caplog):
+    """Ray gives an actor that asks for no GPU none of them: on a GPU cluster that is
+    almost always a forgotten --ray-num-gpus 1, said at the start."""
+    from types import SimpleNamespace
+
+    from vllm_recontrol.training.ray_pool import _check_resources
+
+    no_gpus = SimpleNamespace(replicas=2, ray_num_cpus=1.0, ray_num_gpus=0.0)
+    with caplog.at_level("WARNING"):
+        _check_resources(SimpleNamespace(cluster_resources=lambda: {"CPU": 8.0}), no_gpus, {})
+    assert "--ray-num-gpus" not in caplog.text  # a CPU cluster: nothing to say
+    with caplog.at_level("WARNING"):
+        _check_resources(SimpleNamespace(cluster_resources=lambda: {"CPU": 8.0, "GPU": 4.0}),
+                         no_gpus, {})
+    assert "has 4 GPUs but --ray-num-gpus is 0" in caplog.text
+
+
 @pytest.mark.parametrize("value_heads", [["heads/mc"], {"mc": 3}])
 def test_eval_refuses_malformed_value_heads_before_starting_an_engine(value_heads):
     from vllm_recontrol.evaluation.evaluate import EvalOptions, Evaluator
