@@ -224,6 +224,82 @@ def test_reward_model_batches_score_like_single_rows(tiny_rm):
         assert math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-5)
 
 
+def _padding_trap_rm(path, eos_closes_turns: bool, config_pad: int | None, side: str):
+    """A random reward model whose pad handling once moved the scored token: a chat template
+    closing each assistant turn with eos and no pad id anywhere (Llama-2/Mistral style), or a
+    config with ``pad_token_id: 0``, a tokenizer without one, padding on the right."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import LlamaConfig, LlamaForSequenceClassification, PreTrainedTokenizerFast
+
+    words = "hello how are you fine thanks what is the weather sunny rain good yes no".split()
+    vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", *words, "[INST]", "[/INST]"])}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    core.post_processor = processors.TemplateProcessing(single="<s> $A",
+                                                        special_tokens=[("<s>", 1)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>",
+                                        eos_token="</s>", unk_token="<unk>")
+    tokenizer.padding_side = side
+    if eos_closes_turns:
+        tokenizer.chat_template = (
+            "{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} "
+            "[/INST]{% else %} {{ m['content'] }} {{ eos_token }}{% endif %}{% endfor %}")
+    tokenizer.save_pretrained(path)
+    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                         num_labels=1, pad_token_id=config_pad, bos_token_id=1, eos_token_id=2,
+                         max_position_embeddings=256)
+    torch.manual_seed(0)
+    LlamaForSequenceClassification(config).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("eos_closes_turns, config_pad, side", [(True, None, "left"),
+                                                                (False, 0, "right")])
+def test_reward_model_scores_each_texts_last_token_alone_or_batched(
+        tmp_path, eos_closes_turns, config_pad, side):
+    """Oracle: the score head on each text's own last hidden state, unpadded (what vLLM's
+    pooler reads). Before, one case scored the token before a closing eos, the other read a
+    padded row's score off a pad (its value changed with the batch)."""
+    from transformers import AutoModelForSequenceClassification
+
+    path = _padding_trap_rm(tmp_path / "rm", eos_closes_turns, config_pad, side)
+    pairs = [("hello how are you", "fine thanks"), ("what is the weather", "sunny good"),
+             ("hello", "yes"), ("what is the weather", "rain no no")]
+    scorer = RewardModelScorer(str(path), batch_size=4)
+    model = AutoModelForSequenceClassification.from_pretrained(str(path)).eval()
+    with torch.no_grad():
+        expected = [float(model.score(model.model(input_ids=torch.tensor([ids]))
+                                      .last_hidden_state[0, -1])[0])
+                    for ids in scorer.encode(pairs)]
+    if eos_closes_turns:
+        assert all(ids[-1] == 2 for ids in scorer.encode(pairs))  # the trap is set
+    batched = scorer.score(pairs)
+    alone = [RewardModelScorer(str(path), batch_size=1).score([pair])[0] for pair in pairs]
+    for got in (batched, alone):
+        for a, b in zip(got, expected):
+            assert math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-5), (got, expected)
+
+
+def test_a_batch_using_every_token_id_is_scored_row_by_row(tmp_path):
+    """No id is left to pad with: the rows go one at a time, each still scored at its last
+    token (the same oracle as above)."""
+    from transformers import AutoModelForSequenceClassification
+
+    path = _padding_trap_rm(tmp_path / "rm", True, None, "left")
+    every_word = "hello how are you fine thanks what is the weather sunny rain good yes no"
+    pairs = [(every_word + " zzz <s> [INST] [/INST]", "yes"), ("hello", "fine")]
+    scorer = RewardModelScorer(str(path), batch_size=2)
+    encoded = scorer.encode(pairs)
+    assert set(encoded[0]) | set(encoded[1]) == set(range(len(scorer.tokenizer)))
+    model = AutoModelForSequenceClassification.from_pretrained(str(path)).eval()
+    with torch.no_grad():
+        expected = [float(model.score(model.model(input_ids=torch.tensor([ids]))
+                                      .last_hidden_state[0, -1])[0]) for ids in encoded]
+    for a, b in zip(scorer.score(pairs), expected):
+        assert math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-5)
+
+
 def test_reward_model_index_and_device_errors(tiny_rm):
     with pytest.raises(RewardError, match=r"--reward-index 5 is out of range: reward model .* "
                                           r"has 1 output\(s\)"):

@@ -161,10 +161,6 @@ class RewardModelScorer:
                 raise RewardError(f"cannot load reward model {model!r}: {type(exc).__name__}: "
                                   f"{exc}") from exc
         self.tokenizer.truncation_side = "left"
-        if self.tokenizer.pad_token_id is None:  # many RMs ship without one; any id works
-            self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
-        if self.model is not None and getattr(self.model.config, "pad_token_id", None) is None:
-            self.model.config.pad_token_id = self.tokenizer.pad_token_id
         limit = max_length or getattr(config, "max_position_embeddings", None) or 4096
         tokenizer_limit = getattr(self.tokenizer, "model_max_length", None)
         if isinstance(tokenizer_limit, int) and tokenizer_limit < 1_000_000:
@@ -204,15 +200,36 @@ class RewardModelScorer:
         scores = [0.0] * len(encoded)
         for start in range(0, len(order), self.batch_size):
             chunk = order[start:start + self.batch_size]
-            batch = self.tokenizer.pad({"input_ids": [encoded[i] for i in chunk]},
-                                       return_tensors="pt")
-            with torch.no_grad():
-                logits = self.model(input_ids=batch["input_ids"].to(self.device),
-                                    attention_mask=batch["attention_mask"].to(self.device)).logits
-            values = logits[:, self.reward_index].float().cpu().tolist()
-            for i, value in zip(chunk, values):
-                scores[i] = value
+            pad = self._absent_id([encoded[i] for i in chunk])
+            # transformers scores the rightmost token that is not config.pad_token_id (the
+            # last one, alone and unpadded, when it is None)
+            self.model.config.pad_token_id = pad
+            for group in [chunk] if pad is not None else [[i] for i in chunk]:
+                input_ids, attention_mask = right_padded([encoded[i] for i in group], pad or 0)
+                with torch.no_grad():
+                    logits = self.model(input_ids=input_ids.to(self.device),
+                                        attention_mask=attention_mask.to(self.device)).logits
+                values = logits[:, self.reward_index].float().cpu().tolist()
+                for i, value in zip(group, values):
+                    scores[i] = value
         return scores
+
+    def _absent_id(self, sequences: list[list[int]]) -> int | None:
+        """A token id that occurs in none of ``sequences``, to pad them with and to be the
+        model's ``pad_token_id`` (None: every id occurs; the rows then go one at a time).
+
+        Why: transformers scores a sequence-classification model at the rightmost token that
+        is not ``config.pad_token_id``. A pad id that differed from the one padding the batch
+        (a config with ``pad_token_id: 0``, a tokenizer without one) read a padded row's
+        score off a pad, so it changed with its neighbours; one that is also a real token
+        (eos closing a chat turn) moved the score to the token before. With an absent id the
+        scored token is each text's last, alone or in a batch, as vLLM's pooler takes it."""
+        used = {token for sequence in sequences for token in sequence}
+        vocab = self.model.get_input_embeddings().num_embeddings
+        preferred = (self.model.config.pad_token_id, self.tokenizer.pad_token_id,
+                     self.tokenizer.unk_token_id, self.tokenizer.eos_token_id)
+        return next((i for i in (*preferred, *range(vocab)) if isinstance(i, int)
+                     and 0 <= i < vocab and i not in used), None)
 
     def _score_vllm(self, encoded: list[list[int]]) -> list[float]:
         from vllm import PoolingParams
@@ -229,6 +246,19 @@ class RewardModelScorer:
 
             shutdown_llm(self.llm)
             self.llm = None
+
+
+def right_padded(sequences: list[list[int]], pad: int) -> tuple[Any, Any]:
+    """(input_ids, attention_mask) of ``sequences`` padded on the right with ``pad``."""
+    import torch
+
+    width = max(len(sequence) for sequence in sequences)
+    input_ids = torch.full((len(sequences), width), pad, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        input_ids[row, :len(sequence)] = torch.tensor(sequence, dtype=torch.long)
+        attention_mask[row, :len(sequence)] = 1
+    return input_ids, attention_mask
 
 
 def _pooling_llm(model: str, dtype: str, max_length: int, trust_remote_code: bool,
