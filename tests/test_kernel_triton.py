@@ -508,6 +508,25 @@ def test_bucketed_runner_replays_the_torch_closed_form(kernels, seed):
             assert torch.equal(got, want), (seed, rows, max_norm)
 
 
+def test_graph_buffers_made_in_inference_mode_serve_calls_outside_it(seed):
+    """vLLM runs the warm-up and the edits under torch.inference_mode(); a later direct call
+    outside it (a script, a benchmark) writes the same static buffers in place, which
+    inference tensors refuse. Each call still gets its own answer (CPU: the torch closed
+    form through the graph runner's buffers, without capture)."""
+    from vllm_recontrol.ascent_graphs import AscentGraphs
+
+    runner = AscentGraphs(capture=False)
+    mlp, states, alpha, steps = _draw(seed, 12, [24, 17])
+    want = _padded_closed_form(mlp, states, alpha, steps, 3, None)
+    with torch.inference_mode():
+        inside = runner.run(mlp, states, alpha, steps, 3, None, "fp32", backend="torch").clone()
+    outside = runner.run(mlp, states, alpha, steps, 3, None, "fp32", backend="torch").clone()
+    with torch.inference_mode():
+        again = runner.run(mlp, states, alpha, steps, 3, 0.3, "fp32", backend="torch").clone()
+    assert torch.equal(inside, want) and torch.equal(outside, want), seed
+    assert torch.equal(again, _padded_closed_form(mlp, states, alpha, steps, 3, 0.3)), seed
+
+
 class _ReplayingGraph:
     """Stands in for a CUDA graph on CPU: replay() runs the captured function again, on
     whatever the static buffers hold then (what a real replay does)."""
