@@ -620,13 +620,24 @@ def _check_inputs(mlp: "MLPWeights", states: Tensor, alpha: Tensor, steps: Tenso
 
 
 def _check_backend(device: torch.device) -> None:
-    """Fail clearly where the kernels cannot run (CPU needs interpreted kernels)."""
+    """Fail clearly where the kernels cannot run: CPU needs interpreted kernels, CUDA
+    compiled ones (the interpreter takes CUDA tensors, but there this module's switch
+    ``interpret=device.type == "cpu"`` is off and the interpreter multiplies bf16 operands
+    as raw integers: the edits would be finite garbage)."""
+    interpreted = type(_ascent_gemm_kernel).__name__ == "InterpretedFunction"
     if device.type == "cuda":
+        if interpreted:
+            raise RuntimeError(
+                f"triton_ascend was given {device} tensors, but this process's Triton kernels "
+                "run in Triton's interpreter (TRITON_INTERPRET was set when "
+                "vllm_recontrol.kernels.value_ascent was imported), which computes wrong "
+                "bf16 products on GPU tensors: unset TRITON_INTERPRET (it is for CPU tests) "
+                "and start the process again")
         return
     if device.type != "cpu":
         raise ValueError(f"triton_ascend runs on CUDA devices (or CPU under TRITON_INTERPRET=1), "
                          f"got {device}")
-    if type(_ascent_gemm_kernel).__name__ != "InterpretedFunction":
+    if not interpreted:
         raise RuntimeError("CPU tensors need Triton's interpreter: set TRITON_INTERPRET=1 before "
                            "vllm_recontrol.kernels.value_ascent is imported (Triton reads it at "
                            "@triton.jit time)")

@@ -128,3 +128,16 @@ def test_engine_precision_conflict_is_a_config_error(tmp_path, monkeypatch):
         EditController(ValueHead(8, [8]), settings, RowControls())
     with pytest.raises(ValueError, match="needs the triton backend"):
         ValueHead(8, [8]).ascend(torch.randn(2, 8), 0.5, 2, precision="bf16")
+
+
+@pytest.mark.parametrize("value, interpreted", [("1", True), ("true", True), ("On", True),
+                                                ("0", False), ("", False)])
+def test_kernels_interpreted_follows_the_variable_until_the_kernels_are_imported(
+        monkeypatch, value, interpreted):
+    """Before ``value_ascent`` is imported, the variable decides (with Triton's truth
+    values) how the kernels will be decorated."""
+    import vllm_recontrol.kernels as kernels
+
+    monkeypatch.delitem(sys.modules, "vllm_recontrol.kernels.value_ascent", raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert kernels.kernels_interpreted() is interpreted

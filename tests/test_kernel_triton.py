@@ -417,6 +417,26 @@ def test_batch_invariant_rows_get_the_same_bits_in_any_batch(kernels, seed, prec
         assert torch.equal(part, full[rows]), f"rows {rows} changed with the batch (seed {seed})"
 
 
+def test_cuda_tensors_are_refused_under_the_interpreter(kernels, monkeypatch):
+    """TRITON_INTERPRET=1 left set on a GPU machine: the interpreter would take CUDA tensors
+    and multiply their bf16 operands as raw integers (finite garbage edits). The kernel
+    refuses them, naming the variable, and "auto" picks torch there (no GPU needed: the
+    device check runs before any tensor is touched; CUDA's presence is stubbed)."""
+    from vllm_recontrol import kernels as package
+    from vllm_recontrol.backends import BACKEND_ENV, choose_backend
+
+    with pytest.raises(RuntimeError, match="Triton's interpreter.*unset TRITON_INTERPRET"):
+        kernels._check_backend(torch.device("cuda", 0))
+    kernels._check_backend(torch.device("cpu"))  # what the interpreter is for
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    assert package.kernels_interpreted()
+    assert not package.triton_available("cuda") and package.triton_available("cpu")
+    assert choose_backend("auto", torch.device("cuda", 0), 2) == "torch"
+    with pytest.raises(ValueError, match="cannot run here.*TRITON_INTERPRET unset"):
+        choose_backend("triton", torch.device("cuda", 0), 2)
+
+
 def test_row_buckets():
     from vllm_recontrol.ascent_graphs import bucket_rows
     assert [bucket_rows(r) for r in (1, 16, 17, 32, 33, 64, 65, 128, 129, 256, 300)] == \

@@ -44,7 +44,7 @@ def choose_backend(requested: str, device: torch.device | str, hidden_layers: in
         raise ValueError(
             f"the triton backend was requested but cannot run here: device {device}, "
             f"{hidden_layers} hidden layer(s) (the kernel supports {list(TRITON_HIDDEN_LAYERS)}, "
-            "on CUDA, or on CPU under TRITON_INTERPRET=1 for tests)")
+            "on CUDA with TRITON_INTERPRET unset, or on CPU under TRITON_INTERPRET=1 for tests)")
     if choice == "triton":
         return "triton"
     return "triton" if usable and device.type == "cuda" and precision != "fp32" else "torch"
