@@ -94,9 +94,11 @@ Limits: fewer than 2**31 elements per tensor (int32 indexing); 1 to 3 hidden lay
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING, Callable, Mapping
 
 import torch
 import triton
@@ -834,10 +836,30 @@ def _attach_descriptors(products: list[_Product], ctx: dict) -> None:
         if p.plan.tma and ctx["sm90"] and tma_eligible(p, ctx["precision"]):
             p.descriptors = _descriptors(p)
 
+def launch_device(device: torch.device) -> contextlib.AbstractContextManager:
+    """The context to launch on ``device``'s tensors in: Triton launches on the *current*
+    CUDA device and its stream, never the tensors' device, so states on cuda:1 while cuda:0
+    is current would run the kernels on cuda:0's stream with cuda:1 pointers (a fault, or
+    over peer access unordered with the torch ops around them). Free when the device is
+    already current, and safe inside graph capture; nothing to do off CUDA."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _on_the_states_device(ascent: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """Run ``ascent(mlp, states32, ...)`` (its allocations, copies and launches) under
+    ``launch_device(states32.device)``."""
+    @functools.wraps(ascent)
+    def on_device(mlp: "MLPWeights", states32: Tensor, *args, **kwargs) -> Tensor:
+        with launch_device(states32.device):
+            return ascent(mlp, states32, *args, **kwargs)
+    return on_device
+
+
 # Pipeline depth that fits in shared memory, per launch shape, once a deeper one did not.
 _STAGES_THAT_FIT: dict[tuple, int] = {}
 
 
+@_on_the_states_device
 def triton_ascend(
     mlp: "MLPWeights",
     states32: Tensor,
@@ -916,6 +938,7 @@ def triton_ascend(
     return out
 
 
+@_on_the_states_device
 def triton_ascend_gram(
     mlp: "MLPWeights",
     states32: Tensor,

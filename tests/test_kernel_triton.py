@@ -437,6 +437,39 @@ def test_cuda_tensors_are_refused_under_the_interpreter(kernels, monkeypatch):
         choose_backend("triton", torch.device("cuda", 0), 2)
 
 
+def test_kernels_launch_inside_the_states_device_context(kernels, seed, monkeypatch):
+    """Triton launches on the current CUDA device, not the tensors': both ascents run their
+    launches inside ``launch_device(states.device)``, which on CUDA makes the states' device
+    current (a second GPU cannot be tried here: the context is recorded on CPU instead)."""
+    import contextlib
+
+    guard = kernels.launch_device(torch.device("cuda", 1))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    assert isinstance(kernels.launch_device(torch.device("cpu")), contextlib.nullcontext)
+
+    entered, launches = [], []
+
+    @contextlib.contextmanager
+    def recording(device):
+        entered.append(device)
+        yield
+        entered.append(None)
+
+    launch = kernels._launch
+
+    def checked_launch(p, ctx, step):
+        launches.append(entered[-1])  # the device whose context is open, None if none
+        launch(p, ctx, step)
+
+    monkeypatch.setattr(kernels, "launch_device", recording)
+    monkeypatch.setattr(kernels, "_launch", checked_launch)
+    mlp, states, alpha, steps = _draw(seed, 5, [24, 17])
+    kernels.triton_ascend(mlp, states, alpha, steps, 2)
+    kernels.triton_ascend_gram(with_first_gram(mlp), states, alpha, steps, 2)
+    assert entered == [states.device, None] * 2
+    assert launches and all(device == states.device for device in launches)
+
+
 def test_row_buckets():
     from vllm_recontrol.ascent_graphs import bucket_rows
     assert [bucket_rows(r) for r in (1, 16, 17, 32, 33, 64, 65, 128, 129, 256, 300)] == \
