@@ -27,9 +27,10 @@ product, through the same staging buffers (same shape, same alignment, whatever 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 
@@ -153,6 +154,33 @@ def first_preactivation_gradient_into(mlp: MLPWeights, ws: AscentWorkspace) -> T
     return ws.back[0]
 
 
+@contextlib.contextmanager
+def exact_fp32_products() -> Iterator[None]:
+    """Full-precision ("ieee") fp32 matrix products inside, the caller's setting restored
+    after. Why: the torch path is the exact one ("fp32 (exact)"), but
+    ``torch.set_float32_matmul_precision("high"/"medium")``, which vLLM calls with
+    VLLM_FLOAT32_MATMUL_PRECISION, lets cuBLAS use TF32 (about 1e-3 relative error) and
+    oneDNN bf16 arithmetic on CPUs that have it, for the whole process. A CUDA graph
+    captured inside keeps the kernels chosen here."""
+    cuda = torch.backends.cuda.matmul
+    mkldnn = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
+    if not hasattr(cuda, "fp32_precision") or not hasattr(mkldnn, "fp32_precision"):
+        saved = torch.get_float32_matmul_precision()  # torch < 2.9: only the global setting
+        torch.set_float32_matmul_precision("highest")
+        try:
+            yield
+        finally:
+            torch.set_float32_matmul_precision(saved)
+        return
+    saved_backends = cuda.fp32_precision, mkldnn.fp32_precision
+    cuda.fp32_precision = mkldnn.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        cuda.fp32_precision, mkldnn.fp32_precision = saved_backends
+
+
+@exact_fp32_products()
 def ascend_float32(
     mlp: MLPWeights,
     states32: Tensor,
@@ -190,6 +218,7 @@ def ascend_float32(
     return ws.u[:rows]
 
 
+@exact_fp32_products()
 def ascend_gram_float32(
     mlp: MLPWeights,
     states32: Tensor,
