@@ -778,37 +778,52 @@ def restore_matmul_precision():
     torch.backends.mkldnn.matmul.fp32_precision = saved[2]
 
 
-@pytest.mark.parametrize("setting", ["high", "medium"])
+def _lower_precision(setting):
+    """The caller's settings: through the global call (as vLLM does), or only cuBLAS's
+    through the per-backend API, which leaves the global value disagreeing with it (torch
+    then refuses to read the global value)."""
+    if setting == "cuda tf32 alone":
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+    else:
+        torch.set_float32_matmul_precision(setting)
+    return (torch.backends.cuda.matmul.fp32_precision,
+            torch.backends.mkldnn.matmul.fp32_precision)
+
+
+@pytest.mark.parametrize("setting", ["high", "medium", "cuda tf32 alone"])
 def test_torch_ascent_runs_its_products_in_full_fp32_and_restores_the_setting(
         setting, restore_matmul_precision, monkeypatch):
     """vLLM sets the process-wide precision from VLLM_FLOAT32_MATMUL_PRECISION; "high" or
     "medium" let cuBLAS use TF32 (and oneDNN bf16), but the torch path is the exact one.
     Every product of both forms runs with full-precision ("ieee") fp32 on both backends,
-    and the caller's setting is back afterwards, also when the ascent raises."""
+    with the global value agreeing ("highest": torch raises where they disagree), and the
+    caller's settings are back afterwards, also when the ascent raises."""
     import vllm_recontrol.ascent as ascent
 
     seen = []
     matmul_into = ascent._matmul_into
 
     def recording(a, b, out, bias):
-        seen.append((torch.backends.cuda.matmul.fp32_precision,
-                     torch.backends.mkldnn.matmul.fp32_precision))
+        seen.append(_matmul_settings())
         matmul_into(a, b, out, bias)
 
     monkeypatch.setattr(ascent, "_matmul_into", recording)
     head = ValueHead(16, [12, 8], seed=2)
     states = torch.randn(5, 16, generator=torch.Generator().manual_seed(2))
-    torch.set_float32_matmul_precision(setting)
-    before = _matmul_settings()
-    assert before[1:] != ("ieee", "ieee")  # the setting really lowers them
+    before = _lower_precision(setting)
+    assert "tf32" in before  # the setting really lowers them
     for form in ("direct", "gram"):
         head.ascend(states, 0.5, 3, backend="torch", form=form)
-        assert _matmul_settings() == before
-    assert seen and set(seen) == {("ieee", "ieee")}
+        assert (torch.backends.cuda.matmul.fp32_precision,
+                torch.backends.mkldnn.matmul.fp32_precision) == before
+        if setting != "cuda tf32 alone":
+            assert torch.get_float32_matmul_precision() == setting
+    assert seen and set(seen) == {("highest", "ieee", "ieee")}
     mlp = head.float32_weights()  # no first_gram: the Gram form raises inside
     with pytest.raises(ValueError, match="first_gram"):
         ascend_gram_float32(mlp, states, torch.full((5,), 0.5), torch.full((5,), 3), 3)
-    assert _matmul_settings() == before
+    assert (torch.backends.cuda.matmul.fp32_precision,
+            torch.backends.mkldnn.matmul.fp32_precision) == before
 
 
 @pytest.mark.parametrize("form", ["direct", "gram"])
