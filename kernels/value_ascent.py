@@ -836,6 +836,7 @@ def _attach_descriptors(products: list[_Product], ctx: dict) -> None:
         if p.plan.tma and ctx["sm90"] and tma_eligible(p, ctx["precision"]):
             p.descriptors = _descriptors(p)
 
+
 def launch_device(device: torch.device) -> contextlib.AbstractContextManager:
     """The context to launch on ``device``'s tensors in: Triton launches on the *current*
     CUDA device and its stream, never the tensors' device, so states on cuda:1 while cuda:0
