@@ -94,9 +94,11 @@ Limits: fewer than 2**31 elements per tensor (int32 indexing); 1 to 3 hidden lay
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING, Callable, Mapping
 
 import torch
 import triton
@@ -620,13 +622,24 @@ def _check_inputs(mlp: "MLPWeights", states: Tensor, alpha: Tensor, steps: Tenso
 
 
 def _check_backend(device: torch.device) -> None:
-    """Fail clearly where the kernels cannot run (CPU needs interpreted kernels)."""
+    """Fail clearly where the kernels cannot run: CPU needs interpreted kernels, CUDA
+    compiled ones (the interpreter takes CUDA tensors, but there this module's switch
+    ``interpret=device.type == "cpu"`` is off and the interpreter multiplies bf16 operands
+    as raw integers: the edits would be finite garbage)."""
+    interpreted = type(_ascent_gemm_kernel).__name__ == "InterpretedFunction"
     if device.type == "cuda":
+        if interpreted:
+            raise RuntimeError(
+                f"triton_ascend was given {device} tensors, but this process's Triton kernels "
+                "run in Triton's interpreter (TRITON_INTERPRET was set when "
+                "vllm_recontrol.kernels.value_ascent was imported), which computes wrong "
+                "bf16 products on GPU tensors: unset TRITON_INTERPRET (it is for CPU tests) "
+                "and start the process again")
         return
     if device.type != "cpu":
         raise ValueError(f"triton_ascend runs on CUDA devices (or CPU under TRITON_INTERPRET=1), "
                          f"got {device}")
-    if type(_ascent_gemm_kernel).__name__ != "InterpretedFunction":
+    if not interpreted:
         raise RuntimeError("CPU tensors need Triton's interpreter: set TRITON_INTERPRET=1 before "
                            "vllm_recontrol.kernels.value_ascent is imported (Triton reads it at "
                            "@triton.jit time)")
@@ -823,10 +836,31 @@ def _attach_descriptors(products: list[_Product], ctx: dict) -> None:
         if p.plan.tma and ctx["sm90"] and tma_eligible(p, ctx["precision"]):
             p.descriptors = _descriptors(p)
 
+
+def launch_device(device: torch.device) -> contextlib.AbstractContextManager:
+    """The context to launch on ``device``'s tensors in: Triton launches on the *current*
+    CUDA device and its stream, never the tensors' device, so states on cuda:1 while cuda:0
+    is current would run the kernels on cuda:0's stream with cuda:1 pointers (a fault, or
+    over peer access unordered with the torch ops around them). Free when the device is
+    already current, and safe inside graph capture; nothing to do off CUDA."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _on_the_states_device(ascent: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """Run ``ascent(mlp, states32, ...)`` (its allocations, copies and launches) under
+    ``launch_device(states32.device)``."""
+    @functools.wraps(ascent)
+    def on_device(mlp: "MLPWeights", states32: Tensor, *args, **kwargs) -> Tensor:
+        with launch_device(states32.device):
+            return ascent(mlp, states32, *args, **kwargs)
+    return on_device
+
+
 # Pipeline depth that fits in shared memory, per launch shape, once a deeper one did not.
 _STAGES_THAT_FIT: dict[tuple, int] = {}
 
 
+@_on_the_states_device
 def triton_ascend(
     mlp: "MLPWeights",
     states32: Tensor,
@@ -905,6 +939,7 @@ def triton_ascend(
     return out
 
 
+@_on_the_states_device
 def triton_ascend_gram(
     mlp: "MLPWeights",
     states32: Tensor,

@@ -45,8 +45,11 @@ def test_auto_on_cuda_is_triton_except_for_exact_products(monkeypatch):
     here: the kernel's availability check is stubbed.)"""
     import vllm_recontrol.kernels as kernels
 
+    import vllm_recontrol.backends as backends
+
     monkeypatch.delenv(BACKEND_ENV, raising=False)
     monkeypatch.setattr(kernels, "triton_available", lambda device: True)
+    monkeypatch.setattr(backends, "_capability_of", lambda index: (9, 0))  # an H100
     cuda = torch.device("cuda", 0)
     assert choose_backend("auto", cuda, 2) == "triton"
     assert choose_backend("auto", cuda, 2, precision="bf16") == "triton"
@@ -55,6 +58,27 @@ def test_auto_on_cuda_is_triton_except_for_exact_products(monkeypatch):
     assert choose_backend("triton", cuda, 2, precision="fp32") == "triton"  # forced stays
     monkeypatch.setenv(BACKEND_ENV, "triton")
     assert choose_backend("auto", cuda, 2, precision="fp32") == "triton"
+
+
+@pytest.mark.parametrize("capability, auto", [((7, 0), "torch"), ((7, 5), "torch"),
+                                              ((8, 0), "triton"), ((8, 9), "triton"),
+                                              ((10, 0), "triton")])
+def test_auto_needs_compute_capability_8_for_triton(monkeypatch, capability, auto):
+    """Triton's bf16/tf32 tensor-core products need sm_80+: "auto" picks torch on a V100 or
+    T4, each device judged by its own capability (the lookup is stubbed: no GPU here); an
+    explicit "triton" is left to the user."""
+    import vllm_recontrol.backends as backends
+    import vllm_recontrol.kernels as kernels
+
+    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    monkeypatch.setattr(kernels, "triton_available", lambda device: True)
+    monkeypatch.setattr(backends, "_capability_of",
+                        lambda index: capability if index == 1 else (9, 0))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert choose_backend("auto", torch.device("cuda", 1), 2) == auto
+    assert choose_backend("auto", torch.device("cuda"), 2) == auto  # the current device
+    assert choose_backend("auto", torch.device("cuda", 0), 2) == "triton"
+    assert choose_backend("triton", torch.device("cuda", 1), 2) == "triton"
 
 
 def test_bad_environment_value(monkeypatch):
@@ -128,3 +152,16 @@ def test_engine_precision_conflict_is_a_config_error(tmp_path, monkeypatch):
         EditController(ValueHead(8, [8]), settings, RowControls())
     with pytest.raises(ValueError, match="needs the triton backend"):
         ValueHead(8, [8]).ascend(torch.randn(2, 8), 0.5, 2, precision="bf16")
+
+
+@pytest.mark.parametrize("value, interpreted", [("1", True), ("true", True), ("On", True),
+                                                ("0", False), ("", False)])
+def test_kernels_interpreted_follows_the_variable_until_the_kernels_are_imported(
+        monkeypatch, value, interpreted):
+    """Before ``value_ascent`` is imported, the variable decides (with Triton's truth
+    values) how the kernels will be decorated."""
+    import vllm_recontrol.kernels as kernels
+
+    monkeypatch.delitem(sys.modules, "vllm_recontrol.kernels.value_ascent", raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert kernels.kernels_interpreted() is interpreted

@@ -184,3 +184,20 @@ def test_serve_says_a_refused_configuration_in_one_line(llama_dir, tmp_path):
     assert proc.stderr.splitlines()[-1] == (
         f"vllm-recontrol serve: error: value head folder {tmp_path / 'nope'} does not exist")
     assert "Traceback" not in proc.stdout + proc.stderr
+
+
+def test_sleep_mode_is_refused(llama_dir, head_dir, monkeypatch):
+    """Sleep level 2 discards the value heads' weights with the model's and vLLM reloads
+    only the model's on wake-up: refused in the front-end, naming why. (vLLM itself refuses
+    sleep mode on a CPU platform first, so the platform is told it has it here.)"""
+    from vllm.platforms import current_platform
+
+    monkeypatch.setattr(current_platform, "is_sleep_mode_available", lambda: True)
+    args = EngineArgs(model=str(llama_dir), model_impl="recontrol", enable_sleep_mode=True,
+                      additional_config={"recontrol": {"value_head": str(head_dir)}},
+                      **ENGINE_KWARGS)
+    with pytest.raises(ConfigError, match="does not support sleep mode.*discards the value "
+                                          "heads' weights.*without --enable-sleep-mode"):
+        args.create_engine_config()
+    plain = EngineArgs(model=str(llama_dir), enable_sleep_mode=True, **ENGINE_KWARGS)
+    assert plain.create_engine_config().model_config.enable_sleep_mode  # stock: vLLM's call

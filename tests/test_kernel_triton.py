@@ -417,6 +417,59 @@ def test_batch_invariant_rows_get_the_same_bits_in_any_batch(kernels, seed, prec
         assert torch.equal(part, full[rows]), f"rows {rows} changed with the batch (seed {seed})"
 
 
+def test_cuda_tensors_are_refused_under_the_interpreter(kernels, monkeypatch):
+    """TRITON_INTERPRET=1 left set on a GPU machine: the interpreter would take CUDA tensors
+    and multiply their bf16 operands as raw integers (finite garbage edits). The kernel
+    refuses them, naming the variable, and "auto" picks torch there (no GPU needed: the
+    device check runs before any tensor is touched; CUDA's presence is stubbed)."""
+    from vllm_recontrol import kernels as package
+    from vllm_recontrol.backends import BACKEND_ENV, choose_backend
+
+    with pytest.raises(RuntimeError, match="Triton's interpreter.*unset TRITON_INTERPRET"):
+        kernels._check_backend(torch.device("cuda", 0))
+    kernels._check_backend(torch.device("cpu"))  # what the interpreter is for
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    assert package.kernels_interpreted()
+    assert not package.triton_available("cuda") and package.triton_available("cpu")
+    assert choose_backend("auto", torch.device("cuda", 0), 2) == "torch"
+    with pytest.raises(ValueError, match="cannot run here.*TRITON_INTERPRET unset"):
+        choose_backend("triton", torch.device("cuda", 0), 2)
+
+
+def test_kernels_launch_inside_the_states_device_context(kernels, seed, monkeypatch):
+    """Triton launches on the current CUDA device, not the tensors': both ascents run their
+    launches inside ``launch_device(states.device)``, which on CUDA makes the states' device
+    current (a second GPU cannot be tried here: the context is recorded on CPU instead)."""
+    import contextlib
+
+    guard = kernels.launch_device(torch.device("cuda", 1))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    assert isinstance(kernels.launch_device(torch.device("cpu")), contextlib.nullcontext)
+
+    entered, launches = [], []
+
+    @contextlib.contextmanager
+    def recording(device):
+        entered.append(device)
+        yield
+        entered.append(None)
+
+    launch = kernels._launch
+
+    def checked_launch(p, ctx, step):
+        launches.append(entered[-1])  # the device whose context is open, None if none
+        launch(p, ctx, step)
+
+    monkeypatch.setattr(kernels, "launch_device", recording)
+    monkeypatch.setattr(kernels, "_launch", checked_launch)
+    mlp, states, alpha, steps = _draw(seed, 5, [24, 17])
+    kernels.triton_ascend(mlp, states, alpha, steps, 2)
+    kernels.triton_ascend_gram(with_first_gram(mlp), states, alpha, steps, 2)
+    assert entered == [states.device, None] * 2
+    assert launches and all(device == states.device for device in launches)
+
+
 def test_row_buckets():
     from vllm_recontrol.ascent_graphs import bucket_rows
     assert [bucket_rows(r) for r in (1, 16, 17, 32, 33, 64, 65, 128, 129, 256, 300)] == \
@@ -506,6 +559,25 @@ def test_bucketed_runner_replays_the_torch_closed_form(kernels, seed):
             want = _padded_closed_form(mlp, states[:rows], alpha[:rows], steps[:rows], 3,
                                        max_norm)
             assert torch.equal(got, want), (seed, rows, max_norm)
+
+
+def test_graph_buffers_made_in_inference_mode_serve_calls_outside_it(seed):
+    """vLLM runs the warm-up and the edits under torch.inference_mode(); a later direct call
+    outside it (a script, a benchmark) writes the same static buffers in place, which
+    inference tensors refuse. Each call still gets its own answer (CPU: the torch closed
+    form through the graph runner's buffers, without capture)."""
+    from vllm_recontrol.ascent_graphs import AscentGraphs
+
+    runner = AscentGraphs(capture=False)
+    mlp, states, alpha, steps = _draw(seed, 12, [24, 17])
+    want = _padded_closed_form(mlp, states, alpha, steps, 3, None)
+    with torch.inference_mode():
+        inside = runner.run(mlp, states, alpha, steps, 3, None, "fp32", backend="torch").clone()
+    outside = runner.run(mlp, states, alpha, steps, 3, None, "fp32", backend="torch").clone()
+    with torch.inference_mode():
+        again = runner.run(mlp, states, alpha, steps, 3, 0.3, "fp32", backend="torch").clone()
+    assert torch.equal(inside, want) and torch.equal(outside, want), seed
+    assert torch.equal(again, _padded_closed_form(mlp, states, alpha, steps, 3, 0.3)), seed
 
 
 class _ReplayingGraph:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import pytest
 import torch
 
 from vllm_recontrol.config import RowControl
@@ -223,9 +224,9 @@ def test_warm_up_only_on_cuda_with_steps():
     assert warm_up_rows(cuda, EngineSettings(value_head="h", steps=0), 256) is None
 
 
-def test_first_pass_through_call_warms_up_once_and_failures_only_log(caplog):
+def test_first_pass_through_call_warms_up_once():
     """vLLM's profiling run is the first logits call with no armed pass: the controller warms
-    up there, once; a warm-up that raises is logged and the call still passes through."""
+    up there, once, and the call passes through."""
     from vllm_recontrol import ValueHead
     from vllm_recontrol.config import EngineSettings
     from vllm_recontrol.controller import EditController
@@ -250,15 +251,83 @@ def test_first_pass_through_call_warms_up_once_and_failures_only_log(caplog):
     assert not torch.equal(controller.maybe_edit(states), states)  # a real edit
     assert len(calls) == 1
 
-    def broken(*args, **kw):
-        raise RuntimeError("no graphs today")
 
-    head.warm_up = broken
-    controller._warm_rows = 48
+def test_a_failing_ascent_at_warm_up_fails_engine_start():
+    """A deterministic failure of the ascent itself (a kernel that does not compile for this
+    GPU, ...) would kill the running engine at the first controlled request: at warm-up it
+    is a ConfigError naming the head, the resolved backend, precision and form, and the
+    original error."""
+    from vllm_recontrol import ValueHead
+    from vllm_recontrol.config import EngineSettings, HeadSpec
+    from vllm_recontrol.controller import EditController
+    from vllm_recontrol.errors import ConfigError
+
+    heads = {"default": ValueHead(8, [4], seed=0), "td": ValueHead(8, [6, 3], seed=1)}
+    settings = EngineSettings(value_head="h", backend="torch", ascent_form="gram",
+                              value_heads=(("td", HeadSpec("t")),))
+    controller = EditController(heads, settings, fresh([]), max_rows=16)
+    heads["default"].warm_up = lambda rows, counts, **kw: 3
+
+    def broken(rows, counts, **kw):
+        raise RuntimeError("no kernel image is available for execution on the device")
+
+    heads["td"].warm_up = broken
+    controller._warm_rows = 16  # as on CUDA
+    with pytest.raises(ConfigError, match=r"value head 'td' failed at engine start \(torch "
+                                          r"backend, fp32 products, gram form\): RuntimeError: "
+                                          r"no kernel image .*\"backend\""):
+        controller.warm_up()
+    assert controller._warm_rows is None  # not retried on the next call
+
+
+def test_a_failed_graph_capture_at_warm_up_only_logs(monkeypatch, caplog):
+    """A capture that fails while the eager ascent works loses only the speed-up: the
+    warm-up completes, the failure is one warning, and the shape runs eagerly with the
+    right answer; if the ascent itself fails too, engine start fails. (CPU: the head's
+    warm-up runs the graph runner, the path a CUDA head's warm-up takes, with capture
+    stubbed.)"""
+    from vllm_recontrol import ValueHead, ascent_graphs
+    from vllm_recontrol.ascent import ascend_float32
+    from vllm_recontrol.config import EngineSettings
+    from vllm_recontrol.controller import EditController
+    from vllm_recontrol.errors import ConfigError
+
+    def no_capture(fn, device, pool):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(ascent_graphs.torch.cuda, "graph_pool_handle", lambda: "pool")
+    monkeypatch.setattr(ascent_graphs, "capture_graph", no_capture)
+    head = ValueHead(8, [4], seed=0)
+    states = torch.randn(16, 8, generator=torch.Generator().manual_seed(0))
+    alpha, steps = torch.full((16,), 0.5), torch.full((16,), 3)
+    results = []
+
+    def graph_warm_up(rows, counts, **kw):  # ValueHead.warm_up's graph path, as on CUDA
+        runner = ascent_graphs.AscentGraphs()
+        for n in counts:
+            results.append(runner.run(head.float32_weights(), states[:rows], alpha[:rows],
+                                      steps[:rows], n, None, "fp32", backend="torch").clone())
+        return len(counts)
+
+    head.warm_up = graph_warm_up
+    settings = EngineSettings(value_head="h", backend="torch", ascent_form="direct",
+                              warmup_steps=(3,))
+    controller = EditController(head, settings, fresh([]), max_rows=16)
+    controller._warm_rows = 16  # as on CUDA
     with caplog.at_level("WARNING"):
-        assert controller.maybe_edit(states) is states
-    assert "warm-up failed (RuntimeError: no graphs today)" in caplog.text
-    assert controller._warm_rows is None
+        assert controller.warm_up() == 1
+    assert "capture of the ascent failed (RuntimeError: operation not permitted" in caplog.text
+    assert torch.equal(results[0], ascend_float32(head.float32_weights(), states, alpha,
+                                                  steps, 3))
+
+    def failing(*args, **kw):
+        raise RuntimeError("CUBLAS_STATUS_NOT_SUPPORTED")
+
+    monkeypatch.setattr(ascent_graphs, "ascend_float32", failing)
+    controller._warm_rows = 16
+    with pytest.raises(ConfigError, match="torch backend, fp32 products, direct form.*"
+                                          "CUBLAS_STATUS_NOT_SUPPORTED"):
+        controller.warm_up()
 
 
 def test_warm_up_covers_every_head():

@@ -761,3 +761,83 @@ def test_row_controls_of_the_wrong_shape_or_kind_are_refused(options, message):
     arguments = {"alpha": 0.5, "steps": 3, **options}
     with pytest.raises(ValueError, match=message):
         head.ascend(torch.randn(4, 8), **arguments)
+
+
+def _matmul_settings():
+    """The process-wide fp32 matmul settings: the global one and cuBLAS's and oneDNN's."""
+    return (torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.fp32_precision,
+            torch.backends.mkldnn.matmul.fp32_precision)
+
+
+@pytest.fixture
+def restore_matmul_precision():
+    saved = _matmul_settings()
+    yield
+    torch.set_float32_matmul_precision(saved[0])
+    torch.backends.cuda.matmul.fp32_precision = saved[1]
+    torch.backends.mkldnn.matmul.fp32_precision = saved[2]
+
+
+def _lower_precision(setting):
+    """The caller's settings: through the global call (as vLLM does), or only cuBLAS's
+    through the per-backend API, which leaves the global value disagreeing with it (torch
+    then refuses to read the global value)."""
+    if setting == "cuda tf32 alone":
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+    else:
+        torch.set_float32_matmul_precision(setting)
+    return (torch.backends.cuda.matmul.fp32_precision,
+            torch.backends.mkldnn.matmul.fp32_precision)
+
+
+@pytest.mark.parametrize("setting", ["high", "medium", "cuda tf32 alone"])
+def test_torch_ascent_runs_its_products_in_full_fp32_and_restores_the_setting(
+        setting, restore_matmul_precision, monkeypatch):
+    """vLLM sets the process-wide precision from VLLM_FLOAT32_MATMUL_PRECISION; "high" or
+    "medium" let cuBLAS use TF32 (and oneDNN bf16), but the torch path is the exact one.
+    Every product of both forms runs with full-precision ("ieee") fp32 on both backends,
+    with the global value agreeing ("highest": torch raises where they disagree), and the
+    caller's settings are back afterwards, also when the ascent raises."""
+    import vllm_recontrol.ascent as ascent
+
+    seen = []
+    matmul_into = ascent._matmul_into
+
+    def recording(a, b, out, bias):
+        seen.append(_matmul_settings())
+        matmul_into(a, b, out, bias)
+
+    monkeypatch.setattr(ascent, "_matmul_into", recording)
+    head = ValueHead(16, [12, 8], seed=2)
+    states = torch.randn(5, 16, generator=torch.Generator().manual_seed(2))
+    before = _lower_precision(setting)
+    assert "tf32" in before  # the setting really lowers them
+    for form in ("direct", "gram"):
+        head.ascend(states, 0.5, 3, backend="torch", form=form)
+        assert (torch.backends.cuda.matmul.fp32_precision,
+                torch.backends.mkldnn.matmul.fp32_precision) == before
+        if setting != "cuda tf32 alone":
+            assert torch.get_float32_matmul_precision() == setting
+    assert seen and set(seen) == {("highest", "ieee", "ieee")}
+    mlp = head.float32_weights()  # no first_gram: the Gram form raises inside
+    with pytest.raises(ValueError, match="first_gram"):
+        ascend_gram_float32(mlp, states, torch.full((5,), 0.5), torch.full((5,), 3), 3)
+    assert (torch.backends.cuda.matmul.fp32_precision,
+            torch.backends.mkldnn.matmul.fp32_precision) == before
+
+
+@pytest.mark.parametrize("form", ["direct", "gram"])
+def test_torch_ascent_bits_do_not_depend_on_the_matmul_precision_setting(
+        form, restore_matmul_precision):
+    """On this machine's CPU (AVX512-BF16), "medium" changes the bits of fp32 products of
+    these shapes through oneDNN; the ascent must give the same bits as under "highest". (On
+    a CPU where "medium" changes nothing this cannot fail; the test above still checks the
+    setting inside.)"""
+    head = ValueHead(256, [256, 64], seed=3)
+    states = torch.randn(32, 256, generator=torch.Generator().manual_seed(1))
+    torch.set_float32_matmul_precision("highest")
+    exact = head.ascend(states, 0.5, 6, backend="torch", form=form)
+    for setting in ("medium", "high"):
+        torch.set_float32_matmul_precision(setting)
+        assert torch.equal(head.ascend(states, 0.5, 6, backend="torch", form=form), exact), \
+            setting

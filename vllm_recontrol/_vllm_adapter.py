@@ -158,6 +158,7 @@ def _prepare_engine(vllm_config: Any, settings: EngineSettings) -> None:
     if vllm_config.use_v2_model_runner:
         raise ConfigError(f"--model-impl {MODEL_IMPL} needs vLLM's V1 model runner, but this "
                           "configuration forces the V2 runner (e.g. watermarking)")
+    _refuse_sleep_mode(model_config)
     # Validate the heads here, in the front-end, so a bad head is a clear error before any
     # engine process starts (the worker loads them again onto its device).
     heads = _load_heads(settings, model_config.get_hidden_size(), device="cpu")
@@ -178,6 +179,19 @@ def _prepare_engine(vllm_config: Any, settings: EngineSettings) -> None:
     if settings.value_heads:
         logger.info("vllm-recontrol: further value heads, picked per request with "
                     "recontrol_head: %s", dict(settings.value_heads))
+
+
+def _refuse_sleep_mode(model_config: Any) -> None:
+    """Sleep mode would leave the value heads silently broken: they are built with the
+    model, so their weights live in vLLM's "weights" memory pool, which level 2 discards;
+    on wake-up vLLM reloads only the model checkpoint (the heads are deliberately no
+    submodule of it), so edits would read discarded memory without any error."""
+    if getattr(model_config, "enable_sleep_mode", False):
+        raise ConfigError(
+            f"--model-impl {MODEL_IMPL} does not support sleep mode (enable_sleep_mode): "
+            "sleep level 2 discards the value heads' weights with the model's, and vLLM "
+            "reloads only the model's own weights on wake-up, so every edit after it would "
+            "read discarded memory. Start the engine without --enable-sleep-mode")
 
 
 def _load_heads(settings: EngineSettings, hidden_size: int,

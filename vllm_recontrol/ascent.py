@@ -27,9 +27,10 @@ product, through the same staging buffers (same shape, same alignment, whatever 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 
@@ -153,6 +154,42 @@ def first_preactivation_gradient_into(mlp: MLPWeights, ws: AscentWorkspace) -> T
     return ws.back[0]
 
 
+@contextlib.contextmanager
+def exact_fp32_products() -> Iterator[None]:
+    """Full-precision ("ieee") fp32 matrix products inside, the caller's settings restored
+    after. Why: the torch path is the exact one ("fp32 (exact)"), but
+    ``torch.set_float32_matmul_precision("high"/"medium")``, which vLLM calls with
+    VLLM_FLOAT32_MATMUL_PRECISION, lets cuBLAS use TF32 (about 1e-3 relative error) and
+    oneDNN bf16 arithmetic on CPUs that have it, for the whole process. A CUDA graph
+    captured inside keeps the kernels chosen here.
+
+    Pinned through ``set_float32_matmul_precision("highest")``, which sets the global value
+    and cuBLAS's and oneDNN's together: torch refuses (raises) where they disagree, e.g.
+    in ``allowTF32CuBLAS``. Restored as the global value, then each backend's own. A caller
+    whose settings already disagree (its global value cannot be read) keeps its global
+    value; only the backends' are pinned then."""
+    cuda = torch.backends.cuda.matmul
+    mkldnn = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
+    per_backend = hasattr(cuda, "fp32_precision") and hasattr(mkldnn, "fp32_precision")
+    saved_backends = (cuda.fp32_precision, mkldnn.fp32_precision) if per_backend else None
+    try:
+        saved_global = torch.get_float32_matmul_precision()
+    except RuntimeError:  # torch >= 2.9 with the two APIs already mixed by the caller
+        saved_global = None
+    if saved_global is not None:
+        torch.set_float32_matmul_precision("highest")
+    else:
+        cuda.fp32_precision = mkldnn.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        if saved_global is not None:
+            torch.set_float32_matmul_precision(saved_global)
+        if saved_backends is not None:
+            cuda.fp32_precision, mkldnn.fp32_precision = saved_backends
+
+
+@exact_fp32_products()
 def ascend_float32(
     mlp: MLPWeights,
     states32: Tensor,
@@ -190,6 +227,7 @@ def ascend_float32(
     return ws.u[:rows]
 
 
+@exact_fp32_products()
 def ascend_gram_float32(
     mlp: MLPWeights,
     states32: Tensor,

@@ -84,12 +84,17 @@ class _Static:
 
     @classmethod
     def allocate(cls, rows: int, dim: int, device: torch.device) -> "_Static":
+        """Made outside inference mode even when called inside it (vLLM runs the engine's
+        warm-up and edits there): an inference tensor cannot be written in place outside
+        that mode, and a head used there may later be called directly (a script, a
+        benchmark). Normal tensors can be written in place in both modes."""
         f32 = torch.float32  # explicit: vLLM changes the default dtype while it builds models
-        return cls(states=torch.zeros(rows, dim, device=device, dtype=f32),
-                   alpha=torch.zeros(rows, device=device, dtype=f32),
-                   steps=torch.zeros(rows, device=device, dtype=torch.int64),
-                   radius=torch.full((rows,), float("inf"), device=device, dtype=f32),
-                   out=torch.zeros(rows, dim, device=device, dtype=f32))
+        with torch.inference_mode(False):
+            return cls(states=torch.zeros(rows, dim, device=device, dtype=f32),
+                       alpha=torch.zeros(rows, device=device, dtype=f32),
+                       steps=torch.zeros(rows, device=device, dtype=torch.int64),
+                       radius=torch.full((rows,), float("inf"), device=device, dtype=f32),
+                       out=torch.zeros(rows, dim, device=device, dtype=f32))
 
 
 class AscentGraphs:

@@ -8,6 +8,7 @@ environment variable, which wins over ``auto``.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -20,6 +21,9 @@ PRECISIONS = ("auto", "fp32", "tf32", "bf16")
 _KERNEL_PRECISION = {"fp32": "ieee", "tf32": "tf32", "bf16": "bf16"}
 # How the ascent is computed: on u directly, or on the first layer's coefficients (Gram form).
 FORMS = ("auto", "direct", "gram")
+# "auto" picks Triton only from here up: its bf16 and tf32 tensor-core products (tl.dot)
+# need sm_80+, and Triton's NVIDIA support targets it; older GPUs get the torch path.
+TRITON_MIN_CAPABILITY = (8, 0)
 
 
 def choose_backend(requested: str, device: torch.device | str, hidden_layers: int,
@@ -29,7 +33,9 @@ def choose_backend(requested: str, device: torch.device | str, hidden_layers: in
     ``auto`` on CUDA is Triton, except for exact fp32 products (``precision="fp32"``): there
     the torch closed form (cuBLAS), replayed as a CUDA graph, beat the kernel's CUDA-core fp32
     path at every measured batch size on an H100, 1.01x to 3.3x (benchmarks/results/
-    kernel-h100.md)."""
+    kernel-h100.md); and except on GPUs below compute capability 8.0
+    (``TRITON_MIN_CAPABILITY``), where the kernel's tensor-core products do not exist. An
+    explicit "triton" is not second-guessed."""
     choice = requested if requested != "auto" else os.environ.get(BACKEND_ENV, "auto") or "auto"
     if choice not in BACKENDS:
         source = f"{BACKEND_ENV}={choice!r}" if requested == "auto" else f"backend {choice!r}"
@@ -44,10 +50,24 @@ def choose_backend(requested: str, device: torch.device | str, hidden_layers: in
         raise ValueError(
             f"the triton backend was requested but cannot run here: device {device}, "
             f"{hidden_layers} hidden layer(s) (the kernel supports {list(TRITON_HIDDEN_LAYERS)}, "
-            "on CUDA, or on CPU under TRITON_INTERPRET=1 for tests)")
+            "on CUDA with TRITON_INTERPRET unset, or on CPU under TRITON_INTERPRET=1 for tests)")
     if choice == "triton":
         return "triton"
-    return "triton" if usable and device.type == "cuda" and precision != "fp32" else "torch"
+    if usable and device.type == "cuda" and precision != "fp32":
+        return "triton" if cuda_capability(device) >= TRITON_MIN_CAPABILITY else "torch"
+    return "torch"
+
+
+def cuda_capability(device: torch.device) -> tuple[int, int]:
+    """``device``'s compute capability (the current device for a bare "cuda"), looked up
+    once per device: ``choose_backend`` runs on every ascent."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _capability_of(index)
+
+
+@functools.lru_cache(maxsize=None)
+def _capability_of(index: int) -> tuple[int, int]:
+    return tuple(torch.cuda.get_device_capability(index))
 
 
 def choose_precision(requested: str, backend: str) -> str:

@@ -16,7 +16,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from .backends import check_form, choose_backend, choose_precision
+from .backends import check_form, choose_backend, choose_form, choose_precision
 from .config import DEFAULT_HEAD, UNCONTROLLED, EngineSettings, RowControl
 from .errors import ConfigError
 from .logs import get_logger
@@ -239,32 +239,52 @@ class EditController:
         """Compile (and capture) the ascent for every row bucket and warm-up step count now.
 
         Called from vLLM's memory-profiling logits call, so the graphs' memory is counted
-        before the KV cache is sized. A failure only costs the speed-up: it is logged and
-        serving captures lazily as before. Returns the number of ascents run."""
+        before the KV cache is sized. A CUDA-graph capture that fails while the eager ascent
+        works only costs the speed-up: ``AscentGraphs`` logs it and that shape runs eagerly.
+        A failure of the ascent itself fails engine start (a ``ConfigError`` naming the head,
+        backend, precision and form): the first controlled request would fail the same way,
+        and there it would take the running engine and every request in it down. Returns
+        the number of ascents run."""
         rows, self._warm_rows = self._warm_rows, None
         if rows is None:
             return 0
         start = time.perf_counter()
-        try:
-            runs = sum(head.warm_up(rows, self.settings.warm_up_counts_for(name),
-                                    max_norm=self.settings.max_norm_for(name),
-                                    backend=self.backends[name],
-                                    precision=self.settings.precision,
-                                    cuda_graphs=self.settings.cuda_graphs,
-                                    batch_invariant=self.batch_invariant,
-                                    also_projected=self.settings.warmup_projected,
-                                    form=self.settings.ascent_form)
-                       for name, head in self.heads.items())
-        except Exception as exc:  # never take the engine down for a missing speed-up
-            logger.warning("RE-Control warm-up failed (%s: %s); kernels compile and graphs are "
-                           "captured on first use instead", type(exc).__name__, exc)
-            return 0
+        runs = sum(self._warm_up_head(name, head, rows) for name, head in self.heads.items())
         if runs:
             logger.info("RE-Control warm-up: %d ascents (batches up to %d rows, steps %s) "
                         "compiled%s in %.1f s", runs, rows, list(self.settings.warm_up_counts),
                         " and captured" if self.settings.cuda_graphs else "",
                         time.perf_counter() - start)
         return runs
+
+    def _warm_up_head(self, name: str, head: ValueHead, rows: int) -> int:
+        """``head.warm_up`` under the engine's settings; its failure as a ``ConfigError``."""
+        try:
+            return head.warm_up(rows, self.settings.warm_up_counts_for(name),
+                                max_norm=self.settings.max_norm_for(name),
+                                backend=self.backends[name], precision=self.settings.precision,
+                                cuda_graphs=self.settings.cuda_graphs,
+                                batch_invariant=self.batch_invariant,
+                                also_projected=self.settings.warmup_projected,
+                                form=self.settings.ascent_form)
+        except Exception as exc:
+            raise ConfigError(self._warm_up_failure(name, head, exc)) from exc
+
+    def _warm_up_failure(self, name: str, head: ValueHead, exc: Exception) -> str:
+        """What failed at warm-up, with the resolved backend, precision and form, and what
+        to change."""
+        backend = self.backends[name]
+        try:
+            products = choose_precision(self.settings.precision, backend)
+            form = choose_form(self.settings.ascent_form, backend, head.widths,
+                               head.hidden_size)
+        except ValueError:  # checked at construction; keep the original error in view
+            products, form = self.settings.precision, self.settings.ascent_form
+        return (f"RE-Control warm-up: the ascent of value head {name!r} failed at engine start "
+                f"({backend} backend, {'fp32' if products == 'ieee' else products} products, "
+                f"{form} form): {type(exc).__name__}: {exc}. Every controlled request would "
+                f"fail the same way; choose another backend, precision or ascent_form in "
+                f'additional_config["recontrol"] (e.g. "backend": "torch")')
 
     def maybe_edit(self, hidden_states: torch.Tensor) -> torch.Tensor:
         groups = self.rows.take(hidden_states.shape[0])
