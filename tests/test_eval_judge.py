@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 
 import pytest
 
 from fake_judge import fake_judge
+from vllm_recontrol.evaluation import llm_judge
 from vllm_recontrol.evaluation.llm_judge import (JudgeClient, JudgeSettings, judge_methods,
                                                  method_goes_first, parse_scores)
 from vllm_recontrol.training.common import DataError, RecontrolError
@@ -150,15 +152,57 @@ def test_a_url_without_v1_is_refused_and_an_endpoint_without_a_model_list_is_ask
 
 def test_a_failing_judge_is_not_waited_for_after_max_failures_in_a_row():
     with fake_judge(lambda *asked: 500) as server:
-        client = client_for(server, concurrency=1, max_retries=0, max_failures=3)
+        client = client_for(server, concurrency=1, max_retries=0, max_failures=3, outage_s=0)
         summary = judge_methods(client, PROMPTS, {"m": METHOD}, BASE)["m"]
         assert len(server["asked"]) == 3  # then the rest were skipped, not sent
     assert summary.count("invalid") == len(PROMPTS)
     assert summary.verdicts[2].first_lines[0].startswith("error: InternalServerError")
     assert summary.verdicts[3].first_lines == ["error: skipped after 3 failed judge requests "
-                                               "in a row"]
+                                               "in a row and 0 s without an answer"]
     with pytest.raises(RecontrolError, match="judge timeout must be a number of seconds > 0"):
         JudgeClient(JudgeSettings(url="http://x/v1", model="j", timeout_s=0.0))
+
+
+def fails_first(count: int):
+    """A judge rule that answers HTTP 500 to its first ``count`` requests, then as
+    ``content_rule`` (a restarting server, a burst of rate limits)."""
+    seen, lock = [0], threading.Lock()
+
+    def rule(prompt, first, second):
+        with lock:
+            seen[0] += 1
+            failing = seen[0] <= count
+        return 500 if failing else content_rule(prompt, first, second)
+    return rule
+
+
+@pytest.mark.parametrize("concurrency", [1, 3])
+def test_a_paused_judge_is_probed_and_resumes_when_it_answers(monkeypatch, concurrency):
+    """Five failures with max_failures 3: paused, probed (one request at a time) until it
+    answers, then every remaining question is asked; only the failed requests are invalid.
+    (It used to skip every question after the third failure.)"""
+    monkeypatch.setattr(llm_judge, "PROBE_COOLDOWN_S", (0.01, 0.02))
+    with fake_judge(fails_first(5)) as server:
+        client = client_for(server, concurrency=concurrency, max_retries=0, max_failures=3,
+                            outage_s=60)
+        summary = judge_methods(client, PROMPTS, {"m": METHOD}, BASE)["m"]
+        assert len(server["asked"]) == len(PROMPTS)  # every question sent once
+    assert summary.count("invalid") == 5
+    valid = [v for v in summary.verdicts if v.outcome != "invalid"]
+    assert all(not v.first_lines[0].startswith("error") for v in valid)
+
+
+def test_a_paused_judge_that_never_answers_is_given_up_after_the_outage(monkeypatch):
+    monkeypatch.setattr(llm_judge, "PROBE_COOLDOWN_S", (0.05, 0.1))  # a few probes in 0.2 s
+    with fake_judge(lambda *asked: 500) as server:
+        client = client_for(server, concurrency=2, max_retries=0, max_failures=2,
+                            outage_s=0.2)
+        summary = judge_methods(client, PROMPTS, {"m": METHOD}, BASE)["m"]
+        probes = len(server["asked"])
+    assert summary.count("invalid") == len(PROMPTS)
+    assert 2 < probes < len(PROMPTS)  # probed during the outage, the rest skipped
+    assert summary.verdicts[-1].first_lines == ["error: skipped after 2 failed judge "
+                                                "requests in a row and 0.2 s without an answer"]
 
 
 def test_a_success_resets_the_count_of_failures_in_a_row():
@@ -263,3 +307,55 @@ def test_eval_judges_methods_against_base_or_against_the_references():
     assert f"| {rate:.3f} (1 invalid, agrees 1.00) |" in table
     assert "| judge win vs. reference |" in markdown_table(against_refs, coherence, "reference")
     assert "judge" not in markdown_table(results(), coherence)
+
+
+def test_eval_writes_its_report_before_asking_the_judge(tmp_path, monkeypatch):
+    """Judging can take hours at scale: a run stopped while judging (here interrupted) has
+    already written eval.json, eval.md and the responses, without verdicts; a finished run
+    rewrites them with the verdicts."""
+    import importlib
+
+    evaluation = importlib.import_module("vllm_recontrol.evaluation.evaluate")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+
+    class Canned:  # the methods as generated and scored, without engines
+        def __init__(self, opts, prompts, score, coherence) -> None:
+            pass
+
+        def methods(self):
+            made = [evaluation.MethodResult("base", seconds=1.0, delivered_tokens=1),
+                    evaluation.MethodResult("re-control", alpha=1.0, steps=30, seconds=1.0,
+                                            delivered_tokens=1)]
+            for r, answers in zip(made, (BASE, METHOD)):
+                r.responses, r.rewards = list(answers), [float(goods(a)) for a in answers]
+                r.reward = r.win_rate = r.diversity = 0.0
+            return made
+
+        def close(self) -> None:
+            pass
+
+    seen = []
+
+    def interrupted(*args) -> None:
+        seen.append(json.loads((tmp_path / "out" / "eval.json").read_text()))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluation, "Evaluator", Canned)
+    options = dict(model="org/model", value_head=str(tmp_path / "head"), prompts=str(prompts),
+                   reward_fn="vllm_recontrol.toy_world:positive_share", quiet=True,
+                   out=str(tmp_path / "out"), judge_model="judge")
+    with fake_judge(content_rule) as server:
+        with monkeypatch.context() as patched:
+            patched.setattr(evaluation, "judge_results", interrupted)
+            with pytest.raises(KeyboardInterrupt):
+                evaluation.evaluate(judge_url=server["url"], **options)
+        assert seen and seen[0]["judge_prompt"] is None
+        assert [r["judge"] for r in seen[0]["results"]] == [None, None]
+        lines = (tmp_path / "out" / "responses.jsonl").read_text().splitlines()
+        assert len(lines) == 2 * len(PROMPTS) and (tmp_path / "out" / "eval.md").exists()
+        report = evaluation.evaluate(judge_url=server["url"], **options)
+    written = json.loads((tmp_path / "out" / "eval.json").read_text())
+    assert written["judge_prompt"] and written["results"][1]["judge"]["win_rate"] == \
+        pytest.approx(expected_rate(METHOD, BASE))
+    assert report["results"][1]["judge"] == written["results"][1]["judge"]

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
 
 from ..config import DEFAULT_HEAD, FLOAT32_MAX
+from ..files import write_text_atomic
 from ..training.common import (RecontrolError, build_options, check_engine_args,
                                check_model_path, json_argument, parse_command_line, run_main,
                                sampling_refusal, write_jsonl_atomic)
@@ -92,10 +93,12 @@ class EvalOptions:
     reference_column: str | None = None   # their column (HH-RLHF: the chosen dialogue's reply)
     judge_both_orders: bool = False       # ask each pair in both orders (position bias)
     judge_concurrency: int = 8
-    judge_max_tokens: int = 512
+    judge_max_tokens: int = 64            # only the answer's first line (the scores) is read
     judge_timeout: float = 120.0          # seconds per request
     judge_retries: int = 3                # the client's retries of a failed request
-    judge_max_failures: int = 16          # failed requests in a row after which the rest
+    judge_max_failures: int = 16          # failed requests in a row after which the judge
+                                          # is paused (one probe request at a time)
+    judge_outage: float = 1800.0          # seconds a paused judge is retried, then the rest
                                           # are skipped (invalid), not waited for
 
 
@@ -408,7 +411,8 @@ def llm_judge(opts: EvalOptions) -> JudgeClient | None:
         url=opts.judge_url, model=opts.judge_model, api_key_env=opts.judge_api_key_env,
         concurrency=opts.judge_concurrency, both_orders=opts.judge_both_orders,
         max_tokens=opts.judge_max_tokens, timeout_s=opts.judge_timeout,
-        max_retries=opts.judge_retries, max_failures=opts.judge_max_failures, seed=opts.seed))
+        max_retries=opts.judge_retries, max_failures=opts.judge_max_failures,
+        outage_s=opts.judge_outage, seed=opts.seed))
     client.check()
     return client
 
@@ -502,8 +506,29 @@ def evaluate(**options: Any) -> dict[str, Any]:
             results = evaluator.methods()
         finally:
             evaluator.close()
+    # written before the judge is asked (hours, at scale) and again after: a run stopped
+    # while judging keeps the generations and every other metric
+    report = write_report(opts, prompts, results, coherence, source, judged=False)
     if judge:
         judge_results(judge, prompts, results, references)
+        report = write_report(opts, prompts, results, coherence, source, judged=True)
+    table = report["table"]
+    if not opts.quiet:
+        print("\n" + table)
+        print(f"responses: {report['responses']}")
+        for p in report["plots"]:
+            print(f"plot: {p}")
+        if not report["plots"]:
+            print("plots: none written (matplotlib is not installed: the eval extra, "
+                  "pip install 'vllm-recontrol[eval]')")
+    return report
+
+
+def write_report(opts: EvalOptions, prompts: Sequence[str], results: Sequence[MethodResult],
+                 coherence: Coherence, source: RewardSource, judged: bool) -> dict[str, Any]:
+    """Write eval.json, eval.md, the responses and the plots under ``opts.out``; return the
+    report (with the table and the files' paths). ``judged``: the judge's verdicts are in
+    ``results`` (before it runs, its prompt is not recorded yet)."""
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     table = markdown_table(results, coherence, opts.judge_against)
@@ -514,28 +539,20 @@ def evaluate(**options: Any) -> dict[str, Any]:
         "coherence": {"model": coherence.model_name, "available": coherence.available,
                       "reason": coherence.unavailable_reason},
         "diversity_tokens": word_tokenizer()[1],
-        "judge_prompt": JUDGE_TEMPLATE if judge else None,
+        "judge_prompt": JUDGE_TEMPLATE if judged else None,
         "results": [{k: v for k, v in asdict(r).items() if k != "responses"} |
                     {"tokens_per_s": r.tokens_per_s, "delivered_per_s": r.delivered_per_s,
                      "examples": r.responses[:5]}
                     for r in results],
     }
     # strict JSON: NaN (a judge with no valid verdict, a metric of no data) is written null
-    (out / "eval.json").write_text(json.dumps(finite_or_null(report), indent=2, default=str,
-                                              allow_nan=False))
-    (out / "eval.md").write_text(table + "\n")
+    write_text_atomic(out / "eval.json", json.dumps(finite_or_null(report), indent=2,
+                                                    default=str, allow_nan=False))
+    write_text_atomic(out / "eval.md", table + "\n")
     write_responses(out / RESPONSES_FILE, prompts, results)
     report["responses"] = str(out / RESPONSES_FILE)
     report["plots"] = [str(p) for p in save_plots(results, out)]
     report["table"] = table
-    if not opts.quiet:
-        print("\n" + table)
-        print(f"responses: {report['responses']}")
-        for p in report["plots"]:
-            print(f"plot: {p}")
-        if not report["plots"]:
-            print("plots: none written (matplotlib is not installed: the eval extra, "
-                  "pip install 'vllm-recontrol[eval]')")
     return report
 
 
@@ -647,12 +664,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--judge-both-orders", action="store_true",
                         help="ask every pair in both orders (cancels position bias; 2x calls)")
     parser.add_argument("--judge-concurrency", type=int, help="judge requests in flight (8)")
-    parser.add_argument("--judge-max-tokens", type=int, help="judge answer length (512)")
+    parser.add_argument("--judge-max-tokens", type=int,
+                        help="judge answer length in tokens (64: only the first line, the two "
+                        "scores, is read; raise it for reasoning models, whose hidden "
+                        "reasoning counts too)")
     parser.add_argument("--judge-timeout", type=float, help="seconds per judge request (120)")
     parser.add_argument("--judge-retries", type=int,
                         help="retries of a failed judge request (3)")
     parser.add_argument("--judge-max-failures", type=int,
-                        help="judge requests failed in a row after which the rest are skipped "
-                        "and counted invalid (16)")
+                        help="judge requests failed in a row after which the judge is paused: "
+                        "one request every 30-300 s until it answers again (16)")
+    parser.add_argument("--judge-outage", type=float,
+                        help="seconds a paused judge is retried before the remaining "
+                        "questions are skipped and counted invalid (1800)")
     options = parse_command_line(parser, argv, required=("model", "value_head", "prompts"))
     return run_main(evaluate, options)

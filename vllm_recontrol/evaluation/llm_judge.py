@@ -18,6 +18,7 @@ import math
 import os
 import re
 import threading
+import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -61,11 +62,17 @@ class JudgeSettings:
     api_key_env: str = "OPENAI_API_KEY"
     concurrency: int = 8
     both_orders: bool = False
-    max_tokens: int = 512
+    max_tokens: int = 64  # only the first line (two scores) is read
     timeout_s: float = 120.0
     max_retries: int = 3
-    max_failures: int = 16  # failed requests in a row, then the rest are skipped
+    max_failures: int = 16  # failed requests in a row, then the judge is paused
+    outage_s: float = 1800.0  # how long a paused judge is retried before the rest are skipped
     seed: int = 0
+
+
+# A paused judge gets one request (a probe) after a cooldown that doubles from the first
+# value to the second; the others wait for its answer.
+PROBE_COOLDOWN_S = (30.0, 300.0)
 
 
 @dataclass
@@ -133,11 +140,20 @@ class JudgeClient:
         if not 0 < settings.timeout_s < math.inf:
             raise RecontrolError(f"judge timeout must be a number of seconds > 0, got "
                                  f"{settings.timeout_s}")
+        if not 0 <= settings.outage_s < math.inf:
+            raise RecontrolError(f"judge outage must be a number of seconds >= 0, got "
+                                 f"{settings.outage_s}")
         self.settings, self.errors = settings, openai
         self.client = openai.OpenAI(base_url=settings.url,
                                     api_key=os.environ.get(settings.api_key_env) or "EMPTY",
                                     timeout=settings.timeout_s, max_retries=settings.max_retries)
-        self._lock = threading.Lock()
+        self._state = threading.Condition()  # the breaker below, shared by the threads
+        self.failures_in_a_row = 0
+        self.paused_since = 0.0
+        self.next_probe = 0.0
+        self.cooldown = PROBE_COOLDOWN_S[0]
+        self.probing = False
+        self.gave_up = False
         self.failures_in_a_row = 0
 
     def check(self) -> None:
@@ -180,10 +196,9 @@ class JudgeClient:
         """The judge's whole answer; a failed request (after the client's retries) or an
         answer without a message comes back as ``error: ...``, which no score parser reads
         as a verdict: a judge that fails must not cost the generation already done."""
-        limit = self.settings.max_failures
-        with self._lock:
-            if self.failures_in_a_row >= limit:  # a dead or hanging judge: do not wait
-                return f"error: skipped after {limit} failed judge requests in a row"
+        probe, skipped = self._admit()
+        if skipped:
+            return skipped
         user = JUDGE_TEMPLATE.format(prompt=prompt, first=first, second=second)
         try:
             reply = self.client.chat.completions.create(
@@ -193,16 +208,64 @@ class JudgeClient:
                           {"role": "user", "content": user}])
             answer = reply.choices[0].message.content or ""
         except Exception as exc:  # APIError and its kin, or a reply without choices
-            with self._lock:
-                self.failures_in_a_row += 1
-                if self.failures_in_a_row == limit:
-                    logger.warning("the judge at %s failed %d requests in a row (last: %s); "
-                                   "the remaining questions are skipped and count as invalid",
-                                   self.settings.url, limit, exc)
+            self._record(probe, exc)
             return f"error: {type(exc).__name__}: {exc}"
-        with self._lock:
-            self.failures_in_a_row = 0
+        self._record(probe, None)
         return answer
+
+    def _admit(self) -> tuple[bool, str | None]:
+        """(this request is the paused judge's probe, or the message of a skipped one).
+
+        A breaker: after ``max_failures`` failed requests in a row the judge is paused (a
+        restarting server, a burst of 429s must not fail every remaining question at once,
+        nor hammer it); one request goes through after a cooldown (``PROBE_COOLDOWN_S``,
+        doubling) while the others wait; its success resumes all of them. After
+        ``outage_s`` paused without a success the rest are skipped (a dead judge is not
+        waited for)."""
+        limit = self.settings.max_failures
+        with self._state:
+            while True:
+                if self.gave_up:
+                    return False, (f"error: skipped after {limit} failed judge requests in a "
+                                   f"row and {self.settings.outage_s:g} s without an answer")
+                if self.failures_in_a_row < limit:
+                    return False, None
+                now = time.monotonic()
+                if not self.probing and now >= self.next_probe:
+                    self.probing = True
+                    return True, None
+                self._state.wait(None if self.probing else self.next_probe - now)
+
+    def _record(self, probe: bool, failure: Exception | None) -> None:
+        """Count a request's outcome into the breaker (see ``_admit``) and wake the waiters."""
+        limit, outage = self.settings.max_failures, self.settings.outage_s
+        with self._state:
+            if probe:
+                self.probing = False
+            if failure is None:
+                if self.failures_in_a_row >= limit:
+                    logger.warning("the judge at %s answers again; resuming",
+                                   self.settings.url)
+                self.failures_in_a_row, self.cooldown = 0, PROBE_COOLDOWN_S[0]
+            else:
+                self.failures_in_a_row += 1
+                now = time.monotonic()
+                if self.failures_in_a_row == limit:
+                    self.paused_since = now
+                    logger.warning("the judge at %s failed %d requests in a row (last: %s); "
+                                   "paused, retried every %g-%g s for up to %g s, then the "
+                                   "remaining questions are skipped and count as invalid",
+                                   self.settings.url, limit, failure, *PROBE_COOLDOWN_S,
+                                   outage)
+                if self.failures_in_a_row >= limit and not self.gave_up:
+                    if now - self.paused_since >= outage:
+                        self.gave_up = True
+                        logger.warning("the judge at %s gave no answer for %g s; the remaining "
+                                       "questions are skipped", self.settings.url, outage)
+                    elif probe or self.failures_in_a_row == limit:  # not requests in flight
+                        self.next_probe = now + self.cooldown
+                        self.cooldown = min(2 * self.cooldown, PROBE_COOLDOWN_S[1])
+            self._state.notify_all()
 
 
 def judge_methods(client: JudgeClient, prompts: Sequence[str], methods: dict[str, Sequence[str]],
