@@ -646,3 +646,34 @@ def test_a_bad_reward_model_setting_fails_before_any_engine_starts(tmp_path, mon
         setting = {"reward_model": str(tmp_path / "no-such-rm")}
     with pytest.raises(RecontrolError, match=message):
         evaluate_module.evaluate(**{**options, **setting})
+
+
+def test_responses_are_cut_at_the_markers_labelling_used():
+    """eval cuts each sample at --cut-at's markers before scoring, as label did for the
+    training labels (a Vicuna-style "USER:" turn; the default markers miss it: case)."""
+    import importlib
+
+    from vllm_recontrol.evaluation.metrics import Coherence
+
+    evaluation = importlib.import_module("vllm_recontrol.evaluation.evaluate")
+    samples = [[("fine thanks USER: and you?", 3)], [("ok Human: more", 3)]]
+    scored = []
+
+    def score(pairs):
+        scored.extend(pairs)
+        return [float(len(r)) for _, r in pairs]
+
+    none = Coherence(None, None, "none")
+    cut = evaluation.judge(evaluation.MethodResult("base"), ["a", "b"], samples, score, none,
+                           ["USER:"])
+    assert cut.responses == ["fine thanks", "ok Human: more"]
+    assert scored == [("a", "fine thanks"), ("b", "ok Human: more")]
+    default = evaluation.judge(evaluation.MethodResult("base"), ["a", "b"], samples, score,
+                               none)
+    assert default.responses == ["fine thanks USER: and you?", "ok"]
+    seen = {}
+    with pytest.MonkeyPatch.context() as patched:
+        patched.setattr(evaluation, "evaluate", lambda **options: seen.update(options))
+        assert evaluation.main(["--model", "m", "--value-head", "h", "--prompts", "p",
+                                "--cut-at", "USER:", "###"]) == 0
+    assert seen["cut_at"] == ["USER:", "###"]

@@ -300,6 +300,23 @@ def test_a_batch_using_every_token_id_is_scored_row_by_row(tmp_path):
         assert math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-5)
 
 
+def test_models_put_on_the_cpu_beside_a_gpu_are_warned_about(tiny_rm, monkeypatch, caplog):
+    """The device defaults to the CPU; on a machine with a GPU a forgotten --device cuda is
+    said once per model (reward model, embedding model), not left to show as days."""
+    from vllm_recontrol.evaluation.metrics import Coherence
+
+    with caplog.at_level("WARNING"):
+        RewardModelScorer(str(tiny_rm))
+    assert "runs on the CPU" not in caplog.text  # no GPU here: nothing to say
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with caplog.at_level("WARNING"):
+        RewardModelScorer(str(tiny_rm))
+        Coherence.load(str(tiny_rm / "no-embedder"))
+    assert f"reward model {str(tiny_rm)!r} runs on the CPU although this machine has a GPU; " \
+           "pass --device cuda" in caplog.text
+    assert "embedding model" in caplog.text
+
+
 def test_reward_model_index_and_device_errors(tiny_rm):
     with pytest.raises(RewardError, match=r"--reward-index 5 is out of range: reward model .* "
                                           r"has 1 output\(s\)"):

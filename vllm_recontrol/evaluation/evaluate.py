@@ -27,7 +27,7 @@ from ..training.common import (RecontrolError, build_options, check_engine_args,
 from ..training.engines import run_engines_in_process
 from ..training.prompts import load_prompts, load_references
 from ..training.ray_pool import add_ray_arguments, check_replicas
-from ..training.rewards import RewardSource, cut_response
+from ..training.rewards import DEFAULT_CUT_AT, RewardSource, cut_response
 from .engines import EnginePool, EngineSettings, Method, Samples
 from .llm_judge import JUDGE_TEMPLATE, JudgeClient, JudgeSettings, judge_methods
 from .metrics import (BOOTSTRAP_RESAMPLES, Coherence, bootstrap_interval, diversity, mean,
@@ -74,6 +74,8 @@ class EvalOptions:
     trust_remote_code: bool = False       # the reward model's (the LLM's: engine_args)
     rm_engine: str = "hf"                 # the reward model in transformers, or "vllm"
     rm_engine_args: dict = field(default_factory=dict)  # vllm.LLM kwargs with rm_engine vllm
+    # markers a response is cut at before it is scored: label's --cut-at of the training set
+    cut_at: list[str] = field(default_factory=lambda: list(DEFAULT_CUT_AT))
     out: str = "eval-out"
     quiet: bool = False                   # no table or progress printed (the demo prints)
     progress: bool = True                 # vLLM's progress bars while each method generates
@@ -248,7 +250,8 @@ class Evaluator:
         samples, result.seconds = self.engines.run(Method(
             alpha=result.alpha, steps=result.steps, head=result.head, n=result.n,
             prompting=result.prompting, max_norm=result.max_norm))
-        return judge(result, self.prompts, samples, self.score, self.coherence)
+        return judge(result, self.prompts, samples, self.score, self.coherence,
+                     self.opts.cut_at)
 
     def methods(self) -> list[MethodResult]:
         """Base, the RE-Control grid, Best-of-N (and, asked for, RE-Control + Best-of-N),
@@ -293,10 +296,11 @@ class Evaluator:
 
 
 def judge(result: MethodResult, prompts: Sequence[str], samples: Samples, score: Callable,
-          coherence: Coherence) -> MethodResult:
+          coherence: Coherence, cut_at: Sequence[str] = DEFAULT_CUT_AT) -> MethodResult:
     """Score every sample of a method in one call (a reward model batches them), keep each
-    prompt's best (Best-of-N; N = 1: the sample itself) and fill in the metrics."""
-    pairs = [(prompt, cut_response(text)[0])
+    prompt's best (Best-of-N; N = 1: the sample itself) and fill in the metrics. Each sample
+    is cut at the first of ``cut_at`` first, as ``label`` cut the training responses."""
+    pairs = [(prompt, cut_response(text, cut_at)[0])
              for prompt, candidates in zip(prompts, samples) for text, _ in candidates]
     scores = score(pairs)
     chosen, rewards, first = [], [], 0
@@ -603,6 +607,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--system-prompt", help="the prompting baselines' system prompt "
                         '(default: a helpful-and-harmless one; "" skips those rows)')
     parser.add_argument("--chat-template", action="store_true")
+    parser.add_argument("--cut-at", nargs="*",
+                        help="cut responses at the first of these markers before scoring, as "
+                        "label's --cut-at did for the training labels (default Human: User:)")
     parser.add_argument("--split", help="data set split (default test; not for a prompt file)")
     parser.add_argument("--data-dir", help="datasets data_dir (e.g. harmless-base; not for a "
                         "prompt file)")

@@ -167,6 +167,9 @@ class Coherence:
         such as the paper's) through ``SimCSEEncoder``."""
         if not model_name:
             return cls(None, None, "no --embedding-model given")
+        from ..training.rewards import warn_on_cpu_beside_a_gpu
+
+        warn_on_cpu_beside_a_gpu(device, f"embedding model {model_name!r}")
         try:
             if is_sentence_transformers_model(model_name):
                 try:

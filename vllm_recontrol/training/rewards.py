@@ -18,8 +18,11 @@ import sys
 from typing import Any, Callable, Sequence
 
 from ..config import FLOAT32_MAX
+from ..logs import get_logger
 from .common import RewardError
 from .prompts import prompt_messages
+
+logger = get_logger(__name__)
 
 DEFAULT_CUT_AT = ("Human:", "User:")
 RM_ENGINES = ("hf", "vllm")
@@ -85,6 +88,21 @@ def as_reward(value: Any) -> float | None:
         return None
     # training reads rewards as float32: past its range a reward would be inf there
     return value if abs(value) <= FLOAT32_MAX else None
+
+
+def warn_on_cpu_beside_a_gpu(device: Any, what: str, flag: str = "--device") -> None:
+    """Say so when a model is about to run on the CPU of a machine with a GPU: the device
+    defaults to the CPU (so tests and CPU machines work), and a forgotten ``--device cuda``
+    turns a 7B reward model's minutes into days without another sign."""
+    import torch
+
+    try:
+        on_cpu = torch.device(device).type == "cpu"
+    except (RuntimeError, TypeError):  # a bad device is refused where the model loads
+        return
+    if on_cpu and torch.cuda.is_available():
+        logger.warning("%s runs on the CPU although this machine has a GPU; pass %s cuda to "
+                       "use it", what, flag)
 
 
 def reward_model_settings(model: str, device: str, dtype: str, batch_size: Any,
@@ -153,6 +171,7 @@ class RewardModelScorer:
         self.model: Any = None
         self.llm: Any = None
         if engine == "hf":
+            warn_on_cpu_beside_a_gpu(self.device, f"reward model {model!r}")
             try:
                 self.model = AutoModelForSequenceClassification.from_pretrained(
                     model, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
