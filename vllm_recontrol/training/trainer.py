@@ -199,7 +199,9 @@ class Trainer:
         groups = self._my_windows(order)
         batches = self._batches(groups)
         if not self.group.distributed:
-            losses = [self._step(item) for item in batches]
+            # map, not a loop variable: no name holds the last batch (and so its window)
+            # while the generator loads the next window
+            losses = list(map(self._step, batches))
         else:  # as many steps as the process with the most batches has
             steps = self.group.max(self._count_batches(groups))
             losses = [self._step(next(batches, None)) for _ in range(steps)]
@@ -247,13 +249,22 @@ class Trainer:
         """(window, its fixed targets or None, rows) per training batch, window by window."""
         for shards in groups:
             for window in self.data.windows(shards, len(shards), self.heldout):
-                rows = torch.nonzero(~window.state_heldout).squeeze(1)
-                if rows.numel() == 0:
-                    continue
-                rows = rows[torch.randperm(rows.numel(), generator=self.generator)]
-                fixed = self._window_targets(window)
-                for start in range(0, rows.numel(), self.batch_size):
-                    yield window, fixed, rows[start:start + self.batch_size]
+                yield from self._window_batches(window)
+                # Why: a name bound here would keep this window (its targets and rows live
+                # in the finished _window_batches, freed with it) alive while the next one
+                # loads, holding two windows at the peak instead of one.
+                del window
+
+    def _window_batches(self, window: Window
+                        ) -> Iterator[tuple[Window, torch.Tensor | None, torch.Tensor]]:
+        """One window's training rows, shuffled, in batches with the window's fixed targets."""
+        rows = torch.nonzero(~window.state_heldout).squeeze(1)
+        if rows.numel() == 0:
+            return
+        rows = rows[torch.randperm(rows.numel(), generator=self.generator)]
+        fixed = self._window_targets(window)
+        for start in range(0, rows.numel(), self.batch_size):
+            yield window, fixed, rows[start:start + self.batch_size]
 
     def _count_batches(self, groups: list[list[int]]) -> int:
         """How many batches ``_batches`` yields, from the shard indexes (nothing loaded)."""
