@@ -300,6 +300,78 @@ def test_train_cli_config_file_and_flag_override(labelled, tmp_path, capsys):
     assert "unknown option(s) ['epoch']" in capsys.readouterr().err
 
 
+def _metrics_from_whole_shards(data, head, heldout, scored_heldout):
+    """The evaluation metrics by plain torch: every shard's states loaded whole with
+    safetensors, the scored responses' rows picked, V and the errors over all of them at once."""
+    from safetensors.torch import load_file
+
+    states, state_rewards, firsts, first_rewards, train_rewards = [], [], [], [], []
+    for path in sorted(data.glob("shard-*.safetensors")):
+        shard = load_file(str(path))
+        label_rows = (data / "labels" / "reward" / f"{path.stem}.jsonl").read_text().splitlines()
+        rewards = [json.loads(line)["reward"] for line in label_rows]
+        offsets = shard["offsets"].tolist()
+        for i, prompt in enumerate(shard["prompt_index"].tolist()):
+            if not bool(heldout[prompt]):
+                train_rewards.append(rewards[i])
+            if bool(heldout[prompt]) != scored_heldout:
+                continue
+            rows = shard["states"][offsets[i]:offsets[i + 1]].float()
+            states.append(rows)
+            state_rewards += [rewards[i]] * rows.shape[0]
+            firsts.append(rows[0])
+            first_rewards.append(rewards[i])
+    train_mean = float(torch.tensor(train_rewards).mean())
+    with torch.no_grad():
+        values = head(torch.cat(states)).double()
+        v0 = head(torch.stack(firsts)).double()
+    r, r0 = torch.tensor(state_rewards).float().double(), torch.tensor(first_rewards).float().double()
+    return {"mse": float(((values - r) ** 2).mean()), "mse_s0": float(((v0 - r0) ** 2).mean()),
+            "pearson_s0": float(torch.corrcoef(torch.stack([v0, r0]))[0, 1]),
+            "trivial_mse": float(((train_mean - r) ** 2).mean()),
+            "trivial_mse_s0": float(((train_mean - r0) ** 2).mean()),
+            "trivial_pearson_s0": 0.0, "responses": len(first_rewards)}
+
+
+@pytest.mark.parametrize("fraction", [0.2, 0.0])
+def test_evaluation_reads_only_the_scored_rows_and_matches_whole_shard_metrics(
+        labelled, tmp_path, monkeypatch, fraction):
+    """evaluate() reads just the held-out responses' rows of each shard (every shard's
+    whole states without a split), and its numbers are those of all states loaded whole."""
+    from vllm_recontrol.training import dataset
+    from vllm_recontrol.training.dataset import LabelledData
+    from vllm_recontrol.training.trainer import Trainer, TrainOptions
+
+    data = LabelledData(labelled)
+    assert len(data.shards) > 3
+    trainer = Trainer(TrainOptions(data=str(labelled), out=str(tmp_path / "h"), target="mc",
+                                   widths=[16], lr=3e-3, batch_size=32, shuffle_shards=3,
+                                   heldout_fraction=fraction, device="cpu", progress=False),
+                      data)
+    assert trainer.has_heldout == (fraction > 0)
+    trainer.epoch()  # a head that predicts something
+    read = {}
+    real_read = dataset.read_state_rows
+
+    def recording(layout, ranges, out):
+        for a, b in ranges:
+            read.setdefault(layout.path.stem, []).extend(range(a, b))
+        real_read(layout, ranges, out)
+
+    monkeypatch.setattr(dataset, "read_state_rows", recording)
+    metrics = trainer.evaluate()
+    expected = _metrics_from_whole_shards(labelled, trainer.head, trainer.heldout, fraction > 0)
+    assert metrics == {key: pytest.approx(value, rel=1e-5, abs=1e-7)
+                       for key, value in expected.items()}
+    for shard in data.shards:
+        offsets = shard.index.offsets.tolist()
+        scored = trainer.heldout[shard.index.prompt_index] if fraction > 0 else \
+            torch.ones(shard.index.num_responses, dtype=torch.bool)
+        rows = [row for i, keep in enumerate(scored.tolist()) if keep
+                for row in range(offsets[i], offsets[i + 1])]
+        assert sorted(read.get(shard.name, [])) == rows, shard.name
+
+
 # ----------------------------------------------------------------------------- bad input
 def _copy(labelled, tmp_path):
     import shutil

@@ -300,29 +300,26 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         """MSE of V(s_t) vs r over held-out states, and V(s_0) vs r, against the train mean.
 
-        Without a held-out split the same numbers are computed on the training data.
+        Without a held-out split the same numbers are computed on the training data. Each
+        window holds only the responses scored (read as row ranges from the shards), not the
+        whole shards: the held-out tenth of the states, not all of them, every epoch.
         """
         self.head.eval()
         squared = trivial_squared = 0.0
         count = 0
         first_values, first_rewards = [], []
+        scored = "heldout" if self.has_heldout else "train"
         for shards in self._my_windows(list(range(len(self.data.shards)))):
-            for window in self.data.windows(shards, len(shards), self.heldout):
-                pick = window.state_heldout if self.has_heldout else ~window.state_heldout
-                rows = torch.nonzero(pick).squeeze(1)
-                if rows.numel() == 0:
+            windows = self.data.windows(shards, len(shards), self.heldout, scored)
+            # map: no name keeps a scored window alive while the next one loads
+            for part in map(self._score, windows):
+                if part is None:
                     continue
-                values = torch.cat([self.head(window.states[rows[i:i + EVAL_CHUNK]].to(
-                    self.device, torch.float32)).cpu() for i in range(0, rows.numel(), EVAL_CHUNK)])
-                rewards = window.state_rewards[rows]
-                squared += float(((values - rewards) ** 2).sum())
-                trivial_squared += float(((self.train_mean - rewards) ** 2).sum())
-                count += rows.numel()
-                chosen = window.heldout if self.has_heldout else ~window.heldout
-                firsts = window.first_rows[chosen]
-                first_values.append(self.head(window.states[firsts].to(
-                    self.device, torch.float32)).cpu())
-                first_rewards.append(window.rewards[chosen])
+                squared += part[0]
+                trivial_squared += part[1]
+                count += part[2]
+                first_values.append(part[3])
+                first_rewards.append(part[4])
         squared, trivial_squared, count = self.group.sum([squared, trivial_squared, count])
         v0 = self.group.gather(torch.cat(first_values) if first_values else torch.zeros(0))
         r = self.group.gather(torch.cat(first_rewards) if first_rewards else torch.zeros(0))
@@ -335,6 +332,21 @@ class Trainer:
             "trivial_pearson_s0": 0.0,  # a constant has no correlation with anything
             "responses": int(r.numel()),
         }
+
+    def _score(self, window: Window
+               ) -> tuple[float, float, int, torch.Tensor, torch.Tensor] | None:
+        """Sums over every state of a window of scored responses: squared error of V and of
+        the train mean, the state count; and V(s_0) and r of its responses (None if empty)."""
+        states = window.states
+        if states.shape[0] == 0:
+            return None
+        values = torch.cat([self.head(states[i:i + EVAL_CHUNK].to(self.device).float()).cpu()
+                            for i in range(0, states.shape[0], EVAL_CHUNK)])
+        rewards = window.state_rewards
+        first_values = self.head(states[window.first_rows].to(self.device).float()).cpu()
+        return (float(((values - rewards) ** 2).sum()),
+                float(((self.train_mean - rewards) ** 2).sum()), states.shape[0],
+                first_values, window.rewards)
 
 
 def train(**options: Any) -> dict[str, Any]:
