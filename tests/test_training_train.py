@@ -513,6 +513,30 @@ def test_the_same_prompt_text_never_sits_on_both_sides_of_the_split(tmp_path, ca
     assert torch.equal(LabelledData(plain).heldout_prompts(0.2, 3), expected)
 
 
+def test_a_text_repeated_many_times_is_one_group_shared_by_its_members(tmp_path):
+    """same_text_groups maps every index of a repeated text to all indices of that text, as
+    read from the rows; a text asked 150 times is one list its 150 members share (a sorted
+    copy per member grew with the square of the repeats)."""
+    from vllm_recontrol.training.dataset import LabelledData
+
+    texts = ["good a b c"] * 150 + ["bad d e f"] * 3 + [f"bad {i} a" for i in range(47)]
+    texts = [texts[i] for i in torch.randperm(200, generator=torch.Generator().manual_seed(1))]
+    root = tmp_path / "repeat"
+    root.mkdir()
+    (root / "prompts.jsonl").write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))
+    data = fake_collect(root, count=200, shard_size=64)[0]
+    label(data=str(data), reward_fn="training_fakes:good_reward", progress=False)
+    indices = {}
+    for path in sorted(data.glob("shard-*.jsonl")):
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            indices.setdefault(row["prompt"], set()).add(row["prompt_index"])
+    expected = {i: sorted(group) for group in indices.values() if len(group) > 1 for i in group}
+    groups = LabelledData(data).same_text_groups()
+    assert groups == expected and len(groups) == 153
+    assert len({id(group) for group in groups.values()}) == 2
+
+
 def test_resuming_checks_the_shards_and_takes_the_resolved_label_set(labelled, tmp_path):
     data = _copy(labelled, tmp_path)
     aside = tmp_path / "shard-00003.safetensors"
