@@ -372,6 +372,34 @@ def test_evaluation_reads_only_the_scored_rows_and_matches_whole_shard_metrics(
         assert sorted(read.get(shard.name, [])) == rows, shard.name
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_state_rows_read_from_the_file_equal_safetensors_slices(tmp_path, dtype):
+    """read_state_rows puts the asked row ranges back to back, bit for bit as safetensors
+    reads them (converted exactly when the target is float32); a truncated file is named."""
+    from safetensors.torch import load_file
+    from vllm_recontrol.training.shards import (load_states, read_state_rows, states_layout,
+                                                write_states)
+
+    generator = torch.Generator().manual_seed(0)
+    pieces = [torch.randn(n, 6, generator=generator) for n in (3, 1, 5, 2)]
+    path = write_states(tmp_path, "shard-00000", pieces, [0, 1, 2, 3], [0, 0, 1, 2], dtype)
+    stored = load_file(str(path))["states"]
+    assert torch.equal(load_states(tmp_path, "shard-00000").view(torch.int16),
+                       stored.view(torch.int16))
+    ranges = [(8, 11), (0, 2), (4, 4), (3, 4)]
+    expected = torch.cat([stored[a:b] for a, b in ranges])
+    layout = states_layout(tmp_path, "shard-00000")
+    out = torch.empty(expected.shape, dtype=expected.dtype)
+    read_state_rows(layout, ranges, out)
+    assert torch.equal(out.view(torch.int16), expected.view(torch.int16))
+    wide = torch.empty(expected.shape, dtype=torch.float32)
+    read_state_rows(layout, ranges, wide)
+    assert torch.equal(wide, expected.float())
+    path.write_bytes(path.read_bytes()[:layout.start + 10 * layout.row_bytes + 4])  # row 10 cut
+    with pytest.raises(DataError, match="truncated"):
+        read_state_rows(layout, [(10, 11)], torch.empty(1, 6, dtype=expected.dtype))
+
+
 # ----------------------------------------------------------------------------- bad input
 def _copy(labelled, tmp_path):
     import shutil
