@@ -300,6 +300,106 @@ def test_train_cli_config_file_and_flag_override(labelled, tmp_path, capsys):
     assert "unknown option(s) ['epoch']" in capsys.readouterr().err
 
 
+def _metrics_from_whole_shards(data, head, heldout, scored_heldout):
+    """The evaluation metrics by plain torch: every shard's states loaded whole with
+    safetensors, the scored responses' rows picked, V and the errors over all of them at once."""
+    from safetensors.torch import load_file
+
+    states, state_rewards, firsts, first_rewards, train_rewards = [], [], [], [], []
+    for path in sorted(data.glob("shard-*.safetensors")):
+        shard = load_file(str(path))
+        label_rows = (data / "labels" / "reward" / f"{path.stem}.jsonl").read_text().splitlines()
+        rewards = [json.loads(line)["reward"] for line in label_rows]
+        offsets = shard["offsets"].tolist()
+        for i, prompt in enumerate(shard["prompt_index"].tolist()):
+            if not bool(heldout[prompt]):
+                train_rewards.append(rewards[i])
+            if bool(heldout[prompt]) != scored_heldout:
+                continue
+            rows = shard["states"][offsets[i]:offsets[i + 1]].float()
+            states.append(rows)
+            state_rewards += [rewards[i]] * rows.shape[0]
+            firsts.append(rows[0])
+            first_rewards.append(rewards[i])
+    train_mean = float(torch.tensor(train_rewards).mean())
+    with torch.no_grad():
+        values = head(torch.cat(states)).double()
+        v0 = head(torch.stack(firsts)).double()
+    r, r0 = torch.tensor(state_rewards).float().double(), torch.tensor(first_rewards).float().double()
+    return {"mse": float(((values - r) ** 2).mean()), "mse_s0": float(((v0 - r0) ** 2).mean()),
+            "pearson_s0": float(torch.corrcoef(torch.stack([v0, r0]))[0, 1]),
+            "trivial_mse": float(((train_mean - r) ** 2).mean()),
+            "trivial_mse_s0": float(((train_mean - r0) ** 2).mean()),
+            "trivial_pearson_s0": 0.0, "responses": len(first_rewards)}
+
+
+@pytest.mark.parametrize("fraction", [0.2, 0.0])
+def test_evaluation_reads_only_the_scored_rows_and_matches_whole_shard_metrics(
+        labelled, tmp_path, monkeypatch, fraction):
+    """evaluate() reads just the held-out responses' rows of each shard (every shard's
+    whole states without a split), and its numbers are those of all states loaded whole."""
+    from vllm_recontrol.training import dataset
+    from vllm_recontrol.training.dataset import LabelledData
+    from vllm_recontrol.training.trainer import Trainer, TrainOptions
+
+    data = LabelledData(labelled)
+    assert len(data.shards) > 3
+    trainer = Trainer(TrainOptions(data=str(labelled), out=str(tmp_path / "h"), target="mc",
+                                   widths=[16], lr=3e-3, batch_size=32, shuffle_shards=3,
+                                   heldout_fraction=fraction, device="cpu", progress=False),
+                      data)
+    assert trainer.has_heldout == (fraction > 0)
+    trainer.epoch()  # a head that predicts something
+    read = {}
+    real_read = dataset.read_state_rows
+
+    def recording(layout, ranges, out):
+        for a, b in ranges:
+            read.setdefault(layout.path.stem, []).extend(range(a, b))
+        real_read(layout, ranges, out)
+
+    monkeypatch.setattr(dataset, "read_state_rows", recording)
+    metrics = trainer.evaluate()
+    expected = _metrics_from_whole_shards(labelled, trainer.head, trainer.heldout, fraction > 0)
+    assert metrics == {key: pytest.approx(value, rel=1e-5, abs=1e-7)
+                       for key, value in expected.items()}
+    for shard in data.shards:
+        offsets = shard.index.offsets.tolist()
+        scored = trainer.heldout[shard.index.prompt_index] if fraction > 0 else \
+            torch.ones(shard.index.num_responses, dtype=torch.bool)
+        rows = [row for i, keep in enumerate(scored.tolist()) if keep
+                for row in range(offsets[i], offsets[i + 1])]
+        assert sorted(read.get(shard.name, [])) == rows, shard.name
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_state_rows_read_from_the_file_equal_safetensors_slices(tmp_path, dtype):
+    """read_state_rows puts the asked row ranges back to back, bit for bit as safetensors
+    reads them (converted exactly when the target is float32); a truncated file is named."""
+    from safetensors.torch import load_file
+    from vllm_recontrol.training.shards import (load_states, read_state_rows, states_layout,
+                                                write_states)
+
+    generator = torch.Generator().manual_seed(0)
+    pieces = [torch.randn(n, 6, generator=generator) for n in (3, 1, 5, 2)]
+    path = write_states(tmp_path, "shard-00000", pieces, [0, 1, 2, 3], [0, 0, 1, 2], dtype)
+    stored = load_file(str(path))["states"]
+    assert torch.equal(load_states(tmp_path, "shard-00000").view(torch.int16),
+                       stored.view(torch.int16))
+    ranges = [(8, 11), (0, 2), (4, 4), (3, 4)]
+    expected = torch.cat([stored[a:b] for a, b in ranges])
+    layout = states_layout(tmp_path, "shard-00000")
+    out = torch.empty(expected.shape, dtype=expected.dtype)
+    read_state_rows(layout, ranges, out)
+    assert torch.equal(out.view(torch.int16), expected.view(torch.int16))
+    wide = torch.empty(expected.shape, dtype=torch.float32)
+    read_state_rows(layout, ranges, wide)
+    assert torch.equal(wide, expected.float())
+    path.write_bytes(path.read_bytes()[:layout.start + 10 * layout.row_bytes + 4])  # row 10 cut
+    with pytest.raises(DataError, match="truncated"):
+        read_state_rows(layout, [(10, 11)], torch.empty(1, 6, dtype=expected.dtype))
+
+
 # ----------------------------------------------------------------------------- bad input
 def _copy(labelled, tmp_path):
     import shutil
@@ -439,6 +539,30 @@ def test_the_same_prompt_text_never_sits_on_both_sides_of_the_split(tmp_path, ca
     expected = torch.zeros(25, dtype=torch.bool)
     expected[order[:5]] = True  # round(0.2 * 25): the first five of the seeded order
     assert torch.equal(LabelledData(plain).heldout_prompts(0.2, 3), expected)
+
+
+def test_a_text_repeated_many_times_is_one_group_shared_by_its_members(tmp_path):
+    """same_text_groups maps every index of a repeated text to all indices of that text, as
+    read from the rows; a text asked 150 times is one list its 150 members share (a sorted
+    copy per member grew with the square of the repeats)."""
+    from vllm_recontrol.training.dataset import LabelledData
+
+    texts = ["good a b c"] * 150 + ["bad d e f"] * 3 + [f"bad {i} a" for i in range(47)]
+    texts = [texts[i] for i in torch.randperm(200, generator=torch.Generator().manual_seed(1))]
+    root = tmp_path / "repeat"
+    root.mkdir()
+    (root / "prompts.jsonl").write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))
+    data = fake_collect(root, count=200, shard_size=64)[0]
+    label(data=str(data), reward_fn="training_fakes:good_reward", progress=False)
+    indices = {}
+    for path in sorted(data.glob("shard-*.jsonl")):
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            indices.setdefault(row["prompt"], set()).add(row["prompt_index"])
+    expected = {i: sorted(group) for group in indices.values() if len(group) > 1 for i in group}
+    groups = LabelledData(data).same_text_groups()
+    assert groups == expected and len(groups) == 153
+    assert len({id(group) for group in groups.values()}) == 2
 
 
 def test_resuming_checks_the_shards_and_takes_the_resolved_label_set(labelled, tmp_path):

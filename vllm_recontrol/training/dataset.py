@@ -19,8 +19,8 @@ import torch
 
 from .common import DataError, sha256_file
 from .labeler import INFO_FILE, label_sets, labels_dir, read_shard_labels
-from .shards import (ShardIndex, load_states, manifest_sha256, manifest_shards, read_manifest,
-                     read_rows, read_shard_index, shard_status)
+from .shards import (ShardIndex, manifest_sha256, manifest_shards, read_manifest, read_rows,
+                     read_shard_index, read_state_rows, shard_status, states_layout)
 from .targets import terminal_flags
 
 
@@ -183,14 +183,21 @@ class LabelledData:
         """Prompt index -> every prompt index of the same text, for texts collected more than
         once. Why: the same text at two indices (prompt sets repeat prompts) has the same s_0,
         so splitting by index alone put identical states on both sides of the split and
-        flattered the held-out metrics. Reads the rows' prompt texts, once per run."""
+        flattered the held-out metrics. Reads the rows' prompt texts, once per run.
+
+        The members of a group share one sorted list (do not change it): a copy per member
+        made a text repeated k times cost k sorted lists of k (1.8 s and 760 MiB at 10,000)."""
         by_text: dict[bytes, set[int]] = {}
         for shard in self.shards:
             for row in read_rows(self.path, shard.name):
                 key = hashlib.sha256(str(row.get("prompt")).encode()).digest()
                 by_text.setdefault(key, set()).add(int(row["prompt_index"]))
-        return {i: sorted(group) for group in by_text.values() if len(group) > 1
-                for i in group}
+        members: dict[int, list[int]] = {}
+        for group in by_text.values():
+            if len(group) > 1:
+                shared = sorted(group)
+                members.update(dict.fromkeys(shared, shared))
+        return members
 
     def count(self, heldout_prompts: torch.Tensor) -> dict[str, int]:
         counts = {"train_responses": 0, "train_states": 0, "heldout_responses": 0,
@@ -221,29 +228,80 @@ class LabelledData:
         return float(values.mean()) if values.numel() else 0.0
 
     # ------------------------------------------------------------------ streaming
-    def windows(self, order: Sequence[int], size: int,
-                heldout_prompts: torch.Tensor) -> Iterator[Window]:
-        """Windows of ``size`` shards, in the given shard order, loaded one at a time."""
+    def windows(self, order: Sequence[int], size: int, heldout_prompts: torch.Tensor,
+                responses: str = "all") -> Iterator[Window]:
+        """Windows of ``size`` shards, in the given shard order, loaded one at a time.
+
+        ``responses``: ``all``, or only the ``heldout`` or ``train`` side of the split
+        (evaluation reads just the responses it scores, about a tenth of the states)."""
         for start in range(0, len(order), max(1, size)):
             entries = [self.shards[i] for i in order[start:start + max(1, size)]]
-            yield self._window(entries, heldout_prompts)
+            yield self._window(entries, heldout_prompts, responses)
 
-    def _window(self, entries: Sequence[ShardEntry], heldout_prompts: torch.Tensor) -> Window:
-        states, offsets, rewards, prompts = [], [torch.zeros(1, dtype=torch.int64)], [], []
-        base = 0
+    def _window(self, entries: Sequence[ShardEntry], heldout_prompts: torch.Tensor,
+                responses: str = "all") -> Window:
+        """The chosen responses of ``entries``, back to back, their states in one tensor.
+
+        Why one preallocated tensor filled from the files: concatenating per-shard copies
+        held every shard twice at the peak, and a one-shard window stayed a mapping of the
+        file that random batch rows page-faulted into."""
+        kept, held = [], []
         for entry in entries:
-            states.append(load_states(self.path, entry.name))
-            offsets.append(entry.index.offsets[1:] + base)
-            base += entry.index.num_states
-            rewards.append(entry.rewards)
-            prompts.append(entry.index.prompt_index)
-        offsets_t = torch.cat(offsets)
-        rewards_t = torch.cat(rewards)
-        heldout = heldout_prompts[torch.cat(prompts)]
-        lengths = offsets_t[1:] - offsets_t[:-1]
+            side = heldout_prompts[entry.index.prompt_index]
+            kept.append(_chosen(side, responses))
+            held.append(side[kept[-1]])
+        lengths = torch.cat([_lengths(e.index.offsets)[k] for e, k in zip(entries, kept)])
+        states = self._read_states(entries, kept, int(lengths.sum()))
+        offsets_t = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(lengths, 0)])
+        rewards_t = torch.cat([e.rewards[k] for e, k in zip(entries, kept)])
+        heldout = torch.cat(held)
         return Window(
-            states=torch.cat(states) if len(states) > 1 else states[0],
-            offsets=offsets_t, rewards=rewards_t, heldout=heldout,
+            states=states, offsets=offsets_t, rewards=rewards_t, heldout=heldout,
             terminal=terminal_flags(offsets_t),
             state_rewards=torch.repeat_interleave(rewards_t, lengths),
             state_heldout=torch.repeat_interleave(heldout, lengths))
+
+    def _read_states(self, entries: Sequence[ShardEntry], kept: Sequence[torch.Tensor],
+                     total: int) -> torch.Tensor:
+        """[total, d]: each entry's kept responses' rows, read into their slice in turn."""
+        layouts = [states_layout(self.path, entry.name) for entry in entries]
+        dtypes = {layout.dtype for layout in layouts}
+        # one stored dtype (every collection): as stored; mixed 16-bit shards: float32,
+        # as concatenating them did
+        dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
+        states = torch.empty(total, self.hidden_size, dtype=dtype)
+        position = 0
+        for entry, keep, layout in zip(entries, kept, layouts):
+            ranges = row_ranges(entry.index.offsets, keep)
+            count = sum(b - a for a, b in ranges)
+            read_state_rows(layout, ranges, states[position:position + count])
+            position += count
+        return states
+
+
+def _lengths(offsets: torch.Tensor) -> torch.Tensor:
+    return offsets[1:] - offsets[:-1]
+
+
+def _chosen(heldout: torch.Tensor, responses: str) -> torch.Tensor:
+    """[R] bool: the responses a window keeps, given each response's side of the split."""
+    if responses == "all":
+        return torch.ones_like(heldout)
+    if responses == "heldout":
+        return heldout
+    if responses == "train":
+        return ~heldout
+    raise ValueError(f"responses must be all, heldout or train, got {responses!r}")
+
+
+def row_ranges(offsets: torch.Tensor, keep: torch.Tensor) -> list[tuple[int, int]]:
+    """State row ranges [a, b) of the kept responses, adjacent ones merged (a response's
+    states are contiguous, and so are a prompt's samples): few reads, each a long one."""
+    starts, ends = offsets[:-1][keep].tolist(), offsets[1:][keep].tolist()
+    ranges: list[tuple[int, int]] = []
+    for a, b in zip(starts, ends):
+        if ranges and ranges[-1][1] == a:
+            ranges[-1] = (ranges[-1][0], b)
+        elif b > a:
+            ranges.append((a, b))
+    return ranges

@@ -232,11 +232,95 @@ def _check_stored_tensors(path: Path, shape: Sequence[int], stored: str,
 
 
 def load_states(directory: Path, name: str) -> torch.Tensor:
-    """The shard's states as stored (16-bit), on the CPU."""
-    from safetensors import safe_open
+    """The shard's states as stored (16-bit), on the CPU, read into memory (not a mapping of
+    the file)."""
+    layout = states_layout(directory, name)
+    states = torch.empty(layout.shape, dtype=layout.dtype)
+    read_state_rows(layout, [(0, layout.shape[0])], states)
+    return states
 
-    with safe_open(str(states_path(directory, name)), framework="pt") as handle:
-        return handle.get_tensor("states")
+
+@dataclass(frozen=True)
+class StatesLayout:
+    """Where a shard's ``states`` tensor lies in its safetensors file: rows are contiguous,
+    so any row range is one contiguous byte range."""
+
+    path: Path
+    dtype: torch.dtype
+    shape: tuple[int, int]
+    start: int  # byte offset of row 0 in the file
+
+    @property
+    def row_bytes(self) -> int:
+        return self.shape[1] * torch.empty(0, dtype=self.dtype).element_size()
+
+
+SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def states_layout(directory: Path, name: str) -> StatesLayout:
+    """The ``states`` tensor's dtype, shape and file offset, from the safetensors header.
+
+    Why not safetensors' own reader: ``get_tensor`` maps the whole file (a window of one
+    shard stayed a live mapping, and random batch rows page-faulted into it) and
+    ``get_slice`` returns a fresh copy; reading the bytes ourselves puts them straight into
+    the caller's preallocated tensor, and reads only the rows asked for. The header format
+    is safetensors' documented one: an 8-byte little-endian length, then JSON naming each
+    tensor's dtype, shape and [begin, end) byte offsets after the header."""
+    path = states_path(directory, name)
+    try:
+        with open(path, "rb") as handle:
+            size = int.from_bytes(handle.read(8), "little")
+            header = json.loads(handle.read(size))
+        entry = header["states"]
+        begin, end = (int(x) for x in entry["data_offsets"])
+        shape = tuple(int(x) for x in entry["shape"])
+        stored = entry["dtype"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"shard {path} cannot be read: {type(exc).__name__}: {exc}") from exc
+    if stored not in SAFETENSORS_DTYPES or len(shape) != 2:
+        raise DataError(f"shard {path} is damaged: its states are {stored} {list(shape)}, not "
+                        f"[states, hidden size] in one of {list(STORED_STATE_DTYPES.values())}")
+    layout = StatesLayout(path, SAFETENSORS_DTYPES[stored], (shape[0], shape[1]), 8 + size + begin)
+    if end - begin != shape[0] * layout.row_bytes:
+        raise DataError(f"shard {path} is damaged: its states header gives {end - begin} bytes "
+                        f"for {list(shape)} {stored}")
+    return layout
+
+
+def read_state_rows(layout: StatesLayout, ranges: Sequence[tuple[int, int]],
+                    out: torch.Tensor) -> None:
+    """Read rows ``a:b`` of each range, back to back, into ``out`` (contiguous, CPU, as many
+    rows as the ranges hold): each range is one seek and one read, straight into its slice,
+    so no temporary copy of the shard exists and no row outside the ranges is read."""
+    rows = sum(b - a for a, b in ranges)
+    if not out.is_contiguous() or tuple(out.shape) != (rows, layout.shape[1]):
+        raise ValueError(f"out must be a contiguous [{rows}, {layout.shape[1]}] tensor, "
+                         f"got {list(out.shape)}")
+    if any(not 0 <= a <= b <= layout.shape[0] for a, b in ranges):
+        raise ValueError(f"row ranges {list(ranges)[:3]}... fall outside {layout.path}'s "
+                         f"{layout.shape[0]} rows")
+    target = out if out.dtype == layout.dtype else torch.empty(out.shape, dtype=layout.dtype)
+    buffer = memoryview(target.view(torch.uint8).numpy().reshape(-1)) if rows else None
+    position = 0
+    with open(layout.path, "rb", buffering=0) as handle:
+        for a, b in ranges:
+            handle.seek(layout.start + a * layout.row_bytes)
+            _read_exactly(handle, buffer[position:position + (b - a) * layout.row_bytes],
+                          layout.path)
+            position += (b - a) * layout.row_bytes
+    if target is not out:  # shards of another 16-bit dtype in the same window
+        out.copy_(target)
+
+
+def _read_exactly(handle: Any, buffer: memoryview, path: Path) -> None:
+    """Fill ``buffer`` from the file (a raw read may return fewer bytes than asked)."""
+    done = 0
+    while done < len(buffer):
+        count = handle.readinto(buffer[done:])
+        if not count:
+            raise DataError(f"shard {path} is truncated: it ends inside its states")
+        done += count
 
 
 def iter_collected(directory: Path, names: Iterable[str]):

@@ -149,6 +149,13 @@ def _device(name: str, group: ProcessGroup) -> torch.device:
     return device
 
 
+def _to_float(states: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """16-bit states as float32 on ``device``, converted there. Why not
+    ``.to(device, torch.float32)``: a CPU->GPU copy that changes dtype converts on the CPU
+    first and then copies twice the bytes from pageable memory. On the CPU it is the same."""
+    return states.to(device).float()
+
+
 class Trainer:
     """One training run: head, optimiser, streaming epochs, evaluation, early stopping."""
 
@@ -199,7 +206,9 @@ class Trainer:
         groups = self._my_windows(order)
         batches = self._batches(groups)
         if not self.group.distributed:
-            losses = [self._step(item) for item in batches]
+            # map, not a loop variable: no name holds the last batch (and so its window)
+            # while the generator loads the next window
+            losses = list(map(self._step, batches))
         else:  # as many steps as the process with the most batches has
             steps = self.group.max(self._count_batches(groups))
             losses = [self._step(next(batches, None)) for _ in range(steps)]
@@ -213,7 +222,7 @@ class Trainer:
         loss = None
         if item is not None:
             window, fixed, batch = item
-            states = window.states[batch].to(self.device, torch.float32)
+            states = _to_float(window.states[batch], self.device)
             if fixed is None:
                 targets = self._bellman_batch_targets(window, batch)
             else:
@@ -247,13 +256,22 @@ class Trainer:
         """(window, its fixed targets or None, rows) per training batch, window by window."""
         for shards in groups:
             for window in self.data.windows(shards, len(shards), self.heldout):
-                rows = torch.nonzero(~window.state_heldout).squeeze(1)
-                if rows.numel() == 0:
-                    continue
-                rows = rows[torch.randperm(rows.numel(), generator=self.generator)]
-                fixed = self._window_targets(window)
-                for start in range(0, rows.numel(), self.batch_size):
-                    yield window, fixed, rows[start:start + self.batch_size]
+                yield from self._window_batches(window)
+                # Why: a name bound here would keep this window (its targets and rows live
+                # in the finished _window_batches, freed with it) alive while the next one
+                # loads, holding two windows at the peak instead of one.
+                del window
+
+    def _window_batches(self, window: Window
+                        ) -> Iterator[tuple[Window, torch.Tensor | None, torch.Tensor]]:
+        """One window's training rows, shuffled, in batches with the window's fixed targets."""
+        rows = torch.nonzero(~window.state_heldout).squeeze(1)
+        if rows.numel() == 0:
+            return
+        rows = rows[torch.randperm(rows.numel(), generator=self.generator)]
+        fixed = self._window_targets(window)
+        for start in range(0, rows.numel(), self.batch_size):
+            yield window, fixed, rows[start:start + self.batch_size]
 
     def _count_batches(self, groups: list[list[int]]) -> int:
         """How many batches ``_batches`` yields, from the shard indexes (nothing loaded)."""
@@ -264,7 +282,7 @@ class Trainer:
     def _bellman_batch_targets(self, window: Window, batch: torch.Tensor) -> torch.Tensor:
         """y = r at a terminal row, else stopgrad V(s_{t+1}) (the next row of the window)."""
         return bootstrap_targets(
-            lambda x: self.target_head(x.to(self.device, torch.float32)), window.states, batch,
+            lambda x: self.target_head(_to_float(x, self.device)), window.states, batch,
             window.terminal, window.state_rewards)
 
     def _window_targets(self, window: Window) -> torch.Tensor | None:
@@ -280,7 +298,7 @@ class Trainer:
 
     @torch.no_grad()
     def _values(self, states: torch.Tensor) -> torch.Tensor:
-        out = [self.target_head(states[i:i + EVAL_CHUNK].to(self.device, torch.float32)).cpu()
+        out = [self.target_head(_to_float(states[i:i + EVAL_CHUNK], self.device)).cpu()
                for i in range(0, states.shape[0], EVAL_CHUNK)]
         return torch.cat(out) if out else torch.zeros(0)
 
@@ -289,29 +307,26 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         """MSE of V(s_t) vs r over held-out states, and V(s_0) vs r, against the train mean.
 
-        Without a held-out split the same numbers are computed on the training data.
+        Without a held-out split the same numbers are computed on the training data. Each
+        window holds only the responses scored (read as row ranges from the shards), not the
+        whole shards: the held-out tenth of the states, not all of them, every epoch.
         """
         self.head.eval()
         squared = trivial_squared = 0.0
         count = 0
         first_values, first_rewards = [], []
+        scored = "heldout" if self.has_heldout else "train"
         for shards in self._my_windows(list(range(len(self.data.shards)))):
-            for window in self.data.windows(shards, len(shards), self.heldout):
-                pick = window.state_heldout if self.has_heldout else ~window.state_heldout
-                rows = torch.nonzero(pick).squeeze(1)
-                if rows.numel() == 0:
+            windows = self.data.windows(shards, len(shards), self.heldout, scored)
+            # map: no name keeps a scored window alive while the next one loads
+            for part in map(self._score, windows):
+                if part is None:
                     continue
-                values = torch.cat([self.head(window.states[rows[i:i + EVAL_CHUNK]].to(
-                    self.device, torch.float32)).cpu() for i in range(0, rows.numel(), EVAL_CHUNK)])
-                rewards = window.state_rewards[rows]
-                squared += float(((values - rewards) ** 2).sum())
-                trivial_squared += float(((self.train_mean - rewards) ** 2).sum())
-                count += rows.numel()
-                chosen = window.heldout if self.has_heldout else ~window.heldout
-                firsts = window.first_rows[chosen]
-                first_values.append(self.head(window.states[firsts].to(
-                    self.device, torch.float32)).cpu())
-                first_rewards.append(window.rewards[chosen])
+                squared += part[0]
+                trivial_squared += part[1]
+                count += part[2]
+                first_values.append(part[3])
+                first_rewards.append(part[4])
         squared, trivial_squared, count = self.group.sum([squared, trivial_squared, count])
         v0 = self.group.gather(torch.cat(first_values) if first_values else torch.zeros(0))
         r = self.group.gather(torch.cat(first_rewards) if first_rewards else torch.zeros(0))
@@ -324,6 +339,21 @@ class Trainer:
             "trivial_pearson_s0": 0.0,  # a constant has no correlation with anything
             "responses": int(r.numel()),
         }
+
+    def _score(self, window: Window
+               ) -> tuple[float, float, int, torch.Tensor, torch.Tensor] | None:
+        """Sums over every state of a window of scored responses: squared error of V and of
+        the train mean, the state count; and V(s_0) and r of its responses (None if empty)."""
+        states = window.states
+        if states.shape[0] == 0:
+            return None
+        values = torch.cat([self.head(_to_float(states[i:i + EVAL_CHUNK], self.device)).cpu()
+                            for i in range(0, states.shape[0], EVAL_CHUNK)])
+        rewards = window.state_rewards
+        first_values = self.head(_to_float(states[window.first_rows], self.device)).cpu()
+        return (float(((values - rewards) ** 2).sum()),
+                float(((self.train_mean - rewards) ** 2).sum()), states.shape[0],
+                first_values, window.rewards)
 
 
 def train(**options: Any) -> dict[str, Any]:
