@@ -377,12 +377,14 @@ def test_state_rows_read_from_the_file_equal_safetensors_slices(tmp_path, dtype)
     """read_state_rows puts the asked row ranges back to back, bit for bit as safetensors
     reads them (converted exactly when the target is float32); a truncated file is named."""
     from safetensors.torch import load_file
-    from vllm_recontrol.training.shards import (load_states, read_state_rows, states_layout,
-                                                write_states)
+    from vllm_recontrol.training.shards import (STATE_DTYPES, load_states, read_state_rows,
+                                                states_layout, write_states)
 
     generator = torch.Generator().manual_seed(0)
-    pieces = [torch.randn(n, 6, generator=generator) for n in (3, 1, 5, 2)]
-    path = write_states(tmp_path, "shard-00000", pieces, [0, 1, 2, 3], [0, 0, 1, 2], dtype)
+    lengths = [3, 1, 5, 2]
+    joined = torch.randn(sum(lengths), 6, generator=generator).to(STATE_DTYPES[dtype])
+    path = write_states(tmp_path, "shard-00000", joined, lengths, [0, 1, 2, 3], [0, 0, 1, 2],
+                        dtype)
     stored = load_file(str(path))["states"]
     assert torch.equal(load_states(tmp_path, "shard-00000").view(torch.int16),
                        stored.view(torch.int16))
@@ -398,6 +400,10 @@ def test_state_rows_read_from_the_file_equal_safetensors_slices(tmp_path, dtype)
     path.write_bytes(path.read_bytes()[:layout.start + 10 * layout.row_bytes + 4])  # row 10 cut
     with pytest.raises(DataError, match="truncated"):
         read_state_rows(layout, [(10, 11)], torch.empty(1, 6, dtype=expected.dtype))
+    for length in (2**63, 2**40, 0):  # a damaged header length: a clear error, no huge read
+        path.write_bytes(length.to_bytes(8, "little") + b"{}" * 8)
+        with pytest.raises(DataError, match="cannot be read: ValueError: a header of"):
+            states_layout(tmp_path, "shard-00000")
 
 
 # ----------------------------------------------------------------------------- bad input

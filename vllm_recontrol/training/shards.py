@@ -256,6 +256,7 @@ class StatesLayout:
 
 
 SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16}
+SAFETENSORS_HEADER_LIMIT = 100_000_000  # bytes, as safetensors itself refuses larger ones
 
 
 def states_layout(directory: Path, name: str) -> StatesLayout:
@@ -271,6 +272,9 @@ def states_layout(directory: Path, name: str) -> StatesLayout:
     try:
         with open(path, "rb") as handle:
             size = int.from_bytes(handle.read(8), "little")
+            # a damaged length must not become a read of exabytes (safetensors' own bound)
+            if not 2 <= size <= min(SAFETENSORS_HEADER_LIMIT, path.stat().st_size - 8):
+                raise ValueError(f"a header of {size} bytes")
             header = json.loads(handle.read(size))
         entry = header["states"]
         begin, end = (int(x) for x in entry["data_offsets"])
@@ -282,7 +286,7 @@ def states_layout(directory: Path, name: str) -> StatesLayout:
         raise DataError(f"shard {path} is damaged: its states are {stored} {list(shape)}, not "
                         f"[states, hidden size] in one of {list(STORED_STATE_DTYPES.values())}")
     layout = StatesLayout(path, SAFETENSORS_DTYPES[stored], (shape[0], shape[1]), 8 + size + begin)
-    if end - begin != shape[0] * layout.row_bytes:
+    if begin < 0 or end - begin != shape[0] * layout.row_bytes:
         raise DataError(f"shard {path} is damaged: its states header gives {end - begin} bytes "
                         f"for {list(shape)} {stored}")
     return layout
