@@ -320,7 +320,7 @@ def test_eval_writes_its_report_before_asking_the_judge(tmp_path, monkeypatch):
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
 
     class Canned:  # the methods as generated and scored, without engines
-        def __init__(self, opts, prompts, score, coherence) -> None:
+        def __init__(self, opts, prompts, score, coherence, finished=None) -> None:
             pass
 
         def methods(self):

@@ -677,3 +677,69 @@ def test_responses_are_cut_at_the_markers_labelling_used():
         assert evaluation.main(["--model", "m", "--value-head", "h", "--prompts", "p",
                                 "--cut-at", "USER:", "###"]) == 0
     assert seen["cut_at"] == ["USER:", "###"]
+
+
+def test_a_rerun_reads_back_the_methods_a_previous_run_finished(tmp_path, monkeypatch):
+    """Each finished method is kept under out/methods with a digest of what decides it: a
+    rerun with the same options generates nothing (no engine started) and reports the same
+    numbers; a run that failed part-way keeps the methods before the failure; a changed
+    option, or new weights in the head of a controlled method, run again what they change;
+    --no-resume runs everything."""
+    import importlib
+
+    from vllm_recontrol.value_head import ValueHead
+
+    evaluation = importlib.import_module("vllm_recontrol.evaluation.evaluate")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"q{i}"}) + "\n" for i in range(4)))
+    head = tmp_path / "head"
+    ValueHead(8, [4], seed=0).save(head)
+    ran, started, fail_on = [], [], []
+
+    class FakePool:  # what the engines return: samples depend on the method alone
+        def __init__(self, opts, settings, prompts) -> None:
+            started.append(opts.max_tokens)
+            self.count = len(prompts)
+
+        def run(self, method):
+            ran.append(method)
+            if fail_on and len(ran) == fail_on[0]:
+                raise RuntimeError("simulated failure")
+            good = " good" * int(method.alpha * 2 + method.n)
+            return [[(f"answer {i}{good} {j}", 3) for j in range(method.n)]
+                    for i in range(self.count)], 1.0
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(evaluation, "EnginePool", FakePool)
+
+    def run(out="out", **extra):
+        ran.clear()
+        options = dict(model="org/model", value_head=str(head), prompts=str(prompts),
+                       grid="0.5:2", best_of=[2], system_prompt="", quiet=True,
+                       out=str(tmp_path / out),
+                       reward_fn="vllm_recontrol.toy_world:positive_share")
+        report = evaluation.evaluate(**{**options, **extra})
+        return [(r["method"], r["rewards"]) for r in report["results"]], len(ran)
+
+    first, runs = run()
+    assert runs == 3 and len(list((tmp_path / "out" / "methods").glob("*.json"))) == 3
+    started.clear()
+    again, runs = run()
+    assert (again, runs, started) == (first, 0, [])  # read back; no engine started
+    assert run(max_tokens=7)[1] == 3  # changes every method
+    ValueHead(8, [4], seed=1).save(head)  # new weights: only the controlled method
+    assert [m.alpha for m in (run()[1] and ran)] == [0.5]
+    assert run(resume=False)[1] == 3
+    model = tmp_path / "model"  # a local model saved again at the same path: all again
+    (model / "sub").mkdir(parents=True)
+    (model / "sub" / "weights").write_bytes(b"1")
+    assert run(model=str(model))[1] == 3 and run(model=str(model))[1] == 0
+    (model / "sub" / "weights").write_bytes(b"22")
+    assert run(model=str(model))[1] == 3
+    fail_on.append(2)  # a fresh folder, the grid's method fails: base is kept
+    with pytest.raises(RuntimeError, match="simulated failure"):
+        run("fresh")
+    fail_on.clear()
+    assert [(m.alpha, m.n) for m in (run("fresh")[1] and ran)] == [(0.5, 1), (0.0, 2)]

@@ -83,7 +83,8 @@ def run_demo(workdir: Path, train_prompts: int = 600, eval_prompts: int = 64,
     report = step("eval", evaluate, model=str(world["model"]), value_head=str(head),
                   prompts=str(world["eval_prompts"]), reward_fn=REWARD_FN, grid=grid,
                   best_of=[best_of], system_prompt=None, max_tokens=max_tokens,
-                  engine_args=eval_engine, out=str(workdir / "eval"), quiet=True)
+                  engine_args=eval_engine, out=str(workdir / "eval"), quiet=True,
+                  resume=False)  # a rerun rebuilds the world: measure every method again
     print("\n" + report["table"])
     print("\n" + " | ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
     print(f"responses: {report['responses']}")

@@ -34,6 +34,7 @@ from .metrics import (BOOTSTRAP_RESAMPLES, Coherence, bootstrap_interval, divers
                       word_tokenizer,
                       win_rate)
 from .plots import save_plots
+from .resume import METHODS_DIR, FinishedMethods, log_reused, run_facts
 from .scoring import RewardPool
 
 RESPONSES_FILE = "responses.jsonl"  # every returned response, beside eval.json
@@ -77,6 +78,7 @@ class EvalOptions:
     # markers a response is cut at before it is scored: label's --cut-at of the training set
     cut_at: list[str] = field(default_factory=lambda: list(DEFAULT_CUT_AT))
     out: str = "eval-out"
+    resume: bool = True                   # read back methods a previous run finished (out/methods)
     quiet: bool = False                   # no table or progress printed (the demo prints)
     progress: bool = True                 # vLLM's progress bars while each method generates
     in_process: bool = False              # vLLM engine core in the engine's process (small CPUs)
@@ -221,13 +223,21 @@ class ScoreCache:
             self._known.update(zip(new, self._score(new)))
         return [self._known[pair] for pair in pairs]
 
+    def remember(self, pairs: Sequence[tuple[str, str]], scores: Sequence[float]) -> None:
+        """Scores given elsewhere (a finished method read back): a later answer identical to
+        one of them gets the same score."""
+        for pair, score in zip(pairs, scores):
+            self._known.setdefault(pair, score)
+
 
 class Evaluator:
     """Runs each method on the same prompts through the engines and scores the responses."""
 
-    def __init__(self, opts: EvalOptions, prompts: list[str], score: Callable, coherence: Coherence):
+    def __init__(self, opts: EvalOptions, prompts: list[str], score: Callable, coherence: Coherence,
+                 finished: FinishedMethods | None = None):
         self.opts, self.prompts, self.coherence = opts, prompts, coherence
         self.score = ScoreCache(score)
+        self.finished, self.reused = finished, 0
         further = opts.value_heads or {}
         if not isinstance(further, dict) or not all(
                 isinstance(k, str) and isinstance(v, str) for k, v in further.items()):
@@ -242,16 +252,38 @@ class Evaluator:
             seed=opts.seed, max_tokens=opts.max_tokens, temperature=opts.temperature,
             bon_temperature=opts.bon_temperature, system_prompt=opts.system_prompt,
             chat_template=opts.chat_template, in_process=opts.in_process)
-        self.engines = EnginePool(opts, settings, prompts)
+        self._engine_settings, self._engines = settings, None
+
+    @property
+    def engines(self) -> EnginePool:
+        """The engines, started on first use: a rerun whose methods are all finished
+        (``FinishedMethods``) starts none."""
+        if self._engines is None:
+            self._engines = EnginePool(self.opts, self._engine_settings, self.prompts)
+        return self._engines
 
     def run(self, result: MethodResult) -> MethodResult:
         """Generate one method's samples and score them (through ``self.score``, which scores
-        each distinct pair once: ``ScoreCache``)."""
+        each distinct pair once: ``ScoreCache``); or read it back when a previous run of the
+        same evaluation finished it (``FinishedMethods``)."""
+        finished = self.finished
+        digest = finished and finished.digest(result.key, result.head,
+                                              result.alpha > 0 and result.steps > 0)
+        saved = finished and finished.load(digest)
+        if saved:
+            self.reused += 1
+            restored = MethodResult(**{**saved, "reward_ci95": tuple(saved["reward_ci95"]),
+                                       "win_rate_ci95": tuple(saved["win_rate_ci95"])})
+            self.score.remember([(p, r) for p, r in zip(self.prompts, restored.responses)],
+                                restored.rewards)
+            return restored
         samples, result.seconds = self.engines.run(Method(
             alpha=result.alpha, steps=result.steps, head=result.head, n=result.n,
             prompting=result.prompting, max_norm=result.max_norm))
-        return judge(result, self.prompts, samples, self.score, self.coherence,
-                     self.opts.cut_at)
+        judge(result, self.prompts, samples, self.score, self.coherence, self.opts.cut_at)
+        if finished:
+            finished.save(digest, result)
+        return result
 
     def methods(self) -> list[MethodResult]:
         """Base, the RE-Control grid, Best-of-N (and, asked for, RE-Control + Best-of-N),
@@ -276,6 +308,8 @@ class Evaluator:
         for result in results:
             result.win_rate = win_rate(result.rewards, results[0].rewards)
             add_intervals(result, results[0], self.opts.seed)
+        if self.finished:
+            log_reused(self.reused, self.finished.folder)
         return results
 
     def best_of(self) -> list[int]:
@@ -292,7 +326,8 @@ class Evaluator:
         return whole
 
     def close(self) -> None:
-        self.engines.close()
+        if self._engines is not None:
+            self._engines.close()
 
 
 def judge(result: MethodResult, prompts: Sequence[str], samples: Samples, score: Callable,
@@ -502,10 +537,14 @@ def evaluate(**options: Any) -> dict[str, Any]:
     if opts.reward_replicas == 1:  # on actors the files may live on the workers only
         source.check()  # a reward model's settings, tokenizer and config, before any engine
     coherence = Coherence.load(opts.embedding_model, opts.device)
+    finished = FinishedMethods(
+        Path(opts.out) / METHODS_DIR,
+        run_facts(asdict(opts), prompts, source.describe()),
+        {DEFAULT_HEAD: opts.value_head, **(opts.value_heads or {})}, enabled=opts.resume)
     with contextlib.ExitStack() as stack:
         stack.callback(source.close)  # a reward model's vLLM engine, if one was started
         evaluator = Evaluator(opts, prompts, reward_scoring(opts, arguments, source, stack),
-                              coherence)
+                              coherence, finished)
         try:
             results = evaluator.methods()
         finally:
@@ -607,6 +646,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--system-prompt", help="the prompting baselines' system prompt "
                         '(default: a helpful-and-harmless one; "" skips those rows)')
     parser.add_argument("--chat-template", action="store_true")
+    parser.add_argument("--no-resume", dest="resume", action="store_false",
+                        help="run every method again, even those a previous run with the same "
+                        "options finished (kept in OUT/methods)")
     parser.add_argument("--cut-at", nargs="*",
                         help="cut responses at the first of these markers before scoring, as "
                         "label's --cut-at did for the training labels (default Human: User:)")

@@ -1,0 +1,134 @@
+"""The finished methods of an ``eval`` run, kept on disk so that a rerun skips them.
+
+Why: at scale each method is hours of generation and scoring, and a failure after it (the
+reward model out of memory on the next method, a dead Ray actor, Ctrl-C) used to lose every
+method before it. Each finished method is written to ``out/methods/`` under a digest of
+everything that decides its samples and scores (the options that change what is computed,
+the prompts, the reward, the value head's weights for a controlled method, the method's own
+settings); a rerun with the same digest reads it back instead of generating, and any change
+misses the digest and runs the method again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+from ..files import write_text_atomic
+from ..head_source import locate_head
+from ..logs import get_logger
+
+logger = get_logger(__name__)
+
+METHODS_DIR = "methods"
+FORMAT = "vllm-recontrol-eval-method"
+# Options that say how or where to run, or which methods run, not what a method computes.
+NOT_IN_DIGEST = frozenset({
+    "out", "quiet", "progress", "in_process", "ray", "replicas", "ray_address", "ray_num_cpus",
+    "ray_num_gpus", "reward_replicas", "reward_num_cpus", "reward_num_gpus", "grid", "best_of",
+    "control_best_of", "value_head", "value_heads", "resume", "reward_fn", "reward_model",
+    "reward_index", "rm_dtype", "rm_max_length", "rm_engine_args",
+    "trust_remote_code", "reward_batch_size"})
+
+
+def run_facts(options: dict[str, Any], prompts: Sequence[str],
+              reward: dict[str, Any]) -> dict[str, Any]:
+    """What every method's result depends on: the options that change what is computed
+    (the judge's excepted: it runs after), the prompts, the reward as ``RewardSource``
+    describes it (a model with its dtype and output, or a function by name: its code is
+    not read), and the files of a local model folder (the LLM's, the reward model's)."""
+    kept = {k: v for k, v in options.items()
+            if k not in NOT_IN_DIGEST and not k.startswith("judge_")}
+    prompts_sha = hashlib.sha256(json.dumps(list(prompts)).encode()).hexdigest()
+    models = {name: folder_fingerprint(str(path)) for name, path in
+              (("model", options.get("model")), ("reward_model", reward.get("reward_model")))
+              if path}
+    return {"options": kept, "prompts_sha256": prompts_sha, "reward": reward,
+            "model_files": models}
+
+
+def folder_fingerprint(source: str) -> str | None:
+    """Names, sizes and modification times of a local model folder's files (hashing the
+    weights would take minutes for a 7B model; a model saved again at the same path changes
+    these), or None for a hub id (its name and the engine's revision are in the options)."""
+    folder = Path(source)
+    if not folder.is_dir():
+        return None
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        stat = path.stat()
+        digest.update(f"{path.relative_to(folder)}\0{stat.st_size}\0{stat.st_mtime_ns}\0"
+                      .encode())
+    return digest.hexdigest()
+
+
+def head_digest(source: str) -> str | None:
+    """The weights a head folder (or hub id) holds, as a digest of its weights file (None:
+    the head cannot be found here; the engine then says why)."""
+    try:
+        weights = locate_head(source) / "model.safetensors"
+        digest = hashlib.sha256()
+        with open(weights, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        return digest.hexdigest()
+    except (OSError, ValueError):
+        return None
+
+
+class FinishedMethods:
+    """Reads and writes finished methods under ``folder`` (``enabled`` False: neither)."""
+
+    def __init__(self, folder: Path, facts: dict[str, Any], heads: dict[str, str],
+                 enabled: bool = True) -> None:
+        self.folder, self.facts, self.heads, self.enabled = folder, facts, heads, enabled
+        self._head_digests: dict[str, str | None] = {}
+
+    def digest(self, key: str, head: str, controlled: bool) -> str | None:
+        """The digest of a method (None: it cannot be named, so it is not kept). Uncontrolled
+        methods do not depend on a head: the engine leaves their rows alone."""
+        facts = {"run": self.facts, "method": key}
+        if controlled:
+            if head not in self._head_digests:
+                source = self.heads.get(head)
+                self._head_digests[head] = head_digest(source) if source else None
+            if self._head_digests[head] is None:
+                return None
+            facts["head_weights_sha256"] = self._head_digests[head]
+        text = json.dumps(facts, sort_keys=True, default=repr)
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def load(self, digest: str | None) -> dict[str, Any] | None:
+        """A finished method's fields, or None when it is not on disk (or unreadable)."""
+        if not self.enabled or digest is None:
+            return None
+        path = self.folder / f"{digest[:32]}.json"
+        try:
+            saved = json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:  # damaged: run the method again
+            logger.warning("eval: %s cannot be read (%s); running that method again", path, exc)
+            return None
+        if not isinstance(saved, dict) or saved.get("format") != FORMAT or \
+                saved.get("digest") != digest or not isinstance(saved.get("result"), dict):
+            return None
+        return saved["result"]
+
+    def save(self, digest: str | None, result: Any) -> None:
+        """Write a finished method (its responses, rewards and metrics; not the judge's)."""
+        if not self.enabled or digest is None:
+            return
+        fields = {k: v for k, v in dataclasses.asdict(result).items() if k != "judge"}
+        self.folder.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(self.folder / f"{digest[:32]}.json",
+                          json.dumps({"format": FORMAT, "digest": digest, "result": fields}))
+
+
+def log_reused(count: int, folder: Path) -> None:
+    if count:
+        logger.warning("eval: %d finished method(s) read back from %s (same options, prompts, "
+                       "reward and heads); --no-resume runs them again", count, folder)
