@@ -11,6 +11,7 @@ import torch
 from training_fakes import fake_collect, good_reward
 from vllm_recontrol import ValueHead
 from vllm_recontrol.training.dataset import LabelledData
+from vllm_recontrol.training.distributed import ProcessGroup
 from vllm_recontrol.training.labeler import label
 from vllm_recontrol.training.trainer import Trainer, TrainOptions, train
 
@@ -121,3 +122,33 @@ def test_batch_size_must_split_evenly(two_shards, tmp_path):
     assert proc.returncode != 0
     assert "batch_size 7 must be a multiple of the 2 processes" in proc.stdout + proc.stderr
     assert not (tmp_path / "h").exists()
+
+
+def test_a_distributed_step_is_one_all_reduce(three_shards, monkeypatch):
+    """A step of 2 processes is one all-reduce (gradients, rows and loss in one buffer),
+    not one per parameter plus one for the loss. The stand-in all-reduce adds an identical
+    second process (it doubles the buffer), so the step must equal one process's step on
+    the same batch: same loss, same weights after Adam."""
+    calls = []
+
+    def all_reduce(tensor, op=None):
+        calls.append(tensor.numel())
+        tensor.mul_(2)
+
+    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda *a: "gloo")
+    data = LabelledData(three_shards)
+    options = TrainOptions(data=str(three_shards), out="", device="cpu", batch_size=64, **HEAD)
+    alone, pair = Trainer(options, data), Trainer(options, data, ProcessGroup(rank=0, world=2))
+    window = next(data.windows([0], 1, alone.heldout))
+    fixed = alone._window_targets(window)
+    batch = torch.nonzero(~window.state_heldout).squeeze(1)[:32]
+    start = [p.detach().clone() for p in pair.head.parameters()]
+    for _ in range(3):
+        assert pair._step((window, fixed, batch)) == pytest.approx(
+            alone._step((window, fixed, batch)), rel=1e-6)
+    assert len(calls) == 3  # one per step
+    assert calls[0] == sum(p.numel() for p in pair.head.parameters()) + 2
+    for a, b, before in zip(alone.head.parameters(), pair.head.parameters(), start):
+        assert torch.allclose(a, b, atol=1e-6, rtol=0), (a - b).abs().max()
+        assert not torch.equal(b, before)  # the steps moved the weights

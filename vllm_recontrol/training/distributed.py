@@ -6,17 +6,18 @@ Why not DistributedDataParallel: processes run out of batches at different steps
 windows hold different numbers of states), and under DDP's uneven-input handling the idle
 processes would skip optimizer steps, so their Adam state would drift from the others'.
 Here every process takes every step; one with no batch left contributes a zero gradient
-with zero weight. The gradient is summed with one all-reduce per parameter tensor (a value
-head has a handful), weighted by each process's share of the step's states.
+with zero weight. A step's gradients, weighted by each process's share of the step's states,
+travel in one flat all-reduce together with the step's row count and loss sum (``sum_step``).
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import torch
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from .common import DataError
 
@@ -62,13 +63,31 @@ class ProcessGroup:
         torch.distributed.all_gather_object(parts, tensor.cpu())
         return torch.cat(parts)
 
-    def sum_gradients(self, parameters: list[torch.nn.Parameter]) -> None:
-        if not self.distributed:
-            return
-        for parameter in parameters:
-            if parameter.grad is None:
-                parameter.grad = torch.zeros_like(parameter)
-            torch.distributed.all_reduce(parameter.grad)
+    def sum_step(self, parameters: Sequence[torch.nn.Parameter], rows: int,
+                 loss: torch.Tensor | None) -> float:
+        """Finish a step's backward pass over the processes: ``parameters``' gradients (of
+        this process's mean loss over its ``rows`` states; none when it had no batch) become
+        the gradient of the mean loss over every process's states, and the step's mean loss
+        is returned.
+
+        Why one all-reduce: a collective per parameter tensor plus one for the loss costs
+        a latency each, every step (over machines, milliseconds each); here the gradients,
+        each scaled by its process's rows, are flattened into one buffer that also carries
+        the rows and the loss sum, and are divided by the total rows afterwards."""
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
+        sums = torch.zeros(2, dtype=grads[0].dtype, device=grads[0].device)
+        sums[0] = rows
+        if loss is not None:
+            sums[1] = loss.detach() * rows
+        flat = torch.cat([_flatten_dense_tensors(grads) * rows, sums])
+        if self.distributed:
+            torch.distributed.all_reduce(flat)
+        count = flat.numel() - 2
+        rows_total, loss_sum = flat[count:].tolist()
+        for parameter, grad in zip(parameters, _unflatten_dense_tensors(
+                flat[:count] / rows_total, grads)):
+            parameter.grad = grad
+        return loss_sum / rows_total
 
     def check_same_parameters(self, module: torch.nn.Module) -> None:
         """Rank 0's parameters must equal everyone's; a mismatch is a bug, never saved."""

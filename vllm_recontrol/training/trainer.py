@@ -221,12 +221,9 @@ class Trainer:
             loss = value_loss(self.head, states, targets)
         rows = 0 if item is None else item[2].numel()
         if self.group.distributed:
-            local = 0.0 if loss is None else float(loss.detach()) * rows
-            rows_total, loss_sum = self.group.sum([float(rows), local])
             if loss is not None:
-                (loss * (rows / rows_total)).backward()
-            self.group.sum_gradients(list(self.head.parameters()))
-            step_loss = loss_sum / rows_total
+                loss.backward()
+            step_loss = self.group.sum_step(list(self.head.parameters()), rows, loss)
         else:
             loss.backward()
             step_loss = loss.item()
