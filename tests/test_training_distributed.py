@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import subprocess
 import sys
 
@@ -152,3 +153,66 @@ def test_a_distributed_step_is_one_all_reduce(three_shards, monkeypatch):
     for a, b, before in zip(alone.head.parameters(), pair.head.parameters(), start):
         assert torch.allclose(a, b, atol=1e-6, rtol=0), (a - b).abs().max()
         assert not torch.equal(b, before)  # the steps moved the weights
+
+
+# ---------------------------------------------------------------- dealing shards to processes
+def check_dealt(dealt: list[list[int]], order: list[int], states: list[int]) -> None:
+    """Every shard to exactly one process, in the order's sequence, and the processes'
+    training states within one shard's states of each other."""
+    assert sorted(sum(dealt, [])) == sorted(order)
+    position = {shard: i for i, shard in enumerate(order)}
+    for shards in dealt:
+        assert [position[s] for s in shards] == sorted(position[s] for s in shards)
+    loads = [sum(states[s] for s in shards) for shards in dealt]
+    assert sum(loads) == sum(states)
+    assert max(loads) - min(loads) <= max(states), (loads, states)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_shards_are_dealt_by_training_states(world):
+    from vllm_recontrol.training.distributed import deal_shards
+
+    rng = random.Random(world)
+    for _ in range(50):
+        states = [rng.choice([0, 1, 50, 400, 3000]) + rng.randrange(100)
+                  for _ in range(rng.randrange(1, 30))]
+        order = list(range(len(states)))
+        rng.shuffle(order)
+        check_dealt(deal_shards(order, states, world), order, states)
+    assert deal_shards([2, 0, 1], [5, 9, 1], 1) == [[2, 0, 1]]  # alone: the order itself
+
+
+@pytest.fixture(scope="module")
+def six_shards(tmp_path_factory):
+    data = fake_collect(tmp_path_factory.mktemp("dist6"), count=40, shard_size=7)[0]
+    label(data=str(data), reward_fn=good_reward, progress=False)
+    return data
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_each_process_trains_its_share_of_every_epoch(six_shards, world):
+    """Six shards of unequal size, windows of 4: every training state (counted from the
+    shard indexes and the held-out prompts) is in exactly one process's windows, and the
+    processes' training states differ by at most one shard's (dealt by window, one process
+    would get 4 shards and another 2 or none)."""
+    data = LabelledData(six_shards)
+    heldout = data.heldout_prompts(HEAD["heldout_fraction"], 0)
+    states = []
+    for shard in data.shards:
+        lengths = shard.index.offsets[1:] - shard.index.offsets[:-1]
+        states.append(int(lengths[~heldout[shard.index.prompt_index]].sum()))
+    assert len(states) == 6 and len(set(states)) > 1
+    options = TrainOptions(data=str(six_shards), out="", device="cpu", shuffle_shards=4, **HEAD)
+    order = torch.randperm(6, generator=torch.Generator().manual_seed(3)).tolist()
+    windows = [Trainer(options, data, ProcessGroup(rank=rank, world=world))._my_windows(order)
+               for rank in range(world)]
+    assert all(len(window) <= 4 for mine in windows for window in mine)
+    check_dealt([sum(mine, []) for mine in windows], order, states)
+
+
+def test_one_process_keeps_the_shard_order(six_shards):
+    """Alone, windows are the seeded shard order cut every ``shuffle_shards`` shards, as
+    before shards were dealt (so single-process runs train exactly as they did)."""
+    options = TrainOptions(data=str(six_shards), out="", device="cpu", shuffle_shards=4, **HEAD)
+    order = [4, 1, 5, 0, 3, 2]
+    assert Trainer(options, LabelledData(six_shards))._my_windows(order) == [[4, 1, 5, 0], [3, 2]]

@@ -8,6 +8,9 @@ processes would skip optimizer steps, so their Adam state would drift from the o
 Here every process takes every step; one with no batch left contributes a zero gradient
 with zero weight. A step's gradients, weighted by each process's share of the step's states,
 travel in one flat all-reduce together with the step's row count and loss sum (``sum_step``).
+
+Shards, not windows, are dealt to the processes, balanced by training states
+(``deal_shards``).
 """
 
 from __future__ import annotations
@@ -114,6 +117,30 @@ class ProcessGroup:
         backend = torch.distributed.get_backend()
         return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" \
             else torch.device("cpu")
+
+
+def deal_shards(order: Sequence[int], states: Sequence[int], world: int) -> list[list[int]]:
+    """Each process's shards: the shards of the (seeded) ``order``, largest first by
+    training ``states`` (ties: earlier in the order), each to the process with the fewest
+    states so far (ties: the lowest rank); each process keeps its shards in ``order``'s
+    sequence, and forms its windows from them.
+
+    Why shards and not windows: dealt by window, processes differ by up to a window's
+    states (``shuffle_shards`` shards, more when shards differ in size), the others idle
+    with zero-weight steps meanwhile; dealt this way they differ by at most one shard's
+    states (the last shard given to the busiest process went to the least busy one). It
+    depends only on the order and the shard indexes, so it is the same on every process;
+    alone, it is the order itself."""
+    loads = [0] * world
+    owner = [0] * len(order)
+    for position in sorted(range(len(order)), key=lambda p: -states[order[p]]):  # stable
+        rank = min(range(world), key=lambda r: (loads[r], r))
+        owner[position] = rank
+        loads[rank] += states[order[position]]
+    dealt: list[list[int]] = [[] for _ in range(world)]
+    for position, shard in enumerate(order):
+        dealt[owner[position]].append(shard)
+    return dealt
 
 
 def world_size() -> int:

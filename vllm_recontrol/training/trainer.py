@@ -29,7 +29,7 @@ from ..value_head import ValueHead
 from . import checkpoint
 from .common import DataError, build_options, parse_command_line, progress, run_main, summary_table
 from .dataset import LabelledData, Window
-from .distributed import ProcessGroup, join_process_group, world_size
+from .distributed import ProcessGroup, deal_shards, join_process_group, world_size
 from .head_quality import quality_warnings
 from .shards import manifest_sha256
 from .targets import TARGETS, bootstrap_targets, lambda_returns, mc_targets, value_loss
@@ -169,6 +169,7 @@ class Trainer:
         self.batch_size = opts.batch_size // self.group.world  # a step's states per process
         self.heldout = data.heldout_prompts(opts.heldout_fraction, opts.seed)
         self.has_heldout = bool(self.heldout.any())
+        self.train_states = data.train_states_per_shard(self.heldout)  # how shards are dealt
         self.train_mean = data.train_reward_mean(self.heldout)
         self.steps = 0
 
@@ -234,10 +235,12 @@ class Trainer:
         return step_loss
 
     def _my_windows(self, order: list[int]) -> list[list[int]]:
-        """This process's windows (groups of ``shuffle_shards`` shards) of the shard order."""
+        """This process's windows: groups of ``shuffle_shards`` of its own shards, which are
+        dealt by training states (``deal_shards``: the processes' epochs then differ by at
+        most one shard's states). Alone: the shard order, ``shuffle_shards`` at a time."""
+        mine = deal_shards(order, self.train_states, self.group.world)[self.group.rank]
         size = self.opts.shuffle_shards
-        groups = [order[i:i + size] for i in range(0, len(order), size)]
-        return groups[self.group.rank::self.group.world]
+        return [mine[i:i + size] for i in range(0, len(mine), size)]
 
     def _batches(self, groups: list[list[int]]
                  ) -> Iterator[tuple[Window, torch.Tensor | None, torch.Tensor]]:
