@@ -142,6 +142,7 @@ def test_a_distributed_step_is_one_all_reduce(three_shards, monkeypatch):
         tensor.mul_(2)
 
     monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+    # (ProcessGroup places its small tensors by the backend: no process group exists here)
     monkeypatch.setattr(torch.distributed, "get_backend", lambda *a: "gloo")
     data = LabelledData(three_shards)
     options = TrainOptions(data=str(three_shards), out="", device="cpu", batch_size=64, **HEAD)
