@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
+import random
+import shutil
+import signal
 import subprocess
 import sys
 
@@ -11,7 +16,9 @@ import torch
 from training_fakes import fake_collect, good_reward
 from vllm_recontrol import ValueHead
 from vllm_recontrol.training.dataset import LabelledData
+from vllm_recontrol.training.distributed import ProcessGroup
 from vllm_recontrol.training.labeler import label
+from vllm_recontrol.training.shards import manifest_shards, read_manifest, states_path
 from vllm_recontrol.training.trainer import Trainer, TrainOptions, train
 
 HEAD = dict(target="mc", widths=[8], lr=0.01, heldout_fraction=0.2, seed=0)
@@ -121,3 +128,256 @@ def test_batch_size_must_split_evenly(two_shards, tmp_path):
     assert proc.returncode != 0
     assert "batch_size 7 must be a multiple of the 2 processes" in proc.stdout + proc.stderr
     assert not (tmp_path / "h").exists()
+
+
+def test_a_distributed_step_is_one_all_reduce(three_shards, monkeypatch):
+    """A step of 2 processes is one all-reduce (gradients, rows and loss in one buffer),
+    not one per parameter plus one for the loss. The stand-in all-reduce adds an identical
+    second process (it doubles the buffer), so the step must equal one process's step on
+    the same batch: same loss, same weights after Adam."""
+    calls = []
+
+    def all_reduce(tensor, op=None):
+        calls.append(tensor.numel())
+        tensor.mul_(2)
+
+    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+    # (ProcessGroup places its small tensors by the backend: no process group exists here)
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda *a: "gloo")
+    data = LabelledData(three_shards)
+    options = TrainOptions(data=str(three_shards), out="", device="cpu", batch_size=64, **HEAD)
+    alone, pair = Trainer(options, data), Trainer(options, data, ProcessGroup(rank=0, world=2))
+    window = next(data.windows([0], 1, alone.heldout))
+    fixed = alone._window_targets(window)
+    batch = torch.nonzero(~window.state_heldout).squeeze(1)[:32]
+    start = [p.detach().clone() for p in pair.head.parameters()]
+    for _ in range(3):
+        assert pair._step((window, fixed, batch)) == pytest.approx(
+            alone._step((window, fixed, batch)), rel=1e-6)
+    assert len(calls) == 3  # one per step
+    assert calls[0] == sum(p.numel() for p in pair.head.parameters()) + 2
+    for a, b, before in zip(alone.head.parameters(), pair.head.parameters(), start):
+        assert torch.allclose(a, b, atol=1e-6, rtol=0), (a - b).abs().max()
+        assert not torch.equal(b, before)  # the steps moved the weights
+
+
+# ---------------------------------------------------------------- processes that disagree
+# Each process of this script trains with its own options ("{rank}" in a string option is
+# its rank, as a node-local path would differ per node), writes what train raised to
+# REPORT/rank<N>.txt, and waits (60 s at most) for the other reports before it leaves, so
+# that torchrun, which stops the others when one process exits, cannot stop a process before
+# it reports. Its process id goes to REPORT/rank<N>.pid: torchrun starts each process in a
+# session of its own, so a hung one is stopped by its id.
+PER_RANK_SCRIPT = """
+import json, os, sys, time
+from pathlib import Path
+from vllm_recontrol.training.common import DataError
+from vllm_recontrol.training.trainer import train
+rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+report = Path(sys.argv[1])
+(report / f"rank{rank}.pid").write_text(str(os.getpid()))
+options = json.loads(sys.argv[2].replace("{rank}", str(rank)))
+try:
+    train(**options)
+    text = "ok"
+except DataError as exc:
+    text = "error: " + str(exc)
+(report / f"rank{rank}.tmp").write_text(text)
+os.replace(report / f"rank{rank}.tmp", report / f"rank{rank}.txt")
+deadline = time.monotonic() + 60
+while time.monotonic() < deadline and not all(
+        (report / f"rank{r}.txt").exists() for r in range(world)):
+    time.sleep(0.05)
+sys.stdout.flush()
+os._exit(0 if text == "ok" else 1)
+"""
+# A job that cannot start must stop at once; a hang is a failure well before the suite's
+# timeout (a 2-process run of these tiny data sets takes about 10 s).
+HANG_SECONDS = 120
+
+
+def per_rank_train(tmp_path, options: dict, processes: int = 2) -> list[str]:
+    """Run ``train`` under torchrun with per-rank options; each process's outcome, by rank."""
+    script, report = tmp_path / "per_rank.py", tmp_path / "report"
+    script.write_text(PER_RANK_SCRIPT)
+    report.mkdir()
+    options = {"device": "cpu", "progress": False, **options}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc-per-node={processes}", str(script), str(report), json.dumps(options)]
+    log = tmp_path / "torchrun.log"  # a file, not a pipe: a hung process cannot block reading
+    with open(log, "w") as sink:
+        proc = subprocess.Popen(command, cwd=tmp_path, stdout=sink, stderr=subprocess.STDOUT)
+        try:
+            proc.wait(timeout=HANG_SECONDS)
+        except subprocess.TimeoutExpired:
+            stop_hung_job(proc, report)
+            pytest.fail(f"the processes hung for {HANG_SECONDS} s: {log.read_text()[-2000:]}")
+    reports = [report / f"rank{rank}.txt" for rank in range(processes)]
+    assert all(path.exists() for path in reports), log.read_text()[-3000:]
+    return [path.read_text() for path in reports]
+
+
+def stop_hung_job(proc: subprocess.Popen, report) -> None:
+    """Stop torchrun and the processes it started (by their ids), nothing else."""
+    for pid_file in report.glob("rank*.pid"):
+        try:
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)
+        except (ProcessLookupError, ValueError):
+            pass
+    proc.kill()
+    proc.wait()
+
+
+def bellman_options(data, out, **overrides) -> dict:
+    return {**HEAD, "target": "bellman", "batch_size": 8, "shuffle_shards": 1,
+            "data": str(data), "out": str(out), **overrides}
+
+
+@pytest.fixture(scope="module")
+def two_process_checkpoint(three_shards, tmp_path_factory):
+    """The --checkpoint folder of a 2-process run stopped after 2 epochs."""
+    tmp = tmp_path_factory.mktemp("ck2")
+    ran(torchrun_train(tmp, *head_flags(three_shards, tmp / "head", target="bellman", epochs=2,
+                                        batch_size=8, shuffle_shards=1),
+                       "--checkpoint", str(tmp / "ck")))
+    return tmp / "ck"
+
+
+def test_a_checkpoint_only_one_process_sees_stops_every_process(
+        three_shards, two_process_checkpoint, tmp_path):
+    """A node-local --checkpoint folder: rank 0 finds the checkpoint of epoch 2, rank 1
+    finds none. Both stop at once with the same error naming the checkpoint, each rank's
+    view and the fix, instead of training different epochs and waiting on each other."""
+    shutil.copytree(two_process_checkpoint, tmp_path / "ck0")
+    outcomes = per_rank_train(tmp_path, bellman_options(
+        three_shards, tmp_path / "head", epochs=4, checkpoint=str(tmp_path / "ck{rank}")))
+    assert outcomes[0] == outcomes[1], outcomes
+    assert outcomes[0].startswith("error: train: the 2 processes do not start from the same "
+                                  "point"), outcomes[0]
+    assert "checkpoint differs (rank 0: epoch 2, tensors " in outcomes[0]
+    assert "; rank 1: none)" in outcomes[0]
+    assert "the --checkpoint folder must be on a filesystem every process sees" in outcomes[0]
+    for other in ("data", "options", "held-out split", "initial head"):  # those agree
+        assert f"{other} differs" not in outcomes[0], outcomes[0]
+    assert not (tmp_path / "head").exists()
+
+
+def test_a_checkpoint_damaged_for_one_process_stops_every_process(
+        three_shards, two_process_checkpoint, tmp_path):
+    """Rank 1 reads a damaged state.json, rank 0 a good one: rank 1's load error, naming
+    the rank, stops both processes (rank 0 is not left waiting in a collective)."""
+    shutil.copytree(two_process_checkpoint, tmp_path / "ck0")
+    shutil.copytree(two_process_checkpoint, tmp_path / "ck1")
+    (tmp_path / "ck1" / "state.json").write_text("{damaged")
+    outcomes = per_rank_train(tmp_path, bellman_options(
+        three_shards, tmp_path / "head", epochs=4, checkpoint=str(tmp_path / "ck{rank}")))
+    assert outcomes[0] == outcomes[1], outcomes
+    assert outcomes[0].startswith("error: train: stopped before training, on rank 1: "), \
+        outcomes[0]
+    assert "ck1/state.json is not valid JSON" in outcomes[0]
+    assert "rank 0 could start" in outcomes[0]
+    assert not (tmp_path / "head").exists()
+
+
+def test_processes_that_see_different_shards_stop_together(three_shards, tmp_path):
+    """--allow-partial while a shard is still being written, and rank 1 started before it
+    was done: the processes see 3 and 2 shards; both stop, naming the shard counts."""
+    shutil.copytree(three_shards, tmp_path / "d0")
+    shutil.copytree(three_shards, tmp_path / "d1")
+    last = manifest_shards(read_manifest(tmp_path / "d1"))[-1].name
+    states_path(tmp_path / "d1", last).unlink()  # not done for rank 1
+    outcomes = per_rank_train(tmp_path, bellman_options(
+        tmp_path / "d{rank}", tmp_path / "head", epochs=2, allow_partial=True))
+    assert outcomes[0] == outcomes[1], outcomes
+    assert "data differs (rank 0: " in outcomes[0], outcomes[0]
+    assert "shards='3 shards, " in outcomes[0] and "shards='2 shards, " in outcomes[0]
+    assert "--allow-partial" in outcomes[0]
+    assert "options differs" not in outcomes[0] and "checkpoint differs" not in outcomes[0]
+    assert not (tmp_path / "head").exists()
+
+
+# ---------------------------------------------------------------- dealing shards to processes
+def check_dealt(dealt: list[list[int]], order: list[int], states: list[int]) -> None:
+    """Every shard to exactly one process, in the order's sequence, and the processes'
+    training states within one shard's states of each other."""
+    assert sorted(sum(dealt, [])) == sorted(order)
+    position = {shard: i for i, shard in enumerate(order)}
+    for shards in dealt:
+        assert [position[s] for s in shards] == sorted(position[s] for s in shards)
+    loads = [sum(states[s] for s in shards) for shards in dealt]
+    assert sum(loads) == sum(states)
+    assert max(loads) - min(loads) <= max(states), (loads, states)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_shards_are_dealt_by_training_states(world):
+    from vllm_recontrol.training.distributed import deal_shards
+
+    rng = random.Random(world)
+    for _ in range(50):
+        states = [rng.choice([0, 1, 50, 400, 3000]) + rng.randrange(100)
+                  for _ in range(rng.randrange(1, 30))]
+        order = list(range(len(states)))
+        rng.shuffle(order)
+        check_dealt(deal_shards(order, states, world), order, states)
+    assert deal_shards([2, 0, 1], [5, 9, 1], 1) == [[2, 0, 1]]  # alone: the order itself
+
+
+@pytest.fixture(scope="module")
+def six_shards(tmp_path_factory):
+    data = fake_collect(tmp_path_factory.mktemp("dist6"), count=40, shard_size=7)[0]
+    label(data=str(data), reward_fn=good_reward, progress=False)
+    return data
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_each_process_trains_its_share_of_every_epoch(six_shards, world):
+    """Six shards of unequal size, windows of 4: every training state (counted from the
+    shard indexes and the held-out prompts) is in exactly one process's windows, and the
+    processes' training states differ by at most one shard's (dealt by window, one process
+    would get 4 shards and another 2 or none)."""
+    data = LabelledData(six_shards)
+    heldout = data.heldout_prompts(HEAD["heldout_fraction"], 0)
+    states = []
+    for shard in data.shards:
+        lengths = shard.index.offsets[1:] - shard.index.offsets[:-1]
+        states.append(int(lengths[~heldout[shard.index.prompt_index]].sum()))
+    assert len(states) == 6 and len(set(states)) > 1
+    options = TrainOptions(data=str(six_shards), out="", device="cpu", shuffle_shards=4, **HEAD)
+    order = torch.randperm(6, generator=torch.Generator().manual_seed(3)).tolist()
+    windows = [Trainer(options, data, ProcessGroup(rank=rank, world=world))._my_windows(order)
+               for rank in range(world)]
+    assert all(len(window) <= 4 for mine in windows for window in mine)
+    check_dealt([sum(mine, []) for mine in windows], order, states)
+
+
+def test_one_process_keeps_the_shard_order(six_shards):
+    """Alone, windows are the seeded shard order cut every ``shuffle_shards`` shards, as
+    before shards were dealt (so single-process runs train exactly as they did)."""
+    options = TrainOptions(data=str(six_shards), out="", device="cpu", shuffle_shards=4, **HEAD)
+    order = [4, 1, 5, 0, 3, 2]
+    assert Trainer(options, LabelledData(six_shards))._my_windows(order) == [[4, 1, 5, 0], [3, 2]]
+
+
+def test_the_disagreement_message_groups_ranks_and_shows_what_differs():
+    """Five processes, two of which (3 and 4) see another checkpoint and one option: the
+    message names each differing fact once, the ranks in runs, only the options that differ,
+    and each fix once; equal facts make no message."""
+    from vllm_recontrol.training.distributed import disagreement_message, failed_start_message
+
+    def facts(rank):
+        late = rank >= 3
+        return {"options": {"lr": 0.01, "epochs": 2 if late else 4, "seed": 0},
+                "data": {"shards": "3 shards, 40 responses"},
+                "checkpoint": "none" if late else "epoch 2, tensors ab"}
+
+    fixes = {"options": "same options.", "checkpoint": "share the folder.", "data": "same data."}
+    message = disagreement_message([facts(rank) for rank in range(5)], fixes)
+    assert "options differs (ranks 0-2: epochs=4; ranks 3-4: epochs=2)" in message, message
+    assert "checkpoint differs (ranks 0-2: epoch 2, tensors ab; ranks 3-4: none)" in message
+    assert "data differs" not in message and "lr=" not in message
+    assert message.endswith("Fix: same options. share the folder.")
+    assert disagreement_message([facts(0), facts(1)], fixes) is None
+    failed = failed_start_message([None, "bad file", None, "bad file"])
+    assert failed.startswith("train: stopped before training, on ranks 1, 3: bad file ("), failed
+    assert "ranks 0, 2 could start" in failed

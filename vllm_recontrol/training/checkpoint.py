@@ -22,7 +22,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from .common import DataError, atomic_path, dump_json, sha256_file, write_text_atomic
+from .common import (DataError, atomic_path, dump_json, sha256_bytes, sha256_file,
+                     write_text_atomic)
 
 FORMAT = "vllm-recontrol-train-checkpoint"
 STATE_FILE = "state.json"
@@ -44,6 +45,9 @@ class Progress:
     best_epoch: int
     best_state: dict[str, torch.Tensor]
     stopped_early: bool = False
+    # the checkpoint it was loaded from: epoch, tensors and state.json digests (None: fresh),
+    # which every process must share (``ProcessGroup.agree``)
+    identity: str | None = None
 
 
 def fingerprint(options: dict[str, Any], data_identity: dict[str, Any],
@@ -87,13 +91,18 @@ def save(folder: str | Path, trainer: Any, progress: Progress,
 
 def load(folder: str | Path, trainer: Any, run: dict[str, Any]) -> Progress | None:
     """Restore ``trainer`` from the checkpoint in ``folder`` (None when there is none yet);
-    a checkpoint of another run is an error naming what differs."""
+    a checkpoint of another run is an error naming what differs.
+
+    Every process reads the folder by itself, so under torchrun it must be on a filesystem
+    every process sees; ``train`` then checks that all of them loaded the same checkpoint
+    (``Progress.identity``), or failed, before training."""
     folder = Path(folder)
     state_path = folder / STATE_FILE
     if not state_path.is_file():
         return None
     try:
-        state = json.loads(state_path.read_text())
+        text = state_path.read_bytes()
+        state = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DataError(f"{state_path} is not valid JSON ({exc}): the checkpoint is damaged; "
                         f"use another --checkpoint folder") from exc
@@ -115,10 +124,13 @@ def load(folder: str | Path, trainer: Any, run: dict[str, Any]) -> Progress | No
     if not tensor_path.is_file() or sha256_file(tensor_path) != state["tensors_sha256"]:
         raise DataError(f"checkpoint {folder}: {state['tensors']} is missing or damaged")
     try:
-        return _restore(state, load_file(str(tensor_path)), trainer)
+        progress = _restore(state, load_file(str(tensor_path)), trainer)
     except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as exc:
         raise DataError(f"checkpoint {folder} does not fit this run's trainer "
                         f"({type(exc).__name__}: {exc}); use another --checkpoint folder") from exc
+    progress.identity = (f"epoch {progress.epoch}, tensors {state['tensors_sha256'][:12]}, "
+                         f"state.json {sha256_bytes(text)[:12]}")
+    return progress
 
 
 def _restore(state: dict[str, Any], tensors: dict[str, torch.Tensor], trainer: Any) -> Progress:

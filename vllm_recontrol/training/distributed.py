@@ -6,18 +6,26 @@ Why not DistributedDataParallel: processes run out of batches at different steps
 windows hold different numbers of states), and under DDP's uneven-input handling the idle
 processes would skip optimizer steps, so their Adam state would drift from the others'.
 Here every process takes every step; one with no batch left contributes a zero gradient
-with zero weight. The gradient is summed with one all-reduce per parameter tensor (a value
-head has a handful), weighted by each process's share of the step's states.
+with zero weight. A step's gradients, weighted by each process's share of the step's states,
+travel in one flat all-reduce together with the step's row count and loss sum (``sum_step``).
+
+Shards, not windows, are dealt to the processes, balanced by training states
+(``deal_shards``), and before the first step the processes check that they start from the
+same options, data, held-out split, checkpoint and head (``ProcessGroup.agree``).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import torch
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+from ..errors import RecontrolError
 from .common import DataError
 
 WORLD_ENV = "WORLD_SIZE"
@@ -62,13 +70,61 @@ class ProcessGroup:
         torch.distributed.all_gather_object(parts, tensor.cpu())
         return torch.cat(parts)
 
-    def sum_gradients(self, parameters: list[torch.nn.Parameter]) -> None:
+    def sum_step(self, parameters: Sequence[torch.nn.Parameter], rows: int,
+                 loss: torch.Tensor | None) -> float:
+        """Finish a step's backward pass over the processes: ``parameters``' gradients (of
+        this process's mean loss over its ``rows`` states; none when it had no batch) become
+        the gradient of the mean loss over every process's states, and the step's mean loss
+        is returned.
+
+        Why one all-reduce: a collective per parameter tensor plus one for the loss costs
+        a latency each, every step (over machines, milliseconds each); here the gradients,
+        each scaled by its process's rows, are flattened into one buffer that also carries
+        the rows and the loss sum, and are divided by the total rows afterwards."""
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
+        sums = torch.zeros(2, dtype=grads[0].dtype, device=grads[0].device)
+        sums[0] = rows
+        if loss is not None:
+            sums[1] = loss.detach() * rows
+        flat = torch.cat([_flatten_dense_tensors(grads) * rows, sums])
+        if self.distributed:
+            torch.distributed.all_reduce(flat)
+        count = flat.numel() - 2
+        rows_total, loss_sum = flat[count:].tolist()
+        for parameter, grad in zip(parameters, _unflatten_dense_tensors(
+                flat[:count] / rows_total, grads)):
+            parameter.grad = grad
+        return loss_sum / rows_total
+
+    def agree(self, facts: Mapping[str, Any], fixes: Mapping[str, str],
+              failure: BaseException | None = None) -> None:
+        """Check, before the first training collective, that every process starts from the
+        same ``facts`` (name -> a JSON-like value), and that none failed to get there
+        (``failure``, e.g. a checkpoint it could not read). Otherwise raise, in every process,
+        the same DataError naming what differs, in which ranks, and the fix (``fixes``, by
+        fact name).
+
+        Why: each process reads its data, held-out split and checkpoint by itself. One that
+        sees other files (a node-local --checkpoint folder, shards that appeared while the
+        processes started) would train a different number of epochs or windows, and the
+        others would wait in a collective until the launcher's timeout, or worse, reduce
+        mismatched tensors. Alone, ``failure`` is raised as it is."""
         if not self.distributed:
+            if failure is not None:
+                raise failure
             return
-        for parameter in parameters:
-            if parameter.grad is None:
-                parameter.grad = torch.zeros_like(parameter)
-            torch.distributed.all_reduce(parameter.grad)
+        mine = {"failure": None if failure is None else _failure_text(failure),
+                "facts": None if failure is not None else dict(facts)}
+        everyone: list[Any] = [None] * self.world
+        torch.distributed.all_gather_object(everyone, mine)
+        failures = [part["failure"] for part in everyone]
+        if any(text is not None for text in failures):
+            if failure is not None and all(text == failures[0] for text in failures):
+                raise failure  # every process failed alike: the error as one process gives it
+            raise DataError(failed_start_message(failures)) from failure
+        message = disagreement_message([part["facts"] for part in everyone], fixes)
+        if message:
+            raise DataError(message)
 
     def check_same_parameters(self, module: torch.nn.Module) -> None:
         """Rank 0's parameters must equal everyone's; a mismatch is a bug, never saved."""
@@ -95,6 +151,125 @@ class ProcessGroup:
         backend = torch.distributed.get_backend()
         return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" \
             else torch.device("cpu")
+
+
+def _failure_text(failure: BaseException) -> str:
+    if isinstance(failure, RecontrolError):
+        return str(failure)
+    return f"{type(failure).__name__}: {failure}"
+
+
+def rank_list(ranks: Sequence[int]) -> str:
+    """``rank 3`` or ``ranks 0-2, 5``: ranks in runs, so that 64 processes stay one line."""
+    runs: list[list[int]] = []
+    for rank in sorted(ranks):
+        if runs and rank == runs[-1][-1] + 1:
+            runs[-1].append(rank)
+        else:
+            runs.append([rank])
+    text = ", ".join(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs)
+    return f"rank{'s' if len(ranks) > 1 else ''} {text}"
+
+
+def _by_value(values: Sequence[Any]) -> list[tuple[Any, list[int]]]:
+    """(value, ranks holding it), in order of the lowest rank."""
+    groups: list[tuple[Any, list[int]]] = []
+    for rank, value in enumerate(values):
+        for seen, ranks in groups:
+            if seen == value:
+                ranks.append(rank)
+                break
+        else:
+            groups.append((value, [rank]))
+    return groups
+
+
+def _shown(value: Any, keys: Sequence[str] | None, width: int = 100) -> str:
+    """A fact's value in a message: a dict by only the ``keys`` that differ, cut short."""
+    if isinstance(value, dict) and keys is not None:
+        text = ", ".join(f"{k}={value.get(k)!r}" for k in keys)
+    else:
+        text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def disagreement_message(facts: Sequence[Mapping[str, Any]],
+                         fixes: Mapping[str, str]) -> str | None:
+    """None when every process's facts are equal; otherwise one message naming each fact
+    that differs, the ranks that hold each value, and the fixes."""
+    lines: list[str] = []
+    hints: list[str] = []
+    for name in facts[0]:
+        groups = _by_value([part.get(name) for part in facts])
+        if len(groups) == 1:
+            continue
+        keys = None
+        if all(isinstance(value, dict) for value, _ in groups):
+            union = sorted(set().union(*(value for value, _ in groups)))
+            keys = [k for k in union if len({json.dumps(v.get(k), sort_keys=True)
+                                             for v, _ in groups}) > 1]
+        shown = "; ".join(f"{rank_list(ranks)}: {_shown(value, keys)}" for value, ranks in groups)
+        lines.append(f"{name} differs ({shown})")
+        if name in fixes and fixes[name] not in hints:
+            hints.append(fixes[name])
+    if not lines:
+        return None
+    return (f"train: the {len(facts)} processes do not start from the same point, so they "
+            f"would not train one head (they would wait on each other until the launcher's "
+            f"timeout): " + "; ".join(lines) + ". Fix: " + " ".join(hints))
+
+
+def failed_start_message(failures: Sequence[str | None]) -> str:
+    """The error every process raises when some could not prepare their start."""
+    groups = _by_value(failures)
+    failed = "; ".join(f"{rank_list(ranks)}: {text}" for text, ranks in groups if text)
+    message = f"train: stopped before training, on {failed}"
+    if None in failures:
+        message += (f" ({rank_list(dict(groups)[None])} could start: a process that fails alone "
+                    f"usually sees other files; --data, --labels, --init-head and the "
+                    f"--checkpoint folder must be on a filesystem every process sees, the "
+                    f"same for all)")
+    return message
+
+
+def tensors_digest(tensors: Mapping[str, torch.Tensor]) -> str:
+    """sha256 of named tensors (names, dtypes, shapes and bytes, in order), e.g. a head's
+    state_dict: equal on two processes exactly when they hold the same weights."""
+    digest = hashlib.sha256()
+    for name, tensor in tensors.items():
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{list(tensor.shape)}\0".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def json_digest(value: Any) -> str:
+    """sha256 of a JSON-able value (keys sorted)."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+
+def deal_shards(order: Sequence[int], states: Sequence[int], world: int) -> list[list[int]]:
+    """Each process's shards: the shards of the (seeded) ``order``, largest first by
+    training ``states`` (ties: earlier in the order), each to the process with the fewest
+    states so far (ties: the lowest rank); each process keeps its shards in ``order``'s
+    sequence, and forms its windows from them.
+
+    Why shards and not windows: dealt by window, processes differ by up to a window's
+    states (``shuffle_shards`` shards, more when shards differ in size), the others idle
+    with zero-weight steps meanwhile; dealt this way they differ by at most one shard's
+    states (the last shard given to the busiest process went to the least busy one). It
+    depends only on the order and the shard indexes, so it is the same on every process;
+    alone, it is the order itself."""
+    loads = [0] * world
+    owner = [0] * len(order)
+    for position in sorted(range(len(order)), key=lambda p: -states[order[p]]):  # stable
+        rank = min(range(world), key=lambda r: (loads[r], r))
+        owner[position] = rank
+        loads[rank] += states[order[position]]
+    dealt: list[list[int]] = [[] for _ in range(world)]
+    for position, shard in enumerate(order):
+        dealt[owner[position]].append(shard)
+    return dealt
 
 
 def world_size() -> int:

@@ -25,11 +25,13 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from ..errors import RecontrolError
 from ..value_head import ValueHead
 from . import checkpoint
 from .common import DataError, build_options, parse_command_line, progress, run_main, summary_table
 from .dataset import LabelledData, Window
-from .distributed import ProcessGroup, join_process_group, world_size
+from .distributed import (ProcessGroup, deal_shards, join_process_group, json_digest,
+                          tensors_digest, world_size)
 from .head_quality import quality_warnings
 from .shards import manifest_sha256
 from .targets import TARGETS, bootstrap_targets, lambda_returns, mc_targets, value_loss
@@ -176,6 +178,7 @@ class Trainer:
         self.batch_size = opts.batch_size // self.group.world  # a step's states per process
         self.heldout = data.heldout_prompts(opts.heldout_fraction, opts.seed)
         self.has_heldout = bool(self.heldout.any())
+        self.train_states = data.train_states_per_shard(self.heldout)  # how shards are dealt
         self.train_mean = data.train_reward_mean(self.heldout)
         self.steps = 0
 
@@ -230,12 +233,9 @@ class Trainer:
             loss = value_loss(self.head, states, targets)
         rows = 0 if item is None else item[2].numel()
         if self.group.distributed:
-            local = 0.0 if loss is None else float(loss.detach()) * rows
-            rows_total, loss_sum = self.group.sum([float(rows), local])
             if loss is not None:
-                (loss * (rows / rows_total)).backward()
-            self.group.sum_gradients(list(self.head.parameters()))
-            step_loss = loss_sum / rows_total
+                loss.backward()
+            step_loss = self.group.sum_step(list(self.head.parameters()), rows, loss)
         else:
             loss.backward()
             step_loss = loss.item()
@@ -246,10 +246,12 @@ class Trainer:
         return step_loss
 
     def _my_windows(self, order: list[int]) -> list[list[int]]:
-        """This process's windows (groups of ``shuffle_shards`` shards) of the shard order."""
+        """This process's windows: groups of ``shuffle_shards`` of its own shards, which are
+        dealt by training states (``deal_shards``: the processes' epochs then differ by at
+        most one shard's states). Alone: the shard order, ``shuffle_shards`` at a time."""
+        mine = deal_shards(order, self.train_states, self.group.world)[self.group.rank]
         size = self.opts.shuffle_shards
-        groups = [order[i:i + size] for i in range(0, len(order), size)]
-        return groups[self.group.rank::self.group.world]
+        return [mine[i:i + size] for i in range(0, len(mine), size)]
 
     def _batches(self, groups: list[list[int]]
                  ) -> Iterator[tuple[Window, torch.Tensor | None, torch.Tensor]]:
@@ -373,8 +375,51 @@ def train(**options: Any) -> dict[str, Any]:
         group.close()
 
 
-def _train(opts: TrainOptions, group: ProcessGroup) -> dict[str, Any]:
-    started = time.perf_counter()
+# What every process must share before training (ProcessGroup.agree), and the fix when not.
+START_FIXES = {
+    "options": "start every process with the same options (flags and --config file).",
+    "data": "every process must read the same --data folder and label set, on a filesystem "
+            "every process sees; with --allow-partial, processes started while collect or "
+            "label still writes may see different shards: start once those shards are done.",
+    "held-out split": "every process must read the same --data folder and label set, on a "
+                      "filesystem every process sees.",
+    "checkpoint": "the --checkpoint folder must be on a filesystem every process sees (not a "
+                  "node-local disk such as /tmp or /scratch), the same folder for all.",
+    "initial head": "--init-head must name the same head for every process, on a filesystem "
+                    "every process sees.",
+}
+# Options that may differ between processes: where things are (checked by content instead).
+LOCAL_OPTIONS = ("data", "out", "checkpoint", "device", "progress")
+
+
+def _start_facts(opts: TrainOptions, data: LabelledData, trainer: Trainer,
+                 run: dict[str, Any], state: checkpoint.Progress | None,
+                 initial_head: str) -> dict[str, Any]:
+    """What a process starts training from, short enough to gather: options, data identity
+    (shards used with their response counts, rewards, label set), held-out split, the
+    checkpoint loaded (which covers the weights it restores) and the head's weights before
+    it (seeded or --init-head), as values and digests."""
+    shards = run["data"]["shards"]
+    heldout = trainer.heldout
+    return {
+        "options": {k: v for k, v in asdict(opts).items() if k not in LOCAL_OPTIONS},
+        "data": {"manifest": run["data"]["manifest_sha256"][:12], "labels": data.labels,
+                 "label info": data.label_info_sha256[:12],
+                 "rewards": data.rewards_sha256[:12],
+                 "shards": f"{len(shards)} shards, {sum(n for _, n in shards)} responses "
+                           f"({json_digest(shards)[:12]})"},
+        "held-out split": f"{int(heldout.sum())} of {heldout.numel()} prompts "
+                          f"({tensors_digest({'heldout': heldout})[:12]})",
+        "checkpoint": state.identity if state else "none",
+        "initial head": initial_head[:12],
+    }
+
+
+def _prepare(opts: TrainOptions, group: ProcessGroup
+             ) -> tuple[LabelledData, Trainer, dict[str, int], dict[str, Any],
+                        checkpoint.Progress | None, str]:
+    """Read the data, build the trainer and load the checkpoint (each process by itself);
+    the last item is the digest of the head's weights before the checkpoint."""
     data = LabelledData(opts.data, opts.labels, opts.allow_partial)
     trainer = Trainer(opts, data, group)
     counts = data.count(trainer.heldout)
@@ -389,7 +434,21 @@ def _train(opts: TrainOptions, group: ProcessGroup) -> dict[str, Any]:
         "manifest_sha256": manifest_sha256(data.path), "labels": data.labels,
         "labels_info_sha256": data.label_info_sha256, "rewards_sha256": data.rewards_sha256,
         "shards": [[s.name, s.index.num_responses] for s in data.shards]}, group.world)
+    initial_head = tensors_digest(trainer.head.state_dict())
     state = checkpoint.load(opts.checkpoint, trainer, run) if opts.checkpoint else None
+    return data, trainer, counts, run, state, initial_head
+
+
+def _train(opts: TrainOptions, group: ProcessGroup) -> dict[str, Any]:
+    started = time.perf_counter()
+    # Before the first collective, every process must have got this far and agree on where
+    # it starts; otherwise all of them stop with the same error (no process left waiting).
+    try:
+        data, trainer, counts, run, state, initial_head = _prepare(opts, group)
+    except (RecontrolError, OSError) as exc:
+        group.agree({}, START_FIXES, exc)
+        raise  # (agree raises it, alone or not)
+    group.agree(_start_facts(opts, data, trainer, run, state, initial_head), START_FIXES)
     resumed_from = state.epoch if state else None
     patience = early_stopping_patience(opts.target, opts.patience)
     if state is None:
@@ -534,7 +593,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="train on the shards collected so far")
     parser.add_argument("--checkpoint",
                         help="folder for the training state after every epoch; a run started "
-                             "with the same options and folder resumes where it stopped")
+                             "with the same options and folder resumes where it stopped. Under "
+                             "torchrun it must be on a filesystem every process sees (not a "
+                             "node-local disk): rank 0 writes it and every process reads it")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
     options = parse_command_line(parser, argv, required=("data", "out"))
     code = run_main(train, options)
