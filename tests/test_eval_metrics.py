@@ -743,3 +743,8 @@ def test_a_rerun_reads_back_the_methods_a_previous_run_finished(tmp_path, monkey
         run("fresh")
     fail_on.clear()
     assert [(m.alpha, m.n) for m in (run("fresh")[1] and ran)] == [(0.5, 1), (0.0, 2)]
+    for kept in (tmp_path / "fresh" / "methods").glob("*.json"):  # files of another release
+        saved = json.loads(kept.read_text())
+        saved["result"]["unknown_field"] = 1
+        kept.write_text(json.dumps(saved))
+    assert run("fresh")[1] == 3  # run again, no crash

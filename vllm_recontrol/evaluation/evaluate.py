@@ -269,11 +269,9 @@ class Evaluator:
         finished = self.finished
         digest = finished and finished.digest(result.key, result.head,
                                               result.alpha > 0 and result.steps > 0)
-        saved = finished and finished.load(digest)
-        if saved:
+        restored = restore_method(finished and finished.load(digest), len(self.prompts))
+        if restored is not None:
             self.reused += 1
-            restored = MethodResult(**{**saved, "reward_ci95": tuple(saved["reward_ci95"]),
-                                       "win_rate_ci95": tuple(saved["win_rate_ci95"])})
             self.score.remember([(p, r) for p, r in zip(self.prompts, restored.responses)],
                                 restored.rewards)
             return restored
@@ -328,6 +326,21 @@ class Evaluator:
     def close(self) -> None:
         if self._engines is not None:
             self._engines.close()
+
+
+def restore_method(saved: dict[str, Any] | None, prompts: int) -> MethodResult | None:
+    """A finished method read back (``FinishedMethods``), or None when there is none or it
+    does not fit this release's fields or the prompt count (then the method runs again)."""
+    if not saved:
+        return None
+    try:
+        restored = MethodResult(**{**saved, "reward_ci95": tuple(saved["reward_ci95"]),
+                                   "win_rate_ci95": tuple(saved["win_rate_ci95"])})
+    except (TypeError, KeyError, ValueError):
+        return None
+    if len(restored.responses) != prompts or len(restored.rewards) != prompts:
+        return None
+    return restored
 
 
 def judge(result: MethodResult, prompts: Sequence[str], samples: Samples, score: Callable,
