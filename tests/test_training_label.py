@@ -224,12 +224,15 @@ def test_reward_model_batches_score_like_single_rows(tiny_rm):
         assert math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-5)
 
 
-def _padding_trap_rm(path, eos_closes_turns: bool, config_pad: int | None, side: str):
+def _padding_trap_rm(path, eos_closes_turns: bool, config_pad: int | None, side: str,
+                     composite: bool = False):
     """A random reward model whose pad handling once moved the scored token: a chat template
     closing each assistant turn with eos and no pad id anywhere (Llama-2/Mistral style), or a
-    config with ``pad_token_id: 0``, a tokenizer without one, padding on the right."""
+    config with ``pad_token_id: 0``, a tokenizer without one, padding on the right.
+    ``composite``: a Gemma-3 model, whose pad id lives in its text config only."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import LlamaConfig, LlamaForSequenceClassification, PreTrainedTokenizerFast
+    from transformers import (Gemma3Config, Gemma3ForSequenceClassification, LlamaConfig,
+                              LlamaForSequenceClassification, PreTrainedTokenizerFast)
 
     words = "hello how are you fine thanks what is the weather sunny rain good yes no".split()
     vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", *words, "[INST]", "[/INST]"])}
@@ -245,25 +248,33 @@ def _padding_trap_rm(path, eos_closes_turns: bool, config_pad: int | None, side:
             "{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} "
             "[/INST]{% else %} {{ m['content'] }} {{ eos_token }}{% endif %}{% endfor %}")
     tokenizer.save_pretrained(path)
-    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
-                         num_labels=1, pad_token_id=config_pad, bos_token_id=1, eos_token_id=2,
-                         max_position_embeddings=256)
+    text = dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
+                num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                pad_token_id=config_pad, bos_token_id=1, eos_token_id=2,
+                max_position_embeddings=256)
     torch.manual_seed(0)
-    LlamaForSequenceClassification(config).save_pretrained(path)
+    if composite:
+        config = Gemma3Config(text_config={**text, "head_dim": 16}, num_labels=1,
+                              vision_config=dict(hidden_size=32, intermediate_size=64,
+                                                 num_hidden_layers=1, num_attention_heads=2,
+                                                 image_size=28, patch_size=14))
+        Gemma3ForSequenceClassification(config).save_pretrained(path)
+    else:
+        LlamaForSequenceClassification(LlamaConfig(**text, num_labels=1)).save_pretrained(path)
     return path
 
 
-@pytest.mark.parametrize("eos_closes_turns, config_pad, side", [(True, None, "left"),
-                                                                (False, 0, "right")])
+@pytest.mark.parametrize("eos_closes_turns, config_pad, side, composite", [
+    (True, None, "left", False), (False, 0, "right", False), (False, 0, "right", True)])
 def test_reward_model_scores_each_texts_last_token_alone_or_batched(
-        tmp_path, eos_closes_turns, config_pad, side):
+        tmp_path, eos_closes_turns, config_pad, side, composite):
     """Oracle: the score head on each text's own last hidden state, unpadded (what vLLM's
     pooler reads). Before, one case scored the token before a closing eos, the other read a
-    padded row's score off a pad (its value changed with the batch)."""
+    padded row's score off a pad (its value changed with the batch); a composite model
+    (Gemma-3: the pad id in its text config) must be padded through that config."""
     from transformers import AutoModelForSequenceClassification
 
-    path = _padding_trap_rm(tmp_path / "rm", eos_closes_turns, config_pad, side)
+    path = _padding_trap_rm(tmp_path / "rm", eos_closes_turns, config_pad, side, composite)
     pairs = [("hello how are you", "fine thanks"), ("what is the weather", "sunny good"),
              ("hello", "yes"), ("what is the weather", "rain no no")]
     scorer = RewardModelScorer(str(path), batch_size=4)

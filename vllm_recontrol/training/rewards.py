@@ -220,9 +220,10 @@ class RewardModelScorer:
         for start in range(0, len(order), self.batch_size):
             chunk = order[start:start + self.batch_size]
             pad = self._absent_id([encoded[i] for i in chunk])
-            # transformers scores the rightmost token that is not config.pad_token_id (the
-            # last one, alone and unpadded, when it is None)
-            self.model.config.pad_token_id = pad
+            # transformers scores the rightmost token that is not the (text) config's
+            # pad_token_id (the last one, alone and unpadded, when it is None)
+            for config in self._pad_configs():
+                config.pad_token_id = pad
             for group in [chunk] if pad is not None else [[i] for i in chunk]:
                 input_ids, attention_mask = right_padded([encoded[i] for i in group], pad or 0)
                 with torch.no_grad():
@@ -245,10 +246,20 @@ class RewardModelScorer:
         scored token is each text's last, alone or in a batch, as vLLM's pooler takes it."""
         used = {token for sequence in sequences for token in sequence}
         vocab = self.model.get_input_embeddings().num_embeddings
-        preferred = (self.model.config.pad_token_id, self.tokenizer.pad_token_id,
-                     self.tokenizer.unk_token_id, self.tokenizer.eos_token_id)
+        configured = [getattr(c, "pad_token_id", None) for c in self._pad_configs()]
+        preferred = (*configured, self.tokenizer.pad_token_id, self.tokenizer.unk_token_id,
+                     self.tokenizer.eos_token_id)
         return next((i for i in (*preferred, *range(vocab)) if isinstance(i, int)
                      and 0 <= i < vocab and i not in used), None)
+
+    def _pad_configs(self) -> list[Any]:
+        """The configs whose ``pad_token_id`` transformers reads to find the scored token:
+        the text config of a composite model (Gemma-3, Qwen3.5: the top level has none),
+        else the model's own."""
+        config = self.model.config
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        return [text] + ([config] if text is not config and hasattr(config, "pad_token_id")
+                         else [])
 
     def _score_vllm(self, encoded: list[list[int]]) -> list[float]:
         from vllm import PoolingParams
