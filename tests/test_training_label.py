@@ -358,6 +358,20 @@ def test_label_with_reward_model(data, tiny_rm):
         assert math.isclose(lab["reward"], value, rel_tol=1e-5, abs_tol=1e-5)
 
 
+def test_a_label_set_scored_another_way_is_not_resumed(data, tiny_rm):
+    """A label set whose reward model scored another token (a release before the last-token
+    padding) is not continued: its labels and new ones would not be alike."""
+    label(data=str(data), reward_model=str(tiny_rm), name="rm-old", batch_size=3,
+          progress=False)
+    info_path = labels_dir(data, "rm-old") / "info.json"
+    info = json.loads(info_path.read_text())
+    assert info["source"]["scored_token"] == "last"
+    del info["source"]["scored_token"]
+    info_path.write_text(json.dumps(info))
+    with pytest.raises(DataError, match="was made differently"):
+        label(data=str(data), reward_model=str(tiny_rm), name="rm-old", progress=False)
+
+
 def test_label_cli_with_config_file(data, tmp_path, capsys):
     from vllm_recontrol.cli import main
 

@@ -26,6 +26,7 @@ logger = get_logger(__name__)
 
 DEFAULT_CUT_AT = ("Human:", "User:")
 RM_ENGINES = ("hf", "vllm")
+SCORED_TOKEN = "last"  # in describe(): see RewardModelScorer._absent_id
 
 
 def cut_response(response: str, markers: Sequence[str] = DEFAULT_CUT_AT) -> tuple[str, bool]:
@@ -351,8 +352,10 @@ class RewardSource:
         if self.function is not None:
             return {"reward_fn": self.spec}
         _, _, dtype, _, max_length, reward_index, _, _, _ = self._model_args
+        # "scored_token": what this release scores (each text's last token, padding with an
+        # absent id); label sets and eval runs of releases that differed there do not match
         return {"reward_model": self.spec, "reward_index": reward_index,
-                "max_length": max_length, "dtype": dtype}
+                "max_length": max_length, "dtype": dtype, "scored_token": SCORED_TOKEN}
 
     def score(self, pairs: Sequence[tuple[str, str]],
               where: Callable[[int], str] | None = None) -> list[float]:
