@@ -728,10 +728,17 @@ def test_a_rerun_reads_back_the_methods_a_previous_run_finished(tmp_path, monkey
     started.clear()
     again, runs = run()
     assert (again, runs, started) == (first, 0, [])  # read back; no engine started
+    table = (tmp_path / "out" / "eval.md").read_text()
+    assert "| base * |" in table and "read back from a previous run" in table
     assert run(max_tokens=7)[1] == 3  # changes every method
     ValueHead(8, [4], seed=1).save(head)  # new weights: only the controlled method
     assert [m.alpha for m in (run()[1] and ran)] == [0.5]
-    assert run(resume=False)[1] == 3
+    for kept in (tmp_path / "out" / "methods").glob("*.json"):  # stale content...
+        saved = json.loads(kept.read_text())
+        saved["result"]["rewards"] = [9.0] * 4
+        kept.write_text(json.dumps(saved))
+    assert run(resume=False)[1] == 3  # ...ignored, and replaced by this run's
+    assert run() == (first, 0)
     model = tmp_path / "model"  # a local model saved again at the same path: all again
     (model / "sub").mkdir(parents=True)
     (model / "sub" / "weights").write_bytes(b"1")
@@ -748,3 +755,21 @@ def test_a_rerun_reads_back_the_methods_a_previous_run_finished(tmp_path, monkey
         saved["result"]["unknown_field"] = 1
         kept.write_text(json.dumps(saved))
     assert run("fresh")[1] == 3  # run again, no crash
+
+
+def test_the_resume_digest_covers_versions_environment_and_reward_engine(monkeypatch):
+    """What changes a method's samples or scores without an eval option changing: the
+    packages' versions, the ascent backend/precision variables, the reward engine's args."""
+    import torch
+
+    from vllm_recontrol.evaluation import resume
+
+    options = {"model": "org/model", "max_tokens": 8, "rm_engine_args": {}, "out": "a"}
+    reward = {"reward_fn": "m:f"}
+    facts = resume.run_facts(options, ["q"], reward)
+    assert facts["versions"]["torch"] == torch.__version__
+    assert resume.run_facts({**options, "out": "b"}, ["q"], reward) == facts  # where: no
+    assert resume.run_facts({**options, "rm_engine_args": {"dtype": "bfloat16"}}, ["q"],
+                            reward) != facts
+    monkeypatch.setenv("VLLM_RECONTROL_BACKEND", "torch")
+    assert resume.run_facts(options, ["q"], reward) != facts

@@ -131,6 +131,7 @@ class MethodResult:
     responses: list[str] = field(default_factory=list, repr=False)
     rewards: list[float] = field(default_factory=list, repr=False)  # one per prompt
     judge: dict | None = None             # the LLM judge's win rate, counts and verdicts
+    reused: bool = False                  # read back from a previous run (its timing too)
 
     @property
     def key(self) -> str:
@@ -340,6 +341,7 @@ def restore_method(saved: dict[str, Any] | None, prompts: int) -> MethodResult |
         return None
     if len(restored.responses) != prompts or len(restored.rewards) != prompts:
         return None
+    restored.reused = True
     return restored
 
 
@@ -411,12 +413,16 @@ def markdown_table(results: Sequence[MethodResult], coherence: Coherence,
         head = [r.head if r.steps else "-"] if heads else []
         judge = [judge_cell(r.judge)] if judged else []
         norm = [f"{r.max_norm:g}" if r.max_norm is not None else "-"] if norms else []
-        cells = [r.method, *head, f"{r.alpha:g}", str(r.steps), *norm, str(r.n),
+        cells = [r.method + (" *" if r.reused else ""), *head, f"{r.alpha:g}", str(r.steps),
+                 *norm, str(r.n),
                  f"{r.reward:.4f}",
                  f"{r.win_rate:.3f}", *judge, f"{r.diversity:.3f}", coh, f"{r.tokens_per_s:.1f}",
                  f"{r.delivered_per_s:.1f}", f"{r.delivered_per_s / base.delivered_per_s:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
     lines += interval_lines(results)
+    if any(r.reused for r in results):
+        lines.append("\n* read back from a previous run of this evaluation (OUT/methods): its "
+                     "tok/s were measured then, perhaps on other engines")
     lines.append(f"\ndiversity: word tokens by {word_tokenizer()[1]}")
     if not coherence.available:
         lines.append(f"coherence: unavailable ({coherence.unavailable_reason})")

