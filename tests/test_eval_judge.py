@@ -205,6 +205,28 @@ def test_a_paused_judge_that_never_answers_is_given_up_after_the_outage(monkeypa
                                                 "requests in a row and 0.2 s without an answer"]
 
 
+def test_a_run_stopped_while_the_judge_is_paused_does_not_wait_out_the_outage(monkeypatch):
+    """Ctrl-C while questions wait on a paused judge returns at once: nothing more is asked,
+    not after the 30 s cooldown or the 60 s outage (SIGINT sent to this process after 1 s)."""
+    import os
+    import signal
+    import time
+
+    monkeypatch.setattr(llm_judge, "PROBE_COOLDOWN_S", (30.0, 30.0))
+    with fake_judge(lambda *asked: 500) as server:
+        client = client_for(server, concurrency=2, max_retries=0, max_failures=2, outage_s=60)
+        timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))
+        started = time.monotonic()
+        timer.start()
+        with pytest.raises(KeyboardInterrupt):
+            judge_methods(client, PROMPTS, {"m": METHOD}, BASE)
+        took = time.monotonic() - started
+        asked = len(server["asked"])
+    # the failures that paused it, and a request that got in while the second was failing
+    assert asked in (2, 3) and client.cancelled
+    assert took < 30
+
+
 def test_a_success_resets_the_count_of_failures_in_a_row():
     def every_other(prompt, first, second):
         return 500 if int(prompt.split()[1]) % 2 else content_rule(prompt, first, second)

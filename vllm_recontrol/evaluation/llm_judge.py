@@ -154,7 +154,7 @@ class JudgeClient:
         self.cooldown = PROBE_COOLDOWN_S[0]
         self.probing = False
         self.gave_up = False
-        self.failures_in_a_row = 0
+        self.cancelled = False  # the run stops (Ctrl-C): waiting questions are not asked
 
     def check(self) -> None:
         """Fail before any generation when the judge cannot answer: unreachable, the key
@@ -225,6 +225,8 @@ class JudgeClient:
         limit = self.settings.max_failures
         with self._state:
             while True:
+                if self.cancelled:
+                    return False, "error: not asked (the run was stopped)"
                 if self.gave_up:
                     return False, (f"error: skipped after {limit} failed judge requests in a "
                                    f"row and {self.settings.outage_s:g} s without an answer")
@@ -235,6 +237,13 @@ class JudgeClient:
                     self.probing = True
                     return True, None
                 self._state.wait(None if self.probing else self.next_probe - now)
+
+    def cancel(self) -> None:
+        """Ask nothing more: questions waiting on a paused judge return at once (else a
+        Ctrl-C while paused waited out the outage, probing meanwhile)."""
+        with self._state:
+            self.cancelled = True
+            self._state.notify_all()
 
     def _record(self, probe: bool, failure: Exception | None) -> None:
         """Count a request's outcome into the breaker (see ``_admit``) and wake the waiters."""
@@ -288,8 +297,14 @@ def judge_methods(client: JudgeClient, prompts: Sequence[str], methods: dict[str
         mine, theirs = methods[name][i], other[i]
         return client.ask(prompts[i], *((mine, theirs) if mine_first else (theirs, mine)))
 
-    with ThreadPoolExecutor(max_workers=s.concurrency) as pool:
+    pool = ThreadPoolExecutor(max_workers=s.concurrency)
+    try:
         answers = list(pool.map(ask, questions))
+    except BaseException:  # Ctrl-C: stop the questions in flight or waiting, then go
+        client.cancel()
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown()
     grouped: dict[tuple[str, int], list[tuple[bool, str]]] = {}
     for (name, i, mine_first), answer in zip(questions, answers):
         grouped.setdefault((name, i), []).append((mine_first, answer))
