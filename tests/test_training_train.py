@@ -404,6 +404,17 @@ def test_state_rows_read_from_the_file_equal_safetensors_slices(tmp_path, dtype)
         path.write_bytes(length.to_bytes(8, "little") + b"{}" * 8)
         with pytest.raises(DataError, match="cannot be read: ValueError: a header of"):
             states_layout(tmp_path, "shard-00000")
+    for shape, offsets in (([-2, -4], [0, 16]), ([10**12, 6], [0, 12 * 10**12]),
+                           ([2, 6], [8, 32]), ([2, 0], [0, 0])):  # damaged shapes, offsets
+        header = json.dumps({"states": {"dtype": "BF16", "shape": shape,
+                                        "data_offsets": offsets}}).encode()
+        path.write_bytes(len(header).to_bytes(8, "little") + header + bytes(24))
+        with pytest.raises(DataError, match="is damaged"):
+            states_layout(tmp_path, "shard-00000")
+    header = json.dumps({"states": {"dtype": "BF16", "shape": [0, 6],
+                                    "data_offsets": [0, 0]}}).encode()
+    path.write_bytes(len(header).to_bytes(8, "little") + header)  # no states: nothing to read
+    assert load_states(tmp_path, "shard-00000").shape == (0, 6)
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -648,3 +659,20 @@ def test_a_damaged_shard_index_is_an_error(labelled, tmp_path, change, message):
     save_file(tensors, str(path), metadata=metadata)
     with pytest.raises(DataError, match=message):
         train(data=str(data), out=str(tmp_path / "h"), epochs=1, progress=False)
+
+
+def test_a_shard_file_replaced_after_its_index_was_read_is_named(labelled, tmp_path):
+    """Windows read the states file by itself: a file that no longer fits the index read at
+    the start (replaced, damaged) is a DataError naming the shard, not rows of another."""
+    from vllm_recontrol.training.dataset import LabelledData
+    from vllm_recontrol.training.shards import states_path
+
+    data = _copy(labelled, tmp_path)
+    loaded = LabelledData(data)
+    first, second = (states_path(data, s.name) for s in loaded.shards[:2])
+    assert loaded.shards[0].index.num_states != loaded.shards[1].index.num_states
+    first.write_bytes(second.read_bytes())
+    heldout = loaded.heldout_prompts(0.1, 0)
+    with pytest.raises(DataError, match=r"shard .*shard-00000.* holds states .* but its index "
+                                        r"says"):
+        next(loaded.windows([0], 1, heldout))

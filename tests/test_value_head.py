@@ -841,3 +841,38 @@ def test_torch_ascent_bits_do_not_depend_on_the_matmul_precision_setting(
         torch.set_float32_matmul_precision(setting)
         assert torch.equal(head.ascend(states, 0.5, 6, backend="torch", form=form), exact), \
             setting
+
+
+def test_pinned_precision_regions_of_two_threads_leave_the_callers_setting(
+        restore_matmul_precision):
+    """Two threads' ascents overlapping: the second waits for the first (the settings are the
+    process's), so neither restores the other's pin: the caller's "high" is back after both
+    (before, the thread leaving last restored "highest" for good)."""
+    import threading
+    import time
+
+    from vllm_recontrol.ascent import exact_fp32_products
+
+    torch.set_float32_matmul_precision("high")
+    inside, first_left, seen = threading.Event(), threading.Event(), []
+
+    def first():
+        with exact_fp32_products():
+            inside.set()
+            time.sleep(0.3)  # the second thread tries to enter meanwhile
+            seen.append(torch.get_float32_matmul_precision())
+        first_left.set()
+
+    def second():
+        inside.wait(5)
+        with exact_fp32_products():
+            first_left.wait(5)  # stay inside until the first has left
+            seen.append(torch.get_float32_matmul_precision())
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert seen == ["highest", "highest"]
+    assert torch.get_float32_matmul_precision() == "high"

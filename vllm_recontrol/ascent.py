@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -167,7 +168,23 @@ def exact_fp32_products() -> Iterator[None]:
     and cuBLAS's and oneDNN's together: torch refuses (raises) where they disagree, e.g.
     in ``allowTF32CuBLAS``. Restored as the global value, then each backend's own. A caller
     whose settings already disagree (its global value cannot be read) keeps its global
-    value; only the backends' are pinned then."""
+    value; only the backends' are pinned then.
+
+    The settings are the process's: pinned regions of two threads are taken one at a time
+    (``_PRECISION_PIN``), or the one that left first would restore its caller's setting
+    under the other, and the other would leave "highest" for good. Other threads' fp32
+    products run at full precision while an ascent is inside."""
+    with _PRECISION_PIN:
+        with _pinned_fp32_products():
+            yield
+
+
+# One pinned region at a time (re-entrant: a pinned ascent may call another).
+_PRECISION_PIN = threading.RLock()
+
+
+@contextlib.contextmanager
+def _pinned_fp32_products() -> Iterator[None]:
     cuda = torch.backends.cuda.matmul
     mkldnn = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
     per_backend = hasattr(cuda, "fp32_precision") and hasattr(mkldnn, "fp32_precision")

@@ -217,7 +217,7 @@ class CollectWorker:
                                     f"{sorted({joined.shape[1], piece.shape[1]})}")
                 joined[filled:filled + piece.shape[0]] = piece
                 filled += piece.shape[0]
-            del outputs  # this chunk's float32 positions, before the next chunk's
+            del outputs, hidden, piece  # this chunk's float32 positions, before the next's
         if joined is None:
             raise DataError(f"shard {name} has no responses")
         write_states(self.out, name, joined, [r["num_states"] for r in rows],

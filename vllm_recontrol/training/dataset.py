@@ -265,6 +265,11 @@ class LabelledData:
                      total: int) -> torch.Tensor:
         """[total, d]: each entry's kept responses' rows, read into their slice in turn."""
         layouts = [states_layout(self.path, entry.name) for entry in entries]
+        for entry, layout in zip(entries, layouts):
+            if layout.shape != (entry.index.num_states, self.hidden_size):
+                raise DataError(f"shard {layout.path} holds states {list(layout.shape)} but its "
+                                f"index says [{entry.index.num_states}, {self.hidden_size}]: the "
+                                "file changed since training started, or is damaged")
         dtypes = {layout.dtype for layout in layouts}
         # one stored dtype (every collection): as stored; mixed 16-bit shards: float32,
         # as concatenating them did

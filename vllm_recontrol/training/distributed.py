@@ -259,7 +259,9 @@ def deal_shards(order: Sequence[int], states: Sequence[int], world: int) -> list
     with zero-weight steps meanwhile; dealt this way they differ by at most one shard's
     states (the last shard given to the busiest process went to the least busy one). It
     depends only on the order and the shard indexes, so it is the same on every process;
-    alone, it is the order itself."""
+    alone, it is the order itself. Sizes decide first, so with unequal shards a process
+    keeps much the same shards from epoch to epoch (the order within it still changes);
+    every step sums all processes' batches, so the step's rows still span the data."""
     loads = [0] * world
     owner = [0] * len(order)
     for position in sorted(range(len(order)), key=lambda p: -states[order[p]]):  # stable

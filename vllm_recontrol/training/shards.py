@@ -192,8 +192,10 @@ def read_shard_index(directory: Path, name: str) -> ShardIndex:
             metadata = json.loads((handle.metadata() or {}).get("recontrol", "{}"))
             states = handle.get_slice("states")
             shape, stored = states.get_shape(), states.get_dtype()
-            ids = {key: handle.get_tensor(key) for key in ("offsets", "response_ids",
-                                                           "prompt_index")}
+            # copies: safetensors maps the file, and a shard file rewritten in place under a
+            # running job would change (or, truncated, fault) an index kept for the run
+            ids = {key: handle.get_tensor(key).clone() for key in ("offsets", "response_ids",
+                                                                   "prompt_index")}
             _check_stored_tensors(path, shape, stored, ids)
             index = ShardIndex(name, ids["offsets"], ids["response_ids"], ids["prompt_index"],
                                int(shape[1]), metadata.get("dtype", "?"))
@@ -270,10 +272,11 @@ def states_layout(directory: Path, name: str) -> StatesLayout:
     tensor's dtype, shape and [begin, end) byte offsets after the header."""
     path = states_path(directory, name)
     try:
+        file_size = path.stat().st_size
         with open(path, "rb") as handle:
             size = int.from_bytes(handle.read(8), "little")
             # a damaged length must not become a read of exabytes (safetensors' own bound)
-            if not 2 <= size <= min(SAFETENSORS_HEADER_LIMIT, path.stat().st_size - 8):
+            if not 2 <= size <= min(SAFETENSORS_HEADER_LIMIT, file_size - 8):
                 raise ValueError(f"a header of {size} bytes")
             header = json.loads(handle.read(size))
         entry = header["states"]
@@ -282,13 +285,16 @@ def states_layout(directory: Path, name: str) -> StatesLayout:
         stored = entry["dtype"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise DataError(f"shard {path} cannot be read: {type(exc).__name__}: {exc}") from exc
-    if stored not in SAFETENSORS_DTYPES or len(shape) != 2:
+    if stored not in SAFETENSORS_DTYPES or len(shape) != 2 or shape[0] < 0 or shape[1] < 1:
         raise DataError(f"shard {path} is damaged: its states are {stored} {list(shape)}, not "
                         f"[states, hidden size] in one of {list(STORED_STATE_DTYPES.values())}")
     layout = StatesLayout(path, SAFETENSORS_DTYPES[stored], (shape[0], shape[1]), 8 + size + begin)
-    if begin < 0 or end - begin != shape[0] * layout.row_bytes:
-        raise DataError(f"shard {path} is damaged: its states header gives {end - begin} bytes "
-                        f"for {list(shape)} {stored}")
+    # the bytes must be the shape's and lie inside the file (a huge shape would otherwise
+    # become a huge allocation before any read fails)
+    if not 0 <= begin <= end or end - begin != shape[0] * layout.row_bytes or \
+            8 + size + end > file_size:
+        raise DataError(f"shard {path} is damaged: its states header gives bytes {begin}..{end} "
+                        f"for {list(shape)} {stored} in a file of {file_size} bytes")
     return layout
 
 
@@ -304,8 +310,10 @@ def read_state_rows(layout: StatesLayout, ranges: Sequence[tuple[int, int]],
     if any(not 0 <= a <= b <= layout.shape[0] for a, b in ranges):
         raise ValueError(f"row ranges {list(ranges)[:3]}... fall outside {layout.path}'s "
                          f"{layout.shape[0]} rows")
+    if rows == 0:
+        return
     target = out if out.dtype == layout.dtype else torch.empty(out.shape, dtype=layout.dtype)
-    buffer = memoryview(target.view(torch.uint8).numpy().reshape(-1)) if rows else None
+    buffer = memoryview(target.view(torch.uint8).numpy().reshape(-1))
     position = 0
     with open(layout.path, "rb", buffering=0) as handle:
         for a, b in ranges:

@@ -25,7 +25,6 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from ..errors import RecontrolError
 from ..value_head import ValueHead
 from . import checkpoint
 from .common import DataError, build_options, parse_command_line, progress, run_main, summary_table
@@ -277,8 +276,7 @@ class Trainer:
 
     def _count_batches(self, groups: list[list[int]]) -> int:
         """How many batches ``_batches`` yields, from the shard indexes (nothing loaded)."""
-        per_shard = self.data.train_states_per_shard(self.heldout)
-        return sum(math.ceil(sum(per_shard[i] for i in shards) / self.batch_size)
+        return sum(math.ceil(sum(self.train_states[i] for i in shards) / self.batch_size)
                    for shards in groups)
 
     def _bellman_batch_targets(self, window: Window, batch: torch.Tensor) -> torch.Tensor:
@@ -445,7 +443,7 @@ def _train(opts: TrainOptions, group: ProcessGroup) -> dict[str, Any]:
     # it starts; otherwise all of them stop with the same error (no process left waiting).
     try:
         data, trainer, counts, run, state, initial_head = _prepare(opts, group)
-    except (RecontrolError, OSError) as exc:
+    except Exception as exc:  # any failure (also out of memory, a bug): no rank left waiting
         group.agree({}, START_FIXES, exc)
         raise  # (agree raises it, alone or not)
     group.agree(_start_facts(opts, data, trainer, run, state, initial_head), START_FIXES)
