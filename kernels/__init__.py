@@ -53,5 +53,5 @@ def triton_available(device: torch.device | str) -> bool:
     if kind == "cuda":
         return torch.cuda.is_available() and _triton_imports() and not kernels_interpreted()
     if kind == "cpu":
-        return os.environ.get("TRITON_INTERPRET", "0") == "1" and _triton_imports()
+        return kernels_interpreted() and _triton_imports()
     return False

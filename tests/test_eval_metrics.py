@@ -320,6 +320,15 @@ def test_actors_without_gpus_on_a_gpu_cluster_are_warned_about(caplog):
         _check_resources(SimpleNamespace(cluster_resources=lambda: {"CPU": 8.0, "GPU": 4.0}),
                          no_gpus, {})
     assert "has 4 GPUs but --ray-num-gpus is 0" in caplog.text
+    caplog.clear()
+    gpus = SimpleNamespace(cluster_resources=lambda: {"CPU": 8.0, "GPU": 4.0})
+    with caplog.at_level("WARNING"):  # label with a reward function: no GPU needed
+        _check_resources(gpus, SimpleNamespace(**vars(no_gpus), reward_fn="m:f"), {})
+    assert "GPUs but" not in caplog.text
+    with caplog.at_level("WARNING"):  # eval's reward actors have their own flag
+        _check_resources(gpus, SimpleNamespace(**vars(no_gpus),
+                                               gpu_flag="--reward-num-gpus"), {})
+    assert "pass --reward-num-gpus 1" in caplog.text
 
 
 @pytest.mark.parametrize("value_heads", [["heads/mc"], {"mc": 3}])

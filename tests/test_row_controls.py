@@ -279,6 +279,15 @@ def test_a_failing_ascent_at_warm_up_fails_engine_start():
         controller.warm_up()
     assert controller._warm_rows is None  # not retried on the next call
 
+    def out_of_memory(rows, counts, **kw):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    heads["td"].warm_up = out_of_memory  # memory, not the backend: the advice says so
+    controller._warm_rows = 16
+    with pytest.raises(ConfigError, match=r"OutOfMemoryError: CUDA out of memory.*lower "
+                                          r"--max-num-seqs or --gpu-memory-utilization"):
+        controller.warm_up()
+
 
 def test_a_failed_graph_capture_at_warm_up_only_logs(monkeypatch, caplog):
     """A capture that fails while the eager ascent works loses only the speed-up: the

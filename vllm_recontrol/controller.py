@@ -280,11 +280,17 @@ class EditController:
                                head.hidden_size)
         except ValueError:  # checked at construction; keep the original error in view
             products, form = self.settings.precision, self.settings.ascent_form
+        if isinstance(exc, torch.OutOfMemoryError):
+            remedy = ("the ascents of a full batch (max_num_seqs rows) and their graphs do not "
+                      "fit beside the model: lower --max-num-seqs or --gpu-memory-utilization, "
+                      "or warm fewer step counts (warmup_steps)")
+        else:
+            remedy = ("choose another backend, precision or ascent_form in "
+                      'additional_config["recontrol"] (e.g. "backend": "torch")')
         return (f"RE-Control warm-up: the ascent of value head {name!r} failed at engine start "
                 f"({backend} backend, {'fp32' if products == 'ieee' else products} products, "
                 f"{form} form): {type(exc).__name__}: {exc}. Every controlled request would "
-                f"fail the same way; choose another backend, precision or ascent_form in "
-                f'additional_config["recontrol"] (e.g. "backend": "torch")')
+                f"fail the same way; {remedy}")
 
     def maybe_edit(self, hidden_states: torch.Tensor) -> torch.Tensor:
         groups = self.rows.take(hidden_states.shape[0])

@@ -43,7 +43,9 @@ class RewardPool:
                  num_gpus: float, ray_address: str | None,
                  reserve: dict[str, float] | None = None) -> None:
         placement = SimpleNamespace(replicas=replicas, ray_num_cpus=num_cpus,
-                                    ray_num_gpus=num_gpus, ray_address=ray_address)
+                                    ray_num_gpus=num_gpus, ray_address=ray_address,
+                                    gpu_flag="--reward-num-gpus",
+                                    reward_fn=source_arguments.get("reward_fn"))
         self._stack = contextlib.ExitStack()
         self.actors = self._stack.enter_context(ray_actors(
             placement, RewardWorker, replicas, dict(source_arguments),

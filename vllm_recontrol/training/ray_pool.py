@@ -131,13 +131,14 @@ def _check_resources(ray: Any, opts: Any, reserve: dict[str, float],
             raise DataError(f"{actors} replicas x {per_actor} {key} per actor = {need} "
                             f"{key}{also}, but the Ray cluster has {total.get(key, 0.0)}; "
                             f"lower the replicas or the {key}s per actor")
-    if opts.ray_num_gpus == 0 and total.get("GPU", 0.0) > 0:
+    if opts.ray_num_gpus == 0 and total.get("GPU", 0.0) > 0 and \
+            not getattr(opts, "reward_fn", None):  # a reward function needs no GPU
         # Ray hides every GPU from an actor that asked for none (CUDA_VISIBLE_DEVICES=""):
         # its vLLM engine or reward model would find no GPU on a GPU cluster
-        logger.warning("vllm-recontrol: the Ray cluster has %g GPUs but --ray-num-gpus is 0, "
-                       "so Ray hides them from every actor (engines and reward models run "
-                       "without a GPU); pass --ray-num-gpus 1 to give each actor one",
-                       total["GPU"])
+        flag = getattr(opts, "gpu_flag", "--ray-num-gpus")
+        logger.warning("vllm-recontrol: the Ray cluster has %g GPUs but %s is 0, so Ray hides "
+                       "them from every actor (engines and reward models run without a GPU); "
+                       "pass %s 1 to give each actor one", total["GPU"], flag, flag)
 
 
 def dispatch(actors: list[Any], tasks: list[Callable[[Any], Any]], desc: str,
