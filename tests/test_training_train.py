@@ -582,6 +582,22 @@ def test_a_text_repeated_many_times_is_one_group_shared_by_its_members(tmp_path)
     assert len({id(group) for group in groups.values()}) == 2
 
 
+def test_partial_training_skips_shards_not_labelled_yet(labelled, tmp_path, capsys):
+    """--allow-partial trains beside a label run still going: a collected shard without
+    labels is left out, said once; without the flag it is an error naming the shard."""
+    from vllm_recontrol.training.dataset import LabelledData
+    from vllm_recontrol.training.labeler import labels_dir
+
+    data = _copy(labelled, tmp_path)
+    (labels_dir(data, "reward") / "shard-00002.jsonl").unlink()
+    with pytest.raises(DataError, match="shard shard-00002 of .* is not labelled"):
+        LabelledData(data)
+    partial = LabelledData(data, allow_partial=True)
+    names = [s.name for s in partial.shards]
+    assert "shard-00002" not in names and len(names) == len(LabelledData(labelled).shards) - 1
+    assert "1 collected shard(s)" in capsys.readouterr().err
+
+
 def test_resuming_checks_the_shards_and_takes_the_resolved_label_set(labelled, tmp_path):
     data = _copy(labelled, tmp_path)
     aside = tmp_path / "shard-00003.safetensors"

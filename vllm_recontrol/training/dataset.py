@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -89,6 +90,14 @@ class LabelledData:
                             f"collected yet (e.g. {not_done[:3]}); rerun `vllm-recontrol "
                             f"collect` with the same options, or pass --allow-partial")
         self.shards: list[ShardEntry] = []
+        labels_folder = labels_dir(self.path, self.labels)
+        unlabelled = [p.name for p in plans if p.name not in not_done and
+                      not (labels_folder / f"{p.name}.jsonl").is_file()]
+        if unlabelled and allow_partial:  # label still running beside a partial run
+            print(f"train: {len(unlabelled)} collected shard(s) of {self.path} are not labelled "
+                  f"yet (e.g. {unlabelled[:3]}); training without them (--allow-partial)",
+                  file=sys.stderr, flush=True)
+            not_done += unlabelled
         for plan in plans:
             if plan.name in not_done:
                 continue

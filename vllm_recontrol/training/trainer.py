@@ -588,7 +588,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--device", help="auto (default), cpu, cuda, cuda:1, ...")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--allow-partial", action="store_true",
-                        help="train on the shards collected so far")
+                        help="train on the shards collected and labelled so far")
     parser.add_argument("--checkpoint",
                         help="folder for the training state after every epoch; a run started "
                              "with the same options and folder resumes where it stopped. Under "
