@@ -372,6 +372,34 @@ def test_evaluation_reads_only_the_scored_rows_and_matches_whole_shard_metrics(
         assert sorted(read.get(shard.name, [])) == rows, shard.name
 
 
+def test_an_epoch_reads_each_training_row_once_and_no_heldout_row(labelled, tmp_path,
+                                                                  monkeypatch):
+    from vllm_recontrol.training import dataset
+    from vllm_recontrol.training.dataset import LabelledData
+    from vllm_recontrol.training.trainer import Trainer, TrainOptions
+
+    data = LabelledData(labelled)
+    trainer = Trainer(TrainOptions(data=str(labelled), out=str(tmp_path / "h"),
+                                   target="td-lambda", widths=[16], batch_size=32,
+                                   shuffle_shards=3, heldout_fraction=0.25, device="cpu",
+                                   progress=False), data)
+    read, real_read = {}, dataset.read_state_rows
+
+    def recording(layout, ranges, out):
+        for a, b in ranges:
+            read.setdefault(layout.path.stem, []).extend(range(a, b))
+        real_read(layout, ranges, out)
+
+    monkeypatch.setattr(dataset, "read_state_rows", recording)
+    trainer.epoch()
+    for shard in data.shards:
+        offsets = shard.index.offsets.tolist()
+        train = (~trainer.heldout[shard.index.prompt_index]).tolist()
+        rows = [row for i, keep in enumerate(train) if keep
+                for row in range(offsets[i], offsets[i + 1])]
+        assert sorted(read.get(shard.name, [])) == rows, shard.name
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_state_rows_read_from_the_file_equal_safetensors_slices(tmp_path, dtype):
     """read_state_rows puts the asked row ranges back to back, bit for bit as safetensors

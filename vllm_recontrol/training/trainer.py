@@ -256,7 +256,8 @@ class Trainer:
                  ) -> Iterator[tuple[Window, torch.Tensor | None, torch.Tensor]]:
         """(window, its fixed targets or None, rows) per training batch, window by window."""
         for shards in groups:
-            for window in self.data.windows(shards, len(shards), self.heldout):
+            # only the training side is read: the held-out tenth would be masked out
+            for window in self.data.windows(shards, len(shards), self.heldout, "train"):
                 yield from self._window_batches(window)
                 # Why: a name bound here would keep this window (its targets and rows live
                 # in the finished _window_batches, freed with it) alive while the next one
