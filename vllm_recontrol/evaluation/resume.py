@@ -25,7 +25,7 @@ from typing import Any, Sequence
 from ..files import write_text_atomic
 from ..head_source import locate_head
 from ..logs import get_logger
-from ..training.common import sha256_file
+from ..training.common import sha256_bytes, sha256_file
 
 logger = get_logger(__name__)
 
@@ -50,7 +50,7 @@ def run_facts(options: dict[str, Any], prompts: Sequence[str],
     not read), and the files of a local model folder (the LLM's, the reward model's)."""
     kept = {k: v for k, v in options.items()
             if k not in NOT_IN_DIGEST and not k.startswith("judge_")}
-    prompts_sha = hashlib.sha256(json.dumps(list(prompts)).encode()).hexdigest()
+    prompts_sha = sha256_bytes(json.dumps(list(prompts)).encode())
     models = {name: folder_fingerprint(str(path)) for name, path in
               (("model", options.get("model")), ("reward_model", reward.get("reward_model")))
               if path}
@@ -121,7 +121,7 @@ class FinishedMethods:
                 return None
             facts["head_weights_sha256"] = self._head_digests[head]
         text = json.dumps(facts, sort_keys=True, default=repr)
-        return hashlib.sha256(text.encode()).hexdigest()
+        return sha256_bytes(text.encode())
 
     def load(self, digest: str | None) -> dict[str, Any] | None:
         """A finished method's fields, or None when it is not on disk (or unreadable)."""

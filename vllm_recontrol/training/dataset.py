@@ -215,7 +215,7 @@ class LabelledData:
         for shard in self.shards:
             answered[shard.index.prompt_index] = True
             held = heldout_prompts[shard.index.prompt_index]
-            lengths = shard.index.offsets[1:] - shard.index.offsets[:-1]
+            lengths = shard.index.lengths
             counts["heldout_responses"] += int(held.sum())
             counts["heldout_states"] += int(lengths[held].sum())
             counts["train_responses"] += int((~held).sum())
@@ -228,7 +228,7 @@ class LabelledData:
         """Training (not held-out) states of each shard, from its index alone."""
         counts = []
         for shard in self.shards:
-            lengths = shard.index.offsets[1:] - shard.index.offsets[:-1]
+            lengths = shard.index.lengths
             counts.append(int(lengths[~heldout_prompts[shard.index.prompt_index]].sum()))
         return counts
 
@@ -259,7 +259,7 @@ class LabelledData:
             side = heldout_prompts[entry.index.prompt_index]
             kept.append(_chosen(side, responses))
             held.append(side[kept[-1]])
-        lengths = torch.cat([_lengths(e.index.offsets)[k] for e, k in zip(entries, kept)])
+        lengths = torch.cat([e.index.lengths[k] for e, k in zip(entries, kept)])
         states = self._read_states(entries, kept, int(lengths.sum()))
         offsets_t = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(lengths, 0)])
         rewards_t = torch.cat([e.rewards[k] for e, k in zip(entries, kept)])
@@ -291,10 +291,6 @@ class LabelledData:
             read_state_rows(layout, ranges, states[position:position + count])
             position += count
         return states
-
-
-def _lengths(offsets: torch.Tensor) -> torch.Tensor:
-    return offsets[1:] - offsets[:-1]
 
 
 def _chosen(heldout: torch.Tensor, responses: str) -> torch.Tensor:

@@ -16,7 +16,6 @@ same options, data, held-out split, checkpoint and head (``ProcessGroup.agree``)
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -26,7 +25,8 @@ import torch
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from ..errors import RecontrolError
-from .common import DataError
+from ..head_files import weights_id
+from .common import DataError, sha256_bytes
 
 WORLD_ENV = "WORLD_SIZE"
 
@@ -233,19 +233,15 @@ def failed_start_message(failures: Sequence[str | None]) -> str:
 
 
 def tensors_digest(tensors: Mapping[str, torch.Tensor]) -> str:
-    """sha256 of named tensors (names, dtypes, shapes and bytes, in order), e.g. a head's
-    state_dict: equal on two processes exactly when they hold the same weights."""
-    digest = hashlib.sha256()
-    for name, tensor in tensors.items():
-        tensor = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}:{tensor.dtype}:{list(tensor.shape)}\0".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+    """A digest of named tensors (names, dtypes, shapes and bytes, in order; a value head's
+    save id, ``weights_id``), e.g. a head's state_dict: equal on two processes exactly when
+    they hold the same weights."""
+    return weights_id({name: tensor.detach().cpu() for name, tensor in tensors.items()})
 
 
 def json_digest(value: Any) -> str:
     """sha256 of a JSON-able value (keys sorted)."""
-    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+    return sha256_bytes(json.dumps(value, sort_keys=True).encode())
 
 
 def deal_shards(order: Sequence[int], states: Sequence[int], world: int) -> list[list[int]]:

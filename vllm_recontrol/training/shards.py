@@ -179,6 +179,11 @@ class ShardIndex:
     def num_states(self) -> int:
         return int(self.offsets[-1])
 
+    @property
+    def lengths(self) -> torch.Tensor:
+        """[R] states of each response."""
+        return self.offsets[1:] - self.offsets[:-1]
+
 
 def read_shard_index(directory: Path, name: str) -> ShardIndex:
     """Offsets and ids of a finished shard, without reading its states."""
