@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-import math
-
 import json
+import math
+import random
+import sys
+import types
+from pathlib import Path
 
 import pytest
 
 from vllm_recontrol.evaluation.evaluate import MethodResult, markdown_table, parse_grid
 from vllm_recontrol.evaluation.metrics import Coherence, diversity, win_rate
-from vllm_recontrol.training.common import RecontrolError
+from vllm_recontrol.training.common import RecontrolError, RewardError
 
 
 def test_diversity_by_hand():
@@ -763,7 +766,94 @@ def test_a_rerun_reads_back_the_methods_a_previous_run_finished(tmp_path, monkey
         saved = json.loads(kept.read_text())
         saved["result"]["unknown_field"] = 1
         kept.write_text(json.dumps(saved))
-    assert run("fresh")[1] == 3  # run again, no crash
+    assert run("fresh") == (first, 0)  # scored again from the kept samples, no crash
+    for kept in [*(tmp_path / "fresh" / "methods").rglob("*.json")]:
+        kept.write_text(kept.read_text()[:-9])  # damaged results and samples: generated again
+    assert run("fresh") == (first, 3)
+
+
+def test_a_new_reward_rescores_the_kept_samples_without_generating_again(tmp_path,
+                                                                        monkeypatch):
+    """Samples are kept apart from their scores: a rerun with another reward function, other
+    --cut-at markers, or after the reward failed part-way, generates nothing and scores the
+    very samples (Best-of-N's discarded ones too) with what it is given now; a changed
+    generation option generates again."""
+    import importlib
+
+    from vllm_recontrol.value_head import ValueHead
+
+    evaluation = importlib.import_module("vllm_recontrol.evaluation.evaluate")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"q{i}"}) + "\n" for i in range(3)))
+    head = tmp_path / "head"
+    ValueHead(8, [4], seed=0).save(head)
+    calls = []
+
+    class FakePool:  # fresh random text on every call: a regeneration is told apart
+        def __init__(self, opts, settings, prompts) -> None:
+            self.count = len(prompts)
+
+        def run(self, method):
+            calls.append(method)
+            failing.fail.extend(failing.armed)  # the reward fails once generation is done
+            draw = lambda: " ".join(random.choice(["a", "bb", "ccc", "USER:"])  # noqa: E731
+                                    for _ in range(6))
+            return [[(draw(), 6) for _ in range(method.n)] for _ in range(self.count)], 2.0
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(evaluation, "EnginePool", FakePool)
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    failing = types.ModuleType("recontrol_test_flaky_reward")
+    failing.fail, failing.armed = [], []
+
+    def length(prompt: str, response: str) -> float:
+        if failing.fail:
+            raise RuntimeError("reward model out of memory")
+        return float(len(response))
+
+    failing.length = length
+    monkeypatch.setitem(sys.modules, "recontrol_test_flaky_reward", failing)
+
+    def run(reward_fn="training_fakes:good_reward", **extra):
+        calls.clear()
+        options = dict(model="org/model", value_head=str(head), prompts=str(prompts),
+                       grid="0.5:2", best_of=[3], system_prompt="", quiet=True,
+                       out=str(tmp_path / "out"), reward_fn=reward_fn, cut_at=["USER:"])
+        return evaluation.evaluate(**{**options, **extra})["results"]
+
+    def kept_samples():
+        folder = tmp_path / "out" / "methods" / "samples"
+        return {json.dumps(json.loads(f.read_text())["result"]["samples"])
+                for f in folder.glob("*.json")}
+
+    first = run()
+    assert len(calls) == 3 and len(kept_samples()) == 3
+    samples = kept_samples()
+    by_length = run("recontrol_test_flaky_reward:length")
+    assert calls == [] and kept_samples() == samples  # scored again, not generated
+    for old, new in zip(first, by_length):
+        assert len(new["examples"]) == 3 and new["rewards"] == \
+            [float(len(r)) for r in new["examples"]]  # "examples": the first 5 responses
+        if old["n"] == 1:
+            assert new["examples"] == old["examples"]
+    best_of = next(json.loads(text) for text in samples if len(json.loads(text)[0]) == 3)
+    bon = next(r for r in by_length if r["n"] == 3)
+    assert bon["examples"] == [max((t.split("USER:")[0].rstrip() for t, _ in c), key=len)
+                                for c in best_of]  # the longest of the three kept samples
+    uncut = run("recontrol_test_flaky_reward:length", cut_at=[])
+    assert calls == [] and any(u["rewards"] != c["rewards"] for u, c in zip(uncut, by_length))
+    failing.armed.append(1)  # generation ends, the reward fails: the samples are kept...
+    with pytest.raises(RewardError, match="out of memory"):
+        run("recontrol_test_flaky_reward:length", max_tokens=9)
+    assert len(calls) == 1
+    failing.fail.clear(), failing.armed.clear()
+    again = run("recontrol_test_flaky_reward:length", max_tokens=9)
+    assert [m.n for m in calls] == [1, 3]  # ...base was not generated again
+    last = run("recontrol_test_flaky_reward:length", max_tokens=9)
+    assert calls == [] and [(r["examples"], r["rewards"]) for r in last] == \
+        [(r["examples"], r["rewards"]) for r in again]
 
 
 def test_the_resume_digest_covers_versions_environment_and_reward_engine(monkeypatch):
@@ -776,9 +866,14 @@ def test_the_resume_digest_covers_versions_environment_and_reward_engine(monkeyp
     options = {"model": "org/model", "max_tokens": 8, "rm_engine_args": {}, "out": "a"}
     reward = {"reward_fn": "m:f"}
     facts = resume.run_facts(options, ["q"], reward)
-    assert facts["versions"]["torch"] == torch.__version__
+    assert facts["generation"]["versions"]["torch"] == torch.__version__
     assert resume.run_facts({**options, "out": "b"}, ["q"], reward) == facts  # where: no
     assert resume.run_facts({**options, "rm_engine_args": {"dtype": "bfloat16"}}, ["q"],
                             reward) != facts
+    for scoring in ({**options, "cut_at": ["###"]}, {**options, "embedding_model": "e"}):
+        changed = resume.run_facts(scoring, ["q"], reward)  # the same samples, rescored
+        assert changed["generation"] == facts["generation"] and changed != facts
+    changed = resume.run_facts(options, ["q"], {"reward_fn": "m:g"})
+    assert changed["generation"] == facts["generation"] and changed != facts
     monkeypatch.setenv("VLLM_RECONTROL_BACKEND", "torch")
-    assert resume.run_facts(options, ["q"], reward) != facts
+    assert resume.run_facts(options, ["q"], reward)["generation"] != facts["generation"]

@@ -238,7 +238,7 @@ class Evaluator:
                  finished: FinishedMethods | None = None):
         self.opts, self.prompts, self.coherence = opts, prompts, coherence
         self.score = ScoreCache(score)
-        self.finished, self.reused = finished, 0
+        self.finished, self.reused, self.rescored = finished, 0, 0
         further = opts.value_heads or {}
         if not isinstance(further, dict) or not all(
                 isinstance(k, str) and isinstance(v, str) for k, v in further.items()):
@@ -265,20 +265,30 @@ class Evaluator:
 
     def run(self, result: MethodResult) -> MethodResult:
         """Generate one method's samples and score them (through ``self.score``, which scores
-        each distinct pair once: ``ScoreCache``); or read it back when a previous run of the
-        same evaluation finished it (``FinishedMethods``)."""
+        each distinct pair once: ``ScoreCache``); or read the finished method back when a
+        previous run of the same evaluation finished it, or its samples when only the
+        scoring changed (``FinishedMethods``)."""
         finished = self.finished
-        digest = finished and finished.digest(result.key, result.head,
-                                              result.alpha > 0 and result.steps > 0)
+        controlled = result.alpha > 0 and result.steps > 0
+        digest = finished and finished.digest(result.key, result.head, controlled)
         restored = restore_method(finished and finished.load(digest), len(self.prompts))
         if restored is not None:
             self.reused += 1
             self.score.remember([(p, r) for p, r in zip(self.prompts, restored.responses)],
                                 restored.rewards)
             return restored
-        samples, result.seconds = self.engines.run(Method(
-            alpha=result.alpha, steps=result.steps, head=result.head, n=result.n,
-            prompting=result.prompting, max_norm=result.max_norm))
+        samples_digest = finished and finished.samples_digest(result.key, result.head,
+                                                              controlled)
+        kept = finished and finished.load_samples(samples_digest, len(self.prompts))
+        if kept:
+            (samples, result.seconds), result.reused = kept, True
+            self.rescored += 1
+        else:
+            samples, result.seconds = self.engines.run(Method(
+                alpha=result.alpha, steps=result.steps, head=result.head, n=result.n,
+                prompting=result.prompting, max_norm=result.max_norm))
+            if finished:  # before scoring: a reward model that fails loses no generation
+                finished.save_samples(samples_digest, samples, result.seconds)
         judge(result, self.prompts, samples, self.score, self.coherence, self.opts.cut_at)
         if finished:
             finished.save(digest, result)
@@ -308,7 +318,7 @@ class Evaluator:
             result.win_rate = win_rate(result.rewards, results[0].rewards)
             add_intervals(result, results[0], self.opts.seed)
         if self.finished:
-            log_reused(self.reused, self.finished.folder)
+            log_reused(self.reused, self.rescored, self.finished.folder)
         return results
 
     def best_of(self) -> list[int]:
@@ -421,8 +431,9 @@ def markdown_table(results: Sequence[MethodResult], coherence: Coherence,
         lines.append("| " + " | ".join(cells) + " |")
     lines += interval_lines(results)
     if any(r.reused for r in results):
-        lines.append("\n* read back from a previous run of this evaluation (OUT/methods): its "
-                     "tok/s were measured then, perhaps on other engines")
+        lines.append("\n* read back from a previous run of this evaluation (OUT/methods), "
+                     "or its samples scored again: its tok/s were measured then, perhaps on "
+                     "other engines")
     lines.append(f"\ndiversity: word tokens by {word_tokenizer()[1]}")
     if not coherence.available:
         lines.append(f"coherence: unavailable ({coherence.unavailable_reason})")
