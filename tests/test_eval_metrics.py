@@ -197,6 +197,18 @@ def test_coherence_is_the_cosine_of_mean_pooled_embeddings(tiny_sentence_model):
             for p, r in zip(prompts, responses)]
     assert got == pytest.approx(want, abs=1e-5)
     assert got[0] == pytest.approx(1.0, abs=1e-5) and got[1] < 0.999
+    # each method of an evaluation answers the same prompts: they are embedded once
+    encoded, encode = [], coherence.model.encode
+    coherence.model.encode = lambda texts, **kw: encoded.append(list(texts)) or encode(texts, **kw)
+    others = ["zo ze zi", "a bad ba bon"]
+    assert coherence.scores(prompts, others) == pytest.approx(
+        [float(torch.nn.functional.cosine_similarity(embed(p), embed(r), dim=0))
+         for p, r in zip(prompts, others)], abs=1e-5)
+    assert encoded == [others]
+    assert coherence.scores(others, prompts) == pytest.approx([
+        float(torch.nn.functional.cosine_similarity(embed(p), embed(r), dim=0))
+        for p, r in zip(others, prompts)], abs=1e-5)
+    assert encoded == [others, others, prompts]  # new prompts: embedded
 
 
 @pytest.mark.parametrize("name", ["sup-simcse-tiny", "unsup-simcse-tiny"])
@@ -450,23 +462,29 @@ def test_plot_labels_tell_grid_points_of_the_same_alpha_and_steps_apart(tmp_path
 
 
 def test_bootstrap_interval_matches_the_normal_approximation():
-    """Percentile bootstrap of a mean over 400 prompts against mean +- 1.96 sd / sqrt(n);
-    degenerate and paired cases; the seed fixes it."""
-    from vllm_recontrol.evaluation.metrics import bootstrap_interval, mean
+    """Percentile bootstrap of a mean over 400 prompts against mean +- 1.96 sd / sqrt(n),
+    and against a plain Python loop over the same index draws; degenerate and paired cases;
+    the seed fixes it."""
+    import numpy as np
+
+    from vllm_recontrol.evaluation.metrics import bootstrap_interval, win_outcomes
 
     values = [float(i % 2) for i in range(400)]  # mean 0.5, sd 0.5
-    lo, hi = bootstrap_interval(lambda idx: mean([values[i] for i in idx]), len(values))
+    lo, hi = bootstrap_interval(values)
     half = 1.96 * 0.5 / 400 ** 0.5
     assert lo == pytest.approx(0.5 - half, abs=0.01) and hi == pytest.approx(0.5 + half, abs=0.01)
-    assert bootstrap_interval(lambda idx: mean([values[i] for i in idx]), 400) == (lo, hi)
-    assert bootstrap_interval(lambda idx: mean([values[i] for i in idx]), 400, seed=1) != (lo, hi)
-    assert bootstrap_interval(lambda idx: 0.7, 5) == (0.7, 0.7)
+    assert bootstrap_interval(values) == (lo, hi)
+    assert bootstrap_interval(values, seed=1) != (lo, hi)
+    noisy = [random.gauss(0.0, 1.0) for _ in range(37)]  # 37: blocks of resamples uneven
+    draws = np.random.default_rng(5).integers(0, 37, size=(1000, 37))
+    loop = sorted(sum(noisy[i] for i in row) / 37 for row in draws.tolist())
+    assert bootstrap_interval(noisy, seed=5) == pytest.approx((loop[24], loop[974]), rel=1e-12)
+    assert bootstrap_interval([0.7] * 5) == (0.7, 0.7)
     same = [0.1, 0.9, 0.4]
-    assert bootstrap_interval(lambda idx: win_rate([same[i] for i in idx],
-                                                   [same[i] for i in idx]), 3) == (0.5, 0.5)
-    assert all(math.isnan(v) for v in bootstrap_interval(lambda idx: 0.0, 0))
+    assert bootstrap_interval(win_outcomes(same, same)) == (0.5, 0.5)
+    assert all(math.isnan(v) for v in bootstrap_interval([]))
     # one prompt resamples to itself: no interval, rather than a zero-width one
-    assert all(math.isnan(v) for v in bootstrap_interval(lambda idx: 3.7, 1))
+    assert all(math.isnan(v) for v in bootstrap_interval([3.7]))
 
 
 def test_table_lists_the_intervals_under_it():

@@ -31,8 +31,7 @@ from ..training.rewards import DEFAULT_CUT_AT, RewardSource, cut_response
 from .engines import EnginePool, EngineSettings, Method, Samples
 from .llm_judge import JUDGE_TEMPLATE, JudgeClient, JudgeSettings, judge_methods
 from .metrics import (BOOTSTRAP_RESAMPLES, Coherence, bootstrap_interval, diversity, mean,
-                      word_tokenizer,
-                      win_rate)
+                      win_outcomes, win_rate, word_tokenizer)
 from .plots import save_plots
 from .resume import METHODS_DIR, FinishedMethods, log_reused, run_facts
 from .scoring import RewardPool
@@ -382,12 +381,9 @@ def judge(result: MethodResult, prompts: Sequence[str], samples: Samples, score:
 def add_intervals(result: MethodResult, base: MethodResult, seed: int) -> None:
     """95 % bootstrap intervals of the mean reward and of the win rate against base (paired:
     one resample of the prompts serves both sides)."""
-    mine, theirs = result.rewards, base.rewards
-    result.reward_ci95 = bootstrap_interval(lambda idx: mean([mine[i] for i in idx]),
-                                            len(mine), seed=seed)
-    result.win_rate_ci95 = bootstrap_interval(
-        lambda idx: win_rate([mine[i] for i in idx], [theirs[i] for i in idx]), len(mine),
-        seed=seed)
+    result.reward_ci95 = bootstrap_interval(result.rewards, seed=seed)
+    result.win_rate_ci95 = bootstrap_interval(win_outcomes(result.rewards, base.rewards),
+                                              seed=seed)
 
 
 def interval_lines(results: Sequence[MethodResult]) -> list[str]:

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import functools
 import math
-import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -64,11 +63,7 @@ def win_rate(rewards: Sequence[float], base: Sequence[float]) -> float:
     """Share of prompts whose response out-scores base's on the same prompt (ties count
     half): the paper's win rate, judged by the evaluation's own reward instead of GPT-4. It
     tells a method that lifts most prompts a little from one that lifts a few a lot."""
-    if len(rewards) != len(base):
-        raise ValueError(f"win rate needs one reward per prompt on both sides, got "
-                         f"{len(rewards)} and {len(base)}")
-    wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(rewards, base))
-    return wins / len(rewards) if rewards else math.nan
+    return mean(win_outcomes(rewards, base))
 
 
 def mean(values: Sequence[float]) -> float:
@@ -78,22 +73,42 @@ def mean(values: Sequence[float]) -> float:
 BOOTSTRAP_RESAMPLES = 1000
 
 
-def bootstrap_interval(statistic: Callable[[list[int]], float], count: int,
-                       resamples: int = BOOTSTRAP_RESAMPLES, level: float = 0.95,
-                       seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap interval of ``statistic(prompt indices)`` over ``count`` prompts,
-    resampled with replacement (the same indices for every side of a paired statistic).
+def win_outcomes(rewards: Sequence[float], base: Sequence[float]) -> list[float]:
+    """Per prompt: 1 when the response out-scores base's, 0.5 on a tie, else 0 (their mean
+    is ``win_rate``)."""
+    if len(rewards) != len(base):
+        raise ValueError(f"win rate needs one reward per prompt on both sides, got "
+                         f"{len(rewards)} and {len(base)}")
+    return [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(rewards, base)]
+
+
+def bootstrap_interval(values: Sequence[float], resamples: int = BOOTSTRAP_RESAMPLES,
+                       level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of per-prompt ``values``, the prompts
+    resampled with replacement. The draws depend on the prompt count and ``seed`` alone, so
+    two sides of a paired comparison (a method's rewards, its win outcomes against base)
+    are resampled at the same prompts.
 
     Why: a table of means over a few hundred prompts invites reading differences that are
-    noise; the interval says how much a mean moves when the prompts are drawn again.
+    noise; the interval says how much a mean moves when the prompts are drawn again. In
+    numpy, in blocks of resamples: 20k prompts take well under a second (a Python loop took
+    16 s per method and statistic).
     """
+    import numpy as np
+
+    count = len(values)
     if count < 2:  # one prompt resamples to itself: a zero-width "interval" says nothing
         return math.nan, math.nan
-    rng = random.Random(seed)
-    values = sorted(statistic([rng.randrange(count) for _ in range(count)])
-                    for _ in range(resamples))
+    data = np.asarray(values, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    block = max(1, (1 << 22) // count)  # index blocks of ~32 MB
+    means = np.concatenate([
+        data[rng.integers(0, count, size=(min(block, resamples - start), count))].mean(axis=1)
+        for start in range(0, resamples, block)])
+    means.sort()
     tail = (1.0 - level) / 2
-    return values[int(tail * (resamples - 1))], values[int((1.0 - tail) * (resamples - 1))]
+    return (float(means[int(tail * (resamples - 1))]),
+            float(means[int((1.0 - tail) * (resamples - 1))]))
 
 
 class SimCSEEncoder:
@@ -160,6 +175,9 @@ class Coherence:
     model_name: str | None
     model: object | None  # encode(texts, convert_to_tensor=, normalize_embeddings=) -> Tensor
     unavailable_reason: str | None
+    # the prompts' embeddings, kept: every method of an evaluation answers the same prompts
+    _prompts: tuple[tuple[str, ...], object] | None = field(default=None, repr=False,
+                                                             compare=False)
 
     @classmethod
     def load(cls, model_name: str | None, device: str = "cpu") -> "Coherence":
@@ -193,7 +211,10 @@ class Coherence:
 
         if self.model is None:
             raise RuntimeError(f"coherence unavailable: {self.unavailable_reason}")
-        a = self.model.encode(list(prompts), convert_to_tensor=True, normalize_embeddings=True)
+        if self._prompts is None or self._prompts[0] != tuple(prompts):
+            self._prompts = (tuple(prompts), self.model.encode(
+                list(prompts), convert_to_tensor=True, normalize_embeddings=True))
+        a = self._prompts[1]
         b = self.model.encode(list(responses), convert_to_tensor=True, normalize_embeddings=True)
         return torch.nn.functional.cosine_similarity(a, b, dim=-1).float().cpu().tolist()
 
