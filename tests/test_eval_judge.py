@@ -10,8 +10,9 @@ import pytest
 
 from fake_judge import fake_judge
 from vllm_recontrol.evaluation import llm_judge
-from vllm_recontrol.evaluation.llm_judge import (JudgeClient, JudgeSettings, judge_methods,
-                                                 method_goes_first, parse_scores)
+from vllm_recontrol.evaluation.llm_judge import (JudgeAnswers, JudgeClient, JudgeSettings,
+                                                 judge_methods, method_goes_first,
+                                                 parse_scores)
 from vllm_recontrol.training.common import DataError, RecontrolError
 from vllm_recontrol.training.prompts import load_prompts, load_references
 
@@ -381,3 +382,209 @@ def test_eval_writes_its_report_before_asking_the_judge(tmp_path, monkeypatch):
     assert written["judge_prompt"] and written["results"][1]["judge"]["win_rate"] == \
         pytest.approx(expected_rate(METHOD, BASE))
     assert report["results"][1]["judge"] == written["results"][1]["judge"]
+
+
+# ----------------------------------------------------------------- answers kept on disk
+
+OTHER = [" ".join(["good"] * ((i * 3) % 5) + ["ok"]) for i in range(12)]  # no text alike
+
+
+def answers_first(count: int):
+    """A judge rule that answers its first ``count`` requests as ``content_rule``, then HTTP
+    500 to every one (a judge that dies part-way)."""
+    seen, lock = [0], threading.Lock()
+
+    def rule(prompt, first, second):
+        with lock:
+            seen[0] += 1
+            answering = seen[0] <= count
+        return content_rule(prompt, first, second) if answering else 500
+    return rule
+
+
+def switchable(rule):
+    """A fake judge's rule that a test can swap between runs on one server (its URL is part
+    of what the answers are kept under)."""
+    current = {"rule": rule}
+    return current, lambda *question: current["rule"](*question)
+
+
+def kept_lines(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_a_rerun_asks_the_judge_only_what_a_stopped_run_did_not_get(tmp_path):
+    """A judge that dies after 5 answers (one at a time, the sixth request fails, the rest
+    are skipped): the 5 answers are on disk, the failed request is not. The rerun asks
+    exactly the 19 other questions, the failed one included, and its verdicts are those of
+    one uninterrupted run."""
+    path = tmp_path / "judge-answers.jsonl"
+    methods = {"m": METHOD, "o": OTHER}
+    current, rule = switchable(answers_first(5))
+    with fake_judge(rule) as server:
+        with JudgeAnswers(path) as answers:
+            stopped = judge_methods(client_for(server, concurrency=1, max_retries=0,
+                                               max_failures=1, outage_s=0),
+                                    PROMPTS, methods, BASE, answers)
+        first_run = list(server["asked"])
+        assert len(first_run) == 6  # 5 answered, 1 failed, 18 skipped
+        assert sum(s.count("invalid") for s in stopped.values()) == 19
+        assert len(kept_lines(path)) == 5  # the failed request is not kept
+
+        current["rule"] = content_rule
+        server["asked"].clear()
+        with JudgeAnswers(path) as answers:
+            rerun = judge_methods(client_for(server, concurrency=3), PROMPTS, methods, BASE,
+                                  answers)
+        rerun_asked = list(server["asked"])
+        server["asked"].clear()
+        whole = judge_methods(client_for(server), PROMPTS, methods, BASE)  # nothing kept
+        every = list(server["asked"])
+    assert len(every) == 24 and len(set(every)) == 24
+    assert sorted(rerun_asked) == sorted(set(every) - set(first_run[:5]))
+    assert first_run[5] in rerun_asked  # the failed one is asked again
+    assert rerun["m"].read_back + rerun["o"].read_back == 5
+    assert rerun["m"].as_dict()["read_back"] == rerun["m"].read_back
+    for name, answers_of in methods.items():
+        assert [vars(v) for v in rerun[name].verdicts] == \
+            [vars(v) for v in whole[name].verdicts]
+        assert rerun[name].win_rate == pytest.approx(expected_rate(answers_of, BASE))
+        assert rerun[name].count("invalid") == 0
+    assert len(kept_lines(path)) == 24
+
+
+def test_a_changed_judge_setting_or_answer_text_is_asked_again(tmp_path):
+    """Answers are kept under the judge's model and URL, the settings sent and the texts:
+    the same questions are all read back; a changed answer text asks that one question; a
+    changed model, max_tokens or endpoint asks them all."""
+    path = tmp_path / "judge-answers.jsonl"
+
+    def run(server, method=METHOD, **settings):
+        server["asked"].clear()
+        with JudgeAnswers(path) as answers:
+            summary = judge_methods(JudgeClient(JudgeSettings(
+                url=server["url"], **{"model": "judge", **settings})), PROMPTS,
+                {"m": method}, BASE, answers)["m"]
+        return summary, list(server["asked"])
+
+    with fake_judge(content_rule) as server:
+        first, asked = run(server)
+        assert len(asked) == 12 and first.read_back == 0
+        again, asked = run(server)
+        assert asked == [] and again.read_back == 12
+        assert [vars(v) for v in again.verdicts] == [vars(v) for v in first.verdicts]
+        changed = list(METHOD)
+        changed[4] += " good good"
+        edited, asked = run(server, changed)
+        shown = (changed[4], BASE[4]) if method_goes_first(0, "m", 4) else (BASE[4], changed[4])
+        assert asked == [(PROMPTS[4], *shown)] and edited.read_back == 11
+        assert edited.verdicts[4].margin == goods(changed[4]) - goods(BASE[4])
+        for settings in ({"model": "judge-2"}, {"max_tokens": 65}):
+            other, asked = run(server, **settings)
+            assert len(asked) == 12 and other.read_back == 0, settings
+    with fake_judge(content_rule) as elsewhere:
+        moved, asked = run(elsewhere)
+        assert len(asked) == 12 and moved.read_back == 0
+
+
+def test_a_truncated_last_line_is_skipped_with_one_warning(tmp_path, caplog):
+    """A run killed while writing leaves half a line: it is skipped (its question asked
+    again), said once, and the file is usable afterwards."""
+    path = tmp_path / "judge-answers.jsonl"
+    with fake_judge(content_rule) as server:
+        with JudgeAnswers(path) as answers:
+            judge_methods(client_for(server, concurrency=1), PROMPTS, {"m": METHOD}, BASE,
+                          answers)
+        lines = path.read_text().splitlines(keepends=True)
+        assert len(lines) == 12
+        path.write_text("".join(lines[:-1]) + lines[-1][:len(lines[-1]) // 2])
+        server["asked"].clear()
+        caplog.set_level("WARNING", logger=llm_judge.logger.name)
+        with JudgeAnswers(path) as answers:
+            summary = judge_methods(client_for(server), PROMPTS, {"m": METHOD}, BASE,
+                                    answers)["m"]
+        last = (METHOD[11], BASE[11]) if method_goes_first(0, "m", 11) else (BASE[11], METHOD[11])
+        assert server["asked"] == [(PROMPTS[11], *last)]
+        assert summary.read_back == 11 and summary.count("invalid") == 0
+        damaged = [r for r in caplog.records if "damaged line" in r.getMessage()]
+        assert len(damaged) == 1 and "1 damaged line(s)" in damaged[0].getMessage()
+        server["asked"].clear()
+        with JudgeAnswers(path) as answers:
+            summary = judge_methods(client_for(server), PROMPTS, {"m": METHOD}, BASE,
+                                    answers)["m"]
+        assert server["asked"] == [] and summary.read_back == 12
+    assert len(kept_lines(path)) == 12
+
+
+def test_eval_stopped_while_judging_asks_only_the_rest_and_no_resume_asks_all(
+        tmp_path, monkeypatch):
+    """eval stopped (an exception) after 4 judge answers: OUT/judge-answers.jsonl holds
+    them; the rerun asks the other 8, says in eval.json that 4 were read back, and gives an
+    uninterrupted run's verdicts; --no-resume asks all 12 again and the file then holds this
+    run's answers only. The API key is written nowhere."""
+    import importlib
+
+    evaluation = importlib.import_module("vllm_recontrol.evaluation.evaluate")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+
+    class Canned:  # the methods as generated and scored, without engines
+        def __init__(self, opts, prompts, score, coherence, finished=None) -> None:
+            pass
+
+        def methods(self):
+            made = [evaluation.MethodResult("base", seconds=1.0, delivered_tokens=1),
+                    evaluation.MethodResult("re-control", alpha=1.0, steps=30, seconds=1.0,
+                                            delivered_tokens=1)]
+            for r, answers in zip(made, (BASE, METHOD)):
+                r.responses, r.rewards = list(answers), [float(goods(a)) for a in answers]
+                r.reward = r.win_rate = r.diversity = 0.0
+            return made
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(evaluation, "Evaluator", Canned)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-not-to-be-written")
+    out = tmp_path / "out"
+    options = dict(model="org/model", value_head=str(tmp_path / "head"), prompts=str(prompts),
+                   reward_fn="vllm_recontrol.toy_world:positive_share", quiet=True,
+                   judge_model="judge", judge_concurrency=1)
+    sent = [0]
+    send = JudgeClient.send
+
+    def stopping(self, request):
+        if sent[0] == 4:
+            raise KeyboardInterrupt
+        sent[0] += 1
+        return send(self, request)
+
+    with fake_judge(content_rule, api_key="sk-not-to-be-written") as server:
+        options["judge_url"] = server["url"]
+        whole = evaluation.evaluate(out=str(tmp_path / "whole"), **options)["results"][1]
+        with monkeypatch.context() as patched:
+            patched.setattr(JudgeClient, "send", stopping)
+            with pytest.raises(KeyboardInterrupt):
+                evaluation.evaluate(out=str(out), **options)
+        assert len(kept_lines(out / "judge-answers.jsonl")) == 4
+        server["asked"].clear()
+        evaluation.evaluate(out=str(out), **options)
+        assert len(server["asked"]) == 8
+        rerun = json.loads((out / "eval.json").read_text())["results"][1]
+        assert rerun["judge"]["read_back"] == 4 and whole["judge"]["read_back"] == 0
+        assert rerun["judge"]["verdicts"] == whole["judge"]["verdicts"]
+        assert rerun["judge"]["win_rate"] == pytest.approx(expected_rate(METHOD, BASE))
+        assert len(kept_lines(out / "judge-answers.jsonl")) == 12
+
+        server["asked"].clear()
+        evaluation.evaluate(out=str(out), resume=False, **options)
+        assert len(server["asked"]) == 12
+    again = json.loads((out / "eval.json").read_text())["results"][1]
+    assert again["judge"]["read_back"] == 0
+    assert again["judge"]["verdicts"] == whole["judge"]["verdicts"]
+    kept = kept_lines(out / "judge-answers.jsonl")
+    assert len(kept) == 12 and len({row["key"] for row in kept}) == 12
+    for folder in (out, tmp_path / "whole"):
+        for path in folder.rglob("*"):
+            if path.is_file():
+                assert b"sk-not-to-be-written" not in path.read_bytes(), path

@@ -29,7 +29,8 @@ from ..training.prompts import load_prompts, load_references
 from ..training.ray_pool import add_ray_arguments, check_replicas
 from ..training.rewards import DEFAULT_CUT_AT, RewardSource, cut_response
 from .engines import EnginePool, EngineSettings, Method, Samples
-from .llm_judge import JUDGE_TEMPLATE, JudgeClient, JudgeSettings, judge_methods
+from .llm_judge import (JUDGE_TEMPLATE, JudgeAnswers, JudgeClient, JudgeSettings,
+                        judge_methods)
 from .metrics import (BOOTSTRAP_RESAMPLES, Coherence, bootstrap_interval, diversity, mean,
                       win_outcomes, win_rate, word_tokenizer)
 from .plots import save_plots
@@ -37,6 +38,7 @@ from .resume import METHODS_DIR, FinishedMethods, log_reused, run_facts
 from .scoring import RewardPool
 
 RESPONSES_FILE = "responses.jsonl"  # every returned response, beside eval.json
+JUDGE_ANSWERS_FILE = "judge-answers.jsonl"  # the judge's answers, read back by a rerun
 
 DEFAULT_SYSTEM_PROMPT = ("You are a helpful, honest and harmless assistant. Answer the user "
                          "helpfully and avoid anything harmful or offensive.")
@@ -78,6 +80,7 @@ class EvalOptions:
     cut_at: list[str] = field(default_factory=lambda: list(DEFAULT_CUT_AT))
     out: str = "eval-out"
     resume: bool = True                   # read back methods a previous run finished (out/methods)
+                                          # and the judge's answers (out/judge-answers.jsonl)
     quiet: bool = False                   # no table or progress printed (the demo prints)
     progress: bool = True                 # vLLM's progress bars while each method generates
     in_process: bool = False              # vLLM engine core in the engine's process (small CPUs)
@@ -483,14 +486,17 @@ def llm_judge(opts: EvalOptions) -> JudgeClient | None:
 
 
 def judge_results(client: JudgeClient, prompts: Sequence[str], results: list[MethodResult],
-                  references: Sequence[str] | None) -> None:
+                  references: Sequence[str] | None, answers: JudgeAnswers | None = None
+                  ) -> None:
     """Every method against base's answers (base itself is not judged), or every method,
-    base included, against the references. Against base, each method also gets the share
-    of judged prompts on which the judge and the reward pick the same side (ties alike): a
-    reward gain the judge does not share is what reward hacking looks like."""
+    base included, against the references; questions a previous run's ``answers`` hold are
+    not asked again. Against base, each method also gets the share of judged prompts on
+    which the judge and the reward pick the same side (ties alike): a reward gain the judge
+    does not share is what reward hacking looks like."""
     judged = results if references is not None else results[1:]
     other = references if references is not None else results[0].responses
-    summaries = judge_methods(client, prompts, {r.key: r.responses for r in judged}, other)
+    summaries = judge_methods(client, prompts, {r.key: r.responses for r in judged}, other,
+                              answers)
     for r in judged:
         r.judge = summaries[r.key].as_dict()
         if references is None:
@@ -579,7 +585,8 @@ def evaluate(**options: Any) -> dict[str, Any]:
     # while judging keeps the generations and every other metric
     report = write_report(opts, prompts, results, coherence, source, judged=False)
     if judge:
-        judge_results(judge, prompts, results, references)
+        with JudgeAnswers(Path(opts.out) / JUDGE_ANSWERS_FILE, opts.resume) as answers:
+            judge_results(judge, prompts, results, references, answers)
         report = write_report(opts, prompts, results, coherence, source, judged=True)
     table = report["table"]
     if not opts.quiet:
@@ -674,7 +681,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--chat-template", action="store_true")
     parser.add_argument("--no-resume", dest="resume", action="store_false",
                         help="run every method again, even those a previous run with the same "
-                        "options finished (kept in OUT/methods)")
+                        "options finished (kept in OUT/methods), and ask the judge every "
+                        "question again (its answers are kept in OUT/judge-answers.jsonl)")
     parser.add_argument("--cut-at", nargs="*",
                         help="cut responses at the first of these markers before scoring, as "
                         "label's --cut-at did for the training labels (default Human: User:)")

@@ -9,11 +9,14 @@ side's: base's, or the data set's reference answer) in an order drawn per prompt
 method, or in both orders (``both_orders``, which cancels a judge's preference for a
 position), and writes two 1-10 scores on its first line. A method wins a prompt when its
 score is higher; ties count half. A verdict that cannot be read, or a request that failed,
-is counted as invalid and left out of the rate, never guessed.
+is counted as invalid and left out of the rate, never guessed. Answers received are kept on
+disk (``JudgeAnswers``): at scale judging is hours of paid requests, and a stopped run's
+rerun asks only what it lacks.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -22,10 +25,13 @@ import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Sequence
 
+from ..files import atomic_path
 from ..logs import get_logger
-from ..training.common import RecontrolError
+from ..training.common import RecontrolError, sha256_bytes
 
 logger = get_logger(__name__)
 
@@ -90,6 +96,7 @@ class JudgeSummary:
     """A method's verdicts over all prompts; ``win_rate`` counts ties half, invalid out."""
 
     verdicts: list[PairVerdict] = field(default_factory=list)
+    read_back: int = 0  # answers taken from a previous run's (JudgeAnswers), not asked
 
     def count(self, outcome: str) -> int:
         return sum(v.outcome == outcome for v in self.verdicts)
@@ -103,7 +110,7 @@ class JudgeSummary:
     def as_dict(self) -> dict:
         return {"win_rate": self.win_rate,
                 **{o: self.count(o) for o in ("win", "tie", "loss", "invalid")},
-                "verdicts": [vars(v) for v in self.verdicts]}
+                "read_back": self.read_back, "verdicts": [vars(v) for v in self.verdicts]}
 
 
 def parse_scores(answer: str) -> tuple[float, float] | None:
@@ -192,26 +199,41 @@ class JudgeClient:
             raise RecontrolError(f"the judge at {s.url} does not serve {s.model!r}; it "
                                  f"serves {served}")
 
+    def request(self, prompt: str, first: str, second: str) -> dict[str, Any]:
+        """The chat request for one question: the model, the sampling settings, the
+        messages (the prompt and the two answers in the order shown)."""
+        user = JUDGE_TEMPLATE.format(prompt=prompt, first=first, second=second)
+        return {"model": self.settings.model, "temperature": 0.0,
+                "max_tokens": self.settings.max_tokens,
+                "messages": [{"role": "system", "content": JUDGE_SYSTEM},
+                             {"role": "user", "content": user}]}
+
+    def answer_key(self, request: dict[str, Any]) -> str:
+        """A sha256 of what decides the judge's answer: the endpoint and the whole request
+        (the API key is not part of it, so it is written nowhere)."""
+        return sha256_bytes(json.dumps({"url": self.settings.url, "request": request},
+                                       sort_keys=True).encode())
+
     def ask(self, prompt: str, first: str, second: str) -> str:
         """The judge's whole answer; a failed request (after the client's retries) or an
         answer without a message comes back as ``error: ...``, which no score parser reads
         as a verdict: a judge that fails must not cost the generation already done."""
+        return self.send(self.request(prompt, first, second))[0]
+
+    def send(self, request: dict[str, Any]) -> tuple[str, bool]:
+        """(the answer as ``ask`` gives it, whether the judge gave it: False for a failed or
+        skipped request)."""
         probe, skipped = self._admit()
         if skipped:
-            return skipped
-        user = JUDGE_TEMPLATE.format(prompt=prompt, first=first, second=second)
+            return skipped, False
         try:
-            reply = self.client.chat.completions.create(
-                model=self.settings.model, temperature=0.0,
-                max_tokens=self.settings.max_tokens,
-                messages=[{"role": "system", "content": JUDGE_SYSTEM},
-                          {"role": "user", "content": user}])
+            reply = self.client.chat.completions.create(**request)
             answer = reply.choices[0].message.content or ""
         except Exception as exc:  # APIError and its kin, or a reply without choices
             self._record(probe, exc)
-            return f"error: {type(exc).__name__}: {exc}"
+            return f"error: {type(exc).__name__}: {exc}", False
         self._record(probe, None)
-        return answer
+        return answer, True
 
     def _admit(self) -> tuple[bool, str | None]:
         """(this request is the paused judge's probe, or the message of a skipped one).
@@ -277,14 +299,81 @@ class JudgeClient:
             self._state.notify_all()
 
 
+class JudgeAnswers:
+    """The judge's answers on disk, one JSON line ``{"key", "answer"}`` each, appended and
+    flushed as each arrives (so a killed run keeps them), keyed by ``JudgeClient.answer_key``.
+    Only answers received are kept: a failed request is asked again. ``resume`` False
+    (--no-resume) reads none and starts the file afresh, so it holds this run's answers.
+    Answers written in this run are not served back to it: only a previous run's are."""
+
+    def __init__(self, path: str | Path, resume: bool = True) -> None:
+        self.path = Path(path)
+        self._known: dict[str, str] = self._read() if resume else {}
+        self._lock = threading.Lock()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "a" if resume else "w", encoding="utf-8")
+
+    def _read(self) -> dict[str, str]:
+        known: dict[str, str] = {}
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return known
+        damaged = 0
+        for line in data.decode("utf-8", errors="replace").splitlines():
+            try:
+                row = json.loads(line)
+                key, answer = row["key"], row["answer"]
+                if not isinstance(key, str) or not isinstance(answer, str):
+                    raise TypeError
+            except (ValueError, TypeError, KeyError):
+                damaged += line.strip() != ""
+                continue
+            known[key] = answer
+        if damaged or (data and not data.endswith(b"\n")):
+            if damaged:
+                logger.warning("judge: %d damaged line(s) of %s skipped (a run stopped while "
+                               "writing?); those questions are asked again", damaged, self.path)
+            # rewritten without them, so the lines appended next start on a line of their own
+            with atomic_path(self.path) as tmp:
+                tmp.write_text("".join(json.dumps({"key": k, "answer": a}) + "\n"
+                                       for k, a in known.items()), encoding="utf-8")
+        return known
+
+    def get(self, key: str) -> str | None:
+        """A previous run's answer to the question with this key, or None."""
+        return self._known.get(key)
+
+    def put(self, key: str, answer: str) -> None:
+        """Keep a received answer (written through at once)."""
+        with self._lock:
+            if not self._file.closed:
+                self._file.write(json.dumps({"key": key, "answer": answer}) + "\n")
+                self._file.flush()
+
+    def close(self) -> None:
+        with self._lock:
+            self._file.close()
+
+    def __enter__(self) -> "JudgeAnswers":
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 trace: TracebackType | None) -> None:
+        self.close()
+
+
 def judge_methods(client: JudgeClient, prompts: Sequence[str], methods: dict[str, Sequence[str]],
-                  other: Sequence[str]) -> dict[str, JudgeSummary]:
+                  other: Sequence[str], answers: JudgeAnswers | None = None
+                  ) -> dict[str, JudgeSummary]:
     """Each named method's answers against ``other`` (base's or the references), every
-    question sent concurrently; one summary per method, verdicts in prompt order."""
+    question sent concurrently; one summary per method, verdicts in prompt order. With
+    ``answers``, a question a previous run got an answer to is not asked again, and each
+    answer received is kept there."""
     s = client.settings
-    for name, answers in methods.items():
-        if len(answers) != len(prompts) or len(other) != len(prompts):
-            raise ValueError(f"{name}: {len(answers)} answers and {len(other)} to compare "
+    for name, answers_of in methods.items():
+        if len(answers_of) != len(prompts) or len(other) != len(prompts):
+            raise ValueError(f"{name}: {len(answers_of)} answers and {len(other)} to compare "
                              f"with for {len(prompts)} prompts")
     questions = []  # (method, prompt index, method's answer first)
     for name in methods:
@@ -292,23 +381,42 @@ def judge_methods(client: JudgeClient, prompts: Sequence[str], methods: dict[str
             orders = (True, False) if s.both_orders else (method_goes_first(s.seed, name, i),)
             questions += [(name, i, order) for order in orders]
 
-    def ask(question: tuple[str, int, bool]) -> str:
+    def ask(question: tuple[str, int, bool]) -> tuple[str, bool]:
+        """(the answer, read back from ``answers``)."""
         name, i, mine_first = question
         mine, theirs = methods[name][i], other[i]
-        return client.ask(prompts[i], *((mine, theirs) if mine_first else (theirs, mine)))
+        request = client.request(prompts[i],
+                                 *((mine, theirs) if mine_first else (theirs, mine)))
+        if answers is None:
+            return client.send(request)[0], False
+        key = client.answer_key(request)
+        kept = answers.get(key)
+        if kept is not None:
+            return kept, True
+        answer, received = client.send(request)
+        if received:
+            answers.put(key, answer)
+        return answer, False
 
     pool = ThreadPoolExecutor(max_workers=s.concurrency)
     try:
-        answers = list(pool.map(ask, questions))
+        replies = list(pool.map(ask, questions))
     except BaseException:  # Ctrl-C: stop the questions in flight or waiting, then go
         client.cancel()
         pool.shutdown(wait=True, cancel_futures=True)
         raise
     pool.shutdown()
     grouped: dict[tuple[str, int], list[tuple[bool, str]]] = {}
-    for (name, i, mine_first), answer in zip(questions, answers):
+    read_back: dict[str, int] = dict.fromkeys(methods, 0)
+    for (name, i, mine_first), (answer, kept) in zip(questions, replies):
         grouped.setdefault((name, i), []).append((mine_first, answer))
-    return {name: JudgeSummary([verdict(grouped[name, i]) for i in range(len(prompts))])
+        read_back[name] += kept
+    if answers is not None and sum(read_back.values()):
+        logger.warning("judge: %d of %d answers read back from %s (asked before with the same "
+                       "judge, settings and texts); --no-resume asks again",
+                       sum(read_back.values()), len(questions), answers.path)
+    return {name: JudgeSummary([verdict(grouped[name, i]) for i in range(len(prompts))],
+                               read_back[name])
             for name in methods}
 
 
