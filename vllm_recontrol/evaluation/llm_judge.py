@@ -215,9 +215,10 @@ class JudgeClient:
                                        sort_keys=True).encode())
 
     def ask(self, prompt: str, first: str, second: str) -> str:
-        """The judge's whole answer; a failed request (after the client's retries) or an
-        answer without a message comes back as ``error: ...``, which no score parser reads
-        as a verdict: a judge that fails must not cost the generation already done."""
+        """The judge's whole answer ("" for a reply without a message); a failed request
+        (after the client's retries) or a reply without choices comes back as
+        ``error: ...``, which no score parser reads as a verdict: a judge that fails must
+        not cost the generation already done."""
         return self.send(self.request(prompt, first, second))[0]
 
     def send(self, request: dict[str, Any]) -> tuple[str, bool]:
