@@ -678,6 +678,46 @@ def test_a_bad_reward_model_setting_fails_before_any_engine_starts(tmp_path, mon
         evaluate_module.evaluate(**{**options, **setting})
 
 
+def test_two_vllm_engines_that_cannot_share_the_gpu_are_refused_before_either_starts(
+        tmp_path, monkeypatch):
+    """--rm-engine vllm beside the generation engine on one GPU: vLLM refuses an engine whose
+    gpu_memory_utilization share exceeds the free memory, and the reward engine starts after
+    base generated; both default to vLLM's 0.92. Shares that fit, an absolute KV size, Ray
+    actors or no GPU pass."""
+    import importlib
+
+    import torch
+
+    evaluate_module = importlib.import_module("vllm_recontrol.evaluation.evaluate")
+
+    def no_engine(*args, **kwargs):
+        raise AssertionError("an engine was started")
+
+    monkeypatch.setattr(evaluate_module, "EnginePool", no_engine)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "hello"}\n')
+    options = dict(model="m", value_head="h", prompts=str(prompts), reward_model="org/rm",
+                   rm_engine="vllm")
+    with pytest.raises(RecontrolError, match=r"add up to 1\.84 of it \(0\.92 \(--engine-args, "
+                       r"vLLM's default\), 0\.92 \(--rm-engine-args, vLLM's default\)\).*"
+                       r"at most 0\.95"):
+        evaluate_module.evaluate(**options)
+    with pytest.raises(RecontrolError, match=r"add up to 1\.22 .*0\.3 \(--rm-engine-args\)"):
+        evaluate_module.evaluate(**options, rm_engine_args={"gpu_memory_utilization": 0.3})
+    check = evaluate_module.check_shared_gpu
+    fits = evaluate_module.EvalOptions(
+        model="m", value_head="h", prompts="p", engine_args={"gpu_memory_utilization": 0.6},
+        rm_engine="vllm", rm_engine_args={"gpu_memory_utilization": 0.3})
+    check(fits)  # 0.9: fits
+    for passes in ({"engine_args": {"kv_cache_memory_bytes": 1 << 30}},
+                   {"ray": True}, {"ray": True, "reward_replicas": 2}):
+        check(evaluate_module.EvalOptions(**{**vars(fits), "engine_args": {},
+                                             "rm_engine_args": {}, **passes}))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    check(evaluate_module.EvalOptions(**{**vars(fits), "engine_args": {}, "rm_engine_args": {}}))
+
+
 def test_responses_are_cut_at_the_markers_labelling_used():
     """eval cuts each sample at --cut-at's markers before scoring, as label did for the
     training labels (a Vicuna-style "USER:" turn; the default markers miss it: case)."""

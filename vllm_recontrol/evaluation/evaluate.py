@@ -557,6 +557,7 @@ def evaluate(**options: Any) -> dict[str, Any]:
     check_sampling(opts)
     if opts.rm_engine == "vllm":
         check_engine_args(opts.rm_engine_args, "--rm-engine-args")
+        check_shared_gpu(opts)
     prompts = load_prompts(opts.prompts, opts.split, opts.prompt_column, opts.prompt_format,
                            opts.data_dir, opts.max_prompts, default_split="test")
     judge = llm_judge(opts)
@@ -642,6 +643,53 @@ def check_sampling(opts: EvalOptions) -> None:
             raise RecontrolError(f"sampling options refused by vLLM ({flag} {temperature!r}, "
                                  f"--max-tokens {opts.max_tokens!r}, --seed {opts.seed!r}): "
                                  f"{refusal}")
+
+
+# what two engines on one GPU may claim together: each engine's CUDA context and the
+# allocator's fragments lie outside its share
+SHARED_GPU_LIMIT = 0.95
+
+
+def check_shared_gpu(opts: EvalOptions) -> None:
+    """With ``--rm-engine vllm`` beside the generation engine on this machine's GPU, their
+    ``gpu_memory_utilization`` must fit in it together: vLLM refuses an engine whose share
+    exceeds the free memory, and the reward engine starts after base has generated (both
+    default to 0.92). Not checked where no GPU is visible, where either engine sets
+    ``kv_cache_memory_bytes`` instead, or where either runs on Ray actors."""
+    import torch
+
+    if opts.ray or opts.reward_replicas > 1 or not torch.cuda.is_available():
+        return
+    if "kv_cache_memory_bytes" in opts.engine_args or \
+            "kv_cache_memory_bytes" in opts.rm_engine_args:
+        return
+    default = vllm_memory_share_default()
+    engines = (("--engine-args", opts.engine_args), ("--rm-engine-args", opts.rm_engine_args))
+    shares = [args.get("gpu_memory_utilization", default) for _, args in engines]
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in shares):
+        return  # vLLM's own check names the bad value
+    if sum(shares) > SHARED_GPU_LIMIT:
+        said = ", ".join(f"{share:g} ({flag}" + ("" if "gpu_memory_utilization" in args
+                                                  else ", vLLM's default") + ")"
+                         for share, (flag, args) in zip(shares, engines))
+        raise RecontrolError(
+            f"--rm-engine vllm starts the reward model's vLLM engine beside the generation "
+            f"engine on this GPU, and their gpu_memory_utilization shares add up to "
+            f"{sum(shares):g} of it ({said}): vLLM would refuse the reward engine "
+            f"at its start, after base has generated. Give them shares that sum to at most "
+            f"{SHARED_GPU_LIMIT:g}, e.g. --engine-args '{{\"gpu_memory_utilization\": 0.6}}' "
+            f"--rm-engine-args '{{\"gpu_memory_utilization\": 0.3}}', or score on Ray actors "
+            f"(--ray --reward-replicas N)")
+
+
+def vllm_memory_share_default() -> float:
+    """``vllm.LLM``'s default ``gpu_memory_utilization`` (0.92 in vLLM 0.32)."""
+    import inspect
+
+    from vllm import LLM
+
+    default = inspect.signature(LLM.__init__).parameters["gpu_memory_utilization"].default
+    return float(default) if isinstance(default, (int, float)) else 0.92
 
 
 def write_responses(path: Path, prompts: Sequence[str], results: Sequence[MethodResult]) -> None:
