@@ -6,6 +6,7 @@ import json
 import math
 import random
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -912,6 +913,91 @@ def test_a_new_reward_rescores_the_kept_samples_without_generating_again(tmp_pat
     last = run("recontrol_test_flaky_reward:length", max_tokens=9)
     assert calls == [] and [(r["examples"], r["rewards"]) for r in last] == \
         [(r["examples"], r["rewards"]) for r in again]
+
+
+def test_a_method_is_scored_while_the_next_generates_with_the_scores_of_one_at_a_time(
+        tmp_path, monkeypatch):
+    """Scoring overlaps generation: base's scoring is still running when the grid's
+    generation starts (the reward waits for it; one at a time it would time out); the report
+    equals that of --no-overlap-scoring; a scoring failure stops generation at the next
+    method; an engine core in this process turns the overlap off."""
+    import importlib
+    import threading
+
+    evaluation = importlib.import_module("vllm_recontrol.evaluation.evaluate")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"q{i}"}) + "\n" for i in range(3)))
+    head = tmp_path / "head"
+    from vllm_recontrol.value_head import ValueHead
+
+    ValueHead(8, [4], seed=0).save(head)
+    generating, calls = threading.Event(), []
+
+    class FakePool:  # samples depend on the method alone
+        def __init__(self, opts, settings, prompts) -> None:
+            self.count = len(prompts)
+
+        def run(self, method):
+            calls.append(method)
+            if len(calls) > 1:
+                generating.set()
+            deadline = time.monotonic() + 5
+            while module.fail and len(calls) > 1 and time.monotonic() < deadline and \
+                    scorers[-1]._failed is None:  # base's scoring fails meanwhile
+                time.sleep(0.01)
+            words = " good" * int(method.alpha * 2 + method.n)
+            return [[(f"answer {i}{words} {j} {method.steps}", 3) for j in range(method.n)]
+                    for i in range(self.count)], 1.0
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(evaluation, "EnginePool", FakePool)
+    scorers = []
+
+    class Scoring(evaluation.BackgroundScoring):
+        def __init__(self, *args) -> None:
+            super().__init__(*args)
+            scorers.append(self)
+
+    monkeypatch.setattr(evaluation, "BackgroundScoring", Scoring)
+    module = types.ModuleType("recontrol_test_waiting_reward")
+    seen, module.fail = [], []
+
+    def waits(prompt: str, response: str) -> float:
+        if module.fail:
+            raise RuntimeError("the reward model is gone")
+        if not seen:  # base's first pair: wait for the next method to start generating
+            seen.append(generating.wait(timeout=5))
+        return float(response.count("good")) + 0.1 * len(prompt)
+
+    module.waits = waits
+    monkeypatch.setitem(sys.modules, "recontrol_test_waiting_reward", module)
+
+    def run(out, **extra):
+        calls.clear(), seen.clear(), generating.clear()
+        options = dict(model="org/model", value_head=str(head), prompts=str(prompts),
+                       grid="0.5:2,1:3,2:4", best_of=[2], control_best_of=True,
+                       system_prompt="be good", quiet=True, out=str(tmp_path / out),
+                       reward_fn="recontrol_test_waiting_reward:waits")
+        report = evaluation.evaluate(**{**options, **extra})
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in report["results"]]
+
+    overlapped = run("a")
+    assert seen == [True] and len(calls) == 8  # base was scored while the grid generated
+    in_turn = run("b", overlap_scoring=False)
+    assert seen == [False] and in_turn == overlapped  # one at a time: the same report
+    assert [r["method"] for r in in_turn] == [
+        "base", "re-control", "re-control", "re-control", "best-of-2",
+        "re-control + best-of-2", "prompting", "re-control + prompting"]
+    module.fail.append(1)
+    with pytest.raises(RewardError, match="the reward model is gone"):
+        run("c")
+    assert len(calls) in (1, 2)  # stopped at the next method, not after all eight
+    opts = evaluation.EvalOptions(model="m", value_head="h", prompts="p", in_process=True)
+    assert not evaluation.Evaluator(opts, ["q"], None, None).overlap
+    opts.ray = True  # the engines are in the actors
+    assert evaluation.Evaluator(opts, ["q"], None, None).overlap
 
 
 def test_the_resume_digest_covers_versions_environment_and_reward_engine(monkeypatch):

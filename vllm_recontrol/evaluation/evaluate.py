@@ -15,6 +15,8 @@ import argparse
 import contextlib
 import json
 import math
+import os
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
@@ -33,6 +35,7 @@ from .llm_judge import (JUDGE_TEMPLATE, JudgeAnswers, JudgeClient, JudgeSettings
                         judge_methods)
 from .metrics import (BOOTSTRAP_RESAMPLES, Coherence, bootstrap_interval, diversity, mean,
                       win_outcomes, win_rate, word_tokenizer)
+from .overlap import BackgroundScoring
 from .plots import save_plots
 from .resume import METHODS_DIR, FinishedMethods, log_reused, run_facts
 from .scoring import RewardPool
@@ -80,6 +83,7 @@ class EvalOptions:
     cut_at: list[str] = field(default_factory=lambda: list(DEFAULT_CUT_AT))
     out: str = "eval-out"
     resume: bool = True                   # read back methods a previous run finished (out/methods)
+    overlap_scoring: bool = True          # score a method while the next one generates
                                           # and the judge's answers (out/judge-answers.jsonl)
     quiet: bool = False                   # no table or progress printed (the demo prints)
     progress: bool = True                 # vLLM's progress bars while each method generates
@@ -265,20 +269,19 @@ class Evaluator:
             self._engines = EnginePool(self.opts, self._engine_settings, self.prompts)
         return self._engines
 
-    def run(self, result: MethodResult) -> MethodResult:
-        """Generate one method's samples and score them (through ``self.score``, which scores
-        each distinct pair once: ``ScoreCache``); or read the finished method back when a
-        previous run of the same evaluation finished it, or its samples when only the
-        scoring changed (``FinishedMethods``)."""
+    def run(self, result: MethodResult) -> Future:
+        """Generate one method's samples, then score them on the scoring thread (through
+        ``self.score``, which scores each distinct pair once: ``ScoreCache``) while the next
+        method generates; or read the finished method back when a previous run of the same
+        evaluation finished it, or its samples when only the scoring changed
+        (``FinishedMethods``). The future holds the scored method."""
         finished = self.finished
         controlled = result.alpha > 0 and result.steps > 0
         digest = finished and finished.digest(result.key, result.head, controlled)
         restored = restore_method(finished and finished.load(digest), len(self.prompts))
         if restored is not None:
             self.reused += 1
-            self.score.remember([(p, r) for p, r in zip(self.prompts, restored.responses)],
-                                restored.rewards)
-            return restored
+            return self._scoring.submit(lambda: self._remember(restored))
         samples_digest = finished and finished.samples_digest(result.key, result.head,
                                                               controlled)
         kept = finished and finished.load_samples(samples_digest, len(self.prompts))
@@ -286,42 +289,74 @@ class Evaluator:
             (samples, result.seconds), result.reused = kept, True
             self.rescored += 1
         else:
+            self._scoring.raise_failure()  # a method that cannot be scored: stop here
             samples, result.seconds = self.engines.run(Method(
                 alpha=result.alpha, steps=result.steps, head=result.head, n=result.n,
                 prompting=result.prompting, max_norm=result.max_norm))
             if finished:  # before scoring: a reward model that fails loses no generation
                 finished.save_samples(samples_digest, samples, result.seconds)
-        judge(result, self.prompts, samples, self.score, self.coherence, self.opts.cut_at)
-        if finished:
-            finished.save(digest, result)
-        return result
+
+        def score() -> MethodResult:
+            judge(result, self.prompts, samples, self.score, self.coherence, self.opts.cut_at)
+            if finished:
+                finished.save(digest, result)
+            return result
+        return self._scoring.submit(score)
+
+    def _remember(self, restored: MethodResult) -> MethodResult:
+        """A read-back method's scores, in the score cache in the methods' order: a later
+        answer identical to one of them gets the same score."""
+        self.score.remember([(p, r) for p, r in zip(self.prompts, restored.responses)],
+                            restored.rewards)
+        return restored
 
     def methods(self) -> list[MethodResult]:
         """Base, the RE-Control grid, Best-of-N (and, asked for, RE-Control + Best-of-N),
-        prompting, RE-Control + prompting; the combinations use the grid's best point."""
-        results = [self.run(MethodResult("base"))]
-        grid = [self.run(MethodResult("re-control", alpha=p.alpha, steps=p.steps, head=p.head,
-                                      max_norm=p.max_norm))
-                for p in self.grid]
-        results += grid
-        top = max(grid, key=lambda r: r.reward)
-        results += [self.run(MethodResult(f"best-of-{n}", n=n)) for n in self.best_of()]
-        if self.opts.control_best_of:  # the two combine: N controlled samples, the best kept
-            results += [self.run(MethodResult(f"re-control + best-of-{n}", alpha=top.alpha,
-                                              steps=top.steps, head=top.head, n=n,
-                                              max_norm=top.max_norm))
-                        for n in self.best_of()]
-        if self.opts.system_prompt:
-            results.append(self.run(MethodResult("prompting", prompting=True)))
-            results.append(self.run(MethodResult("re-control + prompting", alpha=top.alpha,
-                                                 steps=top.steps, head=top.head,
-                                                 prompting=True, max_norm=top.max_norm)))
+        prompting, RE-Control + prompting; the combinations use the grid's best point, so
+        they wait for the grid's scores (Best-of-N generates meanwhile)."""
+        self._scoring = BackgroundScoring(self.overlap)
+        try:
+            results = self._methods()
+        except BaseException:
+            self._scoring.close(wait=False)
+            raise
+        self._scoring.close()
         for result in results:
             result.win_rate = win_rate(result.rewards, results[0].rewards)
             add_intervals(result, results[0], self.opts.seed)
         if self.finished:
             log_reused(self.reused, self.rescored, self.finished.folder)
         return results
+
+    def _methods(self) -> list[MethodResult]:
+        base = self.run(MethodResult("base"))
+        grid = [self.run(MethodResult("re-control", alpha=p.alpha, steps=p.steps, head=p.head,
+                                      max_norm=p.max_norm))
+                for p in self.grid]
+        pending = [base, *grid]
+        pending += [self.run(MethodResult(f"best-of-{n}", n=n)) for n in self.best_of()]
+        if self.opts.control_best_of or self.opts.system_prompt:
+            top = max((point.result() for point in grid), key=lambda r: r.reward)
+        if self.opts.control_best_of:  # the two combine: N controlled samples, the best kept
+            pending += [self.run(MethodResult(f"re-control + best-of-{n}", alpha=top.alpha,
+                                              steps=top.steps, head=top.head, n=n,
+                                              max_norm=top.max_norm))
+                        for n in self.best_of()]
+        if self.opts.system_prompt:
+            pending.append(self.run(MethodResult("prompting", prompting=True)))
+            pending.append(self.run(MethodResult("re-control + prompting", alpha=top.alpha,
+                                                 steps=top.steps, head=top.head,
+                                                 prompting=True, max_norm=top.max_norm)))
+        return [method.result() for method in pending]
+
+    @property
+    def overlap(self) -> bool:
+        """Whether scoring overlaps generation: asked for, and no engine core generates in
+        this process (two vLLM engines stepping in one process share vLLM's globals, and the
+        ascent's precision pin is process-wide); on Ray the engines are in the actors."""
+        in_process = self.opts.in_process or \
+            os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0"
+        return self.opts.overlap_scoring and (self.opts.ray or not in_process)
 
     def best_of(self) -> list[int]:
         """The N values of Best-of-N: one integer or a list of them (whole floats of a JSON
@@ -727,6 +762,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--system-prompt", help="the prompting baselines' system prompt "
                         '(default: a helpful-and-harmless one; "" skips those rows)')
     parser.add_argument("--chat-template", action="store_true")
+    parser.add_argument("--no-overlap-scoring", dest="overlap_scoring", action="store_false",
+                        help="score each method before the next one generates (by default a "
+                        "method is scored while the next generates; the scores are the same)")
     parser.add_argument("--no-resume", dest="resume", action="store_false",
                         help="run every method again, even those a previous run with the same "
                         "options finished (kept in OUT/methods), and ask the judge every "

@@ -43,7 +43,7 @@ FORMAT = "vllm-recontrol-eval-method"
 SAMPLES_FORMAT = "vllm-recontrol-eval-samples"
 # Options that say how or where to run, or which methods run, not what a method computes.
 NOT_IN_DIGEST = frozenset({
-    "out", "quiet", "progress", "in_process", "ray", "replicas", "ray_address", "ray_num_cpus",
+    "out", "quiet", "progress", "in_process", "overlap_scoring", "ray", "replicas", "ray_address", "ray_num_cpus",
     "ray_num_gpus", "reward_replicas", "reward_num_cpus", "reward_num_gpus", "grid", "best_of",
     "control_best_of", "value_head", "value_heads", "resume", "reward_fn", "reward_model",
     "reward_index", "rm_dtype", "rm_max_length", "reward_batch_size"})

@@ -1,0 +1,89 @@
+"""Scoring one method while the engines generate the next.
+
+Why: at scale a method's generation (vLLM, on the GPU, its engine core in another process or
+on Ray actors) and its scoring (a reward model on another device, a CPU, Ray actors or a
+remote service) take comparable hours; run one after the other, each waits for the other.
+Scoring runs on one background thread, first in first out, so every method is scored after
+the one before it, exactly as it would be in turn (``ScoreCache`` sees the same pairs in the
+same order: the same scores). Not used where an engine core generates in the scoring
+process (``in_process`` without Ray): two vLLM engines stepping in one process share
+vLLM's globals.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from concurrent.futures import Future
+from typing import Any, Callable
+
+_STOP = object()
+
+
+class BackgroundScoring:
+    """A first-in-first-out worker thread for scoring jobs (``enabled`` False: each job runs
+    at once in the caller's thread). The thread is a daemon: a Ctrl-C does not wait for a
+    reward model's batch in flight."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._failed: Future | None = None
+        self._thread: threading.Thread | None = None
+        if enabled:
+            self._thread = threading.Thread(target=self._work, name="recontrol-scoring",
+                                            daemon=True)
+            self._thread.start()
+
+    def submit(self, job: Callable[[], Any]) -> Future:
+        """Run ``job`` after every job submitted before it; its result or error in the
+        future. Raises at once the error of a job that already failed, so generation stops
+        at the first scoring failure instead of running every remaining method first."""
+        self.raise_failure()
+        future: Future = Future()
+        if not self.enabled:  # in turn: an error is raised here, as a plain call would
+            _run(job, future)
+            future.result()
+            return future
+        self._jobs.put((job, future))
+        return future
+
+    def raise_failure(self) -> None:
+        """Re-raise the error of a finished job that failed, if any."""
+        if self._failed is not None:
+            self._failed.result()
+
+    def close(self, wait: bool = True) -> None:
+        """Stop the worker after the queued jobs (``wait``) or cancel the ones not started."""
+        if self._thread is None:
+            return
+        if not wait:
+            while True:
+                try:
+                    _, future = self._jobs.get_nowait()
+                except queue.Empty:
+                    break
+                future.cancel()
+        self._jobs.put(_STOP)
+        if wait:
+            self._thread.join()
+        self._thread = None
+
+    def _work(self) -> None:
+        while True:
+            item = self._jobs.get()
+            if item is _STOP:
+                return
+            job, future = item
+            if not future.set_running_or_notify_cancel():
+                continue
+            _run(job, future)
+            if future.exception() is not None and self._failed is None:
+                self._failed = future
+
+
+def _run(job: Callable[[], Any], future: Future) -> None:
+    try:
+        future.set_result(job())
+    except BaseException as exc:  # handed to whoever waits on the future
+        future.set_exception(exc)
