@@ -1021,3 +1021,133 @@ def test_the_resume_digest_covers_versions_environment_and_reward_engine(monkeyp
     assert changed["generation"] == facts["generation"] and changed != facts
     monkeypatch.setenv("VLLM_RECONTROL_BACKEND", "torch")
     assert resume.run_facts(options, ["q"], reward)["generation"] != facts["generation"]
+
+
+def _eval_with_fake_engines(tmp_path, monkeypatch, reward_fn, out, **extra):
+    """``evaluate`` on 3 prompts (base, one grid point, Best-of-3) with engines whose samples
+    depend on the method alone; returns each method's (method, n, examples, rewards)."""
+    import importlib
+
+    from vllm_recontrol.value_head import ValueHead
+
+    evaluation = importlib.import_module("vllm_recontrol.evaluation.evaluate")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"q{i}"}) + "\n" for i in range(3)))
+    head = tmp_path / "head"
+    if not head.exists():
+        ValueHead(8, [4], seed=0).save(head)
+
+    class FakePool:
+        def __init__(self, opts, settings, prompts) -> None:
+            self.count = len(prompts)
+
+        def run(self, method):
+            return [[(f"answer {i} alpha {method.alpha} n {method.n}" + " good" * (i + j), 4)
+                     for j in range(method.n)] for i in range(self.count)], 1.0
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(evaluation, "EnginePool", FakePool)
+    report = evaluation.evaluate(model="org/model", value_head=str(head), prompts=str(prompts),
+                                 grid="0.5:2", best_of=[3], system_prompt="", quiet=True,
+                                 out=str(tmp_path / out), reward_fn=reward_fn, **extra)
+    return [(r["method"], r["n"], r["examples"], r["rewards"]) for r in report["results"]]
+
+
+def _goodness(prompt: str, response: str) -> float:
+    return response.count("good") + len(prompt) / 10
+
+
+def test_eval_scores_with_a_batched_reward_fn_as_with_its_per_pair_form(tmp_path, monkeypatch):
+    """A ``@batched_reward`` function named by module:function judges eval's methods in
+    calls of at most --reward-batch-size distinct pairs (each method's in one go, split),
+    and gives every method the rewards the same reward written per pair gives."""
+    from vllm_recontrol import batched_reward
+
+    calls = []
+
+    @batched_reward
+    def goodness(prompts, responses):
+        calls.append(len(prompts))
+        return [_goodness(p, r) for p, r in zip(prompts, responses)]
+
+    module = types.ModuleType("recontrol_test_eval_batched")
+    module.goodness, module.per_pair = goodness, _goodness
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    per_pair = _eval_with_fake_engines(tmp_path, monkeypatch, f"{module.__name__}:per_pair",
+                                       "per-pair")
+    batched = _eval_with_fake_engines(tmp_path, monkeypatch, f"{module.__name__}:goodness",
+                                      "batched", reward_batch_size=2)
+    assert calls == [2, 1, 2, 1, 2, 2, 2, 2, 1]  # base 3, the grid point 3, Best-of-3 9 pairs
+    assert batched == per_pair
+    assert [m for m, *_ in batched] == ["base", "re-control", "best-of-3"]
+    for method, n, examples, rewards in per_pair:  # the oracle, on the kept answers
+        assert rewards == [_goodness(f"q{i}", answer) for i, answer in enumerate(examples)]
+        assert n == 1 or all(a.endswith(" good" * (i + 2)) for i, a in enumerate(examples))
+
+
+def test_eval_refuses_a_bad_batch_for_a_batched_reward_fn_before_any_engine(tmp_path,
+                                                                            monkeypatch):
+    from vllm_recontrol import batched_reward
+
+    module = types.ModuleType("recontrol_test_eval_batch_zero")
+    module.score = batched_reward(lambda prompts, responses: [0.0] * len(prompts))
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    with pytest.raises(RewardError, match=r"eval: the batch size of batched reward function "
+                                          r"recontrol_test_eval_batch_zero:score must be a "
+                                          r"positive integer, got 0"):
+        _eval_with_fake_engines(tmp_path, monkeypatch, "recontrol_test_eval_batch_zero:score",
+                                "out", reward_batch_size=0)
+    assert not (tmp_path / "out" / "methods").exists()  # stopped before generating anything
+
+
+def test_a_batched_reward_fn_that_fails_in_eval_names_the_chunks_rows(tmp_path, monkeypatch):
+    from vllm_recontrol import batched_reward
+
+    module = types.ModuleType("recontrol_test_eval_batched_bad")
+    module.short = batched_reward(batch_size=2)(lambda prompts, responses: [1.0])
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    with pytest.raises(RewardError, match=r"batched reward function "
+                                          r"recontrol_test_eval_batched_bad:short returned 1 "
+                                          r"rewards for the batch of 2 pairs from row 0, prompt "
+                                          r"'q0', response 'answer 0 alpha 0.0 n 1'\) to row 1, "
+                                          r"prompt 'q1'.*one per pair"):
+        _eval_with_fake_engines(tmp_path, monkeypatch, f"{module.__name__}:short", "out")
+
+
+def test_eval_reward_actors_rebuild_a_batched_reward_fn(monkeypatch):
+    """What ``--reward-replicas`` hands each Ray actor: eval's reward source arguments,
+    pickled by cloudpickle (a function of the driver's script by value), from which a
+    ``RewardWorker`` builds its own source: the mark and the chunking travel with it."""
+    import cloudpickle
+
+    from vllm_recontrol import batched_reward
+    from vllm_recontrol.evaluation.evaluate import EvalOptions, reward_source_arguments
+    from vllm_recontrol.evaluation.scoring import RewardWorker
+
+    module = types.ModuleType("recontrol_test_eval_actor_reward")
+    sizes = []
+
+    @batched_reward(batch_size=3)
+    def goodness(prompts, responses):
+        sizes.append(len(prompts))
+        return [_goodness(p, r) for p, r in zip(prompts, responses)]
+
+    goodness.__module__ = module.__name__
+    module.goodness = goodness
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    pairs = [(f"q{i}", "good " * i) for i in range(7)]
+    blobs = []
+    for reward_fn in (goodness, f"{module.__name__}:goodness"):
+        options = EvalOptions(model="m", value_head="h", prompts="p", reward_fn=reward_fn)
+        cloudpickle.register_pickle_by_value(module)
+        try:
+            blobs.append(cloudpickle.dumps(reward_source_arguments(options)))
+        finally:
+            cloudpickle.unregister_pickle_by_value(module)
+    assert cloudpickle.loads(blobs[0])["reward_fn"] is not goodness  # a copy, as Ray ships it
+    for blob in blobs:
+        worker = RewardWorker(cloudpickle.loads(blob))
+        assert worker.score(pairs) == [_goodness(p, r) for p, r in pairs]
+    assert sizes == [3, 3, 1]  # the by-name source calls this process's function

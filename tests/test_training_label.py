@@ -12,11 +12,11 @@ import torch
 
 from training_fakes import fake_collect, good_reward
 from vllm_recontrol.errors import RecontrolError
-from vllm_recontrol.training.common import DataError, RewardError
+from vllm_recontrol.training.common import DataError, RewardError, read_jsonl
 from vllm_recontrol.training.labeler import label, labels_dir, read_shard_labels
 from vllm_recontrol.training.ray_pool import local_code
-from vllm_recontrol.training.rewards import (RewardModelScorer, as_reward, cut_response,
-                                             load_reward_fn, reward_fn_modules)
+from vllm_recontrol.training.rewards import (RewardModelScorer, RewardSource, as_reward,
+                                             cut_response, load_reward_fn, reward_fn_modules)
 from vllm_recontrol.training.shards import read_rows
 
 
@@ -160,6 +160,216 @@ def test_reward_fn_that_raises_names_the_row_and_the_error(data):
                                           r"'no lexicon entry' on shard shard-00000 row 0"):
         label(data=str(data), reward_fn="recontrol_test_rewards:boom", name="boom",
               progress=False)
+
+
+def _batched_good_reward(calls: list, batch_size: int | None = None):
+    """``good_reward`` scoring a list of pairs per call, recording each call's pairs."""
+    from vllm_recontrol import batched_reward
+
+    @batched_reward(batch_size=batch_size)
+    def score(prompts, responses):
+        calls.append(list(zip(prompts, responses)))
+        return [good_reward(p, r) for p, r in zip(prompts, responses)]
+
+    return score
+
+
+def _expected_labels(data, shard):
+    """The oracle: ``good_reward`` on each row's cut response, one pair at a time."""
+    return [good_reward(row["prompt"], cut_response(row["response"])[0])
+            for row in read_rows(data, shard)]
+
+
+@pytest.mark.parametrize("marked, option, sizes", [
+    (None, 3, [3, 3, 2]),   # no size of its own: label's --batch-size
+    (5, 3, [5, 3]),         # its own size wins over --batch-size
+    (None, 16, [8])])       # a chunk never spans two shards
+def test_a_batched_reward_fn_labels_in_chunks_as_the_per_pair_form_does(data, marked, option,
+                                                                        sizes):
+    """A ``@batched_reward`` function loaded by module:function gets one call per chunk of
+    at most its batch size, in row order; its labels are the per-pair function's."""
+    calls = []
+    name = f"recontrol_test_batched_{marked}_{option}"
+    _module(name, score=_batched_good_reward(calls, marked))
+    summary = label(data=str(data), reward_fn=f"{name}:score", name=name, batch_size=option,
+                    progress=False)
+    assert summary["responses labelled"] == 24 and summary["source"] == f"{name}:score"
+    assert [len(call) for call in calls] == sizes * 3  # three shards of 8 rows
+    for index, shard in enumerate(("shard-00000", "shard-00001", "shard-00002")):
+        rows = read_rows(data, shard)
+        shard_calls = calls[index * len(sizes):(index + 1) * len(sizes)]
+        assert [pair for call in shard_calls for pair in call] == \
+            [(r["prompt"], cut_response(r["response"])[0]) for r in rows]
+        labels = read_shard_labels(data, name, shard)
+        assert [l["reward"] for l in labels] == _expected_labels(data, shard)
+        assert [l["response_id"] for l in labels] == [r["response_id"] for r in rows]
+    info = json.loads((labels_dir(data, name) / "info.json").read_text())
+    assert info["source"] == {"reward_fn": f"{name}:score"}  # named only, as before
+
+
+def test_a_set_begun_per_pair_resumes_with_the_batched_form_of_the_same_name(data):
+    """describe() names a function only, batched or not: a run stopped part-way by the
+    per-pair form resumes with the batched form of the same module:function, labelling only
+    the missing shards, and the set holds the same labels as one made in one go."""
+    second = read_rows(data, "shard-00001")[0]
+
+    def stops_at_shard_1(prompt, response):
+        if prompt == second["prompt"] and response == cut_response(second["response"])[0]:
+            raise RuntimeError("reward server went away")
+        return good_reward(prompt, response)
+
+    _module("recontrol_test_switch", score=stops_at_shard_1)
+    common = dict(data=str(data), reward_fn="recontrol_test_switch:score", name="switch",
+                  progress=False)
+    with pytest.raises(RewardError, match="reward server went away"):
+        label(**common)
+    calls = []
+    _module("recontrol_test_switch", score=_batched_good_reward(calls))
+    summary = label(**common)
+    assert summary["shards labelled now"] == 2 and summary["shards skipped (already labelled)"] \
+        == 1
+    assert [len(call) for call in calls] == [8, 8]  # shards 1 and 2 only
+    for shard in ("shard-00000", "shard-00001", "shard-00002"):
+        assert [l["reward"] for l in read_shard_labels(data, "switch", shard)] == \
+            _expected_labels(data, shard)
+
+
+def _rows_message(data, shard, start, stop):
+    rows = read_rows(data, shard)
+    return rows, (f"shard {shard} row {start} (response_id {rows[start]['response_id']}",
+                  f"shard {shard} row {stop} (response_id {rows[stop]['response_id']}")
+
+
+@pytest.mark.parametrize("fault, message", [
+    ("short", r"returned 2 rewards for the batch of 3 pairs from {first}, prompt .* to "
+              r"{last}, prompt .*; it must return one per pair, in order"),
+    ("long", r"returned 4 rewards for the batch of 3 pairs from {first}, .* to {last}, "),
+    ("nan", r"returned nan \(type float\), not a finite number, at item 1 of 3 on {row}, "
+            r"prompt {prompt}, response {response}\)"),
+    ("word", r"returned 'high' \(type str\), not a finite number, at item 1 of 3 on {row}, "),
+    ("bool", r"returned True \(type bool\), not a finite number, at item 1 of 3 on {row}, "),
+    ("scalar", r"returned 1.0 \(type float\), not a sequence of 3 rewards \(one per pair, in "
+               r"order\), for the batch of 3 pairs from {first}, .* to {last}, .*must not be "
+               r"marked with batched_reward"),
+    ("dict", r"returned \{{.*\}} \(type dict\), not a sequence of 3 rewards"),
+    ("generator", r"raised ZeroDivisionError: division by zero on the batch of 3 pairs from "
+                  r"{first}, .* to {last}, "),
+    ("raise", r"raised ConnectionError: reward server refused on the batch of 3 pairs from "
+              r"{first}, prompt .* to {last}, prompt ")],
+    ids=["short", "long", "nan", "word", "bool", "scalar", "dict", "generator", "raise"])
+def test_a_batched_reward_fn_that_fails_names_the_function_and_its_rows(data, fault, message):
+    """Rows 3-5 of shard-00001 are the failing chunk (batch size 3), row 4 the bad value:
+    every fault stops with the function and the rows, and the shard is not written."""
+    import re
+
+    rows, (first, last) = _rows_message(data, "shard-00001", 3, 5)
+    bad_row = rows[4]
+    name = f"recontrol_test_batched_fault_{fault}"
+
+    def faulty(prompts, responses):
+        rewards = [good_reward(p, r) for p, r in zip(prompts, responses)]
+        if bad_row["prompt"] not in prompts or \
+                cut_response(bad_row["response"])[0] not in responses:
+            return rewards
+        at = responses.index(cut_response(bad_row["response"])[0])
+        if fault in ("nan", "word", "bool"):
+            rewards[at] = {"nan": float("nan"), "word": "high", "bool": True}[fault]
+            return rewards
+        if fault == "raise":
+            raise ConnectionError("reward server refused")
+        if fault == "generator":  # fails while label reads it, after the call returned
+            return (1 / (i != at) for i in range(len(rewards)))
+        return {"short": rewards[:-1], "long": rewards + [0.0], "scalar": 1.0,
+                "dict": dict(enumerate(rewards))}[fault]
+
+    from vllm_recontrol import batched_reward
+
+    _module(name, score=batched_reward(faulty))
+    row = (f"shard shard-00001 row 4 (response_id {bad_row['response_id']}")
+    expected = message.format(first=re.escape(first), last=re.escape(last), row=re.escape(row),
+                              prompt=re.escape(repr(bad_row["prompt"][:60])),
+                              response=re.escape(repr(cut_response(bad_row["response"])[0]
+                                                      [:60])))
+    with pytest.raises(RewardError, match=f"batched reward function {name}:score {expected}"):
+        label(data=str(data), reward_fn=f"{name}:score", name=name, batch_size=3,
+              progress=False)
+    folder = labels_dir(data, name)
+    assert (folder / "shard-00000.jsonl").is_file()
+    assert not (folder / "shard-00001.jsonl").exists()
+
+
+def test_batched_reward_marks_explicitly_and_refuses_what_it_cannot_mark():
+    from vllm_recontrol import batched_reward
+    from vllm_recontrol.training.rewards import batched_mark
+
+    def pairs_of(prompts, responses):
+        return [1.0] * len(prompts)
+
+    assert batched_reward(pairs_of) is pairs_of and batched_mark(pairs_of) == {"batch_size": None}
+    assert batched_mark(good_reward) is None  # never guessed from a signature
+
+    class Server:  # a client object whose __call__ is marked
+        @batched_reward(batch_size=2)
+        def __call__(self, prompts, responses):
+            return [float(len(r)) for r in responses]
+
+    _module("recontrol_test_server", score=Server())  # a model object, loaded by name
+    source = RewardSource(reward_fn="recontrol_test_server:score", batch_size=16)
+    assert source.chunk == 2 and source.score([("p", "a"), ("p", "bb"), ("p", "c")]) == \
+        [1.0, 2.0, 1.0]
+    for size in (0, -1, True, 2.5, "8"):
+        with pytest.raises(RewardError, match="batch_size must be a positive integer"):
+            batched_reward(batch_size=size)
+    with pytest.raises(RewardError, match=r"by name: @batched_reward\(batch_size=64\)"):
+        batched_reward(64)
+    with pytest.raises(RewardError, match="batch size of batched reward function .* must be a "
+                                          "positive integer, got 0"):
+        RewardSource(reward_fn=batched_reward(lambda p, r: [0.0] * len(p)), batch_size=0)
+    assert RewardSource(reward_fn=pairs_of).score([]) == []  # nothing to score: no call
+
+
+def test_an_unmarked_batched_function_is_refused_with_a_hint(data):
+    """A function written for batches but not marked is handed one pair, and what it returns
+    (a list) is refused, the message saying how to mark it."""
+    def unmarked(prompts, responses):
+        return [good_reward(p, r) for p, r in zip(prompts, responses)]
+
+    with pytest.raises(RewardError, match=r"returned \[.*\] \(type list\), not a finite number, "
+                                          r"on shard shard-00000 row 0 .*must be marked with "
+                                          r"@vllm_recontrol.batched_reward"):
+        label(data=str(data), reward_fn=unmarked, name="unmarked", progress=False)
+
+
+def test_a_batched_function_reaches_label_actors_by_name_and_by_value(data, tmp_path):
+    """What ``label --ray`` hands its actors: the source arguments, pickled by cloudpickle
+    (a function from ``__main__`` by value), from which each ``LabelWorker`` builds its own
+    source. The mark travels with the function; the labels are the per-pair form's."""
+    import cloudpickle
+
+    from vllm_recontrol.training.labeler import LabelOptions, LabelWorker
+
+    calls = []
+    name = _module("recontrol_test_batched_actor", score=_batched_good_reward(calls, 4))
+    module = sys.modules[name]
+    cloudpickle.register_pickle_by_value(module)
+    try:  # as a function defined in the driver's script travels
+        by_value = cloudpickle.dumps(LabelOptions(data=str(data), reward_fn=module.score)
+                                     .source_arguments())
+    finally:
+        cloudpickle.unregister_pickle_by_value(module)
+    assert cloudpickle.loads(by_value)["reward_fn"] is not module.score  # a copy
+    by_name = cloudpickle.dumps(LabelOptions(data=str(data), reward_fn=f"{name}:score")
+                                .source_arguments())
+    for index, blob in enumerate((by_value, by_name)):
+        arguments = cloudpickle.loads(blob)
+        folder = tmp_path / f"actor-{index}"
+        folder.mkdir()
+        worker = LabelWorker(str(data), str(folder), arguments, ["Human:", "User:"])
+        assert worker.source.chunk == 4
+        worker.label_shard("shard-00002")
+        assert [r["reward"] for r in read_jsonl(folder / "shard-00002.jsonl")] == \
+            _expected_labels(data, "shard-00002")
+    assert [len(call) for call in calls] == [4, 4]  # by name: this process's module
 
 
 def test_reward_fn_spec_errors():

@@ -748,7 +748,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model")
     parser.add_argument("--value-head")
     parser.add_argument("--prompts", help="datasets name, or a JSONL/Parquet file")
-    parser.add_argument("--reward-fn", help="module:function, f(prompt, response) -> float")
+    parser.add_argument("--reward-fn", help="module:function, f(prompt, response) -> float "
+                        "(or f(prompts, responses) -> floats, marked @batched_reward)")
     parser.add_argument("--reward-model", help="Hugging Face sequence-classification model")
     parser.add_argument("--value-heads", type=json_argument,
                         help='JSON {"name": "/path/to/head"} of further heads for the grid')
@@ -791,7 +792,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "sentence-transformers model")
     parser.add_argument("--engine-args", type=json_argument, help="JSON of vLLM LLM(...) kwargs")
     parser.add_argument("--device", help="reward and embedding models' device (default cpu)")
-    parser.add_argument("--reward-batch-size", type=int, help="reward model batch (default 16)")
+    parser.add_argument("--reward-batch-size", type=int, help="reward model batch, or pairs "
+                        "per call of a batched reward function without its own (default 16)")
     parser.add_argument("--rm-dtype", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--reward-index", type=int,
                         help="which output of a multi-output reward model is the reward")

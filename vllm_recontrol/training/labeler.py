@@ -49,7 +49,7 @@ class LabelOptions:
     reward_fn: Any = None          # "module:function" (or, from Python, the function itself)
     reward_model: str | None = None
     name: str = "reward"
-    batch_size: int = 16
+    batch_size: int = 16           # reward model batch; pairs per call of a batched function
     device: str = "cpu"
     rm_dtype: str = "float32"
     max_length: int | None = None
@@ -269,11 +269,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Score every collected response with a reward model or a reward function; "
                     "rewards go to DIR/labels/NAME/, beside the (unchanged) shards.")
     parser.add_argument("--data", help="folder written by `vllm-recontrol collect`")
-    parser.add_argument("--reward-fn", help="module:function with f(prompt, response) -> float")
+    parser.add_argument("--reward-fn", help="module:function with f(prompt, response) -> float "
+                        "(or f(prompts, responses) -> floats, marked @batched_reward)")
     parser.add_argument("--reward-model", help="Hugging Face sequence-classification reward "
                         "model (name or folder)")
     parser.add_argument("--name", help="label set name (default reward)")
-    parser.add_argument("--batch-size", type=int, help="reward model batch size (default 16)")
+    parser.add_argument("--batch-size", type=int, help="reward model batch size, or pairs per "
+                        "call of a batched reward function without its own (default 16)")
     parser.add_argument("--device", help="reward model device (cpu, cuda, cuda:1, ...)")
     parser.add_argument("--rm-dtype", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--max-length", type=int, help="reward model input tokens (cut left)")

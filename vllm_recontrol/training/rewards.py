@@ -7,6 +7,9 @@ vLLM serves the same model faster on a GPU (no padding, continuous batching); bo
 see the same token ids (same text format, same left truncation) and return the raw score.
 Either way a response is cut at a hallucinated next turn first, as the paper does before
 scoring: a model that writes "Human: ..." after its answer is scored on its answer only.
+A function scores one pair per call, or (marked with ``batched_reward``) a list of pairs
+per call: a reward served over the network or a model of the user's own pays its cost per
+call, not per pair.
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ import importlib
 import numbers
 import os
 import sys
-from typing import Any, Callable, Sequence
+from collections.abc import Mapping, Set
+from typing import Any, Callable, Sequence, TypeVar, overload
 
 from ..config import FLOAT32_MAX
 from ..logs import get_logger
@@ -40,8 +44,66 @@ def cut_response(response: str, markers: Sequence[str] = DEFAULT_CUT_AT) -> tupl
     return response[:min(positions)].rstrip(), True
 
 
-def load_reward_fn(spec: str) -> Callable[[str, str], Any]:
-    """Import ``module:function`` (``f(prompt, response) -> float``)."""
+BATCHED_MARK = "__recontrol_batched_reward__"
+RewardFn = TypeVar("RewardFn", bound=Callable[..., Any])
+
+
+@overload
+def batched_reward(function: RewardFn, *, batch_size: int | None = None) -> RewardFn: ...
+
+
+@overload
+def batched_reward(function: None = None, *,
+                   batch_size: int | None = None) -> Callable[[RewardFn], RewardFn]: ...
+
+
+def batched_reward(function: RewardFn | None = None, *,
+                   batch_size: int | None = None) -> RewardFn | Callable[[RewardFn], RewardFn]:
+    """Mark ``f(prompts: list[str], responses: list[str]) -> Sequence[float]`` as a batched
+    reward function: ``label`` and ``eval`` call it once per chunk of at most ``batch_size``
+    pairs (default: the command's ``--batch-size`` / ``--reward-batch-size``) and expect one
+    reward per pair, in order. Use as ``@batched_reward`` or ``@batched_reward(batch_size=N)``.
+
+    Why a mark and not a guess from the signature: ``f(a, b)`` reads the same either way,
+    and a per-pair function handed lists (or the reverse) must fail, not score nonsense.
+    The mark is an attribute of the function itself, so ``module:function`` specs, pickling
+    to Ray actors and ``RewardSource.describe()`` see the same function as before."""
+    if batch_size is not None and (isinstance(batch_size, bool) or
+                                   not isinstance(batch_size, int) or batch_size <= 0):
+        raise RewardError(f"batched_reward: batch_size must be a positive integer (or "
+                          f"omitted), got {batch_size!r}")
+
+    def mark(target: RewardFn) -> RewardFn:
+        if not callable(target):
+            raise RewardError(f"batched_reward marks a function, got {target!r:.80}")
+        try:  # a bound method: its function (attributes cannot be set on the method)
+            setattr(getattr(target, "__func__", target), BATCHED_MARK,
+                    {"batch_size": batch_size})
+        except (AttributeError, TypeError) as exc:
+            raise RewardError(f"batched_reward cannot mark {target!r:.80} ({exc}); mark the "
+                              "function where it is defined") from exc
+        return target
+
+    if function is not None and not callable(function):  # @batched_reward(64)
+        raise RewardError(f"batched_reward takes the batch size by name: "
+                          f"@batched_reward(batch_size={function!r:.20}), not a positional "
+                          "argument")
+    return mark if function is None else mark(function)
+
+
+def batched_mark(function: Any) -> dict[str, Any] | None:
+    """``batched_reward``'s mark of ``function`` (or of its ``__call__``: an instance of a
+    class whose ``__call__`` is marked), or None for a per-pair function."""
+    for candidate in (function, getattr(function, "__call__", None)):
+        marking = getattr(candidate, BATCHED_MARK, None)
+        if isinstance(marking, dict):
+            return marking
+    return None
+
+
+def load_reward_fn(spec: str) -> Callable[..., Any]:
+    """Import ``module:function`` (``f(prompt, response) -> float``, or a batched function
+    marked with ``batched_reward``)."""
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise RewardError(f"--reward-fn must look like module:function, got {spec!r}")
@@ -311,7 +373,9 @@ class RewardSource:
     """Exactly one of a user function or a reward model, scoring (prompt, response) pairs.
 
     Shared by ``label`` and ``eval`` so both judge responses the same way. A value that is
-    not a finite number stops with where it happened (``where(i)`` names row i).
+    not a finite number stops with where it happened (``where(i)`` names row i). A function
+    marked with ``batched_reward`` is called once per chunk of at most its own batch size
+    (else ``batch_size``, the reward model's batch option) pairs.
     """
 
     def __init__(self, reward_fn: Any = None, reward_model: str | None = None,
@@ -322,7 +386,7 @@ class RewardSource:
         if (reward_fn is None) == (reward_model is None):
             raise RewardError(f"{command} needs exactly one of --reward-fn module:function and "
                               "--reward-model NAME")
-        self.function: Callable[[str, str], Any] | None = None
+        self.function: Callable[..., Any] | None = None
         self.scorer: RewardModelScorer | None = None
         if engine not in RM_ENGINES:
             raise RewardError(f"{command}: reward model engine must be one of "
@@ -338,6 +402,16 @@ class RewardSource:
                 self.function = load_reward_fn(self.spec)
         else:
             self.spec = str(reward_model)
+        # pairs per call of a batched function; None: a per-pair function (or a model)
+        self.chunk: int | None = None
+        marking = batched_mark(self.function) if self.function is not None else None
+        if marking is not None:
+            self.chunk = marking.get("batch_size") or batch_size
+            if isinstance(self.chunk, bool) or not isinstance(self.chunk, int) or \
+                    self.chunk <= 0:
+                raise RewardError(f"{command}: the batch size of batched reward function "
+                                  f"{self.spec} must be a positive integer, got "
+                                  f"{self.chunk!r}")
 
     def check(self) -> None:
         """A reward model's settings, tokenizer and config, without loading its weights (a
@@ -349,6 +423,10 @@ class RewardSource:
             reward_model_settings(model, device, dtype, batch_size, reward_index, trust, engine)
 
     def describe(self) -> dict[str, Any]:
+        """What decides the rewards, compared by ``label`` (resuming a set) and ``eval``
+        (reusing scored methods). A function is named only, batched or not: batching is how
+        it is called (as a reward model's batch size, left out too), so a set begun by the
+        per-pair form of a function resumes under its batched form of the same name."""
         if self.function is not None:
             return {"reward_fn": self.spec}
         _, _, dtype, _, max_length, reward_index, _, _, _ = self._model_args
@@ -359,7 +437,14 @@ class RewardSource:
 
     def score(self, pairs: Sequence[tuple[str, str]],
               where: Callable[[int], str] | None = None) -> list[float]:
+        """One reward per pair, in order; a value that is not a finite number, or a function
+        that raises, stops with a RewardError naming the rows (``where(i)``)."""
         where = where or (lambda i: f"row {i}")
+        if self.function is not None and self.chunk is not None:
+            pairs = list(pairs)
+            return [reward for start in range(0, len(pairs), self.chunk)
+                    for reward in self._call_batch(where, start,
+                                                   pairs[start:start + self.chunk])]
         if self.function is not None:
             return [self._call(where(i), prompt, response)
                     for i, (prompt, response) in enumerate(pairs)]
@@ -388,7 +473,7 @@ class RewardSource:
             self.scorer.close()
 
     def _call(self, where: str, prompt: str, response: str) -> float:
-        place = f"{where}, prompt {prompt[:60]!r}, response {response[:60]!r})"
+        place = _place(where, prompt, response)
         try:
             value = self.function(prompt, response)
         except Exception as exc:
@@ -396,6 +481,56 @@ class RewardSource:
                               f"on {place}") from exc
         reward = as_reward(value)
         if reward is None:
+            # an unmarked batched function, handed one pair, returns a sequence
+            hint = ("; a function that scores a whole batch, f(prompts, responses), must be "
+                    "marked with @vllm_recontrol.batched_reward"
+                    if not isinstance(value, (str, bytes)) and hasattr(value, "__len__") else "")
             raise RewardError(f"reward function {self.spec} returned {value!r:.80} (type "
-                              f"{type(value).__name__}), not a finite number, on {place}")
+                              f"{type(value).__name__}), not a finite number, on {place}{hint}")
         return reward
+
+    def _call_batch(self, where: Callable[[int], str], start: int,
+                    chunk: list[tuple[str, str]]) -> list[float]:
+        """A batched function's rewards of ``chunk`` (rows ``start``... of the call): one
+        finite number per pair, or a RewardError naming the chunk's rows (or the row)."""
+        last = start + len(chunk) - 1
+        rows = (f"the batch of {len(chunk)} pairs from {_place(where(start), *chunk[0])} to "
+                f"{_place(where(last), *chunk[-1])}" if len(chunk) > 1 else
+                f"the batch of 1 pair, {_place(where(start), *chunk[0])}")
+        name = f"batched reward function {self.spec}"
+        try:
+            values = self.function([p for p, _ in chunk], [r for _, r in chunk])
+        except Exception as exc:
+            raise RewardError(f"{name} raised {type(exc).__name__}: {exc} on {rows}") from exc
+        returned = f"{values!r:.80} (type {type(values).__name__})"
+        try:  # a str, a mapping or a set iterates, but is no list of rewards in order
+            if isinstance(values, (str, bytes, Mapping, Set)):
+                raise TypeError
+            iterator = iter(values)  # a number, or a 0-d array or tensor: TypeError
+        except TypeError:
+            raise RewardError(f"{name} returned {returned}, not a sequence of {len(chunk)} "
+                              f"rewards (one per pair, in order), for {rows}; a per-pair "
+                              "f(prompt, response) must not be marked with batched_reward") \
+                from None
+        try:  # a generator runs the function's work here
+            values = list(iterator)
+        except Exception as exc:
+            raise RewardError(f"{name} raised {type(exc).__name__}: {exc} on {rows}") from exc
+        if len(values) != len(chunk):
+            raise RewardError(f"{name} returned {len(values)} rewards for {rows}; it must "
+                              "return one per pair, in order")
+        rewards = []
+        for offset, value in enumerate(values):
+            reward = as_reward(value)
+            if reward is None:
+                raise RewardError(
+                    f"{name} returned {value!r:.80} (type {type(value).__name__}), not a "
+                    f"finite number, at item {offset} of {len(chunk)} on "
+                    f"{_place(where(start + offset), *chunk[offset])}")
+            rewards.append(reward)
+        return rewards
+
+
+def _place(where: str, prompt: str, response: str) -> str:
+    """A row as error messages name it: where, and the start of its prompt and response."""
+    return f"{where}, prompt {prompt[:60]!r}, response {response[:60]!r})"
