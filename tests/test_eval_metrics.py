@@ -879,7 +879,8 @@ def test_a_new_reward_rescores_the_kept_samples_without_generating_again(tmp_pat
         calls.clear()
         options = dict(model="org/model", value_head=str(head), prompts=str(prompts),
                        grid="0.5:2", best_of=[3], system_prompt="", quiet=True,
-                       out=str(tmp_path / "out"), reward_fn=reward_fn, cut_at=["USER:"])
+                       out=str(tmp_path / "out"), reward_fn=reward_fn, cut_at=["USER:"],
+                       overlap_scoring=False)  # base's failure stops before the grid
         return evaluation.evaluate(**{**options, **extra})["results"]
 
     def kept_samples():
@@ -1111,7 +1112,7 @@ def test_a_batched_reward_fn_that_fails_in_eval_names_the_chunks_rows(tmp_path, 
     with pytest.raises(RewardError, match=r"batched reward function "
                                           r"recontrol_test_eval_batched_bad:short returned 1 "
                                           r"rewards for the batch of 2 pairs from row 0, prompt "
-                                          r"'q0', response 'answer 0 alpha 0.0 n 1'\) to row 1, "
+                                          r"'q0', response 'answer 0 alpha 0.0 n 1' to row 1, "
                                           r"prompt 'q1'.*one per pair"):
         _eval_with_fake_engines(tmp_path, monkeypatch, f"{module.__name__}:short", "out")
 

@@ -236,8 +236,8 @@ def test_a_set_begun_per_pair_resumes_with_the_batched_form_of_the_same_name(dat
 
 def _rows_message(data, shard, start, stop):
     rows = read_rows(data, shard)
-    return rows, (f"shard {shard} row {start} (response_id {rows[start]['response_id']}",
-                  f"shard {shard} row {stop} (response_id {rows[stop]['response_id']}")
+    return rows, (f"shard {shard} row {start} (response_id {rows[start]['response_id']})",
+                  f"shard {shard} row {stop} (response_id {rows[stop]['response_id']})")
 
 
 @pytest.mark.parametrize("fault, message", [
@@ -245,7 +245,7 @@ def _rows_message(data, shard, start, stop):
               r"{last}, prompt .*; it must return one per pair, in order"),
     ("long", r"returned 4 rewards for the batch of 3 pairs from {first}, .* to {last}, "),
     ("nan", r"returned nan \(type float\), not a finite number, at item 1 of 3 on {row}, "
-            r"prompt {prompt}, response {response}\)"),
+            r"prompt {prompt}, response {response}$"),
     ("word", r"returned 'high' \(type str\), not a finite number, at item 1 of 3 on {row}, "),
     ("bool", r"returned True \(type bool\), not a finite number, at item 1 of 3 on {row}, "),
     ("scalar", r"returned 1.0 \(type float\), not a sequence of 3 rewards \(one per pair, in "
@@ -285,7 +285,7 @@ def test_a_batched_reward_fn_that_fails_names_the_function_and_its_rows(data, fa
     from vllm_recontrol import batched_reward
 
     _module(name, score=batched_reward(faulty))
-    row = (f"shard shard-00001 row 4 (response_id {bad_row['response_id']}")
+    row = f"shard shard-00001 row 4 (response_id {bad_row['response_id']})"
     expected = message.format(first=re.escape(first), last=re.escape(last), row=re.escape(row),
                               prompt=re.escape(repr(bad_row["prompt"][:60])),
                               response=re.escape(repr(cut_response(bad_row["response"])[0]
@@ -622,3 +622,17 @@ def test_a_label_run_that_stopped_before_its_first_shard_does_not_lock_its_set(t
     with pytest.raises(DataError, match="was made differently"):  # now it holds labels
         label(data=str(data), reward_fn="recontrol_test_broken:broken", name="typo",
               progress=False)
+
+
+def test_a_reward_object_with_call_is_named_by_its_class():
+    """A callable object (a model of one's own) passed from Python scores and is described
+    by its class (it has no ``__qualname__`` of its own)."""
+    from vllm_recontrol.training.rewards import RewardSource
+
+    class Scorer:
+        def __call__(self, prompt: str, response: str) -> float:
+            return float(len(response))
+
+    source = RewardSource(reward_fn=Scorer())
+    assert source.score([("p", "abc"), ("p", "")]) == [3.0, 0.0]
+    assert source.describe() == {"reward_fn": f"{__name__}:{Scorer.__qualname__}"}

@@ -112,7 +112,7 @@ class LabelWorker:
             pairs.append((row["prompt"], response))
             cuts.append(was_cut)
         rewards = self.source.score(pairs, where=lambda i: (
-            f"shard {shard} row {i} (response_id {rows[i]['response_id']}"))
+            f"shard {shard} row {i} (response_id {rows[i]['response_id']})"))
         write_jsonl_atomic(self.folder / f"{shard}.jsonl", [
             {"response_id": row["response_id"], "reward": float(r), "cut": c}
             for row, r, c in zip(rows, rewards, cuts)])

@@ -396,7 +396,9 @@ class RewardSource:
         if reward_fn is not None:
             if callable(reward_fn):
                 self.function = reward_fn
-                self.spec = f"{reward_fn.__module__}:{reward_fn.__qualname__}"
+                name = getattr(reward_fn, "__qualname__", None) or \
+                    type(reward_fn).__qualname__  # an object with __call__ has no own name
+                self.spec = f"{getattr(reward_fn, '__module__', None)}:{name}"
             else:
                 self.spec = str(reward_fn)
                 self.function = load_reward_fn(self.spec)
@@ -464,7 +466,7 @@ class RewardSource:
                 f"device. {str(exc)[:200]}") from exc
         for i, value in enumerate(scores):
             if as_reward(value) is None:
-                raise RewardError(f"reward model {self.spec} gave {value!r} for {where(i)})")
+                raise RewardError(f"reward model {self.spec} gave {value!r} for {where(i)}")
         return scores
 
     def close(self) -> None:
@@ -533,4 +535,4 @@ class RewardSource:
 
 def _place(where: str, prompt: str, response: str) -> str:
     """A row as error messages name it: where, and the start of its prompt and response."""
-    return f"{where}, prompt {prompt[:60]!r}, response {response[:60]!r})"
+    return f"{where}, prompt {prompt[:60]!r}, response {response[:60]!r}"
