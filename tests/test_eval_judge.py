@@ -343,7 +343,7 @@ def test_eval_writes_its_report_before_asking_the_judge(tmp_path, monkeypatch):
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
 
     class Canned:  # the methods as generated and scored, without engines
-        def __init__(self, opts, prompts, score, coherence, finished=None) -> None:
+        def __init__(self, opts, prompts, score, coherence, finished=None, **_) -> None:
             pass
 
         def methods(self):
@@ -529,7 +529,7 @@ def test_eval_stopped_while_judging_asks_only_the_rest_and_no_resume_asks_all(
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
 
     class Canned:  # the methods as generated and scored, without engines
-        def __init__(self, opts, prompts, score, coherence, finished=None) -> None:
+        def __init__(self, opts, prompts, score, coherence, finished=None, **_) -> None:
             pass
 
         def methods(self):

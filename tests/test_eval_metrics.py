@@ -476,10 +476,15 @@ def test_bootstrap_interval_matches_the_normal_approximation():
     assert lo == pytest.approx(0.5 - half, abs=0.01) and hi == pytest.approx(0.5 + half, abs=0.01)
     assert bootstrap_interval(values) == (lo, hi)
     assert bootstrap_interval(values, seed=1) != (lo, hi)
-    noisy = [random.gauss(0.0, 1.0) for _ in range(37)]  # 37: blocks of resamples uneven
-    draws = np.random.default_rng(5).integers(0, 37, size=(1000, 37))
-    loop = sorted(sum(noisy[i] for i in row) / 37 for row in draws.tolist())
-    assert bootstrap_interval(noisy, seed=5) == pytest.approx((loop[24], loop[974]), rel=1e-12)
+    for count in (37, 9000):  # 9000 prompts: resamples drawn in blocks of 466, then 134
+        noisy = [random.gauss(0.0, 1.0) for _ in range(count)]
+        rng = np.random.default_rng(5)
+        block = (1 << 22) // count
+        draws = np.concatenate([rng.integers(0, count, size=(min(block, 600 - start), count))
+                                for start in range(0, 600, block)])
+        loop = sorted(math.fsum(noisy[i] for i in row) / count for row in draws.tolist())
+        assert bootstrap_interval(noisy, resamples=600, seed=5) == pytest.approx(
+            (loop[int(0.025 * 599)], loop[int(0.975 * 599)]), rel=1e-9)
     assert bootstrap_interval([0.7] * 5) == (0.7, 0.7)
     same = [0.1, 0.9, 0.4]
     assert bootstrap_interval(win_outcomes(same, same)) == (0.5, 0.5)
@@ -682,37 +687,73 @@ def test_a_bad_reward_model_setting_fails_before_any_engine_starts(tmp_path, mon
 def test_two_vllm_engines_that_cannot_share_the_gpu_are_refused_before_either_starts(
         tmp_path, monkeypatch):
     """--rm-engine vllm beside the generation engine on one GPU: vLLM refuses an engine whose
-    gpu_memory_utilization share exceeds the free memory, and the reward engine starts after
-    base generated; both default to vLLM's 0.92. Shares that fit, an absolute KV size, Ray
-    actors or no GPU pass."""
+    gpu_memory_utilization share is not free (kv_cache_memory_bytes or not), and the reward
+    engine starts once generation has begun; both default to vLLM's 0.92. Shares that fit,
+    a generation engine sized by kv_cache_memory_bytes, Ray actors, no GPU, or a rerun that
+    only rescores kept samples (no generation engine) pass."""
     import importlib
 
     import torch
+    from transformers import LlamaConfig
+
+    from vllm_recontrol.toy import build_tokenizer
+    from vllm_recontrol.value_head import ValueHead
 
     evaluate_module = importlib.import_module("vllm_recontrol.evaluation.evaluate")
+    started = []
 
-    def no_engine(*args, **kwargs):
-        raise AssertionError("an engine was started")
+    class FakePool:  # records a start; samples depend on the method alone
+        def __init__(self, opts, settings, prompts) -> None:
+            started.append(opts.engine_args)
+            self.count = len(prompts)
 
-    monkeypatch.setattr(evaluate_module, "EnginePool", no_engine)
+        def run(self, method):
+            return [[(f"answer {i} {method.alpha} {method.n} {j}", 2) for j in range(method.n)]
+                    for i in range(self.count)], 1.0
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(evaluate_module, "EnginePool", FakePool)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    rm = tmp_path / "rm"  # a config and a tokenizer: what the reward model's checks read
+    build_tokenizer(rm)
+    LlamaConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16,
+                num_labels=1).save_pretrained(rm)
+    head = tmp_path / "head"
+    ValueHead(8, [4], seed=0).save(head)
     prompts = tmp_path / "p.jsonl"
-    prompts.write_text('{"prompt": "hello"}\n')
-    options = dict(model="m", value_head="h", prompts=str(prompts), reward_model="org/rm",
-                   rm_engine="vllm")
+    prompts.write_text('{"prompt": "hello"}\n{"prompt": "bye"}\n')
+    options = dict(model="m", value_head=str(head), prompts=str(prompts), reward_model=str(rm),
+                   rm_engine="vllm", grid="1:2", best_of=[2], system_prompt="", quiet=True,
+                   out=str(tmp_path / "out"))
     with pytest.raises(RecontrolError, match=r"add up to 1\.84 of it \(0\.92 \(--engine-args, "
                        r"vLLM's default\), 0\.92 \(--rm-engine-args, vLLM's default\)\).*"
                        r"at most 0\.95"):
         evaluate_module.evaluate(**options)
     with pytest.raises(RecontrolError, match=r"add up to 1\.22 .*0\.3 \(--rm-engine-args\)"):
         evaluate_module.evaluate(**options, rm_engine_args={"gpu_memory_utilization": 0.3})
+    with pytest.raises(RecontrolError, match=r"add up to 1\.84"):  # vLLM asks 0.92 free anyway
+        evaluate_module.evaluate(**options, rm_engine_args={"kv_cache_memory_bytes": 1 << 30})
+    assert started == []
+    # samples kept by a run with a reward function; a rerun that only rescores them with the
+    # vLLM reward model starts no generation engine, so nothing is refused
+    evaluate_module.evaluate(**{**options, "reward_model": None, "rm_engine": "hf",
+                                "reward_fn": "training_fakes:good_reward"})
+    assert len(started) == 1
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    monkeypatch.setattr(evaluate_module, "reward_scoring",
+                        lambda *args: lambda pairs: [float(len(r)) for _, r in pairs])
+    report = evaluate_module.evaluate(**options)
+    assert len(started) == 1 and report["results"][0]["rewards"] == [
+        float(len(r)) for r in report["results"][0]["examples"]]
     check = evaluate_module.check_shared_gpu
     fits = evaluate_module.EvalOptions(
         model="m", value_head="h", prompts="p", engine_args={"gpu_memory_utilization": 0.6},
-        rm_engine="vllm", rm_engine_args={"gpu_memory_utilization": 0.3})
+        reward_model="rm", rm_engine="vllm", rm_engine_args={"gpu_memory_utilization": 0.3})
     check(fits)  # 0.9: fits
     for passes in ({"engine_args": {"kv_cache_memory_bytes": 1 << 30}},
-                   {"ray": True}, {"ray": True, "reward_replicas": 2}):
+                   {"ray": True}, {"ray": True, "reward_replicas": 2}, {"rm_engine": "hf"}):
         check(evaluate_module.EvalOptions(**{**vars(fits), "engine_args": {},
                                              "rm_engine_args": {}, **passes}))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -916,6 +957,44 @@ def test_a_new_reward_rescores_the_kept_samples_without_generating_again(tmp_pat
         [(r["examples"], r["rewards"]) for r in again]
 
 
+def test_background_scoring_runs_jobs_in_order_and_stops_at_a_failure():
+    """The scoring thread: first in, first out; busy while a job waits; drain waits for all;
+    a failed job's error is raised at the next submit; close(wait=False) cancels the
+    queued jobs; disabled, a job runs at once in the caller's thread."""
+    import threading
+
+    from vllm_recontrol.evaluation.overlap import BackgroundScoring
+
+    scoring, order, gate = BackgroundScoring(), [], threading.Event()
+    first = scoring.submit(lambda: gate.wait(5) and order.append(threading.current_thread().name))
+    later = [scoring.submit(lambda i=i: order.append(i) or i) for i in range(3)]
+    assert scoring.busy() and order == []
+    gate.set()
+    scoring.drain()
+    assert not scoring.busy() and order == ["recontrol-scoring", 0, 1, 2]
+    assert first.result() is None and [f.result() for f in later] == [0, 1, 2]
+    failed = scoring.submit(lambda: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        failed.result()
+    with pytest.raises(ZeroDivisionError):
+        scoring.submit(lambda: order.append("after the failure"))
+    scoring.close()
+    assert "after the failure" not in order
+
+    stopping, gate, started = BackgroundScoring(), threading.Event(), threading.Event()
+    running = stopping.submit(lambda: started.set() or gate.wait(5))
+    queued = stopping.submit(lambda: order.append("never"))
+    assert started.wait(5)
+    stopping.close(wait=False)
+    gate.set()
+    assert running.result(timeout=5) is True and queued.cancelled() and "never" not in order
+
+    inline = BackgroundScoring(enabled=False)
+    assert inline.submit(threading.current_thread).result() is threading.current_thread()
+    with pytest.raises(ZeroDivisionError):
+        inline.submit(lambda: 1 / 0)
+
+
 def test_a_method_is_scored_while_the_next_generates_with_the_scores_of_one_at_a_time(
         tmp_path, monkeypatch):
     """Scoring overlaps generation: base's scoring is still running when the grid's
@@ -984,18 +1063,29 @@ def test_a_method_is_scored_while_the_next_generates_with_the_scores_of_one_at_a
         report = evaluation.evaluate(**{**options, **extra})
         return [{k: v for k, v in r.items() if k != "seconds"} for r in report["results"]]
 
-    overlapped = run("a")
+    from vllm_recontrol.training.rewards import RewardSource
+
+    loads = []  # a reward model loads in the main thread, before the first scoring job
+    monkeypatch.setattr(RewardSource, "load", lambda self: loads.append(
+        (threading.current_thread().name, len(calls))))
+    overlapped = run("a", overlap_scoring=True)
     assert seen == [True] and len(calls) == 8  # base was scored while the grid generated
-    in_turn = run("b", overlap_scoring=False)
-    assert seen == [False] and in_turn == overlapped  # one at a time: the same report
+    assert loads == [("MainThread", 1)]
+    assert overlapped[1]["overlapped"] and not overlapped[0]["overlapped"]
+    table = (tmp_path / "a" / "eval.md").read_text()
+    assert "| re-control + |" in table and "| base |" in table and "--overlap-scoring" in table
+    in_turn = run("b")  # the default: one at a time
+    assert seen == [False] and not any(r["overlapped"] for r in in_turn)
+    assert [{**r, "overlapped": False} for r in overlapped] == in_turn  # the same report
     assert [r["method"] for r in in_turn] == [
         "base", "re-control", "re-control", "re-control", "best-of-2",
         "re-control + best-of-2", "prompting", "re-control + prompting"]
     module.fail.append(1)
     with pytest.raises(RewardError, match="the reward model is gone"):
-        run("c")
+        run("c", overlap_scoring=True)
     assert len(calls) in (1, 2)  # stopped at the next method, not after all eight
-    opts = evaluation.EvalOptions(model="m", value_head="h", prompts="p", in_process=True)
+    opts = evaluation.EvalOptions(model="m", value_head="h", prompts="p", in_process=True,
+                                  overlap_scoring=True)
     assert not evaluation.Evaluator(opts, ["q"], None, None).overlap
     opts.ray = True  # the engines are in the actors
     assert evaluation.Evaluator(opts, ["q"], None, None).overlap
@@ -1008,7 +1098,8 @@ def test_the_resume_digest_covers_versions_environment_and_reward_engine(monkeyp
 
     from vllm_recontrol.evaluation import resume
 
-    options = {"model": "org/model", "max_tokens": 8, "rm_engine_args": {}, "out": "a"}
+    options = {"model": "org/model", "max_tokens": 8, "rm_engine_args": {}, "out": "a",
+               "engine_args": {}}
     reward = {"reward_fn": "m:f"}
     facts = resume.run_facts(options, ["q"], reward)
     assert facts["generation"]["versions"]["torch"] == torch.__version__
@@ -1020,8 +1111,50 @@ def test_the_resume_digest_covers_versions_environment_and_reward_engine(monkeyp
         assert changed["generation"] == facts["generation"] and changed != facts
     changed = resume.run_facts(options, ["q"], {"reward_fn": "m:g"})
     assert changed["generation"] == facts["generation"] and changed != facts
+    for how in ({"engine_args": {"gpu_memory_utilization": 0.5, "max_num_seqs": 8}},
+                {"reference_column": "chosen"}):  # how to run the engine; the judge's
+        assert resume.run_facts({**options, **how}, ["q"], reward) == facts
+    for what in ({"engine_args": {"dtype": "float32"}}, {"engine_args": {"max_model_len": 64}}):
+        assert resume.run_facts({**options, **what}, ["q"], reward)["generation"] != \
+            facts["generation"]  # changes the samples (max_model_len cuts a response short)
     monkeypatch.setenv("VLLM_RECONTROL_BACKEND", "torch")
     assert resume.run_facts(options, ["q"], reward)["generation"] != facts["generation"]
+
+
+def test_reward_actors_are_killed_not_asked_to_close_when_the_run_fails():
+    """On an error (or Ctrl-C) the pool kills its actors at once: asking them to close would
+    wait behind a scoring call still running on them; on success they free their models."""
+    import contextlib
+
+    from vllm_recontrol.evaluation.scoring import RewardPool
+
+    closes, stopped = [], []
+
+    class Actor:
+        class close:  # noqa: N801  (ray's actor.method.remote())
+            @staticmethod
+            def remote():
+                closes.append(1)
+                return "ref"
+
+    def pool():
+        made = RewardPool.__new__(RewardPool)
+        made.actors, made._stack = [Actor(), Actor()], contextlib.ExitStack()
+        made._stack.callback(lambda: stopped.append(1))
+        return made
+
+    import ray
+
+    real_get, ray.get = ray.get, lambda refs: refs
+    try:
+        with pytest.raises(KeyboardInterrupt), pool():
+            raise KeyboardInterrupt
+        assert (closes, stopped) == ([], [1])
+        with pool():
+            pass
+        assert (closes, stopped) == ([1, 1], [1, 1])
+    finally:
+        ray.get = real_get
 
 
 def _eval_with_fake_engines(tmp_path, monkeypatch, reward_fn, out, **extra):

@@ -624,15 +624,52 @@ def test_a_label_run_that_stopped_before_its_first_shard_does_not_lock_its_set(t
               progress=False)
 
 
-def test_a_reward_object_with_call_is_named_by_its_class():
-    """A callable object (a model of one's own) passed from Python scores and is described
-    by its class (it has no ``__qualname__`` of its own)."""
+def test_reward_callables_are_named_so_that_two_different_ones_never_match():
+    """describe() decides whether a label set resumes and whether eval reads a finished method
+    back: a module-level function is named by module:qualname (stable across runs); a
+    functools.partial by its function and arguments; an object with __call__ (a model of
+    one's own), a lambda or a closure by its class and repr, so two instances (two models)
+    or two closures never share a name."""
+    import functools
+
     from vllm_recontrol.training.rewards import RewardSource
 
     class Scorer:
-        def __call__(self, prompt: str, response: str) -> float:
-            return float(len(response))
+        def __init__(self, scale: float) -> None:
+            self.scale = scale
 
-    source = RewardSource(reward_fn=Scorer())
+        def __call__(self, prompt: str, response: str) -> float:
+            return self.scale * len(response)
+
+    def describe(fn):
+        return RewardSource(reward_fn=fn).describe()["reward_fn"]
+
+    source = RewardSource(reward_fn=Scorer(1.0))
     assert source.score([("p", "abc"), ("p", "")]) == [3.0, 0.0]
-    assert source.describe() == {"reward_fn": f"{__name__}:{Scorer.__qualname__}"}
+    assert describe(Scorer(1.0)) != describe(Scorer(1.0))  # the default repr: the address
+    assert describe(good_reward) == "training_fakes:good_reward" == describe(good_reward)
+    scaled = functools.partial(good_reward, response="x")
+    assert describe(scaled) == "functools.partial(training_fakes:good_reward, response='x')"
+    assert describe(functools.partial(good_reward, response="y")) != describe(scaled)
+
+    def closure(scale):
+        return lambda prompt, response: scale * len(response)
+
+    assert describe(closure(1)) != describe(closure(-1))
+    long = Scorer(1.0)
+    long.__class__.__repr__ = lambda self: "Scorer(" + "w" * 500 + f"{self.scale})"
+    assert describe(long) != describe(Scorer(2.0)) and len(describe(long)) < len(repr(long))
+
+
+def test_a_non_finite_zero_dimensional_tensor_is_not_taken_for_a_batch():
+    """A per-pair function returning a NaN 0-d tensor is told its value is not finite, not
+    that it must be marked as batched (a list is)."""
+    import torch
+
+    from vllm_recontrol.training.rewards import RewardSource
+
+    with pytest.raises(RewardError, match="not a finite number") as caught:
+        RewardSource(reward_fn=lambda p, r: torch.tensor(float("nan"))).score([("p", "r")])
+    assert "batched_reward" not in str(caught.value)
+    with pytest.raises(RewardError, match="must be marked with @vllm_recontrol.batched_reward"):
+        RewardSource(reward_fn=lambda p, r: [1.0]).score([("p", "r")])

@@ -83,8 +83,8 @@ class EvalOptions:
     cut_at: list[str] = field(default_factory=lambda: list(DEFAULT_CUT_AT))
     out: str = "eval-out"
     resume: bool = True                   # read back methods a previous run finished (out/methods)
-    overlap_scoring: bool = True          # score a method while the next one generates
                                           # and the judge's answers (out/judge-answers.jsonl)
+    overlap_scoring: bool = False         # score a method while the next one generates
     quiet: bool = False                   # no table or progress printed (the demo prints)
     progress: bool = True                 # vLLM's progress bars while each method generates
     in_process: bool = False              # vLLM engine core in the engine's process (small CPUs)
@@ -138,6 +138,7 @@ class MethodResult:
     rewards: list[float] = field(default_factory=list, repr=False)  # one per prompt
     judge: dict | None = None             # the LLM judge's win rate, counts and verdicts
     reused: bool = False                  # read back from a previous run (its timing too)
+    overlapped: bool = False              # generated while an earlier method was scored
 
     @property
     def key(self) -> str:
@@ -241,10 +242,13 @@ class Evaluator:
     """Runs each method on the same prompts through the engines and scores the responses."""
 
     def __init__(self, opts: EvalOptions, prompts: list[str], score: Callable, coherence: Coherence,
-                 finished: FinishedMethods | None = None):
+                 finished: FinishedMethods | None = None,
+                 prepare: Callable[[], None] = lambda: None):
         self.opts, self.prompts, self.coherence = opts, prompts, coherence
         self.score = ScoreCache(score)
         self.finished, self.reused, self.rescored = finished, 0, 0
+        self._prepare, self._prepared = prepare, False
+        self._scoring = BackgroundScoring(False)
         further = opts.value_heads or {}
         if not isinstance(further, dict) or not all(
                 isinstance(k, str) and isinstance(v, str) for k, v in further.items()):
@@ -266,6 +270,9 @@ class Evaluator:
         """The engines, started on first use: a rerun whose methods are all finished
         (``FinishedMethods``) starts none."""
         if self._engines is None:
+            check_shared_gpu(self.opts)  # only where a generation engine starts
+            # no engine starts (vLLM may fork its engine core) while the scoring thread works
+            self._scoring.drain()
             self._engines = EnginePool(self.opts, self._engine_settings, self.prompts)
         return self._engines
 
@@ -290,11 +297,17 @@ class Evaluator:
             self.rescored += 1
         else:
             self._scoring.raise_failure()  # a method that cannot be scored: stop here
-            samples, result.seconds = self.engines.run(Method(
+            engines = self.engines
+            result.overlapped = self._scoring.busy()
+            samples, result.seconds = engines.run(Method(
                 alpha=result.alpha, steps=result.steps, head=result.head, n=result.n,
                 prompting=result.prompting, max_norm=result.max_norm))
             if finished:  # before scoring: a reward model that fails loses no generation
                 finished.save_samples(samples_digest, samples, result.seconds)
+
+        if self.overlap and not self._prepared:  # a reward model (and its vLLM engine)
+            self._prepare()  # loads here, while no engine generates, not on the thread
+            self._prepared = True
 
         def score() -> MethodResult:
             judge(result, self.prompts, samples, self.score, self.coherence, self.opts.cut_at)
@@ -457,7 +470,7 @@ def markdown_table(results: Sequence[MethodResult], coherence: Coherence,
         head = [r.head if r.steps else "-"] if heads else []
         judge = [judge_cell(r.judge)] if judged else []
         norm = [f"{r.max_norm:g}" if r.max_norm is not None else "-"] if norms else []
-        cells = [r.method + (" *" if r.reused else ""), *head, f"{r.alpha:g}", str(r.steps),
+        cells = [r.method + (" *" if r.reused else "") + (" +" if r.overlapped else ""), *head, f"{r.alpha:g}", str(r.steps),
                  *norm, str(r.n),
                  f"{r.reward:.4f}",
                  f"{r.win_rate:.3f}", *judge, f"{r.diversity:.3f}", coh, f"{r.tokens_per_s:.1f}",
@@ -468,6 +481,10 @@ def markdown_table(results: Sequence[MethodResult], coherence: Coherence,
         lines.append("\n* read back from a previous run of this evaluation (OUT/methods), "
                      "or its samples scored again: its tok/s were measured then, perhaps on "
                      "other engines")
+    if any(r.overlapped for r in results):
+        lines.append("\n+ generated while an earlier method was being scored "
+                     "(--overlap-scoring): its tok/s are lower than alone, by how much the "
+                     "scoring took from the machine")
     lines.append(f"\ndiversity: word tokens by {word_tokenizer()[1]}")
     if not coherence.available:
         lines.append(f"coherence: unavailable ({coherence.unavailable_reason})")
@@ -592,7 +609,6 @@ def evaluate(**options: Any) -> dict[str, Any]:
     check_sampling(opts)
     if opts.rm_engine == "vllm":
         check_engine_args(opts.rm_engine_args, "--rm-engine-args")
-        check_shared_gpu(opts)
     prompts = load_prompts(opts.prompts, opts.split, opts.prompt_column, opts.prompt_format,
                            opts.data_dir, opts.max_prompts, default_split="test")
     judge = llm_judge(opts)
@@ -612,7 +628,9 @@ def evaluate(**options: Any) -> dict[str, Any]:
     with contextlib.ExitStack() as stack:
         stack.callback(source.close)  # a reward model's vLLM engine, if one was started
         evaluator = Evaluator(opts, prompts, reward_scoring(opts, arguments, source, stack),
-                              coherence, finished)
+                              coherence, finished,
+                              prepare=source.load if opts.reward_replicas == 1 else
+                              lambda: None)
         try:
             results = evaluator.methods()
         finally:
@@ -687,16 +705,18 @@ SHARED_GPU_LIMIT = 0.95
 
 def check_shared_gpu(opts: EvalOptions) -> None:
     """With ``--rm-engine vllm`` beside the generation engine on this machine's GPU, their
-    ``gpu_memory_utilization`` must fit in it together: vLLM refuses an engine whose share
-    exceeds the free memory, and the reward engine starts after base has generated (both
-    default to 0.92). Not checked where no GPU is visible, where either engine sets
-    ``kv_cache_memory_bytes`` instead, or where either runs on Ray actors."""
+    ``gpu_memory_utilization`` must fit in it together: vLLM 0.32 refuses to start an engine
+    whose share of the card is not free (also with ``kv_cache_memory_bytes`` set), and the
+    reward engine starts once generation has begun (both default to 0.92). Checked when
+    the generation engine is about to start (a rerun that only rescores kept samples starts
+    none). Not checked where no GPU is visible, where the generation engine's footprint is
+    set by ``kv_cache_memory_bytes`` instead, or where either runs on Ray actors."""
     import torch
 
-    if opts.ray or opts.reward_replicas > 1 or not torch.cuda.is_available():
+    if opts.rm_engine != "vllm" or not opts.reward_model or opts.ray or \
+            opts.reward_replicas > 1 or not torch.cuda.is_available():
         return
-    if "kv_cache_memory_bytes" in opts.engine_args or \
-            "kv_cache_memory_bytes" in opts.rm_engine_args:
+    if "kv_cache_memory_bytes" in opts.engine_args:
         return
     default = vllm_memory_share_default()
     engines = (("--engine-args", opts.engine_args), ("--rm-engine-args", opts.rm_engine_args))
@@ -711,7 +731,7 @@ def check_shared_gpu(opts: EvalOptions) -> None:
             f"--rm-engine vllm starts the reward model's vLLM engine beside the generation "
             f"engine on this GPU, and their gpu_memory_utilization shares add up to "
             f"{sum(shares):g} of it ({said}): vLLM would refuse the reward engine "
-            f"at its start, after base has generated. Give them shares that sum to at most "
+            f"at its start, after generation has begun. Give them shares that sum to at most "
             f"{SHARED_GPU_LIMIT:g}, e.g. --engine-args '{{\"gpu_memory_utilization\": 0.6}}' "
             f"--rm-engine-args '{{\"gpu_memory_utilization\": 0.3}}', or score on Ray actors "
             f"(--ray --reward-replicas N)")
@@ -763,9 +783,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--system-prompt", help="the prompting baselines' system prompt "
                         '(default: a helpful-and-harmless one; "" skips those rows)')
     parser.add_argument("--chat-template", action="store_true")
-    parser.add_argument("--no-overlap-scoring", dest="overlap_scoring", action="store_false",
-                        help="score each method before the next one generates (by default a "
-                        "method is scored while the next generates; the scores are the same)")
+    parser.add_argument("--overlap-scoring", action="store_true",
+                        help="score each method while the next one generates (the same "
+                        "scores, less wall time; the tok/s of methods generated meanwhile "
+                        "are lowered by the scoring and marked + in the table)")
     parser.add_argument("--no-resume", dest="resume", action="store_false",
                         help="run every method again, even those a previous run with the same "
                         "options finished (kept in OUT/methods), and ask the judge every "

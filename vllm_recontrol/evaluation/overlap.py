@@ -29,6 +29,8 @@ class BackgroundScoring:
         self.enabled = enabled
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._failed: Future | None = None
+        self._pending = 0  # submitted, not finished
+        self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         if enabled:
             self._thread = threading.Thread(target=self._work, name="recontrol-scoring",
@@ -45,8 +47,26 @@ class BackgroundScoring:
             _run(job, future)
             future.result()
             return future
+        with self._lock:
+            self._pending += 1
+        future.add_done_callback(self._finished)
         self._jobs.put((job, future))
         return future
+
+    def busy(self) -> bool:
+        """Whether a job is queued or running."""
+        with self._lock:
+            return self._pending > 0
+
+    def drain(self) -> None:
+        """Wait until every job submitted so far has finished (its error, if any, raised)."""
+        if self.enabled and self.busy():
+            self.submit(lambda: None).result()
+        self.raise_failure()
+
+    def _finished(self, future: Future) -> None:
+        with self._lock:
+            self._pending -= 1
 
     def raise_failure(self) -> None:
         """Re-raise the error of a finished job that failed, if any."""

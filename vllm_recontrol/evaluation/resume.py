@@ -5,7 +5,8 @@ reward model out of memory on the next method, a dead Ray actor, Ctrl-C) used to
 method before it. Each method is kept at two stages under ``out/methods/``:
 
 - its samples (every sample, Best-of-N's too), under a digest of what decides them: the
-  options that change generation, the prompts, the value head's weights for a controlled
+  options that change generation (engine arguments that only say how to run the engine
+  left out, as ``--replicas`` is), the prompts, the value head's weights for a controlled
   method, the method's own settings, the versions of vllm-recontrol, vLLM, torch and
   transformers, the environment variables that pick the ascent's backend and precision, and
   the LLM's local model folder (file names, sizes and times). Written as soon as generation
@@ -32,6 +33,7 @@ from typing import Any, Sequence
 from ..files import write_text_atomic
 from ..head_source import locate_head
 from ..logs import get_logger
+from ..training.collector import RESUME_ENGINE_KEYS
 from ..training.common import sha256_bytes, sha256_file
 from .engines import Samples
 
@@ -46,7 +48,11 @@ NOT_IN_DIGEST = frozenset({
     "out", "quiet", "progress", "in_process", "overlap_scoring", "ray", "replicas", "ray_address", "ray_num_cpus",
     "ray_num_gpus", "reward_replicas", "reward_num_cpus", "reward_num_gpus", "grid", "best_of",
     "control_best_of", "value_head", "value_heads", "resume", "reward_fn", "reward_model",
-    "reward_index", "rm_dtype", "rm_max_length", "reward_batch_size"})
+    "reward_index", "rm_dtype", "rm_max_length", "reward_batch_size", "reference_column"})
+# vLLM engine arguments that say how to run the engine (memory, batch limits, parallelism),
+# as collect's resume takes them, and as --replicas is: not what a method generates.
+# max_model_len is not among them here: it cuts a response short.
+ENGINE_HOW_TO_RUN = RESUME_ENGINE_KEYS - {"max_model_len"}
 # Options that change how samples are scored or measured, not the samples themselves.
 SCORING_OPTIONS = frozenset({"cut_at", "embedding_model", "device", "rm_engine",
                              "rm_engine_args", "trust_remote_code"})
@@ -67,9 +73,13 @@ def run_facts(options: dict[str, Any], prompts: Sequence[str],
             if k not in NOT_IN_DIGEST and not k.startswith("judge_")}
     prompts_sha = sha256_bytes(json.dumps(list(prompts)).encode())
     model, reward_model = options.get("model"), reward.get("reward_model")
+    generation = {k: v for k, v in kept.items() if k not in SCORING_OPTIONS}
+    if isinstance(generation.get("engine_args"), dict):
+        generation["engine_args"] = {k: v for k, v in generation["engine_args"].items()
+                                     if k not in ENGINE_HOW_TO_RUN}
     return {
         "generation": {
-            "options": {k: v for k, v in kept.items() if k not in SCORING_OPTIONS},
+            "options": generation,
             "prompts_sha256": prompts_sha,
             "model_files": folder_fingerprint(str(model)) if model else None,
             "versions": package_versions(),

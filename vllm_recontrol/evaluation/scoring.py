@@ -60,13 +60,16 @@ class RewardPool:
                          for actor, (lo, hi) in zip(self.actors, shares)])
         return [score for part in parts for score in part]
 
-    def close(self) -> None:
+    def close(self, failing: bool = False) -> None:
         """Free each actor's model, then stop the actors; an actor that already died (the
-        error that ended the run) does not hide that error."""
+        error that ended the run) does not hide that error. ``failing`` (the run is ending
+        on an error or Ctrl-C): the actors are killed at once, not asked to close, which
+        would wait behind a scoring call still running on them (a whole method's)."""
         import ray
 
         try:
-            ray.get([actor.close.remote() for actor in self.actors])
+            if not failing:
+                ray.get([actor.close.remote() for actor in self.actors])
         except Exception as exc:
             logger.warning("vllm-recontrol: reward actors did not close cleanly (%s: %s)",
                            type(exc).__name__, str(exc)[:200])
@@ -76,5 +79,5 @@ class RewardPool:
     def __enter__(self) -> "RewardPool":
         return self
 
-    def __exit__(self, *exc_info: Any) -> None:
-        self.close()
+    def __exit__(self, kind: Any, *exc_info: Any) -> None:
+        self.close(failing=kind is not None)

@@ -14,7 +14,10 @@ call, not per pair.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import importlib
+import inspect
 import numbers
 import os
 import sys
@@ -396,9 +399,7 @@ class RewardSource:
         if reward_fn is not None:
             if callable(reward_fn):
                 self.function = reward_fn
-                name = getattr(reward_fn, "__qualname__", None) or \
-                    type(reward_fn).__qualname__  # an object with __call__ has no own name
-                self.spec = f"{getattr(reward_fn, '__module__', None)}:{name}"
+                self.spec = callable_spec(reward_fn)
             else:
                 self.spec = str(reward_fn)
                 self.function = load_reward_fn(self.spec)
@@ -452,22 +453,36 @@ class RewardSource:
                     for i, (prompt, response) in enumerate(pairs)]
         import torch
 
+        self.load()
         try:
-            if self.scorer is None:  # loaded on first use: a resumed run may need no model
-                self.scorer = RewardModelScorer(*self._model_args)
             scores = self.scorer.score(pairs)
         except torch.OutOfMemoryError as exc:
-            _, device, dtype, batch_size, *_ = self._model_args
-            raise RewardError(
-                f"reward model {self.spec} ran out of memory on {device} ({dtype}, batches of "
-                f"{batch_size}): lower the batch size, load it in bfloat16 (rm_dtype), or give "
-                "it more room; beside a vLLM engine on the same GPU (eval) lower that engine's "
-                "gpu_memory_utilization in engine_args, or put the reward model on another "
-                f"device. {str(exc)[:200]}") from exc
+            raise self._out_of_memory(exc) from exc
         for i, value in enumerate(scores):
             if as_reward(value) is None:
                 raise RewardError(f"reward model {self.spec} gave {value!r} for {where(i)}")
         return scores
+
+    def load(self) -> None:
+        """Load a reward model now (``score`` loads it on first use: a resumed run may need
+        none); a function needs nothing. For ``eval --overlap-scoring``, which loads it in
+        the main thread while no engine generates."""
+        import torch
+
+        if self.function is None and self.scorer is None:
+            try:
+                self.scorer = RewardModelScorer(*self._model_args)
+            except torch.OutOfMemoryError as exc:
+                raise self._out_of_memory(exc) from exc
+
+    def _out_of_memory(self, exc: Exception) -> RewardError:
+        _, device, dtype, batch_size, *_ = self._model_args
+        return RewardError(
+            f"reward model {self.spec} ran out of memory on {device} ({dtype}, batches of "
+            f"{batch_size}): lower the batch size, load it in bfloat16 (rm_dtype), or give "
+            "it more room; beside a vLLM engine on the same GPU (eval) lower that engine's "
+            "gpu_memory_utilization in engine_args, or put the reward model on another "
+            f"device. {str(exc)[:200]}")
 
     def close(self) -> None:
         """Free the reward model's engine, if one was started."""
@@ -486,7 +501,7 @@ class RewardSource:
             # an unmarked batched function, handed one pair, returns a sequence
             hint = ("; a function that scores a whole batch, f(prompts, responses), must be "
                     "marked with @vllm_recontrol.batched_reward"
-                    if not isinstance(value, (str, bytes)) and hasattr(value, "__len__") else "")
+                    if not isinstance(value, (str, bytes)) and _has_items(value) else "")
             raise RewardError(f"reward function {self.spec} returned {value!r:.80} (type "
                               f"{type(value).__name__}), not a finite number, on {place}{hint}")
         return reward
@@ -531,6 +546,38 @@ class RewardSource:
                     f"{_place(where(start + offset), *chunk[offset])}")
             rewards.append(reward)
         return rewards
+
+
+def _has_items(value: Any) -> bool:
+    """A sized value with at least one item (a list; not a 0-d tensor or array, whose len()
+    raises)."""
+    try:
+        return len(value) > 0
+    except TypeError:
+        return False
+
+
+def callable_spec(function: Callable[..., Any]) -> str:
+    """How a reward callable is named in errors and in ``describe()`` (label sets and eval's
+    kept methods compare it). A function or class: ``module:qualname``. A
+    ``functools.partial``: its function's name and its arguments' reprs. Any other object
+    (a model of one's own with ``__call__``, a bound method, a lambda, a closure): its class's
+    name and its ``repr`` (a long one shortened with its digest), so that two instances (two
+    models) are never taken for one another; the default repr holds the address, so such a
+    source is not taken for another run's."""
+    if isinstance(function, functools.partial):
+        arguments = [repr(a) for a in function.args] + \
+            [f"{k}={v!r}" for k, v in function.keywords.items()]
+        return f"functools.partial({callable_spec(function.func)}, {', '.join(arguments)})"
+    name = getattr(function, "__qualname__", None)
+    if isinstance(name, str) and (inspect.isfunction(function) or inspect.isclass(function)) \
+            and "<lambda>" not in name and "<locals>" not in name:
+        return f"{function.__module__}:{name}"
+    kind, shown = type(function), repr(function)
+    if len(shown) > 200:
+        digest = hashlib.sha256(shown.encode(errors="replace")).hexdigest()[:16]
+        shown = f"{shown[:120]}... (repr sha256 {digest})"
+    return f"{kind.__module__}:{kind.__qualname__} {shown}"
 
 
 def _place(where: str, prompt: str, response: str) -> str:
