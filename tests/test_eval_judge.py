@@ -332,17 +332,10 @@ def test_eval_judges_methods_against_base_or_against_the_references():
     assert "judge" not in markdown_table(results(), coherence)
 
 
-def test_eval_writes_its_report_before_asking_the_judge(tmp_path, monkeypatch):
-    """Judging can take hours at scale: a run stopped while judging (here interrupted) has
-    already written eval.json, eval.md and the responses, without verdicts; a finished run
-    rewrites them with the verdicts."""
-    import importlib
-
-    evaluation = importlib.import_module("vllm_recontrol.evaluation.evaluate")
-    prompts = tmp_path / "p.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
-
-    class Canned:  # the methods as generated and scored, without engines
+def canned_evaluator(evaluation):
+    """An Evaluator stand-in: base's and a method's answers as generated and scored,
+    without engines."""
+    class Canned:
         def __init__(self, opts, prompts, score, coherence, finished=None, **_) -> None:
             pass
 
@@ -357,6 +350,20 @@ def test_eval_writes_its_report_before_asking_the_judge(tmp_path, monkeypatch):
 
         def close(self) -> None:
             pass
+    return Canned
+
+
+def test_eval_writes_its_report_before_asking_the_judge(tmp_path, monkeypatch):
+    """Judging can take hours at scale: a run stopped while judging (here interrupted) has
+    already written eval.json, eval.md and the responses, without verdicts; a finished run
+    rewrites them with the verdicts."""
+    import importlib
+
+    evaluation = importlib.import_module("vllm_recontrol.evaluation.evaluate")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+
+    Canned = canned_evaluator(evaluation)
 
     seen = []
 
@@ -528,21 +535,7 @@ def test_eval_stopped_while_judging_asks_only_the_rest_and_no_resume_asks_all(
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
 
-    class Canned:  # the methods as generated and scored, without engines
-        def __init__(self, opts, prompts, score, coherence, finished=None, **_) -> None:
-            pass
-
-        def methods(self):
-            made = [evaluation.MethodResult("base", seconds=1.0, delivered_tokens=1),
-                    evaluation.MethodResult("re-control", alpha=1.0, steps=30, seconds=1.0,
-                                            delivered_tokens=1)]
-            for r, answers in zip(made, (BASE, METHOD)):
-                r.responses, r.rewards = list(answers), [float(goods(a)) for a in answers]
-                r.reward = r.win_rate = r.diversity = 0.0
-            return made
-
-        def close(self) -> None:
-            pass
+    Canned = canned_evaluator(evaluation)
 
     monkeypatch.setattr(evaluation, "Evaluator", Canned)
     monkeypatch.setenv("OPENAI_API_KEY", "sk-not-to-be-written")
