@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import random
@@ -687,10 +688,9 @@ def test_a_bad_reward_model_setting_fails_before_any_engine_starts(tmp_path, mon
 def test_two_vllm_engines_that_cannot_share_the_gpu_are_refused_before_either_starts(
         tmp_path, monkeypatch):
     """--rm-engine vllm beside the generation engine on one GPU: vLLM refuses an engine whose
-    gpu_memory_utilization share is not free (kv_cache_memory_bytes or not), and the reward
-    engine starts once generation has begun; both default to vLLM's 0.92. Shares that fit,
-    a generation engine sized by kv_cache_memory_bytes, Ray actors, no GPU, or a rerun that
-    only rescores kept samples (no generation engine) pass."""
+    gpu_memory_utilization share is not free (kv_cache_memory_bytes or not), whichever starts
+    second; both default to vLLM's 0.92. Shares that fit, Ray actors, no GPU, or a rerun
+    that only rescores kept samples (no generation engine) pass."""
     import importlib
 
     import torch
@@ -752,8 +752,10 @@ def test_two_vllm_engines_that_cannot_share_the_gpu_are_refused_before_either_st
         model="m", value_head="h", prompts="p", engine_args={"gpu_memory_utilization": 0.6},
         reward_model="rm", rm_engine="vllm", rm_engine_args={"gpu_memory_utilization": 0.3})
     check(fits)  # 0.9: fits
-    for passes in ({"engine_args": {"kv_cache_memory_bytes": 1 << 30}},
-                   {"ray": True}, {"ray": True, "reward_replicas": 2}, {"rm_engine": "hf"}):
+    with pytest.raises(RecontrolError, match="add up to 1.84"):  # vLLM asks 0.92 anyway
+        check(evaluate_module.EvalOptions(**{**vars(fits), "rm_engine_args": {},
+                                             "engine_args": {"kv_cache_memory_bytes": 1 << 30}}))
+    for passes in ({"ray": True}, {"ray": True, "reward_replicas": 2}, {"rm_engine": "hf"}):
         check(evaluate_module.EvalOptions(**{**vars(fits), "engine_args": {},
                                              "rm_engine_args": {}, **passes}))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -956,6 +958,15 @@ def test_a_new_reward_rescores_the_kept_samples_without_generating_again(tmp_pat
     assert calls == [] and [(r["examples"], r["rewards"]) for r in last] == \
         [(r["examples"], r["rewards"]) for r in again]
 
+    def scaled(k):  # closures: no name tells two apart, so nothing scored is read back
+        return lambda prompt, response: k * float(len(response))
+
+    plus = run(scaled(1.0), max_tokens=9)
+    gc.collect()  # the first closure freed: the next may reuse its address
+    minus = run(scaled(-1.0), max_tokens=9)
+    assert calls == [] and [r["rewards"] for r in minus if r["n"] == 1] == \
+        [[-x for x in r["rewards"]] for r in plus if r["n"] == 1]
+
 
 def test_background_scoring_runs_jobs_in_order_and_stops_at_a_failure():
     """The scoring thread: first in, first out; busy while a job waits; drain waits for all;
@@ -985,9 +996,10 @@ def test_background_scoring_runs_jobs_in_order_and_stops_at_a_failure():
     running = stopping.submit(lambda: started.set() or gate.wait(5))
     queued = stopping.submit(lambda: order.append("never"))
     assert started.wait(5)
-    stopping.close(wait=False)
+    stopping.close(wait=False, grace_s=0.1)  # the running job outlives the grace: abandoned
+    assert stopping.abandoned and queued.cancelled() and not running.done()
     gate.set()
-    assert running.result(timeout=5) is True and queued.cancelled() and "never" not in order
+    assert running.result(timeout=5) is True and "never" not in order
 
     inline = BackgroundScoring(enabled=False)
     assert inline.submit(threading.current_thread).result() is threading.current_thread()
@@ -1021,6 +1033,8 @@ def test_a_method_is_scored_while_the_next_generates_with_the_scores_of_one_at_a
             calls.append(method)
             if len(calls) > 1:
                 generating.set()
+                if module.engine_fails:
+                    raise RuntimeError("engine died")
             deadline = time.monotonic() + 5
             while module.fail and len(calls) > 1 and time.monotonic() < deadline and \
                     scorers[-1]._failed is None:  # base's scoring fails meanwhile
@@ -1042,7 +1056,7 @@ def test_a_method_is_scored_while_the_next_generates_with_the_scores_of_one_at_a
 
     monkeypatch.setattr(evaluation, "BackgroundScoring", Scoring)
     module = types.ModuleType("recontrol_test_waiting_reward")
-    seen, module.fail = [], []
+    seen, module.fail, module.engine_fails = [], [], False
 
     def waits(prompt: str, response: str) -> float:
         if module.fail:
@@ -1059,7 +1073,7 @@ def test_a_method_is_scored_while_the_next_generates_with_the_scores_of_one_at_a
         options = dict(model="org/model", value_head=str(head), prompts=str(prompts),
                        grid="0.5:2,1:3,2:4", best_of=[2], control_best_of=True,
                        system_prompt="be good", quiet=True, out=str(tmp_path / out),
-                       reward_fn="recontrol_test_waiting_reward:waits")
+                       reward_fn="recontrol_test_waiting_reward:waits", progress=False)
         report = evaluation.evaluate(**{**options, **extra})
         return [{k: v for k, v in r.items() if k != "seconds"} for r in report["results"]]
 
@@ -1074,12 +1088,31 @@ def test_a_method_is_scored_while_the_next_generates_with_the_scores_of_one_at_a
     assert overlapped[1]["overlapped"] and not overlapped[0]["overlapped"]
     table = (tmp_path / "a" / "eval.md").read_text()
     assert "| re-control + |" in table and "| base |" in table and "--overlap-scoring" in table
+    module.other = lambda prompt, response: -waits(prompt, response)
+    rescored = run("a", reward_fn="recontrol_test_waiting_reward:other")
+    # base, the grid and Best-of-N rescored from their samples, their marks kept with the
+    # samples (as their timing is); the combinations follow the grid's new best point
+    assert len(calls) == 2 and [r["overlapped"] for r in rescored[:5]] == \
+        [r["overlapped"] for r in overlapped[:5]] and rescored[1]["overlapped"]
     in_turn = run("b")  # the default: one at a time
     assert seen == [False] and not any(r["overlapped"] for r in in_turn)
     assert [{**r, "overlapped": False} for r in overlapped] == in_turn  # the same report
     assert [r["method"] for r in in_turn] == [
         "base", "re-control", "re-control", "re-control", "best-of-2",
         "re-control + best-of-2", "prompting", "re-control + prompting"]
+    # the engine dies while base is scored: the scoring call gets the grace, then is
+    # abandoned, and what it finishes afterwards is not kept
+    release = threading.Event()
+    module.slow = lambda prompt, response: release.wait(10) and 1.0
+    monkeypatch.setattr(evaluation, "SCORING_GRACE_S", 0.2)
+    module.engine_fails = True
+    with pytest.raises(RuntimeError, match="engine died"):
+        run("d", overlap_scoring=True, reward_fn="recontrol_test_waiting_reward:slow")
+    module.engine_fails = False
+    release.set()
+    time.sleep(0.5)  # the abandoned call ends meanwhile
+    assert not list((tmp_path / "d" / "methods").glob("*.json"))  # no finished method
+    assert len(list((tmp_path / "d" / "methods" / "samples").glob("*.json"))) == 1
     module.fail.append(1)
     with pytest.raises(RewardError, match="the reward model is gone"):
         run("c", overlap_scoring=True)

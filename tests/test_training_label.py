@@ -92,7 +92,7 @@ def test_reward_fn_labels_every_row(data):
     again = label(data=str(data), reward_fn="training_fakes:good_reward", progress=False)
     assert again["shards skipped (already labelled)"] == 3 and again["shards labelled now"] == 0
     with pytest.raises(DataError, match="made differently"):
-        label(data=str(data), reward_fn=lambda p, r: 0.0, progress=False)
+        label(data=str(data), reward_fn="training_fakes:opposite_reward", progress=False)
     info = json.loads((labels_dir(data, "reward") / "info.json").read_text())
     assert info["source"] == {"reward_fn": "training_fakes:good_reward"}
 
@@ -626,13 +626,16 @@ def test_a_label_run_that_stopped_before_its_first_shard_does_not_lock_its_set(t
 
 def test_reward_callables_are_named_so_that_two_different_ones_never_match():
     """describe() decides whether a label set resumes and whether eval reads a finished method
-    back: a module-level function is named by module:qualname (stable across runs); a
-    functools.partial by its function and arguments; an object with __call__ (a model of
-    one's own), a lambda or a closure by its class and repr, so two instances (two models)
-    or two closures never share a name."""
+    back. Stable names: a module-level function, a partial of one with plain-data
+    arguments, a callable given a __recontrol_name__. An object with __call__, a bound
+    method, a lambda, a closure, a factory's functools.wraps wrapper, a cache not reachable
+    by its name, or a partial holding a tensor gets no stable name: its description never
+    equals another source's, also once the first callable is freed and Python reuses its
+    address."""
     import functools
+    import gc
 
-    from vllm_recontrol.training.rewards import RewardSource
+    from vllm_recontrol.training.rewards import RewardSource, callable_spec, reward_fn_modules
 
     class Scorer:
         def __init__(self, scale: float) -> None:
@@ -641,24 +644,57 @@ def test_reward_callables_are_named_so_that_two_different_ones_never_match():
         def __call__(self, prompt: str, response: str) -> float:
             return self.scale * len(response)
 
-    def describe(fn):
-        return RewardSource(reward_fn=fn).describe()["reward_fn"]
+        def score(self, prompt: str, response: str) -> float:
+            return self(prompt, response)
 
-    source = RewardSource(reward_fn=Scorer(1.0))
-    assert source.score([("p", "abc"), ("p", "")]) == [3.0, 0.0]
-    assert describe(Scorer(1.0)) != describe(Scorer(1.0))  # the default repr: the address
-    assert describe(good_reward) == "training_fakes:good_reward" == describe(good_reward)
+    def describe(fn):
+        return RewardSource(reward_fn=fn).describe()
+
+    assert RewardSource(reward_fn=Scorer(1.0)).score([("p", "abc"), ("p", "")]) == [3.0, 0.0]
+    assert describe(good_reward) == {"reward_fn": "training_fakes:good_reward"}
     scaled = functools.partial(good_reward, response="x")
-    assert describe(scaled) == "functools.partial(training_fakes:good_reward, response='x')"
+    assert describe(scaled) == {
+        "reward_fn": "functools.partial(training_fakes:good_reward, response='x')"}
     assert describe(functools.partial(good_reward, response="y")) != describe(scaled)
+    assert reward_fn_modules(scaled) == ["training_fakes"]  # shipped to Ray actors
+    long = callable_spec(functools.partial(good_reward, response="w" * 5000))
+    assert long[1] and len(long[0]) < 300  # the arguments in a digest
 
     def closure(scale):
         return lambda prompt, response: scale * len(response)
 
-    assert describe(closure(1)) != describe(closure(-1))
-    long = Scorer(1.0)
-    long.__class__.__repr__ = lambda self: "Scorer(" + "w" * 500 + f"{self.scale})"
-    assert describe(long) != describe(Scorer(2.0)) and len(describe(long)) < len(repr(long))
+    def wrapped(scale):  # a factory's wrapper takes good_reward's name, not its rewards
+        return functools.wraps(good_reward)(lambda prompt, response: scale)
+
+    unnamed = [lambda: Scorer(1.0), lambda: Scorer(1.0).score, lambda: closure(1),
+               lambda: functools.partial(good_reward, response=torch.zeros(3)),
+               lambda: wrapped(1.0), lambda: functools.lru_cache(good_reward)]
+    for make in unnamed:
+        first = describe(make())  # no reference kept: the next may reuse the address
+        gc.collect()
+        assert "unnamed" in first and describe(make()) != first
+    named = Scorer(2.0)
+    named.__recontrol_name__ = "length-x2"
+    assert describe(named) == describe(named.score) == {"reward_fn": "named:length-x2"}
+
+
+def test_a_label_set_of_an_unnamed_reward_callable_is_not_resumed_by_another(data):
+    """Label with an object reward: a second run with another object (which may compute
+    something else) is refused with what to do, not resumed into a mix; named through
+    __recontrol_name__ it resumes."""
+    class Scorer:
+        def __call__(self, prompt: str, response: str) -> float:
+            return good_reward(prompt, response)
+
+    label(data=str(data), reward_fn=Scorer(), name="unnamed-object", progress=False)
+    with pytest.raises(DataError, match=r"has no name that tells it from another reward .*"
+                                        r"__recontrol_name__"):
+        label(data=str(data), reward_fn=Scorer(), name="unnamed-object", progress=False)
+    named = Scorer()
+    named.__recontrol_name__ = "good"
+    label(data=str(data), reward_fn=named, name="named-object", progress=False)
+    again = label(data=str(data), reward_fn=named, name="named-object", progress=False)
+    assert again["shards labelled now"] == 0 and again["shards skipped (already labelled)"] == 3
 
 
 def test_a_non_finite_zero_dimensional_tensor_is_not_taken_for_a_batch():

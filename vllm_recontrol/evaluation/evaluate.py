@@ -41,6 +41,9 @@ from .resume import METHODS_DIR, FinishedMethods, log_reused, run_facts
 from .scoring import RewardPool
 
 RESPONSES_FILE = "responses.jsonl"  # every returned response, beside eval.json
+# seconds a scoring call in flight (--overlap-scoring) gets to end when the run fails,
+# before the reward model is closed under it
+SCORING_GRACE_S = 10.0
 JUDGE_ANSWERS_FILE = "judge-answers.jsonl"  # the judge's answers, read back by a rerun
 
 DEFAULT_SYSTEM_PROMPT = ("You are a helpful, honest and harmless assistant. Answer the user "
@@ -293,7 +296,7 @@ class Evaluator:
                                                               controlled)
         kept = finished and finished.load_samples(samples_digest, len(self.prompts))
         if kept:
-            (samples, result.seconds), result.reused = kept, True
+            (samples, result.seconds, result.overlapped), result.reused = kept, True
             self.rescored += 1
         else:
             self._scoring.raise_failure()  # a method that cannot be scored: stop here
@@ -303,7 +306,8 @@ class Evaluator:
                 alpha=result.alpha, steps=result.steps, head=result.head, n=result.n,
                 prompting=result.prompting, max_norm=result.max_norm))
             if finished:  # before scoring: a reward model that fails loses no generation
-                finished.save_samples(samples_digest, samples, result.seconds)
+                finished.save_samples(samples_digest, samples, result.seconds,
+                                      result.overlapped)
 
         if self.overlap and not self._prepared:  # a reward model (and its vLLM engine)
             self._prepare()  # loads here, while no engine generates, not on the thread
@@ -311,7 +315,7 @@ class Evaluator:
 
         def score() -> MethodResult:
             judge(result, self.prompts, samples, self.score, self.coherence, self.opts.cut_at)
-            if finished:
+            if finished and not self._scoring.abandoned:  # not after eval has given up
                 finished.save(digest, result)
             return result
         return self._scoring.submit(score)
@@ -331,7 +335,7 @@ class Evaluator:
         try:
             results = self._methods()
         except BaseException:
-            self._scoring.close(wait=False)
+            self._scoring.close(wait=False, grace_s=SCORING_GRACE_S)
             raise
         self._scoring.close()
         for result in results:
@@ -706,17 +710,14 @@ SHARED_GPU_LIMIT = 0.95
 def check_shared_gpu(opts: EvalOptions) -> None:
     """With ``--rm-engine vllm`` beside the generation engine on this machine's GPU, their
     ``gpu_memory_utilization`` must fit in it together: vLLM 0.32 refuses to start an engine
-    whose share of the card is not free (also with ``kv_cache_memory_bytes`` set), and the
-    reward engine starts once generation has begun (both default to 0.92). Checked when
-    the generation engine is about to start (a rerun that only rescores kept samples starts
-    none). Not checked where no GPU is visible, where the generation engine's footprint is
-    set by ``kv_cache_memory_bytes`` instead, or where either runs on Ray actors."""
+    whose share of the card is not free (also with ``kv_cache_memory_bytes`` set), whichever
+    of the two starts second (both default to 0.92). Checked when the generation engine is
+    about to start (a rerun that only rescores kept samples starts none). Not checked where
+    no GPU is visible or where either runs on Ray actors."""
     import torch
 
     if opts.rm_engine != "vllm" or not opts.reward_model or opts.ray or \
             opts.reward_replicas > 1 or not torch.cuda.is_available():
-        return
-    if "kv_cache_memory_bytes" in opts.engine_args:
         return
     default = vllm_memory_share_default()
     engines = (("--engine-args", opts.engine_args), ("--rm-engine-args", opts.rm_engine_args))
@@ -730,10 +731,11 @@ def check_shared_gpu(opts: EvalOptions) -> None:
         raise RecontrolError(
             f"--rm-engine vllm starts the reward model's vLLM engine beside the generation "
             f"engine on this GPU, and their gpu_memory_utilization shares add up to "
-            f"{sum(shares):g} of it ({said}): vLLM would refuse the reward engine "
-            f"at its start, after generation has begun. Give them shares that sum to at most "
+            f"{sum(shares):g} of it ({said}): vLLM would refuse whichever starts second, "
+            f"after the first has begun its work. Give them shares that sum to at most "
             f"{SHARED_GPU_LIMIT:g}, e.g. --engine-args '{{\"gpu_memory_utilization\": 0.6}}' "
-            f"--rm-engine-args '{{\"gpu_memory_utilization\": 0.3}}', or score on Ray actors "
+            f"--rm-engine-args '{{\"gpu_memory_utilization\": 0.3}}' (also beside "
+            f"kv_cache_memory_bytes, which vLLM does not count here), or score on Ray actors "
             f"(--ray --reward-replicas N)")
 
 

@@ -31,6 +31,7 @@ class BackgroundScoring:
         self._failed: Future | None = None
         self._pending = 0  # submitted, not finished
         self._lock = threading.Lock()
+        self.abandoned = False  # the run gave up: a job still running keeps no result
         self._thread: threading.Thread | None = None
         if enabled:
             self._thread = threading.Thread(target=self._work, name="recontrol-scoring",
@@ -49,7 +50,6 @@ class BackgroundScoring:
             return future
         with self._lock:
             self._pending += 1
-        future.add_done_callback(self._finished)
         self._jobs.put((job, future))
         return future
 
@@ -64,7 +64,7 @@ class BackgroundScoring:
             self.submit(lambda: None).result()
         self.raise_failure()
 
-    def _finished(self, future: Future) -> None:
+    def _finished(self) -> None:
         with self._lock:
             self._pending -= 1
 
@@ -73,20 +73,24 @@ class BackgroundScoring:
         if self._failed is not None:
             self._failed.result()
 
-    def close(self, wait: bool = True) -> None:
-        """Stop the worker after the queued jobs (``wait``) or cancel the ones not started."""
+    def close(self, wait: bool = True, grace_s: float = 10.0) -> None:
+        """Stop the worker after the queued jobs (``wait``), or (the run failed, Ctrl-C)
+        cancel the ones not started and give a running one ``grace_s`` to end before the
+        caller closes what it uses (the reward model); one still running then is abandoned
+        (a daemon thread: it does not hold the process)."""
         if self._thread is None:
             return
         if not wait:
+            self.abandoned = True
             while True:
                 try:
                     _, future = self._jobs.get_nowait()
                 except queue.Empty:
                     break
                 future.cancel()
+                self._finished()
         self._jobs.put(_STOP)
-        if wait:
-            self._thread.join()
+        self._thread.join(None if wait else grace_s)
         self._thread = None
 
     def _work(self) -> None:
@@ -97,13 +101,22 @@ class BackgroundScoring:
             job, future = item
             if not future.set_running_or_notify_cancel():
                 continue
-            _run(job, future)
-            if future.exception() is not None and self._failed is None:
-                self._failed = future
+            _run(job, future, self)
 
 
-def _run(job: Callable[[], Any], future: Future) -> None:
+def _run(job: Callable[[], Any], future: Future,
+         counted: BackgroundScoring | None = None) -> None:
+    """Run ``job`` into ``future``; a counted job leaves ``busy`` before the future is
+    resolved (whoever wakes on it must not see it still pending)."""
     try:
-        future.set_result(job())
+        result = job()
     except BaseException as exc:  # handed to whoever waits on the future
+        if counted is not None:
+            counted._finished()
+            if counted._failed is None:
+                counted._failed = future
         future.set_exception(exc)
+        return
+    if counted is not None:
+        counted._finished()
+    future.set_result(result)

@@ -77,6 +77,10 @@ def run_facts(options: dict[str, Any], prompts: Sequence[str],
     if isinstance(generation.get("engine_args"), dict):
         generation["engine_args"] = {k: v for k, v in generation["engine_args"].items()
                                      if k not in ENGINE_HOW_TO_RUN}
+    scoring = {k: v for k, v in kept.items() if k in SCORING_OPTIONS}
+    if isinstance(scoring.get("rm_engine_args"), dict):  # the reward engine's, likewise
+        scoring["rm_engine_args"] = {k: v for k, v in scoring["rm_engine_args"].items()
+                                     if k not in ENGINE_HOW_TO_RUN}
     return {
         "generation": {
             "options": generation,
@@ -85,7 +89,7 @@ def run_facts(options: dict[str, Any], prompts: Sequence[str],
             "versions": package_versions(),
             "environment": {name: os.environ.get(name) for name in DIGEST_ENVIRONMENT}},
         "scoring": {
-            "options": {k: v for k, v in kept.items() if k in SCORING_OPTIONS},
+            "options": scoring,
             "reward": reward,
             "reward_model_files": (folder_fingerprint(str(reward_model)) if reward_model
                                    else None)}}
@@ -180,9 +184,11 @@ class FinishedMethods:
                   if k not in ("judge", "reused")}
         self._write(self.folder / f"{digest[:32]}.json", FORMAT, digest, fields)
 
-    def load_samples(self, digest: str | None, prompts: int) -> tuple[Samples, float] | None:
-        """A method's samples and generation seconds, or None when they are not on disk, are
-        unreadable or do not fit (``prompts`` lists of [text, tokens] pairs)."""
+    def load_samples(self, digest: str | None, prompts: int
+                     ) -> tuple[Samples, float, bool] | None:
+        """A method's samples, generation seconds and whether it generated while another
+        method was scored, or None when they are not on disk, are unreadable or do not fit
+        (``prompts`` lists of [text, tokens] pairs)."""
         saved = self._read(self.folder / SAMPLES_DIR / f"{digest[:32]}.json", SAMPLES_FORMAT,
                            digest) if digest else None
         if not isinstance(saved, dict):
@@ -202,13 +208,15 @@ class FinishedMethods:
                     return None
                 pairs.append((pair[0], pair[1]))
             restored.append(pairs)
-        return restored, float(seconds)
+        return restored, float(seconds), saved.get("overlapped") is True
 
-    def save_samples(self, digest: str | None, samples: Samples, seconds: float) -> None:
+    def save_samples(self, digest: str | None, samples: Samples, seconds: float,
+                     overlapped: bool = False) -> None:
         """Write a method's samples as soon as it has generated them."""
         if digest is not None:
             self._write(self.folder / SAMPLES_DIR / f"{digest[:32]}.json", SAMPLES_FORMAT,
-                        digest, {"samples": samples, "seconds": seconds})
+                        digest, {"samples": samples, "seconds": seconds,
+                                 "overlapped": overlapped})
 
     def _read(self, path: Path, form: str, digest: str) -> Any:
         if not self.enabled:

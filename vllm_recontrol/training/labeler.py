@@ -178,6 +178,13 @@ def _prepare_info(opts: LabelOptions, source: RewardSource, data: Path) -> Path:
             print(f"label: label set {folder} holds no labels yet; its info is replaced by "
                   "this run's", file=sys.stderr, flush=True)
             shutil.rmtree(folder)
+        elif old != info and not source.stable_name:
+            raise DataError(f"label set {folder} holds labels, and reward function "
+                            f"{source.spec} has no name that tells it from another reward "
+                            f"(an object, a bound method, a lambda or a closure), so the set "
+                            f"cannot be resumed with it: pass it as module:function, name it "
+                            f"(its __recontrol_name__ attribute, e.g. \"rm-v3\"), use --name "
+                            f"for a new set or --overwrite to replace this one")
         elif old != info:
             raise DataError(f"label set {folder} was made differently "
                             f"({old.get('source') if isinstance(old, dict) else old}, cut_at "

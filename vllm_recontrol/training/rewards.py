@@ -21,6 +21,7 @@ import inspect
 import numbers
 import os
 import sys
+import uuid
 from collections.abc import Mapping, Set
 from typing import Any, Callable, Sequence, TypeVar, overload
 
@@ -134,7 +135,9 @@ def reward_fn_modules(reward_fn: Any) -> list[str]:
     if reward_fn is None:
         return []
     if callable(reward_fn):
-        module = getattr(reward_fn, "__module__", None)
+        while isinstance(reward_fn, functools.partial):  # the partial's function's module
+            reward_fn = reward_fn.func
+        module = getattr(getattr(reward_fn, "__func__", reward_fn), "__module__", None)
         return [module] if module and module != "__main__" else []
     return [str(reward_fn).partition(":")[0]]
 
@@ -390,6 +393,7 @@ class RewardSource:
             raise RewardError(f"{command} needs exactly one of --reward-fn module:function and "
                               "--reward-model NAME")
         self.function: Callable[..., Any] | None = None
+        self.stable_name = True  # False: a callable no name tells apart (callable_spec)
         self.scorer: RewardModelScorer | None = None
         if engine not in RM_ENGINES:
             raise RewardError(f"{command}: reward model engine must be one of "
@@ -399,7 +403,9 @@ class RewardSource:
         if reward_fn is not None:
             if callable(reward_fn):
                 self.function = reward_fn
-                self.spec = callable_spec(reward_fn)
+                self.spec, self.stable_name = callable_spec(reward_fn)
+                if not self.stable_name:  # told apart from every other source, resumed never
+                    self._nonce = uuid.uuid4().hex
             else:
                 self.spec = str(reward_fn)
                 self.function = load_reward_fn(self.spec)
@@ -431,6 +437,8 @@ class RewardSource:
         it is called (as a reward model's batch size, left out too), so a set begun by the
         per-pair form of a function resumes under its batched form of the same name."""
         if self.function is not None:
+            if not self.stable_name:
+                return {"reward_fn": self.spec, "unnamed": self._nonce}
             return {"reward_fn": self.spec}
         _, _, dtype, _, max_length, reward_index, _, _, _ = self._model_args
         # "scored_token": what this release scores (each text's last token, padding with an
@@ -550,34 +558,89 @@ class RewardSource:
 
 def _has_items(value: Any) -> bool:
     """A sized value with at least one item (a list; not a 0-d tensor or array, whose len()
-    raises)."""
+    raises, nor a mapping)."""
+    if isinstance(value, Mapping):
+        return False
     try:
         return len(value) > 0
-    except TypeError:
+    except Exception:
         return False
 
 
-def callable_spec(function: Callable[..., Any]) -> str:
-    """How a reward callable is named in errors and in ``describe()`` (label sets and eval's
-    kept methods compare it). A function or class: ``module:qualname``. A
-    ``functools.partial``: its function's name and its arguments' reprs. Any other object
-    (a model of one's own with ``__call__``, a bound method, a lambda, a closure): its class's
-    name and its ``repr`` (a long one shortened with its digest), so that two instances (two
-    models) are never taken for one another; the default repr holds the address, so such a
-    source is not taken for another run's."""
+NAME_ATTRIBUTE = "__recontrol_name__"  # a name a user gives a reward callable
+_PLAIN = (str, int, float, bool, type(None))
+
+
+def callable_spec(function: Callable[..., Any]) -> tuple[str, bool]:
+    """(how a reward callable is named, whether that name is stable): label sets and eval's
+    kept methods compare the name, so it must tell two different rewards apart in any
+    process. Stable: a callable that its ``module:qualname`` resolves to (a module-level
+    function or class, also a decorated or ``lru_cache``'d one), a ``functools.partial`` of
+    one with plain-data arguments, or a callable carrying a ``__recontrol_name__`` (set on
+    the function, on the object, or on a bound method's object). Anything else (an object
+    with ``__call__``, a bound method, a lambda, a closure, a factory's wrapper) is named for
+    messages only: its state is in no name, and reprs hold addresses that Python reuses."""
+    given = _given_name(function)
+    if given is not None:
+        return f"named:{given}", True
     if isinstance(function, functools.partial):
-        arguments = [repr(a) for a in function.args] + \
-            [f"{k}={v!r}" for k, v in function.keywords.items()]
-        return f"functools.partial({callable_spec(function.func)}, {', '.join(arguments)})"
-    name = getattr(function, "__qualname__", None)
-    if isinstance(name, str) and (inspect.isfunction(function) or inspect.isclass(function)) \
-            and "<lambda>" not in name and "<locals>" not in name:
-        return f"{function.__module__}:{name}"
-    kind, shown = type(function), repr(function)
-    if len(shown) > 200:
-        digest = hashlib.sha256(shown.encode(errors="replace")).hexdigest()[:16]
-        shown = f"{shown[:120]}... (repr sha256 {digest})"
-    return f"{kind.__module__}:{kind.__qualname__} {shown}"
+        inner, stable = callable_spec(function.func)
+        arguments = [*function.args, *function.keywords.values()]
+        shown = ", ".join([repr(a) for a in function.args] +
+                          [f"{k}={v!r}" for k, v in function.keywords.items()])
+        if len(shown) > 200:  # the full arguments in a digest, not in every message
+            digest = hashlib.sha256(shown.encode(errors="replace")).hexdigest()[:16]
+            shown = f"{shown[:120]}... (arguments sha256 {digest})"
+        spec = f"functools.partial({inner}" + (f", {shown})" if shown else ")")
+        return spec, stable and all(_plain_data(a) for a in arguments)
+    name, module = getattr(function, "__qualname__", None), getattr(function, "__module__", None)
+    if isinstance(name, str) and isinstance(module, str):
+        if _resolves_to(module, name, function):
+            return f"{module}:{name}", True
+        if inspect.isfunction(function):  # a lambda, a closure, a factory's wrapper
+            return f"{module}:{name} (not reachable by that name)", False
+    owner = getattr(function, "__self__", None)
+    if inspect.ismethod(function) and owner is not None:
+        return (f"{type(owner).__module__}:{type(owner).__qualname__}.{function.__name__} "
+                "(a bound method)"), False
+    kind = type(function)
+    return f"{kind.__module__}:{kind.__qualname__} (an object)", False
+
+
+def _resolves_to(module: str, qualname: str, function: Any) -> bool:
+    """Whether ``module:qualname`` names ``function`` itself (not another object that took
+    its name, as ``functools.wraps`` gives a factory's wrapper)."""
+    if "<" in qualname or module not in sys.modules:
+        return False
+    found: Any = sys.modules[module]
+    for part in qualname.split("."):
+        found = getattr(found, part, None)
+        if found is None:
+            return False
+    try:
+        return found is function or bool(found == function)
+    except Exception:
+        return False
+
+
+def _given_name(function: Any) -> str | None:
+    for holder in (function, getattr(function, "__self__", None)):
+        name = getattr(holder, NAME_ATTRIBUTE, None) if holder is not None else None
+        if isinstance(name, str) and name:
+            return name
+    return None
+
+
+def _plain_data(value: Any) -> bool:
+    """Compared by value through its repr: str, numbers, None and lists, tuples and dicts of
+    them (a tensor's or an array's repr elides values, a model's shows no weights)."""
+    if isinstance(value, _PLAIN):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_plain_data(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, _PLAIN) and _plain_data(v) for k, v in value.items())
+    return False
 
 
 def _place(where: str, prompt: str, response: str) -> str:
