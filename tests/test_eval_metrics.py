@@ -1001,6 +1001,19 @@ def test_background_scoring_runs_jobs_in_order_and_stops_at_a_failure():
     gate.set()
     assert running.result(timeout=5) is True and "never" not in order
 
+    ending, gate = BackgroundScoring(), threading.Event()
+    quick = ending.submit(lambda: gate.wait(5))
+    threading.Timer(0.1, gate.set).start()
+    ending.close(wait=False, grace_s=5)  # ends within the grace: not abandoned
+    assert quick.result(timeout=5) is True and not ending.abandoned
+
+    light = BackgroundScoring()  # light jobs (a read-back's bookkeeping) are not "busy"
+    held = light.submit(lambda: gate.wait(5), weighs=False)
+    assert not light.busy()
+    light.drain()
+    assert held.done()
+    light.close()
+
     inline = BackgroundScoring(enabled=False)
     assert inline.submit(threading.current_thread).result() is threading.current_thread()
     with pytest.raises(ZeroDivisionError):

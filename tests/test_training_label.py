@@ -675,7 +675,11 @@ def test_reward_callables_are_named_so_that_two_different_ones_never_match():
         assert "unnamed" in first and describe(make()) != first
     named = Scorer(2.0)
     named.__recontrol_name__ = "length-x2"
-    assert describe(named) == describe(named.score) == {"reward_fn": "named:length-x2"}
+    assert describe(named) == {"reward_fn": "named:length-x2"}
+    assert describe(named.score) == {"reward_fn": "named:length-x2.score"}  # two methods:
+    assert describe(named.__call__) != describe(named.score)  # two rewards
+    Scorer.__recontrol_name__ = "every-scorer"  # a class's name does not name its instances
+    assert "unnamed" in describe(Scorer(3.0))
 
 
 def test_a_label_set_of_an_unnamed_reward_callable_is_not_resumed_by_another(data):

@@ -23,6 +23,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 from ..config import DEFAULT_HEAD, FLOAT32_MAX
 from ..files import write_text_atomic
+from ..logs import get_logger
 from ..training.common import (RecontrolError, build_options, check_engine_args,
                                check_model_path, json_argument, parse_command_line, run_main,
                                sampling_refusal, write_jsonl_atomic)
@@ -40,6 +41,7 @@ from .plots import save_plots
 from .resume import METHODS_DIR, FinishedMethods, log_reused, run_facts
 from .scoring import RewardPool
 
+logger = get_logger(__name__)
 RESPONSES_FILE = "responses.jsonl"  # every returned response, beside eval.json
 # seconds a scoring call in flight (--overlap-scoring) gets to end when the run fails,
 # before the reward model is closed under it
@@ -291,7 +293,7 @@ class Evaluator:
         restored = restore_method(finished and finished.load(digest), len(self.prompts))
         if restored is not None:
             self.reused += 1
-            return self._scoring.submit(lambda: self._remember(restored))
+            return self._scoring.submit(lambda: self._remember(restored), weighs=False)
         samples_digest = finished and finished.samples_digest(result.key, result.head,
                                                               controlled)
         kept = finished and finished.load_samples(samples_digest, len(self.prompts))
@@ -625,6 +627,10 @@ def evaluate(**options: Any) -> dict[str, Any]:
     if opts.reward_replicas == 1:  # on actors the files may live on the workers only
         source.check()  # a reward model's settings, tokenizer and config, before any engine
     coherence = Coherence.load(opts.embedding_model, opts.device)
+    if not source.stable_name and opts.resume:
+        logger.warning("eval: reward function %s has no name that tells it from another "
+                       "reward, so no scored method is read back: kept samples are scored "
+                       "again (give it a __recontrol_name__ to reuse its scores)", source.spec)
     finished = FinishedMethods(
         Path(opts.out) / METHODS_DIR,
         run_facts(asdict(opts), prompts, source.describe()),

@@ -17,6 +17,10 @@ import threading
 from concurrent.futures import Future
 from typing import Any, Callable
 
+from ..logs import get_logger
+
+logger = get_logger(__name__)
+
 _STOP = object()
 
 
@@ -30,6 +34,7 @@ class BackgroundScoring:
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._failed: Future | None = None
         self._pending = 0  # submitted, not finished
+        self._weighing = 0  # of them, jobs that score (not a read-back's bookkeeping)
         self._lock = threading.Lock()
         self.abandoned = False  # the run gave up: a job still running keeps no result
         self._thread: threading.Thread | None = None
@@ -38,10 +43,11 @@ class BackgroundScoring:
                                             daemon=True)
             self._thread.start()
 
-    def submit(self, job: Callable[[], Any]) -> Future:
+    def submit(self, job: Callable[[], Any], weighs: bool = True) -> Future:
         """Run ``job`` after every job submitted before it; its result or error in the
         future. Raises at once the error of a job that already failed, so generation stops
-        at the first scoring failure instead of running every remaining method first."""
+        at the first scoring failure instead of running every remaining method first.
+        ``weighs`` False: a light job that ``busy`` does not count."""
         self.raise_failure()
         future: Future = Future()
         if not self.enabled:  # in turn: an error is raised here, as a plain call would
@@ -50,23 +56,27 @@ class BackgroundScoring:
             return future
         with self._lock:
             self._pending += 1
-        self._jobs.put((job, future))
+            self._weighing += weighs
+        self._jobs.put((job, future, weighs))
         return future
 
     def busy(self) -> bool:
-        """Whether a job is queued or running."""
+        """Whether a scoring job is queued or running."""
         with self._lock:
-            return self._pending > 0
+            return self._weighing > 0
 
     def drain(self) -> None:
         """Wait until every job submitted so far has finished (its error, if any, raised)."""
-        if self.enabled and self.busy():
-            self.submit(lambda: None).result()
+        with self._lock:
+            pending = self._pending > 0
+        if self.enabled and pending:
+            self.submit(lambda: None, weighs=False).result()
         self.raise_failure()
 
-    def _finished(self) -> None:
+    def _finished(self, weighs: bool) -> None:
         with self._lock:
             self._pending -= 1
+            self._weighing -= weighs
 
     def raise_failure(self) -> None:
         """Re-raise the error of a finished job that failed, if any."""
@@ -81,16 +91,20 @@ class BackgroundScoring:
         if self._thread is None:
             return
         if not wait:
-            self.abandoned = True
             while True:
                 try:
-                    _, future = self._jobs.get_nowait()
+                    _, future, weighs = self._jobs.get_nowait()
                 except queue.Empty:
                     break
                 future.cancel()
-                self._finished()
+                self._finished(weighs)
         self._jobs.put(_STOP)
+        if not wait and self.busy():
+            logger.warning("eval: waiting up to %g s for the scoring call in flight to end "
+                           "before the reward model is closed", grace_s)
         self._thread.join(None if wait else grace_s)
+        if self._thread.is_alive():  # still scoring: what it finishes is not kept
+            self.abandoned = True
         self._thread = None
 
     def _work(self) -> None:
@@ -98,25 +112,26 @@ class BackgroundScoring:
             item = self._jobs.get()
             if item is _STOP:
                 return
-            job, future = item
+            job, future, weighs = item
             if not future.set_running_or_notify_cancel():
                 continue
-            _run(job, future, self)
+            _run(job, future, self, weighs)
 
 
 def _run(job: Callable[[], Any], future: Future,
-         counted: BackgroundScoring | None = None) -> None:
-    """Run ``job`` into ``future``; a counted job leaves ``busy`` before the future is
-    resolved (whoever wakes on it must not see it still pending)."""
+         counted: BackgroundScoring | None = None, weighs: bool = True) -> None:
+    """Run ``job`` into ``future``; a counted job's failure is recorded, then it leaves
+    ``busy``, then the future is resolved (whoever wakes on it, or sees the worker idle,
+    must find the failure)."""
     try:
         result = job()
     except BaseException as exc:  # handed to whoever waits on the future
         if counted is not None:
-            counted._finished()
             if counted._failed is None:
                 counted._failed = future
+            counted._finished(weighs)
         future.set_exception(exc)
         return
     if counted is not None:
-        counted._finished()
+        counted._finished(weighs)
     future.set_result(result)

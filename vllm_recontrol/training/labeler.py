@@ -181,7 +181,8 @@ def _prepare_info(opts: LabelOptions, source: RewardSource, data: Path) -> Path:
         elif old != info and not source.stable_name:
             raise DataError(f"label set {folder} holds labels, and reward function "
                             f"{source.spec} has no name that tells it from another reward "
-                            f"(an object, a bound method, a lambda or a closure), so the set "
+                            f"(an object, a bound method, a lambda, a closure, a factory's "
+                            f"wrapper or a partial holding more than plain data), so the set "
                             f"cannot be resumed with it: pass it as module:function, name it "
                             f"(its __recontrol_name__ attribute, e.g. \"rm-v3\"), use --name "
                             f"for a new set or --overwrite to replace this one")

@@ -583,7 +583,7 @@ def callable_spec(function: Callable[..., Any]) -> tuple[str, bool]:
     given = _given_name(function)
     if given is not None:
         return f"named:{given}", True
-    if isinstance(function, functools.partial):
+    if type(function) is functools.partial:
         inner, stable = callable_spec(function.func)
         arguments = [*function.args, *function.keywords.values()]
         shown = ", ".join([repr(a) for a in function.args] +
@@ -613,33 +613,48 @@ def _resolves_to(module: str, qualname: str, function: Any) -> bool:
     if "<" in qualname or module not in sys.modules:
         return False
     found: Any = sys.modules[module]
-    for part in qualname.split("."):
-        found = getattr(found, part, None)
-        if found is None:
-            return False
     try:
+        for part in qualname.split("."):
+            found = getattr(found, part, None)
+            if found is None:
+                return False
         return found is function or bool(found == function)
-    except Exception:
+    except Exception:  # a user object's __getattr__ or __eq__ that raises
         return False
 
 
 def _given_name(function: Any) -> str | None:
-    for holder in (function, getattr(function, "__self__", None)):
-        name = getattr(holder, NAME_ATTRIBUTE, None) if holder is not None else None
-        if isinstance(name, str) and name:
-            return name
-    return None
+    """A ``__recontrol_name__`` set on this very function or object (its own ``__dict__``,
+    not its class's: every instance would share it), or on a bound method's object, then
+    with the method's name (two methods of one model are two rewards)."""
+    own = _own_name(function)
+    if own is not None:
+        return own
+    owner = getattr(function, "__self__", None) if inspect.ismethod(function) else None
+    name = _own_name(owner) if owner is not None else None
+    return f"{name}.{function.__name__}" if name is not None else None
 
 
-def _plain_data(value: Any) -> bool:
+def _own_name(holder: Any) -> str | None:
+    try:
+        name = vars(holder).get(NAME_ATTRIBUTE)
+    except TypeError:  # no __dict__
+        return None
+    return name if isinstance(name, str) and name else None
+
+
+def _plain_data(value: Any, depth: int = 0) -> bool:
     """Compared by value through its repr: str, numbers, None and lists, tuples and dicts of
-    them (a tensor's or an array's repr elides values, a model's shows no weights)."""
-    if isinstance(value, _PLAIN):
+    them, exactly those types (a tensor's or an array's repr elides values, a model's shows
+    no weights, a subclass may hide its state); nested at most 32 deep."""
+    if depth > 32:
+        return False
+    if type(value) in _PLAIN:
         return True
-    if isinstance(value, (list, tuple)):
-        return all(_plain_data(v) for v in value)
-    if isinstance(value, dict):
-        return all(isinstance(k, _PLAIN) and _plain_data(v) for k, v in value.items())
+    if type(value) in (list, tuple):
+        return all(_plain_data(v, depth + 1) for v in value)
+    if type(value) is dict:
+        return all(type(k) in _PLAIN and _plain_data(v, depth + 1) for k, v in value.items())
     return False
 
 
