@@ -31,7 +31,7 @@ from typing import Any, Sequence
 
 from ..files import atomic_path
 from ..logs import get_logger
-from ..training.common import RecontrolError, sha256_bytes
+from ..training.common import RecontrolError, json_digest
 
 logger = get_logger(__name__)
 
@@ -211,8 +211,7 @@ class JudgeClient:
     def answer_key(self, request: dict[str, Any]) -> str:
         """A sha256 of what decides the judge's answer: the endpoint and the whole request
         (the API key is not part of it, so it is written nowhere)."""
-        return sha256_bytes(json.dumps({"url": self.settings.url, "request": request},
-                                       sort_keys=True).encode())
+        return json_digest({"url": self.settings.url, "request": request})
 
     def ask(self, prompt: str, first: str, second: str) -> str:
         """The judge's whole answer ("" for a reply without a message); a failed request

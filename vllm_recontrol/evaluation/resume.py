@@ -34,7 +34,7 @@ from ..files import write_text_atomic
 from ..head_source import locate_head
 from ..logs import get_logger
 from ..training.collector import RESUME_ENGINE_KEYS
-from ..training.common import sha256_bytes, sha256_file
+from ..training.common import json_digest, sha256_file
 from .engines import Samples
 
 logger = get_logger(__name__)
@@ -71,7 +71,7 @@ def run_facts(options: dict[str, Any], prompts: Sequence[str],
     options are in neither: it runs after."""
     kept = {k: v for k, v in options.items()
             if k not in NOT_IN_DIGEST and not k.startswith("judge_")}
-    prompts_sha = sha256_bytes(json.dumps(list(prompts)).encode())
+    prompts_sha = json_digest(list(prompts))
     model, reward_model = options.get("model"), reward.get("reward_model")
     generation = {k: v for k, v in kept.items() if k not in SCORING_OPTIONS}
     if isinstance(generation.get("engine_args"), dict):
@@ -152,8 +152,7 @@ class FinishedMethods:
         samples = self.samples_digest(key, head, controlled)
         if samples is None:
             return None
-        facts = {"samples": samples, "scoring": self.facts["scoring"]}
-        return sha256_bytes(json.dumps(facts, sort_keys=True, default=repr).encode())
+        return json_digest({"samples": samples, "scoring": self.facts["scoring"]})
 
     def samples_digest(self, key: str, head: str, controlled: bool) -> str | None:
         """The digest of a method's samples (None: they cannot be named, so they are not
@@ -167,8 +166,7 @@ class FinishedMethods:
             if self._head_digests[head] is None:
                 return None
             facts["head_weights_sha256"] = self._head_digests[head]
-        text = json.dumps(facts, sort_keys=True, default=repr)
-        return sha256_bytes(text.encode())
+        return json_digest(facts)
 
     def load(self, digest: str | None) -> dict[str, Any] | None:
         """A finished method's fields, or None when it is not on disk (or unreadable)."""

@@ -61,6 +61,12 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def json_digest(value: Any) -> str:
+    """sha256 of a value as JSON with sorted keys; what JSON cannot write is taken by its
+    repr. Equal values give equal digests in any process (run identities, resume keys)."""
+    return sha256_bytes(json.dumps(value, sort_keys=True, default=repr).encode())
+
+
 def sha256_file(path: str | Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

@@ -26,7 +26,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from ..errors import RecontrolError
 from ..head_files import weights_id
-from .common import DataError, sha256_bytes
+from .common import DataError
 
 WORLD_ENV = "WORLD_SIZE"
 
@@ -237,11 +237,6 @@ def tensors_digest(tensors: Mapping[str, torch.Tensor]) -> str:
     save id, ``weights_id``), e.g. a head's state_dict: equal on two processes exactly when
     they hold the same weights."""
     return weights_id({name: tensor.detach().cpu() for name, tensor in tensors.items()})
-
-
-def json_digest(value: Any) -> str:
-    """sha256 of a JSON-able value (keys sorted)."""
-    return sha256_bytes(json.dumps(value, sort_keys=True).encode())
 
 
 def deal_shards(order: Sequence[int], states: Sequence[int], world: int) -> list[list[int]]:

@@ -27,10 +27,11 @@ import torch
 
 from ..value_head import ValueHead
 from . import checkpoint
-from .common import DataError, build_options, parse_command_line, progress, run_main, summary_table
+from .common import (DataError, build_options, json_digest, parse_command_line, progress,
+                     run_main, summary_table)
 from .dataset import LabelledData, Window
-from .distributed import (ProcessGroup, deal_shards, join_process_group, json_digest,
-                          tensors_digest, world_size)
+from .distributed import (ProcessGroup, deal_shards, join_process_group, tensors_digest,
+                          world_size)
 from .head_quality import quality_warnings
 from .shards import manifest_sha256
 from .targets import TARGETS, bootstrap_targets, lambda_returns, mc_targets, value_loss
