@@ -213,16 +213,11 @@ class JudgeClient:
         (the API key is not part of it, so it is written nowhere)."""
         return json_digest({"url": self.settings.url, "request": request})
 
-    def ask(self, prompt: str, first: str, second: str) -> str:
-        """The judge's whole answer ("" for a reply without a message); a failed request
-        (after the client's retries) or a reply without choices comes back as
-        ``error: ...``, which no score parser reads as a verdict: a judge that fails must
-        not cost the generation already done."""
-        return self.send(self.request(prompt, first, second))[0]
-
     def send(self, request: dict[str, Any]) -> tuple[str, bool]:
-        """(the answer as ``ask`` gives it, whether the judge gave it: False for a failed or
-        skipped request)."""
+        """(the judge's whole answer, whether the judge gave it). A reply without a message
+        is ""; a failed request (after the client's retries), a reply without choices or a
+        skipped request comes back as ``error: ...`` with False, which no score parser reads
+        as a verdict: a judge that fails must not cost the generation already done."""
         probe, skipped = self._admit()
         if skipped:
             return skipped, False
