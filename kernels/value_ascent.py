@@ -626,7 +626,9 @@ def _check_backend(device: torch.device) -> None:
     compiled ones (the interpreter takes CUDA tensors, but there this module's switch
     ``interpret=device.type == "cpu"`` is off and the interpreter multiplies bf16 operands
     as raw integers: the edits would be finite garbage)."""
-    interpreted = type(_ascent_gemm_kernel).__name__ == "InterpretedFunction"
+    from . import kernels_interpreted  # here: an import above the kernels would move them
+
+    interpreted = kernels_interpreted()
     if device.type == "cuda":
         if interpreted:
             raise RuntimeError(
