@@ -219,7 +219,9 @@ def read_shard_index(directory: Path, name: str) -> ShardIndex:
     return index
 
 
-STORED_STATE_DTYPES = {"BF16": "bfloat16", "F16": "float16"}  # safetensors' names
+# safetensors' dtype names of the states collect writes
+STORED_STATE_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16}
+STORED_STATE_NAMES = [str(dtype).removeprefix("torch.") for dtype in STORED_STATE_DTYPES.values()]
 
 
 def _check_stored_tensors(path: Path, shape: Sequence[int], stored: str,
@@ -231,7 +233,7 @@ def _check_stored_tensors(path: Path, shape: Sequence[int], stored: str,
                         f"got shape {list(shape)}")
     if stored not in STORED_STATE_DTYPES:
         raise DataError(f"shard {path} is damaged: its states are {stored}, not one of "
-                        f"{list(STORED_STATE_DTYPES.values())} (what collect writes)")
+                        f"{STORED_STATE_NAMES} (what collect writes)")
     for key, tensor in index.items():
         if tensor.dtype != torch.int64 or tensor.dim() != 1:
             raise DataError(f"shard {path} is damaged: {key} must be a 1-D int64 tensor, got "
@@ -262,7 +264,6 @@ class StatesLayout:
         return self.shape[1] * torch.empty(0, dtype=self.dtype).element_size()
 
 
-SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16}
 SAFETENSORS_HEADER_LIMIT = 100_000_000  # bytes, as safetensors itself refuses larger ones
 
 
@@ -290,10 +291,11 @@ def states_layout(directory: Path, name: str) -> StatesLayout:
         stored = entry["dtype"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise DataError(f"shard {path} cannot be read: {type(exc).__name__}: {exc}") from exc
-    if stored not in SAFETENSORS_DTYPES or len(shape) != 2 or shape[0] < 0 or shape[1] < 1:
+    if stored not in STORED_STATE_DTYPES or len(shape) != 2 or shape[0] < 0 or shape[1] < 1:
         raise DataError(f"shard {path} is damaged: its states are {stored} {list(shape)}, not "
-                        f"[states, hidden size] in one of {list(STORED_STATE_DTYPES.values())}")
-    layout = StatesLayout(path, SAFETENSORS_DTYPES[stored], (shape[0], shape[1]), 8 + size + begin)
+                        f"[states, hidden size] in one of {STORED_STATE_NAMES}")
+    layout = StatesLayout(path, STORED_STATE_DTYPES[stored], (shape[0], shape[1]),
+                          8 + size + begin)
     # the bytes must be the shape's and lie inside the file (a huge shape would otherwise
     # become a huge allocation before any read fails)
     if not 0 <= begin <= end or end - begin != shape[0] * layout.row_bytes or \
