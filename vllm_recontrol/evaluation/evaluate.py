@@ -476,8 +476,8 @@ def markdown_table(results: Sequence[MethodResult], coherence: Coherence,
         head = [r.head if r.steps else "-"] if heads else []
         judge = [judge_cell(r.judge)] if judged else []
         norm = [f"{r.max_norm:g}" if r.max_norm is not None else "-"] if norms else []
-        cells = [r.method + (" *" if r.reused else "") + (" +" if r.overlapped else ""), *head, f"{r.alpha:g}", str(r.steps),
-                 *norm, str(r.n),
+        marks = (" *" if r.reused else "") + (" +" if r.overlapped else "")
+        cells = [r.method + marks, *head, f"{r.alpha:g}", str(r.steps), *norm, str(r.n),
                  f"{r.reward:.4f}",
                  f"{r.win_rate:.3f}", *judge, f"{r.diversity:.3f}", coh, f"{r.tokens_per_s:.1f}",
                  f"{r.delivered_per_s:.1f}", f"{r.delivered_per_s / base.delivered_per_s:.2f}"]

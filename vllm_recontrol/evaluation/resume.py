@@ -45,10 +45,11 @@ FORMAT = "vllm-recontrol-eval-method"
 SAMPLES_FORMAT = "vllm-recontrol-eval-samples"
 # Options that say how or where to run, or which methods run, not what a method computes.
 NOT_IN_DIGEST = frozenset({
-    "out", "quiet", "progress", "in_process", "overlap_scoring", "ray", "replicas", "ray_address", "ray_num_cpus",
-    "ray_num_gpus", "reward_replicas", "reward_num_cpus", "reward_num_gpus", "grid", "best_of",
-    "control_best_of", "value_head", "value_heads", "resume", "reward_fn", "reward_model",
-    "reward_index", "rm_dtype", "rm_max_length", "reward_batch_size", "reference_column"})
+    "out", "quiet", "progress", "in_process", "overlap_scoring", "ray", "replicas",
+    "ray_address", "ray_num_cpus", "ray_num_gpus", "reward_replicas", "reward_num_cpus",
+    "reward_num_gpus", "grid", "best_of", "control_best_of", "value_head", "value_heads",
+    "resume", "reward_fn", "reward_model", "reward_index", "rm_dtype", "rm_max_length",
+    "reward_batch_size", "reference_column"})
 # vLLM engine arguments that say how to run the engine (memory, batch limits, parallelism),
 # as collect's resume takes them, and as --replicas is: not what a method generates.
 # max_model_len is not among them here: it cuts a response short.
@@ -73,14 +74,10 @@ def run_facts(options: dict[str, Any], prompts: Sequence[str],
             if k not in NOT_IN_DIGEST and not k.startswith("judge_")}
     prompts_sha = json_digest(list(prompts))
     model, reward_model = options.get("model"), reward.get("reward_model")
+    kept = {k: _what_it_computes(v) if k in ("engine_args", "rm_engine_args") else v
+            for k, v in kept.items()}
     generation = {k: v for k, v in kept.items() if k not in SCORING_OPTIONS}
-    if isinstance(generation.get("engine_args"), dict):
-        generation["engine_args"] = {k: v for k, v in generation["engine_args"].items()
-                                     if k not in ENGINE_HOW_TO_RUN}
     scoring = {k: v for k, v in kept.items() if k in SCORING_OPTIONS}
-    if isinstance(scoring.get("rm_engine_args"), dict):  # the reward engine's, likewise
-        scoring["rm_engine_args"] = {k: v for k, v in scoring["rm_engine_args"].items()
-                                     if k not in ENGINE_HOW_TO_RUN}
     return {
         "generation": {
             "options": generation,
@@ -93,6 +90,13 @@ def run_facts(options: dict[str, Any], prompts: Sequence[str],
             "reward": reward,
             "reward_model_files": (folder_fingerprint(str(reward_model)) if reward_model
                                    else None)}}
+
+
+def _what_it_computes(engine_args: Any) -> Any:
+    """A vLLM engine's arguments without those that only say how to run it."""
+    if not isinstance(engine_args, dict):
+        return engine_args
+    return {k: v for k, v in engine_args.items() if k not in ENGINE_HOW_TO_RUN}
 
 
 def package_versions() -> dict[str, str | None]:

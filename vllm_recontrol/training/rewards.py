@@ -15,7 +15,6 @@ call, not per pair.
 from __future__ import annotations
 
 import functools
-import hashlib
 import importlib
 import inspect
 import numbers
@@ -27,7 +26,7 @@ from typing import Any, Callable, Sequence, TypeVar, overload
 
 from ..config import FLOAT32_MAX
 from ..logs import get_logger
-from .common import RewardError
+from .common import RewardError, sha256_bytes
 from .prompts import prompt_messages
 
 logger = get_logger(__name__)
@@ -589,7 +588,7 @@ def callable_spec(function: Callable[..., Any]) -> tuple[str, bool]:
         shown = ", ".join([repr(a) for a in function.args] +
                           [f"{k}={v!r}" for k, v in function.keywords.items()])
         if len(shown) > 200:  # the full arguments in a digest, not in every message
-            digest = hashlib.sha256(shown.encode(errors="replace")).hexdigest()[:16]
+            digest = sha256_bytes(shown.encode(errors="replace"))[:16]
             shown = f"{shown[:120]}... (arguments sha256 {digest})"
         spec = f"functools.partial({inner}" + (f", {shown})" if shown else ")")
         return spec, stable and all(_plain_data(a) for a in arguments)
