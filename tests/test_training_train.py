@@ -195,7 +195,8 @@ def test_a_resumed_run_continues_bit_for_bit(labelled, tmp_path, target, sync):
     train(out=str(tmp_path / "straight"), epochs=6, **common)
     checkpoint = tmp_path / "checkpoint"
     train(out=str(tmp_path / "resumed"), epochs=3, checkpoint=str(checkpoint), **common)
-    assert sorted(p.name for p in checkpoint.iterdir()) == ["epoch-0003.safetensors",
+    assert sorted(p.name for p in checkpoint.iterdir()) == [".vllm-recontrol.lock",
+                                                             "epoch-0003.safetensors",
                                                              "state.json"]
     train(out=str(tmp_path / "resumed"), epochs=6, checkpoint=str(checkpoint), **common)
     straight = ValueHead.load(tmp_path / "straight")

@@ -23,6 +23,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 from ..config import DEFAULT_HEAD, FLOAT32_MAX
 from ..files import write_text_atomic
+from ..folder_lock import exclusive_folder
 from ..logs import get_logger
 from ..training.common import (RecontrolError, build_options, check_engine_args,
                                check_model_path, json_argument, parse_command_line, run_main,
@@ -615,6 +616,11 @@ def evaluate(**options: Any) -> dict[str, Any]:
     check_sampling(opts)
     if opts.rm_engine == "vllm":
         check_engine_args(opts.rm_engine_args, "--rm-engine-args")
+    with exclusive_folder(opts.out, "eval"):
+        return _evaluate(opts)
+
+
+def _evaluate(opts: EvalOptions) -> dict[str, Any]:
     prompts = load_prompts(opts.prompts, opts.split, opts.prompt_column, opts.prompt_format,
                            opts.data_dir, opts.max_prompts, default_split="test")
     judge = llm_judge(opts)

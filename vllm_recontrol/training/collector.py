@@ -20,6 +20,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from ..folder_lock import exclusive_folder, is_lock_file
 from .common import (DataError, build_options, check_engine_args, check_model_path,
                      json_argument, model_hidden_size, parse_command_line, progress, run_main,
                      sampling_refusal, sha256_bytes, summary_table)
@@ -306,9 +307,7 @@ def _states_defining(engine_args: Any) -> Any:
 
 
 def _prepare_out(opts: CollectOptions, manifest: dict[str, Any]) -> Path:
-    out = Path(opts.out)
-    if out.exists() and not out.is_dir():
-        raise DataError(f"--out {out} exists and is not a folder")
+    out = Path(opts.out)  # a folder: exclusive_folder made sure
     if (out / MANIFEST_FILE).exists():
         if opts.overwrite:
             _remove_collection(out)
@@ -334,7 +333,7 @@ def _prepare_out(opts: CollectOptions, manifest: dict[str, Any]) -> Path:
             print(f"collect: {out} holds no shards yet; its manifest (differs in {differ}) is "
                   "replaced by this run's", file=sys.stderr, flush=True)
             _remove_collection(out)
-    elif out.is_dir() and any(out.iterdir()):
+    elif out.is_dir() and any(not is_lock_file(p) for p in out.iterdir()):
         raise DataError(f"--out {out} is a non-empty folder without {MANIFEST_FILE}; refusing "
                         f"to write into it")
     out.mkdir(parents=True, exist_ok=True)
@@ -372,6 +371,12 @@ def collect(*, engines: Engines | None = None, **options: Any) -> dict[str, Any]
     prompts = load_prompts(opts.prompts, opts.split, opts.prompt_column, opts.prompt_format,
                            opts.data_dir, opts.max_prompts)
     manifest = build_manifest(opts, prompts)
+    with exclusive_folder(opts.out, "collect"):
+        return _collect_into(opts, manifest, prompts, engines, started)
+
+
+def _collect_into(opts: CollectOptions, manifest: dict[str, Any], prompts: Sequence[str],
+                  engines: Engines | None, started: float) -> dict[str, Any]:
     out = _prepare_out(opts, manifest)
     plans = manifest_shards(manifest)
     status = {p.name: shard_status(out, p.name) for p in plans}

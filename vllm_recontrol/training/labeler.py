@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..folder_lock import LOCK_PREFIX, exclusive_folder
 from .common import (DataError, build_options, check_engine_args, dump_json, json_argument,
                      parse_command_line, progress, read_jsonl, run_main, summary_table,
                      write_jsonl_atomic, write_text_atomic)
@@ -35,7 +36,7 @@ from .shards import manifest_sha256, manifest_shards, read_manifest, read_rows, 
 LABELS_DIR = "labels"
 INFO_FILE = "info.json"
 LABELS_FORMAT = "vllm-recontrol-labels"
-_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+_NAME = re.compile(r"^(?!\.+$)[A-Za-z0-9_.-]+$")  # not "." or "..": a folder name of its own
 
 
 LABEL_REPLICAS = "one reward source per Ray actor, each labelling whole shards"
@@ -68,6 +69,9 @@ class LabelOptions:
     progress: bool = True
 
     def check(self) -> None:
+        if not isinstance(self.name, str) or not _NAME.fullmatch(self.name):
+            raise DataError(f"a label set name is a folder name of letters, digits, '_', '.' "
+                            f"and '-', not only dots; got {self.name!r}")
         check_replicas(self.replicas, self.ray, LABEL_REPLICAS)
         if not isinstance(self.engine_args, dict):
             raise DataError("engine_args must be a JSON object")
@@ -157,8 +161,6 @@ def read_shard_labels(data: str | Path, name: str, shard: str) -> list[dict[str,
 
 
 def _prepare_info(opts: LabelOptions, source: RewardSource, data: Path) -> Path:
-    if not _NAME.match(opts.name):
-        raise DataError(f"label set name must match {_NAME.pattern}, got {opts.name!r}")
     folder = labels_dir(data, opts.name)
     info = {"format": LABELS_FORMAT, "format_version": 1, "source": source.describe(),
             "cut_at": list(opts.cut_at), "manifest_sha256": manifest_sha256(data)}
@@ -208,7 +210,11 @@ def label(**options: Any) -> dict[str, Any]:
     # (a reward model loads on first use only, so the driver never loads one then).
     source = _reward_source(opts.source_arguments(), opts.in_process)
     try:
-        return _label_all(opts, source, data, manifest, started)
+        # held in the collection folder: --overwrite removes the label set's own folder
+        with exclusive_folder(data, "label", lock_name=f"{LOCK_PREFIX}-label-{opts.name}.lock",
+                              what=f"label set {opts.name!r} of --data",
+                              instead="use another --name"):
+            return _label_all(opts, source, data, manifest, started)
     finally:
         source.close()
 

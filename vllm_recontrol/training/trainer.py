@@ -14,6 +14,7 @@ measures the correlation of V(s_0) with the reward against a constant predictor.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import math
 import os
@@ -25,6 +26,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from ..folder_lock import exclusive_folder
 from ..value_head import ValueHead
 from . import checkpoint
 from .common import (DataError, build_options, json_digest, parse_command_line, progress,
@@ -370,7 +372,8 @@ def train(**options: Any) -> dict[str, Any]:
         if opts.batch_size % group.world:
             raise DataError(f"batch_size {opts.batch_size} must be a multiple of the "
                             f"{group.world} processes (each takes an equal part of a step)")
-        return _train(opts, group)
+        with contextlib.ExitStack() as held:  # what the run holds until it ends (its lock)
+            return _train(opts, group, held)
     finally:
         group.close()
 
@@ -415,11 +418,14 @@ def _start_facts(opts: TrainOptions, data: LabelledData, trainer: Trainer,
     }
 
 
-def _prepare(opts: TrainOptions, group: ProcessGroup
+def _prepare(opts: TrainOptions, group: ProcessGroup, held: contextlib.ExitStack
              ) -> tuple[LabelledData, Trainer, dict[str, int], dict[str, Any],
                         checkpoint.Progress | None, str]:
     """Read the data, build the trainer and load the checkpoint (each process by itself);
     the last item is the digest of the head's weights before the checkpoint."""
+    if opts.checkpoint and group.is_main:  # rank 0 writes it: one run at a time
+        held.enter_context(exclusive_folder(opts.checkpoint, "train", what="--checkpoint",
+                                            instead="use another --checkpoint"))
     data = LabelledData(opts.data, opts.labels, opts.allow_partial)
     trainer = Trainer(opts, data, group)
     counts = data.count(trainer.heldout)
@@ -439,12 +445,13 @@ def _prepare(opts: TrainOptions, group: ProcessGroup
     return data, trainer, counts, run, state, initial_head
 
 
-def _train(opts: TrainOptions, group: ProcessGroup) -> dict[str, Any]:
+def _train(opts: TrainOptions, group: ProcessGroup, held: contextlib.ExitStack
+           ) -> dict[str, Any]:
     started = time.perf_counter()
     # Before the first collective, every process must have got this far and agree on where
     # it starts; otherwise all of them stop with the same error (no process left waiting).
     try:
-        data, trainer, counts, run, state, initial_head = _prepare(opts, group)
+        data, trainer, counts, run, state, initial_head = _prepare(opts, group, held)
     except Exception as exc:  # any failure (also out of memory, a bug): no rank left waiting
         group.agree({}, START_FIXES, exc)
         raise  # (agree raises it, alone or not)

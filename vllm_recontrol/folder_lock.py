@@ -1,0 +1,91 @@
+"""One run at a time per output folder: a second run into a folder in use is refused by name.
+
+Why: every command resumes what its folder holds and writes each file atomically, yet two runs
+at once still tread on each other: a `collect --overwrite` deletes the shards the other run is
+writing, two `eval`s race on `eval.json` and interleave their judge answers, two `label`s of
+one set score every shard twice. A scheduler that retries a job whose first attempt is still
+running, or a second terminal, makes this easy. The lock is ``flock`` on a hidden file in the
+folder: the kernel releases it when its process ends, however it ends, so a run that was
+killed leaves a file that is no longer a lock, never a folder that needs cleaning by hand.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Iterator
+
+from .training.common import DataError
+from .files import default_file_mode
+
+LOCK_PREFIX = ".vllm-recontrol"
+LOCK_FILE = LOCK_PREFIX + ".lock"
+logger = logging.getLogger(__name__)
+
+# File systems that do not lock (some NFS and FUSE mounts) say so with these; a run there goes
+# on unguarded, with a warning, rather than not at all.
+_NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
+
+
+@contextlib.contextmanager
+def exclusive_folder(folder: str | Path, command: str, lock_name: str = LOCK_FILE,
+                     what: str = "--out", instead: str = "use another --out") -> Iterator[Path]:
+    """Hold ``folder`` (created) for this run; a folder held by a live run is a DataError
+    naming that run. ``lock_name`` lets runs of several kinds share a folder (label sets)."""
+    folder = Path(folder)
+    if not lock_name.startswith(LOCK_PREFIX) or not lock_name.endswith(".lock"):
+        raise ValueError(f"lock files are named {LOCK_PREFIX}*.lock, got {lock_name!r}")
+    if folder.exists() and not folder.is_dir():
+        raise DataError(f"{what} {folder} exists and is not a folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / lock_name
+    try:
+        fd, writable = os.open(path, os.O_RDWR | os.O_CREAT, default_file_mode()), True
+    except PermissionError:  # another user's lock file in a shared folder: flock needs no write
+        fd, writable = os.open(path, os.O_RDONLY), False
+    named = False
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DataError(f"{what} {folder} is in use by another run ({_holder(fd)}); "
+                            f"wait for it to end, stop it, or {instead}") from None
+        except OSError as exc:
+            if exc.errno not in _NO_LOCKS:
+                raise
+            logger.warning("%s: the file system of %s cannot lock files (%s); nothing stops "
+                           "a second run into it meanwhile", command, folder, exc.strerror)
+        else:
+            named = writable
+        if named:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps({"command": command, "pid": os.getpid(),
+                                      "host": socket.gethostname(),
+                                      "started": time.strftime("%Y-%m-%d %H:%M:%S")}).encode(), 0)
+        yield folder
+    finally:
+        if named:  # emptied while still held: a free lock file names no run
+            os.ftruncate(fd, 0)
+        os.close(fd)  # releases the lock; the file stays (removing it would race a new holder)
+
+
+def _holder(fd: int) -> str:
+    """Who holds the lock, as its holder wrote it (it may not have written yet)."""
+    try:
+        facts = json.loads(os.pread(fd, 4096, 0).decode())
+        return (f"`vllm-recontrol {facts['command']}`, process {facts['pid']} on "
+                f"{facts['host']}, since {facts['started']}")
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        return "a run that has not said which yet"
+
+
+def is_lock_file(path: Path) -> bool:
+    """Whether ``path`` is one of these lock files (a folder holding only one is empty)."""
+    return path.name.startswith(LOCK_PREFIX) and path.name.endswith(".lock")
