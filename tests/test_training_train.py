@@ -221,6 +221,55 @@ def test_a_checkpoint_of_another_run_or_damaged_is_refused(labelled, tmp_path):
         train(out=str(tmp_path / "a"), epochs=2, **common)
 
 
+def test_resuming_with_another_patience_is_refused(labelled, tmp_path):
+    """Without early stopping a checkpoint's "best" epoch is its last one, so a patience
+    added on resumption would measure "better" against the wrong epoch."""
+    common = dict(data=str(labelled), target="bellman", batch_size=16, widths=[16],
+                  device="cpu", progress=False, checkpoint=str(tmp_path / "ck"))
+    train(out=str(tmp_path / "a"), epochs=1, **common)
+    with pytest.raises(DataError, match=r"another run \(options.patience: checkpoint None, now 1"):
+        train(out=str(tmp_path / "a"), epochs=2, patience=1, **common)
+    with pytest.raises(DataError, match=r"another run \(options.min_delta: checkpoint 0.0, now"):
+        train(out=str(tmp_path / "a"), epochs=2, min_delta=0.5, **common)
+
+
+def _length_reward(prompt: str, response: str) -> float:
+    return float(len(response))
+
+
+def test_the_trivial_constants_are_the_best_ones_and_no_split_keeps_the_last_epoch(tmp_path):
+    """Per state, the best constant is the length-weighted mean reward, not the mean over
+    responses (they differ when the reward goes with the length, as reward models' often
+    does); at s_0 it is the responses' mean. Without a held-out split there is nothing to
+    stop on: every epoch runs and the head says it kept the last."""
+    from vllm_recontrol.training.labeler import read_shard_labels
+    from vllm_recontrol.training.shards import manifest_shards, read_manifest, read_rows
+
+    data = fake_collect(tmp_path, count=24, shard_size=8)[0]
+    label(data=str(data), reward_fn=f"{__name__}:_length_reward", progress=False)
+    metrics = train(data=str(data), out=str(tmp_path / "h"), target="mc", epochs=3,
+                    heldout_fraction=0.0, widths=[8], device="cpu",
+                    progress=False)["metrics"]
+    rewards, lengths = [], []
+    for plan in manifest_shards(read_manifest(data)):
+        by_id = {row["response_id"]: row["reward"]
+                 for row in read_shard_labels(data, "reward", plan.name)}
+        for row in read_rows(data, plan.name):
+            rewards.append(by_id[row["response_id"]])
+            lengths.append(row["num_states"])
+    r, n = torch.tensor(rewards, dtype=torch.float64), torch.tensor(lengths, dtype=torch.float64)
+    state_mean = float((r * n).sum() / n.sum())
+    assert abs(state_mean - float(r.mean())) > 0.05 * float(r.std())  # the test can tell
+    per_state_variance = float((n * (r - state_mean) ** 2).sum() / n.sum())
+    assert metrics["trivial_mse"] == pytest.approx(per_state_variance, rel=1e-5)
+    assert metrics["trivial_mse_s0"] == pytest.approx(float(((r - r.mean()) ** 2).mean()),
+                                                      rel=1e-5)
+    assert metrics["epochs_run"] == 3 and metrics["best_epoch"] == 3
+    assert metrics["kept"] == "last epoch"
+    saved = ValueHead.load(tmp_path / "h").metadata
+    assert saved["hyperparameters"]["patience"] is None  # as applied
+
+
 def test_an_early_stopped_run_stays_stopped_when_resumed(labelled, tmp_path):
     common = dict(data=str(labelled), target="mc", lr=0.05, batch_size=16, patience=2,
                   widths=[16], device="cpu", progress=False, checkpoint=str(tmp_path / "ck"))
@@ -306,7 +355,8 @@ def _metrics_from_whole_shards(data, head, heldout, scored_heldout):
     safetensors, the scored responses' rows picked, V and the errors over all of them at once."""
     from safetensors.torch import load_file
 
-    states, state_rewards, firsts, first_rewards, train_rewards = [], [], [], [], []
+    states, state_rewards, firsts, first_rewards = [], [], [], []
+    train_rewards, train_state_rewards = [], []  # per response; per state
     for path in sorted(data.glob("shard-*.safetensors")):
         shard = load_file(str(path))
         label_rows = (data / "labels" / "reward" / f"{path.stem}.jsonl").read_text().splitlines()
@@ -315,6 +365,7 @@ def _metrics_from_whole_shards(data, head, heldout, scored_heldout):
         for i, prompt in enumerate(shard["prompt_index"].tolist()):
             if not bool(heldout[prompt]):
                 train_rewards.append(rewards[i])
+                train_state_rewards += [rewards[i]] * (offsets[i + 1] - offsets[i])
             if bool(heldout[prompt]) != scored_heldout:
                 continue
             rows = shard["states"][offsets[i]:offsets[i + 1]].float()
@@ -322,14 +373,15 @@ def _metrics_from_whole_shards(data, head, heldout, scored_heldout):
             state_rewards += [rewards[i]] * rows.shape[0]
             firsts.append(rows[0])
             first_rewards.append(rewards[i])
-    train_mean = float(torch.tensor(train_rewards).mean())
+    train_mean = float(torch.tensor(train_rewards, dtype=torch.float64).mean())
+    train_state_mean = float(torch.tensor(train_state_rewards, dtype=torch.float64).mean())
     with torch.no_grad():
         values = head(torch.cat(states)).double()
         v0 = head(torch.stack(firsts)).double()
     r, r0 = torch.tensor(state_rewards).float().double(), torch.tensor(first_rewards).float().double()
     return {"mse": float(((values - r) ** 2).mean()), "mse_s0": float(((v0 - r0) ** 2).mean()),
             "pearson_s0": float(torch.corrcoef(torch.stack([v0, r0]))[0, 1]),
-            "trivial_mse": float(((train_mean - r) ** 2).mean()),
+            "trivial_mse": float(((train_state_mean - r) ** 2).mean()),
             "trivial_mse_s0": float(((train_mean - r0) ** 2).mean()),
             "trivial_pearson_s0": 0.0, "responses": len(first_rewards)}
 

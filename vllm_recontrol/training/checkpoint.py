@@ -30,9 +30,9 @@ STATE_FILE = "state.json"
 STATE_KEYS = ("run", "epoch", "steps", "history", "best_mse", "best_epoch", "stopped_early",
               "tensors", "tensors_sha256")
 # Options that may change between a run and its resumption (where things are, how long to
-# go on; another device continues the same state, though not bit for bit).
-RESUMABLE_CHANGES = ("data", "out", "epochs", "patience", "min_delta", "device", "progress",
-                     "checkpoint")
+# go on; another device continues the same state, though not bit for bit). Not the patience
+# or min_delta: without early stopping a checkpoint's "best" epoch is its last, not the best.
+RESUMABLE_CHANGES = ("data", "out", "epochs", "device", "progress", "checkpoint")
 
 
 @dataclass

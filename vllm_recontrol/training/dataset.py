@@ -232,9 +232,19 @@ class LabelledData:
             counts.append(int(lengths[~heldout_prompts[shard.index.prompt_index]].sum()))
         return counts
 
-    def train_reward_mean(self, heldout_prompts: torch.Tensor) -> float:
-        values = torch.cat([s.rewards[~heldout_prompts[s.index.prompt_index]] for s in self.shards])
-        return float(values.mean()) if values.numel() else 0.0
+    def train_reward_means(self, heldout_prompts: torch.Tensor) -> tuple[float, float]:
+        """The training rewards' mean over responses, and over states (each response's reward
+        once per state): the best constant for V(s_0), and for V(s_t) of every t, which
+        differ when the reward goes with the length."""
+        rewards, lengths = [], []
+        for shard in self.shards:
+            train = ~heldout_prompts[shard.index.prompt_index]
+            rewards.append(shard.rewards[train].double())
+            lengths.append(shard.index.lengths[train].double())
+        values, weights = torch.cat(rewards), torch.cat(lengths)
+        if not values.numel():
+            return 0.0, 0.0
+        return float(values.mean()), float((values * weights).sum() / weights.sum())
 
     # ------------------------------------------------------------------ streaming
     def windows(self, order: Sequence[int], size: int, heldout_prompts: torch.Tensor,

@@ -181,7 +181,7 @@ class Trainer:
         self.heldout = data.heldout_prompts(opts.heldout_fraction, opts.seed)
         self.has_heldout = bool(self.heldout.any())
         self.train_states = data.train_states_per_shard(self.heldout)  # how shards are dealt
-        self.train_mean = data.train_reward_mean(self.heldout)
+        self.train_mean, self.train_state_mean = data.train_reward_means(self.heldout)
         self.steps = 0
 
     def _initial_head(self) -> ValueHead:
@@ -347,7 +347,8 @@ class Trainer:
     def _score(self, window: Window
                ) -> tuple[float, float, int, torch.Tensor, torch.Tensor] | None:
         """Sums over every state of a window of scored responses: squared error of V and of
-        the train mean, the state count; and V(s_0) and r of its responses (None if empty)."""
+        the train states' mean reward, the state count; and V(s_0) and r of its responses
+        (None if empty)."""
         states = window.states
         if states.shape[0] == 0:
             return None
@@ -356,7 +357,7 @@ class Trainer:
         rewards = window.state_rewards
         first_values = self.head(_to_float(states[window.first_rows], self.device)).cpu()
         return (float(((values - rewards) ** 2).sum()),
-                float(((self.train_mean - rewards) ** 2).sum()), states.shape[0],
+                float(((self.train_state_mean - rewards) ** 2).sum()), states.shape[0],
                 first_values, window.rewards)
 
 
@@ -458,6 +459,8 @@ def _train(opts: TrainOptions, group: ProcessGroup, held: contextlib.ExitStack
     group.agree(_start_facts(opts, data, trainer, run, state, initial_head), START_FIXES)
     resumed_from = state.epoch if state else None
     patience = early_stopping_patience(opts.target, opts.patience)
+    if not trainer.has_heldout:  # nothing to stop on: every epoch runs and the last is kept
+        patience = None
     if state is None:
         state = checkpoint.Progress(0, [], math.inf, 0, copy.deepcopy(trainer.head.state_dict()))
     elif state.epoch > opts.epochs:  # its head may come from an epoch past --epochs
@@ -487,11 +490,10 @@ def _train(opts: TrainOptions, group: ProcessGroup, held: contextlib.ExitStack
             bar.set_postfix(loss=f"{loss:.4g}", heldout_mse=f"{metrics['mse']:.4g}")
         # Without early stopping (Bellman's default) the last epoch is kept: the held-out MSE
         # against the reward is not what those targets minimise, so it must not pick the head.
-        if (patience is None or metrics["mse"] < state.best_mse - opts.min_delta
-                or not trainer.has_heldout):
+        if patience is None or metrics["mse"] < state.best_mse - opts.min_delta:
             state.best_mse, state.best_epoch = metrics["mse"], epoch
             state.best_state = copy.deepcopy(trainer.head.state_dict())
-        elif trainer.has_heldout and epoch - state.best_epoch >= patience:
+        elif epoch - state.best_epoch >= patience:
             state.stopped_early = True
         if opts.checkpoint:
             checkpoint.save(opts.checkpoint, trainer, state, run)
@@ -524,7 +526,8 @@ def _train(opts: TrainOptions, group: ProcessGroup, held: contextlib.ExitStack
                     # the epoch whose head is saved, and how it was chosen
                     "best_epoch": best_epoch, "kept": kept,
                     "epochs_run": len(history),
-                    "train_reward_mean": trainer.train_mean, **final},
+                    "train_reward_mean": trainer.train_mean,
+                    "train_state_reward_mean": trainer.train_state_mean, **final},
         "history": history,
     }
     if group.is_main:
@@ -542,9 +545,9 @@ def _train(opts: TrainOptions, group: ProcessGroup, held: contextlib.ExitStack
         f"{counts['heldout_responses']} / {counts['heldout_states']}",
         "epochs run (kept)": f"{len(history)} ({best_epoch}: {kept})",
         f"{split} MSE V(s_t) vs r": final["mse"],
-        f"{split} MSE train-mean vs r (trivial)": final["trivial_mse"],
+        f"{split} MSE train states' mean vs r (trivial)": final["trivial_mse"],
         f"{split} MSE V(s_0) vs r": final["mse_s0"],
-        f"{split} MSE train-mean vs r at s_0 (trivial)": final["trivial_mse_s0"],
+        f"{split} MSE train responses' mean vs r at s_0 (trivial)": final["trivial_mse_s0"],
         f"{split} Pearson V(s_0), r": final["pearson_s0"],
         f"{split} Pearson constant, r (trivial)": final["trivial_pearson_s0"],
         "wall time (s)": round(time.perf_counter() - started, 1),
