@@ -23,6 +23,7 @@ MAX_WORKERS = 4
 SLOW_FILES_FIRST = [
     "test_training_e2e.py", "test_kernel_triton.py", "test_bench_kernel.py", "test_server.py",
     "test_parallel_engines.py", "test_lora.py", "test_readme_examples.py",
+    "test_architectures.py",
     "test_vllm_features.py", "test_engine_batching.py", "test_demo.py",
     "test_continuous_batching.py", "test_training_distributed.py", "test_engine_oracle.py",
 ]

@@ -187,3 +187,33 @@ def test_openai_requests_that_would_lose_their_control_are_refused(request_kind,
     with pytest.raises(VLLMValidationError, match=named):
         getattr(make(**fields), method)(16, {})
     assert getattr(make(some_other_field=1), "to_sampling_params")(16, {}) is not None
+
+
+def test_another_plugins_logits_layer_is_an_install_error_not_a_silent_engine(monkeypatch):
+    """vLLM builds one replacement per layer name: with another plugin's in place, ours
+    cannot be, and a RE-Control engine would edit nothing, so it must refuse to start."""
+    class TheirLogitsProcessor(LogitsProcessor):
+        pass
+
+    monkeypatch.setitem(op_registry_oot, "LogitsProcessor", TheirLogitsProcessor)
+    monkeypatch.setattr(_vllm_adapter, "_install_errors", [])
+    _vllm_adapter.install()
+    assert len(_vllm_adapter._install_errors) == 1
+    assert "another plugin replaced vLLM's LogitsProcessor" in _vllm_adapter._install_errors[0]
+    assert "TheirLogitsProcessor" in _vllm_adapter._install_errors[0]
+
+
+def test_rows_are_dropped_with_the_engine_that_owned_them():
+    import gc
+
+    from vllm_recontrol.controller import _ROWS_BY_ENGINE, rows_for_engine
+
+    class Owner:
+        pass
+
+    owner = Owner()
+    rows = rows_for_engine("engine-under-test", owner=owner)
+    assert rows_for_engine("engine-under-test", owner=owner) is rows
+    del owner
+    gc.collect()
+    assert "engine-under-test" not in _ROWS_BY_ENGINE

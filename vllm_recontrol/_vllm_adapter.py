@@ -77,7 +77,7 @@ def check_vllm_version() -> None:
 def install() -> None:
     """Install the hooks; safe to call any number of times in any vLLM process."""
     for step in (_wrap_engine_config, _wrap_runner_choice, _register_logits_layer,
-                 _wrap_input_batch):
+                 _wrap_model_creation, _wrap_input_batch):
         try:
             step()
         except Exception as exc:  # never break vLLM for engines that don't use RE-Control
@@ -229,7 +229,17 @@ def _require_row_tracker(vllm_config: Any) -> None:
 
 
 def _engine_id(vllm_config: Any) -> str:
-    return str(getattr(vllm_config, "instance_id", ""))
+    """Which engine a config belongs to, the same for the engine's config and every view of
+    it. Multimodal models build their language model (and so the logits layer) under
+    ``vllm_config.with_hf_config(...)``, a ``dataclasses.replace`` copy with a new
+    ``instance_id`` but the same sub-configs: keyed on ``instance_id`` the layer bound rows
+    the tracker never armed, and no request was edited."""
+    return f"scheduler-config-{id(vllm_config.scheduler_config)}"
+
+
+def _engine_rows(vllm_config: Any):
+    """The engine's ``RowControls``, kept while its scheduler config lives."""
+    return rows_for_engine(_engine_id(vllm_config), owner=vllm_config.scheduler_config)
 
 
 # ----------------------------------------------------------------------------- row tracker
@@ -249,7 +259,7 @@ def _tracker_base():
 
         def __init__(self, vllm_config: Any, device: torch.device, is_pin_memory: bool) -> None:
             self.settings = EngineSettings.from_additional_config(vllm_config.additional_config)
-            self.rows = rows_for_engine(_engine_id(vllm_config))
+            self.rows = _engine_rows(vllm_config)
             self.rows.reset(device)
 
         def is_argmax_invariant(self) -> bool:
@@ -422,9 +432,54 @@ def _register_logits_layer() -> None:
     from vllm.model_executor.custom_op import op_registry_oot
     from vllm.model_executor.layers.logits_processor import LogitsProcessor
 
-    if LogitsProcessor.__name__ in op_registry_oot:
-        return
+    present = op_registry_oot.get(LogitsProcessor.__name__)
+    if present is not None and getattr(present, "_recontrol_stock", None) is LogitsProcessor:
+        return  # installed already
+    if present is not None:  # vLLM builds one replacement per layer: theirs, so no edit
+        raise RuntimeError(f"another plugin replaced vLLM's LogitsProcessor (with "
+                           f"{present.__module__}.{present.__qualname__}), so RE-Control's "
+                           "cannot be installed")
     LogitsProcessor.register_oot(_recontrol_layer_class(LogitsProcessor))
+
+
+def _wrap_model_creation() -> None:
+    """After a RE-Control engine's model is built, check that its logits layer will edit."""
+    from vllm.model_executor.model_loader.base_loader import BaseModelLoader
+
+    original = BaseModelLoader.create_model
+    if getattr(original, "_recontrol_wrapped", False):
+        return
+
+    @functools.wraps(original)
+    def create_model(self, vllm_config: Any, *args: Any, **kwargs: Any):
+        model = original(self, vllm_config, *args, **kwargs)
+        if _is_recontrol_engine(vllm_config):
+            require_edit_bound(model, vllm_config)
+        return model
+
+    create_model._recontrol_wrapped = True  # type: ignore[attr-defined]
+    BaseModelLoader.create_model = create_model
+
+
+def require_edit_bound(model: torch.nn.Module, vllm_config: Any) -> None:
+    """Refuse a RE-Control engine whose model has no logits layer editing the rows that the
+    engine's tracker fills: such an engine would take every request's control and edit
+    none (a model whose logits layer is a subclass of vLLM's, which vLLM does not replace
+    with RE-Control's; another view of the config; a layer fed logits, not states)."""
+    from vllm.model_executor.layers.logits_processor import LogitsProcessor
+
+    rows = _engine_rows(vllm_config)
+    layers = [m for m in model.modules() if isinstance(m, LogitsProcessor)]
+    if any(getattr(getattr(m, "_recontrol", None), "rows", None) is rows for m in layers):
+        return
+    found = sorted({f"{type(m).__module__}.{type(m).__qualname__}"
+                    + (" (fed logits, not states)" if m.logits_as_input else "")
+                    for m in layers}) or ["none"]
+    raise ConfigError(
+        f"--model-impl {MODEL_IMPL}: {type(model).__name__}'s logits layer cannot be edited "
+        f"by RE-Control (logits layers found: {', '.join(found)}). RE-Control replaces "
+        "vLLM's own LogitsProcessor, which takes the final states; an architecture whose "
+        "layer is a subclass of it, or that computes its logits elsewhere, is not supported")
 
 
 def resolve_batch_invariant(settings: EngineSettings) -> bool:
@@ -464,7 +519,7 @@ def _recontrol_layer_class(stock: type) -> type:
                                 device=torch.get_default_device())
             # A plain attribute, not a submodule: the checkpoint loader must not see it.
             self._recontrol = EditController(
-                heads, settings, rows_for_engine(_engine_id(vllm_config)),
+                heads, settings, _engine_rows(vllm_config),
                 max_rows=vllm_config.scheduler_config.max_num_seqs,
                 batch_invariant=resolve_batch_invariant(settings),
                 stats_interval=stats_log_interval())
@@ -479,6 +534,7 @@ def _recontrol_layer_class(stock: type) -> type:
             return stock.forward(self, lm_head, hidden_states, embedding_bias, skip_gather)
 
     RecontrolLogitsProcessor.__name__ = "RecontrolLogitsProcessor"
+    RecontrolLogitsProcessor._recontrol_stock = stock  # marks the class as ours
     return RecontrolLogitsProcessor
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+import weakref
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
@@ -146,13 +147,26 @@ class RowControls:
 
 
 _ROWS_BY_ENGINE: dict[str, RowControls] = {}
-_ROWS_LOCK = threading.Lock()
+_ROWS_LOCK = threading.RLock()  # re-entrant: a finalizer may drop rows during a GC under it
 
 
-def rows_for_engine(engine_id: str) -> RowControls:
-    """The one ``RowControls`` shared by an engine's logits processor and its logits layer."""
+def rows_for_engine(engine_id: str, owner: object | None = None) -> RowControls:
+    """The one ``RowControls`` shared by an engine's logits processor and its logits layer;
+    dropped when ``owner`` (an object that lives as long as the engine) is freed, so
+    in-process engines started one after another do not each leave theirs behind."""
     with _ROWS_LOCK:
-        return _ROWS_BY_ENGINE.setdefault(engine_id, RowControls())
+        rows = _ROWS_BY_ENGINE.get(engine_id)
+        if rows is None:
+            rows = _ROWS_BY_ENGINE[engine_id] = RowControls()
+            if owner is not None:
+                weakref.finalize(owner, _drop_rows, engine_id, rows)
+        return rows
+
+
+def _drop_rows(engine_id: str, rows: RowControls) -> None:
+    with _ROWS_LOCK:
+        if _ROWS_BY_ENGINE.get(engine_id) is rows:
+            del _ROWS_BY_ENGINE[engine_id]
 
 
 def warm_up_rows(device: torch.device, settings: EngineSettings,

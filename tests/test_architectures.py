@@ -1,0 +1,114 @@
+"""Architectures built another way than Llama: a multimodal-style wrapper (the language model
+built under a view of the engine's config, as vLLM builds LLaVA, Gemma 3, Qwen2.5-VL...) is
+edited as the plain model is; a logits layer RE-Control cannot edit (a subclass of vLLM's,
+as vLLM 0.32's Inkling has) refuses the engine instead of serving every request unedited."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from engine_helpers import greedy, llama_control, token_ids
+
+# Run in a child process: the architectures are registered in this process's model registry,
+# which only an in-process engine (no engine-core process) sees.
+_RUN = r"""
+import json, os, sys
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+sys.path.insert(0, sys.argv[1])
+from torch import nn
+from vllm import ModelRegistry, SamplingParams
+from vllm.model_executor.layers.logits_processor import LogitsProcessor
+from vllm.model_executor.models.llama import LlamaForCausalLM
+from vllm.model_executor.models.utils import init_vllm_registered_model
+from engine_helpers import start_llm, stop_llm, token_ids
+
+
+class WrappedLlama(nn.Module):
+    # the multimodal pattern: the language model built by init_vllm_registered_model, under
+    # vllm_config.with_hf_config(...), a copy of the engine's config with its own instance_id
+    def __init__(self, *, vllm_config, prefix=""):
+        super().__init__()
+        self.language_model = init_vllm_registered_model(
+            vllm_config=vllm_config, hf_config=vllm_config.model_config.hf_config,
+            prefix="", architectures=["LlamaForCausalLM"])
+        self.make_empty_intermediate_tensors = \
+            self.language_model.make_empty_intermediate_tensors
+
+    def embed_input_ids(self, input_ids):
+        return self.language_model.embed_input_ids(input_ids)
+
+    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None,
+                **kwargs):
+        return self.language_model(input_ids, positions, intermediate_tensors, inputs_embeds)
+
+    def compute_logits(self, hidden_states):
+        return self.language_model.compute_logits(hidden_states)
+
+    def load_weights(self, weights):
+        return {"language_model." + n for n in self.language_model.load_weights(weights)}
+
+
+class SubclassedLogitsProcessor(LogitsProcessor):  # as InklingLogitsProcessor is
+    pass
+
+
+class SubclassedLayerLlama(LlamaForCausalLM):
+    def __init__(self, *, vllm_config, prefix=""):
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self.logits_processor = SubclassedLogitsProcessor(self.config.vocab_size)
+
+
+ModelRegistry.register_model("WrappedLlama", WrappedLlama)
+ModelRegistry.register_model("SubclassedLayerLlama", SubclassedLayerLlama)
+model, control, requests = sys.argv[2], json.loads(sys.argv[3]), json.loads(sys.argv[4])
+llm = start_llm(model, control, distributed_executor_backend="uni",
+                hf_overrides={"architectures": ["WrappedLlama"]})
+outputs = llm.generate([p for p, _ in requests],
+                       [SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True,
+                                       extra_args=extra) for _, extra in requests],
+                       use_tqdm=False)
+print("RESULT " + json.dumps(token_ids(outputs)), flush=True)
+stop_llm(llm)
+try:
+    start_llm(model, control, distributed_executor_backend="uni",
+              hf_overrides={"architectures": ["SubclassedLayerLlama"]})
+    print("REFUSED nothing", flush=True)
+except Exception as exc:
+    print("REFUSED " + json.dumps(f"{type(exc).__name__}: {exc}"), flush=True)
+"""
+
+REQUESTS = [("the good kan", {"recontrol": 0}),
+            ("the good kan", {"recontrol_alpha": 50.0, "recontrol_steps": 20}),
+            ("a bad day", {"recontrol_alpha": 2.0, "recontrol_steps": 6})]
+
+
+@pytest.fixture(scope="module")
+def child_run(llama_dir, head_dir):
+    proc = subprocess.run([sys.executable, "-c", _RUN, str(Path(__file__).parent),
+                           str(llama_dir), json.dumps(llama_control(head_dir)),
+                           json.dumps(REQUESTS)],
+                          capture_output=True, text=True, timeout=500)
+    lines = {line.split(" ", 1)[0]: json.loads(line.split(" ", 1)[1])
+             for line in proc.stdout.splitlines() if line.startswith(("RESULT ", "REFUSED "))}
+    assert proc.returncode == 0 and len(lines) == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return lines
+
+
+def test_a_language_model_built_under_a_config_view_is_edited_as_the_plain_model(
+        child_run, llama_engine):
+    plain = token_ids(llama_engine.generate([p for p, _ in REQUESTS],
+                                            [greedy(8, **extra) for _, extra in REQUESTS],
+                                            use_tqdm=False))
+    assert child_run["RESULT"] == plain
+    assert plain[1] != plain[0]  # the control changed the tokens: the test can tell
+
+
+def test_a_logits_layer_recontrol_cannot_edit_refuses_the_engine(child_run):
+    refused = child_run["REFUSED"]
+    assert "cannot be edited by RE-Control" in refused, refused
+    assert "SubclassedLogitsProcessor" in refused
