@@ -649,6 +649,39 @@ def test_a_label_set_scored_another_way_is_not_resumed(data, tiny_rm, key, value
         label(data=str(data), reward_model=str(tiny_rm), name=name, progress=False)
 
 
+def test_a_label_set_is_not_resumed_after_its_reward_model_folder_changed(data, tiny_rm,
+                                                                         tmp_path):
+    """Another checkpoint saved at the same path is another reward: a resumed set would mix
+    its labels with the old model's. The folder's files (names, sizes, times) are in the
+    set's info; unchanged, the set resumes."""
+    import shutil
+
+    from transformers import AutoModelForSequenceClassification
+
+    folder = tmp_path / "rm"
+    shutil.copytree(tiny_rm, folder)
+    label(data=str(data), reward_model=str(folder), name="rm-replaced", progress=False)
+    before = read_shard_labels(data, "rm-replaced", "shard-00000")
+    label(data=str(data), reward_model=str(folder), name="rm-replaced", progress=False)
+    model = AutoModelForSequenceClassification.from_pretrained(str(folder))
+    with torch.no_grad():
+        model.score.weight.mul_(-1)  # another checkpoint: every reward changes sign
+    model.save_pretrained(str(folder))
+    assert RewardModelScorer(str(folder)).score([("good a", "b")])[0] != \
+        RewardModelScorer(str(tiny_rm)).score([("good a", "b")])[0]
+    with pytest.raises(DataError, match="was made differently"):
+        label(data=str(data), reward_model=str(folder), name="rm-replaced", progress=False)
+    assert read_shard_labels(data, "rm-replaced", "shard-00000") == before  # kept as it was
+
+
+def test_a_reward_model_with_no_folder_here_is_described_without_files(tmp_path):
+    """A hub id, or a folder that only Ray workers hold, is described by its name alone
+    (describe() runs on the driver; nothing is loaded for it)."""
+    for name in ("org/reward-model", str(tmp_path / "on-the-workers")):
+        described = RewardSource(reward_model=name).describe()
+        assert described["reward_model"] == name and described["model_files"] is None
+
+
 def test_label_cli_with_config_file(data, tmp_path, capsys):
     from vllm_recontrol.cli import main
 

@@ -26,7 +26,7 @@ from typing import Any, Callable, Sequence, TypeVar, overload
 
 from ..config import FLOAT32_MAX
 from ..logs import get_logger
-from .common import RewardError, sha256_bytes
+from .common import RewardError, folder_fingerprint, sha256_bytes
 from .prompts import prompt_messages
 
 logger = get_logger(__name__)
@@ -456,7 +456,10 @@ class RewardSource:
         """What decides the rewards, compared by ``label`` (resuming a set) and ``eval``
         (reusing scored methods). A function is named only, batched or not: batching is how
         it is called (as a reward model's batch size, left out too), so a set begun by the
-        per-pair form of a function resumes under its batched form of the same name."""
+        per-pair form of a function resumes under its batched form of the same name. A
+        model's local folder is described by its files too (``folder_fingerprint``): another
+        checkpoint saved at the same path is another reward; a hub id, or a folder that only
+        Ray workers hold, has None there."""
         if self.function is not None:
             if not self.stable_name:
                 return {"reward_fn": self.spec, "unnamed": self._nonce}
@@ -467,7 +470,7 @@ class RewardSource:
         # runs of releases that differed there do not match
         return {"reward_model": self.spec, "reward_index": reward_index,
                 "max_length": max_length, "dtype": dtype, "scored_token": SCORED_TOKEN,
-                "text_format": TEXT_FORMAT}
+                "text_format": TEXT_FORMAT, "model_files": folder_fingerprint(self.spec)}
 
     def score(self, pairs: Sequence[tuple[str, str]],
               where: Callable[[int], str] | None = None) -> list[float]:
