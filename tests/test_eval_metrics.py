@@ -375,7 +375,8 @@ def test_eval_takes_the_reward_model_as_label_does(monkeypatch):
                                  '{"gpu_memory_utilization": 0.3}']) == 0
     source = reward_source(build_options(EvalOptions, seen, "eval"))
     assert source.describe() == {"reward_model": "rm", "reward_index": 1, "max_length": 64,
-                                 "dtype": "bfloat16", "scored_token": "last"}
+                                 "dtype": "bfloat16", "scored_token": "last",
+                                 "text_format": "continuation", "model_files": None}
     assert source._model_args[3] == 4 and source._model_args[6] is True  # batch, remote code
     assert source._model_args[7:] == ("vllm", {"gpu_memory_utilization": 0.3})  # engine
 

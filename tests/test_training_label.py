@@ -547,13 +547,75 @@ def test_reward_model_index_and_device_errors(tiny_rm):
 
 
 def test_reward_model_text_formats(tiny_rm):
+    """A chat template gets the answer without the whitespace around it (the template places
+    it); a dialogue ending in "Assistant:" gets the response as written, with one space only
+    where it has none, and an empty response adds nothing."""
     scorer = RewardModelScorer(str(tiny_rm))
     assert scorer.uses_chat_template  # the toy tokenizer has one
     assert scorer.format("good a", "b")[0] == "user: good a assistant: b "
+    assert scorer.format("good a", " b\n")[0] == "user: good a assistant: b "
     scorer.uses_chat_template = False
     assert scorer.format("good a", "b") == ("\n\nHuman: good a\n\nAssistant: b", True)
+    assert scorer.format("good a", " b") == ("\n\nHuman: good a\n\nAssistant: b", True)
     hh = "\n\nHuman: hi\n\nAssistant:"
     assert scorer.format(hh, "yo") == (hh + " yo", True)
+    assert scorer.format(hh, " yo") == (hh + " yo", True)
+    assert scorer.format(hh, "\nyo") == (hh + "\nyo", True)
+    assert scorer.format(hh + " ", "yo") == (hh + " yo", True)  # the prompt's space is the one
+    assert scorer.format(hh, "") == (hh, True)
+
+
+@pytest.fixture(scope="module")
+def bpe_rm(tmp_path_factory):
+    """A random LlamaForSequenceClassification with a byte-level BPE tokenizer (spaces are
+    part of its tokens, as in Llama-3's) and no chat template."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from vllm_recontrol.toy import build_tokenizer
+
+    path = tmp_path_factory.mktemp("bpe-rm")
+    tokenizer = build_tokenizer(path, kind="byte-bpe")
+    (path / "chat_template.jinja").unlink()
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                         num_labels=1, pad_token_id=tokenizer.pad_token_id,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    LlamaForSequenceClassification(config).save_pretrained(str(path))
+    return path
+
+
+def _generated_text(tokenizer, prompt: str, continuation: str) -> str:
+    """The response text vLLM reports for ``continuation`` generated after ``prompt``: its
+    detokenizer is a DecodeStream primed with the prompt's ids, so the text keeps the
+    leading space of its first token."""
+    from tokenizers.decoders import DecodeStream
+
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    all_ids = tokenizer(prompt + continuation)["input_ids"]
+    assert all_ids[:len(prompt_ids)] == prompt_ids  # the continuation's own tokens follow
+    stream = DecodeStream(ids=prompt_ids, skip_special_tokens=True)
+    return "".join(filter(None, (stream.step(tokenizer.backend_tokenizer, i)
+                                 for i in all_ids[len(prompt_ids):])))
+
+
+@pytest.mark.parametrize("prompt, dialogue", [
+    ("\n\nHuman: ba bon kan\n\nAssistant:", "\n\nHuman: ba bon kan\n\nAssistant:"),
+    ("ba bon kan", "\n\nHuman: ba bon kan\n\nAssistant:")])
+def test_a_generated_response_is_scored_on_the_text_the_model_wrote(bpe_rm, prompt, dialogue):
+    """Oracle: the dialogue and the answer tokenized as one text, with one space between
+    them (what the paper scores). vLLM's response text begins with that space; it used to
+    get another, an extra token the reward model never saw. A response without it gets
+    exactly one, and one cut at a hallucinated turn is scored on its answer alone."""
+    scorer = RewardModelScorer(str(bpe_rm))
+    assert not scorer.uses_chat_template
+    natural = scorer.tokenizer(dialogue + " zo ze zi")["input_ids"]
+    generated = _generated_text(scorer.tokenizer, dialogue, " zo ze zi")
+    assert generated == " zo ze zi"  # the trap: the text begins with a space
+    hallucinated, was_cut = cut_response(generated + "\n\nHuman: ba kan")
+    assert was_cut
+    for response in (generated, "zo ze zi", hallucinated):
+        assert scorer.encode([(prompt, response)]) == [natural]
 
 
 def test_label_with_reward_model(data, tiny_rm):
@@ -568,18 +630,56 @@ def test_label_with_reward_model(data, tiny_rm):
         assert math.isclose(lab["reward"], value, rel_tol=1e-5, abs_tol=1e-5)
 
 
-def test_a_label_set_scored_another_way_is_not_resumed(data, tiny_rm):
+@pytest.mark.parametrize("key, value", [("scored_token", "last"),
+                                        ("text_format", "continuation")])
+def test_a_label_set_scored_another_way_is_not_resumed(data, tiny_rm, key, value):
     """A label set whose reward model scored another token (a release before the last-token
-    padding) is not continued: its labels and new ones would not be alike."""
-    label(data=str(data), reward_model=str(tiny_rm), name="rm-old", batch_size=3,
-          progress=False)
-    info_path = labels_dir(data, "rm-old") / "info.json"
+    padding) or another text (a release that put a second space before a space-led response)
+    is not continued: its labels and new ones would not be alike. Such a release wrote
+    neither key."""
+    name = f"rm-old-{key}"
+    label(data=str(data), reward_model=str(tiny_rm), name=name, batch_size=3, progress=False)
+    info_path = labels_dir(data, name) / "info.json"
     info = json.loads(info_path.read_text())
-    assert info["source"]["scored_token"] == "last"
-    del info["source"]["scored_token"]
+    assert info["source"][key] == value
+    label(data=str(data), reward_model=str(tiny_rm), name=name, progress=False)  # resumes
+    del info["source"][key]
     info_path.write_text(json.dumps(info))
     with pytest.raises(DataError, match="was made differently"):
-        label(data=str(data), reward_model=str(tiny_rm), name="rm-old", progress=False)
+        label(data=str(data), reward_model=str(tiny_rm), name=name, progress=False)
+
+
+def test_a_label_set_is_not_resumed_after_its_reward_model_folder_changed(data, tiny_rm,
+                                                                         tmp_path):
+    """Another checkpoint saved at the same path is another reward: a resumed set would mix
+    its labels with the old model's. The folder's files (names, sizes, times) are in the
+    set's info; unchanged, the set resumes."""
+    import shutil
+
+    from transformers import AutoModelForSequenceClassification
+
+    folder = tmp_path / "rm"
+    shutil.copytree(tiny_rm, folder)
+    label(data=str(data), reward_model=str(folder), name="rm-replaced", progress=False)
+    before = read_shard_labels(data, "rm-replaced", "shard-00000")
+    label(data=str(data), reward_model=str(folder), name="rm-replaced", progress=False)
+    model = AutoModelForSequenceClassification.from_pretrained(str(folder))
+    with torch.no_grad():
+        model.score.weight.mul_(-1)  # another checkpoint: every reward changes sign
+    model.save_pretrained(str(folder))
+    assert RewardModelScorer(str(folder)).score([("good a", "b")])[0] != \
+        RewardModelScorer(str(tiny_rm)).score([("good a", "b")])[0]
+    with pytest.raises(DataError, match="was made differently"):
+        label(data=str(data), reward_model=str(folder), name="rm-replaced", progress=False)
+    assert read_shard_labels(data, "rm-replaced", "shard-00000") == before  # kept as it was
+
+
+def test_a_reward_model_with_no_folder_here_is_described_without_files(tmp_path):
+    """A hub id, or a folder that only Ray workers hold, is described by its name alone
+    (describe() runs on the driver; nothing is loaded for it)."""
+    for name in ("org/reward-model", str(tmp_path / "on-the-workers")):
+        described = RewardSource(reward_model=name).describe()
+        assert described["reward_model"] == name and described["model_files"] is None
 
 
 def test_label_cli_with_config_file(data, tmp_path, capsys):

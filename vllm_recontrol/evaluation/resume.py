@@ -23,7 +23,6 @@ resolves to: after changing those, run with ``--no-resume``.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib.metadata
 import json
 import os
@@ -34,7 +33,7 @@ from ..files import write_text_atomic
 from ..head_source import locate_head
 from ..logs import get_logger
 from ..training.collector import RESUME_ENGINE_KEYS
-from ..training.common import json_digest, sha256_file
+from ..training.common import folder_fingerprint, json_digest, sha256_file
 from .engines import Samples
 
 logger = get_logger(__name__)
@@ -114,21 +113,6 @@ def package_versions() -> dict[str, str | None]:
             except importlib.metadata.PackageNotFoundError:
                 continue
     return versions
-
-
-def folder_fingerprint(source: str) -> str | None:
-    """Names, sizes and modification times of a local model folder's files (hashing the
-    weights would take minutes for a 7B model; a model saved again at the same path changes
-    these), or None for a hub id (its name and the engine's revision are in the options)."""
-    folder = Path(source)
-    if not folder.is_dir():
-        return None
-    digest = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        stat = path.stat()
-        digest.update(f"{path.relative_to(folder)}\0{stat.st_size}\0{stat.st_mtime_ns}\0"
-                      .encode())
-    return digest.hexdigest()
 
 
 def head_digest(source: str) -> str | None:

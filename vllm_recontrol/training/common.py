@@ -75,6 +75,23 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def folder_fingerprint(source: str) -> str | None:
+    """Names, sizes and modification times of a local model folder's files (hashing the
+    weights would take minutes for a 7B model; a model saved again at the same path changes
+    these), or None when ``source`` is no folder here (a hub id, or a folder that only
+    remote workers hold). Here, not in eval: eval's resume digests and the reward model's
+    description (which label sets compare) both read it."""
+    folder = Path(source)
+    if not folder.is_dir():
+        return None
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        stat = path.stat()
+        digest.update(f"{path.relative_to(folder)}\0{stat.st_size}\0{stat.st_mtime_ns}\0"
+                      .encode())
+    return digest.hexdigest()
+
+
 # ----------------------------------------------------------------------------- options
 def build_options(cls: type, options: Mapping[str, Any], command: str) -> Any:
     """A dataclass of options from a mapping (a config file or keyword arguments).

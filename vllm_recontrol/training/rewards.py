@@ -26,7 +26,7 @@ from typing import Any, Callable, Sequence, TypeVar, overload
 
 from ..config import FLOAT32_MAX
 from ..logs import get_logger
-from .common import RewardError, sha256_bytes
+from .common import RewardError, folder_fingerprint, sha256_bytes
 from .prompts import prompt_messages
 
 logger = get_logger(__name__)
@@ -34,6 +34,10 @@ logger = get_logger(__name__)
 DEFAULT_CUT_AT = ("Human:", "User:")
 RM_ENGINES = ("hf", "vllm")
 SCORED_TOKEN = "last"  # in describe(): see RewardModelScorer._absent_id
+# in describe(): the response is joined to the prompt as the model's continuation (see
+# join_continuation); releases without this key put a second space before a response that
+# began with one (vLLM's text keeps its first token's space), so their rewards differ
+TEXT_FORMAT = "continuation"
 
 
 def cut_response(response: str, markers: Sequence[str] = DEFAULT_CUT_AT) -> tuple[str, bool]:
@@ -45,6 +49,20 @@ def cut_response(response: str, markers: Sequence[str] = DEFAULT_CUT_AT) -> tupl
     if not positions:
         return response.rstrip(), False
     return response[:min(positions)].rstrip(), True
+
+
+def join_continuation(prefix: str, response: str) -> str:
+    """``prefix`` (a dialogue ending in "Assistant:") followed by ``response`` as the model
+    wrote it, with one space added only where neither side has whitespace at the seam, and
+    nothing added for an empty response.
+
+    Why: vLLM's response text keeps its first token's leading space (" Sure", SentencePiece
+    and byte-level BPE alike), and the paper scores prompt and continuation decoded as one
+    text; another space would give the reward model "Assistant:  Sure", a text it never saw.
+    A response without one (a stripped text, a function's) still gets its single space."""
+    if not response or prefix[-1:].isspace() or response[0].isspace():
+        return prefix + response
+    return f"{prefix} {response}"
 
 
 BATCHED_MARK = "__recontrol_batched_reward__"
@@ -215,8 +233,10 @@ class RewardModelScorer:
     """Batched scores of a sequence-classification reward model (transformers or vLLM).
 
     Text format: the model's chat template when its tokenizer has one (HH-RLHF prompts become
-    turn-by-turn messages), else ``\\n\\nHuman: {prompt}\\n\\nAssistant: {response}``. Long
-    inputs are cut from the left, so the response (the part being judged) is kept.
+    turn-by-turn messages, the response without surrounding whitespace the assistant's), else
+    the HH-RLHF dialogue (a plain prompt wrapped as ``\\n\\nHuman: {prompt}\\n\\nAssistant:``)
+    continued by the response as written (``join_continuation``). Long inputs are cut from
+    the left, so the response (the part being judged) is kept.
     ``engine="vllm"`` scores through ``vllm.LLM(runner="pooling").classify`` with the
     activation off (the raw score, as transformers returns it); ``engine_args`` go to the LLM.
     """
@@ -259,13 +279,15 @@ class RewardModelScorer:
                                     engine_args or {})
 
     def format(self, prompt: str, response: str) -> tuple[str, bool]:
-        """(text, add_special_tokens) for one prompt/response pair."""
+        """(text, add_special_tokens) for one prompt/response pair. A chat message's content
+        is stripped (the template places it; a leading space is no part of an answer)."""
         if self.uses_chat_template:
-            messages = prompt_messages(prompt) + [{"role": "assistant", "content": response}]
+            messages = prompt_messages(prompt) + [{"role": "assistant",
+                                                   "content": response.strip()}]
             return self.tokenizer.apply_chat_template(messages, tokenize=False), False
         if prompt.rstrip().endswith("Assistant:") and "Human:" in prompt:
-            return f"{prompt} {response}", True  # already an HH-RLHF dialogue
-        return f"\n\nHuman: {prompt}\n\nAssistant: {response}", True
+            return join_continuation(prompt, response), True  # already an HH-RLHF dialogue
+        return join_continuation(f"\n\nHuman: {prompt}\n\nAssistant:", response), True
 
     def encode(self, pairs: Sequence[tuple[str, str]]) -> list[list[int]]:
         """Token ids of each pair as the model will see them (formatted, cut from the left)."""
@@ -434,16 +456,21 @@ class RewardSource:
         """What decides the rewards, compared by ``label`` (resuming a set) and ``eval``
         (reusing scored methods). A function is named only, batched or not: batching is how
         it is called (as a reward model's batch size, left out too), so a set begun by the
-        per-pair form of a function resumes under its batched form of the same name."""
+        per-pair form of a function resumes under its batched form of the same name. A
+        model's local folder is described by its files too (``folder_fingerprint``): another
+        checkpoint saved at the same path is another reward; a hub id, or a folder that only
+        Ray workers hold, has None there."""
         if self.function is not None:
             if not self.stable_name:
                 return {"reward_fn": self.spec, "unnamed": self._nonce}
             return {"reward_fn": self.spec}
         _, _, dtype, _, max_length, reward_index, _, _, _ = self._model_args
         # "scored_token": what this release scores (each text's last token, padding with an
-        # absent id); label sets and eval runs of releases that differed there do not match
+        # absent id), "text_format": how it joins prompt and response; label sets and eval
+        # runs of releases that differed there do not match
         return {"reward_model": self.spec, "reward_index": reward_index,
-                "max_length": max_length, "dtype": dtype, "scored_token": SCORED_TOKEN}
+                "max_length": max_length, "dtype": dtype, "scored_token": SCORED_TOKEN,
+                "text_format": TEXT_FORMAT, "model_files": folder_fingerprint(self.spec)}
 
     def score(self, pairs: Sequence[tuple[str, str]],
               where: Callable[[int], str] | None = None) -> list[float]:
