@@ -262,6 +262,18 @@ def test_rerun_with_other_settings_is_refused(tmp_path):
         "temperature"] == 0.5
 
 
+def test_another_max_model_len_is_refused_on_resume(tmp_path):
+    """vLLM ends a response where prompt + response reach max_model_len: a rerun with
+    another limit would cut later shards' responses elsewhere than the finished ones'."""
+    fake_collect(tmp_path, count=10, shard_size=4, engine_args={"max_model_len": 256})
+    for limit in (64, 512):
+        with pytest.raises(DataError, match=r"differs in \['engine_args'\].*'max_model_len'"):
+            fake_collect(tmp_path, count=10, shard_size=4, engine_args={"max_model_len": limit})
+    with pytest.raises(DataError, match="pooling_engine_args"):
+        fake_collect(tmp_path, count=10, shard_size=4, engine_args={"max_model_len": 256},
+                     pooling_engine_args={"max_model_len": 64})
+
+
 def test_seeds_do_not_depend_on_sharding(tmp_path):
     a = fake_collect(tmp_path / "a", count=12, shard_size=5)[0]
     b = fake_collect(tmp_path / "b", count=12, shard_size=12)[0]

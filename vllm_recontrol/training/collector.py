@@ -160,9 +160,9 @@ class CollectWorker:
             index, source = keys[exc.request][0], self.manifest["prompts"]["source"]
             raise DataError(f"shard {plan.name}: prompt {index + 1} of {source} (prompt_index "
                             f"{index}, counted from 0 in the shards): {exc}. Shorten or "
-                            "remove that prompt (or raise max_model_len in "
-                            f"engine_args), then rerun (a changed prompt file needs --overwrite)"
-                            ) from exc
+                            "remove that prompt, or raise max_model_len in engine_args (it "
+                            "decides where responses are cut), then rerun with a new --out or "
+                            "--overwrite: either change makes another collection") from exc
         if len(generations) != len(requests):
             raise RuntimeError(f"shard {plan.name}: {len(requests)} requests gave "
                                f"{len(generations)} outputs")
@@ -289,10 +289,12 @@ def _hidden_size(model: str) -> int | None:
 # Engine arguments are recorded (those of the first run). Those that only say how to run it
 # (memory, batch limits, parallelism) may change on a resume; any other (dtype, revision,
 # quantization, tokenizer, ...) changes the states, so finished and new shards would not be
-# of one model: it must match, as everything else in the manifest must.
+# of one model: it must match, as everything else in the manifest must. max_model_len is
+# not among them: vLLM ends a response where prompt + response reach it ("length"), so
+# another limit would cut later shards' responses elsewhere.
 RESUME_ENGINE_KEYS = frozenset({
     "gpu_memory_utilization", "kv_cache_memory_bytes", "max_num_seqs",
-    "max_num_batched_tokens", "max_model_len", "tensor_parallel_size",
+    "max_num_batched_tokens", "tensor_parallel_size",
     "pipeline_parallel_size", "data_parallel_size", "distributed_executor_backend",
     "enforce_eager", "swap_space", "cpu_offload_gb", "block_size", "enable_prefix_caching",
     "enable_chunked_prefill", "disable_log_stats", "compilation_config", "async_scheduling"})
