@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -260,6 +261,77 @@ def test_rerun_with_other_settings_is_refused(tmp_path):
     summary = fake_collect(tmp_path, count=10, shard_size=4, temperature=0.5, overwrite=True)[2]
     assert summary["responses"] == 10 and read_manifest(tmp_path / "data")["sampling"][
         "temperature"] == 0.5
+
+
+def _crash_after_the_first_shard(tmp_path: Path) -> Path:
+    """A run that generated shard 0 of 3 and died generating shard 1."""
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        fake_collect(tmp_path, count=20, shard_size=8, engines=FakeEngines(fail_generate_call=2))
+    data = tmp_path / "data"
+    assert (data / "shard-00000.jsonl").is_file()
+    return data
+
+
+def _save_another_config(model: Path) -> None:
+    """Another checkpoint of the same width saved in place (more layers, a wider FFN)."""
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps(
+        {**config, "num_hidden_layers": 7, "intermediate_size": 32}))
+
+
+def _save_other_weights(model: Path) -> None:
+    """Weights saved again: same name and size, a later time."""
+    weights = model / "model.safetensors"
+    weights.write_bytes(b"B" * 64)
+    later = weights.stat().st_mtime + 60
+    os.utime(weights, (later, later))
+
+
+@pytest.mark.parametrize("change", [_save_another_config, _save_other_weights])
+def test_a_model_folder_changed_since_the_collection_began_is_refused(tmp_path, change):
+    """A local model folder saved again in place (ckpt/latest) used to resume silently:
+    shard 0's responses came from the old model and its states from the new one."""
+    model = tmp_path / "fake-model"
+    model.mkdir()
+    (model / "model.safetensors").write_bytes(b"A" * 64)
+    data = _crash_after_the_first_shard(tmp_path)
+    assert read_manifest(data)["model_files"] is not None
+    change(model)
+    with pytest.raises(DataError, match=r"holds a different collection \(the files of the model "
+                                        r"folder .*fake-model changed since this collection "
+                                        r"began.*use a new --out, or --overwrite"):
+        fake_collect(tmp_path, count=20, shard_size=8)
+    assert not (data / "shard-00000.safetensors").exists()  # nothing computed by the new model
+    summary = fake_collect(tmp_path, count=20, shard_size=8, overwrite=True)[2]
+    assert summary["shards done / planned"] == "3 / 3"
+
+
+def test_an_unchanged_model_folder_resumes(tmp_path):
+    data = _crash_after_the_first_shard(tmp_path)
+    resumed = FakeEngines()
+    summary = fake_collect(tmp_path, count=20, shard_size=8, engines=resumed)[2]
+    assert resumed.generate_calls == 2 and summary["shards done / planned"] == "3 / 3"
+    assert read_manifest(data)["model_files"] is not None
+
+
+def test_a_manifest_without_model_files_still_resumes(tmp_path):
+    """A collection begun by an earlier release recorded no model_files: it resumes (its
+    model's files cannot be checked) and its manifest is kept as it was, since label sets
+    hold its hash."""
+    from vllm_recontrol.training.shards import manifest_sha256, write_manifest
+
+    data = _crash_after_the_first_shard(tmp_path)
+    manifest = read_manifest(data)
+    del manifest["model_files"]
+    write_manifest(data, manifest)
+    before = manifest_sha256(data)
+    summary = fake_collect(tmp_path, count=20, shard_size=8)[2]
+    assert summary["shards done / planned"] == "3 / 3"
+    assert manifest_sha256(data) == before and "model_files" not in read_manifest(data)
+
+
+def test_a_hub_model_has_no_files_to_check():
+    assert collector.model_files("org/not-a-local-folder") is None
 
 
 def test_another_max_model_len_is_refused_on_resume(tmp_path):

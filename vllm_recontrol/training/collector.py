@@ -258,6 +258,7 @@ def build_manifest(opts: CollectOptions, prompts: Sequence[str]) -> dict[str, An
         "format": STATES_FORMAT,
         "format_version": STATES_FORMAT_VERSION,
         "model": opts.model,
+        MODEL_FILES: model_files(opts.model),
         "hidden_size": _hidden_size(opts.model),
         "state_dtype": opts.state_dtype,
         "state_definition": STATE_DEFINITION,
@@ -276,6 +277,19 @@ def build_manifest(opts: CollectOptions, prompts: Sequence[str]) -> dict[str, An
         "num_responses": len(prompts) * opts.samples_per_prompt,
         "shards": [asdict(s) for s in shards],
     }
+
+
+# The manifest key of the model folder's fingerprint (None for a hub id).
+MODEL_FILES = "model_files"
+
+
+def model_files(model: str) -> str | None:
+    """A fingerprint of a local model folder's files (names, sizes, modification times), so a
+    resume sees a checkpoint saved again at the same path (say ckpt/latest); None for a hub
+    id. Imported here, not above: evaluation.resume imports this module."""
+    from ..evaluation.resume import folder_fingerprint
+
+    return folder_fingerprint(str(Path(model).expanduser()))
 
 
 def _hidden_size(model: str) -> int | None:
@@ -319,14 +333,15 @@ def _prepare_out(opts: CollectOptions, manifest: dict[str, Any]) -> Path:
             def same(key: str) -> bool:
                 if key in ENGINE_ARGS_KEYS:
                     return _states_defining(old.get(key)) == _states_defining(manifest.get(key))
+                if key == MODEL_FILES and key not in old:
+                    # A manifest of an earlier release: its model's files were not recorded,
+                    # so they cannot be checked (nor added: labels hold the manifest's hash).
+                    return True
                 return old.get(key) == manifest.get(key)
 
             differ = sorted(k for k in set(old) | set(manifest) if not same(k))
             if differ and _holds_work(out):
-                changes = "; ".join(f"{k}: {old.get(k)!r} there, {manifest.get(k)!r} now"
-                                    for k in differ)
-                raise DataError(f"{out} holds a different collection (differs in {differ}: "
-                                f"{changes}); use a new --out, or --overwrite to delete it")
+                raise DataError(_different_collection(out, old, manifest, differ))
             if not differ:
                 _remove_stale_temporaries(out)
                 return out
@@ -341,6 +356,23 @@ def _prepare_out(opts: CollectOptions, manifest: dict[str, Any]) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     write_manifest(out, manifest)
     return out
+
+
+def _different_collection(out: Path, old: dict[str, Any], new: dict[str, Any],
+                          differ: list[str]) -> str:
+    """Why a rerun into ``out`` is refused; a model folder whose files changed is said in
+    words (its fingerprints would tell a person nothing)."""
+    reasons = []
+    if MODEL_FILES in differ and "model" not in differ:
+        reasons.append(f"the files of the model folder {new['model']} changed since this "
+                       "collection began, as when another checkpoint is saved there: its "
+                       "shards would mix two models' responses and states")
+    listed = [k for k in differ if k != MODEL_FILES]
+    if listed:
+        changes = "; ".join(f"{k}: {old.get(k)!r} there, {new.get(k)!r} now" for k in listed)
+        reasons.append(f"differs in {listed}: {changes}")
+    return (f"{out} holds a different collection ({'; '.join(reasons)}); use a new --out, or "
+            "--overwrite to delete it")
 
 
 def _holds_work(out: Path) -> bool:
