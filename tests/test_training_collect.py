@@ -18,7 +18,7 @@ from vllm_recontrol.training.common import DataError
 from vllm_recontrol.training.prompts import (extract_hh_prompt, hh_to_messages, load_prompts,
                                              load_references, render_chat_prompt)
 from vllm_recontrol.training.shards import (load_states, read_manifest, read_rows,
-                                            read_shard_index)
+                                            read_shard_index, shard_status)
 
 DIALOGUE = ("\n\nHuman: What is a cat?\n\nAssistant: A small animal.\n\nHuman: And a dog?"
             "\n\nAssistant: A loyal animal.")
@@ -197,6 +197,49 @@ def test_shards_hold_every_response_once_with_the_right_states(tmp_path, monkeyp
         assert any(len(call) == 1 and call[0] > chunk_positions
                    for call in engines.states_lengths)
         assert sum(len(call) for call in engines.states_lengths) == 20
+
+
+class OddStates(FakeEngines):
+    """States with ``value`` at the last position of the first response of shard 2."""
+
+    def __init__(self, value: float) -> None:
+        super().__init__()
+        self.value = value
+
+    def states(self, sequences):
+        outputs = super().states(sequences)
+        if self.states_calls == 3:
+            outputs[0][-1, 3] = self.value
+        return outputs
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+def test_non_finite_states_are_refused_before_their_shard_is_written(tmp_path, value):
+    """NaN or inf states used to be stored: collect and label passed, and train stopped an
+    epoch later with "lower --lr", naming no shard."""
+    with pytest.raises(DataError, match=r"shard shard-00002: the pooling engine returned NaN "
+                                        r"or inf states for response_id 16;"):
+        fake_collect(tmp_path, count=20, shard_size=8, engines=OddStates(value))
+    data = tmp_path / "data"
+    assert [shard_status(data, f"shard-0000{i}") for i in range(3)] == [
+        "done", "done", "generated"]  # shard 2 stays to be computed again
+    resumed = FakeEngines()
+    fake_collect(tmp_path, count=20, shard_size=8, engines=resumed)
+    assert resumed.generate_calls == 0 and resumed.states_calls == 1
+
+
+def test_states_beyond_float16_are_refused_naming_bfloat16(tmp_path):
+    """70000 is finite in float32 but inf in float16 (largest 65504): the cast used to store
+    inf without a word."""
+    with pytest.raises(DataError, match=r"shard shard-00002: response_id 16 has states up to "
+                                        r"70000 in size, beyond what float16 holds.*"
+                                        r"--state-dtype bfloat16"):
+        fake_collect(tmp_path / "f16", count=20, shard_size=8, engines=OddStates(70000.0),
+                     state_dtype="float16")
+    assert not (tmp_path / "f16" / "data" / "shard-00002.safetensors").exists()
+    summary = fake_collect(tmp_path / "bf16", count=20, shard_size=8,
+                           engines=OddStates(70000.0), state_dtype="bfloat16")[2]
+    assert summary["shards done / planned"] == "3 / 3"
 
 
 def test_position_chunks_cover_the_sequences_in_order_within_the_budget():

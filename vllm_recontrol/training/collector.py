@@ -216,7 +216,10 @@ class CollectWorker:
                 elif piece.shape[1] != joined.shape[1]:
                     raise DataError(f"shard {name}: states of different widths "
                                     f"{sorted({joined.shape[1], piece.shape[1]})}")
-                joined[filled:filled + piece.shape[0]] = piece
+                stored = joined[filled:filled + piece.shape[0]]
+                stored.copy_(piece)
+                check_finite_states(name, row["response_id"], piece, stored,
+                                    self.manifest["state_dtype"])
                 filled += piece.shape[0]
             del outputs, hidden, piece  # this chunk's float32 positions, before the next's
         if joined is None:
@@ -234,6 +237,26 @@ class CollectWorker:
 
     def close(self) -> None:
         self.engines.close()
+
+
+def check_finite_states(shard: str, response_id: int, computed: torch.Tensor,
+                        stored: torch.Tensor, state_dtype: str) -> None:
+    """Refuse NaN or inf in a response's states, as the pooling engine returned them and as
+    stored, before the shard's states file is written (the shard stays unfinished). Stored,
+    they passed collect and label, and train stopped an epoch later blaming its learning
+    rate, naming no shard."""
+    if not torch.isfinite(computed).all():
+        raise DataError(f"shard {shard}: the pooling engine returned NaN or inf states for "
+                        f"response_id {response_id}; a model run in float16 can overflow: "
+                        "collect with engine_args {\"dtype\": \"bfloat16\"} (a new --out, or "
+                        "--overwrite)")
+    if not torch.isfinite(stored).all():
+        largest = computed.abs().max().item()
+        advice = ("collect with --state-dtype bfloat16 (a new --out, or --overwrite)"
+                  if state_dtype != "bfloat16" else "check the model")
+        raise DataError(f"shard {shard}: response_id {response_id} has states up to "
+                        f"{largest:.6g} in size, beyond what {state_dtype} holds (they would be "
+                        f"stored as inf); {advice}")
 
 
 def position_chunks(lengths: Sequence[int], budget: int) -> list[range]:
