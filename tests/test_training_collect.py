@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ from vllm_recontrol.training.common import DataError
 from vllm_recontrol.training.prompts import (extract_hh_prompt, hh_to_messages, load_prompts,
                                              load_references, render_chat_prompt)
 from vllm_recontrol.training.shards import (load_states, read_manifest, read_rows,
-                                            read_shard_index)
+                                            read_shard_index, shard_status)
 
 DIALOGUE = ("\n\nHuman: What is a cat?\n\nAssistant: A small animal.\n\nHuman: And a dog?"
             "\n\nAssistant: A loyal animal.")
@@ -198,6 +199,49 @@ def test_shards_hold_every_response_once_with_the_right_states(tmp_path, monkeyp
         assert sum(len(call) for call in engines.states_lengths) == 20
 
 
+class OddStates(FakeEngines):
+    """States with ``value`` at the last position of the first response of shard 2."""
+
+    def __init__(self, value: float) -> None:
+        super().__init__()
+        self.value = value
+
+    def states(self, sequences):
+        outputs = super().states(sequences)
+        if self.states_calls == 3:
+            outputs[0][-1, 3] = self.value
+        return outputs
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+def test_non_finite_states_are_refused_before_their_shard_is_written(tmp_path, value):
+    """NaN or inf states used to be stored: collect and label passed, and train stopped an
+    epoch later with "lower --lr", naming no shard."""
+    with pytest.raises(DataError, match=r"shard shard-00002: the pooling engine returned NaN "
+                                        r"or inf states for response_id 16;"):
+        fake_collect(tmp_path, count=20, shard_size=8, engines=OddStates(value))
+    data = tmp_path / "data"
+    assert [shard_status(data, f"shard-0000{i}") for i in range(3)] == [
+        "done", "done", "generated"]  # shard 2 stays to be computed again
+    resumed = FakeEngines()
+    fake_collect(tmp_path, count=20, shard_size=8, engines=resumed)
+    assert resumed.generate_calls == 0 and resumed.states_calls == 1
+
+
+def test_states_beyond_float16_are_refused_naming_bfloat16(tmp_path):
+    """70000 is finite in float32 but inf in float16 (largest 65504): the cast used to store
+    inf without a word."""
+    with pytest.raises(DataError, match=r"shard shard-00002: response_id 16 has states up to "
+                                        r"70000 in size, beyond what float16 holds.*"
+                                        r"--state-dtype bfloat16"):
+        fake_collect(tmp_path / "f16", count=20, shard_size=8, engines=OddStates(70000.0),
+                     state_dtype="float16")
+    assert not (tmp_path / "f16" / "data" / "shard-00002.safetensors").exists()
+    summary = fake_collect(tmp_path / "bf16", count=20, shard_size=8,
+                           engines=OddStates(70000.0), state_dtype="bfloat16")[2]
+    assert summary["shards done / planned"] == "3 / 3"
+
+
 def test_position_chunks_cover_the_sequences_in_order_within_the_budget():
     lengths = [5, 7, 3, 20, 1, 1, 9]
     chunks = position_chunks(lengths, 10)
@@ -260,6 +304,89 @@ def test_rerun_with_other_settings_is_refused(tmp_path):
     summary = fake_collect(tmp_path, count=10, shard_size=4, temperature=0.5, overwrite=True)[2]
     assert summary["responses"] == 10 and read_manifest(tmp_path / "data")["sampling"][
         "temperature"] == 0.5
+
+
+def _crash_after_the_first_shard(tmp_path: Path) -> Path:
+    """A run that generated shard 0 of 3 and died generating shard 1."""
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        fake_collect(tmp_path, count=20, shard_size=8, engines=FakeEngines(fail_generate_call=2))
+    data = tmp_path / "data"
+    assert (data / "shard-00000.jsonl").is_file()
+    return data
+
+
+def _save_another_config(model: Path) -> None:
+    """Another checkpoint of the same width saved in place (more layers, a wider FFN)."""
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps(
+        {**config, "num_hidden_layers": 7, "intermediate_size": 32}))
+
+
+def _save_other_weights(model: Path) -> None:
+    """Weights saved again: same name and size, a later time."""
+    weights = model / "model.safetensors"
+    weights.write_bytes(b"B" * 64)
+    later = weights.stat().st_mtime + 60
+    os.utime(weights, (later, later))
+
+
+@pytest.mark.parametrize("change", [_save_another_config, _save_other_weights])
+def test_a_model_folder_changed_since_the_collection_began_is_refused(tmp_path, change):
+    """A local model folder saved again in place (ckpt/latest) used to resume silently:
+    shard 0's responses came from the old model and its states from the new one."""
+    model = tmp_path / "fake-model"
+    model.mkdir()
+    (model / "model.safetensors").write_bytes(b"A" * 64)
+    data = _crash_after_the_first_shard(tmp_path)
+    assert read_manifest(data)["model_files"] is not None
+    change(model)
+    with pytest.raises(DataError, match=r"holds a different collection \(the files of the model "
+                                        r"folder .*fake-model changed since this collection "
+                                        r"began.*use a new --out, or --overwrite"):
+        fake_collect(tmp_path, count=20, shard_size=8)
+    assert not (data / "shard-00000.safetensors").exists()  # nothing computed by the new model
+    summary = fake_collect(tmp_path, count=20, shard_size=8, overwrite=True)[2]
+    assert summary["shards done / planned"] == "3 / 3"
+
+
+def test_an_unchanged_model_folder_resumes(tmp_path):
+    data = _crash_after_the_first_shard(tmp_path)
+    resumed = FakeEngines()
+    summary = fake_collect(tmp_path, count=20, shard_size=8, engines=resumed)[2]
+    assert resumed.generate_calls == 2 and summary["shards done / planned"] == "3 / 3"
+    assert read_manifest(data)["model_files"] is not None
+
+
+def test_a_manifest_without_model_files_still_resumes(tmp_path):
+    """A collection begun by an earlier release recorded no model_files: it resumes (its
+    model's files cannot be checked) and its manifest is kept as it was, since label sets
+    hold its hash."""
+    from vllm_recontrol.training.shards import manifest_sha256, write_manifest
+
+    data = _crash_after_the_first_shard(tmp_path)
+    manifest = read_manifest(data)
+    del manifest["model_files"]
+    write_manifest(data, manifest)
+    before = manifest_sha256(data)
+    summary = fake_collect(tmp_path, count=20, shard_size=8)[2]
+    assert summary["shards done / planned"] == "3 / 3"
+    assert manifest_sha256(data) == before and "model_files" not in read_manifest(data)
+
+
+def test_a_hub_model_has_no_files_to_check():
+    assert collector.model_files("org/not-a-local-folder") is None
+
+
+def test_another_max_model_len_is_refused_on_resume(tmp_path):
+    """vLLM ends a response where prompt + response reach max_model_len: a rerun with
+    another limit would cut later shards' responses elsewhere than the finished ones'."""
+    fake_collect(tmp_path, count=10, shard_size=4, engine_args={"max_model_len": 256})
+    for limit in (64, 512):
+        with pytest.raises(DataError, match=r"differs in \['engine_args'\].*'max_model_len'"):
+            fake_collect(tmp_path, count=10, shard_size=4, engine_args={"max_model_len": limit})
+    with pytest.raises(DataError, match="pooling_engine_args"):
+        fake_collect(tmp_path, count=10, shard_size=4, engine_args={"max_model_len": 256},
+                     pooling_engine_args={"max_model_len": 64})
 
 
 def test_seeds_do_not_depend_on_sharding(tmp_path):

@@ -105,9 +105,11 @@ def fake_collect(tmp: Path, count: int = 40, shard_size: int = 8, engines=None, 
         write_prompts(prompts, count)
     model = tmp / "fake-model"  # a local config, so the hidden size is read without a hub
     model.mkdir(exist_ok=True)
-    (model / "config.json").write_text(json.dumps({
-        "model_type": "llama", "hidden_size": HIDDEN, "num_attention_heads": 2,
-        "num_key_value_heads": 2, "intermediate_size": 16}))
+    config = model / "config.json"
+    if not config.exists():  # written again, it would be another model folder to a resume
+        config.write_text(json.dumps({
+            "model_type": "llama", "hidden_size": HIDDEN, "num_attention_heads": 2,
+            "num_key_value_heads": 2, "intermediate_size": 16}))
     engines = engines or FakeEngines()
     settings = dict(model=str(model), prompts=str(prompts), out=str(tmp / "data"),
                     shard_size=shard_size, max_new_tokens=8, progress=False)

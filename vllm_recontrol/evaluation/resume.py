@@ -51,8 +51,8 @@ NOT_IN_DIGEST = frozenset({
     "reward_batch_size", "reference_column"})
 # vLLM engine arguments that say how to run the engine (memory, batch limits, parallelism),
 # as collect's resume takes them, and as --replicas is: not what a method generates.
-# max_model_len is not among them here: it cuts a response short.
-ENGINE_HOW_TO_RUN = RESUME_ENGINE_KEYS - {"max_model_len"}
+# max_model_len is not among them: it cuts a response short.
+ENGINE_HOW_TO_RUN = RESUME_ENGINE_KEYS
 # Options that change how samples are scored or measured, not the samples themselves.
 SCORING_OPTIONS = frozenset({"cut_at", "embedding_model", "device", "rm_engine",
                              "rm_engine_args", "trust_remote_code"})

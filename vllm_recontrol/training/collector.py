@@ -160,9 +160,9 @@ class CollectWorker:
             index, source = keys[exc.request][0], self.manifest["prompts"]["source"]
             raise DataError(f"shard {plan.name}: prompt {index + 1} of {source} (prompt_index "
                             f"{index}, counted from 0 in the shards): {exc}. Shorten or "
-                            "remove that prompt (or raise max_model_len in "
-                            f"engine_args), then rerun (a changed prompt file needs --overwrite)"
-                            ) from exc
+                            "remove that prompt, or raise max_model_len in engine_args (it "
+                            "decides where responses are cut), then rerun with a new --out or "
+                            "--overwrite: either change makes another collection") from exc
         if len(generations) != len(requests):
             raise RuntimeError(f"shard {plan.name}: {len(requests)} requests gave "
                                f"{len(generations)} outputs")
@@ -216,7 +216,10 @@ class CollectWorker:
                 elif piece.shape[1] != joined.shape[1]:
                     raise DataError(f"shard {name}: states of different widths "
                                     f"{sorted({joined.shape[1], piece.shape[1]})}")
-                joined[filled:filled + piece.shape[0]] = piece
+                stored = joined[filled:filled + piece.shape[0]]
+                stored.copy_(piece)
+                check_finite_states(name, row["response_id"], piece, stored,
+                                    self.manifest["state_dtype"])
                 filled += piece.shape[0]
             del outputs, hidden, piece  # this chunk's float32 positions, before the next's
         if joined is None:
@@ -234,6 +237,26 @@ class CollectWorker:
 
     def close(self) -> None:
         self.engines.close()
+
+
+def check_finite_states(shard: str, response_id: int, computed: torch.Tensor,
+                        stored: torch.Tensor, state_dtype: str) -> None:
+    """Refuse NaN or inf in a response's states, as the pooling engine returned them and as
+    stored, before the shard's states file is written (the shard stays unfinished). Stored,
+    they passed collect and label, and train stopped an epoch later blaming its learning
+    rate, naming no shard."""
+    if not torch.isfinite(computed).all():
+        raise DataError(f"shard {shard}: the pooling engine returned NaN or inf states for "
+                        f"response_id {response_id}; a model run in float16 can overflow: "
+                        "collect with engine_args {\"dtype\": \"bfloat16\"} (a new --out, or "
+                        "--overwrite)")
+    if not torch.isfinite(stored).all():
+        largest = computed.abs().max().item()
+        advice = ("collect with --state-dtype bfloat16 (a new --out, or --overwrite)"
+                  if state_dtype != "bfloat16" else "check the model")
+        raise DataError(f"shard {shard}: response_id {response_id} has states up to "
+                        f"{largest:.6g} in size, beyond what {state_dtype} holds (they would be "
+                        f"stored as inf); {advice}")
 
 
 def position_chunks(lengths: Sequence[int], budget: int) -> list[range]:
@@ -258,6 +281,7 @@ def build_manifest(opts: CollectOptions, prompts: Sequence[str]) -> dict[str, An
         "format": STATES_FORMAT,
         "format_version": STATES_FORMAT_VERSION,
         "model": opts.model,
+        MODEL_FILES: model_files(opts.model),
         "hidden_size": _hidden_size(opts.model),
         "state_dtype": opts.state_dtype,
         "state_definition": STATE_DEFINITION,
@@ -278,6 +302,19 @@ def build_manifest(opts: CollectOptions, prompts: Sequence[str]) -> dict[str, An
     }
 
 
+# The manifest key of the model folder's fingerprint (None for a hub id).
+MODEL_FILES = "model_files"
+
+
+def model_files(model: str) -> str | None:
+    """A fingerprint of a local model folder's files (names, sizes, modification times), so a
+    resume sees a checkpoint saved again at the same path (say ckpt/latest); None for a hub
+    id. Imported here, not above: evaluation.resume imports this module."""
+    from ..evaluation.resume import folder_fingerprint
+
+    return folder_fingerprint(str(Path(model).expanduser()))
+
+
 def _hidden_size(model: str) -> int | None:
     """The model's hidden size from its config (None when transformers cannot tell)."""
     try:
@@ -289,10 +326,12 @@ def _hidden_size(model: str) -> int | None:
 # Engine arguments are recorded (those of the first run). Those that only say how to run it
 # (memory, batch limits, parallelism) may change on a resume; any other (dtype, revision,
 # quantization, tokenizer, ...) changes the states, so finished and new shards would not be
-# of one model: it must match, as everything else in the manifest must.
+# of one model: it must match, as everything else in the manifest must. max_model_len is
+# not among them: vLLM ends a response where prompt + response reach it ("length"), so
+# another limit would cut later shards' responses elsewhere.
 RESUME_ENGINE_KEYS = frozenset({
     "gpu_memory_utilization", "kv_cache_memory_bytes", "max_num_seqs",
-    "max_num_batched_tokens", "max_model_len", "tensor_parallel_size",
+    "max_num_batched_tokens", "tensor_parallel_size",
     "pipeline_parallel_size", "data_parallel_size", "distributed_executor_backend",
     "enforce_eager", "swap_space", "cpu_offload_gb", "block_size", "enable_prefix_caching",
     "enable_chunked_prefill", "disable_log_stats", "compilation_config", "async_scheduling"})
@@ -317,14 +356,15 @@ def _prepare_out(opts: CollectOptions, manifest: dict[str, Any]) -> Path:
             def same(key: str) -> bool:
                 if key in ENGINE_ARGS_KEYS:
                     return _states_defining(old.get(key)) == _states_defining(manifest.get(key))
+                if key == MODEL_FILES and key not in old:
+                    # A manifest of an earlier release: its model's files were not recorded,
+                    # so they cannot be checked (nor added: labels hold the manifest's hash).
+                    return True
                 return old.get(key) == manifest.get(key)
 
             differ = sorted(k for k in set(old) | set(manifest) if not same(k))
             if differ and _holds_work(out):
-                changes = "; ".join(f"{k}: {old.get(k)!r} there, {manifest.get(k)!r} now"
-                                    for k in differ)
-                raise DataError(f"{out} holds a different collection (differs in {differ}: "
-                                f"{changes}); use a new --out, or --overwrite to delete it")
+                raise DataError(_different_collection(out, old, manifest, differ))
             if not differ:
                 _remove_stale_temporaries(out)
                 return out
@@ -339,6 +379,23 @@ def _prepare_out(opts: CollectOptions, manifest: dict[str, Any]) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     write_manifest(out, manifest)
     return out
+
+
+def _different_collection(out: Path, old: dict[str, Any], new: dict[str, Any],
+                          differ: list[str]) -> str:
+    """Why a rerun into ``out`` is refused; a model folder whose files changed is said in
+    words (its fingerprints would tell a person nothing)."""
+    reasons = []
+    if MODEL_FILES in differ and "model" not in differ:
+        reasons.append(f"the files of the model folder {new['model']} changed since this "
+                       "collection began, as when another checkpoint is saved there: its "
+                       "shards would mix two models' responses and states")
+    listed = [k for k in differ if k != MODEL_FILES]
+    if listed:
+        changes = "; ".join(f"{k}: {old.get(k)!r} there, {new.get(k)!r} now" for k in listed)
+        reasons.append(f"differs in {listed}: {changes}")
+    return (f"{out} holds a different collection ({'; '.join(reasons)}); use a new --out, or "
+            "--overwrite to delete it")
 
 
 def _holds_work(out: Path) -> bool:
