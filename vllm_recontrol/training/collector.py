@@ -22,8 +22,8 @@ import torch
 
 from ..folder_lock import exclusive_folder, is_lock_file
 from .common import (DataError, build_options, check_engine_args, check_model_path,
-                     json_argument, model_hidden_size, parse_command_line, progress, run_main,
-                     sampling_refusal, sha256_bytes, summary_table)
+                     folder_fingerprint, json_argument, model_hidden_size, parse_command_line,
+                     progress, run_main, sampling_refusal, sha256_bytes, summary_table)
 from .engines import Engines, GenerationRequest, PromptRefused, VllmEngines
 from .prompts import PROMPT_FORMATS, load_prompts
 from .ray_pool import add_ray_arguments, check_replicas
@@ -309,9 +309,7 @@ MODEL_FILES = "model_files"
 def model_files(model: str) -> str | None:
     """A fingerprint of a local model folder's files (names, sizes, modification times), so a
     resume sees a checkpoint saved again at the same path (say ckpt/latest); None for a hub
-    id. Imported here, not above: evaluation.resume imports this module."""
-    from ..evaluation.resume import folder_fingerprint
-
+    id."""
     return folder_fingerprint(str(Path(model).expanduser()))
 
 
