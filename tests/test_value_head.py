@@ -876,3 +876,62 @@ def test_pinned_precision_regions_of_two_threads_leave_the_callers_setting(
         thread.join(10)
     assert seen == ["highest", "highest"]
     assert torch.get_float32_matmul_precision() == "high"
+
+
+class _RecordingSafeOpen:
+    """safetensors.safe_open, recording which tensors are read whole."""
+
+    def __init__(self, real, read):
+        self.real, self.read = real, read
+
+    def __call__(self, *args, **kwargs):
+        recording = self
+
+        class Handle:
+            def __enter__(self):
+                self.inner = recording.real(*args, **kwargs).__enter__()
+                return self
+
+            def __exit__(self, *exc):
+                return self.inner.__exit__(*exc)
+
+            def __getattr__(self, name):
+                return getattr(self.inner, name)
+
+            def get_tensor(self, name):
+                recording.read.append(name)
+                return self.inner.get_tensor(name)
+
+        return Handle()
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"junk": torch.zeros(256, 256)}, r"unexpected \['junk'\]"),
+    ({"layers.0.weight": torch.zeros(256, 256)}, r"layers.0.weight has shape \[256, 256\]"),
+])
+def test_bad_weights_are_refused_from_the_header_before_any_tensor_is_read(
+        tmp_path, monkeypatch, change, message):
+    import safetensors
+    from safetensors.torch import load_file, save_file
+
+    path = _saved(tmp_path)
+    tensors = {**load_file(str(path / "model.safetensors")), **change}
+    save_file(tensors, str(path / "model.safetensors"))
+    read = []
+    monkeypatch.setattr(safetensors, "safe_open", _RecordingSafeOpen(safetensors.safe_open, read))
+    with pytest.raises(ValueHeadError, match=message):
+        ValueHead.load(path)
+    assert read == []
+    _saved(tmp_path)  # a good head still loads through the recording: it reads each tensor
+    ValueHead.load(path)
+    assert sorted(read) == ["layers.0.bias", "layers.0.weight", "layers.1.bias",
+                            "layers.1.weight"]
+
+
+def test_an_oversized_config_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    from vllm_recontrol import head_files
+
+    path = _saved(tmp_path)
+    monkeypatch.setattr(head_files, "MAX_CONFIG_BYTES", 64)
+    with pytest.raises(ValueHeadError, match=r"config.json is \d+ bytes, more than a head's"):
+        ValueHead.load(path)

@@ -70,6 +70,11 @@ def check_shape_config(hidden_size: Any, widths: Any, source: str) -> None:
         raise ValueHeadError(f"{source}: widths must be a list of positive integers, got {widths!r}")
 
 
+# A trained head's config with its metadata (history of every epoch included) is a few
+# tens of kilobytes; this leaves a wide margin and still bounds what a bad file costs.
+MAX_CONFIG_BYTES = 16 * 1024 * 1024
+
+
 def read_config(path: Path) -> dict[str, Any]:
     """Read and validate ``config.json`` of a head folder."""
     if not path.exists():
@@ -79,6 +84,10 @@ def read_config(path: Path) -> dict[str, Any]:
                              f"{CONFIG_FILE} and {WEIGHTS_FILE} inside it)")
     config_path = path / CONFIG_FILE
     check_regular_file(config_path, f"value head config {config_path}")
+    size = config_path.stat().st_size
+    if size > MAX_CONFIG_BYTES:  # read whole by every engine process: bounded
+        raise ValueHeadError(f"value head config {config_path} is {size} bytes, more than a "
+                             f"head's config holds ({MAX_CONFIG_BYTES}); not a value head's")
     try:
         config = json.loads(config_path.read_text())
     # ValueError also covers integers of more than 4300 digits, which json.loads refuses
@@ -136,29 +145,24 @@ def read_weights(weights_path: Path, hidden_size: int,
     from safetensors import SafetensorError, safe_open
 
     check_regular_file(weights_path, f"value head weights {weights_path}", plural=True)
-    try:
-        with safe_open(str(weights_path), framework="pt") as handle:
-            save_id = stored_save_id(handle.metadata() or {})
-            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise ValueHeadError(f"value head weights {weights_path} cannot be read as "
-                             f"safetensors: {exc}") from exc
     sizes = [hidden_size, *widths, 1]
     expected = {}
     for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
         expected[f"layers.{i}.weight"] = (fan_out, fan_in)
         expected[f"layers.{i}.bias"] = (fan_out,)
-    missing = sorted(set(expected) - set(tensors))
-    extra = sorted(set(tensors) - set(expected))
-    if missing or extra:
-        raise ValueHeadError(
-            f"value head weights {weights_path} do not match config widths {widths} "
-            f"(hidden_size {hidden_size}): missing {missing}, unexpected {extra}")
-    for name, shape in expected.items():
-        tensor = tensors[name]
-        if tuple(tensor.shape) != shape:
-            raise ValueHeadError(f"value head weights {weights_path}: {name} has shape "
-                                 f"{list(tensor.shape)}, expected {list(shape)}")
+    try:
+        with safe_open(str(weights_path), framework="pt") as handle:
+            save_id = stored_save_id(handle.metadata() or {})
+            # names and shapes from the header first: a file with a huge extra or misshapen
+            # tensor is refused before any of it is read into memory
+            _check_names_and_shapes(weights_path, handle, expected, hidden_size, widths)
+            tensors = {name: handle.get_tensor(name) for name in expected}
+    except ValueHeadError:
+        raise
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise ValueHeadError(f"value head weights {weights_path} cannot be read as "
+                             f"safetensors: {exc}") from exc
+    for name, tensor in tensors.items():
         if tensor.dtype not in STORED_DTYPES:
             raise ValueHeadError(f"value head weights {weights_path}: {name} has dtype "
                                  f"{tensor.dtype}, expected one of "
@@ -166,6 +170,21 @@ def read_weights(weights_path: Path, hidden_size: int,
         if not torch.isfinite(tensor).all():
             raise ValueHeadError(f"value head weights {weights_path}: {name} holds NaN or inf")
     return tensors, save_id
+
+
+def _check_names_and_shapes(weights_path: Path, handle: Any, expected: dict[str, tuple],
+                            hidden_size: int, widths: list[int]) -> None:
+    names = set(handle.keys())
+    missing, extra = sorted(set(expected) - names), sorted(names - set(expected))
+    if missing or extra:
+        raise ValueHeadError(
+            f"value head weights {weights_path} do not match config widths {widths} "
+            f"(hidden_size {hidden_size}): missing {missing}, unexpected {extra}")
+    for name, shape in expected.items():
+        found = tuple(handle.get_slice(name).get_shape())
+        if found != shape:
+            raise ValueHeadError(f"value head weights {weights_path}: {name} has shape "
+                                 f"{list(found)}, expected {list(shape)}")
 
 
 WEIGHTS_METADATA_KEY = "recontrol"
