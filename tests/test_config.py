@@ -42,6 +42,9 @@ def test_default_off_engine_controls_only_requests_that_ask():
 def test_unrelated_extra_args_are_ignored():
     check_request_args({"my_other_plugin": {"x": 1}, "alpha": 2.0, "steps": 3,
                         "control": 1, "max_norm": 1.0}, max_steps=10)
+    # another steering plugin's names, close to ours but not misspellings of them
+    check_request_args({"control_alpha": 2.0, "control_steps": 3, "control_head": "x",
+                        "control_max_norm": 1.0}, max_steps=10)
 
 
 @pytest.mark.parametrize("key, meant", [

@@ -298,10 +298,13 @@ def _has_switch_prefix(key: str) -> bool:
 
 def _near_request_key(key: str) -> str | None:
     """The RE-Control key that ``key`` misspells ("recontol_alpha", "re-control-steps");
-    None for other plugins' keys (a bare "alpha" stays theirs: too short to be told from
-    one)."""
-    near = difflib.get_close_matches(_squeezed(key), list(SQUEEZED_REQUEST_KEYS), n=1,
-                                     cutoff=0.9)
+    None for other plugins' keys: a bare "alpha" (too short to be told from theirs), and a
+    key that does not start as ours ("control_alpha" is another steering plugin's name, a
+    word away, not a slip of the fingers)."""
+    squeezed = _squeezed(key)
+    if not squeezed.startswith(REQUEST_SWITCH[:1]):
+        return None
+    near = difflib.get_close_matches(squeezed, list(SQUEEZED_REQUEST_KEYS), n=1, cutoff=0.9)
     return SQUEEZED_REQUEST_KEYS[near[0]] if near else None
 
 
