@@ -84,21 +84,33 @@ def test_a_local_folder_wins_and_other_missing_paths_are_not_hub_ids(monkeypatch
             ValueHead.load(missing)
 
 
-def test_a_mistyped_path_in_a_local_folder_gets_a_hint_when_the_hub_fails(monkeypatch, tmp_path):
-    """`heads/vicuan` reads as a hub id; when the hub has no such head and heads/ is a local
-    folder, the error says it was probably a path, with the nearest names there."""
+def test_a_mistyped_path_in_a_local_folder_is_not_fetched_from_the_hub(monkeypatch, tmp_path):
+    """`heads/vicuan` reads as a hub id, but heads/ is a local folder: a typo, not a hub
+    repository (which could hold anyone's head), so the hub is not asked and the error names
+    the nearest folders there; hf:// asks the hub for that name all the same."""
     import huggingface_hub
 
-    def no_such_repo(*args, **kwargs):
-        raise RuntimeError("404 repository not found")
+    asked = []
+    snapshot = hub_cache(tmp_path / "hub")
 
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_such_repo)
+    def fake_download(repo, revision=None, allow_patterns=None):
+        asked.append((repo, revision))
+        if repo != "heads/vicuan":
+            raise RuntimeError("404 repository not found")
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
     monkeypatch.chdir(tmp_path)
     for name in ("vicuna", "llama"):
         ValueHead(8, [4], seed=0).save(tmp_path / "heads" / name)
-    with pytest.raises(ValueHeadError, match=r"Hub failed \(RuntimeError: 404 .* The folder "
-                                             r"heads/ exists here: a mistyped path in it\?"
-                                             r" Nearest there: vicuna$"):
+    with pytest.raises(ValueHeadError, match=r"'heads/vicuan' does not exist \(nearest in "
+                                             r"heads/: vicuna\)\. Read as a path, .* write "
+                                             r"hf://heads/vicuan$"):
         ValueHead.load("heads/vicuan")
+    assert asked == []
+    assert ValueHead.load("hf://heads/vicuan@v1").widths == [4, 3]
+    assert asked == [("heads/vicuan", "v1")]
     with pytest.raises(ValueHeadError, match=r"the head in its cache$"):  # no local owner
         ValueHead.load("someone/vicuan")
+    with pytest.raises(ValueHeadError, match=r"hf://\./x: not a Hugging Face Hub repository"):
+        ValueHead.load("hf://./x")
