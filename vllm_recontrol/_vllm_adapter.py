@@ -1,6 +1,6 @@
 """The only module that touches vLLM internals (tested against vLLM 0.32; see TESTED_VLLM).
 
-Five hooks, all inert unless an engine is started with ``model_impl="recontrol"``:
+Six hooks, all inert unless an engine is started with ``model_impl="recontrol"``:
 
 1. Front-end: ``EngineArgs.create_engine_config`` is wrapped. For a RE-Control engine it
    checks the vLLM version, validates the settings and the value
@@ -10,9 +10,10 @@ Five hooks, all inert unless an engine is started with ``model_impl="recontrol"`
    keys at the top level instead of in ``vllm_xargs``, and beam-search requests with them.
 2. Worker: ``RecontrolRowTracker``, a V1 logits processor, mirrors each request's
    (alpha, steps) into ``RowControls`` before every forward pass. It never changes logits.
-3. Worker: the ``LogitsProcessor`` layer is replaced out of tree for every architecture. In a
-   RE-Control engine it edits the sampled post-norm states before ``lm_head``; anywhere else
-   the instance turns back into vLLM's own class at construction, so it costs nothing.
+3. Worker: the ``LogitsProcessor`` layer is replaced out of tree (vLLM replaces by class
+   name: that class, not its subclasses). In a RE-Control engine it edits the sampled
+   post-norm states before ``lm_head``; anywhere else the instance turns back into vLLM's
+   own class at construction, so it costs nothing.
 4. Every process: ``VllmConfig.use_v2_model_runner`` answers False for a RE-Control config
    (the V1 runner's logits-processor API is what tracks each request), vLLM's own answer
    for any other.
@@ -20,6 +21,9 @@ Five hooks, all inert unless an engine is started with ``model_impl="recontrol"`
    requests' output token ids, which under async scheduling makes every step wait for the
    previous step's sampled ids to reach the host. The row tracker never reads them, so a
    batch whose only custom processor is the tracker is told it needs none (as in stock vLLM).
+6. Worker: ``BaseModelLoader.create_model`` is wrapped: a RE-Control engine whose model has
+   no logits layer editing the rows its tracker fills refuses to start (never serves every
+   request unedited).
 """
 
 from __future__ import annotations
