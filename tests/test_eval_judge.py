@@ -241,7 +241,7 @@ def test_a_success_resets_the_count_of_failures_in_a_row():
 
 @pytest.mark.parametrize("options,message", [
     ({"judge_against": "reference"}, "judge_against reference needs judge_url"),
-    ({"judge_url": "http://x/v1"}, "judge_url needs judge_model"),
+    ({"judge_url": "http://x/v1"}, "--judge-url needs --judge-model"),
     ({"judge_model": "gpt-4"}, "judge_model needs judge_url"),
     ({"judge_against": "chosen"}, "judge_against must be one of"),
     ({"reference_column": "answer"}, "only used with judge_against reference"),

@@ -264,6 +264,28 @@ def test_coherence_that_cannot_load_says_why(tmp_path):
 
 
 
+def test_eval_with_an_embedding_model_that_does_not_load_stops_before_any_engine(
+        tmp_path, monkeypatch):
+    import importlib
+
+    from training_fakes import write_prompts
+    from vllm_recontrol.evaluation import engines
+
+    evaluate_module = importlib.import_module("vllm_recontrol.evaluation.evaluate")
+
+    def no_engine(*args, **kwargs):
+        raise AssertionError("an engine was started")
+
+    monkeypatch.setattr(engines.EnginePool, "__init__", no_engine)
+    prompts = write_prompts(tmp_path / "prompts.jsonl", 4)
+    with pytest.raises(RecontrolError, match=r"--embedding-model: cannot load .*missing-model.*"
+                                             r"leave it out to report coherence as unavailable"):
+        evaluate_module.evaluate(model="org/no-model", value_head=str(tmp_path / "h"),
+                                 prompts=str(prompts), reward_fn="training_fakes:good_reward",
+                                 embedding_model=str(tmp_path / "missing-model"),
+                                 out=str(tmp_path / "eval"))
+
+
 def test_an_unavailable_reason_is_its_errors_first_line_cut_at_a_word():
     from vllm_recontrol.evaluation.metrics import _first_line
 

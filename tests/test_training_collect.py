@@ -500,10 +500,45 @@ def test_an_engine_that_did_not_start_ends_with_where_to_look(capsys):
     assert run_main(fails, {"message": message}) == 1
     err = capsys.readouterr().err
     assert message in err  # the traceback, as before
-    assert err.splitlines()[-1].startswith("error: the vLLM engine did not start; vLLM's reason")
+    assert err.splitlines()[-2] == "error: the vLLM engine did not start"
+    assert err.splitlines()[-1].startswith("hint: where vLLM's reason is not on the line above")
     assert "kv_cache_memory_bytes" in err.splitlines()[-1]
     with pytest.raises(RuntimeError, match="something else"):
         run_main(fails, {"message": "something else"})
+
+
+def test_an_in_process_engine_that_did_not_start_says_why_and_where_to_look(
+        tmp_path, capsys, llama_dir):
+    """In process, vLLM raises its own error (here a pydantic one) where the engine is built,
+    not the multiprocess client's RuntimeError: the command ends with vLLM's reason and the
+    same hint, not a traceback."""
+    from vllm_recontrol.training.collector import collect
+    from vllm_recontrol.training.common import run_main
+
+    write_prompts(tmp_path / "prompts.jsonl", 2)
+    code = run_main(collect, dict(model=str(llama_dir), prompts=str(tmp_path / "prompts.jsonl"),
+                                  out=str(tmp_path / "data"), max_new_tokens=2, progress=False,
+                                  in_process=True,
+                                  engine_args={"max_model_len": 10 ** 9,
+                                               "kv_cache_memory_bytes": 1 << 26}))
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err, err
+    error, hint = err.splitlines()[-2:]
+    assert error.startswith("error: collect: generation: the vLLM engine did not start ("), error
+    assert "User-specified max_model_len (1000000000)" in error
+    assert hint.startswith("hint: ") and "kv_cache_memory_bytes" in hint
+
+
+def test_a_cpu_engine_without_a_memory_setting_is_warned_about(caplog):
+    from vllm_recontrol.training.engines import warn_without_cpu_memory_setting
+
+    with caplog.at_level("WARNING", logger="vllm_recontrol"):
+        warn_without_cpu_memory_setting("collect: generation", {"dtype": "float32"})
+        assert "collect: generation: on a CPU vLLM sets aside" in caplog.text
+        caplog.clear()
+        for setting in ({"kv_cache_memory_bytes": 1 << 30}, {"gpu_memory_utilization": 0.3}):
+            warn_without_cpu_memory_setting("collect: generation", setting)
+        assert caplog.text == ""
 
 
 def test_stop_strings_are_checked_recorded_and_part_of_the_collection(tmp_path):

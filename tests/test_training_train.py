@@ -552,6 +552,21 @@ def test_bad_options_are_refused_before_training(labelled, tmp_path, options, me
     assert not (tmp_path / "h").exists()
 
 
+@pytest.mark.parametrize("widths", [[0], [16, -1]])  # types: build_options says
+def test_bad_widths_are_named_as_the_flag(labelled, tmp_path, widths):
+    with pytest.raises(DataError, match=r"--widths must be positive integers"):
+        train(data=str(labelled), out=str(tmp_path / "h"), widths=widths, progress=False)
+
+
+def test_abbreviated_flags_are_refused(capsys):
+    from vllm_recontrol.training.trainer import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--data", "d", "--out", "o", "--epoch", "5"])
+    assert exit_info.value.code == 2
+    assert "unrecognized arguments: --epoch 5" in capsys.readouterr().err
+
+
 def test_an_out_or_checkpoint_that_is_a_file_is_refused_before_training(labelled, tmp_path):
     (tmp_path / "afile").write_text("x")
     for where in ("out", "checkpoint"):

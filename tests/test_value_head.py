@@ -351,6 +351,8 @@ def _saved(tmp_path):
     (lambda p: (p / "model.safetensors").unlink(), "model.safetensors are missing"),
     (lambda p: (p / "config.json").write_text("{oops"), "not valid JSON"),
     (lambda p: (p / "config.json").write_text('{"widths": [6]}'), "lacks the key 'hidden_size'"),
+    (lambda p: (p / "config.json").write_text('{"model_type": "llama", "hidden_size": 12}'),
+     r"is a model's config \(model_type 'llama'\), not a value head's"),
     (lambda p: (p / "config.json").write_text('{"hidden_size": 12, "widths": [7]}'),
      r"layers.0.weight has shape \[6, 12\], expected \[7, 12\]"),
     (lambda p: (p / "config.json").write_text(

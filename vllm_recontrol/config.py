@@ -163,7 +163,8 @@ class EngineSettings:
         if steps > max_steps:
             default = "" if "steps" in section else " (the default; set steps too)"
             raise ConfigError(f'{where}["steps"] = {steps}{default} exceeds max_steps = '
-                              f'{max_steps}')
+                              f'{max_steps}; raise max_steps (up to {STEPS_LIMIT}) or lower '
+                              f'steps')
         max_norm = _as_radius(section.get("max_norm"), f'{where}["max_norm"]')
         backend = section.get("backend", "auto")
         if backend not in BACKENDS:
@@ -251,8 +252,12 @@ def check_request_args(extra_args: Mapping[str, Any] | None, max_steps: int,
     suspicious = [k for k in extra_args if k not in REQUEST_KEYS and looks_like_request_key(k)]
     unknown = sorted(k for k in suspicious if _has_switch_prefix(k))
     if unknown:
-        raise RequestParamsError(f"unknown RE-Control request key(s) {unknown}; known keys: "
-                                 f"{list(REQUEST_KEYS)}")
+        # ours but for case, spaces or dashes: say which
+        meant = {k: SQUEEZED_REQUEST_KEYS[_squeezed(k)] for k in unknown
+                 if _squeezed(k) in SQUEEZED_REQUEST_KEYS}
+        hint = "".join(f" ({k!r}: did you mean {known!r}?)" for k, known in meant.items())
+        raise RequestParamsError(f"unknown RE-Control request key(s) {unknown}{hint}; known "
+                                 f"keys: {list(REQUEST_KEYS)}")
     misspelt = {k: _near_request_key(k) for k in suspicious}
     if misspelt:
         named = ", ".join(f"{k!r} (did you mean {near!r}?)" for k, near in misspelt.items())
@@ -378,7 +383,8 @@ def _as_head_specs(value: Any, name: str, max_steps: int) -> tuple[tuple[str, He
             steps = (None if entry.get("steps") is None else
                      _as_int(entry["steps"], f'{where}["steps"]', ConfigError, low=0))
             if steps is not None and steps > max_steps:
-                raise ConfigError(f'{where}["steps"] = {steps} exceeds max_steps = {max_steps}')
+                raise ConfigError(f'{where}["steps"] = {steps} exceeds max_steps = {max_steps}; '
+                                  f'raise max_steps (up to {STEPS_LIMIT}) or lower steps')
             max_norm = _as_radius(entry.get("max_norm"), f'{where}["max_norm"]')
         else:
             path, alpha, steps, max_norm = entry, None, None, None

@@ -1,11 +1,12 @@
-"""The embedded demo: RE-Control end to end in a toy world, on a laptop CPU, nothing downloaded.
+"""The embedded demo: RE-Control end to end in a toy world, on a small CPU, nothing downloaded.
 
 1. Toy world: a tiny Llama trained for seconds on two-sentence documents whose adjectives
    share one mood per sentence; prompts are first sentences; the reward is the share of
    positive adjectives in the response (``vllm_recontrol.toy_world``).
 2. ``collect``: sampled responses to 600 training prompts through vLLM, with their states.
 3. ``label``: the rule-based reward on every response.
-4. ``train``: a value head (Monte Carlo targets, which fit this world best).
+4. ``train``: a value head (TD(0.9) targets, which steered in more toy worlds than MC or
+   Bellman did; README, "Fresh machine: the two commands").
 5. ``eval``: on 64 held-out prompts, base generation vs. RE-Control over an alpha x steps grid
    (the strongest point also with a norm bound on u) and Best-of-4, all in one vLLM engine;
    prints the table and saves the plots and every response.

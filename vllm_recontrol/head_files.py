@@ -97,6 +97,10 @@ def read_config(path: Path) -> dict[str, Any]:
         raise ValueHeadError(f"value head config {config_path} cannot be read: {exc}") from exc
     if not isinstance(config, dict):
         raise ValueHeadError(f"value head config {config_path} must hold a JSON object")
+    if "widths" not in config and ("model_type" in config or "architectures" in config):
+        raise ValueHeadError(f"{config_path} is a model's config (model_type "
+                             f"{config.get('model_type')!r}), not a value head's: give the "
+                             f"value head's folder (config.json with hidden_size and widths)")
     for key in ("hidden_size", "widths"):
         if key not in config:
             raise ValueHeadError(f"value head config {config_path} lacks the key {key!r}")

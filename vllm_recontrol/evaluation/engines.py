@@ -55,9 +55,7 @@ class EvalEngine:
     all methods share the model, the prompts, the seeds and the machine."""
 
     def __init__(self, settings: EngineSettings, prompts: Sequence[str]) -> None:
-        from vllm import LLM
-
-        from ..training.engines import run_engines_in_process
+        from ..training.engines import run_engines_in_process, start_offline_engine
 
         # Prefix caching off unless engine_args turn it on: methods run one after another on
         # the same prompts, so every method after base would skip the prefill base paid for
@@ -68,7 +66,8 @@ class EvalEngine:
             run_engines_in_process(engine)
         further = settings.value_heads
         self.settings, self.prompts = settings, list(prompts)
-        self.llm = LLM(model=settings.model, model_impl="recontrol", additional_config={
+        self.llm = start_offline_engine("eval", model=settings.model, model_impl="recontrol",
+                                        additional_config={
             "recontrol": {"value_head": settings.value_head, "default_on": False,
                           "steps": settings.max_steps, "max_steps": settings.max_steps,
                           **({"value_heads": further} if further else {})}}, **engine)

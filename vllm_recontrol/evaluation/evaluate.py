@@ -533,7 +533,7 @@ def llm_judge(opts: EvalOptions) -> JudgeClient | None:
             raise RecontrolError("judge_against reference needs judge_url (an LLM judge)")
         return None
     if not opts.judge_model:
-        raise RecontrolError("judge_url needs judge_model (the model the endpoint serves)")
+        raise RecontrolError("--judge-url needs --judge-model (the model the endpoint serves)")
     client = JudgeClient(JudgeSettings(
         url=opts.judge_url, model=opts.judge_model, api_key_env=opts.judge_api_key_env,
         concurrency=opts.judge_concurrency, both_orders=opts.judge_both_orders,
@@ -633,6 +633,9 @@ def _evaluate(opts: EvalOptions) -> dict[str, Any]:
     if opts.reward_replicas == 1:  # on actors the files may live on the workers only
         source.check()  # a reward model's settings, tokenizer and config, before any engine
     coherence = Coherence.load(opts.embedding_model, opts.device)
+    if opts.embedding_model and not coherence.available:  # asked for: not found out hours later
+        raise RecontrolError(f"--embedding-model: {coherence.unavailable_reason}; fix it, or "
+                             f"leave it out to report coherence as unavailable")
     if not source.stable_name and opts.resume:
         logger.warning("eval: reward function %s has no name that tells it from another "
                        "reward, so no scored method is read back: kept samples are scored "

@@ -191,6 +191,7 @@ def parse_command_line(parser: argparse.ArgumentParser, argv: Sequence[str] | No
     Flags win over the file. Options nobody set are left out, so the Python function's own
     defaults apply. ``required`` options must come from a flag or the file.
     """
+    parser.allow_abbrev = False  # "--epoch" must not pass for --epochs (or a later flag)
     parser.add_argument("--config", type=Path, default=None,
                         help="JSON (or YAML with PyYAML) file of options; flags override it")
     for action in parser._actions:  # absent flags must not hide config-file values
@@ -262,9 +263,9 @@ def sampling_refusal(params: Mapping[str, Any]) -> str | None:
 
 
 ENGINE_START_HINT = (
-    "error: the vLLM engine did not start; vLLM's reason is in the log above (the first "
-    "ERROR lines of its engine process). On a CPU machine a common one is memory: vLLM wants "
-    "a share of the machine's free memory for its KV cache unless told a size, e.g. "
+    "hint: where vLLM's reason is not on the line above, it is in the log above it (the "
+    "first ERROR lines of its engine process). On a CPU machine a common one is memory: vLLM "
+    "wants a share of the machine's free memory for its KV cache unless told a size, e.g. "
     "--engine-args '{\"kv_cache_memory_bytes\": 1073741824}' (1 GiB)")
 
 
@@ -272,8 +273,13 @@ def run_main(function: Callable[..., Any], options: Mapping[str, Any]) -> int:
     """Run a command function for the CLI: a clear one-line error instead of a traceback.
     An engine that failed to start is reported by vLLM in its own process's log, far above
     the traceback the CLI gets (which only says so): the last line says where to look."""
+    from .engines import EngineStartError
+
     try:
         function(**options)
+    except EngineStartError as exc:
+        print(f"error: {exc}\n{ENGINE_START_HINT}", file=sys.stderr, flush=True)
+        return 1
     except RecontrolError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 1
@@ -281,7 +287,8 @@ def run_main(function: Callable[..., Any], options: Mapping[str, Any]) -> int:
         if "engine core initialization" not in str(exc).lower():
             raise
         traceback.print_exc()
-        print(ENGINE_START_HINT, file=sys.stderr, flush=True)
+        print(f"error: the vLLM engine did not start\n{ENGINE_START_HINT}", file=sys.stderr,
+              flush=True)
         return 1
     return 0
 

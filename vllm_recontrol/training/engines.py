@@ -20,7 +20,7 @@ from typing import Any, Protocol, Sequence
 import torch
 
 from .._vllm_adapter import shutdown_llm
-from .common import DataError
+from .common import DataError, RecontrolError
 from ..logs import get_logger
 from .prompts import render_chat_prompt
 
@@ -28,6 +28,43 @@ logger = get_logger(__name__)
 
 POOLER_CONFIG = {"task": "token_embed", "use_activation": False}
 IN_PROCESS_ENV = "VLLM_ENABLE_V1_MULTIPROCESSING"
+
+
+class EngineStartError(RecontrolError):
+    """A vLLM engine did not start; vLLM's reason is in the message (an engine in this
+    process) or in its engine process's log (a spawned one only says so)."""
+
+
+def start_offline_engine(what: str, **llm_args: Any) -> Any:
+    """``vllm.LLM(**llm_args)`` for ``what`` (e.g. "collect: generation"). Any failure to
+    start is an EngineStartError carrying vLLM's reason, so the command ends with it and the
+    memory hint, in process or not; this package's own configuration errors pass as they
+    are. On a CPU without a memory setting it warns first: vLLM then sets aside 92 % of the
+    machine's free memory for the KV cache, which makes even a tiny run slow and starves
+    everything else on the machine."""
+    from vllm import LLM
+
+    warn_without_cpu_memory_setting(what, llm_args)
+    try:
+        return LLM(**llm_args)
+    except RecontrolError:
+        raise
+    except Exception as exc:  # vLLM raises ValueError, RuntimeError, torch's OOM, ...
+        reason = " ".join(str(exc).split())
+        raise EngineStartError(f"{what}: the vLLM engine did not start ({type(exc).__name__}: "
+                               f"{reason[:800]})") from exc
+
+
+def warn_without_cpu_memory_setting(what: str, llm_args: dict[str, Any]) -> None:
+    if "kv_cache_memory_bytes" in llm_args or "gpu_memory_utilization" in llm_args:
+        return
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        logger.warning(
+            "%s: on a CPU vLLM sets aside gpu_memory_utilization (0.92 by default) of the "
+            "machine's free memory for this engine's KV cache; give it a size instead, e.g. "
+            "--engine-args '{\"kv_cache_memory_bytes\": 1073741824}' (1 GiB)", what)
 
 
 def run_engines_in_process(*engine_args: dict[str, Any]) -> None:
@@ -112,9 +149,8 @@ class VllmEngines:
     # ------------------------------------------------------------------ generation
     def _generator_llm(self):
         if self._generator is None:
-            from vllm import LLM
-
-            self._generator = LLM(model=self.model, **self.generate_args)
+            self._generator = start_offline_engine("collect: generation", model=self.model,
+                                                   **self.generate_args)
         return self._generator
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
@@ -147,9 +183,8 @@ class VllmEngines:
     def states(self, sequences: Sequence[list[int]]) -> list[torch.Tensor]:
         if self._pooler is None:
             self.release_generator()
-            from vllm import LLM
-
-            self._pooler = LLM(model=self.model, **self.pooling_args)
+            self._pooler = start_offline_engine("collect: states (pooling)", model=self.model,
+                                                **self.pooling_args)
         outputs = self._pooler.encode([{"prompt_token_ids": list(s)} for s in sequences],
                                       pooling_task="token_embed", use_tqdm=False)
         return [o.outputs.data for o in outputs]

@@ -389,6 +389,9 @@ def _pooling_llm(model: str, dtype: str, max_length: int, trust_remote_code: boo
     args = {"runner": "pooling", "dtype": dtype, "max_model_len": max_length,
             "trust_remote_code": trust_remote_code, "enable_prefix_caching": False,
             **engine_args}
+    from .engines import warn_without_cpu_memory_setting
+
+    warn_without_cpu_memory_setting(f"reward model {model}", args)
     try:
         return LLM(model=model, **args)
     except Exception as exc:

@@ -92,6 +92,10 @@ class TrainOptions:
                 raise DataError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.heldout_fraction < 1.0:
             raise DataError(f"heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
+        if self.widths is not None and (not isinstance(self.widths, (list, tuple)) or not all(
+                isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in self.widths)):
+            raise DataError(f"--widths must be positive integers (the hidden layers' widths), "
+                            f"got {self.widths!r}")
         for name in ("out", "checkpoint"):  # found before training, not after it
             folder = getattr(self, name)
             if folder and Path(folder).exists() and not Path(folder).is_dir():
