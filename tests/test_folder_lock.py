@@ -77,6 +77,7 @@ def test_a_file_where_the_folder_should_be_is_named(tmp_path):
 
 def test_collect_refuses_a_held_folder_before_any_engine_and_resumes_after(tmp_path):
     engines = FakeEngines()
+    (tmp_path / "data").mkdir()  # made beforehand: the lock file stays in it
     with exclusive_folder(tmp_path / "data", "collect"):
         with pytest.raises(DataError, match="in use by another run"):
             fake_collect(tmp_path, count=8, shard_size=4, engines=engines)
@@ -142,3 +143,51 @@ def test_train_refuses_a_held_checkpoint_and_uses_it_once_free(tmp_path):
     assert not (tmp_path / "head").exists() and not (tmp_path / "ck" / "state.json").exists()
     train(**options)
     assert (tmp_path / "ck" / "state.json").is_file() and (tmp_path / "head").is_dir()
+
+
+def test_a_folder_made_for_a_run_that_wrote_nothing_is_removed_again(tmp_path):
+    with pytest.raises(RuntimeError, match="bad prompts"):
+        with exclusive_folder(tmp_path / "fresh", "eval"):
+            raise RuntimeError("bad prompts")
+    assert not (tmp_path / "fresh").exists()
+    with exclusive_folder(tmp_path / "wrote", "eval") as folder:
+        (folder / "eval.json").write_text("{}")
+    assert (tmp_path / "wrote" / "eval.json").is_file()
+    (tmp_path / "was-there").mkdir()
+    with exclusive_folder(tmp_path / "was-there", "eval"):
+        pass
+    assert (tmp_path / "was-there").is_dir()  # not made by the run: kept, with its lock file
+
+
+def test_a_folder_that_cannot_hold_a_lock_file_is_used_unguarded_with_a_warning(
+        tmp_path, monkeypatch, caplog):
+    import errno
+
+    real_open = os.open
+
+    def read_only_mount(path, flags, *args):
+        if str(path).endswith(LOCK_FILE):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, flags, *args)
+
+    (tmp_path / "data").mkdir()
+    monkeypatch.setattr(os, "open", read_only_mount)
+    with caplog.at_level("WARNING", logger="vllm_recontrol"):
+        with exclusive_folder(tmp_path / "data", "label") as folder:
+            assert folder == tmp_path / "data"
+    assert "cannot create the lock file" in caplog.text
+
+
+def test_collect_overwrite_waits_for_no_label_run_but_refuses_a_live_one(tmp_path):
+    from vllm_recontrol.folder_lock import label_lock_name
+    from vllm_recontrol.training.labeler import label
+
+    data = fake_collect(tmp_path, count=8, shard_size=4)[0]
+    label(data=str(data), reward_fn="training_fakes:good_reward", name="r", progress=False)
+    with exclusive_folder(data, "label", lock_name=label_lock_name("r")):
+        with pytest.raises(DataError, match=r"label set 'r' of --out .* is in use by another "
+                                            r"run .*let it end before deleting it"):
+            fake_collect(tmp_path, count=8, shard_size=4, overwrite=True)
+    assert (data / "labels" / "r").is_dir()  # the live label run's files are still there
+    fake_collect(tmp_path, count=8, shard_size=4, overwrite=True)  # none running: deleted
+    assert not (data / "labels").exists()

@@ -529,7 +529,21 @@ def test_an_in_process_engine_that_did_not_start_says_why_and_where_to_look(
     assert hint.startswith("hint: ") and "kv_cache_memory_bytes" in hint
 
 
-def test_a_cpu_engine_without_a_memory_setting_is_warned_about(caplog):
+def test_the_model_fingerprint_ignores_hidden_files(tmp_path):
+    """hf download --local-dir rewrites its .cache metadata on every run: not a change."""
+    from vllm_recontrol.training.common import folder_fingerprint
+
+    (tmp_path / "m" / ".cache" / "huggingface").mkdir(parents=True)
+    (tmp_path / "m" / "config.json").write_text("{}")
+    (tmp_path / "m" / "model.safetensors").write_bytes(b"12345678")
+    before = folder_fingerprint(str(tmp_path / "m"))
+    (tmp_path / "m" / ".cache" / "huggingface" / "model.metadata").write_text("now")
+    assert folder_fingerprint(str(tmp_path / "m")) == before
+    (tmp_path / "m" / "model.safetensors").write_bytes(b"123456789")
+    assert folder_fingerprint(str(tmp_path / "m")) != before
+
+
+def test_a_cpu_engine_without_a_memory_setting_is_warned_about(caplog, monkeypatch):
     from vllm_recontrol.training.engines import warn_without_cpu_memory_setting
 
     with caplog.at_level("WARNING", logger="vllm_recontrol"):
@@ -538,6 +552,8 @@ def test_a_cpu_engine_without_a_memory_setting_is_warned_about(caplog):
         caplog.clear()
         for setting in ({"kv_cache_memory_bytes": 1 << 30}, {"gpu_memory_utilization": 0.3}):
             warn_without_cpu_memory_setting("collect: generation", setting)
+        monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "4")  # vLLM's own CPU size, in GiB
+        warn_without_cpu_memory_setting("collect: generation", {})
         assert caplog.text == ""
 
 

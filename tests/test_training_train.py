@@ -233,6 +233,18 @@ def test_resuming_with_another_patience_is_refused(labelled, tmp_path):
         train(out=str(tmp_path / "a"), epochs=2, min_delta=0.5, **common)
 
 
+def test_a_checkpoint_from_before_patience_was_recorded_still_resumes(labelled, tmp_path):
+    common = dict(data=str(labelled), target="bellman", batch_size=16, widths=[16],
+                  device="cpu", progress=False, checkpoint=str(tmp_path / "ck"))
+    train(out=str(tmp_path / "a"), epochs=1, **common)
+    state_path = tmp_path / "ck" / "state.json"
+    state = json.loads(state_path.read_text())
+    for key in ("patience", "min_delta"):  # as an earlier release wrote it
+        del state["run"]["options"][key]
+    state_path.write_text(json.dumps(state))
+    assert train(out=str(tmp_path / "a"), epochs=2, **common)["metrics"]["epochs_run"] == 2
+
+
 def _length_reward(prompt: str, response: str) -> float:
     return float(len(response))
 

@@ -446,6 +446,15 @@ def _register_logits_layer() -> None:
     LogitsProcessor.register_oot(_recontrol_layer_class(LogitsProcessor))
 
 
+def _is_last_pipeline_stage() -> bool:
+    """Whether this worker is the last pipeline stage (True without pipeline parallelism, or
+    outside an initialised vLLM worker)."""
+    from vllm.distributed import parallel_state
+
+    group = getattr(parallel_state, "_PP", None)
+    return True if group is None else bool(group.is_last_rank)
+
+
 def _wrap_model_creation() -> None:
     """After a RE-Control engine's model is built, check that its logits layer will edit."""
     from vllm.model_executor.model_loader.base_loader import BaseModelLoader
@@ -472,6 +481,8 @@ def require_edit_bound(model: torch.nn.Module, vllm_config: Any) -> None:
     with RE-Control's; another view of the config; a layer fed logits, not states)."""
     from vllm.model_executor.layers.logits_processor import LogitsProcessor
 
+    if not _is_last_pipeline_stage():
+        return  # under pipeline parallelism only the last stage builds a logits layer
     rows = _engine_rows(vllm_config)
     layers = [m for m in model.modules() if isinstance(m, LogitsProcessor)]
     if any(getattr(getattr(m, "_recontrol", None), "rows", None) is rows for m in layers):

@@ -27,6 +27,7 @@ from .files import default_file_mode
 
 LOCK_PREFIX = ".vllm-recontrol"
 LOCK_FILE = LOCK_PREFIX + ".lock"
+LABEL_LOCK_PREFIX = LOCK_PREFIX + "-label-"
 logger = logging.getLogger(__name__)
 
 # File systems that do not lock (some NFS and FUSE mounts) say so with these; a run there goes
@@ -38,18 +39,26 @@ _NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
 def exclusive_folder(folder: str | Path, command: str, lock_name: str = LOCK_FILE,
                      what: str = "--out", instead: str = "use another --out") -> Iterator[Path]:
     """Hold ``folder`` (created) for this run; a folder held by a live run is a DataError
-    naming that run. ``lock_name`` lets runs of several kinds share a folder (label sets)."""
+    naming that run. ``lock_name`` lets runs of several kinds share a folder (label sets).
+    A folder this call created and that holds nothing but lock files at the end (a run that
+    stopped before writing anything) is removed again."""
     folder = Path(folder)
     if not lock_name.startswith(LOCK_PREFIX) or not lock_name.endswith(".lock"):
         raise ValueError(f"lock files are named {LOCK_PREFIX}*.lock, got {lock_name!r}")
     if folder.exists() and not folder.is_dir():
         raise DataError(f"{what} {folder} exists and is not a folder")
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / lock_name
+    created = not folder.exists()
     try:
-        fd, writable = os.open(path, os.O_RDWR | os.O_CREAT, default_file_mode()), True
-    except PermissionError:  # another user's lock file in a shared folder: flock needs no write
-        fd, writable = os.open(path, os.O_RDONLY), False
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataError(f"{what} {folder} cannot be created ({exc.strerror or exc})") from None
+    path = folder / lock_name
+    fd, writable = _open_lock_file(path)
+    if fd is None:  # a folder this process cannot write: nothing to lock with, nor to protect
+        logger.warning("%s: cannot create the lock file %s; nothing stops a second run into "
+                       "%s meanwhile", command, path, folder)
+        yield folder
+        return
     named = False
     try:
         try:
@@ -73,7 +82,33 @@ def exclusive_folder(folder: str | Path, command: str, lock_name: str = LOCK_FIL
     finally:
         if named:  # emptied while still held: a free lock file names no run
             os.ftruncate(fd, 0)
+            if created:
+                _remove_if_only_locks(folder)
         os.close(fd)  # releases the lock; the file stays (removing it would race a new holder)
+
+
+def _open_lock_file(path: Path) -> tuple[int | None, bool]:
+    """(descriptor, writable); None where the lock file can be neither made nor read."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT, default_file_mode()), True
+    except OSError as exc:
+        if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+    try:  # another user's lock file in a shared folder: flock needs no write access
+        return os.open(path, os.O_RDONLY), False
+    except OSError:
+        return None, False
+
+
+def _remove_if_only_locks(folder: Path) -> None:
+    """Remove ``folder`` if it holds lock files only (still held by the caller: a second
+    run that opened one meanwhile failed to lock it and stopped)."""
+    with contextlib.suppress(OSError):
+        entries = list(folder.iterdir())
+        if all(is_lock_file(entry) for entry in entries):
+            for entry in entries:
+                entry.unlink()
+            folder.rmdir()
 
 
 def _holder(fd: int) -> str:
@@ -84,6 +119,12 @@ def _holder(fd: int) -> str:
                 f"{facts['host']}, since {facts['started']}")
     except (ValueError, KeyError, TypeError, UnicodeDecodeError):
         return "a run that has not said which yet"
+
+
+def label_lock_name(label_set: str) -> str:
+    """The lock file of one label set, in its collection's folder (``--overwrite`` of the set
+    removes the set's own folder; collect's ``--overwrite`` takes these before it deletes)."""
+    return f"{LABEL_LOCK_PREFIX}{label_set}.lock"
 
 
 def is_lock_file(path: Path) -> bool:

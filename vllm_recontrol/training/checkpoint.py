@@ -89,6 +89,20 @@ def save(folder: str | Path, trainer: Any, progress: Progress,
             old.unlink()
 
 
+# Options that checkpoints began to record later (they used to be resumable changes):
+# a checkpoint without them is compared as if it had this run's.
+OPTIONS_ADDED_SINCE = ("patience", "min_delta")
+
+
+def _with_options_added_since(stored: Any, run: dict[str, Any]) -> Any:
+    """``stored`` with this run's values for options it could not record yet."""
+    if not isinstance(stored, dict) or not isinstance(stored.get("options"), dict):
+        return stored
+    added = {k: run["options"][k] for k in OPTIONS_ADDED_SINCE
+             if k not in stored["options"] and k in run["options"]}
+    return {**stored, "options": {**stored["options"], **added}} if added else stored
+
+
 def load(folder: str | Path, trainer: Any, run: dict[str, Any]) -> Progress | None:
     """Restore ``trainer`` from the checkpoint in ``folder`` (None when there is none yet);
     a checkpoint of another run is an error naming what differs.
@@ -112,9 +126,10 @@ def load(folder: str | Path, trainer: Any, run: dict[str, Any]) -> Progress | No
     if missing:
         raise DataError(f"{state_path} lacks {missing}: the checkpoint is damaged; use another "
                         f"--checkpoint folder")
-    if state["run"] != run:
+    stored = _with_options_added_since(state["run"], run)
+    if stored != run:
         raise DataError(f"checkpoint {folder} belongs to another run "
-                        f"({_differences(state['run'], run)}); use another --checkpoint "
+                        f"({_differences(stored, run)}); use another --checkpoint "
                         f"folder, or the same options")
     if not isinstance(state["tensors"], str) or not re.fullmatch(r"epoch-\d+\.safetensors",
                                                                 state["tensors"]):

@@ -10,6 +10,7 @@ derived from (seed, prompt index, sample index) only, atomic shard files, and tw
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import shutil
 import sys
@@ -20,7 +21,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ..folder_lock import exclusive_folder, is_lock_file
+from ..folder_lock import LABEL_LOCK_PREFIX, exclusive_folder, is_lock_file, label_lock_name
 from .common import (DataError, build_options, check_engine_args, check_model_path,
                      folder_fingerprint, json_argument, model_hidden_size, parse_command_line,
                      progress, run_main, sampling_refusal, sha256_bytes, summary_table)
@@ -386,8 +387,10 @@ def _different_collection(out: Path, old: dict[str, Any], new: dict[str, Any],
     reasons = []
     if MODEL_FILES in differ and "model" not in differ:
         reasons.append(f"the files of the model folder {new['model']} changed since this "
-                       "collection began, as when another checkpoint is saved there: its "
-                       "shards would mix two models' responses and states")
+                       "collection began (their names, sizes or modification times), as "
+                       "when another checkpoint is saved there: its shards would mix two "
+                       "models' responses and states; a copy that did not keep the times "
+                       "(cp without -p) counts as changed")
     listed = [k for k in differ if k != MODEL_FILES]
     if listed:
         changes = "; ".join(f"{k}: {old.get(k)!r} there, {new.get(k)!r} now" for k in listed)
@@ -408,11 +411,19 @@ def _remove_stale_temporaries(out: Path) -> None:
 
 
 def _remove_collection(out: Path) -> None:
-    _remove_stale_temporaries(out)
-    for pattern in ("shard-*.jsonl", "shard-*.safetensors", MANIFEST_FILE):
-        for path in out.glob(pattern):
-            path.unlink()
-    shutil.rmtree(out / "labels", ignore_errors=True)
+    """Delete the collection and its label sets, holding each label set's lock meanwhile: a
+    `label` still running on one would lose its files under its feet."""
+    with contextlib.ExitStack() as held:
+        for lock in sorted(out.glob(label_lock_name("*"))):
+            name = lock.name[len(LABEL_LOCK_PREFIX):-len(".lock")]
+            held.enter_context(exclusive_folder(
+                out, "collect --overwrite", lock_name=lock.name,
+                what=f"label set {name!r} of --out", instead="let it end before deleting it"))
+        _remove_stale_temporaries(out)
+        for pattern in ("shard-*.jsonl", "shard-*.safetensors", MANIFEST_FILE):
+            for path in out.glob(pattern):
+                path.unlink()
+        shutil.rmtree(out / "labels", ignore_errors=True)
 
 
 def collect(*, engines: Engines | None = None, **options: Any) -> dict[str, Any]:

@@ -80,12 +80,16 @@ def folder_fingerprint(source: str) -> str | None:
     weights would take minutes for a 7B model; a model saved again at the same path changes
     these), or None when ``source`` is no folder here (a hub id, or a folder that only
     remote workers hold). Here, not in eval: eval's resume digests and the reward model's
-    description (which label sets compare) both read it."""
+    description (which label sets compare) both read it. Hidden files and folders are left
+    out: ``hf download --local-dir`` rewrites its ``.cache/`` metadata on every run, and
+    the model's files are what decides the outputs."""
     folder = Path(source)
     if not folder.is_dir():
         return None
     digest = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()
+                       and not any(part.startswith(".")
+                                   for part in p.relative_to(folder).parts)):
         stat = path.stat()
         digest.update(f"{path.relative_to(folder)}\0{stat.st_size}\0{stat.st_mtime_ns}\0"
                       .encode())

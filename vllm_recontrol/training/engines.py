@@ -56,7 +56,8 @@ def start_offline_engine(what: str, **llm_args: Any) -> Any:
 
 
 def warn_without_cpu_memory_setting(what: str, llm_args: dict[str, Any]) -> None:
-    if "kv_cache_memory_bytes" in llm_args or "gpu_memory_utilization" in llm_args:
+    if ("kv_cache_memory_bytes" in llm_args or "gpu_memory_utilization" in llm_args
+            or os.environ.get("VLLM_CPU_KVCACHE_SPACE")):  # vLLM's CPU size, in GiB
         return
     from vllm.platforms import current_platform
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..folder_lock import LOCK_PREFIX, exclusive_folder
+from ..folder_lock import exclusive_folder, label_lock_name
 from .common import (DataError, build_options, check_engine_args, dump_json, json_argument,
                      parse_command_line, progress, read_jsonl, run_main, summary_table,
                      write_jsonl_atomic, write_text_atomic)
@@ -211,7 +211,7 @@ def label(**options: Any) -> dict[str, Any]:
     source = _reward_source(opts.source_arguments(), opts.in_process)
     try:
         # held in the collection folder: --overwrite removes the label set's own folder
-        with exclusive_folder(data, "label", lock_name=f"{LOCK_PREFIX}-label-{opts.name}.lock",
+        with exclusive_folder(data, "label", lock_name=label_lock_name(opts.name),
                               what=f"label set {opts.name!r} of --data",
                               instead="use another --name"):
             return _label_all(opts, source, data, manifest, started)
