@@ -232,3 +232,37 @@ def test_only_the_last_pipeline_stage_must_hold_an_editing_logits_layer(llama_di
     monkeypatch.setattr(_vllm_adapter, "_is_last_pipeline_stage", lambda: True)
     with pytest.raises(ConfigError, match=r"logits layers found: none"):
         _vllm_adapter.require_edit_bound(stage_without_logits, vllm_config)
+
+
+def test_hub_heads_are_pinned_to_the_commit_the_front_end_checked(llama_dir, head_dir,
+                                                                  tmp_path, monkeypatch):
+    """Every worker (each tensor-parallel rank) loads its heads by itself: a head named by
+    its hub id alone is pinned in the engine's configuration to the commit the front-end
+    resolved and checked, so a push meanwhile cannot give the ranks different heads."""
+    import json
+
+    import huggingface_hub
+
+    from vllm_recontrol.value_head import ValueHead
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = tmp_path / "models--someone--head" / "snapshots" / commit
+    hidden = json.loads((llama_dir / "config.json").read_text())["hidden_size"]
+    ValueHead(hidden, [4], seed=0).save(snapshot)
+    asked = []
+
+    def fake_download(repo, revision=None, allow_patterns=None):
+        asked.append((repo, revision))
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    vllm_config = config_for(llama_dir, {
+        "value_head": "someone/head",
+        "value_heads": {"local": str(head_dir), "b": {"path": "hf://someone/head@main",
+                                                      "alpha": 2.0}}})
+    section = vllm_config.additional_config["recontrol"]
+    assert section["value_head"] == f"hf://someone/head@{commit}"
+    assert section["value_heads"] == {"local": str(head_dir),
+                                      "b": {"path": f"hf://someone/head@{commit}", "alpha": 2.0}}
+    assert ("someone/head", None) in asked and ("someone/head", "main") in asked
+    assert ("someone/head", commit) in asked  # the front-end checked the pinned head itself

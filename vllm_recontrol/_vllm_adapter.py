@@ -37,12 +37,13 @@ from typing import Any, Iterator
 import torch
 
 from .config import (DEFAULT_HEAD, MODEL_IMPL, EngineSettings, check_request_args,
-                     looks_like_request_key, refuse_section_without_model_impl,
+                     looks_like_request_key, map_head_paths, refuse_section_without_model_impl,
                      resolve_request)
 from .controller import EditController, rows_for_engine
 from .errors import (ConfigError, RecontrolError, RequestParamsError, ValueHeadError,
                      VersionError)
 from .logs import get_logger
+from .head_source import pin_head
 from .value_head import ValueHead
 
 TESTED_VLLM = "0.32"  # release series whose internals this module was checked against
@@ -163,6 +164,7 @@ def _prepare_engine(vllm_config: Any, settings: EngineSettings) -> None:
         raise ConfigError(f"--model-impl {MODEL_IMPL} needs vLLM's V1 model runner, but this "
                           "configuration forces the V2 runner (e.g. watermarking)")
     _refuse_sleep_mode(model_config)
+    settings = _pin_hub_heads(vllm_config, settings)
     # Validate the heads here, in the front-end, so a bad head is a clear error before any
     # engine process starts (the worker loads them again onto its device).
     heads = _load_heads(settings, model_config.get_hidden_size(), device="cpu")
@@ -183,6 +185,20 @@ def _prepare_engine(vllm_config: Any, settings: EngineSettings) -> None:
     if settings.value_heads:
         logger.info("vllm-recontrol: further value heads, picked per request with "
                     "recontrol_head: %s", dict(settings.value_heads))
+
+
+def _pin_hub_heads(vllm_config: Any, settings: EngineSettings) -> EngineSettings:
+    """Heads from the Hugging Face Hub, pinned in the engine's configuration to the commit
+    resolved here: every worker process loads its heads by itself, and a push between the
+    front-end's check and their loads would give tensor-parallel ranks different heads."""
+    pinned = map_head_paths(vllm_config.additional_config, pin_head)
+    if pinned == vllm_config.additional_config:
+        return settings
+    vllm_config.additional_config = pinned
+    settings = EngineSettings.from_additional_config(pinned)
+    logger.info("vllm-recontrol: value heads from the Hugging Face Hub, pinned to the commits "
+                "resolved here: %s", settings.head_paths)
+    return settings
 
 
 def _refuse_sleep_mode(model_config: Any) -> None:

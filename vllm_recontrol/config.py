@@ -13,7 +13,7 @@ import numbers
 import re
 import struct
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from .backends import BACKENDS, FORMS, PRECISIONS, choose_precision
 from .errors import ConfigError, RequestParamsError
@@ -355,6 +355,20 @@ def _as_auto_switch(value: Any, name: str) -> bool | None:
 
 
 HEAD_SPEC_KEYS = ("path", "alpha", "steps", "max_norm")
+
+
+def map_head_paths(additional_config: Mapping[str, Any],
+                   change: Callable[[str], str]) -> dict[str, Any]:
+    """A copy of a valid ``additional_config`` with every head path (``value_head`` and each
+    ``value_heads`` entry) replaced by ``change(path)``."""
+    section = dict(additional_config[ADDITIONAL_CONFIG_KEY])
+    section["value_head"] = change(section["value_head"])
+    if section.get("value_heads"):
+        section["value_heads"] = {
+            name: ({**entry, "path": change(entry["path"])} if isinstance(entry, Mapping)
+                   else change(entry))
+            for name, entry in section["value_heads"].items()}
+    return {**additional_config, ADDITIONAL_CONFIG_KEY: section}
 
 
 def _as_head_specs(value: Any, name: str, max_steps: int) -> tuple[tuple[str, HeadSpec], ...]:

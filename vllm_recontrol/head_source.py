@@ -22,6 +22,7 @@ logger = get_logger(__name__)
 
 HEAD_FILES = ("config.json", "model.safetensors")
 HUB_REPO = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name, no leading ./ or /
+COMMIT = re.compile(r"[0-9a-f]{40}")
 
 
 HUB_PREFIX = "hf://"
@@ -30,23 +31,10 @@ HUB_PREFIX = "hf://"
 def locate_head(source: str | Path) -> Path:
     """The local folder of a head: ``source`` itself when it exists (or is not a hub id),
     else the hub cache's snapshot of that repository (fetched if needed and allowed)."""
-    explicit = isinstance(source, str) and source.startswith(HUB_PREFIX)
-    if explicit:
-        source = source[len(HUB_PREFIX):]
-    path = Path(source)
-    if not explicit and (path.exists() or isinstance(source, Path)):
-        return path
-    repo, _, revision = str(source).partition("@")
-    if not HUB_REPO.fullmatch(repo):
-        if explicit:
-            raise ValueHeadError(f"value head {HUB_PREFIX}{source}: not a Hugging Face Hub "
-                                 "repository id (hf://owner/name[@revision])")
-        return path  # a missing local path: the head loader says so
-    if not explicit and Path(repo).parent.is_dir():
-        raise ValueHeadError(
-            f"value head {source!r} does not exist{_local_hint(Path(repo))}. Read as a path, "
-            f"not as a Hugging Face Hub repository, because {Path(repo).parent}/ is a local "
-            f"folder; for the hub repository of that name write {HUB_PREFIX}{source}")
+    reference = _hub_reference(source)
+    if reference is None:
+        return Path(source)
+    repo, revision = reference
     from huggingface_hub import snapshot_download
 
     try:
@@ -60,6 +48,43 @@ def locate_head(source: str | Path) -> Path:
             f"the head in its cache") from None
     logger.info("value head %s: Hugging Face Hub snapshot %s", source, folder.name)
     return folder
+
+
+def pin_head(source: str) -> str:
+    """``source`` as every process of an engine must load it: a hub head pinned to the
+    commit this process resolved (``hf://owner/name@<commit>``), so that the engine's
+    workers (every tensor-parallel rank) load the files the front-end checked even when the
+    repository moves on meanwhile; anything else as given."""
+    reference = _hub_reference(source)
+    if reference is None:
+        return source
+    commit = locate_head(source).name  # the hub cache's snapshots/<commit>
+    if not COMMIT.fullmatch(commit):
+        return source  # not the hub cache's layout: nothing to pin it to
+    return f"{HUB_PREFIX}{reference[0]}@{commit}"
+
+
+def _hub_reference(source: str | Path) -> tuple[str, str] | None:
+    """(repository, revision) when ``source`` names a head on the hub, None for a local one
+    (also a missing path, which the head loader reports); a mistyped local path whose first
+    part is a local folder is an error, not a hub id."""
+    explicit = isinstance(source, str) and source.startswith(HUB_PREFIX)
+    if explicit:
+        source = source[len(HUB_PREFIX):]
+    if not explicit and (isinstance(source, Path) or Path(source).exists()):
+        return None
+    repo, _, revision = str(source).partition("@")
+    if not HUB_REPO.fullmatch(repo):
+        if explicit:
+            raise ValueHeadError(f"value head {HUB_PREFIX}{source}: not a Hugging Face Hub "
+                                 "repository id (hf://owner/name[@revision])")
+        return None
+    if not explicit and Path(repo).parent.is_dir():
+        raise ValueHeadError(
+            f"value head {source!r} does not exist{_local_hint(Path(repo))}. Read as a path, "
+            f"not as a Hugging Face Hub repository, because {Path(repo).parent}/ is a local "
+            f"folder; for the hub repository of that name write {HUB_PREFIX}{source}")
+    return repo, revision
 
 
 def _local_hint(path: Path) -> str:
