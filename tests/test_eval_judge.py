@@ -255,7 +255,7 @@ def test_eval_refuses_a_bad_judge_before_loading_anything_else(tmp_path, options
     with pytest.raises(RecontrolError, match=message):
         evaluate(model="org/no-model", value_head=str(tmp_path / "no-head"),
                  prompts=str(prompts), reward_fn="vllm_recontrol.toy_world:positive_share",
-                 **options)
+                 out=str(tmp_path / "e"), **options)
 
 
 def test_references_are_the_final_replies_of_the_chosen_dialogues(tmp_path):

@@ -318,7 +318,7 @@ def test_reward_actors_need_ray_and_a_cluster_that_holds_every_actor(tmp_path):
     prompts.write_text('{"prompt": "hello"}\n')
     with pytest.raises(RecontrolError, match="needs ray .*the reward model on Ray actors"):
         evaluate(model="m", value_head="h", prompts=str(prompts), reward_replicas=2,
-                 reward_fn="vllm_recontrol.toy_world:positive_share")
+                 reward_fn="vllm_recontrol.toy_world:positive_share", out=str(tmp_path / "e"))
     cluster = SimpleNamespace(cluster_resources=lambda: {"CPU": 4.0, "GPU": 8.0})
     rewards = SimpleNamespace(replicas=2, ray_num_cpus=1.0, ray_num_gpus=1.0)
     _check_resources(cluster, rewards, {"CPU": 2.0, "GPU": 6.0})  # exactly full
@@ -602,7 +602,8 @@ def test_eval_refuses_bad_sampling_options_before_starting_an_engine(tmp_path, o
     prompts.write_text('{"prompt": "hello"}\n')
     with pytest.raises(RecontrolError, match=message):
         evaluate(model="m", value_head="h", prompts=str(prompts),
-                 reward_fn="vllm_recontrol.toy_world:positive_share", **options)
+                 reward_fn="vllm_recontrol.toy_world:positive_share", out=str(tmp_path / "e"),
+                 **options)
 
 
 @pytest.mark.parametrize("engine_args, expected", [({}, False),
@@ -701,7 +702,8 @@ def test_a_bad_reward_model_setting_fails_before_any_engine_starts(tmp_path, mon
                 num_labels=1).save_pretrained(rm)
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "hello"}\n')
-    options = dict(model="m", value_head="h", prompts=str(prompts), reward_model=str(rm))
+    options = dict(model="m", value_head="h", prompts=str(prompts), reward_model=str(rm),
+                   out=str(tmp_path / "e"))
     if setting.get("reward_model") == "MISSING":
         setting = {"reward_model": str(tmp_path / "no-such-rm")}
     with pytest.raises(RecontrolError, match=message):

@@ -191,3 +191,29 @@ def test_collect_overwrite_waits_for_no_label_run_but_refuses_a_live_one(tmp_pat
     assert (data / "labels" / "r").is_dir()  # the live label run's files are still there
     fake_collect(tmp_path, count=8, shard_size=4, overwrite=True)  # none running: deleted
     assert not (data / "labels").exists()
+
+
+def test_a_lock_file_removed_under_a_run_is_retaken_from_disk(tmp_path, monkeypatch):
+    """A run that opened the lock file of a folder whose maker then ended without writing
+    (and so removed the folder with its lock file) must not hold the removed file: it takes
+    the folder and lock file on disk again, so a third run cannot hold the folder beside it."""
+    import fcntl
+
+    from vllm_recontrol import folder_lock
+
+    real_flock, calls = fcntl.flock, []
+
+    def flock_after_the_maker_left(fd, operation):
+        calls.append(operation)
+        if len(calls) == 1:  # the maker removes its folder between our open and our lock
+            folder_lock._remove_if_only_locks(tmp_path / "out")
+        return real_flock(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", flock_after_the_maker_left)
+    with exclusive_folder(tmp_path / "out", "eval"):
+        assert len(calls) == 2  # locked the removed file, saw it, took the one on disk
+        monkeypatch.setattr(fcntl, "flock", real_flock)
+        with pytest.raises(DataError, match="in use by another run"):
+            with exclusive_folder(tmp_path / "out", "eval"):
+                pass
+    assert not (tmp_path / "out").exists()

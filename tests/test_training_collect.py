@@ -89,7 +89,7 @@ def test_split_or_data_dir_with_a_prompt_file_is_refused(tmp_path):
                 split="test")
     with pytest.raises(DataError, match=r"--split 'test'"):
         evaluate(model="m", value_head="h", prompts=str(path), split="test",
-                 reward_fn=lambda p, r: 0.0)
+                 reward_fn=lambda p, r: 0.0, out=str(tmp_path / "eval"))
 
 
 def test_parquet_prompts(tmp_path):
@@ -508,13 +508,16 @@ def test_an_engine_that_did_not_start_ends_with_where_to_look(capsys):
 
 
 def test_an_in_process_engine_that_did_not_start_says_why_and_where_to_look(
-        tmp_path, capsys, llama_dir):
+        tmp_path, capsys, llama_dir, monkeypatch):
     """In process, vLLM raises its own error (here a pydantic one) where the engine is built,
     not the multiprocess client's RuntimeError: the command ends with vLLM's reason and the
     same hint, not a traceback."""
     from vllm_recontrol.training.collector import collect
     from vllm_recontrol.training.common import run_main
 
+    # --in-process sets this for the rest of the process: undone after the test, or later
+    # tests in this worker would see an in-process engine (eval turns its overlap off)
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")  # restored to unset after
     write_prompts(tmp_path / "prompts.jsonl", 2)
     code = run_main(collect, dict(model=str(llama_dir), prompts=str(tmp_path / "prompts.jsonl"),
                                   out=str(tmp_path / "data"), max_new_tokens=2, progress=False,

@@ -45,34 +45,8 @@ def exclusive_folder(folder: str | Path, command: str, lock_name: str = LOCK_FIL
     folder = Path(folder)
     if not lock_name.startswith(LOCK_PREFIX) or not lock_name.endswith(".lock"):
         raise ValueError(f"lock files are named {LOCK_PREFIX}*.lock, got {lock_name!r}")
-    if folder.exists() and not folder.is_dir():
-        raise DataError(f"{what} {folder} exists and is not a folder")
-    created = not folder.exists()
+    fd, named, created = _acquire(folder, folder / lock_name, command, what, instead)
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise DataError(f"{what} {folder} cannot be created ({exc.strerror or exc})") from None
-    path = folder / lock_name
-    fd, writable = _open_lock_file(path)
-    if fd is None:  # a folder this process cannot write: nothing to lock with, nor to protect
-        logger.warning("%s: cannot create the lock file %s; nothing stops a second run into "
-                       "%s meanwhile", command, path, folder)
-        yield folder
-        return
-    named = False
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise DataError(f"{what} {folder} is in use by another run ({_holder(fd)}); "
-                            f"wait for it to end, stop it, or {instead}") from None
-        except OSError as exc:
-            if exc.errno not in _NO_LOCKS:
-                raise
-            logger.warning("%s: the file system of %s cannot lock files (%s); nothing stops "
-                           "a second run into it meanwhile", command, folder, exc.strerror)
-        else:
-            named = writable
         if named:
             os.ftruncate(fd, 0)
             os.pwrite(fd, json.dumps({"command": command, "pid": os.getpid(),
@@ -84,7 +58,76 @@ def exclusive_folder(folder: str | Path, command: str, lock_name: str = LOCK_FIL
             os.ftruncate(fd, 0)
             if created:
                 _remove_if_only_locks(folder)
-        os.close(fd)  # releases the lock; the file stays (removing it would race a new holder)
+        if fd is not None:
+            os.close(fd)  # releases the lock
+
+
+# A lock file can be removed under a run that opened it (its holder made the folder and
+# ended without writing): the run then takes the file on disk instead, a few times at most.
+_ACQUIRE_ATTEMPTS = 20
+
+
+def _acquire(folder: Path, path: Path, command: str, what: str,
+             instead: str) -> tuple[int | None, bool, bool]:
+    """(descriptor holding the lock or None, whether it may name its run, whether this call
+    made the folder)."""
+    for _ in range(_ACQUIRE_ATTEMPTS):
+        created = _make_folder(folder, what)
+        if created is None:
+            continue  # the folder went away as it was looked at
+        try:
+            fd, writable = _open_lock_file(path)
+        except FileNotFoundError:
+            continue  # ... or between its making and the lock file's
+        if fd is None:  # a folder this process cannot write: nothing to lock with
+            logger.warning("%s: cannot create the lock file %s; nothing stops a second run "
+                           "into %s meanwhile", command, path, folder)
+            return None, False, False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder(fd)
+            os.close(fd)
+            raise DataError(f"{what} {folder} is in use by another run ({holder}); wait for "
+                            f"it to end, stop it, or {instead}") from None
+        except OSError as exc:
+            if exc.errno not in _NO_LOCKS:
+                os.close(fd)
+                raise
+            logger.warning("%s: the file system of %s cannot lock files (%s); nothing stops "
+                           "a second run into it meanwhile", command, folder, exc.strerror)
+            return fd, False, False
+        if _is_on_disk(fd, path):
+            return fd, writable, created
+        os.close(fd)  # locked a file its holder had removed: take the one on disk now
+    raise DataError(f"{what} {folder}: its lock file kept being removed while this run took "
+                    f"it ({_ACQUIRE_ATTEMPTS} tries); {instead}")
+
+
+def _make_folder(folder: Path, what: str) -> bool | None:
+    """Make ``folder``: True if this call made it, False if it was there, None if it was
+    there and went away as it was looked at (try again)."""
+    try:
+        folder.mkdir(parents=True)
+        return True
+    except FileExistsError:
+        if folder.is_dir():
+            return False
+        if not folder.exists():
+            return None
+        raise DataError(f"{what} {folder} exists and is not a folder") from None
+    except OSError as exc:
+        raise DataError(f"{what} {folder} cannot be created ({exc.strerror or exc})") from None
+
+
+def _is_on_disk(fd: int, path: Path) -> bool:
+    """Whether the open lock file is still the one at ``path``."""
+    held = os.fstat(fd)
+    try:
+        found = os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (held.st_dev, held.st_ino) == (found.st_dev, found.st_ino)
 
 
 def _open_lock_file(path: Path) -> tuple[int | None, bool]:
@@ -101,8 +144,9 @@ def _open_lock_file(path: Path) -> tuple[int | None, bool]:
 
 
 def _remove_if_only_locks(folder: Path) -> None:
-    """Remove ``folder`` if it holds lock files only (still held by the caller: a second
-    run that opened one meanwhile failed to lock it and stopped)."""
+    """Remove ``folder`` if it holds lock files only, while the caller still holds its lock
+    (a run that opened the file meanwhile and locks it after the caller ends finds it is no
+    longer on disk, and takes the one on disk instead: ``_acquire``)."""
     with contextlib.suppress(OSError):
         entries = list(folder.iterdir())
         if all(is_lock_file(entry) for entry in entries):
