@@ -243,6 +243,9 @@ def test_a_checkpoint_from_before_patience_was_recorded_still_resumes(labelled, 
         del state["run"]["options"][key]
     state_path.write_text(json.dumps(state))
     assert train(out=str(tmp_path / "a"), epochs=2, **common)["metrics"]["epochs_run"] == 2
+    state_path.write_text(json.dumps(state))  # made without early stopping: not added now
+    with pytest.raises(DataError, match=r"another run \(options.patience: checkpoint None, now 2"):
+        train(out=str(tmp_path / "a"), epochs=3, patience=2, **common)
 
 
 def _length_reward(prompt: str, response: str) -> float:

@@ -89,18 +89,17 @@ def save(folder: str | Path, trainer: Any, progress: Progress,
             old.unlink()
 
 
-# Options that checkpoints began to record later (they used to be resumable changes):
-# a checkpoint without them is compared as if it had this run's.
-OPTIONS_ADDED_SINCE = ("patience", "min_delta")
+# Options that checkpoints began to record later (they used to be resumable changes), with
+# train's defaults: a checkpoint without them is read as made with those, so the same
+# command resumes it, and one that adds early stopping to it is refused.
+OPTIONS_ADDED_SINCE = {"patience": None, "min_delta": 0.0}
 
 
-def _with_options_added_since(stored: Any, run: dict[str, Any]) -> Any:
-    """``stored`` with this run's values for options it could not record yet."""
+def _with_options_added_since(stored: Any) -> Any:
+    """``stored`` with the defaults of options it could not record yet."""
     if not isinstance(stored, dict) or not isinstance(stored.get("options"), dict):
         return stored
-    added = {k: run["options"][k] for k in OPTIONS_ADDED_SINCE
-             if k not in stored["options"] and k in run["options"]}
-    return {**stored, "options": {**stored["options"], **added}} if added else stored
+    return {**stored, "options": {**OPTIONS_ADDED_SINCE, **stored["options"]}}
 
 
 def load(folder: str | Path, trainer: Any, run: dict[str, Any]) -> Progress | None:
@@ -126,7 +125,7 @@ def load(folder: str | Path, trainer: Any, run: dict[str, Any]) -> Progress | No
     if missing:
         raise DataError(f"{state_path} lacks {missing}: the checkpoint is damaged; use another "
                         f"--checkpoint folder")
-    stored = _with_options_added_since(state["run"], run)
+    stored = _with_options_added_since(state["run"])
     if stored != run:
         raise DataError(f"checkpoint {folder} belongs to another run "
                         f"({_differences(stored, run)}); use another --checkpoint "
