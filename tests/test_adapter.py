@@ -266,3 +266,9 @@ def test_hub_heads_are_pinned_to_the_commit_the_front_end_checked(llama_dir, hea
                                       "b": {"path": f"hf://someone/head@{commit}", "alpha": 2.0}}
     assert ("someone/head", None) in asked and ("someone/head", "main") in asked
     assert ("someone/head", commit) in asked  # the front-end checked the pinned head itself
+
+
+def test_a_further_hub_head_that_cannot_be_pinned_is_named_by_its_key(llama_dir, head_dir):
+    with pytest.raises(ValueError, match=r'\["value_heads"\]\["b"\]: value head hf://\./x: '
+                                         r"not a Hugging Face Hub repository"):
+        config_for(llama_dir, {"value_head": str(head_dir), "value_heads": {"b": "hf://./x"}})

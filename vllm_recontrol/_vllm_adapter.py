@@ -191,7 +191,8 @@ def _pin_hub_heads(vllm_config: Any, settings: EngineSettings) -> EngineSettings
     """Heads from the Hugging Face Hub, pinned in the engine's configuration to the commit
     resolved here: every worker process loads its heads by itself, and a push between the
     front-end's check and their loads would give tensor-parallel ranks different heads."""
-    pinned = map_head_paths(vllm_config.additional_config, pin_head)
+    pinned = map_head_paths(vllm_config.additional_config,
+                            lambda name, path: _naming_the_head(name, pin_head, path))
     if pinned == vllm_config.additional_config:
         return settings
     vllm_config.additional_config = pinned
@@ -217,17 +218,20 @@ def _refuse_sleep_mode(model_config: Any) -> None:
 def _load_heads(settings: EngineSettings, hidden_size: int,
                 device: torch.device | str) -> dict[str, ValueHead]:
     """Every head of the engine by name; a bad further head's error names its key."""
-    heads = {}
-    for name, path in settings.head_paths.items():
-        try:
-            heads[name] = ValueHead.load(path, device=device,
-                                         expected_hidden_size=hidden_size)
-        except ValueHeadError as exc:
-            if name == DEFAULT_HEAD:
-                raise
-            raise ValueHeadError(
-                f'additional_config["recontrol"]["value_heads"]["{name}"]: {exc}') from exc
-    return heads
+    return {name: _naming_the_head(name, ValueHead.load, path, device=device,
+                                   expected_hidden_size=hidden_size)
+            for name, path in settings.head_paths.items()}
+
+
+def _naming_the_head(name: str, call: Any, *args: Any, **kwargs: Any) -> Any:
+    """``call(*args, **kwargs)``; a head's error names its ``value_heads`` key."""
+    try:
+        return call(*args, **kwargs)
+    except ValueHeadError as exc:
+        if name == DEFAULT_HEAD:
+            raise
+        raise ValueHeadError(
+            f'additional_config["recontrol"]["value_heads"]["{name}"]: {exc}') from exc
 
 
 def _is_recontrol_engine(vllm_config: Any) -> bool:

@@ -358,15 +358,15 @@ HEAD_SPEC_KEYS = ("path", "alpha", "steps", "max_norm")
 
 
 def map_head_paths(additional_config: Mapping[str, Any],
-                   change: Callable[[str], str]) -> dict[str, Any]:
+                   change: Callable[[str, str], str]) -> dict[str, Any]:
     """A copy of a valid ``additional_config`` with every head path (``value_head`` and each
-    ``value_heads`` entry) replaced by ``change(path)``."""
+    ``value_heads`` entry) replaced by ``change(head name, path)``."""
     section = dict(additional_config[ADDITIONAL_CONFIG_KEY])
-    section["value_head"] = change(section["value_head"])
+    section["value_head"] = change(DEFAULT_HEAD, section["value_head"])
     if section.get("value_heads"):
         section["value_heads"] = {
-            name: ({**entry, "path": change(entry["path"])} if isinstance(entry, Mapping)
-                   else change(entry))
+            name: ({**entry, "path": change(name, entry["path"])}
+                   if isinstance(entry, Mapping) else change(name, entry))
             for name, entry in section["value_heads"].items()}
     return {**additional_config, ADDITIONAL_CONFIG_KEY: section}
 
