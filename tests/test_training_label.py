@@ -407,14 +407,19 @@ def test_label_option_errors(data, options, message):
 @pytest.fixture(scope="module")
 def tiny_rm(tmp_path_factory):
     """A random LlamaForSequenceClassification with the toy word tokenizer (one output)."""
-    from transformers import LlamaConfig, LlamaForSequenceClassification
-
     from vllm_recontrol.toy import build_tokenizer
     from training_fakes import WORDS
 
     path = tmp_path_factory.mktemp("rm")
     tokenizer = build_tokenizer(path, [w for w in WORDS if not w.startswith("<")] +
                                 ["user:", "assistant:"])
+    return _save_random_reward_model(path, tokenizer)
+
+
+def _save_random_reward_model(path, tokenizer):
+    """A one-layer random LlamaForSequenceClassification (one output) beside ``tokenizer``."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
                          num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
                          num_labels=1, pad_token_id=tokenizer.pad_token_id,
@@ -569,20 +574,12 @@ def test_reward_model_text_formats(tiny_rm):
 def bpe_rm(tmp_path_factory):
     """A random LlamaForSequenceClassification with a byte-level BPE tokenizer (spaces are
     part of its tokens, as in Llama-3's) and no chat template."""
-    from transformers import LlamaConfig, LlamaForSequenceClassification
-
     from vllm_recontrol.toy import build_tokenizer
 
     path = tmp_path_factory.mktemp("bpe-rm")
     tokenizer = build_tokenizer(path, kind="byte-bpe")
     (path / "chat_template.jinja").unlink()
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
-                         num_labels=1, pad_token_id=tokenizer.pad_token_id,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    torch.manual_seed(0)
-    LlamaForSequenceClassification(config).save_pretrained(str(path))
-    return path
+    return _save_random_reward_model(path, tokenizer)
 
 
 def _generated_text(tokenizer, prompt: str, continuation: str) -> str:
