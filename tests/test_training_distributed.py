@@ -177,6 +177,7 @@ rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
 report = Path(sys.argv[1])
 (report / f"rank{rank}.pid").write_text(str(os.getpid()))
 options = json.loads(sys.argv[2].replace("{rank}", str(rank)))
+options.update(options.pop("per_rank", {}).get(str(rank), {}))
 try:
     train(**options)
     text = "ok"
@@ -255,10 +256,22 @@ def test_a_checkpoint_only_one_process_sees_stops_every_process(
     assert outcomes[0].startswith("error: train: the 2 processes do not start from the same "
                                   "point"), outcomes[0]
     assert "checkpoint differs (rank 0: epoch 2, tensors " in outcomes[0]
-    assert "; rank 1: none)" in outcomes[0]
+    assert "; rank 1: none yet)" in outcomes[0]
     assert "the --checkpoint folder must be on a filesystem every process sees" in outcomes[0]
     for other in ("data", "options", "held-out split", "initial head"):  # those agree
         assert f"{other} differs" not in outcomes[0], outcomes[0]
+    assert not (tmp_path / "head").exists()
+
+
+def test_a_checkpoint_given_to_one_process_only_stops_every_process(three_shards, tmp_path):
+    """Rank 0 saves checkpoints (and gathers every rank's generators at each save), rank 1
+    was started without --checkpoint: both stop at the start instead of hanging."""
+    outcomes = per_rank_train(tmp_path, bellman_options(
+        three_shards, tmp_path / "head", epochs=2, checkpoint=str(tmp_path / "ck"),
+        per_rank={"1": {"checkpoint": None}}))
+    assert outcomes[0] == outcomes[1], outcomes
+    assert "checkpoint differs (rank 0: none yet; rank 1: none (no --checkpoint))" in \
+        outcomes[0], outcomes[0]
     assert not (tmp_path / "head").exists()
 
 

@@ -418,7 +418,10 @@ def _start_facts(opts: TrainOptions, data: LabelledData, trainer: Trainer,
                            f"({json_digest(shards)[:12]})"},
         "held-out split": f"{int(heldout.sum())} of {heldout.numel()} prompts "
                           f"({tensors_digest({'heldout': heldout})[:12]})",
-        "checkpoint": state.identity if state else "none",
+        # a fresh --checkpoint on some processes only would have rank 0 gather at each
+        # save while the others went on: a hang
+        "checkpoint": state.identity if state else ("none yet" if opts.checkpoint else
+                                                    "none (no --checkpoint)"),
         "initial head": initial_head[:12],
     }
 
