@@ -308,6 +308,28 @@ def test_eval_refuses_bad_replicas_before_starting_an_engine(options, message):
         Evaluator(EvalOptions(model="m", value_head="h", prompts="p", **options), [], None, None)
 
 
+def test_engines_on_ray_actors_load_one_commit_of_a_hub_head(tmp_path, monkeypatch):
+    """Each actor starts its own engine, which would resolve a hub head by itself: the
+    driver pins it to one commit for all of them (a local head stays as given)."""
+    import huggingface_hub
+
+    from vllm_recontrol.evaluation.evaluate import EvalOptions, Evaluator
+    from vllm_recontrol.value_head import ValueHead
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = tmp_path / "snapshots" / commit
+    ValueHead(8, [4], seed=0).save(snapshot)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: str(snapshot))
+    local = ValueHead(8, [4], seed=1).save(tmp_path / "local")
+    options = dict(model="m", value_head="someone/head", prompts="p", replicas=2,
+                   value_heads={"b": str(local)})
+    settings = Evaluator(EvalOptions(ray=True, **options), [], None, None)._engine_settings
+    assert settings.value_head == f"hf://someone/head@{commit}"
+    assert settings.value_heads == {"b": str(local)}
+    in_process = Evaluator(EvalOptions(**{**options, "replicas": 1}), [], None, None)
+    assert in_process._engine_settings.value_head == "someone/head"  # its engine pins it
+
+
 def test_reward_actors_need_ray_and_a_cluster_that_holds_every_actor(tmp_path):
     from types import SimpleNamespace
 

@@ -24,6 +24,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 from ..config import DEFAULT_HEAD, FLOAT32_MAX
 from ..files import write_text_atomic
 from ..folder_lock import exclusive_folder
+from ..head_source import pin_head
 from ..logs import get_logger
 from ..training.common import (RecontrolError, build_options, check_engine_args,
                                check_model_path, json_argument, parse_command_line, run_main,
@@ -263,8 +264,12 @@ class Evaluator:
         check_replicas(opts.replicas, opts.ray, "one vLLM engine per Ray actor")
         self.grid = parse_grid(opts.grid, (DEFAULT_HEAD, *further))
         self.best_of()  # checked before any engine starts, not after base and the grid ran
+        value_head, further = opts.value_head, dict(further)
+        if opts.ray:  # each actor starts its own engine, each would resolve a hub head anew
+            value_head = pin_head(value_head)
+            further = {name: pin_head(path) for name, path in further.items()}
         settings = EngineSettings(
-            model=opts.model, value_head=opts.value_head, value_heads=dict(further),
+            model=opts.model, value_head=value_head, value_heads=further,
             max_steps=max(p.steps for p in self.grid), engine_args=dict(opts.engine_args),
             seed=opts.seed, max_tokens=opts.max_tokens, temperature=opts.temperature,
             bon_temperature=opts.bon_temperature, system_prompt=opts.system_prompt,
