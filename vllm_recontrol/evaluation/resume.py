@@ -32,7 +32,7 @@ from typing import Any, Sequence
 from ..files import write_text_atomic
 from ..head_source import locate_head
 from ..logs import get_logger
-from ..training.collector import RESUME_ENGINE_KEYS
+from ..training.collector import outputs_defining
 from ..training.common import folder_fingerprint, json_digest, sha256_file
 from .engines import Samples
 
@@ -49,10 +49,6 @@ NOT_IN_DIGEST = frozenset({
     "reward_num_gpus", "grid", "best_of", "control_best_of", "value_head", "value_heads",
     "resume", "reward_fn", "reward_model", "reward_index", "rm_dtype", "rm_max_length",
     "reward_batch_size", "reference_column"})
-# vLLM engine arguments that say how to run the engine (memory, batch limits, parallelism),
-# as collect's resume takes them, and as --replicas is: not what a method generates.
-# max_model_len is not among them: it cuts a response short.
-ENGINE_HOW_TO_RUN = RESUME_ENGINE_KEYS
 # Options that change how samples are scored or measured, not the samples themselves.
 SCORING_OPTIONS = frozenset({"cut_at", "embedding_model", "device", "rm_engine",
                              "rm_engine_args", "trust_remote_code"})
@@ -72,8 +68,10 @@ def run_facts(options: dict[str, Any], prompts: Sequence[str],
     kept = {k: v for k, v in options.items()
             if k not in NOT_IN_DIGEST and not k.startswith("judge_")}
     prompts_sha = json_digest(list(prompts))
-    model, reward_model = options.get("model"), reward.get("reward_model")
-    kept = {k: _what_it_computes(v) if k in ("engine_args", "rm_engine_args") else v
+    model = options.get("model")
+    # engine arguments that only say how to run the engine (memory, batch limits,
+    # parallelism), as collect's resume takes them and as --replicas is, are left out
+    kept = {k: outputs_defining(v) if k in ("engine_args", "rm_engine_args") else v
             for k, v in kept.items()}
     generation = {k: v for k, v in kept.items() if k not in SCORING_OPTIONS}
     scoring = {k: v for k, v in kept.items() if k in SCORING_OPTIONS}
@@ -86,16 +84,7 @@ def run_facts(options: dict[str, Any], prompts: Sequence[str],
             "environment": {name: os.environ.get(name) for name in DIGEST_ENVIRONMENT}},
         "scoring": {
             "options": scoring,
-            "reward": reward,
-            "reward_model_files": (folder_fingerprint(str(reward_model)) if reward_model
-                                   else None)}}
-
-
-def _what_it_computes(engine_args: Any) -> Any:
-    """A vLLM engine's arguments without those that only say how to run it."""
-    if not isinstance(engine_args, dict):
-        return engine_args
-    return {k: v for k, v in engine_args.items() if k not in ENGINE_HOW_TO_RUN}
+            "reward": reward}}  # a reward model's description names its folder's files
 
 
 def package_versions() -> dict[str, str | None]:

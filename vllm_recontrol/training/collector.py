@@ -337,8 +337,9 @@ RESUME_ENGINE_KEYS = frozenset({
 ENGINE_ARGS_KEYS = ("engine_args", "pooling_engine_args")
 
 
-def _states_defining(engine_args: Any) -> Any:
-    """The engine arguments that decide the states (all but RESUME_ENGINE_KEYS)."""
+def outputs_defining(engine_args: Any) -> Any:
+    """The engine arguments that decide what the engine computes (all but
+    RESUME_ENGINE_KEYS): collect's states here, eval's samples in its resume digest."""
     if not isinstance(engine_args, dict):
         return engine_args
     return {k: v for k, v in engine_args.items() if k not in RESUME_ENGINE_KEYS}
@@ -354,7 +355,7 @@ def _prepare_out(opts: CollectOptions, manifest: dict[str, Any]) -> Path:
 
             def same(key: str) -> bool:
                 if key in ENGINE_ARGS_KEYS:
-                    return _states_defining(old.get(key)) == _states_defining(manifest.get(key))
+                    return outputs_defining(old.get(key)) == outputs_defining(manifest.get(key))
                 if key == MODEL_FILES and key not in old:
                     # A manifest of an earlier release: its model's files were not recorded,
                     # so they cannot be checked (nor added: labels hold the manifest's hash).
