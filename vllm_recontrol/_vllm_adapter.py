@@ -42,8 +42,8 @@ from .config import (DEFAULT_HEAD, MODEL_IMPL, EngineSettings, check_request_arg
 from .controller import EditController, rows_for_engine
 from .errors import (ConfigError, RecontrolError, RequestParamsError, ValueHeadError,
                      VersionError)
-from .logs import get_logger
 from .head_source import pin_head
+from .logs import get_logger
 from .value_head import ValueHead
 
 TESTED_VLLM = "0.32"  # release series whose internals this module was checked against

@@ -15,20 +15,20 @@ import contextlib
 import errno
 import fcntl
 import json
-import logging
 import os
 import socket
 import time
 from pathlib import Path
 from typing import Iterator
 
-from .training.common import DataError
 from .files import default_file_mode
+from .logs import get_logger
+from .training.common import DataError
 
 LOCK_PREFIX = ".vllm-recontrol"
 LOCK_FILE = LOCK_PREFIX + ".lock"
 LABEL_LOCK_PREFIX = LOCK_PREFIX + "-label-"
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 # File systems that do not lock (some NFS and FUSE mounts) say so with these; a run there goes
 # on unguarded, with a warning, rather than not at all.
@@ -169,6 +169,11 @@ def label_lock_name(label_set: str) -> str:
     """The lock file of one label set, in its collection's folder (``--overwrite`` of the set
     removes the set's own folder; collect's ``--overwrite`` takes these before it deletes)."""
     return f"{LABEL_LOCK_PREFIX}{label_set}.lock"
+
+
+def label_set_of(lock: Path) -> str:
+    """The label set whose lock file ``lock`` is (``label_lock_name``'s inverse)."""
+    return lock.name[len(LABEL_LOCK_PREFIX):-len(".lock")]
 
 
 def is_lock_file(path: Path) -> bool:

@@ -23,8 +23,6 @@ logger = get_logger(__name__)
 HEAD_FILES = ("config.json", "model.safetensors")
 HUB_REPO = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name, no leading ./ or /
 COMMIT = re.compile(r"[0-9a-f]{40}")
-
-
 HUB_PREFIX = "hf://"
 
 

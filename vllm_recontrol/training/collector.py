@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ..folder_lock import LABEL_LOCK_PREFIX, exclusive_folder, is_lock_file, label_lock_name
+from ..folder_lock import exclusive_folder, is_lock_file, label_lock_name, label_set_of
 from .common import (DataError, build_options, check_engine_args, check_model_path,
                      folder_fingerprint, json_argument, model_hidden_size, parse_command_line,
                      progress, run_main, sampling_refusal, sha256_bytes, summary_table)
@@ -416,10 +416,10 @@ def _remove_collection(out: Path) -> None:
     `label` still running on one would lose its files under its feet."""
     with contextlib.ExitStack() as held:
         for lock in sorted(out.glob(label_lock_name("*"))):
-            name = lock.name[len(LABEL_LOCK_PREFIX):-len(".lock")]
             held.enter_context(exclusive_folder(
                 out, "collect --overwrite", lock_name=lock.name,
-                what=f"label set {name!r} of --out", instead="let it end before deleting it"))
+                what=f"label set {label_set_of(lock)!r} of --out",
+                instead="let it end before deleting it"))
         _remove_stale_temporaries(out)
         for pattern in ("shard-*.jsonl", "shard-*.safetensors", MANIFEST_FILE):
             for path in out.glob(pattern):

@@ -25,8 +25,9 @@ def quality_warnings(metrics: Mapping[str, Any]) -> list[str]:
     if mse is not None and trivial is not None and mse >= trivial:
         warnings.append(
             f"the head predicts the reward no better than a constant ({split} MSE of V(s_t) "
-            f"{mse:.4g} >= {trivial:.4g}, the training states' mean reward's): its gradient is unlikely to "
-            "steer toward higher reward; more prompts, more epochs or another --target may help")
+            f"{mse:.4g} >= {trivial:.4g}, the training states' mean reward's): its gradient "
+            "is unlikely to steer toward higher reward; more prompts, more epochs or another "
+            "--target may help")
     pearson = _number(metrics.get("pearson_s0"))
     if pearson is not None and pearson <= 0:
         warnings.append(
