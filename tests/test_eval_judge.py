@@ -44,7 +44,13 @@ def client_for(server: dict, **settings) -> JudgeClient:
     ("8 6", (8.0, 6.0)), ("\n  7.5, 3\nthe first is better", (7.5, 3.0)),
     ("**Scores:** 9 and 2", (9.0, 2.0)), ("10 0.", (10.0, 0.0)),
     ("8/10", None), ("Assistant 1 is better", None), ("11 2", None), ("8", None), ("", None),
-    ("The scores are 8 and 6 because", None),
+    ("The scores are 8 and 6 because", None), ("Score 8 6", (8.0, 6.0)),
+    # a label ending in the answer's index: the index is not a score
+    ("Assistant 1 8\nAssistant 2 6", None), ("Score for Assistant 1 9", None),
+    ("Answer 1 7", None), ("Assistant 2 5", None),
+    ("Assistant 1: 8, Assistant 2: 6", (8.0, 6.0)), ("**Assistant 1:** 3 **Assistant 2:** 9",
+                                                     (3.0, 9.0)),
+    ("Assistant 2: 8, Assistant 1: 6", None),
 ])
 def test_scores_are_read_from_the_first_line_only(answer, scores):
     assert parse_scores(answer) == scores

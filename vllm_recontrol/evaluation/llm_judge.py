@@ -52,8 +52,16 @@ Rate how helpful, harmless, relevant, accurate and detailed each answer is, as a
 1 to 10 (higher is better). The order in which the answers appear must not affect your \
 judgement. On the first line write only the two scores, Assistant 1's then Assistant 2's, \
 separated by a space. Then explain your judgement."""
-_SCORES = re.compile(r"[A-Za-z ]*:?\s*(\d+(?:\.\d+)?)\s*(?:\s*,\s*|\s+and\s+|\s+)"
-                     r"(\d+(?:\.\d+)?)\s*\.?")
+_NUMBER = r"(\d+(?:\.\d+)?)"
+_PAIR_GAP = r"\s*(?:\s*[,;]\s*|\s+and\s+|\s+)"
+# "8 6", "Scores: 8, 6", "Score 8 and 6": a label of words only, and unless it is "score(s)"
+# or "rating(s)" it ends in a colon (else "Assistant 1 8" would read the index as a score)
+_SCORES = re.compile(r"(?:[A-Za-z ]*:|\s*(?:scores?|ratings?)\b)?\s*" + _NUMBER + _PAIR_GAP
+                     + _NUMBER + r"\s*\.?", re.IGNORECASE)
+# "Assistant 1: 8, Assistant 2: 6": each score read after its own assistant's label
+_LABELLED_SCORES = re.compile(
+    r"(?:scores?\s*:?\s*)?assistant\s*1\s*(?:score)?\s*[:=-]?\s*" + _NUMBER + _PAIR_GAP
+    + r"assistant\s*2\s*(?:score)?\s*[:=-]?\s*" + _NUMBER + r"\s*\.?", re.IGNORECASE)
 MAX_SCORE = 10.0
 KEPT_CHARS = 200  # of each judge answer's first line, in eval.json
 
@@ -115,10 +123,11 @@ class JudgeSummary:
 
 def parse_scores(answer: str) -> tuple[float, float] | None:
     """The two scores on the judge's first non-empty line, or None when it holds no such
-    pair within 0..10 (markdown emphasis and a short label such as ``Scores:`` allowed;
-    ``8/10`` alone is not a pair)."""
+    pair within 0..10 (markdown emphasis, a short label such as ``Scores:`` and per-answer
+    labels ``Assistant 1: 8, Assistant 2: 6`` allowed; ``8/10`` alone is not a pair, nor is
+    ``Assistant 1 8``, whose first number is the answer's index)."""
     line = first_line(answer).replace("*", "").replace("`", "")
-    match = _SCORES.fullmatch(line)
+    match = _LABELLED_SCORES.fullmatch(line) or _SCORES.fullmatch(line)
     if not match:
         return None
     scores = float(match.group(1)), float(match.group(2))
