@@ -15,7 +15,7 @@ import pytest
 
 from vllm_recontrol.evaluation.evaluate import MethodResult, markdown_table, parse_grid
 from vllm_recontrol.evaluation.metrics import Coherence, diversity, win_rate
-from vllm_recontrol.training.common import RecontrolError, RewardError
+from vllm_recontrol.training.common import DataError, RecontrolError, RewardError
 
 
 def test_diversity_by_hand():
@@ -655,6 +655,83 @@ def test_eval_engines_start_without_prefix_caching_unless_asked(monkeypatch, eng
                ["p"])
     assert started[0]["enable_prefix_caching"] is expected
     assert started[0]["model_impl"] == "recontrol"
+
+
+class WordLLM:
+    """A stand-in ``vllm.LLM``: one token per word, ``max_model_len`` 8, refusing longer
+    prompts at ``generate`` as vLLM does; records whether it was shut down."""
+
+    def __init__(self, **kwargs):
+        from types import SimpleNamespace
+
+        self.model_config = SimpleNamespace(max_model_len=8)
+        self.stopped = []
+        self.llm_engine = SimpleNamespace(
+            engine_core=SimpleNamespace(shutdown=lambda: self.stopped.append(True)))
+        self.generated = []
+
+    def get_tokenizer(self):
+        return lambda text: {"input_ids": text.split()}
+
+    def generate(self, inputs, params, use_tqdm=False):
+        from vllm.exceptions import VLLMValidationError
+
+        if any(len(x.split()) >= 8 for x in inputs):
+            raise VLLMValidationError("This model's maximum context length is 8 tokens")
+        self.generated.extend(inputs)
+        return []
+
+
+def eval_pool(monkeypatch, prompts, system_prompt=None):
+    """An ``EnginePool`` of one ``EvalEngine`` on a ``WordLLM``."""
+    from types import SimpleNamespace
+
+    import vllm
+
+    from vllm_recontrol.evaluation.engines import EnginePool, EngineSettings
+
+    monkeypatch.setattr(vllm, "LLM", WordLLM)
+    settings = EngineSettings(model="m", value_head="h", value_heads={}, max_steps=30,
+                              engine_args={}, seed=0, max_tokens=8, temperature=0.0,
+                              bon_temperature=1.0, system_prompt=system_prompt,
+                              chat_template=False)
+    return EnginePool(SimpleNamespace(ray=False, progress=False, quiet=True), settings, prompts)
+
+
+@pytest.mark.parametrize("system_prompt, prompts, message", [
+    (None, ["a b", "one two three four five six seven eight"],
+     r"prompt 1 of the prompt set \(counted from 0\) has 8 tokens, and the engine's "
+     r"max_model_len is 8, .*raise max_model_len in --engine-args$"),
+    # fits alone (5 words), not after the prompting rows' system prompt (3 words + 5)
+    ("be kind now", ["a", "b", "one two three four five"],
+     r"prompt 2 .* has 8 tokens with the system prompt of the prompting rows.*"
+     r"--system-prompt ''"),
+])
+def test_eval_refuses_a_prompt_without_room_for_a_response_before_any_method_runs(
+        monkeypatch, system_prompt, prompts, message):
+    """vLLM refuses such a prompt only when its method's batch arrives (the prompting rows
+    come after base, the grid and Best-of-N), with a traceback that names no prompt; the
+    engine that was started for nothing is shut down."""
+    engines = []
+    monkeypatch.setattr(WordLLM, "get_tokenizer", lambda self: engines.append(self)
+                        or (lambda text: {"input_ids": text.split()}))
+    with pytest.raises(DataError, match=message):
+        eval_pool(monkeypatch, prompts, system_prompt)
+    assert engines and engines[0].generated == [] and engines[0].stopped == [True]
+
+
+def test_a_prompt_vllm_refuses_at_generation_is_named_by_its_index(monkeypatch):
+    """What the up-front check does not foresee still ends in one line naming the prompt
+    (its global index: an engine may hold a range of the prompts)."""
+    from vllm_recontrol.evaluation.engines import Method
+
+    pool = eval_pool(monkeypatch, ["a", "b", "c", "d"])
+    pool.local.prompts[2] = "one two three four five six seven eight nine"  # after the check
+    with pytest.raises(DataError, match=r"^prompt 2 of the prompt set \(counted from 0\): "
+                                        r"vLLM refused a request .* has 9 tokens"):
+        pool.local.generate(Method(), 1, 4)
+    pool.local.generate(Method(), 0, 2)
+    assert pool.local.llm.generated == ["a", "b"]
 
 
 @pytest.mark.parametrize("best_of, expected", [(4, [4]), (4.0, [4]), ([2, 8.0], [2, 8]),

@@ -624,6 +624,11 @@ def engine_argument_names() -> frozenset[str]:
     return frozenset(own | {f.name for f in dataclasses.fields(EngineArgs)})
 
 
+def llm_max_model_len(llm: Any) -> int:
+    """The longest sequence (prompt and response) an offline ``vllm.LLM`` engine takes."""
+    return int(llm.model_config.max_model_len)
+
+
 def shutdown_llm(llm: Any) -> None:
     """Stop an offline ``vllm.LLM`` engine and free its memory before another one starts.
 

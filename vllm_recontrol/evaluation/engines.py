@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from ..config import DEFAULT_HEAD
+from ..training.common import DataError
+from ..training.engines import refused_request
 from ..training.prompts import prompt_messages
 
 Samples = list[list[tuple[str, int]]]  # per prompt, (text, generated tokens) of each sample
@@ -108,8 +110,47 @@ class EvalEngine:
                                  seed=s.seed + method.n * i, extra_args=extra)
                   for i in range(start, end)]
         inputs = [self._input(p, system_prompt) for p in self.prompts[start:end]]
-        outputs = self.llm.generate(inputs, params, use_tqdm=progress)
+        from vllm.exceptions import VLLMValidationError
+
+        try:
+            outputs = self.llm.generate(inputs, params, use_tqdm=progress)
+        except VLLMValidationError as exc:  # check_prompts missed a reason vLLM has
+            refused = refused_request(self.tokenizer, inputs, exc)
+            raise DataError(f"prompt {start + refused.request} of the prompt set (counted from "
+                            f"0{', with the system prompt' if system_prompt else ''}): "
+                            f"{refused}") from exc
         return [[(c.text, len(c.token_ids)) for c in out.outputs] for out in outputs]
+
+    def check_prompts(self, start: int, end: int) -> None:
+        """Refuse, before any method generates, a prompt of ``start`` to ``end`` that leaves
+        no room for a response in the engine's ``max_model_len``, alone or with the system
+        prompt of the prompting rows (vLLM would refuse it only when its method's batch
+        arrives, maybe hours in, with a traceback that names no prompt)."""
+        from .._vllm_adapter import llm_max_model_len
+
+        limit = llm_max_model_len(self.llm)
+        system = self.settings.system_prompt
+        for index in range(start, end):
+            for system_prompt in (None, system) if system else (None,):
+                length = self._length(self._input(self.prompts[index], system_prompt))
+                if length < limit:
+                    continue
+                where, also = "", ""
+                if system_prompt:
+                    where = " with the system prompt of the prompting rows"
+                    also = (" (or shorten --system-prompt, or give --system-prompt '' to "
+                            "skip the prompting rows)")
+                raise DataError(
+                    f"prompt {index} of the prompt set (counted from 0) has {length} tokens"
+                    f"{where}, and the engine's max_model_len is {limit}, which leaves no "
+                    f"room for a response: shorten or remove that prompt, or raise "
+                    f"max_model_len in --engine-args{also}")
+
+    def _length(self, engine_input: Any) -> int:
+        """Tokens of ``engine_input`` as the engine counts them (text: with special tokens)."""
+        if isinstance(engine_input, str):
+            return len(self.tokenizer(engine_input)["input_ids"])
+        return len(engine_input["prompt_token_ids"])
 
     def close(self) -> None:
         from .._vllm_adapter import shutdown_llm
@@ -146,6 +187,22 @@ class EnginePool:
         else:
             self.local = EvalEngine(settings, prompts)
         self.progress = opts.progress and not opts.quiet
+        try:
+            self._check_prompts()
+        except BaseException:
+            self.close()
+            raise
+
+    def _check_prompts(self) -> None:
+        """Every engine checks its range of the prompts (``EvalEngine.check_prompts``)."""
+        if self.local is not None:
+            self.local.check_prompts(0, self.count)
+            return
+        import ray
+
+        ranges = prompt_ranges(self.count, len(self.actors))
+        ray.get([actor.check_prompts.remote(lo, hi)
+                 for actor, (lo, hi) in zip(self.actors, ranges)])
 
     def run(self, method: Method) -> tuple[Samples, float]:
         """(samples of every prompt, in order; wall-clock seconds of the generation)."""
