@@ -1282,8 +1282,13 @@ def test_the_resume_digest_covers_versions_environment_and_reward_engine(monkeyp
     changed = resume.run_facts(options, ["q"], {"reward_fn": "m:g"})
     assert changed["generation"] == facts["generation"] and changed != facts
     for how in ({"engine_args": {"gpu_memory_utilization": 0.5, "max_num_seqs": 8}},
-                {"reference_column": "chosen"}):  # how to run the engine; the judge's
+                {"reference_column": "chosen"},  # how to run the engine; the judge's
+                # where the same prompt texts come from (their digest is in the facts)
+                {"prompts": "/abs/p.jsonl"}, {"prompts": "./p.jsonl", "max_prompts": 100},
+                {"prompt_format": "hh", "prompt_column": "text", "split": "test",
+                 "data_dir": "harmless-base"}):
         assert resume.run_facts({**options, **how}, ["q"], reward) == facts
+    assert resume.run_facts(options, ["q", "r"], reward)["generation"] != facts["generation"]
     for what in ({"engine_args": {"dtype": "float32"}}, {"engine_args": {"max_model_len": 64}}):
         assert resume.run_facts({**options, **what}, ["q"], reward)["generation"] != \
             facts["generation"]  # changes the samples (max_model_len cuts a response short)

@@ -48,7 +48,11 @@ NOT_IN_DIGEST = frozenset({
     "ray_address", "ray_num_cpus", "ray_num_gpus", "reward_replicas", "reward_num_cpus",
     "reward_num_gpus", "grid", "best_of", "control_best_of", "value_head", "value_heads",
     "resume", "reward_fn", "reward_model", "reward_index", "rm_dtype", "rm_max_length",
-    "reward_batch_size", "reference_column"})
+    "reward_batch_size", "reference_column",
+    # where the prompts come from: only their texts decide the samples (prompt i is
+    # sampled with seed + n i), and prompts_sha256 holds those, so a copied file, a relative
+    # path or --max-prompts past the file's length reuse the methods
+    "prompts", "split", "data_dir", "prompt_column", "prompt_format", "max_prompts"})
 # Options that change how samples are scored or measured, not the samples themselves.
 SCORING_OPTIONS = frozenset({"cut_at", "embedding_model", "device", "rm_engine",
                              "rm_engine_args", "trust_remote_code"})
