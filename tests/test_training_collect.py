@@ -365,16 +365,38 @@ def test_a_manifest_without_model_files_still_resumes(tmp_path):
 
     data = _crash_after_the_first_shard(tmp_path)
     manifest = read_manifest(data)
-    del manifest["model_files"]
+    del manifest["model_files"], manifest["model_folder"]
     write_manifest(data, manifest)
     before = manifest_sha256(data)
     summary = fake_collect(tmp_path, count=20, shard_size=8)[2]
     assert summary["shards done / planned"] == "3 / 3"
-    assert manifest_sha256(data) == before and "model_files" not in read_manifest(data)
+    manifest = read_manifest(data)
+    assert manifest_sha256(data) == before and "model_files" not in manifest
+    assert "model_folder" not in manifest
 
 
 def test_a_hub_model_has_no_files_to_check():
     assert collector.model_files("org/not-a-local-folder") is None
+    assert collector.model_folder("org/not-a-local-folder") is None
+
+
+def test_a_relative_model_path_is_recorded_as_the_folder_collect_read(tmp_path, monkeypatch):
+    """``--model .`` (or ``models/x``) names another folder from wherever ``train`` runs:
+    the manifest keeps the absolute folder, and the head records that one, not the folder
+    train resolves the same text in (a false "trained on another model" warning at serve)."""
+    from vllm_recontrol.training.labeler import label
+    from vllm_recontrol.training.trainer import train
+
+    fake_collect(tmp_path, count=20, shard_size=8)  # writes tmp_path/fake-model
+    monkeypatch.chdir(tmp_path / "fake-model")
+    data = fake_collect(tmp_path / "again", count=20, shard_size=8, model=".")[0]
+    model = str((tmp_path / "fake-model").resolve())
+    assert read_manifest(data)["model"] == "." and read_manifest(data)["model_folder"] == model
+    label(data=str(data), reward_fn="training_fakes:good_reward", progress=False)
+    monkeypatch.chdir(tmp_path)  # train runs from the project folder
+    train(data=str(data), out=str(tmp_path / "head"), epochs=1, progress=False)
+    config = json.loads((tmp_path / "head" / "config.json").read_text())
+    assert config["base_model"] == model
 
 
 def test_another_max_model_len_is_refused_on_resume(tmp_path):

@@ -557,6 +557,8 @@ def test_a_diverging_run_saves_nothing(labelled, tmp_path):
     ({"widths": 16}, "option widths must be a list, got 16"),
     ({"allow_partial": "no"}, "option allow_partial must be true or false, got 'no'"),
     ({"epochs": 2.5}, "option epochs must be an integer, got 2.5"),
+    ({"seed": 2 ** 63}, r"seed must be an integer in \[0, 2\*\*63\), got 9223372036854775808"),
+    ({"seed": -1}, r"seed must be an integer in \[0, 2\*\*63\), got -1"),
 ])
 def test_bad_options_are_refused_before_training(labelled, tmp_path, options, message):
     from vllm_recontrol.errors import RecontrolError
@@ -588,6 +590,109 @@ def test_an_out_or_checkpoint_that_is_a_file_is_refused_before_training(labelled
         options = {"out": str(tmp_path / "h"), where: str(tmp_path / "afile")}
         with pytest.raises(DataError, match=f"--{where} .*afile is a file"):
             train(data=str(labelled), epochs=1, progress=False, **options)
+
+
+def _no_epoch_may_run(monkeypatch) -> None:
+    from vllm_recontrol.training import trainer as trainer_module
+
+    def no_epoch(self):
+        raise AssertionError("an epoch ran before --out was checked")
+    monkeypatch.setattr(trainer_module.Trainer, "epoch", no_epoch)
+
+
+def test_an_out_that_cannot_be_made_is_refused_before_any_epoch(labelled, tmp_path,
+                                                                  monkeypatch):
+    """The head is written after the last epoch: a bad --out found then cost every epoch."""
+    _no_epoch_may_run(monkeypatch)
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(DataError, match=r"--out .*afile/head cannot be created \(Not a "
+                                        r"directory\)"):
+        train(data=str(labelled), out=str(tmp_path / "afile" / "head"), progress=False)
+
+
+def test_an_out_holding_another_artifact_is_refused_and_left_alone(labelled, tmp_path,
+                                                                   monkeypatch):
+    """A model folder holds config.json and model.safetensors too: the head's would replace
+    them (the model was lost). A head folder is trained into again; --data is refused."""
+    _no_epoch_may_run(monkeypatch)
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "llama", "hidden_size": 16}')
+    (model / "model.safetensors").write_bytes(b"weights")
+    with pytest.raises(DataError, match=r"--out .*model holds a config.json that is not a value "
+                                        r"head's.*model's config \(model_type 'llama'\).*give "
+                                        r"another --out"):
+        train(data=str(labelled), out=str(model), progress=False)
+    assert (model / "model.safetensors").read_bytes() == b"weights"
+    with pytest.raises(DataError, match=r"--out .* is the --data folder"):
+        train(data=str(labelled), out=str(labelled), progress=False)
+    monkeypatch.undo()
+    head = tmp_path / "head"
+    first = train(data=str(labelled), out=str(head), epochs=1, progress=False)
+    again = train(data=str(labelled), out=str(head), epochs=1, seed=1, progress=False)
+    assert first["metrics"] != again["metrics"]
+    saved = json.loads((head / "config.json").read_text())["metadata"]
+    assert saved["hyperparameters"]["seed"] == 1
+
+
+def test_an_out_that_fails_at_the_save_says_what_was_kept(labelled, tmp_path, monkeypatch):
+    """A raw OSError traceback used to end the run; with a checkpoint the head is not lost
+    (the rerun saves it without training again), and a folder made for it is removed."""
+    import errno
+
+    from vllm_recontrol.value_head import ValueHead
+
+    def read_only(self, directory):
+        raise OSError(errno.EROFS, "Read-only file system")
+    monkeypatch.setattr(ValueHead, "save", read_only)
+    with pytest.raises(DataError, match=r"cannot save the value head to .*h \(Read-only file "
+                                        r"system\); the trained head is lost"):
+        train(data=str(labelled), out=str(tmp_path / "h"), epochs=1, progress=False)
+    assert not (tmp_path / "h").exists()
+    checkpoint = str(tmp_path / "ck")
+    with pytest.raises(DataError, match=r"the checkpoint in .*ck holds the trained head: rerun "
+                                        r"with the same --checkpoint"):
+        train(data=str(labelled), out=str(tmp_path / "h"), epochs=1, progress=False,
+              checkpoint=checkpoint)
+    monkeypatch.undo()
+    _no_epoch_may_run(monkeypatch)
+    train(data=str(labelled), out=str(tmp_path / "h2"), epochs=1, progress=False,
+          checkpoint=checkpoint)
+    assert (tmp_path / "h2" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("environment, message", [
+    ({"WORLD_SIZE": "2"}, r"WORLD_SIZE=2 is set but RANK, MASTER_ADDR, MASTER_PORT are not: "
+                          r"start train under torchrun .*or unset WORLD_SIZE"),
+    ({"WORLD_SIZE": "2", "RANK": "0", "MASTER_PORT": "1"}, r"but MASTER_ADDR is not"),
+    ({"WORLD_SIZE": "2", "RANK": "2", "MASTER_ADDR": "h", "MASTER_PORT": "1"},
+     r"RANK=2 is outside the WORLD_SIZE=2 processes"),
+    ({"WORLD_SIZE": "two"}, r"WORLD_SIZE='two' is not a number of processes"),
+])
+def test_a_launcher_environment_without_its_rank_or_address_is_named(labelled, tmp_path,
+                                                                    monkeypatch, environment,
+                                                                    message):
+    """A WORLD_SIZE left over from another job used to end in KeyError: 'RANK'."""
+    for name in ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(DataError, match=message):
+        train(data=str(labelled), out=str(tmp_path / "h"), epochs=1, progress=False)
+
+
+def test_an_uneven_deal_of_shards_over_processes_is_warned_about():
+    """--batch-size is the global batch only while every process has rows: one shard on two
+    processes halves every step (the reviewer's 45 steps of 8 rows against 24 of 16)."""
+    from vllm_recontrol.training.trainer import uneven_deal
+
+    assert uneven_deal([117], 1, 16) is None  # alone: nothing is dealt
+    message = uneven_deal([117], 2, 8)
+    assert message.startswith("the 1 training shards spread unevenly over 2 processes (117, 0 "
+                              "training states)") and "about 15 of each epoch's 15 steps" in message
+    assert "about 6 of each epoch's 14 steps" in uneven_deal([58, 54, 60], 2, 8)  # 60 vs 112
+    assert uneven_deal([50] * 8, 2, 8) is None  # even
+    assert uneven_deal([52, 50, 48, 50], 2, 8) is None  # within a tenth
 
 
 def test_partial_data_without_collected_heldout_states_trains_without_a_split(labelled, tmp_path):

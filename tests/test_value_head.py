@@ -673,9 +673,13 @@ def test_local_model_folders_are_compared_by_their_own_names(tmp_path, monkeypat
     monkeypatch.chdir(model / "sub")
     assert ValueHead(4, [4], base_model="..").base_model_mismatch("org/tiny-llama") is None
     assert ValueHead(4, [4], base_model=".").base_model_mismatch("org/tiny-llama")  # "sub"
-    assert recorded_model_name("..") == str(model.resolve())
-    assert recorded_model_name("lmsys/vicuna-7b-v1.5") == "lmsys/vicuna-7b-v1.5"  # a hub id
-    assert recorded_model_name(None) is None
+    # a manifest of an earlier release (the path as given): resolved where train runs
+    assert recorded_model_name({"model": ".."}) == str(model.resolve())
+    assert recorded_model_name({"model": "lmsys/vicuna-7b-v1.5"}) == "lmsys/vicuna-7b-v1.5"
+    assert recorded_model_name({}) is None
+    # collect records the folder it resolved: train run from elsewhere names that one
+    assert recorded_model_name({"model": ".", "model_folder": "/m/vicuna"}) == "/m/vicuna"
+    assert recorded_model_name({"model": "org/m", "model_folder": None}) == "org/m"
 
 
 @pytest.mark.parametrize("form", ["direct", "gram"])

@@ -282,6 +282,7 @@ def build_manifest(opts: CollectOptions, prompts: Sequence[str]) -> dict[str, An
         "format": STATES_FORMAT,
         "format_version": STATES_FORMAT_VERSION,
         "model": opts.model,
+        MODEL_FOLDER: model_folder(opts.model),
         MODEL_FILES: model_files(opts.model),
         "hidden_size": _hidden_size(opts.model),
         "state_dtype": opts.state_dtype,
@@ -305,6 +306,19 @@ def build_manifest(opts: CollectOptions, prompts: Sequence[str]) -> dict[str, An
 
 # The manifest key of the model folder's fingerprint (None for a hub id).
 MODEL_FILES = "model_files"
+# The manifest key of the model folder's absolute path (None for a hub id).
+MODEL_FOLDER = "model_folder"
+# Keys that manifests of earlier releases lack: not checked on their resume (nor added:
+# labels hold the manifest's hash).
+ADDED_KEYS = (MODEL_FILES, MODEL_FOLDER)
+
+
+def model_folder(model: str) -> str | None:
+    """A local model folder as its absolute path, as collect resolves it: ``--model .`` or
+    ``../tiny`` names another folder (or none) from wherever ``train`` runs, and the head
+    records the model it learned."""
+    folder = Path(model).expanduser()
+    return str(folder.resolve()) if folder.is_dir() else None
 
 
 def model_files(model: str) -> str | None:
@@ -356,9 +370,7 @@ def _prepare_out(opts: CollectOptions, manifest: dict[str, Any]) -> Path:
             def same(key: str) -> bool:
                 if key in ENGINE_ARGS_KEYS:
                     return outputs_defining(old.get(key)) == outputs_defining(manifest.get(key))
-                if key == MODEL_FILES and key not in old:
-                    # A manifest of an earlier release: its model's files were not recorded,
-                    # so they cannot be checked (nor added: labels hold the manifest's hash).
+                if key in ADDED_KEYS and key not in old:  # a manifest of an earlier release
                     return True
                 return old.get(key) == manifest.get(key)
 

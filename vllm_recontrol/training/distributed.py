@@ -267,7 +267,33 @@ def deal_shards(order: Sequence[int], states: Sequence[int], world: int) -> list
 
 def world_size() -> int:
     """Processes of the launcher's job (``WORLD_SIZE``; 1 outside torchrun)."""
-    return int(os.environ.get(WORLD_ENV, "1") or 1)
+    text = os.environ.get(WORLD_ENV, "1") or "1"
+    try:
+        return int(text)
+    except ValueError:
+        raise DataError(f"{WORLD_ENV}={text!r} is not a number of processes") from None
+
+
+# What torchrun sets beside WORLD_SIZE, which init_process_group's env:// rendezvous reads.
+LAUNCHER_ENV = ("RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _launcher_rank(world: int) -> int:
+    """This process's ``RANK``; a clear error where ``WORLD_SIZE`` > 1 comes without the
+    rest of a launcher's environment (one left over from another job, say)."""
+    missing = [name for name in LAUNCHER_ENV if not os.environ.get(name)]
+    if missing:
+        raise DataError(f"{WORLD_ENV}={world} is set but {', '.join(missing)} "
+                        f"{'is' if len(missing) == 1 else 'are'} not: start train under "
+                        f"torchrun (it sets them all), or unset {WORLD_ENV} to train in one "
+                        f"process")
+    try:
+        rank = int(os.environ["RANK"])
+    except ValueError:
+        raise DataError(f"RANK={os.environ['RANK']!r} is not a process number") from None
+    if not 0 <= rank < world:
+        raise DataError(f"RANK={rank} is outside the {WORLD_ENV}={world} processes")
+    return rank
 
 
 def join_process_group(device: str) -> ProcessGroup:
@@ -278,7 +304,11 @@ def join_process_group(device: str) -> ProcessGroup:
         return ProcessGroup()
     if not torch.distributed.is_available():
         raise DataError(f"{WORLD_ENV}={world} but this torch has no torch.distributed")
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.distributed.is_initialized():  # started by the caller: its rank
+        rank = torch.distributed.get_rank()
+    else:
+        rank = _launcher_rank(world)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     on_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
     if on_cuda:
         torch.cuda.set_device(local_rank)

@@ -19,6 +19,7 @@ import copy
 import math
 import os
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,8 +28,11 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from ..folder_lock import exclusive_folder
+from ..errors import ValueHeadError
+from ..head_files import CONFIG_FILE, WEIGHTS_FILE, read_config
 from ..value_head import ValueHead
 from . import checkpoint
+from .collector import MODEL_FOLDER
 from .common import (DataError, build_options, json_digest, parse_command_line, progress,
                      run_main, summary_table)
 from .dataset import LabelledData, Window
@@ -85,6 +89,10 @@ class TrainOptions:
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise DataError(f"{name} must be a positive integer, got {value!r}")
+        # torch generators take 64 bits; each process adds 7919 (rank + 1) to the seed
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or \
+                not 0 <= self.seed < MAX_SEED:
+            raise DataError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
         if not 0 < self.lr < math.inf:
             raise DataError(f"lr must be a finite number > 0, got {self.lr}")
         for name in ("weight_decay", "min_delta"):
@@ -104,6 +112,7 @@ class TrainOptions:
 
 
 DEFAULT_PATIENCE = 10
+MAX_SEED = 2 ** 63
 
 
 KEPT_BEST = "best held-out MSE"   # with early stopping: the epoch saved
@@ -123,10 +132,15 @@ def early_stopping_patience(target: str, patience: int | None) -> int | None:
     return None if target == "bellman" else DEFAULT_PATIENCE
 
 
-def recorded_model_name(model: str | None) -> str | None:
+def recorded_model_name(manifest: dict[str, Any]) -> str | None:
     """The base model a head records: a hub id as given, a local folder as its absolute path
-    (collect's ``--model .`` or ``../tiny`` would name nothing once the head moves, and "."
-    would never match the served model's name)."""
+    as collect resolved it (collect's ``--model .`` or ``../tiny`` would name nothing once
+    the head moves, "." would never match the served model's name, and resolved from where
+    ``train`` runs it would name another folder). A manifest of an earlier release holds
+    only the path as given: resolved here, as those releases did."""
+    model = manifest.get("model")
+    if MODEL_FOLDER in manifest:
+        return manifest[MODEL_FOLDER] or model
     if isinstance(model, str) and Path(model).is_dir():
         return str(Path(model).resolve())
     return model
@@ -190,7 +204,7 @@ class Trainer:
 
     def _initial_head(self) -> ValueHead:
         opts, hidden = self.opts, self.data.hidden_size
-        base_model = recorded_model_name(self.data.manifest.get("model"))
+        base_model = recorded_model_name(self.data.manifest)
         if opts.init_head:
             head = ValueHead.load(opts.init_head)
             if head.hidden_size != hidden:
@@ -431,7 +445,9 @@ def _prepare(opts: TrainOptions, group: ProcessGroup, held: contextlib.ExitStack
                         checkpoint.Progress | None, str]:
     """Read the data, build the trainer and load the checkpoint (each process by itself);
     the last item is the digest of the head's weights before the checkpoint."""
-    if opts.checkpoint and group.is_main:  # rank 0 writes it: one run at a time
+    if group.is_main:  # rank 0 writes the head, and the checkpoint (one run at a time)
+        _claim_out_folder(opts, held)
+    if opts.checkpoint and group.is_main:
         held.enter_context(exclusive_folder(opts.checkpoint, "train", what="--checkpoint",
                                             instead="use another --checkpoint"))
     data = LabelledData(opts.data, opts.labels, opts.allow_partial)
@@ -453,6 +469,81 @@ def _prepare(opts: TrainOptions, group: ProcessGroup, held: contextlib.ExitStack
     return data, trainer, counts, run, state, initial_head
 
 
+def _claim_out_folder(opts: TrainOptions, held: contextlib.ExitStack) -> None:
+    """``--out`` checked before training, not after it (the head is written only once every
+    epoch has run): a folder that can be made and written into, and not another artifact's,
+    whose ``config.json`` (and a model's ``model.safetensors``) the head's would replace. A
+    folder made here and still empty when the run ends (it failed) is removed again."""
+    out = Path(opts.out)
+    if (out / CONFIG_FILE).exists():
+        try:
+            read_config(out)
+        except ValueHeadError as exc:
+            raise DataError(f"--out {out} holds a {CONFIG_FILE} that is not a value head's, "
+                            f"which the head's {CONFIG_FILE} and {WEIGHTS_FILE} would replace "
+                            f"({exc}); give another --out") from None
+    if out.exists() and out.resolve() == Path(opts.data).resolve():
+        raise DataError(f"--out {out} is the --data folder; give the head a folder of its own")
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as exc:
+        raise DataError(f"--out {out} cannot be {'created' if created else 'written'} "
+                        f"({exc.strerror or exc})") from None
+    if created:
+        held.callback(_remove_if_empty, out)
+
+
+def _save_head(head: ValueHead, opts: TrainOptions, group: ProcessGroup) -> None:
+    """Rank 0 saves; every process returns once the head is on disk, or raises when the
+    save failed (no process is left waiting for rank 0)."""
+    failure: Exception | None = None
+    if group.is_main:
+        try:
+            head.save(opts.out)
+        except ValueHeadError as exc:  # weights or metadata a head cannot hold: says why
+            failure = exc
+        except OSError as exc:  # --out was writable at the start (_claim_out_folder)
+            kept = (f"the checkpoint in {opts.checkpoint} holds the trained head: rerun with "
+                    f"the same --checkpoint and a writable --out to save it" if opts.checkpoint
+                    else "the trained head is lost")
+            failure = DataError(f"train: cannot save the value head to {opts.out} "
+                                f"({exc.strerror or exc}); {kept}")
+    if group.max(int(failure is not None)):  # also the barrier: the head is on disk
+        raise failure or DataError(f"train: rank 0 could not save the value head to "
+                                   f"{opts.out} (its error says why)")
+
+
+UNEVEN_SHARE = 0.9  # a process with fewer training states than this share of the most
+
+
+def uneven_deal(train_states: Sequence[int], world: int, per_process: int) -> str | None:
+    """Why the global batch shrinks, when it does: shards are dealt whole (``deal_shards``)
+    and a step takes ``per_process`` rows from each process while it has any, so once the
+    process with the fewest states runs out, steps carry fewer than --batch-size rows (with
+    fewer shards than processes, every step does). None when the deal is about even."""
+    if world <= 1:
+        return None
+    loads = [0] * world
+    for rank, shards in enumerate(deal_shards(range(len(train_states)), train_states, world)):
+        loads[rank] = sum(train_states[i] for i in shards)
+    if not max(loads) or min(loads) >= UNEVEN_SHARE * max(loads):
+        return None
+    steps = [math.ceil(load / per_process) for load in loads]
+    return (f"the {len(train_states)} training shards spread unevenly over {world} processes "
+            f"({', '.join(map(str, loads))} training states), and shards are dealt whole: "
+            f"about {max(steps) - min(steps)} of each epoch's {max(steps)} steps take fewer than "
+            f"--batch-size rows (processes without rows left idle meanwhile); collect with a "
+            f"smaller --shard-size for more, smaller shards, or train on fewer processes")
+
+
+def _remove_if_empty(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        folder.rmdir()  # fails unless empty
+
+
 def _train(opts: TrainOptions, group: ProcessGroup, held: contextlib.ExitStack
            ) -> dict[str, Any]:
     started = time.perf_counter()
@@ -464,6 +555,9 @@ def _train(opts: TrainOptions, group: ProcessGroup, held: contextlib.ExitStack
         group.agree({}, START_FIXES, exc)
         raise  # (agree raises it, alone or not)
     group.agree(_start_facts(opts, data, trainer, run, state, initial_head), START_FIXES)
+    uneven = uneven_deal(trainer.train_states, group.world, trainer.batch_size)
+    if uneven and group.is_main:
+        print(f"warning: {uneven}", file=sys.stderr, flush=True)
     resumed_from = state.epoch if state else None
     patience = early_stopping_patience(opts.target, opts.patience)
     if not trainer.has_heldout:  # nothing to stop on: every epoch runs and the last is kept
@@ -537,9 +631,7 @@ def _train(opts: TrainOptions, group: ProcessGroup, held: contextlib.ExitStack
                     "train_state_reward_mean": trainer.train_state_mean, **final},
         "history": history,
     }
-    if group.is_main:
-        head.save(opts.out)
-    group.barrier()  # the head is on disk before any process returns
+    _save_head(head, opts, group)
     split = "held-out" if trainer.has_heldout else "train (no held-out)"
     summary = {
         "target": opts.target + (f" (lambda {opts.td_lambda})" if opts.target == "td-lambda" else ""),
