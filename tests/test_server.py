@@ -120,6 +120,37 @@ def test_control_keys_outside_vllm_xargs_get_400(server):
                                      extra_body={"some_other_field": 1}).choices[0].text
 
 
+def test_endpoints_that_would_drop_control_keys_refuse_them(server):
+    """/v1/messages (Anthropic) keeps only vllm_xargs, so its top-level keys were ignored;
+    /generative_scoring passes no vllm_xargs at all, so it scored with the engine's control
+    whatever the request said (also an invalid value, with 200). Both answer 400 naming the
+    key; what each does carry still works."""
+    import httpx
+
+    client, _, _ = server
+    root = str(client.base_url).rstrip("/").removesuffix("/v1")
+    message = {"model": "tiny", "max_tokens": 2,
+               "messages": [{"role": "user", "content": "the good kan"}]}
+    refused = httpx.post(f"{root}/v1/messages", timeout=60,
+                         json={**message, "recontrol_alpha": 2.0, "recontrol_steps": 8})
+    assert refused.status_code == 400
+    assert "recontrol_alpha, recontrol_steps cannot be used here: /v1/messages passes only " \
+           "vllm_xargs" in refused.text
+    answered = httpx.post(f"{root}/v1/messages", timeout=60,
+                          json={**message, "vllm_xargs": {"recontrol_steps": 2}})
+    assert answered.status_code == 200, answered.text
+    scoring = {"query": "the good", "items": [" kan"], "label_token_ids": [5, 6]}
+    for extra, key in (({"vllm_xargs": {"recontrol": 0}}, "vllm_xargs.recontrol"),
+                       ({"recontrol_alpha": "bad"}, "recontrol_alpha")):
+        refused = httpx.post(f"{root}/generative_scoring", json={**scoring, **extra},
+                             timeout=60)
+        assert refused.status_code == 400
+        assert f"{key} cannot be used here: /generative_scoring builds its own sampling " \
+               "parameters" in refused.text
+    scored = httpx.post(f"{root}/generative_scoring", json=scoring, timeout=60)
+    assert scored.status_code == 200, scored.text
+
+
 def test_beam_search_refuses_request_keys_and_uses_engine_defaults(server, llama_engine):
     """vLLM's beam search drops vllm_xargs, so a beam-search request with recontrol keys is
     refused with 400 (completions and chat) instead of silently ignoring them; without keys

@@ -416,6 +416,63 @@ def _guard_openai_requests() -> None:
 
             checked._recontrol_wrapped = True  # type: ignore[attr-defined]
             setattr(request_class, method, checked)
+    _guard_other_endpoints()
+
+
+# Server endpoints that lose a request's control keys in other ways (module, class, method,
+# whether keys inside vllm_xargs are lost too, why).
+OTHER_ENDPOINTS = (
+    ("vllm.entrypoints.anthropic.serving", "AnthropicServingMessages", "create_messages", False,
+     "/v1/messages passes only vllm_xargs on to the engine; at the top level of the request "
+     "it ignores them"),
+    ("vllm.entrypoints.generate.generative_scoring.serving", "ServingGenerativeScoring",
+     "create_generative_scoring", True,
+     "/generative_scoring builds its own sampling parameters and passes no vllm_xargs on: it "
+     "scores with the engine's own alpha, steps and default_on; for a chosen control, read "
+     "the label tokens' logprobs from /v1/completions (logprobs, max_tokens 1, vllm_xargs)"),
+)
+
+
+def _guard_other_endpoints() -> None:
+    """HTTP 400 naming the keys, where ``OTHER_ENDPOINTS`` would drop them without a word.
+    The request body is read as sent (the Anthropic request model drops unknown fields)."""
+    import importlib
+
+    for module_name, class_name, method, xargs_lost, why in OTHER_ENDPOINTS:
+        try:
+            serving_class = getattr(importlib.import_module(module_name), class_name)
+        except (ImportError, AttributeError):  # not in this installation: nothing to guard
+            continue
+        original = getattr(serving_class, method, None)
+        if original is None or getattr(original, "_recontrol_wrapped", False):
+            continue
+
+        @functools.wraps(original)
+        async def checked(self: Any, request: Any, raw_request: Any = None, *args: Any,
+                          _original: Any = original, _xargs_lost: bool = xargs_lost,
+                          _why: str = why, **kwargs: Any) -> Any:
+            body = await _request_body(request, raw_request)
+            keys = sorted(k for k in body if looks_like_request_key(k))
+            xargs = body.get("vllm_xargs")
+            if _xargs_lost and isinstance(xargs, dict):
+                keys += sorted(f"vllm_xargs.{k}" for k in xargs if looks_like_request_key(k))
+            if keys:
+                return self.create_error_response(f"vllm-recontrol: {', '.join(keys)} cannot "
+                                                  f"be used here: {_why}", param=keys[0])
+            return await _original(self, request, raw_request, *args, **kwargs)
+
+        checked._recontrol_wrapped = True  # type: ignore[attr-defined]
+        setattr(serving_class, method, checked)
+
+
+async def _request_body(request: Any, raw_request: Any) -> dict:
+    """The JSON object the client sent (else the request model's extra fields)."""
+    if raw_request is not None:
+        with contextlib.suppress(Exception):  # read once by FastAPI, cached on the request
+            body = await raw_request.json()
+            if isinstance(body, dict):
+                return body
+    return dict(getattr(request, "model_extra", None) or {})
 
 
 # ----------------------------------------------------------------------------- input batch
