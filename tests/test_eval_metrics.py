@@ -1125,8 +1125,9 @@ def test_background_scoring_runs_jobs_in_order_and_stops_at_a_failure():
     gate.set()
     assert running.result(timeout=5) is True and "never" not in order
 
-    ending, gate = BackgroundScoring(), threading.Event()
-    quick = ending.submit(lambda: gate.wait(5))
+    ending, gate, started = BackgroundScoring(), threading.Event(), threading.Event()
+    quick = ending.submit(lambda: started.set() or gate.wait(5))
+    assert started.wait(5)  # running, not queued (close would cancel a queued job)
     threading.Timer(0.1, gate.set).start()
     ending.close(wait=False, grace_s=5)  # ends within the grace: not abandoned
     assert quick.result(timeout=5) is True and not ending.abandoned
