@@ -658,6 +658,12 @@ def test_base_model_mismatch_compares_model_names_not_paths():
     message = head.base_model_mismatch("meta-llama/Llama-2-7b-hf")
     assert "'lmsys/vicuna-7b-v1.5'" in message and "'meta-llama/Llama-2-7b-hf'" in message
     assert ValueHead(4, [4]).base_model_mismatch("anything") is None  # nothing recorded
+    # a model collected from the hub cache's snapshot folder is that repository
+    snapshot = "/root/.cache/huggingface/hub/models--lmsys--vicuna-7b-v1.5/snapshots/" + "a" * 40
+    assert ValueHead(4, [4], base_model=snapshot).base_model_mismatch(
+        "lmsys/vicuna-7b-v1.5") is None
+    assert head.base_model_mismatch(snapshot + "/") is None
+    assert ValueHead(4, [4], base_model=snapshot).base_model_mismatch("meta-llama/Llama-2-7b")
 
 
 def test_local_model_folders_are_compared_by_their_own_names(tmp_path, monkeypatch):

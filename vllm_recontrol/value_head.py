@@ -321,7 +321,12 @@ class ValueHead(nn.Module):
         def short(name: str) -> str:
             if Path(name).is_dir():  # a local folder, also "." or "..": its own name
                 name = str(Path(name).resolve())
-            return name.rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1].lower()
+            parts = name.rstrip("/\\").replace("\\", "/").split("/")
+            # the hub cache's .../models--org--name/snapshots/<commit>: the repository's name
+            if len(parts) >= 3 and parts[-2] == "snapshots" and \
+                    parts[-3].startswith("models--"):
+                return parts[-3].rsplit("--", 1)[-1].lower()
+            return parts[-1].lower()
 
         if not self.base_model or short(self.base_model) == short(served_model):
             return None
