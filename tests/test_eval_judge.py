@@ -50,7 +50,10 @@ def client_for(server: dict, **settings) -> JudgeClient:
     ("Answer 1 7", None), ("Assistant 2 5", None),
     ("Assistant 1: 8, Assistant 2: 6", (8.0, 6.0)), ("**Assistant 1:** 3 **Assistant 2:** 9",
                                                      (3.0, 9.0)),
-    ("Assistant 2: 8, Assistant 1: 6", None),
+    ("Assistant 2: 8, Assistant 1: 6", None), ("Response 1 9", None),
+    # word labels without a colon are still read
+    ("The scores are 8 and 6.", (8.0, 6.0)), ("Final scores 8 6", (8.0, 6.0)),
+    ("I give 8 and 6", (8.0, 6.0)), ("Model: 8 6", (8.0, 6.0)),
 ])
 def test_scores_are_read_from_the_first_line_only(answer, scores):
     assert parse_scores(answer) == scores

@@ -292,6 +292,19 @@ def test_a_checkpoint_damaged_for_one_process_stops_every_process(
     assert not (tmp_path / "head").exists()
 
 
+def test_an_out_rank_0_cannot_write_stops_every_process_before_training(three_shards,
+                                                                         tmp_path):
+    """Rank 0 writes the head and alone checks --out: its error, and a pointer to it on the
+    other ranks (not the shared-filesystem hint of a start that differs between ranks)."""
+    (tmp_path / "afile").write_text("x")
+    outcomes = per_rank_train(tmp_path, bellman_options(three_shards,
+                                                        tmp_path / "afile" / "head"))
+    assert outcomes[0] == f"error: --out {tmp_path / 'afile' / 'head'} cannot be created " \
+                          "(Not a directory)", outcomes[0]
+    assert outcomes[1] == f"error: train: rank 0 cannot write the head to --out " \
+                          f"{tmp_path / 'afile' / 'head'} (its error says why)", outcomes[1]
+
+
 def test_processes_that_see_different_shards_stop_together(three_shards, tmp_path):
     """--allow-partial while a shard is still being written, and rank 1 started before it
     was done: the processes see 3 and 2 shards; both stop, naming the shard counts."""

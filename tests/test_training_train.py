@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -645,8 +646,32 @@ def test_an_out_that_fails_at_the_save_says_what_was_kept(labelled, tmp_path, mo
     def read_only(self, directory):
         raise OSError(errno.EROFS, "Read-only file system")
     monkeypatch.setattr(ValueHead, "save", read_only)
-    with pytest.raises(DataError, match=r"cannot save the value head to .*h \(Read-only file "
-                                        r"system\); the trained head is lost"):
+    _refused_save_says_what_was_kept(labelled, tmp_path, monkeypatch, "Read-only file system")
+
+
+def test_a_disk_that_fills_at_the_save_says_what_was_kept(labelled, tmp_path, monkeypatch):
+    """safetensors reports a failed write (a full disk, a quota) as SafetensorError, not as
+    an OSError: the same message, no traceback."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    original = safetensors.torch.save_file
+
+    def disk_full(tensors, filename, *args, **kwargs):  # in --out only (not the checkpoint)
+        if Path(filename).parent == tmp_path / "h":
+            raise SafetensorError("Error while serializing: I/O error: No space left on "
+                                  "device (os error 28)")
+        return original(tensors, filename, *args, **kwargs)
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    _refused_save_says_what_was_kept(labelled, tmp_path, monkeypatch,
+                                     "Error while serializing: I/O error: No space left")
+
+
+def _refused_save_says_what_was_kept(labelled, tmp_path, monkeypatch, reason: str) -> None:
+    import re
+
+    with pytest.raises(DataError, match=r"cannot save the value head to .*h \("
+                                        + re.escape(reason) + r".*\); the trained head is lost"):
         train(data=str(labelled), out=str(tmp_path / "h"), epochs=1, progress=False)
     assert not (tmp_path / "h").exists()
     checkpoint = str(tmp_path / "ck")
@@ -693,6 +718,17 @@ def test_an_uneven_deal_of_shards_over_processes_is_warned_about():
     assert "about 6 of each epoch's 14 steps" in uneven_deal([58, 54, 60], 2, 8)  # 60 vs 112
     assert uneven_deal([50] * 8, 2, 8) is None  # even
     assert uneven_deal([52, 50, 48, 50], 2, 8) is None  # within a tenth
+
+
+def test_the_cli_names_a_world_size_that_is_no_number_once(labelled, tmp_path, monkeypatch,
+                                                           capsys):
+    from vllm_recontrol.training.trainer import main
+
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    assert main(["--data", str(labelled), "--out", str(tmp_path / "h"), "--epochs", "1",
+                 "--no-progress"]) == 1
+    assert capsys.readouterr().err.strip() == "error: WORLD_SIZE='two' is not a number of " \
+                                              "processes"
 
 
 def test_partial_data_without_collected_heldout_states_trains_without_a_split(labelled, tmp_path):

@@ -428,8 +428,8 @@ OTHER_ENDPOINTS = (
     ("vllm.entrypoints.generate.generative_scoring.serving", "ServingGenerativeScoring",
      "create_generative_scoring", True,
      "/generative_scoring builds its own sampling parameters and passes no vllm_xargs on: it "
-     "scores with the engine's own alpha, steps and default_on; for a chosen control, read "
-     "the label tokens' logprobs from /v1/completions (logprobs, max_tokens 1, vllm_xargs)"),
+     "scores with the engine's own alpha, steps and default_on; for a chosen control, ask "
+     "/v1/completions with max_tokens 1, logprob_token_ids (the label tokens) and vllm_xargs"),
 )
 
 

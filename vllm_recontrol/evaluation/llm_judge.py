@@ -54,10 +54,12 @@ judgement. On the first line write only the two scores, Assistant 1's then Assis
 separated by a space. Then explain your judgement."""
 _NUMBER = r"(\d+(?:\.\d+)?)"
 _PAIR_GAP = r"\s*(?:\s*[,;]\s*|\s+and\s+|\s+)"
-# "8 6", "Scores: 8, 6", "Score 8 and 6": a label of words only, and unless it is "score(s)"
-# or "rating(s)" it ends in a colon (else "Assistant 1 8" would read the index as a score)
-_SCORES = re.compile(r"(?:[A-Za-z ]*:|\s*(?:scores?|ratings?)\b)?\s*" + _NUMBER + _PAIR_GAP
-                     + _NUMBER + r"\s*\.?", re.IGNORECASE)
+# "8 6", "Scores: 8, 6", "The scores are 8 and 6.": a label of words, then the pair
+_SCORES = re.compile(r"(?P<label>[A-Za-z ]*?)(?P<colon>:?)\s*" + _NUMBER + _PAIR_GAP + _NUMBER
+                     + r"\s*\.?")
+# ... but not "Assistant 1 8": a label ending in such a word, without a colon, is followed
+# by the answer's index, not by a score
+_INDEXED_WORDS = frozenset({"assistant", "answer", "response", "model", "output", "candidate"})
 # "Assistant 1: 8, Assistant 2: 6": each score read after its own assistant's label
 _LABELLED_SCORES = re.compile(
     r"(?:scores?\s*:?\s*)?assistant\s*1\s*(?:score)?\s*[:=-]?\s*" + _NUMBER + _PAIR_GAP
@@ -127,10 +129,13 @@ def parse_scores(answer: str) -> tuple[float, float] | None:
     labels ``Assistant 1: 8, Assistant 2: 6`` allowed; ``8/10`` alone is not a pair, nor is
     ``Assistant 1 8``, whose first number is the answer's index)."""
     line = first_line(answer).replace("*", "").replace("`", "")
-    match = _LABELLED_SCORES.fullmatch(line) or _SCORES.fullmatch(line)
+    match = _LABELLED_SCORES.fullmatch(line)
     if not match:
-        return None
-    scores = float(match.group(1)), float(match.group(2))
+        match = _SCORES.fullmatch(line)
+        words = match.group("label").lower().split() if match else []
+        if not match or (words and words[-1] in _INDEXED_WORDS and not match.group("colon")):
+            return None
+    scores = tuple(float(number) for number in match.groups()[-2:])  # the pair, last
     return scores if all(0.0 <= s <= MAX_SCORE for s in scores) else None
 
 

@@ -445,9 +445,7 @@ def _prepare(opts: TrainOptions, group: ProcessGroup, held: contextlib.ExitStack
                         checkpoint.Progress | None, str]:
     """Read the data, build the trainer and load the checkpoint (each process by itself);
     the last item is the digest of the head's weights before the checkpoint."""
-    if group.is_main:  # rank 0 writes the head, and the checkpoint (one run at a time)
-        _claim_out_folder(opts, held)
-    if opts.checkpoint and group.is_main:
+    if opts.checkpoint and group.is_main:  # rank 0 writes it: one run at a time
         held.enter_context(exclusive_folder(opts.checkpoint, "train", what="--checkpoint",
                                             instead="use another --checkpoint"))
     data = LabelledData(opts.data, opts.labels, opts.allow_partial)
@@ -467,6 +465,20 @@ def _prepare(opts: TrainOptions, group: ProcessGroup, held: contextlib.ExitStack
     initial_head = tensors_digest(trainer.head.state_dict())
     state = checkpoint.load(opts.checkpoint, trainer, run) if opts.checkpoint else None
     return data, trainer, counts, run, state, initial_head
+
+
+def _claim_out(opts: TrainOptions, group: ProcessGroup, held: contextlib.ExitStack) -> None:
+    """Rank 0, which writes the head, checks ``--out`` (``_claim_out_folder``); every process
+    stops when it fails (the others with a pointer to rank 0's error)."""
+    failure: DataError | None = None
+    if group.is_main:
+        try:
+            _claim_out_folder(opts, held)
+        except DataError as exc:
+            failure = exc
+    if group.max(int(failure is not None)):
+        raise failure or DataError(f"train: rank 0 cannot write the head to --out {opts.out} "
+                                   f"(its error says why)")
 
 
 def _claim_out_folder(opts: TrainOptions, held: contextlib.ExitStack) -> None:
@@ -505,12 +517,13 @@ def _save_head(head: ValueHead, opts: TrainOptions, group: ProcessGroup) -> None
             head.save(opts.out)
         except ValueHeadError as exc:  # weights or metadata a head cannot hold: says why
             failure = exc
-        except OSError as exc:  # --out was writable at the start (_claim_out_folder)
+        except Exception as exc:  # the disk: OSError, or safetensors' SafetensorError
             kept = (f"the checkpoint in {opts.checkpoint} holds the trained head: rerun with "
                     f"the same --checkpoint and a writable --out to save it" if opts.checkpoint
                     else "the trained head is lost")
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
             failure = DataError(f"train: cannot save the value head to {opts.out} "
-                                f"({exc.strerror or exc}); {kept}")
+                                f"({reason}); {kept}")
     if group.max(int(failure is not None)):  # also the barrier: the head is on disk
         raise failure or DataError(f"train: rank 0 could not save the value head to "
                                    f"{opts.out} (its error says why)")
@@ -547,6 +560,7 @@ def _remove_if_empty(folder: Path) -> None:
 def _train(opts: TrainOptions, group: ProcessGroup, held: contextlib.ExitStack
            ) -> dict[str, Any]:
     started = time.perf_counter()
+    _claim_out(opts, group, held)
     # Before the first collective, every process must have got this far and agree on where
     # it starts; otherwise all of them stop with the same error (no process left waiting).
     try:
@@ -708,7 +722,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-progress", dest="progress", action="store_false")
     options = parse_command_line(parser, argv, required=("data", "out"))
     code = run_main(train, options)
-    if world_size() > 1:
+    try:
+        launched = world_size() > 1
+    except DataError:  # a WORLD_SIZE that is no number: run_main has said so
+        launched = False
+    if launched:
         # One process of a torchrun job, its process group destroyed and the head saved:
         # leave without Python's and C++'s finalisers, where Gloo's worker threads now and
         # then abort a finished process ("terminate called without an active exception",
