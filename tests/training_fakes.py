@@ -116,3 +116,34 @@ def fake_collect(tmp: Path, count: int = 40, shard_size: int = 8, engines=None, 
     settings.update(options)
     summary = collect(engines=engines, **settings)
     return tmp / "data", engines, summary
+
+
+class FailingStartWorker:
+    """A Ray actor whose constructor fails as a head that does not load does."""
+
+    def __init__(self) -> None:
+        from vllm_recontrol.errors import ValueHeadError
+
+        raise ValueHeadError("value head folder heads/missing does not exist")
+
+    def work(self) -> int:
+        return 1
+
+
+class FailingCallWorker:
+    """A Ray actor whose method fails as an engine that does not start does."""
+
+    def work(self) -> int:
+        from vllm_recontrol.training.engines import EngineStartError
+
+        raise EngineStartError("collect: generation: the vLLM engine did not start "
+                               "(ValueError: max_model_len too large)")
+
+
+class DyingWorker:
+    """A Ray actor whose process ends mid-call (killed, out of memory)."""
+
+    def work(self) -> int:
+        import os
+
+        os._exit(1)

@@ -15,9 +15,12 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from ..config import DEFAULT_HEAD
+from ..logs import get_logger
 from ..training.common import DataError
 from ..training.engines import refused_request
 from ..training.prompts import prompt_messages
+
+logger = get_logger(__name__)
 
 Samples = list[list[tuple[str, int]]]  # per prompt, (text, generated tokens) of each sample
 
@@ -190,7 +193,7 @@ class EnginePool:
         try:
             self._check_prompts()
         except BaseException:
-            self.close()
+            self.close(failing=True)
             raise
 
     def _check_prompts(self) -> None:
@@ -222,13 +225,22 @@ class EnginePool:
         seconds = time.perf_counter() - start
         return [prompt for part in parts for prompt in part], seconds
 
-    def close(self) -> None:
+    def close(self, failing: bool = False) -> None:
+        """Stop the engines. ``failing`` (the run ends on an error or Ctrl-C): actors are
+        killed at once, not asked to close, which would wait behind the generation still
+        running on them (the rest of a method's); an actor that died does not hide the
+        error that ended the run."""
         try:
             if self.local is not None:
                 self.local.close()
-            elif self.actors:
+            elif self.actors and not failing:
                 import ray
 
                 ray.get([actor.close.remote() for actor in self.actors])
+        except Exception as exc:
+            if not failing:
+                raise
+            logger.warning("vllm-recontrol: eval engines did not close cleanly (%s: %s)",
+                           type(exc).__name__, str(exc)[:200])
         finally:
             self._stack.close()

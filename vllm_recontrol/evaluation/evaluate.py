@@ -31,7 +31,7 @@ from ..training.common import (RecontrolError, build_options, check_engine_args,
                                sampling_refusal, write_jsonl_atomic)
 from ..training.engines import run_engines_in_process
 from ..training.prompts import load_prompts, load_references
-from ..training.ray_pool import add_ray_arguments, check_replicas
+from ..training.ray_pool import actor_path, add_ray_arguments, check_replicas
 from ..training.rewards import DEFAULT_CUT_AT, RewardSource, cut_response
 from .engines import EnginePool, EngineSettings, Method, Samples
 from .llm_judge import (JUDGE_TEMPLATE, JudgeAnswers, JudgeClient, JudgeSettings,
@@ -264,12 +264,13 @@ class Evaluator:
         check_replicas(opts.replicas, opts.ray, "one vLLM engine per Ray actor")
         self.grid = parse_grid(opts.grid, (DEFAULT_HEAD, *further))
         self.best_of()  # checked before any engine starts, not after base and the grid ran
-        value_head, further = opts.value_head, dict(further)
+        model, value_head, further = opts.model, opts.value_head, dict(further)
         if opts.ray:  # each actor starts its own engine, each would resolve a hub head anew
-            value_head = pin_head(value_head)
-            further = {name: pin_head(path) for name, path in further.items()}
+            # (and may run in another working directory: local paths go absolute)
+            model, value_head = actor_path(model), actor_path(pin_head(value_head))
+            further = {name: actor_path(pin_head(path)) for name, path in further.items()}
         settings = EngineSettings(
-            model=opts.model, value_head=value_head, value_heads=further,
+            model=model, value_head=value_head, value_heads=further,
             max_steps=max(p.steps for p in self.grid), engine_args=dict(opts.engine_args),
             seed=opts.seed, max_tokens=opts.max_tokens, temperature=opts.temperature,
             bon_temperature=opts.bon_temperature, system_prompt=opts.system_prompt,
@@ -396,9 +397,9 @@ class Evaluator:
             raise RecontrolError(f"best_of values must be integers >= 2, got {list(values)}")
         return whole
 
-    def close(self) -> None:
+    def close(self, failing: bool = False) -> None:
         if self._engines is not None:
-            self._engines.close()
+            self._engines.close(failing)
 
 
 def restore_method(saved: dict[str, Any] | None, prompts: int) -> MethodResult | None:
@@ -607,7 +608,8 @@ def reward_scoring(opts: EvalOptions, arguments: dict[str, Any], source: RewardS
         return source.score
     engines = opts.replicas if opts.ray else 0
     pool = stack.enter_context(RewardPool(
-        arguments, opts.reward_replicas, opts.reward_num_cpus,
+        {**arguments, "reward_model": actor_path(arguments.get("reward_model"))},
+        opts.reward_replicas, opts.reward_num_cpus,
         opts.reward_num_gpus, opts.ray_address,
         reserve={"CPU": engines * opts.ray_num_cpus, "GPU": engines * opts.ray_num_gpus}))
     return pool.score
@@ -657,8 +659,10 @@ def _evaluate(opts: EvalOptions) -> dict[str, Any]:
                               lambda: None)
         try:
             results = evaluator.methods()
-        finally:
-            evaluator.close()
+        except BaseException:  # also Ctrl-C: the actors are killed, not waited for
+            evaluator.close(failing=True)
+            raise
+        evaluator.close()
     # written before the judge is asked (hours, at scale) and again after: a run stopped
     # while judging keeps the generations and every other metric
     report = write_report(opts, prompts, results, coherence, source, judged=False)

@@ -44,7 +44,7 @@ class RewardPool:
                  reserve: dict[str, float] | None = None) -> None:
         placement = SimpleNamespace(replicas=replicas, ray_num_cpus=num_cpus,
                                     ray_num_gpus=num_gpus, ray_address=ray_address,
-                                    gpu_flag="--reward-num-gpus",
+                                    gpu_flag="--reward-num-gpus", cpu_flag="--reward-num-cpus",
                                     reward_fn=source_arguments.get("reward_fn"))
         self._stack = contextlib.ExitStack()
         self.actors = self._stack.enter_context(ray_actors(

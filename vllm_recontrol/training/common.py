@@ -281,20 +281,44 @@ def run_main(function: Callable[..., Any], options: Mapping[str, Any]) -> int:
 
     try:
         function(**options)
-    except EngineStartError as exc:
-        print(f"error: {exc}\n{ENGINE_START_HINT}", file=sys.stderr, flush=True)
-        return 1
-    except RecontrolError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 1
-    except RuntimeError as exc:
-        if "engine core initialization" not in str(exc).lower():
+    except Exception as raised:
+        exc = raised_in_actor(raised)
+        if isinstance(exc, EngineStartError):
+            print(f"error: {exc}\n{ENGINE_START_HINT}", file=sys.stderr, flush=True)
+        elif isinstance(exc, RecontrolError):
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+        elif isinstance(exc, RuntimeError) and "engine core initialization" in str(exc).lower():
+            traceback.print_exc()
+            print(f"error: the vLLM engine did not start\n{ENGINE_START_HINT}",
+                  file=sys.stderr, flush=True)
+        elif _is_dead_actor(exc):
+            print(f"error: a Ray actor died ({'; '.join(_lines(exc))[:600]}); what finished "
+                  f"is kept: run the command again to go on", file=sys.stderr, flush=True)
+        else:
             raise
-        traceback.print_exc()
-        print(f"error: the vLLM engine did not start\n{ENGINE_START_HINT}", file=sys.stderr,
-              flush=True)
         return 1
     return 0
+
+
+def raised_in_actor(exc: BaseException) -> BaseException:
+    """The error a Ray actor's method raised, out of Ray's wrappers (whose text is the
+    remote traceback), or ``exc`` itself."""
+    errors = sys.modules.get("ray.exceptions")
+    while errors is not None and isinstance(exc, errors.RayTaskError) and \
+            isinstance(getattr(exc, "cause", None), BaseException) and exc.cause is not exc:
+        exc = exc.cause
+    return exc
+
+
+def _is_dead_actor(exc: BaseException) -> bool:
+    errors = sys.modules.get("ray.exceptions")
+    return errors is not None and isinstance(exc, errors.RayActorError)
+
+
+def _lines(exc: BaseException) -> list[str]:
+    """The text's lines, without Ray's ids (which tell a person nothing)."""
+    return [line.strip() for line in str(exc).splitlines() if line.strip()
+            and not line.strip().startswith(("actor_id:", "namespace:"))]
 
 
 # ----------------------------------------------------------------------------- models

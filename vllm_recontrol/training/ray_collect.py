@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .collector import CollectOptions, CollectWorker
-from .ray_pool import call_each, dispatch, ray_actors
+from .ray_pool import actor_path, call_each, dispatch, ray_actors
 from .shards import ShardPlan
 
 
@@ -20,9 +20,7 @@ def run_with_ray(opts: CollectOptions, manifest: dict[str, Any], prompts: Sequen
                  to_generate: Sequence[ShardPlan], to_encode: Sequence[ShardPlan]) -> None:
     """Run both collection phases on ``opts.replicas`` Ray actors."""
     # Actors may start in another working directory: give them absolute paths.
-    worker_manifest = dict(manifest)
-    if Path(manifest["model"]).exists():
-        worker_manifest["model"] = str(Path(manifest["model"]).resolve())
+    worker_manifest = {**manifest, "model": actor_path(manifest["model"])}
     out = str(Path(opts.out).resolve())
     with ray_actors(opts, CollectWorker, len(to_encode), out, worker_manifest,
                     opts.engine_args, opts.pooling_engine_args, opts.in_process) as actors:

@@ -12,8 +12,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib.metadata
 import importlib.util
+import inspect
+import math
+import re
+import socket
 import sys
 from collections import deque
 from pathlib import Path
@@ -90,15 +95,23 @@ def ray_actors(opts: Any, worker_class: type, count: int, *args: Any,
     if wanted <= 0:  # nothing left to do (a finished run started again): no cluster needed
         yield []
         return
+    _check_actor_resources(opts)
     ship = local_code(ship_modules)
     started_here = not ray.is_initialized()
     if started_here:
+        _check_address(opts.ray_address)
         # Ray uploads local code only for a whole job (ray.init), not for single actors.
         if ship:
             logger.info("vllm-recontrol: shipping %s to the Ray workers (py_modules)",
                         ", ".join(ship))
-        ray.init(address=opts.ray_address, include_dashboard=False, ignore_reinit_error=True,
-                 runtime_env={"py_modules": ship} if ship else None)
+        try:
+            ray.init(address=opts.ray_address, include_dashboard=False,
+                     ignore_reinit_error=True,
+                     runtime_env={"py_modules": ship} if ship else None)
+        except ConnectionError as exc:  # "auto" with no cluster running, say
+            raise DataError(f"--ray-address {opts.ray_address}: no Ray cluster to connect to "
+                            f"({str(exc).splitlines()[0]}); start one (ray start --head) or "
+                            f"leave --ray-address out to start a local one") from None
     elif ship:
         logger.warning("vllm-recontrol: Ray was started before this call, so %s cannot be "
                        "shipped to its workers from here; actors on other machines import it "
@@ -108,7 +121,7 @@ def ray_actors(opts: Any, worker_class: type, count: int, *args: Any,
     try:
         _check_resources(ray, opts, reserve or {}, actors=wanted)
         actor_class = ray.remote(num_cpus=opts.ray_num_cpus, num_gpus=opts.ray_num_gpus)(
-            worker_class)
+            errors_on_first_call(worker_class))
         actors = [actor_class.remote(*args) for _ in range(wanted)]
         yield actors
     finally:
@@ -116,6 +129,75 @@ def ray_actors(opts: Any, worker_class: type, count: int, *args: Any,
             ray.kill(actor)
         if started_here:
             ray.shutdown()
+
+
+def actor_path(name: str | None) -> str | None:
+    """A local file or folder as its absolute path, for Ray actors: they may run in another
+    working directory (a cluster started by ``ray start`` elsewhere), where a relative path
+    names another folder or none, and would then be looked up on the Hugging Face Hub. A hub
+    id (nothing at that path here) as given."""
+    if name and Path(name).expanduser().exists():
+        return str(Path(name).expanduser().resolve())
+    return name
+
+
+def _check_actor_resources(opts: Any) -> None:
+    """CPUs and GPUs per actor: numbers >= 0, before any cluster starts (Ray checks them only
+    when the first actor is made)."""
+    for key, default_flag in (("cpu", "--ray-num-cpus"), ("gpu", "--ray-num-gpus")):
+        value = getattr(opts, f"ray_num_{key}s")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                not 0 <= value < math.inf:
+            flag = getattr(opts, f"{key}_flag", default_flag)
+            raise DataError(f"{flag} must be a number >= 0 ({key.upper()}s per Ray actor), "
+                            f"got {value!r}")
+
+
+# How long a Ray address named with a port may take to accept a connection (Ray itself
+# retries an address where nothing listens for about 13 minutes before it gives up).
+ADDRESS_TIMEOUT_S = 10.0
+
+
+def _check_address(address: str | None) -> None:
+    """An address ``host:port`` must accept a connection: a typo, or a cluster that went
+    down, is a one-line error at once rather than a command that seems to hang."""
+    match = re.fullmatch(r"(?:ray://)?\[?([^\]/]+?)\]?:(\d+)", address or "")
+    if not match:  # None (start one), "auto", "local": Ray's own rules
+        return
+    host, port = match.group(1), int(match.group(2))
+    try:
+        socket.create_connection((host, port), timeout=ADDRESS_TIMEOUT_S).close()
+    except OSError as exc:
+        raise DataError(f"--ray-address {address}: no Ray cluster answers there "
+                        f"({exc.strerror or exc}); start one (ray start --head --port "
+                        f"{port}), or fix the address") from None
+
+
+def errors_on_first_call(worker_class: type) -> type:
+    """``worker_class`` whose constructor's error is raised by the first method called
+    instead: Ray reports an error of a method as that error (``RayTaskError`` holds it, and
+    ``run_main`` prints it as one line), but one of a constructor only as the text of an
+    ``ActorDiedError``."""
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        self._start_error = None
+        try:
+            worker_class.__init__(self, *args, **kwargs)
+        except Exception as exc:  # kept for the first call (the actor stays up till then)
+            self._start_error = exc
+
+    def deferred(name: str, method: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(method)
+        def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+            if self._start_error is not None:
+                raise self._start_error
+            return method(self, *args, **kwargs)
+        return call
+
+    members = {name: deferred(name, member)
+               for name, member in inspect.getmembers(worker_class, inspect.isfunction)
+               if not name.startswith("_")}
+    return type(worker_class.__name__, (worker_class,),
+                {"__init__": __init__, "__module__": worker_class.__module__, **members})
 
 
 def _check_resources(ray: Any, opts: Any, reserve: dict[str, float],

@@ -1,0 +1,159 @@
+"""What a user sees when Ray actors fail, and the checks made before a Ray cluster starts
+(a real local Ray for the first; none for the others)."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from vllm_recontrol.training.common import DataError, run_main
+from vllm_recontrol.training.ray_pool import actor_path, ray_actors
+
+ray = pytest.importorskip("ray")
+
+
+def placement(**overrides) -> SimpleNamespace:
+    return SimpleNamespace(**{"replicas": 1, "ray_address": None, "ray_num_cpus": 0.25,
+                              "ray_num_gpus": 0, **overrides})
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local Ray for the module (ray_actors then neither starts nor stops one); the
+    fake workers' module travels with the job."""
+    fakes = Path(__file__).with_name("training_fakes.py")
+    ray.init(num_cpus=1, include_dashboard=False, runtime_env={"py_modules": [str(fakes)]})
+    yield
+    ray.shutdown()
+
+
+def _call(worker_name: str) -> None:
+    import training_fakes
+
+    with ray_actors(placement(), getattr(training_fakes, worker_name), 1) as actors:
+        ray.get(actors[0].work.remote())
+
+
+@pytest.mark.parametrize("worker, first, count, last", [
+    # a constructor's error used to arrive as an ActorDiedError: 200 lines, no "error:"
+    ("FailingStartWorker", "error: value head folder heads/missing does not exist", 1, ""),
+    # a method's as Ray's wrapper, whose text is the remote traceback (40 lines)
+    ("FailingCallWorker", "error: collect: generation: the vLLM engine did not start "
+                          "(ValueError: max_model_len too large)", 2, "hint: "),
+    ("DyingWorker", "error: a Ray actor died (The actor died unexpectedly", 1,
+     "; class_name: DyingWorker; pid: "),
+])
+def test_an_actors_error_reaches_the_cli_as_the_error_one_process_gives(
+        local_ray, capsys, worker, first, count, last):
+    assert run_main(_call, {"worker_name": worker}) == 1
+    err = capsys.readouterr().err.strip()
+    lines = err.splitlines()
+    assert lines[0].startswith(first), err
+    assert len(lines) == count and "Traceback" not in err, err
+    assert last in lines[-1], err
+
+
+class RayStarts(Exception):
+    pass
+
+
+def no_ray_yet(monkeypatch, started: list | None = None) -> None:
+    """As if no Ray ran in this process; ``ray.init`` records its address and stops there
+    (or fails the test when ``started`` is None)."""
+    def init(**kwargs):
+        if started is None:
+            pytest.fail("ray.init was called")
+        started.append(kwargs["address"])
+        raise RayStarts
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", init)
+
+
+def test_an_address_where_no_cluster_listens_is_refused_at_once(monkeypatch):
+    """Ray retries such an address for about 13 minutes before it gives up."""
+    no_ray_yet(monkeypatch)
+    with socket.socket() as probe:  # a port nothing listens on: bound, never listening
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+        start = time.monotonic()
+        with pytest.raises(DataError, match=rf"--ray-address 127.0.0.1:{port}: no Ray cluster "
+                                            rf"answers there \(.*\); start one"):
+            with ray_actors(placement(ray_address=f"127.0.0.1:{port}"), object, 1):
+                pass
+        assert time.monotonic() - start < 5
+    with socket.socket() as server:  # one that listens passes the probe (then ray.init)
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        started: list = []
+        no_ray_yet(monkeypatch, started)
+        address = f"127.0.0.1:{server.getsockname()[1]}"
+        with pytest.raises(RayStarts):
+            with ray_actors(placement(ray_address=address), object, 1):
+                pass
+        assert started == [address]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"ray_num_cpus": -1.0}, r"--ray-num-cpus must be a number >= 0 \(CPUs per Ray actor\), "
+                             r"got -1.0"),
+    ({"ray_num_gpus": float("nan")}, r"--ray-num-gpus must be a number >= 0"),
+    ({"ray_num_cpus": -0.5, "cpu_flag": "--reward-num-cpus"}, r"--reward-num-cpus must be"),
+])
+def test_negative_resources_per_actor_are_refused_before_ray_starts(monkeypatch, overrides,
+                                                                    message):
+    no_ray_yet(monkeypatch)
+    with pytest.raises(DataError, match=message):
+        with ray_actors(placement(**overrides), object, 1):
+            pass
+
+
+def test_local_paths_go_to_actors_absolute(tmp_path, monkeypatch):
+    """Actors of a cluster started elsewhere (ray start) run in another directory: a
+    relative path would name another folder there, or be looked up on the hub."""
+    (tmp_path / "models" / "tiny").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert actor_path("models/tiny") == str(tmp_path.resolve() / "models" / "tiny")
+    assert actor_path("~") == str(Path.home().resolve())
+    assert actor_path("org/model") == "org/model"  # a hub id: nothing here by that name
+    assert actor_path(None) is None and actor_path("hf://org/model") == "hf://org/model"
+
+
+def test_eval_engine_actors_are_killed_not_waited_for_when_the_run_fails(monkeypatch):
+    """Asking an actor to close queues behind its generation (the rest of a method's):
+    after Ctrl-C or an error the actors are killed at once; an actor that died does not
+    replace the error that ended the run; on success they are asked to close."""
+    from vllm_recontrol.evaluation.engines import EnginePool
+
+    closes, stopped = [], []
+
+    class Actor:
+        class close:  # noqa: N801  (ray's actor.method.remote())
+            @staticmethod
+            def remote():
+                closes.append(1)
+                return "ref"
+
+    def pool() -> EnginePool:
+        made = EnginePool.__new__(EnginePool)
+        made.local, made.actors = None, [Actor(), Actor()]
+        made._stack = contextlib.ExitStack()
+        made._stack.callback(lambda: stopped.append(1))
+        return made
+
+    monkeypatch.setattr(ray, "get", lambda refs: refs)
+    pool().close(failing=True)
+    assert (closes, stopped) == ([], [1])
+    pool().close()
+    assert (closes, stopped) == ([1, 1], [1, 1])
+
+    def dead(refs):
+        raise ray.exceptions.RayActorError()
+    monkeypatch.setattr(ray, "get", dead)
+    with pytest.raises(ray.exceptions.RayActorError):
+        pool().close()
+    assert stopped == [1, 1, 1]
