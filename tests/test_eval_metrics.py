@@ -1304,18 +1304,13 @@ def test_reward_actors_are_killed_not_asked_to_close_when_the_run_fails():
 
     from vllm_recontrol.evaluation.scoring import RewardPool
 
-    closes, stopped = [], []
+    from training_fakes import closable_actors
 
-    class Actor:
-        class close:  # noqa: N801  (ray's actor.method.remote())
-            @staticmethod
-            def remote():
-                closes.append(1)
-                return "ref"
+    closes, stopped = [], []
 
     def pool():
         made = RewardPool.__new__(RewardPool)
-        made.actors, made._stack = [Actor(), Actor()], contextlib.ExitStack()
+        made.actors, made._stack = closable_actors(closes), contextlib.ExitStack()
         made._stack.callback(lambda: stopped.append(1))
         return made
 

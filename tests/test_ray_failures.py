@@ -127,20 +127,14 @@ def test_eval_engine_actors_are_killed_not_waited_for_when_the_run_fails(monkeyp
     """Asking an actor to close queues behind its generation (the rest of a method's):
     after Ctrl-C or an error the actors are killed at once; an actor that died does not
     replace the error that ended the run; on success they are asked to close."""
+    from training_fakes import closable_actors
     from vllm_recontrol.evaluation.engines import EnginePool
 
     closes, stopped = [], []
 
-    class Actor:
-        class close:  # noqa: N801  (ray's actor.method.remote())
-            @staticmethod
-            def remote():
-                closes.append(1)
-                return "ref"
-
     def pool() -> EnginePool:
         made = EnginePool.__new__(EnginePool)
-        made.local, made.actors = None, [Actor(), Actor()]
+        made.local, made.actors = None, closable_actors(closes)
         made._stack = contextlib.ExitStack()
         made._stack.callback(lambda: stopped.append(1))
         return made

@@ -147,3 +147,15 @@ class DyingWorker:
         import os
 
         os._exit(1)
+
+
+def closable_actors(closes: list, count: int = 2) -> list:
+    """Stand-ins for Ray actor handles whose ``close.remote()`` records the call in
+    ``closes`` (with ``ray.get`` patched to return its argument)."""
+    class Actor:
+        class close:  # noqa: N801  (ray's actor.method.remote())
+            @staticmethod
+            def remote():
+                closes.append(1)
+                return "ref"
+    return [Actor() for _ in range(count)]
