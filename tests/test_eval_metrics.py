@@ -835,7 +835,7 @@ def test_two_vllm_engines_that_cannot_share_the_gpu_are_refused_before_either_st
             return [[(f"answer {i} {method.alpha} {method.n} {j}", 2) for j in range(method.n)]
                     for i in range(self.count)], 1.0
 
-        def close(self) -> None:
+        def close(self, failing: bool = False) -> None:
             pass
 
     monkeypatch.setattr(evaluate_module, "EnginePool", FakePool)
@@ -947,7 +947,7 @@ def test_a_rerun_reads_back_the_methods_a_previous_run_finished(tmp_path, monkey
             return [[(f"answer {i}{good} {j}", 3) for j in range(method.n)]
                     for i in range(self.count)], 1.0
 
-        def close(self) -> None:
+        def close(self, failing: bool = False) -> None:
             pass
 
     monkeypatch.setattr(evaluation, "EnginePool", FakePool)
@@ -1026,7 +1026,7 @@ def test_a_new_reward_rescores_the_kept_samples_without_generating_again(tmp_pat
                                     for _ in range(6))
             return [[(draw(), 6) for _ in range(method.n)] for _ in range(self.count)], 2.0
 
-        def close(self) -> None:
+        def close(self, failing: bool = False) -> None:
             pass
 
     monkeypatch.setattr(evaluation, "EnginePool", FakePool)
@@ -1181,7 +1181,7 @@ def test_a_method_is_scored_while_the_next_generates_with_the_scores_of_one_at_a
             return [[(f"answer {i}{words} {j} {method.steps}", 3) for j in range(method.n)]
                     for i in range(self.count)], 1.0
 
-        def close(self) -> None:
+        def close(self, failing: bool = False) -> None:
             pass
 
     monkeypatch.setattr(evaluation, "EnginePool", FakePool)
@@ -1350,7 +1350,7 @@ def _eval_with_fake_engines(tmp_path, monkeypatch, reward_fn, out, **extra):
             return [[(f"answer {i} alpha {method.alpha} n {method.n}" + " good" * (i + j), 4)
                      for j in range(method.n)] for i in range(self.count)], 1.0
 
-        def close(self) -> None:
+        def close(self, failing: bool = False) -> None:
             pass
 
     monkeypatch.setattr(evaluation, "EnginePool", FakePool)
