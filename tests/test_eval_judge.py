@@ -357,7 +357,7 @@ def canned_evaluator(evaluation):
                 r.reward = r.win_rate = r.diversity = 0.0
             return made
 
-        def close(self) -> None:
+        def close(self, failing: bool = False) -> None:
             pass
     return Canned
 
