@@ -51,6 +51,9 @@ def client_for(server: dict, **settings) -> JudgeClient:
     ("Assistant 1: 8, Assistant 2: 6", (8.0, 6.0)), ("**Assistant 1:** 3 **Assistant 2:** 9",
                                                      (3.0, 9.0)),
     ("Assistant 2: 8, Assistant 1: 6", None), ("Response 1 9", None),
+    ("Responses 1 and 2", None), ("Evaluation of Assistants 1 and 2", None),
+    ("**Comparison of Answers 1 and 2**\n8 6", None), ("Assistant number 1 8", None),
+    ("Assistant scores: 8 6", (8.0, 6.0)),
     # word labels without a colon are still read
     ("The scores are 8 and 6.", (8.0, 6.0)), ("Final scores 8 6", (8.0, 6.0)),
     ("I give 8 and 6", (8.0, 6.0)), ("Model: 8 6", (8.0, 6.0)),

@@ -1182,10 +1182,10 @@ def test_a_method_is_scored_while_the_next_generates_with_the_scores_of_one_at_a
                     for i in range(self.count)], 1.0
 
         def close(self, failing: bool = False) -> None:
-            pass
+            closed.append(failing)  # failing: Ray actors killed, not waited for
 
     monkeypatch.setattr(evaluation, "EnginePool", FakePool)
-    scorers = []
+    scorers, closed = [], []
 
     class Scoring(evaluation.BackgroundScoring):
         def __init__(self, *args) -> None:
@@ -1244,8 +1244,10 @@ def test_a_method_is_scored_while_the_next_generates_with_the_scores_of_one_at_a
     module.slow = lambda prompt, response: release.wait(10) and 1.0
     monkeypatch.setattr(evaluation, "SCORING_GRACE_S", 0.2)
     module.engine_fails = True
+    closed.clear()
     with pytest.raises(RuntimeError, match="engine died"):
         run("d", overlap_scoring=True, reward_fn="recontrol_test_waiting_reward:slow")
+    assert closed == [True]
     module.engine_fails = False
     release.set()
     time.sleep(0.5)  # the abandoned call ends meanwhile

@@ -74,6 +74,28 @@ def no_ray_yet(monkeypatch, started: list | None = None) -> None:
     monkeypatch.setattr(ray, "init", init)
 
 
+def test_an_actor_ray_cannot_create_names_ray_s_reason_without_the_rerun_advice(
+        local_ray, tmp_path, monkeypatch, capsys):
+    """A worker class the nodes cannot import (vllm-recontrol missing or of another version
+    on a node, here a module only this process sees): Ray's reason, the last line of its
+    text, not its first 600 characters (the reason was cut off), nor "run again"."""
+    (tmp_path / "driver_only_worker.py").write_text(
+        "class DriverOnlyWorker:\n    def work(self):\n        return 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import driver_only_worker
+
+    def run() -> None:
+        with ray_actors(placement(), driver_only_worker.DriverOnlyWorker, 1) as actors:
+            ray.get(actors[0].work.remote())
+
+    assert run_main(run, {}) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: a Ray actor could not be created: "), err
+    assert "No module named 'driver_only_worker'" in err or "failed to import" in err, err
+    assert len(err.splitlines()) == 1 and "\x1b[" not in err and "^^^" not in err, err
+    assert "run the command again" not in err and "same versions" in err, err
+
+
 def test_an_address_where_no_cluster_listens_is_refused_at_once(monkeypatch):
     """Ray retries such an address for about 13 minutes before it gives up."""
     no_ray_yet(monkeypatch)
@@ -86,6 +108,17 @@ def test_an_address_where_no_cluster_listens_is_refused_at_once(monkeypatch):
             with ray_actors(placement(ray_address=f"127.0.0.1:{port}"), object, 1):
                 pass
         assert time.monotonic() - start < 5
+        with pytest.raises(DataError, match=rf"ray://127.0.0.1:{port}: .*start one \(ray start "
+                                            r"--head: its client server listens on 10001"):
+            with ray_actors(placement(ray_address=f"ray://127.0.0.1:{port}"), object, 1):
+                pass
+        # Ray reads RAY_ADDRESS when no address is given (KubeRay pods set it)
+        monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
+        with pytest.raises(DataError, match=rf"RAY_ADDRESS=127.0.0.1:{port} \(no --ray-address "
+                                            r"given\): no Ray cluster answers there"):
+            with ray_actors(placement(), object, 1):
+                pass
+        monkeypatch.delenv("RAY_ADDRESS")
     with socket.socket() as server:  # one that listens passes the probe (then ray.init)
         server.bind(("127.0.0.1", 0))
         server.listen()
@@ -110,6 +143,22 @@ def test_negative_resources_per_actor_are_refused_before_ray_starts(monkeypatch,
     with pytest.raises(DataError, match=message):
         with ray_actors(placement(**overrides), object, 1):
             pass
+
+
+def test_eval_refuses_negative_engine_resources_before_its_reward_actors_start(
+        tmp_path, monkeypatch):
+    """With --reward-replicas the reward actors start first; the engines' placement was
+    checked only when the first method needed them (Ray already up, 26 s in)."""
+    from vllm_recontrol.evaluation.evaluate import evaluate
+
+    no_ray_yet(monkeypatch)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "hello"}\n')
+    with pytest.raises(DataError, match=r"--ray-num-cpus must be a number >= 0"):
+        evaluate(model="m", value_head="h", prompts=str(prompts), ray=True, replicas=1,
+                 ray_num_cpus=-1.0, reward_replicas=2, reward_num_cpus=0.1,
+                 reward_fn="vllm_recontrol.toy_world:positive_share",
+                 out=str(tmp_path / "e"))
 
 
 def test_local_paths_go_to_actors_absolute(tmp_path, monkeypatch):

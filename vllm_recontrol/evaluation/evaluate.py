@@ -31,7 +31,8 @@ from ..training.common import (RecontrolError, build_options, check_engine_args,
                                sampling_refusal, write_jsonl_atomic)
 from ..training.engines import run_engines_in_process
 from ..training.prompts import load_prompts, load_references
-from ..training.ray_pool import actor_path, add_ray_arguments, check_replicas
+from ..training.ray_pool import (actor_path, add_ray_arguments, check_actor_resources,
+                                 check_replicas)
 from ..training.rewards import DEFAULT_CUT_AT, RewardSource, cut_response
 from .engines import EnginePool, EngineSettings, Method, Samples
 from .llm_judge import (JUDGE_TEMPLATE, JudgeAnswers, JudgeClient, JudgeSettings,
@@ -621,6 +622,8 @@ def evaluate(**options: Any) -> dict[str, Any]:
     check_model_path(opts.model)
     check_engine_args(opts.engine_args, "--engine-args")
     check_sampling(opts)
+    if opts.ray:  # before any actor starts: the reward actors may start first
+        check_actor_resources(opts)
     if opts.rm_engine == "vllm":
         check_engine_args(opts.rm_engine_args, "--rm-engine-args")
     with exclusive_folder(opts.out, "eval"):

@@ -57,9 +57,10 @@ _PAIR_GAP = r"\s*(?:\s*[,;]\s*|\s+and\s+|\s+)"
 # "8 6", "Scores: 8, 6", "The scores are 8 and 6.": a label of words, then the pair
 _SCORES = re.compile(r"(?P<label>[A-Za-z ]*?)(?P<colon>:?)\s*" + _NUMBER + _PAIR_GAP + _NUMBER
                      + r"\s*\.?")
-# ... but not "Assistant 1 8": a label ending in such a word, without a colon, is followed
-# by the answer's index, not by a score
-_INDEXED_WORDS = frozenset({"assistant", "answer", "response", "model", "output", "candidate"})
+# ... but not "Assistant 1 8" nor "Responses 1 and 2": a label without a colon that names
+# the answers (singular or plural) is followed by their indexes, not by scores
+_INDEXED_WORDS = frozenset({"assistant", "answer", "response", "model", "output", "candidate",
+                            "number", "no"})
 # "Assistant 1: 8, Assistant 2: 6": each score read after its own assistant's label
 _LABELLED_SCORES = re.compile(
     r"(?:scores?\s*:?\s*)?assistant\s*1\s*(?:score)?\s*[:=-]?\s*" + _NUMBER + _PAIR_GAP
@@ -132,8 +133,9 @@ def parse_scores(answer: str) -> tuple[float, float] | None:
     match = _LABELLED_SCORES.fullmatch(line)
     if not match:
         match = _SCORES.fullmatch(line)
-        words = match.group("label").lower().split() if match else []
-        if not match or (words and words[-1] in _INDEXED_WORDS and not match.group("colon")):
+        words = {word.rstrip("s") or word
+                 for word in match.group("label").lower().split()} if match else set()
+        if not match or (words & _INDEXED_WORDS and not match.group("colon")):
             return None
     scores = tuple(float(number) for number in match.groups()[-2:])  # the pair, last
     return scores if all(0.0 <= s <= MAX_SCORE for s in scores) else None

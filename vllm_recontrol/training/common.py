@@ -11,6 +11,7 @@ import hashlib
 import json
 import numbers
 import os
+import re
 import sys
 import traceback
 import types
@@ -292,8 +293,7 @@ def run_main(function: Callable[..., Any], options: Mapping[str, Any]) -> int:
             print(f"error: the vLLM engine did not start\n{ENGINE_START_HINT}",
                   file=sys.stderr, flush=True)
         elif _is_dead_actor(exc):
-            print(f"error: a Ray actor died ({'; '.join(_lines(exc))[:600]}); what finished "
-                  f"is kept: run the command again to go on", file=sys.stderr, flush=True)
+            print(f"error: {_dead_actor_message(exc)}", file=sys.stderr, flush=True)
         else:
             raise
         return 1
@@ -315,10 +315,31 @@ def _is_dead_actor(exc: BaseException) -> bool:
     return errors is not None and isinstance(exc, errors.RayActorError)
 
 
+def _dead_actor_message(exc: BaseException) -> str:
+    """One line for a Ray actor that died. One that could not even be created (Ray could not
+    import its class or arguments on a node: a package missing or of another version
+    there) says Ray's reason, the last line of its text; a rerun would fail alike. Any
+    other (killed, out of memory) says what Ray knows, and that a rerun goes on."""
+    lines = _lines(exc)
+    if getattr(exc, "_actor_init_failed", False) or (lines and "creation task" in lines[0]):
+        return (f"a Ray actor could not be created: {lines[-1] if lines else exc}; check that "
+                f"every node has the packages the driver has (vllm-recontrol, vLLM, torch) "
+                f"at the same versions")
+    text = "; ".join(lines)
+    if len(text) > 600:  # what died and why come first, Ray's general advice after
+        text = text[:600] + " ..."
+    return f"a Ray actor died ({text}); what finished is kept: run the command again to go on"
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
 def _lines(exc: BaseException) -> list[str]:
-    """The text's lines, without Ray's ids (which tell a person nothing)."""
-    return [line.strip() for line in str(exc).splitlines() if line.strip()
-            and not line.strip().startswith(("actor_id:", "namespace:"))]
+    """The text's lines, without colour codes, Ray's ids and traceback markers (``^^^``),
+    which tell a person nothing."""
+    lines = (_ANSI.sub("", line).strip() for line in str(exc).splitlines())
+    return [line for line in lines if line and set(line) - set("^~ ")
+            and not line.startswith(("actor_id:", "namespace:"))]
 
 
 # ----------------------------------------------------------------------------- models

@@ -17,6 +17,7 @@ import importlib.metadata
 import importlib.util
 import inspect
 import math
+import os
 import re
 import socket
 import sys
@@ -95,7 +96,7 @@ def ray_actors(opts: Any, worker_class: type, count: int, *args: Any,
     if wanted <= 0:  # nothing left to do (a finished run started again): no cluster needed
         yield []
         return
-    _check_actor_resources(opts)
+    check_actor_resources(opts)
     ship = local_code(ship_modules)
     started_here = not ray.is_initialized()
     if started_here:
@@ -141,7 +142,7 @@ def actor_path(name: str | None) -> str | None:
     return name
 
 
-def _check_actor_resources(opts: Any) -> None:
+def check_actor_resources(opts: Any) -> None:
     """CPUs and GPUs per actor: numbers >= 0, before any cluster starts (Ray checks them only
     when the first actor is made)."""
     for key, default_flag in (("cpu", "--ray-num-cpus"), ("gpu", "--ray-num-gpus")):
@@ -159,18 +160,25 @@ ADDRESS_TIMEOUT_S = 10.0
 
 
 def _check_address(address: str | None) -> None:
-    """An address ``host:port`` must accept a connection: a typo, or a cluster that went
-    down, is a one-line error at once rather than a command that seems to hang."""
-    match = re.fullmatch(r"(?:ray://)?\[?([^\]/]+?)\]?:(\d+)", address or "")
+    """An address ``host:port`` (``--ray-address``, else Ray's ``RAY_ADDRESS``) must accept
+    a connection: a typo, or a cluster that went down, is a one-line error at once rather
+    than a command that seems to hang."""
+    named = f"--ray-address {address}"
+    if not address and os.environ.get("RAY_ADDRESS"):
+        address = os.environ["RAY_ADDRESS"]
+        named = f"RAY_ADDRESS={address} (no --ray-address given)"
+    match = re.fullmatch(r"(ray://)?\[?([^\]/]+?)\]?:(\d+)", address or "")
     if not match:  # None (start one), "auto", "local": Ray's own rules
         return
-    host, port = match.group(1), int(match.group(2))
+    client, host, port = match.group(1), match.group(2), int(match.group(3))
     try:
         socket.create_connection((host, port), timeout=ADDRESS_TIMEOUT_S).close()
     except OSError as exc:
-        raise DataError(f"--ray-address {address}: no Ray cluster answers there "
-                        f"({exc.strerror or exc}); start one (ray start --head --port "
-                        f"{port}), or fix the address") from None
+        start = ("ray start --head: its client server listens on 10001 unless "
+                 "--ray-client-server-port says otherwise" if client else
+                 f"ray start --head --port {port}")
+        raise DataError(f"{named}: no Ray cluster answers there ({exc.strerror or exc}); "
+                        f"start one ({start}), or fix the address") from None
 
 
 def errors_on_first_call(worker_class: type) -> type:
