@@ -200,3 +200,39 @@ def test_eval_engine_actors_are_killed_not_waited_for_when_the_run_fails(monkeyp
     with pytest.raises(ray.exceptions.RayActorError):
         pool().close()
     assert stopped == [1, 1, 1]
+
+
+def test_a_constructors_error_waits_for_the_first_call_of_any_kind():
+    """Plain and async methods raise the constructor's error; static and class methods,
+    which Ray does not call on the instance, are left as they are."""
+    import asyncio
+
+    from vllm_recontrol.training.ray_pool import errors_on_first_call
+
+    class Worker:
+        def __init__(self, fail: bool = False) -> None:
+            if fail:
+                raise DataError("no head here")
+
+        def get(self) -> int:
+            return 1
+
+        async def get_later(self) -> int:
+            return 2
+
+        @staticmethod
+        def pure(x: int) -> int:
+            return x
+
+        @classmethod
+        def kind(cls) -> str:
+            return cls.__name__
+
+    deferring = errors_on_first_call(Worker)
+    fine = deferring()
+    assert (fine.get(), asyncio.run(fine.get_later()), fine.pure(3), deferring.kind()) == \
+        (1, 2, 3, "Worker")
+    broken = deferring(True)  # no error yet
+    for call in (broken.get, lambda: asyncio.run(broken.get_later())):
+        with pytest.raises(DataError, match="no head here"):
+            call()

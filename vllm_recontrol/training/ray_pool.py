@@ -193,7 +193,15 @@ def errors_on_first_call(worker_class: type) -> type:
         except Exception as exc:  # kept for the first call (the actor stays up till then)
             self._start_error = exc
 
-    def deferred(name: str, method: Callable[..., Any]) -> Callable[..., Any]:
+    def deferred(method: Callable[..., Any]) -> Callable[..., Any]:
+        if inspect.iscoroutinefunction(method):  # Ray runs these as async actor methods
+            @functools.wraps(method)
+            async def call_async(self: Any, *args: Any, **kwargs: Any) -> Any:
+                if self._start_error is not None:
+                    raise self._start_error
+                return await method(self, *args, **kwargs)
+            return call_async
+
         @functools.wraps(method)
         def call(self: Any, *args: Any, **kwargs: Any) -> Any:
             if self._start_error is not None:
@@ -201,9 +209,10 @@ def errors_on_first_call(worker_class: type) -> type:
             return method(self, *args, **kwargs)
         return call
 
-    members = {name: deferred(name, member)
+    members = {name: deferred(member)
                for name, member in inspect.getmembers(worker_class, inspect.isfunction)
-               if not name.startswith("_")}
+               if not name.startswith("_") and not isinstance(
+                   inspect.getattr_static(worker_class, name), (staticmethod, classmethod))}
     return type(worker_class.__name__, (worker_class,),
                 {"__init__": __init__, "__module__": worker_class.__module__, **members})
 
