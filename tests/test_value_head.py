@@ -947,3 +947,38 @@ def test_an_oversized_config_is_refused_before_it_is_read(tmp_path, monkeypatch)
     monkeypatch.setattr(head_files, "MAX_CONFIG_BYTES", 64)
     with pytest.raises(ValueHeadError, match=r"config.json is \d+ bytes, more than a head's"):
         ValueHead.load(path)
+
+
+def test_threads_sharing_a_head_get_their_own_edits(monkeypatch):
+    """The ascent's buffers are the head's own and reused: a second thread's ascent with
+    the same head, run between the first's ascent and its reading of the result,
+    overwrote it (seen as 5-60 of 3000 edits wrong, by up to the whole edit). Here the
+    second thread is started at exactly that point and given a second to run to its end:
+    the head is held meanwhile, so it waits, and both get their own edits."""
+    import threading
+
+    from vllm_recontrol import value_head as module
+
+    head = ValueHead(64, [64], seed=2)
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(16, 64, generator=gen), 3 * torch.randn(16, 64, generator=gen)
+    want_x, want_y = head.ascend(x, 0.5, 10), head.ascend(y, 0.5, 10)
+    original = {name: getattr(module, name) for name in ("ascend_float32", "ascend_gram_float32")}
+    second: dict = {}
+
+    def interleaving(name):
+        def run(*args, **kwargs):
+            u = original[name](*args, **kwargs)  # a view of the head's buffer
+            if threading.current_thread() is threading.main_thread() and not second:
+                second["thread"] = threading.Thread(
+                    target=lambda: second.setdefault("out", head.ascend(y, 0.5, 10)))
+                second["thread"].start()
+                second["thread"].join(timeout=1.0)
+            return u
+        return run
+
+    for name in original:
+        monkeypatch.setattr(module, name, interleaving(name))
+    got_x = head.ascend(x, 0.5, 10)
+    second["thread"].join()
+    assert torch.equal(got_x, want_x) and torch.equal(second["out"], want_y)

@@ -8,8 +8,11 @@ is given.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import threading
+import weakref
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -29,6 +32,26 @@ from .head_source import locate_head
 from .logs import get_logger
 
 logger = get_logger(__name__)
+
+# One lock per head (made on first use; gone with the head): see _one_thread_per_head.
+_HEAD_LOCKS: "weakref.WeakKeyDictionary[nn.Module, threading.RLock]" = \
+    weakref.WeakKeyDictionary()
+_HEAD_LOCKS_GUARD = threading.Lock()
+
+
+def _one_thread_per_head(method: Any) -> Any:
+    """Run ``method`` for one thread at a time per head. Why: the buffers an ascent writes
+    (its workspace, the kernel's output, CUDA graphs, the weight cache) are the head's own
+    and reused, so two threads ascending with one head would overwrite each other's edits
+    (seen: up to the whole edit wrong, without an error). Heads of their own run apart."""
+    @functools.wraps(method)
+    def one_at_a_time(self: Any, *args: Any, **kwargs: Any) -> Any:
+        with _HEAD_LOCKS_GUARD:
+            lock = _HEAD_LOCKS.setdefault(self, threading.RLock())
+        with lock:
+            return method(self, *args, **kwargs)
+    return one_at_a_time
+
 
 class ValueHead(nn.Module):
     """V(s) = Linear(h_L, 1)(relu(... relu(Linear(d, h_1)(s)))) with biases, no input norm.
@@ -104,6 +127,7 @@ class ValueHead(nn.Module):
     # ------------------------------------------------------------------ control step
     # An inference edit, never differentiated: inputs that require grad would otherwise
     # fail in the out= products and leave the reused buffers attached to autograd.
+    @_one_thread_per_head
     @torch.no_grad()
     def ascend(
         self,
@@ -202,6 +226,7 @@ class ValueHead(nn.Module):
         keep_edit = (moved & finite).to(states.device).view(-1, 1)
         return torch.where(keep_edit, edited.to(states.device), states)
 
+    @_one_thread_per_head
     def warm_up(
         self,
         max_rows: int,
