@@ -28,8 +28,9 @@ def test_forced_triton_that_cannot_run_fails_clearly(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="triton backend was requested but cannot run here"):
         choose_backend("triton", "cpu", 2)
-    monkeypatch.setenv(BACKEND_ENV, "triton")
-    with pytest.raises(ValueError, match="cannot run here"):
+    monkeypatch.setenv(BACKEND_ENV, "triton")  # the caller asked for auto: name the variable
+    with pytest.raises(ValueError, match=rf"triton backend was requested \(by {BACKEND_ENV}="
+                                         r"triton\) but cannot run here"):
         choose_backend("auto", "cpu", 2)
 
 

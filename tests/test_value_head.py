@@ -982,3 +982,47 @@ def test_threads_sharing_a_head_get_their_own_edits(monkeypatch):
     got_x = head.ascend(x, 0.5, 10)
     second["thread"].join()
     assert torch.equal(got_x, want_x) and torch.equal(second["out"], want_y)
+
+
+def test_a_float64_head_loads_as_float64_exactly_and_loading_draws_no_random_numbers(
+        tmp_path):
+    """load built the head in float32 and converted after the copy: float64 weights were
+    rounded (its bytes and save id changed on the next save); and torch's initialisation of
+    the layers it overwrote drew from the global generator."""
+    head = ValueHead(4, [3], seed=0).double()
+    with torch.no_grad():
+        for parameter in head.parameters():
+            parameter.add_(1e-12)
+    head.save(tmp_path / "h")
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    loaded = ValueHead.load(tmp_path / "h", dtype=torch.float64)
+    assert torch.equal(torch.rand(3), expected)
+    assert all(torch.equal(a, b) for a, b in zip(head.parameters(), loaded.parameters()))
+    loaded.save(tmp_path / "again")
+    assert (tmp_path / "again" / "model.safetensors").read_bytes() == \
+        (tmp_path / "h" / "model.safetensors").read_bytes()
+    with torch.no_grad():
+        head.layers[0].bias[0] = 1e200
+    head.save(tmp_path / "big")
+    assert ValueHead.load(tmp_path / "big", dtype=torch.float64).layers[0].bias[0] == 1e200
+    with pytest.raises(ValueHeadError, match=r"layers.0.bias has values that do not fit "
+                                             r"torch.float32"):
+        ValueHead.load(tmp_path / "big")
+
+
+def test_nan_or_infinity_in_a_config_is_refused_by_name(tmp_path):
+    """Python's json reads them; the head then printed invalid JSON in inspect --json and
+    could not be saved again."""
+    ValueHead(4, [3], seed=0, metadata={"mse": 1.0}).save(tmp_path)
+    config = tmp_path / "config.json"
+    config.write_text(config.read_text().replace('"mse": 1.0', '"mse": NaN'))
+    with pytest.raises(ValueHeadError, match=r"config.json is not valid JSON: NaN is not a "
+                                             r"JSON value"):
+        ValueHead.load(tmp_path)
+
+
+def test_a_path_that_cannot_be_looked_at_is_a_value_head_error():
+    with pytest.raises(ValueHeadError, match=r"cannot be looked at \(File name too long\)"):
+        ValueHead.load("/tmp/" + "x" * 300)

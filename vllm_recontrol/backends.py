@@ -48,7 +48,9 @@ def choose_backend(requested: str, device: torch.device | str, hidden_layers: in
     usable = triton_available(device) and hidden_layers in TRITON_HIDDEN_LAYERS
     if choice == "triton" and not usable:
         raise ValueError(
-            f"the triton backend was requested but cannot run here: device {device}, "
+            f"the triton backend was requested"
+            f"{f' (by {BACKEND_ENV}=triton)' if requested == 'auto' else ''} but cannot run "
+            f"here: device {device}, "
             f"{hidden_layers} hidden layer(s) (the kernel supports {list(TRITON_HIDDEN_LAYERS)}, "
             "on CUDA with TRITON_INTERPRET unset, or on CPU under TRITON_INTERPRET=1 for tests)")
     if choice == "triton":

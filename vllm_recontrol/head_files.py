@@ -75,6 +75,13 @@ def check_shape_config(hidden_size: Any, widths: Any, source: str) -> None:
 MAX_CONFIG_BYTES = 16 * 1024 * 1024
 
 
+def _no_json_constant(name: str) -> Any:
+    """NaN, Infinity and -Infinity are not JSON (Python's json reads them by default): a
+    config holding one would load, print as invalid JSON in ``inspect --json`` and refuse
+    to save again."""
+    raise ValueError(f"{name} is not a JSON value (configs hold finite numbers only)")
+
+
 def read_config(path: Path) -> dict[str, Any]:
     """Read and validate ``config.json`` of a head folder."""
     if not path.exists():
@@ -89,7 +96,7 @@ def read_config(path: Path) -> dict[str, Any]:
         raise ValueHeadError(f"value head config {config_path} is {size} bytes, more than a "
                              f"head's config holds ({MAX_CONFIG_BYTES}); not a value head's")
     try:
-        config = json.loads(config_path.read_text())
+        config = json.loads(config_path.read_text(), parse_constant=_no_json_constant)
     # ValueError also covers integers of more than 4300 digits, which json.loads refuses
     except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError
         raise ValueHeadError(f"value head config {config_path} is not valid JSON: {exc}") from exc

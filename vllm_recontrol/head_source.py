@@ -69,7 +69,7 @@ def _hub_reference(source: str | Path) -> tuple[str, str] | None:
     explicit = isinstance(source, str) and source.startswith(HUB_PREFIX)
     if explicit:
         source = source[len(HUB_PREFIX):]
-    if not explicit and (isinstance(source, Path) or Path(source).exists()):
+    if not explicit and (isinstance(source, Path) or _exists(Path(source))):
         return None
     repo, _, revision = str(source).partition("@")
     if not HUB_REPO.fullmatch(repo):
@@ -77,12 +77,23 @@ def _hub_reference(source: str | Path) -> tuple[str, str] | None:
             raise ValueHeadError(f"value head {HUB_PREFIX}{source}: not a Hugging Face Hub "
                                  "repository id (hf://owner/name[@revision])")
         return None
-    if not explicit and Path(repo).parent.is_dir():
+    if not explicit and _exists(Path(repo).parent, folder=True):
         raise ValueHeadError(
             f"value head {source!r} does not exist{_local_hint(Path(repo))}. Read as a path, "
             f"not as a Hugging Face Hub repository, because {Path(repo).parent}/ is a local "
             f"folder; for the hub repository of that name write {HUB_PREFIX}{source}")
     return repo, revision
+
+
+def _exists(path: Path, folder: bool = False) -> bool:
+    """``path.exists()`` (``is_dir()`` for ``folder``), where a path that cannot be looked
+    at (a folder this user may not enter, a name too long) is a ValueHeadError naming it,
+    not a bare OSError."""
+    try:
+        return path.is_dir() if folder else path.exists()
+    except OSError as exc:
+        raise ValueHeadError(f"value head {str(path)[:300]!r} cannot be looked at "
+                             f"({exc.strerror or exc})") from None
 
 
 def _local_hint(path: Path) -> str:

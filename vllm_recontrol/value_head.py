@@ -79,12 +79,15 @@ class ValueHead(nn.Module):
         self.layers = nn.ModuleList()
         for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
             # Explicit device/dtype: vLLM builds models under a default device and dtype.
-            layer = nn.Linear(fan_in, fan_out, device="cpu", dtype=torch.float32)
-            if generator is not None:  # same seed, same head, whatever the global RNG did
+            layer = nn.utils.skip_init(nn.Linear, fan_in, fan_out, device="cpu",
+                                       dtype=torch.float32)
+            if generator is not None:  # same seed, same head, and the global RNG untouched
                 bound = 1.0 / math.sqrt(fan_in)
                 with torch.no_grad():
                     layer.weight.uniform_(-bound, bound, generator=generator)
                     layer.bias.uniform_(-bound, bound, generator=generator)
+            else:
+                layer.reset_parameters()  # torch's own initialisation, from the global RNG
             self.layers.append(layer)
         self._nonfinite_total = 0
         self._nonfinite_pending: torch.Tensor | None = None
@@ -108,8 +111,9 @@ class ValueHead(nn.Module):
     def _weights_as(self, dtype: torch.dtype, gram: bool = False) -> MLPWeights:
         """Contiguous copies in ``dtype`` (with W1 W1^T for the Gram form when ``gram``),
         cached until a parameter changes in place or moves. A change through ``.data`` is
-        invisible here (it does not count as a version of the parameter): change weights
-        under ``torch.no_grad()`` instead, as ``load_state_dict`` does."""
+        not tracked (it does not count as a version of the parameter): float32 weights are
+        read in place (no copy), but W1 W1^T stays stale; change weights under
+        ``torch.no_grad()`` instead, as ``load_state_dict`` does."""
         key = tuple((p.data_ptr(), p._version, p.device, p.dtype) for p in self.parameters())
         cached = self._mlp_cache.get((dtype, gram))
         if cached is None or cached[0] != key:
@@ -439,13 +443,16 @@ class ValueHead(nn.Module):
                 f"hidden size is {expected_hidden_size}; train a head on this model's states")
         tensors, stored_id = read_weights(path / WEIGHTS_FILE, hidden_size, widths)
         check_same_save(path, config, stored_id)
-        head = cls(hidden_size, widths, base_model=config.get("base_model"),
-                   metadata=config.get("metadata") or {})
+        # seeded: its initial weights, overwritten at once, draw nothing from the global
+        # generator (a seeded script's later random numbers would depend on the load); in
+        # the dtype asked for before the copy (float64 weights passed through float32)
+        head = cls(hidden_size, widths, seed=0, base_model=config.get("base_model"),
+                   metadata=config.get("metadata") or {}).to(dtype=dtype)
         with torch.no_grad():
             for i, layer in enumerate(head.layers):
                 layer.weight.copy_(tensors[f"layers.{i}.weight"])
                 layer.bias.copy_(tensors[f"layers.{i}.bias"])
-        head = head.to(device=device, dtype=dtype)
+        head = head.to(device=device)
         # Finite on disk is not enough: float64 values past float32's range (or float32
         # past float16's) become inf here, and every edit would silently fall back.
         for name, parameter in head.named_parameters():
