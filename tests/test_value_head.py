@@ -1026,3 +1026,47 @@ def test_nan_or_infinity_in_a_config_is_refused_by_name(tmp_path):
 def test_a_path_that_cannot_be_looked_at_is_a_value_head_error():
     with pytest.raises(ValueHeadError, match=r"cannot be looked at \(File name too long\)"):
         ValueHead.load("/tmp/" + "x" * 300)
+
+
+def test_a_weights_file_with_a_header_no_head_has_is_refused_unparsed(tmp_path):
+    """A model's weights renamed, or a hostile file: an 89 MB header took 2.2 GB to parse
+    and its tensor names made a 17 MB message; the length (the first 8 bytes) decides."""
+    import struct
+
+    ValueHead(4, [3], seed=0).save(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(struct.pack("<Q", 50 * 1024 * 1024) + b"{" + b" " * 64)
+    with pytest.raises(ValueHeadError, match=r"a safetensors header of 52428800 bytes, more "
+                                             r"than a value head's holds"):
+        ValueHead.load(tmp_path)
+
+
+def test_a_weights_file_with_many_unexpected_tensors_names_ten(tmp_path):
+    from safetensors.torch import save_file
+
+    ValueHead(4, [3], seed=0).save(tmp_path)
+    tensors = {f"extra.{i:03d}": torch.zeros(1) for i in range(500)}
+    save_file({**tensors, "layers.0.weight": torch.zeros(3, 4)},
+              str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueHeadError) as caught:
+        ValueHead.load(tmp_path)
+    message = str(caught.value)
+    assert "'extra.009'] and 490 more" in message and "extra.010" not in message
+    assert len(message) < 1000
+
+
+def test_the_first_edit_that_falls_back_on_a_cpu_is_logged_at_once(caplog):
+    """A direct caller whose alpha is too large got every row back unedited and no word,
+    unless it read nonfinite_rows(); later fallbacks wait for that read (the engine's)."""
+    head = ValueHead(8, [8], seed=0)
+    states = torch.randn(4, 8).half()
+    with caplog.at_level("WARNING", logger="vllm.recontrol"):
+        out = head.ascend(states, 1e6, 50)
+        assert torch.equal(out, states)
+        assert [r.getMessage() for r in caplog.records if "not finite" in r.getMessage()] == [
+            "RE-Control edit was not finite for 4 row(s) (total 4); those rows were left "
+            "unedited. Lower alpha or steps."]
+        head.ascend(states, 1e6, 50)
+        assert sum("not finite" in r.getMessage() for r in caplog.records) == 1
+        assert head.nonfinite_rows() == 8
+        assert sum("not finite" in r.getMessage() for r in caplog.records) == 2

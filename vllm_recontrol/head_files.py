@@ -161,6 +161,7 @@ def read_weights(weights_path: Path, hidden_size: int,
     for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
         expected[f"layers.{i}.weight"] = (fan_out, fan_in)
         expected[f"layers.{i}.bias"] = (fan_out,)
+    _check_header_size(weights_path)
     try:
         with safe_open(str(weights_path), framework="pt") as handle:
             save_id = stored_save_id(handle.metadata() or {})
@@ -183,14 +184,44 @@ def read_weights(weights_path: Path, hidden_size: int,
     return tensors, save_id
 
 
+# A head's safetensors header names 2 (layers + 1) tensors and one metadata key: under a
+# kilobyte. A larger one is another file (a model's, renamed): refused before it is parsed
+# (an 89 MB header took 2.2 GB of memory to parse, and its names made a 17 MB message).
+MAX_HEADER_BYTES = 1024 * 1024
+LISTED_NAMES = 10  # of the missing or unexpected tensors, in a message
+
+
+def _check_header_size(weights_path: Path) -> None:
+    """The file is readable (safetensors says "No such file" for one that is not) and its
+    header (the first 8 bytes give its length) is of a head's size."""
+    try:
+        with open(weights_path, "rb") as handle:
+            prefix = handle.read(8)
+    except OSError as exc:
+        raise ValueHeadError(f"value head weights {weights_path} cannot be read "
+                             f"({exc.strerror or exc})") from None
+    length = int.from_bytes(prefix, "little") if len(prefix) == 8 else 0
+    if length > MAX_HEADER_BYTES:
+        raise ValueHeadError(f"value head weights {weights_path}: a safetensors header of "
+                             f"{length} bytes, more than a value head's holds "
+                             f"({MAX_HEADER_BYTES}); not a value head's weights")
+
+
+def _listed(names: list[Any]) -> str:
+    shown = names[:LISTED_NAMES]
+    more = f" and {len(names) - len(shown)} more" if len(names) > len(shown) else ""
+    return f"{shown}{more}"
+
+
 def _check_names_and_shapes(weights_path: Path, handle: Any, expected: dict[str, tuple],
                             hidden_size: int, widths: list[int]) -> None:
     names = set(handle.keys())
     missing, extra = sorted(set(expected) - names), sorted(names - set(expected))
     if missing or extra:
         raise ValueHeadError(
-            f"value head weights {weights_path} do not match config widths {widths} "
-            f"(hidden_size {hidden_size}): missing {missing}, unexpected {extra}")
+            f"value head weights {weights_path} do not match config widths {_listed(widths)} "
+            f"(hidden_size {hidden_size}): missing {_listed(missing)}, unexpected "
+            f"{_listed(extra)}")
     for name, shape in expected.items():
         found = tuple(handle.get_slice(name).get_shape())
         if found != shape:

@@ -328,6 +328,10 @@ class ValueHead(nn.Module):
             self._nonfinite_pending = count
         else:  # out of place: the tally may be an inference tensor (made under vLLM)
             self._nonfinite_pending = self._nonfinite_pending + count
+        if count.device.type == "cpu" and self._nonfinite_total == 0:
+            # no sync to spare on a CPU: the first fallback is logged at once (a direct
+            # caller may never read nonfinite_rows); later ones when it is read
+            self.nonfinite_rows()
 
     def nonfinite_rows(self) -> int:
         """Rows so far whose edit was not finite and fell back unedited (logs new ones)."""
