@@ -1017,9 +1017,13 @@ def test_nan_or_infinity_in_a_config_is_refused_by_name(tmp_path):
     could not be saved again."""
     ValueHead(4, [3], seed=0, metadata={"mse": 1.0}).save(tmp_path)
     config = tmp_path / "config.json"
-    config.write_text(config.read_text().replace('"mse": 1.0', '"mse": NaN'))
+    text = config.read_text()
+    config.write_text(text.replace('"mse": 1.0', '"mse": NaN'))
     with pytest.raises(ValueHeadError, match=r"config.json is not valid JSON: NaN is not a "
                                              r"JSON value"):
+        ValueHead.load(tmp_path)
+    config.write_text(text.replace('"mse": 1.0', '"mse": -1e400'))  # read as -inf
+    with pytest.raises(ValueHeadError, match=r"not valid JSON: -1e400 is beyond a float's"):
         ValueHead.load(tmp_path)
 
 
@@ -1037,7 +1041,11 @@ def test_a_weights_file_with_a_header_no_head_has_is_refused_unparsed(tmp_path):
     weights = tmp_path / "model.safetensors"
     weights.write_bytes(struct.pack("<Q", 50 * 1024 * 1024) + b"{" + b" " * 64)
     with pytest.raises(ValueHeadError, match=r"a safetensors header of 52428800 bytes, more "
-                                             r"than a value head's holds"):
+                                             r"than a head of 4 tensors holds"):
+        ValueHead.load(tmp_path)
+    weights.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:ab\nsize 9\n")
+    with pytest.raises(ValueHeadError, match=r"is a Git LFS pointer, not the weights: fetch "
+                                             r"them \(git lfs pull\)"):
         ValueHead.load(tmp_path)
 
 

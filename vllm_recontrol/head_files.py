@@ -82,6 +82,15 @@ def _no_json_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON value (configs hold finite numbers only)")
 
 
+def _finite_float(text: str) -> float:
+    """A JSON number that fits a float (``1e400`` reads as inf otherwise)."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is beyond a float's range (configs hold finite numbers "
+                         f"only)")
+    return value
+
+
 def read_config(path: Path) -> dict[str, Any]:
     """Read and validate ``config.json`` of a head folder."""
     if not path.exists():
@@ -96,7 +105,8 @@ def read_config(path: Path) -> dict[str, Any]:
         raise ValueHeadError(f"value head config {config_path} is {size} bytes, more than a "
                              f"head's config holds ({MAX_CONFIG_BYTES}); not a value head's")
     try:
-        config = json.loads(config_path.read_text(), parse_constant=_no_json_constant)
+        config = json.loads(config_path.read_text(), parse_constant=_no_json_constant,
+                            parse_float=_finite_float)
     # ValueError also covers integers of more than 4300 digits, which json.loads refuses
     except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError
         raise ValueHeadError(f"value head config {config_path} is not valid JSON: {exc}") from exc
@@ -161,7 +171,7 @@ def read_weights(weights_path: Path, hidden_size: int,
     for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
         expected[f"layers.{i}.weight"] = (fan_out, fan_in)
         expected[f"layers.{i}.bias"] = (fan_out,)
-    _check_header_size(weights_path)
+    _check_header_size(weights_path, len(expected))
     try:
         with safe_open(str(weights_path), framework="pt") as handle:
             save_id = stored_save_id(handle.metadata() or {})
@@ -185,26 +195,34 @@ def read_weights(weights_path: Path, hidden_size: int,
 
 
 # A head's safetensors header names 2 (layers + 1) tensors and one metadata key: under a
-# kilobyte. A larger one is another file (a model's, renamed): refused before it is parsed
-# (an 89 MB header took 2.2 GB of memory to parse, and its names made a 17 MB message).
-MAX_HEADER_BYTES = 1024 * 1024
+# kilobyte for the paper's heads. A far larger one is another file (a model's, renamed):
+# refused before it is parsed (an 89 MB header took 2.2 GB of memory to parse, and its
+# names made a 17 MB message). Room: MAX_CONFIG_BYTES of metadata, and per tensor.
+HEADER_BYTES_PER_TENSOR = 256
 LISTED_NAMES = 10  # of the missing or unexpected tensors, in a message
+LFS_POINTER = b"version https://git-lfs"
 
 
-def _check_header_size(weights_path: Path) -> None:
-    """The file is readable (safetensors says "No such file" for one that is not) and its
-    header (the first 8 bytes give its length) is of a head's size."""
+def _check_header_size(weights_path: Path, tensors: int) -> None:
+    """The file is readable (safetensors says "No such file" for one that is not), is not a
+    Git LFS pointer, and its header (the first 8 bytes give its length) is of the size a
+    head of ``tensors`` tensors can have."""
     try:
         with open(weights_path, "rb") as handle:
-            prefix = handle.read(8)
+            prefix = handle.read(len(LFS_POINTER))
     except OSError as exc:
         raise ValueHeadError(f"value head weights {weights_path} cannot be read "
                              f"({exc.strerror or exc})") from None
-    length = int.from_bytes(prefix, "little") if len(prefix) == 8 else 0
-    if length > MAX_HEADER_BYTES:
+    if prefix == LFS_POINTER:
+        raise ValueHeadError(f"value head weights {weights_path} is a Git LFS pointer, not "
+                             f"the weights: fetch them (git lfs pull) or download the head "
+                             f"again")
+    length = int.from_bytes(prefix[:8], "little") if len(prefix) >= 8 else 0
+    limit = MAX_CONFIG_BYTES + HEADER_BYTES_PER_TENSOR * tensors
+    if length > limit:
         raise ValueHeadError(f"value head weights {weights_path}: a safetensors header of "
-                             f"{length} bytes, more than a value head's holds "
-                             f"({MAX_HEADER_BYTES}); not a value head's weights")
+                             f"{length} bytes, more than a head of {tensors} tensors holds "
+                             f"({limit}); not this head's weights")
 
 
 def _listed(names: list[Any]) -> str:
