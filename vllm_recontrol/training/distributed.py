@@ -139,9 +139,12 @@ class ProcessGroup:
             raise RuntimeError(f"train: the processes' value heads differ (largest difference "
                                f"{worst:g} on rank {self.rank}); nothing was saved")
 
-    def barrier(self) -> None:
-        if self.distributed:
-            torch.distributed.barrier()
+    def raise_main_failure(self, failure: Exception | None, elsewhere: str) -> None:
+        """After work only rank 0 does (checking or writing the head): raise its ``failure``
+        (None: it succeeded) in every process, the others with ``elsewhere``, so that none
+        waits on rank 0 in a later collective. Also a barrier: rank 0's work is done."""
+        if self.max(int(failure is not None)):
+            raise failure or DataError(elsewhere)
 
     def close(self) -> None:
         if self.distributed and torch.distributed.is_initialized():
