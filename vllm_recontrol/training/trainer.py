@@ -32,7 +32,7 @@ from ..errors import ValueHeadError
 from ..head_files import CONFIG_FILE, WEIGHTS_FILE, read_config
 from ..value_head import ValueHead
 from . import checkpoint
-from .collector import MODEL_FOLDER
+from .collector import MODEL_FOLDER, model_folder
 from .common import (DataError, build_options, json_digest, parse_command_line, progress,
                      run_main, summary_table)
 from .dataset import LabelledData, Window
@@ -139,11 +139,9 @@ def recorded_model_name(manifest: dict[str, Any]) -> str | None:
     ``train`` runs it would name another folder). A manifest of an earlier release holds
     only the path as given: resolved here, as those releases did."""
     model = manifest.get("model")
-    if MODEL_FOLDER in manifest:
-        return manifest[MODEL_FOLDER] or model
-    if isinstance(model, str) and Path(model).is_dir():
-        return str(Path(model).resolve())
-    return model
+    folder = manifest[MODEL_FOLDER] if MODEL_FOLDER in manifest else (
+        model_folder(model) if isinstance(model, str) else None)
+    return folder or model
 
 
 def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
