@@ -100,7 +100,8 @@ def ray_actors(opts: Any, worker_class: type, count: int, *args: Any,
     ship = local_code(ship_modules)
     started_here = not ray.is_initialized()
     if started_here:
-        _check_address(opts.ray_address)
+        address, named = _address_named(opts.ray_address)
+        _check_address(address, named)
         # Ray uploads local code only for a whole job (ray.init), not for single actors.
         if ship:
             logger.info("vllm-recontrol: shipping %s to the Ray workers (py_modules)",
@@ -110,7 +111,7 @@ def ray_actors(opts: Any, worker_class: type, count: int, *args: Any,
                      ignore_reinit_error=True,
                      runtime_env={"py_modules": ship} if ship else None)
         except ConnectionError as exc:  # "auto" with no cluster running, say
-            raise DataError(f"--ray-address {opts.ray_address}: no Ray cluster to connect to "
+            raise DataError(f"{named}: no Ray cluster to connect to "
                             f"({str(exc).splitlines()[0]}); start one (ray start --head) or "
                             f"leave --ray-address out to start a local one") from None
     elif ship:
@@ -159,14 +160,18 @@ def check_actor_resources(opts: Any) -> None:
 ADDRESS_TIMEOUT_S = 10.0
 
 
-def _check_address(address: str | None) -> None:
-    """An address ``host:port`` (``--ray-address``, else Ray's ``RAY_ADDRESS``) must accept
-    a connection: a typo, or a cluster that went down, is a one-line error at once rather
-    than a command that seems to hang."""
-    named = f"--ray-address {address}"
+def _address_named(address: str | None) -> tuple[str | None, str]:
+    """The address Ray will use (``--ray-address``, else its ``RAY_ADDRESS``) and how an
+    error names it."""
     if not address and os.environ.get("RAY_ADDRESS"):
-        address = os.environ["RAY_ADDRESS"]
-        named = f"RAY_ADDRESS={address} (no --ray-address given)"
+        return os.environ["RAY_ADDRESS"], f"RAY_ADDRESS={os.environ['RAY_ADDRESS']} (no " \
+                                          "--ray-address given)"
+    return address, f"--ray-address {address}"
+
+
+def _check_address(address: str | None, named: str) -> None:
+    """An address ``host:port`` must accept a connection: a typo, or a cluster that went
+    down, is a one-line error at once rather than a command that seems to hang."""
     match = re.fullmatch(r"(ray://)?\[?([^\]/]+?)\]?:(\d+)", address or "")
     if not match:  # None (start one), "auto", "local": Ray's own rules
         return
