@@ -377,7 +377,7 @@ def _guard_openai_requests() -> None:
 
     def refuse_misplaced_keys(request: Any) -> None:
         extra = getattr(request, "model_extra", None) or {}
-        keys = sorted(k for k in extra if looks_like_request_key(k))
+        keys = _request_keys(extra)
         if keys:
             raise VLLMValidationError(
                 f"vllm-recontrol: {', '.join(keys)} must be inside vllm_xargs "
@@ -386,8 +386,7 @@ def _guard_openai_requests() -> None:
                 "ignores it", parameter=keys[0])
 
     def refuse_beam_search_keys(request: Any) -> None:
-        keys = sorted(k for k in (getattr(request, "vllm_xargs", None) or {})
-                      if looks_like_request_key(k))
+        keys = _request_keys(getattr(request, "vllm_xargs", None) or {})
         if keys:
             raise VLLMValidationError(
                 f"vllm-recontrol: {', '.join(keys)} cannot be used with use_beam_search: "
@@ -452,10 +451,10 @@ def _guard_other_endpoints() -> None:
                           _original: Any = original, _xargs_lost: bool = xargs_lost,
                           _why: str = why, **kwargs: Any) -> Any:
             body = await _request_body(request, raw_request)
-            keys = sorted(k for k in body if looks_like_request_key(k))
+            keys = _request_keys(body)
             xargs = body.get("vllm_xargs")
             if _xargs_lost and isinstance(xargs, dict):
-                keys += sorted(f"vllm_xargs.{k}" for k in xargs if looks_like_request_key(k))
+                keys += [f"vllm_xargs.{k}" for k in _request_keys(xargs)]
             if keys:
                 return self.create_error_response(f"vllm-recontrol: {', '.join(keys)} cannot "
                                                   f"be used here: {_why}", param=keys[0])
@@ -463,6 +462,11 @@ def _guard_other_endpoints() -> None:
 
         checked._recontrol_wrapped = True  # type: ignore[attr-defined]
         setattr(serving_class, method, checked)
+
+
+def _request_keys(fields: Any) -> list[str]:
+    """The keys of ``fields`` that are, or misspell, RE-Control request keys, sorted."""
+    return sorted(k for k in fields if looks_like_request_key(k))
 
 
 async def _request_body(request: Any, raw_request: Any) -> dict:

@@ -162,9 +162,7 @@ class EngineSettings:
                         low=0)
         if steps > max_steps:
             default = "" if "steps" in section else " (the default; set steps too)"
-            raise ConfigError(f'{where}["steps"] = {steps}{default} exceeds max_steps = '
-                              f'{max_steps}; raise max_steps (up to {STEPS_LIMIT}) or lower '
-                              f'steps')
+            raise _steps_over_max(f'{where}["steps"] = {steps}{default}', max_steps)
         max_norm = _as_radius(section.get("max_norm"), f'{where}["max_norm"]')
         backend = section.get("backend", "auto")
         if backend not in BACKENDS:
@@ -357,6 +355,12 @@ def _as_auto_switch(value: Any, name: str) -> bool | None:
 HEAD_SPEC_KEYS = ("path", "alpha", "steps", "max_norm")
 
 
+def _steps_over_max(setting: str, max_steps: int) -> ConfigError:
+    """The error for an engine's step count (``setting``, as written) above its max_steps."""
+    return ConfigError(f"{setting} exceeds max_steps = {max_steps}; raise max_steps (up to "
+                       f"{STEPS_LIMIT}) or lower steps")
+
+
 def map_head_paths(additional_config: Mapping[str, Any],
                    change: Callable[[str, str], str]) -> dict[str, Any]:
     """A copy of a valid ``additional_config`` with every head path (``value_head`` and each
@@ -397,8 +401,7 @@ def _as_head_specs(value: Any, name: str, max_steps: int) -> tuple[tuple[str, He
             steps = (None if entry.get("steps") is None else
                      _as_int(entry["steps"], f'{where}["steps"]', ConfigError, low=0))
             if steps is not None and steps > max_steps:
-                raise ConfigError(f'{where}["steps"] = {steps} exceeds max_steps = {max_steps}; '
-                                  f'raise max_steps (up to {STEPS_LIMIT}) or lower steps')
+                raise _steps_over_max(f'{where}["steps"] = {steps}', max_steps)
             max_norm = _as_radius(entry.get("max_norm"), f'{where}["max_norm"]')
         else:
             path, alpha, steps, max_norm = entry, None, None, None
