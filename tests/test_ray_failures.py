@@ -25,9 +25,12 @@ def placement(**overrides) -> SimpleNamespace:
 @pytest.fixture(scope="module")
 def local_ray():
     """One local Ray for the module (ray_actors then neither starts nor stops one); the
-    fake workers' module travels with the job."""
+    fake workers' module travels with the job. The actors' own stderr is not forwarded:
+    Ray prints it on the driver's stderr whenever its log monitor gets to it, before or
+    after the CLI's error line, and these tests check that line, not Ray's log."""
     fakes = Path(__file__).with_name("training_fakes.py")
-    ray.init(num_cpus=1, include_dashboard=False, runtime_env={"py_modules": [str(fakes)]})
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False,
+             runtime_env={"py_modules": [str(fakes)]})
     yield
     ray.shutdown()
 
