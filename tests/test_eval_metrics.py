@@ -330,6 +330,20 @@ def test_engines_on_ray_actors_load_one_commit_of_a_hub_head(tmp_path, monkeypat
     assert in_process._engine_settings.value_head == "someone/head"  # its engine pins it
 
 
+def test_engines_on_ray_actors_get_local_engine_paths_absolute(tmp_path, monkeypatch):
+    """A relative tokenizer folder names another folder, or a hub id, in an actor that runs
+    in another working directory; in this process it stays as given."""
+    from vllm_recontrol.evaluation.evaluate import EvalOptions, Evaluator
+
+    (tmp_path / "tok").mkdir()
+    monkeypatch.chdir(tmp_path)
+    options = dict(model="m", value_head="h", prompts="p", engine_args={"tokenizer": "tok"})
+    on_ray = Evaluator(EvalOptions(ray=True, replicas=2, **options), [], None, None)
+    assert on_ray._engine_settings.engine_args == {"tokenizer": str(tmp_path.resolve() / "tok")}
+    here = Evaluator(EvalOptions(**options), [], None, None)
+    assert here._engine_settings.engine_args == {"tokenizer": "tok"}
+
+
 def test_reward_actors_need_ray_and_a_cluster_that_holds_every_actor(tmp_path):
     from types import SimpleNamespace
 

@@ -175,6 +175,30 @@ def test_local_paths_go_to_actors_absolute(tmp_path, monkeypatch):
     assert actor_path(None) is None and actor_path("hf://org/model") == "hf://org/model"
 
 
+def test_engine_arguments_that_name_local_files_go_to_actors_absolute(tmp_path, monkeypatch):
+    """The engine's own paths (a tokenizer folder, a chat template file) as the model's;
+    a hub id, an inline template (too long to be a file name) and other values as given."""
+    from vllm_recontrol.training.ray_pool import actor_engine_args, actor_reward_arguments
+
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "chat.jinja").write_text("{{ messages }}")
+    (tmp_path / "rm").mkdir()
+    monkeypatch.chdir(tmp_path)
+    inline = "{% for m in messages %}{{ m['content'] }}{% endfor %}" * 20
+    given = {"tokenizer": "tok", "chat_template": "chat.jinja", "download_dir": "org/x",
+             "dtype": "tok", "max_model_len": 64}
+    assert actor_engine_args(given) == {
+        "tokenizer": str(tmp_path.resolve() / "tok"),
+        "chat_template": str(tmp_path.resolve() / "chat.jinja"), "download_dir": "org/x",
+        "dtype": "tok", "max_model_len": 64}
+    assert actor_engine_args({"chat_template": inline}) == {"chat_template": inline}
+    arguments = {"reward_model": "rm", "reward_fn": None, "engine_args": {"tokenizer": "tok"}}
+    assert actor_reward_arguments(arguments) == {
+        "reward_model": str(tmp_path.resolve() / "rm"), "reward_fn": None,
+        "engine_args": {"tokenizer": str(tmp_path.resolve() / "tok")}}
+    assert arguments["engine_args"] == {"tokenizer": "tok"}  # the caller's left as it was
+
+
 def test_eval_engine_actors_are_killed_not_waited_for_when_the_run_fails(monkeypatch):
     """Asking an actor to close queues behind its generation (the rest of a method's):
     after Ctrl-C or an error the actors are killed at once; an actor that died does not
@@ -239,3 +263,42 @@ def test_a_constructors_error_waits_for_the_first_call_of_any_kind():
     for call in (broken.get, lambda: asyncio.run(broken.get_later())):
         with pytest.raises(DataError, match="no head here"):
             call()
+
+
+def test_collect_and_label_actors_get_local_engine_paths_absolute(tmp_path, monkeypatch):
+    """What ``collect --ray`` and ``label --ray`` hand their actors (``ray_actors`` records
+    its arguments and stops there): the engines' tokenizer folders absolute."""
+    from vllm_recontrol.training import labeler, ray_collect
+    from vllm_recontrol.training.collector import CollectOptions
+    from vllm_recontrol.training.labeler import LabelOptions
+
+    handed = []
+
+    @contextlib.contextmanager
+    def recording(opts, worker, count, *arguments, **keywords):
+        handed.append(arguments)
+        raise RayStarts
+        yield
+
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "model").mkdir()
+    monkeypatch.chdir(tmp_path)
+    absolute = str(tmp_path.resolve() / "tok")
+    for module in (ray_collect, labeler):
+        monkeypatch.setattr(module, "ray_actors", recording)
+    opts = CollectOptions(model="model", prompts="p", out="out",
+                          engine_args={"tokenizer": "tok"},
+                          pooling_engine_args={"tokenizer": "tok"})
+    with pytest.raises(RayStarts):
+        ray_collect.run_with_ray(opts, {"model": "model"}, [], [], [])
+    _, manifest, engine_args, pooling_engine_args, _ = handed[-1]
+    assert manifest["model"] == str(tmp_path.resolve() / "model")
+    assert engine_args == pooling_engine_args == {"tokenizer": absolute}
+    assert opts.engine_args == {"tokenizer": "tok"}  # the manifest's (resume) copy unchanged
+    with pytest.raises(RayStarts):
+        labeler._label_with_ray(LabelOptions(data="d", reward_model="model",
+                                             engine_args={"tokenizer": "tok"}),
+                                tmp_path, tmp_path, ["shard-00000"])
+    arguments = handed[-1][2]
+    assert arguments["engine_args"] == {"tokenizer": absolute}
+    assert arguments["reward_model"] == str(tmp_path.resolve() / "model")

@@ -31,8 +31,8 @@ from ..training.common import (RecontrolError, build_options, check_engine_args,
                                sampling_refusal, write_jsonl_atomic)
 from ..training.engines import run_engines_in_process
 from ..training.prompts import load_prompts, load_references
-from ..training.ray_pool import (actor_path, add_ray_arguments, check_actor_resources,
-                                 check_replicas)
+from ..training.ray_pool import (actor_engine_args, actor_path, actor_reward_arguments,
+                                 add_ray_arguments, check_actor_resources, check_replicas)
 from ..training.rewards import DEFAULT_CUT_AT, RewardSource, cut_response
 from .engines import EnginePool, EngineSettings, Method, Samples
 from .llm_judge import (JUDGE_TEMPLATE, JudgeAnswers, JudgeClient, JudgeSettings,
@@ -266,13 +266,15 @@ class Evaluator:
         self.grid = parse_grid(opts.grid, (DEFAULT_HEAD, *further))
         self.best_of()  # checked before any engine starts, not after base and the grid ran
         model, value_head, further = opts.model, opts.value_head, dict(further)
+        engine_args = dict(opts.engine_args)
         if opts.ray:  # each actor starts its own engine, each would resolve a hub head anew
             # (and may run in another working directory: local paths go absolute)
             model, value_head = actor_path(model), actor_path(pin_head(value_head))
             further = {name: actor_path(pin_head(path)) for name, path in further.items()}
+            engine_args = actor_engine_args(engine_args)
         settings = EngineSettings(
             model=model, value_head=value_head, value_heads=further,
-            max_steps=max(p.steps for p in self.grid), engine_args=dict(opts.engine_args),
+            max_steps=max(p.steps for p in self.grid), engine_args=engine_args,
             seed=opts.seed, max_tokens=opts.max_tokens, temperature=opts.temperature,
             bon_temperature=opts.bon_temperature, system_prompt=opts.system_prompt,
             chat_template=opts.chat_template, in_process=opts.in_process)
@@ -609,7 +611,7 @@ def reward_scoring(opts: EvalOptions, arguments: dict[str, Any], source: RewardS
         return source.score
     engines = opts.replicas if opts.ray else 0
     pool = stack.enter_context(RewardPool(
-        {**arguments, "reward_model": actor_path(arguments.get("reward_model"))},
+        actor_reward_arguments(arguments),
         opts.reward_replicas, opts.reward_num_cpus,
         opts.reward_num_gpus, opts.ray_address,
         reserve={"CPU": engines * opts.ray_num_cpus, "GPU": engines * opts.ray_num_gpus}))

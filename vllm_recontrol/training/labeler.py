@@ -28,8 +28,8 @@ from .common import (DataError, build_options, check_engine_args, dump_json, jso
                      parse_command_line, progress, read_jsonl, run_main, summary_table,
                      write_jsonl_atomic, write_text_atomic)
 from .engines import run_engines_in_process
-from .ray_pool import (actor_path, add_ray_arguments, call_each, check_replicas, dispatch,
-                       ray_actors)
+from .ray_pool import (actor_reward_arguments, add_ray_arguments, call_each, check_replicas,
+                       dispatch, ray_actors)
 from .rewards import (DEFAULT_CUT_AT, RM_ENGINES, RewardSource, cut_response,
                       reward_fn_modules)
 from .shards import manifest_sha256, manifest_shards, read_manifest, read_rows, shard_status
@@ -243,8 +243,7 @@ def _label_all(opts: LabelOptions, source: RewardSource, data: Path, manifest: d
 
 def _label_with_ray(opts: LabelOptions, data: Path, folder: Path, todo: list[str]) -> None:
     """Each shard labelled once, by whichever of ``opts.replicas`` actors is free."""
-    arguments = opts.source_arguments()
-    arguments["reward_model"] = actor_path(arguments["reward_model"])
+    arguments = actor_reward_arguments(opts.source_arguments())
     with ray_actors(opts, LabelWorker, len(todo), str(data.resolve()), str(folder.resolve()),
                     arguments, opts.cut_at, opts.in_process,
                     ship_modules=reward_fn_modules(opts.reward_fn)) as actors:

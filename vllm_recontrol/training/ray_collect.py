@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .collector import CollectOptions, CollectWorker
-from .ray_pool import actor_path, call_each, dispatch, ray_actors
+from .ray_pool import actor_engine_args, actor_path, call_each, dispatch, ray_actors
 from .shards import ShardPlan
 
 
@@ -23,7 +23,8 @@ def run_with_ray(opts: CollectOptions, manifest: dict[str, Any], prompts: Sequen
     worker_manifest = {**manifest, "model": actor_path(manifest["model"])}
     out = str(Path(opts.out).resolve())
     with ray_actors(opts, CollectWorker, len(to_encode), out, worker_manifest,
-                    opts.engine_args, opts.pooling_engine_args, opts.in_process) as actors:
+                    actor_engine_args(opts.engine_args),
+                    actor_engine_args(opts.pooling_engine_args), opts.in_process) as actors:
         dispatch(actors, [
             (lambda actor, p=plan: actor.generate_shard.remote(
                 p, list(prompts[p.prompt_start:p.prompt_end])))

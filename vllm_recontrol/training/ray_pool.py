@@ -138,9 +138,30 @@ def actor_path(name: str | None) -> str | None:
     working directory (a cluster started by ``ray start`` elsewhere), where a relative path
     names another folder or none, and would then be looked up on the Hugging Face Hub. A hub
     id (nothing at that path here) as given."""
-    if name and Path(name).expanduser().exists():
-        return str(Path(name).expanduser().resolve())
+    try:
+        if name and Path(name).expanduser().exists():
+            return str(Path(name).expanduser().resolve())
+    except OSError:  # a text too long to be a path (a chat template given inline)
+        pass
     return name
+
+
+# vllm.LLM arguments that may name a local file or folder.
+ENGINE_PATH_ARGUMENTS = ("tokenizer", "download_dir", "hf_config_path", "chat_template",
+                         "allowed_local_media_path", "log_config_file")
+
+
+def actor_engine_args(engine_args: dict[str, Any]) -> dict[str, Any]:
+    """``engine_args`` for an actor's engine: local paths among them absolute, as for the
+    model (``actor_path``); a hub id or an inline chat template as given."""
+    return {key: actor_path(value) if key in ENGINE_PATH_ARGUMENTS and isinstance(value, str)
+            else value for key, value in engine_args.items()}
+
+
+def actor_reward_arguments(arguments: dict[str, Any]) -> dict[str, Any]:
+    """A reward source's arguments (``LabelOptions.source_arguments``) for an actor."""
+    return {**arguments, "reward_model": actor_path(arguments.get("reward_model")),
+            "engine_args": actor_engine_args(arguments.get("engine_args") or {})}
 
 
 def check_actor_resources(opts: Any) -> None:
