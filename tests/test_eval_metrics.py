@@ -629,6 +629,9 @@ def test_responses_file_has_every_methods_answer_to_every_prompt(tmp_path):
     ({"max_tokens": 0}, r"--temperature 0.0, --max-tokens 0, --seed 0\): .*max_tokens"),
     ({"temperature": -1.0}, r"--temperature -1.0, .*temperature"),
     ({"bon_temperature": 5.0}, r"--bon-temperature 5.0, .*temperature"),
+    # vLLM's engine core seeds numpy with it, and failed there with a traceback
+    ({"seed": 2 ** 32}, r"--seed must be an integer in \[0, 2\*\*32\) .*got 4294967296"),
+    ({"seed": -3}, r"--seed must be an integer in \[0, 2\*\*32\)"),
 ])
 def test_eval_refuses_bad_sampling_options_before_starting_an_engine(tmp_path, options, message):
     """vLLM would raise these only at the first request, after the engine's start."""

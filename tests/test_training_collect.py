@@ -426,6 +426,12 @@ def test_collect_option_errors(tmp_path):
         with pytest.raises(DataError, match="sampling options refused by vLLM"):
             fake_collect(tmp_path, count=4, **sampling)
         assert not (tmp_path / "data").exists()  # refused before the manifest: a rerun works
+    for seed in (2 ** 32, -1):  # the engine's seed too: vLLM seeds numpy with it
+        with pytest.raises(DataError, match=rf"seed must be an integer in \[0, 2\*\*32\) "
+                                            rf".*got {seed!r}"):
+            fake_collect(tmp_path, count=4, seed=seed)
+        assert not (tmp_path / "data").exists()
+    fake_collect(tmp_path / "top", count=4, seed=2 ** 32 - 1)
     with pytest.raises(Exception, match="unknown option"):
         fake_collect(tmp_path, count=4, max_tokens=3)
 

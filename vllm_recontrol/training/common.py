@@ -250,6 +250,19 @@ def check_model_path(model: str, flag: str = "--model") -> None:
                         "config.json; a hub id looks like org/name)")
 
 
+# vLLM seeds numpy's global generator with its engine seed, which takes [0, 2**32).
+MAX_ENGINE_SEED = 2 ** 32
+
+
+def engine_seed_refusal(seed: Any, flag: str = "--seed") -> str | None:
+    """Why ``seed`` cannot seed a vLLM engine, or None: checked before any engine starts,
+    where vLLM would refuse it only inside its engine core process, with a traceback."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < MAX_ENGINE_SEED:
+        return (f"{flag} must be an integer in [0, 2**32) (vLLM seeds numpy with it), "
+                f"got {seed!r}")
+    return None
+
+
 def sampling_refusal(params: Mapping[str, Any]) -> str | None:
     """vLLM's own objection to ``SamplingParams(**params)`` (temperature <= 2, top_k,
     max_tokens >= 1, ...), or None: checked before any engine starts, where vLLM would raise
