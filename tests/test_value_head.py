@@ -207,6 +207,33 @@ def test_a_head_used_under_inference_mode_works_outside_it(form):
 
 
 @pytest.mark.parametrize("form", ["direct", "gram"])
+def test_a_head_made_under_inference_mode_ascends_and_sees_later_changes(tmp_path, form):
+    """A head built, loaded or moved inside ``torch.inference_mode()`` (a user's serving
+    code) has inference-tensor parameters, which have no version counter: ascend failed
+    inside and outside that mode. It now edits as a head made outside it, and a later
+    change of its weights still reaches the cached copies."""
+    states = torch.randn(3, 8, generator=torch.Generator().manual_seed(5))
+    reference = ValueHead(8, [6, 4], seed=0)
+    reference.save(tmp_path / "h")
+    with torch.inference_mode():
+        built, loaded = ValueHead(8, [6, 4], seed=0), ValueHead.load(tmp_path / "h")
+        moved = ValueHead(8, [6, 4], seed=0).to(torch.float64).to(torch.float32)
+        inside = loaded.ascend(states, 0.5, 3, backend="torch", form=form)
+    expected = reference.ascend(states, 0.5, 3, backend="torch", form=form)
+    assert torch.equal(inside, expected)
+    for head in (built, loaded, moved):
+        assert torch.equal(head.ascend(states, 0.5, 3, backend="torch", form=form), expected)
+        with torch.no_grad():
+            head.layers[0].weight.mul_(2.0)
+    with torch.no_grad():
+        reference.layers[0].weight.mul_(2.0)
+    changed = reference.ascend(states, 0.5, 3, backend="torch", form=form)
+    assert not torch.equal(changed, expected)
+    for head in (built, loaded, moved):
+        assert torch.equal(head.ascend(states, 0.5, 3, backend="torch", form=form), changed)
+
+
+@pytest.mark.parametrize("form", ["direct", "gram"])
 @pytest.mark.parametrize("needs_grad", ["alpha", "max_norm", "states"])
 def test_ascend_takes_tensors_that_require_grad_and_stays_usable(form, needs_grad):
     """The edit is inference, never differentiated: tensors that require grad (a learnable

@@ -108,12 +108,28 @@ class ValueHead(nn.Module):
         """Float32 copies of the weights (cached until a parameter changes in place or moves)."""
         return self._weights_as(torch.float32)
 
+    def _adopt_inference_parameters(self) -> None:
+        """Parameters made (or moved) under ``torch.inference_mode()`` as normal tensors:
+        an inference tensor has no version counter, which the weight cache reads (ascend
+        failed with "Inference tensors do not track version counter"), and cannot be
+        changed in place outside that mode."""
+        if not any(p.is_inference() for p in self.parameters()):
+            return
+        with torch.inference_mode(False):
+            for layer in self.layers:
+                for name in ("weight", "bias"):
+                    old = getattr(layer, name)
+                    if old.is_inference():
+                        setattr(layer, name, nn.Parameter(old.detach().clone(),
+                                                          requires_grad=old.requires_grad))
+
     def _weights_as(self, dtype: torch.dtype, gram: bool = False) -> MLPWeights:
         """Contiguous copies in ``dtype`` (with W1 W1^T for the Gram form when ``gram``),
         cached until a parameter changes in place or moves. A change through ``.data`` is
         not tracked (it does not count as a version of the parameter): float32 weights are
         read in place (no copy), but W1 W1^T stays stale; change weights under
         ``torch.no_grad()`` instead, as ``load_state_dict`` does."""
+        self._adopt_inference_parameters()
         key = tuple((p.data_ptr(), p._version, p.device, p.dtype) for p in self.parameters())
         cached = self._mlp_cache.get((dtype, gram))
         if cached is None or cached[0] != key:
