@@ -792,6 +792,9 @@ def test_grid_points_that_print_alike_keep_their_own_judge_verdicts():
 
 @pytest.mark.parametrize("setting, message", [
     ({"reward_model": "MISSING"}, "cannot load reward model"),
+    # transformers blamed the tokenizer in five lines on sentencepiece
+    ({"reward_model": "EMPTY"}, r"cannot load reward model '.*empty-rm': the folder has no "
+                                r"config.json \(a model folder is one saved with save_pretr"),
     ({"reward_batch_size": 0}, "batch_size must be a positive integer, got 0"),
     ({"reward_index": 3}, r"--reward-index 3 is out of range: reward model .* has 1 output"),
     ({"device": "gpu7"}, "reward model device 'gpu7' is not a torch device"),
@@ -822,6 +825,9 @@ def test_a_bad_reward_model_setting_fails_before_any_engine_starts(tmp_path, mon
                    out=str(tmp_path / "e"))
     if setting.get("reward_model") == "MISSING":
         setting = {"reward_model": str(tmp_path / "no-such-rm")}
+    if setting.get("reward_model") == "EMPTY":
+        (tmp_path / "empty-rm").mkdir()
+        setting = {"reward_model": str(tmp_path / "empty-rm")}
     with pytest.raises(RecontrolError, match=message):
         evaluate_module.evaluate(**{**options, **setting})
 

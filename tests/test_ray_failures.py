@@ -302,3 +302,30 @@ def test_collect_and_label_actors_get_local_engine_paths_absolute(tmp_path, monk
     arguments = handed[-1][2]
     assert arguments["engine_args"] == {"tokenizer": absolute}
     assert arguments["reward_model"] == str(tmp_path.resolve() / "model")
+
+
+def test_reward_actors_check_their_model_before_anything_generates(local_ray, tmp_path, capsys,
+                                                                    monkeypatch):
+    """``eval --reward-replicas N``: each actor checks the reward model's settings, tokenizer
+    and config when the pool starts (the files may be on the workers only, so the driver
+    cannot), not at the first score after base generated; the actors are killed."""
+    from vllm_recontrol.evaluation.scoring import RewardPool
+
+    (tmp_path / "empty-rm").mkdir()
+    made, closes, close = [], [], RewardPool.close
+
+    def recorded_close(pool, failing=False):
+        closes.append(failing)
+        close(pool, failing)
+
+    monkeypatch.setattr(RewardPool, "close", recorded_close)
+
+    def run() -> None:
+        arguments = {"reward_model": str(tmp_path / "empty-rm"), "engine": "hf"}
+        made.append(RewardPool(arguments, 1, 0.25, 0, None))
+
+    assert run_main(run, {}) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: cannot load reward model '{tmp_path / 'empty-rm'}': the folder "
+                   f"has no config.json (a model folder is one saved with save_pretrained)"), err
+    assert made == [] and closes == [True]

@@ -28,6 +28,10 @@ class RewardWorker:
     def __init__(self, source_arguments: dict[str, Any]) -> None:
         self.source = RewardSource(**source_arguments)
 
+    def check(self) -> None:
+        """The reward model's settings, tokenizer and config, as this actor sees them."""
+        self.source.check()
+
     def score(self, pairs: list[tuple[str, str]]) -> list[float]:
         return self.source.score(pairs)
 
@@ -50,6 +54,14 @@ class RewardPool:
         self.actors = self._stack.enter_context(ray_actors(
             placement, RewardWorker, replicas, dict(source_arguments),
             ship_modules=reward_fn_modules(source_arguments.get("reward_fn")), reserve=reserve))
+        try:  # where the model's files are (maybe on the workers only): before any engine
+            # starts and base generates, not at the first score
+            import ray
+
+            ray.get([actor.check.remote() for actor in self.actors])
+        except BaseException:
+            self.close(failing=True)
+            raise
 
     def score(self, pairs: Sequence[tuple[str, str]]) -> list[float]:
         import ray

@@ -22,6 +22,7 @@ import os
 import sys
 import uuid
 from collections.abc import Mapping, Set
+from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar, overload
 
 from ..config import FLOAT32_MAX
@@ -212,6 +213,11 @@ def reward_model_settings(model: str, device: str, dtype: str, batch_size: Any,
     if engine == "hf" and not isinstance(getattr(torch, str(dtype), None), torch.dtype):
         raise RewardError(f"reward model dtype {dtype!r} is not a torch dtype (float32, "
                           f"bfloat16, float16)")
+    folder = Path(str(model)).expanduser()
+    if folder.is_dir() and not (folder / "config.json").is_file():  # transformers would
+        # blame the tokenizer (five lines on sentencepiece) or say nothing of the folder
+        raise RewardError(f"cannot load reward model {model!r}: the folder has no "
+                          f"config.json (a model folder is one saved with save_pretrained)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
         config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
