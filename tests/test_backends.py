@@ -24,8 +24,16 @@ def test_explicit_choice_beats_the_environment(monkeypatch):
     assert choose_backend("torch", "cpu", 2) == "torch"
 
 
-def test_forced_triton_that_cannot_run_fails_clearly(monkeypatch):
+def without_interpreted_kernels(monkeypatch) -> None:
+    """As in a process where TRITON_INTERPRET is unset: neither the variable nor a kernel
+    module an earlier test of this worker imported interpreted (``kernels_interpreted``
+    believes the module first)."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delitem(sys.modules, "vllm_recontrol.kernels.value_ascent", raising=False)
+
+
+def test_forced_triton_that_cannot_run_fails_clearly(monkeypatch):
+    without_interpreted_kernels(monkeypatch)
     with pytest.raises(ValueError, match="triton backend was requested but cannot run here"):
         choose_backend("triton", "cpu", 2)
     monkeypatch.setenv(BACKEND_ENV, "triton")  # the caller asked for auto: name the variable
@@ -93,7 +101,7 @@ def test_engine_backend_error_is_a_config_error(tmp_path, monkeypatch):
     from vllm_recontrol.controller import EditController, RowControls
     from vllm_recontrol.errors import ConfigError
 
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    without_interpreted_kernels(monkeypatch)
     settings = EngineSettings.from_additional_config(
         {"recontrol": {"value_head": str(tmp_path), "backend": "triton"}})
     with pytest.raises(ConfigError, match="backend"):

@@ -8,8 +8,10 @@ triton was imported does not help, even if the kernel module is re-imported. Hen
 variable is set at the very top, before anything here imports triton; if triton was already
 imported in compiled mode by an earlier test module, the in-process tests are skipped and one
 test runs this file again in a fresh interpreter with TRITON_INTERPRET=1 (its failures fail
-that test). The variable is restored when the module's tests end; note that once triton was
-imported under the interpreter, it stays so for the whole process.
+that test). The variable is restored as soon as triton is imported (every xdist worker
+imports this module when it collects) and set again only while the ``kernels`` fixture
+imports the kernels, whose module is put back as it was when the module's tests end; note
+that once triton was imported under the interpreter, it stays so for the whole process.
 
 Inputs are fresh random draws every run; the seed is in every failure message, and
 RECONTROL_TEST_SEED=<n> replays one. Tolerances follow the device METHOD note: fp32 products
@@ -50,32 +52,51 @@ from vllm_recontrol.ascent import MLPWeights  # noqa: E402
 from vllm_recontrol.ascent import with_first_gram  # noqa: E402
 from vllm_recontrol.kernels.reference import gram_reference_ascent, reference_ascent  # noqa: E402
 
+# Back as it was once triton is imported: every xdist worker imports this module when it
+# collects, and the variable left set made the others' later imports of the kernel module
+# interpreted (test_backends then found Triton runnable on the CPU). The kernels fixture
+# sets it again while it imports the kernels.
+if _PREVIOUS_INTERPRET is None:
+    os.environ.pop("TRITON_INTERPRET", None)
+else:
+    os.environ["TRITON_INTERPRET"] = _PREVIOUS_INTERPRET
+
 FP32_TOL = 1e-4          # fp32 products vs float64 (METHOD: far under 1e-3)
 BF16_EMULATED_TOL = 1e-3  # bf16 products vs float64 with the same bf16 operand rounding
 DIM, WIDTHS = 40, [24, 17, 20]  # not multiples of the 16/32-wide blocks
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _restore_interpret_variable():
-    yield
-    if _PREVIOUS_INTERPRET is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = _PREVIOUS_INTERPRET
+KERNEL_MODULE = "vllm_recontrol.kernels.value_ascent"
 
 
 @pytest.fixture(scope="module")
 def kernels():
     """The kernel module with interpreted kernels (re-imported if an earlier import compiled
-    them while triton's own library is interpreted)."""
+    them while triton's own library is interpreted). Afterwards the variable and the
+    process's kernel module are as they were: later tests in this worker that import the
+    kernels get them as the environment says, not interpreted."""
     if not IN_PROCESS:
         pytest.skip("triton was imported before TRITON_INTERPRET=1; see test_in_subprocess")
+    package = sys.modules["vllm_recontrol.kernels"]
+    earlier = sys.modules.get(KERNEL_MODULE)
     os.environ["TRITON_INTERPRET"] = "1"
-    import vllm_recontrol.kernels.value_ascent as va
-    if type(va._ascent_gemm_kernel).__name__ != "InterpretedFunction":
-        va = importlib.reload(va)
-    assert type(va._ascent_gemm_kernel).__name__ == "InterpretedFunction"
-    return va
+    try:
+        import vllm_recontrol.kernels.value_ascent as va
+        if type(va._ascent_gemm_kernel).__name__ != "InterpretedFunction":
+            va = importlib.reload(va)  # the same module object, its kernels interpreted
+        assert type(va._ascent_gemm_kernel).__name__ == "InterpretedFunction"
+        yield va
+    finally:
+        if _PREVIOUS_INTERPRET is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = _PREVIOUS_INTERPRET
+        if earlier is None:
+            sys.modules.pop(KERNEL_MODULE, None)
+            if hasattr(package, "value_ascent"):
+                delattr(package, "value_ascent")
+        else:
+            importlib.reload(earlier)  # compiled again, as before this module
 
 
 @pytest.fixture
