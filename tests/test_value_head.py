@@ -1094,7 +1094,8 @@ def test_the_first_edit_that_falls_back_on_a_cpu_is_logged_at_once(caplog):
     """A direct caller whose alpha is too large got every row back unedited and no word,
     unless it read nonfinite_rows(); later fallbacks wait for that read (the engine's)."""
     head = ValueHead(8, [8], seed=0)
-    states = torch.randn(4, 8).half()
+    # seeded: about 1 draw in 200 has a row whose gradient is 0 (that row stays finite)
+    states = torch.randn(4, 8, generator=torch.Generator().manual_seed(0)).half()
     with caplog.at_level("WARNING", logger="vllm.recontrol"):
         out = head.ascend(states, 1e6, 50)
         assert torch.equal(out, states)
