@@ -151,6 +151,38 @@ def test_endpoints_that_would_drop_control_keys_refuse_them(server):
     assert scored.status_code == 200, scored.text
 
 
+def test_the_readme_s_way_to_score_labels_under_a_chosen_control(server):
+    """/generative_scoring scores with the engine's control only; the README's way to
+    choose one: a one-token completion with the label tokens' logprobs and vllm_xargs. With
+    no keys it gives /generative_scoring's score (softmax over the labels); with keys,
+    another."""
+    import math
+
+    import httpx
+
+    client, _, _ = server
+    root = str(client.base_url).rstrip("/").removesuffix("/v1")
+    query, item, labels = [3, 4], [7], [5, 6]
+    scored = httpx.post(f"{root}/generative_scoring", timeout=60, json={
+        "query": query, "items": [item], "label_token_ids": labels})
+    assert scored.status_code == 200, scored.text
+    engine_score = scored.json()["data"][0]["score"]
+
+    def first_label_share(xargs: dict) -> float:
+        body = {"model": "tiny", "prompt": query + item, "max_tokens": 1, "temperature": 0,
+                "logprobs": len(labels), "logprob_token_ids": labels,
+                "return_tokens_as_token_ids": True, "vllm_xargs": xargs}
+        answer = httpx.post(f"{root}/v1/completions", json=body, timeout=60)
+        assert answer.status_code == 200, answer.text
+        top = answer.json()["choices"][0]["logprobs"]["top_logprobs"][0]
+        first, second = (top[f"token_id:{label}"] for label in labels)
+        return 1.0 / (1.0 + math.exp(second - first))
+
+    assert first_label_share({}) == pytest.approx(engine_score, abs=1e-6)
+    assert abs(first_label_share({"recontrol_alpha": 4.0, "recontrol_steps": 8})
+               - engine_score) > 1e-4
+
+
 def test_beam_search_refuses_request_keys_and_uses_engine_defaults(server, llama_engine):
     """vLLM's beam search drops vllm_xargs, so a beam-search request with recontrol keys is
     refused with 400 (completions and chat) instead of silently ignoring them; without keys
