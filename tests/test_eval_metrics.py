@@ -632,6 +632,9 @@ def test_responses_file_has_every_methods_answer_to_every_prompt(tmp_path):
     # vLLM's engine core seeds numpy with it, and failed there with a traceback
     ({"seed": 2 ** 32}, r"--seed must be an integer in \[0, 2\*\*32\) .*got 4294967296"),
     ({"seed": -3}, r"--seed must be an integer in \[0, 2\*\*32\)"),
+    ({"engine_args": {"seed": 2 ** 32}}, r"--engine-args seed must be an integer in \[0, "),
+    ({"rm_engine_args": {"seed": -1}, "rm_engine": "vllm", "reward_fn": None,
+      "reward_model": "rm"}, r"--rm-engine-args seed must be an integer in \[0, "),
 ])
 def test_eval_refuses_bad_sampling_options_before_starting_an_engine(tmp_path, options, message):
     """vLLM would raise these only at the first request, after the engine's start."""
@@ -640,9 +643,9 @@ def test_eval_refuses_bad_sampling_options_before_starting_an_engine(tmp_path, o
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "hello"}\n')
     with pytest.raises(RecontrolError, match=message):
-        evaluate(model="m", value_head="h", prompts=str(prompts),
-                 reward_fn="vllm_recontrol.toy_world:positive_share", out=str(tmp_path / "e"),
-                 **options)
+        evaluate(**{"model": "m", "value_head": "h", "prompts": str(prompts),
+                    "reward_fn": "vllm_recontrol.toy_world:positive_share",
+                    "out": str(tmp_path / "e"), **options})
 
 
 @pytest.mark.parametrize("engine_args, expected", [({}, False),

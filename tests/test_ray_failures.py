@@ -192,6 +192,13 @@ def test_engine_arguments_that_name_local_files_go_to_actors_absolute(tmp_path, 
         "chat_template": str(tmp_path.resolve() / "chat.jinja"), "download_dir": "org/x",
         "dtype": "tok", "max_model_len": 64}
     assert actor_engine_args({"chat_template": inline}) == {"chat_template": inline}
+    (tmp_path / "gencfg").mkdir()
+    (tmp_path / "vllm").mkdir()  # a checkout of vLLM here: "vllm" is still vLLM's keyword
+    assert actor_engine_args({"generation_config": "gencfg"}) == {
+        "generation_config": str(tmp_path.resolve() / "gencfg")}
+    for keyword in ("auto", "vllm"):
+        assert actor_engine_args({"generation_config": keyword}) == {
+            "generation_config": keyword}
     arguments = {"reward_model": "rm", "reward_fn": None, "engine_args": {"tokenizer": "tok"}}
     assert actor_reward_arguments(arguments) == {
         "reward_model": str(tmp_path.resolve() / "rm"), "reward_fn": None,

@@ -432,6 +432,11 @@ def test_collect_option_errors(tmp_path):
             fake_collect(tmp_path, count=4, seed=seed)
         assert not (tmp_path / "data").exists()
     fake_collect(tmp_path / "top", count=4, seed=2 ** 32 - 1)
+    for flag in ("engine_args", "pooling_engine_args"):  # a seed there overrides --seed
+        with pytest.raises(DataError, match=rf"--{flag.replace('_', '-')} seed must be an "
+                                            rf"integer in \[0, 2\*\*32\) .*got 4294967296"):
+            fake_collect(tmp_path, count=4, **{flag: {"seed": 2 ** 32}})
+        assert not (tmp_path / "data").exists()
     with pytest.raises(Exception, match="unknown option"):
         fake_collect(tmp_path, count=4, max_tokens=3)
 

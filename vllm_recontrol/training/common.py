@@ -232,6 +232,10 @@ def check_engine_args(arguments: Mapping[str, Any], flag: str) -> None:
 
     if "model" in arguments:
         raise DataError(f"{flag}: give the model with --model, not as an engine argument")
+    if "seed" in arguments:  # it overrides --seed there, and vLLM checks it only at start
+        refusal = engine_seed_refusal(arguments["seed"], f"{flag} seed")
+        if refusal:
+            raise DataError(refusal)
     known = engine_argument_names()
     unknown = sorted(k for k in arguments if k not in known)
     if unknown:

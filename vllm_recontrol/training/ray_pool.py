@@ -146,16 +146,20 @@ def actor_path(name: str | None) -> str | None:
     return name
 
 
-# vllm.LLM arguments that may name a local file or folder.
-ENGINE_PATH_ARGUMENTS = ("tokenizer", "download_dir", "hf_config_path", "chat_template",
-                         "allowed_local_media_path", "log_config_file")
+# vllm.LLM arguments that may name a local file or folder, with the values of each that
+# are vLLM's own words, not paths (a folder of that name here must not replace them).
+ENGINE_PATH_ARGUMENTS: dict[str, tuple[str, ...]] = {
+    "tokenizer": (), "download_dir": (), "hf_config_path": (), "chat_template": (),
+    "allowed_local_media_path": (), "log_config_file": (), "model_weights": (),
+    "generation_config": ("auto", "vllm")}
 
 
 def actor_engine_args(engine_args: dict[str, Any]) -> dict[str, Any]:
     """``engine_args`` for an actor's engine: local paths among them absolute, as for the
-    model (``actor_path``); a hub id or an inline chat template as given."""
+    model (``actor_path``); a hub id, an inline chat template or a keyword as given."""
     return {key: actor_path(value) if key in ENGINE_PATH_ARGUMENTS and isinstance(value, str)
-            else value for key, value in engine_args.items()}
+            and value not in ENGINE_PATH_ARGUMENTS[key] else value
+            for key, value in engine_args.items()}
 
 
 def actor_reward_arguments(arguments: dict[str, Any]) -> dict[str, Any]:
