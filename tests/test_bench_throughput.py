@@ -8,6 +8,8 @@ import sys
 from argparse import Namespace
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_throughput.py"
 
 
@@ -35,3 +37,97 @@ def test_control_flops_count_the_form_that_runs(tmp_path):
     assert bench.ascent_form_of(args) == "gram"  # at any step count (a tie at one step)
     args.ascent_form = "direct"
     assert bench.ascent_form_of(args) == "direct"
+
+
+class _Finished:  # one RequestOutput: only its token ids are read
+    def __init__(self, count: int) -> None:
+        self.outputs = [Namespace(token_ids=list(range(count)))]
+
+
+class _FakeLLM:
+    """An engine that records what each request asked for."""
+
+    def __init__(self) -> None:
+        self.requests: list[list] = []
+
+    def generate(self, prompts, params, use_tqdm=False):
+        self.requests.append([p.extra_args for p in params])
+        return [_Finished(p.max_tokens) for p in params]
+
+
+def _fake_engines(bench, monkeypatch, tmp_path, bench_fails: bool = False) -> dict:
+    """bench_throughput with fake engines (no vLLM engine starts) on a tiny real head."""
+    from vllm_recontrol import ValueHead
+
+    engines: dict = {}
+
+    def start(args, recontrol, plugin_loaded, form=None):
+        engines[(recontrol, plugin_loaded, form)] = _FakeLLM()
+        return engines[(recontrol, plugin_loaded, form)]
+
+    def tiny(args):
+        args.model, args.value_head = str(tmp_path / "m"), str(tmp_path / "h")
+        ValueHead(8, [4], seed=0).save(args.value_head)
+        (tmp_path / "m").mkdir(exist_ok=True)
+
+    import subprocess
+
+    from vllm import SamplingParams  # noqa: F401  (imported before subprocess.run is faked)
+
+    real_run = subprocess.run
+
+    def bench_run(command, **kwargs):
+        if "bench" not in command:
+            return real_run(command, **kwargs)
+        failed = bench_fails and "--model-impl" in command
+        return Namespace(returncode=1 if failed else 0, stderr="",
+                         stdout="boom" if failed else "Throughput: 1.0 requests/s, "
+                                                      "100.0 total tokens/s, 50.0 output tokens/s")
+
+    monkeypatch.setattr(bench, "start_engine", start)
+    monkeypatch.setattr(bench, "stop_engine", lambda llm: None)
+    monkeypatch.setattr(bench, "tiny_defaults", tiny)
+    monkeypatch.setattr(bench, "model_flops_per_token", lambda model: 1e6)
+    monkeypatch.setattr(bench, "plot", lambda rows, path: False)
+    monkeypatch.setattr(subprocess, "run", bench_run)
+    return engines
+
+
+def test_two_heads_are_timed_only_where_a_batch_names_both(tmp_path, monkeypatch):
+    """A batch of one request names one head: its "2 heads" row measured one head."""
+    bench = _load()
+    engines = _fake_engines(bench, monkeypatch, tmp_path)
+    assert bench.main(["--batch-sizes", "1", "2", "--steps", "3", "--repeats", "1",
+                       "--out", str(tmp_path / "out")]) == 0
+    rows = json.loads((tmp_path / "out" / "throughput-cpu.json").read_text())["rows"]
+    assert [(r["variant"], r["batch"]) for r in rows if "2 heads" in r["variant"]] == [
+        ("steps=3, 2 heads", 2)]
+    heads = {x.get("recontrol_head") for call in engines[(True, True, None)].requests
+             for x in call if x}
+    assert heads == {None, "second"}
+    for bad in (["--repeats", "0"], ["--batch-sizes", "0"], ["--gpu-memory-utilization", "2"]):
+        with pytest.raises(SystemExit):  # refused before any engine starts (they used to
+            bench.main(bad)              # end in KeyError / ZeroDivisionError after the run)
+
+
+def test_a_failed_vllm_bench_run_keeps_the_other_rows_and_the_run_s_settings(
+        tmp_path, monkeypatch):
+    """The in-process rows (minutes of them) are saved before `vllm bench` runs; a bench
+    run that fails is named, left out, and the exit status says so. The JSON holds what
+    reproduces the table: the settings as resolved, versions, the head's config."""
+    bench = _load()
+    _fake_engines(bench, monkeypatch, tmp_path, bench_fails=True)
+    assert bench.main(["--batch-sizes", "2", "--steps", "3", "--repeats", "1", "--vllm-bench",
+                       "--out", str(tmp_path / "out")]) == 1
+    saved = json.loads((tmp_path / "out" / "throughput-cpu.json").read_text())
+    variants = [r["variant"] for r in saved["rows"]]
+    assert variants[:3] == ["stock", "installed", "off"]
+    assert "vllm-bench stock" in variants and "vllm-bench steps=3" not in variants
+    assert len(saved["failures"]) == 1 and saved["failures"][0].startswith(
+        "vllm-bench steps=3 failed")
+    assert saved["settings"]["repeats"] == 1 and saved["settings"]["enforce_eager"] is True
+    assert saved["settings"]["kv_cache_bytes"] == 256 << 20  # the CPU default, resolved
+    assert saved["value_head_config"]["widths"] == [4]
+    assert saved["vllm_bench_input_tokens"] == 32 and "torch" in saved["versions"]
+    assert saved["commit"] and len(saved["commit"]) == 40
+    assert saved["ascent_form"] in ("direct", "gram")
