@@ -122,11 +122,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Variants: " + ", ".join(VARIANTS))
-    p.add_argument("--hidden-sizes", type=int, nargs="+", default=[2048, 4096, 8192],
+    p.add_argument("--hidden-sizes", type=positive, nargs="+", default=[2048, 4096, 8192],
                    help="d (= every hidden width)")
-    p.add_argument("--layers", type=int, nargs="+", default=[1, 2], help="hidden layers")
-    p.add_argument("--steps", type=int, nargs="+", default=[1, 30, 200])
-    p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32, 128, 256, 512])
+    p.add_argument("--layers", type=positive, nargs="+", default=[1, 2], help="hidden layers")
+    p.add_argument("--steps", type=positive, nargs="+", default=[1, 30, 200])
+    p.add_argument("--batch", type=positive, nargs="+", default=[1, 8, 32, 128, 256, 512])
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16",
                    help="weight dtype of the triton variants and of the floor (default bf16)")
@@ -167,12 +167,32 @@ def parse_args(argv=None) -> argparse.Namespace:
             args.batch = [1, 8, 16, 32, 128, 256, 512]
         if argv_lacks(argv, "--variants"):
             args.variants = list(QUICK_VARIANTS)
-    if args.sweep and argv_lacks(argv, "--hidden-sizes", "--layers", "--steps", "--batch"):
+    if args.sweep:  # the preset fills what was not given, flag by flag (as --quick)
         # the batches still above 1.3x of the floor (B <= 32 are within it: results file)
-        args.hidden_sizes, args.layers, args.steps, args.batch = [4096], [1, 2], [30], [128, 256, 512]
+        for flag, name, value in (("--hidden-sizes", "hidden_sizes", [4096]),
+                                  ("--layers", "layers", [1, 2]), ("--steps", "steps", [30]),
+                                  ("--batch", "batch", [128, 256, 512])):
+            if argv_lacks(argv, flag):
+                setattr(args, name, value)
     if not 0 <= args.shard < args.shards:
         p.error(f"--shard must be in [0, --shards), got {args.shard} of {args.shards}")
+    try:
+        torch.device(args.device)
+    except RuntimeError as exc:
+        p.error(f"--device {args.device!r} is not a torch device (cuda, cuda:1, cpu): {exc}")
+    if args.plans_from is not None and not args.plans_from.is_file():
+        p.error(f"--plans-from {args.plans_from}: no such file (a --sweep run's --json)")
+    for flag, path in (("--json", args.json), ("--markdown", args.markdown)):
+        if path is not None and not path.parent.is_dir():  # not after the first timed row
+            p.error(f"{flag} {path}: folder {path.parent} does not exist")
     return args
+
+
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
 
 
 def argv_lacks(argv, *flags: str) -> bool:
@@ -431,6 +451,8 @@ _COMPILED: dict = {}
 
 
 def variant_dtype(name: str, args) -> str:
+    if name.startswith("head-ascend") and not str(args.device).startswith("cuda"):
+        return "fp32"  # the head's "auto" off CUDA: the torch closed form, fp32 products
     if name in VARIANT_DTYPE:
         return VARIANT_DTYPE[name]
     return args.torch_dtype if name.startswith("torch") else args.dtype

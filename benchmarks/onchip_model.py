@@ -77,11 +77,19 @@ def predict_ms(row: dict, plan: dict, aggregate: float, per_program: float,
     return 2 * row["hidden"] * row["steps"] * product * 1e3
 
 
+# The variant whose products the model describes (a sweep's rows are "triton-graph <plan>",
+# a bench's "triton-graph" and "triton-graph tuned"): cuBLAS rows, the engine's call, the
+# Gram form (fewer products) and launch variants (PDL, L2 window, ...) are other programs.
+MODELLED_VARIANT = "triton-graph"
+
+
 def usable_rows(rows: list[dict]) -> list[tuple[dict, dict]]:
-    """(row, plan) of timed bf16 rows at B >= 128 with widths = d and a known plan."""
+    """(row, plan) of timed bf16 triton-graph rows at B >= 128 with widths = d and a known
+    plan."""
     out = []
     for row in rows:
-        if "ms" not in row or row.get("weights", "bf16") != "bf16" or row["batch"] < 128:
+        if "ms" not in row or row.get("weights", "bf16") != "bf16" or row["batch"] < 128 or \
+                str(row.get("variant", "")).split(" ")[0] != MODELLED_VARIANT:
             continue
         plan = plan_of(row)
         if plan is not None:

@@ -175,11 +175,18 @@ def test_onchip_model_recovers_the_limits_that_made_the_times(tmp_path):
     for hidden in (1, 2):
         for batch, bm in ((128, 64), (128, 128), (256, 64), (256, 128), (512, 64), (512, 128)):
             row = {"d": 4096, "hidden": hidden, "steps": 30, "batch": batch, "weights": "bf16",
+                   "variant": f"triton-graph bm{bm}",
                    "overrides": {"block_m": bm, "block_n": 128, "split_k": 1}}
             row["ms"] = model.predict_ms(row, model.plan_of(row), 6.0e12, 55e9)
             rows.append(row)
     split = {"d": 4096, "hidden": 1, "steps": 30, "batch": 256, "weights": "bf16",
+             "variant": "triton-graph split2",
              "overrides": {"block_m": 128, "block_n": 128, "split_k": 2}}
+    # a bench run's other programs at the same sizes (cuBLAS, the engine's call, the Gram
+    # form) are not Triton tiles: given the default plan, they skewed the fit
+    others = [{"d": 4096, "hidden": 1, "steps": 30, "batch": 512, "weights": "bf16",
+               "variant": variant, "ms": 0.1}
+              for variant in ("torch-graph", "head-ascend", "triton-gram-graph")]
     split["ms"] = 2 * model.predict_ms(split, model.plan_of(split), 6.0e12, 55e9)
     default = {"d": 4096, "hidden": 1, "steps": 30, "batch": 512, "weights": "bf16",
                "variant": "triton-graph default", "ms": 1.0}
@@ -190,8 +197,9 @@ def test_onchip_model_recovers_the_limits_that_made_the_times(tmp_path):
     recorded["plans"]["backward"] = {"block_m": 128, "block_n": 128, "split_k": 1}
     assert model.plan_of(recorded) is None  # one plan per row or none
     assert model.plan_of(dict(default, batch=128))["split_k"] == 2  # calls 5-7's default
-    (tmp_path / "sweep.json").write_text(json.dumps({"rows": rows + [split]}))
-    fitted = model.fit(model.usable_rows(rows + [split]))
+    (tmp_path / "sweep.json").write_text(json.dumps({"rows": rows + [split] + others}))
+    assert len(model.usable_rows(rows + [split] + others)) == len(rows) + 1
+    fitted = model.fit(model.usable_rows(rows + [split] + others))
     assert (fitted["aggregate_tbs"], fitted["per_program_gbs"]) == (6.0, 55)
     assert fitted["median_error"] < 1e-9 and fitted["rows"] == len(rows)
     run = subprocess.run([sys.executable, str(SCRIPT.parent / "onchip_model.py"),
@@ -539,6 +547,40 @@ def test_the_quick_preset_fills_only_what_was_not_given():
     assert (args.hidden_sizes, args.layers, args.steps) == ([4096], [1, 2], [30])
     with pytest.raises(SystemExit):  # an abbreviation would slip past the preset's checks
         bench.parse_args(["--quick", "--variant", "triton-graph"])
+
+
+def test_the_sweep_preset_fills_flag_by_flag_and_bad_arguments_stop_before_timing(
+        tmp_path, capsys):
+    """--sweep with one size flag ran every default d and step count (360 cases instead of
+    the preset's d 4096 at 30 steps); bad sizes were timed, a missing --plans-from ignored,
+    and a --json folder that does not exist failed after the first timed row."""
+    bench = _load("bench_kernel")
+    args = bench.parse_args(["--sweep", "--batch", "256"])
+    assert (args.hidden_sizes, args.layers, args.steps, args.batch) == ([4096], [1, 2], [30],
+                                                                        [256])
+    args = bench.parse_args(["--sweep"])
+    assert args.batch == [128, 256, 512]
+    for bad, message in ((["--batch", "0"], "--batch: must be a positive integer, got 0"),
+                         (["--steps", "-1"], "--steps: must be a positive integer"),
+                         (["--device", "foo"], "--device 'foo' is not a torch device"),
+                         (["--plans-from", str(tmp_path / "none.json")], "no such file"),
+                         (["--json", str(tmp_path / "no" / "x.json")], "does not exist")):
+        with pytest.raises(SystemExit):
+            bench.parse_args(bad)
+        assert message in capsys.readouterr().err
+
+
+def test_head_ascend_rows_name_the_products_the_head_runs_on_the_device():
+    """Off CUDA the head's "auto" runs the torch closed form in fp32, not bf16 products."""
+    from types import SimpleNamespace
+
+    bench = _load("bench_kernel")
+    on = SimpleNamespace(device="cpu", dtype="bf16", torch_dtype="bf16")
+    assert bench.variant_dtype("head-ascend", on) == "fp32"
+    assert bench.variant_dtype("head-ascend-gram", on) == "fp32"
+    assert bench.variant_dtype("triton-graph", on) == "bf16"
+    on.device = "cuda"
+    assert bench.variant_dtype("head-ascend", on) == "bf16"
 
 
 
