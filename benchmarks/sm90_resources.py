@@ -199,10 +199,14 @@ def collect(args) -> list[Usage]:
     d = args.hidden_size
     for batch in args.batch:
         for source, product, forward, epilogue, plan in candidate_plans(batch, args):
-            if plan.tma or plan.warp_specialize:  # descriptor arguments are not built here:
-                # the same tile with plain loads (the epilogue's registers are the same)
-                plan = dataclasses.replace(plan, tma=0, warp_specialize=0)
-                source += " (tma: compiled with plain loads)"
+            dropped = [name for name, on in (("tma", plan.tma), ("warp specialization",
+                                                                plan.warp_specialize),
+                                             ("pdl", plan.pdl)) if on]
+            if dropped:  # descriptor arguments are not built here: the same tile with plain
+                # loads, one warp group, a plain launch. Its registers are NOT those of a
+                # warp-specialized kernel (precompile.py --resources compiles the real ones)
+                plan = dataclasses.replace(plan, tma=0, warp_specialize=0, pdl=0)
+                source += f" ({', '.join(dropped)}: compiled without)"
             fixup = plan.finishes_in_place(d)
             if plan.splits(d) > 1 and not fixup:
                 epilogue = va.EPI_PARTIAL.value
