@@ -27,7 +27,9 @@
 # Precompiled kernels: if .triton-sm90.tgz (benchmarks/precompile.py, built on a machine without
 # a GPU) was carried along and TRITON_CACHE_DIR is unset, it is unpacked to the path recorded in
 # it and used as Triton's cache; the log says how many kernels still had to compile here.
-# Exit status: 0 when the checks passed and every timed phase ran to its end.
+# Exit status: 0 when the checks passed and every timed phase ran to its end; 2 at once when
+# torch/triton do not import or a phase needs CUDA and there is none. Each run truncates
+# run.log and warm.log and removes the files of the phases it runs before they start.
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -46,6 +48,15 @@ PHASES=" ${PHASES:-check sweep bench} "
 check_status=0 bench_status=0 sweep_status=0 extra_status=0 grid_status=0
 GRID_ARGS=(--variants torch-graph triton-graph)
 phase() { [[ "$PHASES" == *" $1 "* ]]; }
+# this run's files only: an $OUT used before (OUT=out) must not pass off an earlier run's
+# results (a sweep that failed here was fitted and used from the old sweep.json)
+: > "$OUT/run.log"
+: > "$OUT/warm.log"
+phase check && rm -f "$OUT/check.json"
+phase sweep && rm -f "$OUT/sweep.json"
+phase bench && rm -f "$OUT/bench.json" "$OUT/bench.md"
+phase extra && rm -f "$OUT/extra.json" "$OUT/extra.a.json" "$OUT/extra.b.json"
+phase grid && rm -f "$OUT/grid.json"
 exec > >(tee -a "$OUT/run.log") 2>&1
 
 date -u
@@ -79,6 +90,13 @@ if torch.cuda.is_available():
     p = torch.cuda.get_device_properties(0)
     print(p.name, p.multi_processor_count, "SMs", round(p.total_memory / 2**30, 1), "GiB")
 EOF
+[ $? -eq 0 ] || { echo "gpu_check: torch and triton do not import with $PY (PYTHON=...)"; exit 2; }
+gpu_phases=0
+for name in check sweep bench extra grid; do phase "$name" && gpu_phases=1; done
+if [ "$gpu_phases" -eq 1 ] && ! "$PY" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; then
+    echo "gpu_check: CUDA is not available here; every phase of '$(echo $PHASES)' needs a GPU"
+    exit 2
+fi
 
 echo "== warm-up: ${WARM_SHARDS} compile processes per timed phase, in the background"
 warm_pids=()

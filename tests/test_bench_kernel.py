@@ -385,6 +385,36 @@ def test_precompiled_cache_is_stable_and_gpu_check_unpacks_it(tmp_path):
     assert sorted(p.relative_to(cache) for p in cache.rglob("*") if p.is_file()) == files
 
 
+def test_gpu_check_stops_at_once_without_cuda_and_never_reuses_an_earlier_run_s_files(
+        tmp_path):
+    """Without CUDA every phase used to start and fail alike (12 warm-up processes on the
+    device); an earlier run's sweep.json in a reused $OUT was fitted and used as this run's."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("checks the machine without a GPU")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "sweep.json").write_text('{"rows": []}')
+    (out / "run.log").write_text("an earlier run\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    check = subprocess.run(["bash", str(SCRIPT.parent / "gpu_check.sh")], env={
+        **env, "OUT": str(out), "PHASES": "sweep bench", "PYTHON": sys.executable,
+        "CACHE_ARCHIVE": str(tmp_path / "none.tgz")}, capture_output=True, text=True,
+        timeout=300)
+    assert check.returncode == 2, check.stdout[-3000:] + check.stderr[-3000:]
+    assert "gpu_check: CUDA is not available here; every phase of 'sweep bench' needs a GPU" \
+        in check.stdout
+    assert not (out / "sweep.json").exists()
+    log = (out / "run.log").read_text()
+    assert "an earlier run" not in log and "warm-up" not in log
+    broken = subprocess.run(["bash", str(SCRIPT.parent / "gpu_check.sh")], env={
+        **env, "OUT": str(out), "PHASES": "check", "PYTHON": "false"},
+        capture_output=True, text=True, timeout=300)
+    assert broken.returncode == 2 and "torch and triton do not import with false" in \
+        broken.stdout
+
+
 def test_precompile_compiles_the_bench_phase_gpu_check_will_run():
     """--bench-args is gpu_check.sh's BENCH_ARGS: the launches precompiled are those of the
     variants asked for, projected where the variant projects."""
