@@ -38,7 +38,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 WORDS = "the good kan a bad ba bon user: is zo ze zi zu and bal".split()
 
@@ -122,6 +122,9 @@ def measure(args) -> list[dict[str, Any]]:
                "recontrol": start_engine(args, recontrol=True, plugin_loaded=True)}
     if args.compare_forms:
         engines["direct"] = start_engine(args, recontrol=True, plugin_loaded=True, form="direct")
+    # what --dtype "auto" became (the model's float32 runs as bfloat16 on many machines)
+    args.resolved_dtype = str(getattr(getattr(engines["stock"], "model_config", None), "dtype",
+                                      args.dtype)).removeprefix("torch.")
     # (name, engine, extra_args of the requests in turn, steps)
     cases = [("stock", "stock", [None], 0), ("installed", "installed", [None], 0),
              ("off", "recontrol", [{"recontrol": 0}], 0)]
@@ -174,6 +177,7 @@ def measure(args) -> list[dict[str, Any]]:
 
 # `vllm bench throughput`'s random prompts: tokens, not the in-process runs' words.
 VLLM_BENCH_INPUT_TOKENS = 32
+VLLM_BENCH_TIMEOUT_S = 900
 
 
 def vllm_bench_rows(args, failures: list[str]) -> list[dict[str, Any]]:
@@ -205,11 +209,18 @@ def vllm_bench_rows(args, failures: list[str]) -> list[dict[str, Any]]:
                      ["--model-impl", "recontrol", "--additional-config", json.dumps(config)], {}))
     rows = []
     for name, steps, extra, env in runs:
-        proc = subprocess.run(base + extra, capture_output=True, text=True, timeout=900,
-                              env={**os.environ, **env})
+        try:
+            proc = subprocess.run(base + extra, capture_output=True, text=True,
+                                  timeout=VLLM_BENCH_TIMEOUT_S, env={**os.environ, **env})
+        except (subprocess.TimeoutExpired, OSError) as exc:
+            failures.append(f"{name} failed: {type(exc).__name__}: {exc}")
+            print(failures[-1], file=sys.stderr, flush=True)
+            continue
         match = re.search(r"Throughput: .*?([\d.]+) output tokens/s", proc.stdout + proc.stderr)
         if proc.returncode or not match:  # the other rows (minutes of them) are kept
-            failures.append(f"{name} failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
+            failures.append(f"{name} failed (exit status {proc.returncode}"
+                            f"{'' if match else ', no throughput line'}); its output ends:\n"
+                            f"{(proc.stdout + proc.stderr)[-3000:]}")
             print(failures[-1], file=sys.stderr, flush=True)
             continue
         rows.append(dict(variant=name, batch=max(args.batch_sizes), steps=steps,
@@ -234,6 +245,17 @@ def ascent_form_of(args) -> str:
     return choose_form(args.ascent_form, backend, widths, config["hidden_size"])
 
 
+def resolved_backend(args) -> str:
+    """The backend the engines' ascent runs on this machine's device ("auto" resolved)."""
+    import torch
+
+    from vllm_recontrol.backends import choose_backend
+
+    config = json.loads((Path(args.value_head) / "config.json").read_text())
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return choose_backend(args.backend, device, len(config["widths"]))
+
+
 def add_ratios(rows: list[dict[str, Any]], model_flops: float, value_head: str,
                stock_variant: str) -> None:
     """Each row's ratio to stock and to its floor (the control's FLOPs in the row's form)."""
@@ -243,11 +265,15 @@ def add_ratios(rows: list[dict[str, Any]], model_flops: float, value_head: str,
                    if r["steps"] else 0.0)
         r["floor_ratio"] = model_flops / (model_flops + control)
         base = stock.get(r["batch"])  # none where that run failed (vllm bench)
-        r["ratio_to_stock"] = r["tokens_per_s"] / base if base else float("nan")
-        r["gap_to_floor"] = r["ratio_to_stock"] / r["floor_ratio"]
+        r["ratio_to_stock"] = r["tokens_per_s"] / base if base else None
+        r["gap_to_floor"] = (r["ratio_to_stock"] / r["floor_ratio"] if base else None)
 
 
-def markdown(rows: list[dict[str, Any]], machine: str) -> str:
+def markdown(rows: list[dict[str, Any]], machine: str, failures: Sequence[str] = ()) -> str:
+    """The table; a ratio whose stock run failed is "-"; failed runs named under it."""
+    def ratio(value: float | None) -> str:
+        return "-" if value is None else f"{value:.3f}"
+
     lines = [f"Machine: {machine}", "",
              "| variant | ascent form | batch | tokens/s | vs. stock | floor ratio | "
              "measured / floor |",
@@ -255,8 +281,10 @@ def markdown(rows: list[dict[str, Any]], machine: str) -> str:
     for r in rows:
         lines.append(f"| {r['variant']} | {r.get('form') or '-'} | {r['batch']} | "
                      f"{r['tokens_per_s']:.1f} | "
-                     f"{r['ratio_to_stock']:.3f} | {r['floor_ratio']:.3f} | "
-                     f"{r['gap_to_floor']:.3f} |")
+                     f"{ratio(r['ratio_to_stock'])} | {r['floor_ratio']:.3f} | "
+                     f"{ratio(r['gap_to_floor'])} |")
+    if failures:
+        lines += [""] + [f"Failed: {failure.splitlines()[0]}" for failure in failures]
     return "\n".join(lines)
 
 
@@ -354,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
                    "vllm-bench stock")
         rows += bench_rows
         save(args, machine, stem, rows, failures)
-    print("\n" + markdown(rows, machine))
+    print("\n" + markdown(rows, machine, failures))
     if plot(rows, args.out / f"{stem}.png"):
         print(f"plot: {args.out / (stem + '.png')}")
     return 1 if failures else 0
@@ -393,7 +421,8 @@ def run_facts(args) -> dict[str, Any]:
     commit = subprocess.run(["git", "-C", str(Path(__file__).parent), "rev-parse", "HEAD"],
                             capture_output=True, text=True).stdout.strip() or None
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    return {"settings": settings, "ascent_form": ascent_form_of(args), "versions": versions,
+    return {"settings": settings, "ascent_form": ascent_form_of(args),
+            "backend": resolved_backend(args), "versions": versions,
             "commit": commit,
             "model_config": json.loads(_read(str(Path(args.model) / "config.json")) or "null"),
             "value_head_config": json.loads(
@@ -407,7 +436,7 @@ def save(args, machine: str, stem: str, rows: list[dict[str, Any]],
         {"machine": machine, "model": args.model, "value_head": args.value_head,
          "argv": sys.argv[1:], **run_facts(args), "failures": list(failures), "rows": rows},
         indent=2))
-    (args.out / f"{stem}.md").write_text(markdown(rows, machine) + "\n")
+    (args.out / f"{stem}.md").write_text(markdown(rows, machine, failures) + "\n")
 
 
 def positive(text: str) -> int:

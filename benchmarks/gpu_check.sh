@@ -53,7 +53,7 @@ phase() { [[ "$PHASES" == *" $1 "* ]]; }
 : > "$OUT/run.log"
 : > "$OUT/warm.log"
 phase check && rm -f "$OUT/check.json"
-phase sweep && rm -f "$OUT/sweep.json"
+phase sweep && rm -f "$OUT/sweep.json" "$LAST_SWEEP"  # a failed sweep leaves no tuned rows
 phase bench && rm -f "$OUT/bench.json" "$OUT/bench.md"
 phase extra && rm -f "$OUT/extra.json" "$OUT/extra.a.json" "$OUT/extra.b.json"
 phase grid && rm -f "$OUT/grid.json"
@@ -124,7 +124,7 @@ if phase check; then
 fi
 
 for pid in "${warm_pids[@]}"; do wait "$pid"; done
-[ -f "$OUT/warm.log" ] && awk '/^warm shard/ {n += $4; f += $7; s++}
+[ -s "$OUT/warm.log" ] && awk '/^warm shard/ {n += $4; f += $7; s++}
      END {print s " warm-up processes: " n " launches compiled, " f " failed"}' "$OUT/warm.log"
 
 if phase sweep; then

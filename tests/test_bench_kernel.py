@@ -380,6 +380,7 @@ def test_precompiled_cache_is_stable_and_gpu_check_unpacks_it(tmp_path):
         "CACHE_ARCHIVE": str(archive)}, capture_output=True, text=True, timeout=300)
     assert check.returncode == 0, check.stdout[-3000:] + check.stderr[-3000:]
     log = (out / "run.log").read_text()
+    assert "warm-up processes" not in log  # none ran: no summary with empty counts
     assert f"precompiled Triton cache in {cache}:" in log
     assert "precompiled cache: 0 files added here" in log
     assert sorted(p.relative_to(cache) for p in cache.rglob("*") if p.is_file()) == files
@@ -397,15 +398,18 @@ def test_gpu_check_stops_at_once_without_cuda_and_never_reuses_an_earlier_run_s_
     out.mkdir()
     (out / "sweep.json").write_text('{"rows": []}')
     (out / "run.log").write_text("an earlier run\n")
+    last_sweep = tmp_path / "last-sweep.json"  # kept for a later call's tuned bench rows
+    last_sweep.write_text('{"rows": []}')
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     check = subprocess.run(["bash", str(SCRIPT.parent / "gpu_check.sh")], env={
         **env, "OUT": str(out), "PHASES": "sweep bench", "PYTHON": sys.executable,
-        "CACHE_ARCHIVE": str(tmp_path / "none.tgz")}, capture_output=True, text=True,
-        timeout=300)
+        "CACHE_ARCHIVE": str(tmp_path / "none.tgz"), "LAST_SWEEP": str(last_sweep)},
+        capture_output=True, text=True, timeout=300)
     assert check.returncode == 2, check.stdout[-3000:] + check.stderr[-3000:]
     assert "gpu_check: CUDA is not available here; every phase of 'sweep bench' needs a GPU" \
         in check.stdout
     assert not (out / "sweep.json").exists()
+    assert not last_sweep.exists()  # this run's sweep, or none: no tuned rows from before
     log = (out / "run.log").read_text()
     assert "an earlier run" not in log and "warm-up" not in log
     broken = subprocess.run(["bash", str(SCRIPT.parent / "gpu_check.sh")], env={

@@ -55,7 +55,8 @@ class _FakeLLM:
         return [_Finished(p.max_tokens) for p in params]
 
 
-def _fake_engines(bench, monkeypatch, tmp_path, bench_fails: bool = False) -> dict:
+def _fake_engines(bench, monkeypatch, tmp_path, bench_fails: bool = False,
+                  stock_bench_times_out: bool = False) -> dict:
     """bench_throughput with fake engines (no vLLM engine starts) on a tiny real head."""
     from vllm_recontrol import ValueHead
 
@@ -79,6 +80,8 @@ def _fake_engines(bench, monkeypatch, tmp_path, bench_fails: bool = False) -> di
     def bench_run(command, **kwargs):
         if "bench" not in command:
             return real_run(command, **kwargs)
+        if stock_bench_times_out and kwargs["env"].get("VLLM_PLUGINS") == "none-at-all":
+            raise subprocess.TimeoutExpired(command, kwargs["timeout"])
         failed = bench_fails and "--model-impl" in command
         return Namespace(returncode=1 if failed else 0, stderr="",
                          stdout="boom" if failed else "Throughput: 1.0 requests/s, "
@@ -131,3 +134,23 @@ def test_a_failed_vllm_bench_run_keeps_the_other_rows_and_the_run_s_settings(
     assert saved["vllm_bench_input_tokens"] == 32 and "torch" in saved["versions"]
     assert saved["commit"] and len(saved["commit"]) == 40
     assert saved["ascent_form"] in ("direct", "gram")
+
+
+def test_a_stock_bench_run_that_times_out_leaves_the_ratios_empty_not_nan(tmp_path, monkeypatch):
+    """A `vllm bench` run past its time limit ended the whole run; without the stock bench
+    run the bench rows' ratios are null in the JSON (NaN is no JSON) and "-" in the table,
+    under which the failure is named."""
+    bench = _load()
+    _fake_engines(bench, monkeypatch, tmp_path, stock_bench_times_out=True)
+    assert bench.main(["--batch-sizes", "2", "--steps", "3", "--repeats", "1", "--vllm-bench",
+                       "--out", str(tmp_path / "out")]) == 1
+    text = (tmp_path / "out" / "throughput-cpu.json").read_text()
+    saved = json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in the JSON"))
+    bench_rows = [r for r in saved["rows"] if r["variant"].startswith("vllm-bench")]
+    assert [r["variant"] for r in bench_rows] == ["vllm-bench installed", "vllm-bench steps=3"]
+    assert all(r["ratio_to_stock"] is None and r["gap_to_floor"] is None for r in bench_rows)
+    assert saved["failures"][0].startswith("vllm-bench stock failed: TimeoutExpired")
+    table = (tmp_path / "out" / "throughput-cpu.md").read_text()
+    assert "| vllm-bench installed | - | 2 | 50.0 | - |" in table
+    assert "Failed: vllm-bench stock failed: TimeoutExpired" in table
+    assert saved["backend"] == "torch" and saved["settings"]["resolved_dtype"] == "auto"
