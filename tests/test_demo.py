@@ -58,3 +58,24 @@ def test_demo_checks_its_grid_before_building_anything(tmp_path, capsys, argv, m
     assert main(["demo", "--workdir", str(tmp_path / "w"), *argv]) == 1
     assert message in capsys.readouterr().err
     assert not (tmp_path / "w").exists()
+
+
+def test_a_second_demo_on_the_same_workdir_stops_before_touching_it(tmp_path, capsys,
+                                                                    monkeypatch):
+    """It rebuilt the toy model under the first demo's collect, whose data every later demo
+    then refused as another model's (demo has no --overwrite): one demo per workdir."""
+    from vllm_recontrol import toy_world
+    from vllm_recontrol.cli import main
+    from vllm_recontrol.demo import DEMO_LOCK
+    from vllm_recontrol.folder_lock import exclusive_folder
+
+    def no_world(**kwargs):
+        raise AssertionError("the second demo built the toy world")
+
+    monkeypatch.setattr(toy_world, "build_world", no_world)
+    workdir = tmp_path / "w"
+    with exclusive_folder(workdir, "demo", lock_name=DEMO_LOCK, what="--workdir",
+                          instead="use another --workdir"):
+        assert main(["demo", "--workdir", str(workdir)]) == 1
+    err = capsys.readouterr().err
+    assert f"--workdir {workdir} is in use" in err and "use another --workdir" in err, err

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .arguments import join_dash_values
+from .folder_lock import LOCK_PREFIX, exclusive_folder
 
 REWARD_FN = "vllm_recontrol.toy_world:positive_share"
 ENGINE_ARGS = {"dtype": "float32", "enforce_eager": True, "max_model_len": 128,
@@ -46,11 +47,8 @@ def run_demo(workdir: Path, train_prompts: int = 600, eval_prompts: int = 64,
     """Every step through the package's real entry points; returns the eval report."""
     import torch
 
-    from . import toy_world
     from .errors import RecontrolError
-    from .evaluation import evaluate
     from .evaluation.evaluate import parse_grid
-    from .training import collect, label, train
 
     parse_grid(grid)  # eval's checks, before the minutes of world, collect, label and train
     if isinstance(best_of, bool) or not isinstance(best_of, int) or best_of < 2:
@@ -70,6 +68,24 @@ def run_demo(workdir: Path, train_prompts: int = 600, eval_prompts: int = 64,
         result = fn(**kwargs)
         timings[name] = time.perf_counter() - start
         return result
+
+    with exclusive_folder(workdir, "demo", lock_name=DEMO_LOCK, what="--workdir",
+                          instead="use another --workdir"):
+        # one demo at a time per workdir: a second one rebuilt the toy model under the
+        # first one's collect, whose data every later demo then refused as another model's
+        return _run_steps(workdir, step, train_prompts, eval_prompts, grid, best_of,
+                          max_tokens, engine_args, on_gpu, timings)
+
+
+DEMO_LOCK = LOCK_PREFIX + "-demo.lock"
+
+
+def _run_steps(workdir: Path, step, train_prompts: int, eval_prompts: int, grid: str,
+               best_of: int, max_tokens: int, engine_args: dict[str, Any], on_gpu: bool,
+               timings: dict[str, float]) -> dict[str, Any]:
+    from . import toy_world
+    from .evaluation import evaluate
+    from .training import collect, label, train
 
     world = step("toy world", toy_world.build_world, directory=workdir,
                  train_prompts=train_prompts, eval_prompts=eval_prompts)
