@@ -540,6 +540,34 @@ def test_an_engine_that_did_not_start_ends_with_where_to_look(capsys):
         run_main(fails, {"message": "something else"})
 
 
+def test_ctrl_c_ends_a_command_with_one_line_and_the_shell_s_status(tmp_path):
+    """A command stopped by Ctrl-C printed 30-130 lines of traceback and ended with status 1
+    (collect, eval: a script could not tell it from a failure); its cleanup still runs."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cleaned = tmp_path / "cleaned"
+    script = (
+        "import contextlib, pathlib, sys, time\n"
+        "from vllm_recontrol.training.common import run_main\n"
+        "def command():\n"
+        "    with contextlib.ExitStack() as stack:\n"
+        f"        stack.callback(pathlib.Path({str(cleaned)!r}).touch)\n"
+        "        print('started', flush=True)\n"
+        "        time.sleep(60)\n"
+        "sys.exit(run_main(command, {}))\n")
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    assert process.stdout.readline().strip() == "started"
+    time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130 and err.strip() == "interrupted", err
+    assert cleaned.exists()
+
+
 def test_an_in_process_engine_that_did_not_start_says_why_and_where_to_look(
         tmp_path, capsys, llama_dir, monkeypatch):
     """In process, vLLM raises its own error (here a pydantic one) where the engine is built,

@@ -291,14 +291,23 @@ ENGINE_START_HINT = (
     "--engine-args '{\"kv_cache_memory_bytes\": 1073741824}' (1 GiB)")
 
 
+# a shell's status for a command ended by SIGINT: a script can tell Ctrl-C from a failure
+INTERRUPTED_STATUS = 130
+
+
 def run_main(function: Callable[..., Any], options: Mapping[str, Any]) -> int:
     """Run a command function for the CLI: a clear one-line error instead of a traceback.
     An engine that failed to start is reported by vLLM in its own process's log, far above
-    the traceback the CLI gets (which only says so): the last line says where to look."""
+    the traceback the CLI gets (which only says so): the last line says where to look.
+    Ctrl-C ends it with one line and status 130 (it printed 30-130 lines of traceback, and
+    status 1 for collect and eval)."""
     from .engines import EngineStartError
 
     try:
         function(**options)
+    except KeyboardInterrupt:  # Ctrl-C: the command's own cleanup has run on the way here
+        print("interrupted", file=sys.stderr, flush=True)
+        return INTERRUPTED_STATUS
     except Exception as raised:
         exc = raised_in_actor(raised)
         if isinstance(exc, EngineStartError):
