@@ -27,7 +27,7 @@ from ..folder_lock import exclusive_folder
 from ..head_source import pin_head
 from ..logs import get_logger
 from ..training.common import (RecontrolError, build_options, check_engine_args,
-                               check_model_path, engine_seed_refusal, json_argument,
+                               check_engine_seed, check_model_path, json_argument,
                                parse_command_line, run_main, sampling_refusal,
                                write_jsonl_atomic)
 from ..training.engines import run_engines_in_process
@@ -722,9 +722,7 @@ def write_report(opts: EvalOptions, prompts: Sequence[str], results: Sequence[Me
 
 def check_sampling(opts: EvalOptions) -> None:
     """vLLM's bounds on both temperatures, max_tokens and the seed, before any engine starts."""
-    refusal = engine_seed_refusal(opts.seed)
-    if refusal:
-        raise RecontrolError(refusal)
+    check_engine_seed(opts.seed)
     for flag, temperature in (("--temperature", opts.temperature),
                               ("--bon-temperature", opts.bon_temperature)):
         refusal = sampling_refusal({"temperature": temperature, "max_tokens": opts.max_tokens,

@@ -22,8 +22,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..folder_lock import exclusive_folder, is_lock_file, label_lock_name, label_set_of
-from .common import (DataError, build_options, check_engine_args, check_model_path,
-                     engine_seed_refusal, folder_fingerprint, json_argument, model_hidden_size,
+from .common import (DataError, build_options, check_engine_args, check_engine_seed,
+                     check_model_path, folder_fingerprint, json_argument, model_hidden_size,
                      parse_command_line, progress, run_main, sampling_refusal, sha256_bytes,
                      summary_table)
 from .engines import Engines, GenerationRequest, PromptRefused, VllmEngines
@@ -100,9 +100,7 @@ class CollectOptions:
         check_engine_args(self.engine_args, "--engine-args")
         check_engine_args(self.pooling_engine_args, "--pooling-engine-args")
         check_replicas(self.replicas, self.ray, "one vLLM engine per Ray actor, whole shards each")
-        refusal = engine_seed_refusal(self.seed, "seed")
-        if refusal:
-            raise DataError(refusal)
+        check_engine_seed(self.seed, "seed")
         refusal = sampling_refusal(self.sampling())  # before any file is written
         if refusal:
             raise DataError(f"sampling options refused by vLLM: {refusal}")

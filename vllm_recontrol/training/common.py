@@ -233,9 +233,7 @@ def check_engine_args(arguments: Mapping[str, Any], flag: str) -> None:
     if "model" in arguments:
         raise DataError(f"{flag}: give the model with --model, not as an engine argument")
     if "seed" in arguments:  # it overrides --seed there, and vLLM checks it only at start
-        refusal = engine_seed_refusal(arguments["seed"], f"{flag} seed")
-        if refusal:
-            raise DataError(refusal)
+        check_engine_seed(arguments["seed"], f"{flag} seed")
     known = engine_argument_names()
     unknown = sorted(k for k in arguments if k not in known)
     if unknown:
@@ -258,13 +256,13 @@ def check_model_path(model: str, flag: str = "--model") -> None:
 MAX_ENGINE_SEED = 2 ** 32
 
 
-def engine_seed_refusal(seed: Any, flag: str = "--seed") -> str | None:
-    """Why ``seed`` cannot seed a vLLM engine, or None: checked before any engine starts,
-    where vLLM would refuse it only inside its engine core process, with a traceback."""
+def check_engine_seed(seed: Any, flag: str = "--seed") -> None:
+    """A DataError when ``seed`` cannot seed a vLLM engine: checked before any engine
+    starts, where vLLM would refuse it only inside its engine core process, with a
+    traceback."""
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < MAX_ENGINE_SEED:
-        return (f"{flag} must be an integer in [0, 2**32) (vLLM seeds numpy with it), "
-                f"got {seed!r}")
-    return None
+        raise DataError(f"{flag} must be an integer in [0, 2**32) (vLLM seeds numpy with it), "
+                        f"got {seed!r}")
 
 
 def sampling_refusal(params: Mapping[str, Any]) -> str | None:
