@@ -234,15 +234,11 @@ def vllm_bench_rows(args, failures: list[str]) -> list[dict[str, Any]]:
 def ascent_form_of(args) -> str:
     """The form the engines' ascent takes: ``backend`` and ``ascent_form`` resolved as the
     engine's controller resolves them, on this machine's device (whatever the steps)."""
-    import torch
+    from vllm_recontrol.backends import choose_form
 
-    from vllm_recontrol.backends import choose_backend, choose_form
-
-    config = json.loads((Path(args.value_head) / "config.json").read_text())
-    widths = list(config["widths"])
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    backend = choose_backend(args.backend, device, len(widths))
-    return choose_form(args.ascent_form, backend, widths, config["hidden_size"])
+    config = head_config(args)
+    return choose_form(args.ascent_form, resolved_backend(args), list(config["widths"]),
+                       config["hidden_size"])
 
 
 def resolved_backend(args) -> str:
@@ -251,9 +247,12 @@ def resolved_backend(args) -> str:
 
     from vllm_recontrol.backends import choose_backend
 
-    config = json.loads((Path(args.value_head) / "config.json").read_text())
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    return choose_backend(args.backend, device, len(config["widths"]))
+    return choose_backend(args.backend, device, len(head_config(args)["widths"]))
+
+
+def head_config(args) -> dict[str, Any]:
+    return json.loads((Path(args.value_head) / "config.json").read_text())
 
 
 def add_ratios(rows: list[dict[str, Any]], model_flops: float, value_head: str,
@@ -425,8 +424,7 @@ def run_facts(args) -> dict[str, Any]:
             "backend": resolved_backend(args), "versions": versions,
             "commit": commit,
             "model_config": json.loads(_read(str(Path(args.model) / "config.json")) or "null"),
-            "value_head_config": json.loads(
-                _read(str(Path(args.value_head) / "config.json")) or "null"),
+            "value_head_config": head_config(args),
             "vllm_bench_input_tokens": VLLM_BENCH_INPUT_TOKENS if args.vllm_bench else None}
 
 

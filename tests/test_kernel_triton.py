@@ -52,14 +52,19 @@ from vllm_recontrol.ascent import MLPWeights  # noqa: E402
 from vllm_recontrol.ascent import with_first_gram  # noqa: E402
 from vllm_recontrol.kernels.reference import gram_reference_ascent, reference_ascent  # noqa: E402
 
+
+def _restore_interpret_variable() -> None:
+    if _PREVIOUS_INTERPRET is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = _PREVIOUS_INTERPRET
+
+
 # Back as it was once triton is imported: every xdist worker imports this module when it
 # collects, and the variable left set made the others' later imports of the kernel module
 # interpreted (test_backends then found Triton runnable on the CPU). The kernels fixture
 # sets it again while it imports the kernels.
-if _PREVIOUS_INTERPRET is None:
-    os.environ.pop("TRITON_INTERPRET", None)
-else:
-    os.environ["TRITON_INTERPRET"] = _PREVIOUS_INTERPRET
+_restore_interpret_variable()
 
 FP32_TOL = 1e-4          # fp32 products vs float64 (METHOD: far under 1e-3)
 BF16_EMULATED_TOL = 1e-3  # bf16 products vs float64 with the same bf16 operand rounding
@@ -87,10 +92,7 @@ def kernels():
         assert type(va._ascent_gemm_kernel).__name__ == "InterpretedFunction"
         yield va
     finally:
-        if _PREVIOUS_INTERPRET is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = _PREVIOUS_INTERPRET
+        _restore_interpret_variable()
         if earlier is None:
             sys.modules.pop(KERNEL_MODULE, None)
             if hasattr(package, "value_ascent"):
