@@ -141,16 +141,6 @@ def test_the_v1_runner_is_chosen_per_engine_not_for_the_process(llama_dir, head_
     assert plain.use_v2_model_runner  # vLLM reads its choice when asked: still its own
 
 
-def test_speculative_decoding_is_refused(llama_dir, head_dir):
-    args = EngineArgs(model=str(llama_dir), model_impl="recontrol",
-                      additional_config={"recontrol": {"value_head": str(head_dir)}},
-                      speculative_config={"method": "ngram", "num_speculative_tokens": 2,
-                                          "prompt_lookup_max": 2, "prompt_lookup_min": 1},
-                      **ENGINE_KWARGS)
-    with pytest.raises(ConfigError, match="does not support speculative decoding"):
-        args.create_engine_config()
-
-
 def test_a_head_trained_on_another_model_is_a_warning(llama_dir, tmp_path, caplog):
     """Same width, other model: the hidden-size check cannot tell; the recorded base_model
     can. Starting is still allowed (paths and names of one model differ)."""

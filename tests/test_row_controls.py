@@ -422,3 +422,44 @@ def test_rounded_loop_counts_leave_every_row_as_it_was():
             del head.ascend
     assert counts == [5, 8]
     assert torch.equal(edits[0], edits[1]) and not torch.equal(edits[0], states)
+
+
+def test_speculative_rows_repeat_each_request_s_control():
+    """Under speculative decoding a request has its drafts plus one rows, in batch order."""
+    rows = fresh([RowControl(0.5, 3), RowControl(0.0, 0), RowControl(2.0, 7)])
+    rows.arm()
+    rows.expect_rows_per_request([3, 1, 2])
+    alpha, steps, max_steps = whole_batch(rows, 6)
+    assert alpha.tolist() == [0.5, 0.5, 0.5, 0.0, 2.0, 2.0]
+    assert steps.tolist() == [3, 3, 3, 0, 7, 7] and max_steps == 7
+
+
+def test_speculative_row_counts_are_uploaded_again_when_they_change():
+    rows = fresh([RowControl(0.5, 3), RowControl(2.0, 7)])
+    rows.arm()
+    rows.expect_rows_per_request([2, 1])
+    assert whole_batch(rows, 3)[1].tolist() == [3, 3, 7]
+    rows.arm()  # next pass, batch unchanged, other draft counts
+    rows.expect_rows_per_request([1, 3])
+    assert whole_batch(rows, 4)[1].tolist() == [3, 7, 7, 7]
+    rows.arm()  # a pass without counts: one row per request again
+    assert whole_batch(rows, 2)[1].tolist() == [3, 7]
+
+
+def test_speculative_rows_of_several_heads_are_gathered_per_request():
+    rows = fresh([RowControl(0.5, 3, head="b"), RowControl(1.0, 2), RowControl(0.0, 0)])
+    rows.arm()
+    rows.expect_rows_per_request([2, 3, 2])
+    groups = {g.head: g for g in rows.take(7)}
+    assert groups["b"].rows.tolist() == [0, 1] and groups["b"].steps.tolist() == [3, 3]
+    assert groups["default"].rows.tolist() == [2, 3, 4]
+    assert groups["default"].alpha.tolist() == [1.0, 1.0, 1.0]
+
+
+def test_a_call_of_another_row_count_passes_through_under_speculation():
+    rows = fresh([RowControl(0.5, 3), RowControl(2.0, 7)])
+    rows.arm()
+    rows.expect_rows_per_request([2, 2])
+    assert rows.take(2) is None  # one row per request: not this pass's sampling call
+    rows.arm()  # the counts belong to one pass only
+    assert rows.take(4) is None

@@ -1,6 +1,6 @@
 """The only module that touches vLLM internals (tested against vLLM 0.32; see TESTED_VLLM).
 
-Six hooks, all inert unless an engine is started with ``model_impl="recontrol"``:
+Seven hooks, all inert unless an engine is started with ``model_impl="recontrol"``:
 
 1. Front-end: ``EngineArgs.create_engine_config`` is wrapped. For a RE-Control engine it
    checks the vLLM version, validates the settings and the value
@@ -23,12 +23,16 @@ Six hooks, all inert unless an engine is started with ``model_impl="recontrol"``
    batch whose only custom processor is the tracker is told it needs none (as in stock vLLM).
 6. Worker: ``BaseModelLoader.create_model`` is wrapped: a RE-Control engine whose model has
    no logits layer editing the rows its tracker fills refuses to start (never serves every
-   request unedited).
+   request unedited); a speculative drafter's model keeps vLLM's own logits layer.
+7. Worker, speculative decoding: the row tracker is built although vLLM refuses custom
+   logits processors there (it changes no logits), and each request's draft count reaches
+   ``RowControls``, whose control then covers all the request's rows (drafts plus one).
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import os
 import re
@@ -82,7 +86,7 @@ def check_vllm_version() -> None:
 def install() -> None:
     """Install the hooks; safe to call any number of times in any vLLM process."""
     for step in (_wrap_engine_config, _wrap_runner_choice, _register_logits_layer,
-                 _wrap_model_creation, _wrap_input_batch):
+                 _wrap_model_creation, _wrap_input_batch, _wrap_speculative_decoding):
         try:
             step()
         except Exception as exc:  # never break vLLM for engines that don't use RE-Control
@@ -154,9 +158,6 @@ def _wrap_runner_choice() -> None:
 
 def _prepare_engine(vllm_config: Any, settings: EngineSettings) -> None:
     model_config = vllm_config.model_config
-    if vllm_config.speculative_config is not None:
-        raise ConfigError(f"--model-impl {MODEL_IMPL} does not support speculative decoding: "
-                          "vLLM refuses per-request logits processors with it")
     if model_config.runner_type != "generate":
         raise ConfigError(f"--model-impl {MODEL_IMPL} needs a generating model; this engine's "
                           f"runner is {model_config.runner_type!r}")
@@ -236,15 +237,35 @@ def _naming_the_head(name: str, call: Any, *args: Any, **kwargs: Any) -> Any:
 
 def _is_recontrol_engine(vllm_config: Any) -> bool:
     model_config = getattr(vllm_config, "model_config", None)
-    return (model_config is not None and getattr(model_config, "model_impl", None) == MODEL_IMPL
-            and getattr(vllm_config, "speculative_config", None) is None)
+    return model_config is not None and getattr(model_config, "model_impl", None) == MODEL_IMPL
+
+
+# Set while a speculative decoding drafter's model is built: its logits layer stays vLLM's.
+_building_drafter: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "recontrol_building_drafter", default=False)
+
+
+def _is_drafter(vllm_config: Any, model_config: Any) -> bool:
+    """Whether ``model_config`` is the engine's speculative drafter (EAGLE, MTP, a draft
+    model, ...): vLLM builds it with the draft model's config, the target with its own
+    (model-free methods such as ngram name the target's config as their draft's)."""
+    speculative = getattr(vllm_config, "speculative_config", None)
+    draft = getattr(speculative, "draft_model_config", None)
+    return draft is not None and model_config is draft \
+        and draft is not getattr(speculative, "target_model_config", None)
+
+
+def sampled_rows_per_request(vllm_config: Any) -> int:
+    """The most rows one request has in a sampling call: its draft tokens plus one under
+    speculative decoding (vLLM verifies every draft with the target's logits), else one."""
+    speculative = getattr(vllm_config, "speculative_config", None)
+    return 1 + int(getattr(speculative, "num_speculative_tokens", None) or 0)
 
 
 def _require_row_tracker(vllm_config: Any) -> None:
     """Without the front-end hook no request would ever be controlled: refuse, never go silent."""
     processors = vllm_config.model_config.logits_processors or []
-    if not any(isinstance(p, str) and p.startswith(f"{__name__}:{TRACKER_PREFIX}")
-               for p in processors):
+    if not any(_is_tracker_name(p) for p in processors):
         raise ConfigError(
             f"--model-impl {MODEL_IMPL} was set, but vllm-recontrol's front-end hook did not run "
             "in the process that built this engine's configuration, so requests could not be "
@@ -512,6 +533,77 @@ def _wrap_input_batch() -> None:
     InputBatch.__init__ = __init__
 
 
+# ----------------------------------------------------------------------------- speculation
+def _wrap_speculative_decoding() -> None:
+    """Let a RE-Control engine's row tracker be built under speculative decoding.
+
+    vLLM refuses custom logits processors there (its rejection sampler applies none: it
+    refuses min-p and logit bias too), which would refuse the tracker. The tracker changes
+    no logits, so a RE-Control engine's trackers are built beside vLLM's speculative
+    defaults; any other custom processor is still refused. Wrapped where vLLM defines the
+    function, before its model runner imports it (that import costs every process half a
+    second; it happens in workers only), and in the runner too if it was imported first."""
+    import sys
+
+    import vllm.v1.sample.logits_processor as processors_module
+
+    original = processors_module.build_logitsprocs
+    if getattr(original, "_recontrol_wrapped", False):
+        return
+
+    @functools.wraps(original)
+    def build_logitsprocs(vllm_config: Any, device: Any, is_pin_memory: bool,
+                          is_pooling_model: bool, custom_logitsprocs: Any = ()) -> Any:
+        if getattr(vllm_config, "speculative_config", None) is None \
+                or not _is_recontrol_engine(vllm_config) or not custom_logitsprocs \
+                or not all(_is_tracker_name(p) for p in custom_logitsprocs):
+            return original(vllm_config, device, is_pin_memory, is_pooling_model,
+                            custom_logitsprocs)
+        built = original(vllm_config, device, is_pin_memory, is_pooling_model, ())
+        trackers = [_tracker_from_name(p)(vllm_config, device, is_pin_memory)
+                    for p in custom_logitsprocs]
+        return processors_module.LogitsProcessors([*built.all, *trackers])
+
+    build_logitsprocs._recontrol_wrapped = True  # type: ignore[attr-defined]
+    processors_module.build_logitsprocs = build_logitsprocs
+    runner_module = sys.modules.get("vllm.v1.worker.gpu_model_runner")
+    if runner_module is not None:
+        runner_module.build_logitsprocs = build_logitsprocs
+
+
+def _report_draft_counts() -> None:
+    """Under speculative decoding each request has its drafts plus one rows in the sampling
+    call; the runner knows the counts on the host when it builds its speculative metadata,
+    and from there they go to the engine's ``RowControls``. Installed by the first
+    speculative RE-Control engine's logits layer, in its worker (where vLLM has imported
+    its model runner by then)."""
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    original = GPUModelRunner._calc_spec_decode_metadata
+    if getattr(original, "_recontrol_wrapped", False):
+        return
+
+    @functools.wraps(original)
+    def _calc_spec_decode_metadata(self: Any, num_draft_tokens: Any, *args: Any,
+                                   **kwargs: Any) -> Any:
+        metadata = original(self, num_draft_tokens, *args, **kwargs)
+        if _is_recontrol_engine(self.vllm_config):
+            _engine_rows(self.vllm_config).expect_rows_per_request(
+                [count + 1 for count in num_draft_tokens.tolist()])
+        return metadata
+
+    _calc_spec_decode_metadata._recontrol_wrapped = True  # type: ignore[attr-defined]
+    GPUModelRunner._calc_spec_decode_metadata = _calc_spec_decode_metadata
+
+
+def _is_tracker_name(processor: Any) -> bool:
+    return isinstance(processor, str) and processor.startswith(f"{__name__}:{TRACKER_PREFIX}")
+
+
+def _tracker_from_name(processor: str) -> type:
+    return __getattr__(processor.split(":", 1)[1])
+
+
 # ----------------------------------------------------------------------------- logits layer
 def _register_logits_layer() -> None:
     from vllm.model_executor.custom_op import op_registry_oot
@@ -545,8 +637,16 @@ def _wrap_model_creation() -> None:
         return
 
     @functools.wraps(original)
-    def create_model(self, vllm_config: Any, *args: Any, **kwargs: Any):
-        model = original(self, vllm_config, *args, **kwargs)
+    def create_model(self, vllm_config: Any, model_config: Any = None, *args: Any,
+                     **kwargs: Any):
+        if _is_drafter(vllm_config, model_config):
+            # The drafter proposes tokens; the target's edited logits accept or reject them
+            token = _building_drafter.set(True)
+            try:
+                return original(self, vllm_config, model_config, *args, **kwargs)
+            finally:
+                _building_drafter.reset(token)
+        model = original(self, vllm_config, model_config, *args, **kwargs)
         if _is_recontrol_engine(vllm_config):
             require_edit_bound(model, vllm_config)
         return model
@@ -606,17 +706,21 @@ def _recontrol_layer_class(stock: type) -> type:
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             vllm_config = get_current_vllm_config()
-            if not _is_recontrol_engine(vllm_config) or self.logits_as_input:
+            if not _is_recontrol_engine(vllm_config) or self.logits_as_input \
+                    or _building_drafter.get():
                 self.__class__ = stock  # vLLM's own layer, at vLLM's own cost
                 return
             _require_row_tracker(vllm_config)
+            if getattr(vllm_config, "speculative_config", None) is not None:
+                _report_draft_counts()
             settings = EngineSettings.from_additional_config(vllm_config.additional_config)
             heads = _load_heads(settings, vllm_config.model_config.get_hidden_size(),
                                 device=torch.get_default_device())
             # A plain attribute, not a submodule: the checkpoint loader must not see it.
             self._recontrol = EditController(
                 heads, settings, _engine_rows(vllm_config),
-                max_rows=vllm_config.scheduler_config.max_num_seqs,
+                max_rows=(vllm_config.scheduler_config.max_num_seqs
+                          * sampled_rows_per_request(vllm_config)),
                 batch_invariant=resolve_batch_invariant(settings),
                 stats_interval=stats_log_interval())
 

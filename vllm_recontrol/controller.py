@@ -57,6 +57,10 @@ class RowControls:
     ``arm()`` is called once before each forward pass; ``take(rows)`` is then valid for the
     first logits call of that pass only. Later calls in the same pass (prompt logprobs) and
     calls with no pass before them (profiling, warm-up) get ``None`` and pass through.
+
+    Under speculative decoding a request has one sampled row per draft token plus one
+    (vLLM verifies every draft with the target's logits): ``expect_rows_per_request`` tells
+    the pass's counts after ``arm()``, and every row of a request gets the request's control.
     """
 
     def __init__(self) -> None:
@@ -66,6 +70,8 @@ class RowControls:
         self._armed = False
         self._dirty = True
         self._groups: list[HeadGroup] = []
+        self._rows_per_request: list[int] | None = None  # this pass's, under speculation
+        self._uploaded_rows_per_request: list[int] | None = None
 
     # -- batch bookkeeping, in vLLM's order: removed, added, moved ----------------------------
     def reset(self, device: torch.device) -> None:
@@ -103,6 +109,17 @@ class RowControls:
     # -- per forward pass -------------------------------------------------------------------
     def arm(self) -> None:
         self._armed = True
+        self._rows_per_request = None
+
+    def expect_rows_per_request(self, counts: Sequence[int]) -> None:
+        """This pass's sampling call has ``counts[i]`` rows for request ``i`` (speculative
+        decoding: its draft tokens plus one), in batch order. Call after ``arm()``."""
+        self._rows_per_request = [int(c) for c in counts]
+
+    def _expected_rows(self) -> int:
+        if self._rows_per_request is None:
+            return self.batch_size
+        return sum(self._rows_per_request[:self.batch_size])
 
     def take(self, rows: int) -> list[HeadGroup] | None:
         """The controlled rows of this pass's sampling call, one group per value head in use
@@ -110,15 +127,20 @@ class RowControls:
         if not self._armed:
             return None
         self._armed = False
-        if rows != self.batch_size:
-            # Not the sampling call of this pass (its row count is the batch size).
+        if rows != self._expected_rows():
+            # Not the sampling call of this pass (its row count is the batch size, or under
+            # speculative decoding the requests' draft tokens plus one each).
             return None
-        if self._dirty:
+        if self._dirty or self._rows_per_request != self._uploaded_rows_per_request:
             self._upload()
         return self._groups or None
 
     def _upload(self) -> None:
         live = self.rows[:self.batch_size] + [UNCONTROLLED] * max(0, self.batch_size - len(self.rows))
+        counts = self._rows_per_request
+        if counts is not None:  # each request's control on each of its rows
+            live = [control for control, count in zip(live, counts) for _ in range(count)]
+        self._uploaded_rows_per_request = counts
         active = [r if r.active else UNCONTROLLED for r in live]
         heads = sorted({r.head for r in active if r.active})
         if len(heads) == 1:  # the common case: the whole batch, no gather
