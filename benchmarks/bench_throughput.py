@@ -16,6 +16,11 @@ With --vllm-bench the same comparison also runs through vLLM's own `vllm bench t
 (random prompts; the RE-Control runs use --model-impl recontrol with every request
 controlled at the engine's steps), each in its own process.
 
+With --speculative-config every engine (stock too, and every `vllm bench` run) decodes
+speculatively with it, so the ratios are the control's cost under speculation; run once
+with and once without it for speculation's own speed-up. The floor ratio counts one model
+pass per generated token, which speculation breaks: it is left empty then.
+
 Each row also gets the arithmetic floor ratio: model FLOPs per token over model + control
 FLOPs per token, the best a compute-bound controlled run could do relative to stock.
 Prints a Markdown table and writes JSON (and a PNG plot when matplotlib is installed): the
@@ -91,6 +96,8 @@ def start_engine(args, recontrol: bool, plugin_loaded: bool, form: str | None = 
         kwargs["kv_cache_memory_bytes"] = args.kv_cache_bytes
     if args.gpu_memory_utilization is not None:  # the engines share one device
         kwargs["gpu_memory_utilization"] = args.gpu_memory_utilization
+    if args.speculative_config:
+        kwargs["speculative_config"] = args.speculative_config
     if recontrol:
         kwargs.update(model_impl="recontrol", additional_config={"recontrol": {
             "value_head": args.value_head, "alpha": args.alpha, "default_on": False,
@@ -171,7 +178,8 @@ def measure(args) -> list[dict[str, Any]]:
     finally:
         for llm in engines.values():
             stop_engine(llm)
-    add_ratios(rows, model_flops_per_token(args.model), args.value_head, "stock")
+    add_ratios(rows, model_flops_per_token(args.model), args.value_head, "stock",
+               speculative=bool(args.speculative_config))
     return rows
 
 
@@ -199,6 +207,8 @@ def vllm_bench_rows(args, failures: list[str]) -> list[dict[str, Any]]:
         base += ["--kv-cache-memory-bytes", str(args.kv_cache_bytes)]
     if args.gpu_memory_utilization is not None:
         base += ["--gpu-memory-utilization", str(args.gpu_memory_utilization)]
+    if args.speculative_config:
+        base += ["--speculative-config", json.dumps(args.speculative_config)]
     runs = [("vllm-bench stock", 0, [], {"VLLM_PLUGINS": "none-at-all"}),
             ("vllm-bench installed", 0, [], {})]
     for steps in args.steps:
@@ -256,16 +266,18 @@ def head_config(args) -> dict[str, Any]:
 
 
 def add_ratios(rows: list[dict[str, Any]], model_flops: float, value_head: str,
-               stock_variant: str) -> None:
-    """Each row's ratio to stock and to its floor (the control's FLOPs in the row's form)."""
+               stock_variant: str, speculative: bool = False) -> None:
+    """Each row's ratio to stock and to its floor (the control's FLOPs in the row's form;
+    none under speculation, where a generated token is not one model pass)."""
     stock = {r["batch"]: r["tokens_per_s"] for r in rows if r["variant"] == stock_variant}
     for r in rows:
         control = (control_flops_per_token(value_head, r["steps"], r.get("form") or "direct")
                    if r["steps"] else 0.0)
-        r["floor_ratio"] = model_flops / (model_flops + control)
+        r["floor_ratio"] = None if speculative else model_flops / (model_flops + control)
         base = stock.get(r["batch"])  # none where that run failed (vllm bench)
         r["ratio_to_stock"] = r["tokens_per_s"] / base if base else None
-        r["gap_to_floor"] = (r["ratio_to_stock"] / r["floor_ratio"] if base else None)
+        r["gap_to_floor"] = (r["ratio_to_stock"] / r["floor_ratio"]
+                             if base and r["floor_ratio"] else None)
 
 
 def markdown(rows: list[dict[str, Any]], machine: str, failures: Sequence[str] = ()) -> str:
@@ -280,7 +292,7 @@ def markdown(rows: list[dict[str, Any]], machine: str, failures: Sequence[str] =
     for r in rows:
         lines.append(f"| {r['variant']} | {r.get('form') or '-'} | {r['batch']} | "
                      f"{r['tokens_per_s']:.1f} | "
-                     f"{ratio(r['ratio_to_stock'])} | {r['floor_ratio']:.3f} | "
+                     f"{ratio(r['ratio_to_stock'])} | {ratio(r['floor_ratio'])} | "
                      f"{ratio(r['gap_to_floor'])} |")
     if failures:
         lines += [""] + [f"Failed: {failure.splitlines()[0]}" for failure in failures]
@@ -354,6 +366,10 @@ def main(argv: list[str] | None = None) -> int:
                              "runs the direct form, beside the others")
     parser.add_argument("--vllm-bench", action="store_true",
                         help="also run vLLM's own `vllm bench throughput` with and without the plugin")
+    parser.add_argument("--speculative-config", type=json_object, default=None,
+                        help="vLLM's speculative config for every engine, as JSON (e.g. "
+                             '\'{"method": "ngram", "num_speculative_tokens": 3, '
+                             '"prompt_lookup_max": 3}\')')
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
 
@@ -378,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.vllm_bench:
         bench_rows = vllm_bench_rows(args, failures)
         add_ratios(bench_rows, model_flops_per_token(args.model), args.value_head,
-                   "vllm-bench stock")
+                   "vllm-bench stock", speculative=bool(args.speculative_config))
         rows += bench_rows
         save(args, machine, stem, rows, failures)
     print("\n" + markdown(rows, machine, failures))
@@ -435,6 +451,16 @@ def save(args, machine: str, stem: str, rows: list[dict[str, Any]],
          "argv": sys.argv[1:], **run_facts(args), "failures": list(failures), "rows": rows},
         indent=2))
     (args.out / f"{stem}.md").write_text(markdown(rows, machine, failures) + "\n")
+
+
+def json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"must be a JSON object: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object, got {text!r}")
+    return value
 
 
 def positive(text: str) -> int:

@@ -154,3 +154,45 @@ def test_a_stock_bench_run_that_times_out_leaves_the_ratios_empty_not_nan(tmp_pa
     assert "| vllm-bench installed | - | 2 | 50.0 | - |" in table
     assert "Failed: vllm-bench stock failed: TimeoutExpired" in table
     assert saved["backend"] == "torch" and saved["settings"]["resolved_dtype"] == "auto"
+
+
+def test_a_speculative_config_reaches_every_engine_and_empties_the_floor(tmp_path,
+                                                                         monkeypatch):
+    """Every engine (stock too) and every `vllm bench` run speculates with it; the floor,
+    one model pass per token, does not hold under speculation and is left empty."""
+    import vllm
+
+    bench = _load()
+    _fake_engines(bench, monkeypatch, tmp_path)
+    commands = []
+    real_bench_run = __import__("subprocess").run
+
+    def recording_run(command, **kwargs):
+        commands.append(command)
+        return real_bench_run(command, **kwargs)
+
+    monkeypatch.setattr(__import__("subprocess"), "run", recording_run)
+    spec = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3}
+    assert bench.main(["--batch-sizes", "2", "--steps", "3", "--repeats", "1", "--vllm-bench",
+                       "--speculative-config", json.dumps(spec),
+                       "--out", str(tmp_path / "out")]) == 0
+    saved = json.loads((tmp_path / "out" / "throughput-cpu.json").read_text())
+    assert saved["settings"]["speculative_config"] == spec
+    assert all(r["floor_ratio"] is None and r["gap_to_floor"] is None for r in saved["rows"])
+    assert all(r["ratio_to_stock"] is not None for r in saved["rows"])
+    bench_commands = [c for c in commands if "bench" in c]
+    assert bench_commands and all(json.loads(c[c.index("--speculative-config") + 1]) == spec
+                                  for c in bench_commands)
+    table = (tmp_path / "out" / "throughput-cpu.md").read_text()
+    assert "| stock | - | 2 |" in table and table.count("| - | - |") >= len(saved["rows"])
+
+    seen = []  # the real start_engine hands it to vLLM
+    monkeypatch.setattr(vllm, "LLM", lambda **kwargs: seen.append(kwargs))
+    args = bench.argparse.Namespace(
+        model="m", dtype="auto", max_model_len=64, batch_sizes=[2], enforce_eager=True,
+        kv_cache_bytes=None, gpu_memory_utilization=None, speculative_config=spec)
+    _load().start_engine(args, recontrol=False, plugin_loaded=True)
+    assert seen[0]["speculative_config"] == spec
+    for bad in ("[1, 2]", "{nope"):
+        with pytest.raises(SystemExit):
+            bench.main(["--speculative-config", bad])
