@@ -3,10 +3,12 @@ target's logits, one sampled row per draft plus one, so every row of a request m
 request's edit; then greedy decoding equals the oracle's, whatever was drafted.
 
 Three engines on the tiny Llama: n-gram drafts (no draft model: vLLM names the target's
-config as the draft's), a draft model (the tiny Llama itself, so drafts of uncontrolled
-requests are all accepted, which they are only if the drafter's logits stay unedited) and a
-random one-layer EAGLE head (built with the target's engine config, where the drafter's
-logits layer must stay vLLM's own).
+config as the draft's) in a cramped engine (a KV cache of 6 blocks of 32 tokens, 16
+scheduled tokens per step: requests are preempted, long prompts prefilled in chunks, shared
+prompt blocks hit the prefix cache), a draft model (the tiny Llama itself, so drafts of
+uncontrolled requests are all accepted, which they are only if the drafter's logits stay
+unedited) and a random one-layer EAGLE head (built with the target's engine config, where
+the drafter's logits layer must stay vLLM's own).
 """
 
 from __future__ import annotations
@@ -24,18 +26,52 @@ SPEC_TOKENS = 3
 NGRAM = {"method": "ngram", "num_speculative_tokens": SPEC_TOKENS, "prompt_lookup_max": 3,
          "prompt_lookup_min": 1}
 TOKENS = 24  # long enough for the tiny model to repeat itself, which n-grams draft from
+TOKEN_BUDGET = 16  # max_num_batched_tokens of the cramped engine
+CRAMPED = dict(block_size=32, kv_cache_memory_bytes=6 * 32 * 1024, max_model_len=128,
+               max_num_seqs=8, max_num_batched_tokens=TOKEN_BUDGET, enable_prefix_caching=True)
+LONG_PROMPT = " ".join(["the good kan a bad ba bon"] * 5)  # 35 words: prefilled in chunks
 ACCEPTED = "vllm:spec_decode_num_accepted_tokens"
 DRAFTED = "vllm:spec_decode_num_draft_tokens"
+# (request keys, head, alpha, steps, max_norm as the engine resolves them): two heads (the
+# second, "one-layer", with its own alpha 2 and 8 steps), a radius, other steps, all controlled
+MIXED_HEADS = [({}, "default", 1.0, 4, None),
+               ({"recontrol_head": "one-layer"}, "one-layer", 2.0, 8, None),
+               ({"recontrol_alpha": 2.0, "recontrol_steps": 8, "recontrol_max_norm": 0.05},
+                "default", 2.0, 8, 0.05),
+               ({"recontrol_head": "one-layer", "recontrol_steps": 3}, "one-layer", 2.0, 3,
+                None)]
 
 
 def counter(llm, name: str) -> float:
     return sum(metric.value for metric in llm.get_metrics() if metric.name == name)
 
 
+def assert_mixed_heads_match_the_oracle(llm, prompts: list[str], llama_dir, head_dir,
+                                        head1_dir, tokens: int = TOKENS) -> None:
+    """Every prompt under every MIXED_HEADS control, in one batch: each row equals the
+    oracle of its head, and drafts were accepted, which can only be controlled requests'
+    drafts verified with their edited logits."""
+    oracles = {"default": OracleGenerator(llama_dir, head_dir),
+               "one-layer": OracleGenerator(llama_dir, head1_dir)}
+    cases = [(prompt, *case) for prompt in prompts for case in MIXED_HEADS]
+    drafted, accepted = counter(llm, DRAFTED), counter(llm, ACCEPTED)
+    outputs = llm.generate([c[0] for c in cases], [greedy(tokens, **c[1]) for c in cases],
+                           use_tqdm=False)
+    assert counter(llm, DRAFTED) > drafted
+    assert counter(llm, ACCEPTED) > accepted, "no controlled request's draft accepted"
+    steered = 0
+    for out, (_, keys, head, alpha, steps, radius) in zip(outputs, cases):
+        ids = list(out.prompt_token_ids)
+        expected = oracles[head].generate(ids, tokens, alpha, steps, max_norm=radius)
+        assert list(out.outputs[0].token_ids) == expected, keys
+        steered += expected != oracles[head].generate(ids, tokens)
+    assert steered >= 2 * len(prompts), "the heads hardly steer: this test could not tell"
+
+
 @pytest.fixture(scope="module")
 def ngram_engine(llama_dir, head_dir, head1_dir):
     llm = start_llm(llama_dir, shared_control(head_dir, head1_dir), speculative_config=NGRAM,
-                    disable_log_stats=False)
+                    disable_log_stats=False, **CRAMPED)
     yield llm
     stop_llm(llm)
 
@@ -46,31 +82,17 @@ def test_ngram_speculation_matches_the_oracle(ngram_engine, llama_dir, head_dir)
     assert counter(ngram_engine, ACCEPTED) > accepted, "no draft was accepted: not speculating"
 
 
-def test_controlled_rows_of_several_heads_and_radii_verify_drafts(ngram_engine, llama_dir,
-                                                                  head_dir, head1_dir):
-    """Every request controlled (two heads, a radius, other steps), so accepted drafts can
-    only be controlled requests' drafts, verified with their edited logits."""
-    oracles = {"default": OracleGenerator(llama_dir, head_dir),
-               "one-layer": OracleGenerator(llama_dir, head1_dir)}
-    # (request keys, head, alpha, steps, max_norm) as the engine resolves them
-    cases = [({}, "default", 1.0, 4, None),
-             ({"recontrol_head": "one-layer"}, "one-layer", 2.0, 8, None),
-             ({"recontrol_alpha": 2.0, "recontrol_steps": 8, "recontrol_max_norm": 0.05},
-              "default", 2.0, 8, 0.05),
-             ({"recontrol_head": "one-layer", "recontrol_steps": 3}, "one-layer", 2.0, 3, None)]
-    prompts = [prompt for prompt in PROMPTS[:3] for _ in cases]
-    params = [greedy(TOKENS, **keys) for _ in PROMPTS[:3] for keys, *_ in cases]
-    drafted, accepted = counter(ngram_engine, DRAFTED), counter(ngram_engine, ACCEPTED)
-    outputs = ngram_engine.generate(prompts, params, use_tqdm=False)
-    assert counter(ngram_engine, DRAFTED) > drafted
-    assert counter(ngram_engine, ACCEPTED) > accepted, "no controlled request's draft accepted"
-    steered = 0
-    for out, (keys, head, alpha, steps, radius) in zip(outputs, cases * 3):
-        ids = list(out.prompt_token_ids)
-        expected = oracles[head].generate(ids, TOKENS, alpha, steps, max_norm=radius)
-        assert list(out.outputs[0].token_ids) == expected, keys
-        steered += expected != oracles[head].generate(ids, TOKENS)
-    assert steered >= 6, "the heads hardly steer: this test could not tell edited from plain"
+def test_preempted_chunked_and_cached_requests_of_several_heads_verify_drafts(
+        ngram_engine, llama_dir, head_dir, head1_dir):
+    preempted = counter(ngram_engine, "vllm:num_preemptions")
+    hits = counter(ngram_engine, "vllm:prefix_cache_hits")
+    # 40 new tokens: every request outgrows its first block, 8 at a time in 6 blocks
+    assert_mixed_heads_match_the_oracle(ngram_engine, [PROMPTS[0], LONG_PROMPT, PROMPTS[3]],
+                                        llama_dir, head_dir, head1_dir, tokens=40)
+    assert counter(ngram_engine, "vllm:num_preemptions") > preempted, "nothing was preempted"
+    assert counter(ngram_engine, "vllm:prefix_cache_hits") > hits, "no prefix-cache hit"
+    prompt_tokens = len(ngram_engine.get_tokenizer()(LONG_PROMPT)["input_ids"])
+    assert prompt_tokens > TOKEN_BUDGET, "the long prompt was not prefilled in chunks"
 
 
 def test_bad_request_is_refused_at_admission_with_speculation(ngram_engine):
@@ -82,10 +104,11 @@ def test_bad_request_is_refused_at_admission_with_speculation(ngram_engine):
     assert len(out.outputs[0].token_ids) == 3
 
 
-def test_a_draft_model_proposes_unedited_and_the_target_decides(llama_dir, head_dir):
+def test_a_draft_model_proposes_unedited_and_the_target_decides(llama_dir, head_dir,
+                                                                 head1_dir):
     draft = {"method": "draft_model", "model": str(llama_dir),
              "num_speculative_tokens": SPEC_TOKENS}
-    llm = start_llm(llama_dir, llama_control(head_dir), speculative_config=draft,
+    llm = start_llm(llama_dir, shared_control(head_dir, head1_dir), speculative_config=draft,
                     disable_log_stats=False)
     try:
         drafted, accepted = counter(llm, DRAFTED), counter(llm, ACCEPTED)
@@ -95,6 +118,7 @@ def test_a_draft_model_proposes_unedited_and_the_target_decides(llama_dir, head_
         assert counter(llm, DRAFTED) - drafted > 0
         assert counter(llm, ACCEPTED) - accepted == counter(llm, DRAFTED) - drafted
         assert_engine_matches_oracle(llm, llama_dir, head_dir, PROMPTS[:3], TOKENS)
+        assert_mixed_heads_match_the_oracle(llm, PROMPTS[:2], llama_dir, head_dir, head1_dir)
     finally:
         stop_llm(llm)
 
@@ -195,3 +219,19 @@ def test_speculation_builds_the_row_tracker_but_still_refuses_other_processors(l
     with pytest.raises(ValueError, match="not supported when speculative decoding"):
         gpu_model_runner.build_logitsprocs(config, torch.device("cpu"), False, False,
                                            [*ours, Foreign])
+
+
+def test_warm_up_covers_the_largest_sampling_call():
+    from vllm_recontrol._vllm_adapter import most_sampled_rows
+
+    def config(seqs: int, budget: int | None, drafts: int | None):
+        return types.SimpleNamespace(
+            scheduler_config=types.SimpleNamespace(max_num_seqs=seqs,
+                                                   max_num_batched_tokens=budget),
+            speculative_config=None if drafts is None else types.SimpleNamespace(
+                num_speculative_tokens=drafts))
+
+    assert most_sampled_rows(config(256, 8192, None)) == 256
+    assert most_sampled_rows(config(256, 8192, 3)) == 1024  # drafts plus one per request
+    assert most_sampled_rows(config(256, 512, 3)) == 512  # no more rows than tokens a step
+    assert most_sampled_rows(config(8, None, 2)) == 24

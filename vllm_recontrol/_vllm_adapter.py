@@ -255,11 +255,16 @@ def _is_drafter(vllm_config: Any, model_config: Any) -> bool:
         and draft is not getattr(speculative, "target_model_config", None)
 
 
-def sampled_rows_per_request(vllm_config: Any) -> int:
-    """The most rows one request has in a sampling call: its draft tokens plus one under
-    speculative decoding (vLLM verifies every draft with the target's logits), else one."""
+def most_sampled_rows(vllm_config: Any) -> int:
+    """The most rows a sampling call can have: a row per request (``max_num_seqs``), times
+    its draft tokens plus one under speculative decoding (vLLM verifies every draft with the
+    target's logits), and never more than the tokens one step schedules."""
+    scheduler = vllm_config.scheduler_config
     speculative = getattr(vllm_config, "speculative_config", None)
-    return 1 + int(getattr(speculative, "num_speculative_tokens", None) or 0)
+    per_request = 1 + int(getattr(speculative, "num_speculative_tokens", None) or 0)
+    rows = scheduler.max_num_seqs * per_request
+    budget = getattr(scheduler, "max_num_batched_tokens", None)
+    return min(rows, budget) if budget else rows
 
 
 def _require_row_tracker(vllm_config: Any) -> None:
@@ -719,8 +724,7 @@ def _recontrol_layer_class(stock: type) -> type:
             # A plain attribute, not a submodule: the checkpoint loader must not see it.
             self._recontrol = EditController(
                 heads, settings, _engine_rows(vllm_config),
-                max_rows=(vllm_config.scheduler_config.max_num_seqs
-                          * sampled_rows_per_request(vllm_config)),
+                max_rows=most_sampled_rows(vllm_config),
                 batch_invariant=resolve_batch_invariant(settings),
                 stats_interval=stats_log_interval())
 

@@ -225,7 +225,8 @@ class EditController:
                  rows: RowControls, max_rows: int | None = None,
                  batch_invariant: bool = False, stats_interval: float = 10.0) -> None:
         """``heads``: by name (``settings.head_names``); one head is the engine's default.
-        ``max_rows``: the engine's largest batch (max_num_seqs); with it, the first logits
+        ``max_rows``: the engine's largest sampling call (max_num_seqs rows, times drafts
+        plus one under speculative decoding, at most a step's tokens); with it, the first logits
         call that is not a sampling call (vLLM's profiling run) compiles and captures the
         ascent for every row bucket up to it, see ``warm_up``. ``batch_invariant``: the
         resolved setting (the engine key, or vLLM's own when the key is "auto").
