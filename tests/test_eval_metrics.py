@@ -677,6 +677,35 @@ def test_eval_engines_start_without_prefix_caching_unless_asked(monkeypatch, eng
     assert started[0]["model_impl"] == "recontrol"
 
 
+def test_every_grid_step_count_is_warmed_up_at_engine_start(monkeypatch):
+    """On a GPU a step count (and the projected ascent of a radius) that warm-up did not
+    capture is compiled and captured in its first batch: inside that method's timed run,
+    lowering its tokens/s. Every grid point's are warmed up at engine start instead."""
+    import vllm
+
+    from vllm_recontrol.evaluation.engines import EvalEngine
+    from vllm_recontrol.evaluation.evaluate import EvalOptions, Evaluator
+
+    started = []
+
+    class FakeLLM:
+        def __init__(self, **kwargs):
+            started.append(kwargs)
+
+        def get_tokenizer(self):
+            return None
+
+    monkeypatch.setattr(vllm, "LLM", FakeLLM)
+    for grid, steps, projected in (("0.5:30,1:5,2:30:norm=4", [5, 30], True),
+                                   ("1:10", [10], False)):
+        settings = Evaluator(EvalOptions(model="m", value_head="h", prompts="p", grid=grid),
+                             [], None, None)._engine_settings
+        EvalEngine(settings, ["p"])
+        section = started[-1]["additional_config"]["recontrol"]
+        assert section["warmup_steps"] == steps and section["max_steps"] == max(steps)
+        assert section.get("warmup_projected", False) is projected
+
+
 class WordLLM:
     """A stand-in ``vllm.LLM``: one token per word, ``max_model_len`` 8, refusing longer
     prompts at ``generate`` as vLLM does; records whether it was shut down."""

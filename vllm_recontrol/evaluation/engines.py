@@ -53,6 +53,10 @@ class EngineSettings:
     system_prompt: str | None
     chat_template: bool
     in_process: bool = False
+    # the grid's step counts, and whether a point has a radius: warmed up (compiled and
+    # CUDA-graph captured) at engine start, so that no method's timed run pays for it
+    warmup_steps: tuple[int, ...] = ()
+    warmup_projected: bool = False
 
 
 class EvalEngine:
@@ -75,6 +79,9 @@ class EvalEngine:
                                         additional_config={
             "recontrol": {"value_head": settings.value_head, "default_on": False,
                           "steps": settings.max_steps, "max_steps": settings.max_steps,
+                          **({"warmup_steps": list(settings.warmup_steps)}
+                             if settings.warmup_steps else {}),
+                          **({"warmup_projected": True} if settings.warmup_projected else {}),
                           **({"value_heads": further} if further else {})}}, **engine)
         self.tokenizer = self.llm.get_tokenizer()
 

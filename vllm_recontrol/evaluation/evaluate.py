@@ -278,7 +278,9 @@ class Evaluator:
             max_steps=max(p.steps for p in self.grid), engine_args=engine_args,
             seed=opts.seed, max_tokens=opts.max_tokens, temperature=opts.temperature,
             bon_temperature=opts.bon_temperature, system_prompt=opts.system_prompt,
-            chat_template=opts.chat_template, in_process=opts.in_process)
+            chat_template=opts.chat_template, in_process=opts.in_process,
+            warmup_steps=tuple(sorted({p.steps for p in self.grid if p.steps})),
+            warmup_projected=any(p.max_norm is not None for p in self.grid))
         self._engine_settings, self._engines = settings, None
 
     @property
