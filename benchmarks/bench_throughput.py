@@ -102,6 +102,7 @@ def start_engine(args, recontrol: bool, plugin_loaded: bool, form: str | None = 
         kwargs.update(model_impl="recontrol", additional_config={"recontrol": {
             "value_head": args.value_head, "alpha": args.alpha, "default_on": False,
             "steps": max(args.steps), "max_steps": max(args.steps), "backend": args.backend,
+            "warmup_steps": sorted(set(args.steps)),  # no timed run captures a CUDA graph
             "ascent_form": form or args.ascent_form,
             "value_heads": {"second": args.value_head}}})
     from vllm_recontrol._vllm_adapter import stock_vllm_engines

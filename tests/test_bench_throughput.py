@@ -193,6 +193,11 @@ def test_a_speculative_config_reaches_every_engine_and_empties_the_floor(tmp_pat
         kv_cache_bytes=None, gpu_memory_utilization=None, speculative_config=spec)
     _load().start_engine(args, recontrol=False, plugin_loaded=True)
     assert seen[0]["speculative_config"] == spec
+    args.__dict__.update(value_head="h", alpha=0.5, steps=[30, 1, 5, 30], backend="auto",
+                         ascent_form="auto")
+    _load().start_engine(args, recontrol=True, plugin_loaded=True)
+    # every timed step count warmed up at engine start (no CUDA graph captured while timed)
+    assert seen[1]["additional_config"]["recontrol"]["warmup_steps"] == [1, 5, 30]
     for bad in ("[1, 2]", "{nope"):
         with pytest.raises(SystemExit):
             bench.main(["--speculative-config", bad])
