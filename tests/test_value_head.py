@@ -1106,3 +1106,22 @@ def test_the_first_edit_that_falls_back_on_a_cpu_is_logged_at_once(caplog):
         assert sum("not finite" in r.getMessage() for r in caplog.records) == 1
         assert head.nonfinite_rows() == 8
         assert sum("not finite" in r.getMessage() for r in caplog.records) == 2
+
+
+def test_load_leaves_the_global_generator_alone_and_fills_every_value(tmp_path):
+    """Loading draws no random number (a seeded script's later numbers would depend on a
+    load) and allocates without initialising, so every value must come from the file:
+    a head of other values saved over the same shapes loads as itself, bit for bit."""
+    saved = ValueHead(16, [12, 8], seed=3)
+    saved.save(tmp_path / "h")
+    torch.manual_seed(0)
+    expected = torch.rand(4)
+    torch.manual_seed(0)
+    loaded = ValueHead.load(tmp_path / "h")
+    assert torch.equal(torch.rand(4), expected)
+    for (name, a), b in zip(saved.named_parameters(), loaded.parameters()):
+        assert torch.equal(a, b), name
+    for dtype in (torch.float64, torch.bfloat16):
+        again = ValueHead.load(tmp_path / "h", dtype=dtype)
+        for a, b in zip(saved.parameters(), again.parameters()):
+            assert torch.equal(a.to(dtype), b)

@@ -53,6 +53,10 @@ def _one_thread_per_head(method: Any) -> Any:
     return one_at_a_time
 
 
+# ``seed`` that ``load`` passes: parameters allocated and left unset (it overwrites them all)
+_UNSET: Any = object()
+
+
 class ValueHead(nn.Module):
     """V(s) = Linear(h_L, 1)(relu(... relu(Linear(d, h_1)(s)))) with biases, no input norm.
 
@@ -75,13 +79,17 @@ class ValueHead(nn.Module):
         self.base_model = base_model
         self.metadata = dict(metadata or {})
         sizes = [self.hidden_size, *self.widths, 1]
-        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        unset = seed is _UNSET
+        generator = torch.Generator().manual_seed(seed) if seed is not None and not unset \
+            else None
         self.layers = nn.ModuleList()
         for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
             # Explicit device/dtype: vLLM builds models under a default device and dtype.
             layer = nn.utils.skip_init(nn.Linear, fan_in, fan_out, device="cpu",
                                        dtype=torch.float32)
-            if generator is not None:  # same seed, same head, and the global RNG untouched
+            if unset:  # ``load`` overwrites every value: drawing them first is wasted time
+                pass
+            elif generator is not None:  # same seed, same head, and the global RNG untouched
                 bound = 1.0 / math.sqrt(fan_in)
                 with torch.no_grad():
                     layer.weight.uniform_(-bound, bound, generator=generator)
@@ -463,20 +471,23 @@ class ValueHead(nn.Module):
                 f"hidden size is {expected_hidden_size}; train a head on this model's states")
         tensors, stored_id = read_weights(path / WEIGHTS_FILE, hidden_size, widths)
         check_same_save(path, config, stored_id)
-        # seeded: its initial weights, overwritten at once, draw nothing from the global
-        # generator (a seeded script's later random numbers would depend on the load); in
-        # the dtype asked for before the copy (float64 weights passed through float32)
-        head = cls(hidden_size, widths, seed=0, base_model=config.get("base_model"),
+        # parameters left unset (every value is overwritten at once; none is drawn, from
+        # the global generator either: a seeded script's later random numbers would depend
+        # on the load); in the dtype asked for before the copy (float64 weights passed
+        # through float32)
+        head = cls(hidden_size, widths, seed=_UNSET, base_model=config.get("base_model"),
                    metadata=config.get("metadata") or {}).to(dtype=dtype)
         with torch.no_grad():
             for i, layer in enumerate(head.layers):
                 layer.weight.copy_(tensors[f"layers.{i}.weight"])
                 layer.bias.copy_(tensors[f"layers.{i}.bias"])
         head = head.to(device=device)
-        # Finite on disk is not enough: float64 values past float32's range (or float32
-        # past float16's) become inf here, and every edit would silently fall back.
+        # Finite on disk (read_weights checked) is not enough: float64 values past float32's
+        # range (or float32 past float16's) become inf here, and every edit would silently
+        # fall back. Only a narrowing copy can overflow.
         for name, parameter in head.named_parameters():
-            if not bool(torch.isfinite(parameter).all()):
+            narrowed = torch.finfo(parameter.dtype).max < torch.finfo(tensors[name].dtype).max
+            if narrowed and not bool(torch.isfinite(parameter).all()):
                 raise ValueHeadError(
                     f"value head weights {path / WEIGHTS_FILE}: {name} has values that do not "
                     f"fit {parameter.dtype} (they overflow to inf)")
