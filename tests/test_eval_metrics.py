@@ -1516,3 +1516,49 @@ def test_eval_reward_actors_rebuild_a_batched_reward_fn(monkeypatch):
         worker = RewardWorker(cloudpickle.loads(blob))
         assert worker.score(pairs) == [_goodness(p, r) for p, r in pairs]
     assert sizes == [3, 3, 1]  # the by-name source calls this process's function
+
+
+def test_eval_engine_args_can_add_recontrol_engine_keys_but_not_eval_s_own(monkeypatch):
+    """--engine-args additional_config["recontrol"] adds engine keys (another backend,
+    fewer warm-up step counts); the keys eval sets itself, or another model_impl, are
+    refused before any engine starts, naming the option that sets them. (They ended eval
+    with a bare TypeError: two values for additional_config.)"""
+    import vllm
+
+    from vllm_recontrol.evaluation.engines import EvalEngine
+    from vllm_recontrol.evaluation.evaluate import EvalOptions, Evaluator
+    from vllm_recontrol.training.common import DataError
+
+    started = []
+
+    class FakeLLM:
+        def __init__(self, **kwargs):
+            started.append(kwargs)
+
+        def get_tokenizer(self):
+            return None
+
+    monkeypatch.setattr(vllm, "LLM", FakeLLM)
+
+    def evaluator(engine_args):
+        return Evaluator(EvalOptions(model="m", value_head="h", prompts="p",
+                                     grid="0.5:30,1:5", engine_args=engine_args), [], None, None)
+
+    extra = {"additional_config": {"recontrol": {"backend": "torch", "warmup_steps": [30]},
+                                   "other_plugin": {"x": 1}}, "model_impl": "recontrol"}
+    EvalEngine(evaluator(extra)._engine_settings, ["p"])
+    kwargs = started[-1]
+    assert kwargs["model_impl"] == "recontrol" and kwargs["additional_config"]["other_plugin"] == {"x": 1}
+    section = kwargs["additional_config"]["recontrol"]
+    assert section["backend"] == "torch" and section["warmup_steps"] == [30]  # the user's
+    assert section["value_head"] == "h" and section["max_steps"] == 30
+    assert section["default_on"] is False
+    for bad, message in (
+            ({"additional_config": {"recontrol": {"steps": 4, "value_head": "x"}}},
+             r'additional_config\["recontrol"\]: eval sets steps from --grid; '
+             r"value_head from --value-head"),
+            ({"additional_config": {"recontrol": "fast"}}, "must be an object"),
+            ({"additional_config": ["recontrol"]}, "must be an object"),
+            ({"model_impl": "transformers"}, "leave model_impl out")):
+        with pytest.raises(DataError, match=message):
+            evaluator(bad)

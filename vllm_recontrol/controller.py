@@ -318,7 +318,8 @@ class EditController:
         except ValueError:  # checked at construction; keep the original error in view
             products, form = self.settings.precision, self.settings.ascent_form
         if isinstance(exc, torch.OutOfMemoryError):
-            remedy = ("the ascents of a full batch (max_num_seqs rows) and their graphs do not "
+            remedy = ("the ascents of a full batch (max_num_seqs rows, times drafts + 1 under "
+                      "speculative decoding) and their graphs do not "
                       "fit beside the model: lower --max-num-seqs or --gpu-memory-utilization, "
                       "or warm fewer step counts (warmup_steps)")
         else:

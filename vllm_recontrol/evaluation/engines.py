@@ -59,6 +59,45 @@ class EngineSettings:
     warmup_projected: bool = False
 
 
+# additional_config["recontrol"] keys that eval sets itself, and from what
+EVAL_RECONTROL_KEYS = {"value_head": "--value-head", "value_heads": "--value-heads",
+                       "default_on": "eval (each method says whether it is controlled)",
+                       "steps": "--grid", "max_steps": "--grid"}
+
+
+def generation_engine_arguments(settings: EngineSettings) -> dict[str, Any]:
+    """``--engine-args`` with eval's RE-Control engine merged in: the heads, control off
+    unless a request asks (base and Best-of-N are uncontrolled rows), steps up to the grid's
+    and every grid step count warmed up. A user's ``additional_config["recontrol"]`` adds
+    engine keys (``backend``, ``precision``, ``warmup_steps`` to warm fewer, ...); the keys
+    eval sets itself, or another ``model_impl``, are refused naming the option that sets
+    them (they used to end eval with a bare TypeError)."""
+    arguments = dict(settings.engine_args)
+    impl = arguments.pop("model_impl", "recontrol")
+    if impl != "recontrol":
+        raise DataError(f"--engine-args model_impl {impl!r}: eval runs every method in one "
+                        "RE-Control engine (model_impl recontrol); leave model_impl out")
+    additional = arguments.pop("additional_config", None) or {}
+    section = additional.get("recontrol", {}) if isinstance(additional, dict) else None
+    if not isinstance(section, dict):
+        raise DataError(f'--engine-args additional_config must be an object whose "recontrol" '
+                        f"entry is an object of RE-Control engine keys, got {additional!r}")
+    owned = sorted(set(section) & set(EVAL_RECONTROL_KEYS))
+    if owned:
+        raise DataError(f'--engine-args additional_config["recontrol"]: eval sets '
+                        + "; ".join(f"{key} from {EVAL_RECONTROL_KEYS[key]}" for key in owned))
+    ours: dict[str, Any] = {"value_head": settings.value_head, "default_on": False,
+                            "steps": settings.max_steps, "max_steps": settings.max_steps}
+    if settings.warmup_steps:
+        ours["warmup_steps"] = list(settings.warmup_steps)
+    if settings.warmup_projected:
+        ours["warmup_projected"] = True
+    if settings.value_heads:
+        ours["value_heads"] = settings.value_heads
+    return {**arguments, "model_impl": "recontrol",
+            "additional_config": {**additional, "recontrol": {**ours, **section}}}
+
+
 class EvalEngine:
     """One RE-Control engine with control off by default: per-request keys switch it on, so
     all methods share the model, the prompts, the seeds and the machine."""
@@ -70,19 +109,11 @@ class EvalEngine:
         # the same prompts, so every method after base would skip the prefill base paid for
         # (tokens/s no longer comparable), and a cached prefix can change the numerics.
         engine = {"dtype": "auto", "seed": settings.seed, "enable_prefix_caching": False,
-                  **settings.engine_args}
+                  **generation_engine_arguments(settings)}
         if settings.in_process:
             run_engines_in_process(engine)
-        further = settings.value_heads
         self.settings, self.prompts = settings, list(prompts)
-        self.llm = start_offline_engine("eval", model=settings.model, model_impl="recontrol",
-                                        additional_config={
-            "recontrol": {"value_head": settings.value_head, "default_on": False,
-                          "steps": settings.max_steps, "max_steps": settings.max_steps,
-                          **({"warmup_steps": list(settings.warmup_steps)}
-                             if settings.warmup_steps else {}),
-                          **({"warmup_projected": True} if settings.warmup_projected else {}),
-                          **({"value_heads": further} if further else {})}}, **engine)
+        self.llm = start_offline_engine("eval", model=settings.model, **engine)
         self.tokenizer = self.llm.get_tokenizer()
 
     def _input(self, prompt: str, system_prompt: str | None) -> Any:

@@ -35,7 +35,8 @@ from ..training.prompts import load_prompts, load_references
 from ..training.ray_pool import (actor_engine_args, actor_path, actor_reward_arguments,
                                  add_ray_arguments, check_actor_resources, check_replicas)
 from ..training.rewards import DEFAULT_CUT_AT, RewardSource, cut_response
-from .engines import EnginePool, EngineSettings, Method, Samples
+from .engines import (EnginePool, EngineSettings, Method, Samples,
+                      generation_engine_arguments)
 from .llm_judge import (JUDGE_TEMPLATE, JudgeAnswers, JudgeClient, JudgeSettings,
                         judge_methods)
 from .metrics import (BOOTSTRAP_RESAMPLES, Coherence, bootstrap_interval, diversity, mean,
@@ -281,6 +282,7 @@ class Evaluator:
             chat_template=opts.chat_template, in_process=opts.in_process,
             warmup_steps=tuple(sorted({p.steps for p in self.grid if p.steps})),
             warmup_projected=any(p.max_norm is not None for p in self.grid))
+        generation_engine_arguments(settings)  # refused now, not when the engine starts
         self._engine_settings, self._engines = settings, None
 
     @property
