@@ -648,6 +648,23 @@ def test_eval_refuses_bad_sampling_options_before_starting_an_engine(tmp_path, o
                     "out": str(tmp_path / "e"), **options})
 
 
+def recorded_engine_starts(monkeypatch) -> list[dict]:
+    """``vllm.LLM`` replaced by a stand-in that records each start's keyword arguments."""
+    import vllm
+
+    started: list[dict] = []
+
+    class RecordingLLM:
+        def __init__(self, **kwargs):
+            started.append(kwargs)
+
+        def get_tokenizer(self):
+            return None
+
+    monkeypatch.setattr(vllm, "LLM", RecordingLLM)
+    return started
+
+
 @pytest.mark.parametrize("engine_args, expected", [({}, False),
                                                    ({"enable_prefix_caching": True}, True)])
 def test_eval_engines_start_without_prefix_caching_unless_asked(monkeypatch, engine_args,
@@ -655,20 +672,9 @@ def test_eval_engines_start_without_prefix_caching_unless_asked(monkeypatch, eng
     """Methods run one after another on the same prompts: with vLLM's prefix cache, every
     method after base would skip the prefill base paid for, and its tokens/s would not be
     comparable with base's."""
-    import vllm
-
     from vllm_recontrol.evaluation.engines import EngineSettings, EvalEngine
 
-    started = []
-
-    class FakeLLM:
-        def __init__(self, **kwargs):
-            started.append(kwargs)
-
-        def get_tokenizer(self):
-            return None
-
-    monkeypatch.setattr(vllm, "LLM", FakeLLM)
+    started = recorded_engine_starts(monkeypatch)
     EvalEngine(EngineSettings(model="m", value_head="h", value_heads={}, max_steps=30,
                               engine_args=engine_args, seed=0, max_tokens=8, temperature=0.0,
                               bon_temperature=1.0, system_prompt=None, chat_template=False),
@@ -681,21 +687,10 @@ def test_every_grid_step_count_is_warmed_up_at_engine_start(monkeypatch):
     """On a GPU a step count (and the projected ascent of a radius) that warm-up did not
     capture is compiled and captured in its first batch: inside that method's timed run,
     lowering its tokens/s. Every grid point's are warmed up at engine start instead."""
-    import vllm
-
     from vllm_recontrol.evaluation.engines import EvalEngine
     from vllm_recontrol.evaluation.evaluate import EvalOptions, Evaluator
 
-    started = []
-
-    class FakeLLM:
-        def __init__(self, **kwargs):
-            started.append(kwargs)
-
-        def get_tokenizer(self):
-            return None
-
-    monkeypatch.setattr(vllm, "LLM", FakeLLM)
+    started = recorded_engine_starts(monkeypatch)
     for grid, steps, projected in (("0.5:30,1:5,2:30:norm=4", [5, 30], True),
                                    ("1:10", [10], False)):
         settings = Evaluator(EvalOptions(model="m", value_head="h", prompts="p", grid=grid),
@@ -1523,22 +1518,11 @@ def test_eval_engine_args_can_add_recontrol_engine_keys_but_not_eval_s_own(monke
     fewer warm-up step counts); the keys eval sets itself, or another model_impl, are
     refused before any engine starts, naming the option that sets them. (They ended eval
     with a bare TypeError: two values for additional_config.)"""
-    import vllm
-
     from vllm_recontrol.evaluation.engines import EvalEngine
     from vllm_recontrol.evaluation.evaluate import EvalOptions, Evaluator
     from vllm_recontrol.training.common import DataError
 
-    started = []
-
-    class FakeLLM:
-        def __init__(self, **kwargs):
-            started.append(kwargs)
-
-        def get_tokenizer(self):
-            return None
-
-    monkeypatch.setattr(vllm, "LLM", FakeLLM)
+    started = recorded_engine_starts(monkeypatch)
 
     def evaluator(engine_args):
         return Evaluator(EvalOptions(model="m", value_head="h", prompts="p",
