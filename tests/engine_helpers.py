@@ -95,6 +95,11 @@ def greedy(max_tokens: int = 10, **extra: Any):
                           extra_args=extra or None)
 
 
+def counter(llm, name: str) -> float:
+    """The total of one of vLLM's metrics (``disable_log_stats=False``), e.g. preemptions."""
+    return sum(metric.value for metric in llm.get_metrics() if metric.name == name)
+
+
 def token_ids(outputs) -> list[list[int]]:
     return [list(o.outputs[0].token_ids) for o in outputs]
 

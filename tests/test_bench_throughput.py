@@ -160,18 +160,20 @@ def test_a_speculative_config_reaches_every_engine_and_empties_the_floor(tmp_pat
                                                                          monkeypatch):
     """Every engine (stock too) and every `vllm bench` run speculates with it; the floor,
     one model pass per token, does not hold under speculation and is left empty."""
+    import subprocess
+
     import vllm
 
     bench = _load()
     _fake_engines(bench, monkeypatch, tmp_path)
     commands = []
-    real_bench_run = __import__("subprocess").run
+    fake_bench_run = subprocess.run  # _fake_engines' stand-in
 
     def recording_run(command, **kwargs):
         commands.append(command)
-        return real_bench_run(command, **kwargs)
+        return fake_bench_run(command, **kwargs)
 
-    monkeypatch.setattr(__import__("subprocess"), "run", recording_run)
+    monkeypatch.setattr(subprocess, "run", recording_run)
     spec = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3}
     assert bench.main(["--batch-sizes", "2", "--steps", "3", "--repeats", "1", "--vllm-bench",
                        "--speculative-config", json.dumps(spec),

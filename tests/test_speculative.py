@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine_helpers import PROMPTS, greedy, llama_control, shared_control, start_llm, stop_llm
+from engine_helpers import (PROMPTS, counter, greedy, llama_control, shared_control, start_llm,
+                            stop_llm)
 from oracle import OracleGenerator, assert_engine_matches_oracle
 
 SPEC_TOKENS = 3
@@ -40,10 +41,6 @@ MIXED_HEADS = [({}, "default", 1.0, 4, None),
                 "default", 2.0, 8, 0.05),
                ({"recontrol_head": "one-layer", "recontrol_steps": 3}, "one-layer", 2.0, 3,
                 None)]
-
-
-def counter(llm, name: str) -> float:
-    return sum(metric.value for metric in llm.get_metrics() if metric.name == name)
 
 
 def assert_mixed_heads_match_the_oracle(llm, prompts: list[str], llama_dir, head_dir,

@@ -16,8 +16,8 @@ import re
 
 import pytest
 
-from engine_helpers import (PROMPTS, control_keys, greedy, llama_control, start_llm, stop_llm,
-                            token_ids)
+from engine_helpers import (PROMPTS, control_keys, counter, greedy, llama_control, start_llm,
+                            stop_llm, token_ids)
 from oracle import OracleGenerator, assert_engine_matches_oracle
 
 TOKENS = 40
@@ -45,10 +45,6 @@ def control_of(extra: dict) -> tuple[float, int]:
     if extra.get("recontrol") == 0:
         return 0.0, 0
     return extra.get("recontrol_alpha", ENGINE_ALPHA), extra.get("recontrol_steps", ENGINE_STEPS)
-
-
-def counter(llm, name: str) -> float:
-    return sum(metric.value for metric in llm.get_metrics() if metric.name == name)
 
 
 @pytest.fixture(scope="module")
