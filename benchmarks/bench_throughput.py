@@ -455,10 +455,10 @@ def save(args, machine: str, stem: str, rows: list[dict[str, Any]],
 
 
 def json_object(text: str) -> dict[str, Any]:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise argparse.ArgumentTypeError(f"must be a JSON object: {exc}") from None
+    """argparse type: the commands' ``json_argument``, an object only."""
+    from vllm_recontrol.training.common import json_argument
+
+    value = json_argument(text)
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError(f"must be a JSON object, got {text!r}")
     return value
