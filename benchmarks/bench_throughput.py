@@ -39,6 +39,7 @@ import contextlib
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -321,11 +322,14 @@ def plot(rows: list[dict[str, Any]], path: Path) -> bool:
     return True
 
 
-def tiny_defaults(args) -> None:
-    """Build the tiny local model and a paper-shaped head (widths = d) when none is given."""
+def tiny_defaults(args) -> Path | None:
+    """Build the tiny local model and a paper-shaped head (widths = d) when none is given,
+    in a temporary folder the caller removes (the JSON keeps both configs)."""
     from vllm_recontrol import ValueHead
     from vllm_recontrol.toy import build_tiny_model
 
+    if args.model is not None and args.value_head is not None:
+        return None
     work = Path(tempfile.mkdtemp(prefix="bench-throughput-"))
     if args.model is None:
         args.model = str(build_tiny_model(work / "model", "llama", hidden_size=256,
@@ -336,6 +340,7 @@ def tiny_defaults(args) -> None:
         d = AutoConfig.from_pretrained(args.model).hidden_size
         ValueHead(d, [d, d], seed=0).save(work / "head")
         args.value_head = str(work / "head")
+    return work
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -386,7 +391,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--gpu-memory-utilization must be in (0, 1], got "
                      f"{args.gpu_memory_utilization}")
     args.out.mkdir(parents=True, exist_ok=True)  # a folder that cannot be made fails now
-    tiny_defaults(args)
+    work = tiny_defaults(args)
+    try:
+        return run(args, on_gpu)
+    finally:
+        if work is not None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def run(args, on_gpu: bool) -> int:
+    """Time every engine, save the JSON and table, print the table; 1 if vLLM's bench failed."""
     machine = machine_name(on_gpu)
     stem = "throughput-" + ("gpu" if on_gpu else "cpu")
     rows = measure(args)

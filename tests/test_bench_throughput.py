@@ -203,3 +203,20 @@ def test_a_speculative_config_reaches_every_engine_and_empties_the_floor(tmp_pat
     for bad in ("[1, 2]", "{nope"):
         with pytest.raises(SystemExit):
             bench.main(["--speculative-config", bad])
+
+
+def test_the_default_tiny_model_and_head_are_removed_after_the_run(tmp_path, monkeypatch):
+    """The default model and head live in a temporary folder the run removes; the JSON keeps
+    both configs, so the table stays reproducible."""
+    bench = _load()
+    real_defaults = bench.tiny_defaults
+    _fake_engines(bench, monkeypatch, tmp_path)
+    monkeypatch.setattr(bench, "tiny_defaults", real_defaults)
+    assert bench.main(["--batch-sizes", "1", "--steps", "2", "--repeats", "1",
+                       "--out", str(tmp_path / "out")]) == 0
+    saved = json.loads((tmp_path / "out" / "throughput-cpu.json").read_text())
+    work = Path(saved["model"]).parent
+    assert work.name.startswith("bench-throughput-") and Path(saved["value_head"]).parent == work
+    assert not work.exists()
+    assert saved["model_config"]["hidden_size"] == 256
+    assert saved["value_head_config"]["widths"] == [256, 256]
