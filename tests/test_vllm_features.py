@@ -1,13 +1,15 @@
 """vLLM features a controlled request meets, each checked against the independent oracle or
 against the same request alone (and, first, the Qwen2 architecture against the oracle):
 preemption under a full KV cache, chunked prefill, prefix caching, parallel sampling (n > 1),
-beam search, structured outputs (regex, choice, JSON schema) and vLLM's own logits
-processors (logit_bias, allowed_token_ids).
+beam search, structured outputs (regex, choice, JSON schema), vLLM's own logits
+processors (logit_bias, allowed_token_ids) and prompts given as embeddings.
 
 One deliberately cramped engine: a KV cache of 6 blocks of 32 tokens for 8 concurrent
 requests of 40 new tokens (the scheduler must preempt), and 16 scheduled tokens per step
 (prompts longer than that are prefilled in chunks). The model is a tiny Qwen2 with a
-byte-level BPE tokenizer, which grammar engines need (they match token strings).
+byte-level BPE tokenizer, which grammar engines need (they match token strings). Prompt
+embeddings are enabled, so this engine feeds every request through the model's
+`inputs_embeds` path (the other engines' tests take the token-id path).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ LONG_PROMPT = " ".join(["the good kan a bad ba bon"] * 5)
 ENGINE_ALPHA, ENGINE_STEPS = 1.0, 4  # llama_control's defaults
 CRAMPED = dict(block_size=32, kv_cache_memory_bytes=6 * 32 * 1024, max_model_len=128,
                max_num_seqs=8, max_num_batched_tokens=TOKEN_BUDGET,
-               enable_prefix_caching=True, disable_log_stats=False,
+               enable_prefix_caching=True, disable_log_stats=False, enable_prompt_embeds=True,
                # compact JSON (no free whitespace), which a random tiny LM would pile up
                structured_outputs_config={"backend": "xgrammar", "disable_any_whitespace": True})
 # (prompt, request keys): controlled and uncontrolled, short and chunked prompts.
@@ -95,6 +97,30 @@ def test_prefix_cache_hits_keep_the_edit(engine, oracle):
     assert counter(engine, "vllm:prefix_cache_hits") > hits_before, "no prefix-cache hit"
     expected = oracle.generate(list(first[0].prompt_token_ids), TOKENS, 2.0, 8)
     assert token_ids(first) == token_ids(second) == [expected]
+
+
+def test_prompt_embeds_requests_are_controlled_as_their_tokens_are(engine, oracle, model_dir):
+    """A prompt given as embeddings (`enable_prompt_embeds`): the model's own embeddings of
+    a prompt's tokens, controlled or not and beside token prompts in one batch, give the
+    oracle's tokens for those ids (the edit acts on the final state, however the prompt
+    came in)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    embed = AutoModelForCausalLM.from_pretrained(str(model_dir)).get_input_embeddings()
+    prompts = ["the good kan", LONG_PROMPT]  # the second is prefilled in chunks
+    ids = [list(o.prompt_token_ids) for o in engine.generate(prompts, [greedy(1)] * 2,
+                                                             use_tqdm=False)]
+    with torch.no_grad():
+        embedded = [{"prompt_embeds": embed(torch.tensor(i)).float()} for i in ids]
+    cases = [(0, {}), (0, {"recontrol": 0}), (1, {"recontrol_alpha": 2.0, "recontrol_steps": 8})]
+    requests = [embedded[i] for i, _ in cases] + prompts
+    params = [greedy(TOKENS, **extra) for _, extra in cases] + [greedy(TOKENS)] * 2
+    got = token_ids(engine.generate(requests, params, use_tqdm=False))
+    for (i, extra), tokens in zip(cases, got):
+        assert tokens == oracle.generate(ids[i], TOKENS, *control_of(extra)), extra
+    assert got[3:] == [oracle.generate(i, TOKENS, *control_of({})) for i in ids]
+    assert got[0] != got[1], "the control changed nothing: this test could not tell"
 
 
 def test_parallel_samples_are_each_the_request_alone(engine):
