@@ -189,6 +189,71 @@ def test_openai_requests_that_would_lose_their_control_are_refused(request_kind,
     assert getattr(make(some_other_field=1), "to_sampling_params")(16, {}) is not None
 
 
+def test_request_values_are_checked_in_the_front_end_against_every_fronted_engine(
+        monkeypatch):
+    """vllm_xargs values are checked when the request is parsed, before a streamed reply
+    starts, against the loosest limits of the RE-Control engines this process fronts (most
+    steps, every head), so the front-end never refuses what one of them admits; with none
+    fronted here, the engine decides."""
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+    from vllm.exceptions import VLLMValidationError
+
+    from vllm_recontrol.config import EngineSettings
+
+    def settings(max_steps: int, heads: dict) -> EngineSettings:
+        return EngineSettings.from_additional_config({"recontrol": {
+            "value_head": "h", "steps": 4, "max_steps": max_steps, "value_heads": heads}})
+
+    def sampling(**xargs):
+        return CompletionRequest(model="m", prompt="p", max_tokens=2,
+                                 vllm_xargs=xargs).to_sampling_params(16, {})
+
+    monkeypatch.setattr(_vllm_adapter, "_fronted_limits", None)
+    _vllm_adapter._guard_openai_requests()
+    assert sampling(recontrol_alpha="strong").extra_args  # no engine fronted: passes here
+    _vllm_adapter._guard_openai_requests(settings(20, {"a": {"path": "ha"}}))
+    _vllm_adapter._guard_openai_requests(settings(50, {"b": {"path": "hb"}}))
+    for bad, named in (({"recontrol_alpha": "strong"}, "recontrol_alpha must be a number"),
+                       ({"recontrol_steps": 51}, "max_steps"),
+                       ({"recontrol_head": "c"}, "recontrol_head"),
+                       ({"recontrol_stpes": 3}, "recontrol_stpes")):
+        with pytest.raises(VLLMValidationError, match=named):
+            sampling(**bad)
+    for good in ({"recontrol_steps": 50, "recontrol_head": "a"}, {"recontrol_head": "b"},
+                 {"recontrol_head": "default"}, {"recontrol": 0}):
+        assert sampling(**good).extra_args == good
+
+
+def test_an_endpoint_that_reads_with_the_engine_s_control_refuses_request_keys():
+    """/v1/systemone (vLLM's structured decisions, served for Qwen3 models) builds its own
+    sampling parameters without vllm_xargs, so keys anywhere in its body are refused; a
+    body without them reaches vLLM's handler (here: a stand-in server without a model)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from vllm.entrypoints.generate.structured_decisions.serving import (
+        ServingStructuredDecisions)
+
+    class Raw:  # the HTTP request, as FastAPI hands it on
+        def __init__(self, body: dict) -> None:
+            self.body = body
+
+        async def json(self) -> dict:
+            return self.body
+
+    _vllm_adapter._guard_other_endpoints()
+    decide = ServingStructuredDecisions.create_decision
+    assert decide._recontrol_wrapped
+    serving = SimpleNamespace(create_error_response=lambda message, param: (message, param))
+    for body, key in (({"vllm_xargs": {"recontrol": 0}}, "vllm_xargs.recontrol"),
+                      ({"vllm_xargs": {"recontrol_alpha": 2.0}}, "vllm_xargs.recontrol_alpha"),
+                      ({"Recontrol_Steps": 3}, "Recontrol_Steps")):
+        message, param = asyncio.run(decide(serving, SimpleNamespace(), Raw(body)))
+        assert param == key and "/v1/systemone builds its own sampling parameters" in message
+    with pytest.raises(AttributeError, match="_check_model"):
+        asyncio.run(decide(serving, SimpleNamespace(), Raw({"vllm_xargs": {"other": 1}})))
+
+
 def test_another_plugins_logits_layer_is_an_install_error_not_a_silent_engine(monkeypatch):
     """vLLM builds one replacement per layer name: with another plugin's in place, ours
     cannot be, and a RE-Control engine would edit nothing, so it must refuse to start."""

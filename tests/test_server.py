@@ -91,11 +91,22 @@ def test_chat_is_controlled(server, llama_engine):
     ({"recontrol_max_norm": -0.5}, "recontrol_max_norm"),
 ])
 def test_invalid_values_get_400_and_server_keeps_serving(server, xargs, words):
+    """Also when streamed: the engine's admission check runs after a stream's HTTP 200, so
+    the front-end checks the values before the stream starts (completions, chat)."""
     client, _, _ = server
     with pytest.raises(openai.BadRequestError) as caught:
         complete(client, PROMPTS[0], **xargs)
     assert caught.value.status_code == 400
     assert words in str(caught.value)
+    streams = (lambda: client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=2,
+                                                 stream=True, extra_body={"vllm_xargs": xargs}),
+               lambda: client.chat.completions.create(
+                   model="tiny", max_tokens=2, stream=True, extra_body={"vllm_xargs": xargs},
+                   messages=[{"role": "user", "content": "the good kan"}]))
+    for stream in streams:
+        with pytest.raises(openai.BadRequestError) as caught:
+            list(stream())
+        assert caught.value.status_code == 400 and words in str(caught.value)
     assert complete(client, PROMPTS[0], recontrol_steps=2)  # still answering
 
 

@@ -174,7 +174,7 @@ def _prepare_engine(vllm_config: Any, settings: EngineSettings) -> None:
         if mismatch:
             logger.warning("vllm-recontrol: value head %r (%s): %s", name,
                            settings.head_paths[name], mismatch)
-    _guard_openai_requests()  # this process fronts a RE-Control engine
+    _guard_openai_requests(settings)  # this process fronts a RE-Control engine
     tracker = f"{__name__}:{_tracker_name(settings.max_steps, settings.head_names)}"
     processors = list(model_config.logits_processors or [])
     if tracker not in processors:
@@ -383,8 +383,19 @@ OPENAI_REQUEST_CLASSES = (("vllm.entrypoints.openai.completion.protocol", "Compl
                           ("vllm.entrypoints.openai.responses.protocol", "ResponsesRequest"))
 
 
-def _guard_openai_requests() -> None:
-    """Two ways an OpenAI request's control would be lost without a word become HTTP 400s
+# The loosest request limits of the RE-Control engines this process fronts (most steps, every
+# head name): the front-end's value check never refuses what one of them would admit.
+_fronted_limits: tuple[int, frozenset[str]] | None = None
+
+
+def _guard_openai_requests(settings: EngineSettings | None = None) -> None:
+    """Bad ``vllm_xargs`` values, checked before a streamed response starts: the engine's
+    admission check (``validate_params``) runs only once the stream's HTTP 200 has gone
+    out, so a streaming client would get an error event, or a cut connection on
+    ``/v1/responses``, instead of the 400 naming the key. ``settings``: the engine this
+    process now fronts.
+
+    And two ways an OpenAI request's control would be lost without a word become HTTP 400s
     naming the keys (ours in any case, with stray spaces, or misspelt: ``looks_like_request_key``)
     in completions, chat completions and responses requests:
 
@@ -400,6 +411,20 @@ def _guard_openai_requests() -> None:
     import importlib
 
     from vllm.exceptions import VLLMValidationError
+
+    global _fronted_limits
+    if settings is not None:
+        steps, heads = _fronted_limits or (0, frozenset())
+        _fronted_limits = (max(steps, settings.max_steps), heads | set(settings.head_names))
+
+    def refuse_bad_values(request: Any) -> None:
+        if _fronted_limits is None:  # no RE-Control engine here: the engine decides
+            return
+        try:
+            check_request_args(getattr(request, "vllm_xargs", None), _fronted_limits[0],
+                               tuple(sorted(_fronted_limits[1])))
+        except RequestParamsError as exc:
+            raise VLLMValidationError(str(exc), parameter="vllm_xargs") from None
 
     def refuse_misplaced_keys(request: Any) -> None:
         extra = getattr(request, "model_extra", None) or {}
@@ -425,7 +450,8 @@ def _guard_openai_requests() -> None:
             request_class = getattr(importlib.import_module(module_name), class_name)
         except ImportError:  # no OpenAI server in this installation: nothing to guard
             continue
-        for method, checks in (("to_sampling_params", (refuse_misplaced_keys,)),
+        for method, checks in (("to_sampling_params", (refuse_misplaced_keys,
+                                                        refuse_bad_values)),
                                ("to_beam_search_params",
                                 (refuse_misplaced_keys, refuse_beam_search_keys))):
             original = getattr(request_class, method, None)  # Responses: no beam search
@@ -455,6 +481,12 @@ OTHER_ENDPOINTS = (
      "/generative_scoring builds its own sampling parameters and passes no vllm_xargs on: it "
      "scores with the engine's own alpha, steps and default_on; for a chosen control, ask "
      "/v1/completions with max_tokens 1, logprob_token_ids (the label tokens) and vllm_xargs"),
+    ("vllm.entrypoints.generate.structured_decisions.serving", "ServingStructuredDecisions",
+     "create_decision", True,
+     "/v1/systemone builds its own sampling parameters and passes no vllm_xargs on: it "
+     "reads with the engine's own alpha, steps and default_on; for a chosen control, ask "
+     "/v1/chat/completions with max_tokens 1, logprob_token_ids (the answer tokens) and "
+     "vllm_xargs"),
 )
 
 
