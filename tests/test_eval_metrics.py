@@ -1541,6 +1541,8 @@ def test_eval_engine_args_can_add_recontrol_engine_keys_but_not_eval_s_own(monke
             ({"additional_config": {"recontrol": {"steps": 4, "value_head": "x"}}},
              r'additional_config\["recontrol"\]: eval sets steps from --grid; '
              r"value_head from --value-head"),
+            ({"additional_config": {"recontrol": {"max_norm": 0.01}}},
+             r"eval sets max_norm from --grid \(a point's norm=R\)"),
             ({"additional_config": {"recontrol": "fast"}}, "must be an object"),
             ({"additional_config": ["recontrol"]}, "must be an object"),
             ({"model_impl": "transformers"}, "leave model_impl out")):

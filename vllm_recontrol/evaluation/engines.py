@@ -62,7 +62,9 @@ class EngineSettings:
 # additional_config["recontrol"] keys that eval sets itself, and from what
 EVAL_RECONTROL_KEYS = {"value_head": "--value-head", "value_heads": "--value-heads",
                        "default_on": "eval (each method says whether it is controlled)",
-                       "steps": "--grid", "max_steps": "--grid"}
+                       "steps": "--grid", "max_steps": "--grid",
+                       # an engine radius would bound every grid point, unreported
+                       "max_norm": "--grid (a point's norm=R)"}
 
 
 def generation_engine_arguments(settings: EngineSettings) -> dict[str, Any]:
