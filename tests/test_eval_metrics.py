@@ -112,6 +112,10 @@ def test_grid_syntax():
     with pytest.raises(RecontrolError, match="names the value head 'td'; this evaluation has "
                                              r"\['default', 'mc'\]"):
         parse_grid("1:30:td", heads=("default", "mc"))
+    for repeated in ("1:30, 1.0:30", "1:30:mc, 2:30, 1:30:mc", "1:30:norm=2, 1:30:norm=2.0"):
+        with pytest.raises(RecontrolError, match="repeats an earlier point of the grid"):
+            parse_grid(repeated, heads=("default", "mc"))
+    assert len(parse_grid("1:30, 1:30:mc, 1:30:norm=2", heads=("default", "mc"))) == 3
 
 
 def test_table_has_a_head_column_only_when_a_further_head_ran():

@@ -217,7 +217,10 @@ def parse_grid(grid: Any, heads: Sequence[str] = (DEFAULT_HEAD,)) -> list[GridPo
         if head not in heads:
             raise RecontrolError(f"grid entry {item!r} names the value head {head!r}; this "
                                  f"evaluation has {list(heads)} (add heads with --value-heads)")
-        points.append(GridPoint(alpha, steps, head, max_norm))
+        point = GridPoint(alpha, steps, head, max_norm)
+        if point in points:  # it would be reported twice, the copy as read back
+            raise RecontrolError(f"grid entry {item!r} repeats an earlier point of the grid")
+        points.append(point)
     if not points:
         raise RecontrolError("the RE-Control grid is empty")
     return points
