@@ -106,7 +106,8 @@ def test_grid_syntax():
     assert parse_grid([[3, 20, None, 0.5]]) == [(3.0, 20, "default", 0.5)]
     for bad in ["0.5", "x:3", "0.5:0", "-1:3", "", "1:2:mc:x", "1:2:norm=0", "1:2:norm=x",
                 "1:2:norm=1:norm=2", "1:2:norm=inf", [[1, 2, None, -1]], [[1, 2, "mc", 1, 5]],
-                "nan:10", "inf:5", "1e39:3", "1:2:norm=1e39", [[1, 2.5]], [[10 ** 400, 2]]]:
+                "nan:10", "inf:5", "1e39:3", "1:2:norm=1e39", [[1, 2.5]], [[10 ** 400, 2]],
+                "1:1000001"]:
         with pytest.raises(RecontrolError, match=r"alpha:steps\[:head\]\[:norm=R\]"):
             parse_grid(bad, heads=("default", "mc"))
     with pytest.raises(RecontrolError, match="names the value head 'td'; this evaluation has "
@@ -410,12 +411,17 @@ def test_actors_without_gpus_on_a_gpu_cluster_are_warned_about(caplog):
     assert "pass --reward-num-gpus 1" in caplog.text
 
 
-@pytest.mark.parametrize("value_heads", [["heads/mc"], {"mc": 3}])
-def test_eval_refuses_malformed_value_heads_before_starting_an_engine(value_heads):
+@pytest.mark.parametrize("value_heads, message", [
+    (["heads/mc"], "value_heads must map names to head folders"),
+    ({"mc": 3}, "value_heads must map names to head folders"),
+    # the engine would refuse it too, naming a key of its own config the user never set
+    ({"default": "heads/mc"}, "value_heads names a head 'default', the name of --value-head"),
+])
+def test_eval_refuses_malformed_value_heads_before_starting_an_engine(value_heads, message):
     from vllm_recontrol.evaluation.evaluate import EvalOptions, Evaluator
 
     options = EvalOptions(model="m", value_head="h", prompts="p", value_heads=value_heads)
-    with pytest.raises(RecontrolError, match="value_heads must map names to head folders"):
+    with pytest.raises(RecontrolError, match=message):
         Evaluator(options, [], None, None)
 
 
@@ -780,6 +786,29 @@ def test_a_prompt_vllm_refuses_at_generation_is_named_by_its_index(monkeypatch):
         pool.local.generate(Method(), 1, 4)
     pool.local.generate(Method(), 0, 2)
     assert pool.local.llm.generated == ["a", "b"]
+
+
+def test_the_first_timed_method_follows_a_full_size_untimed_batch(monkeypatch):
+    """An engine's first batch of full size pays first-use costs; base, always first, would
+    carry them in its time (the denominator of every ratio to base). So every prompt runs
+    once, untimed, with short responses before the first method; before each method, one
+    prompt runs untimed (its own path), then the timed full run."""
+    from vllm_recontrol.evaluation.engines import FIRST_BATCH_WARMUP_TOKENS, Method
+
+    pool = eval_pool(monkeypatch, ["a", "b", "c"])
+    calls = []
+    real_generate = WordLLM.generate
+
+    def recording(self, inputs, params, use_tqdm=False):
+        calls.append((len(inputs), params[0].max_tokens))
+        return real_generate(self, inputs, params, use_tqdm)
+
+    monkeypatch.setattr(WordLLM, "generate", recording)
+    pool.run(Method())
+    assert calls == [(3, FIRST_BATCH_WARMUP_TOKENS), (1, 8), (3, 8)]
+    calls.clear()
+    pool.run(Method(alpha=1.0, steps=5))
+    assert calls == [(1, 8), (3, 8)]
 
 
 @pytest.mark.parametrize("best_of, expected", [(4, [4]), (4.0, [4]), ([2, 8.0], [2, 8]),

@@ -133,10 +133,11 @@ class EvalEngine:
             text, add_special_tokens=False)["input_ids"])
 
     def generate(self, method: Method, start: int, end: int,
-                 progress: bool = False) -> Samples:
+                 progress: bool = False, max_tokens: int | None = None) -> Samples:
         """``method``'s samples for prompts ``start`` to ``end`` (global indices: prompt i
         is sampled with seed ``seed + n i`` wherever it runs; vLLM seeds a request's n
-        samples ``seed + j``, so prompts' sample streams never overlap)."""
+        samples ``seed + j``, so prompts' sample streams never overlap); ``max_tokens``
+        shortens the responses (warm-up)."""
         from vllm import SamplingParams
 
         s = self.settings
@@ -149,7 +150,8 @@ class EvalEngine:
             extra["recontrol_max_norm"] = method.max_norm
         temperature = s.bon_temperature if method.n > 1 else s.temperature
         system_prompt = s.system_prompt if method.prompting else None
-        params = [SamplingParams(n=method.n, temperature=temperature, max_tokens=s.max_tokens,
+        params = [SamplingParams(n=method.n, temperature=temperature,
+                                 max_tokens=max_tokens or s.max_tokens,
                                  seed=s.seed + method.n * i, extra_args=extra)
                   for i in range(start, end)]
         inputs = [self._input(p, system_prompt) for p in self.prompts[start:end]]
@@ -213,9 +215,19 @@ def prompt_ranges(count: int, parts: int) -> list[tuple[int, int]]:
     return ranges
 
 
+# Tokens per response of the untimed full-size pass before an engine's first timed method.
+FIRST_BATCH_WARMUP_TOKENS = 16
+
+
 class EnginePool:
     """Every prompt through one local engine, or through Ray actors (``opts.ray``) that each
-    take a range; ``run`` times a method's generation after a warm-up of every engine."""
+    take a range; ``run`` times a method's generation after a warm-up of every engine.
+
+    Warm-up, untimed: before the first method, every prompt with short responses (an
+    engine's first batch of full size pays a fixed first-use cost, on CPU some 10-15 ms, a
+    quarter of a 16-token toy run, which would land on base, always first, and flatter
+    every ratio to it); before each method, one prompt (its own path: the ascent of its
+    step count)."""
 
     def __init__(self, opts: Any, settings: EngineSettings, prompts: Sequence[str]) -> None:
         self.count = len(prompts)
@@ -230,6 +242,7 @@ class EnginePool:
         else:
             self.local = EvalEngine(settings, prompts)
         self.progress = opts.progress and not opts.quiet
+        self._first_batch_done = False
         try:
             self._check_prompts()
         except BaseException:
@@ -249,16 +262,21 @@ class EnginePool:
 
     def run(self, method: Method) -> tuple[Samples, float]:
         """(samples of every prompt, in order; wall-clock seconds of the generation)."""
+        warm_up = [] if self._first_batch_done else [(self.count, FIRST_BATCH_WARMUP_TOKENS)]
+        warm_up.append((min(1, self.count), None))  # compile this method's own path
+        self._first_batch_done = True
         if self.local is not None:
-            self.local.generate(method, 0, min(1, self.count))  # compile and warm up
+            for count, tokens in warm_up:
+                self.local.generate(method, 0, count, max_tokens=tokens)
             start = time.perf_counter()
             samples = self.local.generate(method, 0, self.count, self.progress)
             return samples, time.perf_counter() - start
         import ray
 
         ranges = prompt_ranges(self.count, len(self.actors))
-        ray.get([actor.generate.remote(method, lo, lo + 1)
-                 for actor, (lo, _) in zip(self.actors, ranges)])
+        for count, tokens in warm_up:
+            ray.get([actor.generate.remote(method, lo, min(hi, lo + count), False, tokens)
+                     for actor, (lo, hi) in zip(self.actors, ranges)])
         start = time.perf_counter()
         parts = ray.get([actor.generate.remote(method, lo, hi)
                          for actor, (lo, hi) in zip(self.actors, ranges)])
