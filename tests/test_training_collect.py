@@ -408,7 +408,17 @@ def test_another_max_model_len_is_refused_on_resume(tmp_path):
             fake_collect(tmp_path, count=10, shard_size=4, engine_args={"max_model_len": limit})
     with pytest.raises(DataError, match="pooling_engine_args"):
         fake_collect(tmp_path, count=10, shard_size=4, engine_args={"max_model_len": 256},
+                     pooling_engine_args={"max_model_len": 512})
+
+
+def test_a_pooling_engine_shorter_than_the_generator_is_refused_before_generating(tmp_path):
+    """Its refusal of a long prompt and response came after the whole generation phase, as
+    a vLLM traceback; the rerun was then "a different collection"."""
+    with pytest.raises(DataError, match=r"--pooling-engine-args max_model_len 64 is below "
+                                        r"the generation engine's \(256, --engine-args\)"):
+        fake_collect(tmp_path, count=10, shard_size=4, engine_args={"max_model_len": 256},
                      pooling_engine_args={"max_model_len": 64})
+    assert not (tmp_path / "data").exists()
 
 
 def test_seeds_do_not_depend_on_sharding(tmp_path):

@@ -551,6 +551,27 @@ def test_reward_model_index_and_device_errors(tiny_rm):
         RewardModelScorer(str(tiny_rm), device="foo")
 
 
+def test_a_reward_engine_s_max_model_len_cuts_the_texts_or_is_refused(tiny_rm, monkeypatch):
+    """vLLM's reward engine refuses a text longer than its max_model_len (a traceback, maybe
+    hours in): without a max length of the user's, texts are cut to it; with one above it,
+    the pair is refused before the engine starts."""
+    from vllm_recontrol.training import rewards
+
+    started = []
+    monkeypatch.setattr(rewards, "_pooling_llm", lambda *args: started.append(args))
+    scorer = RewardModelScorer(str(tiny_rm), engine="vllm", engine_args={"max_model_len": 8})
+    assert scorer.max_length == 8 and started[-1][2] == 8
+    assert RewardModelScorer(str(tiny_rm), engine="vllm", max_length=6,
+                             engine_args={"max_model_len": 8}).max_length == 6
+    with pytest.raises(RewardError, match=r"max length 64 \(label's --max-length, eval's "
+                                          r"--rm-max-length\) is above its engine's "
+                                          r"max_model_len 8"):
+        RewardModelScorer(str(tiny_rm), engine="vllm", max_length=64,
+                          engine_args={"max_model_len": 8})
+    assert len(started) == 2
+    assert RewardModelScorer(str(tiny_rm), max_length=64).max_length == 64  # transformers
+
+
 def test_reward_model_text_formats(tiny_rm):
     """A chat template gets the answer without the whitespace around it (the template places
     it); a dialogue ending in "Assistant:" gets the response as written, with one space only

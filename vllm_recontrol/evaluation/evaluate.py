@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
 
-from ..config import DEFAULT_HEAD, FLOAT32_MAX
+from ..config import DEFAULT_HEAD, FLOAT32_MAX, STEPS_LIMIT
 from ..files import write_text_atomic
 from ..folder_lock import exclusive_folder
 from ..head_source import pin_head
@@ -206,13 +206,15 @@ def parse_grid(grid: Any, heads: Sequence[str] = (DEFAULT_HEAD,)) -> list[GridPo
                 steps = int(steps)  # [1, 20.0] from a JSON grid; [1, 2.5] stays refused
             steps = int(steps) if isinstance(steps, str) else steps
             # what a request may carry (config._as_float): finite, float32 for the ascent
-            if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1 or \
+            if isinstance(steps, bool) or not isinstance(steps, int) or \
+                    not 1 <= steps <= STEPS_LIMIT or \
                     not 0 <= alpha <= FLOAT32_MAX or (max_norm is not None and
                                                       not 0 < max_norm <= FLOAT32_MAX):
                 raise ValueError
         except (ValueError, IndexError, TypeError, OverflowError):
             raise RecontrolError(f"grid entry {item!r} must be alpha:steps[:head][:norm=R] "
-                                 "with finite alpha >= 0, whole steps >= 1 and finite R > 0") \
+                                 f"with finite alpha >= 0, whole steps from 1 to {STEPS_LIMIT} "
+                                 "and finite R > 0") \
                 from None
         if head not in heads:
             raise RecontrolError(f"grid entry {item!r} names the value head {head!r}; this "
@@ -267,6 +269,10 @@ class Evaluator:
                 isinstance(k, str) and isinstance(v, str) for k, v in further.items()):
             raise RecontrolError(f'value_heads must map names to head folders ({{"mc": '
                                  f'"heads/mc"}}), got {further!r}')
+        if DEFAULT_HEAD in further:
+            raise RecontrolError(f"value_heads names a head {DEFAULT_HEAD!r}, the name of "
+                                 "--value-head's head (grid entries without a head name use "
+                                 "it); give the further head another name")
         check_replicas(opts.replicas, opts.ray, "one vLLM engine per Ray actor")
         self.grid = parse_grid(opts.grid, (DEFAULT_HEAD, *further))
         self.best_of()  # checked before any engine starts, not after base and the grid ran

@@ -99,6 +99,13 @@ class CollectOptions:
         check_model_path(self.model)
         check_engine_args(self.engine_args, "--engine-args")
         check_engine_args(self.pooling_engine_args, "--pooling-engine-args")
+        generated, pooled = (args.get("max_model_len") for args in (self.engine_args,
+                                                                    self.pooling_engine_args))
+        if isinstance(generated, int) and isinstance(pooled, int) and pooled < generated:
+            raise DataError(f"--pooling-engine-args max_model_len {pooled} is below the "
+                            f"generation engine's ({generated}, --engine-args): a prompt and "
+                            "response of that length could not be read back into states; "
+                            "give the pooling engine at least as much")
         check_replicas(self.replicas, self.ray, "one vLLM engine per Ray actor, whole shards each")
         check_engine_seed(self.seed, "seed")
         refusal = sampling_refusal(self.sampling())  # before any file is written

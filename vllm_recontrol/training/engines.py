@@ -186,8 +186,16 @@ class VllmEngines:
             self.release_generator()
             self._pooler = start_offline_engine("collect: states (pooling)", model=self.model,
                                                 **self.pooling_args)
-        outputs = self._pooler.encode([{"prompt_token_ids": list(s)} for s in sequences],
-                                      pooling_task="token_embed", use_tqdm=False)
+        from vllm.exceptions import VLLMValidationError
+
+        try:
+            outputs = self._pooler.encode([{"prompt_token_ids": list(s)} for s in sequences],
+                                          pooling_task="token_embed", use_tqdm=False)
+        except VLLMValidationError as exc:  # e.g. longer than its max_model_len
+            raise DataError(f"the pooling engine (states) refused a prompt and response the "
+                            f"generation engine produced: {exc}; give it at least the "
+                            "generation engine's max_model_len (--pooling-engine-args)") \
+                from exc
         return [o.outputs.data for o in outputs]
 
     def close(self) -> None:

@@ -279,6 +279,15 @@ class RewardModelScorer:
         if isinstance(tokenizer_limit, int) and tokenizer_limit < 1_000_000:
             limit = min(limit, tokenizer_limit)
         self.max_length = int(limit)
+        engine_limit = (engine_args or {}).get("max_model_len") if engine == "vllm" else None
+        if isinstance(engine_limit, int) and 0 < engine_limit < self.max_length:
+            if max_length is not None:  # two limits the user set, the engine's the smaller
+                raise RewardError(
+                    f"the reward model's max length {max_length} (label's --max-length, "
+                    f"eval's --rm-max-length) is above its engine's max_model_len "
+                    f"{engine_limit}: texts cut to the first would be refused by the engine; "
+                    f"give a max length of at most {engine_limit}")
+            self.max_length = engine_limit  # the engine's limit is the user's cut
         self.uses_chat_template = bool(getattr(self.tokenizer, "chat_template", None))
         if engine == "vllm":
             self.llm = _pooling_llm(model, dtype, self.max_length, trust_remote_code,
