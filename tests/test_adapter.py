@@ -224,6 +224,22 @@ def test_request_values_are_checked_in_the_front_end_against_every_fronted_engin
         assert sampling(**good).extra_args == good
 
 
+def test_every_guarded_endpoint_exists_in_the_installed_vllm():
+    """Each endpoint guard names a class and an async method of the installed vLLM, read
+    from its source (the Cohere module imports an SDK this machine lacks): a renamed one
+    would leave its endpoint unguarded without a word."""
+    import ast
+    import importlib.util
+
+    for module, class_name, method, _, _ in _vllm_adapter.OTHER_ENDPOINTS:
+        tree = ast.parse(open(importlib.util.find_spec(module).origin).read())
+        classes = {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
+        assert class_name in classes, (module, class_name)
+        methods = {node.name for node in classes[class_name].body
+                   if isinstance(node, ast.AsyncFunctionDef)}
+        assert method in methods, (module, class_name, method)
+
+
 def test_an_endpoint_that_reads_with_the_engine_s_control_refuses_request_keys():
     """/v1/systemone (vLLM's structured decisions, served for Qwen3 models) builds its own
     sampling parameters without vllm_xargs, so keys anywhere in its body are refused; a

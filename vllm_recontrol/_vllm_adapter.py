@@ -487,6 +487,12 @@ OTHER_ENDPOINTS = (
      "reads with the engine's own alpha, steps and default_on; for a chosen control, ask "
      "/v1/chat/completions with max_tokens 1, logprob_token_ids (the answer tokens) and "
      "vllm_xargs"),
+    # needs the cohere SDK and VLLM_ENABLE_COHERE_API=1; its request model has no vllm_xargs
+    # and ignores unknown fields
+    ("vllm.entrypoints.cohere.serving", "CohereServingChatV2", "create_chat_v2", True,
+     "/cohere/v2/chat builds its own chat request and passes no vllm_xargs on: it answers "
+     "with the engine's own alpha, steps and default_on; for a chosen control, ask "
+     "/v1/chat/completions with vllm_xargs"),
 )
 
 
