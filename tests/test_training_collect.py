@@ -399,6 +399,27 @@ def test_a_relative_model_path_is_recorded_as_the_folder_collect_read(tmp_path, 
     assert config["base_model"] == model
 
 
+def test_the_same_model_folder_and_prompts_by_other_paths_resume(tmp_path, monkeypatch):
+    """Relative instead of absolute paths (another working directory), or a --max-prompts
+    past the file's end, name the same folder and the same prompts: the collection resumes
+    (it was refused, with --overwrite, which deletes it, as the way out). Other prompts, or
+    another folder, are still another collection."""
+    data = fake_collect(tmp_path, count=10, shard_size=4)[0]
+    manifest = (data / "manifest.json").read_text()
+    monkeypatch.chdir(tmp_path)
+    summary = fake_collect(tmp_path, count=10, shard_size=4, model="fake-model",
+                           prompts="prompts.jsonl", max_prompts=1000)[2]
+    assert summary["shards skipped (already done)"] == 3
+    assert (data / "manifest.json").read_text() == manifest  # the first run's, as labels hash
+    with pytest.raises(DataError, match=r"differs in \[.*'prompts'"):
+        fake_collect(tmp_path, count=10, shard_size=4, max_prompts=9)
+    other = tmp_path / "other-model"
+    other.mkdir()
+    (other / "config.json").write_text((tmp_path / "fake-model" / "config.json").read_text())
+    with pytest.raises(DataError, match=r"differs in \[.*'model'"):
+        fake_collect(tmp_path, count=10, shard_size=4, model=str(other))
+
+
 def test_another_max_model_len_is_refused_on_resume(tmp_path):
     """vLLM ends a response where prompt + response reach max_model_len: a rerun with
     another limit would cut later shards' responses elsewhere than the finished ones'."""

@@ -381,6 +381,12 @@ def _prepare_out(opts: CollectOptions, manifest: dict[str, Any]) -> Path:
                     return outputs_defining(old.get(key)) == outputs_defining(manifest.get(key))
                 if key in ADDED_KEYS and key not in old:  # a manifest of an earlier release
                     return True
+                if key == "model" and old.get(MODEL_FOLDER) is not None:
+                    # the same folder by another path (relative, absolute, another working
+                    # directory); its files are compared under MODEL_FILES
+                    return old[MODEL_FOLDER] == manifest.get(MODEL_FOLDER)
+                if key == "prompts":
+                    return same_prompts(old.get(key), manifest.get(key))
                 return old.get(key) == manifest.get(key)
 
             differ = sorted(k for k in set(old) | set(manifest) if not same(k))
@@ -400,6 +406,23 @@ def _prepare_out(opts: CollectOptions, manifest: dict[str, Any]) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     write_manifest(out, manifest)
     return out
+
+
+# What a prompts section records about where the prompts came from; with the same texts in
+# the same order (count and sha256) another source path or a --max-prompts past the end
+# gives the same collection.
+PROMPT_SOURCE_KEYS = frozenset({"source", "max_prompts"})
+
+
+def same_prompts(old: Any, new: Any) -> bool:
+    """Whether two manifests' ``prompts`` sections name the same prompts."""
+    if not (isinstance(old, dict) and isinstance(new, dict)):
+        return old == new
+
+    def texts(section: dict) -> dict:
+        return {k: v for k, v in section.items() if k not in PROMPT_SOURCE_KEYS}
+
+    return texts(old) == texts(new)
 
 
 def _different_collection(out: Path, old: dict[str, Any], new: dict[str, Any],
