@@ -442,6 +442,27 @@ def test_a_pooling_engine_shorter_than_the_generator_is_refused_before_generatin
     assert not (tmp_path / "data").exists()
 
 
+def test_a_pooling_engine_shorter_than_the_generator_s_default_is_refused_at_its_start(
+        monkeypatch):
+    """Without a max_model_len in --engine-args the generator's is vLLM's default for the
+    model, known once it has started: checked then, before anything generates."""
+    from types import SimpleNamespace
+
+    from vllm_recontrol.training import engines
+
+    stopped = []
+    monkeypatch.setattr(engines, "shutdown_llm", stopped.append)
+    generator = SimpleNamespace(model_config=SimpleNamespace(max_model_len=512))
+    monkeypatch.setattr(engines, "start_offline_engine", lambda *a, **k: generator)
+    pair = engines.VllmEngines("m", {}, pooling_engine_args={"max_model_len": 16})
+    with pytest.raises(DataError, match=r"max_model_len 16 is below the generation engine's "
+                                        r"\(512\)"):
+        pair.generate([])
+    assert stopped == [generator] and pair._generator is None
+    fits = engines.VllmEngines("m", {}, pooling_engine_args={"max_model_len": 512})
+    assert fits._generator_llm() is generator
+
+
 def test_seeds_do_not_depend_on_sharding(tmp_path):
     a = fake_collect(tmp_path / "a", count=12, shard_size=5)[0]
     b = fake_collect(tmp_path / "b", count=12, shard_size=12)[0]

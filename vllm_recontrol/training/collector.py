@@ -26,7 +26,8 @@ from .common import (DataError, build_options, check_engine_args, check_engine_s
                      check_model_path, folder_fingerprint, json_argument, model_hidden_size,
                      parse_command_line, progress, run_main, sampling_refusal, sha256_bytes,
                      summary_table)
-from .engines import Engines, GenerationRequest, PromptRefused, VllmEngines
+from .engines import (Engines, GenerationRequest, PromptRefused, VllmEngines,
+                      pooling_limit_refusal)
 from .prompts import PROMPT_FORMATS, load_prompts
 from .ray_pool import add_ray_arguments, check_replicas
 from .shards import (MANIFEST_FILE, STATE_DEFINITION, STATE_DTYPES, STATES_FORMAT,
@@ -99,13 +100,10 @@ class CollectOptions:
         check_model_path(self.model)
         check_engine_args(self.engine_args, "--engine-args")
         check_engine_args(self.pooling_engine_args, "--pooling-engine-args")
-        generated, pooled = (args.get("max_model_len") for args in (self.engine_args,
-                                                                    self.pooling_engine_args))
-        if isinstance(generated, int) and isinstance(pooled, int) and pooled < generated:
-            raise DataError(f"--pooling-engine-args max_model_len {pooled} is below the "
-                            f"generation engine's ({generated}, --engine-args): a prompt and "
-                            "response of that length could not be read back into states; "
-                            "give the pooling engine at least as much")
+        refusal = pooling_limit_refusal(self.pooling_engine_args.get("max_model_len"),
+                                        self.engine_args.get("max_model_len"), ", --engine-args")
+        if refusal:  # before any engine starts; else once the generator has (its default)
+            raise DataError(refusal)
         check_replicas(self.replicas, self.ray, "one vLLM engine per Ray actor, whole shards each")
         check_engine_seed(self.seed, "seed")
         refusal = sampling_refusal(self.sampling())  # before any file is written

@@ -125,6 +125,16 @@ def refused_request(tokenizer: Any, inputs: Sequence[Any], exc: Exception) -> Pr
                                   f"batch has {lengths[longest]} tokens")
 
 
+def pooling_limit_refusal(pooled: Any, generated: Any, where: str = "") -> str | None:
+    """Why a pooling (states) engine's ``max_model_len`` is refused beside the generator's,
+    or None: it would refuse the longest sequences, after the whole generation phase."""
+    if isinstance(pooled, int) and isinstance(generated, int) and pooled < generated:
+        return (f"--pooling-engine-args max_model_len {pooled} is below the generation "
+                f"engine's ({generated}{where}): a prompt and response of that length could "
+                "not be read back into states; give the pooling engine at least as much")
+    return None
+
+
 class VllmEngines:
     """Lazily started ``vllm.LLM`` engines: a generator, then a pooling engine."""
 
@@ -152,7 +162,21 @@ class VllmEngines:
         if self._generator is None:
             self._generator = start_offline_engine("collect: generation", model=self.model,
                                                    **self.generate_args)
+            self._check_pooling_limit(self._generator)
         return self._generator
+
+    def _check_pooling_limit(self, generator: Any) -> None:
+        """A pooling ``max_model_len`` below the generator's own (vLLM's default for the
+        model where ``--engine-args`` set none) is refused before anything generates: the
+        pooling engine would refuse the longest sequences after the generation phase."""
+        from .._vllm_adapter import llm_max_model_len
+
+        refusal = pooling_limit_refusal(self.pooling_args.get("max_model_len"),
+                                        llm_max_model_len(generator))
+        if refusal:
+            shutdown_llm(generator)
+            self._generator = None
+            raise DataError(refusal)
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
         from vllm import SamplingParams
