@@ -364,6 +364,46 @@ def test_saved_head_files_get_the_umasks_mode(tmp_path, umask):
     assert modes == {"config.json": 0o666 & ~umask, "model.safetensors": 0o666 & ~umask}
 
 
+def test_the_umask_is_read_without_being_changed(monkeypatch):
+    """Setting the umask to read it left a window in which another thread's new files were
+    world-writable; on Linux it is read from /proc, the umask never touched."""
+    import os
+    import sys
+
+    from vllm_recontrol.files import default_file_mode
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("/proc/self/status is Linux's")
+    previous = os.umask(0o027)
+    try:
+        def untouchable(mask):
+            raise AssertionError("the umask was set")
+
+        monkeypatch.setattr(os, "umask", untouchable)
+        assert default_file_mode() == 0o640
+    finally:
+        monkeypatch.undo()
+        os.umask(previous)
+
+
+def test_save_refuses_a_folder_holding_another_artifact(tmp_path):
+    """head.save(model_dir), a slip, replaced the model's config.json and weights without a
+    word; a folder holding a head is saved over as before."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "llama", "hidden_size": 12}')
+    (model / "model.safetensors").write_bytes(b"the model's weights")
+    with pytest.raises(ValueHeadError, match=r"cannot save the value head to .*model: the "
+                                             r"folder holds a config.json that is not a value "
+                                             r"head's.*save it into a folder of its own"):
+        ValueHead(12, [10], seed=3).save(model)
+    assert (model / "model.safetensors").read_bytes() == b"the model's weights"
+    assert sorted(p.name for p in model.iterdir()) == ["config.json", "model.safetensors"]
+    ValueHead(12, [10], seed=3).save(tmp_path / "head")
+    ValueHead(12, [4], seed=4).save(tmp_path / "head")  # another head over a head: fine
+    assert ValueHead.load(tmp_path / "head").widths == [4]
+
+
 def test_seed_gives_the_same_head():
     a, b = ValueHead(8, [4], seed=7), ValueHead(8, [4], seed=7)
     assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))

@@ -21,9 +21,23 @@ from typing import Iterator
 
 def default_file_mode() -> int:
     """0666 less the umask: the mode a plain ``open(path, "w")`` creates."""
-    umask = os.umask(0)  # the only way to read it; set straight back
+    return 0o666 & ~current_umask()
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux says it (``/proc``): the
+    only other way, setting it and back, leaves a window in which another thread's new
+    files and folders would be world-writable."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    umask = os.umask(0)  # elsewhere: set it and straight back
     os.umask(umask)
-    return 0o666 & ~umask
+    return umask
 
 
 @contextlib.contextmanager

@@ -146,6 +146,19 @@ def read_config(path: Path) -> dict[str, Any]:
     return config
 
 
+def foreign_config_problem(directory: Path) -> str | None:
+    """Why saving a head into ``directory`` would destroy another artifact (a model's
+    ``config.json``, and its ``model.safetensors``, which the head's replace), or None."""
+    if not (directory / CONFIG_FILE).exists():
+        return None
+    try:
+        read_config(directory)
+    except ValueHeadError as exc:
+        return (f"holds a {CONFIG_FILE} that is not a value head's, which the head's "
+                f"{CONFIG_FILE} and {WEIGHTS_FILE} would replace ({exc})")
+    return None
+
+
 def check_regular_file(path: Path, what: str, plural: bool = False) -> None:
     """A missing file, or one that is not a regular file (a FIFO would hang the read, a
     device such as /dev/zero never ends), each named for what it is."""

@@ -27,7 +27,8 @@ from .errors import ValueHeadError
 from .files import atomic_path, write_text_atomic
 from .head_files import (CONFIG_FILE, FORMAT_NAME, FORMAT_VERSION, SAVE_ID_KEY, STORED_DTYPES,
                          WEIGHTS_FILE, check_provenance, check_same_save, check_shape_config,
-                         json_problem, read_config, read_weights, weights_id, weights_metadata)
+                         foreign_config_problem, json_problem, read_config, read_weights,
+                         weights_id, weights_metadata)
 from .head_source import locate_head
 from .logs import get_logger
 
@@ -442,6 +443,10 @@ class ValueHead(nn.Module):
         save_id = weights_id(tensors)
         config_text = self.config_json(directory, save_id)  # checked: before any write
         path = Path(directory)
+        foreign = foreign_config_problem(path)
+        if foreign:  # a slip like head.save(model_dir) would destroy the model
+            raise ValueHeadError(f"cannot save the value head to {directory}: the folder "
+                                 f"{foreign}; save it into a folder of its own")
         with atomic_path(path / WEIGHTS_FILE) as tmp:  # readable as any file the user writes
             save_file(tensors, str(tmp), metadata=weights_metadata(save_id))
         write_text_atomic(path / CONFIG_FILE, config_text)

@@ -29,7 +29,7 @@ import torch
 
 from ..folder_lock import exclusive_folder
 from ..errors import ValueHeadError
-from ..head_files import CONFIG_FILE, WEIGHTS_FILE, read_config
+from ..head_files import CONFIG_FILE, WEIGHTS_FILE, foreign_config_problem
 from ..value_head import ValueHead
 from . import checkpoint
 from .collector import MODEL_FOLDER, model_folder
@@ -484,13 +484,9 @@ def _claim_out_folder(opts: TrainOptions, held: contextlib.ExitStack) -> None:
     whose ``config.json`` (and a model's ``model.safetensors``) the head's would replace. A
     folder made here and still empty when the run ends (it failed) is removed again."""
     out = Path(opts.out)
-    if (out / CONFIG_FILE).exists():
-        try:
-            read_config(out)
-        except ValueHeadError as exc:
-            raise DataError(f"--out {out} holds a {CONFIG_FILE} that is not a value head's, "
-                            f"which the head's {CONFIG_FILE} and {WEIGHTS_FILE} would replace "
-                            f"({exc}); give another --out") from None
+    foreign = foreign_config_problem(out)
+    if foreign:
+        raise DataError(f"--out {out} {foreign}; give another --out")
     if out.exists() and out.resolve() == Path(opts.data).resolve():
         raise DataError(f"--out {out} is the --data folder; give the head a folder of its own")
     created = not out.exists()
