@@ -89,6 +89,22 @@ def test_bad_engine_values(llama_dir, head_dir, key, value, message):
         engine_config(llama_dir, {"recontrol": {"value_head": str(head_dir), key: value}})
 
 
+@pytest.mark.parametrize("widths, keys, message", [
+    ([48, 32], {"precision": "bf16"}, r'\["precision"\]: precision .bf16. needs the triton'),
+    ([], {"ascent_form": "gram"}, r'\["ascent_form"\]: the Gram ascent form needs a value '
+                                  "head with a hidden layer"),
+    ([8, 8, 8, 8], {"backend": "triton"}, r'\["backend"\]: the triton backend was requested '
+                                          r"but cannot run here: .*4 hidden layer"),
+])
+def test_an_ascent_the_head_cannot_run_is_refused_in_the_front_end(llama_dir, tmp_path,
+                                                                  widths, keys, message):
+    """Backend, precision and form against each head: the worker refused them, deep in a
+    226-line start-up failure; on a CPU platform the front-end now says it in one line."""
+    head = ValueHead(64, widths, seed=0).save(tmp_path / "head")
+    with pytest.raises(ConfigError, match=message):
+        engine_config(llama_dir, {"recontrol": {"value_head": str(head), **keys}})
+
+
 def test_a_bad_further_head_is_named(llama_dir, head_dir, narrow_head, tmp_path):
     for path, message in [(narrow_head, "hidden size is 64"), (tmp_path / "nope", "does not exist")]:
         with pytest.raises(ValueHeadError,

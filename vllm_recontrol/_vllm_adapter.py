@@ -169,6 +169,7 @@ def _prepare_engine(vllm_config: Any, settings: EngineSettings) -> None:
     # Validate the heads here, in the front-end, so a bad head is a clear error before any
     # engine process starts (the worker loads them again onto its device).
     heads = _load_heads(settings, model_config.get_hidden_size(), device="cpu")
+    _check_ascent_settings(settings, heads)
     for name, head in heads.items():
         mismatch = head.base_model_mismatch(str(model_config.model))
         if mismatch:
@@ -526,6 +527,24 @@ def _guard_other_endpoints() -> None:
 
         checked._recontrol_wrapped = True  # type: ignore[attr-defined]
         setattr(serving_class, method, checked)
+
+
+def _check_ascent_settings(settings: EngineSettings, heads: dict[str, ValueHead]) -> None:
+    """Backend, precision and form against every head, in the front-end, so a combination
+    that cannot run is one line before any engine process starts (the worker checks them
+    again on its device). On a CPU platform, all of it; on a GPU the backend's choice reads
+    the device's capability, which would start CUDA in the front-end before vLLM forks its
+    workers, so only what no device decides (the form) is checked here."""
+    from vllm.platforms import current_platform
+
+    from .controller import check_ascent_form, resolve_ascent
+
+    on_cpu = current_platform.device_type == "cpu"
+    for head in heads.values():
+        if on_cpu:
+            resolve_ascent(settings, head, torch.device("cpu"))
+        else:
+            check_ascent_form(settings, head)
 
 
 def _request_keys(fields: Any) -> list[str]:

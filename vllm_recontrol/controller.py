@@ -168,6 +168,30 @@ class RowControls:
                     if any(r.max_norm is not None for r in chosen) else None))
 
 
+def resolve_ascent(settings: EngineSettings, head: ValueHead,
+                   device: torch.device) -> tuple[str, str]:
+    """(backend, product precision) of ``head`` on ``device`` under the engine keys; a
+    combination that cannot run is a ``ConfigError`` naming the key."""
+    try:
+        backend = choose_backend(settings.backend, device, len(head.widths), settings.precision)
+    except ValueError as exc:
+        raise ConfigError(f'additional_config["recontrol"]["backend"]: {exc}') from exc
+    try:
+        products = choose_precision(settings.precision, backend)
+    except ValueError as exc:
+        raise ConfigError(f'additional_config["recontrol"]["precision"]: {exc}') from exc
+    check_ascent_form(settings, head)
+    return backend, products
+
+
+def check_ascent_form(settings: EngineSettings, head: ValueHead) -> None:
+    """The engine's ``ascent_form`` for ``head`` (no device decides it)."""
+    try:
+        check_form(settings.ascent_form, head.widths)
+    except ValueError as exc:
+        raise ConfigError(f'additional_config["recontrol"]["ascent_form"]: {exc}') from exc
+
+
 _ROWS_BY_ENGINE: dict[str, RowControls] = {}
 _ROWS_LOCK = threading.RLock()  # re-entrant: a finalizer may drop rows during a GC under it
 
@@ -256,21 +280,7 @@ class EditController:
 
     def _resolve(self, head: ValueHead) -> tuple[str, str]:
         """(backend, product precision) of ``head`` under the engine keys."""
-        device = head.layers[0].weight.device
-        try:
-            backend = choose_backend(self.settings.backend, device, len(head.widths),
-                                     self.settings.precision)
-        except ValueError as exc:
-            raise ConfigError(f'additional_config["recontrol"]["backend"]: {exc}') from exc
-        try:
-            products = choose_precision(self.settings.precision, backend)
-        except ValueError as exc:
-            raise ConfigError(f'additional_config["recontrol"]["precision"]: {exc}') from exc
-        try:
-            check_form(self.settings.ascent_form, head.widths)
-        except ValueError as exc:
-            raise ConfigError(f'additional_config["recontrol"]["ascent_form"]: {exc}') from exc
-        return backend, products
+        return resolve_ascent(self.settings, head, head.layers[0].weight.device)
 
     def warm_up(self) -> int:
         """Compile (and capture) the ascent for every row bucket and warm-up step count now.
