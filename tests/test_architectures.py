@@ -112,3 +112,52 @@ def test_a_logits_layer_recontrol_cannot_edit_refuses_the_engine(child_run):
     refused = child_run["REFUSED"]
     assert "cannot be edited by RE-Control" in refused, refused
     assert "SubclassedLogitsProcessor" in refused
+
+
+def build_tiny_opt(directory: Path) -> Path:
+    """A random OPT whose decoder (64 wide) projects its output to 32 before ``lm_head``
+    (``word_embed_proj_dim``, as opt-350m does: 1024 to 512)."""
+    import torch
+    from transformers import OPTConfig, OPTForCausalLM
+
+    from vllm_recontrol.toy import build_tokenizer
+
+    tokenizer = build_tokenizer(directory)
+    config = OPTConfig(vocab_size=len(tokenizer), hidden_size=64, word_embed_proj_dim=32,
+                       num_hidden_layers=2, ffn_dim=128, num_attention_heads=2,
+                       max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       do_layer_norm_before=False, init_std=0.1)
+    torch.manual_seed(0)
+    OPTForCausalLM(config).save_pretrained(directory)
+    return directory
+
+
+def test_a_projected_decoder_is_edited_at_the_width_lm_head_reads(tmp_path):
+    """OPT hands lm_head states projected to word_embed_proj_dim: a head of that width is
+    the right one (it was refused, and one of the decoder's width started and then killed
+    the engine at its first controlled request); its tokens equal the oracle's, whose states
+    are the projected ones too; collect and inspect read that width from the config."""
+    import torch
+
+    from engine_helpers import start_llm, stop_llm
+    from oracle import assert_engine_matches_oracle
+    from vllm_recontrol import ValueHead, ValueHeadError
+    from vllm_recontrol.training.common import model_hidden_size
+
+    model = build_tiny_opt(tmp_path / "opt")
+    assert model_hidden_size(str(model)) == 32
+    head = ValueHead(32, [16], seed=0)
+    with torch.no_grad():
+        for layer in head.layers:
+            layer.weight.mul_(3.0)
+    head.save(tmp_path / "head32")
+    ValueHead(64, [16], seed=0).save(tmp_path / "head64")
+    with pytest.raises(ValueHeadError, match="hidden_size 64 but the model's hidden size is 32"):
+        start_llm(model, llama_control(tmp_path / "head64"))
+    llm = start_llm(model, llama_control(tmp_path / "head32"))
+    try:
+        assert_engine_matches_oracle(llm, model, tmp_path / "head32",
+                                     ["the good kan", "a bad ba bon", "zo ze zi zu"])
+    finally:
+        stop_llm(llm)

@@ -42,7 +42,7 @@ import torch
 
 from .config import (DEFAULT_HEAD, MODEL_IMPL, EngineSettings, check_request_args,
                      looks_like_request_key, map_head_paths, refuse_section_without_model_impl,
-                     resolve_request)
+                     resolve_request, state_width)
 from .controller import EditController, rows_for_engine
 from .errors import (ConfigError, RecontrolError, RequestParamsError, ValueHeadError,
                      VersionError)
@@ -168,7 +168,7 @@ def _prepare_engine(vllm_config: Any, settings: EngineSettings) -> None:
     settings = _pin_hub_heads(vllm_config, settings)
     # Validate the heads here, in the front-end, so a bad head is a clear error before any
     # engine process starts (the worker loads them again onto its device).
-    heads = _load_heads(settings, model_config.get_hidden_size(), device="cpu")
+    heads = _load_heads(settings, edited_width(model_config), device="cpu")
     _check_ascent_settings(settings, heads)
     for name, head in heads.items():
         mismatch = head.base_model_mismatch(str(model_config.model))
@@ -529,6 +529,12 @@ def _guard_other_endpoints() -> None:
         setattr(serving_class, method, checked)
 
 
+def edited_width(model_config: Any) -> int:
+    """The width of the states the logits layer edits (``config.state_width`` of the text
+    config vLLM builds the language model from; else vLLM's hidden size)."""
+    return state_width(model_config.hf_text_config) or model_config.get_hidden_size()
+
+
 def _check_ascent_settings(settings: EngineSettings, heads: dict[str, ValueHead]) -> None:
     """Backend, precision and form against every head, in the front-end, so a combination
     that cannot run is one line before any engine process starts (the worker checks them
@@ -776,7 +782,7 @@ def _recontrol_layer_class(stock: type) -> type:
             if getattr(vllm_config, "speculative_config", None) is not None:
                 _report_draft_counts()
             settings = EngineSettings.from_additional_config(vllm_config.additional_config)
-            heads = _load_heads(settings, vllm_config.model_config.get_hidden_size(),
+            heads = _load_heads(settings, edited_width(vllm_config.model_config),
                                 device=torch.get_default_device())
             # A plain attribute, not a submodule: the checkpoint loader must not see it.
             self._recontrol = EditController(

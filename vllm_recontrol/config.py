@@ -222,6 +222,18 @@ class RowControl:
 UNCONTROLLED = RowControl(alpha=0.0, steps=0)
 
 
+def state_width(model_config: Any) -> int | None:
+    """The width of the states ``lm_head`` reads, which RE-Control edits and a value head
+    takes, from a model's (text) configuration: its ``hidden_size``, except where the
+    decoder projects its output first (OPT's ``word_embed_proj_dim``: opt-350m's 1024-wide
+    decoder hands ``lm_head`` 512-wide states). None when the configuration has neither."""
+    for key in ("word_embed_proj_dim", "hidden_size"):
+        width = getattr(model_config, key, None)
+        if isinstance(width, int) and not isinstance(width, bool) and width > 0:
+            return width
+    return None
+
+
 def refuse_section_without_model_impl(additional_config: Any, model_impl: Any) -> None:
     """An engine with a ``recontrol`` section but another ``model_impl`` would run stock vLLM
     and ignore every request's control keys without a word: its user meant RE-Control, so it

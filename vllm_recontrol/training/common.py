@@ -368,9 +368,9 @@ def _lines(exc: BaseException) -> list[str]:
 
 # ----------------------------------------------------------------------------- models
 def model_hidden_size(model: str, trust_remote_code: bool = False) -> int:
-    """The hidden size of ``model``'s language model (a folder or a hub id) from its config
-    alone, no weights: the width of the states vLLM collects and edits (a multimodal model's
-    text config first, as vLLM reads it)."""
+    """The width of the states vLLM collects and edits for ``model`` (a folder or a hub id),
+    from its config alone, no weights: its language model's hidden size (a multimodal
+    model's text config first, as vLLM reads it), or OPT's projected width."""
     from transformers import AutoConfig
 
     from huggingface_hub.errors import StrictDataclassError
@@ -380,10 +380,12 @@ def model_hidden_size(model: str, trust_remote_code: bool = False) -> int:
     except (OSError, ValueError, TypeError, StrictDataclassError) as exc:
         # StrictDataclassError: a config.json field of the wrong type (transformers 5)
         raise RecontrolError(f"cannot read the configuration of model {model!r}: {exc}") from exc
+    from ..config import state_width
+
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     for candidate in (text_config, config):
-        size = getattr(candidate, "hidden_size", None)
-        if isinstance(size, int):
+        size = state_width(candidate)  # OPT: its projected width, which lm_head reads
+        if size is not None:
             return size
     raise RecontrolError(f"model {model!r} has no hidden_size in its configuration")
 
