@@ -476,6 +476,23 @@ def test_load_refuses_a_device_or_dtype_no_head_can_live_on(tmp_path, kwargs, me
         ValueHead.load(path, **kwargs)
 
 
+def test_load_refuses_weights_that_do_not_match_their_save_id(tmp_path):
+    """The save id is the weights' digest: one flipped bit in a tensor's data (the header
+    and metadata intact) loaded silently before."""
+    import struct
+
+    path = _saved(tmp_path)
+    ValueHead.load(path)  # intact
+    weights = path / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[8 + struct.unpack("<Q", data[:8])[0] + 5] ^= 0x01  # a bit of the first tensor
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ValueHeadError, match=r"model.safetensors do not match their save id "
+                                             r"\(a digest of the weights\): the file is "
+                                             "corrupted or was edited"):
+        ValueHead.load(path)
+
+
 def test_load_takes_a_dtype_by_name(tmp_path):
     head = ValueHead.load(_saved(tmp_path), dtype="bfloat16")
     assert {p.dtype for p in head.parameters()} == {torch.bfloat16}
@@ -615,15 +632,20 @@ def test_save_keeps_json_values_and_numpy_float64(tmp_path):
 
 
 def _resaved(path, change):
-    """The same save's weights changed in place (its metadata, save id included, kept)."""
-    from safetensors import safe_open
+    """The head's weights changed in place, as a tool that writes tensors would: both files
+    then carry the changed weights' save id (the id is their digest; load checks it)."""
     from safetensors.torch import load_file, save_file
 
-    with safe_open(str(path / "model.safetensors"), framework="pt") as handle:
-        metadata = handle.metadata()
-    tensors = load_file(str(path / "model.safetensors"))
-    save_file({k: change(k, v) for k, v in tensors.items()}, str(path / "model.safetensors"),
-              metadata=metadata)
+    from vllm_recontrol.head_files import weights_id, weights_metadata
+
+    stored = load_file(str(path / "model.safetensors"))
+    layers = len(stored) // 2  # in save's order: each layer's weight, then its bias
+    names = [f"layers.{i}.{kind}" for i in range(layers) for kind in ("weight", "bias")]
+    tensors = {name: change(name, stored[name]) for name in names}
+    save_id = weights_id(tensors)
+    save_file(tensors, str(path / "model.safetensors"), metadata=weights_metadata(save_id))
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "save_id": save_id}))
 
 
 def test_load_refuses_weights_that_overflow_the_load_dtype(tmp_path):

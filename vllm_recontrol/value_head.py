@@ -476,6 +476,12 @@ class ValueHead(nn.Module):
                 f"hidden size is {expected_hidden_size}; train a head on this model's states")
         tensors, stored_id = read_weights(path / WEIGHTS_FILE, hidden_size, widths)
         check_same_save(path, config, stored_id)
+        if stored_id is not None and weights_id(tensors) != stored_id:
+            # the id is the weights' digest: a flipped bit, or tensors rewritten by a tool
+            # that kept the metadata (0.15 s for a 4096 x [4096, 4096] head)
+            raise ValueHeadError(f"value head weights {path / WEIGHTS_FILE} do not match "
+                                 f"their save id (a digest of the weights): the file is "
+                                 "corrupted or was edited; save the head again")
         # parameters left unset (every value is overwritten at once; none is drawn, from
         # the global generator either: a seeded script's later random numbers would depend
         # on the load); in the dtype asked for before the copy (float64 weights passed
