@@ -841,11 +841,38 @@ def test_batch_invariant_torch_ascent_gives_a_row_the_same_bits_in_any_batch(for
 
 
 def test_expected_hidden_size_must_be_an_int(tmp_path):
-    """A string "4" was compared with 4 and reported as 'hidden_size 4 but the model's 4'."""
+    """A string "4" was compared with 4 and reported as 'hidden_size 4 but the model's 4';
+    NumPy's integers are integers (they were refused as not ints)."""
     ValueHead(4, [8], seed=0).save(tmp_path / "h")
-    with pytest.raises(ValueHeadError, match="expected_hidden_size must be an int, got '4'"):
-        ValueHead.load(tmp_path / "h", expected_hidden_size="4")
+    for bad in ("4", True, 4.0):
+        with pytest.raises(ValueHeadError, match="expected_hidden_size must be a positive "
+                                                 f"integer, got {bad!r}"):
+            ValueHead.load(tmp_path / "h", expected_hidden_size=bad)
     assert ValueHead.load(tmp_path / "h", expected_hidden_size=4).hidden_size == 4
+    assert ValueHead.load(tmp_path / "h", expected_hidden_size=np.int64(4)).hidden_size == 4
+
+
+def test_numpy_integers_are_integers_and_bools_are_not_numbers():
+    """NumPy sizes and seeds build a head (the engine's config takes them too); a float seed
+    is a clear error, not torch's; bools inside per-row lists are refused as a single bool
+    is (True became a radius of 1.0, an alpha of 1); a per-row NumPy radius is taken as a
+    per-row list is."""
+    head = ValueHead(np.int64(8), [np.int32(4)], seed=np.int64(3))
+    assert head.hidden_size == 8 and head.widths == [4] and type(head.hidden_size) is int
+    assert all(torch.equal(a, b) for a, b in zip(head.parameters(),
+                                                 ValueHead(8, [4], seed=3).parameters()))
+    with pytest.raises(ValueHeadError, match="seed must be an integer or None, got 1.5"):
+        ValueHead(8, [4], seed=1.5)
+    states = torch.randn(3, 8)
+    for options, message in ((dict(alpha=[True, 0.5, 0.5]), "alpha must be numbers, not bools"),
+                             (dict(steps=[1, True, 2]), "steps must be numbers, not bools"),
+                             (dict(max_norm=[1.0, True, None]),
+                              "per-row max_norm must be numbers, not bools")):
+        with pytest.raises(ValueError, match=message):
+            head.ascend(states, **{"alpha": 0.5, "steps": 2, **options})
+    radii = np.array([0.1, 1.0, np.inf])
+    assert torch.equal(head.ascend(states, 0.5, 2, max_norm=radii),
+                       head.ascend(states, 0.5, 2, max_norm=[0.1, 1.0, None]))
 
 
 @pytest.mark.parametrize("options, message", [

@@ -20,7 +20,7 @@ def checked_radius(max_norm: Any, rows: int) -> float | torch.Tensor | None:
     per row, inf for no projection); a CUDA tensor's values are left unchecked (no sync)."""
     if max_norm is None:
         return None
-    if not isinstance(max_norm, torch.Tensor) and not isinstance(max_norm, (list, tuple)):
+    if isinstance(max_norm, (numbers.Real, str)):  # one radius (NumPy's scalars too)
         if isinstance(max_norm, bool) or not isinstance(max_norm, numbers.Real) or not (
                 0 < float(max_norm) <= FLOAT32_MAX):
             raise ValueError(f"max_norm must be a positive finite number, got {max_norm!r}")
@@ -29,6 +29,8 @@ def checked_radius(max_norm: Any, rows: int) -> float | torch.Tensor | None:
                              "(the edit would vanish)")
         return float(max_norm)
     if isinstance(max_norm, (list, tuple)):  # None: this row is not projected, as in RowControl
+        if any(isinstance(value, bool) for value in max_norm):
+            raise ValueError(f"per-row max_norm must be numbers, not bools, got {max_norm!r}")
         max_norm = [math.inf if value is None else value for value in max_norm]
     try:
         radius = torch.as_tensor(max_norm, dtype=torch.float32)
@@ -91,6 +93,8 @@ def check_row_controls(alpha: Any, steps: Any) -> None:
             raise ValueError(f"{name} must be a number, not a bool ({value!r})")
         if isinstance(value, torch.Tensor):
             return value.detach()
+        if isinstance(value, (list, tuple)) and any(isinstance(v, bool) for v in value):
+            raise ValueError(f"{name} must be numbers, not bools, got {value!r}")
         try:
             return torch.as_tensor(value, dtype=torch.float64)
         except (TypeError, ValueError, OverflowError, RuntimeError) as exc:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import numbers
 import os
 import reprlib
 from pathlib import Path
@@ -63,11 +64,15 @@ def json_problem(value: Any, where: str) -> str | None:
 
 
 def check_shape_config(hidden_size: Any, widths: Any, source: str) -> None:
-    if isinstance(hidden_size, bool) or not isinstance(hidden_size, int) or hidden_size <= 0:
+    """Positive integers (NumPy's too, as a config computed with it holds; never a bool)."""
+    if not is_positive_integer(hidden_size):
         raise ValueHeadError(f"{source}: hidden_size must be a positive integer, got {hidden_size!r}")
-    if not isinstance(widths, (list, tuple)) or not all(
-            isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in widths):
+    if not isinstance(widths, (list, tuple)) or not all(is_positive_integer(w) for w in widths):
         raise ValueHeadError(f"{source}: widths must be a list of positive integers, got {widths!r}")
+
+
+def is_positive_integer(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > 0
 
 
 # A trained head's config with its metadata (history of every epoch included) is a few

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import numbers
 import threading
 import weakref
 from pathlib import Path
@@ -27,8 +28,8 @@ from .errors import ValueHeadError
 from .files import atomic_path, write_text_atomic
 from .head_files import (CONFIG_FILE, FORMAT_NAME, FORMAT_VERSION, SAVE_ID_KEY, STORED_DTYPES,
                          WEIGHTS_FILE, check_provenance, check_same_save, check_shape_config,
-                         foreign_config_problem, json_problem, read_config, read_weights,
-                         weights_id, weights_metadata)
+                         foreign_config_problem, is_positive_integer, json_problem,
+                         read_config, read_weights, weights_id, weights_metadata)
 from .head_source import locate_head
 from .logs import get_logger
 
@@ -81,7 +82,10 @@ class ValueHead(nn.Module):
         self.metadata = dict(metadata or {})
         sizes = [self.hidden_size, *self.widths, 1]
         unset = seed is _UNSET
-        generator = torch.Generator().manual_seed(seed) if seed is not None and not unset \
+        if not (seed is None or unset or isinstance(seed, numbers.Integral)) or \
+                isinstance(seed, bool):
+            raise ValueHeadError(f"ValueHead(): seed must be an integer or None, got {seed!r}")
+        generator = torch.Generator().manual_seed(int(seed)) if seed is not None and not unset \
             else None
         self.layers = nn.ModuleList()
         for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
@@ -462,9 +466,8 @@ class ValueHead(nn.Module):
     ) -> "ValueHead":
         """Load and validate a head from a folder or a hub repository id (``owner/name``);
         ``expected_hidden_size`` is the served model's width."""
-        if expected_hidden_size is not None and (isinstance(expected_hidden_size, bool) or
-                                                 not isinstance(expected_hidden_size, int)):
-            raise ValueHeadError(f"expected_hidden_size must be an int, got "
+        if expected_hidden_size is not None and not is_positive_integer(expected_hidden_size):
+            raise ValueHeadError(f"expected_hidden_size must be a positive integer, got "
                                  f"{expected_hidden_size!r}")
         device, dtype = _load_target(device, dtype)
         path = locate_head(directory)
