@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import vllm
 from vllm.config import set_current_vllm_config
@@ -78,7 +80,7 @@ def test_tracker_class_carries_the_head_names():
 def test_untested_vllm_version_is_refused_clearly(llama_dir, head_dir, monkeypatch):
     monkeypatch.setattr(vllm, "__version__", "0.40.1")
     monkeypatch.delenv(_vllm_adapter.ALLOW_UNTESTED_ENV, raising=False)
-    with pytest.raises(VersionError, match=r"tested with vLLM 0\.32\.x, but vLLM 0\.40\.1"):
+    with pytest.raises(VersionError, match=r"tested with vLLM 0\.32\.0, but vLLM 0\.40\.1"):
         config_for(llama_dir, {"value_head": str(head_dir)})
     config_for(llama_dir)  # engines without RE-Control are not affected
     monkeypatch.setenv(_vllm_adapter.ALLOW_UNTESTED_ENV, "1")
@@ -90,16 +92,30 @@ def test_cpu_build_version_suffix_is_accepted(monkeypatch):
     _vllm_adapter.check_vllm_version()
 
 
+@pytest.mark.parametrize("version", ["0.32.1", "0.32.0rc1", "0.32.0.dev5+gabc", "0.32.1+cpu"])
+def test_only_the_tested_release_is_accepted(monkeypatch, version):
+    """A patch release, a release candidate or a development build may change the private
+    methods this module patches: refused (the override still lets one be tried)."""
+    monkeypatch.setattr(vllm, "__version__", version)
+    monkeypatch.delenv(_vllm_adapter.ALLOW_UNTESTED_ENV, raising=False)
+    with pytest.raises(VersionError, match=f"tested with vLLM 0.32.0, but vLLM {re.escape(version)} "):
+        _vllm_adapter.check_vllm_version()
+    monkeypatch.setenv(_vllm_adapter.ALLOW_UNTESTED_ENV, "1")
+    _vllm_adapter.check_vllm_version()
+
+
 def test_version_flag_names_both_versions_and_whether_vllm_is_tested(monkeypatch, capsys):
     from vllm_recontrol import __version__
     from vllm_recontrol.cli import main
 
-    monkeypatch.setattr(vllm, "__version__", "0.32.1+cpu")
+    monkeypatch.setattr(vllm, "__version__", "0.32.0+cpu")
     assert main(["--version"]) == 0
-    assert capsys.readouterr().out == f"vllm-recontrol {__version__} | vLLM 0.32.1+cpu (tested)\n"
-    monkeypatch.setattr(vllm, "__version__", "0.33.0")
-    main(["--version"])
-    assert "vLLM 0.33.0 (untested: this release needs 0.32.x)" in capsys.readouterr().out
+    assert capsys.readouterr().out == f"vllm-recontrol {__version__} | vLLM 0.32.0+cpu (tested)\n"
+    for untested in ("0.33.0", "0.32.1"):
+        monkeypatch.setattr(vllm, "__version__", untested)
+        main(["--version"])
+        assert f"vLLM {untested} (untested: this release was tested with 0.32.0)" in \
+            capsys.readouterr().out
 
 
 @pytest.mark.parametrize("value, seconds", [(None, 10.0), ("2.5", 2.5), ("0", 10.0),

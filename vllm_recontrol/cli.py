@@ -26,7 +26,7 @@ def versions() -> str:
         vllm = installed_vllm_version()
     except ImportError:
         vllm = "not installed"
-    tested = "tested" if is_tested_vllm(vllm) else f"untested: this release needs {TESTED_VLLM}.x"
+    tested = "tested" if is_tested_vllm(vllm) else f"untested: this release was tested with {TESTED_VLLM}"
     return f"vllm-recontrol {__version__} | vLLM {vllm} ({tested})"
 
 
