@@ -192,6 +192,53 @@ def test_serve_says_a_refused_configuration_in_one_line(llama_dir, tmp_path):
     assert "Traceback" not in proc.stdout + proc.stderr
 
 
+@pytest.mark.parametrize("plugins, argv, refused", [
+    ("lora_filesystem_resolver", ["serve", "m", "--model-impl", "recontrol"], True),
+    ("", ["serve", "m", "--model-impl=recontrol"], True),
+    ("recontrol ,other", ["serve", "m", "--model_impl", "recontrol"], True),  # vLLM: exact
+    ("other,recontrol", ["serve", "m", "--model-impl", "recontrol"], False),
+    (None, ["serve", "m", "--model-impl", "recontrol"], False),  # unset: every plugin
+    ("lora_filesystem_resolver", ["serve", "m"], False),  # a stock engine: not ours to say
+])
+def test_serve_refuses_a_plugin_list_that_leaves_recontrol_out(monkeypatch, capsys, plugins,
+                                                              argv, refused):
+    """vLLM takes an unknown --model-impl for its own: without the plugin the server would
+    answer every request unedited (and invalid values with 200), without a word."""
+    from vllm_recontrol import _vllm_adapter
+
+    if plugins is None:
+        monkeypatch.delenv("VLLM_PLUGINS", raising=False)
+    else:
+        monkeypatch.setenv("VLLM_PLUGINS", plugins)
+    ran = []
+    monkeypatch.setattr("vllm.entrypoints.cli.main.main", lambda: ran.append(True))
+    status = _vllm_adapter.run_vllm_cli(argv)
+    if refused:
+        assert status == 1 and not ran
+        assert capsys.readouterr().err.strip() == (
+            f"vllm-recontrol serve: error: VLLM_PLUGINS={plugins!r} does not list "
+            "'recontrol', so vLLM would not load vllm-recontrol and would serve --model-impl "
+            "recontrol unedited; add 'recontrol' to it (comma-separated) or unset it")
+    else:
+        assert ran
+
+
+def test_a_worker_without_the_plugin_refuses_to_build_the_engine(monkeypatch):
+    """The front-end ran the hooks (it added the row tracker) but a worker did not load the
+    plugin: it would build vLLM's own logits layer and edit nothing."""
+    from vllm.model_executor.custom_op import op_registry_oot
+    from vllm.plugins import load_general_plugins
+
+    from vllm_recontrol import _vllm_adapter
+
+    load_general_plugins()  # as every vLLM process does (VLLM_PLUGINS unset: ours loads)
+    _vllm_adapter._require_plugin_in_worker()
+    monkeypatch.delitem(op_registry_oot, "LogitsProcessor")
+    with pytest.raises(ConfigError, match="plugin did not load in this engine's worker "
+                                          "process.*VLLM_PLUGINS .* must include 'recontrol'"):
+        _vllm_adapter._require_plugin_in_worker()
+
+
 def test_sleep_mode_is_refused(llama_dir, head_dir, monkeypatch):
     """Sleep level 2 discards the value heads' weights with the model's and vLLM reloads
     only the model's on wake-up: refused in the front-end, naming why. (vLLM itself refuses

