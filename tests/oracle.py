@@ -56,7 +56,8 @@ class OracleGenerator:
 
     @torch.no_grad()
     def final_state(self, token_ids: list[int]) -> torch.Tensor:
-        out = self.model.model(input_ids=torch.tensor([token_ids]))
+        # the decoder without its head (Llama's .model, GPT-NeoX's .gpt_neox, ...)
+        out = self.model.base_model(input_ids=torch.tensor([token_ids]))
         return out.last_hidden_state[0, -1]  # after the final norm, as lm_head sees it
 
     def edited_logits(self, token_ids: list[int], alpha: float = 0.0,
@@ -68,7 +69,7 @@ class OracleGenerator:
                 state = autograd_ascent(self.value, state[None], alpha, steps,
                                         max_norm)[0].detach()
         with torch.no_grad():
-            return self.model.lm_head(state)
+            return self.model.get_output_embeddings()(state)  # lm_head (GPT-NeoX: embed_out)
 
     def log_probs(self, token_ids: list[int], alpha: float = 0.0,
                   steps: int = 0) -> torch.Tensor:

@@ -161,3 +161,31 @@ def test_a_projected_decoder_is_edited_at_the_width_lm_head_reads(tmp_path):
                                      ["the good kan", "a bad ba bon", "zo ze zi zu"])
     finally:
         stop_llm(llm)
+
+
+def test_an_architecture_vllm_serves_through_its_transformers_backend_is_edited(tmp_path,
+                                                                                head_dir):
+    """GPT-NeoX (Pythia's architecture) is one vLLM's registry maps to its Transformers
+    backend: built that way under --model-impl recontrol, its logits layer is vLLM's, so
+    RE-Control edits it; tokens against the oracle."""
+    import torch
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    from engine_helpers import start_llm, stop_llm
+    from oracle import assert_engine_matches_oracle
+    from vllm_recontrol.toy import build_tokenizer
+
+    model = tmp_path / "neox"
+    tokenizer = build_tokenizer(model)
+    config = GPTNeoXConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2,
+                           num_attention_heads=2, intermediate_size=128,
+                           max_position_embeddings=256, bos_token_id=tokenizer.bos_token_id,
+                           eos_token_id=tokenizer.eos_token_id, initializer_range=0.1)
+    torch.manual_seed(0)
+    GPTNeoXForCausalLM(config).save_pretrained(model)
+    llm = start_llm(model, llama_control(head_dir))
+    try:
+        assert_engine_matches_oracle(llm, model, head_dir,
+                                     ["the good kan", "a bad ba bon", "zo ze zi zu"])
+    finally:
+        stop_llm(llm)

@@ -239,6 +239,27 @@ def test_a_worker_without_the_plugin_refuses_to_build_the_engine(monkeypatch):
         _vllm_adapter._require_plugin_in_worker()
 
 
+def test_an_architecture_only_auto_would_serve_is_refused_naming_the_switch(tmp_path,
+                                                                           head_dir):
+    """BioGpt has no vLLM implementation: auto falls back to the Transformers backend,
+    --model-impl recontrol cannot; vLLM's refusal listed hundreds of names and called the
+    model unsupported, not saying the switch was why."""
+    from transformers import BioGptConfig, BioGptForCausalLM
+
+    from vllm_recontrol.toy import build_tokenizer
+
+    model = tmp_path / "biogpt"
+    tokenizer = build_tokenizer(model)
+    BioGptForCausalLM(BioGptConfig(vocab_size=len(tokenizer), hidden_size=64,
+                                   num_hidden_layers=1, num_attention_heads=2,
+                                   intermediate_size=128)).save_pretrained(model)
+    with pytest.raises(ConfigError, match=r"^--model-impl recontrol: vLLM has no "
+                                          r"implementation of \['BioGptForCausalLM'\]; with "
+                                          r"--model-impl auto it would fall back") as caught:
+        engine_config(model, {"recontrol": {"value_head": str(head_dir)}})
+    assert len(str(caught.value)) < 400
+
+
 def test_sleep_mode_is_refused(llama_dir, head_dir, monkeypatch):
     """Sleep level 2 discards the value heads' weights with the model's and vLLM reloads
     only the model's on wake-up: refused in the front-end, naming why. (vLLM itself refuses

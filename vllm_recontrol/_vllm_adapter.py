@@ -113,12 +113,29 @@ def _wrap_engine_config() -> None:
                                               getattr(self, "model_impl", None))
             return original(self, *args, **kwargs)
         settings = _check_before_config(self)
-        vllm_config = original(self, *args, **kwargs)
+        try:
+            vllm_config = original(self, *args, **kwargs)
+        except ValueError as exc:  # pydantic's ValidationError is one
+            unsupported = _unsupported_architectures(exc)
+            if unsupported is None:
+                raise
+            raise ConfigError(
+                f"--model-impl {MODEL_IMPL}: vLLM has no implementation of {unsupported}; "
+                "with --model-impl auto it would fall back to its Transformers backend, which "
+                f"a RE-Control engine cannot select (architectures vLLM's registry itself maps "
+                "to that backend, such as GPT-NeoX, are served and edited)") from None
         _prepare_engine(vllm_config, settings)
         return vllm_config
 
     create_engine_config._recontrol_wrapped = True  # type: ignore[attr-defined]
     EngineArgs.create_engine_config = create_engine_config
+
+
+def _unsupported_architectures(exc: Exception) -> str | None:
+    """The architectures named by vLLM's "not supported" refusal (its message lists every
+    architecture it has, hundreds of names), or None for another error."""
+    match = re.search(r"Model architectures (\[[^\]]*\]) are not supported", str(exc))
+    return match.group(1) if match else None
 
 
 def _check_before_config(engine_args: Any) -> EngineSettings:
