@@ -8,8 +8,9 @@ One deliberately cramped engine: a KV cache of 6 blocks of 32 tokens for 8 concu
 requests of 40 new tokens (the scheduler must preempt), and 16 scheduled tokens per step
 (prompts longer than that are prefilled in chunks). The model is a tiny Qwen2 with a
 byte-level BPE tokenizer, which grammar engines need (they match token strings). Prompt
-embeddings are enabled, so this engine feeds every request through the model's
-`inputs_embeds` path (the other engines' tests take the token-id path).
+embeddings get an engine of their own, as cramped: with them enabled vLLM feeds every
+request through the model's `inputs_embeds` path, and the other tests here keep the
+token-id path real deployments use.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ LONG_PROMPT = " ".join(["the good kan a bad ba bon"] * 5)
 ENGINE_ALPHA, ENGINE_STEPS = 1.0, 4  # llama_control's defaults
 CRAMPED = dict(block_size=32, kv_cache_memory_bytes=6 * 32 * 1024, max_model_len=128,
                max_num_seqs=8, max_num_batched_tokens=TOKEN_BUDGET,
-               enable_prefix_caching=True, disable_log_stats=False, enable_prompt_embeds=True,
+               enable_prefix_caching=True, disable_log_stats=False,
                # compact JSON (no free whitespace), which a random tiny LM would pile up
                structured_outputs_config={"backend": "xgrammar", "disable_any_whitespace": True})
 # (prompt, request keys): controlled and uncontrolled, short and chunked prompts.
@@ -99,13 +100,23 @@ def test_prefix_cache_hits_keep_the_edit(engine, oracle):
     assert token_ids(first) == token_ids(second) == [expected]
 
 
-def test_prompt_embeds_requests_are_controlled_as_their_tokens_are(engine, oracle, model_dir):
+@pytest.fixture
+def embeds_engine(model_dir, head_dir):
+    llm = start_llm(model_dir, llama_control(head_dir), enable_prompt_embeds=True, **CRAMPED)
+    yield llm
+    stop_llm(llm)
+
+
+def test_prompt_embeds_requests_are_controlled_as_their_tokens_are(embeds_engine, oracle,
+                                                                   model_dir):
     """A prompt given as embeddings (`enable_prompt_embeds`): the model's own embeddings of
     a prompt's tokens, controlled or not and beside token prompts in one batch, give the
     oracle's tokens for those ids (the edit acts on the final state, however the prompt
     came in)."""
     import torch
     from transformers import AutoModelForCausalLM
+
+    engine = embeds_engine
 
     embed = AutoModelForCausalLM.from_pretrained(str(model_dir)).get_input_embeddings()
     prompts = ["the good kan", LONG_PROMPT]  # the second is prefilled in chunks
