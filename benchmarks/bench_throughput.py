@@ -335,9 +335,9 @@ def tiny_defaults(args) -> Path | None:
         args.model = str(build_tiny_model(work / "model", "llama", hidden_size=256,
                                           num_layers=4, num_heads=4, intermediate_size=512))
     if args.value_head is None:
-        from transformers import AutoConfig
+        from vllm_recontrol.training.common import model_hidden_size
 
-        d = AutoConfig.from_pretrained(args.model).hidden_size
+        d = model_hidden_size(args.model)  # the width lm_head reads (OPT: its projection)
         ValueHead(d, [d, d], seed=0).save(work / "head")
         args.value_head = str(work / "head")
     return work

@@ -153,7 +153,7 @@ def test_a_projected_decoder_is_edited_at_the_width_lm_head_reads(tmp_path):
             layer.weight.mul_(3.0)
     head.save(tmp_path / "head32")
     ValueHead(64, [16], seed=0).save(tmp_path / "head64")
-    with pytest.raises(ValueHeadError, match="hidden_size 64 but the model's hidden size is 32"):
+    with pytest.raises(ValueHeadError, match="hidden_size 64 but the model's states are 32 wide"):
         start_llm(model, llama_control(tmp_path / "head64"))
     llm = start_llm(model, llama_control(tmp_path / "head32"))
     try:

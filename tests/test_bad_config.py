@@ -65,7 +65,7 @@ def test_missing_path(llama_dir, tmp_path):
 
 
 def test_dimension_mismatch_names_both_sizes(llama_dir, narrow_head):
-    with pytest.raises(ValueHeadError, match="hidden_size 32 but the model's hidden size is 64"):
+    with pytest.raises(ValueHeadError, match="hidden_size 32 but the model's states are 64 wide"):
         engine_config(llama_dir, {"recontrol": {"value_head": str(narrow_head)}})
 
 
@@ -106,7 +106,7 @@ def test_an_ascent_the_head_cannot_run_is_refused_in_the_front_end(llama_dir, tm
 
 
 def test_a_bad_further_head_is_named(llama_dir, head_dir, narrow_head, tmp_path):
-    for path, message in [(narrow_head, "hidden size is 64"), (tmp_path / "nope", "does not exist")]:
+    for path, message in [(narrow_head, "states are 64 wide"), (tmp_path / "nope", "does not exist")]:
         with pytest.raises(ValueHeadError,
                            match=r'\["value_heads"\]\["safe"\]: .*' + message):
             engine_config(llama_dir, {"recontrol": {"value_head": str(head_dir),
@@ -124,7 +124,7 @@ def test_valid_config_with_further_heads_names_them_in_the_tracker(llama_dir, he
 
 def test_llm_constructor_reports_the_same_error(llama_dir, narrow_head):
     """What a Python user sees: the error comes out of LLM(...) itself, not from a child."""
-    with pytest.raises(ValueHeadError, match="hidden size is 64"):
+    with pytest.raises(ValueHeadError, match="states are 64 wide"):
         start_llm(llama_dir, {"value_head": str(narrow_head)})
 
 
@@ -243,7 +243,10 @@ def test_an_architecture_only_auto_would_serve_is_refused_naming_the_switch(tmp_
                                                                            head_dir):
     """BioGpt has no vLLM implementation: auto falls back to the Transformers backend,
     --model-impl recontrol cannot; vLLM's refusal listed hundreds of names and called the
-    model unsupported, not saying the switch was why."""
+    model unsupported, not saying the switch was why. A misspelt architecture, which auto
+    refuses too, keeps vLLM's message."""
+    import json
+
     from transformers import BioGptConfig, BioGptForCausalLM
 
     from vllm_recontrol.toy import build_tokenizer
@@ -258,6 +261,12 @@ def test_an_architecture_only_auto_would_serve_is_refused_naming_the_switch(tmp_
                                           r"--model-impl auto it would fall back") as caught:
         engine_config(model, {"recontrol": {"value_head": str(head_dir)}})
     assert len(str(caught.value)) < 400
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config,
+                                                   "architectures": ["BioGptForCausalLMTypo"]}))
+    with pytest.raises(ValueError, match="are not supported for now") as caught:  # vLLM's own
+        engine_config(model, {"recontrol": {"value_head": str(head_dir)}})
+    assert not isinstance(caught.value, ConfigError)  # auto would refuse it too
 
 
 def test_sleep_mode_is_refused(llama_dir, head_dir, monkeypatch):

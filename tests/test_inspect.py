@@ -69,7 +69,7 @@ def test_json_reports_and_errors(trained, tmp_path, capsys):
     assert first["hidden_size"] == 8 and first["target"] == "mc"
     assert any("rest on 2 prompt(s)" in w for w in first["warnings"])  # the fixture's is weak
     assert first["base_model"] == str(trained["model"])
-    assert "hidden_size 64 but the model's hidden size is 8" in second["error"]
+    assert "hidden_size 64 but the model's states are 8 wide" in second["error"]
 
 
 def test_a_head_of_another_model_is_a_warning(trained, tmp_path, capsys):

@@ -456,7 +456,8 @@ def test_a_pooling_engine_shorter_than_the_generator_s_default_is_refused_at_its
     monkeypatch.setattr(engines, "start_offline_engine", lambda *a, **k: generator)
     pair = engines.VllmEngines("m", {}, pooling_engine_args={"max_model_len": 16})
     with pytest.raises(DataError, match=r"max_model_len 16 is below the generation engine's "
-                                        r"\(512\)"):
+                                        r"\(512, vLLM's default for this model, as "
+                                        r"--engine-args set none: set max_model_len there"):
         pair.generate([])
     assert stopped == [generator] and pair._generator is None
     fits = engines.VllmEngines("m", {}, pooling_engine_args={"max_model_len": 512})

@@ -117,7 +117,7 @@ def _wrap_engine_config() -> None:
             vllm_config = original(self, *args, **kwargs)
         except ValueError as exc:  # pydantic's ValidationError is one
             unsupported = _unsupported_architectures(exc)
-            if unsupported is None:
+            if not unsupported:  # another error, or no architecture transformers has
                 raise
             raise ConfigError(
                 f"--model-impl {MODEL_IMPL}: vLLM has no implementation of {unsupported}; "
@@ -131,11 +131,23 @@ def _wrap_engine_config() -> None:
     EngineArgs.create_engine_config = create_engine_config
 
 
-def _unsupported_architectures(exc: Exception) -> str | None:
+def _unsupported_architectures(exc: Exception) -> list[str] | None:
     """The architectures named by vLLM's "not supported" refusal (its message lists every
-    architecture it has, hundreds of names), or None for another error."""
+    architecture it has, hundreds of names) that transformers implements, so that ``auto``
+    would have served them through vLLM's Transformers backend; None for another error (a
+    misspelt architecture, which ``auto`` refuses too, keeps vLLM's own message)."""
+    import ast
+
+    import transformers
+
     match = re.search(r"Model architectures (\[[^\]]*\]) are not supported", str(exc))
-    return match.group(1) if match else None
+    if match is None:
+        return None
+    try:
+        named = ast.literal_eval(match.group(1))
+    except (ValueError, SyntaxError):
+        return None
+    return [arch for arch in named if hasattr(transformers, str(arch))] or None
 
 
 def _check_before_config(engine_args: Any) -> EngineSettings:

@@ -476,7 +476,8 @@ class ValueHead(nn.Module):
         if expected_hidden_size is not None and hidden_size != expected_hidden_size:
             raise ValueHeadError(
                 f"value head {path / CONFIG_FILE} has hidden_size {hidden_size} but the model's "
-                f"hidden size is {expected_hidden_size}; train a head on this model's states")
+                f"states are {expected_hidden_size} wide (what its lm_head reads: its hidden "
+                "size, or OPT's word_embed_proj_dim); train a head on this model's states")
         tensors, stored_id = read_weights(path / WEIGHTS_FILE, hidden_size, widths)
         check_same_save(path, config, stored_id)
         if stored_id is not None and weights_id(tensors) != stored_id:

@@ -171,8 +171,10 @@ class VllmEngines:
         pooling engine would refuse the longest sequences after the generation phase."""
         from .._vllm_adapter import llm_max_model_len
 
-        refusal = pooling_limit_refusal(self.pooling_args.get("max_model_len"),
-                                        llm_max_model_len(generator))
+        refusal = pooling_limit_refusal(
+            self.pooling_args.get("max_model_len"), llm_max_model_len(generator),
+            ", vLLM's default for this model, as --engine-args set none: set max_model_len "
+            "there to what the prompts and responses need, at most the pooling engine's")
         if refusal:
             shutdown_llm(generator)
             self._generator = None
