@@ -432,8 +432,8 @@ OPENAI_REQUEST_CLASSES = (("vllm.entrypoints.openai.completion.protocol", "Compl
 
 
 # The loosest request limits of the RE-Control engines this process fronts (most steps, every
-# head name): the front-end's value check never refuses what one of them would admit.
-_fronted_limits: tuple[int, frozenset[str]] | None = None
+# head name, sorted): the front-end's value check never refuses what one of them would admit.
+_fronted_limits: tuple[int, tuple[str, ...]] | None = None
 
 
 def _guard_openai_requests(settings: EngineSettings | None = None) -> None:
@@ -461,16 +461,16 @@ def _guard_openai_requests(settings: EngineSettings | None = None) -> None:
     from vllm.exceptions import VLLMValidationError
 
     global _fronted_limits
-    if settings is not None:
-        steps, heads = _fronted_limits or (0, frozenset())
-        _fronted_limits = (max(steps, settings.max_steps), heads | set(settings.head_names))
+    if settings is not None:  # merged once here, not on every request
+        steps, heads = _fronted_limits or (0, ())
+        _fronted_limits = (max(steps, settings.max_steps),
+                           tuple(sorted({*heads, *settings.head_names})))
 
     def refuse_bad_values(request: Any) -> None:
         if _fronted_limits is None:  # no RE-Control engine here: the engine decides
             return
         try:
-            check_request_args(getattr(request, "vllm_xargs", None), _fronted_limits[0],
-                               tuple(sorted(_fronted_limits[1])))
+            check_request_args(getattr(request, "vllm_xargs", None), *_fronted_limits)
         except RequestParamsError as exc:
             raise VLLMValidationError(str(exc), parameter="vllm_xargs") from None
 
