@@ -53,6 +53,7 @@ from .value_head import ValueHead
 TESTED_VLLM = "0.32.0"  # the release whose internals this module was checked against
 ALLOW_UNTESTED_ENV = "VLLM_RECONTROL_ALLOW_UNTESTED_VLLM"
 TRACKER_PREFIX = "RecontrolRowTracker_max"
+PLUGIN_NAME = "recontrol"  # the vllm.general_plugins entry point (setup.py)
 
 _install_errors: list[str] = []
 
@@ -306,7 +307,7 @@ def _require_row_tracker(vllm_config: Any) -> None:
         raise ConfigError(
             f"--model-impl {MODEL_IMPL} was set, but vllm-recontrol's front-end hook did not run "
             "in the process that built this engine's configuration, so requests could not be "
-            "tracked. Make sure the plugin loads there (VLLM_PLUGINS must include 'recontrol' "
+            f"tracked. Make sure the plugin loads there (VLLM_PLUGINS must include {PLUGIN_NAME!r} "
             "if it is set) and that the configuration comes from EngineArgs.create_engine_config.")
 
 
@@ -322,7 +323,7 @@ def _require_plugin_in_worker() -> None:
         raise ConfigError(
             f"--model-impl {MODEL_IMPL}: vllm-recontrol's plugin did not load in this engine's "
             "worker process, which would serve every request unedited; if VLLM_PLUGINS is "
-            "set where the workers run, it must include 'recontrol'")
+            f"set where the workers run, it must include {PLUGIN_NAME!r}")
 
 
 def _engine_id(vllm_config: Any) -> str:
@@ -853,9 +854,6 @@ def _recontrol_layer_class(stock: type) -> type:
 
 
 # ----------------------------------------------------------------------------- vLLM's CLI
-PLUGIN_NAME = "recontrol"  # the vllm.general_plugins entry point (setup.py)
-
-
 def plugin_excluded_by_environment(argv: list[str]) -> str | None:
     """Why a ``--model-impl recontrol`` command line would run stock vLLM, or None: a
     ``VLLM_PLUGINS`` that does not list the plugin (as vLLM reads it: comma-separated, exact
