@@ -10,6 +10,7 @@ import pytest
 from training_fakes import fake_collect, good_reward
 from vllm_recontrol import ValueHead
 from vllm_recontrol.cli import main as cli
+from vllm_recontrol.package_versions import package_versions
 from vllm_recontrol.training import label, train
 
 
@@ -33,7 +34,13 @@ def test_a_trained_head_is_usable_and_reports_its_training(trained, capsys):
     for row in ("| hidden_size ", "| widths ", "| target ", "| pearson_s0 ", "| epochs_run ",
                 "| metrics_prompts "):
         assert row in out
-    metrics = ValueHead.load(trained["head"]).metadata["metrics"]
+    assert "| prompt_format " in out and "| chat_template " in out
+    metadata = ValueHead.load(trained["head"]).metadata
+    # how the prompts were written, and the versions that collected and trained, recorded
+    assert (metadata["data"]["prompt_format"], metadata["data"]["chat_template"]) == (
+        "auto", False)
+    assert metadata["data"]["collected_with"] == metadata["trained_with"] == package_versions()
+    metrics = metadata["metrics"]
     assert metrics["prompts"] == 2 and metrics["mse"] >= metrics["trivial_mse"]
     assert "warning: the head predicts the reward no better than a constant" in out
     assert "warning: the held-out metrics rest on 2 prompt(s)" in out

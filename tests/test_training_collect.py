@@ -375,6 +375,42 @@ def test_a_manifest_without_model_files_still_resumes(tmp_path):
     assert "model_folder" not in manifest
 
 
+def test_the_manifest_records_versions_and_a_resume_after_an_upgrade_says_so(
+        tmp_path, monkeypatch, capsys):
+    """The manifest records the package versions of the run that began it; a resume under
+    other versions goes on (same model, same options) and says which changed, keeping the
+    first run's record (label sets hold the manifest's hash)."""
+    from vllm_recontrol.package_versions import package_versions
+    from vllm_recontrol.training.shards import manifest_sha256
+
+    data = _crash_after_the_first_shard(tmp_path)
+    assert read_manifest(data)["software"] == package_versions()
+    assert read_manifest(data)["software"]["torch"] == torch.__version__
+    before = manifest_sha256(data)
+    upgraded = {**package_versions(), "vllm": "9.9.9"}
+    monkeypatch.setattr(collector, "package_versions", lambda: upgraded)
+    capsys.readouterr()
+    summary = fake_collect(tmp_path, count=20, shard_size=8)[2]
+    assert summary["shards done / planned"] == "3 / 3"
+    err = capsys.readouterr().err
+    assert f"was begun with other package versions (vllm {package_versions()['vllm']} -> " \
+           "9.9.9)" in err
+    assert manifest_sha256(data) == before
+
+
+def test_a_manifest_without_versions_resumes_without_a_note(tmp_path, capsys):
+    from vllm_recontrol.training.shards import write_manifest
+
+    data = _crash_after_the_first_shard(tmp_path)
+    manifest = read_manifest(data)
+    del manifest["software"]
+    write_manifest(data, manifest)
+    capsys.readouterr()
+    assert fake_collect(tmp_path, count=20, shard_size=8)[2]["shards done / planned"] == "3 / 3"
+    assert "package versions" not in capsys.readouterr().err
+    assert "software" not in read_manifest(data)
+
+
 def test_a_hub_model_has_no_files_to_check():
     assert collector.model_files("org/not-a-local-folder") is None
     assert collector.model_folder("org/not-a-local-folder") is None

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from training_fakes import fake_collect
+from training_fakes import fake_collect, model_folder_lookalike
 from vllm_recontrol import ValueHead
 from vllm_recontrol.training.common import DataError
 from vllm_recontrol.training.labeler import label
@@ -616,10 +616,7 @@ def test_an_out_holding_another_artifact_is_refused_and_left_alone(labelled, tmp
     """A model folder holds config.json and model.safetensors too: the head's would replace
     them (the model was lost). A head folder is trained into again; --data is refused."""
     _no_epoch_may_run(monkeypatch)
-    model = tmp_path / "model"
-    model.mkdir()
-    (model / "config.json").write_text('{"model_type": "llama", "hidden_size": 16}')
-    (model / "model.safetensors").write_bytes(b"weights")
+    model = model_folder_lookalike(tmp_path / "model", 16, b"weights")
     with pytest.raises(DataError, match=r"--out .*model holds a config.json that is not a value "
                                         r"head's.*model's config \(model_type 'llama'\).*give "
                                         r"another --out"):

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from oracle import autograd_ascent, load_head_as_sequential
+from training_fakes import model_folder_lookalike
 from vllm_recontrol import ValueHead, ValueHeadError
 from vllm_recontrol.ascent import (AscentWorkspace, ascend_float32, ascend_gram_float32,
                                    gram_form_pays, with_first_gram)
@@ -389,10 +390,7 @@ def test_the_umask_is_read_without_being_changed(monkeypatch):
 def test_save_refuses_a_folder_holding_another_artifact(tmp_path):
     """head.save(model_dir), a slip, replaced the model's config.json and weights without a
     word; a folder holding a head is saved over as before."""
-    model = tmp_path / "model"
-    model.mkdir()
-    (model / "config.json").write_text('{"model_type": "llama", "hidden_size": 12}')
-    (model / "model.safetensors").write_bytes(b"the model's weights")
+    model = model_folder_lookalike(tmp_path / "model", 12, b"the model's weights")
     with pytest.raises(ValueHeadError, match=r"cannot save the value head to .*model: the "
                                              r"folder holds a config.json that is not a value "
                                              r"head's.*save it into a folder of its own"):

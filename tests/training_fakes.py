@@ -95,6 +95,16 @@ def write_prompts(path: Path, count: int, seed: int = 0) -> Path:
     return path
 
 
+def model_folder_lookalike(path: Path, hidden_size: int, weights: bytes) -> Path:
+    """A folder holding a model's config.json and weights file (not loadable), where a head
+    saved by mistake would replace them."""
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps({"model_type": "llama",
+                                                  "hidden_size": hidden_size}))
+    (path / "model.safetensors").write_bytes(weights)
+    return path
+
+
 def fake_collect(tmp: Path, count: int = 40, shard_size: int = 8, engines=None, **options):
     """A complete fake collection in ``tmp/data``; returns (data dir, engines, summary)."""
     from vllm_recontrol.training.collector import collect

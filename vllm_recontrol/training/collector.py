@@ -22,6 +22,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..folder_lock import exclusive_folder, is_lock_file, label_lock_name, label_set_of
+from ..package_versions import changed_versions, package_versions
 from .common import (DataError, build_options, check_engine_args, check_engine_seed,
                      check_model_path, folder_fingerprint, json_argument, model_hidden_size,
                      parse_command_line, progress, run_main, sampling_refusal, sha256_bytes,
@@ -308,6 +309,8 @@ def build_manifest(opts: CollectOptions, prompts: Sequence[str]) -> dict[str, An
         "num_prompts": len(prompts),
         "num_responses": len(prompts) * opts.samples_per_prompt,
         "shards": [asdict(s) for s in shards],
+        # the first run's: a resume after an upgrade goes on (and says so), keeping them
+        SOFTWARE: package_versions(),
     }
 
 
@@ -315,9 +318,11 @@ def build_manifest(opts: CollectOptions, prompts: Sequence[str]) -> dict[str, An
 MODEL_FILES = "model_files"
 # The manifest key of the model folder's absolute path (None for a hub id).
 MODEL_FOLDER = "model_folder"
+# The manifest key of the package versions of the run that began the collection.
+SOFTWARE = "software"
 # Keys that manifests of earlier releases lack: not checked on their resume (nor added:
 # labels hold the manifest's hash).
-ADDED_KEYS = (MODEL_FILES, MODEL_FOLDER)
+ADDED_KEYS = (MODEL_FILES, MODEL_FOLDER, SOFTWARE)
 
 
 def model_folder(model: str) -> str | None:
@@ -375,6 +380,8 @@ def _prepare_out(opts: CollectOptions, manifest: dict[str, Any]) -> Path:
             old = read_manifest(out)
 
             def same(key: str) -> bool:
+                if key == SOFTWARE:  # said below, not refused: the same model's states
+                    return True
                 if key in ENGINE_ARGS_KEYS:
                     return outputs_defining(old.get(key)) == outputs_defining(manifest.get(key))
                 if key in ADDED_KEYS and key not in old:  # a manifest of an earlier release
@@ -391,6 +398,7 @@ def _prepare_out(opts: CollectOptions, manifest: dict[str, Any]) -> Path:
             if differ and _holds_work(out):
                 raise DataError(_different_collection(out, old, manifest, differ))
             if not differ:
+                _note_upgrade(out, old.get(SOFTWARE), manifest[SOFTWARE])
                 _remove_stale_temporaries(out)
                 return out
             # An earlier run stopped before its first shard (say, a model path that did not
@@ -440,6 +448,17 @@ def _different_collection(out: Path, old: dict[str, Any], new: dict[str, Any],
         reasons.append(f"differs in {listed}: {changes}")
     return (f"{out} holds a different collection ({'; '.join(reasons)}); use a new --out, or "
             "--overwrite to delete it")
+
+
+def _note_upgrade(out: Path, old: Any, new: dict[str, str | None]) -> None:
+    """Say that a resume runs other package versions than the shards before it: the states
+    are of the same model, but may differ in their last bits (another kernel), so a user
+    comparing runs should know. The manifest keeps the first run's (labels hold its hash)."""
+    changed = changed_versions(old, new)
+    if changed:
+        print(f"collect: {out} was begun with other package versions ({'; '.join(changed)}); "
+              "its finished shards are kept and the manifest records the first run's",
+              file=sys.stderr, flush=True)
 
 
 def _holds_work(out: Path) -> bool:

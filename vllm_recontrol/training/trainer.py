@@ -32,7 +32,8 @@ from ..errors import ValueHeadError
 from ..head_files import CONFIG_FILE, WEIGHTS_FILE, foreign_config_problem
 from ..value_head import ValueHead
 from . import checkpoint
-from .collector import MODEL_FOLDER, model_folder
+from ..package_versions import package_versions
+from .collector import MODEL_FOLDER, SOFTWARE, model_folder
 from .common import (DataError, build_options, json_digest, parse_command_line, progress,
                      run_main, summary_table)
 from .dataset import LabelledData, Window
@@ -501,6 +502,12 @@ def _claim_out_folder(opts: TrainOptions, held: contextlib.ExitStack) -> None:
         held.callback(_remove_if_empty, out)
 
 
+def _prompts_section(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's ``prompts`` section ({} where a hand-made manifest has none)."""
+    section = manifest.get("prompts")
+    return section if isinstance(section, dict) else {}
+
+
 def _save_head(head: ValueHead, opts: TrainOptions, group: ProcessGroup) -> None:
     """Rank 0 saves; every process returns once the head is on disk, or raises when the
     save failed (no process is left waiting for rank 0)."""
@@ -623,7 +630,13 @@ def _train(opts: TrainOptions, group: ProcessGroup, held: contextlib.ExitStack
                  "manifest_sha256": manifest_sha256(data.path),
                  "labels": data.labels, "labels_info_sha256": data.label_info_sha256,
                  "rewards_sha256": data.rewards_sha256,
-                 "label_source": data.label_info.get("source"), **counts},
+                 "label_source": data.label_info.get("source"),
+                 # how the prompts were written when the states were collected: a server
+                 # should send them alike (a chat template or not) for the states to match
+                 "prompt_format": _prompts_section(data.manifest).get("prompt_format"),
+                 "chat_template": data.manifest.get("chat_template"),
+                 "collected_with": data.manifest.get(SOFTWARE), **counts},
+        "trained_with": package_versions(),
         "hyperparameters": {**{k: v for k, v in asdict(opts).items()
                                if k not in ("data", "out", "progress")},
                             "patience": patience},  # as applied (None: every epoch ran)
