@@ -335,9 +335,9 @@ def tiny_defaults(args) -> Path | None:
         args.model = str(build_tiny_model(work / "model", "llama", hidden_size=256,
                                           num_layers=4, num_heads=4, intermediate_size=512))
     if args.value_head is None:
-        from vllm_recontrol.training.common import model_hidden_size
+        from vllm_recontrol.training.common import model_state_width
 
-        d = model_hidden_size(args.model)  # the width lm_head reads (OPT: its projection)
+        d = model_state_width(args.model)  # the width lm_head reads (OPT: its projection)
         ValueHead(d, [d, d], seed=0).save(work / "head")
         args.value_head = str(work / "head")
     return work

@@ -143,10 +143,10 @@ def test_a_projected_decoder_is_edited_at_the_width_lm_head_reads(tmp_path):
     from engine_helpers import start_llm, stop_llm
     from oracle import assert_engine_matches_oracle
     from vllm_recontrol import ValueHead, ValueHeadError
-    from vllm_recontrol.training.common import model_hidden_size
+    from vllm_recontrol.training.common import model_state_width
 
     model = build_tiny_opt(tmp_path / "opt")
-    assert model_hidden_size(str(model)) == 32
+    assert model_state_width(str(model)) == 32
     head = ValueHead(32, [16], seed=0)
     with torch.no_grad():
         for layer in head.layers:

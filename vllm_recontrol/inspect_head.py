@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 from .arguments import join_dash_values
 from .errors import RecontrolError
-from .training.common import model_hidden_size, sha256_file, summary_table
+from .training.common import model_state_width, sha256_file, summary_table
 from .training.head_quality import quality_warnings
 from .head_source import locate_head
 from .head_files import WEIGHTS_FILE
@@ -28,7 +28,7 @@ def inspect_head(path: str | Path, model: str | None = None,
     """Load ``path`` with every check an engine makes (against ``model`` when given) and
     return a report; a head that an engine would refuse raises ``ValueHeadError``, an
     unreadable model ``RecontrolError``."""
-    expected = model_hidden_size(model, trust_remote_code) if model else None
+    expected = model_state_width(model, trust_remote_code) if model else None
     folder = locate_head(path)
     head = ValueHead.load(folder, expected_hidden_size=expected)
     meta = head.metadata or {}

@@ -24,7 +24,7 @@ import torch
 from ..folder_lock import exclusive_folder, is_lock_file, label_lock_name, label_set_of
 from ..package_versions import changed_versions, package_versions
 from .common import (DataError, build_options, check_engine_args, check_engine_seed,
-                     check_model_path, folder_fingerprint, json_argument, model_hidden_size,
+                     check_model_path, folder_fingerprint, json_argument, model_state_width,
                      parse_command_line, progress, run_main, sampling_refusal, sha256_bytes,
                      summary_table)
 from .engines import (Engines, GenerationRequest, PromptRefused, VllmEngines,
@@ -292,7 +292,7 @@ def build_manifest(opts: CollectOptions, prompts: Sequence[str]) -> dict[str, An
         "model": opts.model,
         MODEL_FOLDER: model_folder(opts.model),
         MODEL_FILES: model_files(opts.model),
-        "hidden_size": _hidden_size(opts.model),
+        "hidden_size": _state_width(opts.model),
         "state_dtype": opts.state_dtype,
         "state_definition": STATE_DEFINITION,
         # "train" also for a file (which has no splits), as earlier versions wrote it
@@ -340,10 +340,10 @@ def model_files(model: str) -> str | None:
     return folder_fingerprint(str(Path(model).expanduser()))
 
 
-def _hidden_size(model: str) -> int | None:
-    """The model's hidden size from its config (None when transformers cannot tell)."""
+def _state_width(model: str) -> int | None:
+    """The width of the model's states from its config (None when transformers cannot tell)."""
     try:
-        return model_hidden_size(model)
+        return model_state_width(model)
     except Exception:  # the pooling engine's output still fixes the width in each shard
         return None
 

@@ -367,7 +367,7 @@ def _lines(exc: BaseException) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- models
-def model_hidden_size(model: str, trust_remote_code: bool = False) -> int:
+def model_state_width(model: str, trust_remote_code: bool = False) -> int:
     """The width of the states vLLM collects and edits for ``model`` (a folder or a hub id),
     from its config alone, no weights: its language model's hidden size (a multimodal
     model's text config first, as vLLM reads it), or OPT's projected width."""
