@@ -365,6 +365,33 @@ def test_hub_heads_are_pinned_to_the_commit_the_front_end_checked(llama_dir, hea
     assert ("someone/head", commit) in asked  # the front-end checked the pinned head itself
 
 
+def test_a_local_head_saved_again_while_the_engine_starts_is_refused(llama_dir, head_dir,
+                                                                    tmp_path):
+    """Each worker (every tensor-parallel rank) loads its heads by itself: a head folder
+    saved again between the front-end's check and a worker's load (`train --out` into the
+    served head) would give the ranks different heads. The worker compares the weights it
+    loaded with those the front-end checked; the same weights saved again pass."""
+    import shutil
+
+    from vllm_recontrol.value_head import ValueHead
+
+    served = tmp_path / "served-head"
+    shutil.copytree(head_dir, served)
+    vllm_config = config_for(llama_dir, {"value_head": str(served)})
+    checked = vllm_config.additional_config[_vllm_adapter.CHECKED_HEADS_KEY]
+    assert checked == {"default": ValueHead.load(head_dir).loaded_weights_id}
+    ValueHead.load(head_dir).save(served)  # the same weights saved again
+    with set_current_vllm_config(vllm_config):
+        LogitsProcessor(100)
+    hidden = ValueHead.load(head_dir).hidden_size
+    ValueHead(hidden, [48, 32], seed=99).save(served)  # another head, same shape
+    with set_current_vllm_config(vllm_config), pytest.raises(
+            ConfigError, match=r"value head 'default' \(.*served-head\) changed on disk after "
+                               r"the engine's front-end checked it \(weights [0-9a-f]{12} then, "
+                               r"[0-9a-f]{12} now\).*Start the engine again"):
+        LogitsProcessor(100)
+
+
 def test_a_further_hub_head_that_cannot_be_pinned_is_named_by_its_key(llama_dir, head_dir):
     with pytest.raises(ValueError, match=r'\["value_heads"\]\["b"\]: value head hf://\./x: '
                                          r"not a Hugging Face Hub repository"):

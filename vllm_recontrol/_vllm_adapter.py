@@ -201,6 +201,7 @@ def _prepare_engine(vllm_config: Any, settings: EngineSettings) -> None:
     # Validate the heads here, in the front-end, so a bad head is a clear error before any
     # engine process starts (the worker loads them again onto its device).
     heads = _load_heads(settings, edited_width(model_config), device="cpu")
+    _record_checked_heads(vllm_config, heads)
     _check_ascent_settings(settings, heads)
     for name, head in heads.items():
         mismatch = head.base_model_mismatch(str(model_config.model))
@@ -234,6 +235,36 @@ def _pin_hub_heads(vllm_config: Any, settings: EngineSettings) -> EngineSettings
     logger.info("vllm-recontrol: value heads from the Hugging Face Hub, pinned to the commits "
                 "resolved here: %s", settings.head_paths)
     return settings
+
+
+# additional_config's key (beside "recontrol") for the weights the front-end checked, by head
+# name: every worker loads its heads by itself and compares.
+CHECKED_HEADS_KEY = "recontrol_checked_heads"
+
+
+def _record_checked_heads(vllm_config: Any, heads: dict[str, ValueHead]) -> None:
+    """Pin local heads as hub heads are pinned: a head folder saved again between the
+    front-end's check and the workers' loads (``train --out`` into a served head) would give
+    tensor-parallel ranks different heads, each rank's logits slice edited by another."""
+    vllm_config.additional_config = {
+        **vllm_config.additional_config,
+        CHECKED_HEADS_KEY: {name: head.loaded_weights_id for name, head in heads.items()}}
+
+
+def _check_heads_as_checked(vllm_config: Any, settings: EngineSettings,
+                            heads: dict[str, ValueHead]) -> None:
+    """Refuse to build a worker whose heads are not the ones the front-end checked."""
+    checked = (vllm_config.additional_config or {}).get(CHECKED_HEADS_KEY)
+    if not isinstance(checked, dict):  # an engine configured without the front-end's hook
+        return
+    for name, head in heads.items():
+        if checked.get(name) != head.loaded_weights_id:
+            raise ConfigError(
+                f"value head {name!r} ({settings.head_paths[name]}) changed on disk after the "
+                f"engine's front-end checked it (weights {str(checked.get(name))[:12]} then, "
+                f"{str(head.loaded_weights_id)[:12]} now), as when a head is saved into the "
+                "folder of a starting engine: its processes could hold different heads. Start "
+                "the engine again once the head is saved")
 
 
 def _refuse_sleep_mode(model_config: Any) -> None:
@@ -832,6 +863,7 @@ def _recontrol_layer_class(stock: type) -> type:
             settings = EngineSettings.from_additional_config(vllm_config.additional_config)
             heads = _load_heads(settings, edited_width(vllm_config.model_config),
                                 device=torch.get_default_device())
+            _check_heads_as_checked(vllm_config, settings, heads)
             # A plain attribute, not a submodule: the checkpoint loader must not see it.
             self._recontrol = EditController(
                 heads, settings, _engine_rows(vllm_config),

@@ -80,6 +80,8 @@ class ValueHead(nn.Module):
         check_provenance(base_model, metadata, source="ValueHead()")
         self.base_model = base_model
         self.metadata = dict(metadata or {})
+        # the digest of the weights as loaded (``load``); None for a head built in memory
+        self.loaded_weights_id: str | None = None
         sizes = [self.hidden_size, *self.widths, 1]
         unset = seed is _UNSET
         if not (seed is None or unset or isinstance(seed, numbers.Integral)) or \
@@ -480,7 +482,8 @@ class ValueHead(nn.Module):
                 "size, or OPT's word_embed_proj_dim); train a head on this model's states")
         tensors, stored_id = read_weights(path / WEIGHTS_FILE, hidden_size, widths)
         check_same_save(path, config, stored_id)
-        if stored_id is not None and weights_id(tensors) != stored_id:
+        loaded_id = weights_id(tensors)
+        if stored_id is not None and loaded_id != stored_id:
             # the id is the weights' digest: a flipped bit, or tensors rewritten by a tool
             # that kept the metadata (0.15 s for a 4096 x [4096, 4096] head)
             raise ValueHeadError(f"value head weights {path / WEIGHTS_FILE} do not match "
@@ -492,6 +495,7 @@ class ValueHead(nn.Module):
         # through float32)
         head = cls(hidden_size, widths, seed=_UNSET, base_model=config.get("base_model"),
                    metadata=config.get("metadata") or {}).to(dtype=dtype)
+        head.loaded_weights_id = loaded_id
         with torch.no_grad():
             for i, layer in enumerate(head.layers):
                 layer.weight.copy_(tensors[f"layers.{i}.weight"])
