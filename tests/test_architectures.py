@@ -189,3 +189,91 @@ def test_an_architecture_vllm_serves_through_its_transformers_backend_is_edited(
                                      ["the good kan", "a bad ba bon", "zo ze zi zu"])
     finally:
         stop_llm(llm)
+
+
+# What vLLM 0.32's compute_logits methods do to the states before the logits layer, read by
+# hand in its source: MiMo and Step-3.5 apply the final norm there, and the multi-token
+# predictors (draft models) their shared head's norm. Every other one hands them on as given.
+CHANGED_IN_COMPUTE_LOGITS = {
+    ("mimo.py", "MiMoForCausalLM"), ("step3p5.py", "Step3p5ForCausalLM"),
+    ("step3p5_mtp.py", "Step3p5AMultiTokenPredictor"),
+    ("deepseek_mtp.py", "DeepSeekMultiTokenPredictor"),
+    ("glm4_moe_mtp.py", "Glm4MoeMultiTokenPredictor"),
+    ("glm4_moe_lite_mtp.py", "Glm4MoeLiteMultiTokenPredictor"),
+    ("bailing_moe_mtp.py", "BailingMoeV25MultiTokenPredictor"),
+    ("bailing_moe_v3_mtp.py", "BailingMoeV3MultiTokenPredictor"),
+    ("hy_v3_mtp.py", "HYV3MultiTokenPredictor")}
+
+
+def test_the_models_that_change_states_in_compute_logits_are_found_in_vllms_source():
+    """The source check finds exactly the classes read by hand among every compute_logits
+    of vLLM's models (an upgrade that adds one fails here first)."""
+    import ast
+
+    import vllm.model_executor.models as models
+
+    from vllm_recontrol._vllm_adapter import changes_argument_before_logits
+
+    found, seen = set(), 0
+    for path in sorted(Path(models.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.ClassDef):
+                continue
+            for item in node.body:
+                if isinstance(item, ast.FunctionDef) and item.name == "compute_logits":
+                    seen += 1
+                    if changes_argument_before_logits(item):
+                        found.add((path.name, node.name))
+    assert seen > 100 and found == CHANGED_IN_COMPUTE_LOGITS
+
+
+def _tiny_mimo(tmp_path) -> Path:
+    """A tiny Qwen2 labelled MiMo (MiMo is Qwen2 with multi-token-prediction layers; vLLM's
+    class normalises in compute_logits instead of forward)."""
+    from vllm_recontrol.toy import build_tiny_model
+
+    model = build_tiny_model(tmp_path / "tiny-mimo", "qwen2", seed=3)
+    config = json.loads((model / "config.json").read_text())
+    config["architectures"] = ["MiMoForCausalLM"]
+    (model / "config.json").write_text(json.dumps(config))
+    return model
+
+
+def test_collect_refuses_a_model_whose_pooled_states_are_not_the_edited_ones(tmp_path,
+                                                                             monkeypatch):
+    """On MiMo the pooling runner returns the states before the final norm, while the edit
+    acts after it (checked by a reviewer against Hugging Face: 5.56 apart): collect refuses
+    once the generator has started (vLLM has resolved the model's class), before anything
+    is generated; a Llama goes on."""
+    from types import SimpleNamespace
+
+    from vllm.engine.arg_utils import EngineArgs
+
+    from engine_helpers import ENGINE_KWARGS
+    from vllm_recontrol._vllm_adapter import states_changed_in_compute_logits
+    from vllm_recontrol.toy import build_tiny_model
+    from vllm_recontrol.training import engines
+    from vllm_recontrol.training.common import DataError
+    from vllm_recontrol.training.engines import GenerationRequest, VllmEngines
+
+    def offline_engine(model):
+        config = EngineArgs(model=str(model), **ENGINE_KWARGS).create_engine_config()
+        return SimpleNamespace(model_config=config.model_config)
+
+    mimo = _tiny_mimo(tmp_path)
+    llama = build_tiny_model(tmp_path / "tiny-llama", "llama", seed=3)
+    assert states_changed_in_compute_logits(offline_engine(mimo)) == "MiMoForCausalLM"
+    assert states_changed_in_compute_logits(offline_engine(llama)) is None
+    stopped = []
+    monkeypatch.setattr(engines, "start_offline_engine",
+                        lambda what, model, **kwargs: offline_engine(model))
+    monkeypatch.setattr(engines, "shutdown_llm", stopped.append)
+    with pytest.raises(DataError, match=r"collect cannot read the states of MiMoForCausalLM "
+                                        r"\(model .*tiny-mimo\): vLLM's MiMoForCausalLM "
+                                        r"changes the final states \(its final norm\) inside "
+                                        r"compute_logits"):
+        VllmEngines(str(mimo), {"max_tokens": 4}).generate(
+            [GenerationRequest(prompt="the good", seed=1)])
+    assert len(stopped) == 1  # the generator is shut down, nothing generated
+    generator = VllmEngines(str(llama), {"max_tokens": 4})._generator_llm()
+    assert generator.model_config.architectures == ["LlamaForCausalLM"]

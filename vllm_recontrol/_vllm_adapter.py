@@ -961,6 +961,66 @@ def llm_max_model_len(llm: Any) -> int:
     return int(llm.model_config.max_model_len)
 
 
+def states_changed_in_compute_logits(llm: Any) -> str | None:
+    """The class name of the model an offline engine runs when its ``compute_logits`` changes
+    the final states before the logits layer (vLLM 0.32's MiMo and Step-3.5 apply their
+    final norm there), else None: the pooling runner returns what ``forward`` returns, so for
+    these models it is not the state the edit acts on."""
+    model_config = llm.model_config
+    model_class, _ = model_config.registry.resolve_model_cls(model_config.architectures,
+                                                             model_config)
+    for klass in model_class.__mro__:
+        function = klass.__dict__.get("compute_logits")
+        if function is not None:
+            return model_class.__name__ if changes_states_before_logits(function) else None
+    return None
+
+
+def changes_states_before_logits(function: Any) -> bool:
+    """Whether a ``compute_logits(self, hidden_states)`` reassigns its states argument, or
+    hands the logits layer an expression of it, before it calls the logits layer."""
+    import ast
+    import inspect
+    import textwrap
+
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(function)))
+    except (OSError, TypeError, SyntaxError):  # no source (compiled): cannot tell
+        return False
+    definition = tree.body[0]
+    return isinstance(definition, (ast.FunctionDef, ast.AsyncFunctionDef)) and \
+        changes_argument_before_logits(definition)
+
+
+def changes_argument_before_logits(definition: Any) -> bool:
+    """``changes_states_before_logits`` on a parsed ``compute_logits`` definition."""
+    import ast
+
+    arguments = definition.args.args
+    if len(arguments) < 2:
+        return False
+    states = arguments[1].arg
+    for statement in definition.body:
+        layer_calls = [node for node in ast.walk(statement) if isinstance(node, ast.Call)
+                       and isinstance(node.func, ast.Attribute)
+                       and node.func.attr == "logits_processor"]
+        for call in layer_calls:  # logits_processor(lm_head, states): the states as given?
+            given = call.args[1] if len(call.args) > 1 else None
+            if given is not None and not (isinstance(given, ast.Name) and given.id == states):
+                return any(isinstance(node, ast.Name) and node.id == states
+                           for node in ast.walk(given))
+        if layer_calls:
+            return False
+        targets = [target for node in ast.walk(statement)
+                   if isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign))
+                   for target in (node.targets if isinstance(node, ast.Assign)
+                                  else [node.target])]
+        if any(isinstance(node, ast.Name) and node.id == states
+               for target in targets for node in ast.walk(target)):
+            return True
+    return False
+
+
 def shutdown_llm(llm: Any) -> None:
     """Stop an offline ``vllm.LLM`` engine and free its memory before another one starts.
 

@@ -2,7 +2,9 @@
 
 Why two: vLLM 0.32's generate runner does not return hidden states, while the pooling runner
 (``task="token_embed"``, no activation) returns the final post-norm state of every position,
-the exact tensor RE-Control edits (checked against Hugging Face ``hidden_states[-1]`` to 1e-6).
+the exact tensor RE-Control edits (checked against Hugging Face ``hidden_states[-1]`` to 1e-6)
+for every model that applies its final norm in ``forward``; the few vLLM classes that apply
+it in ``compute_logits`` are refused.
 Feeding it prompt + response minus the last token yields s_0..s_T in one prefill.
 
 The engines are used one after the other (all shards generated, generator freed, then all
@@ -163,7 +165,26 @@ class VllmEngines:
             self._generator = start_offline_engine("collect: generation", model=self.model,
                                                    **self.generate_args)
             self._check_pooling_limit(self._generator)
+            self._check_pooled_states_are_edited_states(self._generator)
         return self._generator
+
+    def _check_pooled_states_are_edited_states(self, generator: Any) -> None:
+        """Refuse a model whose vLLM class changes the final states inside compute_logits
+        (MiMo applies its final norm there): the pooling runner would return states before
+        that change, not those RE-Control edits, and a head trained on them would be
+        applied to states it never saw, with no error anywhere."""
+        from .._vllm_adapter import states_changed_in_compute_logits
+
+        changed = states_changed_in_compute_logits(generator)
+        if changed:
+            shutdown_llm(generator)
+            self._generator = None
+            raise DataError(
+                f"collect cannot read the states of {changed} (model {self.model}): vLLM's "
+                f"{changed} changes the final states (its final norm) inside compute_logits, "
+                "just before the logits layer, so its pooling runner returns the states "
+                "before that change, not the ones an engine with --model-impl recontrol "
+                "edits; a head trained on them would steer from states it never saw")
 
     def _check_pooling_limit(self, generator: Any) -> None:
         """A pooling ``max_model_len`` below the generator's own (vLLM's default for the
