@@ -52,6 +52,17 @@ def _unbind_engines_under_xdist() -> None:
 _unbind_engines_under_xdist()
 
 
+def _sized_caches_stay_sized() -> None:
+    """vLLM's CPU platform replaces every engine's kv_cache_memory_bytes with
+    VLLM_CPU_KVCACHE_SPACE when that is set (a legacy setting): the tests' cramped engines
+    (a cache of a few blocks, to force preemption) would get gigabytes and preempt nothing.
+    Every engine of the tests sizes its own cache."""
+    os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
+
+
+_sized_caches_stay_sized()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _vllm_logging_configured_first():
     """vLLM configures its logging on the first engine configuration of a process, which

@@ -66,7 +66,9 @@ def lambda_returns(values: torch.Tensor, offsets: torch.Tensor, rewards: torch.T
                    lam: float) -> torch.Tensor:
     """TD(lambda) targets for every state, vectorised over responses.
 
-    ``values`` [S] holds V(s) of every state (its terminal entries are unused).
+    ``values`` [S] holds V(s) of every state. A response's last state gets the reward as
+    its target; its value still enters the target of the state before it
+    ((1 - lam) V(s_T) + lam r), as every later state's value does.
     """
     if not 0.0 <= lam <= 1.0:
         raise ValueError(f"lambda must be in [0, 1], got {lam}")
