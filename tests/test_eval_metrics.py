@@ -1416,6 +1416,41 @@ def test_reward_actors_are_killed_not_asked_to_close_when_the_run_fails():
         ray.get = real_get
 
 
+def test_a_reward_actors_error_names_the_row_the_driver_would(monkeypatch):
+    """Each reward actor scores a contiguous share: an error named the row within the share
+    (row 8 for the batch's row 20 in a reviewer's run), not the row one process names."""
+    import contextlib
+    from types import SimpleNamespace
+
+    import ray
+
+    from vllm_recontrol.evaluation.scoring import RewardPool, RewardWorker
+    from vllm_recontrol.training.rewards import RewardError
+
+    module = types.ModuleType("recontrol_test_row_reward")
+
+    def picky(prompt, response):
+        if prompt == "q5":
+            raise ValueError("boom")
+        return 1.0
+
+    module.picky = picky
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    arguments = {"reward_fn": f"{module.__name__}:picky"}
+    pairs = [(f"q{i}", "r") for i in range(7)]
+    with pytest.raises(RewardError, match=r"ValueError: boom on row 5, prompt 'q5'"):
+        RewardWorker(arguments).score(pairs)  # one process, as the driver scores
+    pool = RewardPool.__new__(RewardPool)
+    workers = [RewardWorker(arguments) for _ in range(2)]  # shares 0-3 and 4-6
+    pool.actors = [SimpleNamespace(score=SimpleNamespace(remote=worker.score))
+                   for worker in workers]
+    pool._stack = contextlib.ExitStack()
+    monkeypatch.setattr(ray, "get", lambda refs: refs)
+    with pytest.raises(RewardError, match=r"ValueError: boom on row 5, prompt 'q5'"):
+        pool.score(pairs)
+    assert pool.score(pairs[:5]) == [1.0] * 5
+
+
 def _eval_with_fake_engines(tmp_path, monkeypatch, reward_fn, out, **extra):
     """``evaluate`` on 3 prompts (base, one grid point, Best-of-3) with engines whose samples
     depend on the method alone; returns each method's (method, n, examples, rewards)."""

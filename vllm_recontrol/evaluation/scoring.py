@@ -32,8 +32,10 @@ class RewardWorker:
         """The reward model's settings, tokenizer and config, as this actor sees them."""
         self.source.check()
 
-    def score(self, pairs: list[tuple[str, str]]) -> list[float]:
-        return self.source.score(pairs)
+    def score(self, pairs: list[tuple[str, str]], first_row: int = 0) -> list[float]:
+        """Rewards of a share of the pairs, whose first is row ``first_row`` of the batch:
+        an error names the row the driver's own scoring would (not the row in the share)."""
+        return self.source.score(pairs, where=lambda i: f"row {first_row + i}")
 
     def close(self) -> None:
         self.source.close()
@@ -68,7 +70,7 @@ class RewardPool:
 
         pairs = list(pairs)
         shares = [(lo, hi) for lo, hi in prompt_ranges(len(pairs), len(self.actors)) if hi > lo]
-        parts = ray.get([actor.score.remote(pairs[lo:hi])
+        parts = ray.get([actor.score.remote(pairs[lo:hi], lo)
                          for actor, (lo, hi) in zip(self.actors, shares)])
         return [score for part in parts for score in part]
 
