@@ -158,6 +158,9 @@ def test_endpoints_that_would_drop_control_keys_refuse_them(server):
         assert refused.status_code == 400
         assert f"{key} cannot be used here: /generative_scoring builds its own sampling " \
                "parameters" in refused.text
+        # the whole advice: vLLM refuses logprob_token_ids without logprobs
+        assert "logprob_token_ids (the label tokens), logprobs (their number) and " \
+               "vllm_xargs" in refused.text
     scored = httpx.post(f"{root}/generative_scoring", json=scoring, timeout=60)
     assert scored.status_code == 200, scored.text
 

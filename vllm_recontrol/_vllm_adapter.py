@@ -560,13 +560,14 @@ OTHER_ENDPOINTS = (
      "create_generative_scoring", True,
      "/generative_scoring builds its own sampling parameters and passes no vllm_xargs on: it "
      "scores with the engine's own alpha, steps and default_on; for a chosen control, ask "
-     "/v1/completions with max_tokens 1, logprob_token_ids (the label tokens) and vllm_xargs"),
+     "/v1/completions with max_tokens 1, logprob_token_ids (the label tokens), logprobs "
+     "(their number) and vllm_xargs"),
     ("vllm.entrypoints.generate.structured_decisions.serving", "ServingStructuredDecisions",
      "create_decision", True,
      "/v1/systemone builds its own sampling parameters and passes no vllm_xargs on: it "
      "reads with the engine's own alpha, steps and default_on; for a chosen control, ask "
-     "/v1/chat/completions with max_tokens 1, logprob_token_ids (the answer tokens) and "
-     "vllm_xargs"),
+     "/v1/chat/completions with max_tokens 1, logprob_token_ids (the answer tokens), "
+     "logprobs true and vllm_xargs"),
     # needs the cohere SDK and VLLM_ENABLE_COHERE_API=1; its request model has no vllm_xargs
     # and ignores unknown fields
     ("vllm.entrypoints.cohere.serving", "CohereServingChatV2", "create_chat_v2", True,
