@@ -22,6 +22,7 @@ from typing import Any, Protocol, Sequence
 import torch
 
 from .._vllm_adapter import shutdown_llm
+from ..interrupts import interrupt_reaches_main_thread
 from .common import DataError, RecontrolError
 from ..logs import get_logger
 from .prompts import render_chat_prompt
@@ -48,7 +49,8 @@ def start_offline_engine(what: str, **llm_args: Any) -> Any:
 
     warn_without_cpu_memory_setting(what, llm_args)
     try:
-        return LLM(**llm_args)
+        with interrupt_reaches_main_thread():  # Ctrl-C during the start: not lost
+            return LLM(**llm_args)
     except RecontrolError:
         raise
     except Exception as exc:  # vLLM raises ValueError, RuntimeError, torch's OOM, ...

@@ -407,8 +407,11 @@ def _pooling_llm(model: str, dtype: str, max_length: int, trust_remote_code: boo
     from .engines import warn_without_cpu_memory_setting
 
     warn_without_cpu_memory_setting(f"reward model {model}", args)
+    from ..interrupts import interrupt_reaches_main_thread
+
     try:
-        return LLM(model=model, **args)
+        with interrupt_reaches_main_thread():  # Ctrl-C during the start: not lost
+            return LLM(model=model, **args)
     except Exception as exc:
         raise RewardError(f"cannot start vLLM for reward model {model!r}: "
                           f"{type(exc).__name__}: {exc}") from exc

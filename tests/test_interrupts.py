@@ -1,0 +1,134 @@
+"""Ctrl-C while a vLLM engine starts reaches the main thread (vllm_recontrol.interrupts)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+# The main thread blocks in a C call (as vLLM's engine start does, in a zmq poll) while the
+# SIGINT is handed to another thread of the process, as the kernel may hand a Ctrl-C.
+_RUN = r"""
+import signal, sys, threading, time
+from vllm_recontrol.interrupts import interrupt_reaches_main_thread
+
+guard = sys.argv[1] == "guarded"
+signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGINT])  # so that no thread but ...
+
+def other_thread():
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])  # ... this one takes it
+    time.sleep(0.5)
+    signal.pthread_kill(threading.get_ident(), signal.SIGINT)
+    time.sleep(30)
+
+threading.Thread(target=other_thread, daemon=True).start()
+signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
+start = time.monotonic()
+try:
+    if guard:
+        with interrupt_reaches_main_thread():
+            time.sleep(8)
+    else:
+        time.sleep(8)
+    print("no interrupt", round(time.monotonic() - start, 1))
+except KeyboardInterrupt:
+    print("interrupted", round(time.monotonic() - start, 1))
+print("handler restored", signal.getsignal(signal.SIGINT) is signal.default_int_handler,
+      signal.set_wakeup_fd(-1))
+"""
+
+
+def _run(mode: str) -> tuple[str, float, str]:
+    proc = subprocess.run([sys.executable, "-c", _RUN, mode], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    first, second = proc.stdout.splitlines()
+    outcome, seconds = first.rsplit(" ", 1)
+    return outcome, float(seconds), second
+
+
+def test_a_sigint_taken_by_another_thread_interrupts_the_main_threads_wait():
+    """Unguarded, the main thread sleeps on (its KeyboardInterrupt comes only once the
+    call returns); guarded, the relay wakes it within about RELAY_AFTER_S. The handler and
+    the wakeup fd are as before afterwards."""
+    outcome, seconds, after = _run("unguarded")
+    assert outcome == "interrupted" and seconds >= 7.5  # the whole 8 s wait
+    outcome, seconds, after = _run("guarded")
+    assert outcome == "interrupted" and seconds < 4, seconds
+    assert after == "handler restored True -1"
+
+
+# vLLM 0.32's zmq_socket_ctx catches KeyboardInterrupt around its handshake with the engine;
+# the start then waits in another zmq poll for the engine that the Ctrl-C killed.
+_SWALLOWED = r"""
+import signal, sys, threading, time
+import zmq
+from vllm_recontrol.interrupts import interrupt_reaches_main_thread
+
+main = threading.main_thread().ident
+threading.Thread(target=lambda: (time.sleep(0.5), signal.pthread_kill(main, signal.SIGINT)),
+                 daemon=True).start()
+socket = zmq.Context().socket(zmq.PULL)
+socket.bind("inproc://never")
+start = time.monotonic()
+try:
+    with (interrupt_reaches_main_thread() if sys.argv[1] == "guarded"
+          else __import__("contextlib").nullcontext()):
+        try:
+            time.sleep(3)
+        except KeyboardInterrupt:
+            pass  # swallowed, as vLLM's zmq_socket_ctx does
+        socket.poll(timeout=8000)  # the wait for the dead engine's READY
+    print("no interrupt", round(time.monotonic() - start, 1))
+except KeyboardInterrupt:
+    print("interrupted", round(time.monotonic() - start, 1))
+print("done")
+"""
+
+
+def test_an_interrupt_swallowed_inside_the_start_is_sent_again_to_its_next_wait():
+    def run(mode: str) -> tuple[str, float]:
+        proc = subprocess.run([sys.executable, "-c", _SWALLOWED, mode], capture_output=True,
+                              text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        outcome, seconds = proc.stdout.splitlines()[0].rsplit(" ", 1)
+        return outcome, float(seconds)
+
+    outcome, seconds = run("unguarded")
+    assert outcome == "no interrupt" and seconds >= 7.5  # lost: the whole wait
+    outcome, seconds = run("guarded")
+    assert outcome == "interrupted" and seconds < 4, seconds
+
+
+def test_the_guard_leaves_a_caller_s_own_handler_alone():
+    import signal
+
+    from vllm_recontrol.interrupts import interrupt_reaches_main_thread
+
+    def own(signum, frame):
+        raise RuntimeError("own handler")
+
+    previous = signal.signal(signal.SIGINT, own)
+    try:
+        with interrupt_reaches_main_thread():
+            assert signal.getsignal(signal.SIGINT) is own
+        assert signal.getsignal(signal.SIGINT) is own
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def test_the_guard_does_nothing_off_the_main_thread():
+    import signal
+    import threading
+
+    from vllm_recontrol.interrupts import interrupt_reaches_main_thread
+
+    seen = []
+
+    def body():
+        with interrupt_reaches_main_thread():
+            seen.append(signal.getsignal(signal.SIGINT))
+
+    thread = threading.Thread(target=body)
+    thread.start()
+    thread.join()
+    assert seen == [signal.getsignal(signal.SIGINT)]
