@@ -15,7 +15,7 @@ def test_demo_runs_end_to_end_and_control_beats_base(tmp_path):
     proc = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = [line.strip() for line in proc.stdout.splitlines()]
-    header = next(line for line in lines if line.startswith("| method | alpha |"))
+    header = next(line for line in lines if line.startswith("| method | head | alpha |"))
     columns = [c.strip() for c in header.strip("|").split("|")]
     rows: dict[str, list[dict[str, str]]] = {}
     for line in lines:
@@ -25,15 +25,28 @@ def test_demo_runs_end_to_end_and_control_beats_base(tmp_path):
     assert set(rows) == {"base", "re-control", "best-of-4"}, proc.stdout[-3000:]
     base = rows["base"][0]
     assert float(base["win vs. base"]) == 0.5  # base against itself: all ties
-    # What held in seven toy worlds (seeds 0-6: world, collection and training), so that a
-    # machine whose float rounding grows another world still passes: a control steers...
-    best = max(rows["re-control"], key=lambda r: float(r["reward"]))
+    # Sampled at temperature 1 with per-prompt seeds. What held in five of seven toy worlds
+    # (seeds 0-6: world, collection and training; README): at a point where random heads
+    # of the trained head's strength ran too, the trained head lifts the reward well above
+    # base and above the random heads' mean (each of which lifts or lowers it by chance)...
+    trained = [r for r in rows["re-control"] if r["head"] == "default"]
+    controls = [r for r in rows["re-control"] if r["head"].startswith("random-")]
+    assert len(controls) == 6 and {r["head"] for r in controls} == {
+        "random-1", "random-2", "random-3"}
+    points = {(r["alpha"], r["steps"], r["max_norm"]) for r in controls}
+    best = max((r for r in trained if (r["alpha"], r["steps"], r["max_norm"]) in points),
+               key=lambda r: float(r["reward"]))
+    at_best = [float(r["reward"]) for r in controls
+               if (r["alpha"], r["steps"], r["max_norm"]) == (best["alpha"], best["steps"],
+                                                              best["max_norm"])]
+    assert len(at_best) == 3
     assert float(best["reward"]) > float(base["reward"]) + 0.2
+    assert float(best["reward"]) > sum(at_best) / 3 + 0.2
     assert float(best["win vs. base"]) > 0.5
     assert float(best["diversity"]) > 0.5 * float(base["diversity"])  # not collapsed
     # ... and alpha 6 / 30 steps held within radius 16 does at least as well as unbounded,
-    # with more diversity (unbounded, it collapsed the outputs in six of those worlds)
-    strong = [r for r in rows["re-control"] if (r["alpha"], r["steps"]) == ("6", "30")]
+    # with more diversity (unbounded, it took the reward to 0.06 or less in six worlds)
+    strong = [r for r in trained if (r["alpha"], r["steps"]) == ("6", "30")]
     free, bounded = sorted(strong, key=lambda r: r["max_norm"] != "-")
     assert (free["max_norm"], bounded["max_norm"]) == ("-", "16")
     assert float(bounded["reward"]) >= float(free["reward"])
