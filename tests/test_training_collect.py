@@ -484,10 +484,13 @@ def test_a_pooling_engine_shorter_than_the_generator_s_default_is_refused_at_its
     model, known once it has started: checked then, before anything generates."""
     from types import SimpleNamespace
 
+    from vllm_recontrol import _vllm_adapter
     from vllm_recontrol.training import engines
 
     stopped = []
     monkeypatch.setattr(engines, "shutdown_llm", stopped.append)
+    # a stand-in generator has no model class to read (test_architectures checks that part)
+    monkeypatch.setattr(_vllm_adapter, "states_changed_in_compute_logits", lambda llm: None)
     generator = SimpleNamespace(model_config=SimpleNamespace(max_model_len=512))
     monkeypatch.setattr(engines, "start_offline_engine", lambda *a, **k: generator)
     pair = engines.VllmEngines("m", {}, pooling_engine_args={"max_model_len": 16})
