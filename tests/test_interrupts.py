@@ -37,9 +37,10 @@ print("handler restored", signal.getsignal(signal.SIGINT) is signal.default_int_
 """
 
 
-def _run(mode: str) -> tuple[str, float, str]:
-    proc = subprocess.run([sys.executable, "-c", _RUN, mode], capture_output=True, text=True,
-                          timeout=60)
+def _run(script: str, mode: str) -> tuple[str, float, str]:
+    """The script's outcome, its seconds and its second output line."""
+    proc = subprocess.run([sys.executable, "-c", script, mode], capture_output=True,
+                          text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr[-2000:]
     first, second = proc.stdout.splitlines()
     outcome, seconds = first.rsplit(" ", 1)
@@ -50,9 +51,9 @@ def test_a_sigint_taken_by_another_thread_interrupts_the_main_threads_wait():
     """Unguarded, the main thread sleeps on (its KeyboardInterrupt comes only once the
     call returns); guarded, the relay wakes it within about RELAY_AFTER_S. The handler and
     the wakeup fd are as before afterwards."""
-    outcome, seconds, after = _run("unguarded")
+    outcome, seconds, after = _run(_RUN, "unguarded")
     assert outcome == "interrupted" and seconds >= 7.5  # the whole 8 s wait
-    outcome, seconds, after = _run("guarded")
+    outcome, seconds, after = _run(_RUN, "guarded")
     assert outcome == "interrupted" and seconds < 4, seconds
     assert after == "handler restored True -1"
 
@@ -86,17 +87,11 @@ print("done")
 
 
 def test_an_interrupt_swallowed_inside_the_start_is_sent_again_to_its_next_wait():
-    def run(mode: str) -> tuple[str, float]:
-        proc = subprocess.run([sys.executable, "-c", _SWALLOWED, mode], capture_output=True,
-                              text=True, timeout=60)
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        outcome, seconds = proc.stdout.splitlines()[0].rsplit(" ", 1)
-        return outcome, float(seconds)
-
-    outcome, seconds = run("unguarded")
+    outcome, seconds, _ = _run(_SWALLOWED, "unguarded")
     assert outcome == "no interrupt" and seconds >= 7.5  # lost: the whole wait
-    outcome, seconds = run("guarded")
+    outcome, seconds, after = _run(_SWALLOWED, "guarded")
     assert outcome == "interrupted" and seconds < 4, seconds
+    assert after == "done"
 
 
 def test_the_guard_leaves_a_caller_s_own_handler_alone():

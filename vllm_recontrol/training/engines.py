@@ -166,38 +166,34 @@ class VllmEngines:
         if self._generator is None:
             self._generator = start_offline_engine("collect: generation", model=self.model,
                                                    **self.generate_args)
-            self._check_pooling_limit(self._generator)
-            self._check_pooled_states_are_edited_states(self._generator)
+            self._refuse_unfit_generator(self._generator)
         return self._generator
 
-    def _check_pooled_states_are_edited_states(self, generator: Any) -> None:
-        """Refuse a model whose vLLM class changes the final states inside compute_logits
-        (MiMo applies its final norm there): the pooling runner would return states before
-        that change, not those RE-Control edits, and a head trained on them would be
-        applied to states it never saw, with no error anywhere."""
-        from .._vllm_adapter import states_changed_in_compute_logits
+    def _refuse_unfit_generator(self, generator: Any) -> None:
+        """Checks that need the started generator, before anything generates; a refusal
+        shuts it down.
 
-        changed = states_changed_in_compute_logits(generator)
-        if changed:
-            shutdown_llm(generator)
-            self._generator = None
-            raise DataError(
-                f"collect cannot read the states of {changed} (model {self.model}): vLLM's "
-                f"{changed} changes the final states (its final norm) inside compute_logits, "
-                "just before the logits layer, so its pooling runner returns the states "
-                "before that change, not the ones an engine with --model-impl recontrol "
-                "edits; a head trained on them would steer from states it never saw")
-
-    def _check_pooling_limit(self, generator: Any) -> None:
-        """A pooling ``max_model_len`` below the generator's own (vLLM's default for the
-        model where ``--engine-args`` set none) is refused before anything generates: the
-        pooling engine would refuse the longest sequences after the generation phase."""
-        from .._vllm_adapter import llm_max_model_len
+        - A pooling ``max_model_len`` below the generator's own (vLLM's default for the
+          model where ``--engine-args`` set none): the pooling engine would refuse the
+          longest sequences after the generation phase.
+        - A model whose vLLM class changes the final states inside compute_logits (MiMo
+          applies its final norm there): the pooling runner would return states before that
+          change, not those RE-Control edits, and a head trained on them would be applied
+          to states it never saw, with no error anywhere."""
+        from .._vllm_adapter import llm_max_model_len, states_changed_in_compute_logits
 
         refusal = pooling_limit_refusal(
             self.pooling_args.get("max_model_len"), llm_max_model_len(generator),
             ", vLLM's default for this model, as --engine-args set none: set max_model_len "
             "there to what the prompts and responses need, at most the pooling engine's")
+        changed = None if refusal else states_changed_in_compute_logits(generator)
+        if changed:
+            refusal = (
+                f"collect cannot read the states of {changed} (model {self.model}): vLLM's "
+                f"{changed} changes the final states (its final norm) inside compute_logits, "
+                "just before the logits layer, so its pooling runner returns the states "
+                "before that change, not the ones an engine with --model-impl recontrol "
+                "edits; a head trained on them would steer from states it never saw")
         if refusal:
             shutdown_llm(generator)
             self._generator = None
