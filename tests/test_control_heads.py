@@ -40,6 +40,14 @@ def test_a_random_control_has_the_trained_heads_gradient_norm(widths):
     assert not torch.equal(other.layers[0].weight, control.layers[0].weight)
 
 
+def test_a_16_bit_head_is_measured_without_being_converted():
+    states = torch.randn(40, 12, generator=torch.Generator().manual_seed(2))
+    head = ValueHead(12, [8], seed=5).to(torch.bfloat16)
+    expected = closed_form_mean_gradient_norm(head, states)
+    assert mean_gradient_norm(head, states) == pytest.approx(expected, rel=1e-5)
+    assert all(p.dtype == torch.bfloat16 for p in head.parameters())
+
+
 def test_saved_controls_load_as_heads_named_for_eval(tmp_path):
     states = torch.randn(50, 12, generator=torch.Generator().manual_seed(1))
     trained = ValueHead(12, [8], seed=3)

@@ -9,6 +9,7 @@ that knows nothing of the reward: what the trained head gains over it is what tr
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Sequence
 
@@ -19,8 +20,10 @@ from ..value_head import ValueHead
 
 def mean_gradient_norm(head: ValueHead, states: torch.Tensor) -> float:
     """The mean over ``states`` of ||grad_s V(s)||, in float32 (plain autograd: an
-    independent check of the ascent's closed form, not a use of it)."""
-    reference = head.to(torch.float32)
+    independent check of the ascent's closed form, not a use of it). ``head`` is left as it
+    is (``Module.to`` converts in place: a 16-bit head is measured on a float32 copy)."""
+    float32 = all(p.dtype == torch.float32 for p in head.parameters())
+    reference = head if float32 else copy.deepcopy(head).to(torch.float32)
     points = states.detach().to(torch.float32).requires_grad_(True)
     (gradient,) = torch.autograd.grad(reference(points).sum(), points)
     return float(gradient.norm(dim=1).mean())
