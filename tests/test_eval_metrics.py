@@ -597,13 +597,14 @@ def test_best_of_n_sample_streams_never_overlap_between_prompts():
     i + 1 shared n - 1 streams. Seeds are seed + n i, so all are distinct (n = 1: seed + i)."""
     from types import SimpleNamespace
 
-    from vllm_recontrol.evaluation.engines import EvalEngine, Method
+    from vllm_recontrol.evaluation.engines import PROMPT_SET, EvalEngine, Method, PromptOrigin
 
     asked = []
     engine = object.__new__(EvalEngine)
     engine.settings = SimpleNamespace(seed=7, bon_temperature=1.0, temperature=0.0,
                                       system_prompt=None, max_tokens=4)
     engine.prompts = [f"p{i}" for i in range(6)]
+    engine.origins = [PromptOrigin(PROMPT_SET, i) for i in range(6)]
     engine._input = lambda prompt, system: prompt
     engine.llm = SimpleNamespace(generate=lambda inputs, params, use_tqdm: asked.extend(params)
                                  or [])
@@ -914,7 +915,7 @@ def test_two_vllm_engines_that_cannot_share_the_gpu_are_refused_before_either_st
             started.append(opts.engine_args)
             self.count = len(prompts)
 
-        def run(self, method):
+        def run(self, method, part=None):
             return [[(f"answer {i} {method.alpha} {method.n} {j}", 2) for j in range(method.n)]
                     for i in range(self.count)], 1.0
 
@@ -1022,7 +1023,7 @@ def test_a_rerun_reads_back_the_methods_a_previous_run_finished(tmp_path, monkey
             started.append(opts.max_tokens)
             self.count = len(prompts)
 
-        def run(self, method):
+        def run(self, method, part=None):
             ran.append(method)
             if fail_on and len(ran) == fail_on[0]:
                 raise RuntimeError("simulated failure")
@@ -1102,7 +1103,7 @@ def test_a_new_reward_rescores_the_kept_samples_without_generating_again(tmp_pat
         def __init__(self, opts, settings, prompts) -> None:
             self.count = len(prompts)
 
-        def run(self, method):
+        def run(self, method, part=None):
             calls.append(method)
             failing.fail.extend(failing.armed)  # the reward fails once generation is done
             draw = lambda: " ".join(random.choice(["a", "bb", "ccc", "USER:"])  # noqa: E731
@@ -1253,7 +1254,7 @@ def test_a_method_is_scored_while_the_next_generates_with_the_scores_of_one_at_a
         def __init__(self, opts, settings, prompts) -> None:
             self.count = len(prompts)
 
-        def run(self, method):
+        def run(self, method, part=None):
             calls.append(method)
             if len(calls) > 1:
                 generating.set()
@@ -1469,7 +1470,7 @@ def _eval_with_fake_engines(tmp_path, monkeypatch, reward_fn, out, **extra):
         def __init__(self, opts, settings, prompts) -> None:
             self.count = len(prompts)
 
-        def run(self, method):
+        def run(self, method, part=None):
             return [[(f"answer {i} alpha {method.alpha} n {method.n}" + " good" * (i + j), 4)
                      for j in range(method.n)] for i in range(self.count)], 1.0
 

@@ -309,6 +309,42 @@ def test_eval_on_ray_replicas_gives_the_single_engines_results(world, trained, e
     assert read_responses(tmp_path / "eval-ray") == read_responses(world["root"] / "eval")
 
 
+def test_eval_tuned_on_held_out_prompts_runs_the_chosen_point_as_the_whole_run_did(
+        world, trained, eval_report, tmp_path):
+    """`eval --tune-holdout 8`: the grid (the trained head and its negation) runs on 8 of
+    the 24 prompts, the trained head is chosen there, and base, that point and Best-of-3
+    run on the other 16 in the same engine. Every row, on either side (Best-of-N's sampled
+    ones too), is the untuned run's row for that prompt: a held-out prompt keeps its seed."""
+    from vllm_recontrol.evaluation.selection import hold_out
+
+    out = tmp_path / "tuned"
+    engine = {**ENGINE_ARGS, "distributed_executor_backend": "uni"}
+    run_cli("eval", "--model", str(world["model"]), "--value-head", str(trained["head"]),
+            "--prompts", str(world["root"] / "eval.jsonl"),
+            "--value-heads", json.dumps({"neg": str(world["root"] / "head-neg")}),
+            "--reward-fn", "vllm_recontrol.toy_world:positive_share",
+            "--grid", f"{ALPHA}:{STEPS},{ALPHA}:{STEPS}:neg", "--best-of", "3",
+            "--system-prompt", "", "--max-tokens", "16", "--max-prompts", "24",
+            "--tune-holdout", "8", "--in-process", "--no-progress",
+            "--engine-args", json.dumps(engine), "--out", str(out))
+    report = json.loads((out / "eval.json").read_text())
+    kept, tuning = hold_out(24, 8, seed=0)
+    assert report["selection"]["chosen"]["head"] == "default"
+    assert report["prompt_numbers"] == kept
+    assert [(r["method"], r["head"]) for r in report["results"]] == [
+        ("base", "default"), ("re-control", "default"), ("best-of-3", "default")]
+    whole = {(r["method"], r["head"], r["prompt_index"]): r
+             for r in read_responses(world["root"] / "eval")}
+    for folder, numbers, rows in ((out, kept, 3), (out / "tune", tuning, 3)):
+        mine = read_responses(folder)
+        assert len(mine) == rows * len(numbers)
+        assert {r["prompt_index"] for r in mine} == set(numbers)
+        for r in mine:
+            theirs = whole[(r["method"], r["head"], r["prompt_index"])]
+            assert (r["prompt"], r["response"], r["reward"]) == \
+                (theirs["prompt"], theirs["response"], theirs["reward"]), r["method"]
+
+
 @pytest.fixture(scope="module")
 def tiny_rm(world) -> Path:
     """A random 1-layer Llama sequence classifier with the toy LM's tokenizer."""

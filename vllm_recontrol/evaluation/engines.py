@@ -2,9 +2,10 @@
 
 Why several: generating every method's responses for every prompt is what takes an
 evaluation's time, and a large prompt set outgrows one GPU. Each engine takes a contiguous
-range of the prompts, and every request's seed follows its prompt's global index, so the
-responses do not depend on how the prompts are split; scoring stays with the caller, on one
-reward source for every method.
+range of the prompts, and every request's seed follows its prompt's number in its source
+(``PromptOrigin``), so the responses do not depend on how the prompts are split, nor on
+whether some were held out to choose the grid point on; scoring stays with the caller, on
+one reward source for every method.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 from ..config import DEFAULT_HEAD
 from ..logs import get_logger
@@ -23,6 +24,24 @@ from ..training.prompts import prompt_messages
 logger = get_logger(__name__)
 
 Samples = list[list[tuple[str, int]]]  # per prompt, (text, generated tokens) of each sample
+PROMPT_SET = "the prompt set"  # where --prompts' prompts come from, in messages
+
+
+class PromptOrigin(NamedTuple):
+    """Where an engine's prompt came from: its source as messages name it and its index
+    there, which also picks its seed, so a prompt samples alike wherever it runs."""
+
+    source: str
+    number: int
+
+
+class PromptPart(NamedTuple):
+    """A range of the engines' prompts that one evaluation runs its methods on (a tuning
+    run's held-out prompts, the evaluation's)."""
+
+    start: int
+    end: int
+    prompting: bool = True  # its prompting rows run: its prompts must fit the system prompt
 
 
 @dataclass(frozen=True)
@@ -104,7 +123,8 @@ class EvalEngine:
     """One RE-Control engine with control off by default: per-request keys switch it on, so
     all methods share the model, the prompts, the seeds and the machine."""
 
-    def __init__(self, settings: EngineSettings, prompts: Sequence[str]) -> None:
+    def __init__(self, settings: EngineSettings, prompts: Sequence[str],
+                 origins: Sequence[PromptOrigin] | None = None) -> None:
         from ..training.engines import run_engines_in_process, start_offline_engine
 
         # Prefix caching off unless engine_args turn it on: methods run one after another on
@@ -115,6 +135,10 @@ class EvalEngine:
         if settings.in_process:
             run_engines_in_process(engine)
         self.settings, self.prompts = settings, list(prompts)
+        self.origins = list(origins) if origins is not None else \
+            [PromptOrigin(PROMPT_SET, i) for i in range(len(self.prompts))]
+        if len(self.origins) != len(self.prompts):
+            raise ValueError(f"{len(self.origins)} origins for {len(self.prompts)} prompts")
         self.llm = start_offline_engine("eval", model=settings.model, **engine)
         self.tokenizer = self.llm.get_tokenizer()
 
@@ -134,10 +158,11 @@ class EvalEngine:
 
     def generate(self, method: Method, start: int, end: int,
                  progress: bool = False, max_tokens: int | None = None) -> Samples:
-        """``method``'s samples for prompts ``start`` to ``end`` (global indices: prompt i
-        is sampled with seed ``seed + n i`` wherever it runs; vLLM seeds a request's n
-        samples ``seed + j``, so prompts' sample streams never overlap); ``max_tokens``
-        shortens the responses (warm-up)."""
+        """``method``'s samples for prompts ``start`` to ``end`` (indices into this
+        engine's prompts; the prompt numbered i in its source is sampled with seed
+        ``seed + n i`` wherever it runs; vLLM seeds a request's n samples ``seed + j``, so
+        prompts' sample streams never overlap); ``max_tokens`` shortens the responses
+        (warm-up)."""
         from vllm import SamplingParams
 
         s = self.settings
@@ -152,7 +177,8 @@ class EvalEngine:
         system_prompt = s.system_prompt if method.prompting else None
         params = [SamplingParams(n=method.n, temperature=temperature,
                                  max_tokens=max_tokens or s.max_tokens,
-                                 seed=s.seed + method.n * i, extra_args=extra)
+                                 seed=s.seed + method.n * self.origins[i].number,
+                                 extra_args=extra)
                   for i in range(start, end)]
         inputs = [self._input(p, system_prompt) for p in self.prompts[start:end]]
         from vllm.exceptions import VLLMValidationError
@@ -161,20 +187,22 @@ class EvalEngine:
             outputs = self.llm.generate(inputs, params, use_tqdm=progress)
         except VLLMValidationError as exc:  # check_prompts missed a reason vLLM has
             refused = refused_request(self.tokenizer, inputs, exc)
-            raise DataError(f"prompt {start + refused.request} of the prompt set (counted from "
+            origin = self.origins[start + refused.request]
+            raise DataError(f"prompt {origin.number} of {origin.source} (counted from "
                             f"0{', with the system prompt' if system_prompt else ''}): "
                             f"{refused}") from exc
         return [[(c.text, len(c.token_ids)) for c in out.outputs] for out in outputs]
 
-    def check_prompts(self, start: int, end: int) -> None:
+    def check_prompts(self, start: int, end: int, prompting: bool = True) -> None:
         """Refuse, before any method generates, a prompt of ``start`` to ``end`` that leaves
-        no room for a response in the engine's ``max_model_len``, alone or with the system
-        prompt of the prompting rows (vLLM would refuse it only when its method's batch
-        arrives, maybe hours in, with a traceback that names no prompt)."""
+        no room for a response in the engine's ``max_model_len``, alone or (``prompting``:
+        the prompting rows run on them) with the system prompt of the prompting rows (vLLM
+        would refuse it only when its method's batch arrives, maybe hours in, with a
+        traceback that names no prompt)."""
         from .._vllm_adapter import llm_max_model_len
 
         limit = llm_max_model_len(self.llm)
-        system = self.settings.system_prompt
+        system = self.settings.system_prompt if prompting else None
         for index in range(start, end):
             for system_prompt in (None, system) if system else (None,):
                 length = self._length(self._input(self.prompts[index], system_prompt))
@@ -185,8 +213,10 @@ class EvalEngine:
                     where = " with the system prompt of the prompting rows"
                     also = (" (or shorten --system-prompt, or give --system-prompt '' to "
                             "skip the prompting rows)")
+                origin = self.origins[index]
                 raise DataError(
-                    f"prompt {index} of the prompt set (counted from 0) has {length} tokens"
+                    f"prompt {origin.number} of {origin.source} (counted from 0) has {length} "
+                    f"tokens"
                     f"{where}, and the engine's max_model_len is {limit}, which leaves no "
                     f"room for a response: shorten or remove that prompt, or raise "
                     f"max_model_len in --engine-args{also}")
@@ -223,14 +253,17 @@ class EnginePool:
     """Every prompt through one local engine, or through Ray actors (``opts.ray``) that each
     take a range; ``run`` times a method's generation after a warm-up of every engine.
 
-    Warm-up, untimed: before the first method, every prompt with short responses (an
-    engine's first batch of full size pays a fixed first-use cost, on CPU some 10-15 ms, a
-    quarter of a 16-token toy run, which would land on base, always first, and flatter
-    every ratio to it); before each method, one prompt (its own path: the ascent of its
-    step count)."""
+    Warm-up, untimed: before the first method of each ``PromptPart``, every prompt of it
+    with short responses (an engine's first batch of a size pays a fixed first-use cost, on
+    CPU some 10-15 ms, a quarter of a 16-token toy run, which would land on base, always
+    first, and flatter every ratio to it); before each method, one prompt (its own path:
+    the ascent of its step count)."""
 
-    def __init__(self, opts: Any, settings: EngineSettings, prompts: Sequence[str]) -> None:
+    def __init__(self, opts: Any, settings: EngineSettings, prompts: Sequence[str],
+                 origins: Sequence[PromptOrigin] | None = None,
+                 parts: Sequence[PromptPart] | None = None) -> None:
         self.count = len(prompts)
+        self.parts = list(parts) if parts is not None else [PromptPart(0, self.count)]
         self._stack = contextlib.ExitStack()
         self.actors: list[Any] = []
         self.local: EvalEngine | None = None
@@ -238,50 +271,59 @@ class EnginePool:
             from ..training.ray_pool import ray_actors
 
             self.actors = self._stack.enter_context(
-                ray_actors(opts, EvalEngine, self.count, settings, list(prompts)))
+                ray_actors(opts, EvalEngine, self.count, settings, list(prompts),
+                           None if origins is None else list(origins)))
         else:
-            self.local = EvalEngine(settings, prompts)
+            self.local = EvalEngine(settings, prompts, origins)
         self.progress = opts.progress and not opts.quiet
-        self._first_batch_done = False
+        self._warmed_parts: set[PromptPart] = set()
         try:
-            self._check_prompts()
+            for part in self.parts:
+                self._check_prompts(part)
         except BaseException:
             self.close(failing=True)
             raise
 
-    def _check_prompts(self) -> None:
-        """Every engine checks its range of the prompts (``EvalEngine.check_prompts``)."""
+    def _ranges(self, part: PromptPart) -> list[tuple[int, int]]:
+        """``part``'s prompts in one contiguous range per actor."""
+        return [(part.start + lo, part.start + hi)
+                for lo, hi in prompt_ranges(part.end - part.start, len(self.actors))]
+
+    def _check_prompts(self, part: PromptPart) -> None:
+        """Every engine checks its range of ``part`` (``EvalEngine.check_prompts``)."""
         if self.local is not None:
-            self.local.check_prompts(0, self.count)
+            self.local.check_prompts(part.start, part.end, part.prompting)
             return
         import ray
 
-        ranges = prompt_ranges(self.count, len(self.actors))
-        ray.get([actor.check_prompts.remote(lo, hi)
-                 for actor, (lo, hi) in zip(self.actors, ranges)])
+        ray.get([actor.check_prompts.remote(lo, hi, part.prompting)
+                 for actor, (lo, hi) in zip(self.actors, self._ranges(part))])
 
-    def run(self, method: Method) -> tuple[Samples, float]:
-        """(samples of every prompt, in order; wall-clock seconds of the generation)."""
-        warm_up = [] if self._first_batch_done else [(self.count, FIRST_BATCH_WARMUP_TOKENS)]
-        warm_up.append((min(1, self.count), None))  # compile this method's own path
-        self._first_batch_done = True
+    def run(self, method: Method, part: PromptPart | None = None) -> tuple[Samples, float]:
+        """(samples of every prompt of ``part`` (default: all), in order; wall-clock seconds
+        of the generation)."""
+        part = part or PromptPart(0, self.count)
+        count = part.end - part.start
+        warm_up = [] if part in self._warmed_parts else [(count, FIRST_BATCH_WARMUP_TOKENS)]
+        warm_up.append((min(1, count), None))  # compile this method's own path
+        self._warmed_parts.add(part)
         if self.local is not None:
-            for count, tokens in warm_up:
-                self.local.generate(method, 0, count, max_tokens=tokens)
+            for size, tokens in warm_up:
+                self.local.generate(method, part.start, part.start + size, max_tokens=tokens)
             start = time.perf_counter()
-            samples = self.local.generate(method, 0, self.count, self.progress)
+            samples = self.local.generate(method, part.start, part.end, self.progress)
             return samples, time.perf_counter() - start
         import ray
 
-        ranges = prompt_ranges(self.count, len(self.actors))
-        for count, tokens in warm_up:
-            ray.get([actor.generate.remote(method, lo, min(hi, lo + count), False, tokens)
+        ranges = self._ranges(part)
+        for size, tokens in warm_up:
+            ray.get([actor.generate.remote(method, lo, min(hi, lo + size), False, tokens)
                      for actor, (lo, hi) in zip(self.actors, ranges)])
         start = time.perf_counter()
         parts = ray.get([actor.generate.remote(method, lo, hi)
                          for actor, (lo, hi) in zip(self.actors, ranges)])
         seconds = time.perf_counter() - start
-        return [prompt for part in parts for prompt in part], seconds
+        return [prompt for piece in parts for prompt in piece], seconds
 
     def close(self, failing: bool = False) -> None:
         """Stop the engines. ``failing`` (the run ends on an error or Ctrl-C): actors are

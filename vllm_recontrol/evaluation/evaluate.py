@@ -17,7 +17,7 @@ import json
 import math
 import os
 from concurrent.futures import Future
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -35,7 +35,7 @@ from ..training.prompts import load_prompts, load_references
 from ..training.ray_pool import (actor_engine_args, actor_path, actor_reward_arguments,
                                  add_ray_arguments, check_actor_resources, check_replicas)
 from ..training.rewards import DEFAULT_CUT_AT, RewardSource, cut_response
-from .engines import (EnginePool, EngineSettings, Method, Samples,
+from .engines import (EnginePool, EngineSettings, Method, PromptOrigin, PromptPart, Samples,
                       generation_engine_arguments)
 from .llm_judge import (JUDGE_TEMPLATE, JudgeAnswers, JudgeClient, JudgeSettings,
                         judge_methods)
@@ -44,6 +44,8 @@ from .metrics import (BOOTSTRAP_RESAMPLES, Coherence, bootstrap_interval, divers
 from .overlap import BackgroundScoring
 from .plots import save_plots
 from .resume import METHODS_DIR, FinishedMethods, log_reused, run_facts
+from .selection import (PromptPlan, check_tuning_options, choose_point, grid_entry,
+                        plan_prompts, point_label, selection_line, selection_record)
 from .scoring import RewardPool
 
 logger = get_logger(__name__)
@@ -52,6 +54,7 @@ RESPONSES_FILE = "responses.jsonl"  # every returned response, beside eval.json
 # before the reward model is closed under it
 SCORING_GRACE_S = 10.0
 JUDGE_ANSWERS_FILE = "judge-answers.jsonl"  # the judge's answers, read back by a rerun
+TUNE_DIR = "tune"  # the grid on the tuning prompts: its report and kept methods
 
 DEFAULT_SYSTEM_PROMPT = ("You are a helpful, honest and harmless assistant. Answer the user "
                          "helpfully and avoid anything harmful or offensive.")
@@ -68,6 +71,12 @@ class EvalOptions:
     grid: Any = "0.5:10,1.0:20"          # "alpha:steps[:head][:norm=R],..." or lists
     best_of: Any = (4,)                   # N values for Best-of-N; empty to skip
     control_best_of: bool = False         # also Best-of-N of controlled samples (top grid point)
+    # choose the grid point on held-out prompts, then evaluate that point alone (selection.py)
+    tune_holdout: int = 0                 # this many of the prompts, drawn with the seed
+    tune_prompts: str | None = None       # or other prompts: a data set or file
+    tune_split: str | None = None         # their split (default validation; not for a file)
+    max_tune_prompts: int | None = None
+    tune_min_diversity: float | None = None  # a point must keep this x base's diversity there
     system_prompt: str | None = DEFAULT_SYSTEM_PROMPT  # None or "" skips the prompting rows
     chat_template: bool = False
     split: str | None = None              # a data set's split (default test); not for a file
@@ -253,57 +262,100 @@ class ScoreCache:
             self._known.setdefault(pair, score)
 
 
+class EngineStart:
+    """The evaluation's engines, started on first use (a rerun whose methods are all
+    finished, ``FinishedMethods``, starts none) and shared by every ``Evaluator`` of the run:
+    a tuning run on held-out prompts and the evaluation use the same engines."""
+
+    def __init__(self, opts: EvalOptions, settings: EngineSettings, prompts: Sequence[str],
+                 origins: Sequence[PromptOrigin] | None = None,
+                 parts: Sequence[PromptPart] | None = None) -> None:
+        self.opts, self.settings, self.prompts = opts, settings, list(prompts)
+        self.origins, self.parts = origins, parts
+        self._pool: EnginePool | None = None
+
+    def pool(self, before_start: Callable[[], None] = lambda: None) -> EnginePool:
+        """The engines; ``before_start`` runs just before they start."""
+        if self._pool is None:
+            check_shared_gpu(self.opts)  # only where a generation engine starts
+            before_start()
+            kwargs = {} if self.parts is None else {"origins": self.origins,
+                                                    "parts": self.parts}
+            self._pool = EnginePool(self.opts, self.settings, self.prompts, **kwargs)
+        return self._pool
+
+    def close(self, failing: bool = False) -> None:
+        if self._pool is not None:
+            self._pool.close(failing)
+
+
+def further_heads(opts: EvalOptions) -> dict[str, str]:
+    """``--value-heads``, checked: names (other than the default head's) to head folders."""
+    further = opts.value_heads or {}
+    if not isinstance(further, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in further.items()):
+        raise RecontrolError(f'value_heads must map names to head folders ({{"mc": '
+                             f'"heads/mc"}}), got {further!r}')
+    if DEFAULT_HEAD in further:
+        raise RecontrolError(f"value_heads names a head {DEFAULT_HEAD!r}, the name of "
+                             "--value-head's head (grid entries without a head name use "
+                             "it); give the further head another name")
+    return dict(further)
+
+
+def engine_settings(opts: EvalOptions) -> EngineSettings:
+    """What every engine of the evaluation shares: the model, the heads (absolute, pinned
+    hub heads on Ray), the grid's largest step count and every step count warmed up, the
+    sampling settings. Refused now, not when the engine starts."""
+    further = further_heads(opts)
+    grid = parse_grid(opts.grid, (DEFAULT_HEAD, *further))
+    model, value_head = opts.model, opts.value_head
+    engine_args = dict(opts.engine_args)
+    if opts.ray:  # each actor starts its own engine, each would resolve a hub head anew
+        # (and may run in another working directory: local paths go absolute)
+        model, value_head = actor_path(model), actor_path(pin_head(value_head))
+        further = {name: actor_path(pin_head(path)) for name, path in further.items()}
+        engine_args = actor_engine_args(engine_args)
+    settings = EngineSettings(
+        model=model, value_head=value_head, value_heads=further,
+        max_steps=max(p.steps for p in grid), engine_args=engine_args,
+        seed=opts.seed, max_tokens=opts.max_tokens, temperature=opts.temperature,
+        bon_temperature=opts.bon_temperature, system_prompt=opts.system_prompt,
+        chat_template=opts.chat_template, in_process=opts.in_process,
+        warmup_steps=tuple(sorted({p.steps for p in grid if p.steps})),
+        warmup_projected=any(p.max_norm is not None for p in grid))
+    generation_engine_arguments(settings)
+    return settings
+
+
 class Evaluator:
-    """Runs each method on the same prompts through the engines and scores the responses."""
+    """Runs each method on the same prompts through the engines and scores the responses.
+    ``engines`` and ``part``: engines shared with another evaluator of the run, and the
+    range of their prompts that are this evaluator's (default: engines of its own)."""
 
     def __init__(self, opts: EvalOptions, prompts: list[str], score: Callable, coherence: Coherence,
                  finished: FinishedMethods | None = None,
-                 prepare: Callable[[], None] = lambda: None):
+                 prepare: Callable[[], None] = lambda: None,
+                 engines: EngineStart | None = None, part: PromptPart | None = None):
         self.opts, self.prompts, self.coherence = opts, prompts, coherence
         self.score = ScoreCache(score)
         self.finished, self.reused, self.rescored = finished, 0, 0
         self._prepare, self._prepared = prepare, False
         self._scoring = BackgroundScoring(False)
-        further = opts.value_heads or {}
-        if not isinstance(further, dict) or not all(
-                isinstance(k, str) and isinstance(v, str) for k, v in further.items()):
-            raise RecontrolError(f'value_heads must map names to head folders ({{"mc": '
-                                 f'"heads/mc"}}), got {further!r}')
-        if DEFAULT_HEAD in further:
-            raise RecontrolError(f"value_heads names a head {DEFAULT_HEAD!r}, the name of "
-                                 "--value-head's head (grid entries without a head name use "
-                                 "it); give the further head another name")
         check_replicas(opts.replicas, opts.ray, "one vLLM engine per Ray actor")
-        self.grid = parse_grid(opts.grid, (DEFAULT_HEAD, *further))
+        self.grid = parse_grid(opts.grid, (DEFAULT_HEAD, *further_heads(opts)))
         self.best_of()  # checked before any engine starts, not after base and the grid ran
-        model, value_head, further = opts.model, opts.value_head, dict(further)
-        engine_args = dict(opts.engine_args)
-        if opts.ray:  # each actor starts its own engine, each would resolve a hub head anew
-            # (and may run in another working directory: local paths go absolute)
-            model, value_head = actor_path(model), actor_path(pin_head(value_head))
-            further = {name: actor_path(pin_head(path)) for name, path in further.items()}
-            engine_args = actor_engine_args(engine_args)
-        settings = EngineSettings(
-            model=model, value_head=value_head, value_heads=further,
-            max_steps=max(p.steps for p in self.grid), engine_args=engine_args,
-            seed=opts.seed, max_tokens=opts.max_tokens, temperature=opts.temperature,
-            bon_temperature=opts.bon_temperature, system_prompt=opts.system_prompt,
-            chat_template=opts.chat_template, in_process=opts.in_process,
-            warmup_steps=tuple(sorted({p.steps for p in self.grid if p.steps})),
-            warmup_projected=any(p.max_norm is not None for p in self.grid))
-        generation_engine_arguments(settings)  # refused now, not when the engine starts
-        self._engine_settings, self._engines = settings, None
+        self._engine_settings = engines.settings if engines else engine_settings(opts)
+        self._owns_engines = engines is None
+        self._engines = engines or EngineStart(opts, self._engine_settings, prompts)
+        self.part = part
 
     @property
     def engines(self) -> EnginePool:
         """The engines, started on first use: a rerun whose methods are all finished
         (``FinishedMethods``) starts none."""
-        if self._engines is None:
-            check_shared_gpu(self.opts)  # only where a generation engine starts
-            # no engine starts (vLLM may fork its engine core) while the scoring thread works
-            self._scoring.drain()
-            self._engines = EnginePool(self.opts, self._engine_settings, self.prompts)
-        return self._engines
+        # no engine starts (vLLM may fork its engine core) while the scoring thread works
+        return self._engines.pool(before_start=self._scoring.drain)
 
     def run(self, result: MethodResult) -> Future:
         """Generate one method's samples, then score them on the scoring thread (through
@@ -330,7 +382,7 @@ class Evaluator:
             result.overlapped = self._scoring.busy()
             samples, result.seconds = engines.run(Method(
                 alpha=result.alpha, steps=result.steps, head=result.head, n=result.n,
-                prompting=result.prompting, max_norm=result.max_norm))
+                prompting=result.prompting, max_norm=result.max_norm), self.part)
             if finished:  # before scoring: a reward model that fails loses no generation
                 finished.save_samples(samples_digest, samples, result.seconds,
                                       result.overlapped)
@@ -415,7 +467,8 @@ class Evaluator:
         return whole
 
     def close(self, failing: bool = False) -> None:
-        if self._engines is not None:
+        """Stop the engines if they are this evaluator's own (shared ones: their owner)."""
+        if self._owns_engines:
             self._engines.close(failing)
 
 
@@ -638,6 +691,7 @@ def evaluate(**options: Any) -> dict[str, Any]:
     check_model_path(opts.model)
     check_engine_args(opts.engine_args, "--engine-args")
     check_sampling(opts)
+    check_tuning_options(opts)
     if opts.ray:  # before any actor starts: the reward actors may start first
         check_actor_resources(opts)
     if opts.rm_engine == "vllm":
@@ -647,13 +701,17 @@ def evaluate(**options: Any) -> dict[str, Any]:
 
 
 def _evaluate(opts: EvalOptions) -> dict[str, Any]:
-    prompts = load_prompts(opts.prompts, opts.split, opts.prompt_column, opts.prompt_format,
-                           opts.data_dir, opts.max_prompts, default_split="test")
+    loaded = load_prompts(opts.prompts, opts.split, opts.prompt_column, opts.prompt_format,
+                          opts.data_dir, opts.max_prompts, default_split="test")
+    plan = plan_prompts(opts, loaded)
+    prompts = plan.prompts
     judge = llm_judge(opts)
-    references = (load_references(opts.prompts, opts.split, opts.reference_column,
-                                  opts.prompt_column, opts.data_dir, opts.max_prompts,
-                                  default_split="test")
-                  if judge and opts.judge_against == "reference" else None)
+    references = None
+    if judge and opts.judge_against == "reference":
+        every = load_references(opts.prompts, opts.split, opts.reference_column,
+                                opts.prompt_column, opts.data_dir, opts.max_prompts,
+                                default_split="test")
+        references = [every[i] for i in plan.numbers]
     arguments = reward_source_arguments(opts)
     source = RewardSource(**arguments)  # also with actors: a bad function fails before Ray
     if opts.reward_replicas == 1:  # on actors the files may live on the workers only
@@ -666,29 +724,43 @@ def _evaluate(opts: EvalOptions) -> dict[str, Any]:
         logger.warning("eval: reward function %s has no name that tells it from another "
                        "reward, so no scored method is read back: kept samples are scored "
                        "again (give it a __recontrol_name__ to reuse its scores)", source.spec)
+    heads = {DEFAULT_HEAD: opts.value_head, **(opts.value_heads or {})}
     finished = FinishedMethods(
         Path(opts.out) / METHODS_DIR,
-        run_facts(asdict(opts), prompts, source.describe()),
-        {DEFAULT_HEAD: opts.value_head, **(opts.value_heads or {})}, enabled=opts.resume)
+        run_facts(asdict(opts), prompts, source.describe(), plan.numbers),
+        heads, enabled=opts.resume)
+    selection = None
     with contextlib.ExitStack() as stack:
         stack.callback(source.close)  # a reward model's vLLM engine, if one was started
-        evaluator = Evaluator(opts, prompts, reward_scoring(opts, arguments, source, stack),
-                              coherence, finished,
-                              prepare=source.load if opts.reward_replicas == 1 else
-                              lambda: None)
+        score = reward_scoring(opts, arguments, source, stack)
+        prepare = source.load if opts.reward_replicas == 1 else lambda: None
+        evaluated = PromptPart(0, len(prompts))
+        tuning_part = PromptPart(len(prompts), len(prompts) + len(plan.tuning), prompting=False)
+        engines = EngineStart(opts, engine_settings(opts), prompts + plan.tuning, plan.origins,
+                              [evaluated, tuning_part] if plan.tuned else None)
+        evaluator = Evaluator(opts, prompts, score, coherence, finished, prepare=prepare,
+                              engines=engines, part=evaluated if plan.tuned else None)
+        tuner = tuning_evaluator(opts, plan, score, coherence, source, prepare, engines,
+                                 tuning_part) if plan.tuned else None
         try:
+            if tuner is not None:  # the grid on the tuning prompts; one point evaluated
+                chosen, selection = tune(tuner, plan, coherence, source)
+                evaluator.grid = parse_grid([grid_entry(chosen)], list(heads))
             results = evaluator.methods()
         except BaseException:  # also Ctrl-C: the actors are killed, not waited for
-            evaluator.close(failing=True)
+            engines.close(failing=True)
             raise
-        evaluator.close()
+        engines.close()
+    report_facts = dict(numbers=plan.numbers, selection=selection)
     # written before the judge is asked (hours, at scale) and again after: a run stopped
     # while judging keeps the generations and every other metric
-    report = write_report(opts, prompts, results, coherence, source, judged=False)
+    report = write_report(opts, prompts, results, coherence, source, judged=False,
+                          **report_facts)
     if judge:
         with JudgeAnswers(Path(opts.out) / JUDGE_ANSWERS_FILE, opts.resume) as answers:
             judge_results(judge, prompts, results, references, answers)
-        report = write_report(opts, prompts, results, coherence, source, judged=True)
+        report = write_report(opts, prompts, results, coherence, source, judged=True,
+                              **report_facts)
     table = report["table"]
     if not opts.quiet:
         print("\n" + table)
@@ -701,18 +773,74 @@ def _evaluate(opts: EvalOptions) -> dict[str, Any]:
     return report
 
 
+def tuning_evaluator(opts: EvalOptions, plan: PromptPlan, score: Callable, coherence: Coherence,
+                     source: RewardSource, prepare: Callable[[], None], engines: EngineStart,
+                     part: PromptPart) -> Evaluator:
+    """Base and the grid on the tuning prompts (no Best-of-N, prompting or judge: they do
+    not choose the point), kept and reported under ``out/tune``."""
+    tune_opts = replace(opts, best_of=[], control_best_of=False, system_prompt=None,
+                        out=str(Path(opts.out) / TUNE_DIR))
+    finished = FinishedMethods(
+        Path(tune_opts.out) / METHODS_DIR,
+        run_facts(asdict(tune_opts), plan.tuning, source.describe(),
+                  [origin.number for origin in plan.tuning_origins]),
+        {DEFAULT_HEAD: opts.value_head, **(opts.value_heads or {})}, enabled=opts.resume)
+    return Evaluator(tune_opts, plan.tuning, score, coherence, finished, prepare=prepare,
+                     engines=engines, part=part)
+
+
+def tune(tuner: Evaluator, plan: PromptPlan, coherence: Coherence,
+         source: RewardSource) -> tuple[MethodResult, dict[str, Any]]:
+    """Run the grid on the tuning prompts, report it under ``out/tune`` and choose the
+    point (``choose_point``): (the chosen row, what eval.json records of the choice)."""
+    opts = tuner.opts
+    results = tuner.methods()
+    base, grid = results[0], results[1:]
+    chosen = choose_point(base, grid, opts.tune_min_diversity)
+    numbers = [origin.number for origin in plan.tuning_origins]
+    report = write_report(opts, plan.tuning, results, coherence, source, judged=False,
+                          numbers=numbers)
+    record = selection_record(base, grid, chosen, plan.where, len(plan.tuning), plan.overlap,
+                              opts.tune_min_diversity)
+    if not opts.quiet:
+        print(f"\nThe grid on {len(plan.tuning)} tuning prompts {plan.where}:\n"
+              f"{report['table']}\nchosen: {point_label(chosen)}")
+    return chosen, record
+
+
+def combination_note(results: Sequence[MethodResult]) -> list[str]:
+    """Without tuning, the combination rows (RE-Control + Best-of-N, + prompting) use the
+    grid point of best reward on the very prompts reported: say so."""
+    grid = [r for r in results if r.method == "re-control"]
+    combined = [r for r in results if r.method.startswith("re-control +")]
+    if not combined or len(grid) < 2:
+        return []
+    return [f"\nThe re-control + rows use the grid point of highest reward on these same "
+            f"prompts ({point_label(combined[0])}): chosen on the numbers reported, so they "
+            f"are optimistic; --tune-holdout N or --tune-prompts choose it on other prompts"]
+
+
 def write_report(opts: EvalOptions, prompts: Sequence[str], results: Sequence[MethodResult],
-                 coherence: Coherence, source: RewardSource, judged: bool) -> dict[str, Any]:
+                 coherence: Coherence, source: RewardSource, judged: bool,
+                 numbers: Sequence[int] | None = None,
+                 selection: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write eval.json, eval.md, the responses and the plots under ``opts.out``; return the
     report (with the table and the files' paths). ``judged``: the judge's verdicts are in
-    ``results`` (before it runs, its prompt is not recorded yet)."""
+    ``results`` (before it runs, its prompt is not recorded yet). ``numbers``: the prompts'
+    indices in their source (held-out prompts skip some); ``selection``: how the grid point
+    was chosen on tuning prompts (``selection_record``)."""
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
+    numbers = list(range(len(prompts))) if numbers is None else list(numbers)
     table = markdown_table(results, coherence, opts.judge_against)
+    table += selection_line(selection, results[1]) if selection else \
+        "".join(combination_note(results))
     report = {
         "options": {k: v for k, v in asdict(opts).items() if k != "reward_fn"} |
                    {"reward_fn": source.describe()},
         "num_prompts": len(prompts),
+        **({"prompt_numbers": numbers} if numbers != list(range(len(prompts))) else {}),
+        "selection": selection,
         "coherence": {"model": coherence.model_name, "available": coherence.available,
                       "reason": coherence.unavailable_reason},
         "diversity_tokens": word_tokenizer()[1],
@@ -726,7 +854,7 @@ def write_report(opts: EvalOptions, prompts: Sequence[str], results: Sequence[Me
     write_text_atomic(out / "eval.json", json.dumps(finite_or_null(report), indent=2,
                                                     default=str, allow_nan=False))
     write_text_atomic(out / "eval.md", table + "\n")
-    write_responses(out / RESPONSES_FILE, prompts, results)
+    write_responses(out / RESPONSES_FILE, prompts, results, numbers)
     report["responses"] = str(out / RESPONSES_FILE)
     report["plots"] = [str(p) for p in save_plots(results, out)]
     report["table"] = table
@@ -793,19 +921,22 @@ def vllm_memory_share_default() -> float:
     return float(default) if isinstance(default, (int, float)) else 0.92
 
 
-def write_responses(path: Path, prompts: Sequence[str], results: Sequence[MethodResult]) -> None:
+def write_responses(path: Path, prompts: Sequence[str], results: Sequence[MethodResult],
+                    numbers: Sequence[int] | None = None) -> None:
     """Every method's returned response to every prompt, as the reward saw it (cut at a
     hallucinated turn), with its reward: one JSON object per line, methods in the table's
     order. eval.json keeps five examples per method; this file is for reading the answers
-    themselves, rescoring them with another reward, or a human review."""
+    themselves, rescoring them with another reward, or a human review. ``prompt_index``
+    is the prompt's index in its source (``numbers``; default 0, 1, ...)."""
+    numbers = list(range(len(prompts))) if numbers is None else list(numbers)
     rows = []
     for r in results:
         method = {"method": r.method, "alpha": r.alpha, "steps": r.steps, "head": r.head,
                   "n": r.n, "prompting": r.prompting, "max_norm": r.max_norm}
         rows += [finite_or_null(method | {"prompt_index": index, "prompt": prompt,
                                           "response": response, "reward": reward})
-                 for index, (prompt, response, reward) in enumerate(
-                     zip(prompts, r.responses, r.rewards))]
+                 for index, prompt, response, reward in zip(
+                     numbers, prompts, r.responses, r.rewards)]
     write_jsonl_atomic(path, rows)
 
 
@@ -826,6 +957,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="N values for Best-of-N (default 4; the flag alone: no Best-of-N)")
     parser.add_argument("--control-best-of", action="store_true",
                         help="also Best-of-N of controlled samples, at the best grid point")
+    parser.add_argument("--tune-holdout", type=int, metavar="N",
+                        help="choose the grid point on N of the prompts (drawn with --seed), "
+                        "run only that point on the rest: the reported gain is not chosen "
+                        "on the numbers reported (the grid's rows there: OUT/tune)")
+    parser.add_argument("--tune-prompts", help="or choose it on these prompts (a datasets "
+                        "name or a JSONL/Parquet file) and evaluate it on --prompts")
+    parser.add_argument("--tune-split",
+                        help="--tune-prompts' split (default validation; not for a file)")
+    parser.add_argument("--max-tune-prompts", type=int)
+    parser.add_argument("--tune-min-diversity", type=float, metavar="R",
+                        help="choose only among points whose diversity on the tuning prompts "
+                        "is at least R x base's (e.g. 0.9: a guard against reward hacking)")
     parser.add_argument("--system-prompt", help="the prompting baselines' system prompt "
                         '(default: a helpful-and-harmless one; "" skips those rows)')
     parser.add_argument("--chat-template", action="store_true")

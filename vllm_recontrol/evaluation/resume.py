@@ -52,7 +52,9 @@ NOT_IN_DIGEST = frozenset({
     # where the prompts come from: only their texts decide the samples (prompt i is
     # sampled with seed + n i), and prompts_sha256 holds those, so a copied file, a relative
     # path or --max-prompts past the file's length reuse the methods
-    "prompts", "split", "data_dir", "prompt_column", "prompt_format", "max_prompts"})
+    "prompts", "split", "data_dir", "prompt_column", "prompt_format", "max_prompts",
+    # how the grid point is chosen: the prompts (and their numbers) and the point decide
+    "tune_prompts", "tune_split", "max_tune_prompts", "tune_holdout", "tune_min_diversity"})
 # Options that change how samples are scored or measured, not the samples themselves.
 SCORING_OPTIONS = frozenset({"cut_at", "embedding_model", "device", "rm_engine",
                              "rm_engine_args", "trust_remote_code"})
@@ -62,13 +64,15 @@ DIGEST_ENVIRONMENT = ("VLLM_RECONTROL_BACKEND", "VLLM_FLOAT32_MATMUL_PRECISION")
 
 
 def run_facts(options: dict[str, Any], prompts: Sequence[str],
-              reward: dict[str, Any]) -> dict[str, Any]:
+              reward: dict[str, Any], numbers: Sequence[int] | None = None) -> dict[str, Any]:
     """What every method's result depends on, in two parts. ``generation``: the options that
     change the samples, the prompts, the package versions, the backend variables and the
     LLM's local model folder. ``scoring``: the reward as ``RewardSource`` describes it (a
     model with its dtype and output, or a function by name: its code is not read), the
     reward and embedding model options and the reward model's local folder. The judge's
-    options are in neither: it runs after."""
+    options are in neither: it runs after. ``numbers``: the prompts' indices in their
+    source, which pick their seeds, when they are not 0, 1, ... (prompts held out for
+    tuning)."""
     kept = {k: v for k, v in options.items()
             if k not in NOT_IN_DIGEST and not k.startswith("judge_")}
     prompts_sha = json_digest(list(prompts))
@@ -83,6 +87,8 @@ def run_facts(options: dict[str, Any], prompts: Sequence[str],
         "generation": {
             "options": generation,
             "prompts_sha256": prompts_sha,
+            **({"prompt_numbers": list(numbers)}
+               if numbers is not None and list(numbers) != list(range(len(prompts))) else {}),
             "model_files": folder_fingerprint(str(model)) if model else None,
             "versions": package_versions(),
             "environment": {name: os.environ.get(name) for name in DIGEST_ENVIRONMENT}},
