@@ -572,6 +572,37 @@ def test_a_reward_engine_s_max_model_len_cuts_the_texts_or_is_refused(tiny_rm, m
     assert RewardModelScorer(str(tiny_rm), max_length=64).max_length == 64  # transformers
 
 
+def test_a_reward_engine_that_does_not_start_ends_with_vllms_reason_and_the_memory_hint(
+        tiny_rm, monkeypatch, capsys):
+    """The reward model's vLLM engine starts as every engine of the package does: a failure
+    names the model and vLLM's reason, and the command's last lines give the memory hint
+    (it ended with a RewardError and no hint before); its arguments reach vLLM."""
+    import vllm
+
+    from vllm_recontrol.training.common import ENGINE_START_HINT, run_main
+    from vllm_recontrol.training.engines import EngineStartError
+
+    asked = []
+
+    def no_memory(**kwargs):
+        asked.append(kwargs)
+        raise ValueError("No available memory for the cache blocks")
+
+    monkeypatch.setattr(vllm, "LLM", no_memory)
+    with pytest.raises(EngineStartError, match=r"^reward model '.*': the vLLM engine did not "
+                                               r"start \(ValueError: No available memory"):
+        RewardModelScorer(str(tiny_rm), engine="vllm", engine_args={"max_model_len": 8,
+                                                                     "dtype": "bfloat16"})
+    assert asked[0]["runner"] == "pooling" and asked[0]["dtype"] == "bfloat16"
+    assert asked[0]["max_model_len"] == 8 and asked[0]["model"] == str(tiny_rm)
+
+    def score() -> None:
+        RewardModelScorer(str(tiny_rm), engine="vllm", engine_args={"max_model_len": 8})
+
+    assert run_main(lambda: score(), {}) == 1
+    assert capsys.readouterr().err.strip().endswith(ENGINE_START_HINT)
+
+
 def test_reward_model_text_formats(tiny_rm):
     """A chat template gets the answer without the whitespace around it (the template places
     it); a dialogue ending in "Assistant:" gets the response as written, with one space only

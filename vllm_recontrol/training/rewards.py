@@ -398,23 +398,15 @@ def right_padded(sequences: list[list[int]], pad: int) -> tuple[Any, Any]:
 
 def _pooling_llm(model: str, dtype: str, max_length: int, trust_remote_code: bool,
                  engine_args: dict[str, Any]) -> Any:
-    """A vLLM classification engine for the reward model; errors name the model."""
-    from vllm import LLM
+    """A vLLM classification engine for the reward model, started as every engine of this
+    package is (``start_offline_engine``: a failure names the model and ends the command
+    with vLLM's reason and the memory hint)."""
+    from .engines import start_offline_engine
 
     args = {"runner": "pooling", "dtype": dtype, "max_model_len": max_length,
             "trust_remote_code": trust_remote_code, "enable_prefix_caching": False,
             **engine_args}
-    from .engines import warn_without_cpu_memory_setting
-
-    warn_without_cpu_memory_setting(f"reward model {model}", args)
-    from ..interrupts import interrupt_reaches_main_thread
-
-    try:
-        with interrupt_reaches_main_thread():  # Ctrl-C during the start: not lost
-            return LLM(model=model, **args)
-    except Exception as exc:
-        raise RewardError(f"cannot start vLLM for reward model {model!r}: "
-                          f"{type(exc).__name__}: {exc}") from exc
+    return start_offline_engine(f"reward model {model!r}", model=model, **args)
 
 
 class RewardSource:
