@@ -30,7 +30,8 @@ def test_hold_out_draws_disjoint_ordered_indices_with_the_seed():
     for bad in (0, -1, True, 2.5):
         with pytest.raises(RecontrolError, match="tune_holdout must be a whole number"):
             hold_out(10, bad, 0)
-    with pytest.raises(RecontrolError, match="holds out every one of the 4 prompts"):
+    with pytest.raises(RecontrolError, match="holds out every one of the 4 prompts, leaving "
+                       "none to evaluate: hold out fewer, or evaluate more prompts"):
         hold_out(4, 4, 0)
 
 
@@ -45,6 +46,8 @@ def test_choose_point_takes_the_best_reward_that_keeps_enough_diversity():
     assert choose_point(base, grid).alpha == 2.0
     assert choose_point(base, grid, min_diversity=0.9).alpha == 1.0  # the first of equals
     assert choose_point(base, [row(1.0, math.nan), row(2.0, 0.2)]).alpha == 2.0
+    with pytest.raises(RecontrolError, match="no grid point has a mean reward"):
+        choose_point(base, [row(1.0, math.nan)])
     with pytest.raises(RecontrolError, match=r"no grid point kept diversity >= 1\.5 x base's "
                        r"\(0\.800\) .*alpha 0\.5, 10 steps: 0\.800.*--tune-min-diversity"):
         choose_point(base, grid, min_diversity=1.5)
@@ -154,6 +157,8 @@ def test_tune_prompts_choose_the_point_and_only_it_runs_on_the_evaluated_prompts
     assert "RE-Control's point (alpha 2, 2 steps) was chosen on 4 prompts of --tune-prompts" \
         in table and "highest reward on these same prompts" not in table
     # the tuning run's own report: base and the grid on the tuning prompts
+    assert "Chosen here by highest mean reward, and evaluated in ../eval.md: alpha 2, 2 steps" \
+        in (out / "tune" / "eval.md").read_text()
     tune_report = json.loads((out / "tune" / "eval.json").read_text())
     assert [(r["method"], r["alpha"], r["reward"]) for r in tune_report["results"]] == [
         ("base", 0.0, 0.25), ("re-control", 1.0, 0.5), ("re-control", 2.0, 1.0)]
@@ -164,6 +169,10 @@ def test_tune_prompts_choose_the_point_and_only_it_runs_on_the_evaluated_prompts
     assert fake_engines["runs"] == [] and fake_engines["started"] == 2
     assert again["selection"] == selection
     assert [r["rewards"] for r in again["results"]] == [r["rewards"] for r in tuned["results"]]
+    # an untuned run in the folder leaves no tuned run's report in tune/ to be read as its
+    # own; the kept tuning methods stay
+    evaluation.evaluate(**options, out=str(out))
+    assert sorted(p.name for p in (out / "tune").iterdir()) == ["methods"]
 
 
 def test_held_out_prompts_keep_their_numbers_and_seeds(tmp_path, fake_engines, head):
@@ -215,6 +224,13 @@ def test_the_diversity_floor_keeps_a_reward_hacking_point_from_being_chosen(
     with pytest.raises(RecontrolError, match=r"no grid point kept diversity >= 5 x base's"):
         evaluation.evaluate(**options, out=str(tmp_path / "none"), tune_min_diversity=5)
     assert len(fake_engines["runs"]) == 3  # base and the grid on the tuning prompts only
+    # in a folder with a run that chose a point, the grid's table is written again, saying
+    # that none was chosen this time
+    with pytest.raises(RecontrolError, match=r"no grid point kept diversity >= 5 x base's"):
+        evaluation.evaluate(**options, out=str(tmp_path / "floor"), tune_min_diversity=5)
+    table = (tmp_path / "floor" / "tune" / "eval.md").read_text()
+    assert "No point chosen: no grid point kept diversity >= 5" in table
+    assert "Chosen here" not in table and "| re-control * | 3 | 2 |" in table
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -227,14 +243,32 @@ def test_the_diversity_floor_keeps_a_reward_hacking_point_from_being_chosen(
     ({"tune_holdout": -1}, "tune_holdout must be a whole number"),
     ({"tune_holdout": 1.5}, "tune_holdout must be an integer"),
     ({"tune_holdout": 9}, "holds out every one of the 8 prompts"),
+    ({"tune_prompts": " "}, "--tune-prompts is empty"),
+    ({"tune_prompts": "t.jsonl", "max_tune_prompts": 0},
+     r"--max-tune-prompts must be a positive integer, got 0"),
+    ({"tune_prompts": "/nowhere/t.jsonl"},
+     r"^--tune-prompts: prompt file /nowhere/t\.jsonl does not exist"),
+    ({"tune_holdout": 2, "grid": "1:2"}, "tuning chooses a point of the grid, and the grid "
+                                         "has one"),
 ])
 def test_tuning_options_that_do_not_fit_are_refused_before_any_engine(
         tmp_path, fake_engines, head, extra, message):
     prompts = write_prompts(tmp_path / "p.jsonl", [f"q{i}" for i in range(8)])
+    options = dict(model="m", value_head=head, prompts=prompts, reward_fn=REWARD,
+                   grid="1:2,2:2", quiet=True, out=str(tmp_path / "out"))
     with pytest.raises(RecontrolError, match=message):
-        evaluation.evaluate(model="m", value_head=head, prompts=prompts, reward_fn=REWARD,
-                            grid="1:2,2:2", quiet=True, out=str(tmp_path / "out"), **extra)
+        evaluation.evaluate(**{**options, **extra})
     assert fake_engines["started"] == 0
+
+
+def test_a_one_point_grid_is_tuned_only_as_a_check_of_its_diversity(tmp_path, fake_engines,
+                                                                  head):
+    prompts = write_prompts(tmp_path / "p.jsonl", [f"q{i}" for i in range(8)])
+    report = evaluation.evaluate(model="m", value_head=head, prompts=prompts, reward_fn=REWARD,
+                                 grid="1:2", best_of=[], system_prompt="", quiet=True,
+                                 out=str(tmp_path / "out"), tune_holdout=2,
+                                 tune_min_diversity=0.5)
+    assert report["selection"]["chosen"]["alpha"] == 1.0 and report["num_prompts"] == 6
 
 
 def test_a_tuning_file_with_a_split_is_refused_and_overlap_is_reported(
@@ -340,3 +374,51 @@ def test_ray_engines_split_each_part_between_them(monkeypatch):
     calls.clear()
     pool.run(Method(), tuning)
     assert len(calls) == 4  # warmed already: one prompt per actor, then the timed run
+
+
+def test_a_held_out_prompt_is_put_to_the_judge_as_in_an_untuned_run(tmp_path, fake_engines,
+                                                                    head):
+    """The judge's order coin follows the prompt's number in --prompts, not its place among
+    the evaluated ones: a tuned run asks no question an untuned run over the same prompts
+    asked (all read back from judge-answers.jsonl), and a judge that always prefers the
+    answer shown first gives every prompt the same verdict in both; references stay with
+    their prompts."""
+    import re
+
+    from fake_judge import fake_judge
+
+    texts = [f"{'strong' if i % 2 else 'plain'} question {i}" for i in range(10)]
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": t, "ref": f"reference {i}"}) + "\n"
+                               for i, t in enumerate(texts)))
+    misplaced = []
+
+    def first_wins(prompt: str, first: str, second: str) -> str:
+        number = re.search(r"question (\d+)", prompt).group(1)
+        misplaced.extend(a for a in (first, second)
+                         if a.startswith("reference") and a != f"reference {number}")
+        return "9 1\nthe first"
+
+    options = dict(model="m", value_head=head, prompts=str(prompts), reward_fn=REWARD,
+                   best_of=[], system_prompt="", quiet=True, grid="1:2,2:2", seed=1,
+                   judge_model="judge")
+    with fake_judge(first_wins) as server:
+        untuned = evaluation.evaluate(**options, out=str(tmp_path / "j"), judge_url=server["url"])
+        asked = len(server["asked"])
+        tuned = evaluation.evaluate(**options, out=str(tmp_path / "j"), judge_url=server["url"],
+                                    tune_holdout=4)
+        assert len(server["asked"]) == asked
+        evaluation.evaluate(**options, out=str(tmp_path / "r"), judge_url=server["url"],
+                            judge_against="reference", reference_column="ref", tune_holdout=4)
+    assert misplaced == []
+    alpha = tuned["selection"]["chosen"]["alpha"]
+
+    def verdicts(report: dict) -> dict:
+        row = next(r for r in report["results"] if r["method"] == "re-control"
+                   and r["alpha"] == alpha)
+        numbers = report.get("prompt_numbers", list(range(report["num_prompts"])))
+        return dict(zip(numbers, (v["outcome"] for v in row["judge"]["verdicts"])))
+
+    mine, theirs = verdicts(tuned), verdicts(untuned)
+    assert len(mine) == 6 and mine == {n: theirs[n] for n in mine}
+    assert tuned["results"][1]["judge"]["read_back"] == 6

@@ -42,10 +42,11 @@ from .llm_judge import (JUDGE_TEMPLATE, JudgeAnswers, JudgeClient, JudgeSettings
 from .metrics import (BOOTSTRAP_RESAMPLES, Coherence, bootstrap_interval, diversity, mean,
                       win_outcomes, win_rate, word_tokenizer)
 from .overlap import BackgroundScoring
-from .plots import save_plots
+from .plots import PLOT_FILES, save_plots
 from .resume import METHODS_DIR, FinishedMethods, log_reused, run_facts
-from .selection import (PromptPlan, check_tuning_options, choose_point, grid_entry,
-                        plan_prompts, point_label, selection_line, selection_record)
+from .selection import (PromptPlan, check_tuning_options, choose_point, chosen_line,
+                        grid_entry, plan_prompts, point_label, selection_line,
+                        selection_record)
 from .scoring import RewardPool
 
 logger = get_logger(__name__)
@@ -621,8 +622,8 @@ def llm_judge(opts: EvalOptions) -> JudgeClient | None:
 
 
 def judge_results(client: JudgeClient, prompts: Sequence[str], results: list[MethodResult],
-                  references: Sequence[str] | None, answers: JudgeAnswers | None = None
-                  ) -> None:
+                  references: Sequence[str] | None, answers: JudgeAnswers | None = None,
+                  numbers: Sequence[int] | None = None) -> None:
     """Every method against base's answers (base itself is not judged), or every method,
     base included, against the references; questions a previous run's ``answers`` hold are
     not asked again. Against base, each method also gets the share of judged prompts on
@@ -631,7 +632,7 @@ def judge_results(client: JudgeClient, prompts: Sequence[str], results: list[Met
     judged = results if references is not None else results[1:]
     other = references if references is not None else results[0].responses
     summaries = judge_methods(client, prompts, {r.key: r.responses for r in judged}, other,
-                              answers)
+                              answers, numbers)
     for r in judged:
         r.judge = summaries[r.key].as_dict()
         if references is None:
@@ -692,6 +693,11 @@ def evaluate(**options: Any) -> dict[str, Any]:
     check_engine_args(opts.engine_args, "--engine-args")
     check_sampling(opts)
     check_tuning_options(opts)
+    if (opts.tune_holdout or opts.tune_prompts) and opts.tune_min_diversity is None and \
+            len(parse_grid(opts.grid, (DEFAULT_HEAD, *further_heads(opts)))) == 1:
+        raise RecontrolError("tuning chooses a point of the grid, and the grid has one: "
+                             "give more points, or --tune-min-diversity to check the one "
+                             "on the tuning prompts, or leave tuning out")
     if opts.ray:  # before any actor starts: the reward actors may start first
         check_actor_resources(opts)
     if opts.rm_engine == "vllm":
@@ -752,13 +758,15 @@ def _evaluate(opts: EvalOptions) -> dict[str, Any]:
             raise
         engines.close()
     report_facts = dict(numbers=plan.numbers, selection=selection)
+    if not plan.tuned:
+        remove_tuning_report(Path(opts.out))
     # written before the judge is asked (hours, at scale) and again after: a run stopped
     # while judging keeps the generations and every other metric
     report = write_report(opts, prompts, results, coherence, source, judged=False,
                           **report_facts)
     if judge:
         with JudgeAnswers(Path(opts.out) / JUDGE_ANSWERS_FILE, opts.resume) as answers:
-            judge_results(judge, prompts, results, references, answers)
+            judge_results(judge, prompts, results, references, answers, plan.numbers)
         report = write_report(opts, prompts, results, coherence, source, judged=True,
                               **report_facts)
     table = report["table"]
@@ -796,16 +804,28 @@ def tune(tuner: Evaluator, plan: PromptPlan, coherence: Coherence,
     opts = tuner.opts
     results = tuner.methods()
     base, grid = results[0], results[1:]
-    chosen = choose_point(base, grid, opts.tune_min_diversity)
     numbers = [origin.number for origin in plan.tuning_origins]
-    report = write_report(opts, plan.tuning, results, coherence, source, judged=False,
-                          numbers=numbers)
+    try:
+        chosen = choose_point(base, grid, opts.tune_min_diversity)
+    except RecontrolError as exc:  # the grid's table is written all the same
+        write_report(opts, plan.tuning, results, coherence, source, judged=False,
+                     numbers=numbers, note=f"\nNo point chosen: {exc}")
+        raise
     record = selection_record(base, grid, chosen, plan.where, len(plan.tuning), plan.overlap,
                               opts.tune_min_diversity)
+    report = write_report(opts, plan.tuning, results, coherence, source, judged=False,
+                          numbers=numbers, note=chosen_line(record))
     if not opts.quiet:
         print(f"\nThe grid on {len(plan.tuning)} tuning prompts {plan.where}:\n"
-              f"{report['table']}\nchosen: {point_label(chosen)}")
+              f"{report['table']}")
     return chosen, record
+
+
+def remove_tuning_report(out: Path) -> None:
+    """An untuned run's folder keeps no tuned run's report in ``tune/``, which would read as
+    this run's (its kept methods stay, for a later tuned run)."""
+    for name in ("eval.json", "eval.md", RESPONSES_FILE, *PLOT_FILES):
+        (out / TUNE_DIR / name).unlink(missing_ok=True)
 
 
 def combination_note(results: Sequence[MethodResult]) -> list[str]:
@@ -823,18 +843,19 @@ def combination_note(results: Sequence[MethodResult]) -> list[str]:
 def write_report(opts: EvalOptions, prompts: Sequence[str], results: Sequence[MethodResult],
                  coherence: Coherence, source: RewardSource, judged: bool,
                  numbers: Sequence[int] | None = None,
-                 selection: dict[str, Any] | None = None) -> dict[str, Any]:
+                 selection: dict[str, Any] | None = None, note: str = "") -> dict[str, Any]:
     """Write eval.json, eval.md, the responses and the plots under ``opts.out``; return the
     report (with the table and the files' paths). ``judged``: the judge's verdicts are in
     ``results`` (before it runs, its prompt is not recorded yet). ``numbers``: the prompts'
     indices in their source (held-out prompts skip some); ``selection``: how the grid point
-    was chosen on tuning prompts (``selection_record``)."""
+    was chosen on tuning prompts (``selection_record``); ``note``: lines for under the
+    table."""
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     numbers = list(range(len(prompts))) if numbers is None else list(numbers)
     table = markdown_table(results, coherence, opts.judge_against)
-    table += selection_line(selection, results[1]) if selection else \
-        "".join(combination_note(results))
+    table += selection_line(selection) if selection else "".join(combination_note(results))
+    table += note
     report = {
         "options": {k: v for k, v in asdict(opts).items() if k != "reward_fn"} |
                    {"reward_fn": source.describe()},

@@ -375,13 +375,16 @@ class JudgeAnswers:
 
 
 def judge_methods(client: JudgeClient, prompts: Sequence[str], methods: dict[str, Sequence[str]],
-                  other: Sequence[str], answers: JudgeAnswers | None = None
-                  ) -> dict[str, JudgeSummary]:
+                  other: Sequence[str], answers: JudgeAnswers | None = None,
+                  numbers: Sequence[int] | None = None) -> dict[str, JudgeSummary]:
     """Each named method's answers against ``other`` (base's or the references), every
     question sent concurrently; one summary per method, verdicts in prompt order. With
     ``answers``, a question a previous run got an answer to is not asked again, and each
-    answer received is kept there."""
+    answer received is kept there. ``numbers``: the prompts' indices in their source
+    (default 0, 1, ...), which the order coin follows, so a prompt's question is the same
+    whether or not others were held out."""
     s = client.settings
+    numbers = list(range(len(prompts))) if numbers is None else list(numbers)
     for name, answers_of in methods.items():
         if len(answers_of) != len(prompts) or len(other) != len(prompts):
             raise ValueError(f"{name}: {len(answers_of)} answers and {len(other)} to compare "
@@ -389,7 +392,8 @@ def judge_methods(client: JudgeClient, prompts: Sequence[str], methods: dict[str
     questions = []  # (method, prompt index, method's answer first)
     for name in methods:
         for i in range(len(prompts)):
-            orders = (True, False) if s.both_orders else (method_goes_first(s.seed, name, i),)
+            orders = (True, False) if s.both_orders else \
+                (method_goes_first(s.seed, name, numbers[i]),)
             questions += [(name, i, order) for order in orders]
 
     def ask(question: tuple[str, int, bool]) -> tuple[str, bool]:

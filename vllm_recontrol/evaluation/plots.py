@@ -12,6 +12,9 @@ from typing import Any, Sequence
 from ..config import DEFAULT_HEAD
 
 
+PLOT_FILES = ("grid.png", "reward_vs_throughput.png")
+
+
 def save_plots(results: Sequence[Any], out: Path) -> list[Path]:
     """Write ``grid.png`` and ``reward_vs_throughput.png``; return the paths written."""
     try:
@@ -21,8 +24,9 @@ def save_plots(results: Sequence[Any], out: Path) -> list[Path]:
         import matplotlib.pyplot as plt
     except ImportError:
         return []
-    return [_grid_plot(plt, results, out / "grid.png"),
-            _tradeoff_plot(plt, results, out / "reward_vs_throughput.png")]
+    grid, tradeoff = PLOT_FILES
+    return [_grid_plot(plt, results, out / grid),
+            _tradeoff_plot(plt, results, out / tradeoff)]
 
 
 def _grid_plot(plt: Any, results: Sequence[Any], path: Path) -> Path:

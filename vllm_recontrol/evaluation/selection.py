@@ -14,10 +14,11 @@ from __future__ import annotations
 import math
 import random
 from pathlib import Path
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, NamedTuple, Sequence
 
 from ..logs import get_logger
-from ..training.common import RecontrolError
+from ..training.common import DataError, RecontrolError
 from ..training.prompts import load_prompts
 from .engines import PROMPT_SET, PromptOrigin
 
@@ -44,8 +45,8 @@ def hold_out(count: int, held: int, seed: int) -> HeldOut:
                              f"{held!r}")
     if held >= count:
         raise RecontrolError(f"tune_holdout {held} holds out every one of the {count} "
-                             f"prompts, leaving none to evaluate: hold out fewer, or raise "
-                             f"--max-prompts")
+                             f"prompts, leaving none to evaluate: hold out fewer, or "
+                             f"evaluate more prompts")
     tuning = sorted(random.Random(seed).sample(range(count), held))
     chosen = set(tuning)
     return HeldOut([i for i in range(count) if i not in chosen], tuning)
@@ -75,6 +76,8 @@ def choose_point(base: MethodResult, grid: Sequence[MethodResult],
     first in grid order among equals."""
     candidates = [row for row in grid if eligible(row, base, min_diversity)
                   and not math.isnan(row.reward)]
+    if not candidates and min_diversity is None:
+        raise RecontrolError("no grid point has a mean reward on the tuning prompts")
     if not candidates:
         seen = ", ".join(f"{point_label(row)}: {row.diversity:.3f}" for row in grid)
         raise RecontrolError(
@@ -85,7 +88,7 @@ def choose_point(base: MethodResult, grid: Sequence[MethodResult],
     return next(row for row in candidates if row.reward == best)
 
 
-def point_label(row: MethodResult) -> str:
+def point_label(row: Any) -> str:
     """``alpha 1, 30 steps`` with the head and radius when they are not the defaults."""
     from ..config import DEFAULT_HEAD
 
@@ -124,14 +127,21 @@ def selection_record(base: MethodResult, grid: Sequence[MethodResult], chosen: M
             "report": "tune/eval.md"}
 
 
-def selection_line(record: dict[str, Any], chosen: MethodResult) -> str:
+def selection_line(record: dict[str, Any]) -> str:
     """The line under the evaluation's table that says where its point came from."""
     overlap = record["also_evaluated"]
     warning = (f" (WARNING: {overlap} of them are also evaluation prompts)" if overlap
                else "")
-    return (f"\nRE-Control's point ({point_label(chosen)}) was chosen on {record['prompts']} "
-            f"prompts {record['on']}{warning}, by {record['rule']}; the grid's rows there: "
+    chosen = point_label(SimpleNamespace(**record["chosen"]))
+    return (f"\nRE-Control's point ({chosen}) was chosen on {record['prompts']} prompts "
+            f"{record['on']}{warning}, by {record['rule']}; the grid's rows there: "
             f"{record['report']}")
+
+
+def chosen_line(record: dict[str, Any]) -> str:
+    """The line under the tuning table: which point the evaluation runs (../eval.md)."""
+    chosen = point_label(SimpleNamespace(**record["chosen"]))
+    return f"\nChosen here by {record['rule']}, and evaluated in ../eval.md: {chosen}"
 
 
 class PromptPlan(NamedTuple):
@@ -161,6 +171,13 @@ def check_tuning_options(opts: Any) -> None:
     if held is None or isinstance(held, bool) or not isinstance(held, int) or held < 0:
         raise RecontrolError(f"tune_holdout must be a whole number of prompts (0: none held "
                              f"out), got {held!r}")
+    if opts.tune_prompts is not None and not str(opts.tune_prompts).strip():
+        raise RecontrolError("--tune-prompts is empty: give a datasets name or a prompt file, "
+                             "or leave the option out")
+    if opts.max_tune_prompts is not None and (
+            isinstance(opts.max_tune_prompts, bool) or opts.max_tune_prompts < 1):
+        raise RecontrolError(f"--max-tune-prompts must be a positive integer, got "
+                             f"{opts.max_tune_prompts!r}")
     if opts.tune_prompts and opts.tune_holdout:
         raise RecontrolError("give --tune-prompts or --tune-holdout, not both: the point is "
                              "chosen on other prompts, or on prompts held out of --prompts")
@@ -189,9 +206,12 @@ def plan_prompts(opts: Any, prompts: list[str]) -> PromptPlan:
                                  f"splits, so --tune-split {opts.tune_split!r} selects "
                                  f"nothing; leave --tune-split out")
         # --data-dir selects within --prompts' data set; a file has none
-        tuning = load_prompts(opts.tune_prompts, opts.tune_split, opts.prompt_column,
-                              opts.prompt_format, None if a_file else opts.data_dir,
-                              opts.max_tune_prompts, default_split="validation")
+        try:
+            tuning = load_prompts(opts.tune_prompts, opts.tune_split, opts.prompt_column,
+                                  opts.prompt_format, None if a_file else opts.data_dir,
+                                  opts.max_tune_prompts, default_split="validation")
+        except DataError as exc:
+            raise DataError(f"--tune-prompts: {exc}") from exc
         split = "" if a_file else f", split {opts.tune_split or 'validation'}"
         plan = PromptPlan(prompts, every, tuning,
                           [PromptOrigin(TUNE_SOURCE, i) for i in range(len(tuning))],
