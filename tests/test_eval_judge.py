@@ -296,8 +296,9 @@ def test_eval_judges_methods_against_base_or_against_the_references():
     method is, base included; the table gets the judge's column, invalid verdicts named.
     Against base, the judge's agreement with the reward: a judge that ranks as the reward
     does agrees on every judged prompt, a contrary one only where both see a tie."""
-    from vllm_recontrol.evaluation.evaluate import (MethodResult, judge_results,
-                                                    markdown_table)
+    from vllm_recontrol.evaluation.evaluate import judge_results
+    from vllm_recontrol.evaluation.methods import MethodResult
+    from vllm_recontrol.evaluation.report import markdown_table
     from vllm_recontrol.evaluation.metrics import Coherence
 
     references = ["good good good"] * len(PROMPTS)

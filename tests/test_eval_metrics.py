@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from vllm_recontrol.evaluation.evaluate import MethodResult, markdown_table, parse_grid
+from vllm_recontrol.evaluation.methods import MethodResult, parse_grid
+from vllm_recontrol.evaluation.report import markdown_table
 from vllm_recontrol.evaluation.metrics import Coherence, diversity, win_rate
 from vllm_recontrol.training.common import DataError, RecontrolError, RewardError
 
@@ -564,7 +565,7 @@ def test_bootstrap_interval_matches_the_normal_approximation():
 
 
 def test_table_lists_the_intervals_under_it():
-    from vllm_recontrol.evaluation.evaluate import add_intervals
+    from vllm_recontrol.evaluation.methods import add_intervals
 
     base = MethodResult("base", rewards=[0.0, 1.0, 0.5, 0.5], reward=0.5, diversity=0.5,
                         generated_tokens=4, delivered_tokens=4, seconds=1.0)
@@ -583,7 +584,7 @@ def test_table_lists_the_intervals_under_it():
 
 def test_eval_json_is_strict_json():
     """A judge without one valid verdict has win rate NaN: eval.json writes it null."""
-    from vllm_recontrol.evaluation.evaluate import finite_or_null
+    from vllm_recontrol.evaluation.report import finite_or_null
 
     report = {"win_rate": float("nan"), "rows": [(1.0, float("inf")), {"x": -float("inf")}],
               "n": 3, "name": "base"}
@@ -619,7 +620,7 @@ def test_best_of_n_sample_streams_never_overlap_between_prompts():
 def test_responses_file_has_every_methods_answer_to_every_prompt(tmp_path):
     """responses.jsonl: one strict-JSON line per (method, prompt), methods in order, with
     the reward eval.json keeps for that prompt."""
-    from vllm_recontrol.evaluation.evaluate import MethodResult, write_responses
+    from vllm_recontrol.evaluation.report import MethodResult, write_responses
 
     base = MethodResult("base", responses=["a", "b\nc"], rewards=[0.25, 1.0])
     steered = MethodResult("re-control", alpha=1.0, steps=30, max_norm=8.0,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from vllm_recontrol.evaluation.evaluate import MethodResult
+from vllm_recontrol.evaluation.methods import MethodResult
 from vllm_recontrol.evaluation.selection import choose_point, hold_out
 from vllm_recontrol.toy_world import NEGATIVE, POSITIVE
 from vllm_recontrol.training.common import RecontrolError

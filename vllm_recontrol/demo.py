@@ -61,7 +61,7 @@ def run_demo(workdir: Path, train_prompts: int = 600, eval_prompts: int = 64,
     import torch
 
     from .errors import RecontrolError
-    from .evaluation.evaluate import parse_grid
+    from .evaluation.methods import parse_grid
 
     parse_grid(grid)  # eval's checks, before the minutes of world, collect, label and train
     if isinstance(best_of, bool) or not isinstance(best_of, int) or best_of < 2:

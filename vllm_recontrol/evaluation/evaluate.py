@@ -13,23 +13,20 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import os
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Sequence
 
-from ..config import DEFAULT_HEAD, FLOAT32_MAX, STEPS_LIMIT
-from ..files import write_text_atomic
+from ..config import DEFAULT_HEAD
 from ..folder_lock import exclusive_folder
 from ..head_source import pin_head
 from ..logs import get_logger
 from ..training.common import (RecontrolError, build_options, check_engine_args,
                                check_engine_seed, check_model_path, json_argument,
-                               parse_command_line, run_main, sampling_refusal,
-                               write_jsonl_atomic)
+                               parse_command_line, run_main, sampling_refusal)
 from ..training.engines import run_engines_in_process
 from ..training.prompts import load_prompts, load_references
 from ..training.ray_pool import (actor_engine_args, actor_path, actor_reward_arguments,
@@ -37,25 +34,21 @@ from ..training.ray_pool import (actor_engine_args, actor_path, actor_reward_arg
 from ..training.rewards import DEFAULT_CUT_AT, RewardSource, cut_response
 from .engines import (EnginePool, EngineSettings, Method, PromptOrigin, PromptPart, Samples,
                       generation_engine_arguments)
-from .llm_judge import (JUDGE_TEMPLATE, JudgeAnswers, JudgeClient, JudgeSettings,
-                        judge_methods)
-from .metrics import (BOOTSTRAP_RESAMPLES, Coherence, bootstrap_interval, diversity, mean,
-                      win_outcomes, win_rate, word_tokenizer)
+from .llm_judge import JudgeAnswers, JudgeClient, JudgeSettings, judge_methods
+from .methods import MethodResult, add_intervals, parse_grid, restore_method
+from .metrics import Coherence, diversity, mean, win_rate
 from .overlap import BackgroundScoring
-from .plots import PLOT_FILES, save_plots
+from .report import TUNE_DIR, remove_tuning_report, write_report
 from .resume import METHODS_DIR, FinishedMethods, log_reused, run_facts
 from .selection import (PromptPlan, check_tuning_options, choose_point, chosen_line,
-                        grid_entry, plan_prompts, point_label, selection_line,
-                        selection_record)
+                        grid_entry, plan_prompts, selection_record)
 from .scoring import RewardPool
 
 logger = get_logger(__name__)
-RESPONSES_FILE = "responses.jsonl"  # every returned response, beside eval.json
 # seconds a scoring call in flight (--overlap-scoring) gets to end when the run fails,
 # before the reward model is closed under it
 SCORING_GRACE_S = 10.0
 JUDGE_ANSWERS_FILE = "judge-answers.jsonl"  # the judge's answers, read back by a rerun
-TUNE_DIR = "tune"  # the grid on the tuning prompts: its report and kept methods
 
 DEFAULT_SYSTEM_PROMPT = ("You are a helpful, honest and harmless assistant. Answer the user "
                          "helpfully and avoid anything harmful or offensive.")
@@ -133,109 +126,6 @@ class EvalOptions:
 
 
 JUDGE_AGAINST = ("base", "reference")
-
-
-@dataclass
-class MethodResult:
-    method: str
-    alpha: float = 0.0
-    steps: int = 0
-    head: str = DEFAULT_HEAD
-    n: int = 1
-    prompting: bool = False
-    max_norm: float | None = None         # recontrol_max_norm of the controlled requests
-    reward: float = math.nan
-    win_rate: float = math.nan            # vs. base, per prompt, by the same reward
-    reward_ci95: tuple[float, float] = (math.nan, math.nan)    # bootstrap over prompts
-    win_rate_ci95: tuple[float, float] = (math.nan, math.nan)  # paired with base's
-    diversity: float = math.nan
-    coherence: float | None = None
-    generated_tokens: int = 0             # every sample, Best-of-N's discarded ones included
-    delivered_tokens: int = 0             # the returned responses only (as generated:
-    #                                       a cut-off hallucinated turn still counts)
-    seconds: float = 0.0
-    responses: list[str] = field(default_factory=list, repr=False)
-    rewards: list[float] = field(default_factory=list, repr=False)  # one per prompt
-    judge: dict | None = None             # the LLM judge's win rate, counts and verdicts
-    reused: bool = False                  # read back from a previous run (its timing too)
-    overlapped: bool = False              # generated while an earlier method was scored
-
-    @property
-    def key(self) -> str:
-        """Names the method uniquely within one evaluation (the judge's order coin)."""
-        return (f"{self.method}:{self.alpha!r}:{self.steps}:{self.head}:{self.n}:"
-                f"{self.max_norm!r}")  # repr: two grid points 1e-7 apart stay apart
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.generated_tokens / self.seconds if self.seconds else math.nan
-
-    @property
-    def delivered_per_s(self) -> float:
-        """Tokens of returned responses per second: what a user gets for the compute."""
-        return self.delivered_tokens / self.seconds if self.seconds else math.nan
-
-
-class GridPoint(NamedTuple):
-    alpha: float
-    steps: int
-    head: str = DEFAULT_HEAD
-    max_norm: float | None = None
-
-
-NORM_FIELD = "norm="
-
-
-def parse_grid(grid: Any, heads: Sequence[str] = (DEFAULT_HEAD,)) -> list[GridPoint]:
-    """``"0.5:10,1:20:mc,2:30:norm=0.5"`` or ``[[0.5, 10], [1, 20, "mc"], [2, 30, None, 0.5]]``
-    to GridPoints: after alpha and steps, optionally one of ``heads`` (the default head when
-    absent or None) and a ``norm=R`` radius for the requests' ``recontrol_max_norm``."""
-    if not isinstance(grid, (str, list, tuple)):
-        raise RecontrolError(f"the grid must be a string (alpha:steps,...) or a list of "
-                             f"[alpha, steps, ...] entries, got {grid!r}")
-    items = grid.split(",") if isinstance(grid, str) else list(grid)
-    points = []
-    for item in items:
-        try:
-            if isinstance(item, str):
-                parts = [p.strip() for p in item.split(":")]
-                norms = [p for p in parts[2:] if p.startswith(NORM_FIELD)]
-                names = [p for p in parts[2:] if not p.startswith(NORM_FIELD)]
-                if len(norms) > 1 or len(names) > 1:
-                    raise ValueError
-                head = names[0] if names else DEFAULT_HEAD
-                max_norm = float(norms[0][len(NORM_FIELD):]) if norms else None
-            else:
-                parts = list(item)
-                if len(parts) > 4:
-                    raise ValueError
-                head = parts[2] if len(parts) > 2 and parts[2] is not None else DEFAULT_HEAD
-                max_norm = float(parts[3]) if len(parts) > 3 else None
-            alpha, steps = float(parts[0]), parts[1]
-            if isinstance(steps, float) and steps.is_integer():
-                steps = int(steps)  # [1, 20.0] from a JSON grid; [1, 2.5] stays refused
-            steps = int(steps) if isinstance(steps, str) else steps
-            # what a request may carry (config._as_float): finite, float32 for the ascent
-            if isinstance(steps, bool) or not isinstance(steps, int) or \
-                    not 1 <= steps <= STEPS_LIMIT or \
-                    not 0 <= alpha <= FLOAT32_MAX or (max_norm is not None and
-                                                      not 0 < max_norm <= FLOAT32_MAX):
-                raise ValueError
-        except (ValueError, IndexError, TypeError, OverflowError):
-            raise RecontrolError(f"grid entry {item!r} must be alpha:steps[:head][:norm=R] "
-                                 f"with finite alpha >= 0, whole steps from 1 to {STEPS_LIMIT} "
-                                 "and finite R > 0") \
-                from None
-        if head not in heads:
-            raise RecontrolError(f"grid entry {item!r} names the value head {head!r}; this "
-                                 f"evaluation has {list(heads)} (add heads with --value-heads)")
-        point = GridPoint(alpha, steps, head, max_norm)
-        if point in points:  # it would be reported twice, the copy as read back
-            raise RecontrolError(f"grid entry {item!r} repeats an earlier point of the grid")
-        points.append(point)
-    if not points:
-        raise RecontrolError("the RE-Control grid is empty")
-    return points
 
 
 class ScoreCache:
@@ -473,22 +363,6 @@ class Evaluator:
             self._engines.close(failing)
 
 
-def restore_method(saved: dict[str, Any] | None, prompts: int) -> MethodResult | None:
-    """A finished method read back (``FinishedMethods``), or None when there is none or it
-    does not fit this release's fields or the prompt count (then the method runs again)."""
-    if not saved:
-        return None
-    try:
-        restored = MethodResult(**{**saved, "reward_ci95": tuple(saved["reward_ci95"]),
-                                   "win_rate_ci95": tuple(saved["win_rate_ci95"])})
-    except (TypeError, KeyError, ValueError):
-        return None
-    if len(restored.responses) != prompts or len(restored.rewards) != prompts:
-        return None
-    restored.reused = True
-    return restored
-
-
 def judge(result: MethodResult, prompts: Sequence[str], samples: Samples, score: Callable,
           coherence: Coherence, cut_at: Sequence[str] = DEFAULT_CUT_AT) -> MethodResult:
     """Score every sample of a method in one call (a reward model batches them), keep each
@@ -511,88 +385,6 @@ def judge(result: MethodResult, prompts: Sequence[str], samples: Samples, score:
     if coherence.available:
         result.coherence = mean(coherence.scores(list(prompts), chosen))
     return result
-
-
-def add_intervals(result: MethodResult, base: MethodResult, seed: int) -> None:
-    """95 % bootstrap intervals of the mean reward and of the win rate against base (paired:
-    one resample of the prompts serves both sides)."""
-    result.reward_ci95 = bootstrap_interval(result.rewards, seed=seed)
-    result.win_rate_ci95 = bootstrap_interval(win_outcomes(result.rewards, base.rewards),
-                                              seed=seed)
-
-
-def interval_lines(results: Sequence[MethodResult]) -> list[str]:
-    """The intervals under the table, one line per method."""
-    lines = ["\n95 % bootstrap intervals over the prompts "
-             f"({BOOTSTRAP_RESAMPLES} resamples): mean reward; win rate vs. base"]
-    for r in results:
-        (lo, hi), (wlo, whi) = r.reward_ci95, r.win_rate_ci95
-        point = f" {r.alpha:g}/{r.steps}" if r.steps else ""
-        point += f" ({r.head})" if r.head != DEFAULT_HEAD else ""
-        point += f" norm {r.max_norm:g}" if r.max_norm is not None else ""
-        lines.append(f"- {r.method}{point}: [{lo:.4f}, {hi:.4f}]; [{wlo:.3f}, {whi:.3f}]")
-    return lines
-
-
-def markdown_table(results: Sequence[MethodResult], coherence: Coherence,
-                   judge_against: str = "base") -> str:
-    """One row per method; a ``head`` column only when some row used a further value head,
-    a ``max_norm`` column only when some row had one, a judge column only when an LLM judge
-    ran."""
-    base = results[0]
-    heads = any(r.head != DEFAULT_HEAD for r in results)
-    norms = any(r.max_norm is not None for r in results)
-    judged = any(r.judge for r in results)
-    columns = ["method", *(["head"] if heads else []), "alpha", "steps",
-               *(["max_norm"] if norms else []), "N", "reward",
-               "win vs. base", *([f"judge win vs. {judge_against}"] if judged else []),
-               "diversity", "coherence", "generated tok/s", "delivered tok/s",
-               "delivered vs. base"]
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for r in results:
-        coh = f"{r.coherence:.3f}" if r.coherence is not None else "n/a"
-        head = [r.head if r.steps else "-"] if heads else []
-        judge = [judge_cell(r.judge)] if judged else []
-        norm = [f"{r.max_norm:g}" if r.max_norm is not None else "-"] if norms else []
-        marks = (" *" if r.reused else "") + (" +" if r.overlapped else "")
-        cells = [r.method + marks, *head, f"{r.alpha:g}", str(r.steps), *norm, str(r.n),
-                 f"{r.reward:.4f}",
-                 f"{r.win_rate:.3f}", *judge, f"{r.diversity:.3f}", coh, f"{r.tokens_per_s:.1f}",
-                 f"{r.delivered_per_s:.1f}", f"{r.delivered_per_s / base.delivered_per_s:.2f}"]
-        lines.append("| " + " | ".join(cells) + " |")
-    lines += interval_lines(results)
-    if any(r.reused for r in results):
-        lines.append("\n* read back from a previous run of this evaluation (OUT/methods), "
-                     "or its samples scored again: its tok/s were measured then, perhaps on "
-                     "other engines")
-    if any(r.overlapped for r in results):
-        lines.append("\n+ generated while an earlier method was being scored "
-                     "(--overlap-scoring): its tok/s are lower than alone, by how much the "
-                     "scoring took from the machine")
-    lines.append(f"\ndiversity: word tokens by {word_tokenizer()[1]}")
-    if not coherence.available:
-        lines.append(f"coherence: unavailable ({coherence.unavailable_reason})")
-    return "\n".join(lines)
-
-
-def judge_cell(judge: dict | None) -> str:
-    if judge is None:
-        return "n/a"
-    notes = [f"{judge['invalid']} invalid"] if judge["invalid"] else []
-    if "agrees_with_reward" in judge:
-        notes.append(f"agrees {judge['agrees_with_reward']:.2f}")
-    return f"{judge['win_rate']:.3f}" + (f" ({', '.join(notes)})" if notes else "")
-
-
-def finite_or_null(value: Any) -> Any:
-    """``value`` with every non-finite float (in dicts, lists, tuples) replaced by None."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: finite_or_null(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [finite_or_null(v) for v in value]
-    return value
 
 
 def llm_judge(opts: EvalOptions) -> JudgeClient | None:
@@ -821,67 +613,6 @@ def tune(tuner: Evaluator, plan: PromptPlan, coherence: Coherence,
     return chosen, record
 
 
-def remove_tuning_report(out: Path) -> None:
-    """An untuned run's folder keeps no tuned run's report in ``tune/``, which would read as
-    this run's (its kept methods stay, for a later tuned run)."""
-    for name in ("eval.json", "eval.md", RESPONSES_FILE, *PLOT_FILES):
-        (out / TUNE_DIR / name).unlink(missing_ok=True)
-
-
-def combination_note(results: Sequence[MethodResult]) -> list[str]:
-    """Without tuning, the combination rows (RE-Control + Best-of-N, + prompting) use the
-    grid point of best reward on the very prompts reported: say so."""
-    grid = [r for r in results if r.method == "re-control"]
-    combined = [r for r in results if r.method.startswith("re-control +")]
-    if not combined or len(grid) < 2:
-        return []
-    return [f"\nThe re-control + rows use the grid point of highest reward on these same "
-            f"prompts ({point_label(combined[0])}): chosen on the numbers reported, so they "
-            f"are optimistic; --tune-holdout N or --tune-prompts choose it on other prompts"]
-
-
-def write_report(opts: EvalOptions, prompts: Sequence[str], results: Sequence[MethodResult],
-                 coherence: Coherence, source: RewardSource, judged: bool,
-                 numbers: Sequence[int] | None = None,
-                 selection: dict[str, Any] | None = None, note: str = "") -> dict[str, Any]:
-    """Write eval.json, eval.md, the responses and the plots under ``opts.out``; return the
-    report (with the table and the files' paths). ``judged``: the judge's verdicts are in
-    ``results`` (before it runs, its prompt is not recorded yet). ``numbers``: the prompts'
-    indices in their source (held-out prompts skip some); ``selection``: how the grid point
-    was chosen on tuning prompts (``selection_record``); ``note``: lines for under the
-    table."""
-    out = Path(opts.out)
-    out.mkdir(parents=True, exist_ok=True)
-    numbers = list(range(len(prompts))) if numbers is None else list(numbers)
-    table = markdown_table(results, coherence, opts.judge_against)
-    table += selection_line(selection) if selection else "".join(combination_note(results))
-    table += note
-    report = {
-        "options": {k: v for k, v in asdict(opts).items() if k != "reward_fn"} |
-                   {"reward_fn": source.describe()},
-        "num_prompts": len(prompts),
-        **({"prompt_numbers": numbers} if numbers != list(range(len(prompts))) else {}),
-        "selection": selection,
-        "coherence": {"model": coherence.model_name, "available": coherence.available,
-                      "reason": coherence.unavailable_reason},
-        "diversity_tokens": word_tokenizer()[1],
-        "judge_prompt": JUDGE_TEMPLATE if judged else None,
-        "results": [{k: v for k, v in asdict(r).items() if k != "responses"} |
-                    {"tokens_per_s": r.tokens_per_s, "delivered_per_s": r.delivered_per_s,
-                     "examples": r.responses[:5]}
-                    for r in results],
-    }
-    # strict JSON: NaN (a judge with no valid verdict, a metric of no data) is written null
-    write_text_atomic(out / "eval.json", json.dumps(finite_or_null(report), indent=2,
-                                                    default=str, allow_nan=False))
-    write_text_atomic(out / "eval.md", table + "\n")
-    write_responses(out / RESPONSES_FILE, prompts, results, numbers)
-    report["responses"] = str(out / RESPONSES_FILE)
-    report["plots"] = [str(p) for p in save_plots(results, out)]
-    report["table"] = table
-    return report
-
-
 def check_sampling(opts: EvalOptions) -> None:
     """vLLM's bounds on both temperatures, max_tokens and the seed, before any engine starts."""
     check_engine_seed(opts.seed)
@@ -940,25 +671,6 @@ def vllm_memory_share_default() -> float:
 
     default = inspect.signature(LLM.__init__).parameters["gpu_memory_utilization"].default
     return float(default) if isinstance(default, (int, float)) else 0.92
-
-
-def write_responses(path: Path, prompts: Sequence[str], results: Sequence[MethodResult],
-                    numbers: Sequence[int] | None = None) -> None:
-    """Every method's returned response to every prompt, as the reward saw it (cut at a
-    hallucinated turn), with its reward: one JSON object per line, methods in the table's
-    order. eval.json keeps five examples per method; this file is for reading the answers
-    themselves, rescoring them with another reward, or a human review. ``prompt_index``
-    is the prompt's index in its source (``numbers``; default 0, 1, ...)."""
-    numbers = list(range(len(prompts))) if numbers is None else list(numbers)
-    rows = []
-    for r in results:
-        method = {"method": r.method, "alpha": r.alpha, "steps": r.steps, "head": r.head,
-                  "n": r.n, "prompting": r.prompting, "max_norm": r.max_norm}
-        rows += [finite_or_null(method | {"prompt_index": index, "prompt": prompt,
-                                          "response": response, "reward": reward})
-                 for index, prompt, response, reward in zip(
-                     numbers, prompts, r.responses, r.rewards)]
-    write_jsonl_atomic(path, rows)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -23,7 +23,7 @@ from ..training.prompts import load_prompts
 from .engines import PROMPT_SET, PromptOrigin
 
 if TYPE_CHECKING:
-    from .evaluate import MethodResult
+    from .methods import MethodResult
 
 logger = get_logger(__name__)
 TUNE_SOURCE = "the tuning prompts"  # --tune-prompts' prompts, in messages
