@@ -17,6 +17,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, NamedTuple, Sequence
 
+from ..config import DEFAULT_HEAD
 from ..logs import get_logger
 from ..training.common import DataError, RecontrolError
 from ..training.prompts import load_prompts
@@ -90,8 +91,6 @@ def choose_point(base: MethodResult, grid: Sequence[MethodResult],
 
 def point_label(row: Any) -> str:
     """``alpha 1, 30 steps`` with the head and radius when they are not the defaults."""
-    from ..config import DEFAULT_HEAD
-
     label = f"alpha {row.alpha:g}, {row.steps} steps"
     label += f", head {row.head}" if row.head != DEFAULT_HEAD else ""
     label += f", norm {row.max_norm:g}" if row.max_norm is not None else ""
