@@ -577,9 +577,40 @@ def test_table_lists_the_intervals_under_it():
     assert base.win_rate_ci95 == (0.5, 0.5) and better.reward_ci95 == (1.0, 1.0)
     assert 0.5 <= better.win_rate_ci95[0] <= better.win_rate_ci95[1] <= 1.0
     table = markdown_table([base, better], Coherence.load(None))
+    assert "mean reward; win rate vs. base; mean reward gain over base (paired)" in table
     assert "- re-control 1/30 norm 8: [1.0000, 1.0000]; [" in table
-    assert f"- base: [{base.reward_ci95[0]:.4f}, {base.reward_ci95[1]:.4f}]; [0.500, 0.500]" \
-        in table
+    assert f"- base: [{base.reward_ci95[0]:.4f}, {base.reward_ci95[1]:.4f}]; [0.500, 0.500]; " \
+           f"[+0.0000, +0.0000]" in table
+    glo, ghi = better.gain_ci95
+    assert f"; [{glo:+.4f}, {ghi:+.4f}]" in table and 0.0 <= glo <= ghi <= 1.0
+
+
+def test_the_paired_gain_interval_tells_a_steady_gain_from_noise():
+    """Prompts of very different difficulty: a method that adds 0.5 to every prompt's
+    reward has a reward interval overlapping base's, but its paired gain interval is
+    exactly [0.5, 0.5]; the gain interval is the bootstrap of the per-prompt differences,
+    resampled at the same prompts as the win rate (checked against a loop over the same
+    draws)."""
+    import numpy as np
+
+    from vllm_recontrol.evaluation.methods import add_intervals
+
+    hardness = [float(i) for i in range(20)]
+    base = MethodResult("base", rewards=hardness)
+    steady = MethodResult("re-control", alpha=1, steps=10, rewards=[r + 0.5 for r in hardness])
+    for r in (base, steady):
+        add_intervals(r, base, seed=3)
+    assert steady.reward_ci95[0] < base.reward_ci95[1]  # the rewards' intervals overlap
+    assert steady.gain_ci95 == (0.5, 0.5) and base.gain_ci95 == (0.0, 0.0)
+    noisy = MethodResult("re-control", alpha=2, steps=10,
+                         rewards=[r + (1.0 if i % 3 else -1.5) for i, r in enumerate(hardness)])
+    add_intervals(noisy, base, seed=3)
+    diffs = np.array([a - b for a, b in zip(noisy.rewards, base.rewards)])
+    rng = np.random.default_rng(3)
+    draws = rng.integers(0, 20, size=(1000, 20))
+    means = np.sort(diffs[draws].mean(axis=1))
+    assert noisy.gain_ci95 == pytest.approx((means[int(0.025 * 999)], means[int(0.975 * 999)]))
+    assert noisy.gain_ci95[0] < 0 < noisy.gain_ci95[1]
 
 
 def test_eval_json_is_strict_json():

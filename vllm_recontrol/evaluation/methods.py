@@ -25,6 +25,8 @@ class MethodResult:
     win_rate: float = math.nan            # vs. base, per prompt, by the same reward
     reward_ci95: tuple[float, float] = (math.nan, math.nan)    # bootstrap over prompts
     win_rate_ci95: tuple[float, float] = (math.nan, math.nan)  # paired with base's
+    # the mean reward gain over base, per prompt (paired): whether a gain is noise
+    gain_ci95: tuple[float, float] = (math.nan, math.nan)
     diversity: float = math.nan
     coherence: float | None = None
     generated_tokens: int = 0             # every sample, Best-of-N's discarded ones included
@@ -121,8 +123,9 @@ def restore_method(saved: dict[str, Any] | None, prompts: int) -> MethodResult |
     if not saved:
         return None
     try:
-        restored = MethodResult(**{**saved, "reward_ci95": tuple(saved["reward_ci95"]),
-                                   "win_rate_ci95": tuple(saved["win_rate_ci95"])})
+        restored = MethodResult(**{**saved, **{name: tuple(saved[name]) for name in
+                                               ("reward_ci95", "win_rate_ci95", "gain_ci95")
+                                               if name in saved}})
     except (TypeError, KeyError, ValueError):
         return None
     if len(restored.responses) != prompts or len(restored.rewards) != prompts:
@@ -132,8 +135,20 @@ def restore_method(saved: dict[str, Any] | None, prompts: int) -> MethodResult |
 
 
 def add_intervals(result: MethodResult, base: MethodResult, seed: int) -> None:
-    """95 % bootstrap intervals of the mean reward and of the win rate against base (paired:
-    one resample of the prompts serves both sides)."""
+    """95 % bootstrap intervals of the mean reward, and, against base, of the win rate and
+    of the mean reward gain (paired: one resample of the prompts serves both sides, so a
+    gain that holds prompt by prompt is told from noise even where the two methods' reward
+    intervals overlap, both moving with how hard the drawn prompts are)."""
     result.reward_ci95 = bootstrap_interval(result.rewards, seed=seed)
     result.win_rate_ci95 = bootstrap_interval(win_outcomes(result.rewards, base.rewards),
                                               seed=seed)
+    result.gain_ci95 = bootstrap_interval(reward_gains(result.rewards, base.rewards),
+                                          seed=seed)
+
+
+def reward_gains(rewards: Sequence[float], base: Sequence[float]) -> list[float]:
+    """Per prompt: the method's reward minus base's."""
+    if len(rewards) != len(base):
+        raise ValueError(f"a reward gain needs one reward per prompt on both sides, got "
+                         f"{len(rewards)} and {len(base)}")
+    return [mine - theirs for mine, theirs in zip(rewards, base)]

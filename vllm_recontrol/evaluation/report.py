@@ -29,13 +29,15 @@ TUNE_DIR = "tune"  # the grid on the tuning prompts: its report and kept methods
 def interval_lines(results: Sequence[MethodResult]) -> list[str]:
     """The intervals under the table, one line per method."""
     lines = ["\n95 % bootstrap intervals over the prompts "
-             f"({BOOTSTRAP_RESAMPLES} resamples): mean reward; win rate vs. base"]
+             f"({BOOTSTRAP_RESAMPLES} resamples): mean reward; win rate vs. base; mean reward "
+             "gain over base (paired)"]
     for r in results:
-        (lo, hi), (wlo, whi) = r.reward_ci95, r.win_rate_ci95
+        (lo, hi), (wlo, whi), (glo, ghi) = r.reward_ci95, r.win_rate_ci95, r.gain_ci95
         point = f" {r.alpha:g}/{r.steps}" if r.steps else ""
         point += f" ({r.head})" if r.head != DEFAULT_HEAD else ""
         point += f" norm {r.max_norm:g}" if r.max_norm is not None else ""
-        lines.append(f"- {r.method}{point}: [{lo:.4f}, {hi:.4f}]; [{wlo:.3f}, {whi:.3f}]")
+        lines.append(f"- {r.method}{point}: [{lo:.4f}, {hi:.4f}]; [{wlo:.3f}, {whi:.3f}]; "
+                     f"[{glo:+.4f}, {ghi:+.4f}]")
     return lines
 
 

@@ -111,7 +111,8 @@ def selection_record(base: MethodResult, grid: Sequence[MethodResult], chosen: M
     def row(r: MethodResult) -> dict[str, Any]:
         return {"alpha": r.alpha, "steps": r.steps, "head": r.head, "max_norm": r.max_norm,
                 "reward": r.reward, "reward_ci95": list(r.reward_ci95),
-                "win_rate": r.win_rate, "diversity": r.diversity, "coherence": r.coherence,
+                "win_rate": r.win_rate, "gain_ci95": list(r.gain_ci95),
+                "diversity": r.diversity, "coherence": r.coherence,
                 "eligible": eligible(r, base, min_diversity)}
 
     return {"on": where, "prompts": prompts, "also_evaluated": overlap,
