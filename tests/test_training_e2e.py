@@ -255,6 +255,8 @@ def test_eval_command_compares_every_method(world, eval_report):
     assert base["win_rate_ci95"] == [0.5, 0.5]
     assert control["reward_ci95"][0] <= control["reward"] <= control["reward_ci95"][1]
     assert control["win_rate_ci95"][0] > 0.5 and negated["win_rate_ci95"][1] < 0.5
+    assert control["gain_ci95"][0] > 0 > negated["gain_ci95"][1]  # paired with base's
+    assert base["gain_ci95"] == [0.0, 0.0]
     assert len(control["rewards"]) == 24  # per prompt, for the user's own statistics
     bon, control_bon = report["results"][3:5]
     assert bon["generated_tokens"] > bon["delivered_tokens"]  # N samples paid, one delivered
