@@ -105,6 +105,17 @@ def test_an_ascent_the_head_cannot_run_is_refused_in_the_front_end(llama_dir, tm
         engine_config(llama_dir, {"recontrol": {"value_head": str(head), **keys}})
 
 
+def test_an_ascent_only_a_further_head_cannot_run_names_that_head(llama_dir, head_dir,
+                                                                   tmp_path):
+    linear = ValueHead(64, [], seed=0).save(tmp_path / "linear")
+    with pytest.raises(ConfigError, match=r"^value head 'plain': additional_config\["
+                                          r'"recontrol"\]\["ascent_form"\]: the Gram ascent '
+                                          r"form needs a value head with a hidden layer"):
+        engine_config(llama_dir, {"recontrol": {"value_head": str(head_dir),
+                                                "ascent_form": "gram",
+                                                "value_heads": {"plain": str(linear)}}})
+
+
 def test_a_bad_further_head_is_named(llama_dir, head_dir, narrow_head, tmp_path):
     for path, message in [(narrow_head, "states are 64 wide"), (tmp_path / "nope", "does not exist")]:
         with pytest.raises(ValueHeadError,

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from vllm_recontrol.config import (UNCONTROLLED, EngineSettings, RowControl, check_request_args,
-                                   resolve_request)
+                                   looks_like_request_key, resolve_request)
 from vllm_recontrol.errors import ConfigError, RequestParamsError
 
 
@@ -300,17 +300,51 @@ def test_odd_sections_get_a_message_not_a_crash(section, message):
         EngineSettings.from_additional_config({"recontrol": section})
 
 
-def test_numpy_scalars_are_numbers_and_a_list_is_not_extra_args():
+def test_values_vllm_cannot_send_to_its_engine_process_are_refused_at_admission():
+    """vLLM's engine process gets requests through msgpack, which refuses NumPy scalars,
+    Fractions, tensors: it failed after registering the request, whose output never came,
+    and the next generate call hung (a reviewer's reproduction). Admission refuses them,
+    naming the type and the conversion."""
+    from fractions import Fraction
+
+    import torch
+
     numpy = pytest.importorskip("numpy")
-    engine = EngineSettings.from_additional_config({"recontrol": {"value_head": "h"}})
-    args = {"recontrol_alpha": numpy.float32(0.25), "recontrol_steps": numpy.int64(5),
-            "recontrol_max_norm": numpy.float16(2.0)}
-    assert resolve_request(args, engine) == RowControl(alpha=0.25, steps=5, max_norm=2.0)
-    with pytest.raises(RequestParamsError, match="recontrol_steps must be an integer"):
-        check_request_args({"recontrol_steps": numpy.float32(2.5)}, max_steps=10)
+    for key, value, kind in (("recontrol_alpha", numpy.float64(0.5), "numpy.float64"),
+                             ("recontrol_steps", numpy.int64(3), "numpy.int64"),
+                             ("recontrol_max_norm", Fraction(1, 2), "fractions.Fraction"),
+                             ("recontrol", numpy.bool_(True), "numpy.bool"),
+                             ("recontrol_head", numpy.str_("default"), "numpy.str_"),
+                             ("recontrol_alpha", torch.tensor(0.5), "torch.Tensor")):
+        with pytest.raises(RequestParamsError, match=rf"^{key} must be a plain Python value "
+                           rf"\(int, float, or str for recontrol_head\), got {kind}.*vLLM "
+                           rf"cannot send it to its engine process; convert it first"):
+            check_request_args({key: value}, max_steps=10)
+    check_request_args({"recontrol_alpha": 0.5, "recontrol_steps": 3, "recontrol": True,
+                        "recontrol_max_norm": 2, "recontrol_head": "default",
+                        "other_plugin": numpy.float32(1.0)}, max_steps=10)  # not ours
     with pytest.raises(RequestParamsError, match="extra_args must be a JSON object of keys, "
                                                  "got list"):
         check_request_args([("recontrol_alpha", 1.0)], max_steps=10)
+
+
+@pytest.mark.parametrize("key, meant", [("\u200brecontrol_steps", "recontrol_steps"),
+                                        ("\ufeffrecontrol_alpha", "recontrol_alpha"),
+                                        ("\uff52econtrol_steps", "recontrol_steps"),
+                                        ("recontrol_\u00admax_norm", "recontrol_max_norm")])
+def test_a_key_pasted_with_invisible_or_fullwidth_characters_is_refused(key, meant):
+    """A zero-width space or byte-order mark before the key, or a fullwidth letter, came
+    through copy and paste and made the key another plugin's: the request ran on the
+    engine's defaults without a word (a reviewer's finding)."""
+    assert looks_like_request_key(key)
+    with pytest.raises(RequestParamsError, match=rf"did you mean '{meant}'\?"):
+        check_request_args({key: 3}, max_steps=10)
+
+
+def test_a_huge_whole_float_step_count_is_refused_in_a_short_message():
+    with pytest.raises(RequestParamsError) as refused:
+        check_request_args({"recontrol_steps": 1e308}, max_steps=10)
+    assert len(str(refused.value)) < 120 and "an integer of 1024 bits" in str(refused.value)
 
 
 @pytest.mark.parametrize("key, meant", [("RECONTROL_ALPHA", "recontrol_alpha"),

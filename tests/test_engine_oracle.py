@@ -125,5 +125,13 @@ def test_unknown_head_is_refused_at_admission(llama_engine):
         llama_engine.generate([PROMPTS[0]], greedy(3, recontrol_head="nope"), use_tqdm=False)
     with pytest.raises(VLLMValidationError, match="recontrol_max_norm must be a finite number > 0"):
         llama_engine.generate([PROMPTS[0]], greedy(3, recontrol_max_norm=0), use_tqdm=False)
+    # a NumPy scalar: vLLM's engine process cannot be sent it (msgpack), and refused there,
+    # after the request was registered, the request never finished and the next generate
+    # call hung; admission refuses it first
+    numpy = pytest.importorskip("numpy")
+    with pytest.raises(VLLMValidationError, match="recontrol_alpha must be a plain Python "
+                                                  "value .*got numpy.float64"):
+        llama_engine.generate([PROMPTS[0]], greedy(3, recontrol_alpha=numpy.float64(0.5)),
+                              use_tqdm=False)
     out = llama_engine.generate([PROMPTS[0]], greedy(3), use_tqdm=False)[0]  # still serving
     assert len(out.outputs[0].token_ids) == 3

@@ -626,11 +626,16 @@ def _check_ascent_settings(settings: EngineSettings, heads: dict[str, ValueHead]
     from .controller import check_ascent_form, resolve_ascent
 
     on_cpu = current_platform.device_type == "cpu"
-    for head in heads.values():
-        if on_cpu:
-            resolve_ascent(settings, head, torch.device("cpu"))
-        else:
-            check_ascent_form(settings, head)
+    for name, head in heads.items():
+        try:
+            if on_cpu:
+                resolve_ascent(settings, head, torch.device("cpu"))
+            else:
+                check_ascent_form(settings, head)
+        except ConfigError as exc:  # which head, where a further one is the odd one out
+            if len(heads) == 1:
+                raise
+            raise ConfigError(f"value head {name!r}: {exc}") from exc
 
 
 def _request_keys(fields: Any) -> list[str]:

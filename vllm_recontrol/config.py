@@ -12,6 +12,7 @@ import math
 import numbers
 import re
 import struct
+import unicodedata
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
@@ -273,6 +274,9 @@ def check_request_args(extra_args: Mapping[str, Any] | None, max_steps: int,
         named = ", ".join(f"{k!r} (did you mean {near!r}?)" for k, near in misspelt.items())
         raise RequestParamsError(f"request key(s) {named} look like RE-Control's, and would "
                                  f"be ignored; known keys: {list(REQUEST_KEYS)}")
+    for key in REQUEST_KEYS:
+        if key in extra_args:
+            _plain_value(extra_args[key], key)
     if REQUEST_SWITCH in extra_args:
         _as_switch(extra_args[REQUEST_SWITCH], REQUEST_SWITCH, RequestParamsError)
     if REQUEST_ALPHA in extra_args:
@@ -280,8 +284,8 @@ def check_request_args(extra_args: Mapping[str, Any] | None, max_steps: int,
     if REQUEST_STEPS in extra_args:
         steps = _as_int(extra_args[REQUEST_STEPS], REQUEST_STEPS, RequestParamsError, low=0)
         if steps > max_steps:
-            raise RequestParamsError(f"{REQUEST_STEPS} = {steps} exceeds this engine's max_steps "
-                                     f"= {max_steps}")
+            raise RequestParamsError(f"{REQUEST_STEPS} = {shown_int(steps)} exceeds this "
+                                     f"engine's max_steps = {max_steps}")
     if REQUEST_MAX_NORM in extra_args:
         _as_float(extra_args[REQUEST_MAX_NORM], REQUEST_MAX_NORM, RequestParamsError,
                   positive=True)
@@ -290,9 +294,31 @@ def check_request_args(extra_args: Mapping[str, Any] | None, max_steps: int,
                                  f"this engine's value heads {list(heads)}")
 
 
+def _plain_value(value: Any, name: str) -> None:
+    """Refuse a value of a type that is not Python's own (a NumPy scalar, a Fraction, a
+    tensor): vLLM cannot send it to its engine process (msgpack), and fails only after it
+    has registered the request, which then never finishes and hangs the next generate
+    call. Over HTTP, JSON gives only Python's own types; those of the wrong kind (a list)
+    are refused by each key's own check."""
+    if type(value).__module__ != "builtins":
+        kind = f"{type(value).__module__}.{type(value).__qualname__}"
+        raise RequestParamsError(
+            f"{name} must be a plain Python value (int, float, or str for "
+            f"{REQUEST_HEAD}), got {kind} {value!r:.80}: vLLM cannot send it to its engine "
+            f"process; convert it first, e.g. float(x) or int(x)")
+
+
+def _canonical(key: str) -> str:
+    """``key`` as it reads: compatibility forms folded (fullwidth letters) and invisible
+    format characters (zero-width space, byte-order mark) dropped, so that a key pasted with
+    them is still seen as ours."""
+    return "".join(c for c in unicodedata.normalize("NFKC", key)
+                   if unicodedata.category(c) != "Cf")
+
+
 def _squeezed(key: str) -> str:
     """``key`` without case, spaces, dashes and underscores (how near misses are compared)."""
-    return re.sub(r"[\s_\-]", "", key.lower())
+    return re.sub(r"[\s_\-]", "", _canonical(key).lower())
 
 
 SQUEEZED_REQUEST_KEYS = {_squeezed(k): k for k in REQUEST_KEYS}
@@ -307,8 +333,8 @@ def looks_like_request_key(key: Any) -> bool:
 
 
 def _has_switch_prefix(key: str) -> bool:
-    """``recontrol...`` in any case, with stray spaces."""
-    return key.strip().lower().startswith(REQUEST_SWITCH)
+    """``recontrol...`` in any case, with stray spaces or invisible characters."""
+    return _canonical(key).strip().lower().startswith(REQUEST_SWITCH)
 
 
 def _near_request_key(key: str) -> str | None:
