@@ -107,12 +107,18 @@ def test_an_ascent_the_head_cannot_run_is_refused_in_the_front_end(llama_dir, tm
 
 def test_an_ascent_only_a_further_head_cannot_run_names_that_head(llama_dir, head_dir,
                                                                    tmp_path):
+    """Only the form depends on the head; engine-wide refusals (the precision here) name
+    no head."""
     linear = ValueHead(64, [], seed=0).save(tmp_path / "linear")
-    with pytest.raises(ConfigError, match=r"^value head 'plain': additional_config\["
-                                          r'"recontrol"\]\["ascent_form"\]: the Gram ascent '
-                                          r"form needs a value head with a hidden layer"):
+    with pytest.raises(ConfigError, match=r'^additional_config\["recontrol"\]\["ascent_form"\]: '
+                                          r"the Gram ascent form needs a value head with a "
+                                          r"hidden layer \(value head 'plain'\)$"):
         engine_config(llama_dir, {"recontrol": {"value_head": str(head_dir),
                                                 "ascent_form": "gram",
+                                                "value_heads": {"plain": str(linear)}}})
+    with pytest.raises(ConfigError, match=r'^additional_config\["recontrol"\]\["precision"\]'
+                                          r"(?!.*value head)"):
+        engine_config(llama_dir, {"recontrol": {"value_head": str(head_dir), "precision": "bf16",
                                                 "value_heads": {"plain": str(linear)}}})
 
 

@@ -310,15 +310,17 @@ def test_values_vllm_cannot_send_to_its_engine_process_are_refused_at_admission(
     import torch
 
     numpy = pytest.importorskip("numpy")
-    for key, value, kind in (("recontrol_alpha", numpy.float64(0.5), "numpy.float64"),
-                             ("recontrol_steps", numpy.int64(3), "numpy.int64"),
-                             ("recontrol_max_norm", Fraction(1, 2), "fractions.Fraction"),
-                             ("recontrol", numpy.bool_(True), "numpy.bool"),
-                             ("recontrol_head", numpy.str_("default"), "numpy.str_"),
-                             ("recontrol_alpha", torch.tensor(0.5), "torch.Tensor")):
-        with pytest.raises(RequestParamsError, match=rf"^{key} must be a plain Python value "
-                           rf"\(int, float, or str for recontrol_head\), got {kind}.*vLLM "
-                           rf"cannot send it to its engine process; convert it first"):
+    for key, value, kind, expected, convert in (
+            ("recontrol_alpha", numpy.float64(0.5), "numpy.float64", "int or float", "float"),
+            ("recontrol_steps", numpy.int64(3), "numpy.int64", "int", "int"),
+            ("recontrol_max_norm", Fraction(1, 2), "fractions.Fraction", "int or float",
+             "float"),
+            ("recontrol", numpy.bool_(True), "numpy.bool", "bool, int or str", "bool"),
+            ("recontrol_head", numpy.str_("default"), "numpy.str_", "str", "str"),
+            ("recontrol_alpha", torch.tensor(0.5), "torch.Tensor", "int or float", "float")):
+        with pytest.raises(RequestParamsError, match=rf"^{key} must be a plain Python "
+                           rf"{expected}, got {kind}.*: vLLM cannot send it to its engine "
+                           rf"process; convert it first with {convert}\(x\)$"):
             check_request_args({key: value}, max_steps=10)
     check_request_args({"recontrol_alpha": 0.5, "recontrol_steps": 3, "recontrol": True,
                         "recontrol_max_norm": 2, "recontrol_head": "default",

@@ -130,7 +130,7 @@ def test_unknown_head_is_refused_at_admission(llama_engine):
     # call hung; admission refuses it first
     numpy = pytest.importorskip("numpy")
     with pytest.raises(VLLMValidationError, match="recontrol_alpha must be a plain Python "
-                                                  "value .*got numpy.float64"):
+                                                  "int or float, got numpy.float64"):
         llama_engine.generate([PROMPTS[0]], greedy(3, recontrol_alpha=numpy.float64(0.5)),
                               use_tqdm=False)
     out = llama_engine.generate([PROMPTS[0]], greedy(3), use_tqdm=False)[0]  # still serving

@@ -337,7 +337,7 @@ def test_engine_seeds_and_messages_follow_the_prompts_origins(monkeypatch):
 
 def test_ray_engines_split_each_part_between_them(monkeypatch):
     """On Ray every actor holds every prompt; a part's prompts go out in one contiguous
-    range per actor (its warm-up too), and each part is checked with its own prompting."""
+    range per actor (its warm-up too), and the part is checked with its own prompting."""
     ray = pytest.importorskip("ray")
     from types import SimpleNamespace
 

@@ -627,15 +627,11 @@ def _check_ascent_settings(settings: EngineSettings, heads: dict[str, ValueHead]
 
     on_cpu = current_platform.device_type == "cpu"
     for name, head in heads.items():
-        try:
-            if on_cpu:
-                resolve_ascent(settings, head, torch.device("cpu"))
-            else:
-                check_ascent_form(settings, head)
-        except ConfigError as exc:  # which head, where a further one is the odd one out
-            if len(heads) == 1:
-                raise
-            raise ConfigError(f"value head {name!r}: {exc}") from exc
+        named = name if len(heads) > 1 else None  # a form only one head cannot run: which
+        if on_cpu:
+            resolve_ascent(settings, head, torch.device("cpu"), named)
+        else:
+            check_ascent_form(settings, head, named)
 
 
 def _request_keys(fields: Any) -> list[str]:

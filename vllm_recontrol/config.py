@@ -294,6 +294,11 @@ def check_request_args(extra_args: Mapping[str, Any] | None, max_steps: int,
                                  f"this engine's value heads {list(heads)}")
 
 
+# per request key: the plain types it takes, and the conversion to suggest
+PLAIN_TYPES = {REQUEST_SWITCH: ("bool, int or str", "bool"), REQUEST_STEPS: ("int", "int"),
+               REQUEST_HEAD: ("str", "str")}
+
+
 def _plain_value(value: Any, name: str) -> None:
     """Refuse a value of a type that is not Python's own (a NumPy scalar, a Fraction, a
     tensor): vLLM cannot send it to its engine process (msgpack), and fails only after it
@@ -302,10 +307,10 @@ def _plain_value(value: Any, name: str) -> None:
     are refused by each key's own check."""
     if type(value).__module__ != "builtins":
         kind = f"{type(value).__module__}.{type(value).__qualname__}"
+        expected, convert = PLAIN_TYPES.get(name, ("int or float", "float"))
         raise RequestParamsError(
-            f"{name} must be a plain Python value (int, float, or str for "
-            f"{REQUEST_HEAD}), got {kind} {value!r:.80}: vLLM cannot send it to its engine "
-            f"process; convert it first, e.g. float(x) or int(x)")
+            f"{name} must be a plain Python {expected}, got {kind} {value!r:.80}: vLLM "
+            f"cannot send it to its engine process; convert it first with {convert}(x)")
 
 
 def _canonical(key: str) -> str:

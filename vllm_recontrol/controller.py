@@ -168,10 +168,11 @@ class RowControls:
                     if any(r.max_norm is not None for r in chosen) else None))
 
 
-def resolve_ascent(settings: EngineSettings, head: ValueHead,
-                   device: torch.device) -> tuple[str, str]:
+def resolve_ascent(settings: EngineSettings, head: ValueHead, device: torch.device,
+                   name: str | None = None) -> tuple[str, str]:
     """(backend, product precision) of ``head`` on ``device`` under the engine keys; a
-    combination that cannot run is a ``ConfigError`` naming the key."""
+    combination that cannot run is a ``ConfigError`` naming the key (and ``name``, the
+    head's, where the form is one this head cannot run)."""
     try:
         backend = choose_backend(settings.backend, device, len(head.widths), settings.precision)
     except ValueError as exc:
@@ -180,16 +181,20 @@ def resolve_ascent(settings: EngineSettings, head: ValueHead,
         products = choose_precision(settings.precision, backend)
     except ValueError as exc:
         raise ConfigError(f'additional_config["recontrol"]["precision"]: {exc}') from exc
-    check_ascent_form(settings, head)
+    check_ascent_form(settings, head, name)
     return backend, products
 
 
-def check_ascent_form(settings: EngineSettings, head: ValueHead) -> None:
-    """The engine's ``ascent_form`` for ``head`` (no device decides it)."""
+def check_ascent_form(settings: EngineSettings, head: ValueHead,
+                      name: str | None = None) -> None:
+    """The engine's ``ascent_form`` for ``head`` (no device decides it); ``name``: the
+    head's, said in the error (one of several heads may be the only one it cannot run)."""
     try:
         check_form(settings.ascent_form, head.widths)
     except ValueError as exc:
-        raise ConfigError(f'additional_config["recontrol"]["ascent_form"]: {exc}') from exc
+        which = f" (value head {name!r})" if name else ""
+        raise ConfigError(f'additional_config["recontrol"]["ascent_form"]: {exc}{which}') \
+            from exc
 
 
 _ROWS_BY_ENGINE: dict[str, RowControls] = {}
