@@ -194,6 +194,12 @@ def further_heads(opts: EvalOptions) -> dict[str, str]:
     return dict(further)
 
 
+def head_sources(opts: EvalOptions) -> dict[str, str]:
+    """Every head of the evaluation by name: --value-head's as the default, then
+    --value-heads'."""
+    return {DEFAULT_HEAD: opts.value_head, **(opts.value_heads or {})}
+
+
 def engine_settings(opts: EvalOptions) -> EngineSettings:
     """What every engine of the evaluation shares: the model, the heads (absolute, pinned
     hub heads on Ray), the grid's largest step count and every step count warmed up, the
@@ -522,7 +528,7 @@ def _evaluate(opts: EvalOptions) -> dict[str, Any]:
         logger.warning("eval: reward function %s has no name that tells it from another "
                        "reward, so no scored method is read back: kept samples are scored "
                        "again (give it a __recontrol_name__ to reuse its scores)", source.spec)
-    heads = {DEFAULT_HEAD: opts.value_head, **(opts.value_heads or {})}
+    heads = head_sources(opts)
     finished = FinishedMethods(
         Path(opts.out) / METHODS_DIR,
         run_facts(asdict(opts), prompts, source.describe(), plan.numbers),
@@ -582,9 +588,8 @@ def tuning_evaluator(opts: EvalOptions, plan: PromptPlan, score: Callable, coher
                         out=str(Path(opts.out) / TUNE_DIR))
     finished = FinishedMethods(
         Path(tune_opts.out) / METHODS_DIR,
-        run_facts(asdict(tune_opts), plan.tuning, source.describe(),
-                  [origin.number for origin in plan.tuning_origins]),
-        {DEFAULT_HEAD: opts.value_head, **(opts.value_heads or {})}, enabled=opts.resume)
+        run_facts(asdict(tune_opts), plan.tuning, source.describe(), plan.tuning_numbers),
+        head_sources(opts), enabled=opts.resume)
     return Evaluator(tune_opts, plan.tuning, score, coherence, finished, prepare=prepare,
                      engines=engines, part=part)
 
@@ -596,7 +601,7 @@ def tune(tuner: Evaluator, plan: PromptPlan, coherence: Coherence,
     opts = tuner.opts
     results = tuner.methods()
     base, grid = results[0], results[1:]
-    numbers = [origin.number for origin in plan.tuning_origins]
+    numbers = plan.tuning_numbers
     try:
         chosen = choose_point(base, grid, opts.tune_min_diversity)
     except RecontrolError as exc:  # the grid's table is written all the same

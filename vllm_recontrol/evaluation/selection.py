@@ -159,6 +159,11 @@ class PromptPlan(NamedTuple):
         return bool(self.tuning)
 
     @property
+    def tuning_numbers(self) -> list[int]:
+        """The tuning prompts' indices in their source (their seeds follow them)."""
+        return [origin.number for origin in self.tuning_origins]
+
+    @property
     def origins(self) -> list[PromptOrigin]:
         """Every engine prompt's origin: the evaluated ones, then the tuning ones."""
         return [PromptOrigin(PROMPT_SET, n) for n in self.numbers] + self.tuning_origins
