@@ -81,6 +81,7 @@ def fake_engines(monkeypatch):
         def __init__(self, opts, settings, prompts, origins=None, parts=None) -> None:
             record["started"] += 1
             record["settings"] = settings
+            record["seed"] = opts.seed
             self.prompts = list(prompts)
             self.numbers = [o.number for o in origins] if origins else \
                 list(range(len(self.prompts)))
@@ -204,6 +205,13 @@ def test_held_out_prompts_keep_their_numbers_and_seeds(tmp_path, fake_engines, h
         assert (r["response"], r["reward"], r["prompt"]) == \
             (theirs[key]["response"], theirs[key]["reward"], theirs[key]["prompt"]), key
     assert len(whole["results"]) == 4
+    # --tune-seed draws the same prompts while --seed moves the samples
+    other = evaluation.evaluate(**{**options, "seed": 6}, out=str(tmp_path / "seed6"),
+                                tune_holdout=3, tune_seed=5)
+    assert other["prompt_numbers"] == kept
+    assert other["selection"]["on"] == "held out of --prompts (drawn with seed 5)"
+    assert fake_engines["seed"] == 6  # the samples' seed
+    assert hold_out(8, 3, seed=6).tuning != tuning  # without it, seed 6 holds out others
 
 
 def test_the_diversity_floor_keeps_a_reward_hacking_point_from_being_chosen(
@@ -231,6 +239,10 @@ def test_the_diversity_floor_keeps_a_reward_hacking_point_from_being_chosen(
     table = (tmp_path / "floor" / "tune" / "eval.md").read_text()
     assert "No point chosen: no grid point kept diversity >= 5" in table
     assert "Chosen here" not in table and "| re-control * | 3 | 2 |" in table
+    # ... and the earlier run's report of the evaluated prompts is gone (it would read as
+    # this run's result); its kept methods stay
+    left = sorted(p.name for p in (tmp_path / "floor").iterdir() if p.name[0] != ".")
+    assert left == ["methods", "tune"], left
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -244,6 +256,9 @@ def test_the_diversity_floor_keeps_a_reward_hacking_point_from_being_chosen(
     ({"tune_holdout": 1.5}, "tune_holdout must be an integer"),
     ({"tune_holdout": 9}, "holds out every one of the 8 prompts"),
     ({"tune_prompts": " "}, "--tune-prompts is empty"),
+    ({"tune_seed": 3}, "--tune-seed draws the --tune-holdout prompts: give --tune-holdout"),
+    ({"tune_seed": 3, "tune_prompts": "t.jsonl"}, "--tune-seed draws the --tune-holdout"),
+    ({"tune_holdout": 2, "tune_seed": "3"}, "option tune_seed must be an integer, got '3'"),
     ({"tune_prompts": "t.jsonl", "max_tune_prompts": 0},
      r"--max-tune-prompts must be a positive integer, got 0"),
     ({"tune_prompts": "/nowhere/t.jsonl"},

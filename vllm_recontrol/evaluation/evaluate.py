@@ -38,7 +38,7 @@ from .llm_judge import JudgeAnswers, JudgeClient, JudgeSettings, judge_methods
 from .methods import MethodResult, add_intervals, parse_grid, restore_method
 from .metrics import Coherence, diversity, mean, win_rate
 from .overlap import BackgroundScoring
-from .report import TUNE_DIR, remove_tuning_report, write_report
+from .report import TUNE_DIR, remove_report, write_report
 from .resume import METHODS_DIR, FinishedMethods, log_reused, run_facts
 from .selection import (PromptPlan, check_tuning_options, choose_point, chosen_line,
                         grid_entry, plan_prompts, selection_record)
@@ -67,6 +67,7 @@ class EvalOptions:
     control_best_of: bool = False         # also Best-of-N of controlled samples (top grid point)
     # choose the grid point on held-out prompts, then evaluate that point alone (selection.py)
     tune_holdout: int = 0                 # this many of the prompts, drawn with the seed
+    tune_seed: int | None = None          # the draw's seed (default: seed, as for sampling)
     tune_prompts: str | None = None       # or other prompts: a data set or file
     tune_split: str | None = None         # their split (default validation; not for a file)
     max_tune_prompts: int | None = None
@@ -548,7 +549,7 @@ def _evaluate(opts: EvalOptions) -> dict[str, Any]:
                                  tuning_part) if plan.tuned else None
         try:
             if tuner is not None:  # the grid on the tuning prompts; one point evaluated
-                chosen, selection = tune(tuner, plan, coherence, source)
+                chosen, selection = tune(tuner, plan, coherence, source, Path(opts.out))
                 evaluator.grid = parse_grid([grid_entry(chosen)], list(heads))
             results = evaluator.methods()
         except BaseException:  # also Ctrl-C: the actors are killed, not waited for
@@ -557,7 +558,7 @@ def _evaluate(opts: EvalOptions) -> dict[str, Any]:
         engines.close()
     report_facts = dict(numbers=plan.numbers, selection=selection)
     if not plan.tuned:
-        remove_tuning_report(Path(opts.out))
+        remove_report(Path(opts.out) / TUNE_DIR)
     # written before the judge is asked (hours, at scale) and again after: a run stopped
     # while judging keeps the generations and every other metric
     report = write_report(opts, prompts, results, coherence, source, judged=False,
@@ -594,10 +595,12 @@ def tuning_evaluator(opts: EvalOptions, plan: PromptPlan, score: Callable, coher
                      engines=engines, part=part)
 
 
-def tune(tuner: Evaluator, plan: PromptPlan, coherence: Coherence,
-         source: RewardSource) -> tuple[MethodResult, dict[str, Any]]:
+def tune(tuner: Evaluator, plan: PromptPlan, coherence: Coherence, source: RewardSource,
+         out: Path) -> tuple[MethodResult, dict[str, Any]]:
     """Run the grid on the tuning prompts, report it under ``out/tune`` and choose the
-    point (``choose_point``): (the chosen row, what eval.json records of the choice)."""
+    point (``choose_point``): (the chosen row, what eval.json records of the choice). When
+    none is chosen, an earlier run's report in ``out`` is removed (it would read as this
+    run's result)."""
     opts = tuner.opts
     results = tuner.methods()
     base, grid = results[0], results[1:]
@@ -607,6 +610,7 @@ def tune(tuner: Evaluator, plan: PromptPlan, coherence: Coherence,
     except RecontrolError as exc:  # the grid's table is written all the same
         write_report(opts, plan.tuning, results, coherence, source, judged=False,
                      numbers=numbers, note=f"\nNo point chosen: {exc}")
+        remove_report(out)
         raise
     record = selection_record(base, grid, chosen, plan.where, len(plan.tuning), plan.overlap,
                               opts.tune_min_diversity)
@@ -699,6 +703,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="choose the grid point on N of the prompts (drawn with --seed), "
                         "run only that point on the rest: the reported gain is not chosen "
                         "on the numbers reported (the grid's rows there: OUT/tune)")
+    parser.add_argument("--tune-seed", type=int, metavar="S",
+                        help="draw the --tune-holdout prompts with S instead of --seed (the "
+                        "same prompts held out while --seed varies the samples)")
     parser.add_argument("--tune-prompts", help="or choose it on these prompts (a datasets "
                         "name or a JSONL/Parquet file) and evaluate it on --prompts")
     parser.add_argument("--tune-split",

@@ -114,11 +114,12 @@ def combination_note(results: Sequence[MethodResult]) -> list[str]:
             f"are optimistic; --tune-holdout N or --tune-prompts choose it on other prompts"]
 
 
-def remove_tuning_report(out: Path) -> None:
-    """An untuned run's folder keeps no tuned run's report in ``tune/``, which would read as
-    this run's (its kept methods stay, for a later tuned run)."""
+def remove_report(folder: Path) -> None:
+    """Remove a report that would read as this run's though an earlier run wrote it: an
+    untuned run's ``tune/``, or the evaluated prompts' report when tuning chose no point.
+    Kept methods stay, for a later run."""
     for name in ("eval.json", "eval.md", RESPONSES_FILE, *PLOT_FILES):
-        (out / TUNE_DIR / name).unlink(missing_ok=True)
+        (folder / name).unlink(missing_ok=True)
 
 
 def write_report(opts: EvalOptions, prompts: Sequence[str], results: Sequence[MethodResult],

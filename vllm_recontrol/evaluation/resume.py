@@ -54,7 +54,8 @@ NOT_IN_DIGEST = frozenset({
     # path or --max-prompts past the file's length reuse the methods
     "prompts", "split", "data_dir", "prompt_column", "prompt_format", "max_prompts",
     # how the grid point is chosen: the prompts (and their numbers) and the point decide
-    "tune_prompts", "tune_split", "max_tune_prompts", "tune_holdout", "tune_min_diversity"})
+    "tune_prompts", "tune_split", "max_tune_prompts", "tune_holdout", "tune_seed",
+    "tune_min_diversity"})
 # Options that change how samples are scored or measured, not the samples themselves.
 SCORING_OPTIONS = frozenset({"cut_at", "embedding_model", "device", "rm_engine",
                              "rm_engine_args", "trust_remote_code"})

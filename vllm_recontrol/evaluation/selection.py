@@ -186,6 +186,9 @@ def check_tuning_options(opts: Any) -> None:
     if opts.tune_prompts and opts.tune_holdout:
         raise RecontrolError("give --tune-prompts or --tune-holdout, not both: the point is "
                              "chosen on other prompts, or on prompts held out of --prompts")
+    if opts.tune_seed is not None and not opts.tune_holdout:
+        raise RecontrolError("--tune-seed draws the --tune-holdout prompts: give --tune-holdout "
+                             "N too (--tune-prompts are taken as they are)")
     if not opts.tune_prompts and (opts.tune_split or opts.max_tune_prompts is not None):
         raise RecontrolError("--tune-split and --max-tune-prompts are for --tune-prompts")
     if not (opts.tune_prompts or opts.tune_holdout) and opts.tune_min_diversity is not None:
@@ -195,15 +198,16 @@ def check_tuning_options(opts: Any) -> None:
 
 def plan_prompts(opts: Any, prompts: list[str]) -> PromptPlan:
     """The evaluated prompts and the tuning ones: ``tune_holdout`` of ``prompts`` drawn with
-    the seed, or ``tune_prompts`` loaded as ``--prompts`` is (its split defaults to
+    ``tune_seed`` (default: the seed), or ``tune_prompts`` loaded as ``--prompts`` is (its split defaults to
     validation), or none."""
     every = list(range(len(prompts)))
     if opts.tune_holdout:
-        held = hold_out(len(prompts), opts.tune_holdout, opts.seed)
+        seed = opts.seed if opts.tune_seed is None else opts.tune_seed
+        held = hold_out(len(prompts), opts.tune_holdout, seed)
         tuning = [prompts[i] for i in held.tuning]
         plan = PromptPlan([prompts[i] for i in held.evaluated], held.evaluated, tuning,
                           [PromptOrigin(PROMPT_SET, i) for i in held.tuning],
-                          f"held out of --prompts (drawn with seed {opts.seed})", 0)
+                          f"held out of --prompts (drawn with seed {seed})", 0)
     elif opts.tune_prompts:
         a_file = Path(opts.tune_prompts).is_file()
         if a_file and opts.tune_split:
