@@ -247,7 +247,8 @@ def test_every_guarded_endpoint_exists_in_the_installed_vllm():
     import ast
     import importlib.util
 
-    for module, class_name, method, _, _ in _vllm_adapter.OTHER_ENDPOINTS:
+    guarded = [row[:3] for row in _vllm_adapter.OTHER_ENDPOINTS]
+    for module, class_name, method in [*guarded, _vllm_adapter.TOKEN_GENERATE]:
         tree = ast.parse(open(importlib.util.find_spec(module).origin).read())
         classes = {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
         assert class_name in classes, (module, class_name)
@@ -284,6 +285,59 @@ def test_an_endpoint_that_reads_with_the_engine_s_control_refuses_request_keys()
         assert param == key and "/v1/systemone builds its own sampling parameters" in message
     with pytest.raises(AttributeError, match="_check_model"):
         asyncio.run(decide(serving, SimpleNamespace(), Raw({"vllm_xargs": {"other": 1}})))
+
+
+def test_the_token_generate_endpoint_refuses_keys_it_would_drop_and_bad_values(monkeypatch):
+    """/inference/v1/generate (``vllm serve --enable-scale-out``) passes only
+    sampling_params.extra_args on: keys at the top level, in a top-level vllm_xargs or
+    directly in sampling_params were ignored with 200 (an off switch there left the request
+    controlled), and a bad extra_args value reached a stream as 200 and an error event. Both
+    are 400s naming the key now; a good body reaches vLLM's handler (here: a stand-in server
+    without a model)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from vllm.entrypoints.scale_out.token_in_token_out.serving import ServingTokens
+
+    from vllm_recontrol.config import EngineSettings
+
+    class Raw:  # the HTTP request, as FastAPI hands it on
+        def __init__(self, body: dict) -> None:
+            self.body = body
+
+        async def json(self) -> dict:
+            return self.body
+
+    monkeypatch.setattr(_vllm_adapter, "_fronted_limits", None)
+    _vllm_adapter._guard_openai_requests(EngineSettings.from_additional_config({"recontrol": {
+        "value_head": "h", "steps": 4, "max_steps": 20, "value_heads": {"b": {"path": "hb"}}}}))
+    serve = ServingTokens.serve_tokens
+    assert serve._recontrol_wrapped
+    serving = SimpleNamespace(create_error_response=lambda message, param: (message, param))
+
+    def call(body: dict):
+        extra = (body.get("sampling_params") or {}).get("extra_args")
+        request = SimpleNamespace(sampling_params=SimpleNamespace(extra_args=extra))
+        return asyncio.run(serve(serving, request, Raw(body)))
+
+    for body, key in (({"recontrol_alpha": 2.0}, "recontrol_alpha"),
+                      ({"vllm_xargs": {"recontrol_steps": 3}}, "vllm_xargs.recontrol_steps"),
+                      ({"sampling_params": {"recontrol": 0}}, "sampling_params.recontrol"),
+                      ({"sampling_params": {"Recontrol_Alpha": 1}},
+                       "sampling_params.Recontrol_Alpha")):
+        message, param = call(body)
+        assert param == key, (body, param)
+        assert f"{key} would be ignored here: /inference/v1/generate passes only " \
+               "sampling_params.extra_args on" in message
+    for extra, named in (({"recontrol_steps": 21}, "max_steps"),
+                         ({"recontrol_head": "c"}, "recontrol_head"),
+                         ({"recontrol_alpha": "strong"}, "recontrol_alpha must be a number")):
+        message, param = call({"sampling_params": {"extra_args": extra}})
+        assert param == "sampling_params.extra_args" and named in message, message
+    for good in ({"recontrol_steps": 20, "recontrol_head": "b"}, {"recontrol": 0}, None,
+                 {"other_plugin": 1}):
+        with pytest.raises(AttributeError, match="_check_model"):
+            call({"sampling_params": {"extra_args": good}, "vllm_xargs": {"other": 1}})
 
 
 def test_another_plugins_logits_layer_is_an_install_error_not_a_silent_engine(monkeypatch):

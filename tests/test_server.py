@@ -22,9 +22,9 @@ def server(llama_dir, head_dir, head1_dir, tmp_path_factory):
     of engine cores)."""
     log_path = tmp_path_factory.mktemp("server") / "serve.log"
     cores = cpu_cores()[:2]
-    extra, env = [], None
+    extra, env = ["--enable-scale-out"], None  # also /inference/v1/generate
     if len(cores) == 2:
-        extra = ["--data-parallel-size", "2"]
+        extra += ["--data-parallel-size", "2"]
         env = {"VLLM_CPU_OMP_THREADS_BIND": f"{cores[0]}|{cores[1]}"}
     with serving(llama_dir, shared_control(head_dir, head1_dir), log_path, *extra,
                  env=env) as client:
@@ -195,6 +195,50 @@ def test_the_readme_s_way_to_score_labels_under_a_chosen_control(server):
     assert first_label_share({}) == pytest.approx(engine_score, abs=1e-6)
     assert abs(first_label_share({"recontrol_alpha": 4.0, "recontrol_steps": 8})
                - engine_score) > 1e-4
+
+
+def test_the_token_generate_endpoint_takes_control_in_extra_args_only(server):
+    """/inference/v1/generate (--enable-scale-out) passes sampling_params.extra_args on: a
+    control there gives the tokens /v1/completions gives with the same vllm_xargs; keys
+    anywhere else, which vLLM dropped (answering with the engine's control), and a bad value,
+    which a stream answered with 200 and an error event, are 400s naming the key."""
+    import httpx
+
+    client, _, _ = server
+    root = str(client.base_url).rstrip("/").removesuffix("/v1")
+    control = {"recontrol_alpha": 2.0, "recontrol_steps": 8}
+    prompt = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=1,
+                                       extra_body={"echo": True, "return_token_ids": True})
+    tokens = prompt.choices[0].prompt_token_ids
+
+    def generate(params: dict, stream: bool = False, **top) -> httpx.Response:
+        body = {"model": "tiny", "token_ids": tokens, "stream": stream, **top,
+                "sampling_params": {"max_tokens": MAX_TOKENS, "temperature": 0.0,
+                                    "ignore_eos": True, **params}}
+        return httpx.post(f"{root}/inference/v1/generate", json=body, timeout=60)
+
+    def completion_tokens(**xargs) -> list[int]:
+        return client.completions.create(
+            model="tiny", prompt=tokens, max_tokens=MAX_TOKENS, temperature=0.0,
+            extra_body={"ignore_eos": True, "return_token_ids": True,
+                        **({"vllm_xargs": xargs} if xargs else {})}).choices[0].token_ids
+
+    answered = generate({"extra_args": control})
+    assert answered.status_code == 200, answered.text
+    steered = answered.json()["choices"][0]["token_ids"]
+    assert steered == completion_tokens(**control)
+    assert steered != completion_tokens()  # the control changed the answer
+    for top, params, key in (({}, control, "sampling_params.recontrol_alpha"),
+                             ({}, {"recontrol": 0}, "sampling_params.recontrol"),
+                             (control, {}, "recontrol_alpha"),
+                             ({"vllm_xargs": control}, {}, "vllm_xargs.recontrol_alpha")):
+        for stream in (False, True):
+            refused = generate(params, stream, **top)
+            assert refused.status_code == 400, (top, params, refused.text)
+            assert f"{key}" in refused.text and "would be ignored here" in refused.text
+    for stream in (False, True):
+        refused = generate({"extra_args": {"recontrol_steps": 10 ** 6}}, stream)
+        assert refused.status_code == 400 and "max_steps" in refused.text, refused.text
 
 
 def test_beam_search_refuses_request_keys_and_uses_engine_defaults(server, llama_engine):

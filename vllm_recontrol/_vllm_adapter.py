@@ -548,6 +548,7 @@ def _guard_openai_requests(settings: EngineSettings | None = None) -> None:
             checked._recontrol_wrapped = True  # type: ignore[attr-defined]
             setattr(request_class, method, checked)
     _guard_other_endpoints()
+    _guard_token_generate()
 
 
 # Server endpoints that lose a request's control keys in other ways (module, class, method,
@@ -632,6 +633,63 @@ def _check_ascent_settings(settings: EngineSettings, heads: dict[str, ValueHead]
             resolve_ascent(settings, head, torch.device("cpu"), named)
         else:
             check_ascent_form(settings, head, named)
+
+
+# vLLM's token-in/token-out endpoint (``vllm serve --enable-scale-out``):
+# /inference/v1/generate takes a whole SamplingParams, whose ``extra_args`` reach the engine.
+TOKEN_GENERATE = ("vllm.entrypoints.scale_out.token_in_token_out.serving", "ServingTokens",
+                  "serve_tokens")
+
+
+def _misplaced_generate_keys(body: dict) -> list[str]:
+    """Control keys of an /inference/v1/generate body that vLLM would drop: at the top level,
+    in a top-level ``vllm_xargs`` (the OpenAI endpoints' field, unknown here), or directly
+    in ``sampling_params`` (SamplingParams keeps only its own fields)."""
+    keys = _request_keys(body)
+    xargs = body.get("vllm_xargs")
+    if isinstance(xargs, dict):
+        keys += [f"vllm_xargs.{k}" for k in _request_keys(xargs)]
+    params = body.get("sampling_params")
+    if isinstance(params, dict):
+        keys += [f"sampling_params.{k}" for k in _request_keys(params)]
+    return keys
+
+
+def _guard_token_generate() -> None:
+    """/inference/v1/generate: control keys where vLLM would drop them become HTTP 400s
+    naming them, and ``sampling_params.extra_args`` values are checked before a streamed
+    reply starts (the engine's own check answers a stream with 200 and an error event)."""
+    import importlib
+
+    module_name, class_name, method = TOKEN_GENERATE
+    try:
+        serving_class = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError):  # not in this installation: nothing to guard
+        return
+    original = getattr(serving_class, method, None)
+    if original is None or getattr(original, "_recontrol_wrapped", False):
+        return
+
+    @functools.wraps(original)
+    async def checked(self: Any, request: Any, raw_request: Any = None, *args: Any,
+                      **kwargs: Any) -> Any:
+        keys = _misplaced_generate_keys(await _request_body(request, raw_request))
+        if keys:
+            return self.create_error_response(
+                f"vllm-recontrol: {', '.join(keys)} would be ignored here: "
+                "/inference/v1/generate passes only sampling_params.extra_args on to the "
+                f'engine (e.g. {{"sampling_params": {{"extra_args": {{"recontrol_alpha": '
+                f"...}}}}}})", param=keys[0])
+        if _fronted_limits is not None:
+            params = getattr(request, "sampling_params", None)
+            try:
+                check_request_args(getattr(params, "extra_args", None), *_fronted_limits)
+            except RequestParamsError as exc:
+                return self.create_error_response(str(exc), param="sampling_params.extra_args")
+        return await original(self, request, raw_request, *args, **kwargs)
+
+    checked._recontrol_wrapped = True  # type: ignore[attr-defined]
+    setattr(serving_class, method, checked)
 
 
 def _request_keys(fields: Any) -> list[str]:
