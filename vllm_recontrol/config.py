@@ -282,9 +282,10 @@ def check_request_args(extra_args: Mapping[str, Any] | None, max_steps: int,
     if REQUEST_ALPHA in extra_args:
         _as_float(extra_args[REQUEST_ALPHA], REQUEST_ALPHA, RequestParamsError)
     if REQUEST_STEPS in extra_args:
-        steps = _as_int(extra_args[REQUEST_STEPS], REQUEST_STEPS, RequestParamsError, low=0)
+        given = extra_args[REQUEST_STEPS]
+        steps = _as_int(given, REQUEST_STEPS, RequestParamsError, low=0)
         if steps > max_steps:
-            raise RequestParamsError(f"{REQUEST_STEPS} = {shown_int(steps)} exceeds this "
+            raise RequestParamsError(f"{REQUEST_STEPS} = {shown_number(given)} exceeds this "
                                      f"engine's max_steps = {max_steps}")
     if REQUEST_MAX_NORM in extra_args:
         _as_float(extra_args[REQUEST_MAX_NORM], REQUEST_MAX_NORM, RequestParamsError,
@@ -509,16 +510,23 @@ def _as_int(value: Any, name: str, error: type[Exception], low: int,
     """An integer >= ``low`` (a whole float counts) and, when given, <= ``high``."""
     if isinstance(value, numbers.Integral) and not isinstance(value, bool):
         value = int(value)  # NumPy's integer scalars too (np.int64(5))
+    given = value
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
         raise error(f"{name} must be an integer >= {low}, got {value!r} ({type(value).__name__})")
     if value < low:
-        raise error(f"{name} must be an integer >= {low}, got {shown_int(value)}")
+        raise error(f"{name} must be an integer >= {low}, got {shown_number(given)}")
     if high is not None and value > high:
         limit = " (STEPS_LIMIT)" if high == STEPS_LIMIT else ""
-        raise error(f"{name} must be at most {high}{limit}, got {shown_int(value)}")
+        raise error(f"{name} must be at most {high}{limit}, got {shown_number(given)}")
     return value
+
+
+def shown_number(value: Any) -> str:
+    """A whole number as the user wrote it: a float as a float (1e+300, not its 997-bit
+    integer), an integer by ``shown_int``."""
+    return repr(value) if isinstance(value, float) else shown_int(int(value))
 
 
 def shown_int(value: int) -> str:
