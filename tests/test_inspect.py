@@ -79,6 +79,21 @@ def test_json_reports_and_errors(trained, tmp_path, capsys):
     assert "hidden_size 64 but the model's states are 8 wide" in second["error"]
 
 
+def test_a_head_that_cannot_be_looked_at_is_an_error_and_the_next_one_is_inspected(
+        trained, tmp_path, capsys):
+    """An OSError looking at a head's files (a folder the user may not search; here a path
+    past PATH_MAX) stopped `inspect` with a traceback before the next head."""
+    folder = tmp_path
+    while len(str(folder)) < 4080 - 200:
+        folder = folder / ("d" * 200)
+    folder = folder / ("h" * (4085 - len(str(folder)) - 1))
+    folder.mkdir(parents=True)
+    assert cli(["inspect", str(folder), str(trained["head"])]) == 1
+    out = capsys.readouterr().out
+    assert "config.json cannot be looked at (File name too long)" in out
+    assert out.count("error:") == 1 and str(trained["head"]) in out
+
+
 def test_a_head_of_another_model_is_a_warning(trained, tmp_path, capsys):
     other = tmp_path / "other-model"
     shutil.copytree(trained["model"], other)  # same width, another name

@@ -449,7 +449,8 @@ def _replaced(path, make):
     ("config.json", os.mkfifo, "config .*config.json is not a regular file"),  # would hang
     ("config.json", lambda p: p.symlink_to("/dev/zero"), "is not a regular file"),
     ("config.json", lambda p: p.mkdir(), "config .*config.json is a folder"),
-    ("config.json", lambda p: p.symlink_to(p.parent / "gone"), r"is missing \(a broken link"),
+    ("config.json", lambda p: p.symlink_to(p.parent / "gone"),
+     r"is missing \(a link to .*gone that leads to no file\)"),
     ("model.safetensors", os.mkfifo, "weights .*model.safetensors are not a regular file"),
     ("model.safetensors", lambda p: p.mkdir(), "model.safetensors are a folder"),
 ])
@@ -459,6 +460,122 @@ def test_load_names_a_file_that_is_no_regular_file(tmp_path, name, make, message
     _replaced(path / name, make)
     with pytest.raises(ValueHeadError, match=message):
         ValueHead.load(path)
+
+
+def _long_folder(tmp_path):
+    """A head folder whose own path fits PATH_MAX (4096) but whose files' paths do not: the
+    look at its config.json is an OSError (ENAMETOOLONG), as a folder the user may not search
+    is (EACCES, which root, running the tests, never gets)."""
+    folder = tmp_path
+    while len(str(folder)) < 4080 - 200:
+        folder = folder / ("d" * 200)
+    folder = folder / ("h" * (4085 - len(str(folder)) - 1))
+    os.makedirs(folder)
+    return folder
+
+
+def test_a_head_file_that_cannot_be_looked_at_is_a_head_error(tmp_path):
+    """A bare OSError before (it also stopped `inspect` at that head and was not named by
+    its value_heads key at engine start)."""
+    folder = _long_folder(tmp_path)
+    with pytest.raises(ValueHeadError, match=r"config.json cannot be looked at \(File name too "
+                       r"long\)"):
+        ValueHead.load(folder)
+    with pytest.raises(ValueHeadError, match=r"cannot be looked at \(File name too long\)"):
+        ValueHead.load(tmp_path / ("x" * 300))  # the folder itself
+
+
+def _config(path, text: str):
+    (path / "config.json").write_text(text, encoding="utf-8")
+
+
+def test_an_untrusted_config_costs_little_to_refuse_and_its_messages_stay_short(tmp_path):
+    """A config of megabytes made messages of megabytes; 7 million one-wide layers took 68 s
+    and 3.8 GB before they were refused."""
+    path = _saved(tmp_path)
+    for config, message in (
+            ({"hidden_size": "A" * 100_000, "widths": [6]}, "hidden_size must be a positive"),
+            ({"hidden_size": 12, "widths": ["x" * 100_000] * 50}, "widths must be a list"),
+            ({"hidden_size": 12, "widths": [6], "activation": "g" * 100_000}, "activation"),
+            ({"hidden_size": 12, "widths": [6], "format": "f" * 100_000}, "format"),
+            ({"hidden_size": 12, "widths": [6], "format_version": "9" * 100_000},
+             "format_version"),
+            ({"hidden_size": 12, "widths": [6], "base_model": ["m"] * 100_000}, "base_model"),
+            ({"hidden_size": 12, "widths": [1] * 2_000_000}, "widths lists 2000000 hidden "
+             "layers, more than a value head has \\(at most 64")):
+        _config(path, json.dumps(config))
+        with pytest.raises(ValueHeadError, match=message) as refused:
+            ValueHead.load(path)
+        assert len(str(refused.value)) < 500, (message, len(str(refused.value)))
+    with pytest.raises(ValueHeadError, match="widths lists 65 hidden layers"):
+        ValueHead(12, [2] * 65)
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"hidden_size": 16, "widths": [6], "hidden_size": 12}',
+     "not valid JSON: the key 'hidden_size' appears twice"),
+    ('{"hidden_size": 12, "widths": [6], "metadata": {"a": 1, "a": 2}}', "'a' appears twice"),
+    ('{"hidden_size": 12, "widths": [6], "format_version": true}', "format_version True is not"),
+    ('{"hidden_size": 12, "widths": [6], "format_version": 1.0}', "format_version 1.0 is not"),
+])
+def test_a_config_two_readers_could_read_differently_is_refused(tmp_path, text, message):
+    """Duplicate keys loaded with the last one winning (another tool reads the first);
+    format_version true and 1.0 passed as 1."""
+    path = _saved(tmp_path)
+    config = json.loads((path / "config.json").read_text())
+    _config(path, text[:-1] + f', "save_id": "{config["save_id"]}"}}')
+    with pytest.raises(ValueHeadError, match=message):
+        ValueHead.load(path)
+
+
+def test_a_config_is_read_as_utf8_whatever_the_locale(tmp_path):
+    """Read with the locale's encoding before: under an ASCII locale a UTF-8 config was
+    "not valid JSON"."""
+    import subprocess
+    import sys
+
+    path = ValueHead(12, [6], seed=0, base_model="org/modèle-ü").save(tmp_path / "h")
+    config = json.loads((path / "config.json").read_text())  # saved escaped: as ASCII
+    _config(path, json.dumps(config, ensure_ascii=False))  # as a hand-written config is
+    assert "modèle".encode() in (path / "config.json").read_bytes()
+    script = ("import sys, locale; from vllm_recontrol import ValueHead; "
+              "print(locale.getpreferredencoding(False)); "
+              "print(ValueHead.load(sys.argv[1]).base_model.encode('unicode_escape').decode())")
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONCOERCECLOCALE": "0",
+           "PYTHONUTF8": "0"}
+    done = subprocess.run([sys.executable, "-X", "utf8=0", "-c", script, str(path)], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    encoding, name = done.stdout.split()
+    assert encoding.upper() != "UTF-8"  # the locale the bug needed
+    assert name == "org/mod\\xe8le-\\xfc"
+
+
+def test_a_weights_check_that_runs_out_of_memory_is_a_head_error(tmp_path, monkeypatch):
+    """torch's allocation failure in the finiteness check was a bare RuntimeError."""
+    from vllm_recontrol import head_files
+
+    path = _saved(tmp_path)
+
+    def no_memory(tensor):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr(head_files.torch, "isfinite", no_memory)
+    with pytest.raises(ValueHeadError, match=r"layers.0.weight \(72 values\) could not be "
+                       r"checked: DefaultCPUAllocator"):
+        ValueHead.load(path)
+
+
+def test_the_finiteness_check_reads_every_chunk(monkeypatch):
+    from vllm_recontrol import head_files
+
+    monkeypatch.setattr(head_files, "FINITE_CHUNK", 5)
+    values = torch.zeros(3, 7)
+    assert head_files.all_finite(values)
+    for index in ((0, 0), (2, 6), (1, 3)):
+        bad = values.clone()
+        bad[index] = math.nan
+        assert not head_files.all_finite(bad), index
 
 
 @pytest.mark.parametrize("kwargs, message", [

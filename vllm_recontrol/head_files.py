@@ -27,6 +27,22 @@ FORMAT_VERSION = 1
 SAVE_ID_KEY = "save_id"
 SUPPORTED_ACTIVATIONS = ("relu",)
 STORED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+# The paper's heads have 2 hidden layers, the Triton kernel runs 1 to 3; deeper ones run on
+# torch. The bound keeps what checking an untrusted config costs small (a 14 MB config of
+# 7 million one-wide layers took 68 s and 3.8 GB to refuse).
+MAX_HIDDEN_LAYERS = 64
+# Values of an untrusted config in messages: cut short (a config of megabytes made messages
+# of megabytes).
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = _SHORT.maxother = 60
+_SHORT.maxlist = _SHORT.maxtuple = _SHORT.maxdict = 4
+_SHORT.maxlong = 40
+_SHORT.maxlevel = 2
+
+
+def shown(value: Any) -> str:
+    """``value`` for a message, in at most a few hundred characters."""
+    return _SHORT.repr(value)
 
 
 def check_provenance(base_model: Any, metadata: Any, source: str) -> None:
@@ -66,9 +82,14 @@ def json_problem(value: Any, where: str) -> str | None:
 def check_shape_config(hidden_size: Any, widths: Any, source: str) -> None:
     """Positive integers (NumPy's too, as a config computed with it holds; never a bool)."""
     if not is_positive_integer(hidden_size):
-        raise ValueHeadError(f"{source}: hidden_size must be a positive integer, got {hidden_size!r}")
+        raise ValueHeadError(f"{source}: hidden_size must be a positive integer, got "
+                             f"{shown(hidden_size)}")
+    if isinstance(widths, (list, tuple)) and len(widths) > MAX_HIDDEN_LAYERS:
+        raise ValueHeadError(f"{source}: widths lists {len(widths)} hidden layers, more than a "
+                             f"value head has (at most {MAX_HIDDEN_LAYERS}; the paper's has 2)")
     if not isinstance(widths, (list, tuple)) or not all(is_positive_integer(w) for w in widths):
-        raise ValueHeadError(f"{source}: widths must be a list of positive integers, got {widths!r}")
+        raise ValueHeadError(f"{source}: widths must be a list of positive integers, got "
+                             f"{shown(widths)}")
 
 
 def is_positive_integer(value: Any) -> bool:
@@ -96,22 +117,39 @@ def _finite_float(text: str) -> float:
     return value
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are all different: with a key twice, which one counts is up
+    to the reader (Python's json takes the last), so a reviewer could read another head
+    than the one served."""
+    found: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in found:
+            raise ValueError(f"the key {shown(key)} appears twice")
+        found[key] = value
+    return found
+
+
 def read_config(path: Path) -> dict[str, Any]:
     """Read and validate ``config.json`` of a head folder."""
-    if not path.exists():
-        raise ValueHeadError(f"value head folder {path} does not exist")
-    if not path.is_dir():
-        raise ValueHeadError(f"value head path {path} is not a folder (expected "
-                             f"{CONFIG_FILE} and {WEIGHTS_FILE} inside it)")
     config_path = path / CONFIG_FILE
-    check_regular_file(config_path, f"value head config {config_path}")
-    size = config_path.stat().st_size
+    try:  # a folder that cannot be searched, or a name too long, is an OSError here
+        if not path.exists():
+            raise ValueHeadError(f"value head folder {path} does not exist")
+        if not path.is_dir():
+            raise ValueHeadError(f"value head path {path} is not a folder (expected "
+                                 f"{CONFIG_FILE} and {WEIGHTS_FILE} inside it)")
+        check_regular_file(config_path, f"value head config {config_path}")
+        size = config_path.stat().st_size
+    except OSError as exc:
+        raise ValueHeadError(f"value head {path}: {exc.filename or path} cannot be looked at "
+                             f"({exc.strerror or exc})") from None
     if size > MAX_CONFIG_BYTES:  # read whole by every engine process: bounded
         raise ValueHeadError(f"value head config {config_path} is {size} bytes, more than a "
                              f"head's config holds ({MAX_CONFIG_BYTES}); not a value head's")
     try:
-        config = json.loads(config_path.read_text(), parse_constant=_no_json_constant,
-                            parse_float=_finite_float)
+        config = json.loads(config_path.read_text(encoding="utf-8"),
+                            parse_constant=_no_json_constant, parse_float=_finite_float,
+                            object_pairs_hook=_unique_keys)
     # ValueError also covers integers of more than 4300 digits, which json.loads refuses
     except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError
         raise ValueHeadError(f"value head config {config_path} is not valid JSON: {exc}") from exc
@@ -121,7 +159,7 @@ def read_config(path: Path) -> dict[str, Any]:
         raise ValueHeadError(f"value head config {config_path} must hold a JSON object")
     if "widths" not in config and ("model_type" in config or "architectures" in config):
         raise ValueHeadError(f"{config_path} is a model's config (model_type "
-                             f"{config.get('model_type')!r}), not a value head's: give the "
+                             f"{shown(config.get('model_type'))}), not a value head's: give the "
                              f"value head's folder (config.json with hidden_size and widths)")
     for key in ("hidden_size", "widths"):
         if key not in config:
@@ -129,22 +167,22 @@ def read_config(path: Path) -> dict[str, Any]:
     check_shape_config(config["hidden_size"], config["widths"], source=str(config_path))
     activation = config.get("activation", "relu")
     if activation not in SUPPORTED_ACTIVATIONS:
-        raise ValueHeadError(f"value head config {config_path}: activation {activation!r} is "
+        raise ValueHeadError(f"value head config {config_path}: activation {shown(activation)} is "
                              f"not supported (supported: {', '.join(SUPPORTED_ACTIVATIONS)})")
     if config.get("format", FORMAT_NAME) != FORMAT_NAME:
-        raise ValueHeadError(f"value head config {config_path}: format {config['format']!r} is "
+        raise ValueHeadError(f"value head config {config_path}: format {shown(config['format'])} is "
                              f"not a value head's ({FORMAT_NAME!r})")
     version = config.get("format_version", FORMAT_VERSION)
-    if version != FORMAT_VERSION:
-        raise ValueHeadError(f"value head config {config_path}: format_version {version!r} is "
+    if isinstance(version, bool) or not isinstance(version, int) or version != FORMAT_VERSION:
+        raise ValueHeadError(f"value head config {config_path}: format_version {shown(version)} is "
                              f"not supported (this release reads {FORMAT_VERSION})")
     # Both are compared and read later (base-model check at engine start, `inspect`).
     if config.get("base_model") is not None and not isinstance(config["base_model"], str):
         raise ValueHeadError(f"value head config {config_path}: base_model must be a model "
-                             f"name or null, got {config['base_model']!r}")
+                             f"name or null, got {shown(config['base_model'])}")
     if SAVE_ID_KEY in config and not isinstance(config[SAVE_ID_KEY], str):
         raise ValueHeadError(f"value head config {config_path}: {SAVE_ID_KEY} must be a "
-                             f"string, got {config[SAVE_ID_KEY]!r}")
+                             f"string, got {shown(config[SAVE_ID_KEY])}")
     if config.get("metadata") is not None and not isinstance(config["metadata"], dict):
         raise ValueHeadError(f"value head config {config_path}: metadata must be a JSON "
                              f"object or null, got {type(config['metadata']).__name__}")
@@ -166,14 +204,18 @@ def foreign_config_problem(directory: Path) -> str | None:
 
 def check_regular_file(path: Path, what: str, plural: bool = False) -> None:
     """A missing file, or one that is not a regular file (a FIFO would hang the read, a
-    device such as /dev/zero never ends), each named for what it is."""
-    if not path.exists():
-        raise ValueHeadError(f"{what} {'are' if plural else 'is'} missing"
-                             + (f" (a broken link to {os.readlink(path)})"
-                                if path.is_symlink() else ""))
-    if not path.is_file():
-        kind = "a folder" if path.is_dir() else "not a regular file (a device, FIFO or socket)"
-        raise ValueHeadError(f"{what} {'are' if plural else 'is'} {kind}")
+    device such as /dev/zero never ends), each named for what it is; one that cannot be looked
+    at (a folder on the way the user may not search) says why."""
+    try:
+        if not path.exists():
+            raise ValueHeadError(f"{what} {'are' if plural else 'is'} missing"
+                                 + (f" (a link to {os.readlink(path)} that leads to no file)"
+                                    if path.is_symlink() else ""))
+        if not path.is_file():
+            kind = "a folder" if path.is_dir() else "not a regular file (a device, FIFO or socket)"
+            raise ValueHeadError(f"{what} {'are' if plural else 'is'} {kind}")
+    except OSError as exc:
+        raise ValueHeadError(f"{what} cannot be looked at ({exc.strerror or exc})") from None
 
 
 def read_weights(weights_path: Path, hidden_size: int,
@@ -199,7 +241,7 @@ def read_weights(weights_path: Path, hidden_size: int,
             tensors = {name: handle.get_tensor(name) for name in expected}
     except ValueHeadError:
         raise
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+    except (SafetensorError, OSError, ValueError, RuntimeError, MemoryError) as exc:
         raise ValueHeadError(f"value head weights {weights_path} cannot be read as "
                              f"safetensors: {exc}") from exc
     for name, tensor in tensors.items():
@@ -207,9 +249,25 @@ def read_weights(weights_path: Path, hidden_size: int,
             raise ValueHeadError(f"value head weights {weights_path}: {name} has dtype "
                                  f"{tensor.dtype}, expected one of "
                                  f"{', '.join(str(t) for t in STORED_DTYPES)}")
-        if not torch.isfinite(tensor).all():
+        try:
+            finite = all_finite(tensor)
+        except (RuntimeError, MemoryError) as exc:  # out of memory: name the tensor's size
+            raise ValueHeadError(f"value head weights {weights_path}: {name} "
+                                 f"({tensor.numel()} values) could not be checked: {exc}") from exc
+        if not finite:
             raise ValueHeadError(f"value head weights {weights_path}: {name} holds NaN or inf")
     return tensors, save_id
+
+
+FINITE_CHUNK = 1 << 22  # values per isfinite call: its mask is a byte per value
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """No NaN or inf, checked a chunk at a time (one mask of the whole tensor is a quarter
+    of a float32 head's size more at the peak)."""
+    flat = tensor.reshape(-1)
+    return all(bool(torch.isfinite(flat[i:i + FINITE_CHUNK]).all())
+               for i in range(0, flat.numel(), FINITE_CHUNK))
 
 
 # A head's safetensors header names 2 (layers + 1) tensors and one metadata key: under a
@@ -292,7 +350,8 @@ def weights_id(tensors: dict[str, torch.Tensor]) -> str:
     digest = hashlib.sha256()
     for name, tensor in tensors.items():
         digest.update(f"\0{name}\0{tensor.dtype}\0{list(tensor.shape)}\0".encode())
-        digest.update(tensor.contiguous().view(torch.uint8).numpy().tobytes())
+        # the array itself, not a bytes copy of it (a second copy of the head at the peak)
+        digest.update(tensor.contiguous().view(torch.uint8).numpy())
     return digest.hexdigest()[:32]
 
 

@@ -66,7 +66,7 @@ def write_prompts_jsonl(path: str | Path, texts: Iterable[str]) -> Path:
     """A ``{"prompt": ...}`` JSONL file, the local prompt format of ``vllm-recontrol collect``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as handle:
+    with path.open("w", encoding="utf-8") as handle:
         for text in texts:
             handle.write(json.dumps({"prompt": text}) + "\n")
     return path
@@ -118,7 +118,7 @@ def build_toy_lm(directory: str | Path, config: ToyLMConfig | None = None,
     path = Path(directory)
     info_path = path / "toy_world.json"
     if not overwrite and info_path.is_file() and (path / "model.safetensors").is_file():
-        if json.loads(info_path.read_text()).get("config") == asdict(config):
+        if json.loads(info_path.read_text(encoding="utf-8")).get("config") == asdict(config):
             return path
     path.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(path, WORDS)
@@ -159,7 +159,7 @@ def build_toy_lm(directory: str | Path, config: ToyLMConfig | None = None,
     info = {"config": asdict(config), "final_loss": loss,
             "train_seconds": round(time.perf_counter() - started, 2),
             "note": "vllm_recontrol.toy_world: tiny Llama trained on two-sentence mood documents"}
-    info_path.write_text(json.dumps(info, indent=2) + "\n")
+    info_path.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     return path
 
 

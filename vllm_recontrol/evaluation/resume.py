@@ -191,7 +191,7 @@ class FinishedMethods:
         if not self.enabled:
             return None
         try:
-            saved = json.loads(path.read_text())
+            saved = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             return None
         except (OSError, ValueError) as exc:  # damaged: run the method again

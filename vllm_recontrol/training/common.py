@@ -35,7 +35,7 @@ class RewardError(RecontrolError):
 # ----------------------------------------------------------------------------- files
 def write_jsonl_atomic(path: str | Path, rows: Sequence[Mapping[str, Any]]) -> Path:
     with atomic_path(path) as tmp:
-        with open(tmp, "w") as handle:
+        with open(tmp, "w", encoding="utf-8") as handle:
             for row in rows:
                 handle.write(json.dumps(row, ensure_ascii=False) + "\n")
     return Path(path)
@@ -43,7 +43,7 @@ def write_jsonl_atomic(path: str | Path, rows: Sequence[Mapping[str, Any]]) -> P
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     rows = []
-    with open(path) as handle:
+    with open(path, encoding="utf-8") as handle:
         for number, line in enumerate(handle, 1):
             if line.strip():
                 try:
@@ -168,7 +168,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise RecontrolError(f"config file {path} does not exist")
-    text = path.read_text()
+    text = path.read_text(encoding="utf-8")
     if path.suffix.lower() in (".yaml", ".yml"):
         try:
             import yaml

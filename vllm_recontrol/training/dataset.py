@@ -72,7 +72,7 @@ class LabelledData:
         self.labels = self._choose_labels(labels)
         info_path = labels_dir(self.path, self.labels) / INFO_FILE
         try:
-            info = json.loads(info_path.read_text())
+            info = json.loads(info_path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise DataError(f"{info_path} is not valid JSON ({exc}); relabel with "
                             f"`vllm-recontrol label --overwrite`") from exc

@@ -172,7 +172,7 @@ def _prepare_info(opts: LabelOptions, source: RewardSource, data: Path) -> Path:
         shutil.rmtree(folder)
     elif info_path.is_file():
         try:
-            old = json.loads(info_path.read_text())
+            old = json.loads(info_path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError):
             old = {"source": "unreadable info.json"}
         if old != info and not labelled_shards(folder):

@@ -77,7 +77,7 @@ def shard_status(directory: Path, name: str) -> str:
 def write_manifest(directory: Path, manifest: dict[str, Any]) -> Path:
     path = Path(directory) / MANIFEST_FILE
     with atomic_path(path) as tmp:
-        tmp.write_text(dump_json(manifest))
+        tmp.write_text(dump_json(manifest), encoding="utf-8")
     return path
 
 
@@ -94,7 +94,7 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
         raise DataError(f"{directory} holds no {MANIFEST_FILE}: not a `vllm-recontrol collect` "
                         f"output folder (or the collection never started)")
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise DataError(f"{path} is not valid JSON: {exc}") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != STATES_FORMAT:
