@@ -859,6 +859,7 @@ def test_best_of_takes_whole_numbers_as_a_config_file_writes_them(best_of, expec
     (2.5, r"best_of values must be integers >= 2, got \[2.5\]"),
     ([4, True], "best_of values must be integers >= 2"),
     ("4", "best_of must be an integer >= 2 or a list"),
+    ([4, 8, 4.0], r"best_of lists 4 more than once \(each N is one row of the table\)"),
 ])
 def test_best_of_refuses_what_is_not_a_count_with_a_message(best_of, message):
     """From a config file these reached a loop and ended in a raw TypeError."""

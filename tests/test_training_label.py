@@ -384,6 +384,65 @@ def test_reward_fn_spec_errors():
     assert load_reward_fn("math:sqrt")(4.0) == 2.0
 
 
+def test_a_reward_module_that_fails_to_import_is_named(tmp_path, monkeypatch):
+    """Only a missing module was caught: a syntax error in the user's reward file, or a
+    module failing its own set-up at import, ended label and eval with a bare traceback."""
+    (tmp_path / "recontrol_syntax_slip.py").write_text("def f(p, r) return 1\n")
+    (tmp_path / "recontrol_no_server.py").write_text(
+        "raise RuntimeError('cannot reach reward server')\n")
+    (tmp_path / "recontrol_exits.py").write_text("raise SystemExit(3)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for module, message in (
+            ("recontrol_syntax_slip", r"importing module 'recontrol_syntax_slip' failed: "
+                                      r"SyntaxError: expected ':' \(recontrol_syntax_slip.py, "
+                                      r"line 1\)"),
+            ("recontrol_no_server", r"importing module 'recontrol_no_server' failed: "
+                                    r"RuntimeError: cannot reach reward server"),
+            ("recontrol_exits", r"importing module 'recontrol_exits' failed: SystemExit: 3")):
+        with pytest.raises(RewardError, match=rf"^--reward-fn {module}:f: {message}"):
+            load_reward_fn(f"{module}:f")
+
+
+def test_a_reward_fn_that_exits_is_named_not_a_silent_end(data):
+    """SystemExit from a reward function (a helper library that exits on a failed request)
+    ended label without a word, with the function's own status."""
+    from vllm_recontrol import batched_reward
+
+    def leaves(prompt, response):
+        raise SystemExit(3)
+
+    @batched_reward
+    def leaves_batch(prompts, responses):
+        sys.exit("reward server gone")
+
+    _module("recontrol_test_exits", leaves=leaves, leaves_batch=leaves_batch)
+    with pytest.raises(RewardError, match=r"recontrol_test_exits:leaves raised SystemExit: 3 "
+                                          r"on shard shard-00000 row 0"):
+        label(data=str(data), reward_fn="recontrol_test_exits:leaves", name="exits",
+              progress=False)
+    with pytest.raises(RewardError, match=r"recontrol_test_exits:leaves_batch raised "
+                                          r"SystemExit: reward server gone on the batch"):
+        label(data=str(data), reward_fn="recontrol_test_exits:leaves_batch",
+              name="exits-batch", progress=False)
+
+
+def test_a_label_file_short_of_its_shard_s_responses_is_labelled_again(tmp_path, capsys):
+    """Label files are written whole, so a short one was edited or damaged: it counted as
+    done (labels of 43 of 60 responses reported, exit 0) until train refused it."""
+    data = fake_collect(tmp_path, count=16, shard_size=8)[0]
+    common = dict(data=str(data), reward_fn="training_fakes:good_reward", progress=False)
+    label(**common)
+    path = labels_dir(data, "reward") / "shard-00001.jsonl"
+    whole = path.read_text()
+    path.write_text("".join(whole.splitlines(keepends=True)[:3]))
+    capsys.readouterr()
+    again = label(**common)
+    assert "labels of shard shard-00001 hold 3 rows for its 8 responses" in \
+        capsys.readouterr().err
+    assert again["shards labelled now"] == 1 and again["responses labelled"] == 16
+    assert path.read_text() == whole
+
+
 def test_label_needs_exactly_one_source(data):
     with pytest.raises(RewardError, match="exactly one"):
         label(data=str(data), progress=False)

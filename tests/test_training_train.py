@@ -576,6 +576,30 @@ def test_bad_widths_are_named_as_the_flag(labelled, tmp_path, widths):
         train(data=str(labelled), out=str(tmp_path / "h"), widths=widths, progress=False)
 
 
+def test_empty_or_impossible_widths_are_refused_before_any_allocation(labelled, tmp_path):
+    """`"widths": []` in a config file trained one layer of the model's width (the default)
+    without a word; a width typed with extra zeros ended in the allocator's traceback."""
+    with pytest.raises(DataError, match=r"widths is empty: give the hidden layers' widths"):
+        train(data=str(labelled), out=str(tmp_path / "h"), widths=[], progress=False)
+    with pytest.raises(DataError, match=r"--widths \[100000000000\]: a head of "
+                       r"[\d,]+ parameters \([\d.]+ GB in float32\) does not fit this "
+                       r"machine's [\d.]+ GB of memory"):
+        train(data=str(labelled), out=str(tmp_path / "h"), widths=[10 ** 11], progress=False)
+    assert not (tmp_path / "h").exists()
+
+
+def test_a_head_that_cannot_be_allocated_is_named_by_its_size(monkeypatch):
+    from vllm_recontrol.training import trainer
+
+    def no_memory(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr(trainer, "ValueHead", no_memory)
+    with pytest.raises(DataError, match=r"--widths \[16\]: a head of 161 parameters \(0.0 GB "
+                       r"in float32\) could not be allocated: DefaultCPUAllocator"):
+        trainer.new_head(8, [16], 0, None)
+
+
 def test_abbreviated_flags_are_refused(capsys):
     from vllm_recontrol.training.trainer import main
 

@@ -362,6 +362,10 @@ class Evaluator:
         whole = [int(n) if isinstance(n, float) and n.is_integer() else n for n in values]
         if any(isinstance(n, bool) or not isinstance(n, int) or n < 2 for n in whole):
             raise RecontrolError(f"best_of values must be integers >= 2, got {list(values)}")
+        repeated = sorted({n for n in whole if whole.count(n) > 1})
+        if repeated:  # as a grid point given twice: the same row would be reported twice
+            raise RecontrolError(f"best_of lists {', '.join(map(str, repeated))} more than "
+                                 f"once (each N is one row of the table); give each once")
         return whole
 
     def close(self, failing: bool = False) -> None:

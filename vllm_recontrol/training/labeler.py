@@ -32,7 +32,8 @@ from .ray_pool import (actor_reward_arguments, add_ray_arguments, call_each, che
                        dispatch, ray_actors)
 from .rewards import (DEFAULT_CUT_AT, RM_ENGINES, RewardSource, cut_response,
                       reward_fn_modules)
-from .shards import manifest_sha256, manifest_shards, read_manifest, read_rows, shard_status
+from .shards import (manifest_sha256, manifest_shards, read_manifest, read_rows, rows_path,
+                     shard_status)
 
 LABELS_DIR = "labels"
 INFO_FILE = "info.json"
@@ -227,6 +228,8 @@ def _label_all(opts: LabelOptions, source: RewardSource, data: Path, manifest: d
     missing = [p.name for p in plans if shard_status(data, p.name) == "pending"]
     todo = [p.name for p in plans if p.name not in missing
             and not (folder / f"{p.name}.jsonl").is_file()]
+    todo += _short_labels(data, folder, [p.name for p in plans
+                                         if p.name not in missing and p.name not in todo])
     skipped = len(plans) - len(missing) - len(todo)
     if opts.ray:
         _label_with_ray(opts, data, folder, todo)
@@ -239,6 +242,27 @@ def _label_all(opts: LabelOptions, source: RewardSource, data: Path, manifest: d
                          time.perf_counter() - started)
     print(summary_table(f"vllm-recontrol label -> {folder}", list(summary.items())), flush=True)
     return summary
+
+
+def _short_labels(data: Path, folder: Path, labelled: list[str]) -> list[str]:
+    """The labelled shards whose label file has not one row per response (written whole,
+    so edited by hand or damaged): labelled again, said on stderr, not counted as done."""
+    again = []
+    for shard in labelled:
+        labels, rows = (_line_count(path) for path in (folder / f"{shard}.jsonl",
+                                                       rows_path(data, shard)))
+        if labels != rows:
+            print(f"label: labels of shard {shard} hold {labels} rows for its {rows} responses "
+                  "(the file was edited or damaged): labelling it again", file=sys.stderr,
+                  flush=True)
+            again.append(shard)
+    return again
+
+
+def _line_count(path: Path) -> int:
+    """Non-blank lines of a JSONL file (one per row)."""
+    with open(path, "rb") as handle:
+        return sum(1 for line in handle if line.strip())
 
 
 def _label_with_ray(opts: LabelOptions, data: Path, folder: Path, todo: list[str]) -> None:

@@ -135,6 +135,9 @@ def load_reward_fn(spec: str) -> Callable[..., Any]:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise RewardError(f"--reward-fn {spec}: cannot import module {module_name!r}: {exc}") from exc
+    except (Exception, SystemExit) as exc:  # the user's module: a syntax error, a failed setup
+        raise RewardError(f"--reward-fn {spec}: importing module {module_name!r} failed: "
+                          f"{type(exc).__name__}: {exc}") from exc
     function = module
     for part in attr.split("."):
         if not hasattr(function, part):
@@ -540,7 +543,7 @@ class RewardSource:
         place = _place(where, prompt, response)
         try:
             value = self.function(prompt, response)
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:  # SystemExit: ended the command without a word
             raise RewardError(f"reward function {self.spec} raised {type(exc).__name__}: {exc} "
                               f"on {place}") from exc
         reward = as_reward(value)
@@ -564,7 +567,7 @@ class RewardSource:
         name = f"batched reward function {self.spec}"
         try:
             values = self.function([p for p, _ in chunk], [r for _, r in chunk])
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:
             raise RewardError(f"{name} raised {type(exc).__name__}: {exc} on {rows}") from exc
         returned = f"{values!r:.80} (type {type(values).__name__})"
         try:  # a str, a mapping or a set iterates, but is no list of rewards in order
@@ -578,7 +581,7 @@ class RewardSource:
                 from None
         try:  # a generator runs the function's work here
             values = list(iterator)
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:
             raise RewardError(f"{name} raised {type(exc).__name__}: {exc} on {rows}") from exc
         if len(values) != len(chunk):
             raise RewardError(f"{name} returned {len(values)} rewards for {rows}; it must "

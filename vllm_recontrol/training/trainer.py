@@ -105,6 +105,9 @@ class TrainOptions:
                 isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in self.widths)):
             raise DataError(f"--widths must be positive integers (the hidden layers' widths), "
                             f"got {self.widths!r}")
+        if self.widths is not None and not self.widths:  # `"widths": []` in a config file
+            raise DataError("widths is empty: give the hidden layers' widths (at least one), "
+                            "or leave widths out for one layer of the model's width")
         for name in ("out", "checkpoint"):  # found before training, not after it
             folder = getattr(self, name)
             if folder and Path(folder).exists() and not Path(folder).is_dir():
@@ -113,6 +116,24 @@ class TrainOptions:
 
 
 DEFAULT_PATIENCE = 10
+
+
+def new_head(hidden: int, widths: list[int], seed: int, base_model: str | None) -> ValueHead:
+    """A fresh head, or an error giving its size when it cannot fit (a width typed with
+    extra zeros ended in the allocator's traceback)."""
+    sizes = [hidden, *widths, 1]
+    parameters = sum((a + 1) * b for a, b in zip(sizes[:-1], sizes[1:]))
+    gigabytes = 4 * parameters / 1e9
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    advice = (f"--widths {widths}: a head of {parameters:,} parameters ({gigabytes:.1f} GB "
+              f"in float32)")
+    if 4 * parameters > memory:
+        raise DataError(f"{advice} does not fit this machine's {memory / 1e9:.1f} GB of memory "
+                        f"(training keeps about 4 copies: weights, gradients, Adam's two)")
+    try:
+        return ValueHead(hidden, widths, seed=seed, base_model=base_model)
+    except (RuntimeError, MemoryError) as exc:
+        raise DataError(f"{advice} could not be allocated: {str(exc)[:200]}") from exc
 MAX_SEED = 2 ** 63
 
 
@@ -214,7 +235,7 @@ class Trainer:
             head.base_model = base_model
             return head
         widths = list(opts.widths) if opts.widths else [hidden]
-        return ValueHead(hidden, widths, seed=opts.seed, base_model=base_model)
+        return new_head(hidden, widths, opts.seed, base_model)
 
     # ------------------------------------------------------------------ training
     def epoch(self) -> float:
