@@ -156,6 +156,17 @@ def test_unreadable_prompt_files_are_named(tmp_path):
         load_prompts(str(broken))
 
 
+def test_prompt_files_saved_with_a_byte_order_mark_are_read(tmp_path):
+    """Windows editors start UTF-8 files with a BOM, which was refused ("Unexpected UTF-8
+    BOM") in JSON lines and arrays alike."""
+    lines = tmp_path / "bom.jsonl"
+    lines.write_bytes(b"\xef\xbb\xbf" + '{"prompt": "café"}\n{"prompt": "b"}\n'.encode())
+    assert load_prompts(str(lines)) == ["café", "b"]
+    array = tmp_path / "bom.json"
+    array.write_bytes(b"\xef\xbb\xbf" + '[{"prompt": "café"}]'.encode())
+    assert load_prompts(str(array)) == ["café"]
+
+
 # ----------------------------------------------------------------------------- collection
 @pytest.mark.parametrize("chunk_positions", [None, 9])
 def test_shards_hold_every_response_once_with_the_right_states(tmp_path, monkeypatch,

@@ -314,6 +314,24 @@ def test_init_head_with_another_hidden_size_is_refused(labelled, tmp_path):
               epochs=1, progress=False)
 
 
+def test_init_head_of_another_base_model_is_warned_about(labelled, tmp_path, capsys):
+    """Same width, another model (Llama-2-7B and Vicuna-7B): the likely sign of a wrong
+    --init-head path, taken without a word before; the new head records the data's model."""
+    from vllm_recontrol.training.shards import read_manifest
+    from vllm_recontrol.training.trainer import recorded_model_name
+
+    ValueHead(8, [4], seed=0, base_model="org/other-model").save(tmp_path / "other")
+    common = dict(data=str(labelled), epochs=1, progress=False)
+    train(out=str(tmp_path / "x"), init_head=str(tmp_path / "other"), **common)
+    err = capsys.readouterr().err
+    assert f"warning: --init-head {tmp_path / 'other'} was trained on the states of " \
+           "'org/other-model'" in err
+    data_model = recorded_model_name(read_manifest(labelled))
+    assert ValueHead.load(tmp_path / "x").base_model == data_model
+    train(out=str(tmp_path / "y"), init_head=str(tmp_path / "x"), **common)  # its own model
+    assert "warning: --init-head" not in capsys.readouterr().err
+
+
 def test_a_data_file_instead_of_its_folder_is_named_as_such(tmp_path):
     afile = tmp_path / "manifest.json"
     afile.write_text("{}")

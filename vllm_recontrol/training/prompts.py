@@ -215,19 +215,19 @@ def _choose_column(columns: Sequence[str], wanted: str | None, where: str) -> st
 
 def _json_lines(path: Path):
     """Columns (from the first record) and a reader; plain JSON arrays are accepted too."""
-    with open(path, encoding="utf-8") as handle:
+    with open(path, encoding="utf-8-sig") as handle:
         text_start = handle.read(4096).lstrip()[:1]
     records: list | None = None
     if text_start == "[":  # one JSON array (small files); JSON lines stream
         try:
-            records = list(json.loads(path.read_text(encoding="utf-8")))
+            records = list(json.loads(path.read_text(encoding="utf-8-sig")))
         except json.JSONDecodeError as exc:
             raise DataError(f"prompt file {path} is not valid JSON: {exc}") from exc
     first = None
     if records is not None:
         first = records[0] if records else None
     else:
-        with open(path, encoding="utf-8") as handle:
+        with open(path, encoding="utf-8-sig") as handle:
             for line in handle:
                 if line.strip():
                     first = _parse_record(line, path, 1)
@@ -253,7 +253,7 @@ def _json_lines(path: Path):
 
 
 def _iter_json_lines(path: Path):
-    with open(path, encoding="utf-8") as handle:
+    with open(path, encoding="utf-8-sig") as handle:
         for number, line in enumerate(handle, 1):
             if line.strip():
                 yield f"line {number}", _parse_record(line, path, number)

@@ -232,6 +232,12 @@ class Trainer:
                                 f"but the states in {self.data.path} are {hidden} wide")
             if opts.widths and list(opts.widths) != head.widths:
                 raise DataError(f"--widths {opts.widths} differ from --init-head's {head.widths}")
+            if base_model and head.base_model_mismatch(base_model) and self.group.is_main:
+                # same width, another model (Llama-2-7B and Vicuna-7B): likely a wrong path
+                print(f"warning: --init-head {opts.init_head} was trained on the states of "
+                      f"{head.base_model!r}, but {self.data.path} holds states of "
+                      f"{base_model!r}; training goes on from its weights, and the new head "
+                      f"records {base_model!r}", file=sys.stderr, flush=True)
             head.base_model = base_model
             return head
         widths = list(opts.widths) if opts.widths else [hidden]
