@@ -167,14 +167,17 @@ def read_config(path: Path) -> dict[str, Any]:
     check_shape_config(config["hidden_size"], config["widths"], source=str(config_path))
     activation = config.get("activation", "relu")
     if activation not in SUPPORTED_ACTIVATIONS:
-        raise ValueHeadError(f"value head config {config_path}: activation {shown(activation)} is "
+        raise ValueHeadError(f"value head config {config_path}: activation "
+                             f"{shown(activation)} is "
                              f"not supported (supported: {', '.join(SUPPORTED_ACTIVATIONS)})")
     if config.get("format", FORMAT_NAME) != FORMAT_NAME:
-        raise ValueHeadError(f"value head config {config_path}: format {shown(config['format'])} is "
-                             f"not a value head's ({FORMAT_NAME!r})")
+        raise ValueHeadError(f"value head config {config_path}: format "
+                             f"{shown(config['format'])} is not a value head's "
+                             f"({FORMAT_NAME!r})")
     version = config.get("format_version", FORMAT_VERSION)
     if isinstance(version, bool) or not isinstance(version, int) or version != FORMAT_VERSION:
-        raise ValueHeadError(f"value head config {config_path}: format_version {shown(version)} is "
+        raise ValueHeadError(f"value head config {config_path}: format_version "
+                             f"{shown(version)} is "
                              f"not supported (this release reads {FORMAT_VERSION})")
     # Both are compared and read later (base-model check at engine start, `inspect`).
     if config.get("base_model") is not None and not isinstance(config["base_model"], str):

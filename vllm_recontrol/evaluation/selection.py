@@ -198,8 +198,8 @@ def check_tuning_options(opts: Any) -> None:
 
 def plan_prompts(opts: Any, prompts: list[str]) -> PromptPlan:
     """The evaluated prompts and the tuning ones: ``tune_holdout`` of ``prompts`` drawn with
-    ``tune_seed`` (default: the seed), or ``tune_prompts`` loaded as ``--prompts`` is (its split defaults to
-    validation), or none."""
+    ``tune_seed`` (default: the seed), or ``tune_prompts`` loaded as ``--prompts`` is (its
+    split defaults to validation), or none."""
     every = list(range(len(prompts)))
     if opts.tune_holdout:
         seed = opts.seed if opts.tune_seed is None else opts.tune_seed
