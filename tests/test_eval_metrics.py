@@ -59,6 +59,32 @@ def test_diversity_counts_words_as_the_papers_nltk_tokenization_does(monkeypatch
         4 / 5 * 3 / 4 * 2 / 3)  # what 5 whitespace words ("I'm", "sorry,", ...) gave
 
 
+@pytest.mark.parametrize("text", [
+    'Say "I am sorry." Then listen (that helps.) Good luck.',
+    "He said 'no.' We left. [It rained.] Fine!  Really? Yes.",
+    "It\u2019s over.\u201d She smiled.\u2019 Done.",
+    "One line.\nAnother line.",
+])
+def test_without_punkt_data_sentences_end_where_punkt_ends_them(monkeypatch, fresh_tokenizer,
+                                                                text):
+    """A period before a closing quote or bracket stayed glued to its word ('sorry."
+    Then': sorry. as one token), which moved diversity by as much as the paper's gap between
+    methods. Oracle: punkt's own sentence splitter (its algorithm, without the English data
+    this machine lacks; these texts have no abbreviations, where the data would matter)."""
+    nltk_tokenize = pytest.importorskip("nltk.tokenize")
+    from nltk.tokenize import NLTKWordTokenizer
+    from nltk.tokenize.punkt import PunktSentenceTokenizer
+
+    def no_data(text):
+        raise LookupError("Resource punkt_tab not found.")
+
+    monkeypatch.setattr(nltk_tokenize, "word_tokenize", no_data)
+    tokenize, _ = fresh_tokenizer()
+    words = NLTKWordTokenizer().tokenize
+    assert tokenize(text) == [w for sentence in PunktSentenceTokenizer().tokenize(text)
+                              for w in words(sentence)]
+
+
 def test_diversity_takes_nltks_word_tokenize_itself_when_its_data_is_there(monkeypatch,
                                                                           fresh_tokenizer):
     nltk_tokenize = pytest.importorskip("nltk.tokenize")

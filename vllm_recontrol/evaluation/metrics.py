@@ -18,7 +18,14 @@ from typing import Callable, Sequence
 DIVERSITY_ORDERS = (2, 3, 4)
 
 
-SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+# A sentence ends at . ! or ? and the closing quotes or brackets after it ('sorry." Then'),
+# as punkt ends it; the Treebank tokenizer then splits the period off at its sentence's end.
+SENTENCE_END = re.compile(r"([.!?][\"'\u201d\u2019)\]]*)\s+")
+
+
+def sentences(text: str) -> list[str]:
+    """``text`` split after each sentence end (``SENTENCE_END``), the closers kept."""
+    return [s for s in SENTENCE_END.sub("\\1\0", text.strip()).split("\0") if s]
 
 
 @functools.lru_cache(maxsize=1)
@@ -30,7 +37,8 @@ def word_tokenizer() -> tuple[Callable[[str], list[str]], str]:
     the score: on short answers by more than the paper's gap between methods. That needs
     nltk's punkt_tab data (``python -m nltk.downloader punkt_tab``); without it (offline, or
     never downloaded) the same Treebank word
-    tokenizer runs on sentences split after . ! or ? (punkt also keeps abbreviations whole),
+    tokenizer runs on sentences split after . ! or ? and any closing quotes or brackets
+    (punkt also keeps abbreviations whole),
     and without nltk (the ``eval`` extra has it) words are split at whitespace. The report
     names which one ran."""
     try:
@@ -42,8 +50,7 @@ def word_tokenizer() -> tuple[Callable[[str], list[str]], str]:
         return word_tokenize, "nltk word_tokenize (the paper's)"
     except LookupError:  # no punkt_tab data
         words = NLTKWordTokenizer().tokenize
-        return (lambda text: [w for sentence in SENTENCE_END.split(text.strip()) if sentence
-                              for w in words(sentence)],
+        return (lambda text: [w for sentence in sentences(text) for w in words(sentence)],
                 "nltk's Treebank words on sentences split after . ! ? (no punkt_tab data: "
                 "not exactly the paper's)")
 
