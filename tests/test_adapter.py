@@ -324,7 +324,14 @@ def test_the_token_generate_endpoint_refuses_keys_it_would_drop_and_bad_values(m
                       ({"vllm_xargs": {"recontrol_steps": 3}}, "vllm_xargs.recontrol_steps"),
                       ({"sampling_params": {"recontrol": 0}}, "sampling_params.recontrol"),
                       ({"sampling_params": {"Recontrol_Alpha": 1}},
-                       "sampling_params.Recontrol_Alpha")):
+                       "sampling_params.Recontrol_Alpha"),
+                      # containers this endpoint has not, where habit puts them
+                      ({"sampling_params": {"vllm_xargs": {"recontrol": 0}}},
+                       "sampling_params.vllm_xargs.recontrol"),
+                      ({"sampling_params": {"extra_body": {"recontrol_alpha": 2.0}}},
+                       "sampling_params.extra_body.recontrol_alpha"),
+                      ({"extra_args": {"recontrol": 0}}, "extra_args.recontrol"),
+                      ({"extra_body": {"recontrol_steps": 3}}, "extra_body.recontrol_steps")):
         message, param = call(body)
         assert param == key, (body, param)
         assert f"{key} would be ignored here: /inference/v1/generate passes only " \

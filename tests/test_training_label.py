@@ -426,6 +426,16 @@ def test_a_reward_fn_that_exits_is_named_not_a_silent_end(data):
               name="exits-batch", progress=False)
 
 
+def test_a_labelled_shard_whose_rows_are_gone_is_named_not_a_traceback(tmp_path):
+    data = fake_collect(tmp_path, count=16, shard_size=8)[0]
+    common = dict(data=str(data), reward_fn="training_fakes:good_reward", progress=False)
+    label(**common)
+    (data / "shard-00001.jsonl").unlink()
+    with pytest.raises(DataError, match=r"shard rows .*shard-00001.jsonl are missing; rerun "
+                       r"`vllm-recontrol collect`"):
+        label(**common)
+
+
 def test_a_label_file_short_of_its_shard_s_responses_is_labelled_again(tmp_path, capsys):
     """Label files are written whole, so a short one was edited or damaged: it counted as
     done (labels of 43 of 60 responses reported, exit 0) until train refused it."""

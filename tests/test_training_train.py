@@ -382,6 +382,12 @@ def test_train_cli_config_file_and_flag_override(labelled, tmp_path, capsys):
     config.write_text(json.dumps({"data": str(labelled), "out": "x", "epoch": 3}))
     assert main(["train", "--config", str(config)]) == 1
     assert "unknown option(s) ['epoch']" in capsys.readouterr().err
+    # saved by a Windows editor, with a byte-order mark: read, as prompt files are
+    config.write_bytes(b"\xef\xbb\xbf" + json.dumps({
+        "data": str(labelled), "out": str(tmp_path / "bom-head"), "epochs": 1,
+        "widths": [4]}).encode())
+    assert main(["train", "--config", str(config), "--no-progress"]) == 0
+    assert ValueHead.load(tmp_path / "bom-head").widths == [4]
 
 
 def _metrics_from_whole_shards(data, head, heldout, scored_heldout):
@@ -604,6 +610,24 @@ def test_empty_or_impossible_widths_are_refused_before_any_allocation(labelled, 
                        r"machine's [\d.]+ GB of memory"):
         train(data=str(labelled), out=str(tmp_path / "h"), widths=[10 ** 11], progress=False)
     assert not (tmp_path / "h").exists()
+
+
+def test_more_hidden_layers_than_a_head_has_are_named_as_the_flag(labelled, tmp_path):
+    with pytest.raises(DataError, match=r"^--widths lists 65 hidden layers, more than a value "
+                       r"head has \(at most 64"):
+        train(data=str(labelled), out=str(tmp_path / "h"), widths=[2] * 65, progress=False)
+
+
+def test_a_head_that_does_not_fit_the_device_is_named(labelled, tmp_path, monkeypatch):
+    """A GPU's out-of-memory error moving the head there was a bare traceback (the host
+    memory check cannot know the device's); stands in here by the CPU move."""
+    def no_room(self, *args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 GiB")
+
+    monkeypatch.setattr(ValueHead, "to", no_room)
+    with pytest.raises(DataError, match=r"the value head does not fit cpu's memory: CUDA out "
+                       r"of memory.*give smaller --widths or another --device"):
+        train(data=str(labelled), out=str(tmp_path / "h"), widths=[4], progress=False)
 
 
 def test_a_head_that_cannot_be_allocated_is_named_by_its_size(monkeypatch):

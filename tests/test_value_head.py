@@ -502,7 +502,8 @@ def test_an_untrusted_config_costs_little_to_refuse_and_its_messages_stay_short(
              "format_version"),
             ({"hidden_size": 12, "widths": [6], "base_model": ["m"] * 100_000}, "base_model"),
             ({"hidden_size": 12, "widths": [1] * 2_000_000}, "widths lists 2000000 hidden "
-             "layers, more than a value head has \\(at most 64")):
+             "layers, more than a value head has \\(at most 64"),
+            ({"hidden_size": int("9" * 4299), "widths": [6]}, "layers.0.weight has shape")):
         _config(path, json.dumps(config))
         with pytest.raises(ValueHeadError, match=message) as refused:
             ValueHead.load(path)
@@ -513,7 +514,7 @@ def test_an_untrusted_config_costs_little_to_refuse_and_its_messages_stay_short(
 
 @pytest.mark.parametrize("text, message", [
     ('{"hidden_size": 16, "widths": [6], "hidden_size": 12}',
-     "not valid JSON: the key 'hidden_size' appears twice"),
+     "is ambiguous JSON: the key 'hidden_size' appears twice"),
     ('{"hidden_size": 12, "widths": [6], "metadata": {"a": 1, "a": 2}}', "'a' appears twice"),
     ('{"hidden_size": 12, "widths": [6], "format_version": true}', "format_version True is not"),
     ('{"hidden_size": 12, "widths": [6], "format_version": 1.0}', "format_version 1.0 is not"),

@@ -641,17 +641,27 @@ TOKEN_GENERATE = ("vllm.entrypoints.scale_out.token_in_token_out.serving", "Serv
                   "serve_tokens")
 
 
+# Where a user may put the keys out of habit (the OpenAI endpoints' vllm_xargs, the openai
+# client's extra_body, SamplingParams' extra_args at the wrong level): fields this endpoint
+# does not have, so their contents are dropped.
+KEY_CONTAINERS = ("vllm_xargs", "extra_args", "extra_body")
+
+
 def _misplaced_generate_keys(body: dict) -> list[str]:
-    """Control keys of an /inference/v1/generate body that vLLM would drop: at the top level,
-    in a top-level ``vllm_xargs`` (the OpenAI endpoints' field, unknown here), or directly
-    in ``sampling_params`` (SamplingParams keeps only its own fields)."""
-    keys = _request_keys(body)
-    xargs = body.get("vllm_xargs")
-    if isinstance(xargs, dict):
-        keys += [f"vllm_xargs.{k}" for k in _request_keys(xargs)]
+    """Control keys of an /inference/v1/generate body that vLLM would drop: anywhere but
+    ``sampling_params.extra_args``, at the top level or in ``sampling_params``, directly or
+    in a ``KEY_CONTAINERS`` field (SamplingParams and the request keep only their own)."""
+    keys: list[str] = []
     params = body.get("sampling_params")
-    if isinstance(params, dict):
-        keys += [f"sampling_params.{k}" for k in _request_keys(params)]
+    for prefix, fields in (("", body), ("sampling_params.", params)):
+        if not isinstance(fields, dict):
+            continue
+        keys += [prefix + k for k in _request_keys(fields)]
+        for container in KEY_CONTAINERS:
+            inner = fields.get(container)
+            if isinstance(inner, dict) and (prefix, container) != ("sampling_params.",
+                                                                   "extra_args"):
+                keys += [f"{prefix}{container}.{k}" for k in _request_keys(inner)]
     return keys
 
 

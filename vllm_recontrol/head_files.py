@@ -124,9 +124,13 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     found: dict[str, Any] = {}
     for key, value in pairs:
         if key in found:
-            raise ValueError(f"the key {shown(key)} appears twice")
+            raise DuplicateKey(f"the key {shown(key)} appears twice")
         found[key] = value
     return found
+
+
+class DuplicateKey(ValueError):
+    """A JSON object with a key twice: valid JSON, but read differently by two readers."""
 
 
 def read_config(path: Path) -> dict[str, Any]:
@@ -150,6 +154,9 @@ def read_config(path: Path) -> dict[str, Any]:
         config = json.loads(config_path.read_text(encoding="utf-8"),
                             parse_constant=_no_json_constant, parse_float=_finite_float,
                             object_pairs_hook=_unique_keys)
+    except DuplicateKey as exc:
+        raise ValueHeadError(f"value head config {config_path} is ambiguous JSON: {exc} (which "
+                             "one counts is up to the reader); keep one") from None
     # ValueError also covers integers of more than 4300 digits, which json.loads refuses
     except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError
         raise ValueHeadError(f"value head config {config_path} is not valid JSON: {exc}") from exc
@@ -323,7 +330,7 @@ def _check_names_and_shapes(weights_path: Path, handle: Any, expected: dict[str,
         found = tuple(handle.get_slice(name).get_shape())
         if found != shape:
             raise ValueHeadError(f"value head weights {weights_path}: {name} has shape "
-                                 f"{list(found)}, expected {list(shape)}")
+                                 f"{shown(list(found))}, expected {shown(list(shape))}")
 
 
 WEIGHTS_METADATA_KEY = "recontrol"

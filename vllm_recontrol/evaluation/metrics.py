@@ -10,22 +10,11 @@ from __future__ import annotations
 
 import functools
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
 DIVERSITY_ORDERS = (2, 3, 4)
-
-
-# A sentence ends at . ! or ? and the closing quotes or brackets after it ('sorry." Then'),
-# as punkt ends it; the Treebank tokenizer then splits the period off at its sentence's end.
-SENTENCE_END = re.compile(r"([.!?][\"'\u201d\u2019)\]]*)\s+")
-
-
-def sentences(text: str) -> list[str]:
-    """``text`` split after each sentence end (``SENTENCE_END``), the closers kept."""
-    return [s for s in SENTENCE_END.sub("\\1\0", text.strip()).split("\0") if s]
 
 
 @functools.lru_cache(maxsize=1)
@@ -37,8 +26,9 @@ def word_tokenizer() -> tuple[Callable[[str], list[str]], str]:
     the score: on short answers by more than the paper's gap between methods. That needs
     nltk's punkt_tab data (``python -m nltk.downloader punkt_tab``); without it (offline, or
     never downloaded) the same Treebank word
-    tokenizer runs on sentences split after . ! or ? and any closing quotes or brackets
-    (punkt also keeps abbreviations whole),
+    tokenizer runs on the sentences of punkt's own splitter without that data (its rules
+    for quotes, brackets and Markdown around a period, but no abbreviation list: "Dr." ends
+    a sentence there),
     and without nltk (the ``eval`` extra has it) words are split at whitespace. The report
     names which one ran."""
     try:
@@ -49,10 +39,12 @@ def word_tokenizer() -> tuple[Callable[[str], list[str]], str]:
         word_tokenize("Data. Found.")
         return word_tokenize, "nltk word_tokenize (the paper's)"
     except LookupError:  # no punkt_tab data
-        words = NLTKWordTokenizer().tokenize
-        return (lambda text: [w for sentence in sentences(text) for w in words(sentence)],
-                "nltk's Treebank words on sentences split after . ! ? (no punkt_tab data: "
-                "not exactly the paper's)")
+        from nltk.tokenize.punkt import PunktSentenceTokenizer
+
+        words, split = NLTKWordTokenizer().tokenize, PunktSentenceTokenizer().tokenize
+        return (lambda text: [w for sentence in split(text) for w in words(sentence)],
+                "nltk's Treebank words on punkt's sentences without its English data (no "
+                "punkt_tab data: not exactly the paper's)")
 
 
 def diversity(text: str, orders: Sequence[int] = DIVERSITY_ORDERS) -> float:

@@ -168,7 +168,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise RecontrolError(f"config file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8-sig")  # a Windows editor's byte-order mark too
     if path.suffix.lower() in (".yaml", ".yml"):
         try:
             import yaml

@@ -249,6 +249,8 @@ def _short_labels(data: Path, folder: Path, labelled: list[str]) -> list[str]:
     so edited by hand or damaged): labelled again, said on stderr, not counted as done."""
     again = []
     for shard in labelled:
+        if not rows_path(data, shard).is_file():
+            read_rows(data, shard)  # its error: the rows are missing, rerun collect
         labels, rows = (_line_count(path) for path in (folder / f"{shard}.jsonl",
                                                        rows_path(data, shard)))
         if labels != rows:

@@ -29,7 +29,8 @@ import torch
 
 from ..folder_lock import exclusive_folder
 from ..errors import ValueHeadError
-from ..head_files import CONFIG_FILE, WEIGHTS_FILE, foreign_config_problem
+from ..head_files import (CONFIG_FILE, MAX_HIDDEN_LAYERS, WEIGHTS_FILE,
+                          foreign_config_problem)
 from ..value_head import ValueHead
 from . import checkpoint
 from ..package_versions import package_versions
@@ -108,6 +109,9 @@ class TrainOptions:
         if self.widths is not None and not self.widths:  # `"widths": []` in a config file
             raise DataError("widths is empty: give the hidden layers' widths (at least one), "
                             "or leave widths out for one layer of the model's width")
+        if self.widths is not None and len(self.widths) > MAX_HIDDEN_LAYERS:
+            raise DataError(f"--widths lists {len(self.widths)} hidden layers, more than a "
+                            f"value head has (at most {MAX_HIDDEN_LAYERS}; the paper's has 2)")
         for name in ("out", "checkpoint"):  # found before training, not after it
             folder = getattr(self, name)
             if folder and Path(folder).exists() and not Path(folder).is_dir():
@@ -118,22 +122,28 @@ class TrainOptions:
 DEFAULT_PATIENCE = 10
 
 
-def new_head(hidden: int, widths: list[int], seed: int, base_model: str | None) -> ValueHead:
+def new_head(hidden: int, widths: list[int], seed: int, base_model: str | None,
+             copies: int = 1) -> ValueHead:
     """A fresh head, or an error giving its size when it cannot fit (a width typed with
-    extra zeros ended in the allocator's traceback)."""
+    extra zeros ended in the allocator's traceback). ``copies``: of the head's size that
+    training keeps in this machine's memory."""
     sizes = [hidden, *widths, 1]
     parameters = sum((a + 1) * b for a, b in zip(sizes[:-1], sizes[1:]))
     gigabytes = 4 * parameters / 1e9
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     advice = (f"--widths {widths}: a head of {parameters:,} parameters ({gigabytes:.1f} GB "
               f"in float32)")
-    if 4 * parameters > memory:
+    if copies * 4 * parameters > memory:
+        kept = (f"training on the CPU keeps {copies} copies: weights, gradients, Adam's two"
+                if copies > 1 else "one copy")
         raise DataError(f"{advice} does not fit this machine's {memory / 1e9:.1f} GB of memory "
-                        f"(training keeps about 4 copies: weights, gradients, Adam's two)")
+                        f"({kept})")
     try:
         return ValueHead(hidden, widths, seed=seed, base_model=base_model)
     except (RuntimeError, MemoryError) as exc:
         raise DataError(f"{advice} could not be allocated: {str(exc)[:200]}") from exc
+
+
 MAX_SEED = 2 ** 63
 
 
@@ -206,7 +216,12 @@ class Trainer:
         self.opts, self.data = opts, data
         self.group = group or ProcessGroup()
         self.device = _device(opts.device, self.group)
-        self.head = self._initial_head().to(self.device)
+        try:
+            self.head = self._initial_head().to(self.device)
+        except torch.OutOfMemoryError as exc:  # a GPU's: the host check cannot know it
+            raise DataError(f"the value head does not fit {self.device}'s memory: "
+                            f"{str(exc)[:200]}; give smaller --widths or another --device") \
+                from exc
         self.target_head = copy.deepcopy(self.head) if opts.target_sync_steps > 1 else self.head
         self.optimizer = torch.optim.Adam(self.head.parameters(), lr=opts.lr,
                                           weight_decay=opts.weight_decay)
@@ -241,7 +256,9 @@ class Trainer:
             head.base_model = base_model
             return head
         widths = list(opts.widths) if opts.widths else [hidden]
-        return new_head(hidden, widths, opts.seed, base_model)
+        # on the CPU it trains where it is made: weights, gradients and Adam's two moments
+        copies = 4 if self.device.type == "cpu" else 1
+        return new_head(hidden, widths, opts.seed, base_model, copies)
 
     # ------------------------------------------------------------------ training
     def epoch(self) -> float:
