@@ -276,6 +276,28 @@ def test_tuning_options_that_do_not_fit_are_refused_before_any_engine(
     assert fake_engines["started"] == 0
 
 
+def test_a_reward_error_names_the_method_it_was_scoring(tmp_path, fake_engines, head):
+    """The reward's error named a row and its text, not which method's answers they were."""
+    import sys
+    import types
+
+    def picky(prompt: str, response: str) -> float:
+        if response.count(POSITIVE[0]) > 3:  # alpha 3's answer: one word, over and over
+            raise ValueError("no such mood")
+        return 0.5
+
+    module = types.ModuleType("recontrol_test_picky_reward")
+    module.picky = picky
+    sys.modules[module.__name__] = module
+    prompts = write_prompts(tmp_path / "p.jsonl", [f"q{i}" for i in range(3)])
+    with pytest.raises(RecontrolError, match=r"^scoring re-control \(alpha 3, 2 steps\): reward "
+                       r"function recontrol_test_picky_reward:picky raised ValueError: no such "
+                       r"mood on row 0"):
+        evaluation.evaluate(model="m", value_head=head, prompts=prompts, grid="1:2,3:2",
+                            reward_fn="recontrol_test_picky_reward:picky", best_of=[],
+                            system_prompt="", quiet=True, out=str(tmp_path / "out"))
+
+
 def test_a_one_point_grid_is_tuned_only_as_a_check_of_its_diversity(tmp_path, fake_engines,
                                                                   head):
     prompts = write_prompts(tmp_path / "p.jsonl", [f"q{i}" for i in range(8)])

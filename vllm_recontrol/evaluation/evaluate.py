@@ -24,7 +24,7 @@ from ..config import DEFAULT_HEAD
 from ..folder_lock import exclusive_folder
 from ..head_source import pin_head
 from ..logs import get_logger
-from ..training.common import (RecontrolError, build_options, check_engine_args,
+from ..training.common import (RecontrolError, RewardError, build_options, check_engine_args,
                                check_engine_seed, check_model_path, json_argument,
                                parse_command_line, run_main, sampling_refusal)
 from ..training.engines import run_engines_in_process
@@ -41,7 +41,7 @@ from .overlap import BackgroundScoring
 from .report import TUNE_DIR, remove_report, write_report
 from .resume import METHODS_DIR, FinishedMethods, log_reused, run_facts
 from .selection import (PromptPlan, check_tuning_options, choose_point, chosen_line,
-                        grid_entry, plan_prompts, selection_record)
+                        grid_entry, plan_prompts, point_label, selection_record)
 from .scoring import RewardPool
 
 logger = get_logger(__name__)
@@ -290,7 +290,11 @@ class Evaluator:
             self._prepared = True
 
         def score() -> MethodResult:
-            judge(result, self.prompts, samples, self.score, self.coherence, self.opts.cut_at)
+            try:
+                judge(result, self.prompts, samples, self.score, self.coherence,
+                      self.opts.cut_at)
+            except RewardError as exc:  # which method's answers it failed on, too
+                raise RewardError(f"scoring {method_label(result)}: {exc}") from exc
             if finished and not self._scoring.abandoned:  # not after eval has given up
                 finished.save(digest, result)
             return result
@@ -372,6 +376,12 @@ class Evaluator:
         """Stop the engines if they are this evaluator's own (shared ones: their owner)."""
         if self._owns_engines:
             self._engines.close(failing)
+
+
+def method_label(result: MethodResult) -> str:
+    """``base``, ``best-of-4`` or ``re-control (alpha 1, 30 steps)``: a method in a message."""
+    controlled = result.alpha > 0 and result.steps > 0
+    return f"{result.method} ({point_label(result)})" if controlled else result.method
 
 
 def judge(result: MethodResult, prompts: Sequence[str], samples: Samples, score: Callable,
