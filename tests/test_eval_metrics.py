@@ -329,7 +329,7 @@ def test_an_unavailable_reason_is_its_errors_first_line_cut_at_a_word():
 
 @pytest.mark.parametrize("options,message", [
     ({"replicas": 2}, "replicas > 1 needs ray"),
-    ({"replicas": 0, "ray": True}, "replicas must be a positive integer"),
+    ({"replicas": 0, "ray": True}, "--replicas must be a positive integer"),
     ({"best_of": [4, 1]}, r"best_of values must be integers >= 2, got \[4, 1\]"),
 ])
 def test_eval_refuses_bad_replicas_before_starting_an_engine(options, message):

@@ -460,7 +460,7 @@ def test_label_needs_exactly_one_source(data):
 
 @pytest.mark.parametrize("options, message", [
     ({"replicas": 2}, "replicas > 1 needs ray"),
-    ({"replicas": 0, "ray": True}, "replicas must be a positive integer"),
+    ({"replicas": 0, "ray": True}, "--replicas must be a positive integer"),
     ({"engine_args": "[]"}, "engine_args must be a JSON object"),
     ({"batch_size": -1}, "batch_size must be a positive integer, got -1"),  # was: rewards 0.0
     ({"batch_size": 0}, "batch_size must be a positive integer, got 0"),

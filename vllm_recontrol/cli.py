@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 SUBCOMMANDS = {
@@ -31,6 +32,7 @@ def versions() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv_given = argv
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--version"]:
         print(versions())
@@ -48,8 +50,24 @@ def main(argv: list[str] | None = None) -> int:
         return run_vllm_cli(argv if argv[0] == "serve" else argv[1:])
     import importlib
 
+    from_command_line = argv_given is None
     module = importlib.import_module(SUBCOMMANDS[argv[0]][0])
-    return module.main(argv[1:])
+    status = module.main(argv[1:])
+    from .training.common import INTERRUPTED_STATUS
+
+    if from_command_line and status == INTERRUPTED_STATUS and _ray_started():
+        # Interrupted with Ray started here: the command's own cleanup (actors killed, Ray
+        # shut down) has run, but Ray's native teardown at interpreter exit could then crash
+        # (exit status 139 after "interrupted" when Ctrl-C came just after Ray started)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    return status
+
+
+def _ray_started() -> bool:
+    pool = sys.modules.get("vllm_recontrol.training.ray_pool")
+    return bool(pool and pool.ray_started_in_this_process())
 
 
 if __name__ == "__main__":

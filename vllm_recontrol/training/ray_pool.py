@@ -43,7 +43,7 @@ def add_ray_arguments(parser: argparse.ArgumentParser, replicas_are: str) -> Non
 def check_replicas(replicas: Any, ray: bool, replicas_are: str) -> None:
     """A positive integer, and above 1 only with Ray."""
     if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas <= 0:
-        raise DataError(f"replicas must be a positive integer, got {replicas!r}")
+        raise DataError(f"--replicas must be a positive integer, got {replicas!r}")
     if replicas > 1 and not ray:
         raise DataError(f"replicas > 1 needs ray (--ray): {replicas_are}")
 
@@ -77,6 +77,15 @@ def local_code(module_names: Iterable[str]) -> list[str]:
     return paths
 
 
+_started_ray = False  # ray.init was called in this process (ray_started_in_this_process)
+
+
+def ray_started_in_this_process() -> bool:
+    """Whether this process started (or joined) Ray: its native teardown at interpreter
+    exit can crash after a Ctrl-C (``cli.main`` then ends the process at once)."""
+    return _started_ray
+
+
 @contextlib.contextmanager
 def ray_actors(opts: Any, worker_class: type, count: int, *args: Any,
                ship_modules: Iterable[str] = (),
@@ -106,6 +115,8 @@ def ray_actors(opts: Any, worker_class: type, count: int, *args: Any,
         if ship:
             logger.info("vllm-recontrol: shipping %s to the Ray workers (py_modules)",
                         ", ".join(ship))
+        global _started_ray
+        _started_ray = True
         try:
             ray.init(address=opts.ray_address, include_dashboard=False,
                      ignore_reinit_error=True,
