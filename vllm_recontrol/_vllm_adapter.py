@@ -578,19 +578,30 @@ OTHER_ENDPOINTS = (
 )
 
 
+def _unguarded_method(module_name: str, class_name: str,
+                      method: str) -> tuple[type, Any] | None:
+    """(the serving class, its method) to wrap, or None: not in this installation (nothing
+    to guard), or wrapped already (the guards run once per engine configuration built)."""
+    import importlib
+
+    try:
+        serving_class = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError):
+        return None
+    original = getattr(serving_class, method, None)
+    if original is None or getattr(original, "_recontrol_wrapped", False):
+        return None
+    return serving_class, original
+
+
 def _guard_other_endpoints() -> None:
     """HTTP 400 naming the keys, where ``OTHER_ENDPOINTS`` would drop them without a word.
     The request body is read as sent (the Anthropic request model drops unknown fields)."""
-    import importlib
-
     for module_name, class_name, method, xargs_lost, why in OTHER_ENDPOINTS:
-        try:
-            serving_class = getattr(importlib.import_module(module_name), class_name)
-        except (ImportError, AttributeError):  # not in this installation: nothing to guard
+        found = _unguarded_method(module_name, class_name, method)
+        if found is None:
             continue
-        original = getattr(serving_class, method, None)
-        if original is None or getattr(original, "_recontrol_wrapped", False):
-            continue
+        serving_class, original = found
 
         @functools.wraps(original)
         async def checked(self: Any, request: Any, raw_request: Any = None, *args: Any,
@@ -669,16 +680,11 @@ def _guard_token_generate() -> None:
     """/inference/v1/generate: control keys where vLLM would drop them become HTTP 400s
     naming them, and ``sampling_params.extra_args`` values are checked before a streamed
     reply starts (the engine's own check answers a stream with 200 and an error event)."""
-    import importlib
-
     module_name, class_name, method = TOKEN_GENERATE
-    try:
-        serving_class = getattr(importlib.import_module(module_name), class_name)
-    except (ImportError, AttributeError):  # not in this installation: nothing to guard
+    found = _unguarded_method(module_name, class_name, method)
+    if found is None:
         return
-    original = getattr(serving_class, method, None)
-    if original is None or getattr(original, "_recontrol_wrapped", False):
-        return
+    serving_class, original = found
 
     @functools.wraps(original)
     async def checked(self: Any, request: Any, raw_request: Any = None, *args: Any,
