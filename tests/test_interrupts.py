@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 # The main thread blocks in a C call (as vLLM's engine start does, in a zmq poll) while the
 # SIGINT is handed to another thread of the process, as the kernel may hand a Ctrl-C.
 _RUN = r"""
@@ -157,3 +159,52 @@ def test_an_interrupted_command_that_started_ray_ends_without_the_interpreter_te
         assert done.returncode == 130, done.stderr[-2000:]
         assert "given argv: 130" in done.stdout
         assert ("interpreter teardown ran" in done.stdout) is teardown, done.stdout
+
+
+def test_what_a_local_ray_node_leaves_after_shutdown_is_stopped(tmp_path):
+    """After a Ctrl-C, ray.shutdown left the node's dashboard and runtime-env agents running
+    for a minute (the interpreter's exit, which the CLI now skips, used to end them): the
+    processes that name the node's session folder are stopped; others are not touched."""
+    import time
+
+    from vllm_recontrol.training.ray_pool import _stop_leftovers
+
+    session = str(tmp_path / "session_2026-12-08_00-00-00_000000_1")
+    sleeper = "import time, sys; time.sleep(120)"
+    mine = subprocess.Popen([sys.executable, "-c", sleeper, f"--session-dir={session}"])
+    other = subprocess.Popen([sys.executable, "-c", sleeper, f"--session-dir={session}-other"])
+    try:
+        time.sleep(0.5)
+        _stop_leftovers(None)  # no local node: nothing to look for
+        assert mine.poll() is None
+        _stop_leftovers(session + "-not-running")
+        assert mine.poll() is None and other.poll() is None
+        _stop_leftovers(session)
+        assert mine.wait(timeout=10) is not None
+        assert other.poll() is None  # another node's (a prefix match would have stopped it)
+    finally:
+        for process in (mine, other):
+            process.kill()
+            process.wait()
+
+
+def test_a_ctrl_c_while_ray_starts_shuts_down_what_it_started(monkeypatch):
+    from types import SimpleNamespace
+
+    import ray
+
+    from vllm_recontrol.training import ray_pool
+
+    stopped = []
+
+    def interrupted_start(**kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ray, "init", interrupted_start)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray_pool, "_shut_down_ray", lambda module: stopped.append(module))
+    opts = SimpleNamespace(replicas=1, ray_num_cpus=1, ray_num_gpus=0, ray_address=None)
+    with pytest.raises(KeyboardInterrupt):
+        with ray_pool.ray_actors(opts, object, 1):
+            pass
+    assert stopped == [ray]

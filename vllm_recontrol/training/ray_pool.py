@@ -125,6 +125,9 @@ def ray_actors(opts: Any, worker_class: type, count: int, *args: Any,
             raise DataError(f"{named}: no Ray cluster to connect to "
                             f"({str(exc).splitlines()[0]}); start one (ray start --head) or "
                             f"leave --ray-address out to start a local one") from None
+        except BaseException:  # Ctrl-C while Ray starts: stop what it has started so far
+            _shut_down_ray(ray)
+            raise
     elif ship:
         logger.warning("vllm-recontrol: Ray was started before this call, so %s cannot be "
                        "shipped to its workers from here; actors on other machines import it "
@@ -141,7 +144,53 @@ def ray_actors(opts: Any, worker_class: type, count: int, *args: Any,
         for actor in actors:
             ray.kill(actor)
         if started_here:
-            ray.shutdown()
+            _shut_down_ray(ray)
+
+
+def _shut_down_ray(ray: Any) -> None:
+    """``ray.shutdown()``, and then the local node's processes it left running."""
+    session = _session_dir()
+    ray.shutdown()
+    _stop_leftovers(session)
+
+
+def _session_dir() -> str | None:
+    """The local Ray node's session folder, which every process it started names in its
+    command line (None: no local node, e.g. a cluster joined by address)."""
+    from ray._private import worker
+
+    node = getattr(worker, "_global_node", None)
+    try:
+        return node.get_session_dir_path() if node is not None else None
+    except Exception:  # Ray's internals moved: nothing to look for
+        return None
+
+
+LEFTOVER_GRACE_S = 3.0
+
+
+def _stop_leftovers(session: str | None) -> None:
+    """Stop what the Ray node started here and ray.shutdown left running: after a Ctrl-C
+    its dashboard and runtime-env agents outlived the command by a minute, where the
+    interpreter's exit (which the CLI skips then: cli.main) used to end them."""
+    if not session:
+        return
+    import psutil
+
+    named = re.compile(re.escape(session) + r"(?=$|[/\s])")  # not session_..._10 for _1
+    left = []
+    for process in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if process.pid != os.getpid() and named.search(
+                    " ".join(process.info["cmdline"] or ())):
+                process.terminate()
+                left.append(process)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    _, alive = psutil.wait_procs(left, timeout=LEFTOVER_GRACE_S)
+    for process in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
 
 
 def actor_path(name: str | None) -> str | None:
