@@ -32,7 +32,7 @@ def versions() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv_given = argv
+    from_command_line = argv is None  # not a caller's main(argv): may end the process
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--version"]:
         print(versions())
@@ -50,7 +50,6 @@ def main(argv: list[str] | None = None) -> int:
         return run_vllm_cli(argv if argv[0] == "serve" else argv[1:])
     import importlib
 
-    from_command_line = argv_given is None
     module = importlib.import_module(SUBCOMMANDS[argv[0]][0])
     status = module.main(argv[1:])
     from .training.common import INTERRUPTED_STATUS

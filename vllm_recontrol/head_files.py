@@ -117,6 +117,10 @@ def _finite_float(text: str) -> float:
     return value
 
 
+class DuplicateKey(ValueError):
+    """A JSON object with a key twice: valid JSON, but read differently by two readers."""
+
+
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     """A JSON object whose keys are all different: with a key twice, which one counts is up
     to the reader (Python's json takes the last), so a reviewer could read another head
@@ -127,10 +131,6 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
             raise DuplicateKey(f"the key {shown(key)} appears twice")
         found[key] = value
     return found
-
-
-class DuplicateKey(ValueError):
-    """A JSON object with a key twice: valid JSON, but read differently by two readers."""
 
 
 def read_config(path: Path) -> dict[str, Any]:

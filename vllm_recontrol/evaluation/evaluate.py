@@ -262,7 +262,7 @@ class Evaluator:
         evaluation finished it, or its samples when only the scoring changed
         (``FinishedMethods``). The future holds the scored method."""
         finished = self.finished
-        controlled = result.alpha > 0 and result.steps > 0
+        controlled = result.controlled
         digest = finished and finished.digest(result.key, result.head, controlled)
         restored = restore_method(finished and finished.load(digest), len(self.prompts))
         if restored is not None:
@@ -380,8 +380,7 @@ class Evaluator:
 
 def method_label(result: MethodResult) -> str:
     """``base``, ``best-of-4`` or ``re-control (alpha 1, 30 steps)``: a method in a message."""
-    controlled = result.alpha > 0 and result.steps > 0
-    return f"{result.method} ({point_label(result)})" if controlled else result.method
+    return f"{result.method} ({point_label(result)})" if result.controlled else result.method
 
 
 def judge(result: MethodResult, prompts: Sequence[str], samples: Samples, score: Callable,

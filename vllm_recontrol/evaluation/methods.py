@@ -46,6 +46,11 @@ class MethodResult:
                 f"{self.max_norm!r}")  # repr: two grid points 1e-7 apart stay apart
 
     @property
+    def controlled(self) -> bool:
+        """Whether the method edits the states (alpha and steps both above 0)."""
+        return self.alpha > 0 and self.steps > 0
+
+    @property
     def tokens_per_s(self) -> float:
         return self.generated_tokens / self.seconds if self.seconds else math.nan
 

@@ -249,10 +249,10 @@ def _short_labels(data: Path, folder: Path, labelled: list[str]) -> list[str]:
     so edited by hand or damaged): labelled again, said on stderr, not counted as done."""
     again = []
     for shard in labelled:
-        if not rows_path(data, shard).is_file():
-            read_rows(data, shard)  # its error: the rows are missing, rerun collect
-        labels, rows = (_line_count(path) for path in (folder / f"{shard}.jsonl",
-                                                       rows_path(data, shard)))
+        rows_file = rows_path(data, shard)
+        if not rows_file.is_file():
+            read_rows(data, shard)  # raises its error: the rows are missing, rerun collect
+        labels, rows = _line_count(folder / f"{shard}.jsonl"), _line_count(rows_file)
         if labels != rows:
             print(f"label: labels of shard {shard} hold {labels} rows for its {rows} responses "
                   "(the file was edited or damaged): labelling it again", file=sys.stderr,
