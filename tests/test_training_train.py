@@ -630,6 +630,46 @@ def test_a_head_that_does_not_fit_the_device_is_named(labelled, tmp_path, monkey
         train(data=str(labelled), out=str(tmp_path / "h"), widths=[4], progress=False)
 
 
+def test_a_device_out_of_memory_during_an_epoch_names_the_remedy_and_what_was_kept(
+        labelled, tmp_path, monkeypatch):
+    """Adam's moments and a batch are allocated after the head was moved: a GPU out of
+    memory there was a bare traceback. Stands in by the CPU: epoch 2 runs out of memory, the
+    checkpoint of epoch 1 is named, and a rerun goes on from it to the same head as a run
+    that never failed."""
+    from vllm_recontrol.training.trainer import Trainer
+
+    options = dict(data=str(labelled), target="mc", epochs=2, batch_size=16, widths=[8],
+                   device="cpu", progress=False, patience=None)
+    with pytest.raises(DataError, match=r"^train: cpu ran out of memory in epoch 1 \(head "
+                       r"widths \[8\], 16 states a step\): CUDA out of memory.*--batch-size.*"
+                       r"--device cpu; nothing was saved$"):
+        with monkeypatch.context() as patched:
+            patched.setattr(Trainer, "epoch", lambda self: (_ for _ in ()).throw(
+                torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")))
+            train(out=str(tmp_path / "h"), **options)
+    assert not (tmp_path / "h").exists()
+
+    real_epoch, calls = Trainer.epoch, []
+
+    def second_fails(self):
+        calls.append(1)
+        if len(calls) == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_epoch(self)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(Trainer, "epoch", second_fails)
+        with pytest.raises(DataError, match=r"out of memory in epoch 2 .* the checkpoint in "
+                           r".*ck holds epoch 1: rerun with the same --checkpoint"):
+            train(out=str(tmp_path / "h"), checkpoint=str(tmp_path / "ck"), **options)
+    train(out=str(tmp_path / "h"), checkpoint=str(tmp_path / "ck"), **options)
+    train(out=str(tmp_path / "whole"), **options)
+    resumed = ValueHead.load(tmp_path / "h").state_dict()
+    whole = ValueHead.load(tmp_path / "whole").state_dict()
+    assert resumed.keys() == whole.keys()
+    assert all(torch.equal(resumed[k], whole[k]) for k in whole)
+
+
 def test_a_head_that_cannot_be_allocated_is_named_by_its_size(monkeypatch):
     from vllm_recontrol.training import trainer
 

@@ -595,6 +595,22 @@ def uneven_deal(train_states: Sequence[int], world: int, per_process: int) -> st
             f"smaller --shard-size for more, smaller shards, or train on fewer processes")
 
 
+def _out_of_memory(exc: torch.OutOfMemoryError, opts: TrainOptions, trainer: Trainer,
+                   done_epochs: int) -> DataError:
+    """The device ran out of memory during an epoch (the head fitted when it was moved, but
+    Adam's two moments, the gradients and a batch's activations come later): what to change,
+    and what a rerun keeps."""
+    kept = (f"the checkpoint in {opts.checkpoint} holds epoch {done_epochs}: rerun with the "
+            f"same --checkpoint to go on from it" if opts.checkpoint and done_epochs
+            else "nothing was saved")
+    return DataError(f"train: {trainer.device} ran out of memory in epoch {done_epochs + 1} "
+                     f"(head widths {trainer.head.widths}, {trainer.batch_size} states a step"
+                     f"{' per process' if trainer.group.distributed else ''}): "
+                     f"{str(exc)[:200]}; give a smaller --batch-size or --widths, free the "
+                     f"device (an engine on it holds its --gpu-memory-utilization share), or "
+                     f"train with --device cpu; {kept}")
+
+
 def _remove_if_empty(folder: Path) -> None:
     with contextlib.suppress(OSError):
         folder.rmdir()  # fails unless empty
@@ -633,8 +649,11 @@ def _train(opts: TrainOptions, group: ProcessGroup, held: contextlib.ExitStack
     bar = progress(epochs, desc=f"train ({opts.target})", unit="epoch",
                    disable=not opts.progress or not group.is_main)
     for epoch in bar:
-        loss = trainer.epoch()
-        metrics = trainer.evaluate()
+        try:
+            loss = trainer.epoch()
+            metrics = trainer.evaluate()
+        except torch.OutOfMemoryError as exc:  # a GPU's (Adam's moments, a batch): no traceback
+            raise _out_of_memory(exc, opts, trainer, state.epoch) from exc
         if not (math.isfinite(loss) and math.isfinite(metrics["mse"])):
             # NaN compares false with everything: early stopping would keep the first
             # weights and save them as if trained. Nothing is saved.
