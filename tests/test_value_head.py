@@ -1264,6 +1264,24 @@ def test_a_path_that_cannot_be_looked_at_is_a_value_head_error():
         ValueHead.load("/tmp/" + "x" * 300)
 
 
+def test_a_path_that_cannot_be_looked_at_is_named_whatever_pathlib_answers(tmp_path,
+                                                                          monkeypatch):
+    """Whether Path.exists raises or answers False on a lookup that fails (a name too long,
+    a folder the user may not search) depends on the Python version; with False the head
+    read as missing, or as a hub repository. Here pathlib answers as os.path does (False)."""
+    import os.path
+    import pathlib
+
+    for name, lenient in (("exists", os.path.exists), ("is_dir", os.path.isdir),
+                          ("is_file", os.path.isfile)):
+        monkeypatch.setattr(pathlib.Path, name, lambda self, _f=lenient, **kw: _f(self))
+    with pytest.raises(ValueHeadError, match=r"cannot be looked at \(File name too long\)"):
+        ValueHead.load("/tmp/" + "x" * 300)
+    with pytest.raises(ValueHeadError, match=r"config.json cannot be looked at \(File name too "
+                       r"long\)"):
+        ValueHead.load(_long_folder(tmp_path))
+
+
 def test_a_weights_file_with_a_header_no_head_has_is_refused_unparsed(tmp_path):
     """A model's weights renamed, or a hostile file: an 89 MB header took 2.2 GB to parse
     and its tensor names made a 17 MB message; the length (the first 8 bytes) decides."""

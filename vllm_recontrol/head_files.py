@@ -12,6 +12,7 @@ import math
 import numbers
 import os
 import reprlib
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -137,9 +138,10 @@ def read_config(path: Path) -> dict[str, Any]:
     """Read and validate ``config.json`` of a head folder."""
     config_path = path / CONFIG_FILE
     try:  # a folder that cannot be searched, or a name too long, is an OSError here
-        if not path.exists():
+        found = file_status(path)
+        if found is None:
             raise ValueHeadError(f"value head folder {path} does not exist")
-        if not path.is_dir():
+        if not stat.S_ISDIR(found.st_mode):
             raise ValueHeadError(f"value head path {path} is not a folder (expected "
                                  f"{CONFIG_FILE} and {WEIGHTS_FILE} inside it)")
         check_regular_file(config_path, f"value head config {config_path}")
@@ -212,17 +214,30 @@ def foreign_config_problem(directory: Path) -> str | None:
     return None
 
 
+def file_status(path: Path) -> os.stat_result | None:
+    """``path``'s status (links followed), None when nothing is there. Why not
+    ``Path.exists``: whether it raises or answers False when the lookup itself fails (a
+    folder on the way the user may not search, a name too long) depends on the Python
+    version, and False would read as "missing". Any other OSError is raised."""
+    try:
+        return path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
 def check_regular_file(path: Path, what: str, plural: bool = False) -> None:
     """A missing file, or one that is not a regular file (a FIFO would hang the read, a
     device such as /dev/zero never ends), each named for what it is; one that cannot be looked
     at (a folder on the way the user may not search) says why."""
     try:
-        if not path.exists():
+        found = file_status(path)
+        if found is None:
             raise ValueHeadError(f"{what} {'are' if plural else 'is'} missing"
                                  + (f" (a link to {os.readlink(path)} that leads to no file)"
                                     if path.is_symlink() else ""))
-        if not path.is_file():
-            kind = "a folder" if path.is_dir() else "not a regular file (a device, FIFO or socket)"
+        if not stat.S_ISREG(found.st_mode):
+            kind = ("a folder" if stat.S_ISDIR(found.st_mode)
+                    else "not a regular file (a device, FIFO or socket)")
             raise ValueHeadError(f"{what} {'are' if plural else 'is'} {kind}")
     except OSError as exc:
         raise ValueHeadError(f"{what} cannot be looked at ({exc.strerror or exc})") from None

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import difflib
 import re
+import stat
 from pathlib import Path
 
 from .errors import ValueHeadError
+from .head_files import file_status
 from .logs import get_logger
 
 logger = get_logger(__name__)
@@ -90,10 +92,11 @@ def _exists(path: Path, folder: bool = False) -> bool:
     at (a folder this user may not enter, a name too long) is a ValueHeadError naming it,
     not a bare OSError."""
     try:
-        return path.is_dir() if folder else path.exists()
+        found = file_status(path)
     except OSError as exc:
         raise ValueHeadError(f"value head {str(path)[:300]!r} cannot be looked at "
                              f"({exc.strerror or exc})") from None
+    return found is not None and (not folder or stat.S_ISDIR(found.st_mode))
 
 
 def _local_hint(path: Path) -> str:
