@@ -15,6 +15,7 @@ import torch
 
 from training_fakes import fake_collect, good_reward
 from vllm_recontrol import ValueHead
+from vllm_recontrol.training.common import DataError
 from vllm_recontrol.training.dataset import LabelledData
 from vllm_recontrol.training.distributed import ProcessGroup
 from vllm_recontrol.training.labeler import label
@@ -128,6 +129,33 @@ def test_batch_size_must_split_evenly(two_shards, tmp_path):
     assert proc.returncode != 0
     assert "batch_size 7 must be a multiple of the 2 processes" in proc.stdout + proc.stderr
     assert not (tmp_path / "h").exists()
+
+
+def test_a_gpu_device_without_cuda_is_an_error_line_under_torchrun(two_shards, tmp_path):
+    """torch.cuda.set_device ran before the device was checked: every rank died in an
+    AttributeError of torch._C (a CPU build) instead of the one-process message."""
+    proc = torchrun_train(tmp_path, *head_flags(two_shards, tmp_path / "h"), "--device", "cuda")
+    assert proc.returncode != 0
+    output = proc.stdout + proc.stderr
+    assert "error: device cuda requested but CUDA is not available" in output, output
+    assert "AttributeError" not in output and "_cuda_setDevice" not in output
+    assert not (tmp_path / "h").exists()
+
+
+def test_more_processes_on_a_node_than_gpus_are_named(monkeypatch):
+    """Each process takes the GPU of its LOCAL_RANK; one past the node's last GPU was torch's
+    invalid-device-ordinal traceback. Stands in for a node with 2 GPUs."""
+    from vllm_recontrol.training import distributed
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: pytest.fail("set_device ran"))
+    for name, value in dict(WORLD_SIZE="3", RANK="2", LOCAL_RANK="2", MASTER_ADDR="127.0.0.1",
+                            MASTER_PORT="1").items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(DataError, match=r"^LOCAL_RANK=2 but this node has 2 GPUs: .* start at "
+                       r"most 2 a node \(torchrun --nproc-per-node 2\)$"):
+        distributed.join_process_group("cuda")
 
 
 def test_a_distributed_step_is_one_all_reduce(three_shards, monkeypatch):

@@ -299,6 +299,20 @@ def _launcher_rank(world: int) -> int:
     return rank
 
 
+def _check_local_gpu(device: str, local_rank: int) -> None:
+    """Each process takes the GPU of its LOCAL_RANK: said before torch.cuda.set_device,
+    whose errors without CUDA (an AttributeError of torch._C) or past the last GPU (invalid
+    device ordinal) were tracebacks on every rank."""
+    if not torch.cuda.is_available():
+        raise DataError(f"device {device} requested but CUDA is not available")
+    count = torch.cuda.device_count()
+    if local_rank >= count:
+        raise DataError(f"LOCAL_RANK={local_rank} but this node has {count} GPU"
+                        f"{'' if count == 1 else 's'}: each process takes the GPU of its "
+                        f"LOCAL_RANK, so start at most {count} a node (torchrun "
+                        f"--nproc-per-node {count})")
+
+
 def join_process_group(device: str) -> ProcessGroup:
     """Join the launcher's process group when ``WORLD_SIZE`` > 1 (torchrun sets it, with
     ``RANK``, ``LOCAL_RANK`` and the rendezvous address): NCCL on CUDA, Gloo on CPU."""
@@ -314,6 +328,7 @@ def join_process_group(device: str) -> ProcessGroup:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     on_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
     if on_cuda:
+        _check_local_gpu(device, local_rank)
         torch.cuda.set_device(local_rank)
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group(backend="nccl" if on_cuda else "gloo")
