@@ -670,6 +670,39 @@ def test_a_device_out_of_memory_during_an_epoch_names_the_remedy_and_what_was_ke
     assert all(torch.equal(resumed[k], whole[k]) for k in whole)
 
 
+def test_a_checkpoint_that_cannot_be_written_says_which_epoch_it_still_holds(
+        labelled, tmp_path, monkeypatch):
+    """A full disk at an epoch's checkpoint ended in safetensors' traceback (the final
+    head's save had its message). The write is atomic: the rerun goes on from the epoch
+    before and ends with the head of a run that never failed."""
+    from vllm_recontrol.training import checkpoint
+
+    options = dict(data=str(labelled), target="mc", epochs=3, batch_size=16, widths=[8],
+                   device="cpu", progress=False, patience=None,
+                   checkpoint=str(tmp_path / "ck"))
+    real_save, calls = checkpoint.save_file, []
+
+    def disk_full_at_epoch_2(tensors, path):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real_save(tensors, path)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(checkpoint, "save_file", disk_full_at_epoch_2)
+        with pytest.raises(DataError, match=r"^train: cannot write the checkpoint of epoch 2 "
+                           r"to .*ck \(No space left on device\); it still holds epoch 1: "
+                           r"mend that and rerun the same command to go on from there$"):
+            train(out=str(tmp_path / "h"), **options)
+    assert not (tmp_path / "h").exists()
+    train(out=str(tmp_path / "h"), **options)
+    assert ValueHead.load(tmp_path / "h").metadata["resumed_from_epoch"] == 1
+    train(out=str(tmp_path / "whole"), **{**options, "checkpoint": None})
+    resumed = ValueHead.load(tmp_path / "h").state_dict()
+    whole = ValueHead.load(tmp_path / "whole").state_dict()
+    assert all(torch.equal(resumed[k], whole[k]) for k in whole)
+
+
 def test_a_head_that_cannot_be_allocated_is_named_by_its_size(monkeypatch):
     from vllm_recontrol.training import trainer
 

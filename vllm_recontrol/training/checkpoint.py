@@ -62,9 +62,26 @@ def save(folder: str | Path, trainer: Any, progress: Progress,
     """Write the checkpoint of ``progress.epoch`` (rank 0 writes; every rank must call this,
     since the other ranks' random generators are gathered here)."""
     rows_states = trainer.group.gather(trainer.generator.get_state())
-    if not trainer.group.is_main:
-        return
-    folder = Path(folder)
+    failure: Exception | None = None
+    if trainer.group.is_main:
+        try:
+            _write(Path(folder), trainer, progress, run, rows_states)
+        except Exception as exc:  # the disk (OSError, safetensors' SafetensorError): no traceback
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            kept = (f"it still holds epoch {progress.epoch - 1}: mend that and rerun the same "
+                    f"command to go on from there" if progress.epoch > 1
+                    else "nothing was saved")
+            failure = DataError(f"train: cannot write the checkpoint of epoch {progress.epoch} "
+                                f"to {folder} ({reason}); {kept}")
+    # every rank stops with it (none left waiting for rank 0 in the next epoch's collectives)
+    trainer.group.raise_main_failure(failure, f"train: rank 0 could not write the checkpoint "
+                                              f"to {folder} (its error says why)")
+
+
+def _write(folder: Path, trainer: Any, progress: Progress, run: dict[str, Any],
+           rows_states: torch.Tensor) -> None:
+    """Rank 0's part of :func:`save`: the tensors, then the state naming them (both atomic,
+    so a failure leaves the previous epoch's checkpoint whole), then the older tensors go."""
     tensors = {f"head.{k}": v for k, v in trainer.head.state_dict().items()}
     tensors.update({f"best.{k}": v for k, v in progress.best_state.items()})
     if trainer.target_head is not trainer.head:
