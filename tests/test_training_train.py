@@ -215,8 +215,22 @@ def test_a_checkpoint_of_another_run_or_damaged_is_refused(labelled, tmp_path):
     common = dict(data=str(labelled), target="mc", batch_size=16, widths=[16], device="cpu",
                   progress=False, checkpoint=str(tmp_path / "ck"))
     train(out=str(tmp_path / "a"), epochs=1, **common)
-    with pytest.raises(DataError, match=r"another run \(options.lr: checkpoint 0.0001, now 0.01"):
+    with pytest.raises(DataError, match=r"another run \(options.lr: checkpoint 0.0001, now "
+                       r"0.01\); use another --checkpoint folder, or the same options$"):
         train(out=str(tmp_path / "a"), epochs=2, lr=0.01, **common)
+    # written by 2 processes (as torchrun's would record it): the advice names the count
+    from vllm_recontrol.training.checkpoint import STATE_FILE
+
+    state_path = tmp_path / "ck" / STATE_FILE
+    saved = state_path.read_text()
+    state = json.loads(saved)
+    state["run"]["processes"] = 2
+    state_path.write_text(json.dumps(state))
+    with pytest.raises(DataError, match=r"\(processes: checkpoint 2, now 1\); use another "
+                       r"--checkpoint folder, or the same options on 2 processes in all "
+                       r"\(each process's rows are dealt and shuffled by its rank"):
+        train(out=str(tmp_path / "a"), epochs=2, **common)
+    state_path.write_text(saved)
     (tmp_path / "ck" / "epoch-0001.safetensors").write_bytes(b"not what was saved")
     with pytest.raises(DataError, match="epoch-0001.safetensors is missing or damaged"):
         train(out=str(tmp_path / "a"), epochs=2, **common)
@@ -851,7 +865,9 @@ def test_an_uneven_deal_of_shards_over_processes_is_warned_about():
     message = uneven_deal([117], 2, 8)
     assert message.startswith("the 1 training shards spread unevenly over 2 processes (117, 0 "
                               "training states)") and "about 15 of each epoch's 15 steps" in message
-    assert "about 6 of each epoch's 14 steps" in uneven_deal([58, 54, 60], 2, 8)  # 60 vs 112
+    assert "about 7 of each epoch's 14 steps" in uneven_deal([58, 54, 60], 2, 8)  # 60 vs 112
+    # every process's one step is short (it said "about 0 of each epoch's 1 steps")
+    assert "about 1 of each epoch's 1 steps" in uneven_deal([37, 62], 2, 512)
     assert uneven_deal([50] * 8, 2, 8) is None  # even
     assert uneven_deal([52, 50, 48, 50], 2, 8) is None  # within a tenth
 

@@ -144,9 +144,14 @@ def load(folder: str | Path, trainer: Any, run: dict[str, Any]) -> Progress | No
                         f"--checkpoint folder")
     stored = _with_options_added_since(state["run"])
     if stored != run:
+        processes = stored.get("processes") if isinstance(stored, dict) else None
+        advice = ("the same options" if processes == run["processes"] else
+                  f"the same options on {processes} process{'es' if processes != 1 else ''} "
+                  f"in all (each process's rows are dealt and shuffled by its rank, so a "
+                  f"checkpoint resumes only on as many)")
         raise DataError(f"checkpoint {folder} belongs to another run "
                         f"({_differences(stored, run)}); use another --checkpoint "
-                        f"folder, or the same options")
+                        f"folder, or {advice}")
     if not isinstance(state["tensors"], str) or not re.fullmatch(r"epoch-\d+\.safetensors",
                                                                 state["tensors"]):
         raise DataError(f"{state_path}: tensors {state['tensors']!r} is not one of this "

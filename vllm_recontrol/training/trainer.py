@@ -587,10 +587,13 @@ def uneven_deal(train_states: Sequence[int], world: int, per_process: int) -> st
         loads[rank] = sum(train_states[i] for i in shards)
     if not max(loads) or min(loads) >= UNEVEN_SHARE * max(loads):
         return None
-    steps = [math.ceil(load / per_process) for load in loads]
+    steps = max(math.ceil(load / per_process) for load in loads)
+    # a step is short when any process has fewer than its share left (windows aside)
+    short = sum(1 for step in range(steps)
+                if any(load - step * per_process < per_process for load in loads))
     return (f"the {len(train_states)} training shards spread unevenly over {world} processes "
             f"({', '.join(map(str, loads))} training states), and shards are dealt whole: "
-            f"about {max(steps) - min(steps)} of each epoch's {max(steps)} steps take fewer than "
+            f"about {short} of each epoch's {steps} steps take fewer than "
             f"--batch-size rows (processes without rows left idle meanwhile); collect with a "
             f"smaller --shard-size for more, smaller shards, or train on fewer processes")
 
