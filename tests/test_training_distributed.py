@@ -158,6 +158,31 @@ def test_more_processes_on_a_node_than_gpus_are_named(monkeypatch):
         distributed.join_process_group("cuda")
 
 
+def test_a_process_lost_mid_run_is_an_error_line_on_the_others(monkeypatch):
+    """A peer that died made Gloo raise a bare RuntimeError in the survivors' next
+    collective: a traceback on each ("Connection closed by peer ... GLHF!"). Gloo's message
+    stands in; every collective of a step, a gather and the start agreement say it alike."""
+    def peer_gone(*args, **kwargs):
+        raise RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer "
+                           "[127.0.0.1]:39840. This is typically caused by a remote worker "
+                           "crashing.")
+
+    for name in ("all_reduce", "all_gather_object", "broadcast"):
+        monkeypatch.setattr(torch.distributed, name, peer_gone)
+    monkeypatch.setattr(ProcessGroup, "_device", lambda self: torch.device("cpu"))
+    group = ProcessGroup(rank=0, world=2)
+    head = torch.nn.Linear(2, 1)
+    head(torch.ones(1, 2)).sum().backward()
+    for call in (lambda: group.max(1), lambda: group.sum([1.0]),
+                 lambda: group.gather(torch.ones(2)), lambda: group.agree({"a": 1}, {}),
+                 lambda: group.sum_step(list(head.parameters()), 1, None),
+                 lambda: group.check_same_parameters(head)):
+        with pytest.raises(DataError, match=r"^train: the training processes lost touch "
+                           r"\(\[gloo.*Connection closed by peer.*\): another process of this "
+                           r"run stopped .* resumes from the last finished epoch$"):
+            call()
+
+
 def test_a_distributed_step_is_one_all_reduce(three_shards, monkeypatch):
     """A step of 2 processes is one all-reduce (gradients, rows and loss in one buffer),
     not one per parameter plus one for the loss. The stand-in all-reduce adds an identical

@@ -16,10 +16,11 @@ same options, data, held-out split, checkpoint and head (``ProcessGroup.agree``)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
@@ -29,6 +30,20 @@ from ..head_files import weights_id
 from .common import DataError
 
 WORLD_ENV = "WORLD_SIZE"
+
+
+@contextlib.contextmanager
+def _among_processes() -> Iterator[None]:
+    """A collective that fails (Gloo's "Connection closed by peer", NCCL's errors: torch
+    raises a bare RuntimeError) almost always means another process of the run stopped or
+    its node went away: said as an error line, not a traceback on every survivor."""
+    try:
+        yield
+    except RuntimeError as exc:
+        raise DataError(f"train: the training processes lost touch ({str(exc)[:300]}): "
+                        f"another process of this run stopped (its own output, or the "
+                        f"launcher's, says why) or cannot be reached; with --checkpoint the "
+                        f"same command resumes from the last finished epoch") from exc
 
 
 @dataclass(frozen=True)
@@ -52,14 +67,16 @@ class ProcessGroup:
         if not self.distributed:
             return list(values)
         tensor = torch.tensor(values, dtype=torch.float64, device=self._device())
-        torch.distributed.all_reduce(tensor)
+        with _among_processes():
+            torch.distributed.all_reduce(tensor)
         return tensor.tolist()
 
     def max(self, value: int) -> int:
         if not self.distributed:
             return value
         tensor = torch.tensor([value], dtype=torch.int64, device=self._device())
-        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+        with _among_processes():
+            torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
         return int(tensor.item())
 
     def gather(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -67,7 +84,8 @@ class ProcessGroup:
         if not self.distributed:
             return tensor
         parts: list[Any] = [None] * self.world
-        torch.distributed.all_gather_object(parts, tensor.cpu())
+        with _among_processes():
+            torch.distributed.all_gather_object(parts, tensor.cpu())
         return torch.cat(parts)
 
     def sum_step(self, parameters: Sequence[torch.nn.Parameter], rows: int,
@@ -88,7 +106,8 @@ class ProcessGroup:
             sums[1] = loss.detach() * rows
         flat = torch.cat([_flatten_dense_tensors(grads) * rows, sums])
         if self.distributed:
-            torch.distributed.all_reduce(flat)
+            with _among_processes():
+                torch.distributed.all_reduce(flat)
         count = flat.numel() - 2
         rows_total, loss_sum = flat[count:].tolist()
         for parameter, grad in zip(parameters, _unflatten_dense_tensors(
@@ -116,7 +135,8 @@ class ProcessGroup:
         mine = {"failure": None if failure is None else _failure_text(failure),
                 "facts": None if failure is not None else dict(facts)}
         everyone: list[Any] = [None] * self.world
-        torch.distributed.all_gather_object(everyone, mine)
+        with _among_processes():
+            torch.distributed.all_gather_object(everyone, mine)
         failures = [part["failure"] for part in everyone]
         if any(text is not None for text in failures):
             if failure is not None and all(text == failures[0] for text in failures):
@@ -133,7 +153,8 @@ class ProcessGroup:
         worst = 0.0
         for parameter in module.parameters():
             reference = parameter.detach().clone()
-            torch.distributed.broadcast(reference, src=0)
+            with _among_processes():
+                torch.distributed.broadcast(reference, src=0)
             worst = max(worst, float((reference - parameter.detach()).abs().max()))
         if self.sum([worst])[0] != 0.0:
             raise RuntimeError(f"train: the processes' value heads differ (largest difference "
