@@ -183,6 +183,22 @@ def test_a_process_lost_mid_run_is_an_error_line_on_the_others(monkeypatch):
             call()
 
 
+def test_a_checkpoint_another_run_holds_is_not_put_down_to_shared_files(two_shards,
+                                                                         tmp_path):
+    """Only rank 0 takes the lock, so it fails alone by design: the message added the advice
+    for a process that sees other files (the --checkpoint folder on a shared filesystem)."""
+    from vllm_recontrol.folder_lock import exclusive_folder
+
+    with exclusive_folder(tmp_path / "ck", "train"):
+        proc = torchrun_train(tmp_path, *head_flags(two_shards, tmp_path / "h"),
+                              "--checkpoint", str(tmp_path / "ck"))
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "on rank 0: --checkpoint " in output and "is in use by another run" in output, output
+    assert "could start" not in output and "filesystem every process sees" not in output
+    assert not (tmp_path / "h").exists()
+
+
 def test_a_distributed_step_is_one_all_reduce(three_shards, monkeypatch):
     """A step of 2 processes is one all-reduce (gradients, rows and loss in one buffer),
     not one per parameter plus one for the loss. The stand-in all-reduce adds an identical

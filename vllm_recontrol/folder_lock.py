@@ -23,7 +23,7 @@ from typing import Iterator
 
 from .files import default_file_mode
 from .logs import get_logger
-from .training.common import DataError
+from .training.common import DataError, FolderInUse
 
 LOCK_PREFIX = ".vllm-recontrol"
 LOCK_FILE = LOCK_PREFIX + ".lock"
@@ -88,7 +88,7 @@ def _acquire(folder: Path, path: Path, command: str, what: str,
         except BlockingIOError:
             holder = _holder(fd)
             os.close(fd)
-            raise DataError(f"{what} {folder} is in use by another run ({holder}); wait for "
+            raise FolderInUse(f"{what} {folder} is in use by another run ({holder}); wait for "
                             f"it to end, stop it, or {instead}") from None
         except OSError as exc:
             if exc.errno not in _NO_LOCKS:

@@ -28,6 +28,11 @@ class DataError(RecontrolError):
     """Bad training input: a missing column, an empty data set, unlabelled or mismatched data."""
 
 
+class FolderInUse(DataError):
+    """Another run holds the folder: a failure of where this process stands, not of what it
+    reads (under torchrun only rank 0 takes a lock, so it fails alone by design)."""
+
+
 class RewardError(RecontrolError):
     """A reward function or reward model failed or returned something that is not a number."""
 

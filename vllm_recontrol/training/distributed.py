@@ -27,7 +27,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from ..errors import RecontrolError
 from ..head_files import weights_id
-from .common import DataError
+from .common import DataError, FolderInUse
 
 WORLD_ENV = "WORLD_SIZE"
 
@@ -133,7 +133,8 @@ class ProcessGroup:
                 raise failure
             return
         mine = {"failure": None if failure is None else _failure_text(failure),
-                "facts": None if failure is not None else dict(facts)}
+                "facts": None if failure is not None else dict(facts),
+                "in_use": isinstance(failure, FolderInUse)}
         everyone: list[Any] = [None] * self.world
         with _among_processes():
             torch.distributed.all_gather_object(everyone, mine)
@@ -141,7 +142,9 @@ class ProcessGroup:
         if any(text is not None for text in failures):
             if failure is not None and all(text == failures[0] for text in failures):
                 raise failure  # every process failed alike: the error as one process gives it
-            raise DataError(failed_start_message(failures)) from failure
+            files_hint = any(part["failure"] is not None and not part.get("in_use")
+                             for part in everyone)
+            raise DataError(failed_start_message(failures, files_hint)) from failure
         message = disagreement_message([part["facts"] for part in everyone], fixes)
         if message:
             raise DataError(message)
@@ -243,12 +246,14 @@ def disagreement_message(facts: Sequence[Mapping[str, Any]],
             f"timeout): " + "; ".join(lines) + ". Fix: " + " ".join(hints))
 
 
-def failed_start_message(failures: Sequence[str | None]) -> str:
-    """The error every process raises when some could not prepare their start."""
+def failed_start_message(failures: Sequence[str | None], files_hint: bool = True) -> str:
+    """The error every process raises when some could not prepare their start; with
+    ``files_hint``, a process failing alone is put down to files it sees differently (not
+    when it failed on a folder another run holds: only rank 0 takes the locks)."""
     groups = _by_value(failures)
     failed = "; ".join(f"{rank_list(ranks)}: {text}" for text, ranks in groups if text)
     message = f"train: stopped before training, on {failed}"
-    if None in failures:
+    if None in failures and files_hint:
         message += (f" ({rank_list(dict(groups)[None])} could start: a process that fails alone "
                     f"usually sees other files; --data, --labels, --init-head and the "
                     f"--checkpoint folder must be on a filesystem every process sees, the "
