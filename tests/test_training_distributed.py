@@ -182,6 +182,13 @@ def test_a_process_lost_mid_run_is_an_error_line_on_the_others(monkeypatch):
                            r"run stopped .* resumes from the last finished epoch$"):
             call()
 
+    def no_room(*args, **kwargs):  # this process's own: not put down to the others
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(torch.distributed, "all_reduce", no_room)
+    with pytest.raises(torch.OutOfMemoryError):
+        group.sum_step(list(head.parameters()), 1, None)
+
 
 def test_a_checkpoint_another_run_holds_is_not_put_down_to_shared_files(two_shards,
                                                                          tmp_path):

@@ -655,8 +655,8 @@ def test_a_device_out_of_memory_during_an_epoch_names_the_remedy_and_what_was_ke
     options = dict(data=str(labelled), target="mc", epochs=2, batch_size=16, widths=[8],
                    device="cpu", progress=False, patience=None)
     with pytest.raises(DataError, match=r"^train: cpu ran out of memory in epoch 1 \(head "
-                       r"widths \[8\], 16 states a step\): CUDA out of memory.*--batch-size.*"
-                       r"--device cpu; nothing was saved$"):
+                       r"widths \[8\], 16 states a step\): CUDA out of memory.*; free the "
+                       r"device .*--batch-size.*--device cpu; nothing was saved$"):
         with monkeypatch.context() as patched:
             patched.setattr(Trainer, "epoch", lambda self: (_ for _ in ()).throw(
                 torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")))
@@ -674,7 +674,8 @@ def test_a_device_out_of_memory_during_an_epoch_names_the_remedy_and_what_was_ke
     with monkeypatch.context() as patched:
         patched.setattr(Trainer, "epoch", second_fails)
         with pytest.raises(DataError, match=r"out of memory in epoch 2 .* the checkpoint in "
-                           r".*ck holds epoch 1: rerun with the same --checkpoint"):
+                           r".*ck holds epoch 1: the same command goes on from it once the "
+                           r"device has room \(other options start afresh"):
             train(out=str(tmp_path / "h"), checkpoint=str(tmp_path / "ck"), **options)
     train(out=str(tmp_path / "h"), checkpoint=str(tmp_path / "ck"), **options)
     train(out=str(tmp_path / "whole"), **options)

@@ -145,7 +145,8 @@ def load(folder: str | Path, trainer: Any, run: dict[str, Any]) -> Progress | No
     stored = _with_options_added_since(state["run"])
     if stored != run:
         processes = stored.get("processes") if isinstance(stored, dict) else None
-        advice = ("the same options" if processes == run["processes"] else
+        advice = ("the same options" if not isinstance(processes, int)
+                  or processes == run["processes"] else
                   f"the same options on {processes} process{'es' if processes != 1 else ''} "
                   f"in all (each process's rows are dealt and shuffled by its rank, so a "
                   f"checkpoint resumes only on as many)")

@@ -39,6 +39,8 @@ def _among_processes() -> Iterator[None]:
     its node went away: said as an error line, not a traceback on every survivor."""
     try:
         yield
+    except torch.OutOfMemoryError:  # a RuntimeError too, but this process's own
+        raise
     except RuntimeError as exc:
         raise DataError(f"train: the training processes lost touch ({str(exc)[:300]}): "
                         f"another process of this run stopped (its own output, or the "

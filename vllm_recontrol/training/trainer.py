@@ -603,15 +603,16 @@ def _out_of_memory(exc: torch.OutOfMemoryError, opts: TrainOptions, trainer: Tra
     """The device ran out of memory during an epoch (the head fitted when it was moved, but
     Adam's two moments, the gradients and a batch's activations come later): what to change,
     and what a rerun keeps."""
-    kept = (f"the checkpoint in {opts.checkpoint} holds epoch {done_epochs}: rerun with the "
-            f"same --checkpoint to go on from it" if opts.checkpoint and done_epochs
+    kept = (f"the checkpoint in {opts.checkpoint} holds epoch {done_epochs}: the same "
+            f"command goes on from it once the device has room (other options start afresh "
+            f"in another --checkpoint folder)" if opts.checkpoint and done_epochs
             else "nothing was saved")
     return DataError(f"train: {trainer.device} ran out of memory in epoch {done_epochs + 1} "
                      f"(head widths {trainer.head.widths}, {trainer.batch_size} states a step"
                      f"{' per process' if trainer.group.distributed else ''}): "
-                     f"{str(exc)[:200]}; give a smaller --batch-size or --widths, free the "
-                     f"device (an engine on it holds its --gpu-memory-utilization share), or "
-                     f"train with --device cpu; {kept}")
+                     f"{str(exc)[:200]}; free the device (an engine on it holds its "
+                     f"--gpu-memory-utilization share), give a smaller --batch-size or "
+                     f"--widths, or train with --device cpu; {kept}")
 
 
 def _remove_if_empty(folder: Path) -> None:
