@@ -377,8 +377,9 @@ def test_an_out_rank_0_cannot_write_stops_every_process_before_training(three_sh
                                                         tmp_path / "afile" / "head"))
     assert outcomes[0] == f"error: --out {tmp_path / 'afile' / 'head'} cannot be created " \
                           "(Not a directory)", outcomes[0]
-    assert outcomes[1] == f"error: train: rank 0 cannot write the head to --out " \
-                          f"{tmp_path / 'afile' / 'head'} (its error says why)", outcomes[1]
+    # rank 0's --out, not this process's own (they may differ: a relative path, another cwd)
+    assert outcomes[1] == "error: train: rank 0 cannot write the head to its --out (its " \
+                          "error says why)", outcomes[1]
 
 
 def test_processes_that_see_different_shards_stop_together(three_shards, tmp_path):

@@ -519,8 +519,9 @@ def _claim_out(opts: TrainOptions, group: ProcessGroup, held: contextlib.ExitSta
             _claim_out_folder(opts, held)
         except DataError as exc:
             failure = exc
-    group.raise_main_failure(failure, f"train: rank 0 cannot write the head to --out "
-                                      f"{opts.out} (its error says why)")
+    # rank 0's --out, which this process may name otherwise (a relative path, another cwd)
+    group.raise_main_failure(failure, "train: rank 0 cannot write the head to its --out (its "
+                                      "error says why)")
 
 
 def _claim_out_folder(opts: TrainOptions, held: contextlib.ExitStack) -> None:
@@ -568,8 +569,8 @@ def _save_head(head: ValueHead, opts: TrainOptions, group: ProcessGroup) -> None
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
             failure = DataError(f"train: cannot save the value head to {opts.out} "
                                 f"({reason}); {kept}")
-    group.raise_main_failure(failure, f"train: rank 0 could not save the value head to "
-                                      f"{opts.out} (its error says why)")
+    group.raise_main_failure(failure, "train: rank 0 could not save the value head to its "
+                                      "--out (its error says why)")
 
 
 UNEVEN_SHARE = 0.9  # a process with fewer training states than this share of the most
