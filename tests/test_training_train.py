@@ -675,7 +675,8 @@ def test_a_device_out_of_memory_during_an_epoch_names_the_remedy_and_what_was_ke
         patched.setattr(Trainer, "epoch", second_fails)
         with pytest.raises(DataError, match=r"out of memory in epoch 2 .* the checkpoint in "
                            r".*ck holds epoch 1: the same command goes on from it once the "
-                           r"device has room \(other options start afresh"):
+                           r"device has room, or with --device cpu \(another --batch-size or "
+                           r"--widths starts afresh"):
             train(out=str(tmp_path / "h"), checkpoint=str(tmp_path / "ck"), **options)
     train(out=str(tmp_path / "h"), checkpoint=str(tmp_path / "ck"), **options)
     train(out=str(tmp_path / "whole"), **options)
@@ -716,6 +717,11 @@ def test_a_checkpoint_that_cannot_be_written_says_which_epoch_it_still_holds(
     resumed = ValueHead.load(tmp_path / "h").state_dict()
     whole = ValueHead.load(tmp_path / "whole").state_dict()
     assert all(torch.equal(resumed[k], whole[k]) for k in whole)
+    # an old epoch's file that cannot be removed once the new state is written: the
+    # checkpoint is whole (it said "nothing was saved" and stopped)
+    (tmp_path / "ck2" / "epoch-9999.safetensors").mkdir(parents=True)
+    train(out=str(tmp_path / "h2"), **{**options, "checkpoint": str(tmp_path / "ck2")})
+    assert json.loads((tmp_path / "ck2" / "state.json").read_text())["epoch"] == 3
 
 
 def test_a_head_that_cannot_be_allocated_is_named_by_its_size(monkeypatch):

@@ -13,6 +13,7 @@ so a kill at any moment leaves a consistent checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from dataclasses import dataclass
@@ -74,14 +75,15 @@ def save(folder: str | Path, trainer: Any, progress: Progress,
             failure = DataError(f"train: cannot write the checkpoint of epoch {progress.epoch} "
                                 f"to {folder} ({reason}); {kept}")
     # every rank stops with it (none left waiting for rank 0 in the next epoch's collectives)
-    trainer.group.raise_main_failure(failure, f"train: rank 0 could not write the checkpoint "
-                                              f"to {folder} (its error says why)")
+    trainer.group.raise_main_failure(failure, "train: rank 0 could not write the checkpoint "
+                                              "to its --checkpoint (its error says why)")
 
 
 def _write(folder: Path, trainer: Any, progress: Progress, run: dict[str, Any],
            rows_states: torch.Tensor) -> None:
     """Rank 0's part of :func:`save`: the tensors, then the state naming them (both atomic,
-    so a failure leaves the previous epoch's checkpoint whole), then the older tensors go."""
+    so a failure leaves the previous epoch's checkpoint whole), then the older tensors go
+    (when one cannot, it stays: the state names the tensors it reads)."""
     tensors = {f"head.{k}": v for k, v in trainer.head.state_dict().items()}
     tensors.update({f"best.{k}": v for k, v in progress.best_state.items()})
     if trainer.target_head is not trainer.head:
@@ -103,7 +105,8 @@ def _write(folder: Path, trainer: Any, progress: Progress, run: dict[str, Any],
     write_text_atomic(folder / STATE_FILE, dump_json(state))
     for old in folder.glob("epoch-*.safetensors"):
         if old.name != name:
-            old.unlink()
+            with contextlib.suppress(OSError):
+                old.unlink()
 
 
 # Options that checkpoints began to record later (they used to be resumable changes), with

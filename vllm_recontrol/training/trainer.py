@@ -605,9 +605,9 @@ def _out_of_memory(exc: torch.OutOfMemoryError, opts: TrainOptions, trainer: Tra
     Adam's two moments, the gradients and a batch's activations come later): what to change,
     and what a rerun keeps."""
     kept = (f"the checkpoint in {opts.checkpoint} holds epoch {done_epochs}: the same "
-            f"command goes on from it once the device has room (other options start afresh "
-            f"in another --checkpoint folder)" if opts.checkpoint and done_epochs
-            else "nothing was saved")
+            f"command goes on from it once the device has room, or with --device cpu (another "
+            f"--batch-size or --widths starts afresh in another --checkpoint folder)"
+            if opts.checkpoint and done_epochs else "nothing was saved")
     return DataError(f"train: {trainer.device} ran out of memory in epoch {done_epochs + 1} "
                      f"(head widths {trainer.head.widths}, {trainer.batch_size} states a step"
                      f"{' per process' if trainer.group.distributed else ''}): "
