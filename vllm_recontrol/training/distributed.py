@@ -34,9 +34,10 @@ WORLD_ENV = "WORLD_SIZE"
 
 @contextlib.contextmanager
 def _among_processes() -> Iterator[None]:
-    """A collective that fails (Gloo's "Connection closed by peer", NCCL's errors: torch
-    raises a bare RuntimeError) almost always means another process of the run stopped or
-    its node went away: said as an error line, not a traceback on every survivor."""
+    """A collective that fails (Gloo's "Connection closed by peer", a bare RuntimeError)
+    almost always means another process of the run stopped or its node went away: said as an
+    error line, not a traceback on every survivor. NCCL's collectives are asynchronous: their
+    errors surface later or end the process by NCCL's watchdog (not measured: no GPU)."""
     try:
         yield
     except torch.OutOfMemoryError:  # a RuntimeError too, but this process's own
