@@ -589,9 +589,9 @@ def uneven_deal(train_states: Sequence[int], world: int, per_process: int) -> st
     if not max(loads) or min(loads) >= UNEVEN_SHARE * max(loads):
         return None
     steps = max(math.ceil(load / per_process) for load in loads)
-    # a step is short when any process has fewer than its share left (windows aside)
-    short = sum(1 for step in range(steps)
-                if any(load - step * per_process < per_process for load in loads))
+    # a step is short when any process has fewer than its share left (windows aside): every
+    # step after the least loaded process's full ones
+    short = steps - min(loads) // per_process
     return (f"the {len(train_states)} training shards spread unevenly over {world} processes "
             f"({', '.join(map(str, loads))} training states), and shards are dealt whole: "
             f"about {short} of each epoch's {steps} steps take fewer than "
