@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from .common import (DataError, atomic_path, dump_json, sha256_bytes, sha256_file,
+from .common import (DataError, atomic_path, dump_json, failure_reason, sha256_bytes, sha256_file,
                      write_text_atomic)
 
 FORMAT = "vllm-recontrol-train-checkpoint"
@@ -68,7 +68,7 @@ def save(folder: str | Path, trainer: Any, progress: Progress,
         try:
             _write(Path(folder), trainer, progress, run, rows_states)
         except Exception as exc:  # the disk (OSError, safetensors' SafetensorError): no traceback
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            reason = failure_reason(exc)
             kept = (f"it still holds epoch {progress.epoch - 1}: mend that and rerun the same "
                     f"command to go on from there" if progress.epoch > 1
                     else "nothing was saved")

@@ -37,6 +37,13 @@ class RewardError(RecontrolError):
     """A reward function or reward model failed or returned something that is not a number."""
 
 
+def failure_reason(exc: BaseException) -> str | BaseException:
+    """What a failed write says in a message: an OSError's own words (No space left on
+    device), without its errno and path; anything else (safetensors' SafetensorError) as it
+    is."""
+    return exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+
+
 # ----------------------------------------------------------------------------- files
 def write_jsonl_atomic(path: str | Path, rows: Sequence[Mapping[str, Any]]) -> Path:
     with atomic_path(path) as tmp:

@@ -35,8 +35,8 @@ from ..value_head import ValueHead
 from . import checkpoint
 from ..package_versions import package_versions
 from .collector import MODEL_FOLDER, SOFTWARE, model_folder
-from .common import (DataError, build_options, json_digest, parse_command_line, progress,
-                     run_main, summary_table)
+from .common import (DataError, build_options, failure_reason, json_digest, parse_command_line,
+                     progress, run_main, summary_table)
 from .dataset import LabelledData, Window
 from .distributed import (ProcessGroup, deal_shards, join_process_group, tensors_digest,
                           world_size)
@@ -566,7 +566,7 @@ def _save_head(head: ValueHead, opts: TrainOptions, group: ProcessGroup) -> None
             kept = (f"the checkpoint in {opts.checkpoint} holds the trained head: rerun with "
                     f"the same --checkpoint and a writable --out to save it" if opts.checkpoint
                     else "the trained head is lost")
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            reason = failure_reason(exc)
             failure = DataError(f"train: cannot save the value head to {opts.out} "
                                 f"({reason}); {kept}")
     group.raise_main_failure(failure, "train: rank 0 could not save the value head to its "
